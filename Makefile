@@ -1,0 +1,42 @@
+# The two commands a new machine needs: `make demo` and `make test`. Both build .venv from scratch
+# when it is missing (torch is installed first and pinned: an unpinned torch pulls a CUDA build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ember-installed
+TORCH_PIN := torch==2.13.0
+PACKAGES := ember trainer callbacks strategies precision
+
+.PHONY: demo test lint typecheck unit install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ember launch --nproc-per-node 2 examples/accelerate_loop.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(PACKAGES) tests examples benchmarks
+	$(BIN)/ruff format --check $(PACKAGES) tests examples benchmarks
+
+# mypy cannot follow setuptools' package-dir mapping, so it checks a tree of links laid out the
+# way the package installs (ember/strategies -> strategies/, ...).
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck
+	cp -rs $(CURDIR)/ember build/typecheck/ember
+	for d in trainer callbacks strategies precision; do ln -s $(CURDIR)/$$d build/typecheck/ember/$$d; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ember
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

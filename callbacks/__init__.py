@@ -1,0 +1,1 @@
+"""Trainer callbacks (checkpointing, early stopping, progress, LR monitor)."""

@@ -1,0 +1,86 @@
+"""Collectives over nested structures of tensors, built on the strategy's four primitives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ember._tree import apply_to_tensors
+from ember.strategies import Strategy
+from ember.strategies.base import ReduceOp
+
+
+def _as_batch(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
+
+
+def gather_tensor(strategy: Strategy, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from all ranks along dim 0, in rank order.
+
+    Ranks may hold different lengths along dim 0 (the last batch of an epoch): the sizes are
+    exchanged first, tensors padded to the longest and the padding removed after the gather.
+    """
+    tensor = _as_batch(tensor)
+    if strategy.world_size == 1:
+        return tensor
+    sizes = strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).flatten().tolist()
+    longest = max(sizes)
+    if longest != tensor.shape[0]:
+        tensor = pad_tensor(tensor, longest, dim=0)
+    stacked = strategy.all_gather(tensor)
+    return torch.cat([stacked[rank, :size] for rank, size in enumerate(sizes)])
+
+
+def gather(strategy: Strategy, data: Any) -> Any:
+    return apply_to_tensors(data, lambda t: gather_tensor(strategy, t))
+
+
+def reduce(strategy: Strategy, data: Any, op: ReduceOp) -> Any:
+    return apply_to_tensors(data, lambda t: strategy.all_reduce(t, op))
+
+
+def broadcast(strategy: Strategy, data: Any, src: int) -> Any:
+    return apply_to_tensors(data, lambda t: strategy.broadcast(t, src))
+
+
+def pad_tensor(tensor: torch.Tensor, size: int, dim: int = 0, pad_index: Any = 0, pad_first: bool = False) -> torch.Tensor:
+    if tensor.shape[dim] >= size:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = size - tensor.shape[dim]
+    padding = tensor.new_full(shape, pad_index)
+    return torch.cat([padding, tensor] if pad_first else [tensor, padding], dim=dim)
+
+
+def pad_across_processes(strategy: Strategy, data: Any, dim: int, pad_index: Any, pad_first: bool) -> Any:
+    def pad(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dim() == 0 or dim >= tensor.dim() or dim < -tensor.dim():
+            return tensor
+        local = torch.tensor([tensor.shape[dim]], device=tensor.device)
+        longest = int(strategy.all_gather(local).max().item())
+        return pad_tensor(tensor, longest, dim=dim, pad_index=pad_index, pad_first=pad_first)
+
+    return apply_to_tensors(data, pad)
+
+
+def truncate(data: Any, length: int) -> Any:
+    return apply_to_tensors(data, lambda t: t[:length])
+
+
+def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:
+    """Rank ``rank``'s contiguous share of ``inputs``; the first ``len % world_size`` ranks get one more.
+
+    With ``apply_padding`` every share has the same length, the short ones repeating their last element.
+    """
+    if isinstance(inputs, dict):
+        return {key: split(value, world_size, rank, apply_padding) for key, value in inputs.items()}
+    length = len(inputs)
+    base, extra = divmod(length, world_size)
+    start = rank * base + min(rank, extra)
+    end = start + base + (1 if rank < extra else 0)
+    share = inputs[start:end]
+    if apply_padding and extra and rank >= extra and length:
+        filler = inputs[end - 1 : end] if end > start else inputs[-1:]
+        share = torch.cat([share, filler]) if isinstance(share, torch.Tensor) else share + filler
+    return share

@@ -1,0 +1,56 @@
+"""A name -> factory registry, filled by the classes themselves (strategies and precision plugins)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry(Generic[T]):
+    factory: Callable[..., T]
+    description: str
+    preset: dict[str, Any] = field(default_factory=dict)
+
+
+class Registry(Generic[T]):
+    """Maps names such as ``"ddp"`` or ``"bf16-mixed"`` to a factory plus preset keyword arguments."""
+
+    def __init__(self, kind: str, argument: str) -> None:
+        self._kind = kind
+        self._argument = argument
+        self._entries: dict[str, _Entry[T]] = {}
+
+    def register(self, name: str, factory: Callable[..., T], description: str = "", **preset: Any) -> None:
+        if name in self._entries and self._entries[name].factory is not factory:
+            raise ValueError(f"{self._kind} name {name!r} is already registered")
+        self._entries[name] = _Entry(factory, description, dict(preset))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def check(self, name: str) -> None:
+        """Raise the user-facing error for a name that is not registered."""
+        if name not in self._entries:
+            raise ValueError(
+                f"{self._argument}={name!r} is not a known {self._kind}. Valid choices: "
+                + ", ".join(repr(n) for n in self.names())
+            )
+
+    def description(self, name: str) -> str:
+        self.check(name)
+        return self._entries[name].description
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        self.check(name)
+        entry = self._entries[name]
+        return entry.factory(**{**entry.preset, **kwargs})

@@ -1,0 +1,36 @@
+"""Apply a function to every tensor in a nested structure of dicts, lists, tuples and dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+
+def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """Rebuild ``data`` with ``fn`` applied to each tensor; containers keep their type."""
+    if isinstance(data, torch.Tensor):
+        return fn(data)
+    if isinstance(data, Mapping):
+        items = {key: apply_to_tensors(value, fn) for key, value in data.items()}
+        try:
+            return type(data)(items)  # type: ignore[call-arg]
+        except TypeError:  # mappings whose constructor takes something else (e.g. defaultdict)
+            return items
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(apply_to_tensors(value, fn) for value in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(apply_to_tensors(value, fn) for value in data)
+    if dataclasses.is_dataclass(data) and not isinstance(data, type):
+        changes = {
+            f.name: apply_to_tensors(getattr(data, f.name), fn) for f in dataclasses.fields(data) if f.init
+        }
+        return dataclasses.replace(data, **changes)
+    return data
+
+
+def move_to_device(data: Any, device: torch.device) -> Any:
+    """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory)."""
+    return apply_to_tensors(data, lambda t: t.to(device, non_blocking=t.is_pinned()))

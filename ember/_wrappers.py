@@ -1,0 +1,139 @@
+"""What ``Accelerator.prepare`` wraps around optimizers, schedulers and model forwards."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember.data import LoopState
+from ember.precision import Precision
+from ember.strategies import Strategy
+
+
+@dataclass(slots=True)
+class GradientState:
+    """Gradient-accumulation bookkeeping shared by one Accelerator and the objects it prepared."""
+
+    accumulation_steps: int = 1
+    sync_gradients: bool = True
+    micro_step: int = 0
+    loop: LoopState = field(default_factory=LoopState)
+
+
+class PreparedOptimizer(torch.optim.Optimizer):
+    """The user's optimizer, stepped through the strategy/precision and skipped while accumulating.
+
+    It subclasses :class:`torch.optim.Optimizer` so LR schedulers accept it, but holds no state
+    of its own: ``param_groups``, ``state`` and everything else belong to the wrapped optimizer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, gradient_state: GradientState) -> None:
+        # No super().__init__(): this object only forwards to ``optimizer``.
+        self.optimizer = optimizer
+        self._strategy = strategy
+        self._gradient_state = gradient_state
+        #: True when the last step() call did not update parameters (accumulating, or inf/NaN grads)
+        self.step_was_skipped = False
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._gradient_state.sync_gradients:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        if not self._gradient_state.sync_gradients:
+            self.step_was_skipped = True
+            return
+        self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def __getattr__(self, name: str) -> Any:  # hooks and extras of the wrapped optimizer
+        if name == "optimizer":
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"PreparedOptimizer({self.optimizer!r})"
+
+
+class PreparedScheduler:
+    """Steps the user's LR scheduler only after its optimizer really stepped."""
+
+    def __init__(self, scheduler: Any, optimizers: list[PreparedOptimizer], gradient_state: GradientState) -> None:
+        self.scheduler = scheduler
+        self._gradient_state = gradient_state
+        inner = getattr(scheduler, "optimizer", None)
+        self._optimizers = [o for o in optimizers if o.optimizer is inner] or optimizers
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        if not self._gradient_state.sync_gradients:
+            return
+        if any(o.step_was_skipped for o in self._optimizers):
+            return
+        self.scheduler.step(*args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict)
+
+    def __getattr__(self, name: str) -> Any:  # get_last_lr(), last_epoch, ...
+        if name == "scheduler":
+            raise AttributeError(name)
+        return getattr(self.scheduler, name)
+
+
+_ORIGINAL_FORWARD = "_ember_original_forward"
+
+
+def patch_forward(module: nn.Module, precision: Precision) -> None:
+    """Route ``module``'s forward through the precision plugin (input cast, autocast, output cast)."""
+    if not precision.wraps_forward or hasattr(module, _ORIGINAL_FORWARD):
+        return
+    original = module.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        args, kwargs = precision.convert_input((args, kwargs))
+        with precision.forward_context():
+            output = original(*args, **kwargs)
+        return precision.convert_output(output)
+
+    setattr(module, _ORIGINAL_FORWARD, original)
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def unpatch_forward(module: nn.Module) -> None:
+    original = module.__dict__.pop(_ORIGINAL_FORWARD, None)
+    if original is not None:
+        del module.forward

@@ -1,0 +1,308 @@
+"""Prepared dataloaders: sharded across ranks, batches on the device, position and shuffle seed owned.
+
+A prepared loader keeps the user's ``DataLoader`` settings (dataset, batch size, shuffle, drop_last,
+collate_fn, workers) and changes three things:
+
+1. **Sharding by batch.** Each epoch the user's batch sampler produces the global list of batches;
+   step ``s`` hands batch ``s * world_size + rank`` to each rank. With ``even_batches`` (the default)
+   an incomplete last round is completed with batches from the start of the epoch, so every rank
+   runs the same number of steps; :meth:`Accelerator.gather_for_metrics` drops those duplicates.
+2. **An owned shuffle seed.** The sampler's generator is re-seeded with ``seed + epoch`` before each
+   epoch, the same on every rank, and the loader's own generator seeds the workers. No draw is
+   taken from the global RNG, so the training randomness stream is the same whether or not a run
+   was resumed.
+3. **A position.** The loader counts the batches it has yielded in the current epoch. Its
+   ``state_dict`` (seed, epoch, position) goes into ``save_state``; after ``load_state`` the next pass
+   yields the rest of the interrupted epoch, without loading the skipped batches.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from ember._tree import move_to_device
+
+__all__ = ["PreparedDataLoader", "skip_first_batches"]
+
+
+@dataclass(slots=True)
+class LoopState:
+    """The prepared loaders whose passes are running, innermost last (an eval loop inside training)."""
+
+    running: list[PreparedDataLoader] = field(default_factory=list)
+
+    @property
+    def end_of_dataloader(self) -> bool:
+        """True while the innermost running pass is at its last batch."""
+        return bool(self.running) and self.running[-1]._at_end
+
+    @property
+    def remainder(self) -> int | None:
+        """Real (not duplicated) samples of the current global step, or None when it holds no duplicates."""
+        return self.running[-1]._remainder if self.running and self.running[-1]._at_end else None
+
+
+class _ListBatchSampler(Sampler[list[int]]):
+    """Yields precomputed batches of indices; the prepared loader refills it before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _with_generator(sampler: Any, generator: torch.Generator) -> Any:
+    """A shallow copy of ``sampler`` (and of a wrapped sampler) that draws from ``generator``."""
+    sampler = copy.copy(sampler)
+    if hasattr(sampler, "generator"):
+        sampler.generator = generator
+    inner = getattr(sampler, "sampler", None)
+    if inner is not None and hasattr(inner, "generator"):
+        sampler.sampler = _with_generator(inner, generator)
+    return sampler
+
+
+class PreparedDataLoader:
+    """Returned by ``Accelerator.prepare`` for each ``DataLoader``. Iterate it like the original."""
+
+    def __init__(
+        self,
+        dataloader: DataLoader[Any],
+        *,
+        device: torch.device,
+        world_size: int,
+        rank: int,
+        seed: int,
+        even_batches: bool,
+        loop_state: LoopState,
+    ) -> None:
+        self.base_dataloader = dataloader
+        self.device = device
+        self.world_size = world_size
+        self.rank = rank
+        self.even_batches = even_batches
+        self._loop_state = loop_state
+        self._seed = seed
+        self._next_epoch = 0
+        self._epoch = 0
+        self._position = 0
+        self._in_pass = False
+        self._resume_position = 0
+        self._at_end = False
+        self._remainder: int | None = None
+        self._generator = torch.Generator()
+        self._iterable = isinstance(dataloader.dataset, IterableDataset)
+        self._drop_last = bool(dataloader.drop_last)
+        self._batch_sampler = _ListBatchSampler()
+        self._loader = self._rebuild(dataloader)
+
+    def _rebuild(self, dl: DataLoader[Any]) -> DataLoader[Any]:
+        """The user's loader with our batch sampler and generator, every other setting kept.
+
+        Our generator also replaces the global RNG draw a DataLoader iterator takes for its worker
+        seeds, so iterating never advances the user's random stream.
+        """
+        kwargs: dict[str, Any] = {
+            "num_workers": dl.num_workers,
+            "collate_fn": dl.collate_fn,
+            "pin_memory": dl.pin_memory,
+            "timeout": dl.timeout,
+            "worker_init_fn": dl.worker_init_fn,
+            "multiprocessing_context": dl.multiprocessing_context,
+            "generator": self._generator,
+            "persistent_workers": dl.persistent_workers,
+            "pin_memory_device": dl.pin_memory_device,
+        }
+        if dl.num_workers > 0:
+            kwargs["prefetch_factor"] = dl.prefetch_factor
+        if hasattr(dl, "in_order"):
+            kwargs["in_order"] = dl.in_order
+        if self._iterable:
+            return DataLoader(dl.dataset, batch_size=dl.batch_size, drop_last=dl.drop_last, **kwargs)
+        return DataLoader(dl.dataset, batch_sampler=self._batch_sampler, **kwargs)
+
+    # -- the epoch plan ---------------------------------------------------------------------------
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        dl = self.base_dataloader
+        generator = torch.Generator().manual_seed(self._seed + epoch)
+        if dl.batch_sampler is not None:
+            return [list(batch) for batch in _with_generator(dl.batch_sampler, generator)]
+        # batch_size=None: the sampler yields single indices and the loader does not batch.
+        return [[index] for index in _with_generator(dl.sampler, generator)]
+
+    def _rank_plan(self, epoch: int) -> tuple[list[list[int]], int | None]:
+        """This rank's batches for ``epoch`` and the number of real samples in the last global step."""
+        batches = self._global_batches(epoch)
+        world, rank = self.world_size, self.rank
+        full_rounds, leftover = divmod(len(batches), world)
+        mine = [batches[s * world + rank] for s in range(full_rounds)]
+        if leftover == 0 or self._drop_last:
+            return mine, None
+        last_round = batches[full_rounds * world :]
+        remainder = sum(len(b) for b in last_round)
+        if rank < leftover:
+            mine.append(last_round[rank])
+        elif self.even_batches:  # duplicate batches from the start so every rank steps as often
+            mine.append(batches[(rank - leftover) % len(batches)])
+        return mine, remainder
+
+    def __len__(self) -> int:
+        if self._iterable:
+            return len(self.base_dataloader) // self.world_size  # may raise TypeError, as DataLoader does
+        total = len(self.base_dataloader)
+        if self._drop_last:
+            return total // self.world_size
+        if self.even_batches:
+            return math.ceil(total / self.world_size)
+        return len(range(self.rank, total, self.world_size))
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Any]:
+        epoch, start = self._next_epoch, self._resume_position
+        self._next_epoch, self._resume_position = epoch + 1, 0
+        self._epoch, self._position, self._in_pass = epoch, start, True
+        self._at_end, self._remainder = False, None
+        running = self._loop_state.running
+        running.append(self)
+        self._generator.manual_seed(self._seed + epoch)  # worker seeds: a function of (seed, epoch)
+        try:
+            if self._iterable:
+                yield from self._iterate_stream(start)
+            else:
+                batches, remainder = self._rank_plan(epoch)
+                self._batch_sampler.batches = batches[start:]
+                count = len(batches)
+                for batch in self._loader:
+                    self._position += 1
+                    if self._position == count:
+                        self._at_end, self._remainder = True, remainder
+                    yield move_to_device(batch, self.device)
+        finally:
+            self._in_pass, self._at_end, self._remainder = False, False, None
+            if self in running:
+                running.remove(self)
+
+    def _iterate_stream(self, start: int) -> Iterator[Any]:
+        """Iterable datasets: every rank reads the stream; round ``s`` gives batch ``s * world + rank``.
+
+        One round is read ahead so the last round is known while it is yielded (gradient sync and
+        ``gather_for_metrics`` need that).
+        """
+        world = self.world_size
+        stream = iter(self._loader)
+        rounds = iter(lambda: list(itertools.islice(stream, world)), [])
+        first_round = current = next(rounds, None)
+        index = 0
+        while current is not None:
+            upcoming = next(rounds, None)
+            if index >= start:
+                group, remainder = current, None
+                if len(group) < world:  # only the last round can be short
+                    if self._drop_last:
+                        return
+                    remainder = sum(_batch_len(b) for b in group)
+                    if self.rank >= len(group):
+                        if not self.even_batches:
+                            return
+                        assert first_round is not None
+                        group = group + list(itertools.islice(itertools.cycle(first_round), world - len(group)))
+                self._position = index + 1
+                if upcoming is None:
+                    self._at_end, self._remainder = True, remainder
+                yield move_to_device(group[self.rank], self.device)
+            current, index = upcoming, index + 1
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass epoch ``epoch`` (its shuffle order is a function of seed and epoch)."""
+        self._next_epoch = epoch
+        self._resume_position = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the running pass, or of the next one when no pass is running."""
+        return self._epoch if self._in_pass else self._next_epoch
+
+    @property
+    def position(self) -> int:
+        """Batches yielded so far in the running pass (0 between passes)."""
+        return self._position if self._in_pass else self._resume_position
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self._seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._seed = int(state["seed"])
+        self._next_epoch = int(state["epoch"])
+        self._resume_position = int(state["position"])
+
+    def __getattr__(self, name: str) -> Any:  # batch_size, dataset, num_workers, ... of the original
+        if name.startswith("_") or name == "base_dataloader":
+            raise AttributeError(name)
+        return getattr(self.base_dataloader, name)
+
+
+def _batch_len(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_len(batch[0])
+    return len(batch) if isinstance(batch, Sized) else 1
+
+
+class _SkippedDataLoader:
+    """The next pass of a prepared loader, starting at batch ``n`` (nothing before it is loaded)."""
+
+    def __init__(self, dataloader: PreparedDataLoader, n: int) -> None:
+        self.dataloader, self.n = dataloader, n
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataloader._resume_position = self.n
+        return iter(self.dataloader)
+
+    def __len__(self) -> int:
+        return max(len(self.dataloader) - self.n, 0)
+
+
+class _SkipBatchSampler(Sampler[list[int]]):
+    def __init__(self, batch_sampler: Iterable[list[int]], n: int) -> None:
+        self.batch_sampler, self.n = batch_sampler, n
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.n, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batch_sampler) - self.n, 0)  # type: ignore[arg-type]
+
+
+def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
+    """An iterable over ``dataloader`` without its first ``num_batches`` batches."""
+    if num_batches < 0:
+        raise ValueError(f"num_batches={num_batches} must be >= 0")
+    if isinstance(dataloader, PreparedDataLoader):
+        return _SkippedDataLoader(dataloader, num_batches)
+    if isinstance(dataloader, DataLoader) and dataloader.batch_sampler is not None and not isinstance(
+        dataloader.dataset, IterableDataset
+    ):
+        dl = dataloader
+        kwargs: dict[str, Any] = {"num_workers": dl.num_workers, "collate_fn": dl.collate_fn,
+                                  "pin_memory": dl.pin_memory, "worker_init_fn": dl.worker_init_fn,
+                                  "generator": dl.generator}
+        if dl.num_workers > 0:
+            kwargs["prefetch_factor"] = dl.prefetch_factor
+        return DataLoader(dl.dataset, batch_sampler=_SkipBatchSampler(dl.batch_sampler, num_batches), **kwargs)
+    return itertools.islice(dataloader, num_batches, None)

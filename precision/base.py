@@ -1,0 +1,104 @@
+"""The precision plugin interface. The base class *is* ``"32-true"``: every hook does nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ember._registry import Registry
+
+__all__ = ["PRECISION_REGISTRY", "Precision", "resolve_precision"]
+
+PRECISION_REGISTRY: Registry[Precision] = Registry("precision", "precision")
+
+# Short spellings Lightning users type; each maps to one registered name.
+_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed", "half": "16-true"}
+
+
+class Precision:
+    """Full fp32 training. Subclasses override only the hooks they need.
+
+    Order of the hooks on one step (the Accelerator calls them through the strategy)::
+
+        convert_input(batch) -> with forward_context(): module(batch) -> convert_output(out)
+        pre_backward(loss) -> backward(loss) -> post_backward(loss)
+        [unscale_gradients(optimizer) -> clip] -> optimizer_step(optimizer)
+    """
+
+    name: ClassVar[str] = "32-true"
+
+    def __init__(self, *, device_type: str = "cpu") -> None:
+        self.device_type = device_type
+
+    @classmethod
+    def register_precisions(cls, registry: Registry[Precision]) -> None:
+        registry.register("32-true", cls, "full fp32 parameters and compute")
+
+    # -- modules and data -----------------------------------------------------------------------
+    @property
+    def wraps_forward(self) -> bool:
+        """True when prepared models must route forward through the input/forward/output hooks."""
+        return False
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def module_init_context(self) -> AbstractContextManager[Any]:
+        """Context for building a module directly in this precision's parameter dtype."""
+        return nullcontext()
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def convert_input(self, data: Any) -> Any:
+        return data
+
+    def convert_output(self, data: Any) -> Any:
+        return data
+
+    # -- backward and optimizer ------------------------------------------------------------------
+    def pre_backward(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        tensor.backward(*args, **kwargs)
+
+    def post_backward(self, tensor: torch.Tensor) -> None:
+        return None
+
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Bring gradients to their true scale before clipping (a no-op without a grad scaler)."""
+        return None
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> bool:
+        """Step ``optimizer``; return False when the step was skipped (e.g. inf gradients)."""
+        optimizer.step(closure) if closure is not None else optimizer.step()
+        return True
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+
+def resolve_precision(value: str | int | Precision, *, device_type: str) -> Precision:
+    """Turn ``precision=`` (a name, an alias such as ``16`` or ``"bf16"``, or a plugin) into a plugin."""
+    if isinstance(value, Precision):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise TypeError(
+            f"precision={value!r} must be a name ({', '.join(PRECISION_REGISTRY.names())}) "
+            "or an ember.precision.Precision instance"
+        )
+    name = _ALIASES.get(str(value), str(value))
+    PRECISION_REGISTRY.check(name)
+    return PRECISION_REGISTRY.create(name, device_type=device_type)

@@ -1,0 +1,26 @@
+"""Strategies: how processes, models, optimizers, data, collectives and checkpoints work.
+
+Names resolve through :data:`STRATEGY_REGISTRY`; each class registers its own names, so a new
+backend is one new module plus one line here.
+"""
+
+from ember.strategies.base import STRATEGY_REGISTRY, BackwardSyncControl, Strategy
+from ember.strategies.ddp import DDPConfig, DDPStrategy
+from ember.strategies.environment import ProcessEnvironment, detect_environment
+from ember.strategies.parallel import ParallelStrategy
+from ember.strategies.single_device import SingleDeviceStrategy
+
+for _strategy in (SingleDeviceStrategy, DDPStrategy):
+    _strategy.register_strategies(STRATEGY_REGISTRY)
+
+__all__ = [
+    "STRATEGY_REGISTRY",
+    "BackwardSyncControl",
+    "DDPConfig",
+    "DDPStrategy",
+    "ParallelStrategy",
+    "ProcessEnvironment",
+    "SingleDeviceStrategy",
+    "Strategy",
+    "detect_environment",
+]

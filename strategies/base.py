@@ -1,0 +1,202 @@
+"""The strategy interface and its registry.
+
+A strategy answers: where am I (device, ranks), how do processes start, how do models and
+optimizers change, how does a step run, how do ranks talk, and how is state saved. The
+Accelerator calls these methods and never asks *which* strategy it holds; optional capabilities
+are small interfaces (:class:`BackwardSyncControl`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ember._registry import Registry
+from ember.precision import Precision
+from ember.strategies.environment import ProcessEnvironment
+
+__all__ = ["STRATEGY_REGISTRY", "BackwardSyncControl", "ReduceOp", "Strategy", "resolve_strategy"]
+
+ReduceOp = Literal["sum", "mean", "max", "min"]
+
+STRATEGY_REGISTRY: Registry[Strategy] = Registry("strategy", "strategy")
+
+
+class Strategy:
+    """Base class. Subclasses register their names with :meth:`register_strategies`.
+
+    The Accelerator connects a strategy to the run with :meth:`connect`, starts any missing
+    processes with :meth:`launch`, then calls :meth:`setup_environment` once.
+    """
+
+    #: Name used in checkpoints' manifests and error messages.
+    strategy_name: ClassVar[str] = "base"
+
+    def __init__(self) -> None:
+        self._device_type = "cpu"
+        self._num_processes = 1
+        self._precision: Precision = Precision()
+        self._environment = ProcessEnvironment(source="single")
+
+    @classmethod
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        """Add this class's names (and presets) to ``registry``."""
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def connect(
+        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
+    ) -> None:
+        """Bind the strategy to the resolved accelerator, process count, precision and environment."""
+        self._device_type = device_type
+        self._num_processes = num_processes
+        self._precision = precision
+        self._environment = environment
+
+    def launch(self) -> None:
+        """Start the processes this run needs that do not exist yet (none, by default)."""
+
+    def setup_environment(self) -> None:
+        """Create process groups and select the device. Called once, after :meth:`launch`."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup_environment` created."""
+
+    # -- where am I -----------------------------------------------------------------------------
+    @property
+    def precision(self) -> Precision:
+        return self._precision
+
+    @property
+    def root_device(self) -> torch.device:
+        if self._device_type == "cuda":
+            return torch.device("cuda", self.local_rank)
+        return torch.device(self._device_type)
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def global_rank(self) -> int:
+        return 0
+
+    @property
+    def local_rank(self) -> int:
+        return 0
+
+    @property
+    def node_rank(self) -> int:
+        return 0
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    @property
+    def is_local_zero(self) -> bool:
+        return self.local_rank == 0
+
+    # -- how objects change ---------------------------------------------------------------------
+    def setup_module_and_optimizers(
+        self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+    ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        """Prepare models and optimizers together (sharding strategies must re-bind optimizers)."""
+        return [self.setup_module(m) for m in modules], [self.setup_optimizer(o) for o in optimizers]
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = self.precision.convert_module(module)
+        return module.to(self.root_device)
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    def unwrap_module(self, module: nn.Module) -> nn.Module:
+        """The user's module inside whatever :meth:`setup_module` wrapped around it."""
+        return module
+
+    # -- how a step runs ------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        loss = self.precision.pre_backward(loss)
+        self.precision.backward(loss, *args, **kwargs)
+        self.precision.post_backward(loss)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> bool:
+        return self.precision.optimizer_step(optimizer, closure)
+
+    def clip_gradients_norm(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        max_norm: float,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor:
+        for optimizer in optimizers:
+            self.precision.unscale_gradients(optimizer)
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
+
+    def clip_gradients_value(
+        self, parameters: Iterable[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer], clip_value: float
+    ) -> None:
+        for optimizer in optimizers:
+            self.precision.unscale_gradients(optimizer)
+        torch.nn.utils.clip_grad_value_(list(parameters), clip_value)
+
+    # -- how ranks talk (single process: identities) --------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Stack ``tensor`` from every rank: shape ``(world_size, *tensor.shape)``."""
+        return tensor.unsqueeze(0)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return tensor
+
+    def barrier(self, name: str | None = None) -> None:
+        return None
+
+    # -- how state is saved ---------------------------------------------------------------------
+    def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict of a prepared module, valid on global rank 0."""
+        return self.unwrap_module(module).state_dict()
+
+    def load_module_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        self.unwrap_module(module).load_state_dict(state, strict=strict)
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(world_size={self.world_size}, device={self.root_device})"
+
+
+class BackwardSyncControl(ABC):
+    """Capability: the strategy can skip gradient synchronization (for gradient accumulation)."""
+
+    @abstractmethod
+    def no_backward_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
+        """Context in which backward passes through ``module`` do not synchronize gradients."""
+
+
+def resolve_strategy(value: str | Strategy, *, world_size: int) -> Strategy:
+    """Turn ``strategy=`` into an instance. ``"auto"`` is ``"ddp"`` for several processes, else single device."""
+    if isinstance(value, Strategy):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"strategy={value!r} must be a name or an ember.strategies.Strategy instance")
+    if value == "auto":
+        value = "ddp" if world_size > 1 else "single_device"
+    if value not in STRATEGY_REGISTRY:
+        raise ValueError(
+            f"strategy={value!r} is not a known strategy. Valid choices: "
+            + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
+        )
+    return STRATEGY_REGISTRY.create(value)

@@ -1,0 +1,94 @@
+"""Distributed data parallel: one process per device, gradients all-reduced by ``DistributedDataParallel``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from typing_extensions import override
+
+from ember._registry import Registry
+from ember.strategies.base import BackwardSyncControl, Strategy
+from ember.strategies.parallel import ParallelStrategy
+
+__all__ = ["DDPConfig", "DDPStrategy"]
+
+_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DDPConfig:
+    """Options of :class:`DDPStrategy`; the rest of ``DistributedDataParallel``'s defaults are kept."""
+
+    process_group_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
+    timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    broadcast_buffers: bool = True
+
+    def __post_init__(self) -> None:
+        if self.process_group_backend is not None and self.process_group_backend not in _BACKENDS:
+            raise ValueError(
+                f"process_group_backend={self.process_group_backend!r} is not a torch.distributed backend. "
+                f"Valid choices: None, {', '.join(map(repr, _BACKENDS))}"
+            )
+        if self.bucket_cap_mb <= 0:
+            raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb} must be > 0")
+
+
+class DDPStrategy(ParallelStrategy, BackwardSyncControl):
+    """Wraps each prepared model in :class:`~torch.nn.parallel.DistributedDataParallel`.
+
+    Example::
+
+        accelerator = Accelerator(strategy=DDPStrategy(DDPConfig(find_unused_parameters=True)))
+    """
+
+    strategy_name = "ddp"
+
+    def __init__(self, config: DDPConfig | None = None) -> None:
+        self.config = config or DDPConfig()
+        super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
+
+    @classmethod
+    @override
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        registry.register("ddp", cls, "one process per device, DistributedDataParallel")
+        registry.register(
+            "ddp_find_unused_parameters_true",
+            cls,
+            "ddp with find_unused_parameters=True",
+            config=DDPConfig(find_unused_parameters=True),
+        )
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = super().setup_module(module)
+        device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        return DistributedDataParallel(
+            module,
+            device_ids=device_ids,
+            find_unused_parameters=self.config.find_unused_parameters,
+            static_graph=self.config.static_graph,
+            bucket_cap_mb=self.config.bucket_cap_mb,
+            gradient_as_bucket_view=self.config.gradient_as_bucket_view,
+            broadcast_buffers=self.config.broadcast_buffers,
+        )
+
+    @override
+    def unwrap_module(self, module: nn.Module) -> nn.Module:
+        return module.module if isinstance(module, DistributedDataParallel) else module
+
+    @override
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        if not isinstance(module, DistributedDataParallel):
+            raise TypeError(f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}")
+        with module.no_sync():
+            yield

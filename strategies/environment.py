@@ -1,0 +1,140 @@
+"""Process environment detection: the one module of ember that reads environment variables.
+
+Everything else receives plain values from here. Three sources are understood:
+
+- a plain process (``python script.py``): rank 0 of 1;
+- torchrun / torchelastic / ``ember launch`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ...);
+- SLURM (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, ...) when ``srun`` started the tasks.
+
+``ember launch`` also passes the user's ``--strategy``/``--precision`` to the script through
+``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+__all__ = ["ProcessEnvironment", "detect_environment", "find_free_port", "launch_defaults"]
+
+_DEFAULT_MASTER_ADDR = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessEnvironment:
+    """Where this process sits in the job. ``source`` is ``"single"``, ``"torchelastic"`` or ``"slurm"``."""
+
+    source: str
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    node_rank: int = 0
+    master_addr: str = _DEFAULT_MASTER_ADDR
+    master_port: int | None = None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def launched_externally(self) -> bool:
+        """True when a launcher (torchrun, srun, ember launch) already started every process."""
+        return self.source != "single"
+
+    def to_env(self) -> dict[str, str]:
+        """The torchrun-style variables that describe this environment (for child processes)."""
+        env = {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "GROUP_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+        }
+        if self.master_port is not None:
+            env["MASTER_PORT"] = str(self.master_port)
+        return env
+
+
+def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = environ.get(name)
+    if value is None:
+        if default is None:
+            raise ValueError(f"environment variable {name} is required here but is not set")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list such as ``node[001-004,007],gpu2`` -> ``node001``."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if match is None:
+        return _DEFAULT_MASTER_ADDR
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def detect_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvironment:
+    """Read the process environment (``os.environ`` unless given)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world_size = _int(env, "WORLD_SIZE")
+        local_world_size = _int(env, "LOCAL_WORLD_SIZE", world_size)
+        rank = _int(env, "RANK")
+        port = env.get("MASTER_PORT")
+        return ProcessEnvironment(
+            source="torchelastic",
+            rank=rank,
+            local_rank=_int(env, "LOCAL_RANK", rank % max(local_world_size, 1)),
+            world_size=world_size,
+            local_world_size=local_world_size,
+            node_rank=_int(env, "GROUP_RANK", _int(env, "NODE_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", _DEFAULT_MASTER_ADDR),
+            master_port=int(port) if port else None,
+        )
+    # srun starts one task per process; an interactive `salloc` shell (job name "bash") is not a job step.
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        world_size = _int(env, "SLURM_NTASKS")
+        job_id = _int(env, "SLURM_JOB_ID", 0)
+        return ProcessEnvironment(
+            source="slurm",
+            rank=_int(env, "SLURM_PROCID"),
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            world_size=world_size,
+            local_world_size=_int(env, "SLURM_NTASKS_PER_NODE", world_size)
+            if env.get("SLURM_NTASKS_PER_NODE", "").isdigit()
+            else max(world_size // max(_int(env, "SLURM_NNODES", 1), 1), 1),
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
+            # Same port on every task of the job, different across jobs sharing a node.
+            master_port=_int(env, "MASTER_PORT", 15000 + job_id % 20000),
+        )
+    return ProcessEnvironment(source="single")
+
+
+def launch_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Accelerator defaults that ``ember launch`` passed down (``strategy``, ``precision``)."""
+    env = os.environ if environ is None else environ
+    defaults = {}
+    for key in ("strategy", "precision", "accelerator"):
+        value = env.get(f"EMBER_{key.upper()}")
+        if value:
+            defaults[key] = value
+    return defaults
+
+
+def find_free_port() -> int:
+    """A TCP port on loopback that is free right now (for single-node rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,1 @@
+"""The Trainer layer (``TrainModule``, ``Trainer``): built on :class:`ember.Accelerator`."""
