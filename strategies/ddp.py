@@ -78,7 +78,8 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
             static_graph=self.config.static_graph,
             bucket_cap_mb=self.config.bucket_cap_mb,
             gradient_as_bucket_view=self.config.gradient_as_bucket_view,
-            broadcast_buffers=self.config.broadcast_buffers,
+            # Passed only when off: newer torch deprecates the name, and True is the default anyway.
+            **({} if self.config.broadcast_buffers else {"broadcast_buffers": False}),
         )
 
     @override

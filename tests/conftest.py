@@ -1,0 +1,43 @@
+"""Autouse fixtures: every test starts and ends with the same environment and no process group."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment() -> Iterator[None]:
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group() -> Iterator[None]:
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng_and_dtype() -> Iterator[None]:
+    state, dtype = torch.get_rng_state(), torch.get_default_dtype()
+    yield
+    torch.set_rng_state(state)
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def _single_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests in this process are rank 0 of 1 unless they set the variables themselves."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION", "EMBER_ACCELERATOR"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith("SLURM_")]:
+        monkeypatch.delenv(name, raising=False)
