@@ -33,7 +33,7 @@ from ember._wrappers import GradientState, PreparedOptimizer, PreparedScheduler,
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
-from ember.strategies.base import ReduceOp, resolve_strategy
+from ember.strategies.base import ReduceOp, check_reduce_op, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 
 __all__ = ["Accelerator"]
@@ -279,6 +279,8 @@ class Accelerator:
         return gathered if remainder is None else _ops.truncate(gathered, remainder)
 
     def reduce(self, tensor: Any, reduction: ReduceOp = "sum") -> Any:
+        """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""
+        check_reduce_op(reduction, "reduction")
         return _ops.reduce(self._strategy, tensor, reduction)
 
     def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False) -> Any:

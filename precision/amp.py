@@ -25,14 +25,18 @@ class MixedPrecision(Precision):
         accelerator = Accelerator(precision="bf16-mixed")
     """
 
-    def __init__(self, precision: str = "bf16-mixed", *, device_type: str = "cpu") -> None:
+    def __init__(
+        self, precision: str = "bf16-mixed", *, device_type: str = "cpu", scaler: torch.amp.GradScaler | None = None
+    ) -> None:
         super().__init__(device_type=device_type)
         if precision not in ("16-mixed", "bf16-mixed"):
             raise ValueError(f"precision={precision!r} is not a mixed precision. Valid choices: '16-mixed', 'bf16-mixed'")
         self.name = precision  # type: ignore[misc]
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+        if scaler is not None and precision != "16-mixed":
+            raise ValueError(f"a grad scaler is only used with precision='16-mixed', not {precision!r}")
         self.scaler: torch.amp.GradScaler | None = (
-            torch.amp.GradScaler(device_type) if precision == "16-mixed" else None
+            (scaler or torch.amp.GradScaler(device_type)) if precision == "16-mixed" else None
         )
         # GradScaler refuses a second unscale_ of one optimizer within a step; remember which we did.
         self._unscaled: set[int] = set()

@@ -23,6 +23,12 @@ from ember.strategies.environment import ProcessEnvironment
 __all__ = ["STRATEGY_REGISTRY", "BackwardSyncControl", "ReduceOp", "Strategy", "resolve_strategy"]
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
+REDUCE_OPS: tuple[str, ...] = ("sum", "mean", "max", "min")
+
+
+def check_reduce_op(op: str, argument: str = "op") -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"{argument}={op!r} is not a reduction. Valid choices: {', '.join(map(repr, REDUCE_OPS))}")
 
 STRATEGY_REGISTRY: Registry[Strategy] = Registry("strategy", "strategy")
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from typing_extensions import override
 
 from ember.precision import Precision
-from ember.strategies.base import ReduceOp, Strategy
+from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
 from ember.strategies.launcher import SubprocessScriptLauncher
 
@@ -98,8 +98,7 @@ class ParallelStrategy(Strategy):
     # -- collectives ----------------------------------------------------------------------------
     @override
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
-        if op not in _REDUCE_OPS:
-            raise ValueError(f"op={op!r} is not a reduction. Valid choices: {', '.join(map(repr, _REDUCE_OPS))}")
+        check_reduce_op(op)
         result = tensor.clone()
         dist.all_reduce(result, op=_REDUCE_OPS[op])
         if op == "mean":  # gloo has no AVG: sum, then divide

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from workers import check_resume, flat_params, resume_worker
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,10 +24,6 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
 
 
-def _flat_params(model: nn.Module) -> list[float]:
-    return torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
-
-
 # -- DDP gradients == one process over the full batch ----------------------------------------------
 def _ddp_grads_worker() -> dict:
     model = _model()
@@ -39,7 +36,7 @@ def _ddp_grads_worker() -> dict:
         accelerator.backward(F.mse_loss(model(x), y))
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]).tolist())
         optimizer.step()
-    return {"strategy": type(accelerator.strategy).__name__, "grads": grads, "params": _flat_params(model)}
+    return {"strategy": type(accelerator.strategy).__name__, "grads": grads, "params": flat_params(model)}
 
 
 def test_ddp_gradients_match_single_process_full_batch() -> None:
@@ -57,7 +54,7 @@ def test_ddp_gradients_match_single_process_full_batch() -> None:
         for rank in ranks:
             torch.testing.assert_close(torch.tensor(rank["grads"][step]), expected, rtol=1e-6, atol=1e-7)
         optimizer.step()
-    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(_flat_params(model)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7)
 
 
 # -- gradient accumulation: no all-reduce on skipped steps, equals one big batch -------------------
@@ -84,7 +81,7 @@ def _accumulation_worker() -> dict:
             optimizer.zero_grad()
         synced.append(accelerator.sync_gradients)
         skipped.append(optimizer.step_was_skipped)
-    return {"fired": fired, "synced": synced, "skipped": skipped, "params": _flat_params(model)}
+    return {"fired": fired, "synced": synced, "skipped": skipped, "params": flat_params(model)}
 
 
 def test_accumulation_skips_allreduce_and_matches_big_batch() -> None:
@@ -102,7 +99,7 @@ def test_accumulation_skips_allreduce_and_matches_big_batch() -> None:
         optimizer.zero_grad()
         F.mse_loss(model(x[8 * step : 8 * step + 8]), y[8 * step : 8 * step + 8]).backward()
         optimizer.step()
-    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(_flat_params(model)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7)
 
 
 # -- gather_for_metrics sees every sample exactly once ---------------------------------------------
@@ -142,56 +139,6 @@ def test_gather_for_metrics_with_drop_last() -> None:
 
 
 # -- save_state mid-epoch, load_state, identical continuation ----------------------------------------
-class _Progress:
-    def __init__(self) -> None:
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-
-
-def resume_worker(ckpt: str, mode: str, stop_at: int = 7, precision: str = "32-true") -> dict:
-    """mode: 'full' trains 3 epochs; 'first' stops after ``stop_at`` steps with save_state; 'resume' loads it."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 1))
-    g = torch.Generator().manual_seed(3)
-    data = TensorDataset(torch.randn(44, 8, generator=g), torch.randn(44, 1, generator=g))
-    accelerator = Accelerator(precision=precision)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
-    loader = DataLoader(data, batch_size=4, shuffle=True)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    progress = _Progress()
-    accelerator.register_for_checkpointing(progress)
-    if mode == "resume":
-        accelerator.load_state(ckpt)
-    losses = {}
-    while loader.epoch < 3:
-        for x, y in loader:
-            loss = F.mse_loss(model(x), y)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            progress.step += 1
-            losses[progress.step] = loss.item().hex()
-            if mode == "first" and progress.step == stop_at:
-                accelerator.save_state(ckpt)
-                return {"losses": losses}
-    return {"losses": losses, "params": [v.hex() for v in _flat_params(model)], "epoch_len": len(loader)}
-
-
-def _check_resume(full: dict, first: dict, resumed: dict, stop_at: int) -> None:
-    assert len(full["losses"]) == 3 * full["epoch_len"]
-    assert first["losses"] == {k: v for k, v in full["losses"].items() if int(k) <= stop_at}
-    assert min(int(k) for k in resumed["losses"]) == stop_at + 1
-    assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > stop_at}
-    assert resumed["params"] == full["params"]
-
-
 def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "ckpt")
     full = run_processes(resume_worker, ckpt, "full", nprocs=2)
@@ -199,6 +146,6 @@ def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path: Path) -> None:
     resumed = run_processes(resume_worker, ckpt, "resume", nprocs=2)
     assert full[0]["epoch_len"] == 6  # 44 samples / (4 x 2 ranks) = 5.5 -> 6 even steps; stop_at=7 is mid-epoch 1
     for rank in range(2):
-        _check_resume(full[rank], first[rank], resumed[rank], stop_at=7)
+        check_resume(full[rank], first[rank], resumed[rank], stop_at=7)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("rng")) == [
         "rng_rank0.json", "rng_rank0.safetensors", "rng_rank1.json", "rng_rank1.safetensors"]

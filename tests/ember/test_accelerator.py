@@ -1,0 +1,252 @@
+"""The Accelerator in one process: prepare, errors, accumulation, device moves, collectives, helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from ember import Accelerator, PreparedDataLoader
+from ember._wrappers import PreparedOptimizer, PreparedScheduler
+
+
+def _setup(**kwargs: object) -> tuple[Accelerator, nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    accelerator = Accelerator(**kwargs)  # type: ignore[arg-type]
+    return accelerator, model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_prepare_returns_objects_in_order() -> None:
+    accelerator, model, optimizer = _setup()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    loader = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2)
+    out = accelerator.prepare(loader, scheduler, model, optimizer)
+    assert isinstance(out[0], PreparedDataLoader)
+    assert isinstance(out[1], PreparedScheduler)
+    assert out[2] is model  # single device: the module itself, on the device
+    assert isinstance(out[3], PreparedOptimizer) and out[3].optimizer is optimizer
+    assert accelerator.prepare(nn.Linear(1, 1)).__class__ is nn.Linear  # one object: returned alone
+    assert accelerator.unwrap_model(out[2]) is model
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match=r"strategy='nope' is not a known strategy\. Valid choices: 'auto', 'ddp'"):
+        Accelerator(strategy="nope")
+    with pytest.raises(ValueError, match=r"precision='fp7' is not a known precision\. Valid choices: '16-mixed'"):
+        Accelerator(precision="fp7")
+    with pytest.raises(ValueError, match=r"devices=0 must be a positive int or 'auto'"):
+        Accelerator(devices=0)
+    with pytest.raises(ValueError, match=r"accelerator='tpu' is not supported\. Valid choices: 'auto', 'cpu', 'cuda'"):
+        Accelerator(accelerator="tpu")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
+        Accelerator(gradient_accumulation_steps=0)
+    with pytest.raises(ValueError, match="mixed_precision='fp4'"):
+        Accelerator(mixed_precision="fp4")
+    accelerator = Accelerator()
+    with pytest.raises(TypeError, match="cannot prepare an object of type int"):
+        accelerator.prepare(42)
+    with pytest.raises(RuntimeError, match=r"backward\(\) was called before accelerator.prepare"):
+        accelerator.backward(torch.ones((), requires_grad=True))
+    with pytest.raises(TypeError, match="state_dict"):
+        accelerator.register_for_checkpointing(object())
+    with pytest.raises(ValueError, match="single_device' runs one process"):
+        Accelerator(strategy="single_device", devices=2)
+
+
+def test_accelerate_spelling_of_precision() -> None:
+    assert Accelerator(mixed_precision="bf16").precision.name == "bf16-mixed"
+    assert Accelerator(mixed_precision="no", cpu=True).precision.name == "32-true"
+
+
+def test_launch_defaults_come_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_PRECISION", "bf16-mixed")
+    monkeypatch.setenv("EMBER_STRATEGY", "single_device")
+    accelerator = Accelerator()
+    assert accelerator.precision.name == "bf16-mixed"
+    assert type(accelerator.strategy).__name__ == "SingleDeviceStrategy"
+    assert Accelerator(precision="32-true").precision.name == "32-true"  # an explicit argument wins
+
+
+@dataclasses.dataclass
+class _Pair:
+    x: torch.Tensor
+    label: str
+
+
+class _NestedDataset(Dataset[dict]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> dict:
+        return {"a": torch.tensor([float(i)]), "b": [torch.tensor(i), (torch.tensor(2 * i),)], "name": f"s{i}"}
+
+
+def test_batches_are_moved_to_device_with_structure_kept() -> None:
+    accelerator = Accelerator()
+    loader = accelerator.prepare(DataLoader(_NestedDataset(), batch_size=2))
+    batch = next(iter(loader))
+    assert set(batch) == {"a", "b", "name"} and batch["name"] == ["s0", "s1"]
+    assert batch["a"].device == accelerator.device and isinstance(batch["b"][1], list)
+    from ember._tree import move_to_device
+
+    moved = move_to_device(_Pair(torch.ones(2), "keep"), torch.device("cpu"))
+    assert isinstance(moved, _Pair) and moved.label == "keep"
+
+
+def test_loader_keeps_user_settings_and_len() -> None:
+    accelerator = Accelerator()
+    loader = accelerator.prepare(DataLoader(TensorDataset(torch.arange(10)), batch_size=3, drop_last=True))
+    assert len(loader) == 3 and loader.batch_size == 3
+    assert [b[0].tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    shuffled = accelerator.prepare(DataLoader(TensorDataset(torch.arange(10)), batch_size=5, shuffle=True))
+    first, second = ([t for b in shuffled for t in b[0].tolist()] for _ in range(2))
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+
+
+def test_loader_does_not_advance_global_rng() -> None:
+    accelerator = Accelerator()
+    loader = accelerator.prepare(DataLoader(TensorDataset(torch.arange(10)), batch_size=2, shuffle=True))
+    before = torch.get_rng_state()
+    for _ in loader:
+        pass
+    assert torch.equal(before, torch.get_rng_state())
+
+
+class _Stream(IterableDataset[torch.Tensor]):
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(torch.arange(7))
+
+
+def test_iterable_dataset_single_process() -> None:
+    accelerator = Accelerator()
+    loader = accelerator.prepare(DataLoader(_Stream(), batch_size=3))
+    out = []
+    for batch in loader:
+        out.append(accelerator.gather_for_metrics(batch).tolist())
+        last = accelerator.end_of_dataloader
+    assert out == [[0, 1, 2], [3, 4, 5], [6]] and last
+
+
+def test_gradient_accumulation_equals_big_batch_and_scheduler_waits() -> None:
+    accelerator, model, optimizer = _setup(gradient_accumulation_steps=4)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    x, y = torch.randn(16, 4), torch.randn(16, 2)
+    reference = nn.Linear(4, 2)
+    reference.load_state_dict(model.state_dict())
+    model, optimizer, loader, scheduler = accelerator.prepare(
+        model, optimizer, DataLoader(TensorDataset(x, y), batch_size=2), scheduler
+    )
+    lrs = []
+    for xb, yb in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.mse_loss(model(xb), yb))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        lrs.append(scheduler.get_last_lr()[0])
+    assert lrs == [0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05, 0.025]
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for step, lr in enumerate([0.1, 0.05]):
+        ref_opt.param_groups[0]["lr"] = lr
+        ref_opt.zero_grad()
+        F.mse_loss(reference(x[8 * step : 8 * step + 8]), y[8 * step : 8 * step + 8]).backward()
+        ref_opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_accumulation_syncs_at_end_of_dataloader() -> None:
+    accelerator, model, optimizer = _setup(gradient_accumulation_steps=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=1))
+    synced = []
+    for (xb,) in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(xb).sum())
+            optimizer.step()
+            optimizer.zero_grad()
+        synced.append(accelerator.sync_gradients)
+    assert synced == [False, False, False, True, False, True]
+
+
+def test_clip_grad_norm_and_value() -> None:
+    accelerator, model, optimizer = _setup()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.backward(model(torch.randn(3, 4) * 100).sum())
+    raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    total = accelerator.clip_grad_norm_(model.parameters(), max_norm=1.0)
+    torch.testing.assert_close(total, raw)
+    assert torch.cat([p.grad.flatten() for p in model.parameters()]).norm() <= 1.0 + 1e-5
+    accelerator.clip_grad_value_(model.parameters(), 0.01)
+    assert max(p.grad.abs().max().item() for p in model.parameters()) <= 0.01
+
+
+def test_single_process_collectives_and_helpers() -> None:
+    accelerator = Accelerator()
+    t = torch.arange(3)
+    assert accelerator.gather(t).tolist() == [0, 1, 2]
+    assert accelerator.gather(torch.tensor(5)).tolist() == [5]
+    assert accelerator.reduce(t, "sum").tolist() == [0, 1, 2]
+    assert accelerator.pad_across_processes({"x": t})["x"].tolist() == [0, 1, 2]
+    assert accelerator.broadcast(t).tolist() == [0, 1, 2]
+    with accelerator.split_between_processes([1, 2, 3]) as share:
+        assert share == [1, 2, 3]
+    with accelerator.main_process_first():
+        pass
+    calls = []
+    accelerator.on_main_process(lambda: calls.append(1))()
+    assert calls == [1]
+    with pytest.raises(ValueError, match="reduction"):
+        accelerator.reduce(t, "avg")  # type: ignore[arg-type]
+
+
+def test_split_between_processes_shares() -> None:
+    from ember._ops import split
+
+    items = list(range(7))
+    shares = [split(items, 3, r, False) for r in range(3)]
+    assert shares == [[0, 1, 2], [3, 4], [5, 6]]
+    assert [split(items, 3, r, True) for r in range(3)] == [[0, 1, 2], [3, 4, 4], [5, 6, 6]]
+    assert split({"a": torch.arange(4)}, 2, 1, False)["a"].tolist() == [2, 3]
+
+
+def test_skip_first_batches() -> None:
+    accelerator = Accelerator()
+    plain = DataLoader(TensorDataset(torch.arange(6)), batch_size=2)
+    assert [b[0].tolist() for b in accelerator.skip_first_batches(plain, 2)] == [[4, 5]]
+    prepared = accelerator.prepare(DataLoader(TensorDataset(torch.arange(6)), batch_size=2))
+    assert [b[0].tolist() for b in accelerator.skip_first_batches(prepared, 1)] == [[2, 3], [4, 5]]
+    assert [b[0].tolist() for b in prepared] == [[0, 1], [2, 3], [4, 5]]  # later epochs are whole
+
+
+def test_save_model_shards_with_index(tmp_path: Path) -> None:
+    accelerator = Accelerator()
+    model = accelerator.prepare(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)))
+    accelerator.save_model(model, tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+    accelerator.save_model(model, tmp_path / "sharded", max_shard_size="20KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2
+    loaded = {}
+    for name in set(index["weight_map"].values()):
+        loaded.update(load_file(str(tmp_path / "sharded" / name)))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded[key], value)
+    with pytest.raises(ValueError, match="max_shard_size='lots'"):
+        accelerator.save_model(model, tmp_path / "bad", max_shard_size="lots")
+
+
+def test_save_model_handles_tied_weights(tmp_path: Path) -> None:
+    accelerator = Accelerator()
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    accelerator.save_model(accelerator.prepare(model), tmp_path)
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(loaded["0.weight"], loaded["1.weight"])

@@ -1,0 +1,127 @@
+"""save_state / load_state in one process: exact resume, pickle-free loading, verification, safety."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from workers import check_resume, resume_worker
+
+from ember import Accelerator, CheckpointError
+from ember.strategies.checkpoint_io import decode_tree, encode_tree
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path: Path, precision: str) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    full = resume_worker(ckpt, "full", precision=precision)
+    first = resume_worker(ckpt, "first", stop_at=14, precision=precision)
+    resumed = resume_worker(ckpt, "resume", precision=precision)
+    assert full["epoch_len"] == 11  # 44 samples / 4; stop_at=14 is mid-epoch 1
+    check_resume(full, first, resumed, stop_at=14)
+
+
+def _saved(tmp_path: Path) -> tuple[Accelerator, nn.Module, Path]:
+    accelerator = Accelerator(precision="16-mixed")
+    model = nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.backward(model(torch.randn(2, 3)).sum())
+    optimizer.step()
+    return accelerator, model, accelerator.save_state(tmp_path / "ckpt")
+
+
+def test_checkpoint_is_json_and_safetensors_and_loads_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accelerator, model, ckpt = _saved(tmp_path)
+    suffixes = {p.suffix for p in ckpt.iterdir()}
+    assert suffixes == {".json", ".safetensors"}
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("load_state unpickled something")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    accelerator.load_state(ckpt)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key])
+
+
+def test_altered_or_truncated_files_are_named(tmp_path: Path) -> None:
+    accelerator, _, ckpt = _saved(tmp_path)
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*does not match its SHA-256"):
+        accelerator.load_state(ckpt)
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        accelerator.load_state(ckpt)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+        accelerator.load_state(ckpt)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        accelerator.load_state(tmp_path / "nowhere")
+
+
+def test_save_never_overwrites_user_files(tmp_path: Path) -> None:
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    accelerator = Accelerator()
+    accelerator.prepare(nn.Linear(2, 2))
+    with pytest.raises(FileExistsError, match="not an ember checkpoint"):
+        accelerator.save_state(target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no staging debris
+
+
+def test_save_replaces_an_older_checkpoint(tmp_path: Path) -> None:
+    accelerator, model, ckpt = _saved(tmp_path)
+    with torch.no_grad():
+        model.weight.fill_(7.0)
+    accelerator.save_state(ckpt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    with torch.no_grad():
+        model.weight.zero_()
+    accelerator.load_state(ckpt)
+    assert torch.all(model.weight == 7.0)
+
+
+def test_load_with_different_objects_is_refused(tmp_path: Path) -> None:
+    _, _, ckpt = _saved(tmp_path)
+    other = Accelerator()
+    other.prepare(nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match="holds 1 optimizers, but this Accelerator has 0"):
+        other.load_state(ckpt)
+
+
+def test_tree_codec_round_trip() -> None:
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}, 1: {}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1], "nesterov": False, "foo": None}],
+        "__tricky__": {"__tensor__": "not a marker"},
+        "np": np.arange(3, dtype=np.uint32),
+        "inf": math.inf,
+        "nested": [(1, "a"), [2.5]],
+    }
+    structure, tensors = encode_tree(state)
+    back = decode_tree(structure, tensors)
+    assert back["state"][0]["exp_avg"].tolist() == [1.0, 1.0] and set(back["state"]) == {0, 1}
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert back["__tricky__"] == {"__tensor__": "not a marker"}
+    assert back["np"].tolist() == [0, 1, 2] and back["inf"] == math.inf
+    assert back["nested"] == [(1, "a"), [2.5]]
+    with pytest.raises(TypeError, match=r"cannot store object at '\.bad\.0'"):
+        encode_tree({"bad": [object()]})
