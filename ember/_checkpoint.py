@@ -75,10 +75,10 @@ def tensors_for_safetensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"model state entry {name!r} is a {type(value).__name__}, not a tensor")
         tensor = value.detach().cpu().contiguous()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
         if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()
-        seen.add((tensor.untyped_storage().data_ptr(), tensor.storage_offset()))
+        seen.add((tensor.untyped_storage().data_ptr(), int(tensor.storage_offset())))
         out[name] = tensor
     return out
 
@@ -95,8 +95,11 @@ def save_state(strategy: Strategy, objects: PreparedObjects, output_dir: str | o
     for i, model in enumerate(objects.models):
         weights = strategy.module_state_dict(model)
         if writer:
-            save_file(tensors_for_safetensors(weights), str(staging / f"model{_suffix(i)}.safetensors"),
-                      metadata={"format": "pt"})
+            save_file(
+                tensors_for_safetensors(weights),
+                str(staging / f"model{_suffix(i)}.safetensors"),
+                metadata={"format": "pt"},
+            )
     for i, optimizer in enumerate(objects.optimizers):
         state = strategy.optimizer_state_dict(optimizer.optimizer)
         if writer:
@@ -148,7 +151,9 @@ def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os
     for i, model in enumerate(objects.models):
         strategy.load_module_state_dict(model, load_file(str(directory / f"model{_suffix(i)}.safetensors")))
     for i, optimizer in enumerate(objects.optimizers):
-        strategy.load_optimizer_state_dict(optimizer.optimizer, read_tree(directory, f"optimizer{_suffix(i)}"))
+        strategy.load_optimizer_state_dict(
+            optimizer.optimizer, read_tree(directory, f"optimizer{_suffix(i)}")
+        )
     for i, scheduler in enumerate(objects.schedulers):
         scheduler.load_state_dict(read_tree(directory, f"scheduler{_suffix(i)}"))
     strategy.precision.load_state_dict(read_tree(directory, "precision"))
@@ -161,8 +166,17 @@ def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(size: int | str) -> int:
@@ -172,15 +186,21 @@ def parse_size(size: int | str) -> int:
     else:
         match = _SIZE.match(str(size))
         if match is None:
-            raise ValueError(f"max_shard_size={size!r} is not a size; use bytes or a string such as '10GB' or '500MB'")
+            raise ValueError(
+                f"max_shard_size={size!r} is not a size; use bytes or a string such as '10GB' or '500MB'"
+            )
         value = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").upper()])
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r} must be positive")
     return value
 
 
-def save_model(strategy: Strategy, model: nn.Module, save_directory: str | os.PathLike[str],
-               max_shard_size: int | str = "10GB") -> None:
+def save_model(
+    strategy: Strategy,
+    model: nn.Module,
+    save_directory: str | os.PathLike[str],
+    max_shard_size: int | str = "10GB",
+) -> None:
     """Weights as safetensors, split into shards of at most ``max_shard_size`` with an index JSON."""
     limit = parse_size(max_shard_size)
     directory = Path(save_directory)

@@ -44,7 +44,9 @@ def broadcast(strategy: Strategy, data: Any, src: int) -> Any:
     return apply_to_tensors(data, lambda t: strategy.broadcast(t, src))
 
 
-def pad_tensor(tensor: torch.Tensor, size: int, dim: int = 0, pad_index: Any = 0, pad_first: bool = False) -> torch.Tensor:
+def pad_tensor(
+    tensor: torch.Tensor, size: int, dim: int = 0, pad_index: Any = 0, pad_first: bool = False
+) -> torch.Tensor:
     if tensor.shape[dim] >= size:
         return tensor
     shape = list(tensor.shape)

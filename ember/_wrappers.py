@@ -32,7 +32,9 @@ class PreparedOptimizer(torch.optim.Optimizer):
     of its own: ``param_groups``, ``state`` and everything else belong to the wrapped optimizer.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, gradient_state: GradientState) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, strategy: Strategy, gradient_state: GradientState
+    ) -> None:
         # No super().__init__(): this object only forwards to ``optimizer``.
         self.optimizer = optimizer
         self._strategy = strategy
@@ -52,9 +54,17 @@ class PreparedOptimizer(torch.optim.Optimizer):
     def state(self) -> Any:
         return self.optimizer.state
 
+    @state.setter
+    def state(self, value: Any) -> None:
+        self.optimizer.state = value
+
     @property  # type: ignore[override]
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._gradient_state.sync_gradients:
@@ -87,7 +97,9 @@ class PreparedOptimizer(torch.optim.Optimizer):
 class PreparedScheduler:
     """Steps the user's LR scheduler only after its optimizer really stepped."""
 
-    def __init__(self, scheduler: Any, optimizers: list[PreparedOptimizer], gradient_state: GradientState) -> None:
+    def __init__(
+        self, scheduler: Any, optimizers: list[PreparedOptimizer], gradient_state: GradientState
+    ) -> None:
         self.scheduler = scheduler
         self._gradient_state = gradient_state
         inner = getattr(scheduler, "optimizer", None)

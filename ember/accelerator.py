@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader
 
 from ember import _checkpoint, _ops
 from ember._rng import seed_everything
-from ember._wrappers import GradientState, PreparedOptimizer, PreparedScheduler, patch_forward, unpatch_forward
+from ember._wrappers import (
+    GradientState,
+    PreparedOptimizer,
+    PreparedScheduler,
+    patch_forward,
+    unpatch_forward,
+)
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
@@ -47,11 +53,15 @@ _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixe
 
 def _resolve_accelerator(accelerator: str) -> str:
     if accelerator not in _ACCELERATORS:
-        raise ValueError(f"accelerator={accelerator!r} is not supported. Valid choices: {', '.join(map(repr, _ACCELERATORS))}")
+        raise ValueError(
+            f"accelerator={accelerator!r} is not supported. Valid choices: {', '.join(map(repr, _ACCELERATORS))}"
+        )
     if accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError("accelerator='cuda' was requested, but torch.cuda.is_available() is False on this machine")
+        raise ValueError(
+            "accelerator='cuda' was requested, but torch.cuda.is_available() is False on this machine"
+        )
     return accelerator
 
 
@@ -88,29 +98,43 @@ class Accelerator:
         defaults = launch_defaults()
         if mixed_precision is not None:  # Accelerate compatibility
             if mixed_precision not in _ACCELERATE_PRECISION or _ACCELERATE_PRECISION[mixed_precision] is None:
-                raise ValueError(f"mixed_precision={mixed_precision!r} is not supported. Valid choices: 'no', 'fp16', 'bf16'")
+                raise ValueError(
+                    f"mixed_precision={mixed_precision!r} is not supported. Valid choices: 'no', 'fp16', 'bf16'"
+                )
             if precision is not None:
                 raise ValueError("pass either precision= or mixed_precision=, not both")
             precision = _ACCELERATE_PRECISION[mixed_precision]
-        if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
-                or gradient_accumulation_steps < 1:
-            raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be an int >= 1")
+        if (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, int)
+            or gradient_accumulation_steps < 1
+        ):
+            raise ValueError(
+                f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be an int >= 1"
+            )
         if seed is not None:
             seed_everything(seed)
 
         # Everything is validated before any process is started.
         environment = detect_environment()
-        device_type = _resolve_accelerator("cpu" if cpu else accelerator or defaults.get("accelerator", "auto"))
+        device_type = _resolve_accelerator(
+            "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
+        )
         per_node = environment.local_world_size if environment.launched_externally else None
         num_processes = _resolve_devices(devices, device_type, per_node)
         precision_plugin = resolve_precision(
-            precision if precision is not None else defaults.get("precision", "32-true"), device_type=device_type
+            precision if precision is not None else defaults.get("precision", "32-true"),
+            device_type=device_type,
         )
         world_size = environment.world_size if environment.launched_externally else num_processes
-        self._strategy = resolve_strategy(strategy if strategy is not None else defaults.get("strategy", "auto"),
-                                          world_size=world_size)
+        self._strategy = resolve_strategy(
+            strategy if strategy is not None else defaults.get("strategy", "auto"), world_size=world_size
+        )
         self._strategy.connect(
-            device_type=device_type, num_processes=num_processes, precision=precision_plugin, environment=environment
+            device_type=device_type,
+            num_processes=num_processes,
+            precision=precision_plugin,
+            environment=environment,
         )
         self._strategy.launch()
         self._strategy.setup_environment()
@@ -174,16 +198,20 @@ class Accelerator:
         optimizers, schedulers and dataloaders are wrapped as described in ``docs/``.
         """
         for obj in objects:
-            if not isinstance(obj, (nn.Module, torch.optim.Optimizer, DataLoader, PreparedDataLoader,
-                                    PreparedScheduler)) and not _is_scheduler(obj):
+            if not isinstance(
+                obj, (nn.Module, torch.optim.Optimizer, DataLoader, PreparedDataLoader, PreparedScheduler)
+            ) and not _is_scheduler(obj):
                 raise TypeError(
                     f"prepare() cannot prepare an object of type {type(obj).__name__}; it accepts torch.nn.Module, "
                     "torch.optim.Optimizer, torch.utils.data.DataLoader and LR schedulers"
                 )
         result: list[Any] = list(objects)
         model_slots = [i for i, o in enumerate(objects) if isinstance(o, nn.Module)]
-        optim_slots = [i for i, o in enumerate(objects)
-                       if isinstance(o, torch.optim.Optimizer) and not isinstance(o, PreparedOptimizer)]
+        optim_slots = [
+            i
+            for i, o in enumerate(objects)
+            if isinstance(o, torch.optim.Optimizer) and not isinstance(o, PreparedOptimizer)
+        ]
         models, optimizers = self._strategy.setup_module_and_optimizers(
             [objects[i] for i in model_slots], [objects[i] for i in optim_slots]
         )
@@ -262,7 +290,9 @@ class Accelerator:
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradient norm (gradients are unscaled first under ``16-mixed``); returns the total norm."""
-        return self._strategy.clip_gradients_norm(_params(parameters), self._inner_optimizers(), max_norm, norm_type)
+        return self._strategy.clip_gradients_norm(
+            _params(parameters), self._inner_optimizers(), max_norm, norm_type
+        )
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
         self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
@@ -283,7 +313,9 @@ class Accelerator:
         check_reduce_op(reduction, "reduction")
         return _ops.reduce(self._strategy, tensor, reduction)
 
-    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False) -> Any:
+    def pad_across_processes(
+        self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False
+    ) -> Any:
         return _ops.pad_across_processes(self._strategy, tensor, dim, pad_index, pad_first)
 
     def broadcast(self, tensor: Any, from_process: int = 0) -> Any:
@@ -331,15 +363,18 @@ class Accelerator:
             unpatch_forward(inner)
         return inner
 
-    def save_model(self, model: nn.Module, save_directory: str | os.PathLike[str],
-                   max_shard_size: int | str = "10GB") -> None:
+    def save_model(
+        self, model: nn.Module, save_directory: str | os.PathLike[str], max_shard_size: int | str = "10GB"
+    ) -> None:
         """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``)."""
         _checkpoint.save_model(self._strategy, model, save_directory, max_shard_size)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""
         for obj in objects:
-            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+            if not (
+                callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+            ):
                 raise TypeError(
                     f"register_for_checkpointing() needs objects with state_dict() and load_state_dict(); "
                     f"{type(obj).__name__} has not both"

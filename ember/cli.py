@@ -44,16 +44,34 @@ def _parser() -> argparse.ArgumentParser:
         help="run a training script on several processes / nodes (wraps torchrun)",
         description="Run SCRIPT on --nproc-per-node processes per node, --nnodes nodes (torch.distributed.run).",
     )
-    launch.add_argument("--nproc-per-node", type=_positive("--nproc-per-node"), default=1, help="processes per node (default 1)")
+    launch.add_argument(
+        "--nproc-per-node",
+        type=_positive("--nproc-per-node"),
+        default=1,
+        help="processes per node (default 1)",
+    )
     launch.add_argument("--nnodes", type=_positive("--nnodes"), default=1, help="number of nodes (default 1)")
     launch.add_argument("--node-rank", type=int, default=0, help="rank of this node, 0..nnodes-1")
     launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
-    launch.add_argument("--master-port", type=int, default=None, help="port on node 0 (default: a free port on one node, 29500 on several)")
-    launch.add_argument("--strategy", default=None, help="default strategy of the script's Accelerator/Trainer")
-    launch.add_argument("--precision", default=None, help="default precision of the script's Accelerator/Trainer")
+    launch.add_argument(
+        "--master-port",
+        type=int,
+        default=None,
+        help="port on node 0 (default: a free port on one node, 29500 on several)",
+    )
+    launch.add_argument(
+        "--strategy", default=None, help="default strategy of the script's Accelerator/Trainer"
+    )
+    launch.add_argument(
+        "--precision", default=None, help="default precision of the script's Accelerator/Trainer"
+    )
     launch.add_argument("--accelerator", default=None, choices=["auto", "cpu", "cuda"], help="device type")
-    launch.add_argument("--max-restarts", type=int, default=0, help="restart the whole group up to K times on failure")
-    launch.add_argument("-m", "--module", action="store_true", help="SCRIPT is a module name (like python -m)")
+    launch.add_argument(
+        "--max-restarts", type=int, default=0, help="restart the whole group up to K times on failure"
+    )
+    launch.add_argument(
+        "-m", "--module", action="store_true", help="SCRIPT is a module name (like python -m)"
+    )
     launch.add_argument("script", help="the training script (or module, with -m)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     return parser
@@ -89,12 +107,20 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
 def torchrun_args(args: argparse.Namespace) -> list[str]:
     """The torchrun command line equivalent to a parsed ``ember launch``."""
-    argv = [f"--nproc-per-node={args.nproc_per_node}", f"--nnodes={args.nnodes}", f"--max-restarts={args.max_restarts}"]
+    argv = [
+        f"--nproc-per-node={args.nproc_per_node}",
+        f"--nnodes={args.nnodes}",
+        f"--max-restarts={args.max_restarts}",
+    ]
     if args.nnodes == 1 and args.master_port is None:
         argv.append("--standalone")
     else:  # static rendezvous: node 0's agent hosts the store at master_addr:master_port
         port = args.master_port if args.master_port is not None else 29500
-        argv += [f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}", f"--master-port={port}"]
+        argv += [
+            f"--node-rank={args.node_rank}",
+            f"--master-addr={args.master_addr}",
+            f"--master-port={port}",
+        ]
     if args.module:
         argv.append("--module")
     return [*argv, args.script, *args.script_args]

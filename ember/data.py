@@ -217,7 +217,9 @@ class PreparedDataLoader:
                         if not self.even_batches:
                             return
                         assert first_round is not None
-                        group = group + list(itertools.islice(itertools.cycle(first_round), world - len(group)))
+                        group = group + list(
+                            itertools.islice(itertools.cycle(first_round), world - len(group))
+                        )
                 self._position = index + 1
                 if upcoming is None:
                     self._at_end, self._remainder = True, remainder
@@ -295,14 +297,22 @@ def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
         raise ValueError(f"num_batches={num_batches} must be >= 0")
     if isinstance(dataloader, PreparedDataLoader):
         return _SkippedDataLoader(dataloader, num_batches)
-    if isinstance(dataloader, DataLoader) and dataloader.batch_sampler is not None and not isinstance(
-        dataloader.dataset, IterableDataset
+    if (
+        isinstance(dataloader, DataLoader)
+        and dataloader.batch_sampler is not None
+        and not isinstance(dataloader.dataset, IterableDataset)
     ):
         dl = dataloader
-        kwargs: dict[str, Any] = {"num_workers": dl.num_workers, "collate_fn": dl.collate_fn,
-                                  "pin_memory": dl.pin_memory, "worker_init_fn": dl.worker_init_fn,
-                                  "generator": dl.generator}
+        kwargs: dict[str, Any] = {
+            "num_workers": dl.num_workers,
+            "collate_fn": dl.collate_fn,
+            "pin_memory": dl.pin_memory,
+            "worker_init_fn": dl.worker_init_fn,
+            "generator": dl.generator,
+        }
         if dl.num_workers > 0:
             kwargs["prefetch_factor"] = dl.prefetch_factor
-        return DataLoader(dl.dataset, batch_sampler=_SkipBatchSampler(dl.batch_sampler, num_batches), **kwargs)
+        batch_sampler = dl.batch_sampler
+        assert batch_sampler is not None  # checked above
+        return DataLoader(dl.dataset, batch_sampler=_SkipBatchSampler(batch_sampler, num_batches), **kwargs)
     return itertools.islice(dataloader, num_batches, None)

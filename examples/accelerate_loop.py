@@ -26,7 +26,9 @@ def make_data(n: int, teacher: torch.Tensor, generator: torch.Generator) -> Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -35,17 +37,25 @@ def main() -> None:
     torch.manual_seed(0)
     data_rng = torch.Generator().manual_seed(1234)
     teacher = torch.randn(32, 4, generator=data_rng)
-    training_dataloader = DataLoader(make_data(2048, teacher, data_rng), batch_size=args.batch_size, shuffle=True)
+    training_dataloader = DataLoader(
+        make_data(2048, teacher, data_rng), batch_size=args.batch_size, shuffle=True
+    )
     eval_dataloader = DataLoader(make_data(500, teacher, data_rng), batch_size=64)
     model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(training_dataloader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=args.epochs * len(training_dataloader)
+    )
 
     accelerator = Accelerator()
-    model, optimizer, training_dataloader, scheduler = accelerator.prepare(model, optimizer, training_dataloader, scheduler)
+    model, optimizer, training_dataloader, scheduler = accelerator.prepare(
+        model, optimizer, training_dataloader, scheduler
+    )
     eval_dataloader = accelerator.prepare(eval_dataloader)
-    accelerator.print(f"{accelerator.num_processes} process(es), strategy={type(accelerator.strategy).__name__}, "
-                      f"precision={accelerator.precision.name}, device={accelerator.device}")
+    accelerator.print(
+        f"{accelerator.num_processes} process(es), strategy={type(accelerator.strategy).__name__}, "
+        f"precision={accelerator.precision.name}, device={accelerator.device}"
+    )
 
     for epoch in range(args.epochs):
         model.train()
@@ -66,8 +76,10 @@ def main() -> None:
                 correct += int((predictions == targets).sum())
                 total += targets.numel()
         mean_loss = accelerator.reduce(loss.detach(), "mean")
-        accelerator.print(f"epoch {epoch}: train loss {mean_loss.item():.4f}  eval accuracy {correct / total:.3f} "
-                          f"on {total} samples")
+        accelerator.print(
+            f"epoch {epoch}: train loss {mean_loss.item():.4f}  eval accuracy {correct / total:.3f} "
+            f"on {total} samples"
+        )
     accelerator.end_training()
 
 

@@ -26,11 +26,17 @@ class MixedPrecision(Precision):
     """
 
     def __init__(
-        self, precision: str = "bf16-mixed", *, device_type: str = "cpu", scaler: torch.amp.GradScaler | None = None
+        self,
+        precision: str = "bf16-mixed",
+        *,
+        device_type: str = "cpu",
+        scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         super().__init__(device_type=device_type)
         if precision not in ("16-mixed", "bf16-mixed"):
-            raise ValueError(f"precision={precision!r} is not a mixed precision. Valid choices: '16-mixed', 'bf16-mixed'")
+            raise ValueError(
+                f"precision={precision!r} is not a mixed precision. Valid choices: '16-mixed', 'bf16-mixed'"
+            )
         self.name = precision  # type: ignore[misc]
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
         if scaler is not None and precision != "16-mixed":
@@ -44,7 +50,9 @@ class MixedPrecision(Precision):
     @classmethod
     @override
     def register_precisions(cls, registry: Registry[Precision]) -> None:
-        registry.register("16-mixed", cls, "fp32 weights, float16 autocast, grad scaler", precision="16-mixed")
+        registry.register(
+            "16-mixed", cls, "fp32 weights, float16 autocast, grad scaler", precision="16-mixed"
+        )
         registry.register("bf16-mixed", cls, "fp32 weights, bfloat16 autocast", precision="bf16-mixed")
 
     @property
@@ -72,7 +80,9 @@ class MixedPrecision(Precision):
             self._unscaled.add(id(optimizer))
 
     @override
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> bool:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
         if self.scaler is None:
             return super().optimizer_step(optimizer, closure)
         if closure is not None:

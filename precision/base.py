@@ -74,7 +74,9 @@ class Precision:
         """Bring gradients to their true scale before clipping (a no-op without a grad scaler)."""
         return None
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> bool:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
         """Step ``optimizer``; return False when the step was skipped (e.g. inf gradients)."""
         optimizer.step(closure) if closure is not None else optimizer.step()
         return True

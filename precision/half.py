@@ -20,7 +20,9 @@ class HalfPrecision(Precision):
     def __init__(self, precision: str = "bf16-true", *, device_type: str = "cpu") -> None:
         super().__init__(device_type=device_type)
         if precision not in ("16-true", "bf16-true"):
-            raise ValueError(f"precision={precision!r} is not a true half precision. Valid choices: '16-true', 'bf16-true'")
+            raise ValueError(
+                f"precision={precision!r} is not a true half precision. Valid choices: '16-true', 'bf16-true'"
+            )
         self.name = precision  # type: ignore[misc]
         self.dtype = torch.float16 if precision == "16-true" else torch.bfloat16
 

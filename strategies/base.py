@@ -28,7 +28,10 @@ REDUCE_OPS: tuple[str, ...] = ("sum", "mean", "max", "min")
 
 def check_reduce_op(op: str, argument: str = "op") -> None:
     if op not in REDUCE_OPS:
-        raise ValueError(f"{argument}={op!r} is not a reduction. Valid choices: {', '.join(map(repr, REDUCE_OPS))}")
+        raise ValueError(
+            f"{argument}={op!r} is not a reduction. Valid choices: {', '.join(map(repr, REDUCE_OPS))}"
+        )
+
 
 STRATEGY_REGISTRY: Registry[Strategy] = Registry("strategy", "strategy")
 
@@ -131,7 +134,9 @@ class Strategy:
         self.precision.backward(loss, *args, **kwargs)
         self.precision.post_backward(loss)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None) -> bool:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
         return self.precision.optimizer_step(optimizer, closure)
 
     def clip_gradients_norm(
@@ -146,7 +151,10 @@ class Strategy:
         return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm, norm_type=norm_type)
 
     def clip_gradients_value(
-        self, parameters: Iterable[torch.Tensor], optimizers: Sequence[torch.optim.Optimizer], clip_value: float
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        clip_value: float,
     ) -> None:
         for optimizer in optimizers:
             self.precision.unscale_gradients(optimizer)
@@ -171,7 +179,9 @@ class Strategy:
         """The full (unsharded) state dict of a prepared module, valid on global rank 0."""
         return self.unwrap_module(module).state_dict()
 
-    def load_module_state_dict(self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+    def load_module_state_dict(
+        self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+    ) -> None:
         self.unwrap_module(module).load_state_dict(state, strict=strict)
 
     def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -27,13 +27,13 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     "CheckpointError",
+    "check_target",
     "decode_tree",
     "encode_tree",
-    "read_manifest",
-    "read_tree",
-    "check_target",
     "finalize_staged",
     "prepare_staging",
+    "read_manifest",
+    "read_tree",
     "write_manifest",
     "write_tree",
 ]
@@ -73,7 +73,11 @@ def encode_tree(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             if all(isinstance(k, str) for k in value) and not any(k.startswith("__") for k in value):
                 return {k: enc(v, f"{path}.{k}") for k, v in value.items()}
             # int keys (optimizer state), or keys that could be confused with our markers
-            return {"__items__": [[enc(k, f"{path}.k{i}"), enc(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())]}
+            return {
+                "__items__": [
+                    [enc(k, f"{path}.k{i}"), enc(v, f"{path}.{i}")] for i, (k, v) in enumerate(value.items())
+                ]
+            }
         raise TypeError(
             f"cannot store {type(value).__name__} at {path or '<root>'!r} in a pickle-free checkpoint; "
             "state must be made of dicts, lists, tuples, numbers, strings, None, tensors and numpy arrays"
@@ -138,8 +142,14 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
     files = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
-            files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    _write_json(directory / MANIFEST, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
+            files[path.relative_to(directory).as_posix()] = {
+                "size": path.stat().st_size,
+                "sha256": _sha256(path),
+            }
+    _write_json(
+        directory / MANIFEST,
+        {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files},
+    )
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
@@ -167,7 +177,9 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
                     f"checkpoint file {str(path)!r} has {size} bytes, the manifest says {expected['size']} (truncated?)"
                 )
             if _sha256(path) != expected["sha256"]:
-                raise CheckpointError(f"checkpoint file {str(path)!r} does not match its SHA-256 in the manifest")
+                raise CheckpointError(
+                    f"checkpoint file {str(path)!r} does not match its SHA-256 in the manifest"
+                )
     return manifest
 
 

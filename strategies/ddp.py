@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -71,6 +72,8 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
     def setup_module(self, module: nn.Module) -> nn.Module:
         module = super().setup_module(module)
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        # Passed only when off: newer torch deprecates the name, and True is the default anyway.
+        extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}
         return DistributedDataParallel(
             module,
             device_ids=device_ids,
@@ -78,8 +81,7 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
             static_graph=self.config.static_graph,
             bucket_cap_mb=self.config.bucket_cap_mb,
             gradient_as_bucket_view=self.config.gradient_as_bucket_view,
-            # Passed only when off: newer torch deprecates the name, and True is the default anyway.
-            **({} if self.config.broadcast_buffers else {"broadcast_buffers": False}),
+            **extra,
         )
 
     @override
@@ -90,6 +92,8 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
     @contextmanager
     def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
         if not isinstance(module, DistributedDataParallel):
-            raise TypeError(f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}")
+            raise TypeError(
+                f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}"
+            )
         with module.no_sync():
             yield

@@ -103,7 +103,11 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvir
             master_port=int(port) if port else None,
         )
     # srun starts one task per process; an interactive `salloc` shell (job name "bash") is not a job step.
-    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+    if (
+        "SLURM_NTASKS" in env
+        and "SLURM_PROCID" in env
+        and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    ):
         world_size = _int(env, "SLURM_NTASKS")
         job_id = _int(env, "SLURM_JOB_ID", 0)
         return ProcessEnvironment(

@@ -83,7 +83,11 @@ class SubprocessScriptLauncher:
                     continue
                 del self._children[rank]
                 if code != 0:
-                    print(f"ember: rank {rank} exited with code {code}; stopping the job", file=sys.stderr, flush=True)
+                    print(
+                        f"ember: rank {rank} exited with code {code}; stopping the job",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     self._kill_all()
                     sys.stdout.flush()
                     os._exit(code if code > 0 else 1)

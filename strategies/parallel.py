@@ -13,13 +13,20 @@ from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
 from ember.strategies.launcher import SubprocessScriptLauncher
 
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_REDUCE_OPS = {
+    "sum": dist.ReduceOp.SUM,
+    "mean": dist.ReduceOp.SUM,
+    "max": dist.ReduceOp.MAX,
+    "min": dist.ReduceOp.MIN,
+}
 
 
 class ParallelStrategy(Strategy):
     """Process group set-up, rank bookkeeping and collectives; subclasses decide how modules are wrapped."""
 
-    def __init__(self, *, process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30)):
+    def __init__(
+        self, *, process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30)
+    ):
         super().__init__()
         self._backend = process_group_backend
         self._timeout = timeout

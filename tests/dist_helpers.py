@@ -50,15 +50,33 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict[str, str]:
     """A clean environment for child processes: no inherited rank variables, one thread each."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_RANK", "TORCHELASTIC_RUN_ID") and not k.startswith(("EMBER_", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "GROUP_RANK",
+            "TORCHELASTIC_RUN_ID",
+        )
+        and not k.startswith(("EMBER_", "SLURM_"))
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
-def run_processes(fn: Callable[..., Any], *args: Any, nprocs: int = 2, timeout: float = 180.0,
-                  env: dict[str, str] | None = None) -> list[Any]:
+def run_processes(
+    fn: Callable[..., Any],
+    *args: Any,
+    nprocs: int = 2,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
     """Run ``fn(*args)`` on ``nprocs`` ranks; return each rank's return value, in rank order."""
     path = fn.__code__.co_filename
     port = free_port()
@@ -68,15 +86,28 @@ def run_processes(fn: Callable[..., Any], *args: Any, nprocs: int = 2, timeout: 
         out = workdir / f"result{rank}.json"
         log = open(workdir / f"rank{rank}.log", "w+b")
         rank_env = base_env(
-            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_WORLD_SIZE=str(nprocs),
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nprocs),
+            LOCAL_WORLD_SIZE=str(nprocs),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **(env or {}),
         )
-        code = _BOOTSTRAP.format(tests=str(TESTS_DIR), path=path, name=fn.__name__, args=json.dumps(args), out=str(out))
-        procs.append(subprocess.Popen([PYTHON, "-c", code], env=rank_env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT))
+        code = _BOOTSTRAP.format(
+            tests=str(TESTS_DIR), path=path, name=fn.__name__, args=json.dumps(args), out=str(out)
+        )
+        procs.append(
+            subprocess.Popen(
+                [PYTHON, "-c", code], env=rank_env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT
+            )
+        )
         logs.append(log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs):  # one rank failed: give the others a moment, then stop
+        if any(
+            p.poll() not in (None, 0) for p in procs
+        ):  # one rank failed: give the others a moment, then stop
             time.sleep(2)
             break
         time.sleep(0.1)
@@ -86,21 +117,26 @@ def run_processes(fn: Callable[..., Any], *args: Any, nprocs: int = 2, timeout: 
             p.kill()
         p.wait()
     failures = []
-    for rank, (p, log) in enumerate(zip(procs, logs)):
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=False)):
         log.seek(0)
         text = log.read().decode(errors="replace")
         log.close()
         if p.returncode != 0:
-            state = "did not finish in time (killed)" if rank in hung and not any(
-                q.returncode not in (0, -9) for q in procs) else f"exited with code {p.returncode}"
+            state = (
+                "did not finish in time (killed)"
+                if rank in hung and not any(q.returncode not in (0, -9) for q in procs)
+                else f"exited with code {p.returncode}"
+            )
             failures.append(f"--- rank {rank} {state} ---\n{text[-6000:]}")
     if failures:
         raise AssertionError(f"{len(failures)} of {nprocs} ranks failed:\n" + "\n".join(failures))
     return [json.loads((workdir / f"result{rank}.json").read_text()) for rank in range(nprocs)]
 
 
-def run_command(cmd: list[str], timeout: float = 180.0, env: dict[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_command(
+    cmd: list[str], timeout: float = 180.0, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command with a clean environment; never leaves it running after ``timeout``."""
-    return subprocess.run(cmd, env=env or base_env(), cwd=str(cwd or REPO), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        cmd, env=env or base_env(), cwd=str(cwd or REPO), capture_output=True, text=True, timeout=timeout
+    )

@@ -62,5 +62,3 @@ def check_resume(full: dict, first: dict, resumed: dict, stop_at: int) -> None:
     assert min(int(k) for k in resumed["losses"]) == stop_at + 1
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > stop_at}
     assert resumed["params"] == full["params"]
-
-

@@ -38,13 +38,19 @@ def test_prepare_returns_objects_in_order() -> None:
 
 
 def test_bad_inputs_raise_clear_errors() -> None:
-    with pytest.raises(ValueError, match=r"strategy='nope' is not a known strategy\. Valid choices: 'auto', 'ddp'"):
+    with pytest.raises(
+        ValueError, match=r"strategy='nope' is not a known strategy\. Valid choices: 'auto', 'ddp'"
+    ):
         Accelerator(strategy="nope")
-    with pytest.raises(ValueError, match=r"precision='fp7' is not a known precision\. Valid choices: '16-mixed'"):
+    with pytest.raises(
+        ValueError, match=r"precision='fp7' is not a known precision\. Valid choices: '16-mixed'"
+    ):
         Accelerator(precision="fp7")
     with pytest.raises(ValueError, match=r"devices=0 must be a positive int or 'auto'"):
         Accelerator(devices=0)
-    with pytest.raises(ValueError, match=r"accelerator='tpu' is not supported\. Valid choices: 'auto', 'cpu', 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"accelerator='tpu' is not supported\. Valid choices: 'auto', 'cpu', 'cuda'"
+    ):
         Accelerator(accelerator="tpu")
     with pytest.raises(ValueError, match="gradient_accumulation_steps=0"):
         Accelerator(gradient_accumulation_steps=0)
@@ -86,7 +92,11 @@ class _NestedDataset(Dataset[dict]):
         return 4
 
     def __getitem__(self, i: int) -> dict:
-        return {"a": torch.tensor([float(i)]), "b": [torch.tensor(i), (torch.tensor(2 * i),)], "name": f"s{i}"}
+        return {
+            "a": torch.tensor([float(i)]),
+            "b": [torch.tensor(i), (torch.tensor(2 * i),)],
+            "name": f"s{i}",
+        }
 
 
 def test_batches_are_moved_to_device_with_structure_kept() -> None:
@@ -159,13 +169,15 @@ def test_gradient_accumulation_equals_big_batch_and_scheduler_waits() -> None:
         ref_opt.zero_grad()
         F.mse_loss(reference(x[8 * step : 8 * step + 8]), y[8 * step : 8 * step + 8]).backward()
         ref_opt.step()
-    for p, q in zip(model.parameters(), reference.parameters()):
+    for p, q in zip(model.parameters(), reference.parameters(), strict=False):
         torch.testing.assert_close(p, q)
 
 
 def test_accumulation_syncs_at_end_of_dataloader() -> None:
     accelerator, model, optimizer = _setup(gradient_accumulation_steps=4)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=1))
+    model, optimizer, loader = accelerator.prepare(
+        model, optimizer, DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=1)
+    )
     synced = []
     for (xb,) in loader:
         with accelerator.accumulate(model):

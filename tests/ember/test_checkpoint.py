@@ -36,7 +36,9 @@ def _saved(tmp_path: Path) -> tuple[Accelerator, nn.Module, Path]:
     return accelerator, model, accelerator.save_state(tmp_path / "ckpt")
 
 
-def test_checkpoint_is_json_and_safetensors_and_loads_without_pickle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_is_json_and_safetensors_and_loads_without_pickle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     accelerator, model, ckpt = _saved(tmp_path)
     suffixes = {p.suffix for p in ckpt.iterdir()}
     assert suffixes == {".json", ".safetensors"}
@@ -69,7 +71,7 @@ def test_altered_or_truncated_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
         accelerator.load_state(ckpt)
     (ckpt / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="manifest.json is missing"):
+    with pytest.raises(CheckpointError, match=r"manifest\.json is missing"):
         accelerator.load_state(ckpt)
     with pytest.raises(CheckpointError, match="does not exist"):
         accelerator.load_state(tmp_path / "nowhere")
@@ -110,7 +112,9 @@ def test_load_with_different_objects_is_refused(tmp_path: Path) -> None:
 def test_tree_codec_round_trip() -> None:
     state = {
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}, 1: {}},
-        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1], "nesterov": False, "foo": None}],
+        "param_groups": [
+            {"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1], "nesterov": False, "foo": None}
+        ],
         "__tricky__": {"__tensor__": "not a marker"},
         "np": np.arange(3, dtype=np.uint32),
         "inf": math.inf,

@@ -32,8 +32,23 @@ def test_seed_example_runs_with_ember_launch_on_two_processes() -> None:
 
 
 def test_python_dash_m_ember_passes_strategy_and_precision() -> None:
-    result = run_command([PYTHON, "-m", "ember", "launch", "--nproc-per-node", "2", "--precision", "bf16-mixed",
-                          "--strategy", "ddp", EXAMPLE, "--epochs", "1"])
+    result = run_command(
+        [
+            PYTHON,
+            "-m",
+            "ember",
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--precision",
+            "bf16-mixed",
+            "--strategy",
+            "ddp",
+            EXAMPLE,
+            "--epochs",
+            "1",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert "strategy=DDPStrategy, precision=bf16-mixed" in result.stdout
 
@@ -62,23 +77,55 @@ def test_missing_script() -> None:
 
 
 def test_failing_script_returns_nonzero() -> None:
-    result = run_command([EMBER, "launch", "--nproc-per-node", "2", "-m", "ember.no_such_module"], timeout=120)
+    result = run_command(
+        [EMBER, "launch", "--nproc-per-node", "2", "-m", "ember.no_such_module"], timeout=120
+    )
     assert result.returncode == 1
 
 
 def test_torchrun_arguments() -> None:
     parser = _parser()
     single = torchrun_args(parser.parse_args(["launch", "--nproc-per-node", "4", "train.py", "--lr", "1"]))
-    assert single == ["--nproc-per-node=4", "--nnodes=1", "--max-restarts=0", "--standalone", "train.py", "--lr", "1"]
-    multi = torchrun_args(parser.parse_args(["launch", "--nnodes", "2", "--node-rank", "1", "--master-addr", "h",
-                                             "--max-restarts", "3", "train.py"]))
-    assert multi == ["--nproc-per-node=1", "--nnodes=2", "--max-restarts=3", "--node-rank=1", "--master-addr=h",
-                     "--master-port=29500", "train.py"]
+    assert single == [
+        "--nproc-per-node=4",
+        "--nnodes=1",
+        "--max-restarts=0",
+        "--standalone",
+        "train.py",
+        "--lr",
+        "1",
+    ]
+    multi = torchrun_args(
+        parser.parse_args(
+            [
+                "launch",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "1",
+                "--master-addr",
+                "h",
+                "--max-restarts",
+                "3",
+                "train.py",
+            ]
+        )
+    )
+    assert multi == [
+        "--nproc-per-node=1",
+        "--nnodes=2",
+        "--max-restarts=3",
+        "--node-rank=1",
+        "--master-addr=h",
+        "--master-port=29500",
+        "train.py",
+    ]
 
 
 def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
     script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, torch
         from ember import Accelerator
         accelerator = Accelerator()
@@ -86,12 +133,32 @@ def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
         with open({str(tmp_path)!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
             json.dump({{"world": accelerator.num_processes, "local": accelerator.local_process_index,
                         "node": accelerator.strategy.node_rank, "total": total}}, f)
-    """))
+    """)
+    )
     port = str(free_port())
     nodes = [
-        subprocess.Popen([EMBER, "launch", "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
-                          "--master-port", port, "--nproc-per-node", "1", str(script)],
-                         env=base_env(), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                EMBER,
+                "launch",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "--nproc-per-node",
+                "1",
+                str(script),
+            ],
+            env=base_env(),
+            cwd=str(REPO),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in range(2)
     ]
     try:
@@ -101,4 +168,7 @@ def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
             node.kill()
     assert [node.returncode for node in nodes] == [0, 0], outputs
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
-    assert results == [{"world": 2, "local": 0, "node": 0, "total": 1.0}, {"world": 2, "local": 0, "node": 1, "total": 1.0}]
+    assert results == [
+        {"world": 2, "local": 0, "node": 0, "total": 1.0},
+        {"world": 2, "local": 0, "node": 1, "total": 1.0},
+    ]

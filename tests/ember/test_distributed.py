@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
-from workers import check_resume, flat_params, resume_worker
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from workers import check_resume, flat_params, resume_worker
 
 from ember import Accelerator
 
@@ -54,7 +54,9 @@ def test_ddp_gradients_match_single_process_full_batch() -> None:
         for rank in ranks:
             torch.testing.assert_close(torch.tensor(rank["grads"][step]), expected, rtol=1e-6, atol=1e-7)
         optimizer.step()
-    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7
+    )
 
 
 # -- gradient accumulation: no all-reduce on skipped steps, equals one big batch -------------------
@@ -99,16 +101,20 @@ def test_accumulation_skips_allreduce_and_matches_big_batch() -> None:
         optimizer.zero_grad()
         F.mse_loss(model(x[8 * step : 8 * step + 8]), y[8 * step : 8 * step + 8]).backward()
         optimizer.step()
-    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)), rtol=1e-6, atol=1e-7
+    )
 
 
 # -- gather_for_metrics sees every sample exactly once ---------------------------------------------
 def _gather_worker(n: int, batch_size: int, drop_last: bool) -> dict:
     accelerator = Accelerator()
     dataset = TensorDataset(torch.arange(n), torch.arange(n).float().unsqueeze(1) * 10)
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last))
+    loader = accelerator.prepare(
+        DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+    )
     seen, nested, steps = [], [], 0
-    for epoch in range(2):
+    for _epoch in range(2):
         ids_epoch = []
         for ids, values in loader:
             steps += 1
@@ -144,8 +150,14 @@ def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path: Path) -> None:
     full = run_processes(resume_worker, ckpt, "full", nprocs=2)
     first = run_processes(resume_worker, ckpt, "first", nprocs=2)
     resumed = run_processes(resume_worker, ckpt, "resume", nprocs=2)
-    assert full[0]["epoch_len"] == 6  # 44 samples / (4 x 2 ranks) = 5.5 -> 6 even steps; stop_at=7 is mid-epoch 1
+    assert (
+        full[0]["epoch_len"] == 6
+    )  # 44 samples / (4 x 2 ranks) = 5.5 -> 6 even steps; stop_at=7 is mid-epoch 1
     for rank in range(2):
         check_resume(full[rank], first[rank], resumed[rank], stop_at=7)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("rng")) == [
-        "rng_rank0.json", "rng_rank0.safetensors", "rng_rank1.json", "rng_rank1.safetensors"]
+        "rng_rank0.json",
+        "rng_rank0.safetensors",
+        "rng_rank1.json",
+        "rng_rank1.safetensors",
+    ]

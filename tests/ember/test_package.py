@@ -14,14 +14,23 @@ from dist_helpers import PYTHON, REPO, base_env
 
 def test_wheel_installs_only_the_ember_package(tmp_path: Path) -> None:
     dist = tmp_path / "dist"
-    subprocess.run([PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
-                   check=True, env=base_env(), capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(REPO)],
+        check=True,
+        env=base_env(),
+        capture_output=True,
+    )
     (wheel,) = dist.glob("ember-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"ember"}
-    for module in ("ember/trainer/__init__.py", "ember/callbacks/__init__.py", "ember/strategies/ddp.py",
-                   "ember/precision/amp.py", "ember/py.typed"):
+    for module in (
+        "ember/trainer/__init__.py",
+        "ember/callbacks/__init__.py",
+        "ember/strategies/ddp.py",
+        "ember/precision/amp.py",
+        "ember/py.typed",
+    ):
         assert module in names
 
     # A fresh venv with the wheel; torch & co. come from this environment's site-packages through a
@@ -29,8 +38,12 @@ def test_wheel_installs_only_the_ember_package(tmp_path: Path) -> None:
     fresh = tmp_path / "fresh"
     venv.create(fresh, with_pip=False)
     fresh_python = fresh / "bin" / "python"
-    subprocess.run([PYTHON, "-m", "pip", "--python", str(fresh_python), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, env=base_env(), capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "pip", "--python", str(fresh_python), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        env=base_env(),
+        capture_output=True,
+    )
     fresh_site = next((fresh / "lib").glob("python3*/site-packages"))
     (fresh_site / "_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     check = (
@@ -45,8 +58,9 @@ def test_wheel_installs_only_the_ember_package(tmp_path: Path) -> None:
         "        raise SystemExit(f'top-level {name} is importable')\n"
         "print('ok')\n"
     )
-    result = subprocess.run([str(fresh_python), "-c", check], env=base_env(), capture_output=True, text=True,
-                            cwd=str(tmp_path))
+    result = subprocess.run(
+        [str(fresh_python), "-c", check], env=base_env(), capture_output=True, text=True, cwd=str(tmp_path)
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert sys.prefix != str(fresh)

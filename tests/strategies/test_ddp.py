@@ -43,8 +43,12 @@ def _config_worker() -> dict:
     return {
         "find_unused": prepared.find_unused_parameters,  # type: ignore[union-attr]
         "backend": strategy.process_group_backend,
-        "total": total.item(), "mean": mean.item(), "padded": padded.tolist(), "value": value.item(),
-        "share": mine, "first": order[0],
+        "total": total.item(),
+        "mean": mean.item(),
+        "padded": padded.tolist(),
+        "value": value.item(),
+        "share": mine,
+        "first": order[0],
     }
 
 
@@ -60,30 +64,38 @@ def test_ddp_config_and_collectives() -> None:
 
 def test_devices_from_plain_python_starts_the_other_ranks(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, sys, torch
         from ember import Accelerator
         accelerator = Accelerator(devices=2)
         total = accelerator.reduce(torch.tensor([1.0]), "sum").item()
         with open({str(tmp_path)!r} + f"/rank{{accelerator.process_index}}.json", "w") as f:
             json.dump({{"world": accelerator.num_processes, "total": total, "argv": sys.argv[1:]}}, f)
-    """))
+    """)
+    )
     result = run_command([PYTHON, str(script), "--flag"], timeout=120)
     assert result.returncode == 0, result.stderr
     for rank in range(2):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"world": 2, "total": 2.0, "argv": ["--flag"]}
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "world": 2,
+            "total": 2.0,
+            "argv": ["--flag"],
+        }
 
 
 def test_failing_rank_stops_the_job(tmp_path: Path) -> None:
     script = tmp_path / "fail.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import time, torch
         from ember import Accelerator
         accelerator = Accelerator(devices=2)
         if accelerator.process_index == 1:
             raise SystemExit(3)
         time.sleep(300)  # rank 0 would sit here (or in a collective) without the launcher's watch
-    """))
+    """)
+    )
     start = time.monotonic()
     result = run_command([PYTHON, str(script)], timeout=120, env=base_env())
     assert result.returncode == 3

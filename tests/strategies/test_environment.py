@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ember.strategies import STRATEGY_REGISTRY, DDPConfig, DDPStrategy, SingleDeviceStrategy, detect_environment
+from ember.strategies import (
+    STRATEGY_REGISTRY,
+    DDPConfig,
+    DDPStrategy,
+    SingleDeviceStrategy,
+    detect_environment,
+)
 from ember.strategies.base import resolve_strategy
 from ember.strategies.environment import _first_slurm_host, launch_defaults
 
@@ -15,10 +21,18 @@ def test_plain_process() -> None:
 
 
 def test_torchrun_variables() -> None:
-    env = detect_environment({
-        "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-        "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x",
-    })
+    env = detect_environment(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "WORLD_SIZE": "4",
+            "LOCAL_WORLD_SIZE": "2",
+            "GROUP_RANK": "1",
+            "MASTER_ADDR": "10.0.0.1",
+            "MASTER_PORT": "29500",
+            "TORCHELASTIC_RUN_ID": "x",
+        }
+    )
     assert (env.rank, env.local_rank, env.world_size, env.local_world_size, env.node_rank) == (3, 1, 4, 2, 1)
     assert (env.master_addr, env.master_port, env.launched_externally) == ("10.0.0.1", 29500, True)
     assert env.to_env()["RANK"] == "3"
@@ -27,11 +41,25 @@ def test_torchrun_variables() -> None:
 
 
 def test_slurm_variables() -> None:
-    env = detect_environment({
-        "SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
-        "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "1234", "SLURM_JOB_NAME": "train",
-    })
-    assert (env.source, env.rank, env.local_rank, env.world_size, env.local_world_size) == ("slurm", 5, 1, 8, 4)
+    env = detect_environment(
+        {
+            "SLURM_NTASKS": "8",
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_NODEID": "1",
+            "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "gpu[003-004]",
+            "SLURM_JOB_ID": "1234",
+            "SLURM_JOB_NAME": "train",
+        }
+    )
+    assert (env.source, env.rank, env.local_rank, env.world_size, env.local_world_size) == (
+        "slurm",
+        5,
+        1,
+        8,
+        4,
+    )
     assert env.master_addr == "gpu003" and env.master_port == 15000 + 1234
     interactive = detect_environment({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "bash"})
     assert interactive.source == "single"
@@ -40,7 +68,9 @@ def test_slurm_variables() -> None:
 
 def test_launch_defaults() -> None:
     assert launch_defaults({"EMBER_STRATEGY": "ddp", "EMBER_PRECISION": "bf16-mixed"}) == {
-        "strategy": "ddp", "precision": "bf16-mixed"}
+        "strategy": "ddp",
+        "precision": "bf16-mixed",
+    }
 
 
 def test_registry_and_auto() -> None:
@@ -49,7 +79,9 @@ def test_registry_and_auto() -> None:
     assert isinstance(resolve_strategy("auto", world_size=2), DDPStrategy)
     preset = resolve_strategy("ddp_find_unused_parameters_true", world_size=2)
     assert isinstance(preset, DDPStrategy) and preset.config.find_unused_parameters
-    with pytest.raises(ValueError, match=r"strategy='fsdq' is not a known strategy\. Valid choices: 'auto', 'ddp'"):
+    with pytest.raises(
+        ValueError, match=r"strategy='fsdq' is not a known strategy\. Valid choices: 'auto', 'ddp'"
+    ):
         resolve_strategy("fsdq", world_size=1)
     with pytest.raises(TypeError, match="strategy=3"):
         resolve_strategy(3, world_size=1)  # type: ignore[arg-type]
