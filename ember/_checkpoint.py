@@ -220,6 +220,7 @@ def save_model(
             size += nbytes
         directory.mkdir(parents=True, exist_ok=True)
         if len(shards) == 1:
+            written = {"model.safetensors"}
             _atomic_save(shards[0], directory / "model.safetensors")
         else:
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -232,7 +233,15 @@ def save_model(
             tmp = directory / ".model.safetensors.index.json.tmp"
             tmp.write_text(json.dumps(index, indent=2))
             os.replace(tmp, directory / "model.safetensors.index.json")
+            written = {*names, "model.safetensors.index.json"}
+        # Weight files of an earlier save_model with another shard count would confuse loaders.
+        for stale in directory.iterdir():
+            if _WEIGHT_FILE.match(stale.name) and stale.name not in written:
+                stale.unlink()
     strategy.barrier("save_model")
+
+
+_WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:

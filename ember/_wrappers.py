@@ -95,12 +95,22 @@ class PreparedOptimizer(torch.optim.Optimizer):
 
 
 class PreparedScheduler:
-    """Steps the user's LR scheduler only after its optimizer really stepped."""
+    """Steps the user's LR scheduler only after its optimizer really stepped.
+
+    As in 🤗 Accelerate, one call advances the schedule ``steps_per_call`` (= number of processes)
+    times: schedules are usually sized with ``len(dataloader)`` *before* ``prepare`` shards it, and
+    each real step consumes ``num_processes`` of those batches.
+    """
 
     def __init__(
-        self, scheduler: Any, optimizers: list[PreparedOptimizer], gradient_state: GradientState
+        self,
+        scheduler: Any,
+        optimizers: list[PreparedOptimizer],
+        gradient_state: GradientState,
+        steps_per_call: int = 1,
     ) -> None:
         self.scheduler = scheduler
+        self.steps_per_call = steps_per_call
         self._gradient_state = gradient_state
         inner = getattr(scheduler, "optimizer", None)
         self._optimizers = [o for o in optimizers if o.optimizer is inner] or optimizers
@@ -110,7 +120,11 @@ class PreparedScheduler:
             return
         if any(o.step_was_skipped for o in self._optimizers):
             return
-        self.scheduler.step(*args, **kwargs)
+        total = getattr(self.scheduler, "total_steps", None)  # OneCycleLR raises past its end
+        for _ in range(self.steps_per_call):
+            if total is not None and self.scheduler.last_epoch >= total:
+                break
+            self.scheduler.step(*args, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = self.scheduler.state_dict()

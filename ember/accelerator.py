@@ -227,7 +227,9 @@ class Accelerator:
             if isinstance(obj, DataLoader):
                 result[slot] = self._prepare_dataloader(obj)
             elif _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
-                prepared_scheduler = PreparedScheduler(obj, self._objects.optimizers, self._gradient_state)
+                prepared_scheduler = PreparedScheduler(
+                    obj, self._objects.optimizers, self._gradient_state, steps_per_call=self.num_processes
+                )
                 self._objects.schedulers.append(prepared_scheduler)
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)

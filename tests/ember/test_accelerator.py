@@ -251,6 +251,8 @@ def test_save_model_shards_with_index(tmp_path: Path) -> None:
         loaded.update(load_file(str(tmp_path / "sharded" / name)))
     for key, value in model.state_dict().items():
         assert torch.equal(loaded[key], value)
+    accelerator.save_model(model, tmp_path / "sharded")  # re-saving unsharded removes the old shards
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["model.safetensors"]
     with pytest.raises(ValueError, match="max_shard_size='lots'"):
         accelerator.save_model(model, tmp_path / "bad", max_shard_size="lots")
 
@@ -262,3 +264,13 @@ def test_save_model_handles_tied_weights(tmp_path: Path) -> None:
     accelerator.save_model(accelerator.prepare(model), tmp_path)
     loaded = load_file(str(tmp_path / "model.safetensors"))
     assert torch.equal(loaded["0.weight"], loaded["1.weight"])
+
+
+def test_one_cycle_scheduler_never_steps_past_its_end() -> None:
+    accelerator, model, optimizer = _setup()
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=2)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    scheduler.steps_per_call = 3  # as on 3 processes
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.last_epoch == 2  # stopped at total_steps instead of raising

@@ -161,3 +161,23 @@ def test_resume_mid_epoch_is_bit_exact_on_two_ranks(tmp_path: Path) -> None:
         "rng_rank1.json",
         "rng_rank1.safetensors",
     ]
+
+
+def _scheduler_worker() -> dict:
+    model = _model()
+    accelerator = Accelerator()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = DataLoader(_data(), batch_size=2)  # 8 batches before prepare, 4 per rank after
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=len(loader))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    for x, y in loader:
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return {"last_epoch": scheduler.last_epoch, "lr": scheduler.get_last_lr()[0]}
+
+
+def test_scheduler_sized_before_prepare_finishes_with_the_data() -> None:
+    for rank in run_processes(_scheduler_worker, nprocs=2):
+        assert rank == {"last_epoch": 8, "lr": 0.0}  # 4 real steps x 2 processes
