@@ -22,8 +22,8 @@ demo: $(STAMP)
 	$(BIN)/ember launch --nproc-per-node 2 examples/accelerate_loop.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check $(PACKAGES) tests examples benchmarks
-	$(BIN)/ruff format --check $(PACKAGES) tests examples benchmarks
+	$(BIN)/ruff check $(PACKAGES) tests examples $(wildcard benchmarks)
+	$(BIN)/ruff format --check $(PACKAGES) tests examples $(wildcard benchmarks)
 
 # mypy cannot follow setuptools' package-dir mapping, so it checks a tree of links laid out the
 # way the package installs (ember/strategies -> strategies/, ...).
