@@ -63,6 +63,9 @@ class PreparedObjects:
         }
 
 
+_RESERVED = ("model", "optimizer", "scheduler", "precision", "dataloaders", "custom_checkpoint", "rng_rank", "manifest")
+
+
 def _suffix(index: int) -> str:
     return "" if index == 0 else f"_{index}"
 
@@ -83,7 +86,15 @@ def tensors_for_safetensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_state(strategy: Strategy, objects: PreparedObjects, output_dir: str | os.PathLike[str]) -> Path:
+def save_state(
+    strategy: Strategy, objects: PreparedObjects, output_dir: str | os.PathLike[str], extra: dict[str, Any]
+) -> Path:
+    for name in extra:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(_RESERVED):
+            raise ValueError(
+                f"extra state name {name!r} must be lowercase letters, digits and '_' and not start with "
+                + ", ".join(repr(r) for r in _RESERVED)
+            )
     directory = Path(output_dir).absolute()
     check_target(directory)  # every rank checks, so a refusal stops all ranks before any collective
     staging = staging_path(directory)
@@ -111,6 +122,8 @@ def save_state(strategy: Strategy, objects: PreparedObjects, output_dir: str | o
         write_tree(staging, "dataloaders", [loader.state_dict() for loader in objects.dataloaders])
         for i, obj in enumerate(objects.custom):
             write_tree(staging, f"custom_checkpoint_{i}", obj.state_dict())
+        for name, value in extra.items():
+            write_tree(staging, name, value)
     write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state())
     strategy.barrier("save_state:written")
     if writer:
@@ -124,6 +137,7 @@ def save_state(strategy: Strategy, objects: PreparedObjects, output_dir: str | o
                 "strategy": strategy.strategy_name,
                 "world_size": strategy.world_size,
                 "counts": objects.counts(),
+                "extra": sorted(extra),
             },
         )
         finalize_staged(staging, directory)
@@ -131,7 +145,7 @@ def save_state(strategy: Strategy, objects: PreparedObjects, output_dir: str | o
     return directory
 
 
-def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]) -> None:
+def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
     directory = Path(input_dir).absolute()
     manifest = read_manifest(directory)
     saved, current = manifest["counts"], objects.counts()
@@ -163,6 +177,7 @@ def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os
         for loader, state in zip(objects.dataloaders, read_tree(directory, "dataloaders"), strict=True):
             loader.load_state_dict(state)
         set_rng_state(read_tree(directory, f"rng_rank{strategy.global_rank}"))
+    return {name: read_tree(directory, name) for name in manifest.get("extra", [])}
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)

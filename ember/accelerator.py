@@ -15,8 +15,6 @@ optional capabilities by interface. The Trainer drives the same object.
 
 from __future__ import annotations
 
-import builtins
-import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -27,7 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint, _ops
+from ember import _checkpoint
+from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._wrappers import (
     GradientState,
@@ -39,7 +38,7 @@ from ember._wrappers import (
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
-from ember.strategies.base import ReduceOp, check_reduce_op, resolve_strategy
+from ember.strategies.base import resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 
 __all__ = ["Accelerator"]
@@ -75,7 +74,7 @@ def _resolve_devices(devices: int | str, device_type: str, launched_per_node: in
     return devices
 
 
-class Accelerator:
+class Accelerator(ProcessMixin):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
@@ -158,24 +157,8 @@ class Accelerator:
         return self._strategy.root_device
 
     @property
-    def process_index(self) -> int:
-        return self._strategy.global_rank
-
-    @property
     def local_process_index(self) -> int:
         return self._strategy.local_rank
-
-    @property
-    def num_processes(self) -> int:
-        return self._strategy.world_size
-
-    @property
-    def is_main_process(self) -> bool:
-        return self._strategy.is_global_zero
-
-    @property
-    def is_local_main_process(self) -> bool:
-        return self._strategy.is_local_zero
 
     @property
     def sync_gradients(self) -> bool:
@@ -234,15 +217,21 @@ class Accelerator:
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)
 
-    def _prepare_dataloader(self, dataloader: DataLoader[Any]) -> PreparedDataLoader:
+    def prepare_data_loader(self, dataloader: DataLoader[Any], *, shard: bool = True) -> PreparedDataLoader:
+        """Prepare one dataloader; ``shard=False`` keeps every batch on every process (the user shards)."""
+        if not isinstance(dataloader, DataLoader):
+            raise TypeError(f"prepare_data_loader() needs a torch.utils.data.DataLoader, got {type(dataloader).__name__}")
+        return self._prepare_dataloader(dataloader, shard=shard)
+
+    def _prepare_dataloader(self, dataloader: DataLoader[Any], shard: bool = True) -> PreparedDataLoader:
         # The shuffle seed must agree on every rank: rank 0's choice wins.
         seed = self._seed if self._seed is not None else torch.initial_seed() % 2**63
         seed = int(self._strategy.broadcast(torch.tensor([seed], dtype=torch.int64), 0).item())
         loader = PreparedDataLoader(
             dataloader,
             device=self.device,
-            world_size=self.num_processes,
-            rank=self.process_index,
+            world_size=self.num_processes if shard else 1,
+            rank=self.process_index if shard else 0,
             seed=seed,
             even_batches=self._even_batches,
             loop_state=self._gradient_state.loop,
@@ -269,10 +258,16 @@ class Accelerator:
         return nullcontext()
 
     @contextmanager
-    def accumulate(self, *models: nn.Module) -> Iterator[None]:
-        """Mark one micro-step; gradients are synchronized and applied every N-th step and at epoch end."""
+    def accumulate(self, *models: nn.Module, sync: bool | None = None) -> Iterator[None]:
+        """Mark one micro-step; gradients are synchronized and applied every N-th step and at epoch end.
+
+        ``sync`` overrides the count for loops that decide themselves (the Trainer does).
+        """
         state = self._gradient_state
-        if state.loop.end_of_dataloader:
+        if sync is not None:
+            state.micro_step = 0 if sync else state.micro_step + 1
+            state.sync_gradients = sync
+        elif state.loop.end_of_dataloader:
             state.micro_step, state.sync_gradients = 0, True
         else:
             state.micro_step += 1
@@ -298,64 +293,6 @@ class Accelerator:
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
         self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
-
-    # -- collectives --------------------------------------------------------------------------
-    def gather(self, tensor: Any) -> Any:
-        """Concatenate tensors (nested structures too) from all processes along dim 0."""
-        return _ops.gather(self._strategy, tensor)
-
-    def gather_for_metrics(self, input_data: Any) -> Any:
-        """:meth:`gather`, minus the samples duplicated to even out the last batch of a prepared loader."""
-        gathered = _ops.gather(self._strategy, input_data)
-        remainder = self._gradient_state.loop.remainder
-        return gathered if remainder is None else _ops.truncate(gathered, remainder)
-
-    def reduce(self, tensor: Any, reduction: ReduceOp = "sum") -> Any:
-        """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""
-        check_reduce_op(reduction, "reduction")
-        return _ops.reduce(self._strategy, tensor, reduction)
-
-    def pad_across_processes(
-        self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False
-    ) -> Any:
-        return _ops.pad_across_processes(self._strategy, tensor, dim, pad_index, pad_first)
-
-    def broadcast(self, tensor: Any, from_process: int = 0) -> Any:
-        if not 0 <= from_process < self.num_processes:
-            raise ValueError(f"from_process={from_process} must be in [0, {self.num_processes})")
-        return _ops.broadcast(self._strategy, tensor, from_process)
-
-    # -- processes ------------------------------------------------------------------------------
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        """``print`` on the local main process only."""
-        if self.is_local_main_process:
-            builtins.print(*args, **kwargs)
-
-    def wait_for_everyone(self) -> None:
-        self._strategy.barrier("wait_for_everyone")
-
-    @contextmanager
-    def main_process_first(self) -> Iterator[None]:
-        """Run the body on the main process first (e.g. a dataset download), then on the others."""
-        if not self.is_main_process:
-            self.wait_for_everyone()
-        yield
-        if self.is_main_process:
-            self.wait_for_everyone()
-
-    def on_main_process(self, function: F) -> F:
-        """Decorator: the function runs on the main process only (elsewhere it returns None)."""
-
-        @functools.wraps(function)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return function(*args, **kwargs) if self.is_main_process else None
-
-        return wrapper  # type: ignore[return-value]
-
-    @contextmanager
-    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Iterator[Any]:
-        """Yield this process's contiguous share of a list, tuple, dict of sequences or tensor."""
-        yield _ops.split(inputs, self.num_processes, self.process_index, apply_padding)
 
     # -- models and state -----------------------------------------------------------------------
     def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
@@ -383,13 +320,48 @@ class Accelerator:
                 )
             self._objects.custom.append(obj)
 
-    def save_state(self, output_dir: str | os.PathLike[str]) -> Path:
-        """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path."""
-        return _checkpoint.save_state(self._strategy, self._objects, output_dir)
+    def save_state(self, output_dir: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
+        """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
 
-    def load_state(self, input_dir: str | os.PathLike[str]) -> None:
-        """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped."""
-        _checkpoint.load_state(self._strategy, self._objects, input_dir)
+        ``extra`` maps names to further state (dicts of numbers, strings, tensors ...), written by the
+        main process as ``<name>.json`` (+ ``.safetensors``); :meth:`load_state` returns it.
+        """
+        return _checkpoint.save_state(self._strategy, self._objects, output_dir, extra or {})
+
+    def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.
+
+        Returns the ``extra`` state that was saved with it (an empty dict if none).
+        """
+        return _checkpoint.load_state(self._strategy, self._objects, input_dir)
+
+    def free_memory(self) -> None:
+        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`)."""
+        self._objects = _checkpoint.PreparedObjects()
+        self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
+
+    def call_as_forward(self, model: nn.Module, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` (e.g. ``module.training_step``) as the forward pass of the prepared ``model``.
+
+        Strategy wrappers (DDP) only synchronize gradients of computations that went through their
+        ``forward``, and the precision plugin's autocast wraps the forward: this routes a method of the
+        user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
+        """
+        inner = self._strategy.unwrap_module(model)
+        patched = inner.__dict__.get("forward")  # the precision wrapper, if any
+
+        def redirected(*a: Any, **kw: Any) -> Any:
+            # Put the real forward back first: the method usually calls it.
+            _restore_forward(inner, patched)
+            with self.precision.forward_context():
+                a, kw = self.precision.convert_input((a, kw))
+                return self.precision.convert_output(method(*a, **kw))
+
+        inner.forward = redirected  # type: ignore[method-assign]
+        try:
+            return model(*args, **kwargs)
+        finally:
+            _restore_forward(inner, patched)
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         return skip_first_batches(dataloader, num_batches)
@@ -400,6 +372,13 @@ class Accelerator:
 
     def __repr__(self) -> str:
         return f"Accelerator(strategy={self._strategy!r}, precision={self.precision!r})"
+
+
+def _restore_forward(module: nn.Module, patched: Any) -> None:
+    if patched is not None:
+        module.forward = patched  # type: ignore[method-assign]
+    else:
+        module.__dict__.pop("forward", None)
 
 
 def _is_scheduler(obj: Any) -> bool:

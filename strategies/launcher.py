@@ -72,6 +72,8 @@ class SubprocessScriptLauncher:
             )
         threading.Thread(target=self._watch, name="ember-rank-watch", daemon=True).start()
         atexit.register(self._wait)
+        # This process is rank 0 from now on: a second Accelerator (or Trainer) must join, not launch again.
+        os.environ.update(env_for(0).to_env())
         return env_for(0)
 
     def _watch(self) -> None:

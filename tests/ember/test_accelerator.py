@@ -274,3 +274,48 @@ def test_one_cycle_scheduler_never_steps_past_its_end() -> None:
     optimizer.step()
     scheduler.step()
     assert scheduler.last_epoch == 2  # stopped at total_steps instead of raising
+
+
+def test_call_as_forward_routes_a_method_through_the_wrapper() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+        def step(self, x: torch.Tensor) -> torch.Tensor:
+            return self(x).sum()  # calls the real forward
+
+    accelerator = Accelerator(precision="bf16-mixed")
+    net = accelerator.prepare(Net())
+    seen = []
+    net.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    out = accelerator.call_as_forward(net, net.step, torch.ones(1, 2))
+    assert out.dtype == torch.float32 and len(seen) == 2  # the step, then the real forward inside it
+    assert net(torch.ones(1, 2)).shape == (1, 2)  # the real forward is back
+
+
+def test_save_state_extra_round_trip_and_free_memory(tmp_path: Path) -> None:
+    accelerator = Accelerator()
+    accelerator.prepare(nn.Linear(2, 2))
+    accelerator.save_state(tmp_path / "a", extra={"trainer_state": {"step": 3, "t": torch.ones(2)}})
+    extra = accelerator.load_state(tmp_path / "a")
+    assert extra["trainer_state"]["step"] == 3 and extra["trainer_state"]["t"].tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="extra state name 'model_x'"):
+        accelerator.save_state(tmp_path / "b", extra={"model_x": {}})
+    accelerator.free_memory()
+    accelerator.prepare(nn.Linear(2, 2), nn.Linear(2, 2))
+    from ember import CheckpointError
+
+    with pytest.raises(CheckpointError, match="holds 1 models"):
+        accelerator.load_state(tmp_path / "a")
+
+
+def test_prepare_data_loader_without_sharding() -> None:
+    accelerator = Accelerator()
+    loader = accelerator.prepare_data_loader(DataLoader(TensorDataset(torch.arange(4)), batch_size=2), shard=False)
+    assert [b[0].tolist() for b in loader] == [[0, 1], [2, 3]]
+    with pytest.raises(TypeError, match="needs a torch.utils.data.DataLoader, got list"):
+        accelerator.prepare_data_loader([1, 2])  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""The Accelerator's collectives and process helpers (gather, reduce, print, main_process_first ...)."""
+
+from __future__ import annotations
+
+import builtins
+import functools
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import torch
+
+from ember import _ops
+from ember._wrappers import GradientState
+from ember.strategies import Strategy
+from ember.strategies.base import ReduceOp, check_reduce_op
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ProcessMixin:
+    """Communication between the processes of a run; mixed into :class:`~ember.Accelerator`."""
+
+    _strategy: Strategy
+    _gradient_state: GradientState
+
+    @property
+    def num_processes(self) -> int:
+        return self._strategy.world_size
+
+    @property
+    def process_index(self) -> int:
+        return self._strategy.global_rank
+
+    @property
+    def is_main_process(self) -> bool:
+        return self._strategy.is_global_zero
+
+    @property
+    def is_local_main_process(self) -> bool:
+        return self._strategy.is_local_zero
+
+    # -- collectives --------------------------------------------------------------------------
+    def gather(self, tensor: Any) -> Any:
+        """Concatenate tensors (nested structures too) from all processes along dim 0."""
+        return _ops.gather(self._strategy, tensor)
+
+    def gather_for_metrics(self, input_data: Any) -> Any:
+        """:meth:`gather`, minus the samples duplicated to even out the last batch of a prepared loader."""
+        gathered = _ops.gather(self._strategy, input_data)
+        remainder = self._gradient_state.loop.remainder
+        return gathered if remainder is None else _ops.truncate(gathered, remainder)
+
+    def reduce(self, tensor: Any, reduction: ReduceOp = "sum") -> Any:
+        """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""
+        check_reduce_op(reduction, "reduction")
+        return _ops.reduce(self._strategy, tensor, reduction)
+
+    def pad_across_processes(
+        self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False
+    ) -> Any:
+        return _ops.pad_across_processes(self._strategy, tensor, dim, pad_index, pad_first)
+
+    def broadcast(self, tensor: Any, from_process: int = 0) -> Any:
+        if not 0 <= from_process < self.num_processes:
+            raise ValueError(f"from_process={from_process} must be in [0, {self.num_processes})")
+        return _ops.broadcast(self._strategy, tensor, from_process)
+
+    # -- processes ------------------------------------------------------------------------------
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on the local main process only."""
+        if self.is_local_main_process:
+            builtins.print(*args, **kwargs)
+
+    def wait_for_everyone(self) -> None:
+        self._strategy.barrier("wait_for_everyone")
+
+    @contextmanager
+    def main_process_first(self) -> Iterator[None]:
+        """Run the body on the main process first (e.g. a dataset download), then on the others."""
+        if not self.is_main_process:
+            self.wait_for_everyone()
+        yield
+        if self.is_main_process:
+            self.wait_for_everyone()
+
+    def on_main_process(self, function: F) -> F:
+        """Decorator: the function runs on the main process only (elsewhere it returns None)."""
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return function(*args, **kwargs) if self.is_main_process else None
+
+        return wrapper  # type: ignore[return-value]
+
+    @contextmanager
+    def split_between_processes(self, inputs: Any, apply_padding: bool = False) -> Iterator[Any]:
+        """Yield this process's contiguous share of a list, tuple, dict of sequences or tensor."""
+        yield _ops.split(inputs, self.num_processes, self.process_index, apply_padding)
+
+    def broadcast_object(self, obj: Any, from_process: int = 0) -> Any:
+        """Send a JSON-serialisable object (a path, a decision, a dict of numbers) from one process to all.
+
+        Pickle-free: the object travels as UTF-8 JSON in a byte tensor.
+        """
+        payload = json.dumps(obj).encode() if self.process_index == from_process else b""
+        device = self._strategy.root_device
+        length = self._strategy.broadcast(torch.tensor([len(payload)], device=device), from_process)
+        buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+        if self.process_index == from_process:
+            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+        data = self._strategy.broadcast(buffer, from_process)
+        return json.loads(bytes(data.cpu().tolist()).decode())
