@@ -7,7 +7,8 @@ Everything else receives plain values from here. Three sources are understood:
 - SLURM (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, ...) when ``srun`` started the tasks.
 
 ``ember launch`` also passes the user's ``--strategy``/``--precision`` to the script through
-``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them.
+``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them. :func:`running_in_ci`
+reads ``CI`` for the callbacks that draw to the terminal.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["ProcessEnvironment", "detect_environment", "find_free_port", "launch_defaults"]
+__all__ = [
+    "ProcessEnvironment",
+    "detect_environment",
+    "find_free_port",
+    "launch_defaults",
+    "running_in_ci",
+]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
 
@@ -135,6 +142,15 @@ def launch_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if value:
             defaults[key] = value
     return defaults
+
+
+def running_in_ci(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the ``CI`` variable says so (GitHub Actions, GitLab, Buildkite... set ``CI=true``).
+
+    Used to pick plain log lines over live terminal widgets, whose redraws make CI logs unreadable.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def find_free_port() -> int:

@@ -1,0 +1,291 @@
+"""Progress display: a live rich bar in a terminal, plain periodic lines in logs and CI."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+from typing_extensions import override
+
+from ember.callbacks.base import Callback
+from ember.strategies.environment import running_in_ci
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["RichProgressBar"]
+
+
+class _SpeedColumn(ProgressColumn):
+    @override
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text("? it/s" if speed is None else f"{speed:.2f} it/s", style="progress.data.speed")
+
+
+def _format_value(value: float) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    value = float(value)
+    return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return "  ".join(f"{name}={_format_value(value)}" for name, value in metrics.items())
+
+
+def _finite(total: float) -> int | None:
+    return int(total) if math.isfinite(total) else None
+
+
+class RichProgressBar(Callback):
+    """Show training and evaluation progress on global rank 0.
+
+    In an interactive terminal (and not under CI, see ``CI``) it draws a rich progress bar per
+    stage: ``Epoch N`` with batches done/total, speed, elapsed time, ETA and
+    ``trainer.progress_bar_metrics``, plus a bar for validation, test and prediction. Otherwise it
+    prints one plain line every ``plain_every_n_batches`` training batches and one per epoch, e.g.
+    ``epoch 0  step 40/63  12.3 it/s  loss=0.4312``, which reads well in log files.
+
+    The bar is redrawn every ``refresh_rate`` batches (``0`` turns the callback off). The metrics are
+    read only when a bar or line is drawn, because reading them converts tensors to Python floats,
+    a device synchronization each time.
+
+    Example::
+
+        trainer = Trainer(callbacks=[RichProgressBar(refresh_rate=10, leave=True)])
+    """
+
+    def __init__(
+        self,
+        refresh_rate: int = 1,
+        leave: bool = False,
+        plain_every_n_batches: int = 50,
+        *,
+        console: Console | None = None,
+    ) -> None:
+        if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
+            raise ValueError(f"RichProgressBar(refresh_rate={refresh_rate!r}) must be an int >= 0 (0: off)")
+        if not isinstance(plain_every_n_batches, int) or plain_every_n_batches < 1:
+            raise ValueError(
+                f"RichProgressBar(plain_every_n_batches={plain_every_n_batches!r}) must be an int >= 1"
+            )
+        self._refresh_rate = refresh_rate
+        self._leave = leave
+        self._plain_every = plain_every_n_batches
+        self._console = console  # None: a default Console, created when first needed
+        self._rich: bool | None = None  # decided once, on first use
+        self._stage = "fit"
+        self._progress: Progress | None = None
+        self._train_task: TaskID | None = None
+        self._eval_task: TaskID | None = None
+        self._train_done = 0
+        self._eval_done = 0
+        # time.monotonic() when the epoch / the evaluation started, for the rate on plain lines.
+        self._train_started = 0.0
+        self._eval_started = 0.0
+
+    def _active(self, trainer: Trainer) -> bool:
+        return self._refresh_rate > 0 and trainer.is_global_zero
+
+    def _use_rich(self) -> bool:
+        if self._rich is None:
+            if self._console is None:
+                self._console = Console()
+            self._rich = self._console.is_terminal and not running_in_ci()
+        return self._rich
+
+    def _live(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                _SpeedColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[metrics]}", markup=False),
+                console=self._console,
+            )
+            self._progress.start()
+        return self._progress
+
+    def _stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        self._progress, self._train_task, self._eval_task = None, None, None
+
+    def _due(self, done: int, total: int | None) -> bool:
+        return done % self._refresh_rate == 0 or done == total
+
+    def _plain_line(
+        self, head: str, done: int, total: int | None, started: float, metrics: dict[str, float]
+    ) -> None:
+        elapsed = time.monotonic() - started
+        rate = f"{done / elapsed:.1f} it/s" if elapsed > 0 else "? it/s"
+        parts = [head, f"step {done}/{'?' if total is None else total}", rate]
+        if metrics:
+            parts.append(_format_metrics(metrics))
+        print("  ".join(parts), flush=True)
+
+    # -- lifetime of the display ----------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        self._stage = stage
+
+    @override
+    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        self._stop()
+
+    @override
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        self._stop()
+
+    # -- training -------------------------------------------------------------------------------
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        if not self._active(trainer):
+            return
+        self._train_done, self._train_started = 0, time.monotonic()
+        if not self._use_rich():
+            return
+        progress, total = self._live(), _finite(trainer.num_training_batches)
+        description = f"Epoch {trainer.current_epoch}"
+        if self._train_task is None or self._leave:  # leave: a new bar per epoch, old ones stay
+            self._train_task = progress.add_task(description, total=total, metrics="")
+        else:
+            progress.reset(self._train_task, total=total, description=description, metrics="")
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active(trainer):
+            return
+        self._train_done = done = batch_idx + 1
+        total = _finite(trainer.num_training_batches)
+        if self._use_rich():
+            if self._train_task is not None and self._due(done, total):
+                metrics = _format_metrics(trainer.progress_bar_metrics)
+                self._live().update(self._train_task, completed=done, metrics=metrics)
+        elif done % self._plain_every == 0 and done != total:  # the last batch gets the epoch line
+            head = f"epoch {trainer.current_epoch}"
+            self._plain_line(head, done, total, self._train_started, trainer.progress_bar_metrics)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if not self._active(trainer):
+            return
+        total = _finite(trainer.num_training_batches)
+        if not self._use_rich():
+            head = f"epoch {trainer.current_epoch}"
+            self._plain_line(head, self._train_done, total, self._train_started, trainer.progress_bar_metrics)
+        elif self._train_task is not None:  # epoch-end metrics (validation results among them)
+            metrics = _format_metrics(trainer.progress_bar_metrics)
+            self._live().update(self._train_task, completed=self._train_done, metrics=metrics)
+
+    # -- evaluation: validation, test, prediction share one bar ---------------------------------
+    def _eval_start(self, trainer: Trainer, description: str, total: int | None) -> None:
+        if not self._active(trainer):
+            return
+        self._eval_done, self._eval_started = 0, time.monotonic()
+        if self._use_rich():
+            self._eval_task = self._live().add_task(description, total=total, metrics="")
+
+    def _eval_batch_end(self, trainer: Trainer, total: int | None) -> None:
+        if not self._active(trainer):
+            return
+        self._eval_done += 1
+        if self._eval_task is not None and self._due(self._eval_done, total):
+            self._live().update(self._eval_task, completed=self._eval_done)
+
+    def _eval_end(self, trainer: Trainer, head: str, total: int | None) -> None:
+        if not self._active(trainer):
+            return
+        if self._eval_task is not None:
+            # Inside fit the validation bar makes room for the next epoch unless asked to stay.
+            if self._stage == "fit" and not self._leave:
+                self._live().remove_task(self._eval_task)
+            self._eval_task = None
+        elif self._stage != "fit" and not self._use_rich():
+            # During fit the epoch line reports validation results; standalone runs get their own.
+            self._plain_line(head, self._eval_done, total, self._eval_started, trainer.progress_bar_metrics)
+
+    def _val_total(self, trainer: Trainer) -> int | None:
+        return None if trainer.sanity_checking else _finite(float(sum(trainer.num_val_batches)))
+
+    @override
+    def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
+        description = "Sanity checking" if trainer.sanity_checking else "Validation"
+        self._eval_start(trainer, description, self._val_total(trainer))
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, self._val_total(trainer))
+
+    @override
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        self._eval_end(trainer, "validation", self._val_total(trainer))
+
+    @override
+    def on_test_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._eval_start(trainer, "Testing", None)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, None)
+
+    @override
+    def on_test_end(self, trainer: Trainer, module: TrainModule) -> None:
+        self._eval_end(trainer, "test", None)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._eval_start(trainer, "Predicting", None)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._eval_batch_end(trainer, None)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None:
+        self._eval_end(trainer, "predict", None)
