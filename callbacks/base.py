@@ -55,7 +55,9 @@ class Callback:
     def on_train_end(self, trainer: Trainer, module: TrainModule) -> None: ...
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None: ...
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None: ...
-    def on_train_batch_start(self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int) -> None: ...
+    def on_train_batch_start(
+        self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int
+    ) -> None: ...
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None: ...
@@ -74,7 +76,13 @@ class Callback:
         self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None: ...
     def on_validation_batch_end(
-        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None: ...
     def on_test_start(self, trainer: Trainer, module: TrainModule) -> None: ...
     def on_test_end(self, trainer: Trainer, module: TrainModule) -> None: ...
@@ -84,7 +92,13 @@ class Callback:
         self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None: ...
     def on_test_batch_end(
-        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None: ...
     def on_predict_start(self, trainer: Trainer, module: TrainModule) -> None: ...
     def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None: ...
@@ -94,12 +108,22 @@ class Callback:
         self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None: ...
     def on_predict_batch_end(
-        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: Trainer,
+        module: TrainModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None: ...
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]) -> None: ...
-    def on_load_checkpoint(self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]) -> None: ...
+    def on_save_checkpoint(
+        self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]
+    ) -> None: ...
+    def on_load_checkpoint(
+        self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]
+    ) -> None: ...
 
     def state_dict(self) -> dict[str, Any]:
         """State saved in checkpoints (JSON-able values and tensors). Empty: nothing is saved."""

@@ -11,13 +11,19 @@ from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.strategies.checkpoint_io import CheckpointError
+from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainModule
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
 
 __all__ = [
     "Accelerator",
+    "CSVLogger",
     "CheckpointError",
+    "DataModule",
+    "Logger",
     "PreparedDataLoader",
+    "TrainModule",
+    "Trainer",
     "__version__",
     "seed_everything",
     "set_seed",

@@ -63,7 +63,16 @@ class PreparedObjects:
         }
 
 
-_RESERVED = ("model", "optimizer", "scheduler", "precision", "dataloaders", "custom_checkpoint", "rng_rank", "manifest")
+_RESERVED = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "precision",
+    "dataloaders",
+    "custom_checkpoint",
+    "rng_rank",
+    "manifest",
+)
 
 
 def _suffix(index: int) -> str:
@@ -145,7 +154,9 @@ def save_state(
     return directory
 
 
-def load_state(strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def load_state(
+    strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
     directory = Path(input_dir).absolute()
     manifest = read_manifest(directory)
     saved, current = manifest["counts"], objects.counts()

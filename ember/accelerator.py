@@ -220,7 +220,9 @@ class Accelerator(ProcessMixin):
     def prepare_data_loader(self, dataloader: DataLoader[Any], *, shard: bool = True) -> PreparedDataLoader:
         """Prepare one dataloader; ``shard=False`` keeps every batch on every process (the user shards)."""
         if not isinstance(dataloader, DataLoader):
-            raise TypeError(f"prepare_data_loader() needs a torch.utils.data.DataLoader, got {type(dataloader).__name__}")
+            raise TypeError(
+                f"prepare_data_loader() needs a torch.utils.data.DataLoader, got {type(dataloader).__name__}"
+            )
         return self._prepare_dataloader(dataloader, shard=shard)
 
     def _prepare_dataloader(self, dataloader: DataLoader[Any], shard: bool = True) -> PreparedDataLoader:
@@ -281,6 +283,11 @@ class Accelerator(ProcessMixin):
     def autocast(self) -> AbstractContextManager[Any]:
         """The precision plugin's forward context (autocast for the mixed precisions)."""
         return self.precision.forward_context()
+
+    def unscale_gradients(self) -> None:
+        """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step."""
+        for optimizer in self._inner_optimizers():
+            self.precision.unscale_gradients(optimizer)
 
     def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
         return [o.optimizer for o in self._objects.optimizers] if self.sync_gradients else []

@@ -1,1 +1,8 @@
-"""The Trainer layer (``TrainModule``, ``Trainer``): built on :class:`ember.Accelerator`."""
+"""The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
+
+from ember.trainer.loggers import CSVLogger, Logger
+from ember.trainer.module import DataModule, TrainModule
+from ember.trainer.optim import LRSchedulerConfig
+from ember.trainer.trainer import Trainer
+
+__all__ = ["CSVLogger", "DataModule", "LRSchedulerConfig", "Logger", "TrainModule", "Trainer"]

@@ -315,7 +315,9 @@ def test_save_state_extra_round_trip_and_free_memory(tmp_path: Path) -> None:
 
 def test_prepare_data_loader_without_sharding() -> None:
     accelerator = Accelerator()
-    loader = accelerator.prepare_data_loader(DataLoader(TensorDataset(torch.arange(4)), batch_size=2), shard=False)
+    loader = accelerator.prepare_data_loader(
+        DataLoader(TensorDataset(torch.arange(4)), batch_size=2), shard=False
+    )
     assert [b[0].tolist() for b in loader] == [[0, 1], [2, 3]]
-    with pytest.raises(TypeError, match="needs a torch.utils.data.DataLoader, got list"):
+    with pytest.raises(TypeError, match=r"needs a torch\.utils\.data\.DataLoader, got list"):
         accelerator.prepare_data_loader([1, 2])  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""``EarlyStopping``: stop the fit when a monitored metric stops improving."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from typing_extensions import override
+
+from ember.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["EarlyStopping"]
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` checks.
+
+    Checked after each validation run, or at each training epoch end when there is no validation.
+    Also stops at once when the value reaches ``stopping_threshold``, passes
+    ``divergence_threshold``, or (with ``check_finite``) becomes NaN/inf.
+
+    Example::
+
+        EarlyStopping(monitor="val_loss", mode="min", patience=3, min_delta=1e-3)
+    """
+
+    monitoring = True
+
+    def __init__(
+        self,
+        monitor: str,
+        min_delta: float = 0.0,
+        patience: int = 3,
+        mode: str = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        verbose: bool = False,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"EarlyStopping(mode={mode!r}): valid choices are 'min', 'max'")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"EarlyStopping(patience={patience!r}) must be an int >= 0")
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+        self.min_delta = abs(min_delta)
+        self.strict, self.check_finite, self.verbose = strict, check_finite, verbose
+        self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
+        self.wait_count = 0
+        self.stopped_epoch = -1
+        self.best_score = math.inf if mode == "min" else -math.inf
+        self.stop_reason = ""
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return f"EarlyStopping[monitor={self.monitor},mode={self.mode}]"
+
+    @override
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if trainer.stage == "fit" and not trainer.sanity_checking:
+            self._check(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if not trainer.val_dataloaders:
+            self._check(trainer)
+
+    def _improved(self, current: float) -> bool:
+        if self.mode == "min":
+            return current < self.best_score - self.min_delta
+        return current > self.best_score + self.min_delta
+
+    def _decide(self, current: float) -> str:
+        """The reason to stop now, or "" to go on; updates the patience counter."""
+        better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
+        if self.check_finite and not math.isfinite(current):
+            return f"{self.monitor} = {current} is not finite"
+        if self.stopping_threshold is not None and (
+            better(current, self.stopping_threshold) or current == self.stopping_threshold
+        ):
+            return f"{self.monitor} = {current} reached stopping_threshold={self.stopping_threshold}"
+        if self.divergence_threshold is not None and better(self.divergence_threshold, current):
+            return (
+                f"{self.monitor} = {current} diverged past divergence_threshold={self.divergence_threshold}"
+            )
+        if self._improved(current):
+            self.best_score, self.wait_count = current, 0
+            return ""
+        self.wait_count += 1
+        if self.wait_count >= self.patience:
+            return f"{self.monitor} did not improve in {self.wait_count} checks (best {self.best_score})"
+        return ""
+
+    def _check(self, trainer: Trainer) -> None:
+        if self.monitor not in trainer.callback_metrics:
+            if self.strict:
+                raise KeyError(
+                    f"EarlyStopping(monitor={self.monitor!r}) could not find {self.monitor!r} in the logged metrics: "
+                    f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) or fix the name."
+                )
+            return
+        reason = self._decide(float(trainer.callback_metrics[self.monitor]))
+        # Every process must stop together: stop if any process wants to.
+        stop = trainer.accelerator.reduce(torch.tensor([float(bool(reason))]), "max").item() > 0
+        if stop:
+            trainer.should_stop = True
+            self.stopped_epoch = trainer.current_epoch
+            self.stop_reason = reason or "another process asked to stop"
+            if self.verbose and trainer.is_global_zero:
+                print(
+                    f"EarlyStopping: {self.stop_reason}; stopping at epoch {trainer.current_epoch}",
+                    flush=True,
+                )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch, "best_score": self.best_score,
+                "patience": self.patience}  # fmt: skip
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait_count = state_dict["wait_count"]
+        self.stopped_epoch = state_dict["stopped_epoch"]
+        self.best_score = state_dict["best_score"]

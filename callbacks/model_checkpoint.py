@@ -1,0 +1,219 @@
+"""``ModelCheckpoint``: save checkpoints periodically, keep the best ``save_top_k`` and a ``last``."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import override
+
+from ember.callbacks.base import Callback
+from ember.strategies.checkpoint_io import MANIFEST
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["ModelCheckpoint"]
+
+_FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
+
+
+class ModelCheckpoint(Callback):
+    """Save the fit's state as checkpoint directories named from a template.
+
+    By default a checkpoint is saved after each epoch's validation (or at the end of each
+    training epoch without validation) in ``<default_root_dir>/checkpoints``, keeping the newest
+    one. With ``monitor``, the ``save_top_k`` best by that metric are kept.
+
+    Example::
+
+        ModelCheckpoint(monitor="val_loss", mode="min", save_top_k=2, save_last=True,
+                        filename="{epoch}-{step}-{val_loss:.3f}")  # -> epoch=3-step=400-val_loss=0.123
+    """
+
+    monitoring = True
+    last_name = "last"
+
+    def __init__(
+        self,
+        dirpath: str | Path | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        mode: str = "min",
+        save_top_k: int = 1,
+        save_last: bool | None = None,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        auto_insert_metric_name: bool = True,
+    ) -> None:
+        if mode not in ("min", "max"):
+            raise ValueError(f"ModelCheckpoint(mode={mode!r}): valid choices are 'min', 'max'")
+        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+            raise ValueError(
+                f"ModelCheckpoint(save_top_k={save_top_k!r}) must be -1 (all), 0 (none) or a positive int"
+            )
+        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ModelCheckpoint({name}={value!r}) must be None or an int >= 1")
+        if monitor is None and save_top_k > 1:
+            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
+        self.dirpath = str(dirpath) if dirpath is not None else None
+        self.filename = filename or "{epoch}-{step}"
+        self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = (
+            every_n_epochs if every_n_epochs is not None else (None if every_n_train_steps else 1)
+        )
+        self.auto_insert_metric_name = auto_insert_metric_name
+        self.best_k_models: dict[str, float] = {}
+        self.best_model_path = ""
+        self.best_model_score: float | None = None
+        self.last_model_path = ""
+        self._last_step_saved = -1
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return f"ModelCheckpoint[monitor={self.monitor},mode={self.mode},every_n_train_steps={self.every_n_train_steps},every_n_epochs={self.every_n_epochs}]"
+
+    def resolved_dirpath(self, trainer: Trainer) -> str:
+        return self.dirpath or str(Path(trainer.default_root_dir) / "checkpoints")
+
+    # -- when --------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0 and trainer.global_step != self._last_step_saved:
+            self._save(trainer)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self._epoch_due(trainer) and trainer.stage == "fit" and not trainer.sanity_checking:
+            self._save(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self._epoch_due(trainer) and not trainer.val_dataloaders:
+            self._save(trainer)
+
+    def _epoch_due(self, trainer: Trainer) -> bool:
+        n = self.every_n_epochs
+        if n is None or trainer.global_step == self._last_step_saved:
+            return False
+        return (trainer.current_epoch + 1) % n == 0
+
+    # -- what --------------------------------------------------------------------------------------
+    def format_name(self, metrics: dict[str, float], epoch: int, step: int) -> str:
+        values = {"epoch": epoch, "step": step, **metrics}
+
+        def field(match: re.Match[str]) -> str:
+            name, spec = match.group(1), (match.group(2) or ":")[1:]
+            if name not in values:
+                raise KeyError(
+                    f"ModelCheckpoint(filename={self.filename!r}) uses {name!r}, which was not logged. "
+                    f"Logged metrics: {sorted(metrics)}"
+                )
+            text = format(values[name], spec)
+            return f"{name}={text}" if self.auto_insert_metric_name else text
+
+        return _FIELD.sub(field, self.filename).replace("/", "_")
+
+    def _score(self, trainer: Trainer) -> float | None:
+        if self.monitor is None:
+            return None
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(
+                f"ModelCheckpoint(monitor={self.monitor!r}) could not find {self.monitor!r} in the logged metrics: "
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) or fix the name."
+            )
+        return float(trainer.callback_metrics[self.monitor])
+
+    def _better(self, a: float, b: float) -> bool:
+        return a < b if self.mode == "min" else a > b
+
+    def _plan(self, trainer: Trainer) -> dict[str, Any]:
+        """Rank 0 decides what to write and remove; the decision is broadcast so every rank agrees."""
+        score = self._score(trainer)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        directory = Path(self.resolved_dirpath(trainer))
+        plan: dict[str, Any] = {"save": None, "remove": [], "last": None, "score": score}
+        keep_it = self.save_top_k == -1 or (
+            self.save_top_k > 0
+            and (
+                score is None
+                or len(self.best_k_models) < self.save_top_k
+                or self._better(score, self._worst()[1])
+            )
+        )
+        if keep_it and not (score is not None and math.isnan(score)):
+            name = self.format_name(metrics, trainer.current_epoch, trainer.global_step)
+            path = directory / name
+            version = 0
+            while str(path) in self.best_k_models or (path.exists() and not (path / MANIFEST).exists()):
+                version += 1
+                path = directory / f"{name}-v{version}"
+            plan["save"] = str(path)
+        if self.save_last:
+            plan["last"] = str(directory / self.last_name)
+        return plan
+
+    def _worst(self) -> tuple[str, float]:
+        pick = max if self.mode == "min" else min
+        path = pick(self.best_k_models, key=lambda p: self.best_k_models[p])
+        return path, self.best_k_models[path]
+
+    def _save(self, trainer: Trainer) -> None:
+        plan = trainer.accelerator.broadcast_object(self._plan(trainer) if trainer.is_global_zero else None)
+        self._last_step_saved = trainer.global_step
+        if plan["save"] is not None:
+            path, score = plan["save"], plan["score"]
+            removed: list[str] = []
+            if score is None and self.save_top_k != -1:
+                removed = list(self.best_k_models)  # no monitor: keep only the newest
+                self.best_k_models = {}
+            self.best_k_models[path] = score if score is not None else float(trainer.global_step)
+            if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
+                worst, _ = self._worst()
+                del self.best_k_models[worst]
+                removed.append(worst)
+            best = (min if self.mode == "min" else max)(
+                self.best_k_models, key=lambda p: self.best_k_models[p]
+            )
+            self.best_model_path = best
+            self.best_model_score = self.best_k_models[best] if score is not None else None
+            trainer.save_checkpoint(path)  # after updating our state, so the checkpoint includes it
+            if trainer.is_global_zero:
+                for old in removed:
+                    if old != path and (Path(old) / MANIFEST).exists():
+                        shutil.rmtree(old)
+        if plan["last"] is not None:
+            self.last_model_path = plan["last"]
+            trainer.save_checkpoint(plan["last"])
+
+    # -- state -------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_k_models": dict(self.best_k_models),
+            "best_model_path": self.best_model_path,
+            "best_model_score": self.best_model_score,
+            "last_model_path": self.last_model_path,
+            "last_step_saved": self._last_step_saved,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_k_models = dict(state_dict["best_k_models"])
+        self.best_model_path = state_dict["best_model_path"]
+        self.best_model_score = state_dict["best_model_score"]
+        self.last_model_path = state_dict["last_model_path"]
+        self._last_step_saved = state_dict["last_step_saved"]
+
+    def __repr__(self) -> str:
+        return f"ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, save_top_k={self.save_top_k})"

@@ -1,0 +1,127 @@
+"""Trainer checkpoints: the Accelerator's pickle-free directory plus ``trainer_state.json``.
+
+``trainer_state`` holds the loop counters, callback states, hyper-parameters, the running epoch
+aggregates of ``self.log`` (with torchmetrics states) and the loggers' positions; whatever
+``on_save_checkpoint`` hooks add to it comes back in ``on_load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors.torch import load_file
+
+from ember.callbacks.base import Callback
+from ember.strategies.checkpoint_io import CheckpointError, read_manifest
+from ember.trainer.hooks import call_hook
+
+if TYPE_CHECKING:
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["check_callbacks", "default_callbacks", "load_weights", "resolve_path", "restore", "save"]
+
+STATE = "trainer_state"
+
+
+def save(trainer: Trainer, path: str | os.PathLike[str]) -> Path:
+    module = trainer.module
+    for logger in trainer.loggers if trainer.is_global_zero else []:
+        logger.save()  # the rows written so far belong to this checkpoint
+    checkpoint: dict[str, Any] = {
+        "loop": trainer.state.state_dict(),
+        "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
+        "hyper_parameters": module._serializable_hparams(),
+        "metrics": trainer._metrics.state_dict(module),
+        "loggers": [logger.state_dict() for logger in trainer.loggers] if trainer.is_global_zero else [],
+    }
+    call_hook(trainer, "on_save_checkpoint", checkpoint)
+    return trainer.accelerator.save_state(path, extra={STATE: checkpoint})
+
+
+def restore(trainer: Trainer, path: Path) -> None:
+    """Everything: weights, optimizers, schedulers, scaler, RNG, dataloader positions, loop and callbacks."""
+    extra = trainer.accelerator.load_state(path)
+    if STATE not in extra:
+        raise CheckpointError(
+            f"{str(path)!r} was written by Accelerator.save_state, not by a Trainer (no {STATE})"
+        )
+    checkpoint = extra[STATE]
+    trainer.state.load_state_dict(checkpoint["loop"])
+    for callback in trainer.callbacks:
+        if callback.state_key in checkpoint["callbacks"]:
+            callback.load_state_dict(checkpoint["callbacks"][callback.state_key])
+    trainer._metrics.load_state_dict(checkpoint["metrics"], trainer.module)
+    if trainer.is_global_zero:
+        for logger, state in zip(trainer.loggers, checkpoint["loggers"], strict=False):
+            logger.load_state_dict(state)
+    call_hook(trainer, "on_load_checkpoint", checkpoint)
+
+
+def load_weights(trainer: Trainer, path: Path) -> None:
+    """Only the model weights (for validate/test/predict with ``ckpt_path``)."""
+    read_manifest(path)
+    assert trainer._model is not None
+    trainer.strategy.load_module_state_dict(trainer._model, load_file(str(path / "model.safetensors")))
+
+
+def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
+    """A checkpoint directory, or ``"last"`` / ``"best"`` of the Trainer's ModelCheckpoint."""
+    if ckpt_path in ("last", "best"):
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            raise ValueError(
+                f"ckpt_path={ckpt_path!r} needs a ModelCheckpoint callback to find the checkpoint"
+            )
+        found = callback.last_model_path if ckpt_path == "last" else callback.best_model_path
+        if not found and ckpt_path == "last":
+            candidate = Path(callback.resolved_dirpath(trainer)) / callback.last_name
+            found = str(candidate) if candidate.exists() else ""
+        if not found:
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
+            )
+        ckpt_path = found
+    path = Path(ckpt_path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist (a checkpoint is a directory)")
+    read_manifest(path, verify=False)
+    return path
+
+
+def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callback]:
+    """The user's callbacks plus the defaults the Trainer's flags ask for."""
+    from ember.callbacks.model_checkpoint import ModelCheckpoint
+    from ember.callbacks.model_summary import ModelSummary
+    from ember.callbacks.progress import RichProgressBar
+    from ember.callbacks.timer import Timer
+
+    config = trainer.config
+    result = check_callbacks(callbacks)
+    kinds = {type(c) for c in result}
+    has = lambda cls: any(issubclass(k, cls) for k in kinds)  # noqa: E731
+    if has(ModelCheckpoint) and not config.enable_checkpointing:
+        raise ValueError("a ModelCheckpoint callback was given, but enable_checkpointing=False")
+    if config.enable_checkpointing and not config.fast_dev_run and not has(ModelCheckpoint):
+        result.append(ModelCheckpoint())
+    if config.enable_progress_bar and not has(RichProgressBar):
+        result.append(RichProgressBar())
+    if config.enable_model_summary and not config.fast_dev_run and not has(ModelSummary):
+        result.append(ModelSummary())
+    if config.duration is not None and not has(Timer):
+        result.append(Timer(duration=config.duration, interval="step"))
+    return check_callbacks(result)
+
+
+def check_callbacks(callbacks: list[Any]) -> list[Callback]:
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks must be ember.callbacks.Callback instances, got {type(callback).__name__}"
+            )
+    keys = [c.state_key for c in callbacks]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise ValueError(f"callbacks with the same state_key {duplicates}: give them different arguments")
+    return list(callbacks)

@@ -1,0 +1,149 @@
+"""The Trainer's arguments, validated in one place before anything starts."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["TrainerConfig", "parse_duration", "resolve_limit"]
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+
+
+def _limit(name: str, value: Any) -> None:
+    ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or (
+        isinstance(value, float) and 0.0 <= value <= 1.0
+    )
+    if not ok:
+        raise ValueError(
+            f"{name}={value!r} must be an int >= 0 (a number of batches) or a float in [0.0, 1.0] (a fraction)"
+        )
+
+
+def parse_duration(value: str | timedelta | dict[str, int]) -> timedelta:
+    """``"DD:HH:MM:SS"``, a :class:`~datetime.timedelta`, or ``timedelta`` keywords as a dict."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, dict):
+        try:
+            return timedelta(**value)
+        except TypeError as err:
+            raise ValueError(f"max_time={value!r}: {err}") from None
+    if isinstance(value, str) and re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", value):
+        days, hours, minutes, seconds = (int(p) for p in value.split(":"))
+        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    raise ValueError(
+        f"max_time={value!r} must be 'DD:HH:MM:SS', a datetime.timedelta, or a dict such as {{'hours': 2}}"
+    )
+
+
+def resolve_limit(limit: int | float, available: int | float) -> int | float:
+    """Batches to run: an int is a count, a float a fraction of ``available`` (which may be infinite)."""
+    if isinstance(limit, int):
+        return min(limit, available)
+    if math.isinf(available):
+        return available if limit == 1.0 else 0
+    return int(available * limit) if limit < 1.0 else available
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainerConfig:
+    accelerator: str = "auto"
+    strategy: Any = "auto"
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int | None = None
+    max_steps: int = -1
+    max_time: str | timedelta | dict[str, int] | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_clip_algorithm: str = "norm"
+    val_check_interval: int | float = 1.0
+    check_val_every_n_epoch: int | None = 1
+    limit_train_batches: int | float = 1.0
+    limit_val_batches: int | float = 1.0
+    limit_test_batches: int | float = 1.0
+    limit_predict_batches: int | float = 1.0
+    num_sanity_val_steps: int = 2
+    fast_dev_run: bool | int = False
+    log_every_n_steps: int = 50
+    callbacks: list[Any] | Any | None = None
+    logger: Any = True
+    enable_checkpointing: bool = True
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    default_root_dir: str | os.PathLike[str] | None = None
+    deterministic: bool | str = False
+    detect_anomaly: bool = False
+    use_distributed_sampler: bool = True
+    seed: int | None = None
+    duration: timedelta | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        _int("num_nodes", self.num_nodes, 1)
+        if self.max_epochs is not None:
+            _int("max_epochs", self.max_epochs, -1)
+        _int("max_steps", self.max_steps, -1)
+        _int("accumulate_grad_batches", self.accumulate_grad_batches, 1)
+        if self.gradient_clip_val is not None and (
+            isinstance(self.gradient_clip_val, bool)
+            or not isinstance(self.gradient_clip_val, (int, float))
+            or self.gradient_clip_val < 0
+        ):
+            raise ValueError(f"gradient_clip_val={self.gradient_clip_val!r} must be None or a number >= 0")
+        if self.gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}. Valid choices: 'norm', 'value'"
+            )
+        interval = self.val_check_interval
+        if isinstance(interval, bool) or not (
+            (isinstance(interval, int) and interval >= 1)
+            or (isinstance(interval, float) and 0.0 < interval <= 1.0)
+        ):
+            raise ValueError(
+                f"val_check_interval={interval!r} must be an int >= 1 (every N training batches) "
+                "or a float in (0.0, 1.0] (a fraction of the epoch)"
+            )
+        if self.check_val_every_n_epoch is not None:
+            _int("check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
+        for name in (
+            "limit_train_batches",
+            "limit_val_batches",
+            "limit_test_batches",
+            "limit_predict_batches",
+        ):
+            _limit(name, getattr(self, name))
+        _int("num_sanity_val_steps", self.num_sanity_val_steps, -1)
+        _int("log_every_n_steps", self.log_every_n_steps, 1)
+        if not isinstance(self.fast_dev_run, bool):
+            _int("fast_dev_run", self.fast_dev_run, 0)
+        if self.deterministic not in (True, False, "warn"):
+            raise ValueError(f"deterministic={self.deterministic!r}. Valid choices: True, False, 'warn'")
+        if self.max_time is not None:
+            self.duration = parse_duration(self.max_time)
+        if self.fast_dev_run:
+            batches = 1 if self.fast_dev_run is True else int(self.fast_dev_run)
+            self.max_epochs, self.max_steps, self.num_sanity_val_steps = 1, batches, 0
+            self.limit_train_batches = self.limit_val_batches = batches
+            self.limit_test_batches = self.limit_predict_batches = batches
+            self.val_check_interval = 1.0
+        if self.max_epochs is None:
+            self.max_epochs = -1 if (self.max_steps != -1 or self.duration is not None) else 1000
+
+    @classmethod
+    def check_names(cls, names: list[str]) -> None:
+        """A misspelled argument is a TypeError that suggests the closest valid name."""
+        valid = [f.name for f in fields(cls) if f.init]
+        for name in names:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else f" Valid arguments: {', '.join(valid)}"
+            raise TypeError(f"Trainer() got an unexpected argument {name!r}.{hint}")

@@ -1,0 +1,145 @@
+"""``CSVLogger``: ``<save_dir>/<name>/version_N/metrics.csv`` and ``hparams.json``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import override
+
+from ember.trainer.loggers.base import Logger
+
+__all__ = ["CSVLogger"]
+
+
+class CSVLogger(Logger):
+    """Metric rows in a CSV file, one column per metric (the default logger).
+
+    The version is the next free ``version_N`` unless given. When a fit resumes from a checkpoint,
+    the logger continues the checkpointed run's file: rows written after that checkpoint (by the
+    interrupted run) are dropped, so the file reads as if the run never stopped.
+
+    Example::
+
+        Trainer(logger=CSVLogger("runs", name="digits"))
+    """
+
+    def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "logs", version: int | str | None = None,
+                 flush_every_n_rows: int = 100) -> None:  # fmt: skip
+        self._save_dir = Path(save_dir)
+        self._name = name
+        self._version = version
+        self._flush_every = flush_every_n_rows
+        self._rows: list[dict[str, Any]] = []
+        self._columns: list[str] = []
+        self._rows_written = 0
+
+    @property
+    @override
+    def name(self) -> str:
+        return self._name
+
+    @property
+    @override
+    def version(self) -> int | str:
+        if self._version is None:
+            root = self._save_dir / self._name
+            taken = [
+                int(p.name.split("_", 1)[1])
+                for p in root.glob("version_*")
+                if p.name.split("_", 1)[1].isdigit()
+            ]
+            self._version = max(taken, default=-1) + 1
+        return self._version
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        version = self.version
+        return str(
+            self._save_dir / self._name / (version if isinstance(version, str) else f"version_{version}")
+        )
+
+    @property
+    def metrics_file(self) -> Path:
+        return Path(self.log_dir) / "metrics.csv"
+
+    @override
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.log_dir) / "hparams.json").write_text(
+            json.dumps(params, indent=2, sort_keys=True, default=repr)
+        )
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._rows.append({"step": step, **metrics})
+        if len(self._rows) >= self._flush_every:
+            self.save()
+
+    @override
+    def save(self) -> None:
+        if not self._rows:
+            return
+        path = self.metrics_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new_columns = [k for row in self._rows for k in row if k not in self._columns]
+        if new_columns or not path.exists():
+            # A new metric appeared: rewrite the file with the wider header (old rows keep blanks).
+            self._columns += list(dict.fromkeys(new_columns))
+            old = self._read_rows(path)
+            self._write(path, old + self._rows, mode="w")
+        else:
+            self._write(path, self._rows, mode="a")
+        self._rows_written += len(self._rows)
+        self._rows = []
+
+    def _write(self, path: Path, rows: list[dict[str, Any]], mode: str) -> None:
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self._columns)
+            if mode == "w":
+                writer.writeheader()
+            for row in rows:
+                writer.writerow({k: _cell(v) for k, v in row.items()})
+
+    @staticmethod
+    def _read_rows(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self.save()
+        return {"version": self.version, "rows": self._rows_written, "columns": list(self._columns)}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._version = state["version"]
+        self._columns = list(state["columns"])
+        self._rows = []
+        path = self.metrics_file
+        rows = self._read_rows(path)
+        if len(rows) < state["rows"]:
+            warnings.warn(
+                f"{path} has {len(rows)} rows, the checkpoint expected {state['rows']}", stacklevel=2
+            )
+        kept = rows[: state["rows"]]
+        if kept or self._columns:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".metrics.csv.tmp")
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self._columns)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(tmp, path)
+        self._rows_written = len(kept)
+
+
+def _cell(value: Any) -> Any:
+    return repr(value) if isinstance(value, float) else value

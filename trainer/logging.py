@@ -1,0 +1,267 @@
+"""What ``self.log`` records: step values, batch-size-weighted epoch aggregates, torchmetrics metrics.
+
+Values stay tensors on their device; nothing here calls ``.item()``. The Trainer converts to Python
+numbers only when a logger row is written (every ``log_every_n_steps``) or the progress bar draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+__all__ = ["MetricStore"]
+
+_REDUCE_FX = ("mean", "sum", "max", "min")
+# Hooks called once per batch: values logged there default to per-step.
+_STEP_HOOKS = {
+    "training_step", "on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+    "on_before_optimizer_step",
+}  # fmt: skip
+# Hooks called once per epoch: values logged there are final epoch values (nothing to aggregate).
+_EPOCH_END_HOOKS = {
+    "on_train_epoch_start", "on_train_epoch_end", "on_validation_epoch_start", "on_validation_epoch_end",
+    "on_test_epoch_start", "on_test_epoch_end", "on_fit_start", "on_train_start", "on_validation_start",
+    "on_test_start", "on_validation_end", "on_test_end",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    on_step: bool
+    on_epoch: bool
+    prog_bar: bool
+    logger: bool
+    sync_dist: bool
+    reduce_fx: str
+    metric: Metric | None = None
+    total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
+    weight: float = 0.0  # sum of batch sizes
+
+
+def infer_batch_size(batch: Any) -> int:
+    """Size of the first dimension of the first tensor found in ``batch`` (1 when there is none)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, dict):
+        values: Any = batch.values()
+    elif isinstance(batch, (list, tuple)):
+        values = batch
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+    else:
+        return 1
+    for value in values:
+        if isinstance(value, (torch.Tensor, dict, list, tuple)):
+            return infer_batch_size(value)
+    return 1
+
+
+class MetricStore:
+    """Collects ``self.log`` calls for the running stage; the Trainer reads step rows and epoch results."""
+
+    def __init__(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        self._reduce = reduce  # all-reduce across processes: (tensor, "sum" | "max" | "min") -> tensor
+        self.fx = ""  # the hook or step running now (sets the on_step/on_epoch defaults)
+        self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
+        self.batch_size = 1
+        self._entries: dict[str, _Entry] = {}
+        self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
+        self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.progress_bar: dict[str, torch.Tensor] = {}
+
+    # -- recording -------------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool | None,
+        on_epoch: bool | None,
+        prog_bar: bool,
+        logger: bool,
+        sync_dist: bool,
+        reduce_fx: str,
+        batch_size: int | None,
+    ) -> None:
+        if reduce_fx not in _REDUCE_FX:
+            raise ValueError(
+                f"log({name!r}, reduce_fx={reduce_fx!r}): valid choices are {', '.join(map(repr, _REDUCE_FX))}"
+            )
+        in_step = self.fx in _STEP_HOOKS
+        at_epoch_end = self.fx in _EPOCH_END_HOOKS
+        on_step = in_step if on_step is None else on_step
+        on_epoch = (not in_step) if on_epoch is None else on_epoch
+        if on_step and not in_step and self.fx:
+            raise ValueError(
+                f"log({name!r}, on_step=True) is not possible in {self.fx}: it runs once per epoch"
+            )
+        if not (on_step or on_epoch):
+            raise ValueError(
+                f"log({name!r}): on_step and on_epoch are both False, so the value would go nowhere"
+            )
+        key = name + self.dataloader_suffix
+        metric = value if isinstance(value, Metric) else None
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(
+                on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, metric
+            )
+        if metric is not None:
+            tensor = metric._forward_cache if on_step and metric._forward_cache is not None else None
+        else:
+            tensor = _as_scalar(name, value)
+        step_key = f"{key}_step" if on_step and on_epoch else key
+        if on_step and tensor is not None:
+            if sync_dist:
+                tensor = self._sync(tensor, reduce_fx)
+            self._publish(step_key, tensor, entry, to_row=self.step_values, alias=key if on_epoch else None)
+        if on_epoch and metric is None and tensor is not None:
+            if at_epoch_end:  # a final value: nothing to aggregate
+                self._publish(
+                    f"{key}_epoch" if on_step else key,
+                    tensor,
+                    entry,
+                    self.epoch_row,
+                    key if on_step else None,
+                )
+                del self._entries[key]
+            else:
+                self._accumulate(entry, tensor, batch_size if batch_size is not None else self.batch_size)
+
+    def _accumulate(self, entry: _Entry, value: torch.Tensor, batch_size: int) -> None:
+        value = value.detach().double()
+        if entry.reduce_fx == "mean":
+            contribution = value * batch_size
+            entry.total = contribution if entry.total is None else entry.total + contribution
+            entry.weight += batch_size
+        elif entry.total is None:
+            entry.total = value
+        elif entry.reduce_fx == "sum":
+            entry.total = entry.total + value
+        else:
+            entry.total = (
+                torch.maximum(entry.total, value)
+                if entry.reduce_fx == "max"
+                else torch.minimum(entry.total, value)
+            )
+
+    def _sync(self, tensor: torch.Tensor, reduce_fx: str) -> torch.Tensor:
+        if reduce_fx == "mean":
+            return self._reduce(tensor.double(), "mean")
+        return self._reduce(tensor, reduce_fx)
+
+    def _publish(
+        self,
+        key: str,
+        value: torch.Tensor,
+        entry: _Entry,
+        to_row: dict[str, torch.Tensor],
+        alias: str | None = None,
+    ) -> None:
+        """Make a value visible: callback metrics (also under ``alias``), the logger row, the progress bar."""
+        value = value.detach()
+        self.callback_metrics[key] = value
+        if alias is not None:
+            self.callback_metrics[alias] = value
+        if entry.logger:
+            to_row[key] = value
+        if entry.prog_bar:
+            self.progress_bar[key] = value
+
+    # -- the Trainer's side ------------------------------------------------------------------------
+    def begin_batch(self, batch: Any) -> None:
+        self.batch_size = infer_batch_size(batch)
+        self.step_values = {}
+
+    def finish_epoch(self) -> None:
+        """Turn the aggregates of the running stage into epoch values; reset torchmetrics metrics.
+
+        Collectives (``sync_dist`` and torchmetrics' own sync) run in sorted key order on every rank.
+        """
+        for key in sorted(self._entries):
+            entry = self._entries[key]
+            if not entry.on_epoch:
+                continue
+            out_key = f"{key}_epoch" if entry.on_step else key
+            if entry.metric is not None:
+                value = entry.metric.compute().detach()
+                entry.metric.reset()
+            elif entry.total is None:
+                continue
+            elif entry.reduce_fx == "mean":
+                total, weight = (
+                    entry.total,
+                    torch.tensor(entry.weight, dtype=torch.float64, device=entry.total.device),
+                )
+                if entry.sync_dist:
+                    total, weight = self._reduce(total, "sum"), self._reduce(weight, "sum")
+                value = (total / weight).float()
+            else:
+                value = self._reduce(entry.total, entry.reduce_fx) if entry.sync_dist else entry.total
+                value = value.float()
+            self._publish(out_key, value, entry, self.epoch_row, alias=key if entry.on_step else None)
+        self._entries = {}
+
+    def take_epoch_row(self) -> dict[str, torch.Tensor]:
+        row, self.epoch_row = self.epoch_row, {}
+        return row
+
+    def swap_entries(self, entries: dict[str, Any]) -> dict[str, Any]:
+        """Park the running stage's aggregates (training) while another stage (validation) runs."""
+        previous, self._entries = self._entries, entries
+        return previous
+
+    def reset(self) -> None:
+        """Forget everything of the running stage (a new fit, validate, or sanity check)."""
+        for entry in self._entries.values():
+            if entry.metric is not None:
+                entry.metric.reset()
+        self._entries, self.step_values, self.epoch_row = {}, {}, {}
+
+    # -- mid-epoch checkpoints ------------------------------------------------------------------------
+    def state_dict(self, module: nn.Module) -> dict[str, Any]:
+        """The running aggregates, with torchmetrics metrics named by their path in ``module``."""
+        paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
+        entries = {}
+        for key, entry in self._entries.items():
+            state = dataclasses.asdict(entry)
+            state["metric"] = paths.get(id(entry.metric)) if entry.metric is not None else None
+            entries[key] = state
+        metrics = {
+            name: {"state": dict(m.metric_state), "update_count": m._update_count}
+            for name, m in module.named_modules()
+            if isinstance(m, Metric)
+        }
+        return {"entries": entries, "metrics": metrics}
+
+    def load_state_dict(self, state: dict[str, Any], module: nn.Module) -> None:
+        modules = dict(module.named_modules())
+        self._entries = {}
+        for key, saved in state["entries"].items():
+            saved = dict(saved)
+            path = saved.pop("metric")
+            self._entries[key] = _Entry(**saved, metric=modules[path] if path is not None else None)  # type: ignore[arg-type]
+        for name, saved in state["metrics"].items():
+            metric = modules[name]
+            for attr, value in saved["state"].items():
+                setattr(metric, attr, value)
+            metric._update_count = saved["update_count"]
+            metric._computed = None
+
+
+def _as_scalar(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"log({name!r}) needs a scalar; got a tensor of shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float64)
+    raise TypeError(
+        f"log({name!r}) accepts a number, a scalar tensor or a torchmetrics Metric; got {type(value).__name__}"
+    )

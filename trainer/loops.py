@@ -1,0 +1,269 @@
+"""The loops: fit, evaluation (validate / test / sanity check) and predict. They read top to bottom;
+the hook order they follow is the contract written in ``hooks.py``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ember.trainer.hooks import call_hook, call_step
+
+if TYPE_CHECKING:
+    from ember.data import PreparedDataLoader
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["run_evaluation", "run_fit", "run_predict"]
+
+
+# -- fit ---------------------------------------------------------------------------------------------
+def run_fit(trainer: Trainer) -> None:
+    state = trainer.state
+    call_hook(trainer, "on_fit_start")
+    if not trainer._resumed and trainer._val_loaders and trainer.config.num_sanity_val_steps != 0:
+        trainer.sanity_checking = True
+        call_hook(trainer, "on_sanity_check_start")
+        run_evaluation(trainer, "validation", trainer._val_loaders, trainer._sanity_limits())
+        call_hook(trainer, "on_sanity_check_end")
+        trainer.sanity_checking = False
+        trainer._metrics.reset()
+        trainer._metrics.callback_metrics.clear()
+        trainer._metrics.progress_bar.clear()
+    call_hook(trainer, "on_train_start")
+    while not _fit_done(trainer):
+        if not state.train_done:
+            _train_epoch(trainer)
+            state.train_done = True
+        if not state.val_done:
+            if _validate_at_epoch_end(trainer):
+                run_evaluation(
+                    trainer, "validation", trainer._val_loaders, trainer._val_limits(), at_epoch_end=True
+                )
+            state.val_done = True
+        if not state.epoch_done:
+            _end_epoch(trainer)
+        state.next_epoch()
+    call_hook(trainer, "on_train_end")
+    call_hook(trainer, "on_fit_end")
+
+
+def _fit_done(trainer: Trainer) -> bool:
+    config, state = trainer.config, trainer.state
+    if trainer.should_stop:
+        return True
+    if config.max_steps != -1 and state.global_step >= config.max_steps:
+        return True
+    return config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs
+
+
+def _stop_early(trainer: Trainer) -> bool:
+    config = trainer.config
+    return trainer.should_stop or (config.max_steps != -1 and trainer.state.global_step >= config.max_steps)
+
+
+def _train_epoch(trainer: Trainer) -> None:
+    state, loader = trainer.state, trainer._train_loader
+    assert loader is not None
+    if state.batch_idx == 0:  # a fresh epoch; a resumed one continues where its loader stopped
+        loader.set_epoch(state.epoch)
+        trainer._metrics.reset()
+        call_hook(trainer, "on_train_epoch_start")
+    limit = trainer.num_training_batches
+    batches = iter(loader)
+    try:
+        while state.batch_idx < limit and not _stop_early(trainer):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            if _train_batch(trainer, batch, limit) == "end_epoch":
+                break
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
+def _train_batch(trainer: Trainer, batch: Any, limit: int | float) -> str | None:
+    state, store, accelerator = trainer.state, trainer._metrics, trainer.accelerator
+    batch_idx = state.batch_idx
+    store.begin_batch(batch)
+    if call_hook(trainer, "on_train_batch_start", batch, batch_idx) == -1:
+        return "end_epoch"
+    is_last = batch_idx + 1 >= limit or (math.isinf(limit) and accelerator.end_of_dataloader)
+    if trainer.module.automatic_optimization:
+        should_step = (batch_idx + 1) % trainer.config.accumulate_grad_batches == 0 or is_last
+        with accelerator.accumulate(trainer.model, sync=should_step):
+            output = call_step(trainer, "training_step", batch, batch_idx)
+            loss = _loss_of(output)
+            if loss is not None:
+                trainer._backward(loss)
+                if should_step:
+                    _optimizer_step(trainer)
+    else:  # manual optimisation: the module steps its optimizers itself
+        with accelerator.accumulate(trainer.model, sync=True):
+            output = call_step(trainer, "training_step", batch, batch_idx)
+    state.batch_idx += 1
+    state.total_batch_idx += 1
+    if state.total_batch_idx % trainer.config.log_every_n_steps == 0 or is_last:
+        trainer._write_row(store.step_values)
+    outputs = _detached(output)
+    call_hook(trainer, "on_train_batch_end", outputs, batch, batch_idx)
+    if _validate_mid_epoch(trainer, batch_idx, is_last):
+        run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
+    return None
+
+
+def _optimizer_step(trainer: Trainer) -> None:
+    optimizer = trainer._step_optimizers[0]
+    trainer.accelerator.unscale_gradients()
+    call_hook(trainer, "on_before_optimizer_step", optimizer.optimizer)
+    clip, config = trainer.config.gradient_clip_val, trainer.config
+    if clip:
+        parameters = trainer.module.parameters()
+        if config.gradient_clip_algorithm == "norm":
+            trainer.accelerator.clip_grad_norm_(parameters, clip)
+        else:
+            trainer.accelerator.clip_grad_value_(parameters, clip)
+    optimizer.step()
+    optimizer.zero_grad()
+    trainer.state.global_step += 1
+    trainer._step_schedulers("step")
+
+
+def _loss_of(output: Any) -> torch.Tensor | None:
+    if output is None:
+        return None
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"training_step must return a loss tensor, a dict with a 'loss' tensor, or None; it returned "
+            f"{type(output).__name__}" + (" without a 'loss' tensor" if isinstance(output, Mapping) else "")
+        )
+    return loss
+
+
+def _detached(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, Mapping):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return output
+
+
+def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
+    if is_last or not trainer._val_loaders or not _validation_epoch(trainer):
+        return False
+    return (batch_idx + 1) % trainer._val_check_batch == 0
+
+
+def _validation_epoch(trainer: Trainer) -> bool:
+    every = trainer.config.check_val_every_n_epoch or 1
+    return (trainer.state.epoch + 1) % every == 0 and any(limit > 0 for limit in trainer._val_limits())
+
+
+def _validate_at_epoch_end(trainer: Trainer) -> bool:
+    if not trainer._val_loaders or not _validation_epoch(trainer) or trainer.state.batch_idx == 0:
+        return False
+    interval = trainer.config.val_check_interval
+    return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
+
+
+def _end_epoch(trainer: Trainer) -> None:
+    store = trainer._metrics
+    store.finish_epoch()
+    call_hook(trainer, "on_train_epoch_end", part="first")
+    trainer._write_row(store.take_epoch_row())
+    trainer._step_schedulers("epoch")
+    trainer.state.epoch_done = True  # a checkpoint from here on resumes at the next epoch
+    call_hook(trainer, "on_train_epoch_end", part="monitoring")
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def run_evaluation(
+    trainer: Trainer,
+    prefix: str,
+    loaders: list[PreparedDataLoader],
+    limits: list[int | float],
+    at_epoch_end: bool = False,
+) -> list[dict[str, float]]:
+    """One pass over the validation (``prefix="validation"``) or test loaders; returns metrics per loader."""
+    module, store = trainer.module, trainer._metrics
+    was_training = module.training
+    parked = store.swap_entries({})  # keep the training epoch's aggregates aside
+    module.eval()
+    call_hook(trainer, f"on_{prefix}_start")
+    call_hook(trainer, f"on_{prefix}_epoch_start")
+    several = len(loaders) > 1
+    with torch.no_grad():
+        for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
+            store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
+            batches = iter(loader)
+            try:
+                batch_idx = 0
+                while batch_idx < limit:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    store.begin_batch(batch)
+                    extra = (loader_idx,) if several else ()
+                    call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
+                    output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
+                    call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
+                    batch_idx += 1
+            finally:
+                batches.close()  # type: ignore[attr-defined]
+        store.dataloader_suffix = ""
+    store.finish_epoch()
+    call_hook(trainer, f"on_{prefix}_epoch_end")
+    row = store.take_epoch_row()
+    if not trainer.sanity_checking:
+        trainer._write_row(row)
+    if at_epoch_end:
+        trainer.state.val_done = True  # a checkpoint saved in on_validation_end resumes after this run
+    call_hook(trainer, f"on_{prefix}_end")
+    store.swap_entries(parked)
+    if was_training:
+        module.train()
+    values = {key: float(value) for key, value in row.items()}
+    return [
+        {k: v for k, v in values.items() if "/dataloader_idx_" not in k or k.endswith(f"/dataloader_idx_{i}")}
+        for i in range(len(loaders))
+    ]
+
+
+# -- predict ---------------------------------------------------------------------------------------
+def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float]) -> list[Any]:
+    """Predictions per loader, gathered across processes in dataset order, each sample once."""
+    module, accelerator = trainer.module, trainer.accelerator
+    module.eval()
+    call_hook(trainer, "on_predict_start")
+    call_hook(trainer, "on_predict_epoch_start")
+    results: list[list[Any]] = []
+    several = len(loaders) > 1
+    with torch.no_grad():
+        for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
+            outputs: list[Any] = []
+            batches = iter(loader)
+            try:
+                batch_idx = 0
+                while batch_idx < limit:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
+                    extra = (loader_idx,) if several else ()
+                    output = accelerator.gather_for_metrics(
+                        call_step(trainer, "predict_step", batch, batch_idx, *extra)
+                    )
+                    call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
+                    outputs.append(output)
+                    batch_idx += 1
+            finally:
+                batches.close()  # type: ignore[attr-defined]
+            results.append(outputs)
+    call_hook(trainer, "on_predict_epoch_end")
+    call_hook(trainer, "on_predict_end")
+    return results if several else results[0]

@@ -1,0 +1,279 @@
+"""``TrainModule``: the user's model plus its training recipe, driven by the Trainer."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from ember.trainer.optim import LRSchedulerConfig
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["DataModule", "TrainModule"]
+
+
+class TrainModule(nn.Module):
+    """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
+
+    Example::
+
+        class Classifier(TrainModule):
+            def __init__(self, lr: float = 1e-3):
+                super().__init__()
+                self.save_hyperparameters()
+                self.net = nn.Linear(64, 10)
+
+            def training_step(self, batch, batch_idx):
+                x, y = batch
+                loss = F.cross_entropy(self.net(x), y)
+                self.log("train_loss", loss, prog_bar=True)
+                return loss
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
+    """
+
+    #: Set to False to call ``optimizer.step()`` and :meth:`manual_backward` yourself.
+    automatic_optimization: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._trainer: Trainer | None = None
+        self.hparams: dict[str, Any] = {}
+
+    # -- what the Trainer calls ------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """Return the loss (a tensor), a dict with ``"loss"``, or ``None`` to skip the batch."""
+        raise TypeError(
+            f"{type(self).__name__} must define training_step(self, batch, batch_idx) to be fitted"
+        )
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+        return None
+
+    def test_step(self, batch: Any, batch_idx: int) -> Any:
+        return None
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return self(batch)
+
+    def configure_optimizers(self) -> Any:
+        """An optimizer; ``(optimizers, schedulers)``; or ``{"optimizer": ..., "lr_scheduler": ...}``."""
+        raise TypeError(f"{type(self).__name__} must define configure_optimizers() to be fitted")
+
+    def configure_model(self) -> None:
+        """Build layers here (instead of ``__init__``) to create them lazily, after the strategy is set up."""
+
+    def configure_callbacks(self) -> list[Any]:
+        """Callbacks this module always wants (added to the Trainer's)."""
+        return []
+
+    # -- data (optional: the Trainer's arguments or a DataModule may provide it) -----------------
+    train_dataloader: Any = None
+    val_dataloader: Any = None
+    test_dataloader: Any = None
+    predict_dataloader: Any = None
+
+    # -- hooks (documented order: ember/trainer/hooks.py) -----------------------------------------
+    def on_fit_start(self) -> None: ...
+    def on_fit_end(self) -> None: ...
+    def on_train_start(self) -> None: ...
+    def on_train_end(self) -> None: ...
+    def on_train_epoch_start(self) -> None: ...
+    def on_train_epoch_end(self) -> None: ...
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any: ...
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_start(self) -> None: ...
+    def on_validation_end(self) -> None: ...
+    def on_validation_epoch_start(self) -> None: ...
+    def on_validation_epoch_end(self) -> None: ...
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None: ...
+    def on_test_start(self) -> None: ...
+    def on_test_end(self) -> None: ...
+    def on_test_epoch_start(self) -> None: ...
+    def on_test_epoch_end(self) -> None: ...
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None: ...
+    def on_predict_start(self) -> None: ...
+    def on_predict_end(self) -> None: ...
+    def on_predict_epoch_start(self) -> None: ...
+    def on_predict_epoch_end(self) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(
+        self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None: ...
+    def on_before_backward(self, loss: torch.Tensor) -> None: ...
+    def on_after_backward(self) -> None: ...
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+    # -- the trainer's view ------------------------------------------------------------------------
+    @property
+    def trainer(self) -> Trainer:
+        if self._trainer is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not attached to a Trainer (call trainer.fit(module) first)"
+            )
+        return self._trainer
+
+    @property
+    def device(self) -> torch.device:
+        if self._trainer is not None:
+            return self._trainer.accelerator.device
+        first = next(self.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+
+    @property
+    def current_epoch(self) -> int:
+        return self._trainer.current_epoch if self._trainer is not None else 0
+
+    @property
+    def global_step(self) -> int:
+        return self._trainer.global_step if self._trainer is not None else 0
+
+    @property
+    def global_rank(self) -> int:
+        return self._trainer.global_rank if self._trainer is not None else 0
+
+    # -- logging -----------------------------------------------------------------------------------
+    def log(
+        self,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        prog_bar: bool = False,
+        logger: bool = True,
+        sync_dist: bool = False,
+        reduce_fx: str = "mean",
+        batch_size: int | None = None,
+    ) -> None:
+        """Record a metric: a number, a scalar tensor or a torchmetrics ``Metric``.
+
+        Defaults follow the hook it is called from: per step in ``training_step``, per epoch in
+        validation/test steps and in epoch-end hooks. Epoch values are averaged weighted by batch size.
+        """
+        self.trainer._metrics.log(
+            name, value, on_step=on_step, on_epoch=on_epoch, prog_bar=prog_bar, logger=logger,
+            sync_dist=sync_dist, reduce_fx=reduce_fx, batch_size=batch_size,
+        )  # fmt: skip
+
+    def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
+        """:meth:`log` each item of ``dictionary`` with the same options."""
+        for name, value in dictionary.items():
+            self.log(name, value, **kwargs)
+
+    # -- optimizers (manual optimisation) ------------------------------------------------------------
+    def optimizers(self) -> Any:
+        """The prepared optimizer (or the list, when there are several)."""
+        optimizers = self.trainer._step_optimizers
+        return optimizers[0] if len(optimizers) == 1 else optimizers
+
+    def lr_schedulers(self) -> Any:
+        """The LR scheduler (or the list, or None)."""
+        configs: list[LRSchedulerConfig] = self.trainer.lr_scheduler_configs
+        if not configs:
+            return None
+        return configs[0].scheduler if len(configs) == 1 else [c.scheduler for c in configs]
+
+    def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        """``loss.backward()`` through the strategy and precision plugin, for manual optimisation."""
+        self.trainer._backward(loss, **kwargs)
+
+    # -- hyper-parameters ----------------------------------------------------------------------------
+    def save_hyperparameters(self, *names: str, ignore: Iterable[str] = ()) -> None:
+        """Store the ``__init__`` arguments of the caller in ``self.hparams`` (saved in checkpoints, logged).
+
+        Values that cannot be stored pickle-free (modules, functions ...) stay in ``self.hparams`` but
+        are left out of checkpoints and loggers, with a warning naming them.
+        """
+        frame = inspect.currentframe()
+        caller = frame.f_back if frame is not None else None
+        if caller is None:
+            raise RuntimeError("save_hyperparameters() could not inspect its caller")
+        init_args = {
+            k: v
+            for k, v in caller.f_locals.items()
+            if k not in ("self", "__class__") and not k.startswith("_")
+        }
+        signature = inspect.signature(type(self).__init__)
+        params = [p for p in signature.parameters if p != "self"]
+        chosen = list(names) if names else [p for p in params if p in init_args]
+        unknown = [n for n in chosen if n not in init_args]
+        if unknown:
+            raise ValueError(
+                f"save_hyperparameters(): {unknown} are not arguments of {type(self).__name__}.__init__"
+            )
+        skip = set(ignore)
+        self.hparams.update({n: init_args[n] for n in chosen if n not in skip})
+
+    def _serializable_hparams(self) -> dict[str, Any]:
+        from ember.strategies.checkpoint_io import encode_tree
+
+        out: dict[str, Any] = {}
+        dropped = []
+        for key, value in self.hparams.items():
+            try:
+                encode_tree(value)
+            except TypeError:
+                dropped.append(key)
+                continue
+            out[key] = value
+        if dropped:
+            warnings.warn(
+                f"hyper-parameters {dropped} cannot be stored pickle-free and are left out of checkpoints and "
+                "loggers; pass save_hyperparameters(ignore=[...]) to silence this",
+                stacklevel=3,
+            )
+        return out
+
+
+class DataModule:
+    """Data in one place: ``prepare_data`` (main process), ``setup(stage)``, and the dataloaders.
+
+    Example::
+
+        class Digits(DataModule):
+            def setup(self, stage): self.train, self.val = random_split(load(), [0.8, 0.2])
+            def train_dataloader(self): return DataLoader(self.train, batch_size=32, shuffle=True)
+            def val_dataloader(self): return DataLoader(self.val, batch_size=64)
+    """
+
+    def prepare_data(self) -> None:
+        """Download or write files; runs on the main process first, the others wait."""
+
+    def setup(self, stage: str) -> None:
+        """Build datasets for ``stage`` ("fit", "validate", "test" or "predict"); runs on every process."""
+
+    def teardown(self, stage: str) -> None: ...
+
+    def train_dataloader(self) -> DataLoader[Any] | None:
+        return None
+
+    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
+        return None
+
+    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
+        return None
+
+    def predict_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...

@@ -1,0 +1,101 @@
+"""Turn whatever ``configure_optimizers()`` returned into optimizers and scheduler configs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+__all__ = ["LRSchedulerConfig", "parse_optimizers"]
+
+_INTERVALS = ("step", "epoch")
+_SCHEDULER_KEYS = {"scheduler", "interval", "frequency", "monitor", "name", "strict"}
+
+
+@dataclass(kw_only=True, slots=True)
+class LRSchedulerConfig:
+    """How the Trainer steps one LR scheduler."""
+
+    scheduler: Any
+    interval: str = "epoch"
+    frequency: int = 1
+    monitor: str | None = None
+    name: str | None = None
+    strict: bool = True
+
+    @property
+    def is_plateau(self) -> bool:
+        return isinstance(self.scheduler, ReduceLROnPlateau)
+
+
+def _scheduler_config(item: Any) -> LRSchedulerConfig:
+    if isinstance(item, Mapping):
+        unknown = set(item) - _SCHEDULER_KEYS
+        if unknown:
+            raise ValueError(
+                f"configure_optimizers(): unknown lr_scheduler keys {sorted(unknown)}; valid keys: {sorted(_SCHEDULER_KEYS)}"
+            )
+        if "scheduler" not in item:
+            raise ValueError('configure_optimizers(): the lr_scheduler dict needs a "scheduler" entry')
+        config = LRSchedulerConfig(**dict(item))
+    else:
+        config = LRSchedulerConfig(scheduler=item)
+    if not isinstance(config.scheduler, (LRScheduler, ReduceLROnPlateau)):
+        raise TypeError(
+            f"configure_optimizers(): {type(config.scheduler).__name__} is not a torch LR scheduler "
+            "(torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau)"
+        )
+    if config.interval not in _INTERVALS:
+        raise ValueError(
+            f"lr_scheduler interval={config.interval!r} is not valid. Valid choices: 'step', 'epoch'"
+        )
+    if isinstance(config.frequency, bool) or not isinstance(config.frequency, int) or config.frequency < 1:
+        raise ValueError(f"lr_scheduler frequency={config.frequency!r} must be an int >= 1")
+    if config.is_plateau and config.monitor is None:
+        raise ValueError(
+            'configure_optimizers(): ReduceLROnPlateau needs a metric to watch: return {"optimizer": opt, '
+            '"lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}'
+        )
+    return config
+
+
+def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
+    """Accepts an optimizer; a list of optimizers; ``(optimizers, schedulers)``; a dict with
+    ``"optimizer"`` and optional ``"lr_scheduler"`` (a scheduler or a config dict); a list of such dicts."""
+    optimizers: list[Any]
+    schedulers: list[Any] = []
+    if isinstance(result, torch.optim.Optimizer):
+        optimizers = [result]
+    elif isinstance(result, Mapping):
+        if "optimizer" not in result:
+            raise ValueError('configure_optimizers() returned a dict without an "optimizer" key')
+        optimizers = [result["optimizer"]]
+        if result.get("lr_scheduler") is not None:
+            schedulers = [result["lr_scheduler"]]
+        if "monitor" in result and schedulers and not isinstance(schedulers[0], Mapping):
+            schedulers = [{"scheduler": schedulers[0], "monitor": result["monitor"]}]
+    elif isinstance(result, tuple) and len(result) == 2 and all(isinstance(r, Sequence) for r in result):
+        optimizers, schedulers = list(result[0]), list(result[1])
+    elif isinstance(result, Sequence) and result and all(isinstance(r, Mapping) for r in result):
+        optimizers, schedulers = [], []
+        for entry in result:
+            opts, scheds = parse_optimizers(entry)
+            optimizers += opts
+            schedulers += scheds
+        return optimizers, schedulers  # type: ignore[return-value]
+    elif (
+        isinstance(result, Sequence) and result and all(isinstance(r, torch.optim.Optimizer) for r in result)
+    ):
+        optimizers = list(result)
+    else:
+        raise TypeError(
+            f"configure_optimizers() returned {type(result).__name__}; return an optimizer, (optimizers, schedulers), "
+            'or {"optimizer": ..., "lr_scheduler": ...}'
+        )
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"configure_optimizers(): {type(opt).__name__} is not a torch.optim.Optimizer")
+    return optimizers, [_scheduler_config(s) for s in schedulers]

@@ -1,0 +1,461 @@
+"""``Trainer``: runs a ``TrainModule``'s fit / validate / test / predict on top of the Accelerator."""
+
+from __future__ import annotations
+
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from ember.accelerator import Accelerator
+from ember.callbacks.base import Callback
+from ember.data import PreparedDataLoader
+from ember.precision import Precision
+from ember.strategies import Strategy
+from ember.trainer import checkpointing
+from ember.trainer.config import TrainerConfig, resolve_limit
+from ember.trainer.hooks import call_hook
+from ember.trainer.loggers import CSVLogger, Logger
+from ember.trainer.logging import MetricStore
+from ember.trainer.loops import run_evaluation, run_fit, run_predict
+from ember.trainer.module import DataModule, TrainModule
+from ember.trainer.optim import LRSchedulerConfig, parse_optimizers
+from ember.trainer.state import LoopState
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
+
+    Example::
+
+        trainer = Trainer(max_epochs=10, devices=2, strategy="ddp", precision="bf16-mixed")
+        trainer.fit(model, train_loader, val_loader)
+
+    Strategy-specific options belong to the strategy object (``strategy=DDPStrategy(DDPConfig(...))``).
+    """
+
+    def __init__(
+        self,
+        *,
+        accelerator: str = "auto",
+        strategy: str | Strategy = "auto",
+        devices: int | str = "auto",
+        num_nodes: int = 1,
+        precision: str | int | Precision = "32-true",
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        max_time: Any = None,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str = "norm",
+        val_check_interval: int | float = 1.0,
+        check_val_every_n_epoch: int | None = 1,
+        limit_train_batches: int | float = 1.0,
+        limit_val_batches: int | float = 1.0,
+        limit_test_batches: int | float = 1.0,
+        limit_predict_batches: int | float = 1.0,
+        num_sanity_val_steps: int = 2,
+        fast_dev_run: bool | int = False,
+        log_every_n_steps: int = 50,
+        callbacks: list[Callback] | Callback | None = None,
+        logger: Logger | list[Logger] | bool | None = True,
+        enable_checkpointing: bool = True,
+        enable_progress_bar: bool = True,
+        enable_model_summary: bool = True,
+        default_root_dir: str | os.PathLike[str] | None = None,
+        deterministic: bool | str = False,
+        detect_anomaly: bool = False,
+        use_distributed_sampler: bool = True,
+        seed: int | None = None,
+        **unexpected: Any,
+    ) -> None:
+        TrainerConfig.check_names(list(unexpected))
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "unexpected", "__class__")}
+        self.config = config = TrainerConfig(**arguments)
+        self.accelerator = Accelerator(
+            accelerator=config.accelerator, strategy=config.strategy, devices=config.devices,
+            precision=config.precision, gradient_accumulation_steps=config.accumulate_grad_batches, seed=config.seed,
+        )  # fmt: skip
+        if self.accelerator.num_processes % config.num_nodes:
+            raise ValueError(
+                f"num_nodes={config.num_nodes} does not divide the {self.accelerator.num_processes} processes "
+                "of this run; start several nodes with `ember launch --nnodes N`"
+            )
+        self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
+        self.loggers = _loggers(config.logger, self.default_root_dir) if not config.fast_dev_run else []
+        self.callbacks: list[Callback] = []
+        self._callbacks = checkpointing.default_callbacks(self, _as_list(config.callbacks))
+        self.state = LoopState()
+        self.should_stop = False
+        self.sanity_checking = False
+        self.stage = ""
+        self._metrics = MetricStore(lambda tensor, op: self.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
+        self._module: TrainModule | None = None
+        self._model: torch.nn.Module | None = None
+        self._step_optimizers: list[Any] = []
+        self.lr_scheduler_configs: list[LRSchedulerConfig] = []
+        self._train_loader: PreparedDataLoader | None = None
+        self._val_loaders: list[PreparedDataLoader] = []
+        self._val_check_batch = 1
+        self._resumed = False
+        self.num_training_batches: int | float = 0
+        self.num_val_batches: list[int | float] = []
+        self.logged_metrics: dict[str, float] = {}
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=config.deterministic == "warn")
+
+    # -- what users and callbacks read ----------------------------------------------------------
+    @property
+    def module(self) -> TrainModule:
+        if self._module is None:
+            raise RuntimeError("the Trainer has no module yet: call fit/validate/test/predict first")
+        return self._module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The prepared (strategy-wrapped) module the loops run through."""
+        if self._model is None:
+            raise RuntimeError("the Trainer has no prepared model yet: call fit/validate/test/predict first")
+        return self._model
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.accelerator.strategy
+
+    @property
+    def precision(self) -> Precision:
+        return self.accelerator.precision
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def current_epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def total_batch_idx(self) -> int:
+        return self.state.total_batch_idx
+
+    @property
+    def global_rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.config.max_epochs
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.config.log_every_n_steps
+
+    @property
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        return self._metrics.callback_metrics
+
+    @property
+    def progress_bar_metrics(self) -> dict[str, float]:
+        """Values logged with ``prog_bar=True`` as floats (converted here, when a progress bar draws)."""
+        return {k: float(v) for k, v in self._metrics.progress_bar.items()}
+
+    @property
+    def logger(self) -> Logger | None:
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str | None:
+        return self.loggers[0].log_dir if self.loggers else self.default_root_dir
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o.optimizer for o in self._step_optimizers]
+
+    @property
+    def train_dataloader(self) -> PreparedDataLoader | None:
+        return self._train_loader
+
+    @property
+    def val_dataloaders(self) -> list[PreparedDataLoader]:
+        return self._val_loaders
+
+    @property
+    def checkpoint_callback(self) -> Any:
+        from ember.callbacks.model_checkpoint import ModelCheckpoint
+
+        return next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """Optimizer steps the fit will take (for sizing schedules), from max_steps or epochs x batches."""
+        per_epoch = math.ceil(self.num_training_batches / self.config.accumulate_grad_batches)
+        by_epochs = (
+            per_epoch * self.config.max_epochs if self.config.max_epochs not in (None, -1) else math.inf
+        )
+        return min(self.config.max_steps, by_epochs) if self.config.max_steps != -1 else by_epochs
+
+    # -- entry points -------------------------------------------------------------------------------
+    def fit(self, module: TrainModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: DataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+        """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly."""
+        self._attach(module, "fit", datamodule)
+        checkpoint = checkpointing.resolve_path(self, ckpt_path) if ckpt_path is not None else None
+        train = _first(self._loaders("train", train_dataloaders, datamodule))
+        if train is None:
+            raise ValueError(
+                "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
+            )
+        val = self._loaders("val", val_dataloaders, datamodule)
+        if not module.automatic_optimization and self.config.accumulate_grad_batches > 1:
+            raise ValueError(
+                "accumulate_grad_batches > 1 needs automatic optimization; accumulate yourself in manual mode"
+            )
+        if not module.automatic_optimization and self.config.gradient_clip_val:
+            raise ValueError(
+                "gradient_clip_val works with automatic optimization; call self.clip_gradients in manual mode"
+            )
+        module.configure_model()
+        optimizers, self.lr_scheduler_configs = parse_optimizers(module.configure_optimizers())
+        if module.automatic_optimization and len(optimizers) != 1:
+            raise ValueError(f"automatic optimization needs exactly one optimizer, got {len(optimizers)}; "
+                             "set automatic_optimization = False to drive several")  # fmt: skip
+        prepared = self.accelerator.prepare(module, *optimizers)
+        self._model, self._step_optimizers = prepared[0], list(prepared[1:])
+        self._train_loader = self._prepare_loader(train)
+        self._val_loaders = [self._prepare_loader(v) for v in val]
+        for scheduler in self.lr_scheduler_configs:
+            self.accelerator.register_for_checkpointing(scheduler.scheduler)
+        self._set_batch_counts()
+        self.state, self.should_stop, self._resumed = LoopState(), False, False
+        if checkpoint is not None:
+            checkpointing.restore(self, checkpoint)
+            self._resumed = True
+        self._run(run_fit, "fit")
+
+    def validate(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
+                 datamodule: DataModule | None = None) -> list[dict[str, float]]:  # fmt: skip
+        """One pass over the validation data; returns the logged metrics per dataloader."""
+        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule)
+
+    def test(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
+             datamodule: DataModule | None = None) -> list[dict[str, float]]:  # fmt: skip
+        """One pass over the test data; returns the logged metrics per dataloader."""
+        return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule)
+
+    def predict(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
+                datamodule: DataModule | None = None) -> list[Any]:  # fmt: skip
+        """``predict_step`` outputs, gathered across processes in dataset order (each sample once)."""
+        module = self._reattach(module, "predict", datamodule, ckpt_path)
+        loaders = [self._prepare_loader(d) for d in self._loaders("predict", dataloaders, datamodule)]
+        if not loaders:
+            raise ValueError(
+                "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
+            )
+        limits = [resolve_limit(self.config.limit_predict_batches, _length(d)) for d in loaders]
+        result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits), "predict")
+        return result
+
+    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
+        """Write a pickle-free checkpoint directory at ``path`` (every process must call this)."""
+        return checkpointing.save(self, path)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Send a row straight to the loggers (global rank 0 only); for callbacks such as LR monitors."""
+        self.logged_metrics.update(metrics)
+        if self.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(dict(metrics), self.global_step if step is None else step)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _evaluate(self, stage: str, prefix: str, module: TrainModule | None, dataloaders: Any, ckpt_path: Any,
+                  datamodule: DataModule | None) -> list[dict[str, float]]:  # fmt: skip
+        module = self._reattach(module, stage, datamodule, ckpt_path)
+        name = "val" if stage == "validate" else "test"
+        loaders = [self._prepare_loader(d) for d in self._loaders(name, dataloaders, datamodule)]
+        if not loaders:
+            raise ValueError(
+                f"{stage}() needs data: pass dataloaders, a datamodule, or define {name}_dataloader()"
+            )
+        limit = self.config.limit_val_batches if stage == "validate" else self.config.limit_test_batches
+        limits = [resolve_limit(limit, _length(d)) for d in loaders]
+        results: list[dict[str, float]] = self._run(
+            lambda t: run_evaluation(t, prefix, loaders, limits), stage
+        )
+        return results
+
+    def _reattach(
+        self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
+    ) -> TrainModule:
+        module = module or self._module
+        if module is None:
+            raise ValueError(f"{stage}() needs a module (none was fitted with this Trainer)")
+        already_prepared = module is self._module and self._model is not None
+        self._attach(module, stage, datamodule)
+        if not already_prepared:
+            self._model = self.accelerator.prepare(module)
+        if ckpt_path is not None:
+            checkpointing.load_weights(self, checkpointing.resolve_path(self, ckpt_path))
+        return module
+
+    def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
+        if not isinstance(module, TrainModule):
+            raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
+        self.accelerator.free_memory()  # checkpoints hold what this stage prepares, nothing older
+        self._module = module
+        module._trainer = self
+        self.stage = stage
+        self.callbacks = checkpointing.check_callbacks(self._callbacks + list(module.configure_callbacks()))
+        if datamodule is not None:
+            with self.accelerator.main_process_first():
+                if self.is_global_zero:
+                    datamodule.prepare_data()
+            datamodule.setup(stage)
+
+    def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
+        source = given
+        if source is None and datamodule is not None:
+            source = getattr(datamodule, f"{kind}_dataloader")()
+        if source is None and callable(getattr(self.module, f"{kind}_dataloader", None)):
+            source = getattr(self.module, f"{kind}_dataloader")()
+        loaders = _as_list(source)
+        for loader in loaders:
+            if not isinstance(loader, DataLoader):
+                raise TypeError(
+                    f"{kind} data must be torch.utils.data.DataLoader objects, got {type(loader).__name__}"
+                )
+        return loaders
+
+    def _prepare_loader(self, loader: DataLoader[Any]) -> PreparedDataLoader:
+        return self.accelerator.prepare_data_loader(loader, shard=self.config.use_distributed_sampler)
+
+    def _set_batch_counts(self) -> None:
+        config = self.config
+        assert self._train_loader is not None
+        self.num_training_batches = resolve_limit(config.limit_train_batches, _length(self._train_loader))
+        self.num_val_batches = self._val_limits()
+        interval = config.val_check_interval
+        if isinstance(interval, int):
+            if self._val_loaders and interval > self.num_training_batches:
+                raise ValueError(
+                    f"val_check_interval={interval} is larger than the {self.num_training_batches} training batches "
+                    "of an epoch; use a smaller int, or a float fraction of the epoch such as 0.25"
+                )
+            self._val_check_batch = interval
+        elif math.isinf(self.num_training_batches):
+            self._val_check_batch = 2**62 if interval == 1.0 else 1
+        else:
+            self._val_check_batch = max(1, int(self.num_training_batches * interval))
+
+    def _val_limits(self) -> list[int | float]:
+        return [resolve_limit(self.config.limit_val_batches, _length(v)) for v in self._val_loaders]
+
+    def _sanity_limits(self) -> list[int | float]:
+        steps = self.config.num_sanity_val_steps
+        return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]
+
+    def _run(self, loop: Any, stage: str) -> Any:
+        self.stage = stage
+        module = self.module
+        for callback in self.callbacks:
+            callback.setup(self, module, stage)
+        if self.is_global_zero and stage == "fit":
+            for logger in self.loggers:
+                logger.log_hyperparams(module._serializable_hparams())
+        status = "success"
+        try:
+            with ExitStack() as stack:
+                if self.config.detect_anomaly:
+                    stack.enter_context(torch.autograd.detect_anomaly())
+                return loop(self)
+        except BaseException as exception:
+            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            call_hook(self, "on_exception", exception, module_hook=False)
+            raise
+        finally:
+            if self.is_global_zero:
+                for logger in self.loggers:
+                    logger.finalize(status)
+            for callback in self.callbacks:
+                callback.teardown(self, module, stage)
+
+    def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+        call_hook(self, "on_before_backward", loss)
+        self.accelerator.backward(loss, **kwargs)
+        call_hook(self, "on_after_backward")
+
+    def _step_schedulers(self, interval: str) -> None:
+        count = self.state.global_step if interval == "step" else self.state.epoch + 1
+        for config in self.lr_scheduler_configs:
+            if config.interval != interval or count % config.frequency:
+                continue
+            if config.is_plateau:
+                assert config.monitor is not None
+                if config.monitor not in self.callback_metrics:
+                    if not config.strict:
+                        continue
+                    raise KeyError(
+                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. "
+                        f"Logged metrics: {sorted(self.callback_metrics)}"
+                    )
+                config.scheduler.step(self.callback_metrics[config.monitor])
+            else:
+                config.scheduler.step()
+
+    def _write_row(self, values: dict[str, torch.Tensor]) -> None:
+        """Send logged values to the loggers (here, and only here, tensors become Python floats)."""
+        if not values or self.sanity_checking:
+            return
+        row = {key: float(value) for key, value in values.items()}
+        row["epoch"] = float(self.state.epoch)
+        self.log_metrics(row, self.state.global_step)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _first(items: list[Any]) -> Any:
+    return items[0] if items else None
+
+
+def _length(loader: Any) -> int | float:
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
+
+
+def _loggers(logger: Any, root: str) -> list[Logger]:
+    if logger is True:
+        return [CSVLogger(root)]
+    if logger in (False, None):
+        return []
+    loggers = _as_list(logger)
+    for item in loggers:
+        if not isinstance(item, Logger):
+            raise TypeError(f"logger={item!r} is not an ember Logger (CSVLogger, ...) nor True/False")
+    return loggers
