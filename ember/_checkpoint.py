@@ -96,9 +96,13 @@ def tensors_for_safetensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def save_state(
-    strategy: Strategy, objects: PreparedObjects, output_dir: str | os.PathLike[str], extra: dict[str, Any]
+    strategy: Strategy,
+    objects: PreparedObjects,
+    output_dir: str | os.PathLike[str],
+    extra: dict[str, Any],
+    rank_extra: dict[str, Any],
 ) -> Path:
-    for name in extra:
+    for name in [*extra, *rank_extra]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(_RESERVED):
             raise ValueError(
                 f"extra state name {name!r} must be lowercase letters, digits and '_' and not start with "
@@ -134,6 +138,8 @@ def save_state(
         for name, value in extra.items():
             write_tree(staging, name, value)
     write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state())
+    for name, value in rank_extra.items():  # every rank's own state, like its RNG
+        write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
     strategy.barrier("save_state:written")
     if writer:
         import ember
@@ -147,6 +153,7 @@ def save_state(
                 "world_size": strategy.world_size,
                 "counts": objects.counts(),
                 "extra": sorted(extra),
+                "rank_extra": sorted(rank_extra),
             },
         )
         finalize_staged(staging, directory)
@@ -188,7 +195,11 @@ def load_state(
         for loader, state in zip(objects.dataloaders, read_tree(directory, "dataloaders"), strict=True):
             loader.load_state_dict(state)
         set_rng_state(read_tree(directory, f"rng_rank{strategy.global_rank}"))
-    return {name: read_tree(directory, name) for name in manifest.get("extra", [])}
+    loaded = {name: read_tree(directory, name) for name in manifest.get("extra", [])}
+    if same_world:
+        for name in manifest.get("rank_extra", []):
+            loaded[name] = read_tree(directory, f"{name}_rank{strategy.global_rank}")
+    return loaded
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)

@@ -327,13 +327,23 @@ class Accelerator(ProcessMixin):
                 )
             self._objects.custom.append(obj)
 
-    def save_state(self, output_dir: str | os.PathLike[str], *, extra: dict[str, Any] | None = None) -> Path:
+    def save_state(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        extra: dict[str, Any] | None = None,
+        rank_extra: dict[str, Any] | None = None,
+    ) -> Path:
         """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
 
         ``extra`` maps names to further state (dicts of numbers, strings, tensors ...), written by the
-        main process as ``<name>.json`` (+ ``.safetensors``); :meth:`load_state` returns it.
+        main process as ``<name>.json`` (+ ``.safetensors``); ``rank_extra`` is state that differs per
+        process, written by each as ``<name>_rank<R>``. :meth:`load_state` returns both (this
+        process's ``rank_extra``).
         """
-        return _checkpoint.save_state(self._strategy, self._objects, output_dir, extra or {})
+        return _checkpoint.save_state(
+            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}
+        )
 
     def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.

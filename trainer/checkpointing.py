@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["check_callbacks", "default_callbacks", "load_weights", "resolve_path", "restore", "save"]
 
 STATE = "trainer_state"
+RANK_STATE = "trainer_rank_state"
 
 
 def save(trainer: Trainer, path: str | os.PathLike[str]) -> Path:
@@ -33,11 +34,14 @@ def save(trainer: Trainer, path: str | os.PathLike[str]) -> Path:
         "loop": trainer.state.state_dict(),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
         "hyper_parameters": module._serializable_hparams(),
-        "metrics": trainer._metrics.state_dict(module),
         "loggers": [logger.state_dict() for logger in trainer.loggers] if trainer.is_global_zero else [],
     }
     call_hook(trainer, "on_save_checkpoint", checkpoint)
-    return trainer.accelerator.save_state(path, extra={STATE: checkpoint})
+    # Running epoch aggregates and torchmetrics states differ per process: each saves its own.
+    rank_state = {"metrics": trainer._metrics.state_dict(module)}
+    return trainer.accelerator.save_state(
+        path, extra={STATE: checkpoint}, rank_extra={RANK_STATE: rank_state}
+    )
 
 
 def restore(trainer: Trainer, path: Path) -> None:
@@ -52,7 +56,8 @@ def restore(trainer: Trainer, path: Path) -> None:
     for callback in trainer.callbacks:
         if callback.state_key in checkpoint["callbacks"]:
             callback.load_state_dict(checkpoint["callbacks"][callback.state_key])
-    trainer._metrics.load_state_dict(checkpoint["metrics"], trainer.module)
+    if RANK_STATE in extra:  # absent when the world size changed: epoch aggregates restart
+        trainer._metrics.load_state_dict(extra[RANK_STATE]["metrics"], trainer.module)
     if trainer.is_global_zero:
         for logger, state in zip(trainer.loggers, checkpoint["loggers"], strict=False):
             logger.load_state_dict(state)

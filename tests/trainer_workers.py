@@ -1,0 +1,86 @@
+"""A TrainModule and training functions shared by the parity and resume tests (in-process or per rank)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer, TrainModule
+from ember.callbacks import Callback, ModelCheckpoint
+
+
+def dataset(n: int = 40) -> TensorDataset:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, 6, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+class Net(TrainModule):
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
+        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        self.log("train_acc", self.train_acc, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class Crash(Callback):
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def fit(root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 3) -> dict:
+    """mode 'full': 3 epochs; 'crash': dies after step ``crash_at``; 'resume': continues from ``resume``."""
+    torch.manual_seed(0)
+    callbacks: list[Callback] = [ModelCheckpoint(every_n_train_steps=every, save_top_k=-1)]
+    if mode == "crash":
+        callbacks.append(Crash(crash_at))
+    trainer = Trainer(
+        max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.5, log_every_n_steps=1,
+        callbacks=callbacks, default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = Net()
+    train = DataLoader(dataset(), batch_size=4, shuffle=True)
+    val = DataLoader(dataset(12), batch_size=5)
+    try:
+        trainer.fit(module, train, val, ckpt_path=resume or None)
+    except RuntimeError as err:
+        if "simulated crash" not in str(err):
+            raise
+        return {"crashed": trainer.global_step}
+    params = [v.hex() for v in torch.cat([p.detach().flatten() for p in module.parameters()]).tolist()]
+    rows = []
+    if trainer.is_global_zero:
+        with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
+            rows = list(csv.reader(f))
+    return {"params": params, "rows": rows, "step": trainer.global_step, "log_dir": trainer.log_dir}
