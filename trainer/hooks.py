@@ -4,7 +4,7 @@ Every hook is dispatched by :func:`call_hook`: first the callbacks, then the mod
 *monitoring* callbacks (``ModelCheckpoint``, ``EarlyStopping``), which thus see everything the
 module logged in that hook. ``fit`` reads, as pseudocode::
 
-    setup("fit")                        # callbacks' setup, then the DataModule's
+    setup("fit")                        # the DataModule's (after prepare_data), the callbacks', the module's
     configure_model(); configure_optimizers()
     on_fit_start
     on_sanity_check_start; <validation loop, first num_sanity_val_steps batches>; on_sanity_check_end

@@ -68,6 +68,12 @@ class TrainModule(nn.Module):
         """An optimizer; ``(optimizers, schedulers)``; or ``{"optimizer": ..., "lr_scheduler": ...}``."""
         raise TypeError(f"{type(self).__name__} must define configure_optimizers() to be fitted")
 
+    def setup(self, stage: str) -> None:
+        """Called at the start of fit/validate/test/predict, on every process, before configure_model."""
+
+    def teardown(self, stage: str) -> None:
+        """Called at the end of fit/validate/test/predict, on every process."""
+
     def configure_model(self) -> None:
         """Build layers here (instead of ``__init__``) to create them lazily, after the strategy is set up."""
 

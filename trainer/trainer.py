@@ -332,6 +332,7 @@ class Trainer:
                 if self.is_global_zero:
                     datamodule.prepare_data()
             datamodule.setup(stage)
+        call_hook(self, "setup", stage)
 
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
         source = given
@@ -378,8 +379,6 @@ class Trainer:
     def _run(self, loop: Any, stage: str) -> Any:
         self.stage = stage
         module = self.module
-        for callback in self.callbacks:
-            callback.setup(self, module, stage)
         if self.is_global_zero and stage == "fit":
             for logger in self.loggers:
                 logger.log_hyperparams(module._serializable_hparams())
@@ -397,8 +396,7 @@ class Trainer:
             if self.is_global_zero:
                 for logger in self.loggers:
                     logger.finalize(status)
-            for callback in self.callbacks:
-                callback.teardown(self, module, stage)
+            call_hook(self, "teardown", stage)
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         call_hook(self, "on_before_backward", loss)
@@ -406,6 +404,8 @@ class Trainer:
         call_hook(self, "on_after_backward")
 
     def _step_schedulers(self, interval: str) -> None:
+        if not self.module.automatic_optimization:
+            return  # manual optimisation steps its schedulers itself (self.lr_schedulers())
         count = self.state.global_step if interval == "step" else self.state.epoch + 1
         for config in self.lr_scheduler_configs:
             if config.interval != interval or count % config.frequency:

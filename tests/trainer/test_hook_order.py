@@ -1,0 +1,114 @@
+"""The documented hook order (ember/trainer/hooks.py), locked for a fit with validation, accumulation
+and a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer, TrainModule
+from ember.callbacks import Callback, ModelCheckpoint
+
+CALLBACK_HOOKS = [name for name in vars(Callback) if name.startswith("on_") or name in ("setup", "teardown")]
+
+
+class Recorder(Callback):
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in CALLBACK_HOOKS:
+            calls = object.__getattribute__(self, "calls")
+            return lambda *args: calls.append(f"callback.{name}")
+        return object.__getattribute__(self, name)
+
+
+class RecordingCheckpoint(ModelCheckpoint):
+    def __init__(self, calls: list[str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls = calls
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):  # type: ignore[no-untyped-def]
+        self.calls.append("checkpoint.on_save_checkpoint")
+
+    def on_validation_end(self, trainer, module):  # type: ignore[no-untyped-def]
+        self.calls.append("checkpoint.on_validation_end")
+        super().on_validation_end(trainer, module)
+
+
+class Module(TrainModule):
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__()
+        self.calls = calls
+        self.layer = torch.nn.Linear(2, 1)
+        for name in dir(TrainModule):
+            if name.startswith("on_") or name in ("configure_model", "setup", "teardown"):
+                setattr(self, name, self._recorder(name))
+
+    def _recorder(self, name: str) -> Any:
+        def record(*args: Any) -> None:
+            self.calls.append(f"module.{name}")
+
+        return record
+
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.calls.append("module.training_step")
+        return F.mse_loss(self.layer(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.calls.append("module.validation_step")
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        self.calls.append("module.configure_optimizers")
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_hook_order(tmp_path: Path) -> None:
+    calls: list[str] = []
+    data = TensorDataset(torch.randn(4, 2), torch.randn(4, 1))
+    trainer = Trainer(
+        max_epochs=1, accumulate_grad_batches=2, num_sanity_val_steps=1, limit_val_batches=1, logger=False,
+        default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Recorder(calls), RecordingCheckpoint(calls, dirpath=str(tmp_path / "ckpt"))],
+    )  # fmt: skip
+    trainer.fit(Module(calls), DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    train_batch = [
+        "callback.on_train_batch_start", "module.on_train_batch_start",
+        "module.training_step",
+        "callback.on_before_backward", "module.on_before_backward",
+        "callback.on_after_backward", "module.on_after_backward",
+    ]  # fmt: skip
+    batch_end = ["callback.on_train_batch_end", "module.on_train_batch_end"]
+    validation = [
+        "callback.on_validation_start", "module.on_validation_start",
+        "callback.on_validation_epoch_start", "module.on_validation_epoch_start",
+        "callback.on_validation_batch_start", "module.on_validation_batch_start",
+        "module.validation_step",
+        "callback.on_validation_batch_end", "module.on_validation_batch_end",
+        "callback.on_validation_epoch_end", "module.on_validation_epoch_end",
+    ]  # fmt: skip
+    expected = [
+        "callback.setup", "module.setup",
+        "module.configure_model", "module.configure_optimizers",
+        "callback.on_fit_start", "module.on_fit_start",
+        "callback.on_sanity_check_start",
+        *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
+        "callback.on_sanity_check_end",
+        "callback.on_train_start", "module.on_train_start",
+        "callback.on_train_epoch_start", "module.on_train_epoch_start",
+        *train_batch, *batch_end,  # batch 0 accumulates
+        *train_batch,  # batch 1 completes the window: the optimizer steps
+        "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
+        *batch_end,
+        *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
+        "callback.on_save_checkpoint", "module.on_save_checkpoint", "checkpoint.on_save_checkpoint",
+        "callback.on_train_epoch_end", "module.on_train_epoch_end",
+        "callback.on_train_end", "module.on_train_end",
+        "callback.on_fit_end", "module.on_fit_end",
+        "callback.teardown", "module.teardown",
+    ]  # fmt: skip
+    assert calls == expected

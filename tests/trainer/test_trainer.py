@@ -1,0 +1,282 @@
+"""Trainer features and errors, in one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import CheckpointError, DataModule, Trainer, TrainModule
+from ember.callbacks import EarlyStopping, ModelCheckpoint
+from ember.trainer.optim import parse_optimizers
+
+
+def _data(n: int = 16) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g))
+
+
+class Regressor(TrainModule):
+    def __init__(self, lr: float = 0.1, log_val: bool = True) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = F.mse_loss(self(batch[0]), batch[1])
+        self.log("loss", loss)
+        return {"loss": loss, "extra": 1}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if self.hparams["log_val"]:
+            self.log("val_loss", F.mse_loss(self(batch[0]), batch[1]))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", F.mse_loss(self(batch[0]), batch[1]))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return batch[0][:, 0]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    defaults: dict[str, Any] = {
+        "default_root_dir": str(tmp_path),
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return Trainer(**{**defaults, **kwargs})
+
+
+def _loader(n: int = 16, batch_size: int = 4, **kwargs: Any) -> DataLoader:
+    return DataLoader(_data(n), batch_size=batch_size, **kwargs)
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+def test_misspelled_argument_suggests_the_name() -> None:
+    with pytest.raises(TypeError, match=r"unexpected argument 'max_epoch'\. Did you mean 'max_epochs'\?"):
+        Trainer(max_epoch=3)
+    with pytest.raises(TypeError, match="'acumulate_grad_batches'. Did you mean 'accumulate_grad_batches'"):
+        Trainer(acumulate_grad_batches=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_epochs": -2}, "max_epochs=-2 must be an int >= -1"),
+        ({"accumulate_grad_batches": 0}, "accumulate_grad_batches=0 must be an int >= 1"),
+        ({"val_check_interval": 1.5}, r"val_check_interval=1\.5 must be an int >= 1"),
+        ({"limit_train_batches": 2.0}, r"limit_train_batches=2\.0 must be an int >= 0"),
+        ({"gradient_clip_algorithm": "l1"}, "gradient_clip_algorithm='l1'. Valid choices: 'norm', 'value'"),
+        ({"max_time": "forever"}, "max_time='forever' must be 'DD:HH:MM:SS'"),
+        ({"precision": "fp7"}, "precision='fp7' is not a known precision"),
+        ({"strategy": "dpp"}, "strategy='dpp' is not a known strategy"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Trainer(**kwargs)
+
+
+def test_val_check_interval_larger_than_the_epoch(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, val_check_interval=10, max_epochs=1)
+    with pytest.raises(ValueError, match="val_check_interval=10 is larger than the 4 training batches"):
+        trainer.fit(Regressor(), _loader(), _loader())
+    assert not (tmp_path / "logs").exists()  # refused before training (nothing logged)
+
+
+def test_training_step_returning_a_string(tmp_path: Path) -> None:
+    class Bad(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return "loss"
+
+    with pytest.raises(TypeError, match="training_step must return a loss tensor.*it returned str"):
+        _trainer(tmp_path, max_epochs=1).fit(Bad(), _loader())
+
+
+def test_monitor_key_never_logged(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(monitor="val_los")])
+    with pytest.raises(KeyError, match=r"monitor='val_los'.*could not find 'val_los'.*'val_loss'"):
+        trainer.fit(Regressor(), _loader(), _loader())
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[EarlyStopping(monitor="acc")])
+    with pytest.raises(KeyError, match=r"EarlyStopping\(monitor='acc'\)"):
+        trainer.fit(Regressor(), _loader())
+
+
+def test_ckpt_path_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="ckpt_path='nowhere' does not exist"):
+        _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="nowhere")
+    with pytest.raises(FileNotFoundError, match="ckpt_path='last': no such checkpoint"):
+        _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="last")
+
+
+def test_configure_optimizers_forms() -> None:
+    layer = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    assert parse_optimizers(opt) == ([opt], [])
+    opts, scheds = parse_optimizers(
+        {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+    )
+    assert opts == [opt] and scheds[0].monitor == "val_loss" and scheds[0].interval == "epoch"
+    with pytest.raises(ValueError, match="ReduceLROnPlateau needs a metric to watch"):
+        parse_optimizers({"optimizer": opt, "lr_scheduler": plateau})
+    with pytest.raises(ValueError, match="interval='batch' is not valid"):
+        parse_optimizers(
+            {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "interval": "batch", "monitor": "x"}}
+        )
+    with pytest.raises(TypeError, match="configure_optimizers\\(\\) returned str"):
+        parse_optimizers("adam")
+
+
+# -- features ---------------------------------------------------------------------------------------------
+def test_fit_validate_test_predict(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=1)
+    module = Regressor()
+    trainer.fit(module, _loader(), _loader())
+    assert trainer.global_step == 8 and trainer.current_epoch == 2
+    assert set(trainer.callback_metrics) >= {"loss", "val_loss"}
+    assert trainer.validate(dataloaders=_loader())[0].keys() == {"val_loss"}
+    test = trainer.test(dataloaders=_loader())
+    assert list(test[0]) == ["test_loss"] and test[0]["test_loss"] > 0
+    predictions = trainer.predict(dataloaders=_loader(10, 3))
+    assert torch.equal(torch.cat(predictions), _data(10).tensors[0][:, 0])
+    hparams = json.loads((Path(trainer.log_dir) / "hparams.json").read_text())
+    assert hparams == {"lr": 0.1, "log_val": True}
+    checkpoint = trainer.checkpoint_callback
+    assert checkpoint.last_model_path == "" and Path(checkpoint.best_model_path).name == "epoch=1-step=8"
+    state = json.loads((Path(checkpoint.best_model_path) / "trainer_state.json").read_text())
+    assert state["hyper_parameters"] == {"lr": 0.1, "log_val": True} and state["loop"]["global_step"] == 8
+
+
+def test_epoch_values_are_weighted_by_batch_size(tmp_path: Path) -> None:
+    class Weighted(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("size", float(batch[0].shape[0]))  # batches of 4, 4, 2: weighted mean = 36/10
+
+    trainer = _trainer(tmp_path, max_epochs=1, logger=False)
+    result = trainer.validate(Weighted(), _loader(10, 4))
+    assert result[0]["size"] == pytest.approx(3.6)
+
+
+def test_limits_fast_dev_run_and_max_steps(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=0.5)
+    trainer.fit(Regressor(), _loader(), _loader())
+    assert trainer.global_step == 6 and trainer.num_val_batches == [2]
+    trainer = _trainer(tmp_path, fast_dev_run=True)
+    trainer.fit(Regressor(), _loader(), _loader())
+    assert trainer.global_step == 1 and trainer.loggers == []
+    trainer = _trainer(tmp_path, max_steps=5, enable_checkpointing=False)
+    trainer.fit(Regressor(), _loader())
+    assert trainer.global_step == 5 and trainer.current_epoch == 2
+
+
+def test_early_stopping_and_top_k(tmp_path: Path) -> None:
+    class Plateau(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("metric", float(max(5 - self.current_epoch, 2)))  # improves, then stalls at 2
+
+    checkpoint = ModelCheckpoint(
+        monitor="metric", save_top_k=2, filename="{epoch}-{metric:.1f}", save_last=True
+    )
+    trainer = _trainer(tmp_path, max_epochs=20, callbacks=[EarlyStopping("metric", patience=2), checkpoint])
+    trainer.fit(Plateau(), _loader(), _loader())
+    assert trainer.current_epoch == 6  # epochs 0..5 ran: best at epoch 3, two more without improvement
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["epoch=3-metric=2.0", "epoch=4-metric=2.0", "last"]  # a tie does not replace
+    assert (
+        Path(checkpoint.best_model_path).name == "epoch=3-metric=2.0" and checkpoint.best_model_score == 2.0
+    )
+
+
+def test_ckpt_path_last_resumes(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=2, callbacks=[ModelCheckpoint(save_last=True)])
+    trainer.fit(Regressor(), _loader())
+    again = _trainer(tmp_path, max_epochs=3, callbacks=[ModelCheckpoint(save_last=True)])
+    again.fit(Regressor(), _loader(), ckpt_path="last")
+    assert again.global_step == 12 and again.current_epoch == 3
+
+
+def test_validate_with_ckpt_path_loads_weights(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trained = Regressor()
+    trainer.fit(trained, _loader())
+    fresh = Regressor()
+    result = _trainer(tmp_path).validate(
+        fresh, _loader(), ckpt_path=trainer.checkpoint_callback.best_model_path
+    )
+    assert torch.equal(fresh.layer.weight, trained.layer.weight) and "val_loss" in result[0]
+    with pytest.raises(CheckpointError, match="not by a Trainer"):
+        plain = tmp_path / "plain"
+        trainer.accelerator.save_state(plain)
+        _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path=str(plain))
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
+    class TwoOpt(Regressor):
+        automatic_optimization = False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            first, second = self.optimizers()
+            for optimizer, layer in ((first, self.layer), (second, self.other)):
+                loss = F.mse_loss(layer(batch[0]), batch[1])
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            scheduler = self.lr_schedulers()
+            scheduler.step()
+
+        def configure_optimizers(self) -> Any:
+            a = torch.optim.SGD(self.layer.parameters(), lr=0.1)
+            b = torch.optim.SGD(self.other.parameters(), lr=0.1)
+            return [a, b], [torch.optim.lr_scheduler.StepLR(a, 1, 0.5)]
+
+    module = TwoOpt()
+    before = module.other.weight.detach().clone()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(module, _loader())
+    assert not torch.equal(before, module.other.weight)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**4
+    with pytest.raises(ValueError, match="accumulate_grad_batches > 1 needs automatic optimization"):
+        _trainer(tmp_path, accumulate_grad_batches=2).fit(TwoOpt(), _loader())
+
+
+def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:
+    class Data(DataModule):
+        def __init__(self) -> None:
+            self.stages: list[str] = []
+
+        def setup(self, stage: str) -> None:
+            self.stages.append(stage)
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader()
+
+        def val_dataloader(self) -> DataLoader:
+            return _loader()
+
+    class Plateau(Regressor):
+        def configure_optimizers(self) -> Any:
+            opt = torch.optim.SGD(self.parameters(), lr=0.1)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5, threshold=10.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+    data = Data()
+    trainer = _trainer(tmp_path, max_epochs=3)
+    trainer.fit(Plateau(), datamodule=data)
+    assert data.stages == ["fit"]
+    assert trainer.optimizers[0].param_groups[0]["lr"] < 0.1
