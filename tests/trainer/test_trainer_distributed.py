@@ -1,0 +1,106 @@
+"""The Trainer on 2 real processes: started by itself from `python train.py`, or by `ember launch`."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from dist_helpers import PYTHON, run_command, run_processes
+
+EMBER = str(Path(PYTHON).parent / "ember")
+
+SCRIPT = """
+import json, sys, torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from ember import Trainer, TrainModule
+
+class Model(TrainModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+    def training_step(self, batch, batch_idx):
+        loss = F.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("loss", loss, sync_dist=True)
+        return loss
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.mse_loss(self.layer(batch[0]), batch[1]), sync_dist=True)
+    def predict_step(self, batch, batch_idx):
+        return batch[0][:, 0]
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+torch.manual_seed(0)
+x = torch.arange(26, dtype=torch.float32).reshape(13, 2)
+data = TensorDataset(x, x.sum(1, keepdim=True))
+trainer = Trainer(devices=DEVICES, strategy="ddp", max_epochs=2, default_root_dir=ROOT, log_every_n_steps=1,
+                  enable_progress_bar=False, enable_model_summary=False)
+module = Model()
+trainer.fit(module, DataLoader(data, batch_size=2, shuffle=True), DataLoader(data, batch_size=3))
+predictions = torch.cat(trainer.predict(dataloaders=DataLoader(data, batch_size=2)))
+with open(ROOT + f"/rank{trainer.global_rank}.json", "w") as f:
+    json.dump({"world": trainer.world_size, "step": trainer.global_step, "predictions": predictions.tolist(),
+               "weight": module.layer.weight.tolist(), "argv": sys.argv[1:]}, f)
+"""
+
+
+def _write(tmp_path: Path, devices: str) -> Path:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT.replace("DEVICES", devices).replace("ROOT", repr(str(tmp_path))))
+    return script
+
+
+def _check(tmp_path: Path) -> None:
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["step"] == 8  # 13 samples / (2 ranks x 2) -> 4 even steps per epoch
+    assert ranks[0]["weight"] == ranks[1]["weight"]
+    expected = [float(2 * i) for i in range(13)]  # predict: dataset order, each sample once
+    assert ranks[0]["predictions"] == ranks[1]["predictions"] == expected
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
+    assert sum(1 for r in rows if r["val_loss"]) == 2 and not (tmp_path / "logs" / "version_1").exists()
+
+
+def test_trainer_devices_2_from_plain_python(tmp_path: Path) -> None:
+    result = run_command([PYTHON, str(_write(tmp_path, "2")), "--flag"], timeout=180)
+    assert result.returncode == 0, result.stderr
+    _check(tmp_path)
+    assert json.loads((tmp_path / "rank1.json").read_text())["argv"] == ["--flag"]
+
+
+def test_trainer_under_ember_launch(tmp_path: Path) -> None:
+    result = run_command(
+        [EMBER, "launch", "--nproc-per-node", "2", str(_write(tmp_path, "'auto'"))], timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    _check(tmp_path)
+
+
+def _sync_worker(root: str) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ember import Trainer, TrainModule
+
+    class Model(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            rank = float(self.trainer.global_rank)
+            self.log("synced", torch.tensor(rank), sync_dist=True)
+            self.log("local", torch.tensor(rank))
+            self.log("biggest", torch.tensor(rank), sync_dist=True, reduce_fx="max")
+
+    trainer = Trainer(default_root_dir=root, enable_progress_bar=False, logger=False)
+    result = trainer.validate(Model(), DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2))
+    return result[0]
+
+
+def test_sync_dist_across_ranks(tmp_path: Path) -> None:
+    ranks = run_processes(_sync_worker, str(tmp_path), nprocs=2)
+    assert [r["synced"] for r in ranks] == [0.5, 0.5]
+    assert [r["local"] for r in ranks] == [0.0, 1.0]
+    assert [r["biggest"] for r in ranks] == [1.0, 1.0]
