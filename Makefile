@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/ember launch --nproc-per-node 2 examples/accelerate_loop.py
+	$(BIN)/ember launch --nproc-per-node 2 examples/digits.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(PACKAGES) tests examples $(wildcard benchmarks)

@@ -237,17 +237,18 @@ class Trainer:
                 "gradient_clip_val works with automatic optimization; call self.clip_gradients in manual mode"
             )
         module.configure_model()
+        # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
+        self._train_loader = self._prepare_loader(train)
+        self._val_loaders = [self._prepare_loader(v) for v in val]
+        self._set_batch_counts()
         optimizers, self.lr_scheduler_configs = parse_optimizers(module.configure_optimizers())
         if module.automatic_optimization and len(optimizers) != 1:
             raise ValueError(f"automatic optimization needs exactly one optimizer, got {len(optimizers)}; "
                              "set automatic_optimization = False to drive several")  # fmt: skip
         prepared = self.accelerator.prepare(module, *optimizers)
         self._model, self._step_optimizers = prepared[0], list(prepared[1:])
-        self._train_loader = self._prepare_loader(train)
-        self._val_loaders = [self._prepare_loader(v) for v in val]
         for scheduler in self.lr_scheduler_configs:
             self.accelerator.register_for_checkpointing(scheduler.scheduler)
-        self._set_batch_counts()
         self.state, self.should_stop, self._resumed = LoopState(), False, False
         if checkpoint is not None:
             checkpointing.restore(self, checkpoint)
