@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["LRSchedulerConfig", "parse_optimizers"]
+__all__ = ["LRSchedulerConfig", "parse_optimizers", "step_schedulers"]
 
 _INTERVALS = ("step", "epoch")
 _SCHEDULER_KEYS = {"scheduler", "interval", "frequency", "monitor", "name", "strict"}
@@ -99,3 +99,22 @@ def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRS
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"configure_optimizers(): {type(opt).__name__} is not a torch.optim.Optimizer")
     return optimizers, [_scheduler_config(s) for s in schedulers]
+
+
+def step_schedulers(
+    configs: list[LRSchedulerConfig], interval: str, count: int, metrics: dict[str, Any]
+) -> None:
+    """Step the schedulers of ``interval`` whose ``frequency`` divides ``count`` (steps or epochs done)."""
+    for config in configs:
+        if config.interval != interval or count % config.frequency:
+            continue
+        if not config.is_plateau:
+            config.scheduler.step()
+            continue
+        assert config.monitor is not None
+        if config.monitor in metrics:
+            config.scheduler.step(metrics[config.monitor])
+        elif config.strict:
+            raise KeyError(
+                f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. Logged metrics: {sorted(metrics)}"
+            )

@@ -18,12 +18,13 @@ from ember.precision import Precision
 from ember.strategies import Strategy
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
+from ember.trainer.data import find_loaders, val_check_batch
 from ember.trainer.hooks import call_hook
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
-from ember.trainer.optim import LRSchedulerConfig, parse_optimizers
+from ember.trainer.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 from ember.trainer.state import LoopState
 
 __all__ = ["Trainer"]
@@ -99,6 +100,7 @@ class Trainer:
         self._module: TrainModule | None = None
         self._model: torch.nn.Module | None = None
         self._step_optimizers: list[Any] = []
+        self._optimizer_hooks: list[Any] = []
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
         self._train_loader: PreparedDataLoader | None = None
         self._val_loaders: list[PreparedDataLoader] = []
@@ -249,6 +251,9 @@ class Trainer:
         self._model, self._step_optimizers = prepared[0], list(prepared[1:])
         for scheduler in self.lr_scheduler_configs:
             self.accelerator.register_for_checkpointing(scheduler.scheduler)
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = [] if module.automatic_optimization else self._count_manual_steps()
         self.state, self.should_stop, self._resumed = LoopState(), False, False
         if checkpoint is not None:
             checkpointing.restore(self, checkpoint)
@@ -335,40 +340,21 @@ class Trainer:
             datamodule.setup(stage)
         call_hook(self, "setup", stage)
 
-    def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
-        source = given
-        if source is None and datamodule is not None:
-            source = getattr(datamodule, f"{kind}_dataloader")()
-        if source is None and callable(getattr(self.module, f"{kind}_dataloader", None)):
-            source = getattr(self.module, f"{kind}_dataloader")()
-        loaders = _as_list(source)
-        for loader in loaders:
-            if not isinstance(loader, DataLoader):
-                raise TypeError(
-                    f"{kind} data must be torch.utils.data.DataLoader objects, got {type(loader).__name__}"
-                )
-        return loaders
-
     def _prepare_loader(self, loader: DataLoader[Any]) -> PreparedDataLoader:
         return self.accelerator.prepare_data_loader(loader, shard=self.config.use_distributed_sampler)
 
+    def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
+        return find_loaders(kind, given, datamodule, self.module)
+
     def _set_batch_counts(self) -> None:
-        config = self.config
         assert self._train_loader is not None
-        self.num_training_batches = resolve_limit(config.limit_train_batches, _length(self._train_loader))
+        self.num_training_batches = resolve_limit(
+            self.config.limit_train_batches, _length(self._train_loader)
+        )
         self.num_val_batches = self._val_limits()
-        interval = config.val_check_interval
-        if isinstance(interval, int):
-            if self._val_loaders and interval > self.num_training_batches:
-                raise ValueError(
-                    f"val_check_interval={interval} is larger than the {self.num_training_batches} training batches "
-                    "of an epoch; use a smaller int, or a float fraction of the epoch such as 0.25"
-                )
-            self._val_check_batch = interval
-        elif math.isinf(self.num_training_batches):
-            self._val_check_batch = 2**62 if interval == 1.0 else 1
-        else:
-            self._val_check_batch = max(1, int(self.num_training_batches * interval))
+        self._val_check_batch = val_check_batch(
+            self.config, self.num_training_batches, bool(self._val_loaders)
+        )
 
     def _val_limits(self) -> list[int | float]:
         return [resolve_limit(self.config.limit_val_batches, _length(v)) for v in self._val_loaders]
@@ -404,25 +390,26 @@ class Trainer:
         self.accelerator.backward(loss, **kwargs)
         call_hook(self, "on_after_backward")
 
+    def _count_manual_steps(self) -> list[Any]:
+        """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it."""
+
+        def before(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            call_hook(self, "on_before_optimizer_step", optimizer)
+
+        def after(*_: Any) -> None:
+            self.state.global_step += 1
+
+        handles = []
+        for prepared in self._step_optimizers:
+            handles.append(prepared.optimizer.register_step_pre_hook(before))
+            handles.append(prepared.optimizer.register_step_post_hook(after))
+        return handles
+
     def _step_schedulers(self, interval: str) -> None:
         if not self.module.automatic_optimization:
             return  # manual optimisation steps its schedulers itself (self.lr_schedulers())
         count = self.state.global_step if interval == "step" else self.state.epoch + 1
-        for config in self.lr_scheduler_configs:
-            if config.interval != interval or count % config.frequency:
-                continue
-            if config.is_plateau:
-                assert config.monitor is not None
-                if config.monitor not in self.callback_metrics:
-                    if not config.strict:
-                        continue
-                    raise KeyError(
-                        f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. "
-                        f"Logged metrics: {sorted(self.callback_metrics)}"
-                    )
-                config.scheduler.step(self.callback_metrics[config.monitor])
-            else:
-                config.scheduler.step()
+        step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics)
 
     def _write_row(self, values: dict[str, torch.Tensor]) -> None:
         """Send logged values to the loggers (here, and only here, tensors become Python floats)."""

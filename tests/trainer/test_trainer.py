@@ -250,9 +250,23 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=1)
     trainer.fit(module, _loader())
     assert not torch.equal(before, module.other.weight)
+    assert trainer.global_step == 8  # 2 optimizer steps per batch, 4 batches
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.1 * 0.5**4
     with pytest.raises(ValueError, match="accumulate_grad_batches > 1 needs automatic optimization"):
         _trainer(tmp_path, accumulate_grad_batches=2).fit(TwoOpt(), _loader())
+
+
+def test_max_time_and_monitors(tmp_path: Path) -> None:
+    from ember.callbacks import LearningRateMonitor, ThroughputMonitor
+
+    trainer = _trainer(tmp_path, max_time={"seconds": 0}, max_epochs=5)
+    trainer.fit(Regressor(), _loader())
+    assert trainer.global_step == 1  # the Timer stopped the fit after the first batch
+    monitors = [LearningRateMonitor(), ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0])]
+    trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=2, callbacks=monitors)
+    trainer.fit(Regressor(), _loader())
+    header = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"lr-SGD", "train/samples_per_sec", "train/batches_per_sec"} <= set(header)
 
 
 def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:

@@ -1,0 +1,48 @@
+"""Where the Trainer's data comes from, and how many batches each loop runs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from ember.trainer.config import TrainerConfig
+from ember.trainer.module import DataModule, TrainModule
+
+__all__ = ["find_loaders", "val_check_batch"]
+
+
+def find_loaders(
+    kind: str, given: Any, datamodule: DataModule | None, module: TrainModule
+) -> list[DataLoader[Any]]:
+    """``kind`` loaders from the call's arguments, else the DataModule, else the module's ``<kind>_dataloader()``."""
+    source = given
+    if source is None and datamodule is not None:
+        source = getattr(datamodule, f"{kind}_dataloader")()
+    if source is None and callable(getattr(module, f"{kind}_dataloader", None)):
+        source = getattr(module, f"{kind}_dataloader")()
+    if source is None:
+        return []
+    loaders = list(source) if isinstance(source, (list, tuple)) else [source]
+    for loader in loaders:
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"{kind} data must be torch.utils.data.DataLoader objects, got {type(loader).__name__}"
+            )
+    return loaders
+
+
+def val_check_batch(config: TrainerConfig, num_training_batches: int | float, has_val: bool) -> int:
+    """Validate every this many training batches (``val_check_interval``: a count, or a fraction of the epoch)."""
+    interval = config.val_check_interval
+    if isinstance(interval, int):
+        if has_val and interval > num_training_batches:
+            raise ValueError(
+                f"val_check_interval={interval} is larger than the {num_training_batches} training batches "
+                "of an epoch; use a smaller int, or a float fraction of the epoch such as 0.25"
+            )
+        return interval
+    if math.isinf(num_training_batches):
+        return 2**62 if interval == 1.0 else 1
+    return max(1, int(num_training_batches * interval))
