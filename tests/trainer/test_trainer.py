@@ -294,3 +294,14 @@ def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:
     trainer.fit(Plateau(), datamodule=data)
     assert data.stages == ["fit"]
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.1
+
+
+def test_resume_from_another_directory_leaves_its_log_alone(tmp_path: Path) -> None:
+    first = _trainer(tmp_path / "a", max_epochs=1, log_every_n_steps=1)
+    first.fit(Regressor(), _loader())
+    original = (Path(first.log_dir) / "metrics.csv").read_text()
+    elsewhere = _trainer(tmp_path / "b", max_epochs=2, log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="logged to"):
+        elsewhere.fit(Regressor(), _loader(), ckpt_path=first.checkpoint_callback.best_model_path)
+    assert (Path(first.log_dir) / "metrics.csv").read_text() == original
+    assert Path(elsewhere.log_dir) == tmp_path / "b" / "logs" / "version_0"

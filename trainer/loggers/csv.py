@@ -19,9 +19,10 @@ __all__ = ["CSVLogger"]
 class CSVLogger(Logger):
     """Metric rows in a CSV file, one column per metric (the default logger).
 
-    The version is the next free ``version_N`` unless given. When a fit resumes from a checkpoint,
-    the logger continues the checkpointed run's file: rows written after that checkpoint (by the
-    interrupted run) are dropped, so the file reads as if the run never stopped.
+    The version is the next free ``version_N`` unless given. When a fit resumes from a checkpoint
+    whose run logged to this logger's directory, the logger continues that run's file: rows written
+    after the checkpoint (by the interrupted run) are dropped, so the file reads as if the run never
+    stopped. A checkpoint from a run that logged elsewhere starts a new version.
 
     Example::
 
@@ -116,11 +117,25 @@ class CSVLogger(Logger):
     @override
     def state_dict(self) -> dict[str, Any]:
         self.save()
-        return {"version": self.version, "rows": self._rows_written, "columns": list(self._columns)}
+        return {
+            "version": self.version,
+            "rows": self._rows_written,
+            "columns": list(self._columns),
+            "log_dir": str(Path(self.log_dir).resolve()),
+        }
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._version = state["version"]
+        version = state["version"]
+        folder = version if isinstance(version, str) else f"version_{version}"
+        if (self._save_dir / self._name / folder).resolve() != Path(state["log_dir"]):
+            # The checkpoint's run logged elsewhere: never touch that directory's files from here.
+            warnings.warn(
+                f"the checkpoint's run logged to {state['log_dir']}; this run logs to {self.log_dir} from its start",
+                stacklevel=2,
+            )
+            return
+        self._version = version
         self._columns = list(state["columns"])
         self._rows = []
         path = self.metrics_file
