@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
+from dist_helpers import RANK_VARIABLES
 
 
 @pytest.fixture(autouse=True)
@@ -36,19 +37,7 @@ def _restore_rng_and_dtype() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _single_process_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests in this process are rank 0 of 1 unless they set the variables themselves."""
-    for name in (
-        "RANK",
-        "LOCAL_RANK",
-        "WORLD_SIZE",
-        "LOCAL_WORLD_SIZE",
-        "MASTER_ADDR",
-        "MASTER_PORT",
-        "GROUP_RANK",
-        "TORCHELASTIC_RUN_ID",
-        "EMBER_STRATEGY",
-        "EMBER_PRECISION",
-        "EMBER_ACCELERATOR",
-    ):
+    for name in RANK_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     for name in [n for n in os.environ if n.startswith("SLURM_")]:
         monkeypatch.delenv(name, raising=False)

@@ -28,6 +28,11 @@ from typing import Any
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 PYTHON = sys.executable
+# What a launcher or `ember launch` sets; a test process starts without them.
+RANK_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION", "EMBER_ACCELERATOR",
+)  # fmt: skip
 
 _BOOTSTRAP = """
 import importlib.util, json, sys
@@ -50,22 +55,7 @@ def free_port() -> int:
 
 def base_env(**extra: str) -> dict[str, str]:
     """A clean environment for child processes: no inherited rank variables, one thread each."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "RANK",
-            "LOCAL_RANK",
-            "WORLD_SIZE",
-            "LOCAL_WORLD_SIZE",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            "GROUP_RANK",
-            "TORCHELASTIC_RUN_ID",
-        )
-        and not k.startswith(("EMBER_", "SLURM_"))
-    }
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 

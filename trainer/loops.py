@@ -3,8 +3,9 @@ the hook order they follow is the contract written in ``hooks.py``."""
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,6 +180,22 @@ def _end_epoch(trainer: Trainer) -> None:
     call_hook(trainer, "on_train_epoch_end", part="monitoring")
 
 
+def _limited(loader: PreparedDataLoader, limit: int | float) -> Iterator[tuple[int, Any]]:
+    """``(batch_idx, batch)`` for at most ``limit`` batches; the loader's pass is closed when we stop early."""
+    batches = iter(loader)
+    try:
+        for batch_idx in itertools.count():
+            if batch_idx >= limit:
+                return
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch_idx, batch
+    finally:
+        batches.close()  # type: ignore[attr-defined]
+
+
 # -- evaluation ------------------------------------------------------------------------------------
 def run_evaluation(
     trainer: Trainer,
@@ -198,22 +215,12 @@ def run_evaluation(
     with torch.no_grad():
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
-            batches = iter(loader)
-            try:
-                batch_idx = 0
-                while batch_idx < limit:
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    store.begin_batch(batch)
-                    extra = (loader_idx,) if several else ()
-                    call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
-                    output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
-                    call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
-                    batch_idx += 1
-            finally:
-                batches.close()  # type: ignore[attr-defined]
+            for batch_idx, batch in _limited(loader, limit):
+                store.begin_batch(batch)
+                extra = (loader_idx,) if several else ()
+                call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
+                output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
+                call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
         store.dataloader_suffix = ""
     store.finish_epoch()
     call_hook(trainer, f"on_{prefix}_epoch_end")
@@ -245,24 +252,14 @@ def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: lis
     with torch.no_grad():
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []
-            batches = iter(loader)
-            try:
-                batch_idx = 0
-                while batch_idx < limit:
-                    try:
-                        batch = next(batches)
-                    except StopIteration:
-                        break
-                    call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
-                    extra = (loader_idx,) if several else ()
-                    output = accelerator.gather_for_metrics(
-                        call_step(trainer, "predict_step", batch, batch_idx, *extra)
-                    )
-                    call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
-                    outputs.append(output)
-                    batch_idx += 1
-            finally:
-                batches.close()  # type: ignore[attr-defined]
+            for batch_idx, batch in _limited(loader, limit):
+                call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
+                extra = (loader_idx,) if several else ()
+                output = accelerator.gather_for_metrics(
+                    call_step(trainer, "predict_step", batch, batch_idx, *extra)
+                )
+                call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
+                outputs.append(output)
             results.append(outputs)
     call_hook(trainer, "on_predict_epoch_end")
     call_hook(trainer, "on_predict_end")
