@@ -1,0 +1,146 @@
+"""The Trainer's read-only view for users and callbacks (global_step, callback_metrics, log_dir ...)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ember.accelerator import Accelerator
+from ember.data import PreparedDataLoader
+from ember.precision import Precision
+from ember.strategies import Strategy
+from ember.trainer.config import TrainerConfig
+from ember.trainer.loggers import Logger
+from ember.trainer.logging import MetricStore
+from ember.trainer.state import LoopState
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+
+__all__ = ["TrainerProperties"]
+
+
+class TrainerProperties:
+    """Mixed into :class:`~ember.trainer.Trainer`: properties derived from its state, nothing stored here."""
+
+    config: TrainerConfig
+    accelerator: Accelerator
+    state: LoopState
+    loggers: list[Logger]
+    default_root_dir: str
+    callbacks: list[Any]
+    num_training_batches: int | float
+    _metrics: MetricStore
+    _module: TrainModule | None
+    _model: torch.nn.Module | None
+    _step_optimizers: list[Any]
+    _train_loader: PreparedDataLoader | None
+    _val_loaders: list[PreparedDataLoader]
+
+    # -- what users and callbacks read ----------------------------------------------------------
+    @property
+    def module(self) -> TrainModule:
+        if self._module is None:
+            raise RuntimeError("the Trainer has no module yet: call fit/validate/test/predict first")
+        return self._module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The prepared (strategy-wrapped) module the loops run through."""
+        if self._model is None:
+            raise RuntimeError("the Trainer has no prepared model yet: call fit/validate/test/predict first")
+        return self._model
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.accelerator.strategy
+
+    @property
+    def precision(self) -> Precision:
+        return self.accelerator.precision
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def current_epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def total_batch_idx(self) -> int:
+        return self.state.total_batch_idx
+
+    @property
+    def global_rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def local_rank(self) -> int:
+        return self.accelerator.local_process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def max_epochs(self) -> int | None:
+        return self.config.max_epochs
+
+    @property
+    def max_steps(self) -> int:
+        return self.config.max_steps
+
+    @property
+    def log_every_n_steps(self) -> int:
+        return self.config.log_every_n_steps
+
+    @property
+    def callback_metrics(self) -> dict[str, torch.Tensor]:
+        return self._metrics.callback_metrics
+
+    @property
+    def progress_bar_metrics(self) -> dict[str, float]:
+        """Values logged with ``prog_bar=True`` as floats (converted here, when a progress bar draws)."""
+        return {k: float(v) for k, v in self._metrics.progress_bar.items()}
+
+    @property
+    def logger(self) -> Logger | None:
+        return self.loggers[0] if self.loggers else None
+
+    @property
+    def log_dir(self) -> str | None:
+        return self.loggers[0].log_dir if self.loggers else self.default_root_dir
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o.optimizer for o in self._step_optimizers]
+
+    @property
+    def train_dataloader(self) -> PreparedDataLoader | None:
+        return self._train_loader
+
+    @property
+    def val_dataloaders(self) -> list[PreparedDataLoader]:
+        return self._val_loaders
+
+    @property
+    def checkpoint_callback(self) -> Any:
+        from ember.callbacks.model_checkpoint import ModelCheckpoint
+
+        return next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+
+    @property
+    def estimated_stepping_batches(self) -> int | float:
+        """Optimizer steps the fit will take (for sizing schedules), from max_steps or epochs x batches."""
+        per_epoch = math.ceil(self.num_training_batches / self.config.accumulate_grad_batches)
+        by_epochs = (
+            per_epoch * self.config.max_epochs if self.config.max_epochs not in (None, -1) else math.inf
+        )
+        return min(self.config.max_steps, by_epochs) if self.config.max_steps != -1 else by_epochs
