@@ -7,10 +7,11 @@ backend is one new module plus one line here.
 from ember.strategies.base import STRATEGY_REGISTRY, BackwardSyncControl, Strategy
 from ember.strategies.ddp import DDPConfig, DDPStrategy
 from ember.strategies.environment import ProcessEnvironment, detect_environment
+from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
 
-for _strategy in (SingleDeviceStrategy, DDPStrategy):
+for _strategy in (SingleDeviceStrategy, DDPStrategy, FSDPStrategy):
     _strategy.register_strategies(STRATEGY_REGISTRY)
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "BackwardSyncControl",
     "DDPConfig",
     "DDPStrategy",
+    "FSDPConfig",
+    "FSDPStrategy",
     "ParallelStrategy",
     "ProcessEnvironment",
     "SingleDeviceStrategy",

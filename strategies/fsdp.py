@@ -1,0 +1,280 @@
+"""Fully sharded data parallel on PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor).
+
+Each parameter is split along its first dimension across the processes; a shard unit gathers its
+full parameters just before it runs and frees them after (``reshard_after_forward``). Which
+submodules become their own unit is the wrapping policy — chosen here, not by the user's model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from ember._registry import Registry
+from ember.precision import HalfPrecision, MixedPrecision, Precision
+from ember.strategies.base import BackwardSyncControl, Strategy
+from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.parallel import ParallelStrategy
+
+__all__ = ["FSDPConfig", "FSDPStrategy"]
+
+WrapPolicy = str | set[type[nn.Module]] | Callable[[nn.Module], bool] | None
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class FSDPConfig:
+    """Options of :class:`FSDPStrategy`.
+
+    ``wrap``: which submodules become their own shard unit — ``"auto"`` (each direct child of a
+    ``ModuleList``/``Sequential``, or any submodule, holding at least ``min_params`` parameters), a set of
+    module classes, a predicate ``module -> bool``, or ``None`` (only the root). The root is always
+    sharded. ``reshard_after_forward=False`` keeps gathered parameters until backward (ZeRO-2 like).
+    ``offload`` keeps parameters, gradients and optimizer state on the CPU. ``activation_checkpointing``
+    recomputes the activations of those block classes in backward. ``reduce_dtype`` overrides the
+    gradient reduction dtype the precision implies.
+    """
+
+    wrap: WrapPolicy = "auto"
+    min_params: int = 100_000
+    reshard_after_forward: bool = True
+    offload: bool = False
+    activation_checkpointing: set[type[nn.Module]] = field(default_factory=set)
+    reduce_dtype: torch.dtype | None = None
+    process_group_backend: str | None = None
+    timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.wrap, str) and self.wrap != "auto":
+            raise ValueError(f"wrap={self.wrap!r}: use 'auto', a set of module classes, a callable or None")
+        if isinstance(self.wrap, set) and not all(
+            isinstance(c, type) and issubclass(c, nn.Module) for c in self.wrap
+        ):
+            raise ValueError(f"wrap={self.wrap!r}: a set must hold nn.Module subclasses")
+        if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 1:
+            raise ValueError(f"min_params={self.min_params!r} must be an int >= 1")
+        if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in self.activation_checkpointing):
+            raise ValueError(
+                f"activation_checkpointing={self.activation_checkpointing!r} must be a set of nn.Module classes"
+            )
+        if self.reduce_dtype is not None and not self.reduce_dtype.is_floating_point:
+            raise ValueError(f"reduce_dtype={self.reduce_dtype} must be a floating-point dtype")
+
+
+class FSDPStrategy(ParallelStrategy, BackwardSyncControl):
+    """Shard parameters, gradients and optimizer state across processes.
+
+    Example::
+
+        Trainer(strategy=FSDPStrategy(FSDPConfig(wrap={Block}, activation_checkpointing={Block})), devices=2)
+    """
+
+    strategy_name = "fsdp"
+
+    def __init__(self, config: FSDPConfig | None = None) -> None:
+        self.config = config or FSDPConfig()
+        super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
+        self._optimizer_models: dict[int, nn.Module] = {}
+
+    @classmethod
+    @override
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        registry.register("fsdp", cls, "FSDP2: parameters, gradients and optimizer state sharded")
+        registry.register(
+            "fsdp_offload", cls, "fsdp with everything offloaded to the CPU", config=FSDPConfig(offload=True)
+        )
+        registry.register(
+            "fsdp_shard_grad_op",
+            cls,
+            "fsdp keeping gathered parameters from forward to backward (ZeRO-2 like)",
+            config=FSDPConfig(reshard_after_forward=False),
+        )
+
+    @override
+    def connect(
+        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
+    ) -> None:
+        super().connect(
+            device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
+        )
+        self._mp_policy()  # contradictory precision settings fail here, before any process starts
+
+    # -- precision: one source of truth ----------------------------------------------------------
+    def _mp_policy(self) -> MixedPrecisionPolicy:
+        precision, reduce = self.precision, self.config.reduce_dtype
+        if isinstance(precision, MixedPrecision):
+            # fp32 sharded master weights; forward/backward on low-precision gathered copies.
+            return MixedPrecisionPolicy(param_dtype=precision.dtype, reduce_dtype=reduce or torch.float32)
+        if isinstance(precision, HalfPrecision):
+            if reduce is not None and reduce != precision.dtype:
+                raise ValueError(
+                    f"precision={precision.name!r} keeps everything in {precision.dtype}, but FSDPConfig(reduce_dtype="
+                    f"{reduce}) asks for another reduction dtype; use a '-mixed' precision for that"
+                )
+            return MixedPrecisionPolicy()
+        return MixedPrecisionPolicy(reduce_dtype=reduce)
+
+    # -- sharding ---------------------------------------------------------------------------------
+    def _units(self, root: nn.Module) -> list[nn.Module]:
+        """Submodules that become their own shard unit, children before parents."""
+        wrap = self.config.wrap
+        if wrap is None:
+            return []
+        if wrap == "auto":
+            minimum = self.config.min_params
+
+            def chosen(m: nn.Module) -> bool:
+                return sum(p.numel() for p in m.parameters()) >= minimum
+
+        elif isinstance(wrap, set):
+            classes = tuple(wrap)
+
+            def chosen(m: nn.Module) -> bool:
+                return isinstance(m, classes)
+
+        else:
+            chosen = wrap  # type: ignore[assignment]
+        units = [m for m in root.modules() if m is not root and chosen(m)]
+        if wrap == "auto":  # the outermost big blocks only: a unit inside a unit adds no memory saving
+            units = [m for m in units if not any(m is not o and _contains(o, m) for o in units)]
+        return list(reversed(units))
+
+    @override
+    def setup_module_and_optimizers(
+        self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+    ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        # fully_shard replaces each parameter by a sharded one: remember which (module, name) every
+        # parameter of every optimizer is, then point the optimizers at the new parameters.
+        owners = {id(p): (m, name) for m in modules for name, p in m.named_parameters()}
+        plans = []
+        for optimizer in optimizers:
+            if optimizer.state:
+                raise ValueError(
+                    "prepare() the optimizer before its first step: FSDP replaces the parameters it holds"
+                )
+            plans.append(
+                (optimizer, [[_owner(owners, p) for p in g["params"]] for g in optimizer.param_groups])
+            )
+        prepared = [self.setup_module(m) for m in modules]
+        for optimizer, groups in plans:
+            for group, params in zip(optimizer.param_groups, groups, strict=True):
+                group["params"] = [module.get_parameter(name) for module, name in params]
+            self._optimizer_models[id(optimizer)] = groups[0][0][0] if groups and groups[0] else prepared[0]
+        return prepared, list(optimizers)
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        if isinstance(self.precision, HalfPrecision):
+            module = self.precision.convert_module(module)
+        if self.config.activation_checkpointing:
+            from torch.distributed._composable import checkpoint  # type: ignore[attr-defined]
+
+            # Before sharding (torchtitan's order): recompute each block's activations in backward.
+            for block in [
+                m for m in module.modules() if isinstance(m, tuple(self.config.activation_checkpointing))
+            ]:
+                checkpoint(block)
+        offload: OffloadPolicy = (
+            CPUOffloadPolicy(pin_memory=self._device_type == "cuda")
+            if self.config.offload
+            else OffloadPolicy()
+        )
+        options: dict[str, Any] = {
+            "reshard_after_forward": self.config.reshard_after_forward,
+            "mp_policy": self._mp_policy(),
+            "offload_policy": offload,
+        }
+        on_meta = any(p.device.type == "meta" for p in module.parameters())
+        if not on_meta and not self.config.offload:
+            module = module.to(self.root_device)
+        for unit in self._units(module):
+            fully_shard(unit, **options)
+        fully_shard(module, **options)
+        if on_meta:  # built without memory: each rank materialises only its shards
+            module.to_empty(device="cpu" if self.config.offload else self.root_device)
+            for sub in module.modules():
+                reset = getattr(sub, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+        return module
+
+    @override
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        if not isinstance(module, FSDPModule):
+            raise TypeError(
+                f"no_backward_sync needs a module prepared by FSDPStrategy, got {type(module).__name__}"
+            )
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+
+    @override
+    def clip_gradients_norm(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        max_norm: float,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor:
+        norm = super().clip_gradients_norm(parameters, optimizers, max_norm, norm_type)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the total norm over all shards
+
+    # -- state ------------------------------------------------------------------------------------
+    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    @override
+    def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = get_model_state_dict(module, options=self._FULL)  # type: ignore[assignment]
+        return state  # a collective; full tensors on rank 0
+
+    @override
+    def load_module_state_dict(
+        self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+    ) -> None:
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        set_model_state_dict(module, dict(state), options=options)
+
+    @override
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return get_optimizer_state_dict(self._optimizer_models[id(optimizer)], optimizer, options=self._FULL)
+
+    @override
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        model = self._optimizer_models[id(optimizer)]
+        set_optimizer_state_dict(
+            model, optimizer, dict(state), options=StateDictOptions(full_state_dict=True)
+        )
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _owner(owners: dict[int, tuple[nn.Module, str]], param: Any) -> tuple[nn.Module, str]:
+    if id(param) not in owners:
+        raise ValueError("FSDP: prepare() the optimizer together with the model whose parameters it holds")
+    return owners[id(param)]
