@@ -2,7 +2,7 @@
 
 Hooks receive the :class:`~ember.trainer.Trainer` and the :class:`~ember.trainer.TrainModule`.
 The order in which the Trainer calls them (interleaved with the module's own hooks) is written
-down once, in ``ember/trainer/hooks.py`` and ``docs/concepts/hooks.md``.
+down once, in ``docs/concepts/hooks.md``.
 """
 
 from __future__ import annotations

@@ -84,3 +84,32 @@ def fit(root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 
         with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
             rows = list(csv.reader(f))
     return {"params": params, "rows": rows, "step": trainer.global_step, "log_dir": trainer.log_dir}
+
+
+class PlateauNet(Net):
+    def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0, factor=0.5, threshold=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+
+def fit_epochs(root: str, epochs: int, resume: str = "", then_test: bool = False) -> dict:
+    """Default checkpointing (after each epoch's validation, with ``last``); optionally a test run after."""
+    torch.manual_seed(0)
+    trainer = Trainer(
+        max_epochs=epochs, accumulate_grad_batches=2, log_every_n_steps=1, default_root_dir=root,
+        callbacks=[ModelCheckpoint(save_last=True)], enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    module = PlateauNet()
+    trainer.fit(module, DataLoader(dataset(), batch_size=4, shuffle=True), DataLoader(dataset(12), batch_size=5),
+                ckpt_path=resume or None)  # fmt: skip
+    if then_test:  # a column the checkpoint never saw
+        trainer.test(dataloaders=DataLoader(dataset(12), batch_size=5))
+    params = [v.hex() for v in torch.cat([p.detach().flatten() for p in module.parameters()]).tolist()]
+    with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    return {"params": params, "rows": rows, "lr": lr}

@@ -56,11 +56,11 @@ def resolve_limit(limit: int | float, available: int | float) -> int | float:
 
 @dataclass(kw_only=True, slots=True)
 class TrainerConfig:
-    accelerator: str = "auto"
-    strategy: Any = "auto"
+    accelerator: str | None = None  # None: ember launch's --accelerator, else "auto"
+    strategy: Any = None  # None: ember launch's --strategy, else "auto"
     devices: int | str = "auto"
     num_nodes: int = 1
-    precision: Any = "32-true"
+    precision: Any = None  # None: ember launch's --precision, else "32-true"
     max_epochs: int | None = None
     max_steps: int = -1
     max_time: str | timedelta | dict[str, int] | None = None

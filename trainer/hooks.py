@@ -20,7 +20,7 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     """Call hook ``name`` on the callbacks and the module, in the documented order.
 
     ``part="first"`` stops before the monitoring callbacks and ``part="monitoring"`` calls only
-    them: the loop does its own work in between (see the pseudocode above). Returns what the
+    them: the loop does its own work in between (docs/concepts/hooks.md). Returns what the
     module's hook returned.
     """
     module = trainer.module

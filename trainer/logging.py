@@ -70,6 +70,7 @@ class MetricStore:
         self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
         self.batch_size = 1
         self._entries: dict[str, _Entry] = {}
+        self._parked: dict[str, _Entry] | None = None  # training aggregates while validation runs
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
         self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
         self.callback_metrics: dict[str, torch.Tensor] = {}
@@ -212,10 +213,13 @@ class MetricStore:
         row, self.epoch_row = self.epoch_row, {}
         return row
 
-    def swap_entries(self, entries: dict[str, Any]) -> dict[str, Any]:
-        """Park the running stage's aggregates (training) while another stage (validation) runs."""
-        previous, self._entries = self._entries, entries
-        return previous
+    def park(self) -> None:
+        """Set the training epoch's aggregates aside while a validation run logs its own."""
+        self._parked, self._entries = self._entries, {}
+
+    def unpark(self) -> None:
+        assert self._parked is not None
+        self._entries, self._parked = self._parked, None
 
     def reset(self) -> None:
         """Forget everything of the running stage (a new fit, validate, or sanity check)."""
@@ -226,10 +230,12 @@ class MetricStore:
 
     # -- mid-epoch checkpoints ------------------------------------------------------------------------
     def state_dict(self, module: nn.Module) -> dict[str, Any]:
-        """The running aggregates, with torchmetrics metrics named by their path in ``module``."""
+        """The training epoch's running aggregates (parked or not), torchmetrics states named by their
+        path in ``module``, and the callback metrics (monitored values after a resume)."""
         paths = {id(m): name for name, m in module.named_modules() if isinstance(m, Metric)}
         entries = {}
-        for key, entry in self._entries.items():
+        training = self._parked if self._parked is not None else self._entries
+        for key, entry in training.items():
             state = dataclasses.asdict(entry)
             state["metric"] = paths.get(id(entry.metric)) if entry.metric is not None else None
             entries[key] = state
@@ -238,7 +244,7 @@ class MetricStore:
             for name, m in module.named_modules()
             if isinstance(m, Metric)
         }
-        return {"entries": entries, "metrics": metrics}
+        return {"entries": entries, "metrics": metrics, "callback_metrics": dict(self.callback_metrics)}
 
     def load_state_dict(self, state: dict[str, Any], module: nn.Module) -> None:
         modules = dict(module.named_modules())
@@ -253,6 +259,7 @@ class MetricStore:
                 setattr(metric, attr, value)
             metric._update_count = saved["update_count"]
             metric._computed = None
+        self.callback_metrics.update(state["callback_metrics"])
 
 
 def _as_scalar(name: str, value: Any) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The loops: fit, evaluation (validate / test / sanity check) and predict. They read top to bottom;
-the hook order they follow is the contract written in ``hooks.py``."""
+the hook order they follow is the contract written in docs/concepts/hooks.md."""
 
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def run_evaluation(
     """One pass over the validation (``prefix="validation"``) or test loaders; returns metrics per loader."""
     module, store = trainer.module, trainer._metrics
     was_training = module.training
-    parked = store.swap_entries({})  # keep the training epoch's aggregates aside
+    store.park()  # keep the training epoch's aggregates aside
     module.eval()
     call_hook(trainer, f"on_{prefix}_start")
     call_hook(trainer, f"on_{prefix}_epoch_start")
@@ -230,7 +230,7 @@ def run_evaluation(
     if at_epoch_end:
         trainer.state.val_done = True  # a checkpoint saved in on_validation_end resumes after this run
     call_hook(trainer, f"on_{prefix}_end")
-    store.swap_entries(parked)
+    store.unpark()
     if was_training:
         module.train()
     values = {key: float(value) for key, value in row.items()}

@@ -87,7 +87,7 @@ class TrainModule(nn.Module):
     test_dataloader: Any = None
     predict_dataloader: Any = None
 
-    # -- hooks (documented order: ember/trainer/hooks.py) -----------------------------------------
+    # -- hooks (documented order: docs/concepts/hooks.md) ------------------------------------------
     def on_fit_start(self) -> None: ...
     def on_fit_end(self) -> None: ...
     def on_train_start(self) -> None: ...
@@ -265,7 +265,8 @@ class DataModule:
     def setup(self, stage: str) -> None:
         """Build datasets for ``stage`` ("fit", "validate", "test" or "predict"); runs on every process."""
 
-    def teardown(self, stage: str) -> None: ...
+    def teardown(self, stage: str) -> None:
+        """Called at the end of fit/validate/test/predict, on every process."""
 
     def train_dataloader(self) -> DataLoader[Any] | None:
         return None
@@ -278,8 +279,3 @@ class DataModule:
 
     def predict_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
         return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...

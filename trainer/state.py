@@ -21,7 +21,6 @@ class LoopState:
     global_step: int = 0  # optimizer steps
     batch_idx: int = 0  # training batches finished in this epoch
     total_batch_idx: int = 0  # training batches finished over all epochs
-    micro_batches: int = 0  # batches accumulated toward the next optimizer step
     train_done: bool = False
     val_done: bool = False
     epoch_done: bool = False

@@ -45,11 +45,11 @@ class Trainer(TrainerProperties):
     def __init__(
         self,
         *,
-        accelerator: str = "auto",
-        strategy: str | Strategy = "auto",
+        accelerator: str | None = None,
+        strategy: str | Strategy | None = None,
         devices: int | str = "auto",
         num_nodes: int = 1,
-        precision: str | int | Precision = "32-true",
+        precision: str | int | Precision | None = None,
         max_epochs: int | None = None,
         max_steps: int = -1,
         max_time: Any = None,
@@ -99,6 +99,7 @@ class Trainer(TrainerProperties):
         self.stage = ""
         self._metrics = MetricStore(lambda tensor, op: self.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
         self._module: TrainModule | None = None
+        self._datamodule: DataModule | None = None
         self._model: torch.nn.Module | None = None
         self._step_optimizers: list[Any] = []
         self._optimizer_hooks: list[Any] = []
@@ -119,7 +120,12 @@ class Trainer(TrainerProperties):
         """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly."""
         self._attach(module, "fit", datamodule)
         checkpoint = checkpointing.resolve_path(self, ckpt_path) if ckpt_path is not None else None
-        train = _first(self._loaders("train", train_dataloaders, datamodule))
+        trains = self._loaders("train", train_dataloaders, datamodule)
+        if len(trains) > 1:
+            raise ValueError(
+                f"fit() trains on one DataLoader; got {len(trains)} (combine the datasets into one)"
+            )
+        train = _first(trains)
         if train is None:
             raise ValueError(
                 "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
@@ -131,7 +137,8 @@ class Trainer(TrainerProperties):
             )
         if not module.automatic_optimization and self.config.gradient_clip_val:
             raise ValueError(
-                "gradient_clip_val works with automatic optimization; call self.clip_gradients in manual mode"
+                "gradient_clip_val works with automatic optimization; in manual mode clip in training_step with "
+                "self.trainer.accelerator.clip_grad_norm_(self.parameters(), max_norm)"
             )
         module.configure_model()
         # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
@@ -228,6 +235,7 @@ class Trainer(TrainerProperties):
         module._trainer = self
         self.stage = stage
         self.callbacks = checkpointing.check_callbacks(self._callbacks + list(module.configure_callbacks()))
+        self._datamodule = datamodule
         if datamodule is not None:
             with self.accelerator.main_process_first():
                 if self.is_global_zero:
@@ -279,6 +287,8 @@ class Trainer(TrainerProperties):
                 for logger in self.loggers:
                     logger.finalize(status)
             call_hook(self, "teardown", stage)
+            if self._datamodule is not None:
+                self._datamodule.teardown(stage)
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         call_hook(self, "on_before_backward", loss)

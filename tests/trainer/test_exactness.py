@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
 from torch.utils.data import DataLoader, RandomSampler
-from trainer_workers import dataset, fit
+from trainer_workers import dataset, fit, fit_epochs
 
 from ember import Trainer, TrainModule
 
@@ -88,3 +88,15 @@ def test_resume_after_crash_is_exact_on_two_ranks(tmp_path: Path) -> None:
         assert resumed[rank]["params"] == full[rank]["params"]
     assert full[0]["params"] == full[1]["params"]
     assert resumed[0]["step"] == full[0]["step"] == 9
+
+
+def test_resume_from_an_end_of_epoch_checkpoint_is_exact(tmp_path: Path) -> None:
+    full = fit_epochs(str(tmp_path / "a"), 3)
+    fit_epochs(str(tmp_path / "b"), 2, then_test=True)  # 'last' is saved after epoch 1's validation
+    resumed = fit_epochs(str(tmp_path / "b"), 3, resume="last")
+    assert resumed["params"] == full["params"]
+    assert resumed["lr"] == full["lr"] < 0.05  # ReduceLROnPlateau saw the same val_loss after the resume
+    keys = [k for k in full["rows"][0] if k != "test_loss"]
+    assert [{k: r[k] for k in keys} for r in resumed["rows"]] == [
+        {k: r[k] for k in keys} for r in full["rows"]
+    ]

@@ -1,4 +1,4 @@
-"""The documented hook order (ember/trainer/hooks.py), locked for a fit with validation, accumulation
+"""The documented hook order (docs/concepts/hooks.md), locked for a fit with validation, accumulation
 and a checkpoint."""
 
 from __future__ import annotations

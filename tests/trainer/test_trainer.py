@@ -305,3 +305,14 @@ def test_resume_from_another_directory_leaves_its_log_alone(tmp_path: Path) -> N
         elsewhere.fit(Regressor(), _loader(), ckpt_path=first.checkpoint_callback.best_model_path)
     assert (Path(first.log_dir) / "metrics.csv").read_text() == original
     assert Path(elsewhere.log_dir) == tmp_path / "b" / "logs" / "version_0"
+
+
+def test_trainer_takes_ember_launch_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_PRECISION", "bf16-mixed")
+    assert Trainer().precision.name == "bf16-mixed"
+    assert Trainer(precision="32-true").precision.name == "32-true"
+
+
+def test_fit_takes_one_training_loader(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fit\\(\\) trains on one DataLoader; got 2"):
+        _trainer(tmp_path).fit(Regressor(), [_loader(), _loader()])

@@ -149,7 +149,8 @@ class CSVLogger(Logger):
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(".metrics.csv.tmp")
             with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self._columns)
+                # Columns that appeared after the checkpoint are empty in the rows kept: drop them.
+                writer = csv.DictWriter(f, fieldnames=self._columns, extrasaction="ignore")
                 writer.writeheader()
                 writer.writerows(kept)
             os.replace(tmp, path)
