@@ -38,7 +38,7 @@ from ember._wrappers import (
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
-from ember.strategies.base import resolve_strategy
+from ember.strategies.base import MaterializesModules, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 
 __all__ = ["Accelerator"]
@@ -278,6 +278,23 @@ class Accelerator(ProcessMixin):
             if not state.sync_gradients:
                 for model in models:
                     stack.enter_context(self.no_sync(model))
+            yield
+
+    @contextmanager
+    def init_module(self, empty_init: bool = False) -> Iterator[None]:
+        """Build modules inside this context in the precision's dtype, directly on the device.
+
+        With ``empty_init=True`` and a strategy that can materialise modules (FSDP), layers are
+        created on the meta device — no memory, no initialisation — and each process materialises
+        only its shards in ``prepare`` (``reset_parameters()`` initialises them). Elsewhere
+        ``empty_init`` changes nothing.
+        """
+        device = (
+            torch.device("meta")
+            if empty_init and isinstance(self._strategy, MaterializesModules)
+            else self.device
+        )
+        with device, self.precision.module_init_context():
             yield
 
     def autocast(self) -> AbstractContextManager[Any]:

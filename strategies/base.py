@@ -20,7 +20,14 @@ from ember._registry import Registry
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
 
-__all__ = ["STRATEGY_REGISTRY", "BackwardSyncControl", "ReduceOp", "Strategy", "resolve_strategy"]
+__all__ = [
+    "STRATEGY_REGISTRY",
+    "BackwardSyncControl",
+    "MaterializesModules",
+    "ReduceOp",
+    "Strategy",
+    "resolve_strategy",
+]
 
 ReduceOp = Literal["sum", "mean", "max", "min"]
 REDUCE_OPS: tuple[str, ...] = ("sum", "mean", "max", "min")
@@ -200,6 +207,11 @@ class BackwardSyncControl(ABC):
     @abstractmethod
     def no_backward_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
         """Context in which backward passes through ``module`` do not synchronize gradients."""
+
+
+class MaterializesModules:
+    """Capability: ``setup_module`` accepts modules built on the meta device and materialises them
+    (each process allocating only its own shards), so they can be created without memory."""
 
 
 def resolve_strategy(value: str | Strategy, *, world_size: int) -> Strategy:

@@ -34,7 +34,7 @@ from typing_extensions import override
 
 from ember._registry import Registry
 from ember.precision import HalfPrecision, MixedPrecision, Precision
-from ember.strategies.base import BackwardSyncControl, Strategy
+from ember.strategies.base import BackwardSyncControl, MaterializesModules, Strategy
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.parallel import ParallelStrategy
 
@@ -47,9 +47,9 @@ WrapPolicy = str | set[type[nn.Module]] | Callable[[nn.Module], bool] | None
 class FSDPConfig:
     """Options of :class:`FSDPStrategy`.
 
-    ``wrap``: which submodules become their own shard unit — ``"auto"`` (each direct child of a
-    ``ModuleList``/``Sequential``, or any submodule, holding at least ``min_params`` parameters), a set of
-    module classes, a predicate ``module -> bool``, or ``None`` (only the root). The root is always
+    ``wrap``: which submodules become their own shard unit — ``"auto"`` (bottom-up, a module whose
+    parameters not yet in a unit reach ``min_params``), a set of module classes, a predicate
+    ``module -> bool``, or ``None`` (only the root). The root is always
     sharded. ``reshard_after_forward=False`` keeps gathered parameters until backward (ZeRO-2 like).
     ``offload`` keeps parameters, gradients and optimizer state on the CPU. ``activation_checkpointing``
     recomputes the activations of those block classes in backward. ``reduce_dtype`` overrides the
@@ -82,7 +82,7 @@ class FSDPConfig:
             raise ValueError(f"reduce_dtype={self.reduce_dtype} must be a floating-point dtype")
 
 
-class FSDPStrategy(ParallelStrategy, BackwardSyncControl):
+class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     """Shard parameters, gradients and optimizer state across processes.
 
     Example::
@@ -142,23 +142,12 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl):
         if wrap is None:
             return []
         if wrap == "auto":
-            minimum = self.config.min_params
-
-            def chosen(m: nn.Module) -> bool:
-                return sum(p.numel() for p in m.parameters()) >= minimum
-
-        elif isinstance(wrap, set):
+            return _size_based_units(root, self.config.min_params)
+        if isinstance(wrap, set):
             classes = tuple(wrap)
-
-            def chosen(m: nn.Module) -> bool:
-                return isinstance(m, classes)
-
-        else:
-            chosen = wrap  # type: ignore[assignment]
-        units = [m for m in root.modules() if m is not root and chosen(m)]
-        if wrap == "auto":  # the outermost big blocks only: a unit inside a unit adds no memory saving
-            units = [m for m in units if not any(m is not o and _contains(o, m) for o in units)]
-        return list(reversed(units))
+            return [m for m in reversed(list(root.modules())) if m is not root and isinstance(m, classes)]
+        assert callable(wrap)
+        return [m for m in reversed(list(root.modules())) if m is not root and wrap(m)]
 
     @override
     def setup_module_and_optimizers(
@@ -185,7 +174,9 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl):
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
-        if isinstance(self.precision, HalfPrecision):
+        if not isinstance(
+            self.precision, MixedPrecision
+        ):  # 16-true, bf16-true, 64-true: the module's own dtype
             module = self.precision.convert_module(module)
         if self.config.activation_checkpointing:
             from torch.distributed._composable import checkpoint  # type: ignore[attr-defined]
@@ -270,8 +261,26 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl):
         )
 
 
-def _contains(outer: nn.Module, inner: nn.Module) -> bool:
-    return any(m is inner for m in outer.modules())
+def _size_based_units(root: nn.Module, min_params: int) -> list[nn.Module]:
+    """Bottom-up: a module becomes a unit once the parameters below it not yet in a unit reach
+    ``min_params``. Containers without a forward (ModuleList/ModuleDict) never do: FSDP gathers
+    a unit's parameters in its forward hook."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> int:
+        pending = sum(p.numel() for p in module.parameters(recurse=False))
+        pending += sum(visit(child) for child in module.children())
+        if (
+            module is not root
+            and pending >= min_params
+            and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+        ):
+            units.append(module)
+            return 0
+        return pending
+
+    visit(root)
+    return units
 
 
 def _owner(owners: dict[int, tuple[nn.Module, str]], param: Any) -> tuple[nn.Module, str]:

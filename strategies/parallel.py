@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import time
 from datetime import timedelta
 
 import torch
@@ -19,6 +21,14 @@ _REDUCE_OPS = {
     "max": dist.ReduceOp.MAX,
     "min": dist.ReduceOp.MIN,
 }
+
+
+def _destroy_process_group() -> None:
+    # gloo releases finished work on its worker threads, and that needs the GIL. If the group's
+    # destructor joins those threads (holding the GIL) before they are done, the process deadlocks
+    # (seen on torch 2.13, in ~ProcessGroupGloo). A moment without the GIL lets them finish first.
+    time.sleep(0.2)
+    dist.destroy_process_group()
 
 
 class ParallelStrategy(Strategy):
@@ -75,11 +85,21 @@ class ParallelStrategy(Strategy):
             timeout=self._timeout,
         )
         self._owns_process_group = True
+        atexit.register(self._teardown_at_exit)
 
     @override
     def teardown(self) -> None:
         if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
+            self.barrier("teardown")  # every rank is done communicating before the group goes away
+            _destroy_process_group()
+        self._owns_process_group = False
+
+    def _teardown_at_exit(self) -> None:
+        # A process that exits with a live gloo group can abort in its C++ destructors
+        # ("terminate called without an active exception"): destroy it first. No barrier here: at
+        # exit the ranks need not be in step (one may have failed).
+        if self._owns_process_group and dist.is_initialized():
+            _destroy_process_group()
         self._owns_process_group = False
 
     @property

@@ -59,14 +59,16 @@ class Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def fit(root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 3) -> dict:
+def fit(
+    root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 3, strategy: str = "auto"
+) -> dict:
     """mode 'full': 3 epochs; 'crash': dies after step ``crash_at``; 'resume': continues from ``resume``."""
     torch.manual_seed(0)
     callbacks: list[Callback] = [ModelCheckpoint(every_n_train_steps=every, save_top_k=-1)]
     if mode == "crash":
         callbacks.append(Crash(crash_at))
     trainer = Trainer(
-        max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.5, log_every_n_steps=1,
+        max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.5, log_every_n_steps=1, strategy=strategy,
         callbacks=callbacks, default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     module = Net()
@@ -78,7 +80,8 @@ def fit(root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 
         if "simulated crash" not in str(err):
             raise
         return {"crashed": trainer.global_step}
-    params = [v.hex() for v in torch.cat([p.detach().flatten() for p in module.parameters()]).tolist()]
+    state = trainer.strategy.module_state_dict(trainer.model)  # full weights (FSDP: on rank 0 only)
+    params = [v.hex() for key in sorted(state) for v in state[key].flatten().tolist()]
     rows = []
     if trainer.is_global_zero:
         with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:

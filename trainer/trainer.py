@@ -140,7 +140,8 @@ class Trainer(TrainerProperties):
                 "gradient_clip_val works with automatic optimization; in manual mode clip in training_step with "
                 "self.trainer.accelerator.clip_grad_norm_(self.parameters(), max_norm)"
             )
-        module.configure_model()
+        with self.accelerator.init_module(empty_init=True):  # FSDP: layers on meta, materialised as shards
+            module.configure_model()
         # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
         self._train_loader = self._prepare_loader(train)
         self._val_loaders = [self._prepare_loader(v) for v in val]

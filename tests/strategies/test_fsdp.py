@@ -175,3 +175,71 @@ def test_bad_configs() -> None:
         FSDPConfig(activation_checkpointing={"Block"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"precision='bf16-true' keeps everything in torch\.bfloat16"):
         Accelerator(strategy=FSDPStrategy(FSDPConfig(reduce_dtype=torch.float32)), precision="bf16-true")
+
+
+def test_auto_wrap_picks_blocks_bottom_up() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(16, 16)
+            self.blocks = nn.ModuleList([Block(), Block()])  # 2 x 2,128 parameters
+            self.head = nn.Linear(16, 2)
+
+    strategy = FSDPStrategy(FSDPConfig(wrap="auto", min_params=2000))
+    net = Net()
+    assert strategy._units(net) == [net.blocks[0], net.blocks[1]]  # never the ModuleList, never the root
+    assert FSDPStrategy(FSDPConfig(wrap={nn.Linear}))._units(net)[0] is net.head
+    assert FSDPStrategy(FSDPConfig(wrap=None))._units(net) == []
+
+
+def test_trainer_with_fsdp_resumes_exactly(tmp_path: Path) -> None:
+    from trainer_workers import fit
+
+    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, "fsdp", nprocs=2)
+    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, "fsdp", nprocs=2)
+    ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=4")  # mid-epoch 1
+    resumed = run_processes(fit, str(tmp_path / "b"), "resume", 0, ckpt, 2, "fsdp", nprocs=2)
+    assert resumed[0]["rows"] == full[0]["rows"] and len(full[0]["rows"]) > 5
+    assert resumed[0]["params"] == full[0]["params"] and full[0]["params"]
+    assert resumed[0]["step"] == full[0]["step"] == 9
+
+
+def _meta_worker(precision: str) -> dict:
+    from ember import Trainer, TrainModule
+
+    class Lazy(TrainModule):
+        def configure_model(self) -> None:  # built on the meta device, materialised shard by shard
+            self.net = nn.Sequential(Block(), Block(), nn.Linear(16, 1))
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            return F.mse_loss(self.net(torch.cat([x, x], dim=1)), y.to(x.dtype))
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    module = Lazy()
+    trainer = Trainer(strategy=FSDPStrategy(FSDPConfig(wrap={Block})), precision=precision, max_epochs=1,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(_data(), batch_size=4))
+    weights = [p.to_local() for p in module.parameters()]
+    return {
+        "devices": sorted({str(p.device) for p in module.parameters()}),
+        "dtypes": sorted({str(p.dtype) for p in module.parameters()}),
+        "finite": all(bool(torch.isfinite(w).all()) for w in weights),
+        "bounded": max(float(w.abs().max()) for w in weights if w.numel()) < 1.0,  # reset_parameters ran
+        "step": trainer.global_step,
+    }
+
+
+def test_configure_model_builds_on_meta_and_64_true() -> None:
+    for rank in run_processes(_meta_worker, "32-true", nprocs=2):
+        assert rank == {
+            "devices": ["cpu"],
+            "dtypes": ["torch.float32"],
+            "finite": True,
+            "bounded": True,
+            "step": 4,
+        }
+    for rank in run_processes(_meta_worker, "64-true", nprocs=2):
+        assert rank["dtypes"] == ["torch.float64"] and rank["finite"] and rank["step"] == 4
