@@ -211,19 +211,14 @@ class TrainModule(nn.Module):
         caller = frame.f_back if frame is not None else None
         if caller is None:
             raise RuntimeError("save_hyperparameters() could not inspect its caller")
-        init_args = {
-            k: v
-            for k, v in caller.f_locals.items()
-            if k not in ("self", "__class__") and not k.startswith("_")
-        }
-        signature = inspect.signature(type(self).__init__)
-        params = [p for p in signature.parameters if p != "self"]
-        chosen = list(names) if names else [p for p in params if p in init_args]
+        # The arguments of the __init__ that called us (a subclass's __init__ may take none itself).
+        code = caller.f_code
+        params = [p for p in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if p != "self"]
+        init_args = {p: caller.f_locals[p] for p in params if p in caller.f_locals}
+        chosen = list(names) if names else list(init_args)
         unknown = [n for n in chosen if n not in init_args]
         if unknown:
-            raise ValueError(
-                f"save_hyperparameters(): {unknown} are not arguments of {type(self).__name__}.__init__"
-            )
+            raise ValueError(f"save_hyperparameters(): {unknown} are not arguments of {code.co_name}()")
         skip = set(ignore)
         self.hparams.update({n: init_args[n] for n in chosen if n not in skip})
 

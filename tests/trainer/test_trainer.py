@@ -316,3 +316,43 @@ def test_trainer_takes_ember_launch_defaults(monkeypatch: pytest.MonkeyPatch) ->
 def test_fit_takes_one_training_loader(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fit\\(\\) trains on one DataLoader; got 2"):
         _trainer(tmp_path).fit(Regressor(), [_loader(), _loader()])
+
+
+def test_module_dataloaders_log_dict_and_validation_schedule(tmp_path: Path) -> None:
+    class SelfContained(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.validations = 0
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader(32)  # 8 batches
+
+        def val_dataloader(self) -> DataLoader:
+            return _loader(8)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log_dict({"a": 1.0, "b": 2.0})
+
+        def on_validation_end(self) -> None:
+            self.validations += 1
+
+    module = SelfContained()
+    trainer = _trainer(tmp_path, max_epochs=4, val_check_interval=0.5, check_val_every_n_epoch=2,
+                       num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module)
+    assert module.validations == 4  # epochs 1 and 3 only, twice each (mid-epoch and at the end)
+    assert float(trainer.callback_metrics["a"]) == 1.0 and float(trainer.callback_metrics["b"]) == 2.0
+
+
+def test_deterministic_and_detect_anomaly(tmp_path: Path) -> None:
+    class NaNLoss(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return (self(batch[0]) * torch.tensor(float("nan"))).sqrt().sum()
+
+    try:
+        _trainer(tmp_path, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(RuntimeError, match="returned nan"):
+        _trainer(tmp_path, detect_anomaly=True, max_epochs=1).fit(NaNLoss(), _loader())
