@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
+from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,17 +73,10 @@ def _train_epoch(trainer: Trainer) -> None:
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
     limit = trainer.num_training_batches
-    batches = iter(loader)
-    try:
-        while state.batch_idx < limit and not _stop_early(trainer):
-            try:
-                batch = next(batches)
-            except StopIteration:
+    with closing(_limited(loader, limit - state.batch_idx)) as batches:
+        for _, batch in batches:
+            if _train_batch(trainer, batch, limit) == "end_epoch" or _stop_early(trainer):
                 break
-            if _train_batch(trainer, batch, limit) == "end_epoch":
-                break
-    finally:
-        batches.close()  # type: ignore[attr-defined]
 
 
 def _train_batch(trainer: Trainer, batch: Any, limit: int | float) -> str | None:
@@ -180,7 +174,7 @@ def _end_epoch(trainer: Trainer) -> None:
     call_hook(trainer, "on_train_epoch_end", part="monitoring")
 
 
-def _limited(loader: PreparedDataLoader, limit: int | float) -> Iterator[tuple[int, Any]]:
+def _limited(loader: PreparedDataLoader, limit: int | float) -> Generator[tuple[int, Any], None, None]:
     """``(batch_idx, batch)`` for at most ``limit`` batches; the loader's pass is closed when we stop early."""
     batches = iter(loader)
     try:
@@ -215,12 +209,13 @@ def run_evaluation(
     with torch.no_grad():
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
-            for batch_idx, batch in _limited(loader, limit):
-                store.begin_batch(batch)
-                extra = (loader_idx,) if several else ()
-                call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
-                output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
-                call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
+            with closing(_limited(loader, limit)) as batches:
+                for batch_idx, batch in batches:
+                    store.begin_batch(batch)
+                    extra = (loader_idx,) if several else ()
+                    call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
+                    output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
+                    call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
         store.dataloader_suffix = ""
     store.finish_epoch()
     call_hook(trainer, f"on_{prefix}_epoch_end")
@@ -252,14 +247,15 @@ def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: lis
     with torch.no_grad():
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []
-            for batch_idx, batch in _limited(loader, limit):
-                call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
-                extra = (loader_idx,) if several else ()
-                output = accelerator.gather_for_metrics(
-                    call_step(trainer, "predict_step", batch, batch_idx, *extra)
-                )
-                call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
-                outputs.append(output)
+            with closing(_limited(loader, limit)) as batches:
+                for batch_idx, batch in batches:
+                    call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
+                    extra = (loader_idx,) if several else ()
+                    output = accelerator.gather_for_metrics(
+                        call_step(trainer, "predict_step", batch, batch_idx, *extra)
+                    )
+                    call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
+                    outputs.append(output)
             results.append(outputs)
     call_hook(trainer, "on_predict_epoch_end")
     call_hook(trainer, "on_predict_end")
