@@ -2,14 +2,19 @@
 
 Layout of a ``save_state`` directory (``N`` counts from 0; the first object has no suffix)::
 
-    manifest.json                      format, versions, strategy, world size, counts, file checksums
-    model[_N].safetensors              full model weights
-    optimizer[_N].json/.safetensors    optimizer state (structure / tensors)
+    manifest.json                      format, versions, strategy, world size, layout, counts, file checksums
+    model[_N].safetensors              full model weights                    (layout "full")
+    optimizer[_N].json/.safetensors    optimizer state (structure / tensors) (layout "full")
+    model[_N].shards/                  each rank's weight shards             (layout "sharded")
+    optimizer[_N].json + .shards/      optimizer structure + each rank's shards (layout "sharded")
     scheduler[_N].json                 LR scheduler state
     precision.json                     grad scaler state
     dataloaders.json                   seed, epoch and position of each prepared dataloader
     custom_checkpoint_N.json/...       objects given to register_for_checkpointing
     rng_rank<R>.json/.safetensors      RNG states of rank R
+
+Optimizer state is keyed by parameter name in both layouts, and either layout loads under any
+strategy and world size (``docs/concepts/checkpoints.md``).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import json
 import os
 import re
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ember._rng import rng_state, set_rng_state
 from ember._wrappers import PreparedOptimizer, PreparedScheduler
@@ -33,14 +40,19 @@ from ember.strategies import Strategy
 from ember.strategies.checkpoint_io import (
     CheckpointError,
     check_target,
+    decode_tree,
+    encode_tree,
     finalize_staged,
     prepare_staging,
     read_manifest,
     read_tree,
     staging_path,
+    write_json,
     write_manifest,
     write_tree,
 )
+from ember.strategies.optim_state import owner_module
+from ember.strategies.sharded_io import SafetensorsWriter, load_shards, save_shards, shard_metadata
 
 
 @dataclass(slots=True)
@@ -79,22 +91,6 @@ def _suffix(index: int) -> str:
     return "" if index == 0 else f"_{index}"
 
 
-def tensors_for_safetensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous tensors with no two sharing storage (safetensors refuses tied weights)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"model state entry {name!r} is a {type(value).__name__}, not a tensor")
-        tensor = value.detach().cpu().contiguous()
-        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()))
-        if key in seen or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-            tensor = tensor.clone()
-        seen.add((tensor.untyped_storage().data_ptr(), int(tensor.storage_offset())))
-        out[name] = tensor
-    return out
-
-
 def save_state(
     strategy: Strategy,
     objects: PreparedObjects,
@@ -115,18 +111,24 @@ def save_state(
         prepare_staging(directory)
     strategy.barrier("save_state:staging")
     writer = strategy.is_global_zero
-    # Gathering a full state dict may be a collective (sharded strategies): every rank calls it.
+    sharded = strategy.sharded_checkpoints
+    # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
+    # shards, is a collective under sharded strategies.
     for i, model in enumerate(objects.models):
-        weights = strategy.module_state_dict(model)
-        if writer:
-            save_file(
-                tensors_for_safetensors(weights),
-                str(staging / f"model{_suffix(i)}.safetensors"),
-                metadata={"format": "pt"},
-            )
+        weights = strategy.module_state_dict(model, full=False)
+        if sharded:
+            save_shards(staging / f"model{_suffix(i)}.shards", weights)
+        else:
+            _stream_weights(weights, [(staging / f"model{_suffix(i)}.safetensors", list(weights))], writer)
     for i, optimizer in enumerate(objects.optimizers):
-        state = strategy.optimizer_state_dict(optimizer.optimizer)
-        if writer:
+        module = owner_module(objects.models, optimizer.optimizer)
+        state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=not sharded)
+        if sharded:
+            structure, tensors = encode_tree(state, copy=False)
+            if writer:
+                write_json(staging / f"optimizer{_suffix(i)}.json", structure)
+            save_shards(staging / f"optimizer{_suffix(i)}.shards", tensors)
+        elif writer:
             write_tree(staging, f"optimizer{_suffix(i)}", state)
     if writer:
         for i, scheduler in enumerate(objects.schedulers):
@@ -151,6 +153,7 @@ def save_state(
                 "torch_version": torch.__version__,
                 "strategy": strategy.strategy_name,
                 "world_size": strategy.world_size,
+                "layout": "sharded" if sharded else "full",
                 "counts": objects.counts(),
                 "extra": sorted(extra),
                 "rank_extra": sorted(rank_extra),
@@ -181,11 +184,20 @@ def load_state(
             stacklevel=3,
         )
     for i, model in enumerate(objects.models):
-        strategy.load_module_state_dict(model, load_file(str(directory / f"model{_suffix(i)}.safetensors")))
+        load_model_weights(strategy, model, directory, manifest, i)
     for i, optimizer in enumerate(objects.optimizers):
-        strategy.load_optimizer_state_dict(
-            optimizer.optimizer, read_tree(directory, f"optimizer{_suffix(i)}")
-        )
+        module = owner_module(objects.models, optimizer.optimizer)
+        stem = f"optimizer{_suffix(i)}"
+        if manifest.get("layout") == "sharded":
+            structure = json.loads((directory / f"{stem}.json").read_text())
+            target = strategy.optimizer_state_dict(optimizer.optimizer, module, full=False)
+            state = decode_tree(
+                structure,
+                load_shards(directory / f"{stem}.shards", encode_tree(target, copy=False)[1], strict=False),
+            )
+        else:
+            state = read_tree(directory, stem)
+        strategy.load_optimizer_state_dict(optimizer.optimizer, module, state)
     for i, scheduler in enumerate(objects.schedulers):
         scheduler.load_state_dict(read_tree(directory, f"scheduler{_suffix(i)}"))
     strategy.precision.load_state_dict(read_tree(directory, "precision"))
@@ -232,45 +244,67 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def load_model_weights(
+    strategy: Strategy, model: nn.Module, directory: Path, manifest: dict[str, Any], index: int = 0
+) -> None:
+    """Load model ``index`` of a checkpoint (either layout) into a prepared model."""
+    if manifest.get("layout") == "sharded":
+        target = strategy.module_state_dict(model, full=False)
+        path = directory / f"model{_suffix(index)}.shards"
+        unexpected = sorted(set(shard_metadata(path)) - set(target))
+        if unexpected:
+            raise CheckpointError(f"{str(path)!r} holds tensors this model does not have: {unexpected[:10]}")
+        strategy.load_module_state_dict(model, load_shards(path, target))
+    else:
+        strategy.load_module_state_dict(
+            model, load_file(str(directory / f"model{_suffix(index)}.safetensors"))
+        )
+
+
 def save_model(
     strategy: Strategy,
     model: nn.Module,
     save_directory: str | os.PathLike[str],
     max_shard_size: int | str = "10GB",
 ) -> None:
-    """Weights as safetensors, split into shards of at most ``max_shard_size`` with an index JSON."""
+    """Weights as safetensors, split into files of at most ``max_shard_size`` with an index JSON.
+
+    Written by rank 0 one tensor at a time: a sharded model is gathered tensor by tensor, so the
+    peak memory is this rank's shards plus one full tensor.
+    """
     limit = parse_size(max_shard_size)
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"save_directory={str(directory)!r} exists and is not a directory")
-    weights = strategy.module_state_dict(model)
-    if strategy.is_global_zero:
-        tensors = tensors_for_safetensors(weights)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, tensor in tensors.items():
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and size + nbytes > limit:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += nbytes
+    weights = strategy.module_state_dict(model, full=False)
+    files: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in weights.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if files[-1] and size + nbytes > limit:
+            files.append([])
+            size = 0
+        files[-1].append(name)
+        size += nbytes
+    writer = strategy.is_global_zero
+    if len(files) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    if writer:
         directory.mkdir(parents=True, exist_ok=True)
-        if len(shards) == 1:
-            written = {"model.safetensors"}
-            _atomic_save(shards[0], directory / "model.safetensors")
-        else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-            for shard, name in zip(shards, names, strict=True):
-                _atomic_save(shard, directory / name)
+    _stream_weights(weights, [(directory / n, f) for n, f in zip(names, files, strict=True)], writer)
+    if writer:
+        written = set(names)
+        if len(files) > 1:
             index = {
-                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                "weight_map": {key: name for shard, name in zip(shards, names, strict=True) for key in shard},
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+                "weight_map": {key: name for name, keys in zip(names, files, strict=True) for key in keys},
             }
             tmp = directory / ".model.safetensors.index.json.tmp"
             tmp.write_text(json.dumps(index, indent=2))
             os.replace(tmp, directory / "model.safetensors.index.json")
-            written = {*names, "model.safetensors.index.json"}
+            written.add("model.safetensors.index.json")
         # Weight files of an earlier save_model with another shard count would confuse loaders.
         for stale in directory.iterdir():
             if _WEIGHT_FILE.match(stale.name) and stale.name not in written:
@@ -281,7 +315,16 @@ def save_model(
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+def _stream_weights(
+    weights: dict[str, torch.Tensor], files: list[tuple[Path, list[str]]], writer: bool
+) -> None:
+    """Write ``weights`` into ``files`` (path, names) on the writing rank. Every rank must call it:
+    a sharded tensor is gathered (a collective) just before it is written, then dropped."""
+    for path, names in files:
+        specs = [(name, weights[name].dtype, tuple(weights[name].shape)) for name in names]
+        with SafetensorsWriter(path, specs) if writer else nullcontext() as out:
+            for name in names:
+                tensor = weights[name]
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if out is not None:
+                    out.write(name, full)

@@ -19,6 +19,7 @@ from torch import nn
 from ember._registry import Registry
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.optim_state import is_named, parameter_names, to_indexed, to_named
 
 __all__ = [
     "STRATEGY_REGISTRY",
@@ -182,19 +183,46 @@ class Strategy:
         return None
 
     # -- how state is saved ---------------------------------------------------------------------
-    def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """The full (unsharded) state dict of a prepared module, valid on global rank 0."""
+    @property
+    def sharded_checkpoints(self) -> bool:
+        """Whether ``save_state`` writes each rank's own shards instead of full tensors."""
+        return False
+
+    def module_state_dict(self, module: nn.Module, *, full: bool = True) -> dict[str, torch.Tensor]:
+        """The prepared module's state dict, keyed by the names in the user's module.
+
+        ``full=True``: unsharded tensors, valid on global rank 0 (a collective for sharded
+        strategies). ``full=False``: each rank's own part (DTensors where the strategy shards).
+        """
         return self.unwrap_module(module).state_dict()
 
     def load_module_state_dict(
         self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
     ) -> None:
+        """Load full tensors (or, for a sharded strategy, this rank's DTensor shards)."""
         self.unwrap_module(module).load_state_dict(state, strict=strict)
 
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return optimizer.state_dict()
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None, *, full: bool = True
+    ) -> dict[str, Any]:
+        """The optimizer's state keyed by the names of its parameters in ``module`` (the prepared
+        model holding them), so it loads under any strategy; by position when ``module`` is None."""
+        state = optimizer.state_dict()
+        names = parameter_names(self.unwrap_module(module), optimizer) if module is not None else None
+        return to_named(state, names) if names is not None else state
 
-    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None, state: dict[str, Any]
+    ) -> None:
+        """Load what :meth:`optimizer_state_dict` returned (under this or another strategy)."""
+        if is_named(state):
+            names = parameter_names(self.unwrap_module(module), optimizer) if module is not None else None
+            if names is None:
+                raise ValueError(
+                    "the optimizer state was saved by parameter name, but this optimizer's parameters are "
+                    "not all in one prepared model; prepare the model and its optimizer together"
+                )
+            state = to_indexed(state, names)
         optimizer.load_state_dict(state)
 
     def __repr__(self) -> str:

@@ -34,6 +34,7 @@ __all__ = [
     "prepare_staging",
     "read_manifest",
     "read_tree",
+    "write_json",
     "write_manifest",
     "write_tree",
 ]
@@ -47,15 +48,22 @@ class CheckpointError(RuntimeError):
 
 
 # -- the tree codec ------------------------------------------------------------------------------
-def encode_tree(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Split ``obj`` into a JSON-serialisable structure and a flat dict of tensors."""
+def encode_tree(obj: Any, *, copy: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split ``obj`` into a JSON-serialisable structure and a flat dict of tensors.
+
+    The tensors' keys are their paths in ``obj`` (the same structure always gives the same keys).
+    ``copy=False`` keeps the tensors themselves (sharded DTensors stay sharded); by default they
+    are detached CPU copies, ready for safetensors.
+    """
     tensors: dict[str, torch.Tensor] = {}
 
     def enc(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
             key = path or "_"
+            while key in tensors:  # paths of keys holding dots can collide: keep every tensor
+                key += "#"
             # safetensors wants dense, contiguous tensors that own their storage.
-            tensors[key] = value.detach().cpu().contiguous().clone()
+            tensors[key] = value.detach().cpu().contiguous().clone() if copy else value
             return {"__tensor__": key}
         if isinstance(value, np.ndarray):
             key = path or "_"
@@ -107,7 +115,7 @@ def write_tree(directory: Path, stem: str, obj: Any) -> list[str]:
     """Write ``obj`` as ``stem.json`` (+ ``stem.safetensors``); return the file names written."""
     structure, tensors = encode_tree(obj)
     names = [f"{stem}.json"]
-    _write_json(directory / names[0], structure)
+    write_json(directory / names[0], structure)
     if tensors:
         names.append(f"{stem}.safetensors")
         save_file(tensors, str(directory / names[1]))
@@ -121,7 +129,7 @@ def read_tree(directory: Path, stem: str) -> Any:
     return decode_tree(structure, tensors)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1, allow_nan=True)
         f.flush()
@@ -146,7 +154,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
                 "size": path.stat().st_size,
                 "sha256": _sha256(path),
             }
-    _write_json(
+    write_json(
         directory / MANIFEST,
         {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files},
     )

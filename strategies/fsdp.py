@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     FSDPModule,
@@ -36,6 +37,7 @@ from ember._registry import Registry
 from ember.precision import HalfPrecision, MixedPrecision, Precision
 from ember.strategies.base import BackwardSyncControl, MaterializesModules, Strategy
 from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.optim_state import is_named, parameter_names, to_named
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["FSDPConfig", "FSDPStrategy"]
@@ -53,7 +55,10 @@ class FSDPConfig:
     sharded. ``reshard_after_forward=False`` keeps gathered parameters until backward (ZeRO-2 like).
     ``offload`` keeps parameters, gradients and optimizer state on the CPU. ``activation_checkpointing``
     recomputes the activations of those block classes in backward. ``reduce_dtype`` overrides the
-    gradient reduction dtype the precision implies.
+    gradient reduction dtype the precision implies. ``hybrid`` shards within each node and
+    replicates across nodes (a 2-D device mesh; ``None``: when the job spans several nodes).
+    ``state_dict_type``: ``"sharded"`` checkpoints (each rank writes its shards) or ``"full"``
+    (rank 0 writes full tensors).
     """
 
     wrap: WrapPolicy = "auto"
@@ -62,6 +67,8 @@ class FSDPConfig:
     offload: bool = False
     activation_checkpointing: set[type[nn.Module]] = field(default_factory=set)
     reduce_dtype: torch.dtype | None = None
+    hybrid: bool | None = None
+    state_dict_type: Literal["sharded", "full"] = "sharded"
     process_group_backend: str | None = None
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
 
@@ -78,6 +85,12 @@ class FSDPConfig:
             raise ValueError(
                 f"activation_checkpointing={self.activation_checkpointing!r} must be a set of nn.Module classes"
             )
+        if self.state_dict_type not in ("sharded", "full"):
+            raise ValueError(
+                f"state_dict_type={self.state_dict_type!r} is not a checkpoint layout. Valid choices: 'sharded', 'full'"
+            )
+        if self.hybrid not in (None, True, False):
+            raise ValueError(f"hybrid={self.hybrid!r} must be True, False or None (hybrid on several nodes)")
         if self.reduce_dtype is not None and not self.reduce_dtype.is_floating_point:
             raise ValueError(f"reduce_dtype={self.reduce_dtype} must be a floating-point dtype")
 
@@ -95,7 +108,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def __init__(self, config: FSDPConfig | None = None) -> None:
         self.config = config or FSDPConfig()
         super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
-        self._optimizer_models: dict[int, nn.Module] = {}
+        self._device_mesh: DeviceMesh | None = None
 
     @classmethod
     @override
@@ -109,6 +122,12 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             cls,
             "fsdp keeping gathered parameters from forward to backward (ZeRO-2 like)",
             config=FSDPConfig(reshard_after_forward=False),
+        )
+        registry.register(
+            "fsdp_hybrid",
+            cls,
+            "fsdp sharding within each node and replicating across nodes (2-D mesh)",
+            config=FSDPConfig(hybrid=True),
         )
 
     @override
@@ -136,6 +155,33 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         return MixedPrecisionPolicy(reduce_dtype=reduce)
 
     # -- sharding ---------------------------------------------------------------------------------
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The mesh parameters are sharded over: 1-D over all ranks, or ``("replicate", "shard")``
+        = (nodes, processes per node) for hybrid sharding."""
+        if self._device_mesh is None:
+            env = self._environment
+            hybrid = (
+                self.config.hybrid
+                if self.config.hybrid is not None
+                else env.world_size > env.local_world_size
+            )
+            if hybrid:
+                if env.world_size % env.local_world_size:
+                    raise ValueError(
+                        f"hybrid sharding needs the same number of processes on every node; world size "
+                        f"{env.world_size} is not a multiple of {env.local_world_size} processes per node"
+                    )
+                shape = (env.world_size // env.local_world_size, env.local_world_size)
+                self._device_mesh = init_device_mesh(
+                    self._device_type, shape, mesh_dim_names=("replicate", "shard")
+                )
+            else:
+                self._device_mesh = init_device_mesh(
+                    self._device_type, (env.world_size,), mesh_dim_names=("shard",)
+                )
+        return self._device_mesh
+
     def _units(self, root: nn.Module) -> list[nn.Module]:
         """Submodules that become their own shard unit, children before parents."""
         wrap = self.config.wrap
@@ -169,7 +215,6 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         for optimizer, groups in plans:
             for group, params in zip(optimizer.param_groups, groups, strict=True):
                 group["params"] = [module.get_parameter(name) for module, name in params]
-            self._optimizer_models[id(optimizer)] = groups[0][0][0] if groups and groups[0] else prepared[0]
         return prepared, list(optimizers)
 
     @override
@@ -195,6 +240,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             "reshard_after_forward": self.config.reshard_after_forward,
             "mp_policy": self._mp_policy(),
             "offload_policy": offload,
+            "mesh": self.device_mesh,
         }
         on_meta = any(p.device.type == "meta" for p in module.parameters())
         if not on_meta and not self.config.offload:
@@ -235,30 +281,53 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the total norm over all shards
 
     # -- state ------------------------------------------------------------------------------------
-    _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    @property
+    @override
+    def sharded_checkpoints(self) -> bool:
+        return self.config.state_dict_type == "sharded"
 
     @override
-    def module_state_dict(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = get_model_state_dict(module, options=self._FULL)  # type: ignore[assignment]
-        return state  # a collective; full tensors on rank 0
+    def module_state_dict(self, module: nn.Module, *, full: bool = True) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+        state: dict[str, torch.Tensor] = get_model_state_dict(module, options=options)  # type: ignore[assignment]
+        return state  # full: a collective, tensors on rank 0; sharded: this rank's DTensors
 
     @override
     def load_module_state_dict(
         self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
     ) -> None:
-        options = StateDictOptions(full_state_dict=True, strict=strict)
+        sharded = any(isinstance(v, DTensor) for v in state.values())
+        options = StateDictOptions(full_state_dict=not sharded, strict=strict)
         set_model_state_dict(module, dict(state), options=options)
 
     @override
-    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return get_optimizer_state_dict(self._optimizer_models[id(optimizer)], optimizer, options=self._FULL)
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None, *, full: bool = True
+    ) -> dict[str, Any]:
+        options = StateDictOptions(full_state_dict=full, cpu_offload=full)
+        return get_optimizer_state_dict(_require(module), optimizer, options=options)  # keyed by name
 
     @override
-    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-        model = self._optimizer_models[id(optimizer)]
-        set_optimizer_state_dict(
-            model, optimizer, dict(state), options=StateDictOptions(full_state_dict=True)
+    def load_optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, module: nn.Module | None, state: dict[str, Any]
+    ) -> None:
+        model = _require(module)
+        if not is_named(state):  # saved by position (e.g. outside ember): name the parameters
+            names = parameter_names(model, optimizer)
+            assert names is not None  # _require: the model holds every parameter
+            state = to_named(state, names)
+        sharded = any(
+            isinstance(v, DTensor) for per_param in state["state"].values() for v in per_param.values()
         )
+        set_optimizer_state_dict(
+            model, optimizer, dict(state), options=StateDictOptions(full_state_dict=not sharded)
+        )
+
+
+def _require(module: nn.Module | None) -> nn.Module:
+    if module is None:
+        raise ValueError("FSDP: prepare() the optimizer together with the model whose parameters it holds")
+    return module
 
 
 def _size_based_units(root: nn.Module, min_params: int) -> list[nn.Module]:

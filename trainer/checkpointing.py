@@ -11,8 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from safetensors.torch import load_file
-
+from ember._checkpoint import load_model_weights
 from ember.callbacks.base import Callback
 from ember.strategies.checkpoint_io import CheckpointError, read_manifest
 from ember.trainer.hooks import call_hook
@@ -66,9 +65,9 @@ def restore(trainer: Trainer, path: Path) -> None:
 
 def load_weights(trainer: Trainer, path: Path) -> None:
     """Only the model weights (for validate/test/predict with ``ckpt_path``)."""
-    read_manifest(path)
+    manifest = read_manifest(path)
     assert trainer._model is not None
-    trainer.strategy.load_module_state_dict(trainer._model, load_file(str(path / "model.safetensors")))
+    load_model_weights(trainer.strategy, trainer._model, path, manifest)
 
 
 def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
