@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -52,7 +54,13 @@ from ember.strategies.checkpoint_io import (
     write_tree,
 )
 from ember.strategies.optim_state import owner_module
-from ember.strategies.sharded_io import SafetensorsWriter, load_shards, save_shards, shard_metadata
+from ember.strategies.sharded_io import (
+    SafetensorsWriter,
+    consolidate,
+    load_shards,
+    save_shards,
+    shard_metadata,
+)
 
 
 @dataclass(slots=True)
@@ -259,6 +267,18 @@ def load_model_weights(
         strategy.load_module_state_dict(
             model, load_file(str(directory / f"model{_suffix(index)}.safetensors"))
         )
+
+
+def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any], index: int = 0) -> list[str]:
+    """The full weights of model ``index`` of a verified checkpoint, as the safetensors file ``out``."""
+    if manifest.get("layout") == "sharded":
+        return consolidate(directory / f"model{_suffix(index)}.shards", out)
+    source = directory / f"model{_suffix(index)}.safetensors"
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, out)
+    with safe_open(str(out), framework="pt") as f:
+        return list(f.keys())
 
 
 def save_model(

@@ -1,4 +1,5 @@
-"""The ``ember`` command line: ``ember launch`` runs a script on N processes (and N nodes).
+"""The ``ember`` command line: ``ember launch`` runs a script on N processes (and N nodes);
+``ember consolidate`` turns a checkpoint's (sharded) weights into one safetensors file.
 
 ``ember launch`` is a thin layer over ``torch.distributed.run`` (torchrun): it validates the
 arguments before anything starts, passes ``--strategy``/``--precision`` to the script's
@@ -74,7 +75,45 @@ def _parser() -> argparse.ArgumentParser:
     )
     launch.add_argument("script", help="the training script (or module, with -m)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    consolidate = commands.add_parser(
+        "consolidate",
+        help="write the full weights of a checkpoint (sharded or not) into one safetensors file",
+        description="Read the model weights of the save_state checkpoint CKPT_DIR (any strategy, any world "
+        "size) and write them, unsharded, into the safetensors file OUT, one tensor in memory at a time.",
+    )
+    consolidate.add_argument(
+        "checkpoint", metavar="CKPT_DIR", help="a directory written by save_state / the Trainer"
+    )
+    consolidate.add_argument("out", metavar="OUT", help="the safetensors file to write")
+    consolidate.add_argument(
+        "--model", type=int, default=0, help="which prepared model, in preparation order (default 0)"
+    )
+    consolidate.add_argument("--force", action="store_true", help="replace OUT if it exists")
     return parser
+
+
+def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ember._checkpoint import consolidate_checkpoint
+    from ember.strategies.checkpoint_io import CheckpointError, read_manifest
+
+    out = Path(args.out)
+    if out.is_dir():
+        parser.error(f"OUT {args.out!r} is a directory; give the path of the safetensors file to write")
+    if out.exists() and not args.force:
+        parser.error(f"OUT {args.out!r} exists; pass --force to replace it")
+    try:
+        manifest = read_manifest(Path(args.checkpoint))
+    except CheckpointError as err:
+        parser.error(f"CKPT_DIR: {err}")
+    models = manifest["counts"]["models"]
+    if not 0 <= args.model < models:
+        parser.error(f"--model {args.model} is not in [0, {models}): the checkpoint holds {models} model(s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    names = consolidate_checkpoint(Path(args.checkpoint), out, manifest, args.model)
+    print(f"wrote {len(names)} tensors to {out}")
+    return 0
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -147,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "launch":
         _validate(parser, args)
         return launch(args)
+    if args.command == "consolidate":
+        return _consolidate(parser, args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 

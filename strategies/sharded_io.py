@@ -16,7 +16,9 @@ import json
 import math
 import os
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -115,17 +117,26 @@ class SafetensorsWriter:
             self.abort()
 
 
+@contextmanager
+def _single_process_ok() -> Iterator[None]:
+    # DCP warns whenever it runs without a process group; in one process that is what we want.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def save_shards(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Every rank calls this with its state (DTensors are written shard by shard; a plain tensor,
     the same on every rank, is written once). A collective when a process group exists."""
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    save(
-        tensors,
-        storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True),
-        no_dist=not dist.is_initialized(),
-    )
+    with _single_process_ok():
+        save(
+            tensors,
+            storage_writer=HuggingFaceStorageWriter(str(path), save_distributed=True),
+            no_dist=not dist.is_initialized(),
+        )
 
 
 def shard_metadata(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -168,7 +179,10 @@ def load_shards(
     for key, (dtype, shape) in saved.items():
         targets.setdefault(key, torch.empty(shape, dtype=dtype))
     if targets:
-        load(targets, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized())
+        with _single_process_ok():
+            load(
+                targets, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not dist.is_initialized()
+            )
     return targets
 
 
@@ -182,6 +196,7 @@ def consolidate(path: Path, out: Path) -> list[str]:
     with SafetensorsWriter(out, [(key, dtype, shape) for key, (dtype, shape) in saved.items()]) as writer:
         for key, (dtype, shape) in saved.items():
             full = {key: torch.empty(shape, dtype=dtype)}
-            load(full, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
+            with _single_process_ok():
+                load(full, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=True)
             writer.write(key, full[key])
     return list(saved)

@@ -66,8 +66,14 @@ def run_processes(
     nprocs: int = 2,
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    nodes: int = 1,
 ) -> list[Any]:
-    """Run ``fn(*args)`` on ``nprocs`` ranks; return each rank's return value, in rank order."""
+    """Run ``fn(*args)`` on ``nprocs`` ranks; return each rank's return value, in rank order.
+
+    ``nodes > 1`` describes the ranks as ``nodes`` nodes of ``nprocs // nodes`` processes (all on
+    this machine, as a launcher on each node would number them).
+    """
+    per_node = nprocs // nodes
     path = fn.__code__.co_filename
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="ember-ranks-"))
@@ -77,9 +83,10 @@ def run_processes(
         log = open(workdir / f"rank{rank}.log", "w+b")
         rank_env = base_env(
             RANK=str(rank),
-            LOCAL_RANK=str(rank),
+            LOCAL_RANK=str(rank % per_node),
             WORLD_SIZE=str(nprocs),
-            LOCAL_WORLD_SIZE=str(nprocs),
+            LOCAL_WORLD_SIZE=str(per_node),
+            GROUP_RANK=str(rank // per_node),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             **(env or {}),

@@ -1,0 +1,82 @@
+"""The streamed safetensors writer and name-keyed optimizer state (single process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from ember.strategies.optim_state import parameter_names, to_indexed, to_named
+from ember.strategies.sharded_io import SafetensorsWriter, load_shards, save_shards, shard_metadata
+
+
+def test_writer_streams_a_file_safetensors_reads_back(tmp_path: Path) -> None:
+    tensors = {
+        "w": torch.randn(3, 5),
+        "half": torch.randn(7).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "view": torch.arange(12).view(3, 4).t(),  # not contiguous
+    }
+    path = tmp_path / "t.safetensors"
+    with SafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    loaded = load_file(str(path))
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_writer_refuses_surprises_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(ValueError, match=r"expected \('a', torch.float32, \(2,\)\)"):
+        with SafetensorsWriter(path, [("a", torch.float32, (2,))]) as writer:
+            writer.write("a", torch.zeros(3))
+    with pytest.raises(ValueError, match=r"closed before writing \['b'\]"):
+        with SafetensorsWriter(path, [("a", torch.float32, (2,)), ("b", torch.float32, (1,))]) as writer:
+            writer.write("a", torch.zeros(2))
+    with pytest.raises(TypeError, match="complex64"):
+        SafetensorsWriter(path, [("c", torch.complex64, (1,))])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_shards_round_trip_in_one_process(tmp_path: Path) -> None:
+    state = {"a": torch.randn(4, 2), "b": torch.arange(3)}
+    save_shards(tmp_path / "s", state)
+    assert shard_metadata(tmp_path / "s") == {"a": (torch.float32, (4, 2)), "b": (torch.int64, (3,))}
+    target = {"a": torch.zeros(4, 2)}
+    loaded = load_shards(tmp_path / "s", target)
+    assert torch.equal(target["a"], state["a"])  # filled in place
+    assert torch.equal(loaded["b"], state["b"])  # no target: returned as a new tensor
+    with pytest.raises(RuntimeError, match=r"has no tensors \['c'\]"):
+        load_shards(tmp_path / "s", {"c": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match=r"'a' has shape \[4, 2\] in .* but \[2, 4\] here"):
+        load_shards(tmp_path / "s", {"a": torch.zeros(2, 4)})
+
+
+def test_optimizer_state_by_name_round_trips_and_names_mismatches() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    optimizer = torch.optim.AdamW(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.1}], lr=0.01
+    )
+    model(torch.randn(4, 2)).sum().backward()
+    optimizer.step()
+    names = parameter_names(model, optimizer)
+    assert names == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+    named = to_named(optimizer.state_dict(), names)
+    assert set(named["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+    assert named["param_groups"][1]["lr"] == 0.1
+    indexed = to_indexed(named, names)
+    assert indexed["param_groups"] == optimizer.state_dict()["param_groups"]
+    assert indexed["state"].keys() == optimizer.state_dict()["state"].keys()
+    with pytest.raises(
+        ValueError, match=r"missing parameters \['2.weight'\]; unexpected parameters \['1.bias'\]"
+    ):
+        to_indexed(named, [["0.weight", "0.bias"], ["1.weight", "2.weight"]])
+    other = torch.optim.SGD(nn.Linear(1, 1).parameters())
+    assert parameter_names(model, other) is None  # not this model's parameters
