@@ -115,6 +115,11 @@ class TrainerConfig:
             )
         if self.check_val_every_n_epoch is not None:
             _int("check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
+        elif not isinstance(interval, int):
+            raise ValueError(
+                f"check_val_every_n_epoch=None counts training batches across epochs, so val_check_interval "
+                f"must be an int, not {interval!r}"
+            )
         for name in (
             "limit_train_batches",
             "limit_val_batches",

@@ -37,10 +37,11 @@ def val_check_batch(config: TrainerConfig, num_training_batches: int | float, ha
     """Validate every this many training batches (``val_check_interval``: a count, or a fraction of the epoch)."""
     interval = config.val_check_interval
     if isinstance(interval, int):
-        if has_val and interval > num_training_batches:
+        if has_val and interval > num_training_batches and config.check_val_every_n_epoch is not None:
             raise ValueError(
                 f"val_check_interval={interval} is larger than the {num_training_batches} training batches "
-                "of an epoch; use a smaller int, or a float fraction of the epoch such as 0.25"
+                "of an epoch; use a smaller int, a float fraction of the epoch such as 0.25, or "
+                "check_val_every_n_epoch=None to count batches across epochs"
             )
         return interval
     if math.isinf(num_training_batches):

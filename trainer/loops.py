@@ -147,9 +147,11 @@ def _detached(output: Any) -> Any:
 
 
 def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
-    if is_last or not trainer._val_loaders or not _validation_epoch(trainer):
+    if not trainer._val_loaders or not _validation_epoch(trainer):
         return False
-    return (batch_idx + 1) % trainer._val_check_batch == 0
+    if trainer.config.check_val_every_n_epoch is None:  # count training batches across epochs
+        return trainer.state.total_batch_idx % trainer._val_check_batch == 0
+    return not is_last and (batch_idx + 1) % trainer._val_check_batch == 0
 
 
 def _validation_epoch(trainer: Trainer) -> bool:
@@ -158,7 +160,12 @@ def _validation_epoch(trainer: Trainer) -> bool:
 
 
 def _validate_at_epoch_end(trainer: Trainer) -> bool:
-    if not trainer._val_loaders or not _validation_epoch(trainer) or trainer.state.batch_idx == 0:
+    if (
+        not trainer._val_loaders
+        or not _validation_epoch(trainer)
+        or trainer.state.batch_idx == 0
+        or trainer.config.check_val_every_n_epoch is None
+    ):
         return False
     interval = trainer.config.val_check_interval
     return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0

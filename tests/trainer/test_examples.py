@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from dist_helpers import PYTHON, REPO, run_command
+from safetensors.torch import load_file
 
 EMBER = str(Path(PYTHON).parent / "ember")
 
@@ -28,3 +29,25 @@ def test_custom_callback_example(tmp_path: Path) -> None:
     result = run_command([PYTHON, str(REPO / "examples" / "custom_callback.py")], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "epochs seen: 5" in result.stdout and "last grad_norm" in result.stdout
+
+
+def test_gpt_example_sharded_with_fsdp_then_consolidated(tmp_path: Path) -> None:
+    root = tmp_path / "gpt"
+    quick = ["--max-steps", "12", "--chars", "30000", "--layers", "2", "--width", "32", "--sample", "20",
+             "--root", str(root)]  # fmt: skip
+    result = run_command([EMBER, "launch", "--nproc-per-node", "2", str(REPO / "examples" / "gpt_fsdp.py"),
+                          "--strategy", "fsdp", *quick], timeout=240)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--- sample after 12 steps ---\ndef " in result.stdout
+    rows = list(csv.DictReader(open(root / "logs" / "version_0" / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert losses[-1] < losses[0]  # it learns
+    assert any(r.get("val_loss") for r in rows)
+    assert (root / "checkpoints" / "last" / "model.shards").is_dir()  # sharded by default
+    out = tmp_path / "gpt.safetensors"
+    consolidated = run_command([EMBER, "consolidate", str(root / "checkpoints" / "last"), str(out)])
+    assert consolidated.returncode == 0, consolidated.stderr
+    assert "blocks.1.mlp.2.weight" in load_file(str(out))
+    single = run_command([PYTHON, str(REPO / "examples" / "gpt_fsdp.py"), *quick[:-2], "--root", str(tmp_path / "one")],
+                         timeout=240)  # fmt: skip
+    assert single.returncode == 0, single.stderr

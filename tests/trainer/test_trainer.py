@@ -95,6 +95,24 @@ def test_val_check_interval_larger_than_the_epoch(tmp_path: Path) -> None:
     assert not (tmp_path / "logs").exists()  # refused before training (nothing logged)
 
 
+def test_validation_counted_in_batches_across_epochs(tmp_path: Path) -> None:
+    class Counting(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.validated_at: list[int] = []
+
+        def on_validation_end(self) -> None:
+            self.validated_at.append(self.trainer.state.total_batch_idx)
+
+    module = Counting()  # 4 batches per epoch, 3 epochs: validate after batches 6 and 12 only
+    trainer = _trainer(tmp_path, max_epochs=3, val_check_interval=6, check_val_every_n_epoch=None,
+                       num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module, _loader(), _loader(8))
+    assert module.validated_at == [6, 12]
+    with pytest.raises(ValueError, match=r"check_val_every_n_epoch=None .* must be an int, not 0\.5"):
+        Trainer(val_check_interval=0.5, check_val_every_n_epoch=None)
+
+
 def test_training_step_returning_a_string(tmp_path: Path) -> None:
     class Bad(Regressor):
         def training_step(self, batch: Any, batch_idx: int) -> Any:
