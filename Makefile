@@ -7,7 +7,7 @@ STAMP := $(VENV)/.ember-installed
 TORCH_PIN := torch==2.13.0
 PACKAGES := ember trainer callbacks strategies precision
 
-.PHONY: demo test lint typecheck unit install clean
+.PHONY: demo test lint typecheck unit install clean bench
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# Benchmarks write their tables into benchmarks/RESULTS.md (minutes; not part of `make test`).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/fsdp_memory.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST
+from ember.strategies.checkpoint_io import MANIFEST, copy_checkpoint
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -172,6 +172,8 @@ class ModelCheckpoint(Callback):
     def _save(self, trainer: Trainer) -> None:
         plan = trainer.accelerator.broadcast_object(self._plan(trainer) if trainer.is_global_zero else None)
         self._last_step_saved = trainer.global_step
+        if plan["last"] is not None:
+            self.last_model_path = plan["last"]  # before saving, so both copies hold the same state
         if plan["save"] is not None:
             path, score = plan["save"], plan["score"]
             removed: list[str] = []
@@ -190,11 +192,13 @@ class ModelCheckpoint(Callback):
             self.best_model_score = self.best_k_models[best] if score is not None else None
             trainer.save_checkpoint(path)  # after updating our state, so the checkpoint includes it
             if trainer.is_global_zero:
+                if plan["last"] is not None:  # the same state: link its files instead of saving again
+                    copy_checkpoint(Path(path), Path(plan["last"]))
                 for old in removed:
                     if old != path and (Path(old) / MANIFEST).exists():
                         shutil.rmtree(old)
-        if plan["last"] is not None:
-            self.last_model_path = plan["last"]
+            trainer.strategy.barrier("ModelCheckpoint:last")
+        elif plan["last"] is not None:
             trainer.save_checkpoint(plan["last"])
 
     # -- state -------------------------------------------------------------------------------------

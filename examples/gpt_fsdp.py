@@ -131,19 +131,21 @@ class GPT(TrainModule):
         return ids
 
 
-def make_strategy(name: str) -> str | Strategy:
+def make_strategy(name: str | None) -> str | Strategy | None:
     if name == "fsdp":
         return FSDPStrategy(FSDPConfig(wrap={Block}, activation_checkpointing={Block}))
-    return name  # "auto", "ddp", "deepspeed", ... by registry name
+    return name  # "ddp", "deepspeed", ... by registry name; None: `ember launch --strategy` or "auto"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--strategy", default="auto", help="auto, ddp, fsdp, deepspeed, or any registry name")
+    parser.add_argument(
+        "--strategy", default=None, help="ddp, fsdp, deepspeed, or any registry name (default: auto)"
+    )
     parser.add_argument("--devices", default="auto")
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default=None, help="default: 32-true, or `ember launch --precision`")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--chars", type=int, default=400_000, help="corpus size in characters")
     parser.add_argument("--block-size", type=int, default=64)

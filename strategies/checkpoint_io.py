@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 __all__ = [
     "CheckpointError",
     "check_target",
+    "copy_checkpoint",
     "decode_tree",
     "encode_tree",
     "finalize_staged",
@@ -231,6 +232,29 @@ def finalize_staged(staging: Path, directory: Path) -> None:
     _fsync_dir(directory.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Make ``target`` a checkpoint identical to the complete checkpoint ``source`` (one rank only).
+
+    Files are hard-linked where the file system allows (a finished checkpoint's files are never
+    changed in place: a new save replaces the directory), else copied; the swap into place is the
+    same atomic one as a save's.
+    """
+    read_manifest(source, verify=False)
+    check_target(target)
+    staging = prepare_staging(target)
+    for path in sorted(source.rglob("*")):
+        destination = staging / path.relative_to(source)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+    finalize_staged(staging, target)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import CheckpointError, DataModule, Trainer, TrainModule
 from ember.callbacks import EarlyStopping, ModelCheckpoint
+from ember.strategies.checkpoint_io import read_manifest
 from ember.trainer.optim import parse_optimizers
 
 
@@ -220,6 +221,10 @@ def test_early_stopping_and_top_k(tmp_path: Path) -> None:
 def test_ckpt_path_last_resumes(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=2, callbacks=[ModelCheckpoint(save_last=True)])
     trainer.fit(Regressor(), _loader())
+    newest, last = tmp_path / "checkpoints" / "epoch=1-step=8", tmp_path / "checkpoints" / "last"
+    read_manifest(last)  # complete and verified
+    # "last" is the newest checkpoint's files linked, not a second save
+    assert (last / "model.safetensors").stat().st_ino == (newest / "model.safetensors").stat().st_ino
     again = _trainer(tmp_path, max_epochs=3, callbacks=[ModelCheckpoint(save_last=True)])
     again.fit(Regressor(), _loader(), ckpt_path="last")
     assert again.global_step == 12 and again.current_epoch == 3

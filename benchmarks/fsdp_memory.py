@@ -1,0 +1,171 @@
+"""Per-rank training-state memory and step time: FSDP vs DDP on 2 processes.
+
+    python benchmarks/fsdp_memory.py                 # ~50M parameters; updates benchmarks/RESULTS.md
+    python benchmarks/fsdp_memory.py --width 64 --layers 2 --steps 2 --reps 1 --results /tmp/R.md
+
+Each rank counts the bytes of the tensors it holds for training — parameters, gradients (after
+backward) and optimizer state (Adam) — for the same model under ``strategy="ddp"`` and
+``strategy="fsdp"``. Budget: FSDP <= 1/2 x DDP + 5%. The step time ratio FSDP/DDP is the median over
+repetitions that alternate the two (DDP, FSDP, DDP, FSDP ...), measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+START, END = "<!-- fsdp_memory:start -->", "<!-- fsdp_memory:end -->"
+
+
+def build(width: int, layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    blocks = [
+        nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        for _ in range(layers)
+    ]
+    return nn.Sequential(*blocks)
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank (started by ``ember launch``): train, measure, rank 0 writes JSON to ``args.out``."""
+    from ember import Accelerator
+    from ember.strategies import FSDPConfig, FSDPStrategy
+
+    torch.set_num_threads(1)
+    strategy = FSDPStrategy(FSDPConfig(wrap={nn.Sequential})) if args.worker == "fsdp" else args.worker
+    accelerator = Accelerator(strategy=strategy)
+    with accelerator.init_module(empty_init=True):  # FSDP: on the meta device, each rank allocates its shards
+        model = build(args.width, args.layers)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-4))
+    params = list(model.parameters())
+    x = torch.randn(args.batch, args.width)
+    times, grads = [], 0
+    for step in range(args.steps + 1):  # the first step warms up (allocates the optimizer state)
+        start = time.perf_counter()
+        accelerator.backward(model(x).square().mean())
+        grads = _bytes([p.grad for p in params if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad()
+        if step:
+            times.append(time.perf_counter() - start)
+    state = [v for s in optimizer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    mine = {
+        "params": _bytes(params), "grads": grads, "optimizer": _bytes(state),
+        "step_s": statistics.median(times), "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }  # fmt: skip
+    everyone = [mine, accelerator.broadcast_object(mine, from_process=1)]
+    if accelerator.is_main_process:
+        Path(args.out).write_text(json.dumps(everyone))
+    accelerator.end_training()
+
+
+def run(strategy: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "ember", "launch", "--nproc-per-node", "2", __file__, "--worker", strategy,
+               "--out", str(out), "--width", str(args.width), "--layers", str(args.layers),
+               "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def report(args: argparse.Namespace) -> str:
+    results: dict[str, list[list[dict[str, float]]]] = {"ddp": [], "fsdp": []}
+    for _ in range(args.reps):
+        for strategy in ("ddp", "fsdp"):  # alternate, so drifts of the machine hit both
+            results[strategy].append(run(strategy, args))
+    numel = sum(p.numel() for p in build(args.width, args.layers).parameters())
+    rows = []
+    per_rank = {}
+    for strategy, reps in results.items():
+        ranks = reps[0]
+        state = [r["params"] + r["grads"] + r["optimizer"] for r in ranks]
+        per_rank[strategy] = max(state)
+        mb = 1e6
+        rows.append(
+            f"| {strategy} | {ranks[0]['params'] / mb:.1f} | {ranks[0]['grads'] / mb:.1f} | "
+            f"{ranks[0]['optimizer'] / mb:.1f} | {max(state) / mb:.1f} | {max(r['max_rss'] for r in ranks) / mb:.0f} |"
+        )
+    memory_ratio = per_rank["fsdp"] / per_rank["ddp"]
+    step = {
+        s: [statistics.median(r["step_s"] for r in ranks) for ranks in reps] for s, reps in results.items()
+    }
+    ratios = [f / d for f, d in zip(step["fsdp"], step["ddp"], strict=True)]
+    verdict = "within budget" if memory_ratio <= 0.5 * 1.05 else "OVER BUDGET"
+    return "\n".join(
+        [
+            "## FSDP vs DDP: per-rank training state, 2 processes",
+            "",
+            f"Model: {args.layers} MLP blocks of width {args.width} ({numel / 1e6:.1f}M parameters, fp32), Adam, "
+            f"batch {args.batch} per rank, {args.steps} timed steps x {args.reps} alternating repetitions.",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, gloo, 1 thread per rank.",
+            "",
+            "| strategy | parameters MB | gradients MB | optimizer state MB | total per rank MB | peak RSS of a rank MB |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- **Memory ratio FSDP / DDP: {memory_ratio:.3f}** (budget <= 0.525: {verdict}).",
+            f"- Step time ratio FSDP / DDP: median {statistics.median(ratios):.2f}, spread "
+            f"{min(ratios):.2f}-{max(ratios):.2f} (DDP median step {statistics.median(step['ddp']) * 1e3:.0f} ms). "
+            "FSDP gathers each block's parameters in forward and backward; on CPU/gloo that communication is not "
+            "overlapped as NCCL overlaps it on GPUs.",
+        ]
+    )
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# ember benchmark results\n"
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text:
+        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=12)  # 12 x 4.2M = 50M parameters
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to update")
+    parser.add_argument("--worker", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    section = report(args)
+    write_section(args.results, section)
+    print(section)
+
+
+if __name__ == "__main__":
+    main()

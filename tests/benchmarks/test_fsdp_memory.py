@@ -1,0 +1,23 @@
+"""The FSDP memory benchmark runs (tiny settings) and its sharding arithmetic holds: FSDP keeps half
+of DDP's per-rank training state. Timings are reported by the benchmark, never asserted here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dist_helpers import PYTHON, REPO, run_command
+
+
+def test_fsdp_memory_benchmark_writes_its_section(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+    old = "<!-- fsdp_memory:start -->\nOLD\n<!-- fsdp_memory:end -->"
+    results.write_text(f"# results\n\nkept\n\n{old}\n\ntail\n")
+    cmd = [PYTHON, str(REPO / "benchmarks" / "fsdp_memory.py"), "--width", "64", "--layers", "2", "--steps", "2",
+           "--reps", "1", "--results", str(results)]  # fmt: skip
+    result = run_command(cmd, timeout=300)
+    assert result.returncode == 0, result.stderr
+    text = results.read_text()  # its section replaced, the rest of the file kept
+    assert text.startswith("# results\n\nkept\n") and text.endswith("\n\ntail\n") and "OLD" not in text
+    ratio = float(text.split("Memory ratio FSDP / DDP: ")[1].split("*")[0])
+    assert ratio <= 0.525
+    assert "| fsdp |" in text and "| ddp |" in text
