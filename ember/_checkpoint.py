@@ -20,10 +20,12 @@ strategy and world size (``docs/concepts/checkpoints.md``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +35,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ember._rng import rng_state, set_rng_state
 from ember._wrappers import PreparedOptimizer, PreparedScheduler
 from ember.data import PreparedDataLoader
 from ember.strategies import Strategy
+from ember.strategies.base import EngineCheckpoints
 from ember.strategies.checkpoint_io import (
     CheckpointError,
     check_target,
@@ -56,6 +58,7 @@ from ember.strategies.checkpoint_io import (
 from ember.strategies.optim_state import owner_module
 from ember.strategies.sharded_io import (
     SafetensorsWriter,
+    TensorSpec,
     consolidate,
     load_shards,
     save_shards,
@@ -119,23 +122,27 @@ def save_state(
         prepare_staging(directory)
     strategy.barrier("save_state:staging")
     writer = strategy.is_global_zero
-    sharded = strategy.sharded_checkpoints
+    layout = checkpoint_layout(strategy)
+    if isinstance(strategy, EngineCheckpoints):  # the engine writes models and optimizers its own way
+        strategy.save_engine_state(staging / layout)
     # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
     # shards, is a collective under sharded strategies.
-    for i, model in enumerate(objects.models):
-        weights = strategy.module_state_dict(model, full=False)
-        if sharded:
-            save_shards(staging / f"model{_suffix(i)}.shards", weights)
+    for i, model in enumerate(objects.models if layout in ("full", "sharded") else []):
+        if layout == "sharded":
+            save_shards(staging / f"model{_suffix(i)}.shards", strategy.module_state_dict(model, full=False))
         else:
-            _stream_weights(weights, [(staging / f"model{_suffix(i)}.safetensors", list(weights))], writer)
-    for i, optimizer in enumerate(objects.optimizers):
+            specs, tensors = strategy.full_tensors(model)
+            _stream_weights(
+                specs, tensors, [(staging / f"model{_suffix(i)}.safetensors", len(specs))], writer
+            )
+    for i, optimizer in enumerate(objects.optimizers if layout in ("full", "sharded") else []):
         module = owner_module(objects.models, optimizer.optimizer)
-        state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=not sharded)
-        if sharded:
-            structure, tensors = encode_tree(state, copy=False)
+        state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=layout == "full")
+        if layout == "sharded":
+            structure, shards = encode_tree(state, copy=False)
             if writer:
                 write_json(staging / f"optimizer{_suffix(i)}.json", structure)
-            save_shards(staging / f"optimizer{_suffix(i)}.shards", tensors)
+            save_shards(staging / f"optimizer{_suffix(i)}.shards", shards)
         elif writer:
             write_tree(staging, f"optimizer{_suffix(i)}", state)
     if writer:
@@ -161,7 +168,7 @@ def save_state(
                 "torch_version": torch.__version__,
                 "strategy": strategy.strategy_name,
                 "world_size": strategy.world_size,
-                "layout": "sharded" if sharded else "full",
+                "layout": layout,
                 "counts": objects.counts(),
                 "extra": sorted(extra),
                 "rank_extra": sorted(rank_extra),
@@ -177,6 +184,19 @@ def load_state(
 ) -> dict[str, Any]:
     directory = Path(input_dir).absolute()
     manifest = read_manifest(directory)
+    layout = manifest.get("layout", "full")
+    if layout not in ("full", "sharded") and (
+        checkpoint_layout(strategy) != layout or not isinstance(strategy, EngineCheckpoints)
+    ):  # an engine's own format: only that engine reads it
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} holds the {layout!r} engine's own state; load it with "
+            f"strategy={layout!r}, or take its weights with `ember consolidate` (any strategy loads those)"
+        )
+    if isinstance(strategy, EngineCheckpoints) and layout != checkpoint_layout(strategy):
+        raise CheckpointError(
+            f"strategy {strategy.strategy_name!r} resumes only from its own checkpoints, and {str(directory)!r} has "
+            f"the {layout!r} layout; to start from its weights, load them into the model before prepare()"
+        )
     saved, current = manifest["counts"], objects.counts()
     for kind, count in current.items():
         if saved.get(kind, 0) != count:
@@ -191,9 +211,11 @@ def load_state(
             "weights and optimizer state are restored, dataloader positions and RNG streams are not",
             stacklevel=3,
         )
-    for i, model in enumerate(objects.models):
+    if isinstance(strategy, EngineCheckpoints) and layout not in ("full", "sharded"):
+        strategy.load_engine_state(directory / layout)
+    for i, model in enumerate(objects.models if layout in ("full", "sharded") else []):
         load_model_weights(strategy, model, directory, manifest, i)
-    for i, optimizer in enumerate(objects.optimizers):
+    for i, optimizer in enumerate(objects.optimizers if layout in ("full", "sharded") else []):
         module = owner_module(objects.models, optimizer.optimizer)
         stem = f"optimizer{_suffix(i)}"
         if manifest.get("layout") == "sharded":
@@ -255,8 +277,11 @@ def parse_size(size: int | str) -> int:
 def load_model_weights(
     strategy: Strategy, model: nn.Module, directory: Path, manifest: dict[str, Any], index: int = 0
 ) -> None:
-    """Load model ``index`` of a checkpoint (either layout) into a prepared model."""
-    if manifest.get("layout") == "sharded":
+    """Load model ``index`` of a checkpoint (any layout) into a prepared model."""
+    layout = manifest.get("layout", "full")
+    if layout not in ("full", "sharded"):
+        strategy.load_module_state_dict(model, engine_weights(directory, layout))
+    elif layout == "sharded":
         target = strategy.module_state_dict(model, full=False)
         path = directory / f"model{_suffix(index)}.shards"
         unexpected = sorted(set(shard_metadata(path)) - set(target))
@@ -271,8 +296,14 @@ def load_model_weights(
 
 def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any], index: int = 0) -> list[str]:
     """The full weights of model ``index`` of a verified checkpoint, as the safetensors file ``out``."""
-    if manifest.get("layout") == "sharded":
+    layout = manifest.get("layout", "full")
+    if layout == "sharded":
         return consolidate(directory / f"model{_suffix(index)}.shards", out)
+    if layout != "full":
+        weights = engine_weights(directory, layout)
+        specs = [(name, t.dtype, tuple(t.shape)) for name, t in weights.items()]
+        _stream_weights(specs, iter(weights.items()), [(out, len(specs))], True)
+        return list(weights)
     source = directory / f"model{_suffix(index)}.safetensors"
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.copyfile(source, tmp)
@@ -296,11 +327,11 @@ def save_model(
     directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"save_directory={str(directory)!r} exists and is not a directory")
-    weights = strategy.module_state_dict(model, full=False)
+    specs, tensors = strategy.full_tensors(model)
     files: list[list[str]] = [[]]
     size = 0
-    for name, tensor in weights.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for name, dtype, shape in specs:
+        nbytes = math.prod(shape) * dtype.itemsize
         if files[-1] and size + nbytes > limit:
             files.append([])
             size = 0
@@ -313,12 +344,16 @@ def save_model(
         names = [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     if writer:
         directory.mkdir(parents=True, exist_ok=True)
-    _stream_weights(weights, [(directory / n, f) for n, f in zip(names, files, strict=True)], writer)
+    _stream_weights(
+        specs, tensors, [(directory / n, len(f)) for n, f in zip(names, files, strict=True)], writer
+    )
     if writer:
         written = set(names)
         if len(files) > 1:
             index = {
-                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())},
+                "metadata": {
+                    "total_size": sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in specs)
+                },
                 "weight_map": {key: name for name, keys in zip(names, files, strict=True) for key in keys},
             }
             tmp = directory / ".model.safetensors.index.json.tmp"
@@ -336,15 +371,35 @@ _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)
 
 
 def _stream_weights(
-    weights: dict[str, torch.Tensor], files: list[tuple[Path, list[str]]], writer: bool
+    specs: list[TensorSpec],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    files: list[tuple[Path, int]],
+    writer: bool,
 ) -> None:
-    """Write ``weights`` into ``files`` (path, names) on the writing rank. Every rank must call it:
-    a sharded tensor is gathered (a collective) just before it is written, then dropped."""
-    for path, names in files:
-        specs = [(name, weights[name].dtype, tuple(weights[name].shape)) for name in names]
-        with SafetensorsWriter(path, specs) if writer else nullcontext() as out:
-            for name in names:
-                tensor = weights[name]
-                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """Write the tensors, in order, into ``files`` (path, how many) on the writing rank. Every rank
+    must consume ``tensors``: a sharded tensor is gathered (a collective) as it comes, then dropped."""
+    start = 0
+    for path, count in files:
+        part = specs[start : start + count]
+        start += count
+        with SafetensorsWriter(path, part) if writer else nullcontext() as out:
+            for _ in part:
+                name, tensor = next(tensors)
                 if out is not None:
-                    out.write(name, full)
+                    out.write(name, tensor)
+
+
+def engine_weights(directory: Path, layout: str) -> dict[str, torch.Tensor]:
+    """Full weights out of an engine's own checkpoint (its files are read the engine's way)."""
+    if layout == "deepspeed":
+        from ember.strategies.deepspeed import zero_checkpoint_weights
+
+        return zero_checkpoint_weights(directory / layout)
+    raise CheckpointError(f"checkpoint {str(directory)!r} has the unknown layout {layout!r}")
+
+
+def checkpoint_layout(strategy: Strategy) -> str:
+    """``"full"``, ``"sharded"``, or the name of a strategy whose engine writes its own format."""
+    if isinstance(strategy, EngineCheckpoints):
+        return strategy.strategy_name
+    return "sharded" if strategy.sharded_checkpoints else "full"

@@ -13,6 +13,7 @@ from torch import nn
 from ember.data import LoopState
 from ember.precision import Precision
 from ember.strategies import Strategy
+from ember.strategies.base import OwnsOptimizerStep
 
 
 @dataclass(slots=True)
@@ -67,6 +68,8 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if isinstance(self._strategy, OwnsOptimizerStep):  # the engine clears its own gradient buffers
+            return
         if self._gradient_state.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 

@@ -38,7 +38,7 @@ from ember._wrappers import (
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
-from ember.strategies.base import MaterializesModules, resolve_strategy
+from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 
 __all__ = ["Accelerator"]
@@ -129,6 +129,8 @@ class Accelerator(ProcessMixin):
         self._strategy = resolve_strategy(
             strategy if strategy is not None else defaults.get("strategy", "auto"), world_size=world_size
         )
+        if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
+            self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
         self._strategy.connect(
             device_type=device_type,
             num_processes=num_processes,
@@ -195,6 +197,9 @@ class Accelerator(ProcessMixin):
             for i, o in enumerate(objects)
             if isinstance(o, torch.optim.Optimizer) and not isinstance(o, PreparedOptimizer)
         ]
+        for slot, obj in enumerate(objects):  # first: a strategy may size its engine by the batch
+            if isinstance(obj, DataLoader):
+                result[slot] = self._prepare_dataloader(obj)
         models, optimizers = self._strategy.setup_module_and_optimizers(
             [objects[i] for i in model_slots], [objects[i] for i in optim_slots]
         )
@@ -207,9 +212,7 @@ class Accelerator(ProcessMixin):
             self._objects.optimizers.append(prepared_optimizer)
             result[slot] = prepared_optimizer
         for slot, obj in enumerate(objects):
-            if isinstance(obj, DataLoader):
-                result[slot] = self._prepare_dataloader(obj)
-            elif _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
+            if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
                 prepared_scheduler = PreparedScheduler(
                     obj, self._objects.optimizers, self._gradient_state, steps_per_call=self.num_processes
                 )
@@ -239,6 +242,8 @@ class Accelerator(ProcessMixin):
             loop_state=self._gradient_state.loop,
         )
         self._objects.dataloaders.append(loader)
+        if isinstance(self._strategy, OwnsOptimizerStep) and self._strategy.micro_batch_size is None:
+            self._strategy.micro_batch_size = dataloader.batch_size
         return loader
 
     # -- the step -----------------------------------------------------------------------------
@@ -251,7 +256,10 @@ class Accelerator(ProcessMixin):
             )
         if self._gradient_state.accumulation_steps > 1:
             loss = loss / self._gradient_state.accumulation_steps
-        self._strategy.backward(loss, **kwargs)
+        if isinstance(self._strategy, OwnsOptimizerStep):  # DeepSpeed: backward and the engine's step
+            self._strategy.backward_and_step(loss, boundary=self._gradient_state.sync_gradients, **kwargs)
+        else:
+            self._strategy.backward(loss, **kwargs)
 
     def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         """Skip gradient synchronization for backward passes inside the context (where supported)."""

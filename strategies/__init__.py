@@ -6,12 +6,13 @@ backend is one new module plus one line here.
 
 from ember.strategies.base import STRATEGY_REGISTRY, BackwardSyncControl, Strategy
 from ember.strategies.ddp import DDPConfig, DDPStrategy
+from ember.strategies.deepspeed import DeepSpeedConfig, DeepSpeedStrategy
 from ember.strategies.environment import ProcessEnvironment, detect_environment
 from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
 
-for _strategy in (SingleDeviceStrategy, DDPStrategy, FSDPStrategy):
+for _strategy in (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, DeepSpeedStrategy):
     _strategy.register_strategies(STRATEGY_REGISTRY)
 
 __all__ = [
@@ -19,6 +20,8 @@ __all__ = [
     "BackwardSyncControl",
     "DDPConfig",
     "DDPStrategy",
+    "DeepSpeedConfig",
+    "DeepSpeedStrategy",
     "FSDPConfig",
     "FSDPStrategy",
     "ParallelStrategy",

@@ -9,22 +9,27 @@ are small interfaces (:class:`BackwardSyncControl`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ember._registry import Registry
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_indexed, to_named
+from ember.strategies.sharded_io import TensorSpec
 
 __all__ = [
     "STRATEGY_REGISTRY",
     "BackwardSyncControl",
+    "EngineCheckpoints",
     "MaterializesModules",
+    "OwnsOptimizerStep",
     "ReduceOp",
     "Strategy",
     "resolve_strategy",
@@ -211,6 +216,25 @@ class Strategy:
         names = parameter_names(self.unwrap_module(module), optimizer) if module is not None else None
         return to_named(state, names) if names is not None else state
 
+    def full_tensors(self, module: nn.Module) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+        """Name, dtype and full shape of each state tensor, then the full tensors one at a time.
+
+        Every rank must consume the iterator: a sharded tensor is gathered (a collective) just
+        before it is yielded, so writing them costs one full tensor of memory at a time.
+        """
+        state = self.module_state_dict(module, full=False)
+        specs = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
+
+        def full() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in state.items():
+                yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+        return specs, full()
+
+    def configure_training(self, *, gradient_clip_val: float | None, gradient_clip_algorithm: str) -> None:
+        """Settings the Trainer fixes up front, for strategies whose engine needs them before
+        ``prepare`` (DeepSpeed clips inside its step). Nothing to do by default."""
+
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, module: nn.Module | None, state: dict[str, Any]
     ) -> None:
@@ -235,6 +259,36 @@ class BackwardSyncControl(ABC):
     @abstractmethod
     def no_backward_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
         """Context in which backward passes through ``module`` do not synchronize gradients."""
+
+
+class OwnsOptimizerStep(ABC):
+    """Capability: the strategy's engine runs the optimizer step inside backward (DeepSpeed).
+
+    The Accelerator sets ``gradient_accumulation_steps`` and ``micro_batch_size`` (from the first
+    prepared dataloader) before it prepares the model, calls :meth:`backward_and_step` for every
+    backward, and ``optimizer.step()`` only reports whether the engine stepped.
+    """
+
+    micro_batch_size: int | None
+    gradient_accumulation_steps: int
+
+    @abstractmethod
+    def backward_and_step(self, loss: torch.Tensor, *, boundary: bool, **kwargs: Any) -> None:
+        """Backward of ``loss`` (already divided by the accumulation steps); apply the optimizer
+        when ``boundary`` (the end of an accumulation window)."""
+
+
+class EngineCheckpoints(ABC):
+    """Capability: models and optimizers are saved by the strategy's engine in its own format
+    (``save_state`` writes them to ``<dir>/<strategy_name>/``; manifest layout = strategy name)."""
+
+    @abstractmethod
+    def save_engine_state(self, directory: Path) -> None:
+        """Every rank writes its part of the prepared model and optimizer under ``directory``."""
+
+    @abstractmethod
+    def load_engine_state(self, directory: Path) -> None:
+        """Every rank restores its part from what :meth:`save_engine_state` wrote."""
 
 
 class MaterializesModules:

@@ -16,6 +16,8 @@ from ember.callbacks.base import Callback
 from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
+from ember.strategies.base import resolve_strategy
+from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import find_loaders, val_check_batch
@@ -80,8 +82,16 @@ class Trainer(TrainerProperties):
         TrainerConfig.check_names(list(unexpected))
         arguments = {k: v for k, v in locals().items() if k not in ("self", "unexpected", "__class__")}
         self.config = config = TrainerConfig(**arguments)
+        strategy = config.strategy if config.strategy is not None else launch_defaults().get("strategy")
+        if isinstance(strategy, str) and strategy != "auto":  # ("auto" never needs training settings)
+            strategy = resolve_strategy(strategy, world_size=1)
+        if isinstance(strategy, Strategy):  # engines that clip inside their step learn it before launch
+            strategy.configure_training(
+                gradient_clip_val=config.gradient_clip_val,
+                gradient_clip_algorithm=config.gradient_clip_algorithm,
+            )
         self.accelerator = Accelerator(
-            accelerator=config.accelerator, strategy=config.strategy, devices=config.devices,
+            accelerator=config.accelerator, strategy=strategy, devices=config.devices,
             precision=config.precision, gradient_accumulation_steps=config.accumulate_grad_batches, seed=config.seed,
         )  # fmt: skip
         if self.accelerator.num_processes % config.num_nodes:

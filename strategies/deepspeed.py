@@ -1,0 +1,431 @@
+"""DeepSpeed ZeRO (stages 1-3, CPU offload) on DeepSpeed's own engine.
+
+``prepare`` hands the model and optimizer to ``deepspeed.initialize``; the engine then owns the
+step: the Accelerator's ``backward`` runs ``engine.backward`` and ``engine.step`` (which applies
+the optimizer only at the end of an accumulation window), ``optimizer.step()`` is a no-op, and
+``clip_grad_norm_`` returns the norm the engine clipped to. The DeepSpeed configuration has one
+source of truth: what ember already knows (micro batch size, accumulation, clipping, precision)
+is written into it, and a user value that contradicts it is an error naming both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from ember._registry import Registry
+from ember.precision import DoublePrecision, Precision
+from ember.strategies.base import EngineCheckpoints, OwnsOptimizerStep, Strategy
+from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.parallel import ParallelStrategy
+from ember.strategies.sharded_io import TensorSpec
+
+__all__ = ["DeepSpeedConfig", "DeepSpeedStrategy"]
+
+log = logging.getLogger("ember")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class DeepSpeedConfig:
+    """Options of :class:`DeepSpeedStrategy`.
+
+    Either the typed ZeRO options below, or ``config``: a DeepSpeed configuration dict or the path
+    of its JSON file (then the typed options must stay at their defaults). Values ember knows —
+    ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``,
+    ``gradient_clipping``, the ``fp16``/``bf16`` blocks — may be left out or ``"auto"``.
+    ``offload_optimizer`` keeps optimizer state (and the update) on the CPU; ``offload_parameters``
+    (stage 3) keeps the parameters there too.
+    """
+
+    stage: int = 2
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+    reduce_bucket_size: int = 200_000_000
+    allgather_bucket_size: int = 200_000_000
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    config: dict[str, Any] | str | os.PathLike[str] | None = None
+    timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
+
+    def __post_init__(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage={self.stage!r} is not a ZeRO stage. Valid choices: 0, 1, 2, 3")
+        if self.offload_parameters and self.stage != 3:
+            raise ValueError(f"offload_parameters=True needs stage=3 (got stage={self.stage})")
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer=True needs a ZeRO stage of 1, 2 or 3 (got stage=0)")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an int >= 1")
+        if self.config is not None:
+            changed = [
+                f.name
+                for f in DeepSpeedConfig.__dataclass_fields__.values()
+                if f.name not in ("config", "timeout") and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ValueError(
+                    f"pass either config= or the typed options, not both: {', '.join(changed)} "
+                    "would be ignored; put them in the DeepSpeed config"
+                )
+            if not isinstance(self.config, dict):
+                path = Path(self.config)
+                if not path.is_file():
+                    raise ValueError(f"config={str(self.config)!r} is not a dict or an existing JSON file")
+                try:
+                    json.loads(path.read_text())
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"config={str(self.config)!r} is not valid JSON: {err}") from None
+
+    def user_config(self) -> dict[str, Any]:
+        """The DeepSpeed configuration before ember fills in what it knows."""
+        if self.config is not None:
+            if isinstance(self.config, dict):
+                copied: dict[str, Any] = json.loads(json.dumps(self.config))  # a deep copy, JSON values only
+                return copied
+            loaded: dict[str, Any] = json.loads(Path(self.config).read_text())
+            return loaded
+        zero: dict[str, Any] = {
+            "stage": self.stage,
+            "reduce_bucket_size": self.reduce_bucket_size,
+            "allgather_bucket_size": self.allgather_bucket_size,
+            "overlap_comm": self.overlap_comm,
+            "contiguous_gradients": self.contiguous_gradients,
+        }
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if self.offload_parameters:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+        if self.stage == 3:
+            del zero["allgather_bucket_size"]  # stage 3 names its bucket sizes differently
+        return {"zero_optimization": zero}
+
+
+class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
+    """ZeRO data parallelism on ``deepspeed.initialize``.
+
+    Example::
+
+        Trainer(strategy="deepspeed_stage_3", devices=2, precision="bf16-mixed")
+        Accelerator(strategy=DeepSpeedStrategy(DeepSpeedConfig(config="ds_config.json")))
+    """
+
+    strategy_name = "deepspeed"
+
+    def __init__(self, config: DeepSpeedConfig | None = None) -> None:
+        self.config = config or DeepSpeedConfig()
+        super().__init__(process_group_backend=None, timeout=self.config.timeout)
+        self.micro_batch_size = None
+        self.gradient_accumulation_steps = 1
+        self._clip: tuple[float | None, str] = (None, "")
+        self._engine: Any = None
+        #: The final DeepSpeed configuration (after ``prepare``).
+        self.deepspeed_config: dict[str, Any] = {}
+
+    @classmethod
+    @override
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        registry.register("deepspeed", cls, "DeepSpeed ZeRO stage 2", config=DeepSpeedConfig(stage=2))
+        registry.register(
+            "deepspeed_stage_1", cls, "ZeRO-1: optimizer state partitioned", config=DeepSpeedConfig(stage=1)
+        )
+        registry.register(
+            "deepspeed_stage_2",
+            cls,
+            "ZeRO-2: optimizer state and gradients partitioned",
+            config=DeepSpeedConfig(stage=2),
+        )
+        registry.register(
+            "deepspeed_stage_2_offload",
+            cls,
+            "ZeRO-2 with optimizer state and update on the CPU",
+            config=DeepSpeedConfig(stage=2, offload_optimizer=True),
+        )
+        registry.register(
+            "deepspeed_stage_3", cls, "ZeRO-3: parameters, gradients and optimizer state partitioned",
+            config=DeepSpeedConfig(stage=3),
+        )  # fmt: skip
+        registry.register(
+            "deepspeed_stage_3_offload",
+            cls,
+            "ZeRO-3 with parameters and optimizer state on the CPU",
+            config=DeepSpeedConfig(stage=3, offload_optimizer=True, offload_parameters=True),
+        )
+
+    @override
+    def connect(
+        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
+    ) -> None:
+        if isinstance(precision, DoublePrecision):
+            raise ValueError(
+                "precision='64-true' is not supported by DeepSpeed. Valid choices with DeepSpeed: "
+                "'32-true', 'bf16-mixed', 'bf16-true', '16-mixed', '16-true'"
+            )
+        if device_type == "cpu" and getattr(precision, "dtype", None) == torch.float16:
+            raise ValueError(
+                f"precision={precision.name!r} needs DeepSpeed's fp16 mode, which DeepSpeed does not support on "
+                "the CPU; use 'bf16-mixed' or 'bf16-true' there"
+            )
+        super().connect(
+            device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
+        )
+        self._fill_config(self.config.user_config(), check_only=True)  # contradictions fail before any launch
+
+    @property
+    @override
+    def process_group_backend(self) -> str:
+        return "nccl" if self._device_type == "cuda" else "gloo"
+
+    @override
+    def configure_training(self, *, gradient_clip_val: float | None, gradient_clip_algorithm: str) -> None:
+        if gradient_clip_val and gradient_clip_algorithm != "norm":
+            raise ValueError(
+                f"gradient_clip_algorithm={gradient_clip_algorithm!r}: DeepSpeed clips by norm only. Valid choices "
+                "with DeepSpeed: 'norm'"
+            )
+        self._clip = (
+            float(gradient_clip_val) if gradient_clip_val else None,
+            "Trainer(gradient_clip_val=...)",
+        )
+        self._fill_config(self.config.user_config(), check_only=True)
+
+    # -- the configuration: one source of truth --------------------------------------------------
+    def _fill_config(
+        self, config: dict[str, Any], *, check_only: bool = False, client_optimizer: bool = True
+    ) -> dict[str, Any]:
+        ours: dict[str, tuple[Any, str]] = {
+            "gradient_accumulation_steps": (
+                self.gradient_accumulation_steps,
+                "the Accelerator's gradient_accumulation_steps (the Trainer's accumulate_grad_batches)",
+            )
+        }
+        if self.micro_batch_size is not None:
+            ours["train_micro_batch_size_per_gpu"] = (
+                self.micro_batch_size,
+                "the prepared dataloader's batch_size",
+            )
+        if self._clip[0] is not None:
+            ours["gradient_clipping"] = self._clip
+        for key, (value, source) in ours.items():
+            given = config.get(key, "auto")
+            if given != "auto" and given != value:
+                raise ValueError(f"the DeepSpeed config says {key}={given!r}, but {source} is {value!r}")
+            config[key] = value
+        micro = config.get("train_micro_batch_size_per_gpu", "auto")
+        if micro == "auto":
+            micro = config["train_micro_batch_size_per_gpu"] = 1
+        total = micro * config["gradient_accumulation_steps"] * self.world_size
+        given_total = config.get("train_batch_size", "auto")
+        if given_total not in ("auto", total):
+            raise ValueError(
+                f"the DeepSpeed config says train_batch_size={given_total!r}, but micro batch {micro} x accumulation "
+                f"{config['gradient_accumulation_steps']} x {self.world_size} processes is {total}"
+            )
+        config["train_batch_size"] = total
+        if config.get("gradient_clipping", "auto") == "auto":
+            config["gradient_clipping"] = 0.0
+        # precision -> the fp16 / bf16 blocks
+        dtype = getattr(self.precision, "dtype", torch.float32)
+        wanted = {"fp16": dtype == torch.float16, "bf16": dtype == torch.bfloat16}
+        for block, enabled in wanted.items():
+            settings = config.setdefault(block, {})
+            given = settings.get("enabled", "auto")
+            if given != "auto" and bool(given) != enabled:
+                raise ValueError(
+                    f"the DeepSpeed config says {block}.enabled={given!r}, but precision={self.precision.name!r} "
+                    f"{'needs' if enabled else 'rules out'} DeepSpeed's {block} mode"
+                )
+            settings["enabled"] = enabled
+        zero = config.setdefault("zero_optimization", {"stage": 0})
+        if client_optimizer and "optimizer" not in config:
+            # Any torch optimizer works under ZeRO (as in Lightning); DeepSpeed asks to be told so.
+            config.setdefault("zero_allow_untested_optimizer", True)
+            if "offload_optimizer" in zero:  # likewise for a torch optimizer with offloaded state
+                config.setdefault("zero_force_ds_cpu_optimizer", False)
+        if not check_only:
+            self.deepspeed_config = config
+        return config
+
+    # -- models and optimizers ---------------------------------------------------------------------
+    @override
+    def setup_module_and_optimizers(
+        self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+    ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        if not modules:
+            if optimizers:
+                raise ValueError("DeepSpeed: prepare() the optimizer together with its model")
+            return [], []
+        if len(modules) > 1 or len(optimizers) > 1 or self._engine is not None:
+            raise ValueError(
+                "DeepSpeed runs one model with at most one optimizer per strategy; prepare() them once, together"
+            )
+        import deepspeed
+
+        config = self.config.user_config()
+        if optimizers and "optimizer" in config:
+            raise ValueError(
+                "the DeepSpeed config has an 'optimizer' block and prepare() also got an optimizer: use one of the two"
+            )
+        if not optimizers and "optimizer" not in config:
+            raise ValueError(
+                "DeepSpeed needs an optimizer: prepare() one with the model, or give an 'optimizer' block"
+            )
+        config = self._fill_config(config, client_optimizer=bool(optimizers))
+        if self.is_global_zero:
+            log.info("DeepSpeed configuration: %s", json.dumps(config, sort_keys=True))
+        module = modules[0].to(self.root_device)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizers[0] if optimizers else None,
+            model_parameters=None if optimizers else [p for p in module.parameters() if p.requires_grad],
+            config=config,
+            dist_init_required=False,
+        )
+        self._engine = engine
+        # An optimizer from the config's block stays the engine's (``strategy.engine.optimizer``):
+        # the engine steps it in backward, so the loop has nothing to call on it.
+        return [engine], list(optimizers)
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        return self.setup_module_and_optimizers([module], [])[0][0]
+
+    @override
+    def unwrap_module(self, module: nn.Module) -> nn.Module:
+        inner = getattr(module, "module", None)
+        return inner if inner is not None and type(module).__name__ == "DeepSpeedEngine" else module
+
+    @property
+    def engine(self) -> Any:
+        """The ``deepspeed.DeepSpeedEngine`` (after ``prepare``)."""
+        if self._engine is None:
+            raise RuntimeError("the DeepSpeed engine exists after prepare(model, optimizer)")
+        return self._engine
+
+    # -- the step: the engine's own ----------------------------------------------------------------
+    @override
+    def backward_and_step(self, loss: torch.Tensor, *, boundary: bool, **kwargs: Any) -> None:
+        engine = self.engine
+        engine.set_gradient_accumulation_boundary(boundary)
+        # The Accelerator already divided the loss by the accumulation steps.
+        engine.backward(loss, scale_wrt_gas=False, **kwargs)
+        engine.step()
+
+    @override
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        self.backward_and_step(loss, boundary=True, **kwargs)
+
+    @override
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
+        return bool(self.engine.was_step_applied())  # the engine stepped in backward
+
+    @override
+    def clip_gradients_norm(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        max_norm: float,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor:
+        configured = float(self.deepspeed_config.get("gradient_clipping", 0.0))
+        if norm_type != 2.0 or abs(configured - max_norm) > 1e-12 * max(1.0, max_norm):
+            raise ValueError(
+                f"clip_grad_norm_(max_norm={max_norm}, norm_type={norm_type}): DeepSpeed clips inside its step, with "
+                f"the 2-norm and the config's gradient_clipping={configured}; set gradient_clipping={max_norm} in "
+                "the DeepSpeed config (the Trainer does it from gradient_clip_val)"
+            )
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+    @override
+    def clip_gradients_value(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        clip_value: float,
+    ) -> None:
+        raise ValueError("DeepSpeed clips gradients by norm only (clip_grad_value_ is not available with it)")
+
+    # -- state -------------------------------------------------------------------------------------
+    @override
+    def save_engine_state(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag="state", save_latest=False)
+
+    @override
+    def load_engine_state(self, directory: Path) -> None:
+        self.engine.load_checkpoint(
+            str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+
+    def _stage(self) -> int:
+        return int(self._engine.zero_optimization_stage()) if self._engine is not None else 0
+
+    @override
+    def full_tensors(self, module: nn.Module) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+        inner = self.unwrap_module(module)
+        if self._stage() != 3:
+            return super().full_tensors(module)
+        import deepspeed
+
+        state = inner.state_dict(keep_vars=True)
+        specs = [(name, t.dtype, tuple(getattr(t, "ds_shape", t.shape))) for name, t in state.items()]
+
+        def gathered() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in state.items():  # every rank gathers each partitioned parameter in turn
+                if hasattr(tensor, "ds_id"):
+                    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                        yield name, tensor.detach().clone()
+                else:
+                    yield name, tensor.detach()
+
+        return specs, gathered()
+
+    @override
+    def module_state_dict(self, module: nn.Module, *, full: bool = True) -> dict[str, torch.Tensor]:
+        if self._stage() != 3:
+            return self.unwrap_module(module).state_dict()
+        return dict(self.full_tensors(module)[1])  # gathered: full tensors on every rank
+
+    @override
+    def load_module_state_dict(
+        self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
+    ) -> None:
+        inner = self.unwrap_module(module)
+        if self._stage() != 3:
+            inner.load_state_dict(state, strict=strict)
+            return
+        import deepspeed
+
+        params = dict(inner.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+            if self.is_global_zero:
+                inner.load_state_dict(state, strict=strict)
+
+
+def zero_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint that :meth:`DeepSpeedStrategy.save_engine_state` wrote,
+    merged from every rank's partitions by DeepSpeed's zero-to-fp32 code. DeepSpeed's files are
+    pickles: this unpickles them (only for checkpoints you trust)."""
+    tag = directory / "state"
+    if any(tag.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="state")
+    else:  # ZeRO stage 0: the engine's model file holds the whole module
+        state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
+    return {name: tensor.detach().contiguous() for name, tensor in state.items()}

@@ -1,0 +1,232 @@
+"""DeepSpeedStrategy on 2 real processes (DeepSpeed's CPU accelerator, gloo): ZeRO stages 1-3 and
+offload match DDP, partitioning, the single validated configuration, checkpoints, consolidation.
+
+DeepSpeed builds a C++ communication op the first time (about a minute); ``TORCH_EXTENSIONS_DIR``
+(set by the Makefile to a cache outside the checkout) keeps the build for later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_helpers import run_command, run_processes
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Accelerator, CheckpointError, Trainer
+from ember.strategies import STRATEGY_REGISTRY, DeepSpeedConfig, DeepSpeedStrategy
+
+TIMEOUT = 600  # the first DeepSpeed start on a machine compiles its comm op
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 10), nn.Tanh(), nn.Linear(10, 1))
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g))
+
+
+def _train_worker(strategy: str, accumulate: int, directory: str) -> dict[str, Any]:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if strategy.startswith("deepspeed"):  # the registry's preset, plus clipping
+        config = STRATEGY_REGISTRY.create(strategy).config.user_config()  # type: ignore[attr-defined]
+        config["gradient_clipping"] = 0.5
+        accelerator = Accelerator(
+            strategy=DeepSpeedStrategy(DeepSpeedConfig(config=config)), gradient_accumulation_steps=accumulate
+        )
+    else:
+        accelerator = Accelerator(strategy=strategy, gradient_accumulation_steps=accumulate)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(_data(), batch_size=4))
+    norms = []
+    for x, y in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(F.mse_loss(model(x), y))
+            if accelerator.sync_gradients:
+                norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 0.5)))
+            optimizer.step()
+            optimizer.zero_grad()
+    out: dict[str, Any] = {"norms": norms}
+    weights = accelerator.strategy.module_state_dict(model)
+    out["weights"] = {k: v.flatten().tolist() for k, v in weights.items()}
+    if strategy.startswith("deepspeed"):
+        engine = accelerator.strategy.engine  # type: ignore[attr-defined]
+        out["config"] = accelerator.strategy.deepspeed_config  # type: ignore[attr-defined]
+        out["partition"] = [
+            [int(p.ds_tensor.numel()), int(p.ds_numel)]
+            for p in engine.module.parameters()
+            if hasattr(p, "ds_tensor")
+        ]
+        states = [
+            t for s in engine.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+        ]
+        out["state_devices"] = sorted({str(t.device) for t in states})
+        if directory:
+            accelerator.save_state(Path(directory) / "ckpt")
+            accelerator.save_model(model, Path(directory) / "export")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_reference() -> dict[str, Any]:
+    return run_processes(_train_worker, "ddp", 2, "", nprocs=2)[0]  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.parametrize(
+    "strategy", ["deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_2_offload"]
+)
+def test_zero_stages_match_ddp(strategy: str, ddp_reference: dict[str, Any], tmp_path: Path) -> None:
+    ranks = run_processes(_train_worker, strategy, 2, str(tmp_path), nprocs=2, timeout=TIMEOUT)
+    result = ranks[0]
+    # The same data and accumulation: equal up to fp32 reduction order (DeepSpeed reduces in buckets).
+    for name, values in ddp_reference["weights"].items():
+        torch.testing.assert_close(
+            torch.tensor(result["weights"][name]), torch.tensor(values), rtol=1e-5, atol=1e-6
+        )
+    # The norm the engine clipped with, the same as DDP's total norm before clipping.
+    torch.testing.assert_close(
+        torch.tensor(result["norms"]), torch.tensor(ddp_reference["norms"]), rtol=1e-5, atol=1e-6
+    )
+    config = result["config"]
+    assert config["gradient_accumulation_steps"] == 2 and config["train_micro_batch_size_per_gpu"] == 4
+    assert config["train_batch_size"] == 16 and config["gradient_clipping"] == 0.5
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    if strategy == "deepspeed_stage_3":
+        for rank in ranks:  # each rank keeps about half of every parameter
+            for local, full in rank["partition"]:
+                assert local == -(-full // 2)
+    if strategy.endswith("offload"):
+        assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert result["state_devices"] == ["cpu"]
+    # checkpoints: DeepSpeed's own files for resume, safetensors for everyone else
+    ckpt = tmp_path / "ckpt"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["layout"] == "deepspeed"
+    export = load_file(str(tmp_path / "export" / "model.safetensors"))
+    for name, values in result["weights"].items():
+        assert export[name].flatten().tolist() == values
+    out = tmp_path / "consolidated.safetensors"
+    done = run_command([sys.executable, "-m", "ember", "consolidate", str(ckpt), str(out)], timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    plain = _model()
+    plain.load_state_dict(load_file(str(out)))  # the consolidated file loads into a plain module
+    for name, value in plain.state_dict().items():
+        assert value.flatten().tolist() == result["weights"][name]
+
+
+def _resume_worker(directory: str, resume: bool) -> dict[str, list[float]]:
+    """Train 2 steps, save, train 2 more; or: a fresh engine loads the checkpoint and trains the same 2."""
+    batches = list(DataLoader(_data(), batch_size=4))[:4]
+    accelerator = Accelerator(strategy="deepspeed_stage_3")
+    model = _model()
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    if resume:
+        accelerator.load_state(Path(directory))
+    for step, (x, y) in enumerate(batches):
+        if resume and step < 2:
+            continue
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.step()
+        if step == 1 and not resume:
+            accelerator.save_state(Path(directory))
+    return {k: v.flatten().tolist() for k, v in accelerator.strategy.module_state_dict(model).items()}
+
+
+def test_resume_from_the_engine_checkpoint_is_exact(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "ckpt")
+    continued = run_processes(_resume_worker, ckpt, False, nprocs=2, timeout=TIMEOUT)
+    resumed = run_processes(_resume_worker, ckpt, True, nprocs=2, timeout=TIMEOUT)
+    assert resumed == continued
+    accelerator = Accelerator()  # another strategy: a clear way out, not a half-loaded model
+    accelerator.prepare(_model())
+    with pytest.raises(
+        CheckpointError, match="strategy='deepspeed', or take its weights with `ember consolidate`"
+    ):
+        accelerator.load_state(tmp_path / "ckpt")
+
+
+def test_trainer_resumes_exactly_with_deepspeed(tmp_path: Path) -> None:
+    from trainer_workers import fit
+
+    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, "deepspeed", nprocs=2, timeout=TIMEOUT)
+    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, "deepspeed", nprocs=2, timeout=TIMEOUT)
+    ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=4")
+    resumed = run_processes(
+        fit, str(tmp_path / "b"), "resume", 0, ckpt, 2, "deepspeed", nprocs=2, timeout=TIMEOUT
+    )
+    assert resumed[0]["rows"] == full[0]["rows"] and len(full[0]["rows"]) > 5
+    assert resumed[0]["params"] == full[0]["params"] and full[0]["params"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"strategy": DeepSpeedStrategy(DeepSpeedConfig(config={"gradient_accumulation_steps": 4})),
+          "gradient_accumulation_steps": 2},
+         r"config says gradient_accumulation_steps=4, but the Accelerator's gradient_accumulation_steps .* is 2"),
+        ({"strategy": DeepSpeedStrategy(DeepSpeedConfig(config={"fp16": {"enabled": True}})), "precision": "bf16-mixed"},
+         r"config says fp16\.enabled=True, but precision='bf16-mixed' rules out DeepSpeed's fp16 mode"),
+        ({"strategy": DeepSpeedStrategy(DeepSpeedConfig(config={"bf16": {"enabled": True}}))},
+         r"bf16\.enabled=True, but precision='32-true' rules out"),
+        ({"strategy": "deepspeed", "precision": "16-mixed"}, "does not support on the CPU; use 'bf16-mixed'"),
+        ({"strategy": "deepspeed", "precision": "64-true"}, r"precision='64-true' is not supported by DeepSpeed"),
+    ],
+)  # fmt: skip
+def test_contradictions_are_refused_before_anything_starts(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Accelerator(devices=2, **kwargs)  # devices=2: refused before the second process would start
+
+
+def test_bad_deepspeed_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="stage=5 is not a ZeRO stage"):
+        DeepSpeedConfig(stage=5)
+    with pytest.raises(ValueError, match="offload_parameters=True needs stage=3"):
+        DeepSpeedConfig(stage=2, offload_parameters=True)
+    with pytest.raises(ValueError, match="pass either config= or the typed options, not both: stage"):
+        DeepSpeedConfig(stage=3, config={})
+    with pytest.raises(ValueError, match="is not a dict or an existing JSON file"):
+        DeepSpeedConfig(config=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        DeepSpeedConfig(config=str(tmp_path / "bad.json"))
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_clipping": 0.25}))
+    with pytest.raises(
+        ValueError, match=r"gradient_clipping=0\.25, but Trainer\(gradient_clip_val=\.\.\.\) is 1\.0"
+    ):
+        Trainer(strategy=DeepSpeedStrategy(DeepSpeedConfig(config=str(tmp_path / "ds.json"))), devices=2,
+                gradient_clip_val=1.0)  # fmt: skip
+    with pytest.raises(ValueError, match="gradient_clip_algorithm='value': DeepSpeed clips by norm only"):
+        Trainer(strategy="deepspeed", devices=2, gradient_clip_val=1.0, gradient_clip_algorithm="value")
+
+
+def _cpu_adam_worker(directory: str) -> dict[str, Any]:
+    # DeepSpeed's own optimizer from the config: with offload it is the compiled CPU Adam.
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-2}}}  # fmt: skip
+    accelerator = Accelerator(strategy=DeepSpeedStrategy(DeepSpeedConfig(config=config)))
+    model, loader = accelerator.prepare(_model(), DataLoader(_data(), batch_size=4))
+    losses = []
+    for x, y in loader:
+        loss = F.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        losses.append(float(loss))
+    return {"optimizer": type(accelerator.strategy.engine.basic_optimizer).__name__, "losses": losses}  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_compiled_cpu_adam_from_the_config_block(tmp_path: Path) -> None:
+    ranks = run_processes(_cpu_adam_worker, str(tmp_path), nprocs=2, timeout=TIMEOUT)
+    assert ranks[0]["optimizer"] == "DeepSpeedCPUAdam"
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
