@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ember-installed
 TORCH_PIN := torch==2.13.0
 PACKAGES := ember trainer callbacks strategies precision
+# DeepSpeed JIT-compiles C++ ops (minutes, once): keep the builds outside the checkout, for every run.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ember/torch_extensions
 
 .PHONY: demo test lint typecheck unit install clean bench
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 from dist_helpers import PYTHON, REPO, run_command
@@ -51,3 +52,17 @@ def test_gpt_example_sharded_with_fsdp_then_consolidated(tmp_path: Path) -> None
     single = run_command([PYTHON, str(REPO / "examples" / "gpt_fsdp.py"), *quick[:-2], "--root", str(tmp_path / "one")],
                          timeout=240)  # fmt: skip
     assert single.returncode == 0, single.stderr
+
+
+def test_gpt_example_with_deepspeed_from_ember_launch_and_plain_python(tmp_path: Path) -> None:
+    quick = ["--max-steps", "6", "--chars", "20000", "--layers", "2", "--width", "32", "--sample", "10"]
+    launched = run_command([EMBER, "launch", "--nproc-per-node", "2", "--strategy", "deepspeed",
+                            str(REPO / "examples" / "gpt_fsdp.py"), *quick, "--root", str(tmp_path / "a")],
+                           timeout=600)  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+    manifest = json.loads((tmp_path / "a" / "checkpoints" / "last" / "manifest.json").read_text())
+    assert manifest["strategy"] == "deepspeed" and manifest["layout"] == "deepspeed"
+    plain = run_command([PYTHON, str(REPO / "examples" / "gpt_fsdp.py"), "--devices", "2", "--strategy",
+                         "deepspeed_stage_3", *quick, "--root", str(tmp_path / "b")], timeout=600)  # fmt: skip
+    assert plain.returncode == 0, plain.stderr
+    assert "--- sample after 6 steps ---" in plain.stdout
