@@ -43,6 +43,7 @@ test: lint typecheck unit
 # Benchmarks write their tables into benchmarks/RESULTS.md (minutes; not part of `make test`).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/fsdp_memory.py
+	$(BIN)/python benchmarks/zero_memory.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -13,21 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-START, END = "<!-- fsdp_memory:start -->", "<!-- fsdp_memory:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import launch, machine, run_main, tensor_bytes
 
 
 def build(width: int, layers: int) -> nn.Module:
@@ -37,14 +33,6 @@ def build(width: int, layers: int) -> nn.Module:
         for _ in range(layers)
     ]
     return nn.Sequential(*blocks)
-
-
-def _bytes(tensors: list[torch.Tensor]) -> int:
-    total = 0
-    for t in tensors:
-        local = t.to_local() if hasattr(t, "to_local") else t
-        total += local.numel() * local.element_size()
-    return total
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -64,14 +52,14 @@ def worker(args: argparse.Namespace) -> None:
     for step in range(args.steps + 1):  # the first step warms up (allocates the optimizer state)
         start = time.perf_counter()
         accelerator.backward(model(x).square().mean())
-        grads = _bytes([p.grad for p in params if p.grad is not None])
+        grads = tensor_bytes([p.grad for p in params if p.grad is not None])
         optimizer.step()
         optimizer.zero_grad()
         if step:
             times.append(time.perf_counter() - start)
     state = [v for s in optimizer.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     mine = {
-        "params": _bytes(params), "grads": grads, "optimizer": _bytes(state),
+        "params": tensor_bytes(params), "grads": grads, "optimizer": tensor_bytes(state),
         "step_s": statistics.median(times), "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }  # fmt: skip
     everyone = [mine, accelerator.broadcast_object(mine, from_process=1)]
@@ -81,14 +69,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(strategy: str, args: argparse.Namespace) -> list[dict[str, float]]:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "ember", "launch", "--nproc-per-node", "2", __file__, "--worker", strategy,
-               "--out", str(out), "--width", str(args.width), "--layers", str(args.layers),
-               "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        return json.loads(out.read_text())  # type: ignore[no-any-return]
+    argv = ["--worker", strategy, "--width", str(args.width), "--layers", str(args.layers),
+            "--batch", str(args.batch), "--steps", str(args.steps)]  # fmt: skip
+    return launch(__file__, argv)
 
 
 def report(args: argparse.Namespace) -> str:
@@ -120,8 +103,7 @@ def report(args: argparse.Namespace) -> str:
             "",
             f"Model: {args.layers} MLP blocks of width {args.width} ({numel / 1e6:.1f}M parameters, fp32), Adam, "
             f"batch {args.batch} per rank, {args.steps} timed steps x {args.reps} alternating repetitions.",
-            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, gloo, 1 thread per rank.",
+            machine(),
             "",
             "| strategy | parameters MB | gradients MB | optimizer state MB | total per rank MB | peak RSS of a rank MB |",
             "|---|---|---|---|---|---|",
@@ -136,16 +118,6 @@ def report(args: argparse.Namespace) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# ember benchmark results\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -155,16 +127,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file to update")
-    parser.add_argument("--worker", choices=["ddp", "fsdp"], help=argparse.SUPPRESS)
-    parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args)
-        return
-    section = report(args)
-    write_section(args.results, section)
-    print(section)
+    run_main(parser, "fsdp_memory", ["ddp", "fsdp"], worker, report)
 
 
 if __name__ == "__main__":

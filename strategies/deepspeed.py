@@ -197,8 +197,7 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         self._clip = (
             float(gradient_clip_val) if gradient_clip_val else None,
             "Trainer(gradient_clip_val=...)",
-        )
-        self._fill_config(self.config.user_config(), check_only=True)
+        )  # checked against the DeepSpeed config in connect(), which the Accelerator calls next
 
     # -- the configuration: one source of truth --------------------------------------------------
     def _fill_config(
@@ -222,17 +221,18 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
             if given != "auto" and given != value:
                 raise ValueError(f"the DeepSpeed config says {key}={given!r}, but {source} is {value!r}")
             config[key] = value
-        micro = config.get("train_micro_batch_size_per_gpu", "auto")
-        if micro == "auto":
-            micro = config["train_micro_batch_size_per_gpu"] = 1
-        total = micro * config["gradient_accumulation_steps"] * self.world_size
-        given_total = config.get("train_batch_size", "auto")
-        if given_total not in ("auto", total):
-            raise ValueError(
-                f"the DeepSpeed config says train_batch_size={given_total!r}, but micro batch {micro} x accumulation "
-                f"{config['gradient_accumulation_steps']} x {self.world_size} processes is {total}"
-            )
-        config["train_batch_size"] = total
+        if not check_only:  # the micro batch, so the total batch, is known once a dataloader is prepared
+            micro = config.get("train_micro_batch_size_per_gpu", "auto")
+            if micro == "auto":
+                micro = config["train_micro_batch_size_per_gpu"] = 1
+            total = micro * config["gradient_accumulation_steps"] * self.world_size
+            given_total = config.get("train_batch_size", "auto")
+            if given_total not in ("auto", total):
+                raise ValueError(
+                    f"the DeepSpeed config says train_batch_size={given_total!r}, but micro batch {micro} x "
+                    f"accumulation {config['gradient_accumulation_steps']} x {self.world_size} processes is {total}"
+                )
+            config["train_batch_size"] = total
         if config.get("gradient_clipping", "auto") == "auto":
             config["gradient_clipping"] = 0.0
         # precision -> the fp16 / bf16 blocks

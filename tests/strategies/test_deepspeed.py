@@ -210,6 +210,47 @@ def test_bad_deepspeed_options(tmp_path: Path) -> None:
         Trainer(strategy="deepspeed", devices=2, gradient_clip_val=1.0, gradient_clip_algorithm="value")
 
 
+def test_settings_known_later_are_not_judged_early() -> None:
+    from ember.precision import resolve_precision
+    from ember.strategies import ProcessEnvironment
+
+    # Matching values, and a total batch that only the dataloader's batch size can confirm.
+    config = {
+        "gradient_accumulation_steps": 2,
+        "bf16": {"enabled": True},
+        "train_batch_size": 64,
+        "gradient_clipping": 1.0,
+    }
+    strategy = DeepSpeedStrategy(DeepSpeedConfig(config=config))
+    strategy.configure_training(gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    strategy.gradient_accumulation_steps = 2
+    strategy.connect(device_type="cpu", num_processes=2, precision=resolve_precision("bf16-mixed", device_type="cpu"),
+                     environment=ProcessEnvironment(source="single"))  # fmt: skip
+
+
+def _bf16_worker() -> dict[str, Any]:
+    accelerator = Accelerator(strategy="deepspeed", precision="bf16-mixed")
+    model = _model()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), DataLoader(_data(), batch_size=4)
+    )
+    losses = []
+    for x, y in loader:
+        loss = F.mse_loss(model(x).float(), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        losses.append(float(loss))
+    engine = accelerator.strategy.engine  # type: ignore[attr-defined]
+    return {"dtypes": sorted({str(p.dtype) for p in engine.module.parameters()}), "losses": losses,
+            "bf16": accelerator.strategy.deepspeed_config["bf16"]["enabled"]}  # type: ignore[attr-defined]  # fmt: skip
+
+
+def test_bf16_mixed_runs_in_deepspeeds_bf16_mode() -> None:
+    result = run_processes(_bf16_worker, nprocs=2, timeout=TIMEOUT)[0]
+    assert result["bf16"] is True and result["dtypes"] == ["torch.bfloat16"]
+    assert all(torch.isfinite(torch.tensor(result["losses"]))) and result["losses"][-1] < result["losses"][0]
+
+
 def _cpu_adam_worker(directory: str) -> dict[str, Any]:
     # DeepSpeed's own optimizer from the config: with offload it is the compiled CPU Adam.
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
