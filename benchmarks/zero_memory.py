@@ -102,9 +102,13 @@ def report(args: argparse.Namespace) -> str:
     argv = ["--layers", str(args.layers), "--width", str(args.width), "--heads", str(args.heads),
             "--block-size", str(args.block_size), "--batch", str(args.batch), "--chars", str(args.chars),
             "--steps", str(args.steps)]  # fmt: skip
-    results: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in STRATEGIES}
+    strategies = ["ddp", *(s for s in args.strategies.split(",") if s != "ddp")]
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown:
+        raise SystemExit(f"--strategies: unknown {unknown}. Valid choices: {', '.join(STRATEGIES)}")
+    results: dict[str, list[list[dict[str, Any]]]] = {s: [] for s in strategies}
     for _ in range(args.reps):
-        for strategy in STRATEGIES:  # alternate, so drifts of the machine hit every strategy
+        for strategy in strategies:  # alternate, so drifts of the machine hit every strategy
             results[strategy].append(launch(__file__, ["--worker", strategy, *argv]))
     numel = results["ddp"][0][0]["numel"]
     ddp_step = statistics.median(statistics.median(r["step_s"] for r in ranks) for ranks in results["ddp"])
@@ -150,6 +154,7 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=200_000)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated; ddp always runs")
     run_main(parser, "zero_memory", STRATEGIES, worker, report)
 
 

@@ -213,6 +213,8 @@ class Accelerator(ProcessMixin):
             result[slot] = prepared_optimizer
         for slot, obj in enumerate(objects):
             if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
+                if isinstance(self._strategy, OwnsOptimizerStep):
+                    self._strategy.check_client_scheduler(obj)
                 prepared_scheduler = PreparedScheduler(
                     obj, self._objects.optimizers, self._gradient_state, steps_per_call=self.num_processes
                 )

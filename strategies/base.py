@@ -273,6 +273,11 @@ class OwnsOptimizerStep(ABC):
     gradient_accumulation_steps: int
 
     @abstractmethod
+    def check_client_scheduler(self, scheduler: Any) -> None:
+        """Called for each LR scheduler the loop steps itself: raise if the engine's own scheduler
+        would contradict it."""
+
+    @abstractmethod
     def backward_and_step(self, loss: torch.Tensor, *, boundary: bool, **kwargs: Any) -> None:
         """Backward of ``loss`` (already divided by the accumulation steps); apply the optimizer
         when ``boundary`` (the end of an accumulation window)."""

@@ -313,6 +313,14 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
             raise RuntimeError("the DeepSpeed engine exists after prepare(model, optimizer)")
         return self._engine
 
+    @override
+    def check_client_scheduler(self, scheduler: Any) -> None:
+        if "scheduler" in self.config.user_config():
+            raise ValueError(
+                f"the DeepSpeed config has a 'scheduler' block, and the loop also steps a "
+                f"{type(scheduler).__name__}: the engine would step its own scheduler too; use one of the two"
+            )
+
     # -- the step: the engine's own ----------------------------------------------------------------
     @override
     def backward_and_step(self, loss: torch.Tensor, *, boundary: bool, **kwargs: Any) -> None:

@@ -16,7 +16,7 @@ from ember.callbacks.base import Callback
 from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
-from ember.strategies.base import resolve_strategy
+from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
@@ -163,6 +163,8 @@ class Trainer(TrainerProperties):
         prepared = self.accelerator.prepare(module, *optimizers)
         self._model, self._step_optimizers = prepared[0], list(prepared[1:])
         for scheduler in self.lr_scheduler_configs:
+            if isinstance(self.strategy, OwnsOptimizerStep):
+                self.strategy.check_client_scheduler(scheduler.scheduler)
             self.accelerator.register_for_checkpointing(scheduler.scheduler)
         for handle in self._optimizer_hooks:
             handle.remove()

@@ -228,6 +228,46 @@ def test_settings_known_later_are_not_judged_early() -> None:
                      environment=ProcessEnvironment(source="single"))  # fmt: skip
 
 
+def _scheduler_conflict_worker() -> str:
+    config = {
+        "zero_optimization": {"stage": 2},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}},
+    }
+    accelerator = Accelerator(strategy=DeepSpeedStrategy(DeepSpeedConfig(config=config)))
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    try:
+        accelerator.prepare(model, optimizer, scheduler)
+    except ValueError as err:
+        return str(err)
+    return "accepted"
+
+
+def _multinode_worker() -> dict[str, Any]:
+    accelerator = Accelerator(strategy="deepspeed_stage_3")  # 2 nodes x 2 processes, one rendezvous
+    model = _model()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.AdamW(model.parameters(), lr=1e-2), DataLoader(_data(), batch_size=2)
+    )
+    for x, y in loader:
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.step()
+    engine = accelerator.strategy.engine  # type: ignore[attr-defined]
+    weights = accelerator.strategy.module_state_dict(model)
+    return {"node": accelerator.strategy.node_rank, "partition": [int(p.ds_tensor.numel()) for p in engine.module.parameters()],
+            "weights": {k: v.flatten().tolist() for k, v in weights.items()}}  # fmt: skip
+
+
+def test_scheduler_block_and_client_scheduler_conflict_and_multinode() -> None:
+    message = run_processes(_scheduler_conflict_worker, nprocs=2, timeout=TIMEOUT)[0]
+    assert "config has a 'scheduler' block, and the loop also steps a StepLR" in message
+    ranks = run_processes(_multinode_worker, nprocs=4, nodes=2, timeout=TIMEOUT)
+    assert [r["node"] for r in ranks] == [0, 0, 1, 1]
+    assert all(r["weights"] == ranks[0]["weights"] for r in ranks)  # one model across both nodes
+    assert ranks[0]["partition"] == [10, 3, 3, 1]  # each of 4 ranks holds a quarter (40, 10, 10, 1 elements)
+
+
 def _bf16_worker() -> dict[str, Any]:
     accelerator = Accelerator(strategy="deepspeed", precision="bf16-mixed")
     model = _model()
