@@ -197,6 +197,10 @@ class Accelerator(ProcessMixin):
             for i, o in enumerate(objects)
             if isinstance(o, torch.optim.Optimizer) and not isinstance(o, PreparedOptimizer)
         ]
+        if isinstance(self._strategy, OwnsOptimizerStep):  # before its engine is built
+            for obj in objects:
+                if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
+                    self._strategy.check_client_scheduler(obj)
         for slot, obj in enumerate(objects):  # first: a strategy may size its engine by the batch
             if isinstance(obj, DataLoader):
                 result[slot] = self._prepare_dataloader(obj)
@@ -213,8 +217,6 @@ class Accelerator(ProcessMixin):
             result[slot] = prepared_optimizer
         for slot, obj in enumerate(objects):
             if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
-                if isinstance(self._strategy, OwnsOptimizerStep):
-                    self._strategy.check_client_scheduler(obj)
                 prepared_scheduler = PreparedScheduler(
                     obj, self._objects.optimizers, self._gradient_state, steps_per_call=self.num_processes
                 )

@@ -1,5 +1,5 @@
 """FSDPStrategy (FSDP2) on 2 real processes: shards, numerics, precision policy, offload, activation
-checkpointing, accumulation, clipping, checkpoints, errors."""
+checkpointing, accumulation, clipping, errors (checkpoints: test_fsdp_checkpoints.py)."""
 
 from __future__ import annotations
 
@@ -143,29 +143,6 @@ def test_precision_policy_offload_and_activation_checkpointing() -> None:
         assert rank["sharded_dtype"] == "torch.float32"  # fp32 master shards
         assert rank["state_on_cpu"]
         assert rank["saved"] < plain  # the checkpointed blocks kept fewer activations for backward
-
-
-def _checkpoint_worker(directory: str, mode: str) -> dict:
-    model = _model()
-    accelerator = Accelerator(strategy="fsdp" if mode != "single" else "auto")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if mode == "save":
-        accelerator.backward(model(torch.randn(4, 8)).sum())
-        optimizer.step()
-        accelerator.save_state(directory)
-    else:
-        accelerator.load_state(directory)
-    full = accelerator.strategy.module_state_dict(model)
-    return {k: v.flatten().tolist() for k, v in full.items()} if accelerator.is_main_process else {}
-
-
-def test_checkpoint_round_trip_and_load_on_one_process(tmp_path: Path) -> None:
-    saved = run_processes(_checkpoint_worker, str(tmp_path / "ckpt"), "save", nprocs=2)[0]
-    loaded = run_processes(_checkpoint_worker, str(tmp_path / "ckpt"), "load", nprocs=2)[0]
-    single = run_processes(_checkpoint_worker, str(tmp_path / "ckpt"), "single", nprocs=1)[0]
-    assert saved == loaded
-    assert single["0.weight"] == saved["0.weight"] and single.keys() == saved.keys()
 
 
 def test_bad_configs() -> None:

@@ -4,9 +4,11 @@ across world sizes and strategies; ``ember consolidate``; streamed ``save_model`
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_command, run_processes
@@ -14,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from ember import Accelerator
+from ember import Accelerator, cli
 from ember.strategies import FSDPConfig, FSDPStrategy
 from ember.strategies.optim_state import owner_module
 
@@ -143,7 +145,9 @@ def _save_model_worker(directory: str) -> dict:
     return {k: v.tolist() for k, v in full.items()} if accelerator.is_main_process else {}
 
 
-def test_save_model_and_consolidate_write_the_full_weights(tmp_path: Path) -> None:
+def test_save_model_and_consolidate_write_the_full_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     full = run_processes(_save_model_worker, str(tmp_path), nprocs=2)[0]
     expected = {k: torch.tensor(v) for k, v in full.items()}
     one = load_file(str(tmp_path / "one" / "model.safetensors"))
@@ -166,20 +170,19 @@ def test_save_model_and_consolidate_write_the_full_weights(tmp_path: Path) -> No
         assert tensor.flatten().tolist() == saved[f"model/{name}"]
     # loads into a plain model
     _model().load_state_dict(consolidated)
-    # bad input: clear errors, nothing written
-    again = run_command([sys.executable, "-m", "ember", "consolidate", str(ckpt), str(out)])
-    assert again.returncode == 2 and "exists; pass --force" in again.stderr
-    missing = run_command(
-        [sys.executable, "-m", "ember", "consolidate", str(tmp_path / "nope"), str(tmp_path / "x")]
-    )
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
-    bad_model = run_command(
-        [sys.executable, "-m", "ember", "consolidate", "--model", "3", str(ckpt), str(tmp_path / "x")]
-    )
-    assert bad_model.returncode == 2 and "--model 3 is not in [0, 1)" in bad_model.stderr
+    # bad input: clear errors, nothing written (in-process: the same argument checks)
+    for argv, message in [
+        ([str(ckpt), str(out)], "exists; pass --force"),
+        ([str(tmp_path / "nope"), str(tmp_path / "x")], "does not exist"),
+        (["--model", "3", str(ckpt), str(tmp_path / "x")], r"--model 3 is not in \[0, 1\)"),
+        ([str(ckpt), str(tmp_path)], "is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["consolidate", *argv])
+        assert exit_info.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "x").exists()
-    forced = run_command([sys.executable, "-m", "ember", "consolidate", "--force", str(ckpt), str(out)])
-    assert forced.returncode == 0, forced.stderr
+    assert cli.main(["consolidate", "--force", str(ckpt), str(out)]) == 0
 
 
 def _hybrid_worker(directory: str) -> dict:
