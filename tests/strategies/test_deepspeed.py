@@ -130,48 +130,24 @@ def test_zero_stages_match_ddp(strategy: str, ddp_reference: dict[str, Any], tmp
         assert value.flatten().tolist() == result["weights"][name]
 
 
-def _resume_worker(directory: str, resume: bool) -> dict[str, list[float]]:
-    """Train 2 steps, save, train 2 more; or: a fresh engine loads the checkpoint and trains the same 2."""
-    batches = list(DataLoader(_data(), batch_size=4))[:4]
-    accelerator = Accelerator(strategy="deepspeed_stage_3")
-    model = _model()
-    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
-    if resume:
-        accelerator.load_state(Path(directory))
-    for step, (x, y) in enumerate(batches):
-        if resume and step < 2:
-            continue
-        accelerator.backward(F.mse_loss(model(x), y))
-        optimizer.step()
-        if step == 1 and not resume:
-            accelerator.save_state(Path(directory))
-    return {k: v.flatten().tolist() for k, v in accelerator.strategy.module_state_dict(model).items()}
-
-
-def test_resume_from_the_engine_checkpoint_is_exact(tmp_path: Path) -> None:
-    ckpt = str(tmp_path / "ckpt")
-    continued = run_processes(_resume_worker, ckpt, False, nprocs=2, timeout=TIMEOUT)
-    resumed = run_processes(_resume_worker, ckpt, True, nprocs=2, timeout=TIMEOUT)
-    assert resumed == continued
-    accelerator = Accelerator()  # another strategy: a clear way out, not a half-loaded model
-    accelerator.prepare(_model())
-    with pytest.raises(
-        CheckpointError, match="strategy='deepspeed', or take its weights with `ember consolidate`"
-    ):
-        accelerator.load_state(tmp_path / "ckpt")
-
-
-def test_trainer_resumes_exactly_with_deepspeed(tmp_path: Path) -> None:
+def test_trainer_resumes_exactly_from_zero3_engine_checkpoints(tmp_path: Path) -> None:
     from trainer_workers import fit
 
-    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, "deepspeed", nprocs=2, timeout=TIMEOUT)
-    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, "deepspeed", nprocs=2, timeout=TIMEOUT)
-    ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=4")
+    strategy = "deepspeed_stage_3"
+    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, strategy, nprocs=2, timeout=TIMEOUT)
+    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, strategy, nprocs=2, timeout=TIMEOUT)
+    ckpt = tmp_path / "b" / "checkpoints" / "epoch=1-step=4"
     resumed = run_processes(
-        fit, str(tmp_path / "b"), "resume", 0, ckpt, 2, "deepspeed", nprocs=2, timeout=TIMEOUT
+        fit, str(tmp_path / "b"), "resume", 0, str(ckpt), 2, strategy, nprocs=2, timeout=TIMEOUT
     )
     assert resumed[0]["rows"] == full[0]["rows"] and len(full[0]["rows"]) > 5
     assert resumed[0]["params"] == full[0]["params"] and full[0]["params"]
+    assert json.loads((ckpt / "manifest.json").read_text())["layout"] == "deepspeed"
+    accelerator = Accelerator()  # another strategy: a clear way out, not a half-loaded model
+    with pytest.raises(
+        CheckpointError, match="strategy='deepspeed', or take its weights with `ember consolidate`"
+    ):
+        accelerator.load_state(ckpt)
 
 
 @pytest.mark.parametrize(
