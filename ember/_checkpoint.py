@@ -127,7 +127,8 @@ def save_state(
         strategy.save_engine_state(staging / layout)
     # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
     # shards, is a collective under sharded strategies.
-    for i, model in enumerate(objects.models if layout in ("full", "sharded") else []):
+    portable = layout in _PORTABLE  # else the engine wrote models and optimizers above
+    for i, model in enumerate(objects.models if portable else []):
         if layout == "sharded":
             save_shards(staging / f"model{_suffix(i)}.shards", strategy.module_state_dict(model, full=False))
         else:
@@ -135,7 +136,7 @@ def save_state(
             _stream_weights(
                 specs, tensors, [(staging / f"model{_suffix(i)}.safetensors", len(specs))], writer
             )
-    for i, optimizer in enumerate(objects.optimizers if layout in ("full", "sharded") else []):
+    for i, optimizer in enumerate(objects.optimizers if portable else []):
         module = owner_module(objects.models, optimizer.optimizer)
         state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=layout == "full")
         if layout == "sharded":
@@ -184,15 +185,14 @@ def load_state(
 ) -> dict[str, Any]:
     directory = Path(input_dir).absolute()
     manifest = read_manifest(directory)
-    layout = manifest.get("layout", "full")
-    if layout not in ("full", "sharded") and (
-        checkpoint_layout(strategy) != layout or not isinstance(strategy, EngineCheckpoints)
-    ):  # an engine's own format: only that engine reads it
+    layout, ours = manifest.get("layout", "full"), checkpoint_layout(strategy)
+    portable = layout in _PORTABLE
+    if not portable and layout != ours:  # an engine's own format: only that engine reads it
         raise CheckpointError(
             f"checkpoint {str(directory)!r} holds the {layout!r} engine's own state; load it with "
             f"strategy={layout!r}, or take its weights with `ember consolidate` (any strategy loads those)"
         )
-    if isinstance(strategy, EngineCheckpoints) and layout != checkpoint_layout(strategy):
+    if ours not in _PORTABLE and layout != ours:
         raise CheckpointError(
             f"strategy {strategy.strategy_name!r} resumes only from its own checkpoints, and {str(directory)!r} has "
             f"the {layout!r} layout; to start from its weights, load them into the model before prepare()"
@@ -211,14 +211,14 @@ def load_state(
             "weights and optimizer state are restored, dataloader positions and RNG streams are not",
             stacklevel=3,
         )
-    if isinstance(strategy, EngineCheckpoints) and layout not in ("full", "sharded"):
+    if isinstance(strategy, EngineCheckpoints):  # (then layout == ours, checked above)
         strategy.load_engine_state(directory / layout)
-    for i, model in enumerate(objects.models if layout in ("full", "sharded") else []):
+    for i, model in enumerate(objects.models if portable else []):
         load_model_weights(strategy, model, directory, manifest, i)
-    for i, optimizer in enumerate(objects.optimizers if layout in ("full", "sharded") else []):
+    for i, optimizer in enumerate(objects.optimizers if portable else []):
         module = owner_module(objects.models, optimizer.optimizer)
         stem = f"optimizer{_suffix(i)}"
-        if manifest.get("layout") == "sharded":
+        if layout == "sharded":
             structure = json.loads((directory / f"{stem}.json").read_text())
             target = strategy.optimizer_state_dict(optimizer.optimizer, module, full=False)
             state = decode_tree(
@@ -279,7 +279,7 @@ def load_model_weights(
 ) -> None:
     """Load model ``index`` of a checkpoint (any layout) into a prepared model."""
     layout = manifest.get("layout", "full")
-    if layout not in ("full", "sharded"):
+    if layout not in _PORTABLE:
         strategy.load_module_state_dict(model, engine_weights(directory, layout))
     elif layout == "sharded":
         target = strategy.module_state_dict(model, full=False)
@@ -396,6 +396,9 @@ def engine_weights(directory: Path, layout: str) -> dict[str, torch.Tensor]:
 
         return zero_checkpoint_weights(directory / layout)
     raise CheckpointError(f"checkpoint {str(directory)!r} has the unknown layout {layout!r}")
+
+
+_PORTABLE = ("full", "sharded")  # ember's own layouts, which every strategy loads
 
 
 def checkpoint_layout(strategy: Strategy) -> str:
