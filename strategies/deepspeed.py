@@ -284,6 +284,8 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         config = self._fill_config(config, client_optimizer=bool(optimizers))
         if self.is_global_zero:
             log.info("DeepSpeed configuration: %s", json.dumps(config, sort_keys=True))
+        if self.root_device.type == "cpu":
+            _skip_shm_comm_build()
         module = modules[0].to(self.root_device)
         engine, _, _, _ = deepspeed.initialize(
             model=module,
@@ -421,6 +423,19 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
             if self.is_global_zero:
                 inner.load_state_dict(state, strict=strict)
+
+
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on a CPU run.
+
+    On CPU, DeepSpeed's comm layer builds a C++ op (about a minute of gcc on first use) that only
+    its inference all-reduce uses; training collectives go through the gloo process group either
+    way. DeepSpeed probes op compatibility once into ``deepspeed.ops.__compatible_ops__`` and keeps
+    edits to that dict, so marking the op unavailable there skips the build.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def zero_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:
