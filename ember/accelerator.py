@@ -45,15 +45,31 @@ __all__ = ["Accelerator"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_ACCELERATORS = ("auto", "cpu", "cuda")
+_ACCELERATORS = ("auto", "cpu", "cuda", "xla")
 # 🤗 Accelerate's spelling of the precision argument, accepted so its users can switch by import.
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
 
 
-def _resolve_accelerator(accelerator: str) -> str:
+def _check_accelerator(accelerator: str) -> None:
     if accelerator not in _ACCELERATORS:
         raise ValueError(
             f"accelerator={accelerator!r} is not supported. Valid choices: {', '.join(map(repr, _ACCELERATORS))}"
+        )
+
+
+def _resolve_accelerator(accelerator: str, strategy: Strategy) -> str:
+    """The device type: the strategy's own (XLA), else ``accelerator`` with ``"auto"`` resolved."""
+    if strategy.accelerator is not None:
+        if accelerator not in ("auto", strategy.accelerator):
+            raise ValueError(
+                f"accelerator={accelerator!r} does not fit strategy={strategy.strategy_name!r}, which runs on "
+                f"accelerator={strategy.accelerator!r}. Valid choices: 'auto', {strategy.accelerator!r}"
+            )
+        return strategy.accelerator
+    if accelerator == "xla":
+        raise ValueError(
+            f"accelerator='xla' needs an XLA strategy, not strategy={strategy.strategy_name!r}. "
+            "Valid choices: 'xla', 'xla_spmd', 'xla_fsdp' (or 'auto')"
         )
     if accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,11 +80,17 @@ def _resolve_accelerator(accelerator: str) -> str:
     return accelerator
 
 
-def _resolve_devices(devices: int | str, device_type: str, launched_per_node: int | None) -> int:
-    if devices == "auto":
-        return launched_per_node or 1
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+def _check_devices(devices: int | str) -> None:
+    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise ValueError(f"devices={devices!r} must be a positive int or 'auto'")
+
+
+def _resolve_devices(
+    devices: int | str, device_type: str, launched_per_node: int | None, strategy: Strategy
+) -> int:
+    if devices == "auto":
+        return launched_per_node or strategy.auto_num_devices()
+    assert isinstance(devices, int)  # checked by _check_devices
     if device_type == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"devices={devices}, but only {torch.cuda.device_count()} CUDA devices are visible")
     return devices
@@ -116,18 +138,24 @@ class Accelerator(ProcessMixin):
 
         # Everything is validated before any process is started.
         environment = detect_environment()
-        device_type = _resolve_accelerator(
-            "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
+        requested = "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
+        _check_accelerator(requested)
+        _check_devices(devices)
+        if environment.launched_externally:
+            world_size = environment.world_size
+        else:
+            world_size = devices if isinstance(devices, int) else 1
+        self._strategy = resolve_strategy(
+            strategy if strategy is not None else defaults.get("strategy", "auto"),
+            world_size=world_size,
+            device_type=requested,
         )
+        device_type = _resolve_accelerator(requested, self._strategy)
         per_node = environment.local_world_size if environment.launched_externally else None
-        num_processes = _resolve_devices(devices, device_type, per_node)
+        num_processes = _resolve_devices(devices, device_type, per_node, self._strategy)
         precision_plugin = resolve_precision(
             precision if precision is not None else defaults.get("precision", "32-true"),
             device_type=device_type,
-        )
-        world_size = environment.world_size if environment.launched_externally else num_processes
-        self._strategy = resolve_strategy(
-            strategy if strategy is not None else defaults.get("strategy", "auto"), world_size=world_size
         )
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
@@ -239,6 +267,7 @@ class Accelerator(ProcessMixin):
         loader = PreparedDataLoader(
             dataloader,
             device=self.device,
+            to_device=self._strategy.batches_to_device,
             world_size=self.num_processes if shard else 1,
             rank=self.process_index if shard else 0,
             seed=seed,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ class PreparedDataLoader:
         dataloader: DataLoader[Any],
         *,
         device: torch.device,
+        to_device: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
         world_size: int,
         rank: int,
         seed: int,
@@ -90,6 +91,8 @@ class PreparedDataLoader:
     ) -> None:
         self.base_dataloader = dataloader
         self.device = device
+        # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
+        self._to_device = to_device or (lambda batches: (move_to_device(b, device) for b in batches))
         self.world_size = world_size
         self.rank = rank
         self.even_batches = even_batches
@@ -179,26 +182,31 @@ class PreparedDataLoader:
         self._generator.manual_seed(self._seed + epoch)  # worker seeds: a function of (seed, epoch)
         try:
             if self._iterable:
-                yield from self._iterate_stream(start)
+                # The plan runs ahead of what is yielded when the device transfer prefetches.
+                for batch, position, at_end, remainder in self._to_device(self._iterate_stream(start)):
+                    self._position = position
+                    if at_end:
+                        self._at_end, self._remainder = True, remainder
+                    yield batch
             else:
                 batches, remainder = self._rank_plan(epoch)
                 self._batch_sampler.batches = batches[start:]
                 count = len(batches)
-                for batch in self._loader:
+                for batch in self._to_device(self._loader):
                     self._position += 1
                     if self._position == count:
                         self._at_end, self._remainder = True, remainder
-                    yield move_to_device(batch, self.device)
+                    yield batch
         finally:
             self._in_pass, self._at_end, self._remainder = False, False, None
             if self in running:
                 running.remove(self)
 
-    def _iterate_stream(self, start: int) -> Iterator[Any]:
+    def _iterate_stream(self, start: int) -> Iterator[tuple[Any, int, bool, int | None]]:
         """Iterable datasets: every rank reads the stream; round ``s`` gives batch ``s * world + rank``.
 
-        One round is read ahead so the last round is known while it is yielded (gradient sync and
-        ``gather_for_metrics`` need that).
+        Yields ``(batch, position, at_end, remainder)``. One round is read ahead so the last round is
+        known while it is yielded (gradient sync and ``gather_for_metrics`` need that).
         """
         world = self.world_size
         stream = iter(self._loader)
@@ -220,10 +228,7 @@ class PreparedDataLoader:
                         group = group + list(
                             itertools.islice(itertools.cycle(first_round), world - len(group))
                         )
-                self._position = index + 1
-                if upcoming is None:
-                    self._at_end, self._remainder = True, remainder
-                yield move_to_device(group[self.rank], self.device)
+                yield group[self.rank], index + 1, upcoming is None, remainder
             current, index = upcoming, index + 1
 
     def set_epoch(self, epoch: int) -> None:

@@ -11,8 +11,16 @@ from ember.strategies.environment import ProcessEnvironment, detect_environment
 from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
+from ember.strategies.xla import XLASPMDConfig, XLASPMDStrategy, XLAStrategy
 
-for _strategy in (SingleDeviceStrategy, DDPStrategy, FSDPStrategy, DeepSpeedStrategy):
+for _strategy in (
+    SingleDeviceStrategy,
+    DDPStrategy,
+    FSDPStrategy,
+    DeepSpeedStrategy,
+    XLAStrategy,
+    XLASPMDStrategy,
+):
     _strategy.register_strategies(STRATEGY_REGISTRY)
 
 __all__ = [
@@ -28,5 +36,8 @@ __all__ = [
     "ProcessEnvironment",
     "SingleDeviceStrategy",
     "Strategy",
+    "XLASPMDConfig",
+    "XLASPMDStrategy",
+    "XLAStrategy",
     "detect_environment",
 ]

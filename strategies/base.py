@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ember._registry import Registry
+from ember._tree import move_to_device
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_indexed, to_named
@@ -58,6 +59,8 @@ class Strategy:
 
     #: Name used in checkpoints' manifests and error messages.
     strategy_name: ClassVar[str] = "base"
+    #: The accelerator this strategy runs on, when it decides it (``"xla"``); None: any.
+    accelerator: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self._device_type = "cpu"
@@ -78,6 +81,10 @@ class Strategy:
         self._num_processes = num_processes
         self._precision = precision
         self._environment = environment
+
+    def auto_num_devices(self) -> int:
+        """What ``devices="auto"`` means when no launcher started the processes: one, by default."""
+        return 1
 
     def launch(self) -> None:
         """Start the processes this run needs that do not exist yet (none, by default)."""
@@ -140,6 +147,12 @@ class Strategy:
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         """The user's module inside whatever :meth:`setup_module` wrapped around it."""
         return module
+
+    def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
+        """The batches of a prepared dataloader's pass, on the device (tensors moved one batch at a
+        time here; XLA strategies transfer ahead of use and shard)."""
+        device = self.root_device
+        return (move_to_device(batch, device) for batch in batches)
 
     # -- how a step runs ------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -301,17 +314,48 @@ class MaterializesModules:
     (each process allocating only its own shards), so they can be created without memory."""
 
 
-def resolve_strategy(value: str | Strategy, *, world_size: int) -> Strategy:
-    """Turn ``strategy=`` into an instance. ``"auto"`` is ``"ddp"`` for several processes, else single device."""
+def resolve_strategy(value: str | Strategy, *, world_size: int, device_type: str | None = None) -> Strategy:
+    """Turn ``strategy=`` into an instance. ``"auto"`` is ``"xla"`` on ``accelerator="xla"``, ``"ddp"``
+    for several processes, else single device."""
     if isinstance(value, Strategy):
         return value
     if not isinstance(value, str):
         raise TypeError(f"strategy={value!r} must be a name or an ember.strategies.Strategy instance")
     if value == "auto":
-        value = "ddp" if world_size > 1 else "single_device"
+        value = "xla" if device_type == "xla" else "ddp" if world_size > 1 else "single_device"
     if value not in STRATEGY_REGISTRY:
         raise ValueError(
             f"strategy={value!r} is not a known strategy. Valid choices: "
             + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
         )
     return STRATEGY_REGISTRY.create(value)
+
+
+def setup_rebinding_optimizers(
+    strategy: Strategy, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+    """``strategy.setup_module`` for each module, for strategies whose set-up replaces parameter
+    objects (FSDP shards them; moving to an XLA device makes new ones): each optimizer's parameter
+    is found again by its (module, name) and the optimizer is pointed at the replacement."""
+    owners = {id(p): (m, name) for m in modules for name, p in m.named_parameters()}
+    plans = []
+    for optimizer in optimizers:
+        if optimizer.state:
+            raise ValueError(
+                f"prepare() the optimizer before its first step: strategy={strategy.strategy_name!r} replaces "
+                "the parameters it holds"
+            )
+        groups = []
+        for group in optimizer.param_groups:
+            if any(id(p) not in owners for p in group["params"]):
+                raise ValueError(
+                    f"strategy={strategy.strategy_name!r}: prepare() the optimizer together with the model whose "
+                    "parameters it holds"
+                )
+            groups.append([owners[id(p)] for p in group["params"]])
+        plans.append((optimizer, groups))
+    prepared = [strategy.setup_module(m) for m in modules]
+    for optimizer, groups in plans:
+        for group, params in zip(optimizer.param_groups, groups, strict=True):
+            group["params"] = [module.get_parameter(name) for module, name in params]
+    return prepared, list(optimizers)

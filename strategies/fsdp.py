@@ -35,7 +35,12 @@ from typing_extensions import override
 
 from ember._registry import Registry
 from ember.precision import HalfPrecision, MixedPrecision, Precision
-from ember.strategies.base import BackwardSyncControl, MaterializesModules, Strategy
+from ember.strategies.base import (
+    BackwardSyncControl,
+    MaterializesModules,
+    Strategy,
+    setup_rebinding_optimizers,
+)
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_named
 from ember.strategies.parallel import ParallelStrategy
@@ -199,23 +204,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def setup_module_and_optimizers(
         self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
     ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
-        # fully_shard replaces each parameter by a sharded one: remember which (module, name) every
-        # parameter of every optimizer is, then point the optimizers at the new parameters.
-        owners = {id(p): (m, name) for m in modules for name, p in m.named_parameters()}
-        plans = []
-        for optimizer in optimizers:
-            if optimizer.state:
-                raise ValueError(
-                    "prepare() the optimizer before its first step: FSDP replaces the parameters it holds"
-                )
-            plans.append(
-                (optimizer, [[_owner(owners, p) for p in g["params"]] for g in optimizer.param_groups])
-            )
-        prepared = [self.setup_module(m) for m in modules]
-        for optimizer, groups in plans:
-            for group, params in zip(optimizer.param_groups, groups, strict=True):
-                group["params"] = [module.get_parameter(name) for module, name in params]
-        return prepared, list(optimizers)
+        # fully_shard replaces each parameter by a sharded one.
+        return setup_rebinding_optimizers(self, modules, optimizers)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -350,9 +340,3 @@ def _size_based_units(root: nn.Module, min_params: int) -> list[nn.Module]:
 
     visit(root)
     return units
-
-
-def _owner(owners: dict[int, tuple[nn.Module, str]], param: Any) -> tuple[nn.Module, str]:
-    if id(param) not in owners:
-        raise ValueError("FSDP: prepare() the optimizer together with the model whose parameters it holds")
-    return owners[id(param)]

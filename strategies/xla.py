@@ -1,0 +1,405 @@
+"""XLA devices (TPU in production, the XLA CPU device in tests) through torch_xla's PJRT runtime.
+
+Two strategies, because torch_xla has two ways to use several devices:
+
+- :class:`XLAStrategy` (``"xla"``): one process per device, the classic TPU path. Processes start
+  like every other multi-process strategy (``ember launch``, or ``devices=N`` from plain
+  ``python``); each initialises its PJRT replica the way ``torch_xla.launch`` does. Gradients are
+  averaged over the replicas with one XLA all-reduce before clipping or the optimizer step.
+- :class:`XLASPMDStrategy` (``"xla_spmd"``, ``"xla_fsdp"``): one process drives every local device
+  through torch_xla's SPMD partitioner. The batch is sharded over a 1-D ``("data",)`` mesh; with
+  ``shard_parameters`` the parameters (and so the optimizer state) are sharded over it too. The
+  compiler inserts the collectives.
+
+Both cut the lazy graph (``torch_xla.sync()``) right after the optimizer step and nowhere in the
+user's step, move batches ahead of use, and save CPU tensors in ember's pickle-free format.
+torch_xla is imported only when one of them is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from typing_extensions import override
+
+from ember._registry import Registry
+from ember._tree import apply_to_tensors
+from ember.precision import Precision
+from ember.strategies.base import (
+    BackwardSyncControl,
+    ReduceOp,
+    Strategy,
+    check_reduce_op,
+    setup_rebinding_optimizers,
+)
+from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.parallel import ParallelStrategy
+
+__all__ = ["XLASPMDConfig", "XLASPMDStrategy", "XLAStrategy"]
+
+#: Precisions XLA runs; fp16 has no grad scaler on XLA and float64 is not a TPU type.
+XLA_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+
+
+def _check_precision(strategy: str, precision: Precision) -> None:
+    if precision.name not in XLA_PRECISIONS:
+        raise ValueError(
+            f"precision={precision.name!r} is not supported by strategy={strategy!r}. "
+            f"Valid choices: {', '.join(map(repr, XLA_PRECISIONS))}"
+        )
+
+
+def _import_torch_xla() -> Any:
+    try:
+        import torch_xla
+    except ImportError as error:  # torch_xla pins its torch build: say which
+        raise ImportError(
+            "the XLA strategies need torch_xla, built for this torch version (torch_xla 2.9 needs torch 2.9): "
+            "pip install 'ember[xla]' torch==2.9.0 torch_xla==2.9.0"
+        ) from error
+    return torch_xla
+
+
+def _sync() -> None:
+    import torch_xla
+
+    torch_xla.sync()
+
+
+class _XLAStepMixin(Strategy):
+    """What both XLA strategies share: the device, precision checks, the step's graph cut."""
+
+    accelerator = "xla"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._device: torch.device | None = None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if self._device is None:  # before setup_environment: the device type only
+            return torch.device("xla")
+        return self._device
+
+    @override
+    def setup_module_and_optimizers(
+        self, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
+    ) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
+        # Moving a module to an XLA device gives it new parameter objects.
+        return setup_rebinding_optimizers(self, modules, optimizers)
+
+    @override
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
+        stepped = self.precision.optimizer_step(optimizer, closure)
+        _sync()  # the graph of this step (forward, backward, update) ends here, nowhere earlier
+        return stepped
+
+
+class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
+    """One process per XLA device; gradients averaged across the replicas by XLA collectives.
+
+    Example::
+
+        accelerator = Accelerator(strategy="xla")        # one device, or `ember launch --strategy xla`
+        trainer = Trainer(strategy="xla", devices=8)     # eight processes on a TPU host
+
+    Multi-replica collectives need a TPU or GPU XLA runtime: torch_xla does not run them between
+    processes on the XLA CPU device (pytorch/xla#9089), so there a run uses one process.
+    """
+
+    strategy_name = "xla"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._modules: list[nn.Module] = []
+        self._reduced: set[int] = set()  # optimizers whose gradients are averaged since the last backward
+
+    @classmethod
+    @override
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        registry.register("xla", cls, "one process per XLA device (TPU), gradients all-reduced by XLA")
+
+    @override
+    def connect(
+        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
+    ) -> None:
+        _check_precision(self.strategy_name, precision)
+        super().connect(
+            device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
+        )
+
+    @override
+    def setup_environment(self) -> None:
+        torch_xla = _import_torch_xla()
+        if self.world_size > 1:
+            # What torch_xla.launch / xmp.spawn does in each process it starts: join the replica set.
+            from torch_xla._internal import pjrt
+
+            pjrt.initialize_multiprocess(self.local_rank, self._environment.local_world_size)
+        self._device = torch_xla.device()
+
+    @override
+    def teardown(self) -> None:
+        if self._device is not None:
+            _sync()
+
+    # -- models and the step ----------------------------------------------------------------------
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = super().setup_module(module)
+        if self.world_size > 1:  # every replica starts from rank 0's weights (DDP does the same)
+            import torch_xla.core.xla_model as xm
+
+            xm.broadcast_master_param(module)
+        self._modules.append(module)
+        return module
+
+    @override
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        super().backward(loss, *args, **kwargs)
+        self._reduced.clear()
+
+    @override
+    @contextmanager
+    def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        # Gradients are averaged lazily, once, right before they are used (clipping or the step),
+        # so accumulation micro-steps never communicate and nothing needs switching off.
+        yield
+
+    def _average_gradients(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        import torch_xla.core.xla_model as xm
+
+        for optimizer in optimizers:
+            if id(optimizer) in self._reduced:
+                continue
+            self._reduced.add(id(optimizer))
+            grads = [
+                p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+            ]
+            if grads:  # one all-reduce for all of them (a no-op for a single replica)
+                xm.all_reduce(xm.REDUCE_SUM, grads, scale=1.0 / self.world_size)
+
+    @override
+    def clip_gradients_norm(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        max_norm: float,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor:
+        self._average_gradients(optimizers)
+        return super().clip_gradients_norm(parameters, optimizers, max_norm, norm_type)
+
+    @override
+    def clip_gradients_value(
+        self,
+        parameters: Iterable[torch.Tensor],
+        optimizers: Sequence[torch.optim.Optimizer],
+        clip_value: float,
+    ) -> None:
+        self._average_gradients(optimizers)
+        super().clip_gradients_value(parameters, optimizers, clip_value)
+
+    @override
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
+    ) -> bool:
+        if closure is not None:
+            raise ValueError(
+                "strategy='xla' averages gradients before the optimizer step, so it cannot run an optimizer "
+                "closure (LBFGS); use one process or an optimizer without closure"
+            )
+        self._average_gradients([optimizer])
+        return super().optimizer_step(optimizer)
+
+    @override
+    def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
+        from torch_xla.distributed.parallel_loader import MpDeviceLoader
+
+        # Background threads transfer the next batches while this one runs.
+        return MpDeviceLoader(batches, self.root_device)
+
+    # -- collectives ------------------------------------------------------------------------------
+    def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to(self.root_device)
+
+    @override
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+        import torch_xla.core.xla_model as xm
+
+        check_reduce_op(op)
+        kind = {"sum": xm.REDUCE_SUM, "mean": xm.REDUCE_SUM, "max": xm.REDUCE_MAX, "min": xm.REDUCE_MIN}[op]
+        result = xm.all_reduce(kind, self._on_device(tensor))
+        if op == "mean":
+            result = result / self.world_size if result.is_floating_point() else result // self.world_size
+        return result.to(tensor.device)
+
+    @override
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch_xla.core.xla_model as xm
+
+        return xm.all_gather(self._on_device(tensor).unsqueeze(0), dim=0).to(tensor.device)
+
+    @override
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        import torch_xla.core.xla_model as xm
+
+        result = self._on_device(tensor).clone()
+        xm.collective_broadcast([result], root_ordinal=src)
+        return result.to(tensor.device)
+
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        import torch_xla.core.xla_model as xm
+
+        if self._device is not None:
+            xm.rendezvous(name or "barrier")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class XLASPMDConfig:
+    """Options of :class:`XLASPMDStrategy`.
+
+    ``shard_parameters``: shard every parameter's first dimension over the devices (FSDP-style, by
+    sharding annotations); optimizer state follows its parameter. Off: parameters are replicated
+    and only the batch is sharded (data parallel).
+    """
+
+    shard_parameters: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shard_parameters, bool):
+            raise ValueError(f"shard_parameters={self.shard_parameters!r} must be True or False")
+
+
+class XLASPMDStrategy(_XLAStepMixin):
+    """One process drives all local XLA devices through torch_xla's SPMD partitioner.
+
+    Each batch of a prepared dataloader is the *global* batch: it is split along its first
+    dimension over the devices. Example::
+
+        accelerator = Accelerator(strategy="xla_spmd", devices=2)  # on CPU: 2 virtual XLA devices
+        trainer = Trainer(strategy="xla_fsdp")                      # every device, parameters sharded
+    """
+
+    strategy_name = "xla_spmd"
+
+    def __init__(self, config: XLASPMDConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or XLASPMDConfig()
+        self._mesh: Any = None
+
+    @classmethod
+    @override
+    def register_strategies(cls, registry: Registry[Strategy]) -> None:
+        registry.register("xla_spmd", cls, "one process, all XLA devices: SPMD data parallel")
+        registry.register(
+            "xla_fsdp",
+            cls,
+            "xla_spmd with parameters sharded over the devices",
+            config=XLASPMDConfig(shard_parameters=True),
+        )
+
+    @override
+    def auto_num_devices(self) -> int:
+        if _runtime_started():
+            import torch_xla.runtime as xr
+
+            return int(xr.global_runtime_device_count())
+        if _pjrt_device() == "CPU":
+            return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+        return 0  # every device: counted in setup_environment, once SPMD mode is on
+
+    @override
+    def connect(
+        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
+    ) -> None:
+        _check_precision(self.strategy_name, precision)
+        if environment.world_size > 1:
+            raise ValueError(
+                f"strategy='xla_spmd' runs one process that drives every device, but the launcher started "
+                f"WORLD_SIZE={environment.world_size} processes; run the script with plain `python` "
+                "(or use strategy='xla' for one process per device)"
+            )
+        super().connect(
+            device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
+        )
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the mesh spans (known after ``setup_environment``)."""
+        return int(self._mesh.size()) if self._mesh is not None else self._num_processes
+
+    @override
+    def setup_environment(self) -> None:
+        _import_torch_xla()
+        import numpy as np
+        import torch_xla
+        import torch_xla.distributed.spmd as xs
+        import torch_xla.runtime as xr
+
+        wanted = self._num_processes  # 0: every device
+        if not _runtime_started() and _pjrt_device() == "CPU" and wanted > 0:
+            os.environ["CPU_NUM_DEVICES"] = str(wanted)  # virtual devices, fixed when the runtime starts
+        xr.use_spmd()
+        count = int(xr.global_runtime_device_count())
+        if wanted > 0 and count != wanted:
+            raise ValueError(
+                f"devices={wanted}, but the XLA runtime has {count} devices (it started before this "
+                "Accelerator; set CPU_NUM_DEVICES or TPU chips before any XLA tensor is made, or pass devices='auto')"
+            )
+        self._mesh = xs.Mesh(np.arange(count), (count,), ("data",))
+        xs.set_global_mesh(self._mesh)
+        self._device = torch_xla.device()
+
+    @override
+    def teardown(self) -> None:
+        if self._device is not None:
+            _sync()
+
+    def _shard_first_dim(self, tensor: torch.Tensor) -> None:
+        import torch_xla.distributed.spmd as xs
+
+        if tensor.dim() > 0:
+            xs.mark_sharding(tensor, self._mesh, ("data",) + (None,) * (tensor.dim() - 1))
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = super().setup_module(module)
+        if self.config.shard_parameters:
+            for parameter in module.parameters():
+                self._shard_first_dim(parameter)
+        return module
+
+    @override
+    def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
+        device = self.root_device
+
+        def place(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.to(device)
+            self._shard_first_dim(tensor)  # the batch dimension is split over the devices
+            return tensor
+
+        return (apply_to_tensors(batch, place) for batch in batches)
+
+
+def _runtime_started() -> bool:
+    import torch_xla
+
+    return bool(torch_xla._XLAC._xla_runtime_is_initialized())
+
+
+def _pjrt_device() -> str:
+    """The PJRT device type torch_xla will use (it picks TPU when one is present, else CPU)."""
+    import torch_xla.runtime as xr
+
+    return str(xr.device_type() or "")
