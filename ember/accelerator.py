@@ -150,6 +150,8 @@ class Accelerator(ProcessMixin):
             world_size=world_size,
             device_type=requested,
         )
+        if environment.launched_externally:
+            self._strategy.check_world_size(environment.world_size)
         device_type = _resolve_accelerator(requested, self._strategy)
         per_node = environment.local_world_size if environment.launched_externally else None
         num_processes = _resolve_devices(devices, device_type, per_node, self._strategy)

@@ -134,6 +134,13 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             f"--strategy {args.strategy!r} is not a known strategy. Valid choices: "
             + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
         )
+    if args.strategy is not None and args.strategy != "auto":
+        try:
+            STRATEGY_REGISTRY.create(args.strategy).check_world_size(args.nproc_per_node * args.nnodes)
+        except (ValueError, ImportError) as err:
+            parser.error(
+                f"--strategy {args.strategy!r} with {args.nnodes} x {args.nproc_per_node} processes: {err}"
+            )
     if args.precision is not None:
         try:
             resolve_precision(args.precision, device_type="cpu")

@@ -82,6 +82,10 @@ class Strategy:
         self._precision = precision
         self._environment = environment
 
+    def check_world_size(self, world_size: int) -> None:
+        """Raise ``ValueError`` if this strategy cannot run in ``world_size`` processes started by a
+        launcher (checked by ``ember launch`` before it starts them, and by the Accelerator)."""
+
     def auto_num_devices(self) -> int:
         """What ``devices="auto"`` means when no launcher started the processes: one, by default."""
         return 1

@@ -129,10 +129,20 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
         registry.register("xla", cls, "one process per XLA device (TPU), gradients all-reduced by XLA")
 
     @override
+    def check_world_size(self, world_size: int) -> None:
+        if world_size > 1 and _pjrt_device() == "CPU":
+            raise ValueError(
+                f"strategy='xla' cannot run {world_size} processes on the XLA CPU device: torch_xla runs no "
+                "collectives between CPU processes (pytorch/xla#9089). Use one process, a TPU/GPU XLA runtime, "
+                f"or strategy='xla_spmd' with devices={world_size} (one process, {world_size} virtual devices)"
+            )
+
+    @override
     def connect(
         self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
     ) -> None:
         _check_precision(self.strategy_name, precision)
+        self.check_world_size(environment.world_size if environment.launched_externally else num_processes)
         super().connect(
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
         )
@@ -226,7 +236,8 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
         from torch_xla.distributed.parallel_loader import MpDeviceLoader
 
         # Background threads transfer the next batches while this one runs.
-        return MpDeviceLoader(batches, self.root_device)
+        loader: Iterable[Any] = MpDeviceLoader(batches, self.root_device)
+        return loader
 
     # -- collectives ------------------------------------------------------------------------------
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -238,7 +249,7 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
 
         check_reduce_op(op)
         kind = {"sum": xm.REDUCE_SUM, "mean": xm.REDUCE_SUM, "max": xm.REDUCE_MAX, "min": xm.REDUCE_MIN}[op]
-        result = xm.all_reduce(kind, self._on_device(tensor))
+        result: torch.Tensor = xm.all_reduce(kind, self._on_device(tensor))
         if op == "mean":
             result = result / self.world_size if result.is_floating_point() else result // self.world_size
         return result.to(tensor.device)
@@ -247,7 +258,8 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch_xla.core.xla_model as xm
 
-        return xm.all_gather(self._on_device(tensor).unsqueeze(0), dim=0).to(tensor.device)
+        gathered: torch.Tensor = xm.all_gather(self._on_device(tensor).unsqueeze(0), dim=0)
+        return gathered.to(tensor.device)
 
     @override
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -320,16 +332,19 @@ class XLASPMDStrategy(_XLAStepMixin):
         return 0  # every device: counted in setup_environment, once SPMD mode is on
 
     @override
+    def check_world_size(self, world_size: int) -> None:
+        if world_size > 1:
+            raise ValueError(
+                f"strategy={self.strategy_name!r} runs one process that drives every device, not {world_size}: "
+                "start the script with plain `python` and pass devices=N (or use strategy='xla' for one process "
+                "per device)"
+            )
+
+    @override
     def connect(
         self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
     ) -> None:
         _check_precision(self.strategy_name, precision)
-        if environment.world_size > 1:
-            raise ValueError(
-                f"strategy='xla_spmd' runs one process that drives every device, but the launcher started "
-                f"WORLD_SIZE={environment.world_size} processes; run the script with plain `python` "
-                "(or use strategy='xla' for one process per device)"
-            )
         super().connect(
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
         )
@@ -400,6 +415,7 @@ def _runtime_started() -> bool:
 
 def _pjrt_device() -> str:
     """The PJRT device type torch_xla will use (it picks TPU when one is present, else CPU)."""
+    _import_torch_xla()  # importing it selects the default device
     import torch_xla.runtime as xr
 
     return str(xr.device_type() or "")

@@ -33,6 +33,8 @@ class TrainerProperties:
     callbacks: list[Any]
     num_training_batches: int | float
     _metrics: MetricStore
+    _progress_bar_values: dict[str, float]
+    _progress_bar_stale: bool
     _module: TrainModule | None
     _model: torch.nn.Module | None
     _step_optimizers: list[Any]
@@ -107,8 +109,16 @@ class TrainerProperties:
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:
-        """Values logged with ``prog_bar=True`` as floats (converted here, when a progress bar draws)."""
-        return {k: float(v) for k, v in self._metrics.progress_bar.items()}
+        """Values logged with ``prog_bar=True`` as floats.
+
+        They are converted (a device-to-host copy, which waits for the device) only when the loggers
+        get a row — every ``log_every_n_steps`` and at epoch ends — and on the first read; between
+        those, a progress bar redraws the last converted values.
+        """
+        if self._progress_bar_stale:
+            self._progress_bar_values = {k: float(v) for k, v in self._metrics.progress_bar.items()}
+            self._progress_bar_stale = False
+        return dict(self._progress_bar_values)
 
     @property
     def logger(self) -> Logger | None:

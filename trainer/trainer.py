@@ -107,6 +107,8 @@ class Trainer(TrainerProperties):
         self.should_stop = False
         self.sanity_checking = False
         self.stage = ""
+        self._progress_bar_values: dict[str, float] = {}
+        self._progress_bar_stale = True  # converted on the next read of progress_bar_metrics
         self._metrics = MetricStore(lambda tensor, op: self.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
         self._module: TrainModule | None = None
         self._datamodule: DataModule | None = None
@@ -331,6 +333,7 @@ class Trainer(TrainerProperties):
 
     def _write_row(self, values: dict[str, torch.Tensor]) -> None:
         """Send logged values to the loggers (here, and only here, tensors become Python floats)."""
+        self._progress_bar_stale = True  # the bar shows values of the same steps as the logs
         if not values or self.sanity_checking:
             return
         row = {key: float(value) for key, value in values.items()}
