@@ -137,3 +137,25 @@ def run_command(
     return subprocess.run(
         cmd, env=env or base_env(), cwd=str(cwd or REPO), capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_in_subprocess(
+    fn: Callable[..., Any], *args: Any, timeout: float = 180.0, env: dict[str, str] | None = None
+) -> Any:
+    """Run ``fn(*args)`` in one fresh interpreter started like a plain ``python`` script (no rank
+    variables) and return its result. For runtimes fixed at first use (XLA)."""
+    workdir = Path(tempfile.mkdtemp(prefix="ember-fresh-"))
+    out = workdir / "result.json"
+    code = _BOOTSTRAP.format(
+        tests=str(TESTS_DIR),
+        path=fn.__code__.co_filename,
+        name=fn.__name__,
+        args=json.dumps(args),
+        out=str(out),
+    )
+    done = run_command([PYTHON, "-c", code], timeout=timeout, env=base_env(**(env or {})))
+    if done.returncode != 0:
+        raise AssertionError(
+            f"{fn.__name__} exited with code {done.returncode}:\n{(done.stdout + done.stderr)[-6000:]}"
+        )
+    return json.loads(out.read_text())
