@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_helpers import PYTHON, REPO, base_env, run_command, run_in_subprocess
+from dist_helpers import PYTHON, base_env, run_command, run_in_subprocess
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -281,7 +281,7 @@ _HARDWARE = _xla_hardware()
 )
 def test_ember_launch_strategy_xla_on_every_device(tmp_path: Path) -> None:
     assert _HARDWARE is not None
-    kind, count = _HARDWARE
+    _, count = _HARDWARE
     env = {k: v for k, v in base_env().items() if k != "PJRT_DEVICE"}
     done = run_command(
         [PYTHON, "-m", "ember", "launch", "--strategy", "xla", "--nproc-per-node", str(count), str(SCRIPT), str(tmp_path)],
