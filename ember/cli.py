@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--precision", default=None, help="default precision of the script's Accelerator/Trainer"
     )
-    launch.add_argument("--accelerator", default=None, choices=["auto", "cpu", "cuda"], help="device type")
+    launch.add_argument("--accelerator", default=None, choices=["auto", "cpu", "cuda", "xla"], help="device type")
     launch.add_argument(
         "--max-restarts", type=int, default=0, help="restart the whole group up to K times on failure"
     )
