@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import CheckpointError, DataModule, Trainer, TrainModule
-from ember.callbacks import EarlyStopping, ModelCheckpoint
+from ember.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from ember.strategies.checkpoint_io import read_manifest
 from ember.trainer.optim import parse_optimizers
 
@@ -186,6 +186,28 @@ def test_epoch_values_are_weighted_by_batch_size(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=1, logger=False)
     result = trainer.validate(Weighted(), _loader(10, 4))
     assert result[0]["size"] == pytest.approx(3.6)
+
+
+def test_progress_bar_values_are_converted_only_with_logger_rows(tmp_path: Path) -> None:
+    # Converting a device tensor waits for the device (and cuts an XLA graph): the bar shows the
+    # values of the last logged step, converted once, not every step's.
+    class StepLogger(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            self.log("step", float(self.global_step + 1), prog_bar=True)
+            return super().training_step(batch, batch_idx)
+
+    class Reader(Callback):
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            self.seen.append(trainer.progress_bar_metrics["step"])
+
+    reader = Reader()
+    trainer = _trainer(tmp_path, max_epochs=1, log_every_n_steps=5, callbacks=[reader], logger=False)
+    trainer.fit(StepLogger(), _loader(48, 4))
+    # First read at step 1, then rows at steps 5 and 10, and the epoch's last batch (12).
+    assert reader.seen == [1.0] * 4 + [5.0] * 5 + [10.0] * 2 + [12.0]
 
 
 def test_limits_fast_dev_run_and_max_steps(tmp_path: Path) -> None:
