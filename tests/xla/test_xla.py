@@ -6,6 +6,7 @@ use. References are the same runs on plain CPU, computed in the same process.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from dist_helpers import PYTHON, base_env, run_command, run_in_subprocess
+from dist_helpers import PYTHON, REPO, base_env, run_command, run_in_subprocess
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -78,12 +79,14 @@ def _trainer_worker(root: str) -> dict[str, Any]:
         def __init__(self) -> None:
             self.compiles: list[int] = []
             self.transfers: list[int] = []
+            self.executions: list[int] = []
 
         def on_train_batch_end(
             self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
             self.compiles.append(count("CompileTime"))
             self.transfers.append(count("TransferFromDeviceTime"))
+            self.executions.append(count("ExecuteTime"))
 
     def fit(strategy: str, precision: str = "32-true", name: str = "run") -> tuple[Regression, Counts]:
         counts = Counts()
@@ -106,6 +109,7 @@ def _trainer_worker(root: str) -> dict[str, Any]:
         "device": str(next(xla.parameters()).device),
         "compiles": counts.compiles,
         "transfers": counts.transfers,
+        "executions": counts.executions,
         "metrics_xla": (Path(root) / "xla/logs/version_0/metrics.csv").read_text(),
         "metrics_cpu": (Path(root) / "cpu/logs/version_0/metrics.csv").read_text(),
         "bf16_mixed": {
@@ -141,6 +145,9 @@ def test_trainer_on_one_xla_device(trainer_runs: dict[str, Any]) -> None:
     # No recompilation per step once warm (AdamW's state appears at step 2: a second graph).
     compiles = result["compiles"]
     assert len(compiles) == 20 and compiles[-1] == compiles[2], compiles
+    # One graph runs per step: cut after the optimizer step, never inside the user's step.
+    executions = result["executions"]
+    assert [b - a for a, b in itertools.pairwise(executions[2:])] == [1] * 17, executions
     # Logged values leave the device only when the loggers get a row (steps 10 and 20) and on
     # the progress bar's first read: never in between.
     transfers = result["transfers"]
@@ -175,7 +182,7 @@ def test_several_processes_on_the_xla_cpu_device_are_refused_before_starting() -
 
 
 # -- SPMD on 2 virtual CPU devices ------------------------------------------------------------------
-def _spmd_worker(strategy: str) -> dict[str, Any]:
+def _spmd_worker(strategy: str, checkpoint: str) -> dict[str, Any]:
     import torch_xla
 
     accelerator = Accelerator(strategy=strategy, devices=2)
@@ -196,6 +203,7 @@ def _spmd_worker(strategy: str) -> dict[str, Any]:
         F.mse_loss(reference(x), y).backward()
         ref_optimizer.step()
         ref_optimizer.zero_grad()
+    accelerator.save_state(checkpoint)  # full CPU tensors, also of sharded parameters
     weight = accelerator.unwrap_model(model)[0].weight
     specs["weight"] = torch_xla._XLAC._get_xla_sharding_spec(weight)
     specs["weight_state"] = torch_xla._XLAC._get_xla_sharding_spec(optimizer.state[weight]["exp_avg"])
@@ -204,23 +212,36 @@ def _spmd_worker(strategy: str) -> dict[str, Any]:
         "processes": accelerator.num_processes,
         "max_diff": _max_diff(accelerator.unwrap_model(model).state_dict(), reference.state_dict()),
         "specs": specs,
+        "weights": {k: v.cpu().tolist() for k, v in accelerator.unwrap_model(model).state_dict().items()},
     }
 
 
-def test_spmd_data_parallel_matches_the_full_batch_run() -> None:
-    result = run_in_subprocess(_spmd_worker, "xla_spmd", env=XLA_ENV)
+def _load_on_cpu(checkpoint: Path, weights: dict[str, Any]) -> None:
+    accelerator = Accelerator(accelerator="cpu", strategy="single_device")
+    model = _net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model, _, _ = accelerator.prepare(model, optimizer, DataLoader(_data(), batch_size=16))
+    accelerator.load_state(checkpoint)
+    for name, value in accelerator.unwrap_model(model).state_dict().items():
+        assert torch.equal(value, torch.tensor(weights[name])), name
+
+
+def test_spmd_data_parallel_matches_the_full_batch_run(tmp_path: Path) -> None:
+    result = run_in_subprocess(_spmd_worker, "xla_spmd", str(tmp_path / "ckpt"), env=XLA_ENV)
     assert result["devices"] == 2 and result["processes"] == 1
     assert result["specs"]["batch"].startswith("{devices=[2,1]")  # each device holds half of the batch
     assert result["specs"]["weight"] in ("", "{replicated}")
     assert result["max_diff"] < 1e-6
+    _load_on_cpu(tmp_path / "ckpt", result["weights"])
 
 
-def test_spmd_parameter_sharding_matches_the_full_batch_run() -> None:
-    result = run_in_subprocess(_spmd_worker, "xla_fsdp", env=XLA_ENV)
+def test_spmd_parameter_sharding_matches_the_full_batch_run(tmp_path: Path) -> None:
+    result = run_in_subprocess(_spmd_worker, "xla_fsdp", str(tmp_path / "ckpt"), env=XLA_ENV)
     assert result["devices"] == 2
     assert result["specs"]["weight"].startswith("{devices=[2,1]")  # half of each weight per device
     assert result["specs"]["weight_state"].startswith("{devices=[2,1]")  # and of its optimizer state
     assert result["max_diff"] < 1e-6
+    _load_on_cpu(tmp_path / "ckpt", result["weights"])  # the checkpoint holds the full tensors
 
 
 # -- the multi-process path (ember launch --strategy xla) ----------------------------------------------
@@ -257,6 +278,17 @@ def test_ember_launch_strategy_xla_with_real_collectives(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     _check_launched_run(tmp_path, 1)
+
+
+def test_the_seed_loop_runs_unchanged_under_ember_launch_strategy_xla() -> None:
+    example = str(REPO / "examples" / "accelerate_loop.py")
+    done = run_command(
+        [PYTHON, "-m", "ember", "launch", "--strategy", "xla", example, "--epochs", "2"],
+        env=base_env(**XLA_ENV),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "1 process(es), strategy=XLAStrategy" in done.stdout
+    assert "epoch 1:" in done.stdout and "on 500 samples" in done.stdout
 
 
 def _xla_hardware() -> tuple[str, int] | None:
