@@ -291,18 +291,27 @@ def test_the_seed_loop_runs_unchanged_under_ember_launch_strategy_xla() -> None:
     assert "epoch 1:" in done.stdout and "on 500 samples" in done.stdout
 
 
-def _xla_hardware() -> tuple[str, int] | None:
-    """(PJRT device, local device count) of a TPU or GPU XLA runtime, or None on this machine."""
+def _xla_hardware() -> tuple[dict[str, str], int] | None:
+    """The environment and local device count of a TPU or GPU XLA runtime, or None on this machine.
+
+    torch_xla picks TPU by itself when one is present; a GPU runtime is asked for with
+    ``PJRT_DEVICE=CUDA``.
+    """
     probe = (
-        "import torch_xla, torch_xla.runtime as xr; import json; "
+        "import json, torch_xla, torch_xla.runtime as xr; "
         "print(json.dumps([xr.device_type(), xr.addressable_runtime_device_count()]))"
     )
-    env = {k: v for k, v in base_env().items() if k != "PJRT_DEVICE"}  # let torch_xla pick
-    done = run_command([PYTHON, "-c", probe], env=env)
-    if done.returncode != 0:
-        return None
-    kind, count = json.loads(done.stdout.strip().splitlines()[-1])
-    return (kind, count) if kind in ("TPU", "CUDA", "GPU") and count > 1 else None
+    plain = {k: v for k, v in base_env().items() if k != "PJRT_DEVICE"}
+    candidates = [plain]
+    if torch.cuda.is_available():
+        candidates.append({**plain, "PJRT_DEVICE": "CUDA"})
+    for env in candidates:
+        done = run_command([PYTHON, "-c", probe], env=env)
+        if done.returncode == 0:
+            kind, count = json.loads(done.stdout.strip().splitlines()[-1])
+            if kind in ("TPU", "CUDA") and count > 1:
+                return env, count
+    return None
 
 
 _HARDWARE = _xla_hardware()
@@ -313,8 +322,7 @@ _HARDWARE = _xla_hardware()
 )
 def test_ember_launch_strategy_xla_on_every_device(tmp_path: Path) -> None:
     assert _HARDWARE is not None
-    _, count = _HARDWARE
-    env = {k: v for k, v in base_env().items() if k != "PJRT_DEVICE"}
+    env, count = _HARDWARE
     done = run_command(
         [PYTHON, "-m", "ember", "launch", "--strategy", "xla", "--nproc-per-node", str(count), str(SCRIPT), str(tmp_path)],
         env=env, timeout=600,
