@@ -6,6 +6,7 @@ from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.model_summary import ModelSummary
 from ember.callbacks.progress import RichProgressBar
+from ember.callbacks.run_summary import RunSummary
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
 
@@ -16,6 +17,7 @@ __all__ = [
     "ModelCheckpoint",
     "ModelSummary",
     "RichProgressBar",
+    "RunSummary",
     "ThroughputMonitor",
     "Timer",
 ]

@@ -99,6 +99,7 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
     from ember.callbacks.model_checkpoint import ModelCheckpoint
     from ember.callbacks.model_summary import ModelSummary
     from ember.callbacks.progress import RichProgressBar
+    from ember.callbacks.run_summary import RunSummary
     from ember.callbacks.timer import Timer
 
     config = trainer.config
@@ -111,6 +112,8 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
         result.append(ModelCheckpoint())
     if config.enable_progress_bar and not has(RichProgressBar):
         result.append(RichProgressBar())
+    if config.enable_progress_bar and not has(RunSummary):
+        result.append(RunSummary())
     if config.enable_model_summary and not config.fast_dev_run and not has(ModelSummary):
         result.append(ModelSummary())
     if config.duration is not None and not has(Timer):

@@ -23,7 +23,7 @@ from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import find_loaders, val_check_batch
 from ember.trainer.hooks import call_hook
 from ember.trainer.loggers import CSVLogger, Logger
-from ember.trainer.logging import MetricStore
+from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
@@ -109,6 +109,7 @@ class Trainer(TrainerProperties):
         self.stage = ""
         self._progress_bar_values: dict[str, float] = {}
         self._progress_bar_stale = True  # converted on the next read of progress_bar_metrics
+        self.metric_history = MetricHistory()  # extremes of every logged row, for the end-of-fit summary
         self._metrics = MetricStore(lambda tensor, op: self.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
         self._module: TrainModule | None = None
         self._datamodule: DataModule | None = None
@@ -337,6 +338,7 @@ class Trainer(TrainerProperties):
         if not values or self.sanity_checking:
             return
         row = {key: float(value) for key, value in values.items()}
+        self.metric_history.update(row, self.state.global_step)
         row["epoch"] = float(self.state.epoch)
         self.log_metrics(row, self.state.global_step)
 
