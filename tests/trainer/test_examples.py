@@ -32,6 +32,16 @@ def test_custom_callback_example(tmp_path: Path) -> None:
     assert "epochs seen: 5" in result.stdout and "last grad_norm" in result.stdout
 
 
+def test_manual_optimization_gan_example(tmp_path: Path) -> None:
+    example = str(REPO / "examples" / "manual_optimization.py")
+    result = run_command([PYTHON, example, "--epochs", "30"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer steps: 960" in result.stdout  # 30 epochs x 16 batches x 2 optimizers
+    distance = float(result.stdout.split("distance to the real mean:")[1].split()[0])
+    assert distance < 0.5  # the generator learned where the real points are (it starts near 0)
+    assert (tmp_path / "runs" / "gan" / "logs" / "version_0" / "metrics.csv").exists()
+
+
 def test_gpt_example_sharded_with_fsdp_then_consolidated(tmp_path: Path) -> None:
     root = tmp_path / "gpt"
     quick = ["--max-steps", "12", "--chars", "30000", "--layers", "2", "--width", "32", "--sample", "20",
