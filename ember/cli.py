@@ -1,5 +1,8 @@
 """The ``ember`` command line: ``ember launch`` runs a script on N processes (and N nodes);
-``ember consolidate`` turns a checkpoint's (sharded) weights into one safetensors file.
+``ember consolidate`` turns a checkpoint's (sharded) weights into one safetensors file;
+``ember env`` prints the versions and devices a bug report needs; ``ember config`` writes the
+launch options into a YAML file that ``ember launch --config-file`` reads; ``ember plot`` draws the
+metrics of CSV-logged runs into a PNG. Each command's work lives in its own private module.
 
 ``ember launch`` is a thin layer over ``torch.distributed.run`` (torchrun): it validates the
 arguments before anything starts, passes ``--strategy``/``--precision`` to the script's
@@ -11,6 +14,7 @@ Examples::
     # two machines (or two shells on one machine, over loopback):
     ember launch --nnodes 2 --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 --nproc-per-node 4 train.py
     ember launch --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 --nproc-per-node 4 train.py
+    ember config --nproc-per-node 2 --strategy fsdp && ember launch --config-file ember_config.yaml train.py
 """
 
 from __future__ import annotations
@@ -20,21 +24,15 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ember._launch_config import (
+    DEFAULT_CONFIG_FILE,
+    LaunchConfigError,
+    add_launch_options,
+    defaults,
+    resolve_options,
+)
+
 __all__ = ["main"]
-
-
-def _positive(name: str) -> type[int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} {text!r} is not an integer") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{name} {value} must be >= 1")
-        return value
-
-    parse.__name__ = name
-    return parse  # type: ignore[return-value]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,30 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run a training script on several processes / nodes (wraps torchrun)",
         description="Run SCRIPT on --nproc-per-node processes per node, --nnodes nodes (torch.distributed.run).",
     )
+    add_launch_options(launch)
     launch.add_argument(
-        "--nproc-per-node",
-        type=_positive("--nproc-per-node"),
-        default=1,
-        help="processes per node (default 1)",
-    )
-    launch.add_argument("--nnodes", type=_positive("--nnodes"), default=1, help="number of nodes (default 1)")
-    launch.add_argument("--node-rank", type=int, default=0, help="rank of this node, 0..nnodes-1")
-    launch.add_argument("--master-addr", default="127.0.0.1", help="address of node 0 (default 127.0.0.1)")
-    launch.add_argument(
-        "--master-port",
-        type=int,
+        "--config-file",
+        metavar="FILE",
         default=None,
-        help="port on node 0 (default: a free port on one node, 29500 on several)",
-    )
-    launch.add_argument(
-        "--strategy", default=None, help="default strategy of the script's Accelerator/Trainer"
-    )
-    launch.add_argument(
-        "--precision", default=None, help="default precision of the script's Accelerator/Trainer"
-    )
-    launch.add_argument("--accelerator", default=None, choices=["auto", "cpu", "cuda", "xla"], help="device type")
-    launch.add_argument(
-        "--max-restarts", type=int, default=0, help="restart the whole group up to K times on failure"
+        help="read the options above from this YAML file (see `ember config`); options given here override it",
     )
     launch.add_argument(
         "-m", "--module", action="store_true", help="SCRIPT is a module name (like python -m)"
@@ -89,6 +69,41 @@ def _parser() -> argparse.ArgumentParser:
         "--model", type=int, default=0, help="which prepared model, in preparation order (default 0)"
     )
     consolidate.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    env = commands.add_parser(
+        "env",
+        help="print versions, devices and the process environment (for bug reports)",
+        description="Print the versions of ember, Python, torch and the optional packages, the devices, and "
+        "the process environment ember detects, with the environment variables that shape a run.",
+    )
+    env.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    config = commands.add_parser(
+        "config",
+        help="write the options of `ember launch` into a YAML file for --config-file",
+        description="Write a launch config file: the options given here, the others at their defaults. "
+        "With no option and a terminal on stdin, ask for each option instead.",
+    )
+    add_launch_options(config)
+    config.add_argument(
+        "--output",
+        metavar="FILE",
+        default=DEFAULT_CONFIG_FILE,
+        help=f"file to write (default {DEFAULT_CONFIG_FILE})",
+    )
+    config.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    config.add_argument(
+        "--interactive",
+        action="store_true",
+        help="ask for each option even when stdin is not a terminal (answers are read line by line)",
+    )
+    plot = commands.add_parser(
+        "plot",
+        help="draw the metrics of runs logged by CSVLogger into one PNG (needs matplotlib)",
+        description="Read metrics.csv from each RUN_DIR (a run folder, or a folder above several) and draw "
+        "one subplot per metric, x = step, one line per run.",
+    )
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run folder or a folder above runs")
+    plot.add_argument("--out", default="curves.png", help="the PNG file to write (default curves.png)")
+    plot.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     return parser
 
 
@@ -116,43 +131,63 @@ def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     return 0
 
 
+def _read_answer(prompt: str) -> str:
+    answer = input(prompt)
+    if not sys.stdin.isatty():  # answers piped in: echo them, so the transcript reads like a terminal
+        print(answer)
+    return answer
+
+
+def _config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ember._launch_config import ask, validate_options, write_config
+
+    out = Path(args.output)
+
+    def check_output() -> None:
+        if out.is_dir():
+            parser.error(f"--output {args.output!r} is a directory; give the path of the YAML file to write")
+        if out.exists() and not args.force:
+            parser.error(f"--output {args.output!r} exists; pass --force to replace it")
+
+    check_output()  # before the prompts (no answers typed for nothing), and again after them
+    given = {key: getattr(args, key) for key in defaults() if getattr(args, key) is not None}
+    try:
+        values = validate_options({**defaults(), **given})
+        if args.interactive or (not given and sys.stdin.isatty()):
+            values = ask(values, read=_read_answer)
+    except LaunchConfigError as err:
+        parser.error(str(err))
+    except EOFError:
+        parser.error("stdin ended before every option was answered; nothing was written")
+    check_output()
+    write_config(out, values)
+    print(f"wrote {out}: " + ", ".join(f"{key}={value!r}" for key, value in values.items()))
+    print(f"run it with: ember launch --config-file {out} SCRIPT [ARGS ...]")
+    return 0
+
+
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Every check that can fail happens here, before a process starts."""
-    if not 0 <= args.node_rank < args.nnodes:
-        parser.error(f"--node-rank {args.node_rank} must be in [0, {args.nnodes}) for --nnodes {args.nnodes}")
-    if args.master_port is not None and not 0 < args.master_port < 65536:
-        parser.error(f"--master-port {args.master_port} must be in [1, 65535]")
-    if args.max_restarts < 0:
-        parser.error(f"--max-restarts {args.max_restarts} must be >= 0")
+    """Every check that can fail happens here, before a process starts.
+
+    Each option comes from the command line if given, else from ``--config-file``, else its default.
+    """
+    try:
+        options = resolve_options({key: getattr(args, key) for key in defaults()}, args.config_file)
+        for key, value in options.items():
+            setattr(args, key, value)
+    except LaunchConfigError as err:
+        parser.error(str(err))
     if not args.module and not os.path.isfile(args.script):
         parser.error(f"script {args.script!r} does not exist or is not a file")
-    from ember.precision import PRECISION_REGISTRY, resolve_precision
-    from ember.strategies import STRATEGY_REGISTRY
-
-    if args.strategy is not None and args.strategy != "auto" and args.strategy not in STRATEGY_REGISTRY:
-        parser.error(
-            f"--strategy {args.strategy!r} is not a known strategy. Valid choices: "
-            + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
-        )
-    if args.strategy is not None and args.strategy != "auto":
-        try:
-            STRATEGY_REGISTRY.create(args.strategy).check_world_size(args.nproc_per_node * args.nnodes)
-        except (ValueError, ImportError) as err:
-            parser.error(
-                f"--strategy {args.strategy!r} with {args.nnodes} x {args.nproc_per_node} processes: {err}"
-            )
-    if args.precision is not None:
-        try:
-            resolve_precision(args.precision, device_type="cpu")
-        except ValueError:
-            parser.error(
-                f"--precision {args.precision!r} is not a known precision. Valid choices: "
-                + ", ".join(repr(n) for n in PRECISION_REGISTRY.names())
-            )
 
 
 def torchrun_args(args: argparse.Namespace) -> list[str]:
-    """The torchrun command line equivalent to a parsed ``ember launch``."""
+    """The torchrun command line equivalent to a parsed ``ember launch`` (defaults for options not given)."""
+    args = argparse.Namespace(
+        **{**vars(args), **{k: v for k, v in defaults().items() if getattr(args, k) is None}}
+    )
     argv = [
         f"--nproc-per-node={args.nproc_per_node}",
         f"--nnodes={args.nnodes}",
@@ -195,6 +230,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args)
     if args.command == "consolidate":
         return _consolidate(parser, args)
+    if args.command == "env":
+        import json
+
+        from ember._env import collect, render_text
+
+        report = collect(os.environ)
+        print(json.dumps(report, indent=2) if args.json else render_text(report))
+        return 0
+    if args.command == "config":
+        return _config(parser, args)
+    if args.command == "plot":
+        from ember._plot import PlotError, plot_runs
+
+        try:
+            plot_runs(args.run_dirs, args.metrics, args.out)
+        except PlotError as err:
+            parser.error(str(err))
+        return 0
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 
