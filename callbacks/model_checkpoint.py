@@ -200,6 +200,9 @@ class ModelCheckpoint(Callback):
             trainer.strategy.barrier("ModelCheckpoint:last")
         elif plan["last"] is not None:
             trainer.save_checkpoint(plan["last"])
+        if trainer.is_global_zero and (plan["save"] or plan["last"]):  # e.g. WandbLogger(log_model=) uploads
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
 
     # -- state -------------------------------------------------------------------------------------
     @override

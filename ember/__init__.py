@@ -12,6 +12,7 @@ from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.strategies.checkpoint_io import CheckpointError
 from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainModule
+from ember.trainer.loggers import TensorBoardLogger, WandbLogger  # wandb/tensorboard load on first use
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
 
@@ -22,8 +23,10 @@ __all__ = [
     "DataModule",
     "Logger",
     "PreparedDataLoader",
+    "TensorBoardLogger",
     "TrainModule",
     "Trainer",
+    "WandbLogger",
     "__version__",
     "seed_everything",
     "set_seed",

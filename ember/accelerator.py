@@ -19,13 +19,13 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint
+from ember import _checkpoint, _trackers
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._wrappers import (
@@ -40,6 +40,9 @@ from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
 from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
+
+if TYPE_CHECKING:
+    from ember._trackers import LogWith
 
 __all__ = ["Accelerator"]
 
@@ -115,8 +118,11 @@ class Accelerator(ProcessMixin):
         even_batches: bool = True,
         mixed_precision: str | None = None,
         cpu: bool = False,
+        log_with: LogWith = None,
+        project_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         defaults = launch_defaults()
+        trackers = _trackers.check_log_with(log_with)
         if mixed_precision is not None:  # Accelerate compatibility
             if mixed_precision not in _ACCELERATE_PRECISION or _ACCELERATE_PRECISION[mixed_precision] is None:
                 raise ValueError(
@@ -174,6 +180,7 @@ class Accelerator(ProcessMixin):
         self._even_batches = even_batches
         self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
         self._objects = _checkpoint.PreparedObjects()
+        self._trackers = _trackers.Trackers(trackers, project_dir)
 
     # -- where am I -----------------------------------------------------------------------------
     @property
@@ -443,8 +450,27 @@ class Accelerator(ProcessMixin):
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         return skip_first_batches(dataloader, num_batches)
 
+    # -- experiment trackers (main process only; elsewhere these do nothing) -------------------------
+    def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
+                      init_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """Start the ``log_with`` trackers under ``<project_dir>/<project_name>``; ``config`` is logged as
+        hyper-parameters; ``init_kwargs`` maps a tracker name to its logger's arguments."""
+        self._trackers.start(project_name, config, init_kwargs, main=self.is_main_process)
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Send numbers to the trackers at ``step`` (``None``: one past the previous call's step).
+
+        Tensors are converted with ``float()`` here, on the main process: a device sync per call.
+        """
+        self._trackers.log(values, step, main=self.is_main_process)
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
+        """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
+        return self._trackers.get(name, unwrap, main=self.is_main_process)
+
     def end_training(self) -> None:
-        """Release process groups; call once at the end of a script."""
+        """Finish the trackers, then release process groups; call once at the end of a script."""
+        self._trackers.finish()
         self._strategy.teardown()
 
     def __repr__(self) -> str:

@@ -1,8 +1,17 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
-from ember.trainer.loggers import CSVLogger, Logger
+from ember.trainer.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig
 from ember.trainer.trainer import Trainer
 
-__all__ = ["CSVLogger", "DataModule", "LRSchedulerConfig", "Logger", "TrainModule", "Trainer"]
+__all__ = [
+    "CSVLogger",
+    "DataModule",
+    "LRSchedulerConfig",
+    "Logger",
+    "TensorBoardLogger",
+    "TrainModule",
+    "Trainer",
+    "WandbLogger",
+]

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+
+from ember.strategies.environment import detect_environment
+
+if TYPE_CHECKING:
+    from ember.callbacks.model_checkpoint import ModelCheckpoint
 
 __all__ = ["Logger"]
 
@@ -42,6 +50,10 @@ class Logger(ABC):
         """The run ended with ``status`` ("success", "failed" or "interrupted")."""
         self.save()
 
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        """``checkpoint_callback`` has just saved (and pruned) checkpoints; e.g. upload them."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue this run's log (saved in checkpoints)."""
         return {}
@@ -49,3 +61,44 @@ class Logger(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the run described by ``state`` (called when fit resumes from a checkpoint)."""
         return None
+
+
+class _NoExperiment:
+    """What ``experiment`` is on ranks other than 0: every attribute is a call that does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _NoExperiment:
+        return self
+
+
+def _is_global_zero() -> bool:
+    """Global rank 0, also before the process group exists (read from the launcher's variables)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return detect_environment().rank == 0
+
+
+def _next_version(root: Path) -> int:
+    """The next free ``N`` of ``root/version_N``."""
+    taken = [
+        int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()
+    ]
+    return max(taken, default=-1) + 1
+
+
+def _version_folder(version: int | str) -> str:
+    return version if isinstance(version, str) else f"version_{version}"
+
+
+def _flatten(params: dict[str, Any], parent: str = "") -> dict[str, Any]:
+    """Nested dicts become ``"outer/inner"`` keys (the way W&B and TensorBoard show groups)."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{parent}/{key}" if parent else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

@@ -11,7 +11,7 @@ from typing import Any
 
 from typing_extensions import override
 
-from ember.trainer.loggers.base import Logger
+from ember.trainer.loggers.base import Logger, _next_version, _version_folder
 
 __all__ = ["CSVLogger"]
 
@@ -48,22 +48,13 @@ class CSVLogger(Logger):
     @override
     def version(self) -> int | str:
         if self._version is None:
-            root = self._save_dir / self._name
-            taken = [
-                int(p.name.split("_", 1)[1])
-                for p in root.glob("version_*")
-                if p.name.split("_", 1)[1].isdigit()
-            ]
-            self._version = max(taken, default=-1) + 1
+            self._version = _next_version(self._save_dir / self._name)
         return self._version
 
     @property
     @override
     def log_dir(self) -> str:
-        version = self.version
-        return str(
-            self._save_dir / self._name / (version if isinstance(version, str) else f"version_{version}")
-        )
+        return str(self._save_dir / self._name / _version_folder(self.version))
 
     @property
     def metrics_file(self) -> Path:
@@ -127,8 +118,7 @@ class CSVLogger(Logger):
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
         version = state["version"]
-        folder = version if isinstance(version, str) else f"version_{version}"
-        if (self._save_dir / self._name / folder).resolve() != Path(state["log_dir"]):
+        if (self._save_dir / self._name / _version_folder(version)).resolve() != Path(state["log_dir"]):
             # The checkpoint's run logged elsewhere: never touch that directory's files from here.
             warnings.warn(
                 f"the checkpoint's run logged to {state['log_dir']}; this run logs to {self.log_dir} from its start",

@@ -1,0 +1,148 @@
+"""The Accelerator's experiment trackers (🤗 Accelerate's ``log_with``), made of the Trainer's loggers.
+
+``"csv"``, ``"tensorboard"`` and ``"wandb"`` are ``CSVLogger``, ``TensorBoardLogger`` and
+``WandbLogger``: one implementation for both layers. Trackers exist on the main process only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import torch
+
+if TYPE_CHECKING:
+    from ember.trainer.loggers import Logger
+
+    LogWith: TypeAlias = "str | Logger | Sequence[str | Logger] | None"
+
+# tracker name -> the package it needs (None: none)
+_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+_CHOICES = "'all', 'csv', 'tensorboard', 'wandb', an ember Logger instance, or a list of those"
+
+
+def _available(name: str) -> bool:
+    package = _PACKAGES[name]
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+def check_log_with(log_with: LogWith) -> list[str | Logger]:
+    """The trackers ``log_with`` asks for: names (``"all"`` expanded to the installed ones) and loggers."""
+    if log_with is None:
+        return []
+    # ember.trainer imports the Accelerator: its loggers are imported once both modules exist.
+    from ember.trainer.loggers import Logger
+
+    items = list(log_with) if isinstance(log_with, (list, tuple)) else [log_with]
+    found: list[str | Logger] = []
+    for item in items:
+        if isinstance(item, Logger):
+            found.append(item)
+        elif item == "all":
+            found += [name for name in _PACKAGES if _available(name)]
+        elif isinstance(item, str) and item in _PACKAGES:
+            if not _available(item):
+                raise ModuleNotFoundError(
+                    f"log_with={item!r} needs the {_PACKAGES[item]} package: pip install 'ember[{item}]'"
+                )
+            found.append(item)
+        else:
+            raise ValueError(f"log_with={log_with!r}: {item!r} is not a tracker. Valid choices: {_CHOICES}")
+    return list(dict.fromkeys(found))
+
+
+def tracker_name(logger: Logger) -> str:
+    """``"csv"``, ``"tensorboard"``, ``"wandb"`` for ember's loggers; a custom logger's ``name``."""
+    from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    kinds: dict[type[Logger], str] = {
+        CSVLogger: "csv",
+        TensorBoardLogger: "tensorboard",
+        WandbLogger: "wandb",
+    }
+    return next((name for kind, name in kinds.items() if isinstance(logger, kind)), logger.name)
+
+
+class Trackers:
+    """The trackers of one Accelerator: asked for at construction, created by ``start``."""
+
+    def __init__(self, log_with: list[str | Logger], project_dir: str | os.PathLike[str] | None) -> None:
+        self._requested = log_with
+        self._project_dir = project_dir
+        self._started = False
+        self._next_step = 0
+        self.loggers: list[Logger] = []
+
+    def start(self, project_name: str, config: dict[str, Any] | None, init_kwargs: dict[str, dict[str, Any]] | None,
+              main: bool) -> None:  # fmt: skip
+        names = [item for item in self._requested if isinstance(item, str)]
+        unknown = sorted(set(init_kwargs or {}) - set(names))
+        if unknown:
+            raise ValueError(
+                f"init_kwargs has keys {unknown} that are not among this Accelerator's trackers {names}"
+            )
+        if self._started:
+            raise RuntimeError(
+                "init_trackers() was already called; call end_training() before starting again"
+            )
+        self._started = True
+        if not main:
+            return
+        from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+        root = Path(self._project_dir if self._project_dir is not None else os.getcwd()) / project_name
+        for item in self._requested:
+            if not isinstance(item, str):
+                self.loggers.append(item)
+                continue
+            kwargs = (init_kwargs or {}).get(item, {})
+            if item == "wandb":
+                self.loggers.append(WandbLogger(**{"project": project_name, "save_dir": root, **kwargs}))
+            else:
+                kind = CSVLogger if item == "csv" else TensorBoardLogger
+                self.loggers.append(kind(**{"save_dir": root, "name": item, **kwargs}))
+        if config is not None:
+            for logger in self.loggers:
+                logger.log_hyperparams(dict(config))
+
+    def log(self, values: dict[str, Any], step: int | None, main: bool) -> None:
+        if self._requested and not self._started:
+            raise RuntimeError("accelerator.log() needs accelerator.init_trackers(project_name) first")
+        if not main or not self.loggers:
+            return
+        row = {key: _number(key, value) for key, value in values.items()}
+        step = self._next_step if step is None else step
+        for logger in self.loggers:
+            logger.log_metrics(row, step)
+        self._next_step = step + 1
+
+    def get(self, name: str, unwrap: bool, main: bool) -> Any:
+        if not main:
+            from ember.trainer.loggers.base import _NoExperiment
+
+            return _NoExperiment()
+        for logger in self.loggers:
+            if tracker_name(logger) == name:
+                return getattr(logger, "experiment", logger) if unwrap else logger
+        active = [tracker_name(logger) for logger in self.loggers]
+        raise ValueError(f"get_tracker({name!r}): no such tracker. Active trackers: {active}")
+
+    def finish(self) -> None:
+        for logger in self.loggers:
+            logger.finalize("success")
+        self.loggers, self._started = [], False
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value)  # a device-to-host copy: the caller asked for this value now
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(
+        f"accelerator.log() takes numbers and one-element tensors; {key!r} is a {type(value).__name__}. "
+        "Log other objects through the tracker itself, e.g. accelerator.get_tracker('wandb', unwrap=True).log(...)"
+    )

@@ -1,0 +1,155 @@
+"""``TensorBoardLogger``: ``<save_dir>/<name>/version_N/`` event files (scalars and hyper-parameters)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from typing_extensions import override
+
+from ember.trainer.loggers.base import (
+    Logger,
+    _flatten,
+    _is_global_zero,
+    _next_version,
+    _NoExperiment,
+    _version_folder,
+)
+
+__all__ = ["TensorBoardLogger"]
+
+
+class TensorBoardLogger(Logger):
+    """Scalars for TensorBoard, through ``torch.utils.tensorboard.SummaryWriter``.
+
+    Each metric is a scalar at the Trainer's global step. The hyper-parameters go to
+    ``hparams.json`` and to TensorBoard's HParams tab, where every logged scalar is a metric
+    column. The version is the next free ``version_N`` unless given. When a fit resumes from a
+    checkpoint whose run logged to this logger's directory, the logger continues that version: the
+    values the interrupted run logged after the checkpoint are purged from TensorBoard's view, so
+    the charts read as if the run never stopped. ``writer_kwargs`` go to ``SummaryWriter``
+    (``flush_secs``, ``max_queue`` ...).
+
+    Example::
+
+        Trainer(logger=TensorBoardLogger("runs", name="digits"))  # tensorboard --logdir runs/digits
+    """
+
+    def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "tensorboard",
+                 version: int | str | None = None, prefix: str = "", **writer_kwargs: Any) -> None:  # fmt: skip
+        self._save_dir, self._name, self._version = Path(save_dir), name, version
+        self._prefix, self._writer_kwargs = prefix, writer_kwargs
+        self._experiment: Any = None
+        # The values of the newest step: a resumed run purges that step and writes them again.
+        self._last_step = -1
+        self._last_row: list[tuple[str, float]] = []
+        self._purge_step: int | None = None
+
+    @property
+    @override
+    def name(self) -> str:
+        return self._name
+
+    @property
+    @override
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = _next_version(self._save_dir / self._name)
+        return self._version
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        return str(self._save_dir / self._name / _version_folder(self.version))
+
+    @property
+    def experiment(self) -> Any:
+        """The ``SummaryWriter``, created on first use; on other ranks than 0 an object that does nothing."""
+        if self._experiment is not None:
+            return self._experiment
+        if not _is_global_zero():
+            return _NoExperiment()
+        try:
+            tensorboard = importlib.import_module("torch.utils.tensorboard")
+        except ImportError as error:
+            raise ModuleNotFoundError(
+                "TensorBoardLogger needs the tensorboard package: pip install 'ember[tensorboard]'"
+            ) from error
+        writer = tensorboard.SummaryWriter(self.log_dir, purge_step=self._purge_step, **self._writer_kwargs)
+        if self._purge_step is not None:  # TensorBoard hides everything from this step on: restore its start
+            for tag, value in self._last_row:
+                writer.add_scalar(tag, value, global_step=self._purge_step)
+            self._purge_step = None
+        self._experiment = writer
+        return writer
+
+    @override
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        if not _is_global_zero():
+            return
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.log_dir) / "hparams.json").write_text(
+            json.dumps(params, indent=2, sort_keys=True, default=repr)
+        )
+        summary = importlib.import_module("torch.utils.tensorboard.summary")
+        values = {k: _hparam(v) for k, v in _flatten(params).items() if v is not None}
+        # Only the session's start (its hyper-parameters): without an experiment summary, the HParams
+        # tab takes every scalar of the run as a metric, so no metric needs naming up front.
+        _, session_start, _ = summary.hparams(values, {})
+        self.experiment.file_writer.add_summary(session_start)
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        writer = self.experiment
+        if step != self._last_step:
+            self._last_step, self._last_row = step, []
+        for key, value in metrics.items():
+            tag = f"{self._prefix}-{key}" if self._prefix else key
+            writer.add_scalar(tag, value, global_step=step)
+            self._last_row.append((tag, value))
+
+    @override
+    def save(self) -> None:
+        if self._experiment is not None:
+            self._experiment.flush()
+
+    @override
+    def finalize(self, status: str) -> None:
+        if self._experiment is not None:
+            self._experiment.close()
+            self._experiment = None  # a later use appends a new event file to the same version
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        self.save()
+        return {
+            "version": self.version,
+            "log_dir": str(Path(self.log_dir).resolve()),
+            "step": self._last_step,
+            "row": [list(pair) for pair in self._last_row],
+        }
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version = state["version"]
+        if (self._save_dir / self._name / _version_folder(version)).resolve() != Path(state["log_dir"]):
+            warnings.warn(
+                f"the checkpoint's run logged to {state['log_dir']}; this run logs to {self.log_dir} from its start",
+                stacklevel=2,
+            )
+            return
+        if self._experiment is not None:
+            self.finalize("success")
+        self._version = version
+        self._last_step, self._last_row = state["step"], [(tag, value) for tag, value in state["row"]]
+        # Steps from the checkpoint's on are hidden (the interrupted run logged them, this one logs them
+        # again); the values logged at the checkpoint's own step before it was saved are written back.
+        self._purge_step = max(self._last_step, 0)
+
+
+def _hparam(value: Any) -> int | float | str | bool:
+    return value if isinstance(value, (int, float, str, bool)) else str(value)

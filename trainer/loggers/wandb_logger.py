@@ -1,0 +1,213 @@
+"""``WandbLogger``: hyper-parameters, metrics and checkpoints in a Weights & Biases run."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import secrets
+import string
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from typing_extensions import override
+
+from ember.strategies.checkpoint_io import MANIFEST
+from ember.trainer.loggers.base import Logger, _is_global_zero, _NoExperiment
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ember.callbacks.model_checkpoint import ModelCheckpoint
+
+__all__ = ["WandbLogger"]
+
+#: Every row carries the Trainer's global step under this name, and W&B plots all metrics against it.
+STEP_METRIC = "trainer/global_step"
+_EXIT_CODES = {"success": 0, "failed": 1, "interrupted": 130}
+_ID_CHARACTERS = string.ascii_lowercase + string.digits
+
+
+class WandbLogger(Logger):
+    """Log to a W&B run: ``hparams`` go to ``run.config``, rows to ``run.log``, checkpoints to artifacts.
+
+    W&B's own step must only grow, but a resumed fit logs its steps again: each row carries the
+    Trainer's global step as the metric ``trainer/global_step`` instead, and every metric is plotted
+    against it (``define_metric``), so a resumed run's rows land at the right x. ``log_model=True``
+    uploads the checkpoints of ``ModelCheckpoint`` as artifacts of type ``"model"`` at the end of a
+    successful fit; ``"all"`` uploads each as it is saved. ``offline=True`` writes the run under
+    ``<save_dir>/wandb/`` for a later ``wandb sync``.
+
+    The run opens on first use (``experiment``), on global rank 0 only, and finishes in
+    ``finalize``; a later use re-opens the same run id. When a fit resumes from a checkpoint, the
+    logger continues the checkpoint's run (same id).
+
+    Example::
+
+        Trainer(logger=WandbLogger(project="digits", log_model=True))
+    """
+
+    def __init__(self, project: str | None = None, name: str | None = None, save_dir: str | os.PathLike[str] = ".",
+                 version: str | None = None, offline: bool = False, log_model: bool | Literal["all"] = False,
+                 prefix: str = "", entity: str | None = None, tags: Sequence[str] | None = None,
+                 group: str | None = None, *, id: str | None = None, **init_kwargs: Any) -> None:  # fmt: skip
+        if log_model not in (True, False, "all"):
+            raise ValueError(f"WandbLogger(log_model={log_model!r}): valid choices are False, True, 'all'")
+        if version is not None and id is not None and version != id:
+            raise ValueError(f"WandbLogger(version={version!r}, id={id!r}): pass one run id, not two")
+        self._project, self._run_name, self._save_dir = project, name, Path(save_dir)
+        self._chosen_id = version if version is not None else id
+        # Chosen now, so the run id is known (and saved in checkpoints) before the run opens.
+        self._id = self._chosen_id or "".join(secrets.choice(_ID_CHARACTERS) for _ in range(8))
+        self._offline, self._log_model, self._prefix = offline, log_model, prefix
+        self._init_kwargs = {
+            "entity": entity,
+            "tags": list(tags) if tags else None,
+            "group": group,
+            **init_kwargs,
+        }
+        self._experiment: Any = None
+        self._run_dir: str | None = None
+        self._run_project: str | None = None
+        self._owns_run = (
+            True  # False for a run opened before the logger (a sweep agent's): not ours to finish
+        )
+        self._checkpoint_callback: ModelCheckpoint | None = None
+        self._logged_checkpoints: dict[str, float] = {}  # path -> manifest mtime, once uploaded
+
+    @property
+    @override
+    def name(self) -> str:
+        """The W&B project (as the run reports it once open)."""
+        return self._run_project or self._project or ""
+
+    @property
+    @override
+    def version(self) -> str:
+        """The run id."""
+        return self._id
+
+    @property
+    @override
+    def log_dir(self) -> str:
+        """The run's local directory (``<save_dir>/wandb/<offline->run-<time>-<id>``), or ``save_dir``
+        before the run opens."""
+        return self._run_dir or str(self._save_dir)
+
+    @property
+    def save_dir(self) -> str:
+        return str(self._save_dir)
+
+    @property
+    def experiment(self) -> Any:
+        """The ``wandb`` run, opened on first use; on other ranks than 0 an object that does nothing."""
+        if self._experiment is not None:
+            return self._experiment
+        if not _is_global_zero():
+            return _NoExperiment()
+        wandb = _import_wandb()
+        self._owns_run = wandb.run is None
+        if not self._owns_run:  # e.g. a sweep agent opened it: log there, as Lightning does
+            warnings.warn(
+                f"a W&B run is already active (id {wandb.run.id}); WandbLogger logs to it", stacklevel=2
+            )
+            run = wandb.run
+        else:
+            self._save_dir.mkdir(parents=True, exist_ok=True)
+            settings: dict[str, Any] = {"mode": "offline"} if self._offline else {}
+            run = wandb.init(project=self._project, name=self._run_name, dir=str(self._save_dir), id=self._id,
+                             resume="allow", **settings, **self._init_kwargs)  # fmt: skip
+        run.define_metric(STEP_METRIC)
+        run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
+        self._experiment, self._id = run, run.id
+        self._run_dir, self._run_project = str(Path(run.dir).parent), str(run.project)
+        return run
+
+    @override
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        self.experiment.config.update(params, allow_val_change=True)
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        row = {f"{self._prefix}-{k}" if self._prefix else k: v for k, v in metrics.items()}
+        self.experiment.log({**row, STEP_METRIC: step})
+
+    def watch(self, model: nn.Module, log: str | None = "gradients", log_freq: int = 100,
+              log_graph: bool = True) -> None:  # fmt: skip
+        """Let W&B record the model's gradients (and parameters with ``log="all"``) every ``log_freq`` steps."""
+        self.experiment.watch(model, log=log, log_freq=log_freq, log_graph=log_graph)
+
+    @override
+    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
+        if self._log_model == "all" or (self._log_model is True and checkpoint_callback.save_top_k == -1):
+            self._log_checkpoints(checkpoint_callback)  # every checkpoint is kept: upload it now
+        elif self._log_model is True:
+            self._checkpoint_callback = checkpoint_callback  # upload the survivors at the end
+
+    def _log_checkpoints(self, callback: ModelCheckpoint) -> None:
+        """Upload the callback's checkpoints not uploaded yet, oldest first, as versions of one artifact."""
+        wandb = _import_wandb()
+        new = []
+        for path in dict.fromkeys([*callback.best_k_models, callback.last_model_path]):
+            manifest = Path(path) / MANIFEST
+            if path and manifest.exists() and self._logged_checkpoints.get(path) != manifest.stat().st_mtime:
+                new.append((manifest.stat().st_mtime, path))
+        run = self.experiment
+        settings = {
+            key: getattr(callback, key)
+            for key in ("monitor", "mode", "save_top_k", "save_last", "every_n_train_steps", "every_n_epochs")
+        }
+        for mtime, path in sorted(new):
+            score = callback.best_k_models.get(path) if callback.monitor is not None else None
+            metadata = {"original_filename": Path(path).name, "score": score, "ModelCheckpoint": settings}
+            artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
+            artifact.add_dir(path)  # a checkpoint is a directory; W&B copies it before it may be pruned
+            aliases = ["latest", "best"] if path == callback.best_model_path else ["latest"]
+            run.log_artifact(artifact, aliases=aliases)
+            self._logged_checkpoints[path] = mtime
+
+    @override
+    def finalize(self, status: str) -> None:
+        if self._experiment is None:
+            return
+        if status == "success" and self._checkpoint_callback is not None:
+            self._log_checkpoints(self._checkpoint_callback)
+        self._checkpoint_callback = None
+        if self._owns_run:
+            self._experiment.finish(exit_code=_EXIT_CODES.get(status, 1))
+        self._experiment = None  # a later use (trainer.test()) re-opens the same run id
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "project": self._project,
+            "logged_checkpoints": dict(self._logged_checkpoints),
+        }
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        reason = None
+        if state["project"] != self._project:
+            reason = (
+                f"the checkpoint's run is in project {state['project']!r}, this logger's in {self._project!r}"
+            )
+        elif self._chosen_id is not None and self._chosen_id != state["id"]:
+            reason = f"this logger was given the run id {self._chosen_id!r}"
+        elif self._experiment is not None and self._id != state["id"]:
+            reason = f"this logger's run {self._id!r} is already open"
+        if reason is not None:
+            warnings.warn(f"not continuing the checkpoint's W&B run {state['id']!r}: {reason}", stacklevel=2)
+            return
+        self._id = state["id"]
+        self._logged_checkpoints = dict(state["logged_checkpoints"])
+
+
+def _import_wandb() -> Any:
+    try:
+        return importlib.import_module("wandb")
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "WandbLogger needs the wandb package: pip install 'ember[wandb]'"
+        ) from error
