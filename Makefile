@@ -14,7 +14,7 @@ XLA_VENV := .venv-xla
 XLA_STAMP := $(XLA_VENV)/.ember-installed
 XLA_PINS := torch==2.9.0 torch_xla==2.9.0
 
-.PHONY: demo test lint typecheck unit xla install install-xla clean bench
+.PHONY: demo test lint typecheck unit docs xla install install-xla clean bench
 
 install: $(STAMP)
 
@@ -51,11 +51,19 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The documentation site (mkdocs.yml) into build/site. mkdocstrings reads the package statically, from
+# the same kind of link tree as mypy; --strict fails on any warning (broken link, missing object...).
+docs: $(STAMP)
+	rm -rf build/docs-src && mkdir -p build/docs-src
+	cp -rs $(CURDIR)/ember build/docs-src/ember
+	for d in trainer callbacks strategies precision; do ln -s $(CURDIR)/$$d build/docs-src/ember/$$d; done
+	$(BIN)/mkdocs build --strict --site-dir build/site
+
 # tests/xla on the XLA CPU device, under torch 2.9 (the main suite leaves them out: no torch_xla there).
 xla: $(XLA_STAMP)
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q tests/xla
 
-test: lint typecheck unit xla
+test: lint typecheck unit docs xla
 
 # Benchmarks write their tables into benchmarks/RESULTS.md (minutes; not part of `make test`).
 bench: $(STAMP)
