@@ -8,6 +8,7 @@ are small interfaces (:class:`BackwardSyncControl`).
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -16,7 +17,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ember._registry import Registry
 from ember._tree import move_to_device
@@ -243,8 +243,13 @@ class Strategy:
         specs = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
 
         def full() -> Iterator[tuple[str, torch.Tensor]]:
+            # DTensors exist only where torch.distributed.tensor was imported (by FSDP): don't
+            # import it here just for the check (~0.6 s).
+            dtensor = sys.modules.get("torch.distributed.tensor")
             for name, tensor in state.items():
-                yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if dtensor is not None and isinstance(tensor, dtensor.DTensor):
+                    tensor = tensor.full_tensor()
+                yield name, tensor
 
         return specs, full()
 

@@ -11,26 +11,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import (
-    CPUOffloadPolicy,
-    FSDPModule,
-    MixedPrecisionPolicy,
-    OffloadPolicy,
-    fully_shard,
-)
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from ember._registry import Registry
@@ -43,6 +27,13 @@ from ember.strategies.base import (
 )
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_named
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+# torch.distributed.fsdp, DTensor and the distributed state-dict API take ~0.7 s to import: they
+# are imported where FSDP runs, so `import ember` stays cheap for everyone else.
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["FSDPConfig", "FSDPStrategy"]
@@ -146,6 +137,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     # -- precision: one source of truth ----------------------------------------------------------
     def _mp_policy(self) -> MixedPrecisionPolicy:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
         precision, reduce = self.precision, self.config.reduce_dtype
         if isinstance(precision, MixedPrecision):
             # fp32 sharded master weights; forward/backward on low-precision gathered copies.
@@ -164,6 +157,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def device_mesh(self) -> DeviceMesh:
         """The mesh parameters are sharded over: 1-D over all ranks, or ``("replicate", "shard")``
         = (nodes, processes per node) for hybrid sharding."""
+        from torch.distributed.device_mesh import init_device_mesh
+
         if self._device_mesh is None:
             env = self._environment
             hybrid = (
@@ -209,6 +204,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
         if not isinstance(
             self.precision, MixedPrecision
         ):  # 16-true, bf16-true, 64-true: the module's own dtype
@@ -249,6 +246,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     @override
     @contextmanager
     def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        from torch.distributed.fsdp import FSDPModule
+
         if not isinstance(module, FSDPModule):
             raise TypeError(
                 f"no_backward_sync needs a module prepared by FSDPStrategy, got {type(module).__name__}"
@@ -267,6 +266,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         max_norm: float,
         norm_type: float = 2.0,
     ) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
         norm = super().clip_gradients_norm(parameters, optimizers, max_norm, norm_type)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the total norm over all shards
 
@@ -278,6 +279,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     @override
     def module_state_dict(self, module: nn.Module, *, full: bool = True) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         options = StateDictOptions(full_state_dict=full, cpu_offload=full)
         state: dict[str, torch.Tensor] = get_model_state_dict(module, options=options)  # type: ignore[assignment]
         return state  # full: a collective, tensors on rank 0; sharded: this rank's DTensors
@@ -286,6 +289,9 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def load_module_state_dict(
         self, module: nn.Module, state: dict[str, torch.Tensor], strict: bool = True
     ) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.tensor import DTensor
+
         sharded = any(isinstance(v, DTensor) for v in state.values())
         options = StateDictOptions(full_state_dict=not sharded, strict=strict)
         set_model_state_dict(module, dict(state), options=options)
@@ -294,6 +300,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, module: nn.Module | None, *, full: bool = True
     ) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
         options = StateDictOptions(full_state_dict=full, cpu_offload=full)
         return get_optimizer_state_dict(_require(module), optimizer, options=options)  # keyed by name
 
@@ -301,6 +309,9 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     def load_optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, module: nn.Module | None, state: dict[str, Any]
     ) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.tensor import DTensor
+
         model = _require(module)
         if not is_named(state):  # saved by position (e.g. outside ember): name the parameters
             names = parameter_names(model, optimizer)
