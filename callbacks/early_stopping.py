@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
+from ember._validation import check_bool, check_number, check_str
 from ember.callbacks.base import Callback
 
 if TYPE_CHECKING:
@@ -47,6 +48,15 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping(mode={mode!r}): valid choices are 'min', 'max'")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
             raise ValueError(f"EarlyStopping(patience={patience!r}) must be an int >= 0")
+        check_str("monitor", monitor, owner="EarlyStopping")
+        check_number("min_delta", min_delta, owner="EarlyStopping")
+        for name, flag in (("strict", strict), ("check_finite", check_finite), ("verbose", verbose)):
+            check_bool(name, flag, owner="EarlyStopping")
+        for name, threshold in (
+            ("stopping_threshold", stopping_threshold),
+            ("divergence_threshold", divergence_threshold),
+        ):
+            check_number(name, threshold, finite=False, optional=True, owner="EarlyStopping")
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta = abs(min_delta)
         self.strict, self.check_finite, self.verbose = strict, check_finite, verbose

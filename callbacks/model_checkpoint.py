@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
 
+from ember._validation import check_bool, check_path, check_str
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST, copy_checkpoint
+from ember.strategies.checkpoint_io import MANIFEST, copy_checkpoint, remove_checkpoint
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -59,6 +59,11 @@ class ModelCheckpoint(Callback):
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"ModelCheckpoint({name}={value!r}) must be None or an int >= 1")
+        check_path("dirpath", dirpath, owner="ModelCheckpoint", optional=True)
+        check_str("filename", filename, owner="ModelCheckpoint", optional=True)
+        check_str("monitor", monitor, owner="ModelCheckpoint", optional=True)
+        check_bool("save_last", save_last, owner="ModelCheckpoint", optional=True)
+        check_bool("auto_insert_metric_name", auto_insert_metric_name, owner="ModelCheckpoint")
         if monitor is None and save_top_k > 1:
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
         self.dirpath = str(dirpath) if dirpath is not None else None
@@ -192,11 +197,13 @@ class ModelCheckpoint(Callback):
             self.best_model_score = self.best_k_models[best] if score is not None else None
             trainer.save_checkpoint(path)  # after updating our state, so the checkpoint includes it
             if trainer.is_global_zero:
+                # Order matters for a crash: the new checkpoint is complete, then `last` is swapped
+                # to it atomically, and only then are the ones it supersedes removed.
                 if plan["last"] is not None:  # the same state: link its files instead of saving again
                     copy_checkpoint(Path(path), Path(plan["last"]))
                 for old in removed:
                     if old != path and (Path(old) / MANIFEST).exists():
-                        shutil.rmtree(old)
+                        remove_checkpoint(Path(old))  # hidden first: never seen half deleted
             trainer.strategy.barrier("ModelCheckpoint:last")
         elif plan["last"] is not None:
             trainer.save_checkpoint(plan["last"])

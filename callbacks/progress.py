@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.text import Text
 from typing_extensions import override
 
+from ember._validation import check_bool, check_int
 from ember.callbacks.base import Callback
 from ember.strategies.environment import running_in_ci
 
@@ -81,10 +82,10 @@ class RichProgressBar(Callback):
     ) -> None:
         if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
             raise ValueError(f"RichProgressBar(refresh_rate={refresh_rate!r}) must be an int >= 0 (0: off)")
-        if not isinstance(plain_every_n_batches, int) or plain_every_n_batches < 1:
-            raise ValueError(
-                f"RichProgressBar(plain_every_n_batches={plain_every_n_batches!r}) must be an int >= 1"
-            )
+        check_int("plain_every_n_batches", plain_every_n_batches, minimum=1, owner="RichProgressBar")
+        check_bool("leave", leave, owner="RichProgressBar")
+        if console is not None and not isinstance(console, Console):
+            raise TypeError(f"RichProgressBar(console={console!r}) must be None or a rich.console.Console")
         self._refresh_rate = refresh_rate
         self._leave = leave
         self._plain_every = plain_every_n_batches

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ember._rng import rng_state, set_rng_state
@@ -47,6 +46,8 @@ from ember.strategies.checkpoint_io import (
     decode_tree,
     encode_tree,
     finalize_staged,
+    load_tensors,
+    locate_checkpoint,
     prepare_staging,
     read_manifest,
     read_tree,
@@ -183,8 +184,9 @@ def save_state(
 def load_state(
     strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]
 ) -> dict[str, Any]:
-    directory = Path(input_dir).absolute()
-    manifest = read_manifest(directory)
+    # A save killed while it replaced this checkpoint may have left the complete one beside it.
+    directory = locate_checkpoint(Path(input_dir).absolute())
+    manifest = read_manifest(directory)  # sizes, SHA-256 and format of every file
     layout, ours = manifest.get("layout", "full"), checkpoint_layout(strategy)
     portable = layout in _PORTABLE
     if not portable and layout != ours:  # an engine's own format: only that engine reads it
@@ -211,6 +213,33 @@ def load_state(
             "weights and optimizer state are restored, dataloader positions and RNG streams are not",
             stacklevel=3,
         )
+    # Everything that can fail is read and checked before the first object changes: the models'
+    # tensor names and shapes, and the small state, read whole now. A bad file never leaves a
+    # half-restored run.
+    for i, model in enumerate(objects.models if portable else []):
+        _check_weights(_weights_path(directory, layout, i), layout, strategy.full_tensors(model)[0])
+    schedulers = [_read_dict(directory, f"scheduler{_suffix(i)}") for i in range(len(objects.schedulers))]
+    precision = _read_dict(directory, "precision")
+    custom = [read_tree(directory, f"custom_checkpoint_{i}") for i in range(len(objects.custom))]
+    loaders: list[Any] = []
+    rng: dict[str, Any] = {}
+    if same_world:
+        loaders = read_tree(directory, "dataloaders")
+        if not (
+            isinstance(loaders, list)
+            and len(loaders) == len(objects.dataloaders)
+            and all(isinstance(state, dict) for state in loaders)
+        ):
+            raise CheckpointError(
+                f"checkpoint file {str(directory / 'dataloaders.json')!r} must hold one dict per dataloader "
+                f"({len(objects.dataloaders)})"
+            )
+        rng = _read_dict(directory, f"rng_rank{strategy.global_rank}")
+    loaded = {name: read_tree(directory, name) for name in manifest.get("extra", [])}
+    if same_world:
+        for name in manifest.get("rank_extra", []):
+            loaded[name] = read_tree(directory, f"{name}_rank{strategy.global_rank}")
+
     if isinstance(strategy, EngineCheckpoints):  # (then layout == ours, checked above)
         strategy.load_engine_state(directory / layout)
     for i, model in enumerate(objects.models if portable else []):
@@ -228,20 +257,60 @@ def load_state(
         else:
             state = read_tree(directory, stem)
         strategy.load_optimizer_state_dict(optimizer.optimizer, module, state)
-    for i, scheduler in enumerate(objects.schedulers):
-        scheduler.load_state_dict(read_tree(directory, f"scheduler{_suffix(i)}"))
-    strategy.precision.load_state_dict(read_tree(directory, "precision"))
-    for i, obj in enumerate(objects.custom):
-        obj.load_state_dict(read_tree(directory, f"custom_checkpoint_{i}"))
+    for scheduler, state in zip(objects.schedulers, schedulers, strict=True):
+        scheduler.load_state_dict(state)
+    strategy.precision.load_state_dict(precision)
+    for obj, state in zip(objects.custom, custom, strict=True):
+        obj.load_state_dict(state)
     if same_world:
-        for loader, state in zip(objects.dataloaders, read_tree(directory, "dataloaders"), strict=True):
+        for loader, state in zip(objects.dataloaders, loaders, strict=True):
             loader.load_state_dict(state)
-        set_rng_state(read_tree(directory, f"rng_rank{strategy.global_rank}"))
-    loaded = {name: read_tree(directory, name) for name in manifest.get("extra", [])}
-    if same_world:
-        for name in manifest.get("rank_extra", []):
-            loaded[name] = read_tree(directory, f"{name}_rank{strategy.global_rank}")
+        set_rng_state(rng)
     return loaded
+
+
+def _read_dict(directory: Path, stem: str) -> dict[str, Any]:
+    state = read_tree(directory, stem)
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"checkpoint file {str(directory / f'{stem}.json')!r} holds a {type(state).__name__}, not a state dict"
+        )
+    return state
+
+
+def _weights_path(directory: Path, layout: str, index: int) -> Path:
+    return directory / f"model{_suffix(index)}.{'shards' if layout == 'sharded' else 'safetensors'}"
+
+
+def _check_weights(path: Path, layout: str, specs: list[TensorSpec]) -> None:
+    """The saved tensors are exactly the model's, with the same shapes (checked from the file
+    headers, before anything is loaded: a strict ``load_state_dict`` would copy the tensors that
+    fit, then raise)."""
+    if layout == "sharded":
+        saved = {name: shape for name, (_, shape) in shard_metadata(path).items()}
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    expected = {name: shape for name, _, shape in specs}
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    shapes = [
+        f"{name!r} is {list(saved[name])} there, {list(shape)} here"
+        for name, shape in expected.items()
+        if name in saved and tuple(saved[name]) != tuple(shape)
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not fit this model: "
+            + "; ".join(
+                part
+                for part in (
+                    f"missing tensors {missing[:10]}" if missing else "",
+                    f"unexpected tensors {unexpected[:10]}" if unexpected else "",
+                    f"shapes differ: {', '.join(shapes[:10])}" if shapes else "",
+                )
+                if part
+            )
+        )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
@@ -281,17 +350,15 @@ def load_model_weights(
     layout = manifest.get("layout", "full")
     if layout not in _PORTABLE:
         strategy.load_module_state_dict(model, engine_weights(directory, layout))
-    elif layout == "sharded":
-        target = strategy.module_state_dict(model, full=False)
-        path = directory / f"model{_suffix(index)}.shards"
-        unexpected = sorted(set(shard_metadata(path)) - set(target))
-        if unexpected:
-            raise CheckpointError(f"{str(path)!r} holds tensors this model does not have: {unexpected[:10]}")
-        strategy.load_module_state_dict(model, load_shards(path, target))
-    else:
+        return
+    path = _weights_path(directory, layout, index)
+    _check_weights(path, layout, strategy.full_tensors(model)[0])  # before the model changes
+    if layout == "sharded":
         strategy.load_module_state_dict(
-            model, load_file(str(directory / f"model{_suffix(index)}.safetensors"))
+            model, load_shards(path, strategy.module_state_dict(model, full=False))
         )
+    else:
+        strategy.load_module_state_dict(model, load_tensors(path))
 
 
 def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any], index: int = 0) -> list[str]:

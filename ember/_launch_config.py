@@ -126,6 +126,8 @@ def _convert(option: _Option, raw: object, label: str) -> Any:
     if isinstance(raw, bool) or not isinstance(raw, (str, int)):
         raise LaunchConfigError(f"{label} {raw!r} is not a string")
     text = str(raw)
+    if option.key == "master_addr" and (not text or not text.isprintable() or any(c.isspace() for c in text)):
+        raise LaunchConfigError(f"{label} {text!r} is not a host name or an IP address")
     if option.choices and text not in option.choices:
         raise LaunchConfigError(f"{label} {text!r} is not a valid choice. Valid choices: " + ", ".join(
             repr(c) for c in option.choices))  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +29,8 @@ from torch.utils.data import DataLoader
 from ember import _checkpoint, _trackers
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
+from ember._validation import check_bool, check_path
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember._wrappers import (
     GradientState,
     PreparedOptimizer,
@@ -40,6 +43,7 @@ from ember.precision import Precision, resolve_precision
 from ember.strategies import BackwardSyncControl, Strategy
 from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
+from ember.strategies.parallel import ParallelStrategy
 
 if TYPE_CHECKING:
     from ember._trackers import LogWith
@@ -104,6 +108,10 @@ class Accelerator(ProcessMixin):
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
     ``--precision``), else ``strategy="auto"`` and ``precision="32-true"``.
+
+    ``collective_timeout`` (seconds or a ``timedelta``; ``None`` turns it off) arms the collective
+    watchdog of multi-process runs: a collective that some rank does not reach in time makes every
+    rank print its Python stacks and ends the run with the names of the missing ranks.
     """
 
     def __init__(
@@ -120,11 +128,18 @@ class Accelerator(ProcessMixin):
         cpu: bool = False,
         log_with: LogWith = None,
         project_dir: str | os.PathLike[str] | None = None,
+        collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
     ) -> None:
         defaults = launch_defaults()
+        watchdog_timeout = check_collective_timeout(collective_timeout)
         trackers = _trackers.check_log_with(log_with)
+        check_bool("cpu", cpu)
+        check_bool("even_batches", even_batches)
+        check_path("project_dir", project_dir, optional=True)
+        if accelerator is not None:  # before `or` below: False or "" must not mean the default
+            _check_accelerator(accelerator)
         if mixed_precision is not None:  # Accelerate compatibility
-            if mixed_precision not in _ACCELERATE_PRECISION or _ACCELERATE_PRECISION[mixed_precision] is None:
+            if not isinstance(mixed_precision, str) or _ACCELERATE_PRECISION.get(mixed_precision) is None:
                 raise ValueError(
                     f"mixed_precision={mixed_precision!r} is not supported. Valid choices: 'no', 'fp16', 'bf16'"
                 )
@@ -167,6 +182,8 @@ class Accelerator(ProcessMixin):
         )
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
+        if isinstance(self._strategy, ParallelStrategy):  # armed in setup_environment
+            self._strategy.collective_timeout = watchdog_timeout
         self._strategy.connect(
             device_type=device_type,
             num_processes=num_processes,

@@ -111,22 +111,23 @@ def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     from pathlib import Path
 
     from ember._checkpoint import consolidate_checkpoint
-    from ember.strategies.checkpoint_io import CheckpointError, read_manifest
+    from ember.strategies.checkpoint_io import CheckpointError, locate_checkpoint, read_manifest
 
     out = Path(args.out)
     if out.is_dir():
         parser.error(f"OUT {args.out!r} is a directory; give the path of the safetensors file to write")
     if out.exists() and not args.force:
         parser.error(f"OUT {args.out!r} exists; pass --force to replace it")
+    checkpoint = locate_checkpoint(Path(args.checkpoint))
     try:
-        manifest = read_manifest(Path(args.checkpoint))
+        manifest = read_manifest(checkpoint)
     except CheckpointError as err:
         parser.error(f"CKPT_DIR: {err}")
     models = manifest["counts"]["models"]
     if not 0 <= args.model < models:
         parser.error(f"--model {args.model} is not in [0, {models}): the checkpoint holds {models} model(s)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    names = consolidate_checkpoint(Path(args.checkpoint), out, manifest, args.model)
+    names = consolidate_checkpoint(checkpoint, out, manifest, args.model)
     print(f"wrote {len(names)} tensors to {out}")
     return 0
 

@@ -329,7 +329,10 @@ def resolve_strategy(value: str | Strategy, *, world_size: int, device_type: str
     if isinstance(value, Strategy):
         return value
     if not isinstance(value, str):
-        raise TypeError(f"strategy={value!r} must be a name or an ember.strategies.Strategy instance")
+        raise TypeError(
+            f"strategy={value!r} must be a name or an ember.strategies.Strategy instance. Valid choices: "
+            + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
+        )
     if value == "auto":
         value = "xla" if device_type == "xla" else "ddp" if world_size > 1 else "single_device"
     if value not in STRATEGY_REGISTRY:

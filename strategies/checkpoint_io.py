@@ -7,22 +7,30 @@ Any state made of dicts, lists, tuples, numbers, strings, ``None``, tensors and 
 - ``<stem>.safetensors`` — the tensors (only when there are any).
 
 Loading reads JSON and safetensors; nothing is ever unpickled. A checkpoint *directory* is written
-under a temporary name, listed in ``manifest.json`` with each file's size and SHA-256, and renamed
-into place only when complete; loading verifies the manifest first and names any file that does
-not match.
+under a temporary name, listed in ``manifest.json`` with each file's size and SHA-256, fsynced, and
+swapped into place only when complete; loading verifies the manifest first and names any file that
+does not match. A save killed at any point leaves the old or the new checkpoint loadable
+(:func:`finalize_staged`, :func:`locate_checkpoint`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
-from pathlib import Path
+import sys
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -32,9 +40,11 @@ __all__ = [
     "decode_tree",
     "encode_tree",
     "finalize_staged",
+    "locate_checkpoint",
     "prepare_staging",
     "read_manifest",
     "read_tree",
+    "remove_checkpoint",
     "write_json",
     "write_manifest",
     "write_tree",
@@ -120,14 +130,46 @@ def write_tree(directory: Path, stem: str, obj: Any) -> list[str]:
     if tensors:
         names.append(f"{stem}.safetensors")
         save_file(tensors, str(directory / names[1]))
+        _fsync_file(directory / names[1])  # save_file does not; write_json does
     return names
 
 
 def read_tree(directory: Path, stem: str) -> Any:
-    structure = json.loads((directory / f"{stem}.json").read_text())
+    """Inverse of :func:`write_tree`; a file that does not hold a tree raises :class:`CheckpointError`."""
+    path = directory / f"{stem}.json"
+    structure = _read_json(path)
     weights = directory / f"{stem}.safetensors"
-    tensors = load_file(str(weights)) if weights.exists() else {}
-    return decode_tree(structure, tensors)
+    tensors = load_tensors(weights) if weights.exists() else {}
+    return _decode(structure, tensors, path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a file that is not safetensors named in a :class:`CheckpointError`."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is not a valid safetensors file: {err}"
+        ) from None
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"checkpoint file {str(path)!r} is not valid JSON: {err}") from None
+
+
+def _decode(structure: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
+    try:
+        return decode_tree(structure, tensors)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} does not hold an ember state tree "
+            f"({type(err).__name__}: {err}); was it written by save_state?"
+        ) from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -147,7 +189,11 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(directory: Path, info: dict[str, Any]) -> None:
-    """List every file of ``directory`` with size and SHA-256 (call after all ranks wrote)."""
+    """List every file of ``directory`` with size and SHA-256 (call after all ranks wrote).
+
+    The manifest is written last and appears atomically (temporary name, fsync, rename): a directory
+    with a ``manifest.json`` holds every file the manifest lists.
+    """
     files = {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
@@ -155,14 +201,19 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
                 "size": path.stat().st_size,
                 "sha256": _sha256(path),
             }
-    write_json(
-        directory / MANIFEST,
-        {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files},
-    )
+    tmp = directory / f".{MANIFEST}.tmp"
+    write_json(tmp, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
+    os.replace(tmp, directory / MANIFEST)
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
-    """Read and (by default) verify a checkpoint directory; raise :class:`CheckpointError` naming the bad file."""
+    """Read and (by default) verify a checkpoint directory; raise :class:`CheckpointError` naming the bad file.
+
+    Verifying checks, before anything is loaded: every listed file's size and SHA-256; that no
+    unlisted file would be read (``.json``/``.safetensors`` files, anything under ``deepspeed/``);
+    that every JSON file parses, every safetensors header is valid, and every tensor a JSON file
+    refers to is in its safetensors file(s).
+    """
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not directory.is_dir():
@@ -170,11 +221,12 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise CheckpointError(f"{str(directory)!r} is not a complete ember checkpoint: {MANIFEST} is missing")
     try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        manifest: Any = json.loads(manifest_path.read_text())
+    except ValueError as err:
         raise CheckpointError(f"{str(manifest_path)!r} is not valid JSON: {err}") from None
-    if manifest.get("format") != "ember-checkpoint":
+    if not isinstance(manifest, dict) or manifest.get("format") != "ember-checkpoint":
         raise CheckpointError(f"{str(manifest_path)!r} is not an ember checkpoint manifest")
+    _check_manifest(manifest, manifest_path)
     if verify:
         for name, expected in manifest["files"].items():
             path = directory / name
@@ -189,7 +241,112 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
                 raise CheckpointError(
                     f"checkpoint file {str(path)!r} does not match its SHA-256 in the manifest"
                 )
+        _check_unlisted(directory, manifest["files"])
+        _check_formats(directory, manifest["files"])
     return manifest
+
+
+def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
+    """The fields loaders use have the types they expect, and every name stays inside the directory."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{str(path)!r} is malformed: {what}")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("'files' must map file names to their size and sha256")
+    for name, entry in files.items():
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise bad(f"file name {name!r} is not a path inside the checkpoint")
+        if not (
+            isinstance(entry, dict) and _is_int(entry.get("size")) and isinstance(entry.get("sha256"), str)
+        ):
+            raise bad(f"the entry of {name!r} must be {{'size': int, 'sha256': str}}")
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or not all(_is_int(v) and v >= 0 for v in counts.values()):
+        raise bad("'counts' must map object kinds to counts")
+    if not _is_int(manifest.get("world_size")) or manifest["world_size"] < 1:
+        raise bad("'world_size' must be an int >= 1")
+    if not isinstance(manifest.get("layout", "full"), str):
+        raise bad("'layout' must be a string")
+    for key in ("extra", "rank_extra"):
+        names = manifest.get(key, [])
+        if not isinstance(names, list) or not all(
+            isinstance(n, str) and re.fullmatch(r"[a-z][a-z0-9_]*", n) for n in names
+        ):
+            raise bad(f"{key!r} must be a list of lowercase names")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_unlisted(directory: Path, files: dict[str, Any]) -> None:
+    # Loaders read whole folders (DCP reads every shard file, DeepSpeed globs its own): a file added
+    # after the save would be read without being verified.
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if not path.is_file() or name == MANIFEST or name in files:
+            continue
+        if path.suffix in (".json", ".safetensors") or name.startswith("deepspeed/"):
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is not listed in the manifest (added after the save?)"
+            )
+
+
+def _check_formats(directory: Path, files: dict[str, Any]) -> None:
+    """Every ember file parses, and every tensor a JSON file refers to exists (DeepSpeed's are its own)."""
+    keys: dict[str, set[str]] = {}  # a safetensors file, or a .shards folder -> the tensor names in it
+    for name in sorted(files):
+        path = directory / name
+        if name.startswith("deepspeed/") or path.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint file {str(path)!r} is not a valid safetensors file: {err}"
+            ) from None
+        parent = PurePosixPath(name).parent
+        owner = parent.as_posix() if parent.suffix == ".shards" else name
+        keys.setdefault(owner, set()).update(names)
+    for name in sorted(files):
+        path = directory / name
+        if name.startswith("deepspeed/") or path.suffix != ".json":
+            continue
+        structure = _read_json(path)
+        stem = name[: -len(".json")]
+        tensors = keys.get(f"{stem}.safetensors", keys.get(f"{stem}.shards", set()))
+        # decode with empty stand-ins: a missing tensor or a malformed marker fails here, not mid-load
+        _decode(structure, dict.fromkeys(tensors, torch.empty(0)), path)
+
+
+def locate_checkpoint(directory: Path) -> Path:
+    """The complete checkpoint saved at ``directory``: ``directory`` itself, or, where a save was
+    killed while it replaced ``directory`` on a file system without an atomic swap, the complete
+    copy it left beside it (the new one, ``.<name>.partial``, else the old one, ``.<name>.old``).
+
+    Returns ``directory`` when nothing else is complete (loading it then raises the usual error).
+    """
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        return directory
+    for candidate in (staging_path(directory), _aside_path(directory)):
+        if _is_complete(candidate):
+            return candidate
+    return directory
+
+
+def _is_complete(directory: Path) -> bool:
+    """Cheap check that ``directory`` holds a whole checkpoint: a manifest, and every file it lists
+    at its listed size (loading verifies the checksums)."""
+    try:
+        manifest = read_manifest(directory, verify=False)
+        return all((directory / n).stat().st_size == e["size"] for n, e in manifest["files"].items())
+    except (CheckpointError, OSError):
+        return False
 
 
 def check_target(directory: Path) -> None:
@@ -209,11 +366,21 @@ def prepare_staging(directory: Path) -> Path:
 
     :func:`finalize_staged` swaps it into place when every file is written, so an older checkpoint
     at ``directory`` is replaced only by a complete new one: a crash leaves the old or the new
-    checkpoint, never a mix.
+    checkpoint, never a mix. What an earlier, killed save left is settled first: if it died between
+    the two renames of the fallback swap (``directory`` missing), its complete copy is moved back to
+    ``directory``; every other leftover is debris and removed.
     """
-    staging = staging_path(directory)
-    if staging.exists():
-        shutil.rmtree(staging)  # debris of an interrupted save: never a complete checkpoint
+    staging, aside = staging_path(directory), _aside_path(directory)
+    if not (directory / MANIFEST).is_file() and not (directory.exists() and any(directory.iterdir())):
+        found = locate_checkpoint(directory)
+        if found != directory:
+            if directory.exists():
+                directory.rmdir()  # an empty directory takes no part in a checkpoint
+            os.replace(found, directory)
+            _fsync_dir(directory.parent)
+    for debris in (staging, aside):
+        if debris.exists():
+            shutil.rmtree(debris)  # debris: a complete checkpoint, if there was one, is at directory now
     staging.mkdir(parents=True)
     return staging
 
@@ -222,29 +389,60 @@ def staging_path(directory: Path) -> Path:
     return directory.with_name(f".{directory.name}.partial")
 
 
+def _aside_path(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.old")
+
+
 def finalize_staged(staging: Path, directory: Path) -> None:
-    old = directory.with_name(f".{directory.name}.old")
+    """Make the complete checkpoint ``staging`` the one at ``directory`` (one rank only).
+
+    Order matters: every file and folder of ``staging`` is fsynced first, so the swap never exposes
+    data still in flight. Where the OS can swap two directories atomically (Linux
+    ``renameat2(RENAME_EXCHANGE)``), ``directory`` holds the old or the new checkpoint at every
+    instant. Elsewhere the old one is renamed aside to ``.<name>.old`` first; while ``directory``
+    is missing, :func:`locate_checkpoint` finds the complete copy beside it.
+    """
+    _sync_tree(staging)
+    if directory.exists() and _exchange(staging, directory):
+        _fsync_dir(directory.parent)
+        shutil.rmtree(staging)  # now the old checkpoint
+        return
+    aside = _aside_path(directory)
     if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(directory, aside)
     os.replace(staging, directory)
     _fsync_dir(directory.parent)
-    if old.exists():
-        shutil.rmtree(old)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint so that it is never seen half deleted: it is renamed to a hidden name
+    first (which no loader looks at), then removed, with what earlier killed removals left."""
+    trash = directory.with_name(f".{directory.name}.removed")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(directory, trash)
+    _fsync_dir(directory.parent)
+    shutil.rmtree(trash)
+    for debris in directory.parent.glob(".*.removed"):
+        shutil.rmtree(debris, ignore_errors=True)
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
     """Make ``target`` a checkpoint identical to the complete checkpoint ``source`` (one rank only).
 
     Files are hard-linked where the file system allows (a finished checkpoint's files are never
-    changed in place: a new save replaces the directory), else copied; the swap into place is the
-    same atomic one as a save's.
+    changed in place: a new save replaces the directory), else copied; the manifest comes last, so
+    the copy is complete once it has one. The swap into place is the same atomic one as a save's.
     """
     read_manifest(source, verify=False)
     check_target(target)
     staging = prepare_staging(target)
-    for path in sorted(source.rglob("*")):
+    last = source / MANIFEST
+    for path in sorted(source.rglob("*"), key=lambda p: (p == last, p.as_posix())):
         destination = staging / path.relative_to(source)
         if path.is_dir():
             destination.mkdir(parents=True, exist_ok=True)
@@ -257,9 +455,55 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     finalize_staged(staging, target)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file under ``root``, then every directory from the deepest up (their entries)."""
+    for folder, _, names in os.walk(root, topdown=False):
+        for name in names:
+            _fsync_file(Path(folder, name))
+        _fsync_dir(Path(folder))
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function: Any = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28)
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` in one atomic step; False where the OS or file system cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):  # e.g. NFS, old kernels
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))

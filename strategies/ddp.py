@@ -13,12 +13,11 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from ember._registry import Registry
+from ember._validation import check_bool, check_number, check_process_group
 from ember.strategies.base import BackwardSyncControl, Strategy
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["DDPConfig", "DDPStrategy"]
-
-_BACKENDS = ("gloo", "nccl", "mpi", "ucc")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -34,13 +33,15 @@ class DDPConfig:
     broadcast_buffers: bool = True
 
     def __post_init__(self) -> None:
-        if self.process_group_backend is not None and self.process_group_backend not in _BACKENDS:
-            raise ValueError(
-                f"process_group_backend={self.process_group_backend!r} is not a torch.distributed backend. "
-                f"Valid choices: None, {', '.join(map(repr, _BACKENDS))}"
-            )
-        if self.bucket_cap_mb <= 0:
-            raise ValueError(f"bucket_cap_mb={self.bucket_cap_mb} must be > 0")
+        check_process_group(self.process_group_backend, self.timeout, owner="DDPConfig")
+        for name in (
+            "find_unused_parameters",
+            "static_graph",
+            "gradient_as_bucket_view",
+            "broadcast_buffers",
+        ):
+            check_bool(name, getattr(self, name), owner="DDPConfig")
+        check_number("bucket_cap_mb", self.bucket_cap_mb, minimum=0, above=True, owner="DDPConfig")
 
 
 class DDPStrategy(ParallelStrategy, BackwardSyncControl):
@@ -74,7 +75,7 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         # Passed only when off: newer torch deprecates the name, and True is the default anyway.
         extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}
-        return DistributedDataParallel(
+        wrapped = DistributedDataParallel(
             module,
             device_ids=device_ids,
             find_unused_parameters=self.config.find_unused_parameters,
@@ -83,6 +84,8 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
             gradient_as_bucket_view=self.config.gradient_as_bucket_view,
             **extra,
         )
+        self._watch_forward(wrapped, module)  # DDP's forward broadcasts buffers: a collective
+        return wrapped
 
     @override
     def unwrap_module(self, module: nn.Module) -> nn.Module:

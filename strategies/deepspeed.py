@@ -24,6 +24,7 @@ from torch import nn
 from typing_extensions import override
 
 from ember._registry import Registry
+from ember._validation import check_bool, check_timeout, show
 from ember.precision import DoublePrecision, Precision
 from ember.strategies.base import EngineCheckpoints, OwnsOptimizerStep, Strategy
 from ember.strategies.environment import ProcessEnvironment
@@ -58,8 +59,15 @@ class DeepSpeedConfig:
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
 
     def __post_init__(self) -> None:
-        if self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage={self.stage!r} is not a ZeRO stage. Valid choices: 0, 1, 2, 3")
+        if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage={show(self.stage)} is not a ZeRO stage. Valid choices: 0, 1, 2, 3")
+        for name in ("offload_optimizer", "offload_parameters", "overlap_comm", "contiguous_gradients"):
+            check_bool(name, getattr(self, name), owner="DeepSpeedConfig")
+        check_timeout("timeout", self.timeout, owner="DeepSpeedConfig")
+        if self.config is not None and not isinstance(self.config, (dict, str, os.PathLike)):
+            raise TypeError(
+                f"DeepSpeedConfig(config={show(self.config)}) must be None, a dict or the path of a JSON file"
+            )
         if self.offload_parameters and self.stage != 3:
             raise ValueError(f"offload_parameters=True needs stage=3 (got stage={self.stage})")
         if self.offload_optimizer and self.stage == 0:
@@ -81,11 +89,15 @@ class DeepSpeedConfig:
                 )
             if not isinstance(self.config, dict):
                 path = Path(self.config)
-                if not path.is_file():
+                try:
+                    found = path.is_file()
+                except (OSError, ValueError):  # e.g. a NUL byte in the name
+                    found = False
+                if not found:
                     raise ValueError(f"config={str(self.config)!r} is not a dict or an existing JSON file")
                 try:
                     json.loads(path.read_text())
-                except json.JSONDecodeError as err:
+                except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, unreadable
                     raise ValueError(f"config={str(self.config)!r} is not valid JSON: {err}") from None
 
     def user_config(self) -> dict[str, Any]:

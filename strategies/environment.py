@@ -6,6 +6,10 @@ Everything else receives plain values from here. Three sources are understood:
 - torchrun / torchelastic / ``ember launch`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ...);
 - SLURM (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, ...) when ``srun`` started the tasks.
 
+A restarted process learns it from ``TORCHELASTIC_RESTART_COUNT`` (torchrun restarted the group,
+``ember launch --max-restarts``) and ``SLURM_RESTART_COUNT`` (SLURM requeued the job): their sum is
+:attr:`ProcessEnvironment.restart_count`, which turns on the Trainer's automatic resume.
+
 ``ember launch`` also passes the user's ``--strategy``/``--precision`` to the script through
 ``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them. :func:`running_in_ci`
 reads ``CI`` for the callbacks that draw to the terminal.
@@ -42,6 +46,9 @@ class ProcessEnvironment:
     node_rank: int = 0
     master_addr: str = _DEFAULT_MASTER_ADDR
     master_port: int | None = None
+    restart_count: int = (
+        0  # times the job's processes were restarted (torchelastic restarts + SLURM requeues)
+    )
 
     @property
     def is_distributed(self) -> bool:
@@ -108,6 +115,7 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvir
             node_rank=_int(env, "GROUP_RANK", _int(env, "NODE_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", _DEFAULT_MASTER_ADDR),
             master_port=int(port) if port else None,
+            restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT", 0) + _int(env, "SLURM_RESTART_COUNT", 0),
         )
     # srun starts one task per process; an interactive `salloc` shell (job name "bash") is not a job step.
     if (
@@ -129,8 +137,10 @@ def detect_environment(environ: Mapping[str, str] | None = None) -> ProcessEnvir
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "")),
             # Same port on every task of the job, different across jobs sharing a node.
             master_port=_int(env, "MASTER_PORT", 15000 + job_id % 20000),
+            restart_count=_int(env, "SLURM_RESTART_COUNT", 0),
         )
-    return ProcessEnvironment(source="single")
+    # A plain process can still be a requeued SLURM job's batch script.
+    return ProcessEnvironment(source="single", restart_count=_int(env, "SLURM_RESTART_COUNT", 0))
 
 
 def launch_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:

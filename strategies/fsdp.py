@@ -18,6 +18,7 @@ from torch import nn
 from typing_extensions import override
 
 from ember._registry import Registry
+from ember._validation import check_bool, check_choice, check_int, check_process_group, show
 from ember.precision import HalfPrecision, MixedPrecision, Precision
 from ember.strategies.base import (
     BackwardSyncControl,
@@ -69,26 +70,34 @@ class FSDPConfig:
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
 
     def __post_init__(self) -> None:
-        if isinstance(self.wrap, str) and self.wrap != "auto":
-            raise ValueError(f"wrap={self.wrap!r}: use 'auto', a set of module classes, a callable or None")
-        if isinstance(self.wrap, set) and not all(
-            isinstance(c, type) and issubclass(c, nn.Module) for c in self.wrap
+        if not (
+            self.wrap is None or self.wrap == "auto" or callable(self.wrap) or _module_classes(self.wrap)
         ):
-            raise ValueError(f"wrap={self.wrap!r}: a set must hold nn.Module subclasses")
-        if isinstance(self.min_params, bool) or not isinstance(self.min_params, int) or self.min_params < 1:
-            raise ValueError(f"min_params={self.min_params!r} must be an int >= 1")
-        if not all(isinstance(c, type) and issubclass(c, nn.Module) for c in self.activation_checkpointing):
             raise ValueError(
-                f"activation_checkpointing={self.activation_checkpointing!r} must be a set of nn.Module classes"
+                f"wrap={show(self.wrap)}: use 'auto', a set of nn.Module classes, a callable or None"
             )
-        if self.state_dict_type not in ("sharded", "full"):
+        check_int("min_params", self.min_params, minimum=1, owner="FSDPConfig")
+        if not _module_classes(self.activation_checkpointing):
             raise ValueError(
-                f"state_dict_type={self.state_dict_type!r} is not a checkpoint layout. Valid choices: 'sharded', 'full'"
+                f"activation_checkpointing={show(self.activation_checkpointing)} must be a set of nn.Module classes"
             )
-        if self.hybrid not in (None, True, False):
-            raise ValueError(f"hybrid={self.hybrid!r} must be True, False or None (hybrid on several nodes)")
-        if self.reduce_dtype is not None and not self.reduce_dtype.is_floating_point:
-            raise ValueError(f"reduce_dtype={self.reduce_dtype} must be a floating-point dtype")
+        check_choice("state_dict_type", self.state_dict_type, ("sharded", "full"), owner="FSDPConfig")
+        check_bool("hybrid", self.hybrid, optional=True, owner="FSDPConfig")
+        for name in ("reshard_after_forward", "offload"):
+            check_bool(name, getattr(self, name), owner="FSDPConfig")
+        if self.reduce_dtype is not None and not (
+            isinstance(self.reduce_dtype, torch.dtype) and self.reduce_dtype.is_floating_point
+        ):
+            raise ValueError(
+                f"reduce_dtype={show(self.reduce_dtype)} must be None or a floating-point torch.dtype"
+            )
+        check_process_group(self.process_group_backend, self.timeout, owner="FSDPConfig")
+
+
+def _module_classes(value: Any) -> bool:
+    return isinstance(value, (set, frozenset)) and all(
+        isinstance(c, type) and issubclass(c, nn.Module) for c in value
+    )
 
 
 class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):

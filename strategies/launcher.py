@@ -2,7 +2,10 @@
 
 When a script asks for ``devices=N`` without a launcher (torchrun, ``ember launch``, srun), rank 0 is
 the current process and ranks 1..N-1 are new processes running the same command line with
-torchrun-style variables set. If any rank fails, the others are stopped, so nothing is left running.
+torchrun-style variables set. If any rank fails, the others are stopped, so nothing is left running:
+a child that exits with an error ends the job at once; when rank 0 itself fails, the children get
+``_STOP_GRACE_S`` seconds to notice (their collectives fail as soon as rank 0's process group is gone),
+then are killed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ember.strategies.environment import ProcessEnvironment, find_free_port
 
 __all__ = ["SubprocessScriptLauncher"]
 
+_STOP_GRACE_S = 5.0
+
 
 def _command_line() -> list[str]:
     main = sys.modules.get("__main__")
@@ -33,6 +38,12 @@ def _command_line() -> list[str]:
             "other ranks; put the code in a script and use `ember launch --nproc-per-node N script.py`"
         )
     return [sys.executable, *sys.argv]
+
+
+def _main_failure() -> BaseException | None:
+    """The exception that is ending this (rank 0's) program, once Python has printed it."""
+    failure = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    return failure if isinstance(failure, BaseException) else None
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -50,6 +61,7 @@ class SubprocessScriptLauncher:
             raise ValueError(f"num_processes={num_processes}: the subprocess launcher needs at least 2")
         self.num_processes = num_processes
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._failed: dict[int, int] = {}  # rank -> exit code of the children that failed
 
     def launch(self) -> ProcessEnvironment:
         command = _command_line()
@@ -85,6 +97,8 @@ class SubprocessScriptLauncher:
                     continue
                 del self._children[rank]
                 if code != 0:
+                    self._failed[rank] = code
+                if code != 0 and _main_failure() is None:  # else rank 0 failed too: _wait stops the job
                     print(
                         f"ember: rank {rank} exited with code {code}; stopping the job",
                         file=sys.stderr,
@@ -96,10 +110,28 @@ class SubprocessScriptLauncher:
             time.sleep(0.2)
 
     def _kill_all(self) -> None:
-        for child in self._children.values():
+        for child in list(self._children.values()):  # the watch thread may be removing entries
             child.kill()
         self._children.clear()
 
     def _wait(self) -> None:
+        failure = _main_failure()
+        if failure is None:  # rank 0 finished: the others finish their own work
+            for child in list(self._children.values()):
+                child.wait()
+            return
+        failed = {**self._failed, **{r: c.returncode for r, c in list(self._children.items()) if c.poll()}}
+        also = "".join(f"; rank {r} had exited with code {code}" for r, code in sorted(failed.items()))
+        notes = "".join(f" ({note})" for note in getattr(failure, "__notes__", []))
+        print(
+            f"ember: rank 0 failed with {type(failure).__name__}: {failure}{notes}{also}; stopping the other ranks",
+            file=sys.stderr,
+            flush=True,
+        )
+        deadline = time.monotonic() + _STOP_GRACE_S
         for child in list(self._children.values()):
-            child.wait()
+            try:
+                child.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_all()

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import atexit
+import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch._C._distributed_c10d import PrefixStore, Store
+from torch.distributed.rendezvous import rendezvous
 from typing_extensions import override
 
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, default_store
 from ember.precision import Precision
 from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
@@ -32,7 +40,14 @@ def _destroy_process_group() -> None:
 
 
 class ParallelStrategy(Strategy):
-    """Process group set-up, rank bookkeeping and collectives; subclasses decide how modules are wrapped."""
+    """Process group set-up, rank bookkeeping and collectives; subclasses decide how modules are wrapped.
+
+    ``collective_timeout`` (seconds, ``None``: off; set by ``Accelerator(collective_timeout=...)``
+    before :meth:`setup_environment`) arms the collective watchdog (``ember/_watchdog.py``): a rank
+    that waits longer than that in one of the collectives below, in ``backward`` or in a wrapper's
+    forward synchronization makes every rank print its Python stacks, and the run ends with a
+    report of the ranks that did not reach the collective.
+    """
 
     def __init__(
         self, *, process_group_backend: str | None = None, timeout: timedelta = timedelta(minutes=30)
@@ -41,6 +56,8 @@ class ParallelStrategy(Strategy):
         self._backend = process_group_backend
         self._timeout = timeout
         self._owns_process_group = False
+        self.collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT
+        self._watchdog: CollectiveWatchdog | None = None
 
     @override
     def connect(
@@ -74,30 +91,98 @@ class ParallelStrategy(Strategy):
                     f"an existing process group has world size {dist.get_world_size()}, "
                     f"but this run expects {self.world_size}"
                 )
+            self._start_watchdog()
             return
         env = self._environment
         port = env.master_port if env.master_port is not None else find_free_port()
+        init_method: str | None = f"tcp://{env.master_addr}:{port}"
+        store: Store | None = None
+        if env.restart_count:
+            # torchrun's store outlives a restarted group: the previous attempt's keys (gloo peer
+            # addresses) are still in it. Each attempt uses its own prefix. (torchrun counts restarts
+            # per node, so this assumes every node restarted together, as it does on one node.)
+            assert init_method is not None
+            base, _, _ = next(rendezvous(init_method, env.rank, env.world_size, timeout=self._timeout))
+            store, init_method = PrefixStore(f"ember/restart_{env.restart_count}/", base), None
         dist.init_process_group(
             self.process_group_backend,
-            init_method=f"tcp://{env.master_addr}:{port}",
+            init_method=init_method,
+            store=store,
             rank=env.rank,
             world_size=env.world_size,
             timeout=self._timeout,
         )
         self._owns_process_group = True
         atexit.register(self._teardown_at_exit)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if self.collective_timeout is None or self.world_size < 2 or self._watchdog is not None:
+            return
+        # A name for this run's keys in the store, from rank 0 (secrets: the seeded RNGs stay untouched).
+        token = torch.tensor([secrets.randbits(62) if self.is_global_zero else 0], device=self.root_device)
+        dist.broadcast(token, 0)
+        self._watchdog = CollectiveWatchdog(
+            rank=self.global_rank, world_size=self.world_size, timeout=self.collective_timeout,
+            store=default_store(), namespace=f"{int(token.item()):x}",
+        )  # fmt: skip
+        self._watchdog.start()
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+    @contextmanager
+    def _collective(self, name: str) -> Iterator[None]:
+        """A region the watchdog times: every rank must enter it and none may leave before all arrive."""
+        watchdog = self._watchdog
+        if watchdog is None:
+            yield
+            return
+        watchdog.enter(name)
+        try:
+            yield
+        except Exception as error:  # e.g. gloo's "Connection closed by peer": name the peer that failed
+            watchdog.annotate(error)
+            raise
+        finally:
+            watchdog.exit()
+
+    def _watch_forward(self, wrapper: nn.Module, inner: nn.Module) -> None:
+        """Time the collectives ``wrapper`` runs in its forward before it calls ``inner`` (DDP
+        broadcasts buffers there) as a region. It ends when ``inner`` starts: the user's forward (under
+        the Trainer, the whole ``training_step``) is computation, not waiting for other ranks."""
+        open_region = [False]
+
+        def enter(*_: Any) -> None:
+            if self._watchdog is not None:
+                self._watchdog.enter("forward")
+                open_region[0] = True
+
+        def leave(*_: Any) -> None:
+            if open_region[0] and self._watchdog is not None:
+                self._watchdog.exit()
+            open_region[0] = False
+
+        wrapper.register_forward_pre_hook(enter)
+        inner.register_forward_pre_hook(leave)
+        wrapper.register_forward_hook(leave, always_call=True)  # if the wrapper failed before ``inner``
 
     @override
     def teardown(self) -> None:
         if self._owns_process_group and dist.is_initialized():
             self.barrier("teardown")  # every rank is done communicating before the group goes away
+            self._stop_watchdog()
             _destroy_process_group()
+        self._stop_watchdog()
         self._owns_process_group = False
 
     def _teardown_at_exit(self) -> None:
         # A process that exits with a live gloo group can abort in its C++ destructors
         # ("terminate called without an active exception"): destroy it first. No barrier here: at
         # exit the ranks need not be in step (one may have failed).
+        self._stop_watchdog()
         if self._owns_process_group and dist.is_initialized():
             _destroy_process_group()
         self._owns_process_group = False
@@ -122,12 +207,18 @@ class ParallelStrategy(Strategy):
     def node_rank(self) -> int:
         return self._environment.node_rank
 
-    # -- collectives ----------------------------------------------------------------------------
+    # -- the step and collectives: each a region the watchdog times ----------------------------
+    @override
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        with self._collective("backward"):  # DDP / FSDP synchronize gradients inside backward
+            super().backward(loss, *args, **kwargs)
+
     @override
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
         check_reduce_op(op)
         result = tensor.clone()
-        dist.all_reduce(result, op=_REDUCE_OPS[op])
+        with self._collective("all_reduce"):
+            dist.all_reduce(result, op=_REDUCE_OPS[op])
         if op == "mean":  # gloo has no AVG: sum, then divide
             result = result / self.world_size if result.is_floating_point() else result // self.world_size
         return result
@@ -136,19 +227,22 @@ class ParallelStrategy(Strategy):
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor)
+        with self._collective("all_gather"):
+            dist.all_gather(parts, tensor)
         return torch.stack(parts)
 
     @override
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         result = tensor.clone().contiguous()
-        dist.broadcast(result, src)
+        with self._collective("broadcast"):
+            dist.broadcast(result, src)
         return result
 
     @override
     def barrier(self, name: str | None = None) -> None:
         if dist.is_initialized():
-            if self.process_group_backend == "nccl":
-                dist.barrier(device_ids=[self.root_device.index])
-            else:
-                dist.barrier()
+            with self._collective(f"barrier({name})" if name else "barrier"):
+                if self.process_group_backend == "nccl":
+                    dist.barrier(device_ids=[self.root_device.index])
+                else:
+                    dist.barrier()

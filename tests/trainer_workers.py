@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback, ModelCheckpoint
+from ember.trainer.preemption import Preempted
 
 
 def dataset(n: int = 40) -> TensorDataset:
@@ -116,3 +121,93 @@ def fit_epochs(root: str, epochs: int, resume: str = "", then_test: bool = False
         rows = list(csv.DictReader(f))
     lr = trainer.optimizers[0].param_groups[0]["lr"]
     return {"params": params, "rows": rows, "lr": lr}
+
+
+class SignalAt(Callback):
+    """At optimizer step ``at_step``, on global rank ``rank`` (-1: every rank), get signal ``signum``.
+
+    With ``handshake`` (a path), it comes from outside: create ``<handshake>.ready`` and wait until
+    the parent, having sent the signal, creates ``<handshake>.go``. Otherwise the process signals
+    itself.
+    """
+
+    def __init__(self, at_step: int, signum: int, rank: int = -1, handshake: str = "") -> None:
+        self.at_step, self.signum, self.rank, self.handshake = at_step, signum, rank, handshake
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step != self.at_step or self.rank not in (-1, trainer.global_rank):
+            return
+        if not self.handshake:
+            os.kill(os.getpid(), self.signum)
+            return
+        Path(self.handshake + ".ready").touch()
+        deadline = time.monotonic() + 60
+        while not Path(self.handshake + ".go").exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the parent never sent the signal")
+            time.sleep(0.01)
+        time.sleep(0.2)  # the handler runs at the main thread's next bytecode; be generous
+
+
+class DieOnce(Callback):
+    """A hard failure: at optimizer step ``at_step`` rank ``rank`` exits at once, if ``marker`` does not exist yet."""
+
+    def __init__(self, at_step: int, rank: int, marker: str) -> None:
+        self.at_step, self.rank, self.marker = at_step, rank, marker
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.at_step and trainer.global_rank == self.rank:
+            if not os.path.exists(self.marker):
+                Path(self.marker).touch()
+                os._exit(1)  # no exception, no cleanup: like a killed process
+
+
+def fit_preemptible(
+    root: str,
+    ckpt_path: str = "",
+    auto_resume: bool | None = None,
+    signal_at: int = 0,
+    signum: int = signal.SIGTERM,
+    signal_rank: int = -1,
+    handshake: str = "",
+    catch: bool = True,
+    die_at: int = 0,
+    die_rank: int = 0,
+    marker: str = "",
+) -> dict:
+    """3 epochs, a checkpoint every 3 optimizer steps; optionally a signal at ``signal_at`` or a hard
+    exit at ``die_at``. A pre-empted fit returns where it stopped (``catch``) or exits with its status."""
+    torch.manual_seed(0)
+    callbacks: list[Callback] = [ModelCheckpoint(every_n_train_steps=3, save_top_k=-1)]
+    if signal_at:
+        callbacks.append(SignalAt(signal_at, signum, signal_rank, handshake))
+    if die_at:
+        callbacks.append(DieOnce(die_at, die_rank, marker))
+    trainer = Trainer(
+        max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.5, log_every_n_steps=1, callbacks=callbacks,
+        default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, auto_resume=auto_resume,
+    )  # fmt: skip
+    module = Net()
+    train = DataLoader(dataset(), batch_size=4, shuffle=True)
+    val = DataLoader(dataset(12), batch_size=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            trainer.fit(module, train, val, ckpt_path=ckpt_path or None)
+        except Preempted as stop:
+            if not catch:
+                raise
+            return {"preempted_at": stop.global_step, "signal": stop.signal.name, "code": stop.code,
+                    "checkpoint": str(stop.checkpoint)}  # fmt: skip
+    state = trainer.strategy.module_state_dict(trainer.model)
+    params = [v.hex() for key in sorted(state) for v in state[key].flatten().tolist()]
+    rows = []
+    if trainer.is_global_zero:
+        with open(Path(trainer.log_dir) / "metrics.csv", newline="") as f:
+            rows = list(csv.reader(f))
+    return {
+        "params": params,
+        "rows": rows,
+        "step": trainer.global_step,
+        "warnings": [str(w.message) for w in caught],
+    }

@@ -8,18 +8,31 @@ aggregates of ``self.log`` (with torchmetrics states) and the loggers' positions
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ember._checkpoint import load_model_weights
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import CheckpointError, read_manifest
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, locate_checkpoint, read_manifest
 from ember.trainer.hooks import call_hook
 
 if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
 
-__all__ = ["check_callbacks", "default_callbacks", "load_weights", "resolve_path", "restore", "save"]
+__all__ = [
+    "check_callbacks",
+    "default_callbacks",
+    "load_weights",
+    "newest_valid",
+    "resolve_path",
+    "restore",
+    "save",
+    "save_last",
+]
 
 STATE = "trainer_state"
 RANK_STATE = "trainer_rank_state"
@@ -81,23 +94,88 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
         found = callback.last_model_path if ckpt_path == "last" else callback.best_model_path
         if not found and ckpt_path == "last":
             candidate = Path(callback.resolved_dirpath(trainer)) / callback.last_name
-            found = str(candidate) if candidate.exists() else ""
+            found = str(candidate) if locate_checkpoint(candidate).exists() else ""
         if not found:
             raise FileNotFoundError(
                 f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
             )
         ckpt_path = found
-    path = Path(ckpt_path)
+    path = locate_checkpoint(Path(ckpt_path))  # or the complete copy a killed save left beside it
     if not path.is_dir():
         raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist (a checkpoint is a directory)")
     read_manifest(path, verify=False)
     return path
 
 
+def save_last(trainer: Trainer) -> Path | None:
+    """Save into the ModelCheckpoint's ``last`` (what ``ckpt_path="last"`` finds); None without one."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    return save(trainer, Path(callback.resolved_dirpath(trainer)) / callback.last_name)
+
+
+def newest_valid(trainer: Trainer) -> Path | None:
+    """For an automatic resume: the newest Trainer checkpoint of the ModelCheckpoint's directory that verifies.
+
+    Newest is the most recently written (by its ``manifest.json``, the last file a save writes).
+    Every process verifies each candidate (sizes and SHA-256 of every file); one that fails on any
+    process is skipped by all, with a warning, and the next newest is tried. None: nothing to resume.
+    """
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    accelerator, several = trainer.accelerator, trainer.accelerator.num_processes > 1
+    # Rank 0 lists the directory, so that every process tries the same candidates in the same order.
+    names = _newest_first(Path(callback.resolved_dirpath(trainer))) if trainer.is_global_zero else []
+    candidates: list[str] = accelerator.broadcast_object(names) if several else names
+    for candidate in candidates:
+        error = ""
+        try:
+            read_manifest(Path(candidate))
+        except CheckpointError as err:
+            error = str(err)
+        failed = torch.tensor([1.0 if error else 0.0], device=accelerator.device)
+        if several:  # processes resuming from different checkpoints would silently train garbage
+            failed = accelerator.reduce(failed, "max")
+        if not failed.item():
+            return Path(candidate)
+        warnings.warn(
+            f"automatic resume skips {candidate!r}: {error or 'another process could not verify it'}",
+            stacklevel=3,
+        )
+    return None
+
+
+_ASIDE = re.compile(r"^\.(?P<name>.+)\.(partial|old)$")  # where a killed save can leave a complete copy
+
+
+def _newest_first(directory: Path) -> list[str]:
+    names = set()
+    for entry in directory.iterdir() if directory.is_dir() else []:
+        aside = _ASIDE.match(entry.name)
+        if aside is not None or not entry.name.startswith("."):  # other dot names: a save's debris
+            names.add(aside["name"] if aside is not None else entry.name)
+    found: dict[Path, tuple[int, str]] = {}
+    for name in sorted(names):
+        path = locate_checkpoint(directory / name)
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            continue  # not a checkpoint (or a save that never finished)
+        try:
+            trainer_checkpoint = STATE in read_manifest(path, verify=False).get("extra", [])
+        except CheckpointError:
+            trainer_checkpoint = True  # unreadable: still a candidate, whose verification says why
+        if trainer_checkpoint:  # (a directory of Accelerator.save_state alone cannot resume a fit)
+            found.setdefault(path.resolve(), (manifest.stat().st_mtime_ns, str(path)))
+    return [name for _, name in sorted(found.values(), key=lambda item: (-item[0], item[1]))]
+
+
 def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callback]:
     """The user's callbacks plus the defaults the Trainer's flags ask for."""
     from ember.callbacks.model_checkpoint import ModelCheckpoint
     from ember.callbacks.model_summary import ModelSummary
+    from ember.callbacks.nan_guard import NonFiniteGuard
     from ember.callbacks.progress import RichProgressBar
     from ember.callbacks.run_summary import RunSummary
     from ember.callbacks.timer import Timer
@@ -118,6 +196,8 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
         result.append(ModelSummary())
     if config.duration is not None and not has(Timer):
         result.append(Timer(duration=config.duration, interval="step"))
+    if config.non_finite is not None and not has(NonFiniteGuard):
+        result.append(NonFiniteGuard(mode=config.non_finite))
     return check_callbacks(result)
 
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
+from ember._validation import check_bool, check_choice, check_number, check_path, show
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
+
 __all__ = ["TrainerConfig", "parse_duration", "resolve_limit"]
 
 
@@ -30,18 +33,22 @@ def _limit(name: str, value: Any) -> None:
 
 def parse_duration(value: str | timedelta | dict[str, int]) -> timedelta:
     """``"DD:HH:MM:SS"``, a :class:`~datetime.timedelta`, or ``timedelta`` keywords as a dict."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, dict):
-        try:
-            return timedelta(**value)
-        except TypeError as err:
-            raise ValueError(f"max_time={value!r}: {err}") from None
-    if isinstance(value, str) and re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", value):
-        days, hours, minutes, seconds = (int(p) for p in value.split(":"))
-        return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    duration = None
+    try:
+        if isinstance(value, timedelta):
+            duration = value
+        elif isinstance(value, dict):
+            duration = timedelta(**value)
+        elif isinstance(value, str) and re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", value):
+            days, hours, minutes, seconds = (int(p) for p in value.split(":"))
+            duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except (TypeError, ValueError, OverflowError) as err:  # unknown keys, NaN, past timedelta.max
+        raise ValueError(f"max_time={show(value)}: {err}") from None
+    if duration is not None and duration >= timedelta(0):
+        return duration
     raise ValueError(
-        f"max_time={value!r} must be 'DD:HH:MM:SS', a datetime.timedelta, or a dict such as {{'hours': 2}}"
+        f"max_time={show(value)} must be 'DD:HH:MM:SS', a datetime.timedelta, or a dict such as "
+        "{'hours': 2}, and not negative"
     )
 
 
@@ -86,6 +93,9 @@ class TrainerConfig:
     detect_anomaly: bool = False
     use_distributed_sampler: bool = True
     seed: int | None = None
+    auto_resume: bool | None = None  # None: when the launcher restarted the processes (restart_count > 0)
+    non_finite: str | None = "stop"  # mode of the default NonFiniteGuard; None: no guard
+    collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT  # the watchdog; None: off
     duration: timedelta | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -94,12 +104,7 @@ class TrainerConfig:
             _int("max_epochs", self.max_epochs, -1)
         _int("max_steps", self.max_steps, -1)
         _int("accumulate_grad_batches", self.accumulate_grad_batches, 1)
-        if self.gradient_clip_val is not None and (
-            isinstance(self.gradient_clip_val, bool)
-            or not isinstance(self.gradient_clip_val, (int, float))
-            or self.gradient_clip_val < 0
-        ):
-            raise ValueError(f"gradient_clip_val={self.gradient_clip_val!r} must be None or a number >= 0")
+        check_number("gradient_clip_val", self.gradient_clip_val, minimum=0, finite=False, optional=True)
         if self.gradient_clip_algorithm not in ("norm", "value"):
             raise ValueError(
                 f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}. Valid choices: 'norm', 'value'"
@@ -131,8 +136,22 @@ class TrainerConfig:
         _int("log_every_n_steps", self.log_every_n_steps, 1)
         if not isinstance(self.fast_dev_run, bool):
             _int("fast_dev_run", self.fast_dev_run, 0)
-        if self.deterministic not in (True, False, "warn"):
-            raise ValueError(f"deterministic={self.deterministic!r}. Valid choices: True, False, 'warn'")
+        if self.non_finite not in ("stop", "skip", None):
+            raise ValueError(f"non_finite={self.non_finite!r}. Valid choices: 'stop', 'skip', None")
+        check_collective_timeout(self.collective_timeout)
+        check_choice("deterministic", self.deterministic, (True, False, "warn"))
+        for name in (
+            "enable_checkpointing",
+            "enable_progress_bar",
+            "enable_model_summary",
+            "detect_anomaly",
+            "use_distributed_sampler",
+        ):
+            check_bool(name, getattr(self, name))
+        check_path("default_root_dir", self.default_root_dir, optional=True)
+        self._check_logger()
+        if self.auto_resume is not None and not isinstance(self.auto_resume, bool):
+            raise ValueError(f"auto_resume={self.auto_resume!r}. Valid choices: None, True, False")
         if self.max_time is not None:
             self.duration = parse_duration(self.max_time)
         if self.fast_dev_run:
@@ -143,6 +162,20 @@ class TrainerConfig:
             self.val_check_interval = 1.0
         if self.max_epochs is None:
             self.max_epochs = -1 if (self.max_steps != -1 or self.duration is not None) else 1000
+
+    def _check_logger(self) -> None:
+        from ember.trainer.loggers.base import Logger  # (imported here: the loggers import the trainer)
+
+        items = self.logger if isinstance(self.logger, (list, tuple)) else [self.logger]
+        if not (
+            self.logger is None
+            or isinstance(self.logger, bool)
+            or all(isinstance(item, Logger) for item in items)
+        ):
+            raise TypeError(
+                f"logger={show(self.logger)} must be True, False, None, an ember Logger (CSVLogger, ...) "
+                "or a list of them"
+            )
 
     @classmethod
     def check_names(cls, names: list[str]) -> None:

@@ -46,6 +46,8 @@ def run_fit(trainer: Trainer) -> None:
             state.val_done = True
         if not state.epoch_done:
             _end_epoch(trainer)
+            # A boundary too: a checkpoint saved here resumes at the next epoch.
+            trainer._preemption.stop_if_signalled(trainer)
         state.next_epoch()
     call_hook(trainer, "on_train_end")
     call_hook(trainer, "on_fit_end")
@@ -86,6 +88,7 @@ def _train_batch(trainer: Trainer, batch: Any, limit: int | float) -> str | None
     if call_hook(trainer, "on_train_batch_start", batch, batch_idx) == -1:
         return "end_epoch"
     is_last = batch_idx + 1 >= limit or (math.isinf(limit) and accelerator.end_of_dataloader)
+    should_step = True  # manual optimisation: every batch ends at a step boundary
     if trainer.module.automatic_optimization:
         should_step = (batch_idx + 1) % trainer.config.accumulate_grad_batches == 0 or is_last
         with accelerator.accumulate(trainer.model, sync=should_step):
@@ -106,6 +109,10 @@ def _train_batch(trainer: Trainer, batch: Any, limit: int | float) -> str | None
     call_hook(trainer, "on_train_batch_end", outputs, batch, batch_idx)
     if _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
+    # A step boundary: no gradients are pending and the validation due after this batch has run, so
+    # a checkpoint here resumes exactly with the next batch. A pre-emption stops here.
+    if should_step:
+        trainer._preemption.stop_if_signalled(trainer)
     return None
 
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import ExitStack
+import sys
+import warnings
+from contextlib import ExitStack, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT
 from ember.accelerator import Accelerator
 from ember.callbacks.base import Callback
 from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
 from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
-from ember.strategies.environment import launch_defaults
+from ember.strategies.environment import detect_environment, launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import find_loaders, val_check_batch
@@ -27,6 +31,7 @@ from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
+from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
 
@@ -42,6 +47,12 @@ class Trainer(TrainerProperties):
         trainer.fit(model, train_loader, val_loader)
 
     Strategy-specific options belong to the strategy object (``strategy=DDPStrategy(DDPConfig(...))``).
+
+    During ``fit``, SIGTERM or SIGUSR1 saves the ``last`` checkpoint at the next step boundary and
+    ends the process with status 75 (:class:`~ember.trainer.preemption.Preempted`). ``auto_resume``:
+    a ``fit`` without ``ckpt_path`` resumes from the newest valid checkpoint of the ModelCheckpoint's
+    directory; ``None`` (default) does so only in a restarted process (``ember launch
+    --max-restarts``, a requeued SLURM job).
     """
 
     def __init__(
@@ -77,6 +88,9 @@ class Trainer(TrainerProperties):
         detect_anomaly: bool = False,
         use_distributed_sampler: bool = True,
         seed: int | None = None,
+        auto_resume: bool | None = None,
+        non_finite: str | None = "stop",
+        collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
         **unexpected: Any,
     ) -> None:
         TrainerConfig.check_names(list(unexpected))
@@ -93,6 +107,7 @@ class Trainer(TrainerProperties):
         self.accelerator = Accelerator(
             accelerator=config.accelerator, strategy=strategy, devices=config.devices,
             precision=config.precision, gradient_accumulation_steps=config.accumulate_grad_batches, seed=config.seed,
+            collective_timeout=config.collective_timeout,
         )  # fmt: skip
         if self.accelerator.num_processes % config.num_nodes:
             raise ValueError(
@@ -121,6 +136,7 @@ class Trainer(TrainerProperties):
         self._val_loaders: list[PreparedDataLoader] = []
         self._val_check_batch = 1
         self._resumed = False
+        self._preemption = PreemptionGuard()
         self.num_training_batches: int | float = 0
         self.num_val_batches: list[int | float] = []
         self.logged_metrics: dict[str, float] = {}
@@ -130,9 +146,18 @@ class Trainer(TrainerProperties):
     # -- entry points -------------------------------------------------------------------------------
     def fit(self, module: TrainModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: DataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
-        """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly."""
+        """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly.
+
+        Without ``ckpt_path``, ``auto_resume`` may pick the newest valid checkpoint (see the class).
+        """
         self._attach(module, "fit", datamodule)
-        checkpoint = checkpointing.resolve_path(self, ckpt_path) if ckpt_path is not None else None
+        checkpoint: Path | None
+        if ckpt_path is not None:
+            checkpoint = checkpointing.resolve_path(self, ckpt_path)
+        else:
+            checkpoint = checkpointing.newest_valid(self) if self._resumes_automatically() else None
+            if checkpoint is not None and self.is_global_zero:
+                print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
         trains = self._loaders("train", train_dataloaders, datamodule)
         if len(trains) > 1:
             raise ValueError(
@@ -283,6 +308,12 @@ class Trainer(TrainerProperties):
         return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]
 
     def _run(self, loop: Any, stage: str) -> Any:
+        # SIGTERM / SIGUSR1 end a fit at a step boundary, with a checkpoint. Outermost, so that a signal
+        # the fit did not act on is passed on after the loggers were finalized and the teardown hooks ran.
+        with self._preemption.during_fit() if stage == "fit" else nullcontext():
+            return self._run_stage(loop, stage)
+
+    def _run_stage(self, loop: Any, stage: str) -> Any:
         self.stage = stage
         module = self.module
         if self.is_global_zero and stage == "fit":
@@ -295,7 +326,7 @@ class Trainer(TrainerProperties):
                     stack.enter_context(torch.autograd.detect_anomaly())
                 return loop(self)
         except BaseException as exception:
-            status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            status = "interrupted" if isinstance(exception, (KeyboardInterrupt, Preempted)) else "failed"
             call_hook(self, "on_exception", exception, module_hook=False)
             raise
         finally:
@@ -305,6 +336,28 @@ class Trainer(TrainerProperties):
             call_hook(self, "teardown", stage)
             if self._datamodule is not None:
                 self._datamodule.teardown(stage)
+
+    def _resumes_automatically(self) -> bool:
+        wanted = self.config.auto_resume
+        if wanted is None:  # the default: resume when the launcher restarted the processes
+            restarted = float(detect_environment().restart_count > 0)
+            flag = torch.tensor([restarted], device=self.accelerator.device)
+            # torchelastic counts restarts per node (a node that only re-joined counts none): agree.
+            if self.accelerator.num_processes > 1:
+                flag = self.accelerator.reduce(flag, "max")
+            wanted = bool(flag.item())
+        if wanted and self.checkpoint_callback is None:
+            if self.config.auto_resume:
+                raise ValueError(
+                    "auto_resume=True looks for checkpoints in the ModelCheckpoint's directory, and this fit has "
+                    "no ModelCheckpoint (enable_checkpointing=False?)"
+                )
+            warnings.warn(
+                "this process was restarted, but without a ModelCheckpoint the fit starts afresh",
+                stacklevel=3,
+            )
+            return False
+        return wanted
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         call_hook(self, "on_before_backward", loss)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from ember._validation import show
 from ember.strategies.environment import detect_environment
 
 if TYPE_CHECKING:
@@ -86,6 +87,16 @@ def _next_version(root: Path) -> int:
         int(p.name.split("_", 1)[1]) for p in root.glob("version_*") if p.name.split("_", 1)[1].isdigit()
     ]
     return max(taken, default=-1) + 1
+
+
+def _check_version(version: Any, owner: str) -> None:
+    """``version``: None (the next free one), an int >= 0 (``version_N``), or a folder name."""
+    if version is None or isinstance(version, str):
+        return
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise TypeError(f"{owner}(version={show(version)}) must be None, an int >= 0 or a folder name")
+    if version < 0:
+        raise ValueError(f"{owner}(version={version}) must be None, an int >= 0 or a folder name")
 
 
 def _version_folder(version: int | str) -> str:

@@ -11,7 +11,8 @@ from typing import Any
 
 from typing_extensions import override
 
-from ember.trainer.loggers.base import Logger, _next_version, _version_folder
+from ember._validation import check_int, check_path, check_str
+from ember.trainer.loggers.base import Logger, _check_version, _next_version, _version_folder
 
 __all__ = ["CSVLogger"]
 
@@ -31,6 +32,10 @@ class CSVLogger(Logger):
 
     def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "logs", version: int | str | None = None,
                  flush_every_n_rows: int = 100) -> None:  # fmt: skip
+        check_path("save_dir", save_dir, owner="CSVLogger")
+        check_str("name", name, owner="CSVLogger")
+        _check_version(version, "CSVLogger")
+        check_int("flush_every_n_rows", flush_every_n_rows, minimum=1, owner="CSVLogger")
         self._save_dir = Path(save_dir)
         self._name = name
         self._version = version

@@ -11,8 +11,10 @@ from typing import Any
 
 from typing_extensions import override
 
+from ember._validation import check_path, check_str
 from ember.trainer.loggers.base import (
     Logger,
+    _check_version,
     _flatten,
     _is_global_zero,
     _next_version,
@@ -41,6 +43,10 @@ class TensorBoardLogger(Logger):
 
     def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "tensorboard",
                  version: int | str | None = None, prefix: str = "", **writer_kwargs: Any) -> None:  # fmt: skip
+        check_path("save_dir", save_dir, owner="TensorBoardLogger")
+        check_str("name", name, owner="TensorBoardLogger")
+        _check_version(version, "TensorBoardLogger")
+        check_str("prefix", prefix, owner="TensorBoardLogger")
         self._save_dir, self._name, self._version = Path(save_dir), name, version
         self._prefix, self._writer_kwargs = prefix, writer_kwargs
         self._experiment: Any = None

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from typing_extensions import override
 
+from ember._validation import check_bool, check_path, check_str, show
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.trainer.loggers.base import Logger, _is_global_zero, _NoExperiment
 
@@ -52,7 +53,17 @@ class WandbLogger(Logger):
                  version: str | None = None, offline: bool = False, log_model: bool | Literal["all"] = False,
                  prefix: str = "", entity: str | None = None, tags: Sequence[str] | None = None,
                  group: str | None = None, *, id: str | None = None, **init_kwargs: Any) -> None:  # fmt: skip
-        if log_model not in (True, False, "all"):
+        check_path("save_dir", save_dir, owner="WandbLogger")
+        for key, value in (("project", project), ("name", name), ("version", version), ("entity", entity),
+                           ("group", group), ("id", id)):  # fmt: skip
+            check_str(key, value, owner="WandbLogger", optional=True)
+        check_bool("offline", offline, owner="WandbLogger")
+        check_str("prefix", prefix, owner="WandbLogger")
+        if tags is not None and (
+            not isinstance(tags, (list, tuple)) or not all(isinstance(tag, str) for tag in tags)
+        ):
+            raise TypeError(f"WandbLogger(tags={show(tags)}) must be None or a list of strings")
+        if not any(log_model is choice for choice in (True, False)) and log_model != "all":
             raise ValueError(f"WandbLogger(log_model={log_model!r}): valid choices are False, True, 'all'")
         if version is not None and id is not None and version != id:
             raise ValueError(f"WandbLogger(version={version!r}, id={id!r}): pass one run id, not two")

@@ -1,0 +1,206 @@
+"""``NonFiniteGuard``: stop, or skip the step, when the loss or a gradient becomes NaN or Inf."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from ember.callbacks.base import Callback
+from ember.strategies.base import OwnsOptimizerStep
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["NonFiniteGuard"]
+
+log = logging.getLogger("ember")
+_MODES = ("stop", "skip")
+
+
+class NonFiniteGuard(Callback):
+    """Check the loss and the gradients of each optimizer step for NaN/Inf, right before the step.
+
+    ``mode="stop"`` raises :class:`FloatingPointError` naming the step and the loss or the first
+    parameter (in the optimizer's order) whose gradient is not finite. ``mode="skip"`` drops that
+    step's gradients (``grad = None``, which every torch optimizer skips: no update, no weight decay,
+    no momentum change) and training goes on; ``skipped_steps`` counts them.
+
+    Cost of a checked step: one pass over the gradients (``torch._foreach_norm``, the memory traffic
+    of norm clipping), a two-number all-reduce so every rank takes the same decision, and one
+    device-to-host sync. ``check_every_n_steps=N`` checks every N-th step only. ``None``: every step,
+    except on an XLA device, where it checks none: reading the result on the host would end the
+    step's lazy graph early (a second graph, compiled once, runs on each checked step), so it
+    takes an explicit ``check_every_n_steps`` there.
+
+    Gradients are left alone where another mechanism owns them: under ``precision="16-mixed"`` the
+    grad scaler already skips steps with Inf/NaN gradients (and lowers its scale), and DeepSpeed's
+    engine keeps the gradients and steps inside ``backward``; there only the loss is checked, and
+    ``mode="skip"`` is refused for DeepSpeed.
+
+    Example::
+
+        Trainer(callbacks=[NonFiniteGuard(mode="skip", check_every_n_steps=10)])
+        Trainer(non_finite="skip")  # the same guard with the default check interval
+    """
+
+    def __init__(self, mode: str = "stop", check_every_n_steps: int | None = None) -> None:
+        if mode not in _MODES:
+            raise ValueError(f"NonFiniteGuard(mode={mode!r}): valid choices are 'stop', 'skip'")
+        if check_every_n_steps is not None and (
+            isinstance(check_every_n_steps, bool)
+            or not isinstance(check_every_n_steps, int)
+            or check_every_n_steps < 1
+        ):
+            raise ValueError(
+                f"NonFiniteGuard(check_every_n_steps={check_every_n_steps!r}) must be None or an int >= 1"
+            )
+        self.mode = mode
+        self.check_every_n_steps = check_every_n_steps
+        self.skipped_steps = 0
+        self._every = check_every_n_steps or 1  # 0: no step is checked
+        self._losses: list[torch.Tensor] = []
+        self._names: dict[int, str] = {}
+        self._plan_key: tuple[int, ...] = ()
+        self._plan: list[tuple[torch.dtype, list[int], torch.Tensor]] = []
+
+    @override
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        if stage == "fit" and self.mode == "skip" and isinstance(trainer.strategy, OwnsOptimizerStep):
+            raise ValueError(
+                f"NonFiniteGuard(mode='skip') cannot skip steps under strategy={trainer.strategy.strategy_name!r}: "
+                "its engine applies the optimizer step inside backward. Use mode='stop'"
+            )
+
+    @override
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.check_every_n_steps is None:
+            self._every = 0 if trainer.accelerator.device.type == "xla" else 1
+        # After prepare: the parameters the optimizers hold now (FSDP replaced them by shards).
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._losses.clear()
+
+    @override
+    def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: torch.Tensor) -> None:
+        if self._every and trainer.global_step % self._every == 0:
+            self._losses.append(loss.detach())
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, module: TrainModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        losses, self._losses = self._losses, []
+        if not self._every or trainer.global_step % self._every != 0:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        first_bad, loss_rank = self._find(trainer, params, losses)
+        if first_bad < 0 and loss_rank < 0:
+            return
+        problem = _describe(params, first_bad, loss_rank, self._names)
+        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.state.batch_idx})"
+        if self.mode == "stop":
+            raise FloatingPointError(
+                f"NonFiniteGuard: {problem} at {where}. Lower the learning rate, clip gradients, look for a "
+                "bad batch, or pass NonFiniteGuard(mode='skip') / Trainer(non_finite='skip') to skip such steps"
+            )
+        for param in params:  # optimizers skip parameters without a gradient
+            param.grad = None
+        self.skipped_steps += 1
+        if trainer.is_global_zero:
+            log.warning("NonFiniteGuard: %s at %s; skipped this optimizer step", problem, where)
+
+    def _find(
+        self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]
+    ) -> tuple[int, int]:
+        """(index of the first parameter with a non-finite gradient, rank with a non-finite loss), -1
+        for none, agreed by every rank, with one device-to-host sync."""
+        device = trainer.accelerator.device
+        first = torch.zeros((), dtype=torch.int64, device=device)  # len(params) - index, 0: none
+        if params and self._checks_gradients(trainer):
+            bad = self._bad_gradients(params, device)
+            first = torch.where(bad.any(), len(params) - bad.int().argmax(), 0)
+        loss_rank = torch.zeros((), dtype=torch.int64, device=device)  # rank + 1, 0: none
+        if losses:
+            finite = torch.isfinite(torch.stack([loss.float().sum().to(device) for loss in losses])).all()
+            loss_rank = torch.where(finite, 0, trainer.global_rank + 1)
+        summary = torch.stack([first, loss_rank])
+        if trainer.world_size > 1:  # sharded gradients and per-rank losses: every rank must agree
+            summary = trainer.accelerator.reduce(summary, "max")
+        worst_first, worst_rank = (int(v) for v in summary.tolist())
+        return (len(params) - worst_first if worst_first else -1), worst_rank - 1
+
+    def _bad_gradients(self, params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """One flag per parameter, on ``device``: its gradient holds a NaN or an Inf (no sync).
+
+        Parameters are checked by dtype, one ``_foreach_norm`` (2-norm, in float32 for float16 and
+        bfloat16) each. A norm is not finite when an element is not, or when the elements are so
+        large (about 1e19 in float32, 1e154 in float64) that the sum of their squares overflows:
+        a diverged step too. A parameter without a gradient counts as finite; a shard is checked
+        where it lives.
+        """
+        key = tuple(id(p) for p in params)
+        if self._plan_key != key:  # the positions per dtype, as index tensors made once
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, param in enumerate(params):
+                by_dtype.setdefault(param.dtype, []).append(i)
+            self._plan = [(dtype, pos, torch.tensor(pos, device=device)) for dtype, pos in by_dtype.items()]
+            self._plan_key = key
+        bad = torch.zeros(len(params), dtype=torch.bool, device=device)
+        for dtype, positions, index in self._plan:
+            zero = torch.zeros((), dtype=dtype, device=device)
+            grads = [zero if (g := params[i].grad) is None else _local(g) for i in positions]
+            low = dtype in (torch.float16, torch.bfloat16)  # summed in float32: float16 cannot overflow
+            norms = (
+                torch._foreach_norm(grads, 2, dtype=torch.float32) if low else torch._foreach_norm(grads, 2)
+            )
+            if len({n.device for n in norms}) > 1:  # e.g. some gradients offloaded to the CPU
+                norms = tuple(n.to(device) for n in norms)
+            bad[index] = ~torch.isfinite(torch.stack(norms)).to(device)
+        return bad
+
+    def _checks_gradients(self, trainer: Trainer) -> bool:
+        scaler = getattr(trainer.precision, "scaler", None)  # 16-mixed: the scaler skips Inf steps itself
+        return scaler is None and not isinstance(trainer.strategy, OwnsOptimizerStep)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+def _describe(params: list[torch.Tensor], first_bad: int, loss_rank: int, names: dict[int, str]) -> str:
+    parts = []
+    if loss_rank >= 0:
+        parts.append(f"the loss is not finite (on rank {loss_rank})")
+    if first_bad >= 0:
+        param = params[first_bad]
+        name = names.get(id(param), f"#{first_bad} of the optimizer's parameters")
+        parts.append(f"the gradient of parameter {name!r} {_kind(param.grad)}")
+    return " and ".join(parts)
+
+
+def _kind(grad: torch.Tensor | None) -> str:
+    """What this rank sees in ``grad`` (one more sync, on the failure path only)."""
+    if grad is None:
+        return "is not finite"
+    local = _local(grad)
+    if bool(torch.isnan(local).any()):
+        return "contains NaN"
+    if bool(torch.isinf(local).any()):
+        return "contains Inf"
+    summed_in = torch.float32 if local.dtype in (torch.float16, torch.bfloat16) else None  # as checked
+    if not math.isfinite(float(torch.linalg.vector_norm(local, dtype=summed_in))):
+        return "has finite elements too large for its norm to be represented"
+    return "is not finite on another rank"
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

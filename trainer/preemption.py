@@ -1,0 +1,178 @@
+"""Pre-emption: SIGTERM or SIGUSR1 during ``fit`` ends the fit at the next step boundary, with a checkpoint.
+
+Schedulers announce the end of a job with a signal some time before they kill it: SLURM's
+``#SBATCH --signal=USR1@90``, SIGTERM before SIGKILL (SLURM, Kubernetes), torchrun's SIGTERM to the
+workers of a group it stops. During ``Trainer.fit``:
+
+1. the handler only records the signal. It runs between two bytecodes of the main thread, in the
+   middle of a step, where nothing consistent can be saved;
+2. at the next step boundary (after a batch that stepped the optimizer, and the validation that
+   follows it; and after each epoch's end) the processes combine their flags with an all-reduce
+   "max", so they all stop at the same step, even when the signal reached only some of them;
+3. they save the ``last`` checkpoint of the ModelCheckpoint's directory together, and ``fit`` raises
+   :class:`Preempted` (a ``SystemExit`` with status 75). The next run resumes with
+   ``fit(ckpt_path="last")``, or by itself after a restart (``Trainer(auto_resume=...)``).
+
+The handlers are installed in the main thread only, for the duration of ``fit``, and the previous
+ones are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ember.trainer import checkpointing
+
+if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["PREEMPTED_EXIT_CODE", "PREEMPTION_SIGNALS", "Preempted"]
+
+PREEMPTION_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)
+# EX_TEMPFAIL of sysexits.h, "a temporary failure; the user is invited to retry": not 0, so that
+# torchrun (which restarts only failed groups) and workflow tools do not take a half-trained run for
+# a finished one; not 1 or 128+signal, so that a job script can tell "saved, resume me" from a crash.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(SystemExit):
+    """``Trainer.fit`` stopped for a pre-emption signal, after saving ``checkpoint``.
+
+    Uncaught, it ends the script like ``sys.exit(75)``: ``finally`` blocks and ``atexit`` handlers
+    run, and no traceback is printed. Catch it to exit differently::
+
+        try:
+            trainer.fit(module, loader)
+        except Preempted as stop:
+            print(f"stopped by {stop.signal.name} at step {stop.global_step}: {stop.checkpoint}")
+            raise SystemExit(0) from None
+    """
+
+    def __init__(self, signum: int, checkpoint: Path | None, global_step: int) -> None:
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.signal = signal.Signals(signum)
+        self.checkpoint = checkpoint  # None: no ModelCheckpoint, nothing was saved
+        self.global_step = global_step
+
+
+class _SignalCatcher:
+    """Records the first pre-emption signal while installed; restores the previous handlers on exit."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
+        self.signals = signals
+        self.received: int | None = None
+        self.acted = False  # the fit stopped for it (else it is passed on when the fit ends)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _SignalCatcher:
+        self.received, self.acted = None, False
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python runs handlers in the main thread only: a fit elsewhere is not pre-emptible
+        for signum in self.signals:
+            previous = signal.getsignal(signum)
+            # SIG_IGN: the process was told to ignore this signal, and keeps doing so. None: a handler
+            # installed outside Python, which could not be put back.
+            if previous is signal.SIG_IGN or previous is None:
+                continue
+            self._previous[signum] = previous
+            signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # a Python handler installed before the fit still runs (chained)
+            previous(signum, frame)
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        previous_of_received = self._previous.get(self.received) if self.received is not None else None
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:  # unless someone replaced ours meanwhile
+                signal.signal(signum, previous)
+        self._previous = {}
+        # A signal that came after the last step boundary of a fit that ended normally was not acted
+        # on: with the default disposition, deliver it again now, so the process ends as it would have
+        # without the fit in the way. (A Python handler already ran; an exception propagating is the
+        # more useful report, so it is left alone.)
+        if (
+            self.received is not None
+            and not self.acted
+            and kind is None
+            and previous_of_received is signal.SIG_DFL
+        ):
+            signal.raise_signal(self.received)
+
+
+class PreemptionGuard:
+    """The Trainer's pre-emption handling: the signal catcher, and the agreement at step boundaries."""
+
+    def __init__(self) -> None:
+        self._catcher = _SignalCatcher()
+        self._flag: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+
+    @contextmanager
+    def during_fit(self) -> Iterator[None]:
+        self._flag = self._pending = None
+        try:
+            with self._catcher:
+                yield
+        finally:
+            self._flag = self._pending = None
+
+    def stop_if_signalled(self, trainer: Trainer) -> None:
+        """At a step boundary: when a process got a signal, every process saves ``last`` and raises."""
+        signum = self._agreed_signal(trainer.accelerator)
+        if not signum:
+            return
+        self._catcher.acted = True
+        path = checkpointing.save_last(trainer)
+        if trainer.is_global_zero:
+            name = signal.Signals(signum).name
+            where = f"saved {path}" if path is not None else "no ModelCheckpoint, nothing saved"
+            print(
+                f"ember: pre-empted by {name} at step {trainer.global_step}: {where}; "
+                f"exiting with status {PREEMPTED_EXIT_CODE}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise Preempted(signum, path, trainer.global_step)
+
+    def _agreed_signal(self, accelerator: Accelerator) -> int:
+        """The largest signal number any process has received, the same on every process (0: none).
+
+        Every process calls this at the same boundaries, so the all-reduces pair up. On the CPU
+        (gloo) the reduce has finished when it returns and is read at once: a few microseconds. On
+        an accelerator the result is read at the *next* boundary: by then the device has long run
+        the reduce, so reading it does not stall the host, which stays a step ahead of the device as
+        usual; the stop then comes one boundary later. The flag lives on the device, filled in
+        place, so no host-to-device copy (which would synchronize) happens either.
+        """
+        local = self._catcher.received or 0
+        if accelerator.num_processes == 1:
+            return local
+        if self._pending is not None:
+            agreed, self._pending = int(self._pending.item()), None
+            if agreed:
+                return agreed
+        if self._flag is None:
+            self._flag = torch.zeros(1, device=accelerator.device)
+        self._flag.fill_(local)
+        reduced: torch.Tensor = accelerator.reduce(self._flag, "max")
+        if reduced.device.type == "cpu":
+            return int(reduced.item())
+        self._pending = reduced
+        return 0
