@@ -123,8 +123,12 @@ def _convert(option: _Option, raw: object, label: str) -> Any:
             raise LaunchConfigError(f"{label} {value} must be >= {option.minimum}")
         return value
     # YAML reads `precision: 16` as an int; the command line would have given the string "16".
-    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+    if (isinstance(raw, bool) or not isinstance(raw, (str, int))) and not (
+        option.choices or option.key in ("strategy", "precision")
+    ):
         raise LaunchConfigError(f"{label} {raw!r} is not a string")
+    # A name that is not a string (e.g. argparse's [] for `--strategy --`) fails the choice or
+    # registry check below, whose message lists the valid names.
     text = str(raw)
     if option.key == "master_addr" and (not text or not text.isprintable() or any(c.isspace() for c in text)):
         raise LaunchConfigError(f"{label} {text!r} is not a host name or an IP address")
