@@ -65,6 +65,7 @@ class Regression(TrainModule):
 
 # -- one device: the Trainer ------------------------------------------------------------------------
 def _trainer_worker(root: str) -> dict[str, Any]:
+    import torch_xla.core.xla_model as xm
     import torch_xla.debug.metrics as met
 
     from ember.callbacks import Callback
@@ -84,6 +85,9 @@ def _trainer_worker(root: str) -> dict[str, Any]:
         def on_train_batch_end(
             self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
         ) -> None:
+            # Executions run asynchronously after the step's sync: wait for them, so a count read
+            # here covers this step (waiting moves no data to the host).
+            xm.wait_device_ops()
             self.compiles.append(count("CompileTime"))
             self.transfers.append(count("TransferFromDeviceTime"))
             self.executions.append(count("ExecuteTime"))
