@@ -475,11 +475,11 @@ def test_a_misspelled_trainer_argument_suggests_the_name(quiet_dir: Path) -> Non
 
 # -- `ember launch` / `ember config` -----------------------------------------------------------------
 _LAUNCH_OPTIONS: dict[str, Callable[[str], bool]] = {  # flag -> which text values are valid
-    "--nproc-per-node": lambda t: t.strip().lstrip("+").isdigit() and int(t) >= 1,
-    "--nnodes": lambda t: t.strip().lstrip("+").isdigit() and int(t) >= 1,
-    "--node-rank": lambda t: t.strip().lstrip("+").isdigit() and int(t) == 0,
-    "--master-port": lambda t: t.strip().lstrip("+").isdigit() and 1 <= int(t) <= 65535,
-    "--max-restarts": lambda t: t.strip().lstrip("+").isdigit(),
+    "--nproc-per-node": lambda t: t.strip().lstrip("+").isdecimal() and int(t) >= 1,
+    "--nnodes": lambda t: t.strip().lstrip("+").isdecimal() and int(t) >= 1,
+    "--node-rank": lambda t: t.strip().lstrip("+").isdecimal() and int(t) == 0,
+    "--master-port": lambda t: t.strip().lstrip("+").isdecimal() and 1 <= int(t) <= 65535,
+    "--max-restarts": lambda t: t.strip().lstrip("+").isdecimal(),
     "--master-addr": lambda t: bool(t) and t.isprintable() and not any(c.isspace() for c in t),
     "--strategy": lambda t: t in _STRATEGIES,
     "--precision": lambda t: t in {str(p) for p in _PRECISIONS},
