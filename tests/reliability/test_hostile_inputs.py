@@ -447,8 +447,14 @@ def quiet_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     yield tmp_path
 
 
+# derandomize: CI sees the same examples every run (two random runs each found a new edge case, both
+# fixed); to search further, run locally with derandomize=False and a higher max_examples.
 _SETTINGS = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    database=None,
+    derandomize=True,
 )
 
 
