@@ -64,6 +64,31 @@ class Logger(ABC):
         return None
 
 
+class VersionedLogger(Logger):
+    """A logger writing ``<save_dir>/<name>/version_N/``: the next free N unless a version is given.
+
+    Subclasses set ``_save_dir`` (a Path), ``_name`` and ``_version`` (None: not chosen yet).
+    """
+
+    _save_dir: Path
+    _name: str
+    _version: int | str | None
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> int | str:
+        if self._version is None:
+            self._version = _next_version(self._save_dir / self._name)
+        return self._version
+
+    @property
+    def log_dir(self) -> str:
+        return str(self._save_dir / self._name / _version_folder(self.version))
+
+
 class _NoExperiment:
     """What ``experiment`` is on ranks other than 0: every attribute is a call that does nothing."""
 

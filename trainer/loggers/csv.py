@@ -12,12 +12,12 @@ from typing import Any
 from typing_extensions import override
 
 from ember._validation import check_int, check_path, check_str
-from ember.trainer.loggers.base import Logger, _check_version, _next_version, _version_folder
+from ember.trainer.loggers.base import VersionedLogger, _check_version, _version_folder
 
 __all__ = ["CSVLogger"]
 
 
-class CSVLogger(Logger):
+class CSVLogger(VersionedLogger):
     """Metric rows in a CSV file, one column per metric (the default logger).
 
     The version is the next free ``version_N`` unless given. When a fit resumes from a checkpoint
@@ -43,23 +43,6 @@ class CSVLogger(Logger):
         self._rows: list[dict[str, Any]] = []
         self._columns: list[str] = []
         self._rows_written = 0
-
-    @property
-    @override
-    def name(self) -> str:
-        return self._name
-
-    @property
-    @override
-    def version(self) -> int | str:
-        if self._version is None:
-            self._version = _next_version(self._save_dir / self._name)
-        return self._version
-
-    @property
-    @override
-    def log_dir(self) -> str:
-        return str(self._save_dir / self._name / _version_folder(self.version))
 
     @property
     def metrics_file(self) -> Path:

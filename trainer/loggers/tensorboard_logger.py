@@ -13,11 +13,10 @@ from typing_extensions import override
 
 from ember._validation import check_path, check_str
 from ember.trainer.loggers.base import (
-    Logger,
+    VersionedLogger,
     _check_version,
     _flatten,
     _is_global_zero,
-    _next_version,
     _NoExperiment,
     _version_folder,
 )
@@ -25,7 +24,7 @@ from ember.trainer.loggers.base import (
 __all__ = ["TensorBoardLogger"]
 
 
-class TensorBoardLogger(Logger):
+class TensorBoardLogger(VersionedLogger):
     """Scalars for TensorBoard, through ``torch.utils.tensorboard.SummaryWriter``.
 
     Each metric is a scalar at the Trainer's global step. The hyper-parameters go to
@@ -54,23 +53,6 @@ class TensorBoardLogger(Logger):
         self._last_step = -1
         self._last_row: list[tuple[str, float]] = []
         self._purge_step: int | None = None
-
-    @property
-    @override
-    def name(self) -> str:
-        return self._name
-
-    @property
-    @override
-    def version(self) -> int | str:
-        if self._version is None:
-            self._version = _next_version(self._save_dir / self._name)
-        return self._version
-
-    @property
-    @override
-    def log_dir(self) -> str:
-        return str(self._save_dir / self._name / _version_folder(self.version))
 
     @property
     def experiment(self) -> Any:
