@@ -88,3 +88,23 @@ def run_main(
     section = report(args)
     write_section(args.results, name, section)
     print(section)
+
+
+RATIOS = Path(__file__).resolve().parent / "results"
+
+
+def record_ratios(name: str, rows: Sequence[dict[str, Any]], directory: Path = RATIOS) -> Path:
+    """Write script ``name``'s ratios to ``results/<name>.json`` for the runner's chart.
+
+    Each row: ``{"case": str, "ratio": float, "low": float, "high": float, "budget": float | None}``
+    (the median ratio of a contender to its baseline, the spread over repetitions, and the budget
+    the ratio must stay under, if any).
+    """
+    for row in rows:
+        missing = {"case", "ratio", "low", "high", "budget"} - row.keys()
+        if missing:
+            raise ValueError(f"ratio row {row!r} lacks {sorted(missing)}")
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(list(rows), indent=1) + "\n")
+    return path
