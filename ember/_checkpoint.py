@@ -156,7 +156,7 @@ def save_state(
             write_tree(staging, f"custom_checkpoint_{i}", obj.state_dict())
         for name, value in extra.items():
             write_tree(staging, name, value)
-    write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state())
+    write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state(xla=strategy.accelerator == "xla"))
     for name, value in rank_extra.items():  # every rank's own state, like its RNG
         write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
     strategy.barrier("save_state:written")

@@ -1,8 +1,9 @@
-"""Seeding and per-rank RNG state (python, numpy, torch CPU and CUDA)."""
+"""Seeding and per-rank RNG state (python, numpy, torch CPU and CUDA, XLA)."""
 
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,8 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(xla: bool = False) -> dict[str, Any]:
+    """This process's generator states; with ``xla``, also the XLA device's (its running seed)."""
     version, internal, gauss = random.getstate()
     kind, raw_keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
     keys = np.asarray(raw_keys)
@@ -39,6 +41,10 @@ def rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if xla:
+        import torch_xla.core.xla_model as xm
+
+        state["xla"] = int(xm.get_rng_state())
     return state
 
 
@@ -58,3 +64,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "xla" in state and "torch_xla" in sys.modules:  # an XLA run's checkpoint, loaded on XLA
+        import torch_xla.core.xla_model as xm
+
+        xm.set_rng_state(int(state["xla"]))

@@ -14,6 +14,12 @@ collate_fn, workers) and changes three things:
 3. **A position.** The loader counts the batches it has yielded in the current epoch. Its
    ``state_dict`` (seed, epoch, position) goes into ``save_state``; after ``load_state`` the next pass
    yields the rest of the interrupted epoch, without loading the skipped batches.
+
+With worker processes (``num_workers > 0``), a worker seeds Python's ``random``, NumPy and torch
+before it fetches a batch, from (seed, epoch, rank, position in the epoch). Random draws in the
+dataset (augmentation) are then a function of the batch, not of which worker fetched it or of how
+many batches that worker fetched before, so a pass resumed in the middle of an epoch draws what the
+uninterrupted pass drew.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ember._tree import move_to_device
 
@@ -61,6 +67,57 @@ class _ListBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+class _PlannedBatch(list[int]):
+    """The indices of one batch and its place in the epoch plan: (seed, epoch, rank, position)."""
+
+    def __init__(self, indices: list[int], place: tuple[int, int, int, int]) -> None:
+        super().__init__(indices)
+        self.place = place
+
+
+class _SeededFetch(Dataset[Any]):
+    """The user's map-style dataset, as a worker process fetches it: each batch with its own seeds.
+
+    Before fetching a planned batch, the worker seeds ``random``, NumPy and torch from the batch's
+    place in the plan. Nothing changes in the main process (``num_workers=0`` draws from the main
+    process's generators, whose states are checkpointed).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        place = getattr(indices, "place", None)
+        if place is not None and get_worker_info() is not None:
+            _seed_for_batch(place)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            return getitems(list(indices))
+        return [self.dataset[i] for i in indices]
+
+    def __getattr__(self, name: str) -> Any:  # a worker_init_fn may look at the dataset's attributes
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def _seed_for_batch(place: tuple[int, int, int, int]) -> None:
+    import random
+
+    import numpy as np
+
+    words = np.random.SeedSequence(list(place)).generate_state(4, dtype=np.uint32)
+    random.seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    torch.manual_seed(int(words[2]) << 32 | int(words[3]))
 
 
 def _with_generator(sampler: Any, generator: torch.Generator) -> Any:
@@ -109,6 +166,7 @@ class PreparedDataLoader:
         self._iterable = isinstance(dataloader.dataset, IterableDataset)
         self._drop_last = bool(dataloader.drop_last)
         self._batch_sampler = _ListBatchSampler()
+        self._seeded_workers = dataloader.num_workers > 0 and not self._iterable
         self._loader = self._rebuild(dataloader)
 
     def _rebuild(self, dl: DataLoader[Any]) -> DataLoader[Any]:
@@ -134,7 +192,8 @@ class PreparedDataLoader:
             kwargs["in_order"] = dl.in_order
         if self._iterable:
             return DataLoader(dl.dataset, batch_size=dl.batch_size, drop_last=dl.drop_last, **kwargs)
-        return DataLoader(dl.dataset, batch_sampler=self._batch_sampler, **kwargs)
+        dataset = _SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
+        return DataLoader(dataset, batch_sampler=self._batch_sampler, **kwargs)
 
     # -- the epoch plan ---------------------------------------------------------------------------
     def _global_batches(self, epoch: int) -> list[list[int]]:
@@ -190,7 +249,13 @@ class PreparedDataLoader:
                     yield batch
             else:
                 batches, remainder = self._rank_plan(epoch)
-                self._batch_sampler.batches = batches[start:]
+                if self._seeded_workers:  # each batch carries its place, for the worker's seeds
+                    places = ((self._seed, epoch, self.rank, i) for i in range(start, len(batches)))
+                    self._batch_sampler.batches = [
+                        _PlannedBatch(b, p) for b, p in zip(batches[start:], places, strict=True)
+                    ]
+                else:
+                    self._batch_sampler.batches = batches[start:]
                 count = len(batches)
                 for batch in self._to_device(self._loader):
                     self._position += 1

@@ -274,7 +274,11 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
         import torch_xla.core.xla_model as xm
 
         if self._device is not None:
+            # A rendezvous cuts the graph, and every cut advances XLA's random seed. Keep the seed,
+            # so that the random stream does not depend on how many barriers (checkpoints) ran.
+            seed = xm.get_rng_state()
             xm.rendezvous(name or "barrier")
+            xm.set_rng_state(seed)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

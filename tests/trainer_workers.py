@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import os
+import random
 import signal
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
@@ -24,6 +26,18 @@ def dataset(n: int = 40) -> TensorDataset:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(n, 6, generator=g)
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+class Augmented(TensorDataset):
+    """``dataset()`` with random augmentation drawn in ``__getitem__`` from torch, NumPy and ``random``."""
+
+    def __init__(self) -> None:
+        super().__init__(*dataset().tensors)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = super().__getitem__(index)
+        noise = 0.1 * torch.randn(x.shape) + float(np.random.uniform(-0.05, 0.05))
+        return x * random.uniform(0.9, 1.1) + noise, y
 
 
 class Net(TrainModule):
@@ -55,19 +69,34 @@ class Net(TrainModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+def loaders() -> tuple[DataLoader, DataLoader]:
+    """Training data shuffled and augmented in 2 worker processes; plain validation data."""
+    return DataLoader(Augmented(), batch_size=4, shuffle=True, num_workers=2), DataLoader(
+        dataset(12), batch_size=5
+    )
+
+
 class Crash(Callback):
+    """Dies in the middle of the accumulation window after optimizer step ``at_step``."""
+
     def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
+        self.at_step, self.stepped = at_step, False
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
+            if self.stepped:  # the batch after the one that stepped: half a window is accumulated
+                raise RuntimeError("simulated crash")
+            self.stepped = True
 
 
 def fit(
     root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 3, strategy: str = "auto"
 ) -> dict:
-    """mode 'full': 3 epochs; 'crash': dies after step ``crash_at``; 'resume': continues from ``resume``."""
+    """mode 'full': 3 epochs; 'crash': dies after step ``crash_at``; 'resume': continues from ``resume``.
+
+    The data comes from ``loaders()``; the model has dropout and a step-interval LR scheduler, with
+    gradient accumulation and clipping.
+    """
     torch.manual_seed(0)
     callbacks: list[Callback] = [ModelCheckpoint(every_n_train_steps=every, save_top_k=-1)]
     if mode == "crash":
@@ -77,8 +106,7 @@ def fit(
         callbacks=callbacks, default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     module = Net()
-    train = DataLoader(dataset(), batch_size=4, shuffle=True)
-    val = DataLoader(dataset(12), batch_size=5)
+    train, val = loaders()
     try:
         trainer.fit(module, train, val, ckpt_path=resume or None)
     except RuntimeError as err:
@@ -188,8 +216,7 @@ def fit_preemptible(
         default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, auto_resume=auto_resume,
     )  # fmt: skip
     module = Net()
-    train = DataLoader(dataset(), batch_size=4, shuffle=True)
-    val = DataLoader(dataset(12), batch_size=5)
+    train, val = loaders()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:

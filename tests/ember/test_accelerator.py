@@ -135,6 +135,46 @@ class _Stream(IterableDataset[torch.Tensor]):
         return iter(torch.arange(7))
 
 
+class _Augmenting(Dataset):
+    """Each item carries draws from torch, NumPy and ``random``, made where it is fetched."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        return torch.tensor([float(index), torch.rand(()).item(), random.random(), float(np.random.rand())])
+
+
+def _two_epochs(workers: int, stop: int = 0, state: dict | None = None) -> tuple[list[torch.Tensor], dict]:
+    loader = Accelerator(seed=3).prepare(
+        DataLoader(_Augmenting(), batch_size=4, shuffle=True, num_workers=workers)
+    )
+    if state:
+        loader.load_state_dict(state)
+    seen: list[torch.Tensor] = []
+    while loader.epoch < 2:
+        for batch in loader:
+            seen.append(batch)
+            if len(seen) == stop:
+                return seen, loader.state_dict()
+    return seen, {}
+
+
+def test_worker_draws_are_a_function_of_the_batch() -> None:
+    full, _ = _two_epochs(workers=2)
+    head, state = _two_epochs(workers=2, stop=3)  # stopped mid-epoch: the workers are gone
+    tail, _ = _two_epochs(workers=2, state=state)
+    assert state == {"seed": 3, "epoch": 0, "position": 3}
+    assert len(full) == 12 and all(torch.equal(a, b) for a, b in zip(full, head + tail, strict=True))
+    assert len({round(float(b[0, 1]), 6) for b in full}) == 12  # every batch draws its own numbers
+    one_worker, _ = _two_epochs(workers=1)  # the same draws whichever worker fetches a batch
+    assert all(torch.equal(a, b) for a, b in zip(full, one_worker, strict=True))
+
+
 def test_iterable_dataset_single_process() -> None:
     accelerator = Accelerator()
     loader = accelerator.prepare(DataLoader(_Stream(), batch_size=3))

@@ -185,6 +185,38 @@ def test_several_processes_on_the_xla_cpu_device_are_refused_before_starting() -
     assert done.returncode == 2 and "runs one process that drives every device" in done.stderr
 
 
+def _close_rows(a: list[list[str]], b: list[list[str]], tolerance: float) -> bool:
+    """The same metrics.csv, numbers within ``tolerance`` (relative) of each other."""
+    if len(a) != len(b) or a[0] != b[0]:
+        return False
+    for row_a, row_b in zip(a[1:], b[1:], strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            if (x == "") != (y == "") or (
+                x and abs(float(x) - float(y)) > tolerance * max(1.0, abs(float(y)))
+            ):
+                return False
+    return True
+
+
+def test_trainer_resumes_on_xla_within_tolerance(tmp_path: Path) -> None:
+    # The exact-resume run of the CPU tests (dropout, augmentation in 2 workers, a step scheduler,
+    # accumulation, a crash mid-window) on one XLA device. The XLA generator's seed is checkpointed.
+    from trainer_workers import fit
+
+    full = run_in_subprocess(fit, str(tmp_path / "a"), "full", 0, "", 3, "xla", env=XLA_ENV, timeout=300)
+    crashed = run_in_subprocess(fit, str(tmp_path / "b"), "crash", 7, "", 3, "xla", env=XLA_ENV, timeout=300)
+    assert crashed == {"crashed": 7}
+    ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=6")
+    resumed = run_in_subprocess(
+        fit, str(tmp_path / "b"), "resume", 0, ckpt, 3, "xla", env=XLA_ENV, timeout=300
+    )
+    assert resumed["step"] == full["step"] == 15 and len(full["rows"]) > 20
+    assert _close_rows(resumed["rows"], full["rows"], 1e-5)
+    weights = [float.fromhex(v) for v in resumed["params"]]
+    reference = [float.fromhex(v) for v in full["params"]]
+    assert max(abs(a - b) for a, b in zip(weights, reference, strict=True)) < 1e-5
+
+
 # -- SPMD on 2 virtual CPU devices ------------------------------------------------------------------
 def _spmd_worker(strategy: str, checkpoint: str) -> dict[str, Any]:
     import torch_xla
