@@ -218,8 +218,13 @@ def launch(args: argparse.Namespace) -> int:
             os.environ[f"EMBER_{key.upper()}"] = value  # read by the script's Accelerator (environment.py)
     try:
         torchrun_main(torchrun_args(args))
-    except ChildFailedError:
-        return 1  # torchrun already printed which rank failed, with its traceback
+    except ChildFailedError as failed:  # torchrun already printed which rank failed, with its traceback
+        from ember.trainer.preemption import PREEMPTED_EXIT_CODE
+
+        # A pre-empted job (its first failure is a worker's status 75) says so, for the job script to
+        # requeue it; any other failure is 1.
+        _, first = failed.get_first_failure()
+        return PREEMPTED_EXIT_CODE if first.exitcode == PREEMPTED_EXIT_CODE else 1
     return 0
 
 

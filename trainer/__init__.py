@@ -3,6 +3,7 @@
 from ember.trainer.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig
+from ember.trainer.preemption import Preempted
 from ember.trainer.trainer import Trainer
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DataModule",
     "LRSchedulerConfig",
     "Logger",
+    "Preempted",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",

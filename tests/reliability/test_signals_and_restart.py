@@ -120,6 +120,27 @@ def test_only_rank_1_gets_sigusr1_and_both_ranks_stop_at_the_same_step(
     assert resumed[1]["params"] == two_ranks[1]["params"] == two_ranks[0]["params"]
 
 
+_PREEMPTED_SCRIPT = """
+import signal, sys
+import ember  # first: tests/ember (a test folder) would shadow the package
+sys.path.append({tests!r})
+from trainer_workers import fit_preemptible
+
+fit_preemptible(sys.argv[1], signal_at=4, signum=signal.SIGUSR1, signal_rank=1, catch=False)
+"""
+
+
+def test_ember_launch_exits_75_when_its_workers_were_preempted(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(_PREEMPTED_SCRIPT.format(tests=str(TESTS_DIR)))
+    command = [PYTHON, "-m", "ember", "launch", "--nproc-per-node", "2", str(script), str(tmp_path / "run")]
+    done = run_command(command, timeout=240)
+    log = done.stdout + done.stderr
+    assert done.returncode == PREEMPTED_EXIT_CODE, log[-6000:]  # for the job script to requeue
+    assert "pre-empted by SIGUSR1 at step 4" in log
+    assert _loop_of(tmp_path / "run" / "checkpoints" / "last")["global_step"] == 4
+
+
 _RESTART_SCRIPT = """
 import json, os, sys
 import ember  # first: tests/ember (a test folder) would shadow the package
