@@ -65,10 +65,17 @@ xla: $(XLA_STAMP)
 
 test: lint typecheck unit docs xla
 
-# Benchmarks write their tables into benchmarks/RESULTS.md (minutes; not part of `make test`).
-bench: $(STAMP)
-	$(BIN)/python benchmarks/fsdp_memory.py
-	$(BIN)/python benchmarks/zero_memory.py
+# The benchmark suite (benchmarks/run.py, several minutes): RESULTS.md and ratios.png in benchmarks/.
+# It compares ember with Lightning and Accelerate, installed here only (the `bench` extra; torch stays
+# pinned in the same command). Not part of `make test`. GPU section: $(BIN)/python benchmarks/run.py --device cuda
+BENCH_STAMP := $(VENV)/.ember-bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN) -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) build dist *.egg-info

@@ -1,7 +1,7 @@
 """Per-rank training-state memory and step time: FSDP vs DDP on 2 processes.
 
     python benchmarks/fsdp_memory.py                 # ~50M parameters; updates benchmarks/RESULTS.md
-    python benchmarks/fsdp_memory.py --width 64 --layers 2 --steps 2 --reps 1 --results /tmp/R.md
+    python benchmarks/fsdp_memory.py --quick --results /tmp/R.md --ratios /tmp/ratios
 
 Each rank counts the bytes of the tensors it holds for training — parameters, gradients (after
 backward) and optimizer state (Adam) — for the same model under ``strategy="ddp"`` and
@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import launch, machine, run_main, tensor_bytes
+from _common import launch, machine, ratio_row, record_ratios, run_main, tensor_bytes
+
+MEMORY_BUDGET = 0.5 * 1.05  # half of DDP's per-rank state, plus 5%
 
 
 def build(width: int, layers: int) -> nn.Module:
@@ -96,7 +98,13 @@ def report(args: argparse.Namespace) -> str:
         s: [statistics.median(r["step_s"] for r in ranks) for ranks in reps] for s, reps in results.items()
     }
     ratios = [f / d for f, d in zip(step["fsdp"], step["ddp"], strict=True)]
-    verdict = "within budget" if memory_ratio <= 0.5 * 1.05 else "OVER BUDGET"
+    verdict = "within budget" if memory_ratio <= MEMORY_BUDGET else "OVER BUDGET"
+    state = {s: [max(r["params"] + r["grads"] + r["optimizer"] for r in ranks) for ranks in reps]
+             for s, reps in results.items()}  # fmt: skip
+    record_ratios(args.name, [
+        ratio_row("per-rank training state: fsdp / ddp", state["fsdp"], state["ddp"], MEMORY_BUDGET),
+        ratio_row("step time: fsdp / ddp", step["fsdp"], step["ddp"], None),
+    ], args.ratios)  # fmt: skip
     return "\n".join(
         [
             "## FSDP vs DDP: per-rank training state, 2 processes",
@@ -127,7 +135,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reps", type=int, default=2)
-    run_main(parser, "fsdp_memory", ["ddp", "fsdp"], worker, report)
+    run_main(parser, "fsdp_memory", ["ddp", "fsdp"], worker, report,
+             quick={"width": 64, "layers": 2, "steps": 2, "reps": 1})  # fmt: skip
 
 
 if __name__ == "__main__":

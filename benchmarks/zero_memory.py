@@ -1,7 +1,7 @@
 """Per-rank memory and step time of DeepSpeed ZeRO-1/2/3 vs DDP on the example GPT, 2 processes.
 
     python benchmarks/zero_memory.py                 # updates benchmarks/RESULTS.md
-    python benchmarks/zero_memory.py --layers 1 --width 32 --steps 2 --reps 1 --results /tmp/R.md
+    python benchmarks/zero_memory.py --quick --results /tmp/R.md --ratios /tmp/ratios
 
 The model is ``examples/gpt_fsdp.py``'s GPT, trained with AdamW on its character corpus through the
 Accelerator loop. Each rank counts the bytes it holds of the model's parameters (ZeRO-3: its
@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import launch, machine, run_main, tensor_bytes
+from _common import launch, machine, ratio_row, record_ratios, run_main, tensor_bytes
 
 STRATEGIES = ("ddp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "gpt_fsdp.py"
+MEMORY_BUDGET = 0.5 * 1.05  # ZeRO-3: half of DDP's per-rank state, plus 5%
 
 
 def _example() -> Any:
@@ -113,6 +114,17 @@ def report(args: argparse.Namespace) -> str:
     numel = results["ddp"][0][0]["numel"]
     ddp_step = statistics.median(statistics.median(r["step_s"] for r in ranks) for ranks in results["ddp"])
     ddp_state = max(r["params"] + r["master"] + r["optimizer"] for r in results["ddp"][0])
+    state = {s: [max(r["params"] + r["master"] + r["optimizer"] for r in ranks) for ranks in reps]
+             for s, reps in results.items()}  # fmt: skip
+    steps = {
+        s: [statistics.median(r["step_s"] for r in ranks) for ranks in reps] for s, reps in results.items()
+    }
+    ratios = []
+    for s in strategies[1:]:
+        budget = MEMORY_BUDGET if s == "deepspeed_stage_3" else None
+        ratios += [ratio_row(f"per-rank state: {s} / ddp", state[s], state["ddp"], budget),
+                   ratio_row(f"step time: {s} / ddp", steps[s], steps["ddp"], None)]  # fmt: skip
+    record_ratios(args.name, ratios, args.ratios)
     rows = []
     mb = 1e6
     for strategy, reps in results.items():
@@ -155,7 +167,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated; ddp always runs")
-    run_main(parser, "zero_memory", STRATEGIES, worker, report)
+    run_main(parser, "zero_memory", STRATEGIES, worker, report,
+             quick={"layers": 1, "width": 48, "heads": 2, "chars": 20_000, "steps": 2, "reps": 1})  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,15 +1,44 @@
 """Trainer callbacks: the ``Callback`` base and the built-ins."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ember.callbacks.base import Callback
 from ember.callbacks.early_stopping import EarlyStopping
 from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
-from ember.callbacks.model_summary import ModelSummary
 from ember.callbacks.nan_guard import NonFiniteGuard
-from ember.callbacks.progress import RichProgressBar
-from ember.callbacks.run_summary import RunSummary
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
+
+if TYPE_CHECKING:
+    from ember.callbacks.model_summary import ModelSummary
+    from ember.callbacks.progress import RichProgressBar
+    from ember.callbacks.run_summary import RunSummary
+
+# These three draw with rich, whose console/table/progress modules cost ~40 ms to import and, on top
+# of torch's heap, push the interpreter into a full garbage collection (~80 ms more): they load on
+# first use (the Trainer's default callbacks, or `from ember.callbacks import ...`), not with `import ember`.
+_LAZY = {
+    "ModelSummary": "ember.callbacks.model_summary",
+    "RichProgressBar": "ember.callbacks.progress",
+    "RunSummary": "ember.callbacks.run_summary",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "Callback",

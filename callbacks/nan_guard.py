@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
@@ -32,8 +32,10 @@ class NonFiniteGuard(Callback):
     no momentum change) and training goes on; ``skipped_steps`` counts them.
 
     Cost of a checked step: one pass over the gradients (``torch._foreach_norm``, the memory traffic
-    of norm clipping), a two-number all-reduce so every rank takes the same decision, and one
-    device-to-host sync. ``check_every_n_steps=N`` checks every N-th step only. ``None``: every step,
+    of norm clipping) summed into one number with the losses, a one-number all-reduce so every rank
+    takes the same decision, and one device-to-host sync; only when that number is not finite is
+    each parameter looked at, to name the first bad one. ``check_every_n_steps=N`` checks every
+    N-th step only. ``None``: every step,
     except on an XLA device, where it checks none: reading the result on the host would end the
     step's lazy graph early (a second graph, compiled once, runs on each checked step), so it
     takes an explicit ``check_every_n_steps`` there.
@@ -68,6 +70,9 @@ class NonFiniteGuard(Callback):
         self._names: dict[int, str] = {}
         self._plan_key: tuple[int, ...] = ()
         self._plan: list[tuple[torch.dtype, list[int], torch.Tensor]] = []
+        self._on_device = True
+        self._grads_checked = True
+        self._device: torch.device | None = None  # the accelerator's, from on_train_start
 
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
@@ -84,6 +89,8 @@ class NonFiniteGuard(Callback):
         # After prepare: the parameters the optimizers hold now (FSDP replaced them by shards).
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._losses.clear()
+        self._grads_checked = self._checks_gradients(trainer)
+        self._device = trainer.accelerator.device
 
     @override
     def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: torch.Tensor) -> None:
@@ -98,6 +105,8 @@ class NonFiniteGuard(Callback):
         if not self._every or trainer.global_step % self._every != 0:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        if self._all_finite(trainer, params, losses):
+            return
         first_bad, loss_rank = self._find(trainer, params, losses)
         if first_bad < 0 and loss_rank < 0:
             return
@@ -114,6 +123,45 @@ class NonFiniteGuard(Callback):
         if trainer.is_global_zero:
             log.warning("NonFiniteGuard: %s at %s; skipped this optimizer step", problem, where)
 
+    def _all_finite(self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]) -> bool:
+        """Whether the losses and gradients are finite on every rank, with one device-to-host sync.
+
+        One ``_foreach_norm`` per dtype over the gradients and the losses (as :meth:`_bad_gradients`
+        computes them) gives one number per tensor: a NaN or an Inf in a tensor makes its number
+        non-finite. One process reads them all at once; several sum them and all-reduce the sum,
+        which may overflow to a false alarm. On False, :meth:`_find` looks at each value and decides.
+        """
+        device = self._device or trainer.accelerator.device
+        groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        for loss in losses:
+            groups.setdefault(loss.dtype, []).append(loss if loss.device == device else loss.to(device))
+        if params and self._grads_checked:
+            self._update_plan(params, device)
+            for dtype, positions, _ in self._plan:
+                group = groups.setdefault(dtype, [])
+                group += [_local(g) for i in positions if (g := params[i].grad) is not None]
+        several = trainer.world_size > 1
+        checks = []
+        for dtype, tensors in groups.items():
+            if not tensors:
+                continue
+            low = dtype in (torch.float16, torch.bfloat16)  # summed in float32, as in _bad_gradients
+            norms = (
+                torch._foreach_norm(tensors, 2, dtype=torch.float32)
+                if low
+                else torch._foreach_norm(tensors, 2)
+            )
+            if not self._on_device:  # e.g. some gradients offloaded to the CPU
+                norms = tuple(n.to(device) for n in norms)
+            stacked = torch.stack(norms)
+            checks.append(stacked.sum().double() if several else stacked)
+        if several:  # sharded gradients and per-rank losses: every rank must agree
+            total = (
+                torch.stack(checks).sum() if checks else torch.zeros((), dtype=torch.float64, device=device)
+            )
+            return math.isfinite(trainer.accelerator.reduce(total, "sum").item())
+        return all(math.isfinite(value) for check in checks for value in check.tolist())
+
     def _find(
         self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]
     ) -> tuple[int, int]:
@@ -121,7 +169,7 @@ class NonFiniteGuard(Callback):
         for none, agreed by every rank, with one device-to-host sync."""
         device = trainer.accelerator.device
         first = torch.zeros((), dtype=torch.int64, device=device)  # len(params) - index, 0: none
-        if params and self._checks_gradients(trainer):
+        if params and self._grads_checked:
             bad = self._bad_gradients(params, device)
             first = torch.where(bad.any(), len(params) - bad.int().argmax(), 0)
         loss_rank = torch.zeros((), dtype=torch.int64, device=device)  # rank + 1, 0: none
@@ -143,13 +191,7 @@ class NonFiniteGuard(Callback):
         a diverged step too. A parameter without a gradient counts as finite; a shard is checked
         where it lives.
         """
-        key = tuple(id(p) for p in params)
-        if self._plan_key != key:  # the positions per dtype, as index tensors made once
-            by_dtype: dict[torch.dtype, list[int]] = {}
-            for i, param in enumerate(params):
-                by_dtype.setdefault(param.dtype, []).append(i)
-            self._plan = [(dtype, pos, torch.tensor(pos, device=device)) for dtype, pos in by_dtype.items()]
-            self._plan_key = key
+        self._update_plan(params, device)
         bad = torch.zeros(len(params), dtype=torch.bool, device=device)
         for dtype, positions, index in self._plan:
             zero = torch.zeros((), dtype=dtype, device=device)
@@ -162,6 +204,18 @@ class NonFiniteGuard(Callback):
                 norms = tuple(n.to(device) for n in norms)
             bad[index] = ~torch.isfinite(torch.stack(norms)).to(device)
         return bad
+
+    def _update_plan(self, params: list[torch.Tensor], device: torch.device) -> None:
+        """The positions of the parameters per dtype (and as index tensors), made once per list."""
+        key = tuple(id(p) for p in params)
+        if self._plan_key != key:
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, param in enumerate(params):
+                by_dtype.setdefault(param.dtype, []).append(i)
+            self._plan = [(dtype, pos, torch.tensor(pos, device=device)) for dtype, pos in by_dtype.items()]
+            self._plan_key = key
+            # Gradients live on their parameter's device: on ``device``, their norms need no copy.
+            self._on_device = all(p.device == device for p in params)
 
     def _checks_gradients(self, trainer: Trainer) -> bool:
         scaler = getattr(trainer.precision, "scaler", None)  # 16-mixed: the scaler skips Inf steps itself
@@ -203,4 +257,7 @@ def _kind(grad: torch.Tensor | None) -> str:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    # A DTensor exists only where torch.distributed.tensor was imported (by FSDP): importing it
+    # here just for the check would add ~0.5 s to `import ember`.
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor.DTensor) else tensor

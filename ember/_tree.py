@@ -13,6 +13,11 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     """Rebuild ``data`` with ``fn`` applied to each tensor; containers keep their type."""
     if isinstance(data, torch.Tensor):
         return fn(data)
+    kind = type(data)
+    if kind is list or kind is tuple:  # the usual batch, checked before the slower ABC lookups below
+        return kind([apply_to_tensors(value, fn) for value in data])
+    if kind is dict:
+        return {key: apply_to_tensors(value, fn) for key, value in data.items()}
     if isinstance(data, Mapping):
         items = {key: apply_to_tensors(value, fn) for key, value in data.items()}
         try:
@@ -33,4 +38,6 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def move_to_device(data: Any, device: torch.device) -> Any:
     """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory)."""
-    return apply_to_tensors(data, lambda t: t.to(device, non_blocking=t.is_pinned()))
+    return apply_to_tensors(
+        data, lambda t: t if t.device == device else t.to(device, non_blocking=t.is_pinned())
+    )

@@ -341,10 +341,12 @@ class Accelerator(ProcessMixin):
         else:
             state.micro_step += 1
             state.sync_gradients = state.micro_step % state.accumulation_steps == 0
+        if state.sync_gradients:  # nothing to enter: spare the ExitStack on every step
+            yield
+            return
         with ExitStack() as stack:
-            if not state.sync_gradients:
-                for model in models:
-                    stack.enter_context(self.no_sync(model))
+            for model in models:
+                stack.enter_context(self.no_sync(model))
             yield
 
     @contextmanager
@@ -458,7 +460,9 @@ class Accelerator(ProcessMixin):
                 a, kw = self.precision.convert_input((a, kw))
                 return self.precision.convert_output(method(*a, **kw))
 
-        inner.forward = redirected  # type: ignore[method-assign]
+        # Into the instance dict directly: nn.Module.__setattr__ would first search parameters,
+        # buffers and submodules for the name, on every step.
+        inner.__dict__["forward"] = redirected
         try:
             return model(*args, **kwargs)
         finally:
@@ -496,7 +500,7 @@ class Accelerator(ProcessMixin):
 
 def _restore_forward(module: nn.Module, patched: Any) -> None:
     if patched is not None:
-        module.forward = patched  # type: ignore[method-assign]
+        module.__dict__["forward"] = patched
     else:
         module.__dict__.pop("forward", None)
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -124,13 +125,23 @@ def decode_tree(structure: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def write_tree(directory: Path, stem: str, obj: Any) -> list[str]:
     """Write ``obj`` as ``stem.json`` (+ ``stem.safetensors``); return the file names written."""
-    structure, tensors = encode_tree(obj)
+    from ember.strategies.sharded_io import SafetensorsWriter, storable
+
+    structure, tensors = encode_tree(obj, copy=False)
     names = [f"{stem}.json"]
     write_json(directory / names[0], structure)
     if tensors:
         names.append(f"{stem}.safetensors")
-        save_file(tensors, str(directory / names[1]))
-        _fsync_file(directory / names[1])  # save_file does not; write_json does
+        path = directory / names[1]
+        if all(storable(t.dtype) for t in tensors.values()):
+            # Streamed one tensor at a time, without a copy of the state, and hashed as it is
+            # written (the manifest then need not read the file back): the bulk of a save.
+            with SafetensorsWriter(path, [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]) as out:
+                for key, tensor in tensors.items():
+                    out.write(key, tensor)
+        else:  # a dtype only safetensors' own writer knows
+            save_file({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}, str(path))
+            _fsync_file(path)  # save_file does not; write_json and SafetensorsWriter do
     return names
 
 
@@ -177,6 +188,7 @@ def write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=1, allow_nan=True)
         f.flush()
         os.fsync(f.fileno())
+    note_synced(path)
 
 
 # -- directories and manifests -------------------------------------------------------------------
@@ -186,6 +198,48 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sync_and_digest(path: Path, fd: int) -> str:
+    """fsync ``fd``, the open file ``path``, and return the file's SHA-256. The file is read back
+    (from the page cache) and hashed on a second thread while the fsync waits for the disk: a
+    large file's save then costs about the longer of the two, not their sum."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_sha256, path)
+        os.fsync(fd)
+        return digest.result()
+
+
+# Files this process wrote and fsynced (write_json, SafetensorsWriter), by path, with the inode,
+# size and mtime they had then and their SHA-256 when it was computed as they were saved. A note
+# holds only while the file is unchanged. The manifest then takes the digest without reading the
+# file again, and the sync before a checkpoint is swapped into place does not fsync it a second time.
+_SYNCED: dict[str, tuple[tuple[int, int, int], str | None]] = {}
+_SYNCED_MAX = 4096
+
+
+def note_synced(path: Path, sha256: str | None = None) -> None:
+    """Record that the file at ``path`` was just fsynced, with its SHA-256 if known."""
+    stat, key = os.stat(path), os.path.abspath(path)
+    _SYNCED.pop(key, None)
+    _SYNCED[key] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), sha256)
+    while len(_SYNCED) > _SYNCED_MAX:  # files never synced again nor listed (save_model's)
+        del _SYNCED[next(iter(_SYNCED))]
+
+
+def _noted(path: Path, forget: bool = False) -> tuple[bool, str | None]:
+    """(whether ``path`` is unchanged since this process fsynced it, its SHA-256 if known then)."""
+    key = os.path.abspath(path)
+    note = _SYNCED.pop(key, None) if forget else _SYNCED.get(key)
+    stat = os.stat(path)
+    if note is None or note[0] != (stat.st_ino, stat.st_size, stat.st_mtime_ns):
+        return False, None
+    return True, note[1]
+
+
+def _file_digest(path: Path) -> str:
+    """The SHA-256 of ``path``: the one noted when this process saved it, else read and hashed."""
+    return _noted(path)[1] or _sha256(path)
 
 
 def write_manifest(directory: Path, info: dict[str, Any]) -> None:
@@ -199,7 +253,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(directory).as_posix()] = {
                 "size": path.stat().st_size,
-                "sha256": _sha256(path),
+                "sha256": _file_digest(path),
             }
     tmp = directory / f".{MANIFEST}.tmp"
     write_json(tmp, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
@@ -472,10 +526,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _sync_tree(root: Path) -> None:
-    """fsync every file under ``root``, then every directory from the deepest up (their entries)."""
+    """fsync every file under ``root``, then every directory from the deepest up (their entries).
+    A file this process fsynced since its last write is durable already (a rename since then is a
+    change to its directory, synced here): it is not fsynced again."""
     for folder, _, names in os.walk(root, topdown=False):
         for name in names:
-            _fsync_file(Path(folder, name))
+            if not _noted(Path(folder, name), forget=True)[0]:
+                _fsync_file(Path(folder, name))
         _fsync_dir(Path(folder))
 
 

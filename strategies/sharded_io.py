@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.strategies.checkpoint_io import CheckpointError
+from ember.strategies.checkpoint_io import CheckpointError, note_synced, sync_and_digest
 
-__all__ = ["SafetensorsWriter", "consolidate", "load_shards", "save_shards", "shard_metadata"]
+__all__ = ["SafetensorsWriter", "consolidate", "load_shards", "save_shards", "shard_metadata", "storable"]
 
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -48,11 +48,17 @@ _DTYPES = {
 }
 
 
+def storable(dtype: torch.dtype) -> bool:
+    """Whether :class:`SafetensorsWriter` can write tensors of ``dtype``."""
+    return dtype in _DTYPES
+
+
 class SafetensorsWriter:
     """Write ``specs`` (name, dtype, shape) to ``path`` as safetensors, one :meth:`write` per tensor, in order.
 
     The file appears at ``path`` (atomically, fsynced) only when every tensor was written; an
-    exception inside the ``with`` block leaves no file behind.
+    exception inside the ``with`` block leaves no file behind. Its SHA-256 is computed while the file
+    is fsynced and handed to the checkpoint manifest, which then need not read the file again.
     """
 
     def __init__(
@@ -97,9 +103,10 @@ class SafetensorsWriter:
             self.abort()
             raise ValueError(f"SafetensorsWriter closed before writing {missing}")
         self._file.flush()
-        os.fsync(self._file.fileno())
+        digest = sync_and_digest(self._tmp, self._file.fileno())
         self._file.close()
         os.replace(self._tmp, self._path)
+        note_synced(self._path, digest)
 
     def abort(self) -> None:
         self._file.close()

@@ -10,10 +10,46 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ember.callbacks.base import Callback
+
 if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
 
-__all__ = ["call_hook"]
+__all__ = ["HookPlan", "call_hook"]
+
+
+class HookPlan:
+    """Per hook name, the callbacks that override it, in the order :func:`call_hook` runs them.
+
+    A callback that inherits :class:`Callback`'s do-nothing hook is left out: with five hooks per
+    training batch, looking up and calling every callback's empty hooks would cost more than the
+    few hooks that do something. The plan is rebuilt when the Trainer's callback list changes.
+    """
+
+    __slots__ = ("_by_name", "_callbacks", "_count")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callback] | None = None
+        self._count = 0
+        self._by_name: dict[str, tuple[list[Callback], list[Callback]]] = {}
+
+    def callbacks(self, callbacks: list[Callback], name: str) -> tuple[list[Callback], list[Callback]]:
+        """(callbacks before the module's hook, monitoring callbacks after it) that define ``name``."""
+        if callbacks is not self._callbacks or len(callbacks) != self._count:  # a new stage, or appended
+            self._callbacks, self._count, self._by_name = callbacks, len(callbacks), {}
+        found = self._by_name.get(name)
+        if found is None:
+            default = getattr(Callback, name, None)
+            defining = [c for c in callbacks if default is None or _func(getattr(c, name)) is not default]
+            found = self._by_name[name] = (
+                [c for c in defining if not c.monitoring],
+                [c for c in defining if c.monitoring],
+            )
+        return found
+
+
+def _func(method: Any) -> Any:
+    return getattr(method, "__func__", method)
 
 
 def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module_hook: bool = True) -> Any:
@@ -24,22 +60,20 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     module's hook returned.
     """
     module = trainer.module
-    callbacks = trainer.callbacks
+    first, monitoring = trainer._hook_plan.callbacks(trainer.callbacks, name)
     store = trainer._metrics
     previous, store.fx = store.fx, name
     result = None
     try:
         if part in ("all", "first"):
-            for callback in callbacks:
-                if not callback.monitoring:
-                    getattr(callback, name)(trainer, module, *args)
+            for callback in first:
+                getattr(callback, name)(trainer, module, *args)
             hook = getattr(module, name, None) if module_hook else None  # some hooks are callbacks' only
             if hook is not None:
                 result = hook(*args)
         if part in ("all", "monitoring"):
-            for callback in callbacks:
-                if callback.monitoring:
-                    getattr(callback, name)(trainer, module, *args)
+            for callback in monitoring:
+                getattr(callback, name)(trainer, module, *args)
         return result
     finally:
         store.fx = previous

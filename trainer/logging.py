@@ -178,7 +178,8 @@ class MetricStore:
         alias: str | None = None,
     ) -> None:
         """Make a value visible: callback metrics (also under ``alias``), the logger row, the progress bar."""
-        value = value.detach()
+        if value.requires_grad:  # values from _as_scalar are detached already
+            value = value.detach()
         self.callback_metrics[key] = value
         if alias is not None:
             self.callback_metrics[alias] = value
@@ -276,6 +277,8 @@ class MetricStore:
 
 def _as_scalar(name: str, value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
+        if value.dim() == 0:  # the usual case: a loss or a metric already is a scalar (no reshape op)
+            return value.detach()
         if value.numel() != 1:
             raise ValueError(f"log({name!r}) needs a scalar; got a tensor of shape {tuple(value.shape)}")
         return value.detach().reshape(())

@@ -134,8 +134,8 @@ def _optimizer_step(trainer: Trainer) -> None:
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
-    if output is None:
-        return None
+    if output is None or isinstance(output, torch.Tensor):  # the usual case first: a bare loss
+        return output
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor):
         raise TypeError(

@@ -25,7 +25,7 @@ from ember.strategies.environment import detect_environment, launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import find_loaders, val_check_batch
-from ember.trainer.hooks import call_hook
+from ember.trainer.hooks import HookPlan, call_hook
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
@@ -117,6 +117,7 @@ class Trainer(TrainerProperties):
         self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
         self.loggers = _loggers(config.logger, self.default_root_dir) if not config.fast_dev_run else []
         self.callbacks: list[Callback] = []
+        self._hook_plan = HookPlan()  # which callbacks define which hook, for call_hook
         self._callbacks = checkpointing.default_callbacks(self, _as_list(config.callbacks))
         self.state = LoopState()
         self.should_stop = False

@@ -3,17 +3,18 @@ of DDP's per-rank training state. Timings are reported by the benchmark, never a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from dist_helpers import PYTHON, REPO, run_command
 
 
 def test_fsdp_memory_benchmark_writes_its_section(tmp_path: Path) -> None:
-    results = tmp_path / "RESULTS.md"
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     old = "<!-- fsdp_memory:start -->\nOLD\n<!-- fsdp_memory:end -->"
     results.write_text(f"# results\n\nkept\n\n{old}\n\ntail\n")
-    cmd = [PYTHON, str(REPO / "benchmarks" / "fsdp_memory.py"), "--width", "64", "--layers", "2", "--steps", "2",
-           "--reps", "1", "--results", str(results)]  # fmt: skip
+    cmd = [PYTHON, str(REPO / "benchmarks" / "fsdp_memory.py"), "--quick", "--results", str(results),
+           "--ratios", str(ratios)]  # fmt: skip
     result = run_command(cmd, timeout=300)
     assert result.returncode == 0, result.stderr
     text = results.read_text()  # its section replaced, the rest of the file kept
@@ -21,3 +22,7 @@ def test_fsdp_memory_benchmark_writes_its_section(tmp_path: Path) -> None:
     ratio = float(text.split("Memory ratio FSDP / DDP: ")[1].split("*")[0])
     assert ratio <= 0.525
     assert "| fsdp |" in text and "| ddp |" in text
+    memory, step = json.loads((ratios / "fsdp_memory.json").read_text())
+    assert memory["case"] == "per-rank training state: fsdp / ddp" and memory["budget"] == 0.525
+    assert abs(memory["ratio"] - ratio) < 1e-3 and memory["low"] == memory["high"] == memory["ratio"]
+    assert step["budget"] is None and step["low"] <= step["ratio"] <= step["high"]

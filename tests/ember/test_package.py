@@ -62,3 +62,23 @@ def test_wheel_installs_only_the_ember_package(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert sys.prefix != str(fresh)
+
+
+def test_import_ember_leaves_heavy_optional_modules_unloaded() -> None:
+    # `import ember` must cost little more than `import torch` (benchmarks/startup.py measures it):
+    # optional dependencies and torch's heavy subpackages load when a feature needs them. The
+    # callbacks that draw with rich still import by name, then load rich.
+    heavy = ["deepspeed", "wandb", "tensorboard", "torchmetrics", "matplotlib", "rich", "sympy",
+             "torch._dynamo", "torch.distributed.tensor", "torch.distributed.checkpoint", "torch_xla"]  # fmt: skip
+    code = (
+        "import sys, ember\n"
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        "from ember.callbacks import ModelSummary, RichProgressBar, RunSummary\n"
+        "import ember.callbacks as callbacks\n"
+        "assert {'ModelSummary', 'RichProgressBar', 'RunSummary'} <= set(dir(callbacks))\n"
+        "assert callbacks.RichProgressBar.__module__ == 'ember.callbacks.progress'\n"
+        "print('rich' in sys.modules)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "True"]

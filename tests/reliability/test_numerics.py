@@ -206,3 +206,30 @@ def test_ranks_agree_when_only_one_sees_a_nan_loss(tmp_path: Path) -> None:
     assert [r["skipped"] for r in results] == [1, 1]
     assert all(r["unchanged"] for r in results)
     assert results[0]["weights"] == results[1]["weights"]
+
+
+def test_sharded_gradients_are_checked_on_their_local_shard() -> None:
+    # FSDP's gradients are DTensors; the guard checks the shard each rank holds (one process here,
+    # a gloo group of one, so the shard is the whole tensor).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Shard(0)]))
+    module = torch.nn.ParameterDict({"weight": weight})
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(device=torch.device("cpu")), precision=None, strategy=None, world_size=1,
+        global_rank=0, global_step=3, current_epoch=0, state=SimpleNamespace(batch_idx=3), log_every_n_steps=50,
+    )  # fmt: skip
+    guard = NonFiniteGuard()
+    guard.on_train_start(trainer, module)  # type: ignore[arg-type]
+    weight.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
+    guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]
+    weight.grad = distribute_tensor(
+        torch.tensor([[1.0, 1.0], [1.0, math.inf], [1.0, 1.0], [1.0, 1.0]]), mesh, [Shard(0)]
+    )
+    with pytest.raises(FloatingPointError, match="the gradient of parameter 'weight' contains Inf at step 3"):
+        guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]

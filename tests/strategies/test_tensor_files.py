@@ -80,3 +80,56 @@ def test_optimizer_state_by_name_round_trips_and_names_mismatches() -> None:
         to_indexed(named, [["0.weight", "0.bias"], ["1.weight", "2.weight"]])
     other = torch.optim.SGD(nn.Linear(1, 1).parameters())
     assert parameter_names(model, other) is None  # not this model's parameters
+
+
+def test_manifest_digests_of_written_files_match_their_bytes(tmp_path: Path) -> None:
+    # SafetensorsWriter hashes what it writes and the manifest reuses that digest; a file changed
+    # after it was written is read and hashed again.
+    import hashlib
+    import os
+
+    from ember.strategies.checkpoint_io import read_manifest, read_tree, write_manifest, write_tree
+
+    state = {"w": torch.randn(5, 3), "step": 7, "z": torch.tensor([1 + 2j], dtype=torch.complex64)}
+    names = write_tree(tmp_path, "tree", state)  # complex64: safetensors' own writer, hashed by the manifest
+    with SafetensorsWriter(tmp_path / "a.safetensors", [("a", torch.float32, (4,))]) as writer:
+        writer.write("a", torch.arange(4.0))
+    with SafetensorsWriter(tmp_path / "b.safetensors", [("b", torch.float32, (4,))]) as writer:
+        writer.write("b", torch.arange(4.0))
+    stat = os.stat(tmp_path / "b.safetensors")
+    with SafetensorsWriter(tmp_path / "c.safetensors", [("b", torch.float32, (4,))]) as writer:
+        writer.write("b", torch.ones(4))
+    os.replace(tmp_path / "c.safetensors", tmp_path / "b.safetensors")  # same size, new contents
+    os.utime(tmp_path / "b.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    write_manifest(tmp_path, {"counts": {}, "world_size": 1})
+    files = read_manifest(tmp_path)["files"]
+    assert sorted(files) == sorted([*names, "a.safetensors", "b.safetensors"])
+    for name, entry in files.items():
+        assert entry["sha256"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), name
+    loaded = read_tree(tmp_path, "tree")
+    assert (
+        torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["z"], state["z"]) and loaded["step"] == 7
+    )
+
+
+def test_final_sync_skips_only_files_unchanged_since_their_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before a checkpoint is swapped into place every file must be durable: one that this process
+    # fsynced when it wrote it is not fsynced again, unless it changed since.
+    import ember.strategies.checkpoint_io as checkpoint_io
+
+    synced: list[str] = []
+    monkeypatch.setattr(checkpoint_io, "_fsync_file", lambda path: synced.append(Path(path).name))
+    checkpoint_io.write_json(tmp_path / "kept.json", {"a": 1})
+    checkpoint_io.write_json(tmp_path / "changed.json", {"a": 1})
+    with open(tmp_path / "changed.json", "a") as f:
+        f.write(" ")  # written after its fsync
+    (tmp_path / "foreign.bin").write_bytes(b"x")  # not written by ember
+    with SafetensorsWriter(tmp_path / "t.safetensors", [("a", torch.float32, (2,))]) as writer:
+        writer.write("a", torch.zeros(2))
+    checkpoint_io._sync_tree(tmp_path)
+    assert sorted(synced) == ["changed.json", "foreign.bin"]
+    synced.clear()
+    checkpoint_io._sync_tree(tmp_path)  # a note serves once
+    assert sorted(synced) == ["changed.json", "foreign.bin", "kept.json", "t.safetensors"]

@@ -1,0 +1,341 @@
+"""The contenders of the overhead benchmarks (``step_overhead.py``, ``scaling.py``): the same model,
+data and optimizer trained by a hand-written loop, ember and, when installed, Lightning and Accelerate.
+
+Every contender trains ``warmup + steps + 1`` batches of one epoch. The model is wrapped in a
+:class:`Clock` that reads the time when the forward of batch ``warmup`` starts and when the forward
+of batch ``warmup + steps`` starts: the steady-state time of ``steps`` whole steps (data loading,
+forward, backward, optimizer, and everything a framework does between two forwards: hooks, logging,
+progress bar), measured the same way for everyone. Set-up and tear-down are outside the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _common import child_env
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONTENDERS = ("hand", "accelerator", "trainer", "lightning", "lightning_barebones", "fabric", "accelerate")
+# The Python package each contender needs beyond ember; missing: the contender is reported as skipped.
+NEEDS = {"lightning": "lightning", "lightning_barebones": "lightning", "fabric": "lightning",
+         "accelerate": "accelerate"}  # fmt: skip
+
+
+def missing_package(contender: str) -> str | None:
+    package = NEEDS.get(contender)
+    return package if package is not None and importlib.util.find_spec(package) is None else None
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class Run:
+    """One training run: what to train, how long, where; ``metrics``/``callbacks`` for scaling."""
+
+    case: str  # "mlp" or "gpt" (or "tiny" for scaling)
+    warmup: int
+    steps: int
+    device: str = "cpu"
+    root: str = "."  # log and checkpoint directory of the trainers
+    metrics: int = 1  # values logged per training step (trainers)
+    callbacks: int = 0  # extra no-op callbacks (ember Trainer)
+
+    @property
+    def batches(self) -> int:
+        return self.warmup + self.steps + 1
+
+
+class Clock(nn.Module):
+    """Wraps the model; times the forwards of batch ``start`` to batch ``stop`` (one per step)."""
+
+    def __init__(self, net: nn.Module, start: int, stop: int, sync: bool) -> None:
+        super().__init__()
+        self.net, self.start, self.stop, self.sync = net, start, stop, sync
+        self.calls, self.started, self.stopped = 0, 0.0, 0.0
+        self.cpu_started = self.cpu_stopped = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.start or self.calls == self.stop:
+            if self.sync:  # the device's queued work belongs to the steps before
+                torch.cuda.synchronize()
+            now = time.perf_counter(), time.process_time()
+            if self.calls == self.start:
+                self.started, self.cpu_started = now
+            else:
+                self.stopped, self.cpu_stopped = now
+        self.calls += 1
+        return self.net(x)
+
+    def seconds_per_step(self) -> float:
+        if self.calls <= self.stop:
+            raise RuntimeError(
+                f"the timing window ended early: {self.calls} forwards, expected > {self.stop}"
+            )
+        return (self.stopped - self.started) / (self.stop - self.start)
+
+
+# -- the cases ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(slots=True)
+class Case:
+    net: nn.Module
+    dataset: TensorDataset
+    batch_size: int
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _flat_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2), target.flatten())
+
+
+def build_case(run: Run, world_size: int) -> Case:
+    """The model (seeded) and enough data for ``run.batches`` batches on each of ``world_size`` ranks."""
+    torch.manual_seed(0)
+    if run.case == "gpt":
+        sys.path.insert(0, str(REPO / "examples"))
+        from gpt_fsdp import GPT  # the example's model, in a small configuration
+
+        vocab, block, batch = 96, 32, 16
+        gpt = GPT(vocab=vocab, block_size=block, layers=2, width=64, heads=4, lr=1e-3)
+        gpt.configure_model()
+        samples = run.batches * batch * world_size
+        ids = torch.randint(vocab, (samples, block + 1))
+        return Case(gpt, TensorDataset(ids[:, :-1], ids[:, 1:]), batch, _flat_cross_entropy)
+    if run.case == "mlp":
+        sizes, batch = (128, 256, 256, 10), 64
+    elif run.case == "tiny":
+        sizes, batch = (32, 32, 10), 16
+    else:
+        raise ValueError(f"unknown case {run.case!r}")
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    samples = run.batches * batch * world_size
+    x, y = torch.randn(samples, sizes[0]), torch.randint(sizes[-1], (samples,))
+    return Case(net, TensorDataset(x, y), batch, F.cross_entropy)
+
+
+def _optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3)
+
+
+def _loader(case: Case, sampler: Any = None) -> DataLoader[Any]:
+    return DataLoader(case.dataset, batch_size=case.batch_size, shuffle=sampler is None, sampler=sampler)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process, as a launcher (torchrun, ``ember launch``) set them."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# -- hand-written loops ------------------------------------------------------------------------------
+def _hand(run: Run, case: Case, clock: Clock) -> None:
+    rank, world = _world()
+    device = (
+        torch.device(run.device, int(os.environ.get("LOCAL_RANK", "0"))) if run.device == "cuda" else None
+    )
+    model: nn.Module = clock.to(device) if device is not None else clock
+    sampler = None
+    if world > 1:
+        backend = "nccl" if run.device == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, device_id=device)
+        model = nn.parallel.DistributedDataParallel(model)
+        sampler = torch.utils.data.DistributedSampler(case.dataset, world, rank, shuffle=True)
+    autocast: Callable[[], AbstractContextManager[Any]] = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device is not None else nullcontext
+    )
+    optimizer = _optimizer(model.parameters())
+    for x, y in _loader(case, sampler):
+        if device is not None:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = case.loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _ember_accelerator(run: Run, case: Case, clock: Clock) -> None:
+    from ember import Accelerator
+
+    accelerator = Accelerator(precision="bf16-mixed" if run.device == "cuda" else None)
+    model, optimizer, loader = accelerator.prepare(clock, _optimizer(clock.parameters()), _loader(case))
+    for x, y in loader:
+        loss = case.loss(model(x), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.end_training()
+
+
+def _fabric(run: Run, case: Case, clock: Clock) -> None:
+    from lightning.fabric import Fabric
+
+    _, world = _world()
+    fabric = Fabric(accelerator=run.device, devices=world, strategy="ddp" if world > 1 else "auto",
+                    precision="bf16-mixed" if run.device == "cuda" else "32-true")  # fmt: skip
+    fabric.launch()
+    model, optimizer = fabric.setup(clock, _optimizer(clock.parameters()))
+    for x, y in fabric.setup_dataloaders(_loader(case)):
+        loss = case.loss(model(x), y)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _accelerate(run: Run, case: Case, clock: Clock) -> None:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        cpu=run.device == "cpu", mixed_precision="bf16" if run.device == "cuda" else "no"
+    )
+    model, optimizer, loader = accelerator.prepare(clock, _optimizer(clock.parameters()), _loader(case))
+    for x, y in loader:
+        loss = case.loss(model(x), y)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+    accelerator.end_training()
+
+
+# -- Trainers --------------------------------------------------------------------------------------
+def _training_step(module: Any, batch: Any, run: Run, case: Case, log: bool) -> torch.Tensor:
+    x, y = batch
+    loss = case.loss(module.model(x), y)
+    if log:
+        module.log("loss", loss, prog_bar=True)
+        for i in range(1, run.metrics):  # scaling: more values per step, each from the step's work
+            module.log(f"metric_{i}", loss)
+    return loss
+
+
+def _ember_trainer(run: Run, case: Case, clock: Clock) -> None:
+    from ember import Trainer, TrainModule
+    from ember.callbacks import Callback
+
+    class Module(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = clock
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return _training_step(self, batch, run, case, log=run.metrics > 0)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _optimizer(self.parameters())
+
+    class NoOp(Callback):  # scaling: defines every per-batch hook, so that the Trainer calls them all
+        @property
+        def state_key(self) -> str:
+            return f"NoOp{id(self)}"
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            pass
+
+        def on_before_backward(self, *args: Any) -> None:
+            pass
+
+        def on_after_backward(self, *args: Any) -> None:
+            pass
+
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            pass
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            pass
+
+    trainer = Trainer(max_steps=run.batches, default_root_dir=run.root, callbacks=[NoOp() for _ in range(run.callbacks)],
+                      precision="bf16-mixed" if run.device == "cuda" else None)  # fmt: skip
+    trainer.fit(Module(), _loader(case))
+    trainer.accelerator.end_training()
+
+
+def _lightning(run: Run, case: Case, clock: Clock, barebones: bool = False) -> None:
+    import lightning as L
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = clock
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return _training_step(self, batch, run, case, log=not barebones)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _optimizer(self.parameters())
+
+    _, world = _world()
+    trainer = L.Trainer(max_steps=run.batches, default_root_dir=run.root, accelerator=run.device, devices=world,
+                        strategy="ddp" if world > 1 else "auto", barebones=barebones,
+                        precision="bf16-mixed" if run.device == "cuda" else "32-true")  # fmt: skip
+    trainer.fit(Module(), _loader(case))
+
+
+def _lightning_barebones(run: Run, case: Case, clock: Clock) -> None:
+    _lightning(run, case, clock, barebones=True)
+
+
+_TRAIN: dict[str, Callable[[Run, Case, Clock], None]] = {
+    "hand": _hand, "accelerator": _ember_accelerator, "trainer": _ember_trainer, "lightning": _lightning,
+    "lightning_barebones": _lightning_barebones, "fabric": _fabric, "accelerate": _accelerate,
+}  # fmt: skip
+
+
+def measure(contender: str, run: Run) -> dict[str, float]:
+    """Train with ``contender`` in this process (one rank of it); its seconds per step."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")  # the frameworks' advice (num_workers ...) would flood the log
+    _, world = _world()
+    case = build_case(run, world)
+    clock = Clock(case.net, run.warmup, run.warmup + run.steps, sync=run.device == "cuda")
+    _TRAIN[contender](run, case, clock)
+    return {"step_s": clock.seconds_per_step(), "cpu_s": (clock.cpu_stopped - clock.cpu_started) / run.steps}
+
+
+# -- the parent's side: fresh processes, alternating repetitions -----------------------------------------
+# What a launcher sets; a contender's single process must start without them.
+_RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT", "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION")  # fmt: skip
+
+
+def spawn(script: str, argv: list[str], nproc: int, timeout: float = 900) -> list[dict[str, float]]:
+    """Run ``script --out FILE --root DIR *argv`` in fresh processes (``ember launch`` for several);
+    each rank writes its measurements to ``FILE.<rank>``. Output goes to a log shown on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result"
+        command = [script, *argv, "--out", str(out), "--root", tmp]
+        if nproc > 1:
+            command = ["-m", "ember", "launch", "--nproc-per-node", str(nproc), *command]
+        env = {k: v for k, v in child_env(PYTHONWARNINGS="ignore").items() if k not in _RANK_VARIABLES}
+        log = Path(tmp) / "output.log"
+        with open(log, "wb") as sink:
+            done = subprocess.run([sys.executable, *command], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  timeout=timeout, check=False)  # fmt: skip
+        if done.returncode != 0:
+            tail = log.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"{' '.join(command)} failed with status {done.returncode}:\n{tail}")
+        return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(nproc)]
+
+
+def write_result(out: str, result: dict[str, float]) -> None:
+    """A worker rank's measurements, for :func:`spawn`."""
+    rank, _ = _world()
+    Path(f"{out}.{rank}").write_text(json.dumps(result))

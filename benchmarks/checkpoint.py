@@ -1,0 +1,263 @@
+"""Checkpoint save and load: ember's format vs ``torch.save``/``torch.load`` of the same state, in one
+process, and the FSDP strategy's sharded (DCP) checkpoint on 2 ranks vs a rank-0 ``torch.save``.
+
+    python benchmarks/checkpoint.py                   # ~100 MB of state; updates benchmarks/RESULTS.md
+    python benchmarks/checkpoint.py --quick --results /tmp/R.md --ratios /tmp/ratios
+
+The state: an MLP of ``layers`` Linear(width, width) blocks after one Adam step (weights plus two
+moments per weight). The contenders run in the same process, alternating, on the same directory
+(each save replaces the previous one); the table gives medians and paired ratios.
+
+``Accelerator.save_state`` writes safetensors and JSON, fsyncs every file and folder, lists each
+file's size and SHA-256 in a manifest and swaps the directory into place atomically;
+``load_state`` verifies every checksum before it changes anything. ``torch.save`` alone does not
+reach the disk before it returns, so the budget (ember <= 1.2 x) is against ``torch.save`` plus an
+fsync of the file and its folder: durability is part of what ember's save promises. ``torch.save``
+without fsync, and with fsync and a SHA-256 of the file, are shown for reference.
+``Trainer.save_checkpoint`` is ``save_state`` plus a few small JSON files (the loop's state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, forward, host, launch, ratio_row, ratio_table, record_ratios, run_main, seconds
+
+BUDGET = 1.2
+SAVES = ("torch.save + fsync", "torch.save", "torch.save + fsync + sha256", "ember save_state")
+LOADS = ("torch.load", "torch.load + sha256", "ember load_state")
+SHARDED = (
+    "rank-0 torch.save + fsync",
+    "ember sharded save_state",
+    "torch.load on every rank",
+    "ember sharded load_state",
+)
+
+
+def build(width: int, layers: int) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+
+
+def train_one_step(accelerator: Any, model: nn.Module, optimizer: Any, width: int) -> None:
+    x = torch.randn(8, width, device=accelerator.device)
+    accelerator.backward(model(x).square().mean())
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def fsync(path: Path) -> None:
+    for target in (path, path.parent):  # the data, and the directory entry that names it
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+# -- one process ---------------------------------------------------------------------------------
+def single(args: argparse.Namespace, directory: Path) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Times of each contender in this process, and the bytes each format wrote."""
+    from ember import Accelerator
+
+    accelerator = Accelerator(accelerator=args.device)
+    model = build(args.width, args.layers)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    train_one_step(accelerator, model, optimizer, args.width)
+    module, inner = accelerator.unwrap_model(model), optimizer.optimizer
+    pt, ours = directory / "state.pt", directory / "ember"
+
+    def torch_save(sync: bool = True, sha: bool = False) -> None:
+        torch.save({"model": module.state_dict(), "optimizer": inner.state_dict()}, pt)
+        if sync:
+            fsync(pt)
+        if sha:
+            hashlib.sha256(pt.read_bytes()).hexdigest()
+
+    def torch_load(sha: bool = False) -> None:
+        if sha:
+            hashlib.sha256(pt.read_bytes()).hexdigest()
+        state = torch.load(pt)
+        module.load_state_dict(state["model"])
+        inner.load_state_dict(state["optimizer"])
+
+    actions: dict[str, Callable[[], object]] = {
+        "torch.save + fsync": torch_save,
+        "torch.save": lambda: torch_save(sync=False),
+        "torch.save + fsync + sha256": lambda: torch_save(sha=True),
+        "ember save_state": lambda: accelerator.save_state(ours),
+        "torch.load": torch_load,
+        "torch.load + sha256": lambda: torch_load(sha=True),
+        "ember load_state": lambda: accelerator.load_state(ours),
+    }
+    times = alternate(list(actions), args.reps, lambda name: timed(actions[name]))
+    sizes = {
+        "torch": pt.stat().st_size,
+        "ember": sum(p.stat().st_size for p in ours.rglob("*") if p.is_file()),
+    }
+    sizes["state"] = sum(t.numel() * t.element_size() for t in module.state_dict().values()) + sum(
+        v.numel() * v.element_size() for s in inner.state.values() for v in s.values() if torch.is_tensor(v)
+    )
+    return times, sizes
+
+
+# -- two ranks, FSDP -------------------------------------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    """One of 2 ranks: FSDP's sharded save_state/load_state vs a full state through rank 0."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from ember import Accelerator
+    from ember.strategies import FSDPConfig, FSDPStrategy
+
+    torch.set_num_threads(1)
+    accelerator = Accelerator(strategy=FSDPStrategy(FSDPConfig(wrap={nn.Linear})))
+    with accelerator.init_module(empty_init=True):  # each rank allocates its shards only
+        model = build(args.width, args.layers)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=1e-3))
+    train_one_step(accelerator, model, optimizer, args.width)
+    inner = optimizer.optimizer
+    root = Path(args.dir)
+    pt, ours = root / "full.pt", root / "sharded"
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def rank0_save() -> None:  # gather the full state (collectives), one rank writes it
+        state = {"model": get_model_state_dict(model, options=full),
+                 "optimizer": get_optimizer_state_dict(model, inner, options=full)}  # fmt: skip
+        if accelerator.is_main_process:
+            torch.save(state, pt)
+            fsync(pt)
+
+    def every_rank_load() -> None:
+        state = torch.load(pt)
+        set_model_state_dict(model, state["model"], options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model, inner, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
+
+    actions: dict[str, Callable[[], object]] = {
+        SHARDED[0]: rank0_save,
+        SHARDED[1]: lambda: accelerator.save_state(ours),
+        SHARDED[2]: every_rank_load,
+        SHARDED[3]: lambda: accelerator.load_state(ours),
+    }
+
+    def together(name: str) -> float:  # from the moment both ranks start to the moment both are done
+        dist.barrier()
+        return timed(lambda: (actions[name](), dist.barrier()))
+
+    times = alternate(list(actions), args.reps, together)
+    if accelerator.is_main_process:
+        Path(args.out).write_text(json.dumps([times]))  # the list launch() reads: rank 0's timing
+    accelerator.end_training()
+
+
+def report(args: argparse.Namespace) -> str:
+    directory = Path(tempfile.mkdtemp(prefix="ember-bench-checkpoint-", dir=args.dir))
+    try:
+        (directory / "one").mkdir()
+        times, sizes = single(args, directory / "one")
+        sharded = None
+        if args.device == "cpu" or torch.cuda.device_count() >= 2:
+            (directory / "two").mkdir()
+            argv = [
+                "--worker",
+                "fsdp",
+                "--dir",
+                str(directory / "two"),
+                *forward(args, ["width", "layers", "reps"]),
+            ]
+            sharded = launch(__file__, argv)[0]
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    save = [
+        ratio_row(n, times[n], times[SAVES[0]], BUDGET if n == "ember save_state" else None)
+        for n in SAVES[1:]
+    ]
+    load = [
+        ratio_row(n, times[n], times[LOADS[0]], BUDGET if n == "ember load_state" else None)
+        for n in LOADS[1:]
+    ]
+    mb = 1e6
+    lines = [
+        f"## Checkpoints{' on CUDA' if args.device == 'cuda' else ''}: ember vs torch.save / torch.load",
+        "",
+        f"State: {args.layers} x Linear({args.width}, {args.width}) and its Adam moments, {sizes['state'] / mb:.1f} MB "
+        f"of tensors on {args.device}; files: ember {sizes['ember'] / mb:.1f} MB, torch.save {sizes['torch'] / mb:.1f} MB. "
+        f"{args.reps} alternating repetitions in one process, after one unrecorded round.",
+        "",
+        *ratio_table(save, (SAVES[0], statistics.median(times[SAVES[0]])), "time", seconds),
+        "",
+        *ratio_table(load, ("torch.load", statistics.median(times["torch.load"])), "time", seconds),
+        "",
+        "The budget compares ember with `torch.save` + fsync (file and folder): ember's save is durable when it "
+        "returns. ember also hashes every byte (SHA-256, computed while the file is fsynced) and verifies the hashes before a "
+        "load changes anything; the `+ sha256` rows show what hashing the file costs `torch.save`/`torch.load`.",
+    ]
+    rows = [*save, *load]
+    if sharded is None:
+        lines += ["", "Sharded checkpoints on 2 ranks: skipped (fewer than 2 CUDA devices)."]
+    else:
+        two = [ratio_row(SHARDED[1], sharded[SHARDED[1]], sharded[SHARDED[0]], None),
+               ratio_row(SHARDED[3], sharded[SHARDED[3]], sharded[SHARDED[2]], None)]  # fmt: skip
+        rows += two
+        lines += [
+            "",
+            "FSDP on 2 ranks (`ember launch`, gloo on CPU): every rank writes its own shards through "
+            "`torch.distributed.checkpoint` vs gathering the full state to rank 0 for one `torch.save` + fsync; "
+            "loading reads the shards vs every rank reading the full file. Time until both ranks are done.",
+            "",
+            *ratio_table(two[:1], (SHARDED[0], statistics.median(sharded[SHARDED[0]])), "time", seconds),
+            "",
+            *ratio_table(two[1:], (SHARDED[2], statistics.median(sharded[SHARDED[2]])), "time", seconds),
+        ]
+    lines += ["", host(args.device)]
+    record_ratios(args.name, rows, args.ratios)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument(
+        "--layers", type=int, default=8
+    )  # 8 x 1M parameters: 34 MB of weights, 101 MB of state
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument(
+        "--dir", default=None, help="where to write the checkpoints (default: the temp folder)"
+    )
+    run_main(parser, "checkpoint", ["fsdp"], worker, report, quick={"width": 128, "layers": 2, "reps": 2},
+             devices=("cpu", "cuda"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

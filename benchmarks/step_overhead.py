@@ -1,0 +1,164 @@
+"""Step overhead: ember's Accelerator and Trainer against a hand-written PyTorch loop (and against
+Lightning's Trainer and Fabric and 🤗 Accelerate, when installed: ``pip install -e '.[bench]'``).
+
+    python benchmarks/step_overhead.py                  # MLP and GPT, 1 process and DDP on 2; updates RESULTS.md
+    python benchmarks/step_overhead.py --quick --cases mlp --modes single --results /tmp/R.md --ratios /tmp/ratios
+    python benchmarks/step_overhead.py --device cuda    # the same on a GPU (bf16-mixed, NCCL): section step_overhead_cuda
+
+Every contender trains the same model on the same data with the same optimizer (AdamW): the MLP
+128-256-256-10 (batch 64) and the example GPT (``examples/gpt_fsdp.py``, 2 layers of width 64,
+batch 16 x 32 tokens), one thread per process. Each run is a fresh process (``ember launch`` starts
+the 2 DDP ranks); the contenders alternate (hand, ember, ..., hand, ember, ...) over the
+repetitions, so a drift of the machine hits them all. A run times ``--steps`` steps after
+``--warmup`` steps (see ``_contenders.py``); a contender's ratio is its time per step over the
+hand-written loop's in the same repetition, reported as the median and the spread over repetitions.
+
+Budgets: ember Accelerator <= 1.01x and ember Trainer (defaults: checkpointing, CSV logger,
+progress bar, model summary, non-finite guard) <= 1.02x the hand-written loop, and below
+Lightning's Trainer (defaults) and Fabric respectively.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, host, ratio_row, ratio_table, record_ratios, run_main
+from _contenders import CONTENDERS, NEEDS, Run, measure, missing_package, spawn, write_result
+
+CASES = ("mlp", "gpt")
+MODES = {"single": 1, "ddp": 2}
+BUDGETS = {"accelerator": 1.01, "trainer": 1.02}
+# The rival each ember contender must stay below: the Lightning API it corresponds to.
+RIVALS = {"accelerator": "fabric", "trainer": "lightning"}
+LABELS = {
+    "hand": "hand-written loop", "accelerator": "ember Accelerator", "trainer": "ember Trainer (defaults)",
+    "lightning": "Lightning Trainer (defaults)", "lightning_barebones": "Lightning Trainer (barebones=True)",
+    "fabric": "Lightning Fabric", "accelerate": "Accelerate",
+}  # fmt: skip
+DESCRIPTIONS = {
+    "mlp": "MLP 128-256-256-10, batch 64",
+    "gpt": "example GPT (2 layers, width 64, 4 heads), batch 16 x 32 tokens",
+}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank of one contender's run (started by :func:`spawn`)."""
+    run = Run(case=args.cases[0], warmup=args.warmup, steps=args.steps, device=args.device, root=args.root)
+    write_result(args.out, measure(args.worker, run))
+
+
+def _clock(mode: str, device: str) -> str:
+    """What is timed: the CPU time of a single process on the CPU (one thread, so it is the step's
+    cost, and other load on a shared machine does not count), else the wall-clock time."""
+    return "cpu_s" if mode == "single" and device == "cpu" else "step_s"
+
+
+def seconds_per_step(contender: str, case: str, mode: str, args: argparse.Namespace) -> float:
+    """One run of ``contender`` in fresh processes: its time per step (the slowest rank's)."""
+    argv = ["--worker", contender, "--cases", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--device", args.device]  # fmt: skip
+    clock = _clock(mode, args.device)
+    return max(rank[clock] for rank in spawn(__file__, argv, MODES[mode]))
+
+
+def _case(
+    case: str, mode: str, contenders: list[str], args: argparse.Namespace
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """One case: its title, ratio table and comparisons, and its ratio rows."""
+    times = alternate(contenders, args.reps, lambda c: seconds_per_step(c, case, mode, args))
+    rows = [
+        ratio_row(f"{case} {mode}: {LABELS[c]}", times[c], times["hand"], BUDGETS.get(c))
+        for c in contenders[1:]
+    ]
+    by_contender = dict(zip(contenders[1:], rows, strict=True))
+    comparisons = []
+    for mine, rival in RIVALS.items():
+        if mine in by_contender and rival in by_contender:
+            ours, theirs = by_contender[mine]["ratio"], by_contender[rival]["ratio"]
+            comparisons.append(f"- {LABELS[mine]} {ours:.3f} vs {LABELS[rival]} {theirs:.3f}: "
+                               f"{'below' if ours < theirs else '**NOT below**'}.")  # fmt: skip
+    clock = "CPU time" if _clock(mode, args.device) == "cpu_s" else "wall-clock time"
+    title = f"### {DESCRIPTIONS[case]}, {'1 process' if mode == 'single' else 'DDP on 2 processes'} ({clock})"
+    baseline = ("hand-written loop", statistics.median(times["hand"]))
+    table = ratio_table(rows, baseline, "ms per step", lambda v: f"{v * 1e3:.3f}")
+    return [title, "", *table, "", *comparisons, ""], [
+        {**r, "case": f"{case} {mode} {c}"} for c, r in by_contender.items()
+    ]
+
+
+def report(args: argparse.Namespace) -> str:
+    contenders = ["hand", *(c for c in dict.fromkeys(args.contenders) if c != "hand")]
+    skipped = {c: p for c in contenders if (p := missing_package(c)) is not None}
+    running = [c for c in contenders if c not in skipped]
+    notes = [
+        f"- {LABELS[c]}: skipped, `{p}` is not installed (`pip install -e '.[bench]'`)."
+        for c, p in skipped.items()
+    ]
+    modes = list(dict.fromkeys(args.modes))
+    if args.device == "cuda" and "ddp" in modes and torch.cuda.device_count() < 2:
+        modes.remove("ddp")
+        notes.append(f"- DDP: skipped, it needs 2 GPUs and this machine has {torch.cuda.device_count()}.")
+    lines, rows = [], []
+    for case in dict.fromkeys(args.cases):
+        for mode in modes:
+            case_lines, case_rows = _case(case, mode, running, args)
+            lines += case_lines
+            rows += case_rows
+    record_ratios(args.name, rows, args.ratios)
+    over = [r["case"] for r in rows if r["budget"] is not None and r["ratio"] > r["budget"]]
+    behind = [line for line in lines if "NOT below" in line]
+    verdict = "Every ember ratio is within its budget." if not over else f"Over budget: {', '.join(over)}."
+    verdict += (" Every ember ratio is below its Lightning counterpart." if not behind
+                else f" Not below Lightning: {len(behind)} comparison(s).")  # fmt: skip
+    packages = sorted({NEEDS[c] for c in running if c in NEEDS})
+    versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in packages) or "none installed"
+    where = (
+        host("cuda") + " bf16-mixed, NCCL for DDP."
+        if args.device == "cuda"
+        else host() + " gloo, 1 thread per process."
+    )
+    return "\n".join([
+        f"## Step overhead{' on CUDA' if args.device == 'cuda' else ''}: ember vs a hand-written loop, Lightning and Accelerate",
+        "",
+        f"{args.steps} timed steps after {args.warmup} warm-up steps, each run in a fresh process, {args.reps} "
+        "alternating repetitions (after one unrecorded round); AdamW. A ratio is a contender's time per step over "
+        "the hand-written loop's in the same repetition (median, and spread over the repetitions): CPU time for one "
+        "process on the CPU (one thread: the cost of the step, whatever else the machine runs), wall-clock time "
+        "for DDP and on CUDA. Budgets: ember "
+        "Accelerator <= 1.01, ember Trainer <= 1.02, each below its Lightning counterpart (Fabric; the Trainer with "
+        "its defaults). Both Trainers run with their defaults (checkpointing, logger, progress bar, model summary; "
+        "ember's non-finite guard) and log the loss every step; progress bars print to a file, not a terminal.",
+        where,
+        f"Other frameworks: {versions}.",
+        "",
+        *lines,
+        *notes,
+        f"**{verdict}**",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument("--steps", type=int, default=400, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=50, help="steps before the timing starts")
+    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    parser.add_argument("--root", default=".", help=argparse.SUPPRESS)  # a worker's log directory
+    run_main(parser, "step_overhead", CONTENDERS, worker, report, quick={"steps": 20, "warmup": 5, "reps": 1},
+             devices=("cpu", "cuda"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The benchmark runner: runs the chosen scripts, then writes the summary section first in RESULTS.md
+(versions, every ratio file's rows against their budgets) and draws the chart."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from dist_helpers import PYTHON, REPO, run_command
+
+RUN = REPO / "benchmarks" / "run.py"
+
+
+def _runner() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", RUN)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -> None:
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
+    results.write_text("# results\n\nintro\n\n<!-- old:start -->\nkept\n<!-- old:end -->\n")
+    ratios.mkdir()
+    other = [{"case": "fast thing", "ratio": 0.9, "low": 0.8, "high": 1.1, "budget": 1.0},
+             {"case": "slow thing", "ratio": 1.3, "low": 1.2, "high": 1.4, "budget": 1.0}]  # fmt: skip
+    (ratios / "other.json").write_text(json.dumps(other))
+    (ratios / "other_cuda.json").write_text(json.dumps([{**other[0], "case": "gpu thing"}]))
+    cmd = [
+        PYTHON,
+        str(RUN),
+        "--quick",
+        "--only",
+        "checkpoint",
+        "--results",
+        str(results),
+        "--ratios",
+        str(ratios),
+    ]
+    done = run_command(cmd, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = results.read_text()
+    # The summary goes first (after the introduction), the scripts' sections after it, the rest is kept.
+    assert (
+        text.index("<!-- summary:start -->")
+        < text.index("<!-- old:start -->")
+        < text.index("<!-- checkpoint:start")
+    )
+    summary = text[text.index("<!-- summary:start -->") : text.index("<!-- summary:end -->")]
+    assert "| other | fast thing | 0.900 | 0.800-1.100 | <= 1 | pass |" in summary
+    assert "| other | slow thing | 1.300 | 1.200-1.400 | <= 1 | **OVER** |" in summary
+    assert "gpu thing" not in summary  # the CUDA section has its own summary
+    assert "| checkpoint | ember save_state |" in summary and "--quick run" in summary
+    assert f"torch {torch.__version__}" in summary and "![ratios](ratios.png)" in summary
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_refuses_unknown_names_and_knows_the_cuda_variants(tmp_path: Path) -> None:
+    done = run_command([PYTHON, str(RUN), "--only", "nope", "--results", str(tmp_path / "R.md")])
+    assert done.returncode != 0 and "--only: unknown ['nope']" in done.stderr and "checkpoint" in done.stderr
+    runner = _runner()
+    suite = runner.scripts()
+    assert {"startup", "memory", "checkpoint", "fsdp_memory", "zero_memory"} <= suite.keys()
+    assert "run" not in suite and not any(name.startswith("_") for name in suite)
+    assert runner.devices(suite["checkpoint"]) == ("cpu", "cuda")
+    assert runner.devices(suite["fsdp_memory"]) == ("cpu",)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_section_needs_a_gpu(tmp_path: Path) -> None:
+    done = run_command([PYTHON, str(RUN), "--device", "cuda", "--results", str(tmp_path / "R.md")])
+    assert done.returncode != 0 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "R.md").exists()

@@ -1,0 +1,134 @@
+"""The step-overhead and scaling benchmarks run (tiny settings) and write their sections and ratio
+files; frameworks that are not installed are reported as skipped. Timings are reported by the
+benchmarks, never asserted here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from dist_helpers import PYTHON, REPO, base_env, run_command
+
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _main(module: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    module.main()
+
+
+def test_step_overhead_without_lightning_or_accelerate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for package in ("lightning", "accelerate"):  # as where the bench extra is not installed
+        monkeypatch.setitem(sys.modules, package, None)
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
+    module = _script("step_overhead")
+    _main(module, ["--quick", "--cases", "mlp", "--modes", "single", "--results", str(results),
+                   "--ratios", str(ratios)], monkeypatch)  # fmt: skip
+    text = results.read_text()
+    assert (
+        "<!-- step_overhead:start -->" in text
+        and "### MLP 128-256-256-10, batch 64, 1 process (CPU time)" in text
+    )
+    for label in ("Lightning Trainer (defaults)", "Lightning Trainer (barebones=True)", "Lightning Fabric"):
+        assert f"- {label}: skipped, `lightning` is not installed" in text
+    assert "- Accelerate: skipped, `accelerate` is not installed" in text
+    assert "Other frameworks: none installed." in text
+    rows = json.loads((ratios / "step_overhead.json").read_text())
+    assert [(r["case"], r["budget"]) for r in rows] == [
+        ("mlp single accelerator", 1.01),
+        ("mlp single trainer", 1.02),
+    ]
+    assert all(r["low"] <= r["ratio"] <= r["high"] and r["value"] > 0 for r in rows)
+
+
+def test_step_overhead_ddp_on_two_processes(tmp_path: Path) -> None:
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
+    cmd = [PYTHON, str(BENCHMARKS / "step_overhead.py"), "--quick", "--cases", "gpt", "--modes", "ddp",
+           "--contenders", "hand", "trainer", "--results", str(results), "--ratios", str(ratios)]  # fmt: skip
+    done = run_command(cmd, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = results.read_text()
+    assert "DDP on 2 processes (wall-clock time)" in text and "| gpt ddp: ember Trainer (defaults) |" in text
+    rows = json.loads((ratios / "step_overhead.json").read_text())
+    assert [r["case"] for r in rows] == ["gpt ddp trainer"]
+
+
+def test_step_overhead_on_cuda_fails_clearly_without_a_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the CUDA section would run")
+    cmd = [
+        PYTHON,
+        str(BENCHMARKS / "step_overhead.py"),
+        "--device",
+        "cuda",
+        "--results",
+        str(tmp_path / "R.md"),
+    ]
+    done = run_command(cmd, timeout=120)
+    assert done.returncode != 0 and "no CUDA device" in done.stderr
+    assert not (tmp_path / "R.md").exists()
+
+
+def test_other_frameworks_train_when_installed(tmp_path: Path) -> None:
+    # Lightning and Accelerate are in the bench extra only: where installed, each contender trains.
+    pytest.importorskip("lightning")
+    pytest.importorskip("accelerate")
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from _contenders import Run, measure; "
+        "print(json.dumps({c: measure(c, Run(case='mlp', warmup=1, steps=2, root=sys.argv[2])) "
+        "for c in ('lightning', 'lightning_barebones', 'fabric', 'accelerate')}))"
+    )
+    done = subprocess.run([PYTHON, "-c", code, str(BENCHMARKS), str(tmp_path)], env=base_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = json.loads(done.stdout.splitlines()[-1])
+    assert all(m["step_s"] > 0 for m in measured.values()) and len(measured) == 4
+
+
+def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # With a linear cost model (us per step: hand 100; Trainer +10, +2 per logged value, +0.5 per
+    # callback; Accelerator +1) the report shows flat growth and those per-unit costs.
+    module = _script("scaling")
+
+    def fake(job: str, args: object) -> float:
+        contender, _, metrics, callbacks = job.split(":")
+        extra = {"hand": 0.0, "accelerator": 1.0, "trainer": 10 + 2 * int(metrics) + 0.5 * int(callbacks)}
+        return 100 + extra[contender]
+
+    monkeypatch.setattr(module, "_us_per_step", fake)
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
+    _main(module, ["--reps", "2", "--results", str(results), "--ratios", str(ratios)], monkeypatch)
+    text = results.read_text()
+    assert "| 100 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
+    assert "| 50 (10x) | 110.0 | 2.00 |" in text  # 50 values logged: 10 + 2 x 50
+    assert "| 500 (100x) | 262.0 | 0.50 |" in text  # 500 callbacks: 10 + 2 + 0.5 x 500
+    rows = json.loads((ratios / "scaling.json").read_text())
+    assert len(rows) == 6 and all(r["ratio"] == pytest.approx(1.0) for r in rows)
+
+
+def test_scaling_runs(tmp_path: Path) -> None:
+    results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
+    cmd = [PYTHON, str(BENCHMARKS / "scaling.py"), "--quick", "--dimensions", "callbacks",
+           "--results", str(results), "--ratios", str(ratios)]  # fmt: skip
+    done = run_command(cmd, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "### Callbacks" in results.read_text()
+    rows = json.loads((ratios / "scaling.json").read_text())
+    assert [r["case"] for r in rows] == ["trainer: us per callback 10x-100x / 1x-10x"]
