@@ -152,6 +152,8 @@ def _hand(run: Run, case: Case, clock: Clock) -> None:
     )
     model: nn.Module = clock.to(device) if device is not None else clock
     sampler = None
+    if device is not None:
+        torch.cuda.set_device(device)
     if world > 1:
         backend = "nccl" if run.device == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, device_id=device)

@@ -6,8 +6,8 @@ step, or of callbacks. Each is measured at 1x, 10x and 100x.
 
 The ``tiny`` case of ``_contenders.py`` (an MLP 32-32-10, batch 16: a step of well under a
 millisecond, so that what the framework adds is visible), each run in a fresh process, timed as in
-``step_overhead.py``; the runs of one repetition alternate, and the hand-written loop runs in every
-repetition as the baseline.
+``step_overhead.py`` (CPU time: one process, one thread); the runs of one repetition alternate, and
+the hand-written loop runs in every repetition as the baseline.
 
 - Steps: the hand-written loop, the ember Accelerator and the ember Trainer (defaults) train
   ``--steps`` x 1, 10, 100 steps. The overhead per step is a contender's time per step minus the
@@ -50,7 +50,7 @@ def _us_per_step(job: str, args: argparse.Namespace) -> float:
     contender, steps, metrics, callbacks = job.split(":")
     argv = ["--worker", contender, "--steps", steps, "--metrics", metrics, "--callbacks", callbacks,
             "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
-    return spawn(__file__, argv, 1)[0]["step_s"] * 1e6
+    return spawn(__file__, argv, 1)[0]["cpu_s"] * 1e6  # CPU time of the one thread, as in step_overhead.py
 
 
 def _job(contender: str, steps: int, metrics: int = 1, callbacks: int = 0) -> str:
@@ -126,7 +126,7 @@ def report(args: argparse.Namespace) -> str:
         "## Scaling of the overhead per step with steps, logged values and callbacks",
         "",
         f"The `tiny` case of `_contenders.py` (MLP 32-32-10, batch 16), {args.warmup} warm-up steps, each run in a "
-        f"fresh process, {args.reps} alternating repetitions (after one unrecorded round). Overhead: time per step "
+        f"fresh process, {args.reps} alternating repetitions (after one unrecorded round). Overhead: CPU time per step "
         "minus the hand-written loop's in the same repetition (medians). Flat means: the time ratio to the hand "
         "loop does not grow with the steps, and each logged value or callback costs the same at 100x as at 10x.",
         host() + " 1 thread.",

@@ -11,7 +11,8 @@ from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST, copy_checkpoint, remove_checkpoint
+from ember.strategies.checkpoint_io import MANIFEST
+from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule

@@ -21,10 +21,11 @@ __all__ = ["NonFiniteGuard"]
 
 log = logging.getLogger("ember")
 _MODES = ("stop", "skip")
+_MAX_RANKS = 1 << 20  # ranks encoded beside a step in one int64 (see _raise_for_pending)
 
 
 class NonFiniteGuard(Callback):
-    """Check the loss and the gradients of each optimizer step for NaN/Inf, right before the step.
+    """Check the loss and the gradients of optimizer steps for NaN/Inf, right before the step.
 
     ``mode="stop"`` raises :class:`FloatingPointError` naming the step and the loss or the first
     parameter (in the optimizer's order) whose gradient is not finite. ``mode="skip"`` drops that
@@ -35,10 +36,14 @@ class NonFiniteGuard(Callback):
     of norm clipping) summed into one number with the losses, a one-number all-reduce so every rank
     takes the same decision, and one device-to-host sync; only when that number is not finite is
     each parameter looked at, to name the first bad one. ``check_every_n_steps=N`` checks every
-    N-th step only. ``None``: every step,
-    except on an XLA device, where it checks none: reading the result on the host would end the
-    step's lazy graph early (a second graph, compiled once, runs on each checked step), so it
-    takes an explicit ``check_every_n_steps`` there.
+    N-th step. ``None``: every step with ``mode="skip"`` (a step can only be skipped before it is
+    taken); with ``mode="stop"``, every ``log_every_n_steps``-th step of the Trainer, and the loss
+    of each step in between is kept on the device and checked then, before any checkpoint is
+    saved and at the end of training: a NaN loss is still reported with its step, no checkpoint
+    is written after it, and the steps in between cost no pass and no sync. On an XLA device
+    ``None`` checks nothing: reading the result on the host would end the step's lazy graph early
+    (a second graph, compiled once, runs on each checked step), so it takes an explicit
+    ``check_every_n_steps`` there.
 
     Gradients are left alone where another mechanism owns them: under ``precision="16-mixed"`` the
     grad scaler already skips steps with Inf/NaN gradients (and lowers its scale), and DeepSpeed's
@@ -67,6 +72,8 @@ class NonFiniteGuard(Callback):
         self.skipped_steps = 0
         self._every = check_every_n_steps or 1  # 0: no step is checked
         self._losses: list[torch.Tensor] = []
+        # mode="stop": the losses of the steps between checks, with (step, epoch, batch), checked later
+        self._pending: list[tuple[tuple[int, int, int], torch.Tensor]] = []
         self._names: dict[int, str] = {}
         self._plan_key: tuple[int, ...] = ()
         self._plan: list[tuple[torch.dtype, list[int], torch.Tensor]] = []
@@ -85,17 +92,24 @@ class NonFiniteGuard(Callback):
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         if self.check_every_n_steps is None:
-            self._every = 0 if trainer.accelerator.device.type == "xla" else 1
+            interval = 1 if self.mode == "skip" else trainer.log_every_n_steps
+            self._every = 0 if trainer.accelerator.device.type == "xla" else interval
         # After prepare: the parameters the optimizers hold now (FSDP replaced them by shards).
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._losses.clear()
+        self._pending.clear()
         self._grads_checked = self._checks_gradients(trainer)
         self._device = trainer.accelerator.device
 
     @override
     def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: torch.Tensor) -> None:
-        if self._every and trainer.global_step % self._every == 0:
+        if not self._every:
+            return
+        step = trainer.global_step
+        if step % self._every == 0:
             self._losses.append(loss.detach())
+        elif self.mode == "stop":  # checked at the next checked step, checkpoint or the end
+            self._pending.append(((step, trainer.current_epoch, trainer.state.batch_idx), loss.detach()))
 
     @override
     def on_before_optimizer_step(
@@ -104,14 +118,16 @@ class NonFiniteGuard(Callback):
         losses, self._losses = self._losses, []
         if not self._every or trainer.global_step % self._every != 0:
             return
+        pending, self._pending = self._pending, []
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self._all_finite(trainer, params, losses):
+        if self._all_finite(trainer, params, losses + [loss for _, loss in pending]):
             return
+        self._raise_for_pending(trainer, pending)
         first_bad, loss_rank = self._find(trainer, params, losses)
         if first_bad < 0 and loss_rank < 0:
             return
         problem = _describe(params, first_bad, loss_rank, self._names)
-        where = f"step {trainer.global_step} (epoch {trainer.current_epoch}, batch {trainer.state.batch_idx})"
+        where = _where(trainer.global_step, trainer.current_epoch, trainer.state.batch_idx)
         if self.mode == "stop":
             raise FloatingPointError(
                 f"NonFiniteGuard: {problem} at {where}. Lower the learning rate, clip gradients, look for a "
@@ -122,6 +138,54 @@ class NonFiniteGuard(Callback):
         self.skipped_steps += 1
         if trainer.is_global_zero:
             log.warning("NonFiniteGuard: %s at %s; skipped this optimizer step", problem, where)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]) -> None:
+        self._check_pending(trainer)  # a checkpoint is never written after a non-finite loss
+
+    @override
+    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+        self._check_pending(trainer)
+
+    def _check_pending(self, trainer: Trainer) -> None:
+        """Check the losses kept since the last checked step (on every rank: it may all-reduce)."""
+        if not self._every or self.mode != "stop":
+            return
+        pending, self._pending = self._pending, []
+        if (pending or trainer.world_size > 1) and not self._all_finite(
+            trainer, [], [loss for _, loss in pending]
+        ):
+            self._raise_for_pending(trainer, pending)
+
+    def _raise_for_pending(
+        self, trainer: Trainer, pending: list[tuple[tuple[int, int, int], torch.Tensor]]
+    ) -> None:
+        """Raise for the earliest kept loss that is not finite on any rank; return if there is none.
+
+        Each rank encodes its earliest bad step and its rank in one integer that is larger for an
+        earlier step, so that one max all-reduce finds the earliest over all ranks."""
+        if self.mode != "stop":
+            return
+        device = trainer.accelerator.device
+        code = torch.zeros((), dtype=torch.int64, device=device)  # 0: none
+        if pending:
+            finite = torch.isfinite(torch.stack([loss.float().sum().to(device) for _, loss in pending]))
+            bad = (~finite).nonzero()  # one sync, on the failure path only
+            if len(bad):
+                step = pending[int(bad[0])][0][0]
+                code.fill_(((1 << 40) - step) * _MAX_RANKS + trainer.global_rank)
+        if trainer.world_size > 1:
+            code = trainer.accelerator.reduce(code, "max")
+        value = int(code.item())
+        if not value:
+            return
+        step, rank = (1 << 40) - value // _MAX_RANKS, value % _MAX_RANKS
+        where = next((w for w, _ in pending if w[0] == step), (step, -1, -1))
+        raise FloatingPointError(
+            f"NonFiniteGuard: the loss is not finite (on rank {rank}) at {_where(*where)}, found at the check of "
+            f"step {trainer.global_step}. Lower the learning rate, clip gradients, look for a bad batch, or "
+            "check every step to also name the parameter: NonFiniteGuard(check_every_n_steps=1)"
+        )
 
     def _all_finite(self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]) -> bool:
         """Whether the losses and gradients are finite on every rank, with one device-to-host sync.
@@ -160,7 +224,7 @@ class NonFiniteGuard(Callback):
                 torch.stack(checks).sum() if checks else torch.zeros((), dtype=torch.float64, device=device)
             )
             return math.isfinite(trainer.accelerator.reduce(total, "sum").item())
-        return all(math.isfinite(value) for check in checks for value in check.tolist())
+        return all(bool(torch.isfinite(check).all()) for check in checks)  # one sync per dtype
 
     def _find(
         self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]
@@ -228,6 +292,10 @@ class NonFiniteGuard(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+
+
+def _where(step: int, epoch: int, batch: int) -> str:
+    return f"step {step} (epoch {epoch}, batch {batch})" if epoch >= 0 else f"step {step}"
 
 
 def _describe(params: list[torch.Tensor], first_bad: int, loss_rank: int, names: dict[int, str]) -> str:

@@ -87,6 +87,7 @@ class RichProgressBar(Callback):
         if console is not None and not isinstance(console, Console):
             raise TypeError(f"RichProgressBar(console={console!r}) must be None or a rich.console.Console")
         self._refresh_rate = refresh_rate
+        self._shows: bool | None = None  # whether this process shows progress (see _active)
         self._leave = leave
         self._plain_every = plain_every_n_batches
         self._console = console  # None: a default Console, created when first needed
@@ -102,7 +103,9 @@ class RichProgressBar(Callback):
         self._eval_started = 0.0
 
     def _active(self, trainer: Trainer) -> bool:
-        return self._refresh_rate > 0 and trainer.is_global_zero
+        if self._shows is None:  # asked on every batch: the answer holds for the whole stage
+            self._shows = self._refresh_rate > 0 and trainer.is_global_zero
+        return self._shows
 
     def _use_rich(self) -> bool:
         if self._rich is None:
@@ -148,6 +151,7 @@ class RichProgressBar(Callback):
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         self._stage = stage
+        self._shows = None
 
     @override
     def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:

@@ -42,19 +42,21 @@ from ember.strategies import Strategy
 from ember.strategies.base import EngineCheckpoints
 from ember.strategies.checkpoint_io import (
     CheckpointError,
-    check_target,
     decode_tree,
     encode_tree,
-    finalize_staged,
     load_tensors,
-    locate_checkpoint,
-    prepare_staging,
     read_manifest,
     read_tree,
-    staging_path,
     write_json,
     write_manifest,
     write_tree,
+)
+from ember.strategies.checkpoint_swap import (
+    check_target,
+    finalize_staged,
+    locate_checkpoint,
+    prepare_staging,
+    staging_path,
 )
 from ember.strategies.optim_state import owner_module
 from ember.strategies.sharded_io import (

@@ -38,6 +38,18 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def move_to_device(data: Any, device: torch.device) -> Any:
     """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory)."""
-    return apply_to_tensors(
-        data, lambda t: t if t.device == device else t.to(device, non_blocking=t.is_pinned())
-    )
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device == device:  # already there (CPU training): no call into torch
+            return tensor
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+
+    kind = type(data)
+    if kind is list or kind is tuple:  # the usual batch, (inputs, targets): a loop, no generators
+        on_cpu = device.type == "cpu"
+        for item in data:
+            if type(item) is not torch.Tensor:
+                return apply_to_tensors(data, move)
+            on_cpu = on_cpu and item.is_cpu
+        return data if on_cpu else kind([move(item) for item in data])  # on the CPU already: as it is
+    return apply_to_tensors(data, move)

@@ -40,6 +40,8 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._strategy = strategy
         self._gradient_state = gradient_state
+        self._owns_step = isinstance(strategy, OwnsOptimizerStep)  # asked once, not every step
+        self._direct_step = strategy.direct_optimizer_step
         #: True when the last step() call did not update parameters (accumulating, or inf/NaN grads)
         self.step_was_skipped = False
 
@@ -68,7 +70,7 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self.optimizer.defaults = value
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if isinstance(self._strategy, OwnsOptimizerStep):  # the engine clears its own gradient buffers
+        if self._owns_step:  # the engine clears its own gradient buffers
             return
         if self._gradient_state.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -76,6 +78,10 @@ class PreparedOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
         if not self._gradient_state.sync_gradients:
             self.step_was_skipped = True
+            return
+        if self._direct_step:  # neither strategy nor precision adds anything to optimizer.step()
+            self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            self.step_was_skipped = False
             return
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
 

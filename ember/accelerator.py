@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 from torch.utils.data import DataLoader
 
 from ember import _checkpoint, _trackers
@@ -194,6 +195,8 @@ class Accelerator(ProcessMixin):
         self._strategy.setup_environment()
 
         self._seed = seed
+        self._owns_step = isinstance(self._strategy, OwnsOptimizerStep)  # asked once, not every step
+        self._direct_backward = self._strategy.direct_backward
         self._even_batches = even_batches
         self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
         self._objects = _checkpoint.PreparedObjects()
@@ -315,7 +318,10 @@ class Accelerator(ProcessMixin):
             )
         if self._gradient_state.accumulation_steps > 1:
             loss = loss / self._gradient_state.accumulation_steps
-        if isinstance(self._strategy, OwnsOptimizerStep):  # DeepSpeed: backward and the engine's step
+        if self._direct_backward:  # fp32 on one device: nothing to add
+            loss.backward(**kwargs)
+        elif self._owns_step:  # DeepSpeed: backward and the engine's step
+            assert isinstance(self._strategy, OwnsOptimizerStep)
             self._strategy.backward_and_step(loss, boundary=self._gradient_state.sync_gradients, **kwargs)
         else:
             self._strategy.backward(loss, **kwargs)
@@ -326,8 +332,7 @@ class Accelerator(ProcessMixin):
             return self._strategy.no_backward_sync(model)
         return nullcontext()
 
-    @contextmanager
-    def accumulate(self, *models: nn.Module, sync: bool | None = None) -> Iterator[None]:
+    def accumulate(self, *models: nn.Module, sync: bool | None = None) -> AbstractContextManager[None]:
         """Mark one micro-step; gradients are synchronized and applied every N-th step and at epoch end.
 
         ``sync`` overrides the count for loops that decide themselves (the Trainer does).
@@ -341,13 +346,9 @@ class Accelerator(ProcessMixin):
         else:
             state.micro_step += 1
             state.sync_gradients = state.micro_step % state.accumulation_steps == 0
-        if state.sync_gradients:  # nothing to enter: spare the ExitStack on every step
-            yield
-            return
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(self.no_sync(model))
-            yield
+        if state.sync_gradients:  # nothing to enter: a step boundary costs no context machinery
+            return _NOTHING
+        return _Entered([self.no_sync(model) for model in models])
 
     @contextmanager
     def init_module(self, empty_init: bool = False) -> Iterator[None]:
@@ -372,6 +373,8 @@ class Accelerator(ProcessMixin):
 
     def unscale_gradients(self) -> None:
         """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step."""
+        if type(self.precision).unscale_gradients is Precision.unscale_gradients:
+            return  # the plugin has no scaler: nothing to do (asked on every step)
         for optimizer in self._inner_optimizers():
             self.precision.unscale_gradients(optimizer)
 
@@ -451,14 +454,20 @@ class Accelerator(ProcessMixin):
         user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
         """
         inner = self._strategy.unwrap_module(model)
+        precision = self.precision
+        hooks = precision.wraps_forward  # False: its forward hooks do nothing (fp32), skip them
+        if inner is model and not hooks and not _module_hooks(model):
+            return method(*args, **kwargs)  # no wrapper, no autocast, no hooks: nothing to route through
         patched = inner.__dict__.get("forward")  # the precision wrapper, if any
 
         def redirected(*a: Any, **kw: Any) -> Any:
             # Put the real forward back first: the method usually calls it.
             _restore_forward(inner, patched)
-            with self.precision.forward_context():
-                a, kw = self.precision.convert_input((a, kw))
-                return self.precision.convert_output(method(*a, **kw))
+            if not hooks:
+                return method(*a, **kw)
+            with precision.forward_context():
+                a, kw = precision.convert_input((a, kw))
+                return precision.convert_output(method(*a, **kw))
 
         # Into the instance dict directly: nn.Module.__setattr__ would first search parameters,
         # buffers and submodules for the name, on every step.
@@ -496,6 +505,40 @@ class Accelerator(ProcessMixin):
 
     def __repr__(self) -> str:
         return f"Accelerator(strategy={self._strategy!r}, precision={self.precision!r})"
+
+
+_NOTHING = nullcontext()  # reusable: it holds no state
+
+
+class _Entered:
+    """Enters several context managers (the models' ``no_sync``) when it is entered itself."""
+
+    __slots__ = ("_contexts", "_stack")
+
+    def __init__(self, contexts: list[AbstractContextManager[Any]]) -> None:
+        self._contexts = contexts
+        self._stack = ExitStack()
+
+    def __enter__(self) -> None:
+        for context in self._contexts:
+            self._stack.enter_context(context)
+
+    def __exit__(self, *exc: Any) -> bool:
+        return bool(self._stack.__exit__(*exc))
+
+
+def _module_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, or the global ones of every module)."""
+    return bool(
+        module._forward_pre_hooks
+        or module._forward_hooks
+        or module._backward_pre_hooks
+        or module._backward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_backward_pre_hooks
+        or torch_module._global_backward_hooks
+    )
 
 
 def _restore_forward(module: nn.Module, patched: Any) -> None:

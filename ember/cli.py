@@ -111,7 +111,8 @@ def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> i
     from pathlib import Path
 
     from ember._checkpoint import consolidate_checkpoint
-    from ember.strategies.checkpoint_io import CheckpointError, locate_checkpoint, read_manifest
+    from ember.strategies.checkpoint_io import CheckpointError, read_manifest
+    from ember.strategies.checkpoint_swap import locate_checkpoint
 
     out = Path(args.out)
     if out.is_dir():

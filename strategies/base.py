@@ -159,10 +159,31 @@ class Strategy:
         return (move_to_device(batch, device) for batch in batches)
 
     # -- how a step runs ------------------------------------------------------------------------
+    @property
+    def direct_backward(self) -> bool:
+        """True when :meth:`backward` is exactly ``loss.backward()``: neither this strategy nor its
+        precision plugin adds anything, so the Accelerator calls it directly (asked once)."""
+        plugin = type(self.precision)
+        return (
+            type(self).backward is Strategy.backward
+            and plugin.pre_backward is Precision.pre_backward
+            and plugin.backward is Precision.backward
+            and plugin.post_backward is Precision.post_backward
+        )
+
+    @property
+    def direct_optimizer_step(self) -> bool:
+        """True when :meth:`optimizer_step` is exactly ``optimizer.step()`` (see :attr:`direct_backward`)."""
+        return (
+            type(self).optimizer_step is Strategy.optimizer_step
+            and type(self.precision).optimizer_step is Precision.optimizer_step
+        )
+
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        loss = self.precision.pre_backward(loss)
-        self.precision.backward(loss, *args, **kwargs)
-        self.precision.post_backward(loss)
+        precision = self.precision
+        loss = precision.pre_backward(loss)
+        precision.backward(loss, *args, **kwargs)
+        precision.post_backward(loss)
 
     def optimizer_step(
         self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
@@ -193,6 +214,13 @@ class Strategy:
     # -- how ranks talk (single process: identities) --------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
         return tensor
+
+    def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:
+        """Start an all-reduce without waiting for it: the returned function waits and gives the
+        result. Every rank must start and wait the same all-reduces in the same order. Here (and
+        where a strategy has no asynchronous collectives) it runs at once."""
+        result = self.all_reduce(tensor, op)
+        return lambda: result
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Stack ``tensor`` from every rank: shape ``(world_size, *tensor.shape)``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -222,6 +222,22 @@ class ParallelStrategy(Strategy):
         if op == "mean":  # gloo has no AVG: sum, then divide
             result = result / self.world_size if result.is_floating_point() else result // self.world_size
         return result
+
+    @override
+    def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:
+        check_reduce_op(op)
+        if op == "mean" or type(self).all_reduce is not ParallelStrategy.all_reduce:
+            return super().start_all_reduce(tensor, op)  # gloo has no AVG / not torch.distributed's (XLA)
+        result = tensor.clone()
+        work = dist.all_reduce(result, op=_REDUCE_OPS[op], async_op=True)
+
+        def wait() -> torch.Tensor:
+            assert work is not None
+            with self._collective("all_reduce"):
+                work.wait()
+            return result
+
+        return wait
 
     @override
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

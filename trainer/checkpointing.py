@@ -17,7 +17,8 @@ import torch
 
 from ember._checkpoint import load_model_weights
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, locate_checkpoint, read_manifest
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest
+from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.trainer.hooks import call_hook
 
 if TYPE_CHECKING:

@@ -26,23 +26,41 @@ class HookPlan:
     few hooks that do something. The plan is rebuilt when the Trainer's callback list changes.
     """
 
-    __slots__ = ("_by_name", "_callbacks", "_count")
+    __slots__ = ("_by_name", "_callbacks", "_count", "_module_type")
 
     def __init__(self) -> None:
         self._callbacks: list[Callback] | None = None
         self._count = 0
-        self._by_name: dict[str, tuple[list[Callback], list[Callback]]] = {}
+        self._module_type: type | None = None
+        self._by_name: dict[str, tuple[list[Callback], bool, list[Callback]]] = {}
 
-    def callbacks(self, callbacks: list[Callback], name: str) -> tuple[list[Callback], list[Callback]]:
-        """(callbacks before the module's hook, monitoring callbacks after it) that define ``name``."""
-        if callbacks is not self._callbacks or len(callbacks) != self._count:  # a new stage, or appended
-            self._callbacks, self._count, self._by_name = callbacks, len(callbacks), {}
+    def plan(
+        self, callbacks: list[Callback], module: Any, name: str
+    ) -> tuple[list[Callback], bool, list[Callback]]:
+        """(callbacks before the module's hook, whether the module's class overrides the hook,
+        monitoring callbacks after it), for hook ``name``."""
+        if (
+            callbacks is not self._callbacks
+            or len(callbacks) != self._count
+            or type(module) is not self._module_type
+        ):
+            self._callbacks, self._count, self._by_name = (
+                callbacks,
+                len(callbacks),
+                {},
+            )  # a new stage, or appended
+            self._module_type = type(module)
         found = self._by_name.get(name)
         if found is None:
+            from ember.trainer.module import TrainModule  # here: the module imports this one
+
             default = getattr(Callback, name, None)
             defining = [c for c in callbacks if default is None or _func(getattr(c, name)) is not default]
+            module_default = getattr(TrainModule, name, None)
+            overridden = module_default is None or getattr(type(module), name, None) is not module_default
             found = self._by_name[name] = (
                 [c for c in defining if not c.monitoring],
+                overridden,
                 [c for c in defining if c.monitoring],
             )
         return found
@@ -60,7 +78,17 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     module's hook returned.
     """
     module = trainer.module
-    first, monitoring = trainer._hook_plan.callbacks(trainer.callbacks, name)
+    plan, callbacks = trainer._hook_plan, trainer.callbacks
+    valid = (
+        callbacks is plan._callbacks and len(callbacks) == plan._count and type(module) is plan._module_type
+    )
+    found = plan._by_name.get(name) if valid else None  # the plan, looked up here: this runs 5 times a batch
+    first, overridden, monitoring = found if found is not None else plan.plan(callbacks, module, name)
+    # The module's do-nothing default (and a hook no callback defines) is not called at all; a hook
+    # set on the instance itself still is.
+    module_hook = module_hook and (overridden or name in module.__dict__)
+    if not (first or module_hook or monitoring):
+        return None
     store = trainer._metrics
     previous, store.fx = store.fx, name
     result = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -122,7 +122,7 @@ class PreemptionGuard:
     def __init__(self) -> None:
         self._catcher = _SignalCatcher()
         self._flag: torch.Tensor | None = None
-        self._pending: torch.Tensor | None = None
+        self._pending: Callable[[], torch.Tensor] | None = None  # the all-reduce started last
 
     @contextmanager
     def during_fit(self) -> Iterator[None]:
@@ -152,27 +152,25 @@ class PreemptionGuard:
         raise Preempted(signum, path, trainer.global_step)
 
     def _agreed_signal(self, accelerator: Accelerator) -> int:
-        """The largest signal number any process has received, the same on every process (0: none).
+        """The largest signal number any process had received one boundary ago, the same on every
+        process (0: none).
 
-        Every process calls this at the same boundaries, so the all-reduces pair up. On the CPU
-        (gloo) the reduce has finished when it returns and is read at once: a few microseconds. On
-        an accelerator the result is read at the *next* boundary: by then the device has long run
-        the reduce, so reading it does not stall the host, which stays a step ahead of the device as
-        usual; the stop then comes one boundary later. The flag lives on the device, filled in
-        place, so no host-to-device copy (which would synchronize) happens either.
+        Every process calls this at the same boundaries, so the all-reduces pair up. Each call
+        starts the all-reduce of this process's flag without waiting for it and reads the one
+        started at the previous boundary: by then it has long finished (gloo runs it on its own
+        thread, an accelerator on the device), so no boundary waits for the other processes or
+        stalls the host. The stop therefore comes one boundary after the signal, on every process
+        alike. The flag lives on the device, filled in place: no host-to-device copy either.
         """
         local = self._catcher.received or 0
         if accelerator.num_processes == 1:
             return local
         if self._pending is not None:
-            agreed, self._pending = int(self._pending.item()), None
+            agreed, self._pending = int(self._pending().item()), None
             if agreed:
                 return agreed
         if self._flag is None:
             self._flag = torch.zeros(1, device=accelerator.device)
         self._flag.fill_(local)
-        reduced: torch.Tensor = accelerator.reduce(self._flag, "max")
-        if reduced.device.type == "cpu":
-            return int(reduced.item())
-        self._pending = reduced
+        self._pending = accelerator.strategy.start_all_reduce(self._flag, "max")
         return 0

@@ -381,7 +381,7 @@ class Trainer(TrainerProperties):
         return handles
 
     def _step_schedulers(self, interval: str) -> None:
-        if not self.module.automatic_optimization:
+        if not self.lr_scheduler_configs or not self.module.automatic_optimization:
             return  # manual optimisation steps its schedulers itself (self.lr_schedulers())
         count = self.state.global_step if interval == "step" else self.state.epoch + 1
         step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics)

@@ -34,8 +34,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Accelerator, CheckpointError
-from ember.strategies import checkpoint_io
-from ember.strategies.checkpoint_io import copy_checkpoint, locate_checkpoint, read_manifest
+from ember.strategies import checkpoint_io, checkpoint_swap
+from ember.strategies.checkpoint_io import read_manifest
+from ember.strategies.checkpoint_swap import copy_checkpoint, locate_checkpoint
 from ember.strategies.single_device import SingleDeviceStrategy
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="kills forked processes (POSIX)")
@@ -109,8 +110,8 @@ def _arm(switch: _Switch, *, atomic_swap: bool) -> None:
     hook(shutil, "rmtree")
     hook(checkpoint_io, "save_file")  # safetensors writes from Rust: count the call
     if not atomic_swap:  # the file system has no renameat2(RENAME_EXCHANGE): rename aside, then in
-        checkpoint_io._exchange = lambda a, b: False  # type: ignore[assignment]
-    hook(checkpoint_io, "_exchange")
+        checkpoint_swap._exchange = lambda a, b: False  # type: ignore[assignment]
+    hook(checkpoint_swap, "_exchange")
     real_open = builtins.open
 
     def hooked_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:

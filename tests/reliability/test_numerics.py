@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
-from ember.callbacks import Callback, NonFiniteGuard
+from ember.callbacks import Callback, ModelCheckpoint, NonFiniteGuard
 
 STEPS = 6
 
@@ -102,18 +103,48 @@ def test_on_by_default_and_configurable(tmp_path: Path) -> None:
         NonFiniteGuard(check_every_n_steps=0)
 
 
-def test_default_guard_stops_at_the_nan_loss_step(tmp_path: Path) -> None:
+def test_checking_every_step_stops_at_the_nan_loss_step(tmp_path: Path) -> None:
+    guard = NonFiniteGuard(check_every_n_steps=1)
     with pytest.raises(FloatingPointError) as caught:
-        _trainer(tmp_path).fit(Net(nan_loss_at=3), _loader())
+        _trainer(tmp_path, callbacks=[guard]).fit(Net(nan_loss_at=3), _loader())
     message = str(caught.value)
     assert "the loss is not finite (on rank 0)" in message
     assert "at step 3 (epoch 0, batch 3)" in message
     assert "the gradient of parameter 'body.weight' contains NaN" in message  # the first, in optimizer order
 
 
-def test_inf_gradient_names_the_parameter(tmp_path: Path) -> None:
+def test_default_guard_names_the_step_and_no_checkpoint_is_saved_after_it(tmp_path: Path) -> None:
+    # The default checks every log_every_n_steps-th step in full; the losses in between are kept
+    # on the device and checked before a checkpoint is written, and at the end.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = _trainer(tmp_path, callbacks=[saver], enable_checkpointing=True, log_every_n_steps=50)
     with pytest.raises(FloatingPointError) as caught:
+        trainer.fit(Net(nan_loss_at=3), _loader())
+    message = str(caught.value)
+    assert (
+        "the loss is not finite (on rank 0) at step 3 (epoch 0, batch 3), found at the check of step 4"
+        in message
+    )
+    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert saved == ["epoch=0-step=1", "epoch=0-step=2", "epoch=0-step=3"]  # the NaN update of step 3 is not
+    for name in saved:
+        weights = load_file(tmp_path / "ckpt" / name / "model.safetensors")
+        assert all(bool(torch.isfinite(w).all()) for w in weights.values())
+    # Without checkpoints, the end of training is the check.
+    with pytest.raises(
+        FloatingPointError, match=r"at step 3 \(epoch 0, batch 3\), found at the check of step 6"
+    ):
+        _trainer(tmp_path).fit(Net(nan_loss_at=3), _loader())
+    # An Inf gradient with a finite loss makes the weights, hence the next loss, non-finite.
+    with pytest.raises(FloatingPointError, match=r"the loss is not finite \(on rank 0\) at step 3 "):
         _trainer(tmp_path).fit(Net(inf_grad_at=2), _loader())
+    _trainer(tmp_path).fit(Net(), _loader())  # finite: no false alarm at the checks or the end
+
+
+def test_inf_gradient_names_the_parameter(tmp_path: Path) -> None:
+    guard = NonFiniteGuard(check_every_n_steps=1)
+    with pytest.raises(FloatingPointError) as caught:
+        _trainer(tmp_path, callbacks=[guard]).fit(Net(inf_grad_at=2), _loader())
     message = str(caught.value)
     assert "the gradient of parameter 'head.weight' contains Inf at step 2" in message
     assert "loss" not in message.split(" at step")[0]  # the loss was finite
@@ -173,7 +204,7 @@ def test_every_dtype_without_false_alarms() -> None:
         accelerator=SimpleNamespace(device=torch.device("cpu")), precision=None, strategy=None, world_size=1,
         global_rank=0, global_step=0, current_epoch=0, state=SimpleNamespace(batch_idx=0), log_every_n_steps=50,
     )  # fmt: skip
-    guard = NonFiniteGuard()
+    guard = NonFiniteGuard(check_every_n_steps=1)
     guard.on_train_start(trainer, module)  # type: ignore[arg-type]
     params["fp16"].grad = torch.full((4,), 60000.0, dtype=torch.float16)  # norm 120000 > float16's max
     params["bf16"].grad = torch.full((4,), 1e15, dtype=torch.bfloat16)
@@ -208,6 +239,27 @@ def test_ranks_agree_when_only_one_sees_a_nan_loss(tmp_path: Path) -> None:
     assert results[0]["weights"] == results[1]["weights"]
 
 
+def _ddp_stop(root: str) -> str:
+    trainer = _trainer(Path(root), strategy="ddp", devices=2)
+    try:
+        trainer.fit(
+            Net(nan_loss_at=2, nan_rank=1, finite_grads=True), DataLoader(_data(8 * STEPS), batch_size=4)
+        )
+    except FloatingPointError as error:
+        return str(error)
+    return "no error"
+
+
+def test_default_guard_agrees_across_ranks(tmp_path: Path) -> None:
+    # Only rank 1 kept a NaN loss (step 2, between checks): both ranks stop at the end, naming it.
+    messages = run_processes(_ddp_stop, str(tmp_path), nprocs=2, timeout=120)
+    for message in messages:
+        assert (
+            "the loss is not finite (on rank 1) at step 2 (epoch 0, batch 2), found at the check of step 6"
+            in (message)
+        )
+
+
 def test_sharded_gradients_are_checked_on_their_local_shard() -> None:
     # FSDP's gradients are DTensors; the guard checks the shard each rank holds (one process here,
     # a gloo group of one, so the shard is the whole tensor).
@@ -224,7 +276,7 @@ def test_sharded_gradients_are_checked_on_their_local_shard() -> None:
         accelerator=SimpleNamespace(device=torch.device("cpu")), precision=None, strategy=None, world_size=1,
         global_rank=0, global_step=3, current_epoch=0, state=SimpleNamespace(batch_idx=3), log_every_n_steps=50,
     )  # fmt: skip
-    guard = NonFiniteGuard()
+    guard = NonFiniteGuard(check_every_n_steps=1)
     guard.on_train_start(trainer, module)  # type: ignore[arg-type]
     weight.grad = distribute_tensor(torch.ones(4, 2), mesh, [Shard(0)])
     guard.on_before_optimizer_step(trainer, module, optimizer)  # type: ignore[arg-type]

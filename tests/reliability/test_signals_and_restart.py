@@ -108,13 +108,15 @@ def test_only_rank_1_gets_sigusr1_and_both_ranks_stop_at_the_same_step(
     tmp_path: Path, two_ranks: list[dict]
 ) -> None:
     root = str(tmp_path / "run")
-    # Rank 1 signals itself in on_train_batch_end of step 4; rank 0 never gets a signal.
+    # Rank 1 signals itself in on_train_batch_end of step 4; rank 0 never gets a signal. The ranks
+    # learn of it one boundary later (each boundary reads the all-reduce the previous one started,
+    # so that none waits for the others), and stop together there.
     stopped = run_processes(fit_preemptible, root, "", None, 4, int(signal.SIGUSR1), 1, nprocs=2)
     last = str(tmp_path / "run" / "checkpoints" / "last")
     for rank in range(2):
-        assert stopped[rank] == {"preempted_at": 4, "signal": "SIGUSR1", "code": 75, "checkpoint": last}
+        assert stopped[rank] == {"preempted_at": 5, "signal": "SIGUSR1", "code": 75, "checkpoint": last}
     assert read_manifest(Path(last))["world_size"] == 2
-    assert _loop_of(Path(last))["global_step"] == 4
+    assert _loop_of(Path(last))["global_step"] == 5
     resumed = run_processes(fit_preemptible, root, "last", nprocs=2)
     _same_run(resumed[0], two_ranks[0])
     assert resumed[1]["params"] == two_ranks[1]["params"] == two_ranks[0]["params"]
@@ -137,8 +139,8 @@ def test_ember_launch_exits_75_when_its_workers_were_preempted(tmp_path: Path) -
     done = run_command(command, timeout=240)
     log = done.stdout + done.stderr
     assert done.returncode == PREEMPTED_EXIT_CODE, log[-6000:]  # for the job script to requeue
-    assert "pre-empted by SIGUSR1 at step 4" in log
-    assert _loop_of(tmp_path / "run" / "checkpoints" / "last")["global_step"] == 4
+    assert "pre-empted by SIGUSR1 at step 5" in log  # signalled at step 4, agreed one boundary later
+    assert _loop_of(tmp_path / "run" / "checkpoints" / "last")["global_step"] == 5
 
 
 _RESTART_SCRIPT = """

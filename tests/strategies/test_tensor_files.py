@@ -118,9 +118,10 @@ def test_final_sync_skips_only_files_unchanged_since_their_fsync(
     # Before a checkpoint is swapped into place every file must be durable: one that this process
     # fsynced when it wrote it is not fsynced again, unless it changed since.
     import ember.strategies.checkpoint_io as checkpoint_io
+    import ember.strategies.checkpoint_swap as checkpoint_swap
 
     synced: list[str] = []
-    monkeypatch.setattr(checkpoint_io, "_fsync_file", lambda path: synced.append(Path(path).name))
+    monkeypatch.setattr(checkpoint_swap, "_fsync_file", lambda path: synced.append(Path(path).name))
     checkpoint_io.write_json(tmp_path / "kept.json", {"a": 1})
     checkpoint_io.write_json(tmp_path / "changed.json", {"a": 1})
     with open(tmp_path / "changed.json", "a") as f:
@@ -128,8 +129,8 @@ def test_final_sync_skips_only_files_unchanged_since_their_fsync(
     (tmp_path / "foreign.bin").write_bytes(b"x")  # not written by ember
     with SafetensorsWriter(tmp_path / "t.safetensors", [("a", torch.float32, (2,))]) as writer:
         writer.write("a", torch.zeros(2))
-    checkpoint_io._sync_tree(tmp_path)
+    checkpoint_swap._sync_tree(tmp_path)
     assert sorted(synced) == ["changed.json", "foreign.bin"]
     synced.clear()
-    checkpoint_io._sync_tree(tmp_path)  # a note serves once
+    checkpoint_swap._sync_tree(tmp_path)  # a note serves once
     assert sorted(synced) == ["changed.json", "foreign.bin", "kept.json", "t.safetensors"]
