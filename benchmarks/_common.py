@@ -11,11 +11,13 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -88,20 +90,26 @@ def pick(names: str, valid: Sequence[str], baseline: str) -> list[str]:
 
 # -- alternating contenders and their ratios -------------------------------------------------------
 def alternate(
-    contenders: Sequence[str], reps: int, measure: Callable[[str], T], warm: bool = True
+    contenders: Sequence[str], reps: int, measure: Callable[[str], T], warm: bool = True, jobs: int = 1
 ) -> dict[str, list[T]]:
     """``measure(c)`` for every contender ``reps`` times, alternating: every round runs each contender
     once, so that drifts of a shared machine hit every contender alike, and each round starts one
     contender later (A B C, B C A, C A B ...), so that none always follows the same neighbour. With
     ``warm``, one unrecorded round comes first: it fills the page cache and the bytecode cache,
-    which the first contender alone would otherwise pay."""
-    for contender in contenders if warm else []:
-        measure(contender)
-    results: dict[str, list[T]] = {c: [] for c in contenders}
+    which the first contender alone would otherwise pay. ``jobs > 1`` runs that many measurements
+    of a round at once (for measures that start processes and read their CPU time, which another
+    process on another core barely changes)."""
+    rounds = [list(contenders)] if warm else []
     for round_ in range(reps):
         shift = round_ % len(contenders)
-        for contender in [*contenders[shift:], *contenders[:shift]]:
-            results[contender].append(measure(contender))
+        rounds.append([*contenders[shift:], *contenders[:shift]])
+    results: dict[str, list[T]] = {c: [] for c in contenders}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for number, order in enumerate(rounds):
+            values = list(pool.map(measure, order)) if jobs > 1 else [measure(c) for c in order]
+            if number > 0 or not warm:
+                for contender, value in zip(order, values, strict=True):
+                    results[contender].append(value)
     return results
 
 
@@ -165,6 +173,16 @@ def record_ratios(name: str, rows: Sequence[dict[str, Any]], directory: Path = R
     path = directory / f"{name}.json"
     path.write_text(json.dumps(list(rows), indent=1) + "\n")
     return path
+
+
+def callgrind_unavailable() -> str | None:
+    """Why instructions cannot be counted here (``instructions.py``), or None when they can."""
+    for tool in ("valgrind", "cc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` is not installed"
+    if not any(Path(p, "valgrind", "callgrind.h").exists() for p in ("/usr/include", "/usr/local/include")):
+        return "valgrind's headers (valgrind/callgrind.h) are not installed"
+    return None
 
 
 # -- the machine -----------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import argparse
 import ctypes
 import importlib.metadata
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import child_env, host, record_ratios, run_main
+from _common import callgrind_unavailable, child_env, host, record_ratios, run_main
 from _contenders import CONTENDERS, NEEDS, Clock, Run, measure, missing_package, write_result
 
 CASES = ("mlp", "gpt")
@@ -77,12 +76,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def unavailable() -> str | None:
     """Why the counts cannot be taken on this machine, or None."""
-    for tool in ("valgrind", "cc"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed"
-    if not any(Path(p, "valgrind", "callgrind.h").exists() for p in ("/usr/include", "/usr/local/include")):
-        return "valgrind's headers (valgrind/callgrind.h) are not installed"
-    return None
+    return callgrind_unavailable()
 
 
 def _build_shim(directory: Path) -> Path:

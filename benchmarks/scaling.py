@@ -5,9 +5,12 @@ step, or of callbacks. Each is measured at 1x, 10x and 100x.
     python benchmarks/scaling.py --quick --results /tmp/R.md --ratios /tmp/ratios
 
 The ``tiny`` case of ``_contenders.py`` (an MLP 32-32-10, batch 16: a step of well under a
-millisecond, so that what the framework adds is visible), each run in a fresh process, timed as in
-``step_overhead.py`` (CPU time: one process, one thread); the runs of one repetition alternate, and
-the hand-written loop runs in every repetition as the baseline.
+millisecond, so that what the framework adds is visible), timed as in ``step_overhead.py`` (CPU
+time: one thread). Each dimension runs in one fresh process that trains every configuration of it
+in turn, alternating over the repetitions, the hand-written loop among them as the baseline: the
+configurations are compared inside one process, so that what differs between two processes of
+the same program (where their memory lands, which core they share with what) does not enter the
+differences, which are small (a few microseconds per logged value or callback).
 
 - Steps: the hand-written loop, the ember Accelerator and the ember Trainer (defaults) train
   ``--steps`` x 1, 10, 100 steps. The overhead per step is a contender's time per step minus the
@@ -23,8 +26,11 @@ the hand-written loop runs in every repetition as the baseline.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +46,35 @@ PER_UNIT_BUDGET = 1.25
 
 
 def worker(args: argparse.Namespace) -> None:
-    run = Run(case="tiny", warmup=args.warmup, steps=args.steps, device=args.device, root=args.root,
-              metrics=args.metrics, callbacks=args.callbacks)  # fmt: skip
-    write_result(args.out, measure(args.worker, run))
+    """One dimension (``--worker steps|metrics|callbacks``): every job of it, alternating, in this process."""
+    jobs = _jobs(args.worker, args)
+    write_result(args.out, alternate(jobs, args.reps, lambda job: _us_per_step(job, args)))  # type: ignore[arg-type]
 
 
 def _us_per_step(job: str, args: argparse.Namespace) -> float:
-    """One run of ``job`` (see :func:`_job`) in a fresh process: its microseconds per step."""
+    """One training run of ``job`` (see :func:`_job`) in this process: its CPU microseconds per step."""
     contender, steps, metrics, callbacks = job.split(":")
-    argv = ["--worker", contender, "--steps", steps, "--metrics", metrics, "--callbacks", callbacks,
-            "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
-    return spawn(__file__, argv, 1)[0]["cpu_s"] * 1e6  # CPU time of the one thread, as in step_overhead.py
+    root = tempfile.mkdtemp(prefix="run-", dir=args.root)  # each run its own logs and checkpoints
+    run = Run(case="tiny", warmup=args.warmup, steps=int(steps), device=args.device, root=root,
+              metrics=int(metrics), callbacks=int(callbacks))  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()):  # progress bars and summaries
+        return measure(contender, run)["cpu_s"] * 1e6
+
+
+def _jobs(dimension: str, args: argparse.Namespace) -> list[str]:
+    if dimension == "steps":
+        return [_job(c, f * args.steps) for f in FACTORS for c in ("hand", "accelerator", "trainer")]
+    base = args.metrics if dimension == "metrics" else args.callbacks
+    return [_job("hand", args.unit_steps)] + [
+        _job("trainer", args.unit_steps, **{dimension: f * base}) for f in FACTORS
+    ]
+
+
+def _measured(dimension: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    argv = ["--worker", dimension, "--steps", str(args.steps), "--unit-steps", str(args.unit_steps),
+            "--metrics", str(args.metrics), "--callbacks", str(args.callbacks), "--warmup", str(args.warmup),
+            "--reps", str(args.reps), "--device", args.device]  # fmt: skip
+    return spawn(__file__, argv, 1, timeout=3600)[0]  # type: ignore[return-value]
 
 
 def _job(contender: str, steps: int, metrics: int = 1, callbacks: int = 0) -> str:
@@ -58,8 +82,7 @@ def _job(contender: str, steps: int, metrics: int = 1, callbacks: int = 0) -> st
 
 
 def _steps(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]:
-    jobs = [_job(c, f * args.steps) for f in FACTORS for c in ("hand", "accelerator", "trainer")]
-    us = alternate(jobs, args.reps, lambda job: _us_per_step(job, args))
+    us = _measured("steps", args)
     lines = ["| steps per run | hand loop us/step | Accelerator overhead us/step | Trainer overhead us/step |",
              "|---|---|---|---|"]  # fmt: skip
     for f in FACTORS:
@@ -81,11 +104,8 @@ def _steps(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]:
 def _per_unit(kind: str, base: int, args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]:
     """The Trainer with ``base`` x 1, 10, 100 logged values (``kind="metrics"``) or callbacks."""
     counts = [f * base for f in FACTORS]
-    jobs = [_job("hand", args.steps)] + [
-        _job("trainer", args.steps, **{"metrics": n} if kind == "metrics" else {"callbacks": n})
-        for n in counts
-    ]
-    us = alternate(jobs, args.reps, lambda job: _us_per_step(job, args))
+    jobs = _jobs(kind, args)
+    us = _measured(kind, args)
     overhead = [[t - h for t, h in zip(us[job], us[jobs[0]], strict=True)] for job in jobs[1:]]
     # per repetition: the cost of each extra unit, from 1x to 10x and from 10x to 100x
     low = [(b - a) / (counts[1] - counts[0]) for a, b in zip(overhead[0], overhead[1], strict=True)]
@@ -125,8 +145,9 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join([
         "## Scaling of the overhead per step with steps, logged values and callbacks",
         "",
-        f"The `tiny` case of `_contenders.py` (MLP 32-32-10, batch 16), {args.warmup} warm-up steps, each run in a "
-        f"fresh process, {args.reps} alternating repetitions (after one unrecorded round). Overhead: CPU time per step "
+        f"The `tiny` case of `_contenders.py` (MLP 32-32-10, batch 16), {args.warmup} warm-up steps; each dimension in "
+        f"one fresh process that runs its configurations in turn, {args.reps} alternating repetitions (after one "
+        "unrecorded round). Overhead: CPU time per step "
         "minus the hand-written loop's in the same repetition (medians). Flat means: the time ratio to the hand "
         "loop does not grow with the steps, and each logged value or callback costs the same at 100x as at 10x.",
         host() + " 1 thread.",
@@ -143,13 +164,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dimensions", nargs="+", choices=DIMENSIONS, default=list(DIMENSIONS))
-    parser.add_argument("--steps", type=int, default=100, help="timed steps at 1x (and per run for the rest)")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps at 1x (steps dimension)")
+    parser.add_argument(
+        "--unit-steps", type=int, default=1000, help="timed steps per run for metrics/callbacks"
+    )
     parser.add_argument("--metrics", type=int, default=5, help="values logged per step at 1x")
     parser.add_argument("--callbacks", type=int, default=5, help="callbacks at 1x")
     parser.add_argument("--warmup", type=int, default=30, help="steps before the timing starts")
-    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
+    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions")
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)
-    run_main(parser, "scaling", ("hand", "accelerator", "trainer"), worker, report, quick={"steps": 5, "metrics": 1, "callbacks": 1,
+    run_main(parser, "scaling", DIMENSIONS, worker, report, quick={"steps": 5, "unit_steps": 5, "metrics": 1, "callbacks": 1,
              "warmup": 3, "reps": 1})  # fmt: skip
 
 

@@ -188,7 +188,7 @@ def load_state(
 ) -> dict[str, Any]:
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
-    manifest = read_manifest(directory)  # sizes, SHA-256 and format of every file
+    manifest = read_manifest(directory)  # sizes, digests and format of every file
     layout, ours = manifest.get("layout", "full"), checkpoint_layout(strategy)
     portable = layout in _PORTABLE
     if not portable and layout != ours:  # an engine's own format: only that engine reads it

@@ -7,9 +7,12 @@ Any state made of dicts, lists, tuples, numbers, strings, ``None``, tensors and 
 - ``<stem>.safetensors`` — the tensors (only when there are any).
 
 Loading reads JSON and safetensors; nothing is ever unpickled. A checkpoint *directory* lists its
-files in ``manifest.json`` with each file's size and SHA-256; loading verifies the manifest first
-and names any file that does not match. The directory is written under a temporary name, fsynced,
-and swapped into place only when complete (:mod:`ember.strategies.checkpoint_swap`).
+files in ``manifest.json`` with each file's size and digest (XXH3-128; manifests of version 1 hold
+SHA-256 digests, still read and verified); loading verifies the manifest first and names any file
+that does not match. The digests detect corruption and truncation (bit rot, torn copies, partial
+writes); they are no signature: the manifest travels with the files it lists. The directory is
+written under a temporary name, fsynced, and swapped into place only when complete
+(:mod:`ember.strategies.checkpoint_swap`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -38,8 +43,24 @@ __all__ = [
     "write_tree",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: files listed with their SHA-256 ("sha256"); 2: with their XXH3-128 ("xxh3_128")
 MANIFEST = "manifest.json"
+
+
+class _Hash(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+# The digest of every file a manifest lists: the entry's key -> (new hash object, the name errors use).
+# New manifests record DIGEST; a manifest entry is verified with the algorithm its key names. A
+# non-cryptographic 128-bit hash (~10x SHA-256's speed) is enough: the digests detect corruption and
+# truncation, not tampering (whoever can change a file can change the manifest next to it).
+DIGESTS: dict[str, tuple[Callable[[], _Hash], str]] = {
+    "xxh3_128": (xxhash.xxh3_128, "XXH3-128 digest"),
+    "sha256": (hashlib.sha256, "SHA-256"),  # version-1 manifests
+}
+DIGEST = "xxh3_128"
 
 
 class CheckpointError(RuntimeError):
@@ -191,9 +212,10 @@ _VERIFY_THREADS = 8  # large files hashed at once by read_manifest
 _PARALLEL_HASH_BYTES = 1 << 22  # smaller files are hashed on the calling thread
 
 
-def _sha256(path: Path) -> str:
+def _hash_file(path: Path, algorithm: str = DIGEST) -> str:
+    """The hex digest of the file at ``path`` with ``algorithm`` (a key of :data:`DIGESTS`)."""
     # One buffer, refilled in place: ~7% faster than a new bytes object per block.
-    digest, buffer = hashlib.sha256(), bytearray(1 << 18)
+    digest, buffer = DIGESTS[algorithm][0](), bytearray(1 << 18)
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
         while count := f.readinto(buffer):
@@ -202,34 +224,34 @@ def _sha256(path: Path) -> str:
 
 
 def sync_and_digest(path: Path, fd: int) -> str:
-    """fsync ``fd``, the open file ``path``, and return the file's SHA-256. The file is read back
+    """fsync ``fd``, the open file ``path``, and return the file's :data:`DIGEST`. The file is read back
     (from the page cache) and hashed on a second thread while the fsync waits for the disk: a
     large file's save then costs about the longer of the two, not their sum."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_sha256, path)
+        digest = pool.submit(_hash_file, path)
         os.fsync(fd)
         return digest.result()
 
 
 # Files this process wrote and fsynced (write_json, SafetensorsWriter), by path, with the inode,
-# size and mtime they had then and their SHA-256 when it was computed as they were saved. A note
+# size and mtime they had then and their DIGEST when it was computed as they were saved. A note
 # holds only while the file is unchanged. The manifest then takes the digest without reading the
 # file again, and the sync before a checkpoint is swapped into place does not fsync it a second time.
 _SYNCED: dict[str, tuple[tuple[int, int, int], str | None]] = {}
 _SYNCED_MAX = 4096
 
 
-def note_synced(path: Path, sha256: str | None = None) -> None:
-    """Record that the file at ``path`` was just fsynced, with its SHA-256 if known."""
+def note_synced(path: Path, digest: str | None = None) -> None:
+    """Record that the file at ``path`` was just fsynced, with its :data:`DIGEST` if known."""
     stat, key = os.stat(path), os.path.abspath(path)
     _SYNCED.pop(key, None)
-    _SYNCED[key] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), sha256)
+    _SYNCED[key] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), digest)
     while len(_SYNCED) > _SYNCED_MAX:  # files never synced again nor listed (save_model's)
         del _SYNCED[next(iter(_SYNCED))]
 
 
 def _noted(path: Path, forget: bool = False) -> tuple[bool, str | None]:
-    """(whether ``path`` is unchanged since this process fsynced it, its SHA-256 if known then)."""
+    """(whether ``path`` is unchanged since this process fsynced it, its :data:`DIGEST` if known then)."""
     key = os.path.abspath(path)
     note = _SYNCED.pop(key, None) if forget else _SYNCED.get(key)
     stat = os.stat(path)
@@ -239,12 +261,12 @@ def _noted(path: Path, forget: bool = False) -> tuple[bool, str | None]:
 
 
 def _file_digest(path: Path) -> str:
-    """The SHA-256 of ``path``: the one noted when this process saved it, else read and hashed."""
-    return _noted(path)[1] or _sha256(path)
+    """The :data:`DIGEST` of ``path``: the one noted when this process saved it, else read and hashed."""
+    return _noted(path)[1] or _hash_file(path)
 
 
 def write_manifest(directory: Path, info: dict[str, Any]) -> None:
-    """List every file of ``directory`` with size and SHA-256 (call after all ranks wrote).
+    """List every file of ``directory`` with size and :data:`DIGEST` (call after all ranks wrote).
 
     The manifest is written last and appears atomically (temporary name, fsync, rename): a directory
     with a ``manifest.json`` holds every file the manifest lists.
@@ -254,7 +276,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(directory).as_posix()] = {
                 "size": path.stat().st_size,
-                "sha256": _file_digest(path),
+                DIGEST: _file_digest(path),
             }
     tmp = directory / f".{MANIFEST}.tmp"
     write_json(tmp, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
@@ -264,7 +286,8 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     """Read and (by default) verify a checkpoint directory; raise :class:`CheckpointError` naming the bad file.
 
-    Verifying checks, before anything is loaded: every listed file's size and SHA-256; that no
+    Verifying checks, before anything is loaded: every listed file's size and digest (with the
+    algorithm its manifest entry names: XXH3-128, or SHA-256 in version-1 manifests); that no
     unlisted file would be read (``.json``/``.safetensors`` files, anything under ``deepspeed/``);
     that every JSON file parses, every safetensors header is valid, and every tensor a JSON file
     refers to is in its safetensors file(s).
@@ -281,6 +304,12 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"{str(manifest_path)!r} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "ember-checkpoint":
         raise CheckpointError(f"{str(manifest_path)!r} is not an ember checkpoint manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{str(manifest_path)!r} has manifest version {version!r}; this ember reads versions 1 to "
+            f"{FORMAT_VERSION} (was the checkpoint written by a newer ember?)"
+        )
     _check_manifest(manifest, manifest_path)
     if verify:
         _verify(directory, manifest["files"])
@@ -288,12 +317,12 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
 
 
 def _verify(directory: Path, files: dict[str, Any]) -> None:
-    """Check every listed file's size and SHA-256, then :func:`_check_unlisted` and
+    """Check every listed file's size and digest, then :func:`_check_unlisted` and
     :func:`_check_formats`; raise the first failure in that order (files in the manifest's order).
 
-    Large files are hashed on a few threads at once (file reads and ``hashlib`` release the GIL)
-    while this thread hashes the small ones and runs the other checks: verifying costs about the
-    time of the largest file, not of the sum. The other checks' errors wait until every digest is
+    Large files are hashed on a few threads at once (file reads, ``xxhash`` and ``hashlib`` release
+    the GIL) while this thread hashes the small ones and runs the other checks: verifying costs
+    about the time of the largest file, not of the sum. The other checks' errors wait until every digest is
     known to match, so the error raised is the one a check of one file after the other would raise.
     """
     problem, listed = None, []
@@ -307,14 +336,18 @@ def _verify(directory: Path, files: dict[str, Any]) -> None:
             problem = f"checkpoint file {str(path)!r} has {size} bytes, the manifest says {expected['size']} (truncated?)"
             break
         listed.append((path, expected))
-    large = [path for path, expected in listed if expected["size"] >= _PARALLEL_HASH_BYTES]
+    large = {path for path, expected in listed if expected["size"] >= _PARALLEL_HASH_BYTES}
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(_VERIFY_THREADS, cpus, len(large)) if len(large) > 1 else 0
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ember-verify") if workers else None
     later: Exception | None = None
     try:
-        futures = {path: pool.submit(_sha256, path) for path in large} if pool else {}
-        digests = {path: _sha256(path) for path, _ in listed if path not in futures}
+        futures = (
+            {path: pool.submit(_hash_file, path, _algorithm(e)) for path, e in listed if path in large}
+            if pool
+            else {}
+        )
+        digests = {path: _hash_file(path, _algorithm(e)) for path, e in listed if path not in futures}
         if problem is None:
             try:  # while the threads hash the large files; raised after the digests are compared
                 _check_unlisted(directory, files)
@@ -322,9 +355,10 @@ def _verify(directory: Path, files: dict[str, Any]) -> None:
             except Exception as err:
                 later = err
         for path, expected in listed:
-            if (futures[path].result() if path in futures else digests[path]) != expected["sha256"]:
+            algorithm = _algorithm(expected)
+            if (futures[path].result() if path in futures else digests[path]) != expected[algorithm]:
                 raise CheckpointError(
-                    f"checkpoint file {str(path)!r} does not match its SHA-256 in the manifest"
+                    f"checkpoint file {str(path)!r} does not match its {DIGESTS[algorithm][1]} in the manifest"
                 )
     finally:
         if pool:
@@ -335,6 +369,12 @@ def _verify(directory: Path, files: dict[str, Any]) -> None:
         raise later
 
 
+def _algorithm(entry: dict[str, Any]) -> str:
+    """The key of :data:`DIGESTS` a manifest entry holds its digest under (:func:`_check_manifest`
+    made sure there is exactly one)."""
+    return next(key for key in DIGESTS if key in entry)
+
+
 def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
     """The fields loaders use have the types they expect, and every name stays inside the directory."""
 
@@ -343,15 +383,21 @@ def _check_manifest(manifest: dict[str, Any], path: Path) -> None:
 
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise bad("'files' must map file names to their size and sha256")
+        raise bad(f"'files' must map file names to their size and {DIGEST}")
     for name, entry in files.items():
         parts = PurePosixPath(name).parts
         if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
             raise bad(f"file name {name!r} is not a path inside the checkpoint")
         if not (
-            isinstance(entry, dict) and _is_int(entry.get("size")) and isinstance(entry.get("sha256"), str)
+            isinstance(entry, dict)
+            and _is_int(entry.get("size"))
+            and len(digests := [key for key in DIGESTS if key in entry]) == 1
+            and isinstance(entry[digests[0]], str)
         ):
-            raise bad(f"the entry of {name!r} must be {{'size': int, 'sha256': str}}")
+            raise bad(
+                f"the entry of {name!r} must be {{'size': int, {DIGEST!r}: str}} "
+                f"(or another digest: one of {sorted(DIGESTS)})"
+            )
     counts = manifest.get("counts")
     if not isinstance(counts, dict) or not all(_is_int(v) and v >= 0 for v in counts.values()):
         raise bad("'counts' must map object kinds to counts")

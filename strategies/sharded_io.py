@@ -57,8 +57,8 @@ class SafetensorsWriter:
     """Write ``specs`` (name, dtype, shape) to ``path`` as safetensors, one :meth:`write` per tensor, in order.
 
     The file appears at ``path`` (atomically, fsynced) only when every tensor was written; an
-    exception inside the ``with`` block leaves no file behind. Its SHA-256 is computed while the file
-    is fsynced and handed to the checkpoint manifest, which then need not read the file again.
+    exception inside the ``with`` block leaves no file behind. Its digest (XXH3-128) is computed while
+    the file is fsynced and handed to the checkpoint manifest, which then need not read the file again.
     """
 
     def __init__(

@@ -120,7 +120,7 @@ def newest_valid(trainer: Trainer) -> Path | None:
     """For an automatic resume: the newest Trainer checkpoint of the ModelCheckpoint's directory that verifies.
 
     Newest is the most recently written (by its ``manifest.json``, the last file a save writes).
-    Every process verifies each candidate (sizes and SHA-256 of every file); one that fails on any
+    Every process verifies each candidate (sizes and digests of every file); one that fails on any
     process is skipped by all, with a warning, and the next newest is tried. None: nothing to resume.
     """
     callback = trainer.checkpoint_callback

@@ -26,7 +26,7 @@ def test_checkpoint_benchmark_compares_the_same_state(tmp_path: Path) -> None:
     assert state <= ours <= state + 0.1 and state <= theirs <= state + 0.1  # the same tensors, plus headers
     rows = {r["case"]: r for r in json.loads((ratios / "checkpoint.json").read_text())}
     assert rows["ember save_state"]["budget"] == 1.2 and rows["ember load_state"]["budget"] == 1.2
-    assert {"torch.save", "torch.save + fsync + sha256", "torch.load + sha256"} <= rows.keys()
+    assert {"torch.save", "torch.save + fsync + xxh3", "torch.load + xxh3"} <= rows.keys()
     assert {"ember sharded save_state", "ember sharded load_state"} <= rows.keys()  # the 2-rank FSDP part
     assert "| rank-0 torch.save + fsync (baseline) |" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ember-bench-")] == []  # cleaned up

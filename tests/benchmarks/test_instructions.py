@@ -45,6 +45,6 @@ def test_counts_instructions_per_step(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_without_valgrind_the_section_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = _script()
-    monkeypatch.setattr(module.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(module, "callgrind_unavailable", lambda: "`valgrind` is not installed")
     text, rows = _run(module, tmp_path, monkeypatch)
     assert "Not measured: `valgrind` is not installed." in text and rows == []

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from dist_helpers import PYTHON, REPO, base_env, run_command
@@ -49,9 +50,11 @@ def test_step_overhead_without_lightning_or_accelerate(
     assert "- Accelerate: skipped, `accelerate` is not installed" in text
     assert "Other frameworks: none installed." in text
     rows = json.loads((ratios / "step_overhead.json").read_text())
+    # One process on the CPU: the budgets are judged on instruction counts where callgrind exists.
+    judged = module.callgrind_unavailable() is not None
     assert [(r["case"], r["budget"]) for r in rows] == [
-        ("mlp single accelerator", 1.01),
-        ("mlp single trainer", 1.02),
+        ("mlp single accelerator", 1.01 if judged else None),
+        ("mlp single trainer", 1.02 if judged else None),
     ]
     assert all(r["low"] <= r["ratio"] <= r["high"] and r["value"] > 0 for r in rows)
 
@@ -112,11 +115,14 @@ def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         extra = {"hand": 0.0, "accelerator": 1.0, "trainer": 10 + 2 * int(metrics) + 0.5 * int(callbacks)}
         return 100 + extra[contender]
 
-    monkeypatch.setattr(module, "_us_per_step", fake)
+    def measured(dimension: str, args: Any) -> dict[str, list[float]]:  # what the worker process returns
+        return {job: [fake(job, args)] * args.reps for job in module._jobs(dimension, args)}
+
+    monkeypatch.setattr(module, "_measured", measured)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     _main(module, ["--reps", "2", "--results", str(results), "--ratios", str(ratios)], monkeypatch)
     text = results.read_text()
-    assert "| 100 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
+    assert "| 50 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
     assert "| 50 (10x) | 110.0 | 2.00 |" in text  # 50 values logged: 10 + 2 x 50
     assert "| 500 (100x) | 262.0 | 0.50 |" in text  # 500 callbacks: 10 + 2 + 0.5 x 500
     rows = json.loads((ratios / "scaling.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import pickle
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from torch import nn
 from workers import check_resume, resume_worker
 
@@ -65,7 +68,7 @@ def test_altered_or_truncated_files_are_named(tmp_path: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*does not match its XXH3-128 digest"):
         accelerator.load_state(ckpt)
     weights.write_bytes(bytes(data[:-10]))
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
@@ -75,6 +78,63 @@ def test_altered_or_truncated_files_are_named(tmp_path: Path) -> None:
         accelerator.load_state(ckpt)
     with pytest.raises(CheckpointError, match="does not exist"):
         accelerator.load_state(tmp_path / "nowhere")
+
+
+def test_new_manifests_list_xxh3_128_digests(tmp_path: Path) -> None:
+    _, _, ckpt = _saved(tmp_path)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["version"] == 2
+    assert manifest["files"]
+    for name, entry in manifest["files"].items():
+        data = (ckpt / name).read_bytes()
+        assert entry == {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}, name
+
+
+def _as_version_1(ckpt: Path) -> None:
+    """Rewrite ``ckpt``'s manifest as an earlier ember wrote it: version 1, SHA-256 entries."""
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["version"] = 1
+    manifest["files"] = {
+        name: {"size": entry["size"], "sha256": hashlib.sha256((ckpt / name).read_bytes()).hexdigest()}
+        for name, entry in manifest["files"].items()
+    }
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def test_checkpoints_with_sha256_manifests_still_load_and_are_verified(tmp_path: Path) -> None:
+    accelerator, model, ckpt = _saved(tmp_path)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    _as_version_1(ckpt)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    accelerator.load_state(ckpt)
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(-3.0)
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*does not match its SHA-256 in the manifest"
+    ):
+        accelerator.load_state(ckpt)
+    assert all(torch.all(p == -3.0) for p in model.parameters())  # refused before anything loaded
+    weights.write_bytes(bytes(data[:-10]))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        accelerator.load_state(ckpt)
+
+
+def test_a_manifest_of_a_newer_version_is_refused(tmp_path: Path) -> None:
+    accelerator, _, ckpt = _saved(tmp_path)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["version"] = 3
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest version 3; this ember reads versions 1 to 2"):
+        accelerator.load_state(ckpt)
 
 
 def test_save_never_overwrites_user_files(tmp_path: Path) -> None:

@@ -379,7 +379,7 @@ def test_kill_during_a_trainer_checkpoint_then_resume(scratch: Path, monkeypatch
             assert "epoch=0-step=2" in visible or "epoch=0-step=4" in visible, (mode, k, events[k], visible)
             for name in {*visible, "last"}:
                 found = locate_checkpoint(checkpoints / name)
-                read_manifest(found)  # complete: every size and SHA-256 matches
+                read_manifest(found)  # complete: every size and digest matches
                 weights = load_file(str(found / "model.safetensors"))
                 steps = [s for s, w in saved.items() if all(torch.equal(weights[n], w[n]) for n in w)]
                 assert len(steps) == 1 and name in ("last", f"epoch=0-step={steps[0]}"), (mode, k, name)
@@ -439,7 +439,7 @@ def test_every_damaged_file_is_named_before_anything_loads(tmp_path: Path, shard
             with torch.no_grad():
                 for p in fresh_model.parameters():
                     p.fill_(-3.0)
-            expected = "truncated" if damage == "truncated" else "does not match its SHA-256"
+            expected = "truncated" if damage == "truncated" else "does not match its XXH3-128 digest"
             with pytest.raises(CheckpointError, match=expected) as err:
                 fresh.load_state(ckpt)
             assert str(ckpt / name) in str(err.value)

@@ -10,7 +10,6 @@ and leaves no file and no process behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import multiprocessing
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -61,10 +61,10 @@ class _Payload:
 
 
 def _rewrite_manifest(ckpt: Path, name: str) -> None:
-    """Update the manifest's size and SHA-256 of ``name`` (listing it if new): only the format protects."""
+    """Update the manifest's size and digest of ``name`` (listing it if new): only the format protects."""
     manifest = json.loads((ckpt / "manifest.json").read_text())
     data = (ckpt / name).read_bytes()
-    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["files"][name] = {"size": len(data), "xxh3_128": xxhash.xxh3_128(data).hexdigest()}
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -141,8 +141,12 @@ _ODD_JSON: list[tuple[str, Any, str]] = [  # file, content (for the manifest: fi
     ("rng_rank0.json", None, "holds a NoneType, not a state dict"),
     ("rng_rank0.json", "{", "is not valid JSON"),
     ("manifest.json", {"files": "all"}, "malformed: 'files'"),
-    ("manifest.json", {"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}, "not a path inside the checkpoint"),
-    ("manifest.json", {"files": {"/etc/passwd": {"size": 1, "sha256": "x"}}}, "not a path inside the checkpoint"),
+    ("manifest.json", {"files": {"../../etc/passwd": {"size": 1, "xxh3_128": "x"}}}, "not a path inside the checkpoint"),
+    ("manifest.json", {"files": {"/etc/passwd": {"size": 1, "xxh3_128": "x"}}}, "not a path inside the checkpoint"),
+    ("manifest.json", {"files": {"a.json": {"size": 1, "md5": "x"}}}, "entry of 'a.json' must be"),
+    ("manifest.json", {"files": {"a.json": {"size": 1, "sha256": "x", "xxh3_128": "x"}}}, "entry of 'a.json' must be"),
+    ("manifest.json", {"version": 3}, "manifest version 3; this ember reads versions 1 to 2"),
+    ("manifest.json", {"version": None}, "manifest version None"),
     ("manifest.json", {"extra": ["../../secret"]}, "lowercase names"),
     ("manifest.json", {"counts": {"models": -1}}, "'counts'"),
     ("manifest.json", {"counts": None}, "'counts'"),

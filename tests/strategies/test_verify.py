@@ -3,12 +3,12 @@ are raised, and the first failure in the manifest's order is the one named."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 
 import ember.strategies.checkpoint_io as checkpoint_io
 from ember.strategies.checkpoint_io import CheckpointError, read_manifest, write_manifest, write_tree
@@ -18,14 +18,14 @@ from ember.strategies.checkpoint_io import CheckpointError, read_manifest, write
 def threaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every file counts as large (hashed on the threads); the threads that hashed are recorded."""
     names: list[str] = []
-    sha256 = checkpoint_io._sha256
+    hash_file = checkpoint_io._hash_file
 
-    def recorded(path: Path) -> str:
+    def recorded(path: Path, algorithm: str = checkpoint_io.DIGEST) -> str:
         names.append(threading.current_thread().name)
-        return sha256(path)
+        return hash_file(path, algorithm)
 
     monkeypatch.setattr(checkpoint_io, "_PARALLEL_HASH_BYTES", 0)
-    monkeypatch.setattr(checkpoint_io, "_sha256", recorded)
+    monkeypatch.setattr(checkpoint_io, "_hash_file", recorded)
     return names
 
 
@@ -50,13 +50,13 @@ def test_threads_hash_every_file_and_a_sound_checkpoint_passes(tmp_path: Path, t
     assert len(threaded) == len(files) == 6
     assert all(name.startswith("ember-verify") for name in threaded)
     for name, entry in files.items():
-        assert entry["sha256"] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+        assert entry["xxh3_128"] == xxhash.xxh3_128((ckpt / name).read_bytes()).hexdigest()
 
 
 def test_an_altered_or_truncated_file_is_named(tmp_path: Path, threaded: list[str]) -> None:
     ckpt = _checkpoint(tmp_path / "ckpt")
     _flip(ckpt / "b.safetensors")
-    with pytest.raises(CheckpointError, match=r"b\.safetensors.*does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=r"b\.safetensors.*does not match its XXH3-128 digest"):
         read_manifest(ckpt)
     (ckpt / "b.safetensors").write_bytes((ckpt / "b.safetensors").read_bytes()[:-5])
     with pytest.raises(CheckpointError, match=r"b\.safetensors.*truncated"):
@@ -67,13 +67,13 @@ def test_the_first_failure_in_order_is_named(tmp_path: Path, threaded: list[str]
     ckpt = _checkpoint(tmp_path / "ckpt")
     _flip(ckpt / "a.safetensors")  # altered, listed first
     (ckpt / "c.safetensors").write_bytes(b"")  # truncated, listed later
-    with pytest.raises(CheckpointError, match=r"a\.safetensors.*does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=r"a\.safetensors.*does not match its XXH3-128 digest"):
         read_manifest(ckpt)
 
     ckpt = _checkpoint(tmp_path / "ckpt2")
     _flip(ckpt / "c.safetensors")
     (ckpt / "extra.json").write_text("{}")  # unlisted: checked after every digest
-    with pytest.raises(CheckpointError, match=r"c\.safetensors.*does not match its SHA-256"):
+    with pytest.raises(CheckpointError, match=r"c\.safetensors.*does not match its XXH3-128 digest"):
         read_manifest(ckpt)
     (ckpt / "c.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"c\.safetensors.*missing"):
