@@ -80,7 +80,8 @@ class MetricStore:
         self._reduce = reduce  # all-reduce across processes: (tensor, "sum" | "max" | "min") -> tensor
         self.fx = ""  # the hook or step running now (sets the on_step/on_epoch defaults)
         self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
-        self.batch_size = 1
+        self._batch: Any = None  # the running batch; its size is inferred when an epoch value needs it
+        self._batch_size: int | None = 1
         self._entries: dict[str, _Entry] = {}
         self._parked: dict[str, _Entry] | None = None  # training aggregates while validation runs
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
@@ -189,8 +190,15 @@ class MetricStore:
             self.progress_bar[key] = value
 
     # -- the Trainer's side ------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """The running batch's size (the weight of its values in epoch means), inferred once, on demand."""
+        if self._batch_size is None:
+            self._batch_size, self._batch = infer_batch_size(self._batch), None
+        return self._batch_size
+
     def begin_batch(self, batch: Any) -> None:
-        self.batch_size = infer_batch_size(batch)
+        self._batch, self._batch_size = batch, None  # most steps log no epoch value: no inference
         self.step_values = {}
 
     def finish_epoch(self) -> None:
@@ -198,6 +206,7 @@ class MetricStore:
 
         Collectives (``sync_dist`` and torchmetrics' own sync) run in sorted key order on every rank.
         """
+        self._batch = None  # not kept alive past its stage
         for key in sorted(self._entries):
             entry = self._entries[key]
             if not entry.on_epoch:
