@@ -88,8 +88,9 @@ def summary(
         f"{' --device cuda' if device == 'cuda' else ''}`. Versions: {', '.join(versions)}.",
         host(device),
         "",
-        "Every ratio is a contender's time or memory over its baseline's, measured in the same run with the "
-        "contenders alternating; median and spread over the repetitions. Budget: the ratio must not exceed it."
+        "Every ratio is a contender's time, memory or instruction count (`instructions`) over its baseline's, "
+        "measured in the same run with the contenders alternating; median and spread over the repetitions (one "
+        "run per contender for instruction counts). Budget: the ratio must not exceed it."
         + (
             " **--quick run: tiny sizes and single repetitions; these ratios say nothing about performance.**"
             if quick
