@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer, TrainModule
+from ember import Trainer, TrainModule, seed_everything
 
 CENTER = torch.tensor([2.0, -1.0])
 
@@ -75,6 +75,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     real = CENTER + 0.3 * torch.randn(1024, 2, generator=g)
     loader = DataLoader(TensorDataset(real), batch_size=64, shuffle=True)
+    seed_everything(0)  # before the model is built: its initial weights too are the same on every run
     gan = TinyGAN()
     trainer = Trainer(max_epochs=args.epochs, default_root_dir=args.root, seed=0, log_every_n_steps=16)
     trainer.fit(gan, loader)
