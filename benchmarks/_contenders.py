@@ -38,6 +38,20 @@ CONTENDERS = ("hand", "accelerator", "trainer", "lightning", "lightning_barebone
 NEEDS = {"lightning": "lightning", "lightning_barebones": "lightning", "fabric": "lightning",
          "accelerate": "accelerate"}  # fmt: skip
 
+# The budgets of the step-overhead measures (step_overhead.py, instructions.py): ratio to the hand loop.
+BUDGETS = {"accelerator": 1.01, "trainer": 1.02}
+# The rival each ember contender must stay below: the Lightning API it corresponds to.
+RIVALS = {"accelerator": "fabric", "trainer": "lightning"}
+LABELS = {
+    "hand": "hand-written loop", "accelerator": "ember Accelerator", "trainer": "ember Trainer (defaults)",
+    "lightning": "Lightning Trainer (defaults)", "lightning_barebones": "Lightning Trainer (barebones=True)",
+    "fabric": "Lightning Fabric", "accelerate": "Accelerate",
+}  # fmt: skip
+DESCRIPTIONS = {
+    "mlp": "MLP 128-256-256-10, batch 64",
+    "gpt": "example GPT (2 layers, width 64, 4 heads), batch 16 x 32 tokens",
+}
+
 
 def missing_package(contender: str) -> str | None:
     package = NEEDS.get(contender)

@@ -41,20 +41,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import callgrind_unavailable, child_env, host, record_ratios, run_main
-from _contenders import CONTENDERS, NEEDS, Clock, Run, measure, missing_package, write_result
+from _contenders import (
+    BUDGETS,
+    CONTENDERS,
+    DESCRIPTIONS,
+    LABELS,
+    NEEDS,
+    RIVALS,
+    Clock,
+    Run,
+    measure,
+    missing_package,
+    write_result,
+)
 
 CASES = ("mlp",)  # the GPT under callgrind ran for more than 8 minutes without finishing a run
-BUDGETS = {"accelerator": 1.01, "trainer": 1.02}
-RIVALS = {"accelerator": "fabric", "trainer": "lightning"}
-LABELS = {
-    "hand": "hand-written loop", "accelerator": "ember Accelerator", "trainer": "ember Trainer (defaults)",
-    "lightning": "Lightning Trainer (defaults)", "lightning_barebones": "Lightning Trainer (barebones=True)",
-    "fabric": "Lightning Fabric", "accelerate": "Accelerate",
-}  # fmt: skip
-DESCRIPTIONS = {
-    "mlp": "MLP 128-256-256-10, batch 64",
-    "gpt": "example GPT (2 layers, width 64), batch 16 x 32",
-}
 SHIM = r"""#include <valgrind/callgrind.h>
 void ember_bench_start(void) { CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; CALLGRIND_TOGGLE_COLLECT; }
 void ember_bench_stop(void) { CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS_AT("window"); CALLGRIND_STOP_INSTRUMENTATION; }

@@ -32,22 +32,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import alternate, host, ratio_row, ratio_table, record_ratios, run_main
-from _contenders import CONTENDERS, NEEDS, Run, measure, missing_package, spawn, write_result
+from _contenders import (
+    BUDGETS,
+    CONTENDERS,
+    DESCRIPTIONS,
+    LABELS,
+    NEEDS,
+    RIVALS,
+    Run,
+    measure,
+    missing_package,
+    spawn,
+    write_result,
+)
 
 CASES = ("mlp", "gpt")
 MODES = {"single": 1, "ddp": 2}
-BUDGETS = {"accelerator": 1.01, "trainer": 1.02}
-# The rival each ember contender must stay below: the Lightning API it corresponds to.
-RIVALS = {"accelerator": "fabric", "trainer": "lightning"}
-LABELS = {
-    "hand": "hand-written loop", "accelerator": "ember Accelerator", "trainer": "ember Trainer (defaults)",
-    "lightning": "Lightning Trainer (defaults)", "lightning_barebones": "Lightning Trainer (barebones=True)",
-    "fabric": "Lightning Fabric", "accelerate": "Accelerate",
-}  # fmt: skip
-DESCRIPTIONS = {
-    "mlp": "MLP 128-256-256-10, batch 64",
-    "gpt": "example GPT (2 layers, width 64, 4 heads), batch 16 x 32 tokens",
-}
 
 
 def worker(args: argparse.Namespace) -> None:

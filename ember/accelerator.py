@@ -348,7 +348,14 @@ class Accelerator(ProcessMixin):
             state.sync_gradients = state.micro_step % state.accumulation_steps == 0
         if state.sync_gradients:  # nothing to enter: a step boundary costs no context machinery
             return _NOTHING
-        return _Entered([self.no_sync(model) for model in models])
+        return self._no_sync_all(models)
+
+    @contextmanager
+    def _no_sync_all(self, models: Sequence[nn.Module]) -> Iterator[None]:
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(self.no_sync(model))
+            yield
 
     @contextmanager
     def init_module(self, empty_init: bool = False) -> Iterator[None]:
@@ -508,23 +515,6 @@ class Accelerator(ProcessMixin):
 
 
 _NOTHING = nullcontext()  # reusable: it holds no state
-
-
-class _Entered:
-    """Enters several context managers (the models' ``no_sync``) when it is entered itself."""
-
-    __slots__ = ("_contexts", "_stack")
-
-    def __init__(self, contexts: list[AbstractContextManager[Any]]) -> None:
-        self._contexts = contexts
-        self._stack = ExitStack()
-
-    def __enter__(self) -> None:
-        for context in self._contexts:
-            self._stack.enter_context(context)
-
-    def __exit__(self, *exc: Any) -> bool:
-        return bool(self._stack.__exit__(*exc))
 
 
 def _module_hooks(module: nn.Module) -> bool:

@@ -149,7 +149,7 @@ def write_tree(directory: Path, stem: str, obj: Any) -> list[str]:
                     out.write(key, tensor)
         else:  # a dtype only safetensors' own writer knows
             save_file({k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}, str(path))
-            _fsync_file(path)  # save_file does not; write_json and SafetensorsWriter do
+            _fsync(path)  # save_file does not; write_json and SafetensorsWriter do
     return names
 
 
@@ -199,7 +199,8 @@ def write_json(path: Path, obj: Any) -> None:
     note_synced(path)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync the file or the folder at ``path`` (a folder: its entries)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

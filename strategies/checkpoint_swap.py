@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, _fsync_file, _noted, read_manifest
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, _fsync, _noted, read_manifest
 
 __all__ = [
     "check_target",
@@ -87,7 +87,7 @@ def prepare_staging(directory: Path) -> Path:
             if directory.exists():
                 directory.rmdir()  # an empty directory takes no part in a checkpoint
             os.replace(found, directory)
-            _fsync_dir(directory.parent)
+            _fsync(directory.parent)
     for debris in (staging, aside):
         if debris.exists():
             shutil.rmtree(debris)  # debris: a complete checkpoint, if there was one, is at directory now
@@ -114,7 +114,7 @@ def finalize_staged(staging: Path, directory: Path) -> None:
     """
     _sync_tree(staging)
     if directory.exists() and _exchange(staging, directory):
-        _fsync_dir(directory.parent)
+        _fsync(directory.parent)
         shutil.rmtree(staging)  # now the old checkpoint
         return
     aside = _aside_path(directory)
@@ -123,7 +123,7 @@ def finalize_staged(staging: Path, directory: Path) -> None:
             shutil.rmtree(aside)
         os.replace(directory, aside)
     os.replace(staging, directory)
-    _fsync_dir(directory.parent)
+    _fsync(directory.parent)
     if aside.exists():
         shutil.rmtree(aside)
 
@@ -135,7 +135,7 @@ def remove_checkpoint(directory: Path) -> None:
     if trash.exists():
         shutil.rmtree(trash)
     os.replace(directory, trash)
-    _fsync_dir(directory.parent)
+    _fsync(directory.parent)
     shutil.rmtree(trash)
     for debris in directory.parent.glob(".*.removed"):
         shutil.rmtree(debris, ignore_errors=True)
@@ -165,14 +165,6 @@ def copy_checkpoint(source: Path, target: Path) -> None:
     finalize_staged(staging, target)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sync_tree(root: Path) -> None:
     """fsync every file under ``root``, then every directory from the deepest up (their entries).
     A file this process fsynced since its last write is durable already (a rename since then is a
@@ -180,8 +172,8 @@ def _sync_tree(root: Path) -> None:
     for folder, _, names in os.walk(root, topdown=False):
         for name in names:
             if not _noted(Path(folder, name), forget=True)[0]:
-                _fsync_file(Path(folder, name))
-        _fsync_dir(Path(folder))
+                _fsync(Path(folder, name))
+        _fsync(Path(folder))
 
 
 _AT_FDCWD = -100

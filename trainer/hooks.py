@@ -44,12 +44,13 @@ class HookPlan:
             or len(callbacks) != self._count
             or type(module) is not self._module_type
         ):
-            self._callbacks, self._count, self._by_name = (
+            # a new stage, a callback appended, or another module
+            self._callbacks, self._count, self._module_type, self._by_name = (
                 callbacks,
                 len(callbacks),
+                type(module),
                 {},
-            )  # a new stage, or appended
-            self._module_type = type(module)
+            )
         found = self._by_name.get(name)
         if found is None:
             from ember.trainer.module import TrainModule  # here: the module imports this one
@@ -78,12 +79,7 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     module's hook returned.
     """
     module = trainer.module
-    plan, callbacks = trainer._hook_plan, trainer.callbacks
-    valid = (
-        callbacks is plan._callbacks and len(callbacks) == plan._count and type(module) is plan._module_type
-    )
-    found = plan._by_name.get(name) if valid else None  # the plan, looked up here: this runs 5 times a batch
-    first, overridden, monitoring = found if found is not None else plan.plan(callbacks, module, name)
+    first, overridden, monitoring = trainer._hook_plan.plan(trainer.callbacks, module, name)
     # The module's do-nothing default (and a hook no callback defines) is not called at all; a hook
     # set on the instance itself still is.
     module_hook = module_hook and (overridden or name in module.__dict__)

@@ -125,7 +125,12 @@ def test_final_sync_skips_only_files_unchanged_since_their_fsync(
     import ember.strategies.checkpoint_swap as checkpoint_swap
 
     synced: list[str] = []
-    monkeypatch.setattr(checkpoint_swap, "_fsync_file", lambda path: synced.append(Path(path).name))
+
+    def fsync(path: Path) -> None:  # files only: folders are always synced
+        if Path(path).is_file():
+            synced.append(Path(path).name)
+
+    monkeypatch.setattr(checkpoint_swap, "_fsync", fsync)
     checkpoint_io.write_json(tmp_path / "kept.json", {"a": 1})
     checkpoint_io.write_json(tmp_path / "changed.json", {"a": 1})
     with open(tmp_path / "changed.json", "a") as f:
