@@ -95,8 +95,10 @@ class ModelCheckpoint(Callback):
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         n = self.every_n_train_steps
+        if not n:  # (asked every batch)
+            return
         step = trainer.global_step
-        if n and step > 0 and step % n == 0 and step != self._last_step_saved:
+        if step > 0 and step % n == 0 and step != self._last_step_saved:
             self._save(trainer)
 
     @override

@@ -115,7 +115,9 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, module: TrainModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        losses, self._losses = self._losses, []
+        losses = self._losses
+        if losses:
+            self._losses = []
         if not self._every or trainer.global_step % self._every != 0:
             return
         pending, self._pending = self._pending, []
@@ -197,8 +199,12 @@ class NonFiniteGuard(Callback):
         """
         device = self._device or trainer.accelerator.device
         groups: dict[torch.dtype, list[torch.Tensor]] = {}
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for loss in losses:
-            groups.setdefault(loss.dtype, []).append(loss if loss.device == device else loss.to(device))
+            by_dtype.setdefault(loss.dtype, []).append(loss if loss.device == device else loss.to(device))
+        for dtype, same in by_dtype.items():  # one tensor per dtype: a norm each, not one per step's loss
+            scalars = all(loss.dim() == 0 for loss in same)
+            groups[dtype] = [torch.stack(same) if scalars else torch.cat([loss.reshape(-1) for loss in same])]
         if params and self._grads_checked:
             self._update_plan(params, device)
             for dtype, positions, _ in self._plan:

@@ -197,6 +197,8 @@ class Accelerator(ProcessMixin):
         self._seed = seed
         self._owns_step = isinstance(self._strategy, OwnsOptimizerStep)  # asked once, not every step
         self._direct_backward = self._strategy.direct_backward
+        self._wraps_forward = precision_plugin.wraps_forward  # False: call_as_forward has nothing to add
+        self._unscales = type(precision_plugin).unscale_gradients is not Precision.unscale_gradients
         self._even_batches = even_batches
         self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
         self._objects = _checkpoint.PreparedObjects()
@@ -380,7 +382,7 @@ class Accelerator(ProcessMixin):
 
     def unscale_gradients(self) -> None:
         """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step."""
-        if type(self.precision).unscale_gradients is Precision.unscale_gradients:
+        if not self._unscales:
             return  # the plugin has no scaler: nothing to do (asked on every step)
         for optimizer in self._inner_optimizers():
             self.precision.unscale_gradients(optimizer)
@@ -461,10 +463,10 @@ class Accelerator(ProcessMixin):
         user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
         """
         inner = self._strategy.unwrap_module(model)
-        precision = self.precision
-        hooks = precision.wraps_forward  # False: its forward hooks do nothing (fp32), skip them
+        hooks = self._wraps_forward  # False: the precision's forward hooks do nothing (fp32), skip them
         if inner is model and not hooks and not _module_hooks(model):
             return method(*args, **kwargs)  # no wrapper, no autocast, no hooks: nothing to route through
+        precision = self.precision
         patched = inner.__dict__.get("forward")  # the precision wrapper, if any
 
         def redirected(*a: Any, **kw: Any) -> Any:

@@ -8,67 +8,109 @@ The order of the hooks is written down once, in ``docs/concepts/hooks.md``;
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
 
 if TYPE_CHECKING:
+    from ember.trainer.logging import MetricStore
+    from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook"]
+__all__ = ["HookPlan", "call_hook", "run_hook"]
+
+# What one hook runs, in order: the callbacks' bound hooks, the module's (or None), the monitoring
+# callbacks' hooks. ``None`` in place of the whole: nothing defines the hook.
+Entry = tuple[tuple[Callable[..., Any], ...], Callable[..., Any] | None, tuple[Callable[..., Any], ...]]
 
 
 class HookPlan:
-    """Per hook name, the callbacks that override it, in the order :func:`call_hook` runs them.
+    """Per hook name, what :func:`call_hook` runs: bound callables, resolved once per stage.
 
-    A callback that inherits :class:`Callback`'s do-nothing hook is left out: with five hooks per
-    training batch, looking up and calling every callback's empty hooks would cost more than the
-    few hooks that do something. The plan is rebuilt when the Trainer's callback list changes.
+    A callback that inherits :class:`Callback`'s do-nothing hook is left out, and so is the module's
+    do-nothing default: with five hooks per training batch, looking up and calling every empty hook
+    would cost more than the few hooks that do something. The plan is rebuilt when the Trainer's
+    callback list or module changes (a new stage, a callback appended).
     """
 
-    __slots__ = ("_by_name", "_callbacks", "_count", "_module_type")
+    __slots__ = ("_callbacks", "_count", "_entries", "_module")
 
     def __init__(self) -> None:
         self._callbacks: list[Callback] | None = None
         self._count = 0
-        self._module_type: type | None = None
-        self._by_name: dict[str, tuple[list[Callback], bool, list[Callback]]] = {}
+        self._module: TrainModule | None = None
+        self._entries: _Entries | None = None
 
-    def plan(
-        self, callbacks: list[Callback], module: Any, name: str
-    ) -> tuple[list[Callback], bool, list[Callback]]:
-        """(callbacks before the module's hook, whether the module's class overrides the hook,
-        monitoring callbacks after it), for hook ``name``."""
+    def entries(self, trainer: Trainer) -> _Entries:
+        """Hook name -> :data:`Entry` (or None), for the trainer's current callbacks and module."""
+        callbacks, module = trainer.callbacks, trainer._module
         if (
-            callbacks is not self._callbacks
+            self._entries is None
+            or callbacks is not self._callbacks
             or len(callbacks) != self._count
-            or type(module) is not self._module_type
+            or module is not self._module
         ):
-            # a new stage, a callback appended, or another module
-            self._callbacks, self._count, self._module_type, self._by_name = (
-                callbacks,
-                len(callbacks),
-                type(module),
-                {},
-            )
-        found = self._by_name.get(name)
-        if found is None:
-            from ember.trainer.module import TrainModule  # here: the module imports this one
+            if module is None:
+                module = trainer.module  # raises: no module attached yet
+            self._callbacks, self._count, self._module = callbacks, len(callbacks), module
+            self._entries = _Entries(trainer, callbacks, module)
+        return self._entries
 
-            default = getattr(Callback, name, None)
-            defining = [c for c in callbacks if default is None or _func(getattr(c, name)) is not default]
-            module_default = getattr(TrainModule, name, None)
-            overridden = module_default is None or getattr(type(module), name, None) is not module_default
-            found = self._by_name[name] = (
-                [c for c in defining if not c.monitoring],
-                overridden,
-                [c for c in defining if c.monitoring],
-            )
-        return found
+
+class _Entries(dict[str, "Entry | None"]):
+    """Binds a hook the first time it is asked for."""
+
+    def __init__(self, trainer: Trainer, callbacks: list[Callback], module: TrainModule) -> None:
+        super().__init__()
+        self._trainer, self._callbacks, self._module = trainer, list(callbacks), module
+
+    def __missing__(self, name: str) -> Entry | None:
+        from ember.trainer.module import TrainModule  # here: the module imports this one
+
+        trainer, module = self._trainer, self._module
+        default = getattr(Callback, name, None)
+        defining = [c for c in self._callbacks if default is None or _func(getattr(c, name)) is not default]
+        module_default = getattr(TrainModule, name, None)
+        # The module's do-nothing default is not called; a hook set on the instance itself is.
+        overridden = (
+            module_default is None
+            or getattr(type(module), name, None) is not module_default
+            or name in module.__dict__
+        )
+        first = tuple(
+            functools.partial(getattr(c, name), trainer, module) for c in defining if not c.monitoring
+        )
+        monitoring = tuple(
+            functools.partial(getattr(c, name), trainer, module) for c in defining if c.monitoring
+        )
+        own = getattr(module, name, None) if overridden else None  # some hooks are callbacks' only
+        entry = (first, own, monitoring) if first or own is not None or monitoring else None
+        self[name] = entry
+        return entry
 
 
 def _func(method: Any) -> Any:
     return getattr(method, "__func__", method)
+
+
+def run_hook(store: MetricStore, name: str, entry: Entry, *args: Any) -> Any:
+    """Run a resolved hook (all its parts); returns what the module's hook returned.
+
+    ``self.log`` inside the hook files its values under ``name`` (``store.fx``).
+    """
+    first, own, monitoring = entry
+    previous, store.fx = store.fx, name
+    try:
+        for hook in first:
+            hook(*args)
+        result = own(*args) if own is not None else None
+        for hook in monitoring:
+            hook(*args)
+        return result
+    finally:
+        store.fx = previous
 
 
 def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module_hook: bool = True) -> Any:
@@ -78,29 +120,17 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     them: the loop does its own work in between (docs/concepts/hooks.md). Returns what the
     module's hook returned.
     """
-    module = trainer.module
-    first, overridden, monitoring = trainer._hook_plan.plan(trainer.callbacks, module, name)
-    # The module's do-nothing default (and a hook no callback defines) is not called at all; a hook
-    # set on the instance itself still is.
-    module_hook = module_hook and (overridden or name in module.__dict__)
-    if not (first or module_hook or monitoring):
+    entry = trainer._hook_plan.entries(trainer)[name]
+    if entry is None:
         return None
-    store = trainer._metrics
-    previous, store.fx = store.fx, name
-    result = None
-    try:
-        if part in ("all", "first"):
-            for callback in first:
-                getattr(callback, name)(trainer, module, *args)
-            hook = getattr(module, name, None) if module_hook else None  # some hooks are callbacks' only
-            if hook is not None:
-                result = hook(*args)
-        if part in ("all", "monitoring"):
-            for callback in monitoring:
-                getattr(callback, name)(trainer, module, *args)
-        return result
-    finally:
-        store.fx = previous
+    first, own, monitoring = entry
+    if part == "first":
+        monitoring = ()
+    elif part == "monitoring":
+        first, own = (), None
+    if not module_hook:
+        own = None
+    return run_hook(trainer._metrics, name, (first, own, monitoring), *args)
 
 
 def call_step(trainer: Trainer, name: str, *args: Any) -> Any:

@@ -82,6 +82,8 @@ class MetricStore:
         self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
         self._batch: Any = None  # the running batch; its size is inferred when an epoch value needs it
         self._batch_size: int | None = 1
+        self._detach_source: torch.Tensor | None = None  # the tensor detached last (see detached)
+        self._detach_result: torch.Tensor | None = None
         self._entries: dict[str, _Entry] = {}
         self._parked: dict[str, _Entry] | None = None  # training aggregates while validation runs
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
@@ -107,36 +109,44 @@ class MetricStore:
             raise ValueError(
                 f"log({name!r}, reduce_fx={reduce_fx!r}): valid choices are {', '.join(map(repr, _REDUCE_FX))}"
             )
-        in_step = self.fx in _STEP_HOOKS
-        at_epoch_end = self.fx in _EPOCH_END_HOOKS
+        fx = self.fx
+        in_step = fx in _STEP_HOOKS
         on_step = in_step if on_step is None else on_step
         on_epoch = (not in_step) if on_epoch is None else on_epoch
-        if on_step and not in_step and self.fx:
-            raise ValueError(
-                f"log({name!r}, on_step=True) is not possible in {self.fx}: it runs once per epoch"
-            )
+        if on_step and not in_step and fx:
+            raise ValueError(f"log({name!r}, on_step=True) is not possible in {fx}: it runs once per epoch")
         if not (on_step or on_epoch):
             raise ValueError(
                 f"log({name!r}): on_step and on_epoch are both False, so the value would go nowhere"
             )
-        key = name + self.dataloader_suffix
-        metric = value if _is_metric(value) else None
+        key = name + self.dataloader_suffix if self.dataloader_suffix else name
+        # The usual value, a scalar tensor (a loss), is recognised first: this runs every step.
+        plain = type(value) is torch.Tensor and value.dim() == 0
+        metric = None if plain or not _is_metric(value) else value
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(
                 on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, metric
             )
-        if metric is not None:
+        if plain:
+            tensor: torch.Tensor | None = self.detached(value)
+        elif metric is not None:
             tensor = metric._forward_cache if on_step and metric._forward_cache is not None else None
         else:
             tensor = _as_scalar(name, value)
-        step_key = f"{key}_step" if on_step and on_epoch else key
         if on_step and tensor is not None:
             if sync_dist:
                 tensor = self._sync(tensor, reduce_fx)
-            self._publish(step_key, tensor, entry, to_row=self.step_values, alias=key if on_epoch else None)
+            if on_epoch:
+                self._publish(f"{key}_step", tensor, entry, self.step_values, alias=key)
+            else:  # the usual case, inline: the value of a training step
+                self.callback_metrics[key] = tensor
+                if entry.logger:
+                    self.step_values[key] = tensor
+                if entry.prog_bar:
+                    self.progress_bar[key] = tensor
         if on_epoch and metric is None and tensor is not None:
-            if at_epoch_end:  # a final value: nothing to aggregate
+            if fx in _EPOCH_END_HOOKS:  # a final value: nothing to aggregate
                 self._publish(
                     f"{key}_epoch" if on_step else key,
                     tensor,
@@ -197,9 +207,18 @@ class MetricStore:
             self._batch_size, self._batch = infer_batch_size(self._batch), None
         return self._batch_size
 
+    def detached(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor.detach()``, made once per batch for the same tensor: the loss is usually logged,
+        and returned to ``on_train_batch_end``, detached both times."""
+        if tensor is not self._detach_source:
+            self._detach_source, self._detach_result = tensor, tensor.detach()
+        return self._detach_result  # type: ignore[return-value]
+
     def begin_batch(self, batch: Any) -> None:
         self._batch, self._batch_size = batch, None  # most steps log no epoch value: no inference
-        self.step_values = {}
+        self._detach_source = self._detach_result = None  # nothing of the last batch kept alive
+        if self.step_values:  # (the last row's values went to the loggers or are forgotten)
+            self.step_values = {}
 
     def finish_epoch(self) -> None:
         """Turn the aggregates of the running stage into epoch values; reset torchmetrics metrics.

@@ -3,6 +3,7 @@ the hook order they follow is the contract written in docs/concepts/hooks.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Generator, Mapping
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import call_hook, call_step
+from ember.trainer.hooks import Entry, call_hook, call_step, run_hook
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
@@ -62,9 +63,39 @@ def _fit_done(trainer: Trainer) -> bool:
     return config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs
 
 
-def _stop_early(trainer: Trainer) -> bool:
-    config = trainer.config
-    return trainer.should_stop or (config.max_steps != -1 and trainer.state.global_step >= config.max_steps)
+@dataclasses.dataclass(slots=True)
+class _Epoch:
+    """What every training batch of one epoch asks and whose answer holds for the epoch: asked once."""
+
+    limit: int | float  # the epoch's number of batches
+    sized: bool  # the limit is known (else the loader says when it ends)
+    automatic: bool  # automatic optimisation
+    accumulate: int
+    log_every: int
+    max_steps: int
+    validates: bool  # validation may run inside this epoch
+    step_schedulers: bool  # schedulers stepped per optimizer step
+    several: bool  # several processes: pre-emption needs their agreement at each boundary
+    model: torch.nn.Module  # the prepared model
+    training_step: Any  # the module's bound training_step
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> _Epoch:
+        config, limit = trainer.config, trainer.num_training_batches
+        automatic = trainer.module.automatic_optimization
+        return cls(
+            limit=limit,
+            sized=not math.isinf(limit),
+            automatic=automatic,
+            accumulate=config.accumulate_grad_batches,
+            log_every=config.log_every_n_steps,
+            max_steps=config.max_steps,
+            validates=bool(trainer._val_loaders) and _validation_epoch(trainer),
+            step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
+            several=trainer.accelerator.num_processes > 1,
+            model=trainer.model,
+            training_step=trainer.module.training_step,
+        )
 
 
 def _train_epoch(trainer: Trainer) -> None:
@@ -74,67 +105,100 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.set_epoch(state.epoch)
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
-    limit = trainer.num_training_batches
-    with closing(_limited(loader, limit - state.batch_idx)) as batches:
-        for _, batch in batches:
-            if _train_batch(trainer, batch, limit) == "end_epoch" or _stop_early(trainer):
+    epoch = _Epoch.of(trainer)
+    remaining = epoch.limit - state.batch_idx
+    batches = iter(loader)
+    try:
+        while remaining > 0:  # checked before the next batch is read: a resume continues right after
+            try:
+                batch = next(batches)
+            except StopIteration:
                 break
+            remaining -= 1
+            if _train_batch(trainer, epoch, batch) or trainer.should_stop:
+                break
+            if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
+                break
+    finally:
+        batches.close()  # type: ignore[attr-defined]  # the loader's pass ends here when we stop early
 
 
-def _train_batch(trainer: Trainer, batch: Any, limit: int | float) -> str | None:
+def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
+    """One training batch, hooks included; True: ``on_train_batch_start`` returned -1 (end the epoch).
+
+    The one function every batch runs: flat, with the epoch's answers in ``epoch`` and the hooks
+    resolved in the trainer's :class:`~ember.trainer.hooks.HookPlan`, because at small steps its
+    Python is what separates the Trainer from a hand-written loop (benchmarks/step_overhead.py).
+    """
     state, store, accelerator = trainer.state, trainer._metrics, trainer.accelerator
+    hooks = trainer._hook_plan.entries(trainer)
     batch_idx = state.batch_idx
     store.begin_batch(batch)
-    if call_hook(trainer, "on_train_batch_start", batch, batch_idx) == -1:
-        return "end_epoch"
-    is_last = batch_idx + 1 >= limit or (math.isinf(limit) and accelerator.end_of_dataloader)
+    entry = hooks["on_train_batch_start"]
+    if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
+        return True
+    is_last = batch_idx + 1 >= epoch.limit if epoch.sized else accelerator.end_of_dataloader
     should_step = True  # manual optimisation: every batch ends at a step boundary
-    if trainer.module.automatic_optimization:
-        should_step = (batch_idx + 1) % trainer.config.accumulate_grad_batches == 0 or is_last
-        with accelerator.accumulate(trainer.model, sync=should_step):
-            output = call_step(trainer, "training_step", batch, batch_idx)
-            loss = _loss_of(output)
+    if epoch.automatic:
+        should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
+        with accelerator.accumulate(trainer._model, sync=should_step):  # type: ignore[arg-type]
+            store.fx = "training_step"  # (call_step, inline: this runs every batch)
+            try:
+                output = accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
+            finally:
+                store.fx = ""
+            loss = output if type(output) is torch.Tensor else _loss_of(output)
             if loss is not None:
-                trainer._backward(loss)
+                entry = hooks["on_before_backward"]
+                if entry is not None:
+                    run_hook(store, "on_before_backward", entry, loss)
+                accelerator.backward(loss)
+                entry = hooks["on_after_backward"]
+                if entry is not None:
+                    run_hook(store, "on_after_backward", entry)
                 if should_step:
-                    _optimizer_step(trainer)
+                    _optimizer_step(trainer, hooks["on_before_optimizer_step"])
+                    if epoch.step_schedulers:
+                        trainer._step_schedulers("step")
     else:  # manual optimisation: the module steps its optimizers itself
-        with accelerator.accumulate(trainer.model, sync=True):
+        with accelerator.accumulate(trainer._model, sync=True):  # type: ignore[arg-type]
             output = call_step(trainer, "training_step", batch, batch_idx)
     state.batch_idx += 1
     state.total_batch_idx += 1
-    if state.total_batch_idx % trainer.config.log_every_n_steps == 0 or is_last:
+    if is_last or state.total_batch_idx % epoch.log_every == 0:
         trainer._write_row(store.step_values)
-    outputs = _detached(output)
-    call_hook(trainer, "on_train_batch_end", outputs, batch, batch_idx)
-    if _validate_mid_epoch(trainer, batch_idx, is_last):
+    entry = hooks["on_train_batch_end"]
+    if entry is not None:
+        outputs = store.detached(output) if type(output) is torch.Tensor else _detached(output)
+        run_hook(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
+    if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so
     # a checkpoint here resumes exactly with the next batch. A pre-emption stops here.
-    if should_step:
+    if should_step and (epoch.several or trainer._preemption.signalled):
         trainer._preemption.stop_if_signalled(trainer)
-    return None
+    return False
 
 
-def _optimizer_step(trainer: Trainer) -> None:
+def _optimizer_step(trainer: Trainer, before: Entry | None) -> None:
     optimizer = trainer._step_optimizers[0]
     trainer.accelerator.unscale_gradients()
-    call_hook(trainer, "on_before_optimizer_step", optimizer.optimizer)
-    clip, config = trainer.config.gradient_clip_val, trainer.config
-    if clip:
+    if before is not None:
+        run_hook(trainer._metrics, "on_before_optimizer_step", before, optimizer.optimizer)
+    config = trainer.config
+    if config.gradient_clip_val:
         parameters = trainer.module.parameters()
         if config.gradient_clip_algorithm == "norm":
-            trainer.accelerator.clip_grad_norm_(parameters, clip)
+            trainer.accelerator.clip_grad_norm_(parameters, config.gradient_clip_val)
         else:
-            trainer.accelerator.clip_grad_value_(parameters, clip)
+            trainer.accelerator.clip_grad_value_(parameters, config.gradient_clip_val)
     optimizer.step()
     optimizer.zero_grad()
     trainer.state.global_step += 1
-    trainer._step_schedulers("step")
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:
-    if output is None or isinstance(output, torch.Tensor):  # the usual case first: a bare loss
+    if output is None or isinstance(output, torch.Tensor):
         return output
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if not isinstance(loss, torch.Tensor):
@@ -154,8 +218,7 @@ def _detached(output: Any) -> Any:
 
 
 def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
-    if not trainer._val_loaders or not _validation_epoch(trainer):
-        return False
+    """Whether validation runs after this batch, in an epoch that validates (``_Epoch.validates``)."""
     if trainer.config.check_val_every_n_epoch is None:  # count training batches across epochs
         return trainer.state.total_batch_idx % trainer._val_check_batch == 0
     return not is_last and (batch_idx + 1) % trainer._val_check_batch == 0

@@ -173,7 +173,8 @@ class TrainModule(nn.Module):
         Defaults follow the hook it is called from: per step in ``training_step``, per epoch in
         validation/test steps and in epoch-end hooks. Epoch values are averaged weighted by batch size.
         """
-        self.trainer._metrics.log(
+        trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
+        trainer._metrics.log(
             name, value, on_step=on_step, on_epoch=on_epoch, prog_bar=prog_bar, logger=logger,
             sync_dist=sync_dist, reduce_fx=reduce_fx, batch_size=batch_size,
         )  # fmt: skip

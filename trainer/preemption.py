@@ -133,6 +133,11 @@ class PreemptionGuard:
         finally:
             self._flag = self._pending = None
 
+    @property
+    def signalled(self) -> bool:
+        """Whether this process got a signal (one process: nothing else to agree on)."""
+        return self._catcher.received is not None
+
     def stop_if_signalled(self, trainer: Trainer) -> None:
         """At a step boundary: when a process got a signal, every process saves ``last`` and raises."""
         signum = self._agreed_signal(trainer.accelerator)

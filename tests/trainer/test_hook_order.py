@@ -112,3 +112,28 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.teardown", "module.teardown",
     ]  # fmt: skip
     assert calls == expected
+
+
+def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> None:
+    # What each hook runs is resolved once per stage (HookPlan), and again when the list changes.
+    calls: list[str] = []
+
+    class AddLater(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if batch_idx == 0:
+                trainer.callbacks.append(Recorder(calls))
+
+    data = TensorDataset(torch.randn(6, 2), torch.randn(6, 1))
+    trainer = Trainer(
+        max_epochs=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[AddLater()],
+    )  # fmt: skip
+    trainer.fit(Module([]), DataLoader(data, batch_size=2))
+    per_batch = [
+        "callback.on_train_batch_start", "callback.on_before_backward", "callback.on_after_backward",
+        "callback.on_before_optimizer_step", "callback.on_train_batch_end",
+    ]  # fmt: skip
+    assert calls == [
+        *per_batch, *per_batch,  # batches 1 and 2
+        "callback.on_train_epoch_end", "callback.on_train_end", "callback.on_fit_end", "callback.teardown",
+    ]  # fmt: skip
