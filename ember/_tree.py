@@ -38,18 +38,17 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def move_to_device(data: Any, device: torch.device) -> Any:
     """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory)."""
+    kind = type(data)
+    if device.type == "cpu" and (kind is tuple or kind is list):  # CPU training: the batch is there
+        for item in data:
+            if type(item) is not torch.Tensor or not item.is_cpu:
+                break
+        else:
+            return data  # as it is: no copy, no new container (this runs for every batch)
 
     def move(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device == device:  # already there (CPU training): no call into torch
+        if tensor.device == device:  # already there: no call into torch
             return tensor
         return tensor.to(device, non_blocking=tensor.is_pinned())
 
-    kind = type(data)
-    if kind is list or kind is tuple:  # the usual batch, (inputs, targets): a loop, no generators
-        on_cpu = device.type == "cpu"
-        for item in data:
-            if type(item) is not torch.Tensor:
-                return apply_to_tensors(data, move)
-            on_cpu = on_cpu and item.is_cpu
-        return data if on_cpu else kind([move(item) for item in data])  # on the CPU already: as it is
     return apply_to_tensors(data, move)

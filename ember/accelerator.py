@@ -464,7 +464,14 @@ class Accelerator(ProcessMixin):
         """
         inner = self._strategy.unwrap_module(model)
         hooks = self._wraps_forward  # False: the precision's forward hooks do nothing (fp32), skip them
-        if inner is model and not hooks and not _module_hooks(model):
+        if (
+            inner is model
+            and not hooks
+            and not (model._forward_pre_hooks or model._forward_hooks)
+            and not (model._backward_pre_hooks or model._backward_hooks)
+            and not (_GLOBAL_FORWARD_PRE_HOOKS or _GLOBAL_FORWARD_HOOKS)
+            and not (_GLOBAL_BACKWARD_PRE_HOOKS or _GLOBAL_BACKWARD_HOOKS)
+        ):
             return method(*args, **kwargs)  # no wrapper, no autocast, no hooks: nothing to route through
         precision = self.precision
         patched = inner.__dict__.get("forward")  # the precision wrapper, if any
@@ -519,18 +526,11 @@ class Accelerator(ProcessMixin):
 _NOTHING = nullcontext()  # reusable: it holds no state
 
 
-def _module_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run hooks (its own, or the global ones of every module)."""
-    return bool(
-        module._forward_pre_hooks
-        or module._forward_hooks
-        or module._backward_pre_hooks
-        or module._backward_hooks
-        or torch_module._global_forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_backward_pre_hooks
-        or torch_module._global_backward_hooks
-    )
+# torch's registries of hooks on every module (filled in place by register_module_forward_hook ...)
+_GLOBAL_FORWARD_PRE_HOOKS = torch_module._global_forward_pre_hooks
+_GLOBAL_FORWARD_HOOKS = torch_module._global_forward_hooks
+_GLOBAL_BACKWARD_PRE_HOOKS = torch_module._global_backward_pre_hooks
+_GLOBAL_BACKWARD_HOOKS = torch_module._global_backward_hooks
 
 
 def _restore_forward(module: nn.Module, patched: Any) -> None:

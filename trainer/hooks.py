@@ -19,11 +19,12 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook", "run_hook"]
+__all__ = ["HookPlan", "call_hook", "fire", "run_hook"]
 
-# What one hook runs, in order: the callbacks' bound hooks, the module's (or None), the monitoring
-# callbacks' hooks. ``None`` in place of the whole: nothing defines the hook.
-Entry = tuple[tuple[Callable[..., Any], ...], Callable[..., Any] | None, tuple[Callable[..., Any], ...]]
+# What one hook runs: the callbacks' bound hooks, the module's (or None), the monitoring callbacks'
+# hooks, and all of them in that order. ``None`` in place of the whole: nothing defines the hook.
+Calls = tuple[Callable[..., Any], ...]
+Entry = tuple[Calls, Callable[..., Any] | None, Calls, Calls]
 
 
 class HookPlan:
@@ -86,7 +87,8 @@ class _Entries(dict[str, "Entry | None"]):
             functools.partial(getattr(c, name), trainer, module) for c in defining if c.monitoring
         )
         own = getattr(module, name, None) if overridden else None  # some hooks are callbacks' only
-        entry = (first, own, monitoring) if first or own is not None or monitoring else None
+        every = first + ((own,) if own is not None else ()) + monitoring
+        entry = (first, own, monitoring, every) if every else None
         self[name] = entry
         return entry
 
@@ -95,12 +97,22 @@ def _func(method: Any) -> Any:
     return getattr(method, "__func__", method)
 
 
-def run_hook(store: MetricStore, name: str, entry: Entry, *args: Any) -> Any:
-    """Run a resolved hook (all its parts); returns what the module's hook returned.
+def fire(store: MetricStore, name: str, entry: Entry, *args: Any) -> None:
+    """Run every part of a resolved hook, when what the module's hook returns is not needed.
 
     ``self.log`` inside the hook files its values under ``name`` (``store.fx``).
     """
-    first, own, monitoring = entry
+    previous, store.fx = store.fx, name
+    try:
+        for hook in entry[3]:
+            hook(*args)
+    finally:
+        store.fx = previous
+
+
+def run_hook(store: MetricStore, name: str, entry: Entry, *args: Any) -> Any:
+    """Run the parts of a resolved hook; returns what the module's hook returned (see :func:`fire`)."""
+    first, own, monitoring, _ = entry
     previous, store.fx = store.fx, name
     try:
         for hook in first:
@@ -123,14 +135,14 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     entry = trainer._hook_plan.entries(trainer)[name]
     if entry is None:
         return None
-    first, own, monitoring = entry
+    first, own, monitoring, every = entry
     if part == "first":
         monitoring = ()
     elif part == "monitoring":
         first, own = (), None
     if not module_hook:
         own = None
-    return run_hook(trainer._metrics, name, (first, own, monitoring), *args)
+    return run_hook(trainer._metrics, name, (first, own, monitoring, every), *args)
 
 
 def call_step(trainer: Trainer, name: str, *args: Any) -> Any:

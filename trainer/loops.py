@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, call_hook, call_step, run_hook
+from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
@@ -78,6 +78,8 @@ class _Epoch:
     several: bool  # several processes: pre-emption needs their agreement at each boundary
     model: torch.nn.Module  # the prepared model
     training_step: Any  # the module's bound training_step
+    optimizer: Any  # the prepared optimizer (automatic optimisation)
+    clip: float | None  # gradient_clip_val
 
     @classmethod
     def of(cls, trainer: Trainer) -> _Epoch:
@@ -95,6 +97,8 @@ class _Epoch:
             several=trainer.accelerator.num_processes > 1,
             model=trainer.model,
             training_step=trainer.module.training_step,
+            optimizer=trainer._step_optimizers[0] if automatic else None,
+            clip=config.gradient_clip_val,
         )
 
 
@@ -141,7 +145,7 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     should_step = True  # manual optimisation: every batch ends at a step boundary
     if epoch.automatic:
         should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
-        with accelerator.accumulate(trainer._model, sync=should_step):  # type: ignore[arg-type]
+        with accelerator.accumulate(epoch.model, sync=should_step):
             store.fx = "training_step"  # (call_step, inline: this runs every batch)
             try:
                 output = accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
@@ -151,13 +155,13 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
             if loss is not None:
                 entry = hooks["on_before_backward"]
                 if entry is not None:
-                    run_hook(store, "on_before_backward", entry, loss)
+                    fire(store, "on_before_backward", entry, loss)
                 accelerator.backward(loss)
                 entry = hooks["on_after_backward"]
                 if entry is not None:
-                    run_hook(store, "on_after_backward", entry)
+                    fire(store, "on_after_backward", entry)
                 if should_step:
-                    _optimizer_step(trainer, hooks["on_before_optimizer_step"])
+                    _optimizer_step(trainer, epoch, hooks["on_before_optimizer_step"])
                     if epoch.step_schedulers:
                         trainer._step_schedulers("step")
     else:  # manual optimisation: the module steps its optimizers itself
@@ -170,7 +174,7 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     entry = hooks["on_train_batch_end"]
     if entry is not None:
         outputs = store.detached(output) if type(output) is torch.Tensor else _detached(output)
-        run_hook(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
+        fire(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so
@@ -180,18 +184,17 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     return False
 
 
-def _optimizer_step(trainer: Trainer, before: Entry | None) -> None:
-    optimizer = trainer._step_optimizers[0]
-    trainer.accelerator.unscale_gradients()
+def _optimizer_step(trainer: Trainer, epoch: _Epoch, before: Entry | None) -> None:
+    optimizer, accelerator = epoch.optimizer, trainer.accelerator
+    accelerator.unscale_gradients()
     if before is not None:
-        run_hook(trainer._metrics, "on_before_optimizer_step", before, optimizer.optimizer)
-    config = trainer.config
-    if config.gradient_clip_val:
+        fire(trainer._metrics, "on_before_optimizer_step", before, optimizer.optimizer)
+    if epoch.clip:
         parameters = trainer.module.parameters()
-        if config.gradient_clip_algorithm == "norm":
-            trainer.accelerator.clip_grad_norm_(parameters, config.gradient_clip_val)
+        if trainer.config.gradient_clip_algorithm == "norm":
+            accelerator.clip_grad_norm_(parameters, epoch.clip)
         else:
-            trainer.accelerator.clip_grad_value_(parameters, config.gradient_clip_val)
+            accelerator.clip_grad_value_(parameters, epoch.clip)
     optimizer.step()
     optimizer.zero_grad()
     trainer.state.global_step += 1
