@@ -334,7 +334,19 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROU
 
 def spawn(script: str, argv: list[str], nproc: int, timeout: float = 900) -> list[dict[str, float]]:
     """Run ``script --out FILE --root DIR *argv`` in fresh processes (``ember launch`` for several);
-    each rank writes its measurements to ``FILE.<rank>``. Output goes to a log shown on failure."""
+    each rank writes its measurements to ``FILE.<rank>``. Output goes to a log shown on failure.
+
+    A run that fails is started once more (a rival framework's process has been seen to abort in
+    its tear-down now and then: "terminate called without an active exception"); a second failure
+    raises."""
+    try:
+        return _spawn_once(script, argv, nproc, timeout)
+    except RuntimeError as error:
+        print(f"{error}\n(starting that run once more)", file=sys.stderr, flush=True)
+        return _spawn_once(script, argv, nproc, timeout)
+
+
+def _spawn_once(script: str, argv: list[str], nproc: int, timeout: float) -> list[dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result"
         command = [script, *argv, "--out", str(out), "--root", tmp]
