@@ -17,9 +17,9 @@ import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer, TrainModule
+from ember import Accelerator, Trainer, TrainModule
 from ember.callbacks import Callback, ModelCheckpoint
-from ember.trainer.preemption import Preempted
+from ember.trainer.preemption import AGREE_SECONDS_VARIABLE, Preempted, PreemptionGuard
 
 
 def dataset(n: int = 40) -> TensorDataset:
@@ -238,3 +238,21 @@ def fit_preemptible(
         "step": trainer.global_step,
         "warnings": [str(w.message) for w in caught],
     }
+
+
+def preemption_agreement(signal_at: int, seconds: str) -> dict[str, int]:
+    """A rank of a 2-process group: step boundaries 10 ms apart; rank 1 is signalled at boundary
+    ``signal_at``. Where this rank learns of the signal, and its interval between agreements."""
+    os.environ[AGREE_SECONDS_VARIABLE] = seconds
+    accelerator = Accelerator(strategy="ddp")
+    guard = PreemptionGuard()
+    with guard.during_fit():
+        for boundary in range(1, 400):
+            time.sleep(0.01)
+            if boundary == signal_at and accelerator.process_index == 1:
+                guard._catcher.received = signal.SIGUSR1
+            if guard._agreed_signal(accelerator):
+                result = {"boundary": boundary, "interval": guard._interval}
+                guard._catcher.received = None  # (nothing to deliver again on the way out)
+                return result
+    return {"boundary": -1, "interval": guard._interval}

@@ -6,9 +6,12 @@ workers of a group it stops. During ``Trainer.fit``:
 
 1. the handler only records the signal. It runs between two bytecodes of the main thread, in the
    middle of a step, where nothing consistent can be saved;
-2. at the next step boundary (after a batch that stepped the optimizer, and the validation that
-   follows it; and after each epoch's end) the processes combine their flags with an all-reduce
-   "max", so they all stop at the same step, even when the signal reached only some of them;
+2. at a step boundary (after a batch that stepped the optimizer, and the validation that follows
+   it; and after each epoch's end) the processes combine their flags with an all-reduce "max", so
+   they all stop at the same step, even when the signal reached only some of them. Several
+   processes agree about every half second (``EMBER_PREEMPTION_AGREE_SECONDS``; ``0``: at every
+   boundary), not at every boundary, so short steps pay no collective each: the stop comes about
+   a second after the signal;
 3. they save the ``last`` checkpoint of the ModelCheckpoint's directory together, and ``fit`` raises
    :class:`Preempted` (a ``SystemExit`` with status 75). The next run resumes with
    ``fit(ckpt_path="last")``, or by itself after a restart (``Trainer(auto_resume=...)``).
@@ -19,9 +22,11 @@ ones are put back afterwards.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,22 +121,44 @@ class _SignalCatcher:
             signal.raise_signal(self.received)
 
 
+AGREE_SECONDS_VARIABLE = "EMBER_PREEMPTION_AGREE_SECONDS"
+_AGREE_SECONDS = 0.5  # the default interval between two agreements of several processes
+_MAX_INTERVAL = 10_000  # boundaries between two agreements, at most
+
+
+def _agree_seconds() -> float:
+    value = os.environ.get(AGREE_SECONDS_VARIABLE, "")
+    try:
+        seconds = float(value) if value else _AGREE_SECONDS
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise ValueError(
+            f"{AGREE_SECONDS_VARIABLE}={value!r} must be a number of seconds >= 0 (0: agree at every step boundary)"
+        )
+    return seconds
+
+
 class PreemptionGuard:
     """The Trainer's pre-emption handling: the signal catcher, and the agreement at step boundaries."""
 
     def __init__(self) -> None:
         self._catcher = _SignalCatcher()
-        self._flag: torch.Tensor | None = None
         self._pending: Callable[[], torch.Tensor] | None = None  # the all-reduce started last
+        self._seconds = _AGREE_SECONDS  # wanted time between two agreements
+        self._boundaries = 0  # step boundaries of this fit so far: the same count on every process
+        self._interval = 1  # agree at every `_interval`-th boundary
+        self._first = 0.0  # time.monotonic() at the first boundary
 
     @contextmanager
     def during_fit(self) -> Iterator[None]:
-        self._flag = self._pending = None
+        self._pending = None
+        self._seconds, self._boundaries, self._interval = _agree_seconds(), 0, 1
         try:
             with self._catcher:
                 yield
         finally:
-            self._flag = self._pending = None
+            self._pending = None
 
     @property
     def signalled(self) -> bool:
@@ -157,25 +184,36 @@ class PreemptionGuard:
         raise Preempted(signum, path, trainer.global_step)
 
     def _agreed_signal(self, accelerator: Accelerator) -> int:
-        """The largest signal number any process had received one boundary ago, the same on every
-        process (0: none).
+        """The largest signal number any process had received at the last agreement, the same on
+        every process (0: none).
 
-        Every process calls this at the same boundaries, so the all-reduces pair up. Each call
+        Every process calls this at the same boundaries, so the all-reduces pair up. An agreement
         starts the all-reduce of this process's flag without waiting for it and reads the one
-        started at the previous boundary: by then it has long finished (gloo runs it on its own
+        started at the previous agreement: by then it has long finished (gloo runs it on its own
         thread, an accelerator on the device), so no boundary waits for the other processes or
-        stalls the host. The stop therefore comes one boundary after the signal, on every process
-        alike. The flag lives on the device, filled in place: no host-to-device copy either.
+        stalls the host. The processes agree at every ``_interval``-th boundary, which aims at
+        one agreement per ``EMBER_PREEMPTION_AGREE_SECONDS``: each all-reduce also carries the
+        process's mean time per boundary, and the largest sets the interval, the same everywhere.
+        The stop comes one agreement after the signal, at the same boundary on every process.
         """
         local = self._catcher.received or 0
         if accelerator.num_processes == 1:
             return local
+        self._boundaries += 1
+        if self._boundaries == 1:
+            self._first = time.monotonic()
+        if self._boundaries % self._interval:
+            return 0
         if self._pending is not None:
-            agreed, self._pending = int(self._pending().item()), None
-            if agreed:
-                return agreed
-        if self._flag is None:
-            self._flag = torch.zeros(1, device=accelerator.device)
-        self._flag.fill_(local)
-        self._pending = accelerator.strategy.start_all_reduce(self._flag, "max")
+            signum, seconds = self._pending().tolist()
+            self._pending = None
+            if signum:
+                return int(signum)
+            if seconds > 0 and self._seconds > 0:
+                self._interval = max(1, min(_MAX_INTERVAL, int(self._seconds / seconds)))
+        elapsed = time.monotonic() - self._first
+        per_boundary = elapsed / (self._boundaries - 1) if self._boundaries > 1 else 0.0
+        # Built on the host and copied: an agreement is rare enough for one small copy.
+        flag = torch.tensor([float(local), per_boundary], dtype=torch.float64).to(accelerator.device)
+        self._pending = accelerator.strategy.start_all_reduce(flag, "max")
         return 0

@@ -21,12 +21,17 @@ from typing import Any
 import pytest
 import torch
 from dist_helpers import PYTHON, REPO, TESTS_DIR, base_env, run_command, run_in_subprocess, run_processes
-from trainer_workers import fit, fit_preemptible
+from trainer_workers import fit, fit_preemptible, preemption_agreement
 
 from ember.strategies.checkpoint_io import read_manifest, read_tree
 from ember.strategies.environment import detect_environment
 from ember.trainer.config import TrainerConfig
-from ember.trainer.preemption import PREEMPTED_EXIT_CODE, _SignalCatcher
+from ember.trainer.preemption import (
+    AGREE_SECONDS_VARIABLE,
+    PREEMPTED_EXIT_CODE,
+    PreemptionGuard,
+    _SignalCatcher,
+)
 
 
 def _same_run(result: dict, reference: dict) -> None:
@@ -104,14 +109,41 @@ def test_an_external_sigterm_saves_last_exits_75_and_the_resume_is_exact(
     _same_run(resumed, one_process)
 
 
+_EVERY_BOUNDARY = {AGREE_SECONDS_VARIABLE: "0"}
+
+
+def test_processes_agree_about_every_half_second_and_stop_at_the_same_boundary() -> None:
+    # 10 ms per boundary: an agreement every 0.1 s is every ~10th boundary, on both ranks alike.
+    first, second = run_processes(preemption_agreement, 50, "0.1", nprocs=2)
+    assert first == second, (first, second)
+    assert 5 <= first["interval"] <= 12
+    assert 50 < first["boundary"] <= 50 + 2 * first["interval"] + 1
+    assert first["boundary"] % first["interval"] == 0
+
+
+def test_a_bad_agreement_interval_is_refused() -> None:
+    os.environ[AGREE_SECONDS_VARIABLE] = "-1"
+    try:
+        with pytest.raises(
+            ValueError, match=r"EMBER_PREEMPTION_AGREE_SECONDS='-1' must be a number of seconds >= 0"
+        ):
+            with PreemptionGuard().during_fit():
+                pass
+    finally:
+        del os.environ[AGREE_SECONDS_VARIABLE]
+
+
 def test_only_rank_1_gets_sigusr1_and_both_ranks_stop_at_the_same_step(
     tmp_path: Path, two_ranks: list[dict]
 ) -> None:
     root = str(tmp_path / "run")
     # Rank 1 signals itself in on_train_batch_end of step 4; rank 0 never gets a signal. The ranks
-    # learn of it one boundary later (each boundary reads the all-reduce the previous one started,
-    # so that none waits for the others), and stop together there.
-    stopped = run_processes(fit_preemptible, root, "", None, 4, int(signal.SIGUSR1), 1, nprocs=2)
+    # agree at every boundary here (EMBER_PREEMPTION_AGREE_SECONDS=0, for a predictable step), learn
+    # of it one boundary later (each agreement reads the all-reduce the previous one started, so
+    # that none waits for the others), and stop together there.
+    stopped = run_processes(
+        fit_preemptible, root, "", None, 4, int(signal.SIGUSR1), 1, nprocs=2, env=_EVERY_BOUNDARY
+    )
     last = str(tmp_path / "run" / "checkpoints" / "last")
     for rank in range(2):
         assert stopped[rank] == {"preempted_at": 5, "signal": "SIGUSR1", "code": 75, "checkpoint": last}
@@ -136,7 +168,7 @@ def test_ember_launch_exits_75_when_its_workers_were_preempted(tmp_path: Path) -
     script = tmp_path / "train.py"
     script.write_text(_PREEMPTED_SCRIPT.format(tests=str(TESTS_DIR)))
     command = [PYTHON, "-m", "ember", "launch", "--nproc-per-node", "2", str(script), str(tmp_path / "run")]
-    done = run_command(command, timeout=240)
+    done = run_command(command, timeout=240, env=base_env(**_EVERY_BOUNDARY))
     log = done.stdout + done.stderr
     assert done.returncode == PREEMPTED_EXIT_CODE, log[-6000:]  # for the job script to requeue
     assert "pre-empted by SIGUSR1 at step 5" in log  # signalled at step 4, agreed one boundary later
