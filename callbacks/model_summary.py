@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
+from ember.strategies.environment import may_be_terminal
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
@@ -86,12 +87,51 @@ def _human(count: int) -> str:
     return str(count)
 
 
+_HEADER = ("", "Name", "Type", "Params", "Trainable", "Mode")
+_RIGHT = ("", "Params", "Trainable")  # columns aligned right
+
+
+def _cells(rows: list[SummaryRow]) -> list[tuple[str, ...]]:
+    return [
+        (str(i), r.name, r.type, _human(r.params), _human(r.trainable), r.mode) for i, r in enumerate(rows)
+    ]
+
+
+def _totals(totals: SummaryTotals) -> list[tuple[str, str]]:
+    return [
+        (_human(totals.trainable), "Trainable params"),
+        (_human(totals.non_trainable), "Non-trainable params"),
+        (_human(totals.total), "Total params"),
+        (f"{totals.size_mb:,.3f}", "Total estimated params size (MB)"),
+    ]
+
+
+def _plain(rows: list[SummaryRow], totals: SummaryTotals) -> str:
+    """The summary as plain text, for a log file: no rich import, no box drawing."""
+    lines = []
+    if rows:
+        cells = [_HEADER, *_cells(rows)]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(_HEADER))]
+        for row in cells:
+            parts = [
+                c.rjust(w) if h in _RIGHT else c.ljust(w)
+                for c, w, h in zip(row, widths, _HEADER, strict=True)
+            ]
+            lines.append("  ".join(parts).rstrip())
+        lines.append("")
+    width = max(len(number) for number, _ in _totals(totals))
+    lines += [f"{number.rjust(width)}  {what}" for number, what in _totals(totals)]
+    return "\n".join(lines)
+
+
 def _table(rows: list[SummaryRow]) -> Table:
+    from rich.table import Table
+
     table = Table(header_style="bold")
-    for column in ("", "Name", "Type", "Params", "Trainable", "Mode"):
-        table.add_column(column, justify="right" if column in ("", "Params", "Trainable") else "left")
-    for i, row in enumerate(rows):
-        table.add_row(str(i), row.name, row.type, _human(row.params), _human(row.trainable), row.mode)
+    for column in _HEADER:
+        table.add_column(column, justify="right" if column in _RIGHT else "left")
+    for cells in _cells(rows):
+        table.add_row(*cells)
     return table
 
 
@@ -117,16 +157,20 @@ class ModelSummary(Callback):
     def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
         if not trainer.is_global_zero:
             return
-        console = Console()
         rows = summarize(module, self._max_depth)
+        totals = summarize_totals(module)
+        if not may_be_terminal():  # a log file: plain text, and rich's modules stay unimported
+            print(_plain(rows, totals), flush=True)
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console()
         if rows:
             console.print(_table(rows))
-        totals = summarize_totals(module)
         summary = Table.grid(padding=(0, 2))
         summary.add_column(justify="right")
         summary.add_column()
-        summary.add_row(_human(totals.trainable), "Trainable params")
-        summary.add_row(_human(totals.non_trainable), "Non-trainable params")
-        summary.add_row(_human(totals.total), "Total params")
-        summary.add_row(f"{totals.size_mb:,.3f}", "Total estimated params size (MB)")
+        for number, what in _totals(totals):
+            summary.add_row(number, what)
         console.print(summary)

@@ -6,37 +6,34 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 from typing_extensions import override
 
 from ember._validation import check_bool, check_int
 from ember.callbacks.base import Callback
-from ember.strategies.environment import running_in_ci
+from ember.strategies.environment import may_be_terminal, running_in_ci
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress, ProgressColumn, TaskID
+
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
 __all__ = ["RichProgressBar"]
 
 
-class _SpeedColumn(ProgressColumn):
-    @override
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        return Text("? it/s" if speed is None else f"{speed:.2f} it/s", style="progress.data.speed")
+def _speed_column() -> ProgressColumn:
+    """A column with the speed in batches per second (rich is imported here: only when drawing)."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class SpeedColumn(ProgressColumn):
+        @override
+        def render(self, task: Task) -> Text:
+            speed = task.speed
+            return Text("? it/s" if speed is None else f"{speed:.2f} it/s", style="progress.data.speed")
+
+    return SpeedColumn()
 
 
 def _format_value(value: float) -> str:
@@ -84,7 +81,7 @@ class RichProgressBar(Callback):
             raise ValueError(f"RichProgressBar(refresh_rate={refresh_rate!r}) must be an int >= 0 (0: off)")
         check_int("plain_every_n_batches", plain_every_n_batches, minimum=1, owner="RichProgressBar")
         check_bool("leave", leave, owner="RichProgressBar")
-        if console is not None and not isinstance(console, Console):
+        if console is not None and not _is_console(console):
             raise TypeError(f"RichProgressBar(console={console!r}) must be None or a rich.console.Console")
         self._refresh_rate = refresh_rate
         self._shows: bool | None = None  # whether this process shows progress (see _active)
@@ -109,18 +106,32 @@ class RichProgressBar(Callback):
 
     def _use_rich(self) -> bool:
         if self._rich is None:
-            if self._console is None:
-                self._console = Console()
-            self._rich = self._console.is_terminal and not running_in_ci()
+            if self._console is None and not may_be_terminal():
+                self._rich = False  # a file or a pipe: plain lines, without importing rich at all
+            else:
+                if self._console is None:
+                    from rich.console import Console
+
+                    self._console = Console()
+                self._rich = self._console.is_terminal and not running_in_ci()
         return self._rich
 
     def _live(self) -> Progress:
         if self._progress is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
             self._progress = Progress(
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                _SpeedColumn(),
+                _speed_column(),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[metrics]}", markup=False),
@@ -297,3 +308,9 @@ class RichProgressBar(Callback):
     @override
     def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None:
         self._eval_end(trainer, "predict", None)
+
+
+def _is_console(value: Any) -> bool:
+    from rich.console import Console  # a Console was made: rich is imported already
+
+    return isinstance(value, Console)

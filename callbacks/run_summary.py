@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
@@ -40,6 +41,8 @@ class RunSummary(Callback):
 
     def table(self, trainer: Trainer) -> Table:
         """The metrics table (also usable on its own, e.g. in a notebook)."""
+        from rich.table import Table  # here: rich's modules are imported only when something is drawn
+
         table = Table(title="Run summary", title_justify="left")
         for column in ("metric", "last", "min", "max"):
             table.add_column(column, justify="left" if column == "metric" else "right")
@@ -79,6 +82,8 @@ class RunSummary(Callback):
     def on_fit_end(self, trainer: Trainer, module: TrainModule) -> None:
         if not trainer.is_global_zero:
             return
+        from rich.console import Console
+
         console = self._console or Console()
         if trainer.metric_history.metrics:
             console.print(self.table(trainer))

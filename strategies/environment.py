@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -161,6 +162,19 @@ def running_in_ci(environ: Mapping[str, str] | None = None) -> bool:
     """
     env = os.environ if environ is None else environ
     return env.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def may_be_terminal() -> bool:
+    """False when standard output is certainly not a terminal (a file, a pipe, a CI log): then rich's
+    modules (~30 ms to import) are not needed to decide, and plain text is printed. True leaves the
+    decision to ``rich.console.Console().is_terminal``: a TTY, a notebook, ``FORCE_TERMINAL`` or
+    ``TTY_COMPATIBLE`` set."""
+    if "FORCE_TERMINAL" in os.environ or "TTY_COMPATIBLE" in os.environ or "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stdout is not None and sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 def find_free_port() -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_helpers import run_processes
+from dist_helpers import PYTHON, base_env, run_command, run_processes
 from rich.console import Console
 from torch import nn
 
@@ -320,6 +320,48 @@ def test_summarize_totals_counts_shared_parameters_once_and_sizes_by_dtype() -> 
     totals = summarize_totals(half)
     assert (totals.trainable, totals.non_trainable, totals.total) == (100, 10, 110)
     assert totals.size_mb == pytest.approx(110 * 2 / 1e6)
+
+
+_PIPED_FIT = """
+import sys
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+import ember
+
+class Net(ember.TrainModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = TensorDataset(torch.randn(8, 2), torch.randn(8, 1))
+trainer = ember.Trainer(max_epochs=1, default_root_dir=sys.argv[1], enable_checkpointing=False)
+trainer.fit(Net(), DataLoader(data, batch_size=2))
+print("rich imported before the fit ended:", "rich" in sys.modules and "rich.progress" in sys.modules)
+"""
+
+
+def test_output_to_a_pipe_is_plain_text_and_needs_no_rich(tmp_path: Any) -> None:
+    # Standard output is a pipe here, as in a log file or a batch job: the model summary is plain
+    # text, the progress bar prints plain lines, and rich's modules are not even imported for them.
+    done = run_command([PYTHON, "-c", _PIPED_FIT, str(tmp_path)], env=base_env(CI=""))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert (
+        "Name   Type    Params  Trainable  Mode" in out
+        and "0  layer  Linear       3          3  train" in out
+    )
+    assert "3  Total params" in out and "epoch 0  step 4/4" in out
+    assert "rich imported before the fit ended: False" in out
+    before_end = out.split("Run summary")[0]  # RunSummary draws its table with rich once the fit ended
+    assert "\u2501" not in before_end and "\u2503" not in before_end  # no box drawing
 
 
 def test_model_summary_prints_on_rank_zero_only(capsys: pytest.CaptureFixture[str]) -> None:
