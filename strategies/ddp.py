@@ -84,7 +84,10 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
             gradient_as_bucket_view=self.config.gradient_as_bucket_view,
             **extra,
         )
-        self._watch_forward(wrapped, module)  # DDP's forward broadcasts buffers: a collective
+        if self.config.broadcast_buffers and next(module.buffers(), None) is not None:
+            # DDP's forward broadcasts the buffers, a collective: the watchdog times it. Without
+            # buffers the forward communicates nothing, and the hooks would slow every call.
+            self._watch_forward(wrapped, module)
         return wrapped
 
     @override

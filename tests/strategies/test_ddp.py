@@ -62,6 +62,23 @@ def test_ddp_config_and_collectives() -> None:
     assert ranks[0]["first"] < ranks[1]["first"]  # the main process ran the block first
 
 
+def _forward_watch_worker() -> dict:
+    accelerator = Accelerator(strategy="ddp")
+    plain = accelerator.prepare(nn.Linear(2, 2))
+    normed = accelerator.prepare(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    hooks = {"plain": len(plain._forward_pre_hooks), "buffers": len(normed._forward_pre_hooks)}
+    normed(torch.randn(4, 2)).sum().backward()  # the watched forward: its region opens and closes
+    plain(torch.randn(4, 2)).sum().backward()
+    accelerator.end_training()
+    return hooks
+
+
+def test_ddp_forward_is_watched_only_when_it_broadcasts_buffers() -> None:
+    # The watchdog times DDP's forward (its buffer broadcast) through module hooks, which cost every
+    # call; a module without buffers communicates nothing in its forward and gets none.
+    assert run_processes(_forward_watch_worker, nprocs=2) == [{"plain": 0, "buffers": 1}] * 2
+
+
 def test_devices_from_plain_python_starts_the_other_ranks(tmp_path: Path) -> None:
     script = tmp_path / "train.py"
     script.write_text(
