@@ -33,8 +33,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, NamedTuple
 
@@ -130,13 +129,10 @@ class CollectiveWatchdog:
         else:
             self._current = None
 
-    @contextmanager
-    def region(self, name: str) -> Iterator[None]:
-        self.enter(name)
-        try:
-            yield
-        finally:
-            self.exit()
+    def region(self, name: str) -> _Timed:
+        """``with watchdog.region(name):`` times the block as region ``name``; an exception leaving it
+        gets the first failed peer's report attached (:meth:`annotate`)."""
+        return _Timed(self, name)
 
     # -- the threads ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -378,3 +374,21 @@ def _exit() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_CODE)
+
+
+class _Timed:
+    """The context manager of :meth:`CollectiveWatchdog.region`: a plain object, not a generator,
+    because one wraps every synchronizing backward."""
+
+    __slots__ = ("_name", "_watchdog")
+
+    def __init__(self, watchdog: CollectiveWatchdog, name: str) -> None:
+        self._watchdog, self._name = watchdog, name
+
+    def __enter__(self) -> None:
+        self._watchdog.enter(self._name)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: Any) -> None:
+        if isinstance(error, Exception):  # e.g. gloo's "Connection closed by peer": name the peer that failed
+            self._watchdog.annotate(error)
+        self._watchdog.exit()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import atexit
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +23,7 @@ from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
 from ember.strategies.launcher import SubprocessScriptLauncher
 
+_UNWATCHED = nullcontext()  # reusable: it holds no state
 _REDUCE_OPS = {
     "sum": dist.ReduceOp.SUM,
     "mean": dist.ReduceOp.SUM,
@@ -133,21 +134,10 @@ class ParallelStrategy(Strategy):
             self._watchdog.stop()
             self._watchdog = None
 
-    @contextmanager
-    def _collective(self, name: str) -> Iterator[None]:
+    def _collective(self, name: str) -> AbstractContextManager[None]:
         """A region the watchdog times: every rank must enter it and none may leave before all arrive."""
         watchdog = self._watchdog
-        if watchdog is None:
-            yield
-            return
-        watchdog.enter(name)
-        try:
-            yield
-        except Exception as error:  # e.g. gloo's "Connection closed by peer": name the peer that failed
-            watchdog.annotate(error)
-            raise
-        finally:
-            watchdog.exit()
+        return _UNWATCHED if watchdog is None else watchdog.region(name)
 
     def _watch_forward(self, wrapper: nn.Module, inner: nn.Module) -> None:
         """Time the collectives ``wrapper`` runs in its forward before it calls ``inner`` (DDP
