@@ -191,11 +191,10 @@ class RichProgressBar(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        shows = self._shows  # (asked every batch: the answers are kept)
-        if not (shows if shows is not None else self._active(trainer)):
+        if not self._active(trainer):
             return
         self._train_done = done = batch_idx + 1
-        if self._rich if self._rich is not None else self._use_rich():
+        if self._use_rich():
             total = _finite(trainer.num_training_batches)
             if self._train_task is not None and self._due(done, total):
                 metrics = _format_metrics(trainer.progress_bar_metrics)

@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING, Any
 from ember.callbacks.base import Callback
 
 if TYPE_CHECKING:
+    from torch import nn
+
+    from ember.accelerator import Accelerator
     from ember.trainer.logging import MetricStore
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook", "fire", "run_hook"]
+__all__ = ["HookPlan", "call_hook", "call_step", "fire", "run_hook", "run_step"]
 
 # What one hook runs: the callbacks' bound hooks, the module's (or None), the monitoring callbacks'
 # hooks, and all of them in that order. ``None`` in place of the whole: nothing defines the hook.
@@ -147,10 +150,17 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
 
 def call_step(trainer: Trainer, name: str, *args: Any) -> Any:
     """Run ``module.<name>`` (training_step, validation_step ...) through the strategy and precision."""
-    store = trainer._metrics
+    method = getattr(trainer.module, name)
+    return run_step(trainer._metrics, trainer.accelerator, trainer.model, name, method, *args)
+
+
+def run_step(
+    store: MetricStore, accelerator: Accelerator, model: nn.Module, name: str, method: Any, *args: Any
+) -> Any:
+    """:func:`call_step` with the model and the bound step method already looked up (the training
+    loop does so once per epoch)."""
     previous, store.fx = store.fx, name
     try:
-        module = trainer.module
-        return trainer.accelerator.call_as_forward(trainer.model, getattr(module, name), *args)
+        return accelerator.call_as_forward(model, method, *args)
     finally:
         store.fx = previous

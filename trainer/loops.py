@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook
+from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook, run_step
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
@@ -110,21 +110,12 @@ def _train_epoch(trainer: Trainer) -> None:
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
     epoch = _Epoch.of(trainer)
-    remaining = epoch.limit - state.batch_idx
-    batches = iter(loader)
-    try:
-        while remaining > 0:  # checked before the next batch is read: a resume continues right after
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            remaining -= 1
+    with closing(_limited(loader, epoch.limit - state.batch_idx)) as batches:
+        for _, batch in batches:
             if _train_batch(trainer, epoch, batch) or trainer.should_stop:
                 break
             if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
                 break
-    finally:
-        batches.close()  # type: ignore[attr-defined]  # the loader's pass ends here when we stop early
 
 
 def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
@@ -146,26 +137,18 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     if epoch.automatic:
         should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
         with accelerator.accumulate(epoch.model, sync=should_step):
-            store.fx = "training_step"  # (call_step, inline: this runs every batch)
-            try:
-                output = accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
-            finally:
-                store.fx = ""
+            output = run_step(
+                store, accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
+            )
             loss = output if type(output) is torch.Tensor else _loss_of(output)
             if loss is not None:
-                entry = hooks["on_before_backward"]
-                if entry is not None:
-                    fire(store, "on_before_backward", entry, loss)
-                accelerator.backward(loss)
-                entry = hooks["on_after_backward"]
-                if entry is not None:
-                    fire(store, "on_after_backward", entry)
+                backward(trainer, hooks, loss)
                 if should_step:
                     _optimizer_step(trainer, epoch, hooks["on_before_optimizer_step"])
                     if epoch.step_schedulers:
                         trainer._step_schedulers("step")
     else:  # manual optimisation: the module steps its optimizers itself
-        with accelerator.accumulate(trainer._model, sync=True):  # type: ignore[arg-type]
+        with accelerator.accumulate(epoch.model, sync=True):
             output = call_step(trainer, "training_step", batch, batch_idx)
     state.batch_idx += 1
     state.total_batch_idx += 1
@@ -182,6 +165,19 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     if should_step and (epoch.several or trainer._preemption.signalled):
         trainer._preemption.stop_if_signalled(trainer)
     return False
+
+
+def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
+    """``on_before_backward``, the backward pass, ``on_after_backward``: of the training loop, and of
+    ``manual_backward`` (``hooks``: the trainer's resolved hooks, ``HookPlan.entries``)."""
+    store = trainer._metrics
+    entry = hooks["on_before_backward"]
+    if entry is not None:
+        fire(store, "on_before_backward", entry, loss)
+    trainer.accelerator.backward(loss, **kwargs)
+    entry = hooks["on_after_backward"]
+    if entry is not None:
+        fire(store, "on_after_backward", entry)
 
 
 def _optimizer_step(trainer: Trainer, epoch: _Epoch, before: Entry | None) -> None:

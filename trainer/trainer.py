@@ -28,7 +28,7 @@ from ember.trainer.data import find_loaders, val_check_batch
 from ember.trainer.hooks import HookPlan, call_hook
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
-from ember.trainer.loops import run_evaluation, run_fit, run_predict
+from ember.trainer.loops import backward, run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
 from ember.trainer.preemption import Preempted, PreemptionGuard
@@ -361,9 +361,7 @@ class Trainer(TrainerProperties):
         return wanted
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        call_hook(self, "on_before_backward", loss)
-        self.accelerator.backward(loss, **kwargs)
-        call_hook(self, "on_after_backward")
+        backward(self, self._hook_plan.entries(self), loss, **kwargs)
 
     def _count_manual_steps(self) -> list[Any]:
         """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it."""
