@@ -232,12 +232,17 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
         return super().optimizer_step(optimizer)
 
     @override
-    def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
-        from torch_xla.distributed.parallel_loader import MpDeviceLoader
+    def batches_to_device(self, batches: Iterable[Any]) -> Iterator[Any]:
+        from torch_xla.distributed.parallel_loader import ParallelLoader
 
-        # Background threads transfer the next batches while this one runs.
-        loader: Iterable[Any] = MpDeviceLoader(batches, self.root_device)
-        return loader
+        # Background threads transfer the next batches while this one runs. The pass starts on this
+        # thread: a DataLoader forks its worker processes here, not from a transfer thread while this
+        # one drives the XLA runtime.
+        loader = ParallelLoader(iter(batches), [self.root_device])
+        try:
+            yield from loader.per_device_loader(self.root_device)
+        finally:  # a pass stopped early: the threads end and drop the loader (and its workers) now
+            loader.close()
 
     # -- collectives ------------------------------------------------------------------------------
     def _on_device(self, tensor: torch.Tensor) -> torch.Tensor:

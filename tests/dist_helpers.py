@@ -153,6 +153,9 @@ def run_in_subprocess(
         args=json.dumps(args),
         out=str(out),
     )
+    # A hang shows where it waits: every thread's stack, printed just before the timeout kills it.
+    after = max(timeout - 10, timeout * 0.9)
+    code = f"import faulthandler; faulthandler.dump_traceback_later({after}, exit=True)\n{code}"
     done = run_command([PYTHON, "-c", code], timeout=timeout, env=base_env(**(env or {})))
     if done.returncode != 0:
         raise AssertionError(

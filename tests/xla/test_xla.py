@@ -185,6 +185,38 @@ def test_several_processes_on_the_xla_cpu_device_are_refused_before_starting() -
     assert done.returncode == 2 and "runs one process that drives every device" in done.stderr
 
 
+def _early_stop_worker() -> dict[str, Any]:
+    import multiprocessing
+    import threading
+
+    accelerator = Accelerator(strategy="xla")
+    loader = accelerator.prepare(DataLoader(_data(), batch_size=8, num_workers=2))
+
+    def transfer_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if "worker" in t.name]
+
+    during: list[str] = []
+    devices = set()
+    for i, (x, _) in enumerate(loader):
+        devices.add(str(x.device))
+        during = during or transfer_threads()
+        if i == 1:
+            break
+    after = {"threads": transfer_threads(), "workers": len(multiprocessing.active_children())}
+    full = sum(1 for _ in loader)  # the next pass still runs in full
+    return {"devices": sorted(devices), "during": during, "after": after, "full": full,
+            "end": {"threads": transfer_threads(), "workers": len(multiprocessing.active_children())}}  # fmt: skip
+
+
+def test_a_pass_stopped_early_releases_its_transfer_threads_and_workers() -> None:
+    # The batches of a pass come through background transfer threads fed by the DataLoader's
+    # worker processes: a loop that breaks early must not leave them waiting until the process exits.
+    result = run_in_subprocess(_early_stop_worker, env=XLA_ENV, timeout=120)
+    assert result["devices"] == ["xla:0"] and result["during"], result
+    assert result["after"] == {"threads": [], "workers": 0}, result
+    assert result["full"] == 20 and result["end"] == {"threads": [], "workers": 0}, result
+
+
 def _close_rows(a: list[list[str]], b: list[list[str]], tolerance: float) -> bool:
     """The same metrics.csv, numbers within ``tolerance`` (relative) of each other."""
     if len(a) != len(b) or a[0] != b[0]:
@@ -203,12 +235,12 @@ def test_trainer_resumes_on_xla_within_tolerance(tmp_path: Path) -> None:
     # accumulation, a crash mid-window) on one XLA device. The XLA generator's seed is checkpointed.
     from trainer_workers import fit
 
-    full = run_in_subprocess(fit, str(tmp_path / "a"), "full", 0, "", 3, "xla", env=XLA_ENV, timeout=300)
-    crashed = run_in_subprocess(fit, str(tmp_path / "b"), "crash", 7, "", 3, "xla", env=XLA_ENV, timeout=300)
+    full = run_in_subprocess(fit, str(tmp_path / "a"), "full", 0, "", 3, "xla", env=XLA_ENV, timeout=90)
+    crashed = run_in_subprocess(fit, str(tmp_path / "b"), "crash", 7, "", 3, "xla", env=XLA_ENV, timeout=90)
     assert crashed == {"crashed": 7}
     ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=6")
     resumed = run_in_subprocess(
-        fit, str(tmp_path / "b"), "resume", 0, ckpt, 3, "xla", env=XLA_ENV, timeout=300
+        fit, str(tmp_path / "b"), "resume", 0, ckpt, 3, "xla", env=XLA_ENV, timeout=90
     )
     assert resumed["step"] == full["step"] == 15 and len(full["rows"]) > 20
     assert _close_rows(resumed["rows"], full["rows"], 1e-5)
