@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -168,9 +168,10 @@ def _hand(run: Run, case: Case, clock: Clock) -> None:
     sampler = None
     if device is not None:
         torch.cuda.set_device(device)
+    owns_group = world > 1 and not torch.distributed.is_initialized()
+    if owns_group:
+        _init_process_group(run)
     if world > 1:
-        backend = "nccl" if run.device == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, device_id=device)
         model = nn.parallel.DistributedDataParallel(model)
         sampler = torch.utils.data.DistributedSampler(case.dataset, world, rank, shuffle=True)
     autocast: Callable[[], AbstractContextManager[Any]] = (
@@ -185,8 +186,13 @@ def _hand(run: Run, case: Case, clock: Clock) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    if world > 1:
+    if owns_group:
         torch.distributed.destroy_process_group()
+
+
+def _init_process_group(run: Run) -> None:
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if run.device == "cuda" else None
+    torch.distributed.init_process_group("nccl" if device is not None else "gloo", device_id=device)
 
 
 def _ember_accelerator(run: Run, case: Case, clock: Clock) -> None:
@@ -229,7 +235,8 @@ def _accelerate(run: Run, case: Case, clock: Clock) -> None:
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
-    accelerator.end_training()
+    # No ``end_training()``: it would destroy the process group, which belongs to the measuring
+    # process (``measure_rounds``) and serves its next runs.
 
 
 # -- Trainers --------------------------------------------------------------------------------------
@@ -326,13 +333,36 @@ def measure(contender: str, run: Run) -> dict[str, float]:
     return {"step_s": clock.seconds_per_step(), "cpu_s": (clock.cpu_stopped - clock.cpu_started) / run.steps}
 
 
+def measure_rounds(contenders: Sequence[str], run: Run, rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Train each of ``contenders`` ``rounds`` times in this process, alternating: every round runs
+    each once, one contender later than the round before (A B C, B C A, C A B ...). The runs of a
+    round are neighbours in time and share the process (its memory layout, its core, the machine's
+    load then), so the ratio of two of them is a paired measure: far steadier than the ratio of two
+    processes, which can differ by several percent running the same program. With several
+    processes (a launcher's ranks), every rank runs the same sequence on one process group, made
+    here and shared by every run."""
+    _, world = _world()
+    if world > 1 and not torch.distributed.is_initialized():
+        _init_process_group(run)
+    results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
+    for number in range(rounds):
+        shift = number % len(contenders)
+        for contender in [*contenders[shift:], *contenders[:shift]]:
+            root = f"{run.root}/{contender}-{number}"  # each run its own logs and checkpoints
+            results[contender].append(measure(contender, dataclasses.replace(run, root=root)))
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return results
+
+
 # -- the parent's side: fresh processes, alternating repetitions -----------------------------------------
 # What a launcher sets; a contender's single process must start without them.
 _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                    "MASTER_PORT", "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION")  # fmt: skip
 
 
-def spawn(script: str, argv: list[str], nproc: int, timeout: float = 900) -> list[dict[str, float]]:
+def spawn(script: str, argv: list[str], nproc: int, timeout: float = 900) -> list[Any]:
     """Run ``script --out FILE --root DIR *argv`` in fresh processes (``ember launch`` for several);
     each rank writes its measurements to ``FILE.<rank>``. Output goes to a log shown on failure.
 
@@ -348,7 +378,7 @@ def spawn(script: str, argv: list[str], nproc: int, timeout: float = 900) -> lis
         return _spawn_once(script, argv, nproc, timeout)
 
 
-def _spawn_once(script: str, argv: list[str], nproc: int, timeout: float) -> list[dict[str, float]]:
+def _spawn_once(script: str, argv: list[str], nproc: int, timeout: float) -> list[Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result"
         command = [script, *argv, "--out", str(out), "--root", tmp]
@@ -374,7 +404,7 @@ def _spawn_once(script: str, argv: list[str], nproc: int, timeout: float) -> lis
 _ABORT_AT_EXIT = "terminate called without an active exception"
 
 
-def write_result(out: str, result: dict[str, float]) -> None:
+def write_result(out: str, result: Any) -> None:
     """A worker rank's measurements, for :func:`spawn`."""
     rank, _ = _world()
     Path(f"{out}.{rank}").write_text(json.dumps(result))

@@ -48,7 +48,7 @@ PER_UNIT_BUDGET = 1.25
 def worker(args: argparse.Namespace) -> None:
     """One dimension (``--worker steps|metrics|callbacks``): every job of it, alternating, in this process."""
     jobs = _jobs(args.worker, args)
-    write_result(args.out, alternate(jobs, args.reps, lambda job: _us_per_step(job, args)))  # type: ignore[arg-type]
+    write_result(args.out, alternate(jobs, args.reps, lambda job: _us_per_step(job, args)))
 
 
 def _us_per_step(job: str, args: argparse.Namespace) -> float:
@@ -74,7 +74,7 @@ def _measured(dimension: str, args: argparse.Namespace) -> dict[str, list[float]
     argv = ["--worker", dimension, "--steps", str(args.steps), "--unit-steps", str(args.unit_steps),
             "--metrics", str(args.metrics), "--callbacks", str(args.callbacks), "--warmup", str(args.warmup),
             "--reps", str(args.reps), "--device", args.device]  # fmt: skip
-    return spawn(__file__, argv, 1, timeout=3600)[0]  # type: ignore[return-value]
+    return spawn(__file__, argv, 1, timeout=3600)[0]  # type: ignore[no-any-return]
 
 
 def _job(contender: str, steps: int, metrics: int = 1, callbacks: int = 0) -> str:

@@ -7,11 +7,13 @@ Lightning's Trainer and Fabric and 🤗 Accelerate, when installed: ``pip instal
 
 Every contender trains the same model on the same data with the same optimizer (AdamW): the MLP
 128-256-256-10 (batch 64) and the example GPT (``examples/gpt_fsdp.py``, 2 layers of width 64,
-batch 16 x 32 tokens), one thread per process. Each run is a fresh process (``ember launch`` starts
-the 2 DDP ranks); the contenders alternate (hand, ember, ..., hand, ember, ...) over the
-repetitions, so a drift of the machine hits them all. A run times ``--steps`` steps after
-``--warmup`` steps (see ``_contenders.py``); a contender's ratio is its time per step over the
-hand-written loop's in the same repetition, reported as the median and the spread over repetitions.
+batch 16 x 32 tokens), one thread per process. Each process (``ember launch`` starts the 2 DDP
+ranks) trains the hand-written loop and its contenders -- ember's Accelerator and Trainer in one
+process, each rival in its own -- for ``--rounds`` alternating rounds (A B C, B C A, ...), every
+run a fresh model and trainer. A run times ``--steps`` steps after ``--warmup`` steps (see
+``_contenders.py``); a contender's ratio is its time per step over the hand-written loop's in the
+same round of the same process (a paired measure: two fresh processes of the same program differ
+by several percent here), reported as the median and the spread over the rounds.
 
 Budgets: ember Accelerator <= 1.01x and ember Trainer (defaults: checkpointing, CSV logger,
 progress bar, model summary, non-finite guard) <= 1.02x the hand-written loop, and below
@@ -25,13 +27,14 @@ import importlib.metadata
 import os
 import statistics
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, host, ratio_row, ratio_table, record_ratios, run_main
+from _common import host, ratio_row, ratio_table, record_ratios, run_main
 from _contenders import (
     BUDGETS,
     CONTENDERS,
@@ -40,7 +43,7 @@ from _contenders import (
     NEEDS,
     RIVALS,
     Run,
-    measure,
+    measure_rounds,
     missing_package,
     spawn,
     write_result,
@@ -48,12 +51,16 @@ from _contenders import (
 
 CASES = ("mlp", "gpt")
 MODES = {"single": 1, "ddp": 2}
+# The processes of a case: ember's two contenders share one; each rival has its own. Every process
+# also runs the hand-written loop, alternating with its contenders round by round.
+GROUPS = {"ember": ("accelerator", "trainer"), **{c: (c,) for c in CONTENDERS if c in NEEDS}}
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of one contender's run (started by :func:`spawn`)."""
+    """One rank of one group's process (started by :func:`spawn`): the hand-written loop and the
+    group's contenders, alternating for ``--rounds`` rounds."""
     run = Run(case=args.cases[0], warmup=args.warmup, steps=args.steps, device=args.device, root=args.root)
-    write_result(args.out, measure(args.worker, run))
+    write_result(args.out, measure_rounds(["hand", *args.contenders], run, args.rounds))
 
 
 def _clock(mode: str, device: str) -> str:
@@ -62,26 +69,39 @@ def _clock(mode: str, device: str) -> str:
     return "cpu_s" if mode == "single" and device == "cpu" else "step_s"
 
 
-def seconds_per_step(contender: str, case: str, mode: str, args: argparse.Namespace) -> float:
-    """One run of ``contender`` in fresh processes: its time per step (the slowest rank's)."""
-    argv = ["--worker", contender, "--cases", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--device", args.device]  # fmt: skip
+def group_times(
+    group: str, members: list[str], case: str, mode: str, args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """One process (one per rank) of ``group``: its contenders' and the hand loop's seconds per
+    step, round by round (a round's time: its slowest rank's)."""
+    argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--device", args.device]  # fmt: skip
     clock = _clock(mode, args.device)
-    return max(rank[clock] for rank in spawn(__file__, argv, MODES[mode]))
+    ranks = spawn(__file__, argv, MODES[mode])
+    return {
+        c: [max(rank[c][i][clock] for rank in ranks) for i in range(args.rounds)] for c in ["hand", *members]
+    }
 
 
 def _case(
     case: str, mode: str, contenders: list[str], args: argparse.Namespace
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """One case: its title, ratio table and comparisons, and its ratio rows."""
-    # One process on the CPU is timed by its CPU time: two such runs can share the 2 cores.
+    groups = {g: [c for c in members if c in contenders] for g, members in GROUPS.items()}
+    groups = {g: members for g, members in groups.items() if members}
+    # One process on the CPU is timed by its CPU time: two such processes can share the 2 cores.
     jobs = args.jobs if _clock(mode, args.device) == "cpu_s" else 1
-    times = alternate(contenders, args.reps, lambda c: seconds_per_step(c, case, mode, args), jobs=jobs)
-    rows = [
-        ratio_row(f"{case} {mode}: {LABELS[c]}", times[c], times["hand"], BUDGETS.get(c))
-        for c in contenders[1:]
-    ]
-    by_contender = dict(zip(contenders[1:], rows, strict=True))
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        measured = dict(zip(groups, pool.map(lambda g: group_times(g, groups[g], case, mode, args), groups),
+                            strict=True))  # fmt: skip
+    rows, by_contender = [], {}
+    for group, times in measured.items():
+        for c in groups[group]:  # paired with the hand-written loop of the same round and process
+            by_contender[c] = ratio_row(
+                f"{case} {mode}: {LABELS[c]}", times[c], times["hand"], BUDGETS.get(c)
+            )
+    rows = [by_contender[c] for c in contenders if c in by_contender]
+    by_contender = {c: by_contender[c] for c in contenders if c in by_contender}
     comparisons = []
     for mine, rival in RIVALS.items():
         if mine in by_contender and rival in by_contender:
@@ -90,7 +110,8 @@ def _case(
                                f"{'below' if ours < theirs else '**NOT below**'}.")  # fmt: skip
     clock = "CPU time" if _clock(mode, args.device) == "cpu_s" else "wall-clock time"
     title = f"### {DESCRIPTIONS[case]}, {'1 process' if mode == 'single' else 'DDP on 2 processes'} ({clock})"
-    baseline = ("hand-written loop", statistics.median(times["hand"]))
+    hands = [t for times in measured.values() for t in times["hand"]]
+    baseline = ("hand-written loop", statistics.median(hands))
     table = ratio_table(rows, baseline, "ms per step", lambda v: f"{v * 1e3:.3f}")
     return [title, "", *table, "", *comparisons, ""], [
         {**r, "case": f"{case} {mode} {c}"} for c, r in by_contender.items()
@@ -131,16 +152,18 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join([
         f"## Step overhead{' on CUDA' if args.device == 'cuda' else ''}: ember vs a hand-written loop, Lightning and Accelerate",
         "",
-        f"{args.steps} timed steps after {args.warmup} warm-up steps, each run in a fresh process, {args.reps} "
-        "alternating repetitions (after one unrecorded round); AdamW. A ratio is a contender's time per step over "
-        "the hand-written loop's in the same repetition (median, and spread over the repetitions): CPU time for one "
-        "process on the CPU (one thread: the cost of the step, whatever else the machine runs), wall-clock time "
-        "for DDP and on CUDA. A time here moves by 10-30% between two runs of the same program on this shared "
-        "machine: `instructions.py` (its own section) counts the instructions of the same steps, which do not "
-        "move. Budgets: ember "
-        "Accelerator <= 1.01, ember Trainer <= 1.02, each below its Lightning counterpart (Fabric; the Trainer with "
-        "its defaults). Both Trainers run with their defaults (checkpointing, logger, progress bar, model summary; "
-        "ember's non-finite guard) and log the loss every step; progress bars print to a file, not a terminal.",
+        f"{args.steps} timed steps after {args.warmup} warm-up steps per run; AdamW. Each process trains the "
+        f"hand-written loop and its contenders (ember's Accelerator and Trainer together; each rival in its own "
+        f"process) for {args.rounds} alternating rounds (A B C, B C A, ...), each run a fresh model, optimizer and "
+        "trainer. A ratio is a contender's time per step over the hand-written loop's in the same round of the same "
+        "process (median, and spread over the rounds): a paired measure, where two fresh processes of one program "
+        "differ by several percent on this shared machine. CPU time for one process on the CPU (one thread: the "
+        "cost of the step, whatever else the machine runs), wall-clock time for DDP and on CUDA. "
+        "`instructions.py` (its own section) counts the instructions of the same steps, which do not move. "
+        "Budgets: ember Accelerator <= 1.01, ember Trainer <= 1.02, each below its Lightning counterpart (Fabric; "
+        "the Trainer with its defaults). Both Trainers run with their defaults (checkpointing, logger, progress "
+        "bar, model summary; ember's non-finite guard) and log the loss every step; progress bars print to a "
+        "file, not a terminal.",
         where,
         f"Other frameworks: {versions}.",
         "",
@@ -157,13 +180,13 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per run")
-    parser.add_argument("--warmup", type=int, default=30, help="steps before the timing starts")
-    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds in each process")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="single-process CPU runs at once (each timed by its own CPU time)")  # fmt: skip
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)  # a worker's log directory
-    run_main(parser, "step_overhead", CONTENDERS, worker, report, quick={"steps": 20, "warmup": 5, "reps": 1},
+    run_main(parser, "step_overhead", list(GROUPS), worker, report, quick={"steps": 20, "warmup": 5, "rounds": 2},
              devices=("cpu", "cuda"))  # fmt: skip
 
 
