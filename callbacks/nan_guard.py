@@ -103,13 +103,16 @@ class NonFiniteGuard(Callback):
 
     @override
     def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: torch.Tensor) -> None:
-        if not self._every:
+        every = self._every
+        if not every:
             return
-        step = trainer.global_step
-        if step % self._every == 0:
-            self._losses.append(loss.detach())
+        state = trainer.state
+        # The detached loss is the one self.log and on_train_batch_end get: one detach per batch.
+        kept = trainer._metrics.detached(loss)
+        if state.global_step % every == 0:
+            self._losses.append(kept)
         elif self.mode == "stop":  # checked at the next checked step, checkpoint or the end
-            self._pending.append(((step, trainer.current_epoch, trainer.state.batch_idx), loss.detach()))
+            self._pending.append(((state.global_step, state.epoch, state.batch_idx), kept))
 
     @override
     def on_before_optimizer_step(
@@ -118,7 +121,8 @@ class NonFiniteGuard(Callback):
         losses = self._losses
         if losses:
             self._losses = []
-        if not self._every or trainer.global_step % self._every != 0:
+        every = self._every
+        if not every or trainer.state.global_step % every != 0:
             return
         pending, self._pending = self._pending, []
         params = [p for group in optimizer.param_groups for p in group["params"]]

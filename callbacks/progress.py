@@ -95,6 +95,9 @@ class RichProgressBar(Callback):
         self._eval_task: TaskID | None = None
         self._train_done = 0
         self._eval_done = 0
+        # Every how many training batches a batch end draws, and the epoch's length (None: not yet
+        # known this epoch; period 0: never, this process shows nothing).
+        self._train_period: tuple[int, int | None] | None = None
         # time.monotonic() when the epoch / the evaluation started, for the rate on plain lines.
         self._train_started = 0.0
         self._eval_started = 0.0
@@ -145,6 +148,13 @@ class RichProgressBar(Callback):
             self._progress.stop()
         self._progress, self._train_task, self._eval_task = None, None, None
 
+    def _period(self, trainer: Trainer) -> tuple[int, int | None]:
+        """(every how many training batches a batch end may draw, the epoch's length)."""
+        if not self._active(trainer):
+            return 0, None
+        every = self._refresh_rate if self._use_rich() else self._plain_every
+        return every, _finite(trainer.num_training_batches)
+
     def _due(self, done: int, total: int | None) -> bool:
         return done % self._refresh_rate == 0 or done == total
 
@@ -163,6 +173,7 @@ class RichProgressBar(Callback):
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         self._stage = stage
         self._shows = None
+        self._train_period = None
 
     @override
     def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
@@ -175,6 +186,7 @@ class RichProgressBar(Callback):
     # -- training -------------------------------------------------------------------------------
     @override
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._train_period = None
         if not self._active(trainer):
             return
         self._train_done, self._train_started = 0, time.monotonic()
@@ -191,9 +203,13 @@ class RichProgressBar(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if not self._active(trainer):
-            return
         self._train_done = done = batch_idx + 1
+        period = self._train_period
+        if period is None:  # the first batch of the epoch (or of a resumed one)
+            period = self._train_period = self._period(trainer)
+        every, total = period
+        if not every or (done % every and done != total):  # (asked every batch) nothing to draw
+            return
         if self._use_rich():
             total = _finite(trainer.num_training_batches)
             if self._train_task is not None and self._due(done, total):

@@ -85,6 +85,9 @@ class MetricStore:
         self._detach_source: torch.Tensor | None = None  # the tensor detached last (see detached)
         self._detach_result: torch.Tensor | None = None
         self._entries: dict[str, _Entry] = {}
+        # Names whose entry holds a per-step value of a step hook, logged with the default options and
+        # no sync: a later call with a scalar tensor only publishes it (the short path of ``log``).
+        self._step_only: dict[str, _Entry] = {}
         self._parked: dict[str, _Entry] | None = None  # training aggregates while validation runs
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
         self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
@@ -105,12 +108,37 @@ class MetricStore:
         reduce_fx: str,
         batch_size: int | None,
     ) -> None:
+        # The usual call, first: a step's scalar tensor (a loss), under a name logged before in the
+        # same way (its entry still the live one): only the detached value is published.
+        entry = self._step_only.get(name)
+        if (
+            entry is not None
+            and type(value) is torch.Tensor
+            and on_step is None
+            and on_epoch is None
+            and not sync_dist
+            and reduce_fx == entry.reduce_fx
+            and self.fx in _STEP_HOOKS
+            and not self.dataloader_suffix
+            and value.dim() == 0
+            and self._entries.get(name) is entry
+        ):
+            if value is not self._detach_source:  # (``detached``, inline)
+                self._detach_source, self._detach_result = value, value.detach()
+            detached: torch.Tensor = self._detach_result  # type: ignore[assignment]
+            self.callback_metrics[name] = detached
+            if entry.logger:
+                self.step_values[name] = detached
+            if entry.prog_bar:
+                self.progress_bar[name] = detached
+            return
         if reduce_fx not in _REDUCE_FX:
             raise ValueError(
                 f"log({name!r}, reduce_fx={reduce_fx!r}): valid choices are {', '.join(map(repr, _REDUCE_FX))}"
             )
         fx = self.fx
         in_step = fx in _STEP_HOOKS
+        defaults = on_step is None and on_epoch is None
         on_step = in_step if on_step is None else on_step
         on_epoch = (not in_step) if on_epoch is None else on_epoch
         if on_step and not in_step and fx:
@@ -139,12 +167,14 @@ class MetricStore:
                 tensor = self._sync(tensor, reduce_fx)
             if on_epoch:
                 self._publish(f"{key}_step", tensor, entry, self.step_values, alias=key)
-            else:  # the usual case, inline: the value of a training step
+            else:  # the value of a training step
                 self.callback_metrics[key] = tensor
                 if entry.logger:
                     self.step_values[key] = tensor
                 if entry.prog_bar:
                     self.progress_bar[key] = tensor
+                if plain and in_step and defaults and not sync_dist and key == name:
+                    self._step_only[name] = entry  # the next such call takes the short path
         if on_epoch and metric is None and tensor is not None:
             if fx in _EPOCH_END_HOOKS:  # a final value: nothing to aggregate
                 self._publish(
@@ -248,7 +278,7 @@ class MetricStore:
                 value = self._reduce(entry.total, entry.reduce_fx) if entry.sync_dist else entry.total
                 value = value.float()
             self._publish(out_key, value, entry, self.epoch_row, alias=key if entry.on_step else None)
-        self._entries = {}
+        self._entries, self._step_only = {}, {}
 
     def take_epoch_row(self) -> dict[str, torch.Tensor]:
         row, self.epoch_row = self.epoch_row, {}
@@ -267,7 +297,7 @@ class MetricStore:
         for entry in self._entries.values():
             if entry.metric is not None:
                 entry.metric.reset()
-        self._entries, self.step_values, self.epoch_row = {}, {}, {}
+        self._entries, self.step_values, self.epoch_row, self._step_only = {}, {}, {}, {}
 
     # -- mid-epoch checkpoints ------------------------------------------------------------------------
     def state_dict(self, module: nn.Module) -> dict[str, Any]:

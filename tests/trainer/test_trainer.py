@@ -210,6 +210,50 @@ def test_progress_bar_values_are_converted_only_with_logger_rows(tmp_path: Path)
     assert reader.seen == [1.0] * 4 + [5.0] * 5 + [10.0] * 2 + [12.0]
 
 
+def test_repeated_step_values_publish_each_step_and_keep_their_options(tmp_path: Path) -> None:
+    # The second and later self.log calls of a name take a short path: the value of every step is
+    # still what callbacks, the bar and the logger rows see, across validation runs and epochs; a call
+    # with other options, or an invalid one, goes the full way.
+    class Steps(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = F.mse_loss(self(batch[0]), batch[1])
+            self.log("loss", loss, prog_bar=True)
+            self.log("twice", loss * 2, logger=False)
+            if self.current_epoch == 1 and batch_idx == 1:
+                self.log("loss", loss, on_epoch=True)  # the same name, now aggregated too
+            return loss
+
+    class Reader(Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[float, float, float]] = []
+
+        def on_train_batch_end(self, trainer: Trainer, module: Any, outputs: Any, *args: Any) -> None:
+            metrics = trainer.callback_metrics
+            self.seen.append((outputs.item(), metrics["loss"].item(), metrics["twice"].item()))
+
+    reader = Reader()
+    trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=1, callbacks=[reader], val_check_interval=2)
+    trainer.fit(Steps(), _loader(16, 4), _loader(8, 4))
+    assert len(reader.seen) == 8
+    assert all(loss == logged and twice == 2 * loss for loss, logged, twice in reader.seen)
+    rows = (tmp_path / "logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    losses = [
+        float(r.split(",")[header.index("loss")]) for r in rows[1:] if r.split(",")[header.index("loss")]
+    ]
+    assert "twice" not in header and losses[:4] == pytest.approx([s[0] for s in reader.seen[:4]])
+    assert "loss_step" in trainer.callback_metrics  # the call with on_epoch=True took the full path
+
+    class Bad(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = F.mse_loss(self(batch[0]), batch[1])
+            self.log("loss", loss, reduce_fx="mean" if batch_idx == 0 else "median")
+            return loss
+
+    with pytest.raises(ValueError, match="reduce_fx='median'"):
+        _trainer(tmp_path / "bad", max_epochs=1).fit(Bad(), _loader())
+
+
 def test_limits_fast_dev_run_and_max_steps(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=0.5)
     trainer.fit(Regressor(), _loader(), _loader())
