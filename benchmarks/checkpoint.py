@@ -251,7 +251,7 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=8
     )  # 8 x 1M parameters: 34 MB of weights, 101 MB of state
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--dir", default=None, help="where to write the checkpoints (default: the temp folder)"
     )

@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)  # 12 x 4.2M = 50M parameters
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1)
     run_main(parser, "fsdp_memory", ["ddp", "fsdp"], worker, report,
              quick={"width": 64, "layers": 2, "steps": 2, "reps": 1})  # fmt: skip
 

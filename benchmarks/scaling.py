@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=int, default=5, help="values logged per step at 1x")
     parser.add_argument("--callbacks", type=int, default=5, help="callbacks at 1x")
     parser.add_argument("--warmup", type=int, default=30, help="steps before the timing starts")
-    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions")
+    parser.add_argument("--reps", type=int, default=4, help="alternating repetitions")
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)
     run_main(parser, "scaling", DIMENSIONS, worker, report, quick={"steps": 5, "unit_steps": 5, "metrics": 1, "callbacks": 1,
              "warmup": 3, "reps": 1})  # fmt: skip

@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--chars", type=int, default=200_000)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated; ddp always runs")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="comma-separated")
     parser.add_argument("--precision", choices=PRECISIONS, default="32-true", help=argparse.SUPPRESS)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ember._devices import ACCELERATORS
+
 __all__ = [
     "DEFAULT_CONFIG_FILE",
     "OPTIONS",
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_CONFIG_FILE = "ember_config.yaml"
-_ACCELERATORS = ("auto", "cpu", "cuda", "xla")
 
 
 class LaunchConfigError(ValueError):
@@ -78,7 +79,7 @@ OPTIONS: tuple[_Option, ...] = (
             help="default strategy of the script's Accelerator/Trainer: auto or a registered name"),
     _Option(key="precision", default=None, metavar="NAME",
             help="default precision of the script's Accelerator/Trainer: a registered name or an alias"),
-    _Option(key="accelerator", default=None, choices=_ACCELERATORS, metavar="{" + ",".join(_ACCELERATORS) + "}",
+    _Option(key="accelerator", default=None, choices=ACCELERATORS, metavar="{" + ",".join(ACCELERATORS) + "}",
             help="default device type"),
 )  # fmt: skip
 _BY_KEY = {option.key: option for option in OPTIONS}

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from torch.nn.modules import module as torch_module
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint, _trackers
+from ember import _checkpoint, _forward, _trackers
+from ember._devices import check_accelerator, check_devices, resolve_accelerator, resolve_devices
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._validation import check_bool, check_path
@@ -53,55 +53,8 @@ __all__ = ["Accelerator"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_ACCELERATORS = ("auto", "cpu", "cuda", "xla")
 # 🤗 Accelerate's spelling of the precision argument, accepted so its users can switch by import.
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
-
-
-def _check_accelerator(accelerator: str) -> None:
-    if accelerator not in _ACCELERATORS:
-        raise ValueError(
-            f"accelerator={accelerator!r} is not supported. Valid choices: {', '.join(map(repr, _ACCELERATORS))}"
-        )
-
-
-def _resolve_accelerator(accelerator: str, strategy: Strategy) -> str:
-    """The device type: the strategy's own (XLA), else ``accelerator`` with ``"auto"`` resolved."""
-    if strategy.accelerator is not None:
-        if accelerator not in ("auto", strategy.accelerator):
-            raise ValueError(
-                f"accelerator={accelerator!r} does not fit strategy={strategy.strategy_name!r}, which runs on "
-                f"accelerator={strategy.accelerator!r}. Valid choices: 'auto', {strategy.accelerator!r}"
-            )
-        return strategy.accelerator
-    if accelerator == "xla":
-        raise ValueError(
-            f"accelerator='xla' needs an XLA strategy, not strategy={strategy.strategy_name!r}. "
-            "Valid choices: 'xla', 'xla_spmd', 'xla_fsdp' (or 'auto')"
-        )
-    if accelerator == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "accelerator='cuda' was requested, but torch.cuda.is_available() is False on this machine"
-        )
-    return accelerator
-
-
-def _check_devices(devices: int | str) -> None:
-    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
-        raise ValueError(f"devices={devices!r} must be a positive int or 'auto'")
-
-
-def _resolve_devices(
-    devices: int | str, device_type: str, launched_per_node: int | None, strategy: Strategy
-) -> int:
-    if devices == "auto":
-        return launched_per_node or strategy.auto_num_devices()
-    assert isinstance(devices, int)  # checked by _check_devices
-    if device_type == "cuda" and devices > torch.cuda.device_count():
-        raise ValueError(f"devices={devices}, but only {torch.cuda.device_count()} CUDA devices are visible")
-    return devices
 
 
 class Accelerator(ProcessMixin):
@@ -138,7 +91,7 @@ class Accelerator(ProcessMixin):
         check_bool("even_batches", even_batches)
         check_path("project_dir", project_dir, optional=True)
         if accelerator is not None:  # before `or` below: False or "" must not mean the default
-            _check_accelerator(accelerator)
+            check_accelerator(accelerator)
         if mixed_precision is not None:  # Accelerate compatibility
             if not isinstance(mixed_precision, str) or _ACCELERATE_PRECISION.get(mixed_precision) is None:
                 raise ValueError(
@@ -161,8 +114,8 @@ class Accelerator(ProcessMixin):
         # Everything is validated before any process is started.
         environment = detect_environment()
         requested = "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
-        _check_accelerator(requested)
-        _check_devices(devices)
+        check_accelerator(requested)
+        check_devices(devices)
         if environment.launched_externally:
             world_size = environment.world_size
         else:
@@ -174,9 +127,9 @@ class Accelerator(ProcessMixin):
         )
         if environment.launched_externally:
             self._strategy.check_world_size(environment.world_size)
-        device_type = _resolve_accelerator(requested, self._strategy)
+        device_type = resolve_accelerator(requested, self._strategy)
         per_node = environment.local_world_size if environment.launched_externally else None
-        num_processes = _resolve_devices(devices, device_type, per_node, self._strategy)
+        num_processes = resolve_devices(devices, device_type, per_node, self._strategy)
         precision_plugin = resolve_precision(
             precision if precision is not None else defaults.get("precision", "32-true"),
             device_type=device_type,
@@ -455,43 +408,7 @@ class Accelerator(ProcessMixin):
         self._objects = _checkpoint.PreparedObjects()
         self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
 
-    def call_as_forward(self, model: nn.Module, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Run ``method`` (e.g. ``module.training_step``) as the forward pass of the prepared ``model``.
-
-        Strategy wrappers (DDP) only synchronize gradients of computations that went through their
-        ``forward``, and the precision plugin's autocast wraps the forward: this routes a method of the
-        user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
-        """
-        inner = self._strategy.unwrap_module(model)
-        hooks = self._wraps_forward  # False: the precision's forward hooks do nothing (fp32), skip them
-        if (
-            inner is model
-            and not hooks
-            and not (model._forward_pre_hooks or model._forward_hooks)
-            and not (model._backward_pre_hooks or model._backward_hooks)
-            and not (_GLOBAL_FORWARD_PRE_HOOKS or _GLOBAL_FORWARD_HOOKS)
-            and not (_GLOBAL_BACKWARD_PRE_HOOKS or _GLOBAL_BACKWARD_HOOKS)
-        ):
-            return method(*args, **kwargs)  # no wrapper, no autocast, no hooks: nothing to route through
-        precision = self.precision
-        patched = inner.__dict__.get("forward")  # the precision wrapper, if any
-
-        def redirected(*a: Any, **kw: Any) -> Any:
-            # Put the real forward back first: the method usually calls it.
-            _restore_forward(inner, patched)
-            if not hooks:
-                return method(*a, **kw)
-            with precision.forward_context():
-                a, kw = precision.convert_input((a, kw))
-                return precision.convert_output(method(*a, **kw))
-
-        # Into the instance dict directly: nn.Module.__setattr__ would first search parameters,
-        # buffers and submodules for the name, on every step.
-        inner.__dict__["forward"] = redirected
-        try:
-            return model(*args, **kwargs)
-        finally:
-            _restore_forward(inner, patched)
+    call_as_forward = _forward.call_as_forward
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         return skip_first_batches(dataloader, num_batches)
@@ -527,19 +444,6 @@ _NOTHING = nullcontext()  # reusable: it holds no state
 
 
 # torch's registries of hooks on every module (filled in place by register_module_forward_hook ...)
-_GLOBAL_FORWARD_PRE_HOOKS = torch_module._global_forward_pre_hooks
-_GLOBAL_FORWARD_HOOKS = torch_module._global_forward_hooks
-_GLOBAL_BACKWARD_PRE_HOOKS = torch_module._global_backward_pre_hooks
-_GLOBAL_BACKWARD_HOOKS = torch_module._global_backward_hooks
-
-
-def _restore_forward(module: nn.Module, patched: Any) -> None:
-    if patched is not None:
-        module.__dict__["forward"] = patched
-    else:
-        module.__dict__.pop("forward", None)
-
-
 def _is_scheduler(obj: Any) -> bool:
     return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
 
