@@ -21,7 +21,9 @@ Each contender trains as in ``_contenders.py`` (same model, data, optimizer, one
 starts; a tiny C shim, compiled here against ``valgrind/callgrind.h``, switches counting on there
 and off at the forward of batch ``warmup + steps``: the count covers ``steps`` whole steps (data
 loading, forward, backward, optimizer, the framework's hooks, logging, progress bar) and nothing
-of start-up. Runs go two at a time (this machine has 2 cores). Single process only: under DDP a
+of start-up. The contenders are dealt out to two processes (this machine has 2 cores), each
+running its contenders one after the other: under Valgrind, importing torch and the frameworks is
+most of a process's time, paid once per process. Single process only: under DDP a
 rank's count would include gloo's waiting, which is not overhead. Needs ``valgrind`` and a C
 compiler; without them the section says so and records nothing.
 """
@@ -63,7 +65,8 @@ void ember_bench_stop(void) { CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS_AT(
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One contender's run under callgrind: the shim brackets the timed window of ``Clock``."""
+    """Contenders' runs under callgrind, one after the other in this process: the shim brackets
+    each run's timed window of ``Clock`` and dumps its count (callgrind numbers the dumps)."""
     shim = ctypes.CDLL(args.shim)
     original = Clock.forward
 
@@ -75,7 +78,9 @@ def worker(args: argparse.Namespace) -> None:
         return original(self, x)
 
     Clock.forward = forward  # type: ignore[method-assign]
-    measure(args.worker, Run(case=args.cases[0], warmup=args.warmup, steps=args.steps, root=args.root))
+    for contender in args.contenders:
+        run = Run(case=args.cases[0], warmup=args.warmup, steps=args.steps, root=f"{args.root}/{contender}")
+        measure(contender, run)
     write_result(args.out, {})
 
 
@@ -91,26 +96,32 @@ def _build_shim(directory: Path) -> Path:
     return library
 
 
-def count(contender: str, case: str, args: argparse.Namespace, shim: Path) -> float:
-    """Instructions per step of one run of ``contender`` on ``case``, in a fresh process."""
+def count(contenders: list[str], case: str, args: argparse.Namespace, shim: Path) -> list[float]:
+    """Instructions per step of one run of each of ``contenders`` on ``case``, in one fresh process
+    (torch and the frameworks are imported once, under Valgrind the largest part of a run)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind"
         command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-                   f"--callgrind-out-file={out}.%p", sys.executable, __file__, "--worker", contender,
-                   "--cases", case, "--steps", str(args.steps), "--warmup", str(args.warmup), "--shim", str(shim),
-                   "--out", str(Path(tmp) / "result"), "--root", tmp]  # fmt: skip
+                   f"--callgrind-out-file={out}.%p", sys.executable, __file__, "--worker", "runs", "--contenders",
+                   *contenders, "--cases", case, "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--shim", str(shim), "--out", str(Path(tmp) / "result"), "--root", tmp]  # fmt: skip
         log = Path(tmp) / "output.log"
         with open(log, "wb") as sink:
             done = subprocess.run(command, env=child_env(PYTHONWARNINGS="ignore"), stdout=sink,
                                   stderr=subprocess.STDOUT, timeout=1800, check=False)  # fmt: skip
-        dumps = sorted(Path(tmp).glob("callgrind.*.1"))
-        if done.returncode != 0 or not dumps:
+        # One dump per window, numbered from 1 in the order the contenders ran.
+        dumps = sorted(Path(tmp).glob("callgrind.*.*"), key=lambda p: int(p.suffix[1:]))
+        if done.returncode != 0 or len(dumps) != len(contenders):
             tail = log.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"{contender} on {case} under callgrind failed ({done.returncode}):\n{tail}")
-        for line in dumps[0].read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1]) / args.steps
-        raise RuntimeError(f"no instruction total in {dumps[0]}")
+            raise RuntimeError(f"{contenders} on {case} under callgrind failed ({done.returncode}):\n{tail}")
+        return [_total(dump) / args.steps for dump in dumps]
+
+
+def _total(dump: Path) -> int:
+    for line in dump.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {dump}")
 
 
 def report(args: argparse.Namespace) -> str:
@@ -121,10 +132,14 @@ def report(args: argparse.Namespace) -> str:
         return f"{title}\n\nNot measured: {why}. The budgets below are then judged on `step_overhead.py`'s times."
     contenders = ["hand", *(c for c in dict.fromkeys(args.contenders) if c != "hand")]
     running = [c for c in contenders if missing_package(c) is None]
-    jobs = [(c, case) for case in dict.fromkeys(args.cases) for c in running]
+    # ``--jobs`` processes per case, the contenders dealt out among them.
+    groups = [(running[i :: args.jobs], case) for case in dict.fromkeys(args.cases) for i in range(args.jobs)]
+    groups = [(members, case) for members, case in groups if members]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         shim = _build_shim(Path(tmp))
-        counts = dict(zip(jobs, pool.map(lambda job: count(*job, args, shim), jobs), strict=True))
+        counted = pool.map(lambda group: count(*group, args, shim), groups)
+        counts = {(c, case): n for (members, case), ns in zip(groups, counted, strict=True)
+                  for c, n in zip(members, ns, strict=True)}  # fmt: skip
     lines, rows = [], []
     for case in dict.fromkeys(args.cases):
         hand = counts["hand", case]
@@ -163,7 +178,8 @@ def report(args: argparse.Namespace) -> str:
     return "\n".join([
         title, "",
         f"Instructions executed per step over {args.steps} steps after {args.warmup} warm-up steps, one run per "
-        "contender (two runs of the same program agree to about 0.1%), one thread, AdamW; the Trainers with their defaults, logging the "
+        f"contender, the contenders dealt out to {args.jobs} process(es) that run theirs one after the other (two "
+        "runs of the same program agree to about 0.1%), one thread, AdamW; the Trainers with their defaults, logging the "
         "loss every step. Counted by callgrind: user-space instructions of the whole process (every thread) "
         "inside the window, torch's kernels included, so a ratio is (kernels + framework) / (kernels + hand loop).",
         f"{host()} {_valgrind_version()}.",
@@ -186,10 +202,12 @@ def main() -> None:
                         default=["hand", "accelerator", "trainer"])  # fmt: skip
     parser.add_argument("--steps", type=int, default=40, help="counted steps per run")
     parser.add_argument("--warmup", type=int, default=20, help="steps before the count starts")
-    parser.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="runs at once")
+    parser.add_argument(
+        "--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="processes at once"
+    )
     parser.add_argument("--shim", help=argparse.SUPPRESS)
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)
-    run_main(parser, "instructions", CONTENDERS, worker, report,
+    run_main(parser, "instructions", ["runs"], worker, report,
              quick={"steps": 3, "warmup": 2, "cases": ["mlp"], "contenders": ["hand", "accelerator"]})  # fmt: skip
 
 

@@ -21,6 +21,10 @@ differences, which are small (a few microseconds per logged value or callback).
   the ratio recorded is the cost per value from 10x to 100x over that from 1x to 10x (1: linear).
 - Callbacks: the same with ``--callbacks`` x 1, 10, 100 callbacks that define every per-batch hook
   (each does nothing), so that the Trainer really calls them all.
+
+1x is 10 values or callbacks: the cost from 1x to 10x is then 90 units of well under a
+microsecond each, enough to stand out of the run-to-run noise of a ~0.5 ms step (with 5 units
+at 1x, a repetition's 1x-to-10x cost was sometimes lost in it).
 """
 
 from __future__ import annotations
@@ -168,10 +172,10 @@ def main() -> None:
     parser.add_argument(
         "--unit-steps", type=int, default=1000, help="timed steps per run for metrics/callbacks"
     )
-    parser.add_argument("--metrics", type=int, default=5, help="values logged per step at 1x")
-    parser.add_argument("--callbacks", type=int, default=5, help="callbacks at 1x")
+    parser.add_argument("--metrics", type=int, default=10, help="values logged per step at 1x")
+    parser.add_argument("--callbacks", type=int, default=10, help="callbacks at 1x")
     parser.add_argument("--warmup", type=int, default=30, help="steps before the timing starts")
-    parser.add_argument("--reps", type=int, default=4, help="alternating repetitions")
+    parser.add_argument("--reps", type=int, default=5, help="alternating repetitions")
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)
     run_main(parser, "scaling", DIMENSIONS, worker, report, quick={"steps": 5, "unit_steps": 5, "metrics": 1, "callbacks": 1,
              "warmup": 3, "reps": 1})  # fmt: skip
