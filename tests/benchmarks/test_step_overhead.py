@@ -118,7 +118,8 @@ def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
     monkeypatch.setattr(module, "_measured", measured)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
-    _main(module, ["--reps", "2", "--results", str(results), "--ratios", str(ratios)], monkeypatch)
+    argv = ["--reps", "2", "--metrics", "5", "--callbacks", "5", "--results", str(results), "--ratios", str(ratios)]
+    _main(module, argv, monkeypatch)
     text = results.read_text()
     assert "| 50 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
     assert "| 50 (10x) | 110.0 | 2.00 |" in text  # 50 values logged: 10 + 2 x 50
