@@ -118,7 +118,18 @@ def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
 
     monkeypatch.setattr(module, "_measured", measured)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
-    argv = ["--reps", "2", "--metrics", "5", "--callbacks", "5", "--results", str(results), "--ratios", str(ratios)]
+    argv = [
+        "--reps",
+        "2",
+        "--metrics",
+        "5",
+        "--callbacks",
+        "5",
+        "--results",
+        str(results),
+        "--ratios",
+        str(ratios),
+    ]
     _main(module, argv, monkeypatch)
     text = results.read_text()
     assert "| 50 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
