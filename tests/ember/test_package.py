@@ -73,6 +73,11 @@ def test_import_ember_leaves_heavy_optional_modules_unloaded() -> None:
     code = (
         "import sys, ember\n"
         f"print(sorted(m for m in {heavy!r} if m in sys.modules))\n"
+        # The Trainer layer loads with the first of its names: an Accelerator script never pays for it.
+        "assert 'ember.trainer' not in sys.modules and 'ember.callbacks' not in sys.modules\n"
+        "assert ember.Trainer.__module__ == 'ember.trainer.trainer' and 'ember.trainer' in sys.modules\n"
+        "from ember import TrainModule, WandbLogger\n"
+        "assert 'Trainer' in ember.__all__ and 'Trainer' in dir(ember)\n"
         "from ember.callbacks import ModelSummary, RichProgressBar, RunSummary\n"
         "import ember.callbacks as callbacks\n"
         "assert {'ModelSummary', 'RichProgressBar', 'RunSummary'} <= set(dir(callbacks))\n"
