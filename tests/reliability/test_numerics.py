@@ -202,7 +202,7 @@ def test_every_dtype_without_false_alarms() -> None:
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu")), precision=None, strategy=None, world_size=1,
-        global_rank=0, global_step=0, current_epoch=0, state=SimpleNamespace(batch_idx=0), log_every_n_steps=50,
+        global_rank=0, global_step=0, current_epoch=0, state=SimpleNamespace(global_step=0, epoch=0, batch_idx=0), log_every_n_steps=50,
     )  # fmt: skip
     guard = NonFiniteGuard(check_every_n_steps=1)
     guard.on_train_start(trainer, module)  # type: ignore[arg-type]
@@ -274,7 +274,7 @@ def test_sharded_gradients_are_checked_on_their_local_shard() -> None:
     optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
     trainer = SimpleNamespace(
         accelerator=SimpleNamespace(device=torch.device("cpu")), precision=None, strategy=None, world_size=1,
-        global_rank=0, global_step=3, current_epoch=0, state=SimpleNamespace(batch_idx=3), log_every_n_steps=50,
+        global_rank=0, global_step=3, current_epoch=0, state=SimpleNamespace(global_step=3, epoch=0, batch_idx=3), log_every_n_steps=50,
     )  # fmt: skip
     guard = NonFiniteGuard(check_every_n_steps=1)
     guard.on_train_start(trainer, module)  # type: ignore[arg-type]
