@@ -151,6 +151,15 @@ class CollectiveWatchdog:
         self._stopped.set()
         if sys.excepthook == self._excepthook:  # (bound methods compare equal, never identical)
             sys.excepthook = self._previous_hook
+        # Wait for the threads to end (they wake at once). A daemon thread still inside a store call
+        # when the interpreter finalizes is killed as it takes the GIL back, through torch's C++
+        # frames: std::terminate, and the process aborts after a successful run. A store call that
+        # hangs (its server gone) is not waited for long.
+        current = threading.current_thread()
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(timeout=self._store_poll + 2.0)
+        self._threads = []
 
     def _excepthook(self, kind: type[BaseException], value: BaseException, tb: Any) -> None:
         # Before the traceback is printed and before atexit tears the process group down: the

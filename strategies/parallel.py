@@ -128,6 +128,9 @@ class ParallelStrategy(Strategy):
             store=default_store(), namespace=f"{int(token.item()):x}",
         )  # fmt: skip
         self._watchdog.start()
+        # Stopped by teardown, else at exit: also the watchdog of a strategy that joined an existing
+        # group (a second Accelerator in the script), which no teardown of the group's owner stops.
+        atexit.register(self._stop_watchdog)
 
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None:

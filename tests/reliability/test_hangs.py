@@ -140,3 +140,44 @@ def test_watchdog_names_a_rank_that_stopped_answering(tmp_path: Path) -> None:
     assert re.search(r"rank 1: not in a collective; it left '\w+' #\d+ [\d.]+ s ago", output)
     assert "Python stacks of rank 1" in output
     assert "in training_step" in output  # where rank 1 sleeps
+
+
+def test_stopping_the_watchdog_waits_for_its_threads() -> None:
+    # A watchdog thread left inside a store call while Python finalizes aborts the process
+    # ("terminate called without an active exception") after a successful run: stop() joins them.
+    from torch.distributed import HashStore
+
+    from ember._watchdog import CollectiveWatchdog
+
+    watchdog = CollectiveWatchdog(rank=0, world_size=2, timeout=60.0, store=HashStore(), namespace="stop")
+    watchdog.start()
+    threads = list(watchdog._threads)
+    assert len(threads) == 2 and all(t.is_alive() for t in threads)
+    time.sleep(0.6)  # the store thread has polled the store at least once
+    watchdog.stop()
+    assert not any(t.is_alive() for t in threads)
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading
+import torch
+from torch import nn
+from ember import Accelerator
+
+# Registered first, so it runs after ember's exit handlers: which threads are still alive then.
+atexit.register(lambda: print("ALIVE AT EXIT", sorted(t.name for t in threading.enumerate()
+                                                      if t.name.startswith("ember-watchdog")), flush=True))
+first = Accelerator(devices=2, strategy="ddp", collective_timeout=60.0)  # makes the group
+second = Accelerator(strategy="ddp", devices=2, collective_timeout=60.0)  # joins it: a second watchdog
+model, optimizer = second.prepare(nn.Linear(4, 1), torch.optim.SGD(nn.Linear(4, 1).parameters(), lr=0.1))
+second.backward(model(torch.ones(2, 4)).sum())
+print("WENT WRONG AT 0", flush=True)  # (what _run looks for; nothing goes wrong here)
+"""
+
+
+def test_every_watchdog_is_stopped_before_the_process_exits(tmp_path: Path) -> None:
+    # Each Accelerator on a group starts a watchdog; the one of a strategy that joined an existing
+    # group has no teardown of its own: it is stopped at exit too, before Python finalizes.
+    code, output, _ = _run(tmp_path, EXIT_SCRIPT)
+    assert code == 0, output[-6000:]
+    assert output.count("ALIVE AT EXIT []") == 2, output[-6000:]
