@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _common import child_env
+from _common import alternate, child_env
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -344,12 +344,13 @@ def measure_rounds(contenders: Sequence[str], run: Run, rounds: int) -> dict[str
     _, world = _world()
     if world > 1 and not torch.distributed.is_initialized():
         _init_process_group(run)
-    results: dict[str, list[dict[str, float]]] = {c: [] for c in contenders}
-    for number in range(rounds):
-        shift = number % len(contenders)
-        for contender in [*contenders[shift:], *contenders[:shift]]:
-            root = f"{run.root}/{contender}-{number}"  # each run its own logs and checkpoints
-            results[contender].append(measure(contender, dataclasses.replace(run, root=root)))
+    runs = itertools.count()  # each run its own logs and checkpoints
+    results = alternate(
+        contenders,
+        rounds,
+        lambda c: measure(c, dataclasses.replace(run, root=f"{run.root}/{c}-{next(runs)}")),
+        warm=False,
+    )
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -94,14 +94,13 @@ def _case(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         measured = dict(zip(groups, pool.map(lambda g: group_times(g, groups[g], case, mode, args), groups),
                             strict=True))  # fmt: skip
-    rows, by_contender = [], {}
-    for group, times in measured.items():
-        for c in groups[group]:  # paired with the hand-written loop of the same round and process
-            by_contender[c] = ratio_row(
-                f"{case} {mode}: {LABELS[c]}", times[c], times["hand"], BUDGETS.get(c)
-            )
-    rows = [by_contender[c] for c in contenders if c in by_contender]
-    by_contender = {c: by_contender[c] for c in contenders if c in by_contender}
+    times_of = {c: times for group, times in measured.items() for c in groups[group]}
+    by_contender = {  # each paired with the hand-written loop of the same round and process
+        c: ratio_row(f"{case} {mode}: {LABELS[c]}", times_of[c][c], times_of[c]["hand"], BUDGETS.get(c))
+        for c in contenders
+        if c in times_of
+    }
+    rows = list(by_contender.values())
     comparisons = []
     for mine, rival in RIVALS.items():
         if mine in by_contender and rival in by_contender:

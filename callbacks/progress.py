@@ -211,12 +211,10 @@ class RichProgressBar(Callback):
         if not every or (done % every and done != total):  # (asked every batch) nothing to draw
             return
         if self._use_rich():
-            total = _finite(trainer.num_training_batches)
             if self._train_task is not None and self._due(done, total):
                 metrics = _format_metrics(trainer.progress_bar_metrics)
                 self._live().update(self._train_task, completed=done, metrics=metrics)
         elif done % self._plain_every == 0:
-            total = _finite(trainer.num_training_batches)
             if done != total:  # the last batch gets the epoch line
                 head = f"epoch {trainer.current_epoch}"
                 self._plain_line(head, done, total, self._train_started, trainer.progress_bar_metrics)

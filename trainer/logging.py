@@ -123,9 +123,7 @@ class MetricStore:
             and value.dim() == 0
             and self._entries.get(name) is entry
         ):
-            if value is not self._detach_source:  # (``detached``, inline)
-                self._detach_source, self._detach_result = value, value.detach()
-            detached: torch.Tensor = self._detach_result  # type: ignore[assignment]
+            detached = self.detached(value)
             self.callback_metrics[name] = detached
             if entry.logger:
                 self.step_values[name] = detached
