@@ -37,6 +37,12 @@ class Callback:
         """Key of this callback's state in checkpoints (unique among the Trainer's callbacks)."""
         return type(self).__qualname__
 
+    def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
+        """Hooks this callback defines but that do nothing with its present settings: the Trainer
+        does not call them. Asked at the start of each stage and training epoch, so a per-batch hook
+        that would only return costs nothing. Default: none."""
+        return frozenset()
+
     # -- set-up and tear-down --------------------------------------------------------------------
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         """Called at the start of fit/validate/test/predict (``stage``), on every rank."""

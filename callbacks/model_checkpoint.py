@@ -91,11 +91,21 @@ class ModelCheckpoint(Callback):
 
     # -- when --------------------------------------------------------------------------------------
     @override
+    def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
+        # Without every_n_train_steps the batch-end hook only returns (unless a subclass overrides it).
+        if (
+            not self.every_n_train_steps
+            and type(self).on_train_batch_end is ModelCheckpoint.on_train_batch_end
+        ):
+            return frozenset({"on_train_batch_end"})
+        return frozenset()
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         n = self.every_n_train_steps
-        if not n:  # (asked every batch)
+        if not n:  # (not called then: inactive_hooks)
             return
         step = trainer.global_step
         if step > 0 and step % n == 0 and step != self._last_step_saved:

@@ -102,6 +102,13 @@ class NonFiniteGuard(Callback):
         self._device = trainer.accelerator.device
 
     @override
+    def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
+        # No step is checked (XLA, unless check_every_n_steps asks): the per-step hooks only return.
+        if self._every or type(self) is not NonFiniteGuard:
+            return frozenset()
+        return frozenset({"on_before_backward", "on_before_optimizer_step"})
+
+    @override
     def on_before_backward(self, trainer: Trainer, module: TrainModule, loss: torch.Tensor) -> None:
         every = self._every
         if not every:

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["RichProgressBar"]
 
+_BATCH_ENDS = ("on_train_batch_end", "on_validation_batch_end", "on_test_batch_end", "on_predict_batch_end")
+
 
 def _speed_column() -> ProgressColumn:
     """A column with the speed in batches per second (rich is imported here: only when drawing)."""
@@ -169,6 +171,15 @@ class RichProgressBar(Callback):
         print("  ".join(parts), flush=True)
 
     # -- lifetime of the display ----------------------------------------------------------------
+    @override
+    def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
+        # A process that shows nothing (not rank 0, or refresh_rate=0): its batch ends only return.
+        if self._refresh_rate > 0 and trainer.is_global_zero:
+            return frozenset()
+        return frozenset(
+            name for name in _BATCH_ENDS if getattr(type(self), name) is getattr(RichProgressBar, name)
+        )
+
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         self._stage = stage

@@ -22,7 +22,7 @@ def call_as_forward(
     ``forward``, and the precision plugin's autocast wraps the forward: this routes a method of the
     user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
     """
-    inner = self._strategy.unwrap_module(model)
+    inner = self._strategy.unwrap_module(model) if self._unwraps else model
     hooks = self._wraps_forward  # False: the precision's forward hooks do nothing (fp32), skip them
     if (
         inner is model

@@ -85,6 +85,14 @@ class PreparedOptimizer(torch.optim.Optimizer):
             return
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
 
+    def boundary_calls(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        """``(step, zero_grad)`` for a loop that calls them only at step boundaries (gradients in
+        sync): the wrapped optimizer's own where this wrapper adds nothing there, a call less each."""
+        if self._direct_step and not self._owns_step:
+            self.step_was_skipped = False  # (what step() would set on each call)
+            return self.optimizer.step, self.optimizer.zero_grad
+        return self.step, self.zero_grad
+
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 

@@ -150,6 +150,8 @@ class Accelerator(ProcessMixin):
         self._seed = seed
         self._owns_step = isinstance(self._strategy, OwnsOptimizerStep)  # asked once, not every step
         self._direct_backward = self._strategy.direct_backward
+        # False: the strategy wraps no module (call_as_forward need not ask it to unwrap one)
+        self._unwraps = type(self._strategy).unwrap_module is not Strategy.unwrap_module
         self._wraps_forward = precision_plugin.wraps_forward  # False: call_as_forward has nothing to add
         self._unscales = type(precision_plugin).unscale_gradients is not Precision.unscale_gradients
         self._even_batches = even_batches

@@ -25,6 +25,7 @@ uninterrupted pass drew.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -149,7 +150,9 @@ class PreparedDataLoader:
         self.base_dataloader = dataloader
         self.device = device
         # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
-        self._to_device = to_device or (lambda batches: (move_to_device(b, device) for b in batches))
+        self._to_device = to_device or (
+            lambda batches: map(functools.partial(move_to_device, device=device), batches)
+        )
         self.world_size = world_size
         self.rank = rank
         self.even_batches = even_batches

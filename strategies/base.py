@@ -8,6 +8,7 @@ are small interfaces (:class:`BackwardSyncControl`).
 
 from __future__ import annotations
 
+import functools
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -155,8 +156,8 @@ class Strategy:
     def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
         """The batches of a prepared dataloader's pass, on the device (tensors moved one batch at a
         time here; XLA strategies transfer ahead of use and shard)."""
-        device = self.root_device
-        return (move_to_device(batch, device) for batch in batches)
+        # map over a partial: no generator frame of ours resumed per batch
+        return map(functools.partial(move_to_device, device=self.root_device), batches)
 
     # -- how a step runs ------------------------------------------------------------------------
     @property

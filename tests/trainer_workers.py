@@ -250,9 +250,9 @@ def preemption_agreement(signal_at: int, seconds: str) -> dict[str, int]:
         for boundary in range(1, 400):
             time.sleep(0.01)
             if boundary == signal_at and accelerator.process_index == 1:
-                guard._catcher.received = signal.SIGUSR1
+                guard.catcher.received = signal.SIGUSR1
             if guard._agreed_signal(accelerator):
                 result = {"boundary": boundary, "interval": guard._interval}
-                guard._catcher.received = None  # (nothing to deliver again on the way out)
+                guard.catcher.received = None  # (nothing to deliver again on the way out)
                 return result
     return {"boundary": -1, "interval": guard._interval}

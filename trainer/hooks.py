@@ -33,8 +33,8 @@ Entry = tuple[Calls, Callable[..., Any] | None, Calls, Calls]
 class HookPlan:
     """Per hook name, what :func:`call_hook` runs: bound callables, resolved once per stage.
 
-    A callback that inherits :class:`Callback`'s do-nothing hook is left out, and so is the module's
-    do-nothing default: with five hooks per training batch, looking up and calling every empty hook
+    A callback that inherits :class:`Callback`'s do-nothing hook is left out (and so is a hook its
+    :meth:`~Callback.inactive_hooks` names), and so is the module's do-nothing default: with five hooks per training batch, looking up and calling every empty hook
     would cost more than the few hooks that do something. The plan is rebuilt when the Trainer's
     callback list or module changes (a new stage, a callback appended).
     """
@@ -46,6 +46,11 @@ class HookPlan:
         self._count = 0
         self._module: TrainModule | None = None
         self._entries: _Entries | None = None
+
+    def refresh(self) -> None:
+        """Resolve every hook again when next asked (callbacks' :meth:`~Callback.inactive_hooks`
+        may have changed: the Trainer refreshes at each stage and training epoch start)."""
+        self._entries = None
 
     def entries(self, trainer: Trainer) -> _Entries:
         """Hook name -> :data:`Entry` (or None), for the trainer's current callbacks and module."""
@@ -69,13 +74,18 @@ class _Entries(dict[str, "Entry | None"]):
     def __init__(self, trainer: Trainer, callbacks: list[Callback], module: TrainModule) -> None:
         super().__init__()
         self._trainer, self._callbacks, self._module = trainer, list(callbacks), module
+        self._inactive = [c.inactive_hooks(trainer) for c in self._callbacks]
 
     def __missing__(self, name: str) -> Entry | None:
         from ember.trainer.module import TrainModule  # here: the module imports this one
 
         trainer, module = self._trainer, self._module
         default = getattr(Callback, name, None)
-        defining = [c for c in self._callbacks if default is None or _func(getattr(c, name)) is not default]
+        defining = [
+            c
+            for c, inactive in zip(self._callbacks, self._inactive, strict=True)
+            if (default is None or _func(getattr(c, name)) is not default) and name not in inactive
+        ]
         module_default = getattr(TrainModule, name, None)
         # The module's do-nothing default is not called; a hook set on the instance itself is.
         overridden = (

@@ -99,7 +99,6 @@ class MetricStore:
         self,
         name: str,
         value: Any,
-        *,
         on_step: bool | None,
         on_epoch: bool | None,
         prog_bar: bool,

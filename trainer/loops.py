@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook, run_step
+from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook
 
 if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
     from ember.data import PreparedDataLoader
+    from ember.trainer.logging import MetricStore
+    from ember.trainer.state import LoopState
     from ember.trainer.trainer import Trainer
 
 __all__ = ["run_evaluation", "run_fit", "run_predict"]
@@ -76,15 +79,25 @@ class _Epoch:
     validates: bool  # validation may run inside this epoch
     step_schedulers: bool  # schedulers stepped per optimizer step
     several: bool  # several processes: pre-emption needs their agreement at each boundary
+    unscales: bool  # the precision plugin unscales gradients before a step (16-mixed)
+    clip: float | None  # gradient_clip_val
     model: torch.nn.Module  # the prepared model
     training_step: Any  # the module's bound training_step
     optimizer: Any  # the prepared optimizer (automatic optimisation)
-    clip: float | None  # gradient_clip_val
+    step: Any  # its step() and zero_grad() at a step boundary (PreparedOptimizer.boundary_calls)
+    zero_grad: Any
+    state: LoopState
+    store: MetricStore
+    accelerator: Accelerator
+    signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
 
     @classmethod
     def of(cls, trainer: Trainer) -> _Epoch:
         config, limit = trainer.config, trainer.num_training_batches
         automatic = trainer.module.automatic_optimization
+        accelerator = trainer.accelerator
+        optimizer = trainer._step_optimizers[0] if automatic else None
+        step, zero_grad = optimizer.boundary_calls() if optimizer is not None else (None, None)
         return cls(
             limit=limit,
             sized=not math.isinf(limit),
@@ -94,11 +107,18 @@ class _Epoch:
             max_steps=config.max_steps,
             validates=bool(trainer._val_loaders) and _validation_epoch(trainer),
             step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
-            several=trainer.accelerator.num_processes > 1,
+            several=accelerator.num_processes > 1,
+            unscales=accelerator._unscales,
+            clip=config.gradient_clip_val,
             model=trainer.model,
             training_step=trainer.module.training_step,
-            optimizer=trainer._step_optimizers[0] if automatic else None,
-            clip=config.gradient_clip_val,
+            optimizer=optimizer,
+            step=step,
+            zero_grad=zero_grad,
+            state=trainer.state,
+            store=trainer._metrics,
+            accelerator=accelerator,
+            signals=trainer._preemption.catcher,
         )
 
 
@@ -109,23 +129,35 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.set_epoch(state.epoch)
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
+    trainer._hook_plan.refresh()  # callbacks' inactive hooks, as their settings are now
     epoch = _Epoch.of(trainer)
-    with closing(_limited(loader, epoch.limit - state.batch_idx)) as batches:
-        for _, batch in batches:
+    if epoch.automatic and epoch.accumulate == 1:
+        trainer.accelerator.accumulate(epoch.model, sync=True)  # stays so: no batch enters accumulate()
+    batches = iter(loader)
+    try:
+        # islice stops at the limit without asking the loader for one more batch
+        todo = (
+            itertools.islice(batches, max(0, int(epoch.limit) - state.batch_idx)) if epoch.sized else batches
+        )
+        for batch in todo:
             if _train_batch(trainer, epoch, batch) or trainer.should_stop:
                 break
             if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
                 break
+    finally:
+        batches.close()  # type: ignore[attr-defined]
 
 
 def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     """One training batch, hooks included; True: ``on_train_batch_start`` returned -1 (end the epoch).
 
-    The one function every batch runs: flat, with the epoch's answers in ``epoch`` and the hooks
-    resolved in the trainer's :class:`~ember.trainer.hooks.HookPlan`, because at small steps its
-    Python is what separates the Trainer from a hand-written loop (benchmarks/step_overhead.py).
+    The one function every batch runs, flat: the epoch's answers are in ``epoch``, the hooks
+    resolved in the trainer's :class:`~ember.trainer.hooks.HookPlan` and called in place (the
+    ``store.fx`` they run under is what ``self.log`` files values by). At small steps every Python
+    call here costs about half a microsecond (cold caches between the kernels):
+    benchmarks/step_overhead.py measures it against a hand-written loop.
     """
-    state, store, accelerator = trainer.state, trainer._metrics, trainer.accelerator
+    state, store, accelerator = epoch.state, epoch.store, epoch.accelerator
     hooks = trainer._hook_plan.entries(trainer)
     batch_idx = state.batch_idx
     store.begin_batch(batch)
@@ -136,17 +168,11 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     should_step = True  # manual optimisation: every batch ends at a step boundary
     if epoch.automatic:
         should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
-        with accelerator.accumulate(epoch.model, sync=should_step):
-            output = run_step(
-                store, accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
-            )
-            loss = output if type(output) is torch.Tensor else _loss_of(output)
-            if loss is not None:
-                backward(trainer, hooks, loss)
-                if should_step:
-                    _optimizer_step(trainer, epoch, hooks["on_before_optimizer_step"])
-                    if epoch.step_schedulers:
-                        trainer._step_schedulers("step")
+        if epoch.accumulate == 1:  # every batch a step boundary: gradients stay in sync (_train_epoch)
+            output = _automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
+        else:
+            with accelerator.accumulate(epoch.model, sync=should_step):
+                output = _automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
     else:  # manual optimisation: the module steps its optimizers itself
         with accelerator.accumulate(epoch.model, sync=True):
             output = call_step(trainer, "training_step", batch, batch_idx)
@@ -157,14 +183,69 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     entry = hooks["on_train_batch_end"]
     if entry is not None:
         outputs = store.detached(output) if type(output) is torch.Tensor else _detached(output)
-        fire(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
+        store.fx = "on_train_batch_end"
+        for hook in entry[3]:
+            hook(outputs, batch, batch_idx)
+        store.fx = ""
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so
     # a checkpoint here resumes exactly with the next batch. A pre-emption stops here.
-    if should_step and (epoch.several or trainer._preemption.signalled):
+    if should_step and (epoch.several or epoch.signals.received is not None):
         trainer._preemption.stop_if_signalled(trainer)
     return False
+
+
+def _automatic_step(
+    trainer: Trainer,
+    epoch: _Epoch,
+    hooks: dict[str, Entry | None],
+    batch: Any,
+    batch_idx: int,
+    should_step: bool,
+) -> Any:
+    """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output.
+
+    The hooks are called in place, as :func:`~ember.trainer.hooks.fire` would (a call less each).
+    """
+    store, accelerator = epoch.store, epoch.accelerator
+    store.fx = "training_step"
+    output = accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
+    store.fx = ""
+    loss = output if type(output) is torch.Tensor else _loss_of(output)
+    if loss is None:
+        return output
+    entry = hooks["on_before_backward"]
+    if entry is not None:
+        store.fx = "on_before_backward"
+        for hook in entry[3]:
+            hook(loss)
+        store.fx = ""
+    accelerator.backward(loss)
+    entry = hooks["on_after_backward"]
+    if entry is not None:
+        store.fx = "on_after_backward"
+        for hook in entry[3]:
+            hook()
+        store.fx = ""
+    if not should_step:
+        return output
+    if epoch.unscales:
+        accelerator.unscale_gradients()
+    entry = hooks["on_before_optimizer_step"]
+    if entry is not None:
+        store.fx = "on_before_optimizer_step"
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
+        store.fx = ""
+    if epoch.clip:
+        _clip(trainer, epoch.clip)
+    epoch.step()
+    epoch.zero_grad()
+    epoch.state.global_step += 1
+    if epoch.step_schedulers:
+        trainer._step_schedulers("step")
+    return output
 
 
 def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
@@ -180,20 +261,12 @@ def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tenso
         fire(store, "on_after_backward", entry)
 
 
-def _optimizer_step(trainer: Trainer, epoch: _Epoch, before: Entry | None) -> None:
-    optimizer, accelerator = epoch.optimizer, trainer.accelerator
-    accelerator.unscale_gradients()
-    if before is not None:
-        fire(trainer._metrics, "on_before_optimizer_step", before, optimizer.optimizer)
-    if epoch.clip:
-        parameters = trainer.module.parameters()
-        if trainer.config.gradient_clip_algorithm == "norm":
-            accelerator.clip_grad_norm_(parameters, epoch.clip)
-        else:
-            accelerator.clip_grad_value_(parameters, epoch.clip)
-    optimizer.step()
-    optimizer.zero_grad()
-    trainer.state.global_step += 1
+def _clip(trainer: Trainer, value: float) -> None:
+    parameters = trainer.module.parameters()
+    if trainer.config.gradient_clip_algorithm == "norm":
+        trainer.accelerator.clip_grad_norm_(parameters, value)
+    else:
+        trainer.accelerator.clip_grad_value_(parameters, value)
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:

@@ -175,9 +175,8 @@ class TrainModule(nn.Module):
         """
         trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
         trainer._metrics.log(
-            name, value, on_step=on_step, on_epoch=on_epoch, prog_bar=prog_bar, logger=logger,
-            sync_dist=sync_dist, reduce_fx=reduce_fx, batch_size=batch_size,
-        )  # fmt: skip
+            name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size
+        )
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         """:meth:`log` each item of ``dictionary`` with the same options."""

@@ -143,7 +143,7 @@ class PreemptionGuard:
     """The Trainer's pre-emption handling: the signal catcher, and the agreement at step boundaries."""
 
     def __init__(self) -> None:
-        self._catcher = _SignalCatcher()
+        self.catcher = _SignalCatcher()  # catcher.received: the signal this process got, or None
         self._pending: Callable[[], torch.Tensor] | None = None  # the all-reduce started last
         self._seconds = _AGREE_SECONDS  # wanted time between two agreements
         self._boundaries = 0  # step boundaries of this fit so far: the same count on every process
@@ -155,22 +155,17 @@ class PreemptionGuard:
         self._pending = None
         self._seconds, self._boundaries, self._interval = _agree_seconds(), 0, 1
         try:
-            with self._catcher:
+            with self.catcher:
                 yield
         finally:
             self._pending = None
-
-    @property
-    def signalled(self) -> bool:
-        """Whether this process got a signal (one process: nothing else to agree on)."""
-        return self._catcher.received is not None
 
     def stop_if_signalled(self, trainer: Trainer) -> None:
         """At a step boundary: when a process got a signal, every process saves ``last`` and raises."""
         signum = self._agreed_signal(trainer.accelerator)
         if not signum:
             return
-        self._catcher.acted = True
+        self.catcher.acted = True
         path = checkpointing.save_last(trainer)
         if trainer.is_global_zero:
             name = signal.Signals(signum).name
@@ -196,7 +191,7 @@ class PreemptionGuard:
         process's mean time per boundary, and the largest sets the interval, the same everywhere.
         The stop comes one agreement after the signal, at the same boundary on every process.
         """
-        local = self._catcher.received or 0
+        local = self.catcher.received or 0
         if accelerator.num_processes == 1:
             return local
         self._boundaries += 1

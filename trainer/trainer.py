@@ -316,6 +316,7 @@ class Trainer(TrainerProperties):
 
     def _run_stage(self, loop: Any, stage: str) -> Any:
         self.stage = stage
+        self._hook_plan.refresh()  # callbacks' inactive hooks may differ from the last stage's
         module = self.module
         if self.is_global_zero and stage == "fit":
             for logger in self.loggers:

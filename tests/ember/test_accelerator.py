@@ -361,3 +361,14 @@ def test_prepare_data_loader_without_sharding() -> None:
     assert [b[0].tolist() for b in loader] == [[0, 1], [2, 3]]
     with pytest.raises(TypeError, match=r"needs a torch\.utils\.data\.DataLoader, got list"):
         accelerator.prepare_data_loader([1, 2])  # type: ignore[arg-type]
+
+
+def test_boundary_calls_skip_the_wrapper_only_where_it_adds_nothing() -> None:
+    model = torch.nn.Linear(2, 2)
+    _, plain = Accelerator().prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step, zero_grad = plain.boundary_calls()
+    assert step == plain.optimizer.step and zero_grad == plain.optimizer.zero_grad
+    model = torch.nn.Linear(2, 2)
+    _, scaled = Accelerator(precision="16-mixed").prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    step, zero_grad = scaled.boundary_calls()  # the gradient scaler's step goes through the wrapper
+    assert step == scaled.step and zero_grad == scaled.zero_grad

@@ -137,3 +137,41 @@ def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> 
         *per_batch, *per_batch,  # batches 1 and 2
         "callback.on_train_epoch_end", "callback.on_train_end", "callback.on_fit_end", "callback.teardown",
     ]  # fmt: skip
+
+
+def test_inactive_hooks_are_not_called_and_are_asked_again_each_epoch(tmp_path: Path) -> None:
+    calls: list[tuple[int, str]] = []
+
+    class QuietFirstEpoch(Callback):
+        def inactive_hooks(self, trainer):  # type: ignore[no-untyped-def]
+            return frozenset({"on_train_batch_end"}) if trainer.current_epoch == 0 else frozenset()
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            calls.append((trainer.current_epoch, "start"))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+            calls.append((trainer.current_epoch, "end"))
+
+    data = TensorDataset(torch.randn(4, 2), torch.randn(4, 1))
+    trainer = Trainer(
+        max_epochs=2, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[QuietFirstEpoch()],
+    )  # fmt: skip
+    trainer.fit(Module([]), DataLoader(data, batch_size=2))
+    assert calls == [(0, "start"), (0, "start"), (1, "start"), (1, "end"), (1, "start"), (1, "end")]
+
+
+def test_builtin_callbacks_leave_out_the_batch_hooks_that_would_only_return(tmp_path: Path) -> None:
+    from ember.callbacks import RichProgressBar
+
+    trainer = Trainer(default_root_dir=str(tmp_path), logger=False)
+    assert ModelCheckpoint().inactive_hooks(trainer) == {"on_train_batch_end"}
+    assert ModelCheckpoint(every_n_train_steps=2).inactive_hooks(trainer) == set()
+
+    class Saving(ModelCheckpoint):  # an override of the hook is always called
+        def on_train_batch_end(self, *args: Any) -> None:
+            pass
+
+    assert Saving().inactive_hooks(trainer) == set()
+    assert RichProgressBar().inactive_hooks(trainer) == set()
+    assert "on_train_batch_end" in RichProgressBar(refresh_rate=0).inactive_hooks(trainer)
