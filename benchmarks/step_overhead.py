@@ -51,6 +51,9 @@ from _contenders import (
 
 CASES = ("mlp", "gpt")
 MODES = {"single": 1, "ddp": 2}
+# Timed steps per run (``--steps`` overrides): the MLP's ~1.3 ms steps need more of them than the GPT's
+# ~7 ms for a window of ~0.5 s, long enough that one run's noise does not decide its round's ratio.
+STEPS = {"mlp": 400, "gpt": 100}
 # The processes of a case: ember's two contenders share one; each rival has its own. Every process
 # also runs the hand-written loop, alternating with its contenders round by round.
 GROUPS = {"ember": ("accelerator", "trainer"), **{c: (c,) for c in CONTENDERS if c in NEEDS}}
@@ -59,8 +62,13 @@ GROUPS = {"ember": ("accelerator", "trainer"), **{c: (c,) for c in CONTENDERS if
 def worker(args: argparse.Namespace) -> None:
     """One rank of one group's process (started by :func:`spawn`): the hand-written loop and the
     group's contenders, alternating for ``--rounds`` rounds."""
-    run = Run(case=args.cases[0], warmup=args.warmup, steps=args.steps, device=args.device, root=args.root)
+    case = args.cases[0]
+    run = Run(case=case, warmup=args.warmup, steps=_steps(case, args), device=args.device, root=args.root)
     write_result(args.out, measure_rounds(["hand", *args.contenders], run, args.rounds))
+
+
+def _steps(case: str, args: argparse.Namespace) -> int:
+    return args.steps if args.steps is not None else STEPS[case]
 
 
 def _clock(mode: str, device: str) -> str:
@@ -74,7 +82,7 @@ def group_times(
 ) -> dict[str, list[float]]:
     """One process (one per rank) of ``group``: its contenders' and the hand loop's seconds per
     step, round by round (a round's time: its slowest rank's)."""
-    argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(args.steps),
+    argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(_steps(case, args)),
             "--warmup", str(args.warmup), "--rounds", str(args.rounds), "--device", args.device]  # fmt: skip
     clock = _clock(mode, args.device)
     ranks = spawn(__file__, argv, MODES[mode])
@@ -148,10 +156,12 @@ def report(args: argparse.Namespace) -> str:
         if args.device == "cuda"
         else host() + " gloo, 1 thread per process."
     )
+    cases = list(dict.fromkeys(args.cases))
+    steps = " / ".join(f"{_steps(c, args)} ({c})" for c in cases)
     return "\n".join([
         f"## Step overhead{' on CUDA' if args.device == 'cuda' else ''}: ember vs a hand-written loop, Lightning and Accelerate",
         "",
-        f"{args.steps} timed steps after {args.warmup} warm-up steps per run; AdamW. Each process trains the "
+        f"{steps} timed steps after {args.warmup} warm-up steps per run; AdamW. Each process trains the "
         f"hand-written loop and its contenders (ember's Accelerator and Trainer together; each rival in its own "
         f"process) for {args.rounds} alternating rounds (A B C, B C A, ...), each run a fresh model, optimizer and "
         "trainer. A ratio is a contender's time per step over the hand-written loop's in the same round of the same "
@@ -179,7 +189,9 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per run")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per run (default: per case, STEPS)"
+    )
     parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
     parser.add_argument("--rounds", type=int, default=10, help="alternating rounds in each process")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
