@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,8 +39,9 @@ class NonFiniteGuard(Callback):
     each parameter looked at, to name the first bad one. ``check_every_n_steps=N`` checks every
     N-th step. ``None``: every step with ``mode="skip"`` (a step can only be skipped before it is
     taken); with ``mode="stop"``, every ``log_every_n_steps``-th step of the Trainer, and the loss
-    of each step in between is kept on the device and checked then, before any checkpoint is
-    saved and at the end of training: a NaN loss is still reported with its step, no checkpoint
+    of each step in between is kept on the device and checked then (on the CPU, where reading it
+    waits for nothing, it is read at once and only a non-finite one is kept), before any
+    checkpoint is saved and at the end of training: a NaN loss is still reported with its step, no checkpoint
     is written after it, and the steps in between cost no pass and no sync. On an XLA device
     ``None`` checks nothing: reading the result on the host would end the step's lazy graph early
     (a second graph, compiled once, runs on each checked step), so it takes an explicit
@@ -73,13 +75,15 @@ class NonFiniteGuard(Callback):
         self._every = check_every_n_steps or 1  # 0: no step is checked
         self._losses: list[torch.Tensor] = []
         # mode="stop": the losses of the steps between checks, with (step, epoch, batch), checked later
-        self._pending: list[tuple[tuple[int, int, int], torch.Tensor]] = []
+        # (a bad loss of a CPU run is kept as its float: see on_before_backward)
+        self._pending: list[tuple[tuple[int, int, int], torch.Tensor | float]] = []
         self._names: dict[int, str] = {}
         self._plan_key: tuple[int, ...] = ()
         self._plan: list[tuple[torch.dtype, list[int], torch.Tensor]] = []
         self._on_device = True
         self._grads_checked = True
         self._device: torch.device | None = None  # the accelerator's, from on_train_start
+        self._host = False
 
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
@@ -100,6 +104,8 @@ class NonFiniteGuard(Callback):
         self._pending.clear()
         self._grads_checked = self._checks_gradients(trainer)
         self._device = trainer.accelerator.device
+        # A loss in host memory is read at once (no device to wait for): nothing is kept per step.
+        self._host = self._device.type == "cpu"
 
     @override
     def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
@@ -114,12 +120,17 @@ class NonFiniteGuard(Callback):
         if not every:
             return
         state = trainer.state
-        # The detached loss is the one self.log and on_train_batch_end get: one detach per batch.
-        kept = trainer._metrics.detached(loss)
         if state.global_step % every == 0:
-            self._losses.append(kept)
+            # The detached loss is the one self.log and on_train_batch_end get: one detach per batch.
+            self._losses.append(trainer._metrics.detached(loss))
         elif self.mode == "stop":  # checked at the next checked step, checkpoint or the end
-            self._pending.append(((state.global_step, state.epoch, state.batch_idx), kept))
+            if self._host:  # read now, which waits for nothing: only a bad loss is kept, as a float
+                value = loss.item() if loss.dim() == 0 else float(loss.detach().float().sum())
+                if not math.isfinite(value):
+                    self._pending.append(((state.global_step, state.epoch, state.batch_idx), value))
+            else:  # kept on the device (a read would wait for it), all checked together later
+                kept = trainer._metrics.detached(loss)
+                self._pending.append(((state.global_step, state.epoch, state.batch_idx), kept))
 
     @override
     def on_before_optimizer_step(
@@ -133,7 +144,7 @@ class NonFiniteGuard(Callback):
             return
         pending, self._pending = self._pending, []
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if self._all_finite(trainer, params, losses + [loss for _, loss in pending]):
+        if self._all_finite(trainer, params, [*losses, *(loss for _, loss in pending)]):
             return
         self._raise_for_pending(trainer, pending)
         first_bad, loss_rank = self._find(trainer, params, losses)
@@ -171,7 +182,7 @@ class NonFiniteGuard(Callback):
             self._raise_for_pending(trainer, pending)
 
     def _raise_for_pending(
-        self, trainer: Trainer, pending: list[tuple[tuple[int, int, int], torch.Tensor]]
+        self, trainer: Trainer, pending: list[tuple[tuple[int, int, int], torch.Tensor | float]]
     ) -> None:
         """Raise for the earliest kept loss that is not finite on any rank; return if there is none.
 
@@ -182,7 +193,8 @@ class NonFiniteGuard(Callback):
         device = trainer.accelerator.device
         code = torch.zeros((), dtype=torch.int64, device=device)  # 0: none
         if pending:
-            finite = torch.isfinite(torch.stack([loss.float().sum().to(device) for _, loss in pending]))
+            losses = _as_tensors([loss for _, loss in pending], device)
+            finite = torch.isfinite(torch.stack([loss.float().sum().to(device) for loss in losses]))
             bad = (~finite).nonzero()  # one sync, on the failure path only
             if len(bad):
                 step = pending[int(bad[0])][0][0]
@@ -194,13 +206,19 @@ class NonFiniteGuard(Callback):
             return
         step, rank = (1 << 40) - value // _MAX_RANKS, value % _MAX_RANKS
         where = next((w for w, _ in pending if w[0] == step), (step, -1, -1))
+        if trainer.world_size > 1:  # the rank that kept it tells the others its epoch and batch
+            place = torch.tensor(where[1:], dtype=torch.int64, device=device)
+            epoch, batch = (int(v) for v in trainer.accelerator.reduce(place, "max").tolist())
+            where = (step, epoch, batch)
         raise FloatingPointError(
             f"NonFiniteGuard: the loss is not finite (on rank {rank}) at {_where(*where)}, found at the check of "
             f"step {trainer.global_step}. Lower the learning rate, clip gradients, look for a bad batch, or "
             "check every step to also name the parameter: NonFiniteGuard(check_every_n_steps=1)"
         )
 
-    def _all_finite(self, trainer: Trainer, params: list[torch.Tensor], losses: list[torch.Tensor]) -> bool:
+    def _all_finite(
+        self, trainer: Trainer, params: list[torch.Tensor], losses: Sequence[torch.Tensor | float]
+    ) -> bool:
         """Whether the losses and gradients are finite on every rank, with one device-to-host sync.
 
         One ``_foreach_norm`` per dtype over the gradients and the losses (as :meth:`_bad_gradients`
@@ -211,7 +229,7 @@ class NonFiniteGuard(Callback):
         device = self._device or trainer.accelerator.device
         groups: dict[torch.dtype, list[torch.Tensor]] = {}
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for loss in losses:
+        for loss in _as_tensors(losses, device):
             by_dtype.setdefault(loss.dtype, []).append(loss if loss.device == device else loss.to(device))
         for dtype, same in by_dtype.items():  # one tensor per dtype: a norm each, not one per step's loss
             scalars = all(loss.dim() == 0 for loss in same)
@@ -339,6 +357,11 @@ def _kind(grad: torch.Tensor | None) -> str:
     if not math.isfinite(float(torch.linalg.vector_norm(local, dtype=summed_in))):
         return "has finite elements too large for its norm to be represented"
     return "is not finite on another rank"
+
+
+def _as_tensors(losses: Sequence[torch.Tensor | float], device: torch.device) -> list[torch.Tensor]:
+    """The kept losses as tensors (a CPU run keeps a bad loss as its float)."""
+    return [loss if isinstance(loss, torch.Tensor) else torch.tensor(loss, device=device) for loss in losses]
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

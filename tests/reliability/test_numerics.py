@@ -141,6 +141,27 @@ def test_default_guard_names_the_step_and_no_checkpoint_is_saved_after_it(tmp_pa
     _trainer(tmp_path).fit(Net(), _loader())  # finite: no false alarm at the checks or the end
 
 
+def test_on_the_cpu_only_a_bad_loss_is_kept_between_checks(tmp_path: Path) -> None:
+    # Reading a CPU loss waits for nothing: the guard reads each one at once and keeps none of the
+    # finite ones (49 small tensors kept alive between checks slowed every step's allocations).
+    kept: list[list[Any]] = []
+
+    class Spy(Callback):
+        def on_train_batch_end(
+            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            kept.append([value for _, value in guard._pending])
+
+    guard = NonFiniteGuard()
+    trainer = _trainer(tmp_path, callbacks=[guard, Spy()], log_every_n_steps=50)
+    with pytest.raises(
+        FloatingPointError, match=r"at step 3 \(epoch 0, batch 3\), found at the check of step 6"
+    ):
+        trainer.fit(Net(nan_loss_at=3, finite_grads=True), _loader())
+    assert kept[:3] == [[], [], []]
+    assert all(len(k) == 1 and isinstance(k[0], float) and math.isnan(k[0]) for k in kept[3:])
+
+
 def test_inf_gradient_names_the_parameter(tmp_path: Path) -> None:
     guard = NonFiniteGuard(check_every_n_steps=1)
     with pytest.raises(FloatingPointError) as caught:
