@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +35,12 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
         }
         return dataclasses.replace(data, **changes)
     return data
+
+
+def move_batches(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    """Each of ``batches`` moved to ``device`` as it is asked for (a ``map``: no generator frame of
+    ours resumed per batch)."""
+    return map(functools.partial(move_to_device, device=device), batches)
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:

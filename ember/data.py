@@ -25,7 +25,6 @@ uninterrupted pass drew.
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from ember._tree import move_to_device
+from ember._tree import move_batches
 
 __all__ = ["PreparedDataLoader", "skip_first_batches"]
 
@@ -150,9 +149,7 @@ class PreparedDataLoader:
         self.base_dataloader = dataloader
         self.device = device
         # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
-        self._to_device = to_device or (
-            lambda batches: map(functools.partial(move_to_device, device=device), batches)
-        )
+        self._to_device = to_device or (lambda batches: move_batches(batches, device))
         self.world_size = world_size
         self.rank = rank
         self.even_batches = even_batches

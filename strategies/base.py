@@ -8,7 +8,6 @@ are small interfaces (:class:`BackwardSyncControl`).
 
 from __future__ import annotations
 
-import functools
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 
 from ember._registry import Registry
-from ember._tree import move_to_device
+from ember._tree import move_batches
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_indexed, to_named
@@ -156,8 +155,7 @@ class Strategy:
     def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
         """The batches of a prepared dataloader's pass, on the device (tensors moved one batch at a
         time here; XLA strategies transfer ahead of use and shard)."""
-        # map over a partial: no generator frame of ours resumed per batch
-        return map(functools.partial(move_to_device, device=self.root_device), batches)
+        return move_batches(batches, self.root_device)
 
     # -- how a step runs ------------------------------------------------------------------------
     @property

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook
+from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook, run_step
 
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
@@ -152,8 +152,7 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     """One training batch, hooks included; True: ``on_train_batch_start`` returned -1 (end the epoch).
 
     The one function every batch runs, flat: the epoch's answers are in ``epoch``, the hooks
-    resolved in the trainer's :class:`~ember.trainer.hooks.HookPlan` and called in place (the
-    ``store.fx`` they run under is what ``self.log`` files values by). At small steps every Python
+    resolved in the trainer's :class:`~ember.trainer.hooks.HookPlan`. At small steps every Python
     call here costs about half a microsecond (cold caches between the kernels):
     benchmarks/step_overhead.py measures it against a hand-written loop.
     """
@@ -183,10 +182,7 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     entry = hooks["on_train_batch_end"]
     if entry is not None:
         outputs = store.detached(output) if type(output) is torch.Tensor else _detached(output)
-        store.fx = "on_train_batch_end"
-        for hook in entry[3]:
-            hook(outputs, batch, batch_idx)
-        store.fx = ""
+        fire(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so
@@ -204,40 +200,20 @@ def _automatic_step(
     batch_idx: int,
     should_step: bool,
 ) -> Any:
-    """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output.
-
-    The hooks are called in place, as :func:`~ember.trainer.hooks.fire` would (a call less each).
-    """
+    """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output."""
     store, accelerator = epoch.store, epoch.accelerator
-    store.fx = "training_step"
-    output = accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
-    store.fx = ""
+    output = run_step(store, accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx)
     loss = output if type(output) is torch.Tensor else _loss_of(output)
     if loss is None:
         return output
-    entry = hooks["on_before_backward"]
-    if entry is not None:
-        store.fx = "on_before_backward"
-        for hook in entry[3]:
-            hook(loss)
-        store.fx = ""
-    accelerator.backward(loss)
-    entry = hooks["on_after_backward"]
-    if entry is not None:
-        store.fx = "on_after_backward"
-        for hook in entry[3]:
-            hook()
-        store.fx = ""
+    backward(trainer, hooks, loss)
     if not should_step:
         return output
     if epoch.unscales:
         accelerator.unscale_gradients()
     entry = hooks["on_before_optimizer_step"]
     if entry is not None:
-        store.fx = "on_before_optimizer_step"
-        for hook in entry[3]:
-            hook(epoch.optimizer.optimizer)
-        store.fx = ""
+        fire(store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
     if epoch.clip:
         _clip(trainer, epoch.clip)
     epoch.step()

@@ -114,6 +114,16 @@ def test_hook_order(tmp_path: Path) -> None:
     assert calls == expected
 
 
+def _fit_bare(tmp_path: Path, callback: Callback, epochs: int, batches: int) -> None:
+    """Fit ``Module`` on ``batches`` batches of 2 per epoch, with ``callback`` and none of the defaults."""
+    data = TensorDataset(torch.randn(2 * batches, 2), torch.randn(2 * batches, 1))
+    trainer = Trainer(
+        max_epochs=epochs, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
+    )  # fmt: skip
+    trainer.fit(Module([]), DataLoader(data, batch_size=2))
+
+
 def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> None:
     # What each hook runs is resolved once per stage (HookPlan), and again when the list changes.
     calls: list[str] = []
@@ -123,12 +133,7 @@ def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> 
             if batch_idx == 0:
                 trainer.callbacks.append(Recorder(calls))
 
-    data = TensorDataset(torch.randn(6, 2), torch.randn(6, 1))
-    trainer = Trainer(
-        max_epochs=1, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[AddLater()],
-    )  # fmt: skip
-    trainer.fit(Module([]), DataLoader(data, batch_size=2))
+    _fit_bare(tmp_path, AddLater(), epochs=1, batches=3)
     per_batch = [
         "callback.on_train_batch_start", "callback.on_before_backward", "callback.on_after_backward",
         "callback.on_before_optimizer_step", "callback.on_train_batch_end",
@@ -152,12 +157,7 @@ def test_inactive_hooks_are_not_called_and_are_asked_again_each_epoch(tmp_path: 
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
             calls.append((trainer.current_epoch, "end"))
 
-    data = TensorDataset(torch.randn(4, 2), torch.randn(4, 1))
-    trainer = Trainer(
-        max_epochs=2, logger=False, default_root_dir=str(tmp_path), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[QuietFirstEpoch()],
-    )  # fmt: skip
-    trainer.fit(Module([]), DataLoader(data, batch_size=2))
+    _fit_bare(tmp_path, QuietFirstEpoch(), epochs=2, batches=2)
     assert calls == [(0, "start"), (0, "start"), (1, "start"), (1, "end"), (1, "start"), (1, "end")]
 
 
