@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
 from ember._tree import move_batches
+from ember._workers import worker_init
 
 __all__ = ["PreparedDataLoader", "skip_first_batches"]
 
@@ -175,21 +176,7 @@ class PreparedDataLoader:
         Our generator also replaces the global RNG draw a DataLoader iterator takes for its worker
         seeds, so iterating never advances the user's random stream.
         """
-        kwargs: dict[str, Any] = {
-            "num_workers": dl.num_workers,
-            "collate_fn": dl.collate_fn,
-            "pin_memory": dl.pin_memory,
-            "timeout": dl.timeout,
-            "worker_init_fn": dl.worker_init_fn,
-            "multiprocessing_context": dl.multiprocessing_context,
-            "generator": self._generator,
-            "persistent_workers": dl.persistent_workers,
-            "pin_memory_device": dl.pin_memory_device,
-        }
-        if dl.num_workers > 0:
-            kwargs["prefetch_factor"] = dl.prefetch_factor
-        if hasattr(dl, "in_order"):
-            kwargs["in_order"] = dl.in_order
+        kwargs = _settings(dl, self._generator)
         if self._iterable:
             return DataLoader(dl.dataset, batch_size=dl.batch_size, drop_last=dl.drop_last, **kwargs)
         dataset = _SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
@@ -361,6 +348,26 @@ class _SkipBatchSampler(Sampler[list[int]]):
         return max(len(self.batch_sampler) - self.n, 0)  # type: ignore[arg-type]
 
 
+def _settings(dl: DataLoader[Any], generator: torch.Generator | None) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``dl`` around another sampler, with ``generator``."""
+    kwargs: dict[str, Any] = {
+        "num_workers": dl.num_workers,
+        "collate_fn": dl.collate_fn,
+        "pin_memory": dl.pin_memory,
+        "timeout": dl.timeout,
+        "worker_init_fn": worker_init(dl.worker_init_fn, dl.num_workers, dl.multiprocessing_context),
+        "multiprocessing_context": dl.multiprocessing_context,
+        "generator": generator,
+        "persistent_workers": dl.persistent_workers,
+        "pin_memory_device": dl.pin_memory_device,
+    }
+    if dl.num_workers > 0:
+        kwargs["prefetch_factor"] = dl.prefetch_factor
+    if hasattr(dl, "in_order"):
+        kwargs["in_order"] = dl.in_order
+    return kwargs
+
+
 def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
     """An iterable over ``dataloader`` without its first ``num_batches`` batches."""
     if num_batches < 0:
@@ -372,17 +379,11 @@ def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
         and dataloader.batch_sampler is not None
         and not isinstance(dataloader.dataset, IterableDataset)
     ):
-        dl = dataloader
-        kwargs: dict[str, Any] = {
-            "num_workers": dl.num_workers,
-            "collate_fn": dl.collate_fn,
-            "pin_memory": dl.pin_memory,
-            "worker_init_fn": dl.worker_init_fn,
-            "generator": dl.generator,
-        }
-        if dl.num_workers > 0:
-            kwargs["prefetch_factor"] = dl.prefetch_factor
-        batch_sampler = dl.batch_sampler
+        batch_sampler = dataloader.batch_sampler
         assert batch_sampler is not None  # checked above
-        return DataLoader(dl.dataset, batch_sampler=_SkipBatchSampler(batch_sampler, num_batches), **kwargs)
+        return DataLoader(
+            dataloader.dataset,
+            batch_sampler=_SkipBatchSampler(batch_sampler, num_batches),
+            **_settings(dataloader, dataloader.generator),
+        )
     return itertools.islice(dataloader, num_batches, None)

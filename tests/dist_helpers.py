@@ -34,17 +34,36 @@ RANK_VARIABLES = (
     "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION", "EMBER_ACCELERATOR",
 )  # fmt: skip
 
+# A helper module directly under tests/ is imported by its own name, so that what it defines pickles
+# (a DataLoader worker started by a forkserver imports it again); a test file loads from its path.
 _BOOTSTRAP = """
-import importlib.util, json, sys
+import importlib, importlib.util, json, sys
 sys.path.insert(0, {tests!r})
-spec = importlib.util.spec_from_file_location("_ember_test_module", {path!r})
-module = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = module
-spec.loader.exec_module(module)
+if {helper!r}:
+    module = importlib.import_module({helper!r})
+else:
+    spec = importlib.util.spec_from_file_location("_ember_test_module", {path!r})
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
 result = getattr(module, {name!r})(*json.loads({args!r}))
 with open({out!r}, "w") as f:
     json.dump(result, f)
 """
+
+
+def _bootstrap(fn: Callable[..., Any], args: tuple[Any, ...], out: Path) -> str:
+    """The code a fresh interpreter runs to call ``fn(*args)`` and write its result to ``out``."""
+    path = Path(fn.__code__.co_filename)
+    helper = path.stem if path.parent == TESTS_DIR else ""
+    return _BOOTSTRAP.format(
+        tests=str(TESTS_DIR),
+        path=str(path),
+        helper=helper,
+        name=fn.__name__,
+        args=json.dumps(args),
+        out=str(out),
+    )
 
 
 def free_port() -> int:
@@ -74,7 +93,6 @@ def run_processes(
     this machine, as a launcher on each node would number them).
     """
     per_node = nprocs // nodes
-    path = fn.__code__.co_filename
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="ember-ranks-"))
     procs, logs = [], []
@@ -91,9 +109,7 @@ def run_processes(
             MASTER_PORT=str(port),
             **(env or {}),
         )
-        code = _BOOTSTRAP.format(
-            tests=str(TESTS_DIR), path=path, name=fn.__name__, args=json.dumps(args), out=str(out)
-        )
+        code = _bootstrap(fn, args, out)
         procs.append(
             subprocess.Popen(
                 [PYTHON, "-c", code], env=rank_env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT
@@ -146,13 +162,7 @@ def run_in_subprocess(
     variables) and return its result. For runtimes fixed at first use (XLA)."""
     workdir = Path(tempfile.mkdtemp(prefix="ember-fresh-"))
     out = workdir / "result.json"
-    code = _BOOTSTRAP.format(
-        tests=str(TESTS_DIR),
-        path=fn.__code__.co_filename,
-        name=fn.__name__,
-        args=json.dumps(args),
-        out=str(out),
-    )
+    code = _bootstrap(fn, args, out)
     # A hang shows where it waits: every thread's stack, printed just before the timeout kills it.
     after = max(timeout - 10, timeout * 0.9)
     code = f"import faulthandler; faulthandler.dump_traceback_later({after}, exit=True)\n{code}"

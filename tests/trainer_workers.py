@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import random
 import signal
@@ -70,10 +71,19 @@ class Net(TrainModule):
 
 
 def loaders() -> tuple[DataLoader, DataLoader]:
-    """Training data shuffled and augmented in 2 worker processes; plain validation data."""
-    return DataLoader(Augmented(), batch_size=4, shuffle=True, num_workers=2), DataLoader(
-        dataset(12), batch_size=5
+    """Training data shuffled and augmented in 2 worker processes; plain validation data.
+
+    The workers start from a forkserver: a worker forked from a rank while one of gloo's threads
+    creates a Python thread state deadlocks in CPython 3.11.7 (gh-112275; see
+    docs/concepts/hangs-and-failures.md).
+    """
+    forkserver = multiprocessing.get_context("forkserver")
+    # What the workers import, imported once by the server (it does not see this module's sys.path).
+    forkserver.set_forkserver_preload(["torch", "torchmetrics", "ember.trainer", "ember.callbacks"])
+    train = DataLoader(
+        Augmented(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context=forkserver
     )
+    return train, DataLoader(dataset(12), batch_size=5)
 
 
 class Crash(Callback):

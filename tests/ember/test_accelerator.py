@@ -276,6 +276,15 @@ def test_skip_first_batches() -> None:
     prepared = accelerator.prepare(DataLoader(TensorDataset(torch.arange(6)), batch_size=2))
     assert [b[0].tolist() for b in accelerator.skip_first_batches(prepared, 1)] == [[2, 3], [4, 5]]
     assert [b[0].tolist() for b in prepared] == [[0, 1], [2, 3], [4, 5]]  # later epochs are whole
+    workers = DataLoader(
+        TensorDataset(torch.arange(6)),
+        num_workers=1,
+        multiprocessing_context="spawn",
+        persistent_workers=True,
+    )
+    skipped = accelerator.skip_first_batches(workers, 2)
+    assert isinstance(skipped, DataLoader) and skipped.persistent_workers and skipped.timeout == 0
+    assert skipped.multiprocessing_context.get_start_method() == "spawn"  # every setting kept
 
 
 def test_save_model_shards_with_index(tmp_path: Path) -> None:

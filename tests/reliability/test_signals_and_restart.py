@@ -160,7 +160,8 @@ import ember  # first: tests/ember (a test folder) would shadow the package
 sys.path.append({tests!r})
 from trainer_workers import fit_preemptible
 
-fit_preemptible(sys.argv[1], signal_at=4, signum=signal.SIGUSR1, signal_rank=1, catch=False)
+if __name__ == "__main__":  # the loader's workers start from a forkserver, which imports this script
+    fit_preemptible(sys.argv[1], signal_at=4, signum=signal.SIGUSR1, signal_rank=1, catch=False)
 """
 
 
@@ -181,10 +182,11 @@ import ember  # first: tests/ember (a test folder) would shadow the package
 sys.path.append({tests!r})
 from trainer_workers import fit_preemptible
 
-root, marker, out = sys.argv[1:4]
-result = fit_preemptible(root, die_at=7, die_rank=1, marker=marker)  # no ckpt_path
-with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
-    json.dump(result, f)
+if __name__ == "__main__":  # the loader's workers start from a forkserver, which imports this script
+    root, marker, out = sys.argv[1:4]
+    result = fit_preemptible(root, die_at=7, die_rank=1, marker=marker)  # no ckpt_path
+    with open(os.path.join(out, "rank%s.json" % os.environ["RANK"]), "w") as f:
+        json.dump(result, f)
 """
 
 
