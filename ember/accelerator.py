@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint, _forward, _trackers
+from ember import _checkpoint, _forward, _trackers, _weights
 from ember._devices import check_accelerator, check_devices, resolve_accelerator, resolve_devices
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
@@ -366,7 +366,7 @@ class Accelerator(ProcessMixin):
         self, model: nn.Module, save_directory: str | os.PathLike[str], max_shard_size: int | str = "10GB"
     ) -> None:
         """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``)."""
-        _checkpoint.save_model(self._strategy, model, save_directory, max_shard_size)
+        _weights.save_model(self._strategy, model, save_directory, max_shard_size)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""

@@ -110,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
 def _consolidate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ember._checkpoint import consolidate_checkpoint
+    from ember._weights import consolidate_checkpoint
     from ember.strategies.checkpoint_io import CheckpointError, read_manifest
     from ember.strategies.checkpoint_swap import locate_checkpoint
 

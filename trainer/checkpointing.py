@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember._checkpoint import load_model_weights
+from ember._weights import load_model_weights
 from ember.callbacks.base import Callback
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest
 from ember.strategies.checkpoint_swap import locate_checkpoint
