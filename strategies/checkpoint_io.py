@@ -17,20 +17,19 @@ written under a temporary name, fsynced, and swapped into place only when comple
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import xxhash
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ember.strategies.digests import DIGEST, DIGESTS, file_digest, hash_file, note_synced
 
 __all__ = [
     "CheckpointError",
@@ -45,22 +44,6 @@ __all__ = [
 
 FORMAT_VERSION = 2  # 1: files listed with their SHA-256 ("sha256"); 2: with their XXH3-128 ("xxh3_128")
 MANIFEST = "manifest.json"
-
-
-class _Hash(Protocol):
-    def update(self, data: memoryview, /) -> None: ...
-    def hexdigest(self) -> str: ...
-
-
-# The digest of every file a manifest lists: the entry's key -> (new hash object, the name errors use).
-# New manifests record DIGEST; a manifest entry is verified with the algorithm its key names. A
-# non-cryptographic 128-bit hash (~10x SHA-256's speed) is enough: the digests detect corruption and
-# truncation, not tampering (whoever can change a file can change the manifest next to it).
-DIGESTS: dict[str, tuple[Callable[[], _Hash], str]] = {
-    "xxh3_128": (xxhash.xxh3_128, "XXH3-128 digest"),
-    "sha256": (hashlib.sha256, "SHA-256"),  # version-1 manifests
-}
-DIGEST = "xxh3_128"
 
 
 class CheckpointError(RuntimeError):
@@ -213,59 +196,6 @@ _VERIFY_THREADS = 8  # large files hashed at once by read_manifest
 _PARALLEL_HASH_BYTES = 1 << 22  # smaller files are hashed on the calling thread
 
 
-def _hash_file(path: Path, algorithm: str = DIGEST) -> str:
-    """The hex digest of the file at ``path`` with ``algorithm`` (a key of :data:`DIGESTS`)."""
-    # One buffer, refilled in place: ~7% faster than a new bytes object per block.
-    digest, buffer = DIGESTS[algorithm][0](), bytearray(1 << 18)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while count := f.readinto(buffer):
-            digest.update(view[:count])
-    return digest.hexdigest()
-
-
-def sync_and_digest(path: Path, fd: int) -> str:
-    """fsync ``fd``, the open file ``path``, and return the file's :data:`DIGEST`. The file is read back
-    (from the page cache) and hashed on a second thread while the fsync waits for the disk: a
-    large file's save then costs about the longer of the two, not their sum."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_hash_file, path)
-        os.fsync(fd)
-        return digest.result()
-
-
-# Files this process wrote and fsynced (write_json, SafetensorsWriter), by path, with the inode,
-# size and mtime they had then and their DIGEST when it was computed as they were saved. A note
-# holds only while the file is unchanged. The manifest then takes the digest without reading the
-# file again, and the sync before a checkpoint is swapped into place does not fsync it a second time.
-_SYNCED: dict[str, tuple[tuple[int, int, int], str | None]] = {}
-_SYNCED_MAX = 4096
-
-
-def note_synced(path: Path, digest: str | None = None) -> None:
-    """Record that the file at ``path`` was just fsynced, with its :data:`DIGEST` if known."""
-    stat, key = os.stat(path), os.path.abspath(path)
-    _SYNCED.pop(key, None)
-    _SYNCED[key] = ((stat.st_ino, stat.st_size, stat.st_mtime_ns), digest)
-    while len(_SYNCED) > _SYNCED_MAX:  # files never synced again nor listed (save_model's)
-        del _SYNCED[next(iter(_SYNCED))]
-
-
-def _noted(path: Path, forget: bool = False) -> tuple[bool, str | None]:
-    """(whether ``path`` is unchanged since this process fsynced it, its :data:`DIGEST` if known then)."""
-    key = os.path.abspath(path)
-    note = _SYNCED.pop(key, None) if forget else _SYNCED.get(key)
-    stat = os.stat(path)
-    if note is None or note[0] != (stat.st_ino, stat.st_size, stat.st_mtime_ns):
-        return False, None
-    return True, note[1]
-
-
-def _file_digest(path: Path) -> str:
-    """The :data:`DIGEST` of ``path``: the one noted when this process saved it, else read and hashed."""
-    return _noted(path)[1] or _hash_file(path)
-
-
 def write_manifest(directory: Path, info: dict[str, Any]) -> None:
     """List every file of ``directory`` with size and :data:`DIGEST` (call after all ranks wrote).
 
@@ -277,7 +207,7 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
         if path.is_file() and path.name != MANIFEST:
             files[path.relative_to(directory).as_posix()] = {
                 "size": path.stat().st_size,
-                DIGEST: _file_digest(path),
+                DIGEST: file_digest(path),
             }
     tmp = directory / f".{MANIFEST}.tmp"
     write_json(tmp, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
@@ -344,11 +274,11 @@ def _verify(directory: Path, files: dict[str, Any]) -> None:
     later: Exception | None = None
     try:
         futures = (
-            {path: pool.submit(_hash_file, path, _algorithm(e)) for path, e in listed if path in large}
+            {path: pool.submit(hash_file, path, _algorithm(e)) for path, e in listed if path in large}
             if pool
             else {}
         )
-        digests = {path: _hash_file(path, _algorithm(e)) for path, e in listed if path not in futures}
+        digests = {path: hash_file(path, _algorithm(e)) for path, e in listed if path not in futures}
         if problem is None:
             try:  # while the threads hash the large files; raised after the digests are compared
                 _check_unlisted(directory, files)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, _fsync, _noted, read_manifest
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, _fsync, read_manifest
+from ember.strategies.digests import noted
 
 __all__ = [
     "check_target",
@@ -171,7 +172,7 @@ def _sync_tree(root: Path) -> None:
     change to its directory, synced here): it is not fsynced again."""
     for folder, _, names in os.walk(root, topdown=False):
         for name in names:
-            if not _noted(Path(folder, name), forget=True)[0]:
+            if not noted(Path(folder, name), forget=True)[0]:
                 _fsync(Path(folder, name))
         _fsync(Path(folder))
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ember.strategies.checkpoint_io import CheckpointError, note_synced, sync_and_digest
+from ember.strategies.checkpoint_io import CheckpointError
+from ember.strategies.digests import note_synced, sync_and_digest
 
 __all__ = ["SafetensorsWriter", "consolidate", "load_shards", "save_shards", "shard_metadata", "storable"]
 

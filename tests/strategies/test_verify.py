@@ -12,20 +12,21 @@ import xxhash
 
 import ember.strategies.checkpoint_io as checkpoint_io
 from ember.strategies.checkpoint_io import CheckpointError, read_manifest, write_manifest, write_tree
+from ember.strategies.digests import DIGEST
 
 
 @pytest.fixture
 def threaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every file counts as large (hashed on the threads); the threads that hashed are recorded."""
     names: list[str] = []
-    hash_file = checkpoint_io._hash_file
+    hash_file = checkpoint_io.hash_file
 
-    def recorded(path: Path, algorithm: str = checkpoint_io.DIGEST) -> str:
+    def recorded(path: Path, algorithm: str = DIGEST) -> str:
         names.append(threading.current_thread().name)
         return hash_file(path, algorithm)
 
     monkeypatch.setattr(checkpoint_io, "_PARALLEL_HASH_BYTES", 0)
-    monkeypatch.setattr(checkpoint_io, "_hash_file", recorded)
+    monkeypatch.setattr(checkpoint_io, "hash_file", recorded)  # as read_manifest looks it up
     return names
 
 
