@@ -1,21 +1,10 @@
-"""DeepSpeed ZeRO (stages 1-3, CPU offload) on DeepSpeed's own engine.
-
-``prepare`` hands the model and optimizer to ``deepspeed.initialize``; the engine then owns the
-step: the Accelerator's ``backward`` runs ``engine.backward`` and ``engine.step`` (which applies
-the optimizer only at the end of an accumulation window), ``optimizer.step()`` is a no-op, and
-``clip_grad_norm_`` returns the norm the engine clipped to. The DeepSpeed configuration has one
-source of truth: what ember already knows (micro batch size, accumulation, clipping, precision)
-is written into it, and a user value that contradicts it is an error naming both.
-"""
+"""The DeepSpeed strategy: ``deepspeed.initialize`` owns the model, the optimizer and the step."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,104 +13,16 @@ from torch import nn
 from typing_extensions import override
 
 from ember._registry import Registry
-from ember._validation import check_bool, check_timeout, show
 from ember.precision import DoublePrecision, Precision
 from ember.strategies.base import EngineCheckpoints, OwnsOptimizerStep, Strategy
+from ember.strategies.deepspeed.config import DeepSpeedConfig
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.sharded_io import TensorSpec
 
-__all__ = ["DeepSpeedConfig", "DeepSpeedStrategy"]
+__all__ = ["DeepSpeedStrategy", "zero_checkpoint_weights"]
 
 log = logging.getLogger("ember")
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class DeepSpeedConfig:
-    """Options of :class:`DeepSpeedStrategy`.
-
-    Either the typed ZeRO options below, or ``config``: a DeepSpeed configuration dict or the path
-    of its JSON file (then the typed options must stay at their defaults). Values ember knows —
-    ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``,
-    ``gradient_clipping``, the ``fp16``/``bf16`` blocks — may be left out or ``"auto"``.
-    ``offload_optimizer`` keeps optimizer state (and the update) on the CPU; ``offload_parameters``
-    (stage 3) keeps the parameters there too.
-    """
-
-    stage: int = 2
-    offload_optimizer: bool = False
-    offload_parameters: bool = False
-    reduce_bucket_size: int = 200_000_000
-    allgather_bucket_size: int = 200_000_000
-    overlap_comm: bool = False
-    contiguous_gradients: bool = True
-    config: dict[str, Any] | str | os.PathLike[str] | None = None
-    timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage={show(self.stage)} is not a ZeRO stage. Valid choices: 0, 1, 2, 3")
-        for name in ("offload_optimizer", "offload_parameters", "overlap_comm", "contiguous_gradients"):
-            check_bool(name, getattr(self, name), owner="DeepSpeedConfig")
-        check_timeout("timeout", self.timeout, owner="DeepSpeedConfig")
-        if self.config is not None and not isinstance(self.config, (dict, str, os.PathLike)):
-            raise TypeError(
-                f"DeepSpeedConfig(config={show(self.config)}) must be None, a dict or the path of a JSON file"
-            )
-        if self.offload_parameters and self.stage != 3:
-            raise ValueError(f"offload_parameters=True needs stage=3 (got stage={self.stage})")
-        if self.offload_optimizer and self.stage == 0:
-            raise ValueError("offload_optimizer=True needs a ZeRO stage of 1, 2 or 3 (got stage=0)")
-        for name in ("reduce_bucket_size", "allgather_bucket_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} must be an int >= 1")
-        if self.config is not None:
-            changed = [
-                f.name
-                for f in DeepSpeedConfig.__dataclass_fields__.values()
-                if f.name not in ("config", "timeout") and getattr(self, f.name) != f.default
-            ]
-            if changed:
-                raise ValueError(
-                    f"pass either config= or the typed options, not both: {', '.join(changed)} "
-                    "would be ignored; put them in the DeepSpeed config"
-                )
-            if not isinstance(self.config, dict):
-                path = Path(self.config)
-                try:
-                    found = path.is_file()
-                except (OSError, ValueError):  # e.g. a NUL byte in the name
-                    found = False
-                if not found:
-                    raise ValueError(f"config={str(self.config)!r} is not a dict or an existing JSON file")
-                try:
-                    json.loads(path.read_text())
-                except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, unreadable
-                    raise ValueError(f"config={str(self.config)!r} is not valid JSON: {err}") from None
-
-    def user_config(self) -> dict[str, Any]:
-        """The DeepSpeed configuration before ember fills in what it knows."""
-        if self.config is not None:
-            if isinstance(self.config, dict):
-                copied: dict[str, Any] = json.loads(json.dumps(self.config))  # a deep copy, JSON values only
-                return copied
-            loaded: dict[str, Any] = json.loads(Path(self.config).read_text())
-            return loaded
-        zero: dict[str, Any] = {
-            "stage": self.stage,
-            "reduce_bucket_size": self.reduce_bucket_size,
-            "allgather_bucket_size": self.allgather_bucket_size,
-            "overlap_comm": self.overlap_comm,
-            "contiguous_gradients": self.contiguous_gradients,
-        }
-        if self.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
-        if self.offload_parameters:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-        if self.stage == 3:
-            del zero["allgather_bucket_size"]  # stage 3 names its bucket sizes differently
-        return {"zero_optimization": zero}
 
 
 class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
