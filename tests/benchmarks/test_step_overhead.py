@@ -148,3 +148,12 @@ def test_scaling_runs(tmp_path: Path) -> None:
     assert "### Callbacks" in results.read_text()
     rows = json.loads((ratios / "scaling.json").read_text())
     assert [r["case"] for r in rows] == ["trainer: us per callback 10x-100x / 1x-10x"]
+
+
+def test_rivals_run_fewer_rounds_than_ember() -> None:
+    import argparse
+
+    rounds = _script("step_overhead")._rounds
+    assert rounds("ember", argparse.Namespace(rounds=10, rival_rounds=5)) == 10
+    assert rounds("fabric", argparse.Namespace(rounds=10, rival_rounds=5)) == 5
+    assert rounds("lightning", argparse.Namespace(rounds=2, rival_rounds=5)) == 2  # --quick: 2 for everyone
