@@ -445,7 +445,6 @@ class Accelerator(ProcessMixin):
 _NOTHING = nullcontext()  # reusable: it holds no state
 
 
-# torch's registries of hooks on every module (filled in place by register_module_forward_hook ...)
 def _is_scheduler(obj: Any) -> bool:
     return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
 
