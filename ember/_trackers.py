@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 if TYPE_CHECKING:
+    from ember.strategies import Strategy
     from ember.trainer.loggers import Logger
 
     LogWith: TypeAlias = "str | Logger | Sequence[str | Logger] | None"
@@ -135,6 +136,31 @@ class Trackers:
         for logger in self.loggers:
             logger.finalize("success")
         self.loggers, self._started = [], False
+
+
+class TrackerMixin:
+    """The Accelerator's tracker methods; mixed into :class:`~ember.Accelerator`. Trackers live on the
+    main process only: elsewhere these do nothing."""
+
+    _strategy: Strategy
+    _trackers: Trackers
+
+    def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
+                      init_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """Start the ``log_with`` trackers under ``<project_dir>/<project_name>``; ``config`` is logged as
+        hyper-parameters; ``init_kwargs`` maps a tracker name to its logger's arguments."""
+        self._trackers.start(project_name, config, init_kwargs, main=self._strategy.is_global_zero)
+
+    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+        """Send numbers to the trackers at ``step`` (``None``: one past the previous call's step).
+
+        Tensors are converted with ``float()`` here, on the main process: a device sync per call.
+        """
+        self._trackers.log(values, step, main=self._strategy.is_global_zero)
+
+    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
+        """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
+        return self._trackers.get(name, unwrap, main=self._strategy.is_global_zero)
 
 
 def _number(key: str, value: Any) -> float:

@@ -30,6 +30,7 @@ from ember import _checkpoint, _forward, _trackers, _weights
 from ember._devices import check_accelerator, check_devices, resolve_accelerator, resolve_devices
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
+from ember._trackers import TrackerMixin
 from ember._validation import check_bool, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember._wrappers import (
@@ -57,7 +58,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
 
 
-class Accelerator(ProcessMixin):
+class Accelerator(ProcessMixin, TrackerMixin):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
@@ -414,24 +415,6 @@ class Accelerator(ProcessMixin):
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
         return skip_first_batches(dataloader, num_batches)
-
-    # -- experiment trackers (main process only; elsewhere these do nothing) -------------------------
-    def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
-                      init_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
-        """Start the ``log_with`` trackers under ``<project_dir>/<project_name>``; ``config`` is logged as
-        hyper-parameters; ``init_kwargs`` maps a tracker name to its logger's arguments."""
-        self._trackers.start(project_name, config, init_kwargs, main=self.is_main_process)
-
-    def log(self, values: dict[str, Any], step: int | None = None) -> None:
-        """Send numbers to the trackers at ``step`` (``None``: one past the previous call's step).
-
-        Tensors are converted with ``float()`` here, on the main process: a device sync per call.
-        """
-        self._trackers.log(values, step, main=self.is_main_process)
-
-    def get_tracker(self, name: str, unwrap: bool = False) -> Any:
-        """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
-        return self._trackers.get(name, unwrap, main=self.is_main_process)
 
     def end_training(self) -> None:
         """Finish the trackers, then release process groups; call once at the end of a script."""
