@@ -10,8 +10,8 @@ Every contender trains the same model on the same data with the same optimizer (
 batch 16 x 32 tokens), one thread per process. Each process (``ember launch`` starts the 2 DDP
 ranks) trains the hand-written loop and its contenders -- ember's Accelerator and Trainer in one
 process, each rival in its own -- for ``--rounds`` alternating rounds (A B C, B C A, ...; a rival's
-process ``--rival-rounds``), every run a fresh model and trainer. A run times ``--steps`` steps after ``--warmup`` steps (see
-``_contenders.py``); a contender's ratio is its time per step over the hand-written loop's in the
+process ``--rival-rounds``), every run a fresh model and trainer. A run times ``--steps`` steps
+after ``--warmup`` steps (see ``_contenders.py``); a contender's ratio is its time per step over the hand-written loop's in the
 same round of the same process (a paired measure: two fresh processes of the same program differ
 by several percent here), reported as the median and the spread over the rounds.
 
