@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -39,8 +39,8 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
 
 def move_batches(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
     """Each of ``batches`` moved to ``device`` as it is asked for (a ``map``: no generator frame of
-    ours resumed per batch)."""
-    return map(functools.partial(move_to_device, device=device), batches)
+    ours resumed per batch, and a plain positional call per batch)."""
+    return map(move_to_device, batches, itertools.repeat(device))
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:
