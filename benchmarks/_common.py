@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -117,10 +118,42 @@ def ratio_row(
     case: str, values: Sequence[float], baseline: Sequence[float], budget: float | None
 ) -> dict[str, Any]:
     """A :func:`record_ratios` row: the ratios of ``values`` to ``baseline``, paired by repetition
-    (both measured in the same round), as their median and spread; ``value`` is the median of ``values``."""
+    (both measured in the same round), as their median, spread and the median's interval
+    (:func:`median_interval`); ``value`` is the median of ``values``."""
     ratios = [v / b for v, b in zip(values, baseline, strict=True)]
+    return {**median_row(case, ratios, budget), "value": statistics.median(values)}
+
+
+def median_row(case: str, ratios: Sequence[float], budget: float | None) -> dict[str, Any]:
+    """A :func:`record_ratios` row of repeated ratios: median, spread and the median's interval."""
     return {"case": case, "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-            "budget": budget, "value": statistics.median(values)}  # fmt: skip
+            "interval": median_interval(ratios), "budget": budget}  # fmt: skip
+
+
+CONFIDENCE = 0.9  # of the median's interval
+MIN_INTERVAL_REPS = 5  # fewer repetitions: no interval (it would say no more than the spread)
+
+
+def median_interval(ratios: Sequence[float], resamples: int = 2000) -> list[float] | None:
+    """The median's :data:`CONFIDENCE` interval: a percentile bootstrap (``ratios`` resampled with
+    replacement ``resamples`` times, the median of each), with a fixed seed so that the same ratios
+    give the same interval. It says how far the median of another run as long could land: a budget
+    inside it is not decided by this run. None below :data:`MIN_INTERVAL_REPS` repetitions."""
+    if len(ratios) < MIN_INTERVAL_REPS:
+        return None
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = round(resamples * (1 - CONFIDENCE) / 2)
+    return [medians[tail], medians[resamples - 1 - tail]]
+
+
+def interval_text(row: dict[str, Any]) -> str:
+    """A row's interval for a table: ``low-high``, then ``(undecided)`` when its budget lies inside."""
+    interval, budget = row.get("interval"), row["budget"]
+    if interval is None:
+        return "-"
+    undecided = budget is not None and interval[0] <= budget < interval[1]
+    return f"{interval[0]:.3f}-{interval[1]:.3f}" + (" (undecided)" if undecided else "")
 
 
 def seconds(value: float) -> str:
@@ -145,15 +178,16 @@ def ratio_table(
 ) -> list[str]:
     """Markdown lines: the baseline (its median, ``show`` formats it) and one line per ratio row."""
     lines = [
-        f"| case | median {value} | ratio to {baseline[0]} (median) | spread (min-max) | budget | verdict |",
-        "|---|---|---|---|---|---|",
-        f"| {baseline[0]} (baseline) | {show(baseline[1])} | 1 | - | - | - |",
+        f"| case | median {value} | ratio to {baseline[0]} (median) | spread (min-max) | "
+        f"{CONFIDENCE:.0%} interval of the median | budget | verdict |",
+        "|---|---|---|---|---|---|---|",
+        f"| {baseline[0]} (baseline) | {show(baseline[1])} | 1 | - | - | - | - |",
     ]
     for row in rows:
         budget = "-" if row["budget"] is None else f"<= {row['budget']:g}"
         lines.append(
             f"| {row['case']} | {show(row['value'])} | {row['ratio']:.3f} | {row['low']:.3f}-{row['high']:.3f} "
-            f"| {budget} | {verdict(row)} |"
+            f"| {interval_text(row)} | {budget} | {verdict(row)} |"
         )
     return lines
 

@@ -27,7 +27,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RATIOS, RESULTS, host, quick_outputs, require_cuda, verdict, write_section
+from _common import (
+    CONFIDENCE,
+    RATIOS,
+    RESULTS,
+    host,
+    interval_text,
+    quick_outputs,
+    require_cuda,
+    verdict,
+    write_section,
+)
 
 HERE = Path(__file__).resolve().parent
 VERSIONS = ("torch", "ember", "lightning", "accelerate", "deepspeed")
@@ -90,22 +100,24 @@ def summary(
         "",
         "Every ratio is a contender's time, memory or instruction count (`instructions`) over its baseline's, "
         "measured in the same run with the contenders alternating; median and spread over the repetitions (one "
-        "run per contender for instruction counts). Budget: the ratio must not exceed it."
+        f"run per contender for instruction counts), and the median's {CONFIDENCE:.0%} interval (bootstrap, from 5 "
+        "repetitions): a budget inside it is *undecided* by this run, whatever the verdict. Budget: the median "
+        "ratio must not exceed it."
         + (
             " **--quick run: tiny sizes and single repetitions; these ratios say nothing about performance.**"
             if quick
             else ""
         ),
         "",
-        "| benchmark | case | ratio | spread | budget | verdict | measured |",
-        "|---|---|---|---|---|---|---|",
+        f"| benchmark | case | ratio | spread | {CONFIDENCE:.0%} interval | budget | verdict | measured |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, path in ratio_files(directory, device).items():
         when = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
         for row in json.loads(path.read_text()):
             budget = "-" if row["budget"] is None else f"<= {row['budget']:g}"
             lines.append(f"| {name} | {row['case']} | {row['ratio']:.3f} | {row['low']:.3f}-{row['high']:.3f} "
-                         f"| {budget} | {verdict(row)} | {when} |")  # fmt: skip
+                         f"| {interval_text(row)} | {budget} | {verdict(row)} | {when} |")  # fmt: skip
     failed = [name for name, (ok, _) in ran.items() if not ok]
     took = ", ".join(f"{name} {seconds:.0f} s" for name, (_, seconds) in ran.items())
     lines += ["", f"![ratios]({chart})", ""]
@@ -134,6 +146,9 @@ def draw(directory: Path, device: str, path: Path) -> None:
               for r in rows]  # fmt: skip
     spread = [[r["ratio"] - r["low"] for r in rows], [r["high"] - r["ratio"] for r in rows]]
     ax.barh(y, [r["ratio"] for r in rows], xerr=spread, color=colors, alpha=0.8, capsize=3)
+    for yy, row in zip(y, rows, strict=True):  # the median's interval: a thick black bar inside the whiskers
+        if row.get("interval") is not None:
+            ax.hlines(yy, *row["interval"], color="black", linewidth=3, zorder=2)
     budgets = [(yy, r["budget"]) for yy, r in zip(y, rows, strict=True) if r["budget"] is not None]
     if budgets:
         ax.scatter([b for _, b in budgets], [yy for yy, _ in budgets], marker="|", s=300, color="red",
@@ -147,7 +162,9 @@ def draw(directory: Path, device: str, path: Path) -> None:
     ax.set_xlim(0, right)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(y, [r["label"] for r in rows], fontsize=8)
-    ax.set_xlabel("ratio to the baseline (median; whiskers: min-max over repetitions)")
+    ax.set_xlabel(
+        f"ratio to the baseline (median; whiskers: min-max over repetitions; black: the median's {CONFIDENCE:.0%} interval)"
+    )
     ax.set_title(
         f"ember benchmarks{' (CUDA)' if device == 'cuda' else ''}: green within budget, red over, gray no budget"
     )

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, host, record_ratios, run_main
+from _common import alternate, host, median_row, record_ratios, run_main
 from _contenders import Run, measure, spawn, write_result
 
 FACTORS = (1, 10, 100)
@@ -101,7 +101,7 @@ def _steps(args: argparse.Namespace) -> tuple[list[str], list[dict[str, Any]]]:
                                               strict=True)] for f in FACTORS}  # fmt: skip
         for f in FACTORS[1:]:
             growth = [r / base for r, base in zip(relative[f], relative[1], strict=True)]
-            rows.append(_row(f"{contender}: steps {f}x / 1x", growth, STEPS_BUDGET))
+            rows.append(median_row(f"{contender}: steps {f}x / 1x", growth, STEPS_BUDGET))
     return lines, rows
 
 
@@ -123,12 +123,7 @@ def _per_unit(kind: str, base: int, args: argparse.Namespace) -> tuple[list[str]
         per = "" if i == 0 else f"{statistics.median(low if i == 1 else high):.2f}"
         lines.append(f"| {n} ({FACTORS[i]}x) | {statistics.median(overhead[i]):.1f} | {per} |")
     growth = [h / lo for lo, h in zip(low, high, strict=True)]
-    return lines, [_row(f"trainer: us per {kind[:-1]} 10x-100x / 1x-10x", growth, PER_UNIT_BUDGET)]
-
-
-def _row(case: str, ratios: list[float], budget: float) -> dict[str, Any]:
-    return {"case": case, "ratio": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-            "budget": budget}  # fmt: skip
+    return lines, [median_row(f"trainer: us per {kind[:-1]} 10x-100x / 1x-10x", growth, PER_UNIT_BUDGET)]
 
 
 def report(args: argparse.Namespace) -> str:

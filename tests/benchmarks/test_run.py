@@ -28,7 +28,9 @@ def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -
     results.write_text("# results\n\nintro\n\n<!-- old:start -->\nkept\n<!-- old:end -->\n")
     ratios.mkdir()
     other = [{"case": "fast thing", "ratio": 0.9, "low": 0.8, "high": 1.1, "budget": 1.0},
-             {"case": "slow thing", "ratio": 1.3, "low": 1.2, "high": 1.4, "budget": 1.0}]  # fmt: skip
+             {"case": "slow thing", "ratio": 1.3, "low": 1.2, "high": 1.4, "budget": 1.3,
+              "interval": [1.25, 1.35]},
+             {"case": "over thing", "ratio": 1.5, "low": 1.4, "high": 1.6, "budget": 1.0}]  # fmt: skip
     (ratios / "other.json").write_text(json.dumps(other))
     (ratios / "other_cuda.json").write_text(json.dumps([{**other[0], "case": "gpu thing"}]))
     cmd = [
@@ -52,8 +54,9 @@ def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -
         < text.index("<!-- checkpoint:start")
     )
     summary = text[text.index("<!-- summary:start -->") : text.index("<!-- summary:end -->")]
-    assert "| other | fast thing | 0.900 | 0.800-1.100 | <= 1 | pass |" in summary
-    assert "| other | slow thing | 1.300 | 1.200-1.400 | <= 1 | **OVER** |" in summary
+    assert "| other | fast thing | 0.900 | 0.800-1.100 | - | <= 1 | pass |" in summary
+    assert "| other | slow thing | 1.300 | 1.200-1.400 | 1.250-1.350 (undecided) | <= 1.3 | pass |" in summary
+    assert "| other | over thing | 1.500 | 1.400-1.600 | - | <= 1 | **OVER** |" in summary
     assert "gpu thing" not in summary  # the CUDA section has its own summary
     assert "| checkpoint | ember save_state |" in summary and "--quick run" in summary
     assert f"torch {torch.__version__}" in summary and "![ratios](ratios.png)" in summary
@@ -76,3 +79,28 @@ def test_cuda_section_needs_a_gpu(tmp_path: Path) -> None:
     done = run_command([PYTHON, str(RUN), "--device", "cuda", "--results", str(tmp_path / "R.md")])
     assert done.returncode != 0 and "no CUDA device" in done.stderr
     assert not (tmp_path / "R.md").exists()
+
+
+def test_the_medians_interval() -> None:
+    common = _common()
+    ratios = [1.00, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.09, 1.10]
+    low, high = common.median_interval(ratios)
+    assert low < 1.05 < high and 1.00 <= low and high <= 1.10  # around the median, inside the data
+    assert common.median_interval(ratios) == [low, high]  # the same ratios, the same interval
+    assert common.median_interval([1.0] * 7) == [1.0, 1.0]
+    wider = common.median_interval([1.00, 0.70, 1.02, 1.30, 1.04, 0.80, 1.06, 1.20, 1.08, 0.90, 1.10])
+    assert wider[0] < low and wider[1] > high  # noisier ratios, a wider interval
+    assert common.median_interval(ratios[:4]) is None  # too few repetitions to say more than the spread
+    row = common.median_row("case", ratios, 1.06)
+    assert row["ratio"] == 1.05 and (row["low"], row["high"]) == (1.0, 1.1) and row["interval"] == [low, high]
+    assert common.interval_text(row) == f"{low:.3f}-{high:.3f} (undecided)"
+    assert common.interval_text({**row, "budget": 1.2}) == f"{low:.3f}-{high:.3f}"
+    assert common.interval_text({**row, "interval": None}) == "-"
+
+
+def _common() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "_common.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
