@@ -78,7 +78,7 @@ class EarlyStopping(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if not trainer.val_dataloaders:
+        if not any(trainer.num_val_batches):  # no validation batch runs in this fit: check here instead
             self._check(trainer)
 
     def _improved(self, current: float) -> bool:
@@ -117,7 +117,9 @@ class EarlyStopping(Callback):
             return
         reason = self._decide(float(trainer.callback_metrics[self.monitor]))
         # Every process must stop together: stop if any process wants to.
-        stop = trainer.accelerator.reduce(torch.tensor([float(bool(reason))]), "max").item() > 0
+        # On the accelerator's device: NCCL communicates no host tensor.
+        flag = torch.tensor([float(bool(reason))], device=trainer.accelerator.device)
+        stop = trainer.accelerator.reduce(flag, "max").item() > 0
         if stop:
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch

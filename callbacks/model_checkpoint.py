@@ -118,7 +118,8 @@ class ModelCheckpoint(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if self._epoch_due(trainer) and not trainer.val_dataloaders:
+        # No validation batch runs in this fit (no loader, or limit_val_batches=0): save here instead.
+        if self._epoch_due(trainer) and not any(trainer.num_val_batches):
             self._save(trainer)
 
     def _epoch_due(self, trainer: Trainer) -> bool:

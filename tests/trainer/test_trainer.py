@@ -266,6 +266,24 @@ def test_limits_fast_dev_run_and_max_steps(tmp_path: Path) -> None:
     assert trainer.global_step == 5 and trainer.current_epoch == 2
 
 
+def test_without_validation_batches_checkpoints_and_early_stopping_act_at_epoch_end(tmp_path: Path) -> None:
+    # limit_val_batches=0 turns validation off while its loader is still given: the epoch-level
+    # callbacks act at the end of each training epoch, as without a loader.
+    class Rising(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = F.mse_loss(self(batch[0]), batch[1])
+            self.log("train_score", float(self.current_epoch), on_step=False, on_epoch=True)
+            return loss
+
+    stopper = EarlyStopping(monitor="train_score", mode="min", patience=2)
+    trainer = _trainer(tmp_path, max_epochs=6, limit_val_batches=0, callbacks=[stopper])
+    trainer.fit(Rising(), _loader(), _loader())
+    assert trainer.num_val_batches == [0]
+    assert trainer.current_epoch == 3 and stopper.stopped_epoch == 2  # best at epoch 0, 2 worse checks
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert saved == ["epoch=2-step=12"]  # saved at every epoch end, the newest kept (save_top_k=1)
+
+
 def test_early_stopping_and_top_k(tmp_path: Path) -> None:
     class Plateau(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
