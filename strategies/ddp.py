@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
@@ -72,6 +75,14 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
         module = super().setup_module(module)
+        if not any(p.requires_grad for p in module.parameters()):
+            # A module that trains nothing (a frozen teacher, a reference model, an encoder): DDP
+            # refuses it, and it has no gradient to synchronize. Its parameters and buffers start as
+            # rank 0's, as those of a module DDP wraps do.
+            with self._collective("broadcast"), torch.no_grad():
+                for tensor in itertools.chain(module.parameters(), module.buffers()):
+                    dist.broadcast(tensor, 0)
+            return module
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         # Passed only when off: newer torch deprecates the name, and True is the default anyway.
         extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}
@@ -98,8 +109,11 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
     @contextmanager
     def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
         if not isinstance(module, DistributedDataParallel):
-            raise TypeError(
-                f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}"
-            )
+            if any(p.requires_grad for p in module.parameters()):
+                raise TypeError(
+                    f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}"
+                )
+            yield  # a module that trains nothing (left unwrapped by setup_module): nothing to hold back
+            return
         with module.no_sync():
             yield

@@ -106,6 +106,44 @@ def test_accumulation_skips_allreduce_and_matches_big_batch() -> None:
     )
 
 
+# -- a model that trains nothing (a frozen teacher) is prepared without DDP --------------------------
+def _frozen_teacher_worker(ckpt: str) -> dict:
+    student = _model()
+    accelerator = Accelerator(gradient_accumulation_steps=2)
+    torch.manual_seed(100 + accelerator.process_index)  # each rank its own random teacher ...
+    teacher = nn.Sequential(nn.Linear(8, 1), nn.BatchNorm1d(1)).requires_grad_(False).eval()
+    before = flat_params(teacher)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    student, teacher, optimizer, loader = accelerator.prepare(
+        student, teacher, optimizer, DataLoader(_data(), batch_size=2)
+    )
+    for x, _ in loader:
+        with accelerator.accumulate(student, teacher):
+            with torch.no_grad():
+                target = teacher(x)
+            accelerator.backward(F.mse_loss(student(x), target))
+            optimizer.step()
+            optimizer.zero_grad()
+    accelerator.save_state(ckpt)
+    accelerator.load_state(ckpt)
+    return {"teacher": type(teacher).__name__, "student": type(student).__name__, "before": before,
+            "after": flat_params(teacher), "buffers": [b.tolist() for b in teacher.buffers()],
+            "params": flat_params(student)}  # fmt: skip
+
+
+def test_a_frozen_model_is_prepared_without_ddp_and_starts_as_rank_zeros(tmp_path: Path) -> None:
+    ranks = run_processes(_frozen_teacher_worker, str(tmp_path / "ckpt"), nprocs=2)
+    assert [r["teacher"] for r in ranks] == [
+        "Sequential",
+        "Sequential",
+    ]  # DDP refuses a module that trains nothing
+    assert [r["student"] for r in ranks] == ["DistributedDataParallel"] * 2
+    assert ranks[0]["before"] != ranks[1]["before"]  # ... made different on each rank,
+    assert ranks[0]["after"] == ranks[1]["after"] == ranks[0]["before"]  # ... rank 0's after prepare
+    assert ranks[0]["buffers"] == ranks[1]["buffers"]
+    assert ranks[0]["params"] == ranks[1]["params"]  # the student trained in step on both ranks
+
+
 # -- gather_for_metrics sees every sample exactly once ---------------------------------------------
 def _gather_worker(n: int, batch_size: int, drop_last: bool) -> dict:
     accelerator = Accelerator()
