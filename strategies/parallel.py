@@ -209,43 +209,51 @@ class ParallelStrategy(Strategy):
     @override
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
         check_reduce_op(op)
-        result = tensor.clone()
+        result, home = self._communicable(tensor)
         with self._collective("all_reduce"):
             dist.all_reduce(result, op=_REDUCE_OPS[op])
         if op == "mean":  # gloo has no AVG: sum, then divide
             result = result / self.world_size if result.is_floating_point() else result // self.world_size
-        return result
+        return result.to(home)
+
+    def _communicable(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:
+        """A copy of ``tensor`` that the group's backend can send, and the device the result goes back
+        to. NCCL sends no host tensor (a ``self.log(..., sync_dist=True)`` of a Python number, a
+        callback's flag): such a tensor goes through this process's GPU and comes back."""
+        if tensor.device.type == "cpu" and self.process_group_backend == "nccl":
+            return tensor.to(self.root_device, copy=True), tensor.device
+        return tensor.clone(), tensor.device
 
     @override
     def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:
         check_reduce_op(op)
         if op == "mean" or type(self).all_reduce is not ParallelStrategy.all_reduce:
             return super().start_all_reduce(tensor, op)  # gloo has no AVG / not torch.distributed's (XLA)
-        result = tensor.clone()
+        result, home = self._communicable(tensor)
         work = dist.all_reduce(result, op=_REDUCE_OPS[op], async_op=True)
 
         def wait() -> torch.Tensor:
             assert work is not None
             with self._collective("all_reduce"):
                 work.wait()
-            return result
+            return result.to(home)
 
         return wait
 
     @override
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        sent, home = self._communicable(tensor.contiguous())
+        parts = [torch.empty_like(sent) for _ in range(self.world_size)]
         with self._collective("all_gather"):
-            dist.all_gather(parts, tensor)
-        return torch.stack(parts)
+            dist.all_gather(parts, sent)
+        return torch.stack(parts).to(home)
 
     @override
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        result = tensor.clone().contiguous()
+        result, home = self._communicable(tensor.contiguous())
         with self._collective("broadcast"):
             dist.broadcast(result, src)
-        return result
+        return result.to(home)
 
     @override
     def barrier(self, name: str | None = None) -> None:

@@ -7,6 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from dist_helpers import PYTHON, base_env, run_command, run_processes
 from torch import nn
@@ -118,3 +119,19 @@ def test_failing_rank_stops_the_job(tmp_path: Path) -> None:
     assert result.returncode == 3
     assert "rank 1 exited with code 3" in result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_host_tensors_go_through_the_gpu_under_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NCCL sends no host tensor: a collective of one (a flag, a logged Python number) is staged on
+    # the process's device and its result comes back. (Checked here on the decision: this machine
+    # has no GPU; the "meta" device stands in for it.)
+    strategy = DDPStrategy(DDPConfig(process_group_backend="nccl"))
+    monkeypatch.setattr(DDPStrategy, "root_device", property(lambda self: torch.device("meta")))
+    host = torch.ones(3)
+    sent, home = strategy._communicable(host)
+    assert sent.device.type == "meta" and home == torch.device("cpu")
+    sent, home = strategy._communicable(torch.ones(3, device="meta"))  # already on the device: a copy
+    assert sent.device.type == "meta" and home.type == "meta"
+    gloo = DDPStrategy(DDPConfig(process_group_backend="gloo"))
+    sent, home = gloo._communicable(host)  # gloo sends host tensors: a copy, in place
+    assert sent.device == host.device == home and sent is not host and torch.equal(sent, host)
