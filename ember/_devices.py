@@ -10,14 +10,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ember.strategies import Strategy
 
-ACCELERATORS = ("auto", "cpu", "cuda", "xla")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "xla")  # "gpu": Lightning's name for "cuda"
 
 
-def check_accelerator(accelerator: str) -> None:
+def check_accelerator(accelerator: str) -> str:
+    """Check an ``accelerator`` argument; returns its canonical name (``"gpu"`` is ``"cuda"``)."""
     if accelerator not in ACCELERATORS:
         raise ValueError(
             f"accelerator={accelerator!r} is not supported. Valid choices: {', '.join(map(repr, ACCELERATORS))}"
         )
+    return "cuda" if accelerator == "gpu" else accelerator
 
 
 def resolve_accelerator(accelerator: str, strategy: Strategy) -> str:

@@ -115,7 +115,7 @@ class Accelerator(ProcessMixin, TrackerMixin):
         # Everything is validated before any process is started.
         environment = detect_environment()
         requested = "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
-        check_accelerator(requested)
+        requested = check_accelerator(requested)
         check_devices(devices)
         if environment.launched_externally:
             world_size = environment.world_size

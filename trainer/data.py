@@ -10,7 +10,29 @@ from torch.utils.data import DataLoader
 from ember.trainer.config import TrainerConfig
 from ember.trainer.module import DataModule, TrainModule
 
-__all__ = ["find_loaders", "val_check_batch"]
+__all__ = ["entry_arguments", "find_loaders", "val_check_batch"]
+
+
+def entry_arguments(
+    method: str,
+    module: TrainModule | None,
+    model: TrainModule | None,
+    loaders: Any,
+    datamodule: DataModule | None,
+) -> tuple[TrainModule | None, Any, DataModule | None]:
+    """An entry point's arguments in Lightning's forms, as ember's: ``model=`` names the module, and
+    a DataModule may come where the loaders go (``trainer.fit(module, datamodule)``)."""
+    if model is not None:
+        if module is not None:
+            raise TypeError(f"{method}() got both module and model=, two names of one argument: pass one")
+        module = model
+    if isinstance(loaders, DataModule):
+        if datamodule is not None:
+            raise ValueError(
+                f"{method}() got a DataModule in place of the dataloaders and datamodule= too: pass one"
+            )
+        loaders, datamodule = None, loaders
+    return module, loaders, datamodule
 
 
 def find_loaders(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import warnings
 from collections.abc import Iterable, Mapping
@@ -16,7 +17,30 @@ if TYPE_CHECKING:
     from ember.trainer.optim import LRSchedulerConfig
     from ember.trainer.trainer import Trainer
 
-__all__ = ["DataModule", "TrainModule"]
+__all__ = ["AttributeDict", "DataModule", "TrainModule"]
+
+
+class AttributeDict(dict[str, Any]):
+    """A dict whose keys also read and write as attributes: ``self.hparams.lr`` is
+    ``self.hparams["lr"]``, as in Lightning."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(
+                f"hparams has no {name!r}; it holds {sorted(self)} (save_hyperparameters() stores the "
+                "arguments of __init__)"
+            ) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
 
 class TrainModule(nn.Module):
@@ -37,7 +61,7 @@ class TrainModule(nn.Module):
                 return loss
 
             def configure_optimizers(self):
-                return torch.optim.AdamW(self.parameters(), lr=self.hparams["lr"])
+                return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
     """
 
     #: Set to False to call ``optimizer.step()`` and :meth:`manual_backward` yourself.
@@ -46,7 +70,7 @@ class TrainModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
-        self.hparams: dict[str, Any] = {}
+        self.hparams = AttributeDict()
 
     # -- what the Trainer calls ------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -201,12 +225,28 @@ class TrainModule(nn.Module):
         self.trainer._backward(loss, **kwargs)
 
     # -- hyper-parameters ----------------------------------------------------------------------------
-    def save_hyperparameters(self, *names: str, ignore: Iterable[str] = ()) -> None:
+    def save_hyperparameters(self, *names: Any, ignore: Iterable[str] = ()) -> None:
         """Store the ``__init__`` arguments of the caller in ``self.hparams`` (saved in checkpoints, logged).
 
+        ``names`` picks some of them; a single dict or ``argparse.Namespace`` is stored instead of them.
         Values that cannot be stored pickle-free (modules, functions ...) stay in ``self.hparams`` but
         are left out of checkpoints and loggers, with a warning naming them.
         """
+        skip = set(ignore)
+        if len(names) == 1 and isinstance(names[0], Mapping | argparse.Namespace):
+            given = names[0] if isinstance(names[0], Mapping) else vars(names[0])
+            if not all(isinstance(key, str) for key in given):
+                raise TypeError(
+                    f"save_hyperparameters(): the keys of a dict must be strings, got {list(given)}"
+                )
+            self.hparams.update({k: v for k, v in given.items() if k not in skip})
+            return
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise TypeError(
+                "save_hyperparameters() takes names of __init__ arguments (strings), or one dict or "
+                f"argparse.Namespace; got {bad!r}"
+            )
         frame = inspect.currentframe()
         caller = frame.f_back if frame is not None else None
         if caller is None:
@@ -219,7 +259,6 @@ class TrainModule(nn.Module):
         unknown = [n for n in chosen if n not in init_args]
         if unknown:
             raise ValueError(f"save_hyperparameters(): {unknown} are not arguments of {code.co_name}()")
-        skip = set(ignore)
         self.hparams.update({n: init_args[n] for n in chosen if n not in skip})
 
     def _serializable_hparams(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
-from ember.trainer.data import find_loaders, val_check_batch
+from ember.trainer.data import entry_arguments, find_loaders, val_check_batch
 from ember.trainer.hooks import HookPlan, call_hook
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
@@ -145,12 +145,19 @@ class Trainer(TrainerProperties):
             torch.use_deterministic_algorithms(True, warn_only=config.deterministic == "warn")
 
     # -- entry points -------------------------------------------------------------------------------
-    def fit(self, module: TrainModule, train_dataloaders: Any = None, val_dataloaders: Any = None,
-            datamodule: DataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+    def fit(self, module: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
+            datamodule: DataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None, *,
+            model: TrainModule | None = None) -> None:  # fmt: skip
         """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly.
 
         Without ``ckpt_path``, ``auto_resume`` may pick the newest valid checkpoint (see the class).
+        Lightning's forms work too: ``model=`` for ``module``, a DataModule in place of the loaders.
         """
+        module, train_dataloaders, datamodule = entry_arguments(
+            "fit", module, model, train_dataloaders, datamodule
+        )
+        if module is None:
+            raise TypeError("fit() needs a module: trainer.fit(module, train_dataloaders, ...)")
         self._attach(module, "fit", datamodule)
         checkpoint: Path | None
         if ckpt_path is not None:
@@ -205,18 +212,21 @@ class Trainer(TrainerProperties):
         self._run(run_fit, "fit")
 
     def validate(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                 datamodule: DataModule | None = None) -> list[dict[str, float]]:  # fmt: skip
+                 datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[dict[str, float]]:  # fmt: skip
         """One pass over the validation data; returns the logged metrics per dataloader."""
+        module, dataloaders, datamodule = entry_arguments("validate", module, model, dataloaders, datamodule)
         return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule)
 
     def test(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-             datamodule: DataModule | None = None) -> list[dict[str, float]]:  # fmt: skip
+             datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[dict[str, float]]:  # fmt: skip
         """One pass over the test data; returns the logged metrics per dataloader."""
+        module, dataloaders, datamodule = entry_arguments("test", module, model, dataloaders, datamodule)
         return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule)
 
     def predict(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                datamodule: DataModule | None = None) -> list[Any]:  # fmt: skip
+                datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[Any]:  # fmt: skip
         """``predict_step`` outputs, gathered across processes in dataset order (each sample once)."""
+        module, dataloaders, datamodule = entry_arguments("predict", module, model, dataloaders, datamodule)
         module = self._reattach(module, "predict", datamodule, ckpt_path)
         loaders = [self._prepare_loader(d) for d in self._loaders("predict", dataloaders, datamodule)]
         if not loaders:

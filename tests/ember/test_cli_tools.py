@@ -192,7 +192,7 @@ def test_strategy_checked_against_the_merged_process_count(tmp_path: Path) -> No
         ("nnodes: 2\nnode_rank: 2\n", "node_rank 2 must be in [0, 2) for nnodes 2"),
         ("strategy: fsdq\n", "strategy 'fsdq' is not a known strategy. Valid choices: 'auto', 'ddp'"),
         ("precision: fp7\n", "precision 'fp7' is not a known precision. Valid choices: '16-mixed'"),
-        ("accelerator: tpu\n", "accelerator 'tpu' is not a valid choice. Valid choices: 'auto', 'cpu', 'cuda', 'xla'"),
+        ("accelerator: tpu\n", "accelerator 'tpu' is not a valid choice. Valid choices: 'auto', 'cpu', 'cuda', 'gpu', 'xla'"),
         ("strategy: [ddp]\n", "strategy \"['ddp']\" is not a known strategy. Valid choices: 'auto', "),
         ("nproc_per_node: [2\n", "f.yaml' is not valid YAML at line 2, column 1: expected ',' or ']'"),
         ("- nproc_per_node: 2\n", "must be a mapping of launch options (key: value), not a list"),

@@ -532,6 +532,6 @@ def test_an_invalid_cli_option_exits_2_naming_it(
     if flag == "--strategy":
         assert "Valid choices: 'auto', " in error
     if flag == "--accelerator":
-        assert "'auto', 'cpu', 'cuda', 'xla'" in error
+        assert "'auto', 'cpu', 'cuda', 'gpu', 'xla'" in error
     assert sorted(p.name for p in quiet_dir.iterdir()) == ["train.py"], "left a file behind"
     assert _children() == children

@@ -37,7 +37,7 @@ class Regressor(TrainModule):
         return {"loss": loss, "extra": 1}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        if self.hparams["log_val"]:
+        if self.hparams.log_val:
             self.log("val_loss", F.mse_loss(self(batch[0]), batch[1]))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -159,6 +159,47 @@ def test_configure_optimizers_forms() -> None:
 
 
 # -- features ---------------------------------------------------------------------------------------------
+def test_hparams_read_as_attributes_and_come_from_a_dict_or_namespace(tmp_path: Path) -> None:
+    import argparse
+
+    module = Regressor(lr=0.5)
+    assert module.hparams.lr == module.hparams["lr"] == 0.5  # Lightning's self.hparams.lr
+    module.hparams.extra = 3
+    assert module.hparams["extra"] == 3
+    del module.hparams.extra
+    with pytest.raises(AttributeError, match=r"hparams has no 'missing'; it holds \['log_val', 'lr'\]"):
+        module.hparams.missing  # noqa: B018
+
+    class FromConfig(Regressor):
+        def __init__(self, config: Any) -> None:
+            super().__init__()
+            self.hparams.clear()
+            self.save_hyperparameters(config, ignore=["secret"])
+
+    assert FromConfig({"lr": 0.2, "log_val": False, "secret": 1}).hparams == {"lr": 0.2, "log_val": False}
+    namespace = FromConfig(argparse.Namespace(lr=0.3, log_val=True))
+    assert namespace.hparams == {"lr": 0.3, "log_val": True}
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(namespace, _loader())
+    state = json.loads((Path(trainer.checkpoint_callback.best_model_path) / "trainer_state.json").read_text())
+    assert state["hyper_parameters"] == {"lr": 0.3, "log_val": True}
+    with pytest.raises(TypeError, match="names of __init__ arguments .* got \\[3\\]"):
+        Regressor().save_hyperparameters(3)
+
+
+def test_accelerator_gpu_is_cuda() -> None:
+    # Lightning's accelerator="gpu" names CUDA (here without a GPU: the CUDA check answers).
+    from ember import Accelerator
+
+    for make in (lambda: Accelerator(accelerator="gpu"), lambda: Trainer(accelerator="gpu")):
+        with pytest.raises(
+            ValueError, match=r"accelerator='cuda' was requested, but torch.cuda.is_available\(\)"
+        ):
+            make()
+    with pytest.raises(ValueError, match="Valid choices: 'auto', 'cpu', 'cuda', 'gpu', 'xla'"):
+        Accelerator(accelerator="tpu")
+
+
 def test_fit_validate_test_predict(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=1)
     module = Regressor()
@@ -401,6 +442,39 @@ def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:
     trainer.fit(Plateau(), datamodule=data)
     assert data.stages == ["fit"]
     assert trainer.optimizers[0].param_groups[0]["lr"] < 0.1
+
+
+def test_lightning_forms_of_the_entry_points(tmp_path: Path) -> None:
+    class Data(DataModule):
+        def __init__(self) -> None:
+            self.stages: list[str] = []
+
+        def setup(self, stage: str) -> None:
+            self.stages.append(stage)
+
+        def train_dataloader(self) -> DataLoader:
+            return _loader()
+
+        def val_dataloader(self) -> DataLoader:
+            return _loader()
+
+        def test_dataloader(self) -> DataLoader:
+            return _loader(8)
+
+    data, module = Data(), Regressor()
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(model=module, train_dataloaders=data)  # Lightning's names; a DataModule where loaders go
+    assert trainer.global_step == 4 and data.stages == ["fit"] and "val_loss" in trainer.callback_metrics
+    assert list(trainer.test(model=module, dataloaders=data)[0]) == ["test_loss"]
+    assert data.stages == ["fit", "test"]
+    with pytest.raises(TypeError, match=r"fit\(\) got both module and model=, two names of one argument"):
+        trainer.fit(module, model=module)
+    with pytest.raises(
+        ValueError, match=r"validate\(\) got a DataModule in place of the dataloaders and datamodule="
+    ):
+        trainer.validate(module, data, datamodule=data)
+    with pytest.raises(TypeError, match=r"fit\(\) needs a module"):
+        trainer.fit(train_dataloaders=_loader())
 
 
 def test_resume_from_another_directory_leaves_its_log_alone(tmp_path: Path) -> None:
