@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -34,6 +35,26 @@ def gather_tensor(strategy: Strategy, tensor: torch.Tensor) -> torch.Tensor:
 
 def gather(strategy: Strategy, data: Any) -> Any:
     return apply_to_tensors(data, lambda t: gather_tensor(strategy, t))
+
+
+def gather_objects(strategy: Strategy, obj: Any, caller: str) -> list[Any]:
+    """Every rank's ``obj`` in rank order, pickle-free: each travels as UTF-8 JSON in a byte tensor
+    (strings, numbers, booleans, None, and lists and dicts of them)."""
+    try:
+        text = json.dumps(obj)
+    except TypeError as error:
+        raise TypeError(
+            f"{caller}: {error}. Objects other than tensors travel between processes as JSON (strings, numbers, "
+            "booleans, None, lists and dicts of them; no pickle): convert the rest first (a tensor: gather it "
+            "on its own; numpy: .tolist())"
+        ) from None
+    if strategy.world_size == 1:
+        return [json.loads(text)]
+    device = strategy.root_device
+    payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+    sizes = strategy.all_gather(torch.tensor([payload.numel()], device=device)).flatten().tolist()
+    stacked = strategy.all_gather(pad_tensor(payload, max(sizes), dim=0)).cpu()
+    return [json.loads(bytes(stacked[rank, :size].tolist()).decode()) for rank, size in enumerate(sizes)]
 
 
 def reduce(strategy: Strategy, data: Any, op: ReduceOp) -> Any:

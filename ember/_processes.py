@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import torch
 
 from ember import _ops
+from ember._tree import other_leaf
 from ember._wrappers import GradientState
 from ember.strategies import Strategy
 from ember.strategies.base import ReduceOp, check_reduce_op
@@ -43,14 +44,39 @@ class ProcessMixin:
 
     # -- collectives --------------------------------------------------------------------------
     def gather(self, tensor: Any) -> Any:
-        """Concatenate tensors (nested structures too) from all processes along dim 0."""
+        """Concatenate tensors (nested structures too) from all processes along dim 0.
+
+        Other objects: :meth:`gather_object` (or :meth:`gather_for_metrics`, which takes both)."""
+        other = other_leaf(tensor)
+        if other and self.num_processes > 1:
+            raise TypeError(
+                f"gather() takes tensors (and dicts, lists, tuples of them); got a {type(other[0]).__name__}. "
+                "Use gather_object() for other objects, or gather_for_metrics(), which gathers either"
+            )
         return _ops.gather(self._strategy, tensor)
 
     def gather_for_metrics(self, input_data: Any) -> Any:
-        """:meth:`gather`, minus the samples duplicated to even out the last batch of a prepared loader."""
-        gathered = _ops.gather(self._strategy, input_data)
+        """:meth:`gather`, minus the samples duplicated to even out the last batch of a prepared loader.
+
+        Data that is not all tensors (decoded strings, lists of labels ...) is gathered with
+        :meth:`gather_object`: a list from each process makes one list, cut to the real samples too."""
         remainder = self._gradient_state.loop.remainder
+        if other_leaf(input_data):
+            if self.num_processes == 1:
+                return input_data
+            gathered = self.gather_object(input_data)
+            return gathered if remainder is None or not isinstance(input_data, list) else gathered[:remainder]
+        gathered = _ops.gather(self._strategy, input_data)
         return gathered if remainder is None else _ops.truncate(gathered, remainder)
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in process order; lists from every process are joined into one
+        (as 🤗 Accelerate's ``gather_object``). Pickle-free: objects travel as JSON (strings,
+        numbers, booleans, None, lists and dicts of them), so a tuple arrives as a list."""
+        objects = _ops.gather_objects(self._strategy, obj, "gather_object()")
+        if isinstance(obj, list):
+            return [item for each in objects for item in each]
+        return objects
 
     def reduce(self, tensor: Any, reduction: ReduceOp = "sum") -> Any:
         """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""

@@ -37,6 +37,30 @@ def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return data
 
 
+def other_leaf(data: Any) -> Any:
+    """The first leaf of ``data`` (through dicts, lists, tuples and dataclasses) that is neither a
+    tensor nor None, as a one-element tuple; ``()`` when there is none."""
+    found: list[Any] = []
+
+    def visit(value: Any) -> None:
+        if found or value is None or isinstance(value, torch.Tensor):
+            return
+        if isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for f in dataclasses.fields(value):
+                visit(getattr(value, f.name))
+        else:
+            found.append(value)
+
+    visit(data)
+    return tuple(found)
+
+
 def move_batches(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
     """Each of ``batches`` moved to ``device`` as it is asked for (a ``map``: no generator frame of
     ours resumed per batch, and a plain positional call per batch)."""

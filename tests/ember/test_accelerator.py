@@ -245,6 +245,11 @@ def test_single_process_collectives_and_helpers() -> None:
     t = torch.arange(3)
     assert accelerator.gather(t).tolist() == [0, 1, 2]
     assert accelerator.gather(torch.tensor(5)).tolist() == [5]
+    # One process: other objects pass through gather and gather_for_metrics as they are (nothing to
+    # send; numpy arrays, PIL images ... included); gather_object still gives a list, as JSON.
+    other = {"label": "cat", "array": object()}
+    assert accelerator.gather(other) == other and accelerator.gather_for_metrics(other) is other
+    assert accelerator.gather_object(("a", 1)) == [["a", 1]] and accelerator.gather_object([1, 2]) == [1, 2]
     assert accelerator.reduce(t, "sum").tolist() == [0, 1, 2]
     assert accelerator.pad_across_processes({"x": t})["x"].tolist() == [0, 1, 2]
     assert accelerator.broadcast(t).tolist() == [0, 1, 2]

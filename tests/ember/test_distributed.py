@@ -133,10 +133,8 @@ def _frozen_teacher_worker(ckpt: str) -> dict:
 
 def test_a_frozen_model_is_prepared_without_ddp_and_starts_as_rank_zeros(tmp_path: Path) -> None:
     ranks = run_processes(_frozen_teacher_worker, str(tmp_path / "ckpt"), nprocs=2)
-    assert [r["teacher"] for r in ranks] == [
-        "Sequential",
-        "Sequential",
-    ]  # DDP refuses a module that trains nothing
+    # DDP refuses a module that trains nothing: it stays as it is ...
+    assert [r["teacher"] for r in ranks] == ["Sequential"] * 2
     assert [r["student"] for r in ranks] == ["DistributedDataParallel"] * 2
     assert ranks[0]["before"] != ranks[1]["before"]  # ... made different on each rank,
     assert ranks[0]["after"] == ranks[1]["after"] == ranks[0]["before"]  # ... rank 0's after prepare
@@ -151,17 +149,32 @@ def _gather_worker(n: int, batch_size: int, drop_last: bool) -> dict:
     loader = accelerator.prepare(
         DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
     )
-    seen, nested, steps = [], [], 0
+    seen, nested, steps, texts = [], [], 0, []
     for _epoch in range(2):
         ids_epoch = []
         for ids, values in loader:
             steps += 1
-            gathered = accelerator.gather_for_metrics({"ids": ids, "values": values})
+            gathered = accelerator.gather_for_metrics({"ids": ids, "values": values, "none": None})
             ids_epoch += gathered["ids"].tolist()
             nested.append(bool(torch.equal(gathered["values"].squeeze(1), gathered["ids"].float() * 10)))
+            # Decoded predictions (strings) are gathered too, the duplicated last samples dropped.
+            texts += accelerator.gather_for_metrics([f"sample {i}" for i in ids.tolist()])
         seen.append(ids_epoch)
     plain = accelerator.gather(torch.tensor([accelerator.process_index]))
-    return {"seen": seen, "nested_ok": all(nested), "steps": steps, "plain": plain.tolist()}
+    objects = accelerator.gather_object({"rank": accelerator.process_index, "name": ("a", 1)})
+    joined = accelerator.gather_object([accelerator.process_index] * (accelerator.process_index + 1))
+    try:
+        accelerator.gather(["a string"])
+        refused = ""
+    except TypeError as error:
+        refused = str(error)
+    try:
+        accelerator.gather_object({"tensor": torch.ones(1)})
+        unsendable = ""
+    except TypeError as error:
+        unsendable = str(error)
+    return {"seen": seen, "nested_ok": all(nested), "steps": steps, "plain": plain.tolist(), "texts": texts,
+            "objects": objects, "joined": joined, "refused": refused, "unsendable": unsendable}  # fmt: skip
 
 
 def test_gather_for_metrics_returns_each_sample_once() -> None:
@@ -174,6 +187,15 @@ def test_gather_for_metrics_returns_each_sample_once() -> None:
             assert sorted(epoch_ids) == list(range(13))
     assert ranks[0]["seen"][0] != ranks[0]["seen"][1]  # reshuffled each epoch
     assert ranks[0]["seen"] == ranks[1]["seen"]
+    for rank in ranks:  # strings: each sample once, in the order of the gathered ids
+        assert rank["texts"] == [f"sample {i}" for epoch in rank["seen"] for i in epoch]
+        assert rank["objects"] == [
+            {"rank": 0, "name": ["a", 1]},
+            {"rank": 1, "name": ["a", 1]},
+        ]  # JSON: a list
+        assert rank["joined"] == [0, 1, 1]  # lists from every process, joined
+        assert "gather() takes tensors (and dicts, lists, tuples of them); got a str" in rank["refused"]
+        assert "Object of type Tensor is not JSON serializable" in rank["unsendable"]
 
 
 def test_gather_for_metrics_with_drop_last() -> None:
