@@ -42,6 +42,10 @@ class ProcessMixin:
     def is_local_main_process(self) -> bool:
         return self._strategy.is_local_zero
 
+    @property
+    def is_last_process(self) -> bool:
+        return self._strategy.global_rank == self._strategy.world_size - 1
+
     # -- collectives --------------------------------------------------------------------------
     def gather(self, tensor: Any) -> Any:
         """Concatenate tensors (nested structures too) from all processes along dim 0.
@@ -111,12 +115,48 @@ class ProcessMixin:
         if self.is_main_process:
             self.wait_for_everyone()
 
+    @contextmanager
+    def local_main_process_first(self) -> Iterator[None]:
+        """Run the body on each node's main process first (e.g. a download to local disk), then on
+        the node's others. Every process of the run must enter it (it waits on all of them)."""
+        if not self.is_local_main_process:
+            self.wait_for_everyone()
+        yield
+        if self.is_local_main_process:
+            self.wait_for_everyone()
+
     def on_main_process(self, function: F) -> F:
         """Decorator: the function runs on the main process only (elsewhere it returns None)."""
+        return self._only_where(function, lambda: self.is_main_process)
 
+    def on_local_main_process(self, function: F) -> F:
+        """Decorator: the function runs on each node's main process only (elsewhere it returns None)."""
+        return self._only_where(function, lambda: self.is_local_main_process)
+
+    def on_last_process(self, function: F) -> F:
+        """Decorator: the function runs on the last process only (elsewhere it returns None)."""
+        return self._only_where(function, lambda: self.is_last_process)
+
+    def on_process(self, function: F | None = None, *, process_index: int) -> Any:
+        """Decorator: the function runs on process ``process_index`` only (elsewhere it returns None);
+        ``@accelerator.on_process(process_index=1)``."""
+        if (
+            isinstance(process_index, bool)
+            or not isinstance(process_index, int)
+            or not (0 <= process_index < self.num_processes)
+        ):
+            raise ValueError(f"process_index={process_index!r} must be an int in [0, {self.num_processes})")
+
+        def decorate(fn: F) -> F:
+            return self._only_where(fn, lambda: self.process_index == process_index)
+
+        return decorate if function is None else decorate(function)
+
+    @staticmethod
+    def _only_where(function: F, here: Callable[[], bool]) -> F:
         @functools.wraps(function)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return function(*args, **kwargs) if self.is_main_process else None
+            return function(*args, **kwargs) if here() else None
 
         return wrapper  # type: ignore[return-value]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from typing import Any
@@ -10,12 +11,31 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> int:
-    """Seed python's ``random``, numpy and torch (CPU and every CUDA device) with ``seed``."""
+def seed_everything(
+    seed: int, workers: bool = False, *, device_specific: bool = False, deterministic: bool = False
+) -> int:
+    """Seed python's ``random``, numpy and torch (CPU and every CUDA device) with ``seed``; returns it.
+
+    ``device_specific`` adds this process's global rank (``RANK``, set by the launcher), so that each
+    process draws different numbers (🤗 Accelerate's ``set_seed``); ``deterministic`` also calls
+    ``torch.use_deterministic_algorithms(True)``. ``workers`` is Lightning's flag, accepted as it is:
+    a prepared dataloader always derives its workers' seeds from the run's seed and the epoch.
+    """
+    for name, flag in (
+        ("workers", workers),
+        ("device_specific", device_specific),
+        ("deterministic", deterministic),
+    ):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}={flag!r} must be True or False")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed={seed!r} must be an int")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32)")
+    if device_specific:
+        seed = (seed + int(os.environ.get("RANK", "0"))) % 2**32
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device

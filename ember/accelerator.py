@@ -15,6 +15,7 @@ optional capabilities by interface. The Trainer drives the same object.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -168,6 +169,13 @@ class Accelerator(ProcessMixin, TrackerMixin):
     @property
     def precision(self) -> Precision:
         return self._strategy.precision
+
+    @property
+    def mixed_precision(self) -> str:
+        """The precision in 🤗 Accelerate's words: ``"fp16"`` or ``"bf16"`` when the compute runs in
+        that dtype (mixed or true half precision), else ``"no"``."""
+        name = self._strategy.precision.name
+        return "fp16" if name.startswith("16-") else "bf16" if name.startswith("bf16-") else "no"
 
     @property
     def device(self) -> torch.device:
@@ -406,8 +414,23 @@ class Accelerator(ProcessMixin, TrackerMixin):
         """
         return _checkpoint.load_state(self._strategy, self._objects, input_dir)
 
-    def free_memory(self) -> None:
-        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`)."""
+    def free_memory(self, *objects: Any) -> list[None]:
+        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`),
+        collect garbage and empty the CUDA cache. Returns one ``None`` per object passed, to rebind
+        your names with (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in
+        🤗 Accelerate; ``clear`` is the same method."""
+        self._forget()
+        released: list[None] = [None] * len(objects)
+        del objects  # the caller's references are the last ones once it rebinds them
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return released
+
+    clear = free_memory
+
+    def _forget(self) -> None:
+        """Forget every prepared and registered object, and the accumulation count (no collection)."""
         self._objects = _checkpoint.PreparedObjects()
         self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
 

@@ -15,8 +15,9 @@ __all__ = ["PRECISION_REGISTRY", "Precision", "resolve_precision"]
 
 PRECISION_REGISTRY: Registry[Precision] = Registry("precision", "precision")
 
-# Short spellings Lightning users type; each maps to one registered name.
-_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed", "half": "16-true"}
+# Short spellings Lightning and 🤗 Accelerate users type; each maps to one registered name.
+_ALIASES = {"32": "32-true", "64": "64-true", "16": "16-mixed", "bf16": "bf16-mixed", "half": "16-true",
+            "fp16": "16-mixed", "no": "32-true"}  # fmt: skip  # (the last two: 🤗 Accelerate's)
 
 
 class Precision:

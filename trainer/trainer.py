@@ -282,7 +282,7 @@ class Trainer(TrainerProperties):
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
         if not isinstance(module, TrainModule):
             raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
-        self.accelerator.free_memory()  # checkpoints hold what this stage prepares, nothing older
+        self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
         self._module = module
         module._trainer = self
         self.stage = stage

@@ -257,6 +257,12 @@ def test_single_process_collectives_and_helpers() -> None:
         assert share == [1, 2, 3]
     with accelerator.main_process_first():
         pass
+    with accelerator.local_main_process_first():
+        pass
+    assert accelerator.is_last_process and accelerator.on_last_process(lambda: 1)() == 1
+    assert accelerator.on_process(process_index=0)(lambda: 2)() == 2
+    with pytest.raises(ValueError, match=r"process_index=1 must be an int in \[0, 1\)"):
+        accelerator.on_process(lambda: 3, process_index=1)
     calls = []
     accelerator.on_main_process(lambda: calls.append(1))()
     assert calls == [1]
@@ -386,3 +392,32 @@ def test_boundary_calls_skip_the_wrapper_only_where_it_adds_nothing() -> None:
     _, scaled = Accelerator(precision="16-mixed").prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
     step, zero_grad = scaled.boundary_calls()  # the gradient scaler's step goes through the wrapper
     assert step == scaled.step and zero_grad == scaled.zero_grad
+
+
+def test_accelerate_names_mixed_precision_free_memory_and_set_seed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember import set_seed
+
+    assert Accelerator().mixed_precision == "no"
+    assert Accelerator(mixed_precision="bf16").mixed_precision == "bf16"
+    assert Accelerator(precision="no").precision.name == "32-true"  # Accelerate's spellings of precision=
+    assert Accelerator(precision="bf16-true").mixed_precision == "bf16"
+    accelerator = Accelerator()
+    model, optimizer = accelerator.prepare(
+        nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    )
+    assert accelerator.free_memory(model, optimizer) == [None, None]
+    assert accelerator.clear == accelerator.free_memory
+    assert not accelerator._objects.models and not accelerator._objects.optimizers  # forgotten
+    # set_seed: device_specific adds the process's rank; deterministic switches torch to it.
+    monkeypatch.setenv("RANK", "3")
+    assert set_seed(10, device_specific=True) == 13
+    first = torch.rand(1)
+    assert set_seed(13, workers=True) == 13
+    assert torch.equal(torch.rand(1), first)
+    try:
+        set_seed(1, deterministic=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    with pytest.raises(TypeError, match="device_specific=1 must be True or False"):
+        set_seed(1, device_specific=1)  # type: ignore[arg-type]

@@ -37,11 +37,18 @@ def _config_worker() -> dict:
     value = accelerator.broadcast(torch.tensor([accelerator.process_index]), from_process=1)
     with accelerator.split_between_processes(list(range(5))) as share:
         mine = share
-    order = []
+    order, local = [], []
     with accelerator.main_process_first():
         order.append(time.monotonic())
+    with accelerator.local_main_process_first():  # one node: the same as main_process_first
+        local.append(time.monotonic())
+    ran = [accelerator.on_process(lambda: "one", process_index=1)(), accelerator.on_last_process(lambda: "last")(),
+           accelerator.on_local_main_process(lambda: "local")()]  # fmt: skip
     accelerator.end_training()
     return {
+        "ran": ran,
+        "last": accelerator.is_last_process,
+        "local_first": local[0],
         "find_unused": prepared.find_unused_parameters,  # type: ignore[union-attr]
         "backend": strategy.process_group_backend,
         "total": total.item(),
@@ -61,6 +68,9 @@ def test_ddp_config_and_collectives() -> None:
     assert [r["value"] for r in ranks] == [1, 1]
     assert ranks[0]["share"] == [0, 1, 2] and ranks[1]["share"] == [3, 4]
     assert ranks[0]["first"] < ranks[1]["first"]  # the main process ran the block first
+    assert ranks[0]["local_first"] < ranks[1]["local_first"]
+    assert ranks[0]["ran"] == [None, None, "local"] and ranks[1]["ran"] == ["one", "last", None]
+    assert [r["last"] for r in ranks] == [False, True]
 
 
 def _forward_watch_worker() -> dict:

@@ -35,7 +35,11 @@ def test_without_torch_xla_the_error_says_how_to_install() -> None:
         ("cuda", "xla", "accelerator='cuda' does not fit strategy='xla', which runs on accelerator='xla'"),
         ("cpu", "xla_spmd", "accelerator='cpu' does not fit strategy='xla_spmd'"),
         ("xla", "ddp", "accelerator='xla' needs an XLA strategy, not strategy='ddp'"),
-        ("tpu", "xla", "accelerator='tpu' is not supported. Valid choices: 'auto', 'cpu', 'cuda', 'gpu', 'xla'"),
+        (
+            "tpu",
+            "xla",
+            "accelerator='tpu' is not supported. Valid choices: 'auto', 'cpu', 'cuda', 'gpu', 'xla'",
+        ),
     ],
 )
 def test_accelerator_and_strategy_must_agree(accelerator: str, strategy: str, message: str) -> None:
