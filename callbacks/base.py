@@ -15,7 +15,21 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["Callback"]
+__all__ = ["Callback", "acts_at_train_epoch_end"]
+
+
+def acts_at_train_epoch_end(trainer: Trainer, choice: bool | None) -> bool:
+    """Whether a monitoring callback (``ModelCheckpoint``, ``EarlyStopping``) acts at the end of the
+    training epoch rather than at the end of each validation run: ``choice`` when given; else when
+    no validation batch runs in the fit, or when validation runs once per epoch, at its end
+    (``val_check_interval=1.0``, ``check_val_every_n_epoch=1``). Then it sees the epoch's training
+    values, what the module logged in ``on_train_epoch_end`` and the validation's values (Lightning's rule)."""
+    if choice is not None:
+        return choice
+    if not any(trainer.num_val_batches):
+        return True
+    interval = trainer.val_check_interval
+    return trainer.check_val_every_n_epoch == 1 and isinstance(interval, float) and interval == 1.0
 
 
 class Callback:

@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from ember._validation import check_bool, check_number, check_str
-from ember.callbacks.base import Callback
+from ember.callbacks.base import Callback, acts_at_train_epoch_end
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -21,7 +21,9 @@ __all__ = ["EarlyStopping"]
 class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` checks.
 
-    Checked after each validation run, or at each training epoch end when there is no validation.
+    Checked at the end of each training epoch (after its validation), or after each validation run
+    when validation runs several times an epoch or every few epochs (``check_on_train_epoch_end``
+    decides when given).
     Also stops at once when the value reaches ``stopping_threshold``, passes
     ``divergence_threshold``, or (with ``check_finite``) becomes NaN/inf.
 
@@ -43,6 +45,7 @@ class EarlyStopping(Callback):
         stopping_threshold: float | None = None,
         divergence_threshold: float | None = None,
         verbose: bool = False,
+        check_on_train_epoch_end: bool | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping(mode={mode!r}): valid choices are 'min', 'max'")
@@ -52,6 +55,7 @@ class EarlyStopping(Callback):
         check_number("min_delta", min_delta, owner="EarlyStopping")
         for name, flag in (("strict", strict), ("check_finite", check_finite), ("verbose", verbose)):
             check_bool(name, flag, owner="EarlyStopping")
+        check_bool("check_on_train_epoch_end", check_on_train_epoch_end, owner="EarlyStopping", optional=True)
         for name, threshold in (
             ("stopping_threshold", stopping_threshold),
             ("divergence_threshold", divergence_threshold),
@@ -65,6 +69,7 @@ class EarlyStopping(Callback):
         self.stopped_epoch = -1
         self.best_score = math.inf if mode == "min" else -math.inf
         self.stop_reason = ""
+        self.check_on_train_epoch_end = check_on_train_epoch_end
 
     @property
     @override
@@ -73,12 +78,16 @@ class EarlyStopping(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if trainer.stage == "fit" and not trainer.sanity_checking:
+        if (
+            trainer.stage == "fit"
+            and not trainer.sanity_checking
+            and not acts_at_train_epoch_end(trainer, self.check_on_train_epoch_end)
+        ):
             self._check(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if not any(trainer.num_val_batches):  # no validation batch runs in this fit: check here instead
+        if acts_at_train_epoch_end(trainer, self.check_on_train_epoch_end):
             self._check(trainer)
 
     def _improved(self, current: float) -> bool:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str
-from ember.callbacks.base import Callback
+from ember.callbacks.base import Callback, acts_at_train_epoch_end
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
 
@@ -26,9 +26,9 @@ _FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
 class ModelCheckpoint(Callback):
     """Save the fit's state as checkpoint directories named from a template.
 
-    By default a checkpoint is saved after each epoch's validation (or at the end of each
-    training epoch without validation) in ``<default_root_dir>/checkpoints``, keeping the newest
-    one. With ``monitor``, the ``save_top_k`` best by that metric are kept.
+    By default a checkpoint is saved at the end of each training epoch (after its validation; with
+    validation several times an epoch or every few epochs, after each validation run instead) in
+    ``<default_root_dir>/checkpoints``, keeping the newest one. With ``monitor``, the ``save_top_k`` best by that metric are kept.
 
     Example::
 
@@ -50,6 +50,7 @@ class ModelCheckpoint(Callback):
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
         auto_insert_metric_name: bool = True,
+        save_on_train_epoch_end: bool | None = None,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint(mode={mode!r}): valid choices are 'min', 'max'")
@@ -65,6 +66,7 @@ class ModelCheckpoint(Callback):
         check_str("monitor", monitor, owner="ModelCheckpoint", optional=True)
         check_bool("save_last", save_last, owner="ModelCheckpoint", optional=True)
         check_bool("auto_insert_metric_name", auto_insert_metric_name, owner="ModelCheckpoint")
+        check_bool("save_on_train_epoch_end", save_on_train_epoch_end, owner="ModelCheckpoint", optional=True)
         if monitor is None and save_top_k > 1:
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
         self.dirpath = str(dirpath) if dirpath is not None else None
@@ -75,6 +77,7 @@ class ModelCheckpoint(Callback):
             every_n_epochs if every_n_epochs is not None else (None if every_n_train_steps else 1)
         )
         self.auto_insert_metric_name = auto_insert_metric_name
+        self.save_on_train_epoch_end = save_on_train_epoch_end
         self.best_k_models: dict[str, float] = {}
         self.best_model_path = ""
         self.best_model_score: float | None = None
@@ -113,13 +116,17 @@ class ModelCheckpoint(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if self._epoch_due(trainer) and trainer.stage == "fit" and not trainer.sanity_checking:
+        if (
+            trainer.stage == "fit"
+            and not trainer.sanity_checking
+            and not acts_at_train_epoch_end(trainer, self.save_on_train_epoch_end)
+            and self._epoch_due(trainer)
+        ):
             self._save(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
-        # No validation batch runs in this fit (no loader, or limit_val_batches=0): save here instead.
-        if self._epoch_due(trainer) and not any(trainer.num_val_batches):
+        if acts_at_train_epoch_end(trainer, self.save_on_train_epoch_end) and self._epoch_due(trainer):
             self._save(trainer)
 
     def _epoch_due(self, trainer: Trainer) -> bool:

@@ -141,6 +141,14 @@ class TrainerProperties:
         return self._val_loaders
 
     @property
+    def val_check_interval(self) -> int | float:
+        return self.config.val_check_interval
+
+    @property
+    def check_val_every_n_epoch(self) -> int | None:
+        return self.config.check_val_every_n_epoch
+
+    @property
     def checkpoint_callback(self) -> Any:
         from ember.callbacks.model_checkpoint import ModelCheckpoint
 

@@ -39,6 +39,10 @@ class RecordingCheckpoint(ModelCheckpoint):
         self.calls.append("checkpoint.on_validation_end")
         super().on_validation_end(trainer, module)
 
+    def on_train_epoch_end(self, trainer, module):  # type: ignore[no-untyped-def]
+        self.calls.append("checkpoint.on_train_epoch_end")
+        super().on_train_epoch_end(trainer, module)
+
 
 class Module(TrainModule):
     def __init__(self, calls: list[str]) -> None:
@@ -105,8 +109,10 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
         *batch_end,
         *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
-        "callback.on_save_checkpoint", "module.on_save_checkpoint", "checkpoint.on_save_checkpoint",
         "callback.on_train_epoch_end", "module.on_train_epoch_end",
+        # the monitoring callbacks last: the checkpoint sees the epoch's training and validation values
+        "checkpoint.on_train_epoch_end",
+        "callback.on_save_checkpoint", "module.on_save_checkpoint", "checkpoint.on_save_checkpoint",
         "callback.on_train_end", "module.on_train_end",
         "callback.on_fit_end", "module.on_fit_end",
         "callback.teardown", "module.teardown",

@@ -284,7 +284,8 @@ def test_resume_continues_the_wandb_run_and_the_tensorboard_version(tmp_path: Pa
     first = loggers()
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(tmp_path / "run", first, epochs=3, callbacks=[ModelCheckpoint(save_top_k=-1), Crash(at_step=6)])
-    # The checkpoint after epoch 0's validation; the crashed run logged steps 4 (epoch row) to 6 after it.
+    # The checkpoint at the end of epoch 0 (after its validation and its epoch row); the crashed run
+    # logged steps 5 to 6 after it.
     resumed = loggers()
     fit(tmp_path / "run", resumed, epochs=3, ckpt_path=tmp_path / "run" / "checkpoints" / "epoch=0-step=4")
 
@@ -301,7 +302,7 @@ def test_resume_continues_the_wandb_run_and_the_tensorboard_version(tmp_path: Pa
     assert of_type(crashed, "run")[0].run_id == of_type(continued, "run")[0].run_id == first[1].version
     assert of_type(crashed, "exit")[0].exit_code == 1 and of_type(continued, "exit")[0].exit_code == 0
     steps = [row["trainer/global_step"] for row in wandb_history(continued)]
-    assert steps[0] == 4 and steps[-1] == 12 and steps == sorted(steps)
+    assert steps[0] == 5 and steps[-1] == 12 and steps == sorted(steps)
     assert wandb_config(continued) == {"lr": 0.1, "layer": {"width": 3, "kind": "linear"}}
 
 

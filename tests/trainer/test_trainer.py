@@ -325,6 +325,39 @@ def test_without_validation_batches_checkpoints_and_early_stopping_act_at_epoch_
     assert saved == ["epoch=2-step=12"]  # saved at every epoch end, the newest kept (save_top_k=1)
 
 
+def test_monitoring_callbacks_see_the_training_epoch_values_with_validation(tmp_path: Path) -> None:
+    # With validation once per epoch, at its end, checkpointing and early stopping act at the end of
+    # the training epoch (Lightning's rule): a training epoch value, or one the module logs in
+    # on_train_epoch_end, is there for them, beside the validation's.
+    class EpochMetric(Regressor):
+        def on_train_epoch_end(self) -> None:
+            self.log("train_score", float(self.current_epoch))
+
+    best = ModelCheckpoint(
+        dirpath=tmp_path / "best", monitor="train_score", mode="max", filename="{epoch}-{val_loss:.2f}"
+    )
+    stopper = EarlyStopping(monitor="train_score", mode="min", patience=1)
+    trainer = _trainer(tmp_path, max_epochs=5, callbacks=[best, stopper])
+    trainer.fit(EpochMetric(), _loader(), _loader())
+    assert stopper.stopped_epoch == 1 and trainer.current_epoch == 2  # best at epoch 0, one worse check
+    assert Path(best.best_model_path).name.startswith("epoch=1-val_loss=")  # both values at hand
+    # Validation twice an epoch: after each validation run, as before (the training epoch is not over).
+    steps = _trainer(
+        tmp_path / "half", max_epochs=1, val_check_interval=0.5, callbacks=[ModelCheckpoint(save_top_k=-1)]
+    )
+    steps.fit(Regressor(), _loader(), _loader())
+    assert sorted(p.name for p in (tmp_path / "half" / "checkpoints").iterdir()) == [
+        "epoch=0-step=2",
+        "epoch=0-step=4",
+    ]
+    # Chosen explicitly: after each validation run, where train_score of this epoch does not exist yet.
+    late = EarlyStopping(monitor="train_score", check_on_train_epoch_end=False)
+    with pytest.raises(KeyError, match="could not find 'train_score'"):
+        _trainer(tmp_path / "late", max_epochs=2, callbacks=[late]).fit(EpochMetric(), _loader(), _loader())
+    with pytest.raises(TypeError, match=r"save_on_train_epoch_end='yes'\) must be True or False or None"):
+        ModelCheckpoint(save_on_train_epoch_end="yes")  # type: ignore[arg-type]
+
+
 def test_early_stopping_and_top_k(tmp_path: Path) -> None:
     class Plateau(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
