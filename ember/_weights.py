@@ -15,6 +15,7 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -122,6 +123,20 @@ def load_model_weights(
         )
     else:
         strategy.load_module_state_dict(model, load_tensors(path))
+
+
+def full_state_dict(directory: Path, manifest: dict[str, Any], index: int = 0) -> dict[str, torch.Tensor]:
+    """The full weights of model ``index`` of a verified checkpoint, on the CPU, whatever its layout
+    (full, sharded, a DeepSpeed engine's): no strategy or process group needed."""
+    layout = manifest.get("layout", "full")
+    if layout not in PORTABLE:
+        return engine_weights(directory, layout)
+    if layout == "full":
+        return load_tensors(weights_path(directory, layout, index))
+    with tempfile.TemporaryDirectory() as tmp:  # the shards, put together into one file
+        out = Path(tmp) / "model.safetensors"
+        consolidate(directory / f"model{suffix(index)}.shards", out)
+        return load_tensors(out)
 
 
 def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any], index: int = 0) -> list[str]:

@@ -7,6 +7,7 @@ aggregates of ``self.log`` (with torchmetrics states) and the loggers' positions
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import warnings
@@ -15,18 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember._weights import load_model_weights
+from ember._weights import full_state_dict, load_model_weights
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree
 from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.trainer.hooks import call_hook
 
 if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
 __all__ = [
     "check_callbacks",
     "default_callbacks",
+    "load_module",
     "load_weights",
     "newest_valid",
     "resolve_path",
@@ -75,6 +78,37 @@ def restore(trainer: Trainer, path: Path) -> None:
         for logger, state in zip(trainer.loggers, checkpoint["loggers"], strict=False):
             logger.load_state_dict(state)
     call_hook(trainer, "on_load_checkpoint", checkpoint)
+
+
+def load_module(
+    cls: type[TrainModule],
+    checkpoint_path: str | os.PathLike[str],
+    map_location: Any,
+    strict: bool,
+    overrides: dict[str, Any],
+) -> TrainModule:
+    """``cls`` built from a Trainer checkpoint's hyper-parameters (and ``overrides``), with its weights."""
+    path = locate_checkpoint(Path(checkpoint_path))  # or the complete copy a killed save left beside it
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint_path={str(checkpoint_path)!r} does not exist (a checkpoint is a directory)"
+        )
+    manifest = read_manifest(path)  # every file's digest checked
+    if STATE not in manifest.get("extra", []):
+        raise CheckpointError(
+            f"{str(path)!r} was written by Accelerator.save_state, not by a Trainer (no {STATE}): build the module "
+            "yourself and load its weights with Accelerator.load_state"
+        )
+    checkpoint = read_tree(path, STATE)
+    saved = dict(checkpoint.get("hyper_parameters", {}))
+    parameters = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        saved = {k: v for k, v in saved.items() if k in parameters}  # (e.g. a saved config dict's keys)
+    module = cls(**{**saved, **overrides})
+    module.on_load_checkpoint(checkpoint)
+    state = full_state_dict(path, manifest)
+    module.load_state_dict(state, strict=strict)
+    return module.to(map_location) if map_location is not None else module
 
 
 def load_weights(trainer: Trainer, path: Path) -> None:

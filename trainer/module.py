@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
 
 __all__ = ["AttributeDict", "DataModule", "TrainModule"]
+
+_M = TypeVar("_M", bound="TrainModule")
 
 
 class AttributeDict(dict[str, Any]):
@@ -260,6 +263,22 @@ class TrainModule(nn.Module):
         if unknown:
             raise ValueError(f"save_hyperparameters(): {unknown} are not arguments of {code.co_name}()")
         self.hparams.update({n: init_args[n] for n in chosen if n not in skip})
+
+    @classmethod
+    def load_from_checkpoint(
+        cls: type[_M],
+        checkpoint_path: str | os.PathLike[str],
+        map_location: str | torch.device | None = None,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> _M:
+        """A new module from a Trainer checkpoint directory: ``cls(**hyper-parameters)``, as
+        :meth:`save_hyperparameters` saved them (``kwargs`` override or add), then
+        :meth:`on_load_checkpoint` and the checkpoint's weights, whatever the strategy that wrote
+        them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``."""
+        from ember.trainer.checkpointing import load_module  # (it imports this module)
+
+        return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]
 
     def _serializable_hparams(self) -> dict[str, Any]:
         from ember.strategies.checkpoint_io import encode_tree

@@ -170,6 +170,11 @@ def test_save_model_and_consolidate_write_the_full_weights(
         assert tensor.flatten().tolist() == saved[f"model/{name}"]
     # loads into a plain model
     _model().load_state_dict(consolidated)
+    # the same, in memory, for TrainModule.load_from_checkpoint (no process group)
+    from ember._weights import full_state_dict
+    from ember.strategies.checkpoint_io import read_manifest
+
+    torch.testing.assert_close(full_state_dict(ckpt, read_manifest(ckpt)), consolidated, rtol=0, atol=0)
     # bad input: clear errors, nothing written (in-process: the same argument checks)
     for argv, message in [
         ([str(ckpt), str(out)], "exists; pass --force"),

@@ -358,6 +358,46 @@ def test_monitoring_callbacks_see_the_training_epoch_values_with_validation(tmp_
         ModelCheckpoint(save_on_train_epoch_end="yes")  # type: ignore[arg-type]
 
 
+def test_load_from_checkpoint_builds_the_module_with_its_weights(tmp_path: Path) -> None:
+    loaded_states: list[dict] = []
+
+    class Remembering(Regressor):
+        def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+            loaded_states.append(checkpoint)
+
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trained = Remembering(lr=0.5)
+    trainer.fit(trained, _loader(), _loader())
+    path = trainer.checkpoint_callback.best_model_path  # the newest: the end of the fit
+    loaded = Remembering.load_from_checkpoint(path)
+    assert type(loaded) is Remembering and loaded.hparams == {"lr": 0.5, "log_val": True}
+    for (name, value), (other, mine) in zip(
+        trained.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert name == other and torch.equal(value, mine)
+    assert loaded_states[0]["loop"]["global_step"] == 8  # on_load_checkpoint sees the trainer state
+    assert Remembering.load_from_checkpoint(path, lr=0.9).hparams.lr == 0.9  # keyword arguments override
+    assert Remembering.load_from_checkpoint(path, map_location="meta").layer.weight.is_meta
+
+    class Wider(Regressor):
+        def __init__(self, lr: float = 0.1, log_val: bool = True) -> None:
+            super().__init__(lr, log_val)
+            self.extra = torch.nn.Linear(1, 1)
+
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "extra.weight"'):
+        Wider.load_from_checkpoint(path)
+    assert Wider.load_from_checkpoint(path, strict=False).hparams.lr == 0.5
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Regressor.load_from_checkpoint(tmp_path / "nope")
+    from ember import Accelerator
+
+    accelerator = Accelerator()
+    accelerator.prepare(Regressor())
+    accelerator.save_state(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="written by Accelerator.save_state, not by a Trainer"):
+        Regressor.load_from_checkpoint(tmp_path / "plain")
+
+
 def test_early_stopping_and_top_k(tmp_path: Path) -> None:
     class Plateau(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
