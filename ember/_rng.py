@@ -35,11 +35,18 @@ def seed_everything(
     if device_specific:
         seed = (seed + int(os.environ.get("RANK", "0"))) % 2**32
     if deterministic:
-        torch.use_deterministic_algorithms(True)
+        use_deterministic_algorithms()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return seed
+
+
+def use_deterministic_algorithms(warn_only: bool = False) -> None:
+    """``torch.use_deterministic_algorithms(True)``, with the cuBLAS workspace setting it needs on
+    CUDA (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, unless already set; read when cuBLAS starts)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 def rng_state(xla: bool = False) -> dict[str, Any]:

@@ -31,6 +31,7 @@ __all__ = [
     "default_callbacks",
     "load_module",
     "load_weights",
+    "merge_callbacks",
     "newest_valid",
     "resolve_path",
     "restore",
@@ -234,6 +235,18 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
     if config.non_finite is not None and not has(NonFiniteGuard):
         result.append(NonFiniteGuard(mode=config.non_finite))
     return check_callbacks(result)
+
+
+def merge_callbacks(trainer_callbacks: list[Callback], module_callbacks: list[Any]) -> list[Callback]:
+    """The Trainer's callbacks, then the module's (``configure_callbacks``). A module callback
+    replaces the Trainer's of its class or of a class it derives from, as in Lightning: a
+    ``ModelCheckpoint(monitor=...)`` from the module replaces the default one."""
+    replaced = {
+        type(mine)
+        for mine in trainer_callbacks
+        if type(mine) is not Callback and any(isinstance(theirs, type(mine)) for theirs in module_callbacks)
+    }
+    return [c for c in trainer_callbacks if type(c) not in replaced] + list(module_callbacks)
 
 
 def check_callbacks(callbacks: list[Any]) -> list[Callback]:

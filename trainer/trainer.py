@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from ember._rng import use_deterministic_algorithms
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT
 from ember.accelerator import Accelerator
 from ember.callbacks.base import Callback
@@ -142,7 +143,7 @@ class Trainer(TrainerProperties):
         self.num_val_batches: list[int | float] = []
         self.logged_metrics: dict[str, float] = {}
         if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=config.deterministic == "warn")
+            use_deterministic_algorithms(warn_only=config.deterministic == "warn")
 
     # -- entry points -------------------------------------------------------------------------------
     def fit(self, module: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
@@ -286,7 +287,9 @@ class Trainer(TrainerProperties):
         self._module = module
         module._trainer = self
         self.stage = stage
-        self.callbacks = checkpointing.check_callbacks(self._callbacks + list(module.configure_callbacks()))
+        self.callbacks = checkpointing.check_callbacks(
+            checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
+        )
         self._datamodule = datamodule
         if datamodule is not None:
             with self.accelerator.main_process_first():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -550,6 +551,19 @@ def test_lightning_forms_of_the_entry_points(tmp_path: Path) -> None:
         trainer.fit(train_dataloaders=_loader())
 
 
+def test_a_module_callback_replaces_the_trainers_of_its_class(tmp_path: Path) -> None:
+    class Configured(Regressor):
+        def configure_callbacks(self) -> Any:
+            return [ModelCheckpoint(dirpath=tmp_path / "mine", monitor="val_loss"), EarlyStopping("val_loss")]
+
+    trainer = _trainer(tmp_path, max_epochs=1)  # with its default ModelCheckpoint
+    trainer.fit(Configured(), _loader(), _loader())
+    checkpoints = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(checkpoints) == 1 and checkpoints[0] is trainer.checkpoint_callback
+    assert checkpoints[0].monitor == "val_loss" and not (tmp_path / "checkpoints").exists()
+    assert sum(isinstance(c, EarlyStopping) for c in trainer.callbacks) == 1
+
+
 def test_resume_from_another_directory_leaves_its_log_alone(tmp_path: Path) -> None:
     first = _trainer(tmp_path / "a", max_epochs=1, log_every_n_steps=1)
     first.fit(Regressor(), _loader())
@@ -598,14 +612,20 @@ def test_module_dataloaders_log_dict_and_validation_schedule(tmp_path: Path) -> 
     assert float(trainer.callback_metrics["a"]) == 1.0 and float(trainer.callback_metrics["b"]) == 2.0
 
 
-def test_deterministic_and_detect_anomaly(tmp_path: Path) -> None:
+def test_deterministic_and_detect_anomaly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class NaNLoss(Regressor):
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             return (self(batch[0]) * torch.tensor(float("nan"))).sqrt().sum()
 
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
         _trainer(tmp_path, deterministic=True)
         assert torch.are_deterministic_algorithms_enabled()
+        # deterministic cuBLAS needs its workspace setting (a CUDA matmul raises without it)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own is kept
+        _trainer(tmp_path, deterministic="warn")
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(False)
     with pytest.raises(RuntimeError, match="returned nan"):
