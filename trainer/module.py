@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import builtins
 import inspect
 import os
 import warnings
@@ -12,9 +13,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+from ember._tree import apply_to_tensors
+
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
+    from ember.trainer.loggers import Logger
     from ember.trainer.optim import LRSchedulerConfig
     from ember.trainer.trainer import Trainer
 
@@ -180,6 +184,37 @@ class TrainModule(nn.Module):
     @property
     def global_rank(self) -> int:
         return self._trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self._trainer.local_rank if self._trainer is not None else 0
+
+    @property
+    def logger(self) -> Logger | None:
+        """The Trainer's first logger (``self.logger.experiment``: the backend's own object), or None."""
+        return self._trainer.logger if self._trainer is not None else None
+
+    @property
+    def loggers(self) -> list[Logger]:
+        return self._trainer.loggers if self._trainer is not None else []
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank 0 only."""
+        if self.global_rank == 0:
+            builtins.print(*args, **kwargs)
+
+    def all_gather(self, data: Any, sync_grads: bool = False) -> Any:
+        """Every process's tensors (nested structures too), stacked along a new first dimension of size
+        ``world_size``; with one process, ``data`` as it is. ``sync_grads=True`` lets gradients flow
+        back to each process's tensor."""
+        trainer = self.trainer
+        if trainer.world_size == 1:
+            return data
+        if sync_grads:
+            import torch.distributed.nn.functional as differentiable
+
+            return apply_to_tensors(data, lambda t: torch.stack(differentiable.all_gather(t.contiguous())))
+        return apply_to_tensors(data, trainer.strategy.all_gather)
 
     # -- logging -----------------------------------------------------------------------------------
     def log(

@@ -564,6 +564,32 @@ def test_a_module_callback_replaces_the_trainers_of_its_class(tmp_path: Path) ->
     assert sum(isinstance(c, EarlyStopping) for c in trainer.callbacks) == 1
 
 
+def test_module_reaches_loggers_prints_and_gathers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ember import CSVLogger
+
+    seen: dict[str, Any] = {}
+
+    class Looking(Regressor):
+        def on_train_start(self) -> None:
+            seen.update(logger=self.logger, loggers=self.loggers, local_rank=self.local_rank)
+            seen["gathered"] = self.all_gather({"x": torch.ones(2)})
+            self.print("from the module", self.global_rank)
+
+    module = Looking()
+    assert module.logger is None and module.loggers == [] and module.local_rank == 0  # not attached
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(module, _loader())
+    assert (
+        isinstance(seen["logger"], CSVLogger)
+        and seen["loggers"] == trainer.loggers
+        and seen["local_rank"] == 0
+    )
+    assert torch.equal(seen["gathered"]["x"], torch.ones(2))  # one process: as it is
+    assert "from the module 0" in capsys.readouterr().out
+
+
 def test_resume_from_another_directory_leaves_its_log_alone(tmp_path: Path) -> None:
     first = _trainer(tmp_path / "a", max_epochs=1, log_every_n_steps=1)
     first.fit(Regressor(), _loader())

@@ -90,6 +90,17 @@ def _sync_worker(root: str) -> dict:
 
         def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             rank = float(self.trainer.global_rank)
+            gathered = self.all_gather({"rank": torch.tensor([rank, -rank])})["rank"]  # (world, 2)
+            self.log(
+                "gathered", float(gathered.sum(1).abs().sum() + gathered[:, 0].sum()) + 10 * gathered.dim()
+            )
+            with torch.enable_grad():  # (validation runs without gradients)
+                weight = self.layer.weight.sum() * (rank + 1)
+                both = self.all_gather(weight, sync_grads=True)
+                plain = self.all_gather(weight)
+                both.sum().backward()  # through the gather, back to this process's weight
+            self.log("grad_shape", float(both.shape[0]) + 10 * both.requires_grad + 100 * plain.requires_grad)
+            self.log("grad", float(self.layer.weight.grad.sum()))
             self.log("synced", torch.tensor(rank), sync_dist=True)
             self.log("local", torch.tensor(rank))
             self.log("biggest", torch.tensor(rank), sync_dist=True, reduce_fx="max")
@@ -104,3 +115,11 @@ def test_sync_dist_across_ranks(tmp_path: Path) -> None:
     assert [r["synced"] for r in ranks] == [0.5, 0.5]
     assert [r["local"] for r in ranks] == [0.0, 1.0]
     assert [r["biggest"] for r in ranks] == [1.0, 1.0]
+    assert [r["gathered"] for r in ranks] == [
+        21.0,
+        21.0,
+    ]  # [[0, -0], [1, -1]]: 0 + 1 (column 0) + 10 * 2 dims
+    assert [r["grad_shape"] for r in ranks] == [12.0, 12.0]  # 2 rows; sync_grads keeps the graph, plain not
+    # Each step adds d(both ranks' sums)/d(this rank's weight) = 2 ranks' losses x (rank + 1) to the
+    # gradient: 2 then 4 on rank 0 (2 batches each), logged as their mean; 4 then 8 on rank 1.
+    assert [r["grad"] for r in ranks] == [3.0, 6.0]
