@@ -70,6 +70,8 @@ class TrainerConfig:
     precision: Any = None  # None: ember launch's --precision, else "32-true"
     max_epochs: int | None = None
     max_steps: int = -1
+    min_epochs: int | None = None  # should_stop (EarlyStopping ...) waits until both are reached
+    min_steps: int | None = None
     max_time: str | timedelta | dict[str, int] | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
@@ -103,6 +105,9 @@ class TrainerConfig:
         if self.max_epochs is not None:
             _int("max_epochs", self.max_epochs, -1)
         _int("max_steps", self.max_steps, -1)
+        for name in ("min_epochs", "min_steps"):
+            if getattr(self, name) is not None:
+                _int(name, getattr(self, name), 0)
         _int("accumulate_grad_batches", self.accumulate_grad_batches, 1)
         check_number("gradient_clip_val", self.gradient_clip_val, minimum=0, finite=False, optional=True)
         if self.gradient_clip_algorithm not in ("norm", "value"):

@@ -59,7 +59,7 @@ def run_fit(trainer: Trainer) -> None:
 
 def _fit_done(trainer: Trainer) -> bool:
     config, state = trainer.config, trainer.state
-    if trainer.should_stop:
+    if trainer.should_stop and _may_stop(trainer):
         return True
     if config.max_steps != -1 and state.global_step >= config.max_steps:
         return True
@@ -122,6 +122,15 @@ class _Epoch:
         )
 
 
+def _may_stop(trainer: Trainer) -> bool:
+    """Whether ``should_stop`` may end the fit now, within an epoch or between two: ``min_epochs``
+    finished epochs and ``min_steps`` optimizer steps are done (until then the request waits)."""
+    config, state = trainer.config, trainer.state
+    return (config.min_epochs is None or state.epoch >= config.min_epochs) and (
+        config.min_steps is None or state.global_step >= config.min_steps
+    )
+
+
 def _train_epoch(trainer: Trainer) -> None:
     state, loader = trainer.state, trainer._train_loader
     assert loader is not None
@@ -140,7 +149,7 @@ def _train_epoch(trainer: Trainer) -> None:
             itertools.islice(batches, max(0, int(epoch.limit) - state.batch_idx)) if epoch.sized else batches
         )
         for batch in todo:
-            if _train_batch(trainer, epoch, batch) or trainer.should_stop:
+            if _train_batch(trainer, epoch, batch) or (trainer.should_stop and _may_stop(trainer)):
                 break
             if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
                 break

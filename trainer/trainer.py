@@ -66,6 +66,8 @@ class Trainer(TrainerProperties):
         precision: str | int | Precision | None = None,
         max_epochs: int | None = None,
         max_steps: int = -1,
+        min_epochs: int | None = None,
+        min_steps: int | None = None,
         max_time: Any = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,

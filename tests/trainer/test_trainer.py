@@ -399,6 +399,28 @@ def test_load_from_checkpoint_builds_the_module_with_its_weights(tmp_path: Path)
         Regressor.load_from_checkpoint(tmp_path / "plain")
 
 
+def test_min_epochs_and_min_steps_hold_a_stop_back(tmp_path: Path) -> None:
+    class Stopper(Callback):  # asks to stop at every batch
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            trainer.should_stop = True
+
+    def fit(**kwargs: Any) -> Trainer:
+        trainer = _trainer(
+            tmp_path, max_epochs=10, enable_checkpointing=False, callbacks=[Stopper()], **kwargs
+        )
+        trainer.fit(Regressor(), _loader())  # 4 batches an epoch
+        return trainer
+
+    assert fit().global_step == 1  # stops after the first batch
+    trainer = fit(min_epochs=2)  # two whole epochs first
+    assert trainer.global_step == 8 and trainer.current_epoch == 2
+    assert fit(min_steps=6).global_step == 6  # within the second epoch
+    trainer = fit(min_epochs=1, min_steps=6)  # both
+    assert trainer.global_step == 6 and trainer.current_epoch == 2  # (the stop ends epoch 1)
+    with pytest.raises(ValueError, match="min_epochs=-1 must be an int >= 0"):
+        Trainer(min_epochs=-1)
+
+
 def test_early_stopping_and_top_k(tmp_path: Path) -> None:
     class Plateau(Regressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
