@@ -271,6 +271,15 @@ class Trainer(TrainerProperties):
     def _reattach(
         self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
     ) -> TrainModule:
+        if module is None and ckpt_path is None and getattr(self.checkpoint_callback, "best_model_path", ""):
+            # As Lightning: evaluating the fitted module means evaluating the fit's best checkpoint.
+            ckpt_path = "best"
+            warnings.warn(
+                f"{stage}() was called without a module after fit: the fit's best checkpoint "
+                f"({self.checkpoint_callback.best_model_path}) is loaded. Pass the module ({stage}(module, ...)) for "
+                "its current weights, or ckpt_path='best', 'last' or a path to choose (and silence this)",
+                stacklevel=3,
+            )
         module = module or self._module
         if module is None:
             raise ValueError(f"{stage}() needs a module (none was fitted with this Trainer)")

@@ -359,6 +359,23 @@ def test_monitoring_callbacks_see_the_training_epoch_values_with_validation(tmp_
         ModelCheckpoint(save_on_train_epoch_end="yes")  # type: ignore[arg-type]
 
 
+def test_evaluating_after_fit_without_the_module_loads_the_best_checkpoint(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=2)
+    module = Regressor()
+    trainer.fit(module, _loader(), _loader())
+    with torch.no_grad():
+        module.layer.weight.zero_()
+    with pytest.warns(
+        UserWarning, match=r"test\(\) was called without a module after fit: the fit's best checkpoint"
+    ):
+        trainer.test(dataloaders=_loader())
+    assert module.layer.weight.abs().sum() > 0  # as Lightning: the best checkpoint's weights
+    with torch.no_grad():
+        module.layer.weight.zero_()
+    trainer.test(module, dataloaders=_loader())  # the module given: its current weights
+    assert module.layer.weight.abs().sum() == 0
+
+
 def test_load_from_checkpoint_builds_the_module_with_its_weights(tmp_path: Path) -> None:
     loaded_states: list[dict] = []
 
