@@ -20,6 +20,7 @@ from ember._weights import full_state_dict, load_model_weights
 from ember.callbacks.base import Callback
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree
 from ember.strategies.checkpoint_swap import locate_checkpoint
+from ember.strategies.environment import detect_environment
 from ember.trainer.hooks import call_hook
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "newest_valid",
     "resolve_path",
     "restore",
+    "resumes_automatically",
     "save",
     "save_last",
 ]
@@ -117,6 +119,31 @@ def load_weights(trainer: Trainer, path: Path) -> None:
     manifest = read_manifest(path)
     assert trainer._model is not None
     load_model_weights(trainer.strategy, trainer._model, path, manifest)
+
+
+def resumes_automatically(trainer: Trainer) -> bool:
+    """Whether a fit without ``ckpt_path`` resumes from the newest valid checkpoint (``auto_resume``;
+    by default when the launcher restarted the processes, agreed by every process)."""
+    wanted = trainer.config.auto_resume
+    if wanted is None:  # the default: resume when the launcher restarted the processes
+        restarted = float(detect_environment().restart_count > 0)
+        flag = torch.tensor([restarted], device=trainer.accelerator.device)
+        # torchelastic counts restarts per node (a node that only re-joined counts none): agree.
+        if trainer.accelerator.num_processes > 1:
+            flag = trainer.accelerator.reduce(flag, "max")
+        wanted = bool(flag.item())
+    if wanted and trainer.checkpoint_callback is None:
+        if trainer.config.auto_resume:
+            raise ValueError(
+                "auto_resume=True looks for checkpoints in the ModelCheckpoint's directory, and this fit has "
+                "no ModelCheckpoint (enable_checkpointing=False?)"
+            )
+        warnings.warn(
+            "this process was restarted, but without a ModelCheckpoint the fit starts afresh",
+            stacklevel=3,
+        )
+        return False
+    return wanted
 
 
 def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:

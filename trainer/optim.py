@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["LRSchedulerConfig", "parse_optimizers", "step_schedulers"]
+from ember.trainer.hooks import call_hook
+
+if TYPE_CHECKING:
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["LRSchedulerConfig", "count_manual_steps", "parse_optimizers", "step_schedulers"]
 
 _INTERVALS = ("step", "epoch")
 _SCHEDULER_KEYS = {"scheduler", "interval", "frequency", "monitor", "name", "strict"}
@@ -118,3 +123,19 @@ def step_schedulers(
             raise KeyError(
                 f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. Logged metrics: {sorted(metrics)}"
             )
+
+
+def count_manual_steps(trainer: Trainer) -> list[Any]:
+    """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it."""
+
+    def before(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        call_hook(trainer, "on_before_optimizer_step", optimizer)
+
+    def after(*_: Any) -> None:
+        trainer.state.global_step += 1
+
+    handles = []
+    for prepared in trainer._step_optimizers:
+        handles.append(prepared.optimizer.register_step_pre_hook(before))
+        handles.append(prepared.optimizer.register_step_post_hook(after))
+    return handles

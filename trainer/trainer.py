@@ -22,7 +22,7 @@ from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
 from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
-from ember.strategies.environment import detect_environment, launch_defaults
+from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import entry_arguments, find_loaders, val_check_batch
@@ -31,7 +31,7 @@ from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import backward, run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
-from ember.trainer.optim import LRSchedulerConfig, parse_optimizers, step_schedulers
+from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
 from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
@@ -166,7 +166,9 @@ class Trainer(TrainerProperties):
         if ckpt_path is not None:
             checkpoint = checkpointing.resolve_path(self, ckpt_path)
         else:
-            checkpoint = checkpointing.newest_valid(self) if self._resumes_automatically() else None
+            checkpoint = (
+                checkpointing.newest_valid(self) if checkpointing.resumes_automatically(self) else None
+            )
             if checkpoint is not None and self.is_global_zero:
                 print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
         trains = self._loaders("train", train_dataloaders, datamodule)
@@ -207,7 +209,7 @@ class Trainer(TrainerProperties):
             self.accelerator.register_for_checkpointing(scheduler.scheduler)
         for handle in self._optimizer_hooks:
             handle.remove()
-        self._optimizer_hooks = [] if module.automatic_optimization else self._count_manual_steps()
+        self._optimizer_hooks = [] if module.automatic_optimization else count_manual_steps(self)
         self.state, self.should_stop, self._resumed = LoopState(), False, False
         if checkpoint is not None:
             checkpointing.restore(self, checkpoint)
@@ -271,12 +273,13 @@ class Trainer(TrainerProperties):
     def _reattach(
         self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
     ) -> TrainModule:
-        if module is None and ckpt_path is None and getattr(self.checkpoint_callback, "best_model_path", ""):
+        callback = self.checkpoint_callback
+        if module is None and ckpt_path is None and callback is not None and callback.best_model_path:
             # As Lightning: evaluating the fitted module means evaluating the fit's best checkpoint.
             ckpt_path = "best"
             warnings.warn(
                 f"{stage}() was called without a module after fit: the fit's best checkpoint "
-                f"({self.checkpoint_callback.best_model_path}) is loaded. Pass the module ({stage}(module, ...)) for "
+                f"({callback.best_model_path}) is loaded. Pass the module ({stage}(module, ...)) for "
                 "its current weights, or ckpt_path='best', 'last' or a path to choose (and silence this)",
                 stacklevel=3,
             )
@@ -363,45 +366,8 @@ class Trainer(TrainerProperties):
             if self._datamodule is not None:
                 self._datamodule.teardown(stage)
 
-    def _resumes_automatically(self) -> bool:
-        wanted = self.config.auto_resume
-        if wanted is None:  # the default: resume when the launcher restarted the processes
-            restarted = float(detect_environment().restart_count > 0)
-            flag = torch.tensor([restarted], device=self.accelerator.device)
-            # torchelastic counts restarts per node (a node that only re-joined counts none): agree.
-            if self.accelerator.num_processes > 1:
-                flag = self.accelerator.reduce(flag, "max")
-            wanted = bool(flag.item())
-        if wanted and self.checkpoint_callback is None:
-            if self.config.auto_resume:
-                raise ValueError(
-                    "auto_resume=True looks for checkpoints in the ModelCheckpoint's directory, and this fit has "
-                    "no ModelCheckpoint (enable_checkpointing=False?)"
-                )
-            warnings.warn(
-                "this process was restarted, but without a ModelCheckpoint the fit starts afresh",
-                stacklevel=3,
-            )
-            return False
-        return wanted
-
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         backward(self, self._hook_plan.entries(self), loss, **kwargs)
-
-    def _count_manual_steps(self) -> list[Any]:
-        """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it."""
-
-        def before(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-            call_hook(self, "on_before_optimizer_step", optimizer)
-
-        def after(*_: Any) -> None:
-            self.state.global_step += 1
-
-        handles = []
-        for prepared in self._step_optimizers:
-            handles.append(prepared.optimizer.register_step_pre_hook(before))
-            handles.append(prepared.optimizer.register_step_post_hook(after))
-        return handles
 
     def _step_schedulers(self, interval: str) -> None:
         if not self.lr_scheduler_configs or not self.module.automatic_optimization:
