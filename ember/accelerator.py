@@ -15,22 +15,21 @@ optional capabilities by interface. The Trainer drives the same object.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint, _forward, _trackers, _weights
+from ember import _checkpoint, _forward, _trackers
 from ember._devices import check_accelerator, check_devices, resolve_accelerator, resolve_devices
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
+from ember._state import StateMixin
 from ember._trackers import TrackerMixin
 from ember._validation import check_bool, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
@@ -39,7 +38,6 @@ from ember._wrappers import (
     PreparedOptimizer,
     PreparedScheduler,
     patch_forward,
-    unpatch_forward,
 )
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
@@ -59,7 +57,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
 
 
-class Accelerator(ProcessMixin, TrackerMixin):
+class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
@@ -362,77 +360,6 @@ class Accelerator(ProcessMixin, TrackerMixin):
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
         self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
-
-    # -- models and state -----------------------------------------------------------------------
-    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
-        """The user's module inside the strategy wrapper (DDP ...)."""
-        inner = self._strategy.unwrap_module(model)
-        if not keep_fp32_wrapper:
-            unpatch_forward(inner)
-        return inner
-
-    def save_model(
-        self, model: nn.Module, save_directory: str | os.PathLike[str], max_shard_size: int | str = "10GB"
-    ) -> None:
-        """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``)."""
-        _weights.save_model(self._strategy, model, save_directory, max_shard_size)
-
-    def register_for_checkpointing(self, *objects: Any) -> None:
-        """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""
-        for obj in objects:
-            if not (
-                callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-            ):
-                raise TypeError(
-                    f"register_for_checkpointing() needs objects with state_dict() and load_state_dict(); "
-                    f"{type(obj).__name__} has not both"
-                )
-            self._objects.custom.append(obj)
-
-    def save_state(
-        self,
-        output_dir: str | os.PathLike[str],
-        *,
-        extra: dict[str, Any] | None = None,
-        rank_extra: dict[str, Any] | None = None,
-    ) -> Path:
-        """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
-
-        ``extra`` maps names to further state (dicts of numbers, strings, tensors ...), written by the
-        main process as ``<name>.json`` (+ ``.safetensors``); ``rank_extra`` is state that differs per
-        process, written by each as ``<name>_rank<R>``. :meth:`load_state` returns both (this
-        process's ``rank_extra``).
-        """
-        return _checkpoint.save_state(
-            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}
-        )
-
-    def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
-        """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.
-
-        Returns the ``extra`` state that was saved with it (an empty dict if none).
-        """
-        return _checkpoint.load_state(self._strategy, self._objects, input_dir)
-
-    def free_memory(self, *objects: Any) -> list[None]:
-        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`),
-        collect garbage and empty the CUDA cache. Returns one ``None`` per object passed, to rebind
-        your names with (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in
-        🤗 Accelerate; ``clear`` is the same method."""
-        self._forget()
-        released: list[None] = [None] * len(objects)
-        del objects  # the caller's references are the last ones once it rebinds them
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-        return released
-
-    clear = free_memory
-
-    def _forget(self) -> None:
-        """Forget every prepared and registered object, and the accumulation count (no collection)."""
-        self._objects = _checkpoint.PreparedObjects()
-        self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
 
     call_as_forward = _forward.call_as_forward
 

@@ -44,8 +44,13 @@ def _config_worker() -> dict:
         local.append(time.monotonic())
     ran = [accelerator.on_process(lambda: "one", process_index=1)(), accelerator.on_last_process(lambda: "last")(),
            accelerator.on_local_main_process(lambda: "local")()]  # fmt: skip
+    states = [
+        sorted(accelerator.get_state_dict(prepared)),
+        sorted(accelerator.get_state_dict(prepared, unwrap=False)),
+    ]
     accelerator.end_training()
     return {
+        "states": states,
         "ran": ran,
         "last": accelerator.is_last_process,
         "local_first": local[0],
@@ -71,6 +76,8 @@ def test_ddp_config_and_collectives() -> None:
     assert ranks[0]["local_first"] < ranks[1]["local_first"]
     assert ranks[0]["ran"] == [None, None, "local"] and ranks[1]["ran"] == ["one", "last", None]
     assert [r["last"] for r in ranks] == [False, True]
+    assert ranks[0]["states"][0] == ["unused.bias", "unused.weight", "used.bias", "used.weight"]
+    assert ranks[0]["states"][1] == ["module." + name for name in ranks[0]["states"][0]]  # DDP's own names
 
 
 def _forward_watch_worker() -> dict:

@@ -1,0 +1,105 @@
+"""The Accelerator's methods for models and their state: unwrapping, weights, ``save_state`` /
+``load_state``, registered objects, forgetting them (defined here, mixed into
+:class:`~ember.Accelerator`)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ember import _checkpoint, _weights
+from ember._wrappers import GradientState, unpatch_forward
+from ember.strategies import Strategy
+
+__all__ = ["StateMixin"]
+
+
+class StateMixin:
+    """Models and state; mixed into :class:`~ember.Accelerator`."""
+
+    _strategy: Strategy
+    _objects: _checkpoint.PreparedObjects
+    _gradient_state: GradientState
+
+    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
+        """The user's module inside the strategy wrapper (DDP ...)."""
+        inner = self._strategy.unwrap_module(model)
+        if not keep_fp32_wrapper:
+            unpatch_forward(inner)
+        return inner
+
+    def save_model(
+        self, model: nn.Module, save_directory: str | os.PathLike[str], max_shard_size: int | str = "10GB"
+    ) -> None:
+        """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``)."""
+        _weights.save_model(self._strategy, model, save_directory, max_shard_size)
+
+    def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
+        """The model's whole state dict, keyed by your module's names (``unwrap=False``: the wrapper's
+        own, e.g. ``module.``-prefixed under DDP). Under FSDP and DeepSpeed ZeRO-3 the shards are
+        gathered, a collective that every process must call; the full tensors are on the main process."""
+        if not unwrap:
+            return model.state_dict()
+        return self._strategy.module_state_dict(model, full=True)
+
+    def register_for_checkpointing(self, *objects: Any) -> None:
+        """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""
+        for obj in objects:
+            if not (
+                callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+            ):
+                raise TypeError(
+                    f"register_for_checkpointing() needs objects with state_dict() and load_state_dict(); "
+                    f"{type(obj).__name__} has not both"
+                )
+            self._objects.custom.append(obj)
+
+    def save_state(
+        self,
+        output_dir: str | os.PathLike[str],
+        *,
+        extra: dict[str, Any] | None = None,
+        rank_extra: dict[str, Any] | None = None,
+    ) -> Path:
+        """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
+
+        ``extra`` maps names to further state (dicts of numbers, strings, tensors ...), written by the
+        main process as ``<name>.json`` (+ ``.safetensors``); ``rank_extra`` is state that differs per
+        process, written by each as ``<name>_rank<R>``. :meth:`load_state` returns both (this
+        process's ``rank_extra``).
+        """
+        return _checkpoint.save_state(
+            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}
+        )
+
+    def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.
+
+        Returns the ``extra`` state that was saved with it (an empty dict if none).
+        """
+        return _checkpoint.load_state(self._strategy, self._objects, input_dir)
+
+    def free_memory(self, *objects: Any) -> list[None]:
+        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`),
+        collect garbage and empty the CUDA cache. Returns one ``None`` per object passed, to rebind
+        your names with (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in
+        🤗 Accelerate; ``clear`` is the same method."""
+        self._forget()
+        released: list[None] = [None] * len(objects)
+        del objects  # the caller's references are the last ones once it rebinds them
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+        return released
+
+    clear = free_memory
+
+    def _forget(self) -> None:
+        """Forget every prepared and registered object, and the accumulation count (no collection)."""
+        self._objects = _checkpoint.PreparedObjects()
+        self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
