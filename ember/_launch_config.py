@@ -231,18 +231,45 @@ def _argument_type(option: _Option) -> Callable[[str], Any]:
     return parse
 
 
+# 🤗 Accelerate's names of the same options (`accelerate launch --num_machines 2 ...`), accepted as they are.
+ACCELERATE_FLAGS = {
+    "nnodes": "--num_machines",
+    "node_rank": "--machine_rank",
+    "master_addr": "--main_process_ip",
+    "master_port": "--main_process_port",
+    "precision": "--mixed_precision",
+}
+
+
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
     """Add every launch option, default ``None`` (= not given) so a config file can fill it."""
     for option in OPTIONS:
         shown = "" if option.default is None else f" (default {option.default})"
+        alias = ACCELERATE_FLAGS.get(option.key)
         parser.add_argument(
             option.flag,
+            *([alias] if alias else []),
             dest=option.key,
             type=_argument_type(option),
             default=None,
             metavar=option.metavar,
             help=option.help + shown,
         )
+    parser.add_argument(
+        "--num_processes",
+        type=_argument_type(
+            _Option(key="num_processes", default=None, integer=True, minimum=1, metavar="N", help="")
+        ),
+        default=None,
+        metavar="N",
+        help="🤗 Accelerate's option: processes in all, over --nnodes nodes (--nproc-per-node is per node)",
+    )
+    parser.add_argument(
+        "--multi_gpu",
+        action="store_true",
+        help="🤗 Accelerate's option: the processes run on GPUs (--accelerator cuda); ember starts DDP by "
+        "itself for several processes",
+    )
 
 
 def read_config(path: str) -> dict[str, object]:

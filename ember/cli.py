@@ -175,12 +175,23 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     Each option comes from the command line if given, else from ``--config-file``, else its default.
     """
+    total = getattr(args, "num_processes", None)
+    if total is not None and args.nproc_per_node is not None:
+        parser.error("pass --nproc-per-node (per node) or --num_processes (in all), not both")
+    if getattr(args, "multi_gpu", False):
+        if args.accelerator not in (None, "cuda", "gpu"):
+            parser.error(f"--multi_gpu runs on GPUs, but --accelerator {args.accelerator} was given")
+        args.accelerator = "cuda"
     try:
         options = resolve_options({key: getattr(args, key) for key in defaults()}, args.config_file)
         for key, value in options.items():
             setattr(args, key, value)
     except LaunchConfigError as err:
         parser.error(str(err))
+    if total is not None:  # 🤗 Accelerate counts processes over all machines
+        if total % args.nnodes:
+            parser.error(f"--num_processes {total} does not divide evenly over --nnodes {args.nnodes}")
+        args.nproc_per_node = total // args.nnodes
     if not args.module and not os.path.isfile(args.script):
         parser.error(f"script {args.script!r} does not exist or is not a file")
 

@@ -62,6 +62,19 @@ def test_python_dash_m_ember_passes_strategy_and_precision() -> None:
         (["--precision", "fp7"], "--precision 'fp7' is not a known precision. Valid choices: '16-mixed'"),
         (["--nnodes", "2", "--node-rank", "2"], "--node-rank 2 must be in [0, 2)"),
         (["--master-port", "70000"], "--master-port 70000 must be in [1, 65535]"),
+        (
+            ["--num_processes", "2", "--nproc-per-node", "2"],
+            "pass --nproc-per-node (per node) or --num_processes",
+        ),
+        (
+            ["--num_processes", "3", "--num_machines", "2"],
+            "--num_processes 3 does not divide evenly over --nnodes 2",
+        ),
+        (
+            ["--multi_gpu", "--accelerator", "cpu"],
+            "--multi_gpu runs on GPUs, but --accelerator cpu was given",
+        ),
+        (["--mixed_precision", "fp8"], "--precision 'fp8' is not a known precision"),
     ],
 )
 def test_bad_arguments_fail_before_anything_starts(args: list[str], message: str) -> None:
@@ -119,6 +132,29 @@ def test_torchrun_arguments() -> None:
         "--master-addr=h",
         "--master-port=29500",
         "train.py",
+    ]
+
+
+def test_accelerate_launch_options(tmp_path: Path) -> None:
+    # `accelerate launch`'s names: the same options; --num_processes counts over all machines.
+    from ember.cli import _validate
+
+    script = tmp_path / "train.py"
+    script.write_text("")
+    parser = _parser()
+    args = parser.parse_args(["launch", "--num_processes", "4", "--num_machines", "2", "--machine_rank", "1",
+                              "--main_process_ip", "h", "--main_process_port", "1234", "--mixed_precision", "fp16",
+                              "--multi_gpu", str(script)])  # fmt: skip
+    _validate(parser, args)
+    assert (args.precision, args.accelerator) == ("fp16", "cuda")
+    assert torchrun_args(args) == [
+        "--nproc-per-node=2",
+        "--nnodes=2",
+        "--max-restarts=0",
+        "--node-rank=1",
+        "--master-addr=h",
+        "--master-port=1234",
+        str(script),
     ]
 
 
