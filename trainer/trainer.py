@@ -26,7 +26,7 @@ from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.data import entry_arguments, find_loaders, val_check_batch
-from ember.trainer.hooks import HookPlan, call_hook
+from ember.trainer.hooks import HookPlan, call_hook, warn_foreign_hooks
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import backward, run_evaluation, run_fit, run_predict
@@ -297,6 +297,7 @@ class Trainer(TrainerProperties):
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
         if not isinstance(module, TrainModule):
             raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
+        warn_foreign_hooks(module)
         self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
         self._module = module
         module._trainer = self
