@@ -245,6 +245,30 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """``prepare(model)`` for one model (🤗 Accelerate's name)."""
+        prepared: nn.Module = self._prepare_one(model, nn.Module, "prepare_model")
+        return prepared
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
+        """``prepare(optimizer)`` for one optimizer (its model prepared first, as with ``prepare``)."""
+        prepared: PreparedOptimizer = self._prepare_one(optimizer, torch.optim.Optimizer, "prepare_optimizer")
+        return prepared
+
+    def prepare_scheduler(self, scheduler: Any) -> PreparedScheduler:
+        """``prepare(scheduler)`` for one LR scheduler (its optimizer prepared first)."""
+        prepared: PreparedScheduler = self._prepare_one(
+            scheduler, torch.optim.lr_scheduler.LRScheduler, "prepare_scheduler"
+        )
+        return prepared
+
+    def _prepare_one(self, obj: Any, kind: type, name: str) -> Any:
+        if not isinstance(obj, kind):
+            raise TypeError(
+                f"{name}() needs a {kind.__module__}.{kind.__qualname__}, got {type(obj).__name__}"
+            )
+        return self.prepare(obj)
+
     def prepare_data_loader(self, dataloader: DataLoader[Any], *, shard: bool = True) -> PreparedDataLoader:
         """Prepare one dataloader; ``shard=False`` keeps every batch on every process (the user shards)."""
         if not isinstance(dataloader, DataLoader):

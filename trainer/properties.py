@@ -36,6 +36,7 @@ class TrainerProperties:
     _progress_bar_values: dict[str, float]
     _progress_bar_stale: bool
     _module: TrainModule | None
+    _datamodule: Any
     _model: torch.nn.Module | None
     _step_optimizers: list[Any]
     _train_loader: PreparedDataLoader | None
@@ -86,6 +87,15 @@ class TrainerProperties:
     @property
     def world_size(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def num_devices(self) -> int:
+        """Processes (devices) on each node."""
+        return self.accelerator.strategy._num_processes
+
+    @property
+    def node_rank(self) -> int:
+        return self.accelerator.strategy.node_rank
 
     @property
     def is_global_zero(self) -> bool:
@@ -147,6 +157,23 @@ class TrainerProperties:
     @property
     def check_val_every_n_epoch(self) -> int | None:
         return self.config.check_val_every_n_epoch
+
+    @property
+    def datamodule(self) -> Any:
+        """The DataModule of the running (or last) stage, or None."""
+        return self._datamodule
+
+    @property
+    def checkpoint_callbacks(self) -> list[Any]:
+        from ember.callbacks.model_checkpoint import ModelCheckpoint
+
+        return [c for c in self.callbacks if isinstance(c, ModelCheckpoint)]
+
+    @property
+    def early_stopping_callback(self) -> Any:
+        from ember.callbacks.early_stopping import EarlyStopping
+
+        return next((c for c in self.callbacks if isinstance(c, EarlyStopping)), None)
 
     @property
     def checkpoint_callback(self) -> Any:

@@ -406,6 +406,18 @@ def test_accelerate_names_mixed_precision_free_memory_and_set_seed(monkeypatch: 
         nn.Linear(2, 2), torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
     )
     assert accelerator.free_memory(model, optimizer) == [None, None]
+    net = nn.Linear(2, 2)
+    single = Accelerator()
+    prepared_net = single.prepare_model(net)
+    opt = single.prepare_optimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    sched = single.prepare_scheduler(torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1))
+    assert (
+        prepared_net is net
+        and type(opt).__name__ == "PreparedOptimizer"
+        and sched.scheduler.optimizer is opt.optimizer
+    )
+    with pytest.raises(TypeError, match=r"prepare_model\(\) needs a torch.nn.modules.module.Module, got SGD"):
+        single.prepare_model(opt.optimizer)  # type: ignore[arg-type]
     assert accelerator.clear == accelerator.free_memory
     assert not accelerator._objects.models and not accelerator._objects.optimizers  # forgotten
     # set_seed: device_specific adds the process's rank; deterministic switches torch to it.

@@ -595,6 +595,11 @@ def test_lightning_forms_of_the_entry_points(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, max_epochs=1)
     trainer.fit(model=module, train_dataloaders=data)  # Lightning's names; a DataModule where loaders go
     assert trainer.global_step == 4 and data.stages == ["fit"] and "val_loss" in trainer.callback_metrics
+    assert trainer.datamodule is data and trainer.num_devices == 1 and trainer.node_rank == 0
+    assert (
+        trainer.checkpoint_callbacks == [trainer.checkpoint_callback]
+        and trainer.early_stopping_callback is None
+    )
     assert list(trainer.test(model=module, dataloaders=data)[0]) == ["test_loss"]
     assert data.stages == ["fit", "test"]
     with pytest.raises(TypeError, match=r"fit\(\) got both module and model=, two names of one argument"):
