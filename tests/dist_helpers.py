@@ -14,6 +14,7 @@ a hang is killed after ``timeout`` seconds and reported with the ranks still run
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -64,6 +66,15 @@ def _bootstrap(fn: Callable[..., Any], args: tuple[Any, ...], out: Path) -> str:
         args=json.dumps(args),
         out=str(out),
     )
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` loaded by path, as module ``bench_<name>`` (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -4,24 +4,13 @@ are reported by the benchmark, never held to a budget here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from dist_helpers import REPO
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_instructions", BENCHMARKS / "instructions.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dist_helpers import load_benchmark
 
 
 def _run(module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[dict]]:
@@ -33,7 +22,7 @@ def _run(module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_counts_instructions_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _script()
+    module = load_benchmark("instructions")
     if module.unavailable() is not None:  # the other branch is tested below, on every machine
         pytest.skip(f"callgrind unavailable: {module.unavailable()}")
     text, rows = _run(module, tmp_path, monkeypatch)
@@ -44,7 +33,7 @@ def test_counts_instructions_per_step(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_without_valgrind_the_section_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    module = _script()
+    module = load_benchmark("instructions")
     monkeypatch.setattr(module, "callgrind_unavailable", lambda: "`valgrind` is not installed")
     text, rows = _run(module, tmp_path, monkeypatch)
     assert "Not measured: `valgrind` is not installed." in text and rows == []

@@ -3,31 +3,19 @@ with its difference from the hand-written loop. Times are reported, never assert
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from dist_helpers import REPO
-
-BENCHMARKS = REPO / "benchmarks"
-
-
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_phases", BENCHMARKS / "phases.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from dist_helpers import load_benchmark
 
 
 def test_phases_of_every_contender(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for package in ("lightning", "accelerate"):  # as where the bench extra is not installed
         monkeypatch.setitem(sys.modules, package, None)
-    module = _script()
+    module = load_benchmark("phases")
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     argv = ["phases.py", "--quick", "--results", str(results), "--ratios", str(ratios)]
     monkeypatch.setattr(sys, "argv", argv)
@@ -47,7 +35,7 @@ def test_phases_of_every_contender(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_phases_come_from_the_events_in_order() -> None:
-    module = _script()
+    module = load_benchmark("phases")
     recorder = module.Recorder()
     # Events 10 ns apart, then 30 ns apart: each phase is the mean of the fastest 90% of the steps.
     recorder.steps = [

@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
-from dist_helpers import PYTHON, REPO, run_command
+from dist_helpers import PYTHON, REPO, load_benchmark, run_command
 
 RUN = REPO / "benchmarks" / "run.py"
-
-
-def _runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", RUN)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -> None:
@@ -66,7 +56,7 @@ def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -
 def test_runner_refuses_unknown_names_and_knows_the_cuda_variants(tmp_path: Path) -> None:
     done = run_command([PYTHON, str(RUN), "--only", "nope", "--results", str(tmp_path / "R.md")])
     assert done.returncode != 0 and "--only: unknown ['nope']" in done.stderr and "checkpoint" in done.stderr
-    runner = _runner()
+    runner = load_benchmark("run")
     suite = runner.scripts()
     assert {"startup", "memory", "checkpoint", "fsdp_memory", "zero_memory"} <= suite.keys()
     assert "run" not in suite and not any(name.startswith("_") for name in suite)
@@ -82,7 +72,7 @@ def test_cuda_section_needs_a_gpu(tmp_path: Path) -> None:
 
 
 def test_the_medians_interval() -> None:
-    common = _common()
+    common = load_benchmark("_common")
     ratios = [1.00, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.09, 1.10]
     low, high = common.median_interval(ratios)
     assert low < 1.05 < high and 1.00 <= low and high <= 1.10  # around the median, inside the data
@@ -96,11 +86,3 @@ def test_the_medians_interval() -> None:
     assert common.interval_text(row) == f"{low:.3f}-{high:.3f} (undecided)"
     assert common.interval_text({**row, "budget": 1.2}) == f"{low:.3f}-{high:.3f}"
     assert common.interval_text({**row, "interval": None}) == "-"
-
-
-def _common() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "_common.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -4,7 +4,6 @@ benchmarks, never asserted here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,17 +12,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from dist_helpers import PYTHON, REPO, base_env, run_command
+from dist_helpers import PYTHON, REPO, base_env, load_benchmark, run_command
 
 BENCHMARKS = REPO / "benchmarks"
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _main(module: ModuleType, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,7 +28,7 @@ def test_step_overhead_without_lightning_or_accelerate(
     for package in ("lightning", "accelerate"):  # as where the bench extra is not installed
         monkeypatch.setitem(sys.modules, package, None)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
-    module = _script("step_overhead")
+    module = load_benchmark("step_overhead")
     _main(module, ["--quick", "--cases", "mlp", "--modes", "single", "--results", str(results),
                    "--ratios", str(ratios)], monkeypatch)  # fmt: skip
     text = results.read_text()
@@ -106,7 +97,7 @@ def test_other_frameworks_train_when_installed(tmp_path: Path) -> None:
 def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # With a linear cost model (us per step: hand 100; Trainer +10, +2 per logged value, +0.5 per
     # callback; Accelerator +1) the report shows flat growth and those per-unit costs.
-    module = _script("scaling")
+    module = load_benchmark("scaling")
 
     def fake(job: str, args: object) -> float:
         contender, _, metrics, callbacks = job.split(":")
@@ -153,7 +144,7 @@ def test_scaling_runs(tmp_path: Path) -> None:
 def test_rivals_run_fewer_rounds_than_ember() -> None:
     import argparse
 
-    rounds = _script("step_overhead")._rounds
+    rounds = load_benchmark("step_overhead")._rounds
     assert rounds("ember", argparse.Namespace(rounds=10, rival_rounds=5)) == 10
     assert rounds("fabric", argparse.Namespace(rounds=10, rival_rounds=5)) == 5
     assert rounds("lightning", argparse.Namespace(rounds=2, rival_rounds=5)) == 2  # --quick: 2 for everyone

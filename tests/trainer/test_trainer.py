@@ -547,20 +547,26 @@ def test_max_time_and_monitors(tmp_path: Path) -> None:
     assert {"lr-SGD", "train/samples_per_sec", "train/batches_per_sec"} <= set(header)
 
 
+class Data(DataModule):
+    """Training and validation loaders of 16 samples, a test loader of 8; records its setup stages."""
+
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        self.stages.append(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        return _loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return _loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return _loader(8)
+
+
 def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:
-    class Data(DataModule):
-        def __init__(self) -> None:
-            self.stages: list[str] = []
-
-        def setup(self, stage: str) -> None:
-            self.stages.append(stage)
-
-        def train_dataloader(self) -> DataLoader:
-            return _loader()
-
-        def val_dataloader(self) -> DataLoader:
-            return _loader()
-
     class Plateau(Regressor):
         def configure_optimizers(self) -> Any:
             opt = torch.optim.SGD(self.parameters(), lr=0.1)
@@ -575,22 +581,6 @@ def test_reduce_lr_on_plateau_and_datamodule(tmp_path: Path) -> None:
 
 
 def test_lightning_forms_of_the_entry_points(tmp_path: Path) -> None:
-    class Data(DataModule):
-        def __init__(self) -> None:
-            self.stages: list[str] = []
-
-        def setup(self, stage: str) -> None:
-            self.stages.append(stage)
-
-        def train_dataloader(self) -> DataLoader:
-            return _loader()
-
-        def val_dataloader(self) -> DataLoader:
-            return _loader()
-
-        def test_dataloader(self) -> DataLoader:
-            return _loader(8)
-
     data, module = Data(), Regressor()
     trainer = _trainer(tmp_path, max_epochs=1)
     trainer.fit(model=module, train_dataloaders=data)  # Lightning's names; a DataModule where loaders go
