@@ -177,9 +177,9 @@ class TrainerProperties:
 
     @property
     def checkpoint_callback(self) -> Any:
-        from ember.callbacks.model_checkpoint import ModelCheckpoint
-
-        return next((c for c in self.callbacks if isinstance(c, ModelCheckpoint)), None)
+        """The first of :attr:`checkpoint_callbacks`, or None."""
+        checkpoints = self.checkpoint_callbacks
+        return checkpoints[0] if checkpoints else None
 
     @property
     def estimated_stepping_batches(self) -> int | float:
