@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["Callback", "acts_at_train_epoch_end"]
+__all__ = ["Callback", "acts_after_validation", "acts_at_train_epoch_end"]
 
 
 def acts_at_train_epoch_end(trainer: Trainer, choice: bool | None) -> bool:
@@ -30,6 +30,16 @@ def acts_at_train_epoch_end(trainer: Trainer, choice: bool | None) -> bool:
         return True
     interval = trainer.val_check_interval
     return trainer.check_val_every_n_epoch == 1 and isinstance(interval, float) and interval == 1.0
+
+
+def acts_after_validation(trainer: Trainer, choice: bool | None) -> bool:
+    """Whether a monitoring callback acts at this ``on_validation_end``: a validation run of ``fit``
+    (not the sanity check) when it does not act at the training epoch's end instead."""
+    return (
+        trainer.stage == "fit"
+        and not trainer.sanity_checking
+        and not acts_at_train_epoch_end(trainer, choice)
+    )
 
 
 class Callback:

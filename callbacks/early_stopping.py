@@ -9,7 +9,7 @@ import torch
 from typing_extensions import override
 
 from ember._validation import check_bool, check_number, check_str
-from ember.callbacks.base import Callback, acts_at_train_epoch_end
+from ember.callbacks.base import Callback, acts_after_validation, acts_at_train_epoch_end
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -78,11 +78,7 @@ class EarlyStopping(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if (
-            trainer.stage == "fit"
-            and not trainer.sanity_checking
-            and not acts_at_train_epoch_end(trainer, self.check_on_train_epoch_end)
-        ):
+        if acts_after_validation(trainer, self.check_on_train_epoch_end):
             self._check(trainer)
 
     @override

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str
-from ember.callbacks.base import Callback, acts_at_train_epoch_end
+from ember.callbacks.base import Callback, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
 
@@ -116,12 +116,7 @@ class ModelCheckpoint(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if (
-            trainer.stage == "fit"
-            and not trainer.sanity_checking
-            and not acts_at_train_epoch_end(trainer, self.save_on_train_epoch_end)
-            and self._epoch_due(trainer)
-        ):
+        if acts_after_validation(trainer, self.save_on_train_epoch_end) and self._epoch_due(trainer):
             self._save(trainer)
 
     @override

@@ -51,10 +51,20 @@ def gather_objects(strategy: Strategy, obj: Any, caller: str) -> list[Any]:
     if strategy.world_size == 1:
         return [json.loads(text)]
     device = strategy.root_device
-    payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+    payload = json_bytes(text, device)
     sizes = strategy.all_gather(torch.tensor([payload.numel()], device=device)).flatten().tolist()
-    stacked = strategy.all_gather(pad_tensor(payload, max(sizes), dim=0)).cpu()
-    return [json.loads(bytes(stacked[rank, :size].tolist()).decode()) for rank, size in enumerate(sizes)]
+    stacked = strategy.all_gather(pad_tensor(payload, max(sizes), dim=0))
+    return [from_json_bytes(stacked[rank, :size]) for rank, size in enumerate(sizes)]
+
+
+def json_bytes(text: str, device: torch.device) -> torch.Tensor:
+    """JSON ``text`` as a uint8 tensor on ``device``, to send between processes without pickle."""
+    return torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8).to(device)
+
+
+def from_json_bytes(data: torch.Tensor) -> Any:
+    """The object :func:`json_bytes` encoded."""
+    return json.loads(bytes(data.cpu().tolist()).decode())
 
 
 def reduce(strategy: Strategy, data: Any, op: ReduceOp) -> Any:

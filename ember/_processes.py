@@ -170,11 +170,15 @@ class ProcessMixin:
 
         Pickle-free: the object travels as UTF-8 JSON in a byte tensor.
         """
-        payload = json.dumps(obj).encode() if self.process_index == from_process else b""
         device = self._strategy.root_device
-        length = self._strategy.broadcast(torch.tensor([len(payload)], device=device), from_process)
-        buffer = torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
-        if self.process_index == from_process:
-            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
-        data = self._strategy.broadcast(buffer, from_process)
-        return json.loads(bytes(data.cpu().tolist()).decode())
+        sender = self.process_index == from_process
+        payload = _ops.json_bytes(json.dumps(obj), device) if sender else None
+        length = self._strategy.broadcast(
+            torch.tensor([payload.numel() if payload is not None else 0], device=device), from_process
+        )
+        buffer = (
+            payload
+            if payload is not None
+            else torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
+        )
+        return _ops.from_json_bytes(self._strategy.broadcast(buffer, from_process))

@@ -91,11 +91,7 @@ def load_module(
     overrides: dict[str, Any],
 ) -> TrainModule:
     """``cls`` built from a Trainer checkpoint's hyper-parameters (and ``overrides``), with its weights."""
-    path = locate_checkpoint(Path(checkpoint_path))  # or the complete copy a killed save left beside it
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"checkpoint_path={str(checkpoint_path)!r} does not exist (a checkpoint is a directory)"
-        )
+    path = _checkpoint_dir(checkpoint_path, "checkpoint_path")
     manifest = read_manifest(path)  # every file's digest checked
     if STATE not in manifest.get("extra", []):
         raise CheckpointError(
@@ -163,10 +159,16 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
                 f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
             )
         ckpt_path = found
-    path = locate_checkpoint(Path(ckpt_path))  # or the complete copy a killed save left beside it
-    if not path.is_dir():
-        raise FileNotFoundError(f"ckpt_path={str(ckpt_path)!r} does not exist (a checkpoint is a directory)")
+    path = _checkpoint_dir(ckpt_path, "ckpt_path")
     read_manifest(path, verify=False)
+    return path
+
+
+def _checkpoint_dir(given: str | os.PathLike[str], argument: str) -> Path:
+    """The checkpoint directory ``given`` names (or the complete copy a killed save left beside it)."""
+    path = locate_checkpoint(Path(given))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{argument}={str(given)!r} does not exist (a checkpoint is a directory)")
     return path
 
 
