@@ -75,15 +75,26 @@ class PreparedOptimizer(torch.optim.Optimizer):
         if self._gradient_state.sync_gradients:
             self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Step, through the strategy and precision; returns what ``closure`` returned (the loss).
+
+        Where they act between the backward pass and the step (unscaling, averaging, an engine's
+        own step), the closure runs first, once; an optimizer that re-evaluates it (LBFGS) gets it
+        passed on, where the strategy and precision support that."""
         if not self._gradient_state.sync_gradients:
             self.step_was_skipped = True
-            return
+            return None
         if self._direct_step:  # neither strategy nor precision adds anything to optimizer.step()
-            self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
             self.step_was_skipped = False
-            return
+            return loss
+        loss = None
+        if closure is not None and not isinstance(self.optimizer, torch.optim.LBFGS):
+            with torch.enable_grad():
+                loss = closure()
+            closure = None
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
+        return loss
 
     def boundary_calls(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """``(step, zero_grad)`` for a loop that calls them only at step boundaries (gradients in

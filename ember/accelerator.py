@@ -16,7 +16,7 @@ optional capabilities by interface. The Trainer drives the same object.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -277,14 +277,21 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
             )
         return self._prepare_dataloader(dataloader, shard=shard)
 
-    def _prepare_dataloader(self, dataloader: DataLoader[Any], shard: bool = True) -> PreparedDataLoader:
+    def _prepare_dataloader(
+        self,
+        dataloader: DataLoader[Any],
+        shard: bool = True,
+        to_device: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+    ) -> PreparedDataLoader:
+        """``to_device``: moves a pass's batches (default: the strategy's ``batches_to_device``); the
+        Trainer's, when the module overrides Lightning's batch-transfer hooks."""
         # The shuffle seed must agree on every rank: rank 0's choice wins.
         seed = self._seed if self._seed is not None else torch.initial_seed() % 2**63
         seed = int(self._strategy.broadcast(torch.tensor([seed], dtype=torch.int64), 0).item())
         loader = PreparedDataLoader(
             dataloader,
             device=self.device,
-            to_device=self._strategy.batches_to_device,
+            to_device=to_device or self._strategy.batches_to_device,
             world_size=self.num_processes if shard else 1,
             rank=self.process_index if shard else 0,
             seed=seed,

@@ -24,6 +24,7 @@ uninterrupted pass drew.
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
@@ -108,6 +109,16 @@ class _SeededFetch(Dataset[Any]):
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def _batches_of(
+    stream: Iterable[tuple[Any, int, bool, int | None]],
+    places: collections.deque[tuple[int, bool, int | None]],
+) -> Iterator[Any]:
+    """The batches of ``stream``'s ``(batch, position, at_end, remainder)``; the rest queued in ``places``."""
+    for batch, position, at_end, remainder in stream:
+        places.append((position, at_end, remainder))
+        yield batch
 
 
 def _seed_for_batch(place: tuple[int, int, int, int]) -> None:
@@ -228,8 +239,11 @@ class PreparedDataLoader:
         self._generator.manual_seed(self._seed + epoch)  # worker seeds: a function of (seed, epoch)
         try:
             if self._iterable:
-                # The plan runs ahead of what is yielded when the device transfer prefetches.
-                for batch, position, at_end, remainder in self._to_device(self._iterate_stream(start)):
+                # The transfer sees batches only; each batch's place in the stream waits in a queue
+                # (the plan runs ahead of what is yielded when the transfer prefetches).
+                queued: collections.deque[tuple[int, bool, int | None]] = collections.deque()
+                for batch in self._to_device(_batches_of(self._iterate_stream(start), queued)):
+                    position, at_end, remainder = queued.popleft()
                     self._position = position
                     if at_end:
                         self._at_end, self._remainder = True, remainder

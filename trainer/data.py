@@ -3,14 +3,46 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader
 
 from ember.trainer.config import TrainerConfig
+from ember.trainer.hooks import overridden
 from ember.trainer.module import DataModule, TrainModule
 
-__all__ = ["entry_arguments", "find_loaders", "val_check_batch"]
+if TYPE_CHECKING:
+    from ember.strategies import Strategy
+
+__all__ = ["batch_transfer", "entry_arguments", "find_loaders", "val_check_batch"]
+
+Transfer = Callable[[Iterable[Any]], Iterable[Any]]
+
+
+def batch_transfer(module: TrainModule, strategy: Strategy, dataloader_idx: int) -> Transfer | None:
+    """What moves a prepared loader's batches when the module overrides Lightning's batch-transfer
+    hooks: ``on_before_batch_transfer``, ``transfer_batch_to_device`` (else the strategy's transfer),
+    ``on_after_batch_transfer``, in that order, for each batch. None: none is overridden."""
+    before = overridden(module, "on_before_batch_transfer")
+    transfer = overridden(module, "transfer_batch_to_device")
+    after = overridden(module, "on_after_batch_transfer")
+    if before is None and transfer is None and after is None:
+        return None
+    device = strategy.root_device
+
+    def to_device(batches: Iterable[Any]) -> Iterable[Any]:
+        if before is not None:
+            batches = (before(batch, dataloader_idx) for batch in batches)
+        if transfer is not None:
+            batches = (transfer(batch, device, dataloader_idx) for batch in batches)
+        else:
+            batches = strategy.batches_to_device(batches)
+        if after is not None:
+            batches = (after(batch, dataloader_idx) for batch in batches)
+        return batches
+
+    return to_device
 
 
 def entry_arguments(

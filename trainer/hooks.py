@@ -9,7 +9,6 @@ The order of the hooks is written down once, in ``docs/concepts/hooks.md``;
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,20 +22,8 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook", "call_step", "fire", "run_hook", "run_step", "warn_foreign_hooks"]
+__all__ = ["HookPlan", "call_hook", "call_step", "fire", "overridden", "run_hook", "run_step"]
 
-# Lightning hooks this Trainer does not call: a module that defines one expects it to run.
-FOREIGN_HOOKS = {
-    "optimizer_step": "the Trainer steps the optimizer itself; change the learning rate in "
-    "on_before_optimizer_step or with an LR scheduler",
-    "optimizer_zero_grad": "the Trainer zeroes gradients after each step",
-    "configure_gradient_clipping": "use Trainer(gradient_clip_val=..., gradient_clip_algorithm=...)",
-    "lr_scheduler_step": "schedulers are torch LR schedulers, stepped by the Trainer",
-    "transfer_batch_to_device": "the prepared dataloader moves batches",
-    "on_before_batch_transfer": "transform batches in the dataset or collate_fn",
-    "on_after_batch_transfer": "transform batches at the start of training_step",
-}
-_warned: set[tuple[type, str]] = set()
 
 # What one hook runs: the callbacks' bound hooks, the module's (or None), the monitoring callbacks'
 # hooks, and all of them in that order. ``None`` in place of the whole: nothing defines the hook.
@@ -190,13 +177,11 @@ def run_step(
         store.fx = previous
 
 
-def warn_foreign_hooks(module: TrainModule) -> None:
-    """Warn (once per class and hook) about a Lightning hook the module defines and ember never calls."""
-    for name, instead in FOREIGN_HOOKS.items():
-        if callable(getattr(module, name, None)) and (type(module), name) not in _warned:
-            _warned.add((type(module), name))
-            warnings.warn(
-                f"{type(module).__name__} defines {name}(), a Lightning hook that ember's Trainer does not "
-                f"call: {instead}",
-                stacklevel=4,
-            )
+def overridden(module: TrainModule, name: str) -> Callable[..., Any] | None:
+    """The module's ``name`` when it is not :class:`TrainModule`'s own (a subclass or the instance
+    overrides it: Lightning's step and batch-transfer hooks), else None: the Trainer runs its own
+    code for it, a call less."""
+    from ember.trainer.module import TrainModule  # here: the module imports this one
+
+    method: Callable[..., Any] = getattr(module, name)
+    return None if getattr(method, "__func__", None) is getattr(TrainModule, name) else method

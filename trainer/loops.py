@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, call_hook, call_step, fire, run_hook, run_step
+from ember.trainer.hooks import Entry, call_hook, call_step, fire, overridden, run_hook, run_step
 
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
@@ -86,6 +86,11 @@ class _Epoch:
     optimizer: Any  # the prepared optimizer (automatic optimisation)
     step: Any  # its step() and zero_grad() at a step boundary (PreparedOptimizer.boundary_calls)
     zero_grad: Any
+    # The module's optimizer_step, optimizer_zero_grad and configure_gradient_clipping where it
+    # overrides them (Lightning's hooks), else None: the Trainer's own code runs, a call less.
+    module_step: Any
+    module_zero_grad: Any
+    module_clip: Any
     state: LoopState
     store: MetricStore
     accelerator: Accelerator
@@ -98,6 +103,7 @@ class _Epoch:
         accelerator = trainer.accelerator
         optimizer = trainer._step_optimizers[0] if automatic else None
         step, zero_grad = optimizer.boundary_calls() if optimizer is not None else (None, None)
+        module = trainer.module
         return cls(
             limit=limit,
             sized=not math.isinf(limit),
@@ -115,6 +121,9 @@ class _Epoch:
             optimizer=optimizer,
             step=step,
             zero_grad=zero_grad,
+            module_step=overridden(module, "optimizer_step") if automatic else None,
+            module_zero_grad=overridden(module, "optimizer_zero_grad") if automatic else None,
+            module_clip=overridden(module, "configure_gradient_clipping") if automatic else None,
             state=trainer.state,
             store=trainer._metrics,
             accelerator=accelerator,
@@ -210,27 +219,83 @@ def _automatic_step(
     should_step: bool,
 ) -> Any:
     """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output."""
-    store, accelerator = epoch.store, epoch.accelerator
-    output = run_step(store, accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx)
+    if should_step and epoch.module_step is not None:
+        return _step_by_module(trainer, epoch, hooks, batch, batch_idx)
+    output = run_step(
+        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
+    )
     loss = output if type(output) is torch.Tensor else _loss_of(output)
     if loss is None:
         return output
     backward(trainer, hooks, loss)
     if not should_step:
         return output
+    _before_step(trainer, epoch, hooks)
+    epoch.step()
+    _after_step(trainer, epoch, batch_idx)
+    return output
+
+
+def _step_by_module(
+    trainer: Trainer, epoch: _Epoch, hooks: dict[str, Entry | None], batch: Any, batch_idx: int
+) -> Any:
+    """A step boundary when the module overrides ``optimizer_step``, on Lightning's contract: the hook
+    gets a closure that runs ``training_step``, the backward pass and what precedes a step, and calls
+    ``optimizer.step(closure=...)``; code around that call runs before or after the step."""
+    outputs: list[Any] = []
+
+    def closure() -> torch.Tensor | None:
+        output = run_step(
+            epoch.store,
+            epoch.accelerator,
+            epoch.model,
+            "training_step",
+            epoch.training_step,
+            batch,
+            batch_idx,
+        )
+        outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
+        loss = output if type(output) is torch.Tensor else _loss_of(output)
+        if loss is not None:
+            backward(trainer, hooks, loss)
+            _before_step(trainer, epoch, hooks)
+        return loss
+
+    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, closure)
+    if not outputs:
+        raise RuntimeError(
+            f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
+            "training_step and the backward pass did not run: call optimizer.step(closure=optimizer_closure)"
+        )
+    output = outputs[-1]
+    if (output if type(output) is torch.Tensor else _loss_of(output)) is not None:
+        _after_step(trainer, epoch, batch_idx)
+    return output
+
+
+def _before_step(trainer: Trainer, epoch: _Epoch, hooks: dict[str, Entry | None]) -> None:
+    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping."""
     if epoch.unscales:
-        accelerator.unscale_gradients()
+        epoch.accelerator.unscale_gradients()
     entry = hooks["on_before_optimizer_step"]
     if entry is not None:
-        fire(store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
-    if epoch.clip:
-        _clip(trainer, epoch.clip)
-    epoch.step()
-    epoch.zero_grad()
+        fire(epoch.store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
+    config = trainer.config
+    if epoch.module_clip is not None:
+        epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
+    elif epoch.clip:
+        trainer.module.clip_gradients(epoch.optimizer.optimizer, epoch.clip, config.gradient_clip_algorithm)
+
+
+def _after_step(trainer: Trainer, epoch: _Epoch, batch_idx: int) -> None:
+    """What follows an optimizer step: zeroing the gradients, the step count, step-interval schedulers."""
+    if epoch.module_zero_grad is not None:
+        epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
+    else:
+        epoch.zero_grad()
     epoch.state.global_step += 1
     if epoch.step_schedulers:
         trainer._step_schedulers("step")
-    return output
 
 
 def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
@@ -244,14 +309,6 @@ def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tenso
     entry = hooks["on_after_backward"]
     if entry is not None:
         fire(store, "on_after_backward", entry)
-
-
-def _clip(trainer: Trainer, value: float) -> None:
-    parameters = trainer.module.parameters()
-    if trainer.config.gradient_clip_algorithm == "norm":
-        trainer.accelerator.clip_grad_norm_(parameters, value)
-    else:
-        trainer.accelerator.clip_grad_value_(parameters, value)
 
 
 def _loss_of(output: Any) -> torch.Tensor | None:

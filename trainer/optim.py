@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,8 +35,14 @@ class LRSchedulerConfig:
     def is_plateau(self) -> bool:
         return isinstance(self.scheduler, ReduceLROnPlateau)
 
+    @property
+    def takes_metric(self) -> bool:
+        """Stepped with the monitored value: ReduceLROnPlateau, or a scheduler that is not torch's
+        (driven by the module's ``lr_scheduler_step``) given a ``monitor``."""
+        return self.is_plateau or (self.monitor is not None and not isinstance(self.scheduler, LRScheduler))
 
-def _scheduler_config(item: Any) -> LRSchedulerConfig:
+
+def _scheduler_config(item: Any, custom_step: bool) -> LRSchedulerConfig:
     if isinstance(item, Mapping):
         unknown = set(item) - _SCHEDULER_KEYS
         if unknown:
@@ -48,11 +54,19 @@ def _scheduler_config(item: Any) -> LRSchedulerConfig:
         config = LRSchedulerConfig(**dict(item))
     else:
         config = LRSchedulerConfig(scheduler=item)
+    name = type(config.scheduler).__name__
     if not isinstance(config.scheduler, (LRScheduler, ReduceLROnPlateau)):
-        raise TypeError(
-            f"configure_optimizers(): {type(config.scheduler).__name__} is not a torch LR scheduler "
-            "(torch.optim.lr_scheduler.LRScheduler or ReduceLROnPlateau)"
-        )
+        if not custom_step:
+            raise TypeError(
+                f"configure_optimizers(): {name} is not a torch LR scheduler (torch.optim.lr_scheduler."
+                "LRScheduler or ReduceLROnPlateau); to use another kind (timm's), override the module's "
+                "lr_scheduler_step(scheduler, metric) to step it"
+            )
+        if not all(callable(getattr(config.scheduler, m, None)) for m in ("state_dict", "load_state_dict")):
+            raise TypeError(
+                f"configure_optimizers(): the scheduler {name} needs state_dict() and load_state_dict(), "
+                "for checkpoints to hold it"
+            )
     if config.interval not in _INTERVALS:
         raise ValueError(
             f"lr_scheduler interval={config.interval!r} is not valid. Valid choices: 'step', 'epoch'"
@@ -67,9 +81,12 @@ def _scheduler_config(item: Any) -> LRSchedulerConfig:
     return config
 
 
-def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
+def parse_optimizers(
+    result: Any, custom_step: bool = False
+) -> tuple[list[torch.optim.Optimizer], list[LRSchedulerConfig]]:
     """Accepts an optimizer; a list of optimizers; ``(optimizers, schedulers)``; a dict with
-    ``"optimizer"`` and optional ``"lr_scheduler"`` (a scheduler or a config dict); a list of such dicts."""
+    ``"optimizer"`` and optional ``"lr_scheduler"`` (a scheduler or a config dict); a list of such dicts.
+    ``custom_step``: the module overrides ``lr_scheduler_step``, so any scheduler kind is accepted."""
     optimizers: list[Any]
     schedulers: list[Any] = []
     if isinstance(result, torch.optim.Optimizer):
@@ -87,7 +104,7 @@ def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRS
     elif isinstance(result, Sequence) and result and all(isinstance(r, Mapping) for r in result):
         optimizers, schedulers = [], []
         for entry in result:
-            opts, scheds = parse_optimizers(entry)
+            opts, scheds = parse_optimizers(entry, custom_step)
             optimizers += opts
             schedulers += scheds
         return optimizers, schedulers  # type: ignore[return-value]
@@ -103,26 +120,38 @@ def parse_optimizers(result: Any) -> tuple[list[torch.optim.Optimizer], list[LRS
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"configure_optimizers(): {type(opt).__name__} is not a torch.optim.Optimizer")
-    return optimizers, [_scheduler_config(s) for s in schedulers]
+    return optimizers, [_scheduler_config(s, custom_step) for s in schedulers]
 
 
 def step_schedulers(
-    configs: list[LRSchedulerConfig], interval: str, count: int, metrics: dict[str, Any]
+    configs: list[LRSchedulerConfig],
+    interval: str,
+    count: int,
+    metrics: dict[str, Any],
+    step: Callable[[Any, Any], Any] | None = None,
 ) -> None:
-    """Step the schedulers of ``interval`` whose ``frequency`` divides ``count`` (steps or epochs done)."""
+    """Step the schedulers of ``interval`` whose ``frequency`` divides ``count`` (steps or epochs done);
+    ``step``: the module's ``lr_scheduler_step(scheduler, metric)`` when it overrides it."""
     for config in configs:
         if config.interval != interval or count % config.frequency:
             continue
-        if not config.is_plateau:
+        metric = None
+        if config.takes_metric:
+            assert config.monitor is not None
+            if config.monitor not in metrics:
+                if not config.strict:
+                    continue
+                raise KeyError(
+                    f"{type(config.scheduler).__name__} monitors {config.monitor!r}, which was not logged. "
+                    f"Logged metrics: {sorted(metrics)}"
+                )
+            metric = metrics[config.monitor]
+        if step is not None:
+            step(config.scheduler, metric)
+        elif metric is None:
             config.scheduler.step()
-            continue
-        assert config.monitor is not None
-        if config.monitor in metrics:
-            config.scheduler.step(metrics[config.monitor])
-        elif config.strict:
-            raise KeyError(
-                f"ReduceLROnPlateau monitors {config.monitor!r}, which was not logged. Logged metrics: {sorted(metrics)}"
-            )
+        else:
+            config.scheduler.step(metric)
 
 
 def count_manual_steps(trainer: Trainer) -> list[Any]:

@@ -25,8 +25,8 @@ from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
-from ember.trainer.data import entry_arguments, find_loaders, val_check_batch
-from ember.trainer.hooks import HookPlan, call_hook, warn_foreign_hooks
+from ember.trainer.data import batch_transfer, entry_arguments, find_loaders, val_check_batch
+from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import backward, run_evaluation, run_fit, run_predict
@@ -189,15 +189,17 @@ class Trainer(TrainerProperties):
         if not module.automatic_optimization and self.config.gradient_clip_val:
             raise ValueError(
                 "gradient_clip_val works with automatic optimization; in manual mode clip in training_step with "
-                "self.trainer.accelerator.clip_grad_norm_(self.parameters(), max_norm)"
+                "self.clip_gradients(optimizer, gradient_clip_val=..., gradient_clip_algorithm=...)"
             )
         with self.accelerator.init_module(empty_init=True):  # FSDP: layers on meta, materialised as shards
             module.configure_model()
         # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
         self._train_loader = self._prepare_loader(train)
-        self._val_loaders = [self._prepare_loader(v) for v in val]
+        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
         self._set_batch_counts()
-        optimizers, self.lr_scheduler_configs = parse_optimizers(module.configure_optimizers())
+        optimizers, self.lr_scheduler_configs = parse_optimizers(
+            module.configure_optimizers(), custom_step=overridden(module, "lr_scheduler_step") is not None
+        )
         if module.automatic_optimization and len(optimizers) != 1:
             raise ValueError(f"automatic optimization needs exactly one optimizer, got {len(optimizers)}; "
                              "set automatic_optimization = False to drive several")  # fmt: skip
@@ -233,7 +235,10 @@ class Trainer(TrainerProperties):
         """``predict_step`` outputs, gathered across processes in dataset order (each sample once)."""
         module, dataloaders, datamodule = entry_arguments("predict", module, model, dataloaders, datamodule)
         module = self._reattach(module, "predict", datamodule, ckpt_path)
-        loaders = [self._prepare_loader(d) for d in self._loaders("predict", dataloaders, datamodule)]
+        loaders = [
+            self._prepare_loader(d, i)
+            for i, d in enumerate(self._loaders("predict", dataloaders, datamodule))
+        ]
         if not loaders:
             raise ValueError(
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
@@ -258,7 +263,9 @@ class Trainer(TrainerProperties):
                   datamodule: DataModule | None) -> list[dict[str, float]]:  # fmt: skip
         module = self._reattach(module, stage, datamodule, ckpt_path)
         name = "val" if stage == "validate" else "test"
-        loaders = [self._prepare_loader(d) for d in self._loaders(name, dataloaders, datamodule)]
+        loaders = [
+            self._prepare_loader(d, i) for i, d in enumerate(self._loaders(name, dataloaders, datamodule))
+        ]
         if not loaders:
             raise ValueError(
                 f"{stage}() needs data: pass dataloaders, a datamodule, or define {name}_dataloader()"
@@ -297,7 +304,6 @@ class Trainer(TrainerProperties):
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
         if not isinstance(module, TrainModule):
             raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
-        warn_foreign_hooks(module)
         self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
         self._module = module
         module._trainer = self
@@ -313,8 +319,12 @@ class Trainer(TrainerProperties):
             datamodule.setup(stage)
         call_hook(self, "setup", stage)
 
-    def _prepare_loader(self, loader: DataLoader[Any]) -> PreparedDataLoader:
-        return self.accelerator.prepare_data_loader(loader, shard=self.config.use_distributed_sampler)
+    def _prepare_loader(self, loader: DataLoader[Any], dataloader_idx: int = 0) -> PreparedDataLoader:
+        return self.accelerator._prepare_dataloader(
+            loader,
+            shard=self.config.use_distributed_sampler,
+            to_device=batch_transfer(self.module, self.strategy, dataloader_idx),
+        )
 
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
         return find_loaders(kind, given, datamodule, self.module)
@@ -374,7 +384,8 @@ class Trainer(TrainerProperties):
         if not self.lr_scheduler_configs or not self.module.automatic_optimization:
             return  # manual optimisation steps its schedulers itself (self.lr_schedulers())
         count = self.state.global_step if interval == "step" else self.state.epoch + 1
-        step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics)
+        step = overridden(self.module, "lr_scheduler_step")
+        step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics, step)
 
     def _write_row(self, values: dict[str, torch.Tensor]) -> None:
         """Send logged values to the loggers (here, and only here, tensors become Python floats)."""

@@ -49,8 +49,12 @@ class Module(TrainModule):
         super().__init__()
         self.calls = calls
         self.layer = torch.nn.Linear(2, 1)
-        for name in dir(TrainModule):
-            if name.startswith("on_") or name in ("configure_model", "setup", "teardown"):
+        for name in dir(TrainModule):  # (the batch-transfer hooks return the batch: StepHooks has them)
+            if (name.startswith("on_") and not name.endswith("_batch_transfer")) or name in (
+                "configure_model",
+                "setup",
+                "teardown",
+            ):
                 setattr(self, name, self._recorder(name))
 
     def _recorder(self, name: str) -> Any:
@@ -181,3 +185,75 @@ def test_builtin_callbacks_leave_out_the_batch_hooks_that_would_only_return(tmp_
     assert Saving().inactive_hooks(trainer) == set()
     assert RichProgressBar().inactive_hooks(trainer) == set()
     assert "on_train_batch_end" in RichProgressBar(refresh_rate=0).inactive_hooks(trainer)
+
+
+class StepHooks(Module):
+    """Overrides Lightning's step and batch-transfer hooks, calling the defaults."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):  # type: ignore[no-untyped-def]
+        self.calls.append("module.on_before_batch_transfer")
+        return batch
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):  # type: ignore[no-untyped-def]
+        self.calls.append("module.transfer_batch_to_device")
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):  # type: ignore[no-untyped-def]
+        self.calls.append("module.on_after_batch_transfer")
+        return batch
+
+    def optimizer_step(self, *args):  # type: ignore[no-untyped-def]
+        self.calls.append("module.optimizer_step")
+        super().optimizer_step(*args)
+        self.calls.append("<stepped>")
+
+    def configure_gradient_clipping(self, *args):  # type: ignore[no-untyped-def]
+        self.calls.append("module.configure_gradient_clipping")
+
+    def optimizer_zero_grad(self, *args):  # type: ignore[no-untyped-def]
+        self.calls.append("module.optimizer_zero_grad")
+        super().optimizer_zero_grad(*args)
+
+    def lr_scheduler_step(self, *args):  # type: ignore[no-untyped-def]
+        self.calls.append("module.lr_scheduler_step")
+        super().lr_scheduler_step(*args)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_step_and_transfer_hooks_order(tmp_path: Path) -> None:
+    calls: list[str] = []
+    data = TensorDataset(torch.randn(4, 2), torch.randn(4, 1))
+    trainer = Trainer(
+        max_epochs=1, accumulate_grad_batches=2, logger=False, default_root_dir=str(tmp_path),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[Recorder(calls)],
+    )  # fmt: skip
+    trainer.fit(StepHooks(calls), DataLoader(data, batch_size=2))
+    start = calls.index("module.on_train_epoch_start") + 1
+    transfer = [
+        "module.on_before_batch_transfer",
+        "module.transfer_batch_to_device",
+        "module.on_after_batch_transfer",
+    ]
+    batch_start = ["callback.on_train_batch_start", "module.on_train_batch_start"]
+    step = [
+        "module.training_step",
+        "callback.on_before_backward", "module.on_before_backward",
+        "callback.on_after_backward", "module.on_after_backward",
+    ]  # fmt: skip
+    batch_end = ["callback.on_train_batch_end", "module.on_train_batch_end"]
+    assert calls[start : calls.index("callback.on_train_epoch_end")] == [
+        *transfer, *batch_start, *step, *batch_end,  # batch 0 accumulates: no optimizer_step
+        *transfer, *batch_start,
+        "module.optimizer_step",  # the closure: training_step to clipping, inside optimizer.step()
+        *step,
+        "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
+        "module.configure_gradient_clipping",
+        "<stepped>",
+        "module.optimizer_zero_grad", "module.lr_scheduler_step",
+        *batch_end,
+    ]  # fmt: skip

@@ -416,23 +416,6 @@ def test_load_from_checkpoint_builds_the_module_with_its_weights(tmp_path: Path)
         Regressor.load_from_checkpoint(tmp_path / "plain")
 
 
-def test_a_lightning_hook_ember_does_not_call_is_named(tmp_path: Path) -> None:
-    class Warmup(Regressor):  # a Lightning warm-up recipe: it would silently do nothing
-        def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-            raise AssertionError("not called")
-
-    with pytest.warns(
-        UserWarning, match=r"Warmup defines optimizer_step\(\), a Lightning hook that ember's Trainer"
-    ):
-        _trainer(tmp_path, max_steps=1).fit(Warmup(), _loader())
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _trainer(tmp_path, max_steps=1).fit(Warmup(), _loader())  # once per class
-        _trainer(tmp_path, max_steps=1).fit(Regressor(), _loader())  # nothing to say
-
-
 def test_min_epochs_and_min_steps_hold_a_stop_back(tmp_path: Path) -> None:
     class Stopper(Callback):  # asks to stop at every batch
         def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
