@@ -26,7 +26,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ember import _checkpoint, _forward, _trackers
-from ember._devices import check_accelerator, check_devices, resolve_accelerator, resolve_devices
+from ember._devices import (
+    check_accelerator,
+    check_devices,
+    requested_processes,
+    resolve_accelerator,
+    resolve_devices,
+)
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._state import StateMixin
@@ -72,7 +78,7 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         self,
         accelerator: str | None = None,
         strategy: str | Strategy | None = None,
-        devices: int | str = "auto",
+        devices: int | str | Sequence[int] = "auto",
         precision: str | int | Precision | None = None,
         gradient_accumulation_steps: int = 1,
         seed: int | None = None,
@@ -115,11 +121,11 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         environment = detect_environment()
         requested = "cpu" if cpu else accelerator or defaults.get("accelerator", "auto")
         requested = check_accelerator(requested)
-        check_devices(devices)
+        devices = check_devices(devices)
         if environment.launched_externally:
             world_size = environment.world_size
         else:
-            world_size = devices if isinstance(devices, int) else 1
+            world_size = requested_processes(devices, requested)
         self._strategy = resolve_strategy(
             strategy if strategy is not None else defaults.get("strategy", "auto"),
             world_size=world_size,
@@ -129,13 +135,14 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
             self._strategy.check_world_size(environment.world_size)
         device_type = resolve_accelerator(requested, self._strategy)
         per_node = environment.local_world_size if environment.launched_externally else None
-        num_processes = resolve_devices(devices, device_type, per_node, self._strategy)
+        num_processes, device_ids = resolve_devices(devices, device_type, per_node, self._strategy)
         precision_plugin = resolve_precision(
             precision if precision is not None else defaults.get("precision", "32-true"),
             device_type=device_type,
         )
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
+        self._strategy.device_ids = device_ids
         if isinstance(self._strategy, ParallelStrategy):  # armed in setup_environment
             self._strategy.collective_timeout = watchdog_timeout
         self._strategy.connect(

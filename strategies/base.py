@@ -67,6 +67,9 @@ class Strategy:
         self._num_processes = 1
         self._precision: Precision = Precision()
         self._environment = ProcessEnvironment(source="single")
+        #: The GPU of each local process (``devices=[1, 3]``), set before :meth:`connect`; None: the
+        #: local rank's.
+        self.device_ids: tuple[int, ...] | None = None
 
     @classmethod
     def register_strategies(cls, registry: Registry[Strategy]) -> None:
@@ -107,7 +110,8 @@ class Strategy:
     @property
     def root_device(self) -> torch.device:
         if self._device_type == "cuda":
-            return torch.device("cuda", self.local_rank)
+            ids = self.device_ids
+            return torch.device("cuda", ids[self.local_rank] if ids is not None else self.local_rank)
         return torch.device(self._device_type)
 
     @property

@@ -6,6 +6,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
@@ -65,7 +66,7 @@ def resolve_limit(limit: int | float, available: int | float) -> int | float:
 class TrainerConfig:
     accelerator: str | None = None  # None: ember launch's --accelerator, else "auto"
     strategy: Any = None  # None: ember launch's --strategy, else "auto"
-    devices: int | str = "auto"
+    devices: int | str | Sequence[int] = "auto"
     num_nodes: int = 1
     precision: Any = None  # None: ember launch's --precision, else "32-true"
     max_epochs: int | None = None

@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -61,7 +62,7 @@ class Trainer(TrainerProperties):
         *,
         accelerator: str | None = None,
         strategy: str | Strategy | None = None,
-        devices: int | str = "auto",
+        devices: int | str | Sequence[int] = "auto",
         num_nodes: int = 1,
         precision: str | int | Precision | None = None,
         max_epochs: int | None = None,

@@ -46,7 +46,7 @@ def test_bad_inputs_raise_clear_errors() -> None:
         ValueError, match=r"precision='fp7' is not a known precision\. Valid choices: '16-mixed'"
     ):
         Accelerator(precision="fp7")
-    with pytest.raises(ValueError, match=r"devices=0 must be a positive int or 'auto'"):
+    with pytest.raises(ValueError, match=r"devices=0 is not valid\. Valid choices: a positive int"):
         Accelerator(devices=0)
     with pytest.raises(
         ValueError, match=r"accelerator='tpu' is not supported\. Valid choices: 'auto', 'cpu', 'cuda'"
@@ -65,6 +65,32 @@ def test_bad_inputs_raise_clear_errors() -> None:
         accelerator.register_for_checkpointing(object())
     with pytest.raises(ValueError, match="single_device' runs one process"):
         Accelerator(strategy="single_device", devices=2)
+
+
+def test_devices_in_lightnings_forms() -> None:
+    from ember._devices import check_devices, resolve_devices
+    from ember.strategies import DDPStrategy
+
+    assert check_devices("auto") == "auto"
+    assert check_devices(2) == check_devices("2") == 2
+    assert check_devices(-1) == check_devices("-1") == -1
+    assert check_devices([0, 1]) == check_devices("0,1") == check_devices((0, 1)) == (0, 1)
+    assert check_devices("1,") == check_devices([1]) == (1,)
+    for bad in (0, -2, "0,0", [], [-1], [True], "one", 1.5, True, None):
+        with pytest.raises(ValueError, match=r"devices=.* is not valid\. Valid choices: .*-1 \(every GPU\)"):
+            check_devices(bad)
+    # Indices and -1 select GPUs: on the CPU they are an error before any process starts.
+    for devices in ([0, 1], "0,1", -1):
+        with pytest.raises(ValueError, match=r"selects GPUs, but the accelerator is 'cpu': give the number"):
+            Accelerator(devices=devices, accelerator="cpu")
+    assert resolve_devices(3, "cpu", None, DDPStrategy()) == (3, None)
+    # On CUDA each local process takes the GPU at its local rank in the list (no GPU needed to check
+    # the mapping: a torch.device is only a name).
+    strategy = DDPStrategy()
+    strategy._device_type, strategy.device_ids = "cuda", (2, 5)
+    assert strategy.root_device == torch.device("cuda", 2)
+    strategy.device_ids = None
+    assert strategy.root_device == torch.device("cuda", 0)
 
 
 def test_accelerate_spelling_of_precision() -> None:
