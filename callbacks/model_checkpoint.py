@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str
@@ -51,6 +54,10 @@ class ModelCheckpoint(Callback):
         every_n_epochs: int | None = None,
         auto_insert_metric_name: bool = True,
         save_on_train_epoch_end: bool | None = None,
+        verbose: bool = False,
+        save_weights_only: bool = False,
+        train_time_interval: timedelta | None = None,
+        enable_version_counter: bool = True,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"ModelCheckpoint(mode={mode!r}): valid choices are 'min', 'max'")
@@ -67,6 +74,30 @@ class ModelCheckpoint(Callback):
         check_bool("save_last", save_last, owner="ModelCheckpoint", optional=True)
         check_bool("auto_insert_metric_name", auto_insert_metric_name, owner="ModelCheckpoint")
         check_bool("save_on_train_epoch_end", save_on_train_epoch_end, owner="ModelCheckpoint", optional=True)
+        for name, flag in (
+            ("verbose", verbose),
+            ("save_weights_only", save_weights_only),
+            ("enable_version_counter", enable_version_counter),
+        ):
+            check_bool(name, flag, owner="ModelCheckpoint")
+        if train_time_interval is not None and (
+            not isinstance(train_time_interval, timedelta) or train_time_interval <= timedelta(0)
+        ):
+            raise ValueError(
+                f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be None or a positive "
+                "datetime.timedelta"
+            )
+        given = {
+            "every_n_train_steps": every_n_train_steps,
+            "every_n_epochs": every_n_epochs,
+            "train_time_interval": train_time_interval,
+        }
+        if sum(value is not None for value in given.values()) > 1:
+            raise ValueError(
+                "ModelCheckpoint: "
+                + ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+                + " are exclusive: give one of every_n_train_steps, every_n_epochs, train_time_interval"
+            )
         if monitor is None and save_top_k > 1:
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
         self.dirpath = str(dirpath) if dirpath is not None else None
@@ -74,10 +105,16 @@ class ModelCheckpoint(Callback):
         self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = (
-            every_n_epochs if every_n_epochs is not None else (None if every_n_train_steps else 1)
+            every_n_epochs
+            if every_n_epochs is not None
+            else (None if every_n_train_steps or train_time_interval else 1)
         )
+        self.train_time_interval = train_time_interval
         self.auto_insert_metric_name = auto_insert_metric_name
         self.save_on_train_epoch_end = save_on_train_epoch_end
+        self.verbose, self.save_weights_only = verbose, save_weights_only
+        self.enable_version_counter = enable_version_counter
+        self._last_time: float | None = None  # when the train_time_interval clock last started
         self.best_k_models: dict[str, float] = {}
         self.best_model_path = ""
         self.best_model_score: float | None = None
@@ -87,7 +124,13 @@ class ModelCheckpoint(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return f"ModelCheckpoint[monitor={self.monitor},mode={self.mode},every_n_train_steps={self.every_n_train_steps},every_n_epochs={self.every_n_epochs}]"
+        key = (
+            f"ModelCheckpoint[monitor={self.monitor},mode={self.mode},every_n_train_steps={self.every_n_train_steps},"
+            f"every_n_epochs={self.every_n_epochs}"
+        )
+        return key + (
+            f",train_time_interval={self.train_time_interval}]" if self.train_time_interval else "]"
+        )
 
     def resolved_dirpath(self, trainer: Trainer) -> str:
         return self.dirpath or str(Path(trainer.default_root_dir) / "checkpoints")
@@ -95,24 +138,43 @@ class ModelCheckpoint(Callback):
     # -- when --------------------------------------------------------------------------------------
     @override
     def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
-        # Without every_n_train_steps the batch-end hook only returns (unless a subclass overrides it).
+        # Without every_n_train_steps or train_time_interval the batch-end hook only returns (unless
+        # a subclass overrides it).
         if (
             not self.every_n_train_steps
+            and self.train_time_interval is None
             and type(self).on_train_batch_end is ModelCheckpoint.on_train_batch_end
         ):
             return frozenset({"on_train_batch_end"})
         return frozenset()
 
     @override
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._last_time = time.monotonic()
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        n = self.every_n_train_steps
-        if not n:  # (not called then: inactive_hooks)
-            return
         step = trainer.global_step
-        if step > 0 and step % n == 0 and step != self._last_step_saved:
+        if step == 0 or step == self._last_step_saved:
+            return
+        n = self.every_n_train_steps
+        if n and step % n == 0:
             self._save(trainer)
+        elif self.train_time_interval is not None and self._time_due(trainer):
+            self._save(trainer)
+            self._last_time = time.monotonic()
+
+    def _time_due(self, trainer: Trainer) -> bool:
+        """``train_time_interval`` passed since the last save (or the start): rank 0's clock decides."""
+        assert self.train_time_interval is not None
+        start = self._last_time if self._last_time is not None else time.monotonic()
+        due = time.monotonic() - start >= self.train_time_interval.total_seconds()
+        if trainer.world_size > 1:  # every process saves, or none does
+            flag = torch.tensor([float(due)], device=trainer.accelerator.device)
+            due = bool(trainer.strategy.broadcast(flag, 0).item())
+        return due
 
     @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
@@ -175,15 +237,29 @@ class ModelCheckpoint(Callback):
         )
         if keep_it and not (score is not None and math.isnan(score)):
             name = self.format_name(metrics, trainer.current_epoch, trainer.global_step)
-            path = directory / name
-            version = 0
-            while str(path) in self.best_k_models or (path.exists() and not (path / MANIFEST).exists()):
-                version += 1
-                path = directory / f"{name}-v{version}"
-            plan["save"] = str(path)
+            plan["save"] = str(self._free_path(directory, name, taken=set(self.best_k_models)))
         if self.save_last:
-            plan["last"] = str(directory / self.last_name)
+            plan["last"] = self.last_path(trainer)
         return plan
+
+    def _free_path(self, directory: Path, name: str, taken: set[str]) -> Path:
+        """``directory/name``, or ``name-v1``, ``name-v2``... past the paths this run keeps (``taken``)
+        and what exists: any checkpoint of another run too, unless ``enable_version_counter=False``
+        (then only what is not a checkpoint; a checkpoint of the same name is replaced)."""
+        path, version = directory / name, 0
+        while str(path) in taken or (
+            path.exists() and (self.enable_version_counter or not (path / MANIFEST).exists())
+        ):
+            version += 1
+            path = directory / f"{name}-v{version}"
+        return path
+
+    def last_path(self, trainer: Trainer) -> str:
+        """Where ``last`` goes: this run's (or the resumed run's) last checkpoint; for a fresh run,
+        ``last``, or ``last-vN`` past the ``last`` checkpoints of earlier runs (decided on rank 0)."""
+        if self.last_model_path:
+            return self.last_model_path
+        return str(self._free_path(Path(self.resolved_dirpath(trainer)), self.last_name, taken=set()))
 
     def _worst(self) -> tuple[str, float]:
         pick = max if self.mode == "min" else min
@@ -211,7 +287,9 @@ class ModelCheckpoint(Callback):
             )
             self.best_model_path = best
             self.best_model_score = self.best_k_models[best] if score is not None else None
-            trainer.save_checkpoint(path)  # after updating our state, so the checkpoint includes it
+            self._report(trainer, path, score)
+            # after updating our state, so the checkpoint includes it
+            trainer.save_checkpoint(path, weights_only=self.save_weights_only)
             if trainer.is_global_zero:
                 # Order matters for a crash: the new checkpoint is complete, then `last` is swapped
                 # to it atomically, and only then are the ones it supersedes removed.
@@ -221,11 +299,30 @@ class ModelCheckpoint(Callback):
                     if old != path and (Path(old) / MANIFEST).exists():
                         remove_checkpoint(Path(old))  # hidden first: never seen half deleted
             trainer.strategy.barrier("ModelCheckpoint:last")
-        elif plan["last"] is not None:
-            trainer.save_checkpoint(plan["last"])
+        else:
+            self._report(trainer, None, plan["score"])
+            if plan["last"] is not None:
+                trainer.save_checkpoint(plan["last"], weights_only=self.save_weights_only)
         if trainer.is_global_zero and (plan["save"] or plan["last"]):  # e.g. WandbLogger(log_model=) uploads
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
+
+    def _report(self, trainer: Trainer, path: str | None, score: float | None) -> None:
+        """``verbose``: say on rank 0 what is saved and why (``path`` None: a monitored value that did
+        not make the top ``save_top_k``)."""
+        if not (self.verbose and trainer.is_global_zero) or (path is None and score is None):
+            return
+        where = f"Epoch {trainer.current_epoch}, global step {trainer.global_step}"
+        if path is None:
+            message = f"{where}: {self.monitor!r} was not in top {self.save_top_k}"
+        elif score is None:
+            message = f"{where}: saving model to {path!r}"
+        else:
+            message = (
+                f"{where}: {self.monitor!r} reached {score:0.5f} (best {self.best_model_score:0.5f}), saving "
+                f"model to {path!r} as top {self.save_top_k}"
+            )
+        print(message, flush=True)
 
     # -- state -------------------------------------------------------------------------------------
     @override

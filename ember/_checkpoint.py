@@ -106,6 +106,7 @@ def save_state(
     output_dir: str | os.PathLike[str],
     extra: dict[str, Any],
     rank_extra: dict[str, Any],
+    weights_only: bool = False,
 ) -> Path:
     for name in [*extra, *rank_extra]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(_RESERVED):
@@ -121,8 +122,10 @@ def save_state(
     strategy.barrier("save_state:staging")
     writer = strategy.is_global_zero
     layout = checkpoint_layout(strategy)
-    if isinstance(strategy, EngineCheckpoints):  # the engine writes models and optimizers its own way
-        strategy.save_engine_state(staging / layout)
+    if weights_only and layout not in PORTABLE:  # an engine's weights, gathered into the full layout
+        layout = "full"
+    if isinstance(strategy, EngineCheckpoints) and layout not in PORTABLE:
+        strategy.save_engine_state(staging / layout)  # the engine writes models and optimizers its own way
     # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
     # shards, is a collective under sharded strategies.
     portable = layout in PORTABLE  # else the engine wrote models and optimizers above
@@ -132,7 +135,7 @@ def save_state(
         else:
             specs, tensors = strategy.full_tensors(model)
             stream_weights(specs, tensors, [(staging / f"model{suffix(i)}.safetensors", len(specs))], writer)
-    for i, optimizer in enumerate(objects.optimizers if portable else []):
+    for i, optimizer in enumerate(objects.optimizers if portable and not weights_only else []):
         module = owner_module(objects.models, optimizer.optimizer)
         state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=layout == "full")
         if layout == "sharded":
@@ -142,16 +145,18 @@ def save_state(
             save_shards(staging / f"optimizer{suffix(i)}.shards", shards)
         elif writer:
             write_tree(staging, f"optimizer{suffix(i)}", state)
-    if writer:
+    if writer and not weights_only:
         for i, scheduler in enumerate(objects.schedulers):
             write_tree(staging, f"scheduler{suffix(i)}", scheduler.state_dict())
         write_tree(staging, "precision", strategy.precision.state_dict())
         write_tree(staging, "dataloaders", [loader.state_dict() for loader in objects.dataloaders])
         for i, obj in enumerate(objects.custom):
             write_tree(staging, f"custom_checkpoint_{i}", obj.state_dict())
+    if writer:
         for name, value in extra.items():
             write_tree(staging, name, value)
-    write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state(xla=strategy.accelerator == "xla"))
+    if not weights_only:
+        write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state(xla=strategy.accelerator == "xla"))
     for name, value in rank_extra.items():  # every rank's own state, like its RNG
         write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
     strategy.barrier("save_state:written")
@@ -166,7 +171,8 @@ def save_state(
                 "strategy": strategy.strategy_name,
                 "world_size": strategy.world_size,
                 "layout": layout,
-                "counts": objects.counts(),
+                "counts": {"models": len(objects.models)} if weights_only else objects.counts(),
+                "weights_only": weights_only,
                 "extra": sorted(extra),
                 "rank_extra": sorted(rank_extra),
             },
@@ -182,6 +188,12 @@ def load_state(
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
     manifest = read_manifest(directory)  # sizes, digests and format of every file
+    if manifest.get("weights_only"):
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r} holds model weights only (saved with weights_only=True, e.g. by "
+            "ModelCheckpoint(save_weights_only=True)), so training cannot resume from it; load its weights "
+            "with ckpt_path= in validate/test/predict, TrainModule.load_from_checkpoint or ember consolidate"
+        )
     layout, ours = manifest.get("layout", "full"), checkpoint_layout(strategy)
     portable = layout in PORTABLE
     if not portable and layout != ours:  # an engine's own format: only that engine reads it

@@ -65,16 +65,18 @@ class StateMixin:
         *,
         extra: dict[str, Any] | None = None,
         rank_extra: dict[str, Any] | None = None,
+        weights_only: bool = False,
     ) -> Path:
         """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
 
         ``extra`` maps names to further state (dicts of numbers, strings, tensors ...), written by the
         main process as ``<name>.json`` (+ ``.safetensors``); ``rank_extra`` is state that differs per
         process, written by each as ``<name>_rank<R>``. :meth:`load_state` returns both (this
-        process's ``rank_extra``).
+        process's ``rank_extra``). ``weights_only``: the models' weights (and ``extra``) alone, in a
+        portable layout; such a checkpoint loads weights but cannot resume (:meth:`load_state` refuses it).
         """
         return _checkpoint.save_state(
-            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}
+            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}, weights_only
         )
 
     def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -45,8 +45,15 @@ STATE = "trainer_state"
 RANK_STATE = "trainer_rank_state"
 
 
-def save(trainer: Trainer, path: str | os.PathLike[str]) -> Path:
+def save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
     module = trainer.module
+    if weights_only:  # the weights, with what loading them needs: no optimizer, loop or callback state
+        weights: dict[str, Any] = {
+            "hyper_parameters": module._serializable_hparams(),
+            "loop": trainer.state.state_dict(),
+        }
+        module.on_save_checkpoint(weights)
+        return trainer.accelerator.save_state(path, extra={STATE: weights}, weights_only=True)
     for logger in trainer.loggers if trainer.is_global_zero else []:
         logger.save()  # the rows written so far belong to this checkpoint
     checkpoint: dict[str, Any] = {
@@ -151,9 +158,8 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
                 f"ckpt_path={ckpt_path!r} needs a ModelCheckpoint callback to find the checkpoint"
             )
         found = callback.last_model_path if ckpt_path == "last" else callback.best_model_path
-        if not found and ckpt_path == "last":
-            candidate = Path(callback.resolved_dirpath(trainer)) / callback.last_name
-            found = str(candidate) if locate_checkpoint(candidate).exists() else ""
+        if not found and ckpt_path == "last":  # a new Trainer: the newest `last` (or `last-vN`) there
+            found = _newest_last(Path(callback.resolved_dirpath(trainer)), callback.last_name)
         if not found:
             raise FileNotFoundError(
                 f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
@@ -162,6 +168,16 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
     path = _checkpoint_dir(ckpt_path, "ckpt_path")
     read_manifest(path, verify=False)
     return path
+
+
+def _newest_last(directory: Path, name: str) -> str:
+    """The most recently written of ``directory``'s ``name`` and ``name-vN`` checkpoints, or ""."""
+    pattern = re.compile(rf"^{re.escape(name)}(-v\d+)?$")
+    for path in _newest_first(directory):
+        aside = _ASIDE.match(Path(path).name)  # (a killed save's complete copy stands for its name)
+        if pattern.match(aside["name"] if aside is not None else Path(path).name):
+            return path
+    return ""
 
 
 def _checkpoint_dir(given: str | os.PathLike[str], argument: str) -> Path:
@@ -177,7 +193,11 @@ def save_last(trainer: Trainer) -> Path | None:
     callback = trainer.checkpoint_callback
     if callback is None:
         return None
-    return save(trainer, Path(callback.resolved_dirpath(trainer)) / callback.last_name)
+    path = callback.last_path(trainer) if trainer.is_global_zero else ""
+    if trainer.accelerator.num_processes > 1:  # rank 0 looked at the directory: every rank saves there
+        path = trainer.accelerator.broadcast_object(path)
+    callback.last_model_path = path
+    return save(trainer, path)
 
 
 def newest_valid(trainer: Trainer) -> Path | None:
@@ -228,10 +248,14 @@ def _newest_first(directory: Path) -> list[str]:
         if not manifest.is_file():
             continue  # not a checkpoint (or a save that never finished)
         try:
-            trainer_checkpoint = STATE in read_manifest(path, verify=False).get("extra", [])
+            manifest_data = read_manifest(path, verify=False)
+            # (a directory of Accelerator.save_state alone, or weights alone, cannot resume a fit)
+            trainer_checkpoint = STATE in manifest_data.get("extra", []) and not manifest_data.get(
+                "weights_only"
+            )
         except CheckpointError:
             trainer_checkpoint = True  # unreadable: still a candidate, whose verification says why
-        if trainer_checkpoint:  # (a directory of Accelerator.save_state alone cannot resume a fit)
+        if trainer_checkpoint:
             found.setdefault(path.resolve(), (manifest.stat().st_mtime_ns, str(path)))
     return [name for _, name in sorted(found.values(), key=lambda item: (-item[0], item[1]))]
 

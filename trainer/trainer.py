@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ember._rng import use_deterministic_algorithms
+from ember._validation import check_bool
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT
 from ember.accelerator import Accelerator
 from ember.callbacks.base import Callback
@@ -248,9 +249,11 @@ class Trainer(TrainerProperties):
         result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits), "predict")
         return result
 
-    def save_checkpoint(self, path: str | os.PathLike[str]) -> Path:
-        """Write a pickle-free checkpoint directory at ``path`` (every process must call this)."""
-        return checkpointing.save(self, path)
+    def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
+        """Write a pickle-free checkpoint directory at ``path`` (every process must call this).
+        ``weights_only``: the model's weights and hyper-parameters alone (loadable, not resumable)."""
+        check_bool("weights_only", weights_only, owner="Trainer.save_checkpoint")
+        return checkpointing.save(self, path, weights_only)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Send a row straight to the loggers (global rank 0 only); for callbacks such as LR monitors."""

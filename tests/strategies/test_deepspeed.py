@@ -74,6 +74,7 @@ def _train_worker(strategy: str, accumulate: int, directory: str) -> dict[str, A
         if directory:
             accelerator.save_state(Path(directory) / "ckpt")
             accelerator.save_model(model, Path(directory) / "export")
+            accelerator.save_state(Path(directory) / "weights", weights_only=True)
     return out
 
 
@@ -119,8 +120,12 @@ def test_zero_stages_match_ddp(strategy: str, ddp_reference: dict[str, Any], tmp
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["layout"] == "deepspeed"
     export = load_file(str(tmp_path / "export" / "model.safetensors"))
+    weights_only = load_file(str(tmp_path / "weights" / "model.safetensors"))  # gathered from the engine
     for name, values in result["weights"].items():
         assert export[name].flatten().tolist() == values
+        assert weights_only[name].flatten().tolist() == values
+    manifest = json.loads((tmp_path / "weights" / "manifest.json").read_text())
+    assert manifest["layout"] == "full" and manifest["weights_only"] and manifest["counts"] == {"models": 1}
     out = tmp_path / "consolidated.safetensors"
     done = run_command([sys.executable, "-m", "ember", "consolidate", str(ckpt), str(out)], timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr
