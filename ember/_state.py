@@ -101,6 +101,14 @@ class StateMixin:
 
     clear = free_memory
 
+    def _swap_dataloaders(self, old: list[Any], new: list[Any]) -> None:
+        """Put the prepared loaders ``new`` (just prepared, so last in the list) in the places of
+        ``old``: checkpoints keep their order (the Trainer's reloaded dataloaders)."""
+        loaders = self._objects.dataloaders
+        del loaders[len(loaders) - len(new) :]
+        for before, after in zip(old, new, strict=True):
+            loaders[loaders.index(before)] = after
+
     def _forget(self) -> None:
         """Forget every prepared and registered object, and the accumulation count (no collection)."""
         self._objects = _checkpoint.PreparedObjects()

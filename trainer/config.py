@@ -99,6 +99,13 @@ class TrainerConfig:
     auto_resume: bool | None = None  # None: when the launcher restarted the processes (restart_count > 0)
     non_finite: str | None = "stop"  # mode of the default NonFiniteGuard; None: no guard
     collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT  # the watchdog; None: off
+    overfit_batches: int | float = 0.0  # > 0: the same first batches every epoch, for training and validation
+    benchmark: bool | None = (
+        None  # torch.backends.cudnn.benchmark (None: left as it is, False if deterministic)
+    )
+    inference_mode: bool = True  # evaluation under torch.inference_mode (else torch.no_grad)
+    sync_batchnorm: bool = False  # BatchNorm layers -> torch.nn.SyncBatchNorm on several processes
+    reload_dataloaders_every_n_epochs: int = 0  # > 0: ask the module / DataModule for new training data
     duration: timedelta | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -152,8 +159,15 @@ class TrainerConfig:
             "enable_model_summary",
             "detect_anomaly",
             "use_distributed_sampler",
+            "inference_mode",
+            "sync_batchnorm",
         ):
             check_bool(name, getattr(self, name))
+        check_bool("benchmark", self.benchmark, optional=True)
+        _int("reload_dataloaders_every_n_epochs", self.reload_dataloaders_every_n_epochs, 0)
+        _limit("overfit_batches", self.overfit_batches)
+        if self.overfit_batches:  # Lightning's: the same batches (unshuffled) for training and validation
+            self.limit_train_batches = self.limit_val_batches = self.overfit_batches
         check_path("default_root_dir", self.default_root_dir, optional=True)
         self._check_logger()
         if self.auto_resume is not None and not isinstance(self.auto_resume, bool):

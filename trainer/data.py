@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from ember.trainer.config import TrainerConfig
 from ember.trainer.hooks import overridden
@@ -14,8 +15,17 @@ from ember.trainer.module import DataModule, TrainModule
 
 if TYPE_CHECKING:
     from ember.strategies import Strategy
+    from ember.trainer.trainer import Trainer
 
-__all__ = ["batch_transfer", "entry_arguments", "find_loaders", "val_check_batch"]
+__all__ = [
+    "batch_transfer",
+    "entry_arguments",
+    "find_loaders",
+    "find_train_loader",
+    "reload_loaders",
+    "unshuffled",
+    "val_check_batch",
+]
 
 Transfer = Callable[[Iterable[Any]], Iterable[Any]]
 
@@ -65,6 +75,57 @@ def entry_arguments(
             )
         loaders, datamodule = None, loaders
     return module, loaders, datamodule
+
+
+def unshuffled(loader: DataLoader[Any]) -> DataLoader[Any]:
+    """``loader`` with its ``RandomSampler`` replaced by a ``SequentialSampler`` (``overfit_batches``:
+    the same first batches every epoch), with a warning; any other loader as it is."""
+    if not isinstance(loader.sampler, RandomSampler) or type(loader.batch_sampler) is not BatchSampler:
+        return loader
+    warnings.warn(
+        "overfit_batches is set and the training dataloader shuffles: it is read in order instead, so every "
+        "epoch trains on the same batches",
+        stacklevel=4,
+    )
+    extra: dict[str, Any] = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(
+        loader.dataset, batch_size=loader.batch_size, shuffle=False, drop_last=loader.drop_last,
+        num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+        timeout=loader.timeout, worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context, persistent_workers=loader.persistent_workers,
+        **extra,
+    )  # fmt: skip
+
+
+def find_train_loader(trainer: Trainer, given: Any, datamodule: DataModule | None) -> DataLoader[Any]:
+    """The one training loader of a fit (unshuffled with ``overfit_batches``)."""
+    trains = find_loaders("train", given, datamodule, trainer.module)
+    if len(trains) > 1:
+        raise ValueError(f"fit() trains on one DataLoader; got {len(trains)} (combine the datasets into one)")
+    if not trains:
+        raise ValueError(
+            "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
+        )
+    return unshuffled(trains[0]) if trainer.config.overfit_batches else trains[0]
+
+
+def reload_loaders(trainer: Trainer) -> None:
+    """``reload_dataloaders_every_n_epochs``: the training and validation loaders asked for again
+    where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
+    train_given, val_given, datamodule = trainer._sources
+    assert trainer._train_loader is not None
+    old = [trainer._train_loader, *trainer._val_loaders]
+    trainer._train_loader = trainer._prepare_loader(find_train_loader(trainer, train_given, datamodule))
+    val = find_loaders("val", val_given, datamodule, trainer.module)
+    trainer._val_loaders = [trainer._prepare_loader(v, i) for i, v in enumerate(val)]
+    new = [trainer._train_loader, *trainer._val_loaders]
+    if len(new) != len(old):
+        raise ValueError(
+            f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the fit "
+            f"started with {len(old) - 1}; checkpoints need the same number"
+        )
+    trainer.accelerator._swap_dataloaders(old, new)
+    trainer._set_batch_counts()
 
 
 def find_loaders(

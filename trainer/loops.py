@@ -7,11 +7,13 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Generator, Mapping
-from contextlib import closing
+from contextlib import AbstractContextManager, closing
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.strategies import DDPStrategy, SingleDeviceStrategy
+from ember.trainer.data import reload_loaders
 from ember.trainer.hooks import Entry, call_hook, call_step, fire, overridden, run_hook, run_step
 
 if TYPE_CHECKING:
@@ -141,7 +143,11 @@ def _may_stop(trainer: Trainer) -> bool:
 
 
 def _train_epoch(trainer: Trainer) -> None:
-    state, loader = trainer.state, trainer._train_loader
+    state = trainer.state
+    reload = trainer.config.reload_dataloaders_every_n_epochs
+    if state.batch_idx == 0 and reload and state.epoch > 0 and state.epoch % reload == 0:
+        reload_loaders(trainer)
+    loader = trainer._train_loader
     assert loader is not None
     if state.batch_idx == 0:  # a fresh epoch; a resumed one continues where its loader stopped
         loader.set_epoch(state.epoch)
@@ -397,7 +403,7 @@ def run_evaluation(
     call_hook(trainer, f"on_{prefix}_start")
     call_hook(trainer, f"on_{prefix}_epoch_start")
     several = len(loaders) > 1
-    with torch.no_grad():
+    with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
             with closing(_limited(loader, limit)) as batches:
@@ -426,6 +432,16 @@ def run_evaluation(
     ]
 
 
+def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:
+    """Evaluation's grad mode: ``torch.inference_mode()`` (``Trainer(inference_mode=True)``, the
+    default) on one device or DDP; ``torch.no_grad()`` otherwise, and under FSDP, DeepSpeed and XLA,
+    whose parameters are gathered and re-sharded around a forward (inference tensors there would
+    be reused by training)."""
+    if trainer.config.inference_mode and isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        return torch.inference_mode()
+    return torch.no_grad()
+
+
 # -- predict ---------------------------------------------------------------------------------------
 def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float]) -> list[Any]:
     """Predictions per loader, gathered across processes in dataset order, each sample once."""
@@ -435,7 +451,7 @@ def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: lis
     call_hook(trainer, "on_predict_epoch_start")
     results: list[list[Any]] = []
     several = len(loaders) > 1
-    with torch.no_grad():
+    with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []
             with closing(_limited(loader, limit)) as batches:

@@ -27,7 +27,13 @@ from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.config import TrainerConfig, resolve_limit
-from ember.trainer.data import batch_transfer, entry_arguments, find_loaders, val_check_batch
+from ember.trainer.data import (
+    batch_transfer,
+    entry_arguments,
+    find_loaders,
+    find_train_loader,
+    val_check_batch,
+)
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
@@ -96,6 +102,11 @@ class Trainer(TrainerProperties):
         auto_resume: bool | None = None,
         non_finite: str | None = "stop",
         collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+        overfit_batches: int | float = 0.0,
+        benchmark: bool | None = None,
+        inference_mode: bool = True,
+        sync_batchnorm: bool = False,
+        reload_dataloaders_every_n_epochs: int = 0,
         **unexpected: Any,
     ) -> None:
         TrainerConfig.check_names(list(unexpected))
@@ -109,6 +120,7 @@ class Trainer(TrainerProperties):
                 gradient_clip_val=config.gradient_clip_val,
                 gradient_clip_algorithm=config.gradient_clip_algorithm,
             )
+        _check_sync_batchnorm(config)  # before the Accelerator starts any process
         self.accelerator = Accelerator(
             accelerator=config.accelerator, strategy=strategy, devices=config.devices,
             precision=config.precision, gradient_accumulation_steps=config.accumulate_grad_batches, seed=config.seed,
@@ -119,6 +131,14 @@ class Trainer(TrainerProperties):
                 f"num_nodes={config.num_nodes} does not divide the {self.accelerator.num_processes} processes "
                 "of this run; start several nodes with `ember launch --nnodes N`"
             )
+        if config.benchmark is not None or config.deterministic:
+            if config.benchmark and config.deterministic:
+                warnings.warn(
+                    "benchmark=True lets cuDNN pick its fastest algorithms, which deterministic=True rules out: "
+                    "the run may not be reproducible",
+                    stacklevel=2,
+                )
+            torch.backends.cudnn.benchmark = bool(config.benchmark)
         self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
         self.loggers = _loggers(config.logger, self.default_root_dir) if not config.fast_dev_run else []
         self.callbacks: list[Callback] = []
@@ -140,6 +160,7 @@ class Trainer(TrainerProperties):
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
         self._train_loader: PreparedDataLoader | None = None
         self._val_loaders: list[PreparedDataLoader] = []
+        self._sources: tuple[Any, Any, DataModule | None] = (None, None, None)  # where fit found its data
         self._val_check_batch = 1
         self._resumed = False
         self._preemption = PreemptionGuard()
@@ -173,17 +194,9 @@ class Trainer(TrainerProperties):
             )
             if checkpoint is not None and self.is_global_zero:
                 print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
-        trains = self._loaders("train", train_dataloaders, datamodule)
-        if len(trains) > 1:
-            raise ValueError(
-                f"fit() trains on one DataLoader; got {len(trains)} (combine the datasets into one)"
-            )
-        train = _first(trains)
-        if train is None:
-            raise ValueError(
-                "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
-            )
+        train = find_train_loader(self, train_dataloaders, datamodule)
         val = self._loaders("val", val_dataloaders, datamodule)
+        self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for reload_loaders
         if not module.automatic_optimization and self.config.accumulate_grad_batches > 1:
             raise ValueError(
                 "accumulate_grad_batches > 1 needs automatic optimization; accumulate yourself in manual mode"
@@ -205,6 +218,8 @@ class Trainer(TrainerProperties):
         if module.automatic_optimization and len(optimizers) != 1:
             raise ValueError(f"automatic optimization needs exactly one optimizer, got {len(optimizers)}; "
                              "set automatic_optimization = False to drive several")  # fmt: skip
+        if self.config.sync_batchnorm:  # (one process: SyncBatchNorm computes as BatchNorm)
+            torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place: the layers are children
         prepared = self.accelerator.prepare(module, *optimizers)
         self._model, self._step_optimizers = prepared[0], list(prepared[1:])
         for scheduler in self.lr_scheduler_configs:
@@ -408,10 +423,6 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _first(items: list[Any]) -> Any:
-    return items[0] if items else None
-
-
 def _length(loader: Any) -> int | float:
     try:
         return len(loader)
@@ -429,3 +440,22 @@ def _loggers(logger: Any, root: str) -> list[Logger]:
         if not isinstance(item, Logger):
             raise TypeError(f"logger={item!r} is not an ember Logger (CSVLogger, ...) nor True/False")
     return loggers
+
+
+def _check_sync_batchnorm(config: TrainerConfig) -> None:
+    """torch's SyncBatchNorm runs on GPUs only: refuse it on several CPU processes up front."""
+    if not config.sync_batchnorm:
+        return
+    requested = config.accelerator or launch_defaults().get("accelerator") or "auto"
+    on_cpu = requested == "cpu" or (requested == "auto" and not torch.cuda.is_available())
+    several = (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        or config.num_nodes > 1
+        or config.devices not in (1, "1", "auto")
+    )
+    if on_cpu and several:
+        raise ValueError(
+            f"sync_batchnorm=True synchronizes BatchNorm with torch.nn.SyncBatchNorm, which runs on GPUs only, "
+            f"and this run uses several CPU processes (accelerator={requested!r}, devices={config.devices!r}); "
+            "set sync_batchnorm=False there"
+        )

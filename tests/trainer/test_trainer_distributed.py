@@ -110,7 +110,8 @@ def _sync_worker(root: str) -> dict:
             self.log("local", torch.tensor(rank))
             self.log("biggest", torch.tensor(rank), sync_dist=True, reduce_fx="max")
 
-    trainer = Trainer(default_root_dir=root, enable_progress_bar=False, logger=False)
+    # inference_mode=False: the gradients through all_gather above need autograd in validation_step.
+    trainer = Trainer(default_root_dir=root, enable_progress_bar=False, logger=False, inference_mode=False)
     result = trainer.validate(Model(), DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2))
     return result[0]
 
