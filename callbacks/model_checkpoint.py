@@ -256,10 +256,19 @@ class ModelCheckpoint(Callback):
 
     def last_path(self, trainer: Trainer) -> str:
         """Where ``last`` goes: this run's (or the resumed run's) last checkpoint; for a fresh run,
-        ``last``, or ``last-vN`` past the ``last`` checkpoints of earlier runs (decided on rank 0)."""
+        ``last``, or ``last-vN`` past the ``last`` checkpoints of earlier runs (asked on rank 0)."""
         if self.last_model_path:
             return self.last_model_path
         return str(self._free_path(Path(self.resolved_dirpath(trainer)), self.last_name, taken=set()))
+
+    def claim_last(self, trainer: Trainer) -> str:
+        """:meth:`last_path`, decided on rank 0 for every process and kept as ``last_model_path``
+        (a save outside this callback's schedule: pre-emption)."""
+        path = self.last_path(trainer) if trainer.is_global_zero else ""
+        if trainer.world_size > 1:  # rank 0 looked at the directory: every rank saves there
+            path = trainer.accelerator.broadcast_object(path)
+        self.last_model_path = path
+        return path
 
     def _worst(self) -> tuple[str, float]:
         pick = max if self.mode == "min" else min

@@ -193,11 +193,7 @@ def save_last(trainer: Trainer) -> Path | None:
     callback = trainer.checkpoint_callback
     if callback is None:
         return None
-    path = callback.last_path(trainer) if trainer.is_global_zero else ""
-    if trainer.accelerator.num_processes > 1:  # rank 0 looked at the directory: every rank saves there
-        path = trainer.accelerator.broadcast_object(path)
-    callback.last_model_path = path
-    return save(trainer, path)
+    return save(trainer, callback.claim_last(trainer))
 
 
 def newest_valid(trainer: Trainer) -> Path | None:

@@ -22,7 +22,6 @@ __all__ = [
     "entry_arguments",
     "find_loaders",
     "find_train_loader",
-    "reload_loaders",
     "unshuffled",
     "val_check_batch",
 ]
@@ -107,25 +106,6 @@ def find_train_loader(trainer: Trainer, given: Any, datamodule: DataModule | Non
             "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
         )
     return unshuffled(trains[0]) if trainer.config.overfit_batches else trains[0]
-
-
-def reload_loaders(trainer: Trainer) -> None:
-    """``reload_dataloaders_every_n_epochs``: the training and validation loaders asked for again
-    where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
-    train_given, val_given, datamodule = trainer._sources
-    assert trainer._train_loader is not None
-    old = [trainer._train_loader, *trainer._val_loaders]
-    trainer._train_loader = trainer._prepare_loader(find_train_loader(trainer, train_given, datamodule))
-    val = find_loaders("val", val_given, datamodule, trainer.module)
-    trainer._val_loaders = [trainer._prepare_loader(v, i) for i, v in enumerate(val)]
-    new = [trainer._train_loader, *trainer._val_loaders]
-    if len(new) != len(old):
-        raise ValueError(
-            f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the fit "
-            f"started with {len(old) - 1}; checkpoints need the same number"
-        )
-    trainer.accelerator._swap_dataloaders(old, new)
-    trainer._set_batch_counts()
 
 
 def find_loaders(

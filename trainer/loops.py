@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember.strategies import DDPStrategy, SingleDeviceStrategy
-from ember.trainer.data import reload_loaders
 from ember.trainer.hooks import Entry, call_hook, call_step, fire, overridden, run_hook, run_step
 
 if TYPE_CHECKING:
@@ -146,7 +145,7 @@ def _train_epoch(trainer: Trainer) -> None:
     state = trainer.state
     reload = trainer.config.reload_dataloaders_every_n_epochs
     if state.batch_idx == 0 and reload and state.epoch > 0 and state.epoch % reload == 0:
-        reload_loaders(trainer)
+        trainer._reload_loaders()
     loader = trainer._train_loader
     assert loader is not None
     if state.batch_idx == 0:  # a fresh epoch; a resumed one continues where its loader stopped

@@ -196,7 +196,7 @@ class Trainer(TrainerProperties):
                 print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
         train = find_train_loader(self, train_dataloaders, datamodule)
         val = self._loaders("val", val_dataloaders, datamodule)
-        self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for reload_loaders
+        self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
         if not module.automatic_optimization and self.config.accumulate_grad_batches > 1:
             raise ValueError(
                 "accumulate_grad_batches > 1 needs automatic optimization; accumulate yourself in manual mode"
@@ -347,6 +347,23 @@ class Trainer(TrainerProperties):
 
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
         return find_loaders(kind, given, datamodule, self.module)
+
+    def _reload_loaders(self) -> None:
+        """``reload_dataloaders_every_n_epochs``: the training and validation loaders asked for again
+        where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
+        train_given, val_given, datamodule = self._sources
+        assert self._train_loader is not None
+        old = [self._train_loader, *self._val_loaders]
+        self._train_loader = self._prepare_loader(find_train_loader(self, train_given, datamodule))
+        val = self._loaders("val", val_given, datamodule)
+        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
+        if len(val) != len(old) - 1:
+            raise ValueError(
+                f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the "
+                f"fit started with {len(old) - 1}; checkpoints need the same number"
+            )
+        self.accelerator._swap_dataloaders(old, [self._train_loader, *self._val_loaders])
+        self._set_batch_counts()
 
     def _set_batch_counts(self) -> None:
         assert self._train_loader is not None
