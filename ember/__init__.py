@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
+from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
@@ -25,6 +26,9 @@ set_seed = seed_everything  # the name 🤗 Accelerate users know
 _TRAINER_NAMES = {
     "CSVLogger",
     "DataModule",
+    "DistributedDataParallelKwargs",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
     "Logger",
     "TensorBoardLogger",
     "Trainer",
@@ -52,6 +56,9 @@ __all__ = [
     "CSVLogger",
     "CheckpointError",
     "DataModule",
+    "DistributedDataParallelKwargs",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
     "Logger",
     "PreparedDataLoader",
     "TensorBoardLogger",

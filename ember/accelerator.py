@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ember import _checkpoint, _forward, _trackers
+from ember import kwargs_handlers as kwargs_handlers_module
 from ember._devices import (
     check_accelerator,
     check_devices,
@@ -89,8 +90,10 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         log_with: LogWith = None,
         project_dir: str | os.PathLike[str] | None = None,
         collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+        kwargs_handlers: Sequence[Any] | None = None,
     ) -> None:
         defaults = launch_defaults()
+        handlers = kwargs_handlers_module.check_handlers(kwargs_handlers)
         watchdog_timeout = check_collective_timeout(collective_timeout)
         trackers = _trackers.check_log_with(log_with)
         check_bool("cpu", cpu)
@@ -127,7 +130,9 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         else:
             world_size = requested_processes(devices, requested)
         self._strategy = resolve_strategy(
-            strategy if strategy is not None else defaults.get("strategy", "auto"),
+            kwargs_handlers_module.ddp_strategy(
+                handlers, strategy if strategy is not None else defaults.get("strategy", "auto"), world_size
+            ),
             world_size=world_size,
             device_type=requested,
         )
@@ -136,9 +141,13 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         device_type = resolve_accelerator(requested, self._strategy)
         per_node = environment.local_world_size if environment.launched_externally else None
         num_processes, device_ids = resolve_devices(devices, device_type, per_node, self._strategy)
-        precision_plugin = resolve_precision(
-            precision if precision is not None else defaults.get("precision", "32-true"),
-            device_type=device_type,
+        precision_plugin = kwargs_handlers_module.scaled_precision(
+            handlers,
+            resolve_precision(
+                precision if precision is not None else defaults.get("precision", "32-true"),
+                device_type=device_type,
+            ),
+            device_type,
         )
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,40 @@ def test_devices_in_lightnings_forms() -> None:
     assert strategy.root_device == torch.device("cuda", 2)
     strategy.device_ids = None
     assert strategy.root_device == torch.device("cuda", 0)
+
+
+def test_kwargs_handlers() -> None:
+    from ember import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+
+    scaled = Accelerator(
+        mixed_precision="fp16", kwargs_handlers=[GradScalerKwargs(init_scale=1024.0, growth_interval=7)]
+    )
+    assert (
+        scaled.precision.scaler.get_scale() == 1024.0 and scaled.precision.scaler.get_growth_interval() == 7
+    )
+    # One process: DDP's options have no DDP to configure (Accelerate ignores them too).
+    assert (
+        Accelerator(
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        ).strategy.strategy_name
+        == "single_device"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"GradScalerKwargs configure the scaler of precision='16-mixed' .* not precision='bf16-mixed'",
+    ):
+        Accelerator(mixed_precision="bf16", kwargs_handlers=[GradScalerKwargs()])
+    with pytest.raises(
+        ValueError, match=r"InitProcessGroupKwargs configure strategy='ddp', not strategy='fsdp'"
+    ):
+        Accelerator(strategy="fsdp", kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=5))])
+    with pytest.raises(
+        TypeError,
+        match=r"kwargs_handlers: dict is not supported\. Valid choices: ember.DistributedDataParallelKwargs",
+    ):
+        Accelerator(kwargs_handlers=[{"find_unused_parameters": True}])
+    with pytest.raises(ValueError, match="one GradScalerKwargs at most"):
+        Accelerator(kwargs_handlers=[GradScalerKwargs(), GradScalerKwargs()])
 
 
 def test_accelerate_spelling_of_precision() -> None:

@@ -241,3 +241,43 @@ def _scheduler_worker() -> dict:
 def test_scheduler_sized_before_prepare_finishes_with_the_data() -> None:
     for rank in run_processes(_scheduler_worker, nprocs=2):
         assert rank == {"last_epoch": 8, "lr": 0.0}  # 4 real steps x 2 processes
+
+
+# -- Accelerate's kwargs_handlers configure DDP --------------------------------------------------------
+def _kwargs_handlers_worker() -> dict:
+    from datetime import timedelta
+
+    from ember import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    class Branchy(nn.Module):  # `unused` takes no part in the loss: DDP must be told to look for it
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(8, 1), nn.Linear(8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    handlers = [
+        DistributedDataParallelKwargs(find_unused_parameters=True, bucket_cap_mb=1.0),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=90)),
+    ]
+    accelerator = Accelerator(kwargs_handlers=handlers)
+    model = Branchy()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(_data(), batch_size=4)
+    )
+    for x, y in loader:  # two steps: without find_unused_parameters DDP raises in the second
+        optimizer.zero_grad()
+        accelerator.backward(F.mse_loss(model(x), y))
+        optimizer.step()
+    config = accelerator.strategy.config
+    return {"strategy": type(accelerator.strategy).__name__, "find_unused": config.find_unused_parameters,
+            "bucket": config.bucket_cap_mb, "timeout": config.timeout.total_seconds(),
+            "ddp_flag": model.find_unused_parameters}  # fmt: skip
+
+
+def test_kwargs_handlers_configure_ddp() -> None:
+    ranks = run_processes(_kwargs_handlers_worker, nprocs=2)
+    assert ranks[0] == ranks[1] == {
+        "strategy": "DDPStrategy", "find_unused": True, "bucket": 1.0, "timeout": 90.0, "ddp_flag": True,
+    }  # fmt: skip

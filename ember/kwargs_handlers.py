@@ -1,0 +1,117 @@
+"""🤗 Accelerate's ``kwargs_handlers``: small dataclasses that pass settings to the objects the
+Accelerator builds, accepted under Accelerate's names so that its loops switch by import.
+
+- :class:`DistributedDataParallelKwargs` and :class:`InitProcessGroupKwargs` build the DDP strategy's
+  :class:`~ember.strategies.DDPConfig` (with ``strategy="ddp"``, or ``"auto"`` on several processes).
+- :class:`GradScalerKwargs` builds the ``torch.amp.GradScaler`` of ``precision="16-mixed"``
+  (``mixed_precision="fp16"``).
+
+A handler that does not apply to the chosen strategy or precision raises ``ValueError``: its
+settings would otherwise be silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ember.precision import Precision
+    from ember.strategies import Strategy
+
+__all__ = ["DistributedDataParallelKwargs", "GradScalerKwargs", "InitProcessGroupKwargs"]
+
+
+@dataclass(frozen=True)
+class DistributedDataParallelKwargs:
+    """``DistributedDataParallel``'s options (those :class:`~ember.strategies.DDPConfig` has)."""
+
+    find_unused_parameters: bool = False
+    broadcast_buffers: bool = True
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
+    static_graph: bool = False
+
+
+@dataclass(frozen=True)
+class InitProcessGroupKwargs:
+    """The process group's ``backend`` (None: NCCL on CUDA, gloo on CPU) and ``timeout``."""
+
+    backend: str | None = None
+    timeout: timedelta | None = None
+
+
+@dataclass(frozen=True)
+class GradScalerKwargs:
+    """``torch.amp.GradScaler``'s options, for ``precision="16-mixed"``."""
+
+    init_scale: float = 65536.0
+    growth_factor: float = 2.0
+    backoff_factor: float = 0.5
+    growth_interval: int = 2000
+    enabled: bool = True
+
+
+_KINDS = (DistributedDataParallelKwargs, InitProcessGroupKwargs, GradScalerKwargs)
+
+
+def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:
+    """The handlers by kind: one of each at most, and only ember's kinds."""
+    found: dict[type, Any] = {}
+    for handler in handlers or ():
+        if type(handler) not in _KINDS:
+            raise TypeError(
+                f"kwargs_handlers: {type(handler).__name__} is not supported. Valid choices: "
+                + ", ".join(f"ember.{kind.__name__}" for kind in _KINDS)
+            )
+        if type(handler) in found:
+            raise ValueError(f"kwargs_handlers: one {type(handler).__name__} at most")
+        found[type(handler)] = handler
+    return found
+
+
+def ddp_strategy(handlers: dict[type, Any], strategy: str | Strategy, world_size: int) -> str | Strategy:
+    """``strategy``, or the DDP strategy the DDP and process-group handlers configure."""
+    from ember.strategies import DDPConfig, DDPStrategy
+
+    ddp, group = handlers.get(DistributedDataParallelKwargs), handlers.get(InitProcessGroupKwargs)
+    if ddp is None and group is None:
+        return strategy
+    if strategy == "auto" and world_size == 1:
+        return strategy  # one process: no DDP to configure, and no process group (as in Accelerate)
+    if strategy == "ddp" or strategy == "auto":
+        options: dict[str, Any] = dataclasses.asdict(ddp) if ddp is not None else {}
+        if group is not None:
+            options["process_group_backend"] = group.backend
+            if group.timeout is not None:
+                options["timeout"] = group.timeout
+        return DDPStrategy(DDPConfig(**options))
+    names = ", ".join(type(h).__name__ for h in (ddp, group) if h is not None)
+    raise ValueError(
+        f"kwargs_handlers: {names} configure strategy='ddp', not strategy={strategy!r}; pass the strategy's "
+        "own config instead (FSDPConfig, DeepSpeedConfig, ...)"
+    )
+
+
+def scaled_precision(handlers: dict[type, Any], plugin: Precision, device_type: str) -> Precision:
+    """``plugin``, or ``16-mixed`` with the scaler :class:`GradScalerKwargs` configures."""
+    import torch
+
+    from ember.precision import MixedPrecision
+
+    scaler = handlers.get(GradScalerKwargs)
+    if scaler is None:
+        return plugin
+    if plugin.name != "16-mixed" or not isinstance(plugin, MixedPrecision):
+        raise ValueError(
+            f"kwargs_handlers: GradScalerKwargs configure the scaler of precision='16-mixed' "
+            f"(mixed_precision='fp16'), not precision={plugin.name!r}"
+        )
+    return MixedPrecision(
+        "16-mixed",
+        device_type=device_type,
+        scaler=torch.amp.GradScaler(device_type, **dataclasses.asdict(scaler)),
+    )
