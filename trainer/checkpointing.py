@@ -149,8 +149,9 @@ def resumes_automatically(trainer: Trainer) -> bool:
     return wanted
 
 
-def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
-    """A checkpoint directory, or ``"last"`` / ``"best"`` of the Trainer's ModelCheckpoint."""
+def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path | None:
+    """A checkpoint directory, or ``"last"`` / ``"best"`` of the Trainer's ModelCheckpoint. None:
+    ``"last"`` and there is none yet (a first run), with a warning, as in Lightning."""
     if ckpt_path in ("last", "best"):
         callback = trainer.checkpoint_callback
         if callback is None:
@@ -160,6 +161,13 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path:
         found = callback.last_model_path if ckpt_path == "last" else callback.best_model_path
         if not found and ckpt_path == "last":  # a new Trainer: the newest `last` (or `last-vN`) there
             found = _newest_last(Path(callback.resolved_dirpath(trainer)), callback.last_name)
+        if not found and ckpt_path == "last":
+            warnings.warn(
+                f"ckpt_path='last': there is no last checkpoint in {callback.resolved_dirpath(trainer)!r} yet, "
+                "so none is loaded (a fit starts afresh)",
+                stacklevel=4,
+            )
+            return None
         if not found:
             raise FileNotFoundError(
                 f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"

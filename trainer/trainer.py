@@ -316,8 +316,9 @@ class Trainer(TrainerProperties):
         self._attach(module, stage, datamodule)
         if not already_prepared:
             self._model = self.accelerator.prepare(module)
-        if ckpt_path is not None:
-            checkpointing.load_weights(self, checkpointing.resolve_path(self, ckpt_path))
+        path = checkpointing.resolve_path(self, ckpt_path) if ckpt_path is not None else None
+        if path is not None:
+            checkpointing.load_weights(self, path)
         return module
 
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:

@@ -136,8 +136,16 @@ def test_monitor_key_never_logged(tmp_path: Path) -> None:
 def test_ckpt_path_that_does_not_exist(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ckpt_path='nowhere' does not exist"):
         _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="nowhere")
-    with pytest.raises(FileNotFoundError, match="ckpt_path='last': no such checkpoint"):
-        _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="last")
+    with pytest.raises(FileNotFoundError, match="ckpt_path='best': no such checkpoint"):
+        _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="best")
+    # "last" before there is one (a first run): Lightning's warning, and a fresh start.
+    trainer = _trainer(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(save_last=True)])
+    with pytest.warns(UserWarning, match="ckpt_path='last': there is no last checkpoint in .* yet"):
+        trainer.fit(Regressor(), _loader(), ckpt_path="last")
+    assert trainer.global_step == 4
+    again = _trainer(tmp_path, max_epochs=2, callbacks=[ModelCheckpoint(save_last=True)])
+    again.fit(Regressor(), _loader(), ckpt_path="last")  # the second run resumes from it
+    assert again.global_step == 8
 
 
 def test_configure_optimizers_forms() -> None:
