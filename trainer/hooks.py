@@ -9,6 +9,7 @@ The order of the hooks is written down once, in ``docs/concepts/hooks.md``;
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook", "call_step", "fire", "overridden", "run_hook", "run_step"]
+__all__ = ["HookPlan", "call_hook", "call_step", "fire", "overridden", "run_hook", "run_step", "step_method"]
 
 
 # What one hook runs: the callbacks' bound hooks, the module's (or None), the monitoring callbacks'
@@ -161,8 +162,46 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
 
 def call_step(trainer: Trainer, name: str, *args: Any) -> Any:
     """Run ``module.<name>`` (training_step, validation_step ...) through the strategy and precision."""
-    method = getattr(trainer.module, name)
+    method = step_method(trainer.module, name)
     return run_step(trainer._metrics, trainer.accelerator, trainer.model, name, method, *args)
+
+
+def step_method(module: TrainModule, name: str) -> Callable[..., Any]:
+    """The module's bound ``name`` (a ``*_step``), taking the loop's ``(batch, batch_idx[,
+    dataloader_idx])``; Lightning also allows ``training_step(self, batch)``: such a method gets
+    the batch alone."""
+    method: Callable[..., Any] = getattr(module, name)
+    function = getattr(method, "__func__", method)
+    if function not in _takes_batch_only:
+        _takes_batch_only[function] = _positional_count(method) == 1
+    if not _takes_batch_only[function]:
+        return method
+
+    def batch_only(batch: Any, batch_idx: int, *rest: Any) -> Any:
+        if rest:
+            raise TypeError(
+                f"{name}(self, batch) takes no dataloader_idx, and there are several dataloaders: add the "
+                f"parameters, {name}(self, batch, batch_idx, dataloader_idx=0)"
+            )
+        return method(batch)
+
+    return batch_only
+
+
+_takes_batch_only: dict[Any, bool] = {}  # a step function -> whether it takes the batch alone
+
+
+def _positional_count(method: Callable[..., Any]) -> int:
+    """How many positional arguments ``method`` takes (-1: any number, or its signature is unknown)."""
+    try:
+        kinds = [p.kind for p in inspect.signature(method).parameters.values()]
+    except (TypeError, ValueError):
+        return -1
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return -1
+    return sum(
+        k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds
+    )
 
 
 def run_step(

@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember.strategies import DDPStrategy, SingleDeviceStrategy
-from ember.trainer.hooks import Entry, call_hook, call_step, fire, overridden, run_hook, run_step
+from ember.trainer.hooks import (
+    Entry,
+    call_hook,
+    call_step,
+    fire,
+    overridden,
+    run_hook,
+    run_step,
+    step_method,
+)
 
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
@@ -118,7 +127,7 @@ class _Epoch:
             unscales=accelerator._unscales,
             clip=config.gradient_clip_val,
             model=trainer.model,
-            training_step=trainer.module.training_step,
+            training_step=step_method(trainer.module, "training_step"),
             optimizer=optimizer,
             step=step,
             zero_grad=zero_grad,

@@ -318,3 +318,24 @@ def test_batch_transfer_hooks_with_an_iterable_dataset(tmp_path: Path) -> None:
     module = Before()
     trainer = _fit(tmp_path, module, DataLoader(Stream(), batch_size=4))
     assert module.calls.count("checked") == 2 and trainer.global_step == 2
+
+
+# -- steps without batch_idx -----------------------------------------------------------------------------
+def test_steps_may_take_the_batch_alone(tmp_path: Path) -> None:
+    class BatchOnly(Net):
+        def training_step(self, batch: Any) -> torch.Tensor:  # type: ignore[override]
+            self.calls.append("training_step")
+            return F.mse_loss(self.layer(batch[0]), batch[1])
+
+        def validation_step(self, batch: Any) -> None:  # type: ignore[override]
+            self.calls.append("validation_step")
+
+    module = BatchOnly()
+    _fit(tmp_path, module, _loader())
+    assert module.calls.count("training_step") == 4
+    trainer = _fit(tmp_path, BatchOnly(), _loader())
+    assert trainer.validate(module, _loader(8)) and module.calls.count("validation_step") == 2
+    with pytest.raises(
+        TypeError, match=r"validation_step\(self, batch\) takes no dataloader_idx, and there are several"
+    ):
+        trainer.validate(module, [_loader(8), _loader(8)])
