@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
+from ember._processes import DistributedType
 from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
@@ -27,6 +28,7 @@ _TRAINER_NAMES = {
     "CSVLogger",
     "DataModule",
     "DistributedDataParallelKwargs",
+    "DistributedType",
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "Logger",
@@ -57,6 +59,7 @@ __all__ = [
     "CheckpointError",
     "DataModule",
     "DistributedDataParallelKwargs",
+    "DistributedType",
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "Logger",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import enum
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -12,12 +13,23 @@ from typing import Any, TypeVar
 import torch
 
 from ember import _ops
-from ember._tree import other_leaf
+from ember._tree import apply_to_tensors, other_leaf
 from ember._wrappers import GradientState
 from ember.strategies import Strategy
 from ember.strategies.base import ReduceOp, check_reduce_op
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class DistributedType(str, enum.Enum):
+    """:attr:`~ember.Accelerator.distributed_type`'s values: 🤗 Accelerate's names for a run's kind."""
+
+    NO = "NO"
+    MULTI_CPU = "MULTI_CPU"
+    MULTI_GPU = "MULTI_GPU"
+    FSDP = "FSDP"
+    DEEPSPEED = "DEEPSPEED"
+    XLA = "XLA"
 
 
 class ProcessMixin:
@@ -45,6 +57,30 @@ class ProcessMixin:
     @property
     def is_last_process(self) -> bool:
         return self._strategy.global_rank == self._strategy.world_size - 1
+
+    @property
+    def use_distributed(self) -> bool:
+        """Several processes run (🤗 Accelerate's name)."""
+        return self._strategy.world_size > 1
+
+    @property
+    def distributed_type(self) -> DistributedType:
+        """The kind of run in 🤗 Accelerate's terms (a ``str`` enum: it compares equal to Accelerate's
+        ``DistributedType`` members of the same name)."""
+        name = self._strategy.strategy_name
+        if name.startswith("deepspeed"):
+            return DistributedType.DEEPSPEED
+        if name.startswith("fsdp"):
+            return DistributedType.FSDP
+        if name.startswith("xla"):
+            return DistributedType.XLA
+        if self._strategy.world_size == 1:
+            return DistributedType.NO
+        return (
+            DistributedType.MULTI_GPU
+            if self._strategy.root_device.type == "cuda"
+            else DistributedType.MULTI_CPU
+        )
 
     # -- collectives --------------------------------------------------------------------------
     def gather(self, tensor: Any) -> Any:
@@ -82,10 +118,12 @@ class ProcessMixin:
             return [item for each in objects for item in each]
         return objects
 
-    def reduce(self, tensor: Any, reduction: ReduceOp = "sum") -> Any:
-        """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``."""
+    def reduce(self, tensor: Any, reduction: ReduceOp = "sum", scale: float = 1.0) -> Any:
+        """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``;
+        each result multiplied by ``scale`` (as in 🤗 Accelerate)."""
         check_reduce_op(reduction, "reduction")
-        return _ops.reduce(self._strategy, tensor, reduction)
+        reduced = _ops.reduce(self._strategy, tensor, reduction)
+        return reduced if scale == 1.0 else apply_to_tensors(reduced, lambda t: t * scale)
 
     def pad_across_processes(
         self, tensor: Any, dim: int = 0, pad_index: Any = 0, pad_first: bool = False

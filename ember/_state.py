@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ember import _checkpoint, _weights
+from ember._validation import check_bool
 from ember._wrappers import GradientState, unpatch_forward
 from ember.strategies import Strategy
 
@@ -85,6 +86,30 @@ class StateMixin:
         Returns the ``extra`` state that was saved with it (an empty dict if none).
         """
         return _checkpoint.load_state(self._strategy, self._objects, input_dir)
+
+    def save(self, obj: Any, f: str | os.PathLike[str], safe_serialization: bool = False) -> None:
+        """Write ``obj`` to ``f`` from the main process only: 🤗 Accelerate's replacement for
+        ``torch.save``. ``safe_serialization=True`` writes a dict of tensors as safetensors, which
+        loads without unpickling; otherwise ``torch.save`` (a pickle)."""
+        check_bool("safe_serialization", safe_serialization, owner="save")
+        if safe_serialization and not (
+            isinstance(obj, dict)
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+        ):
+            raise TypeError(
+                f"save(safe_serialization=True) writes a dict of named tensors (a state_dict), not a "
+                f"{type(obj).__name__}; save other objects with safe_serialization=False"
+            )
+        if not self._strategy.is_global_zero:
+            return
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in obj.items()}, os.fspath(f), {"format": "pt"}
+            )
+        else:
+            torch.save(obj, f)
 
     def free_memory(self, *objects: Any) -> list[None]:
         """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`),

@@ -389,12 +389,17 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         """The precision plugin's forward context (autocast for the mixed precisions)."""
         return self.precision.forward_context()
 
-    def unscale_gradients(self) -> None:
-        """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step."""
+    def unscale_gradients(self, optimizer: Any = None) -> None:
+        """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step;
+        ``optimizer``: a prepared optimizer or a list of them (default: every one)."""
         if not self._unscales:
             return  # the plugin has no scaler: nothing to do (asked on every step)
-        for optimizer in self._inner_optimizers():
-            self.precision.unscale_gradients(optimizer)
+        targets: list[Any] = self._inner_optimizers()
+        if optimizer is not None and targets:
+            chosen = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+            targets = [getattr(o, "optimizer", o) for o in chosen]
+        for inner in targets:
+            self.precision.unscale_gradients(inner)
 
     def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
         return [o.optimizer for o in self._objects.optimizers] if self.sync_gradients else []

@@ -128,6 +128,31 @@ def test_kwargs_handlers() -> None:
         Accelerator(kwargs_handlers=[GradScalerKwargs(), GradScalerKwargs()])
 
 
+def test_accelerate_names(tmp_path: Path) -> None:
+    from ember import DistributedType
+
+    accelerator = Accelerator()
+    assert accelerator.distributed_type == DistributedType.NO == "NO" and not accelerator.use_distributed
+    assert Accelerator(strategy="fsdp").distributed_type == DistributedType.FSDP
+    assert accelerator.reduce({"a": torch.tensor(4.0)}, "sum", scale=0.25)["a"].item() == 1.0
+    accelerator.save({"x": torch.arange(3.0)}, tmp_path / "x.safetensors", safe_serialization=True)
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "x.safetensors"))["x"].tolist() == [0.0, 1.0, 2.0]
+    accelerator.save({"step": 3, "note": "any object"}, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True) == {"step": 3, "note": "any object"}
+    with pytest.raises(TypeError, match=r"save\(safe_serialization=True\) writes a dict of named tensors"):
+        accelerator.save([torch.ones(1)], tmp_path / "bad", safe_serialization=True)
+    # unscale_gradients(optimizer): the one given, under 16-mixed
+    model = torch.nn.Linear(2, 1)
+    scaled = Accelerator(precision="16-mixed")
+    model, optimizer = scaled.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    scaled.backward(model(torch.full((1, 2), 0.01)).float().sum())
+    before = model.weight.grad.clone()
+    scaled.unscale_gradients(optimizer)
+    torch.testing.assert_close(model.weight.grad, before / scaled.precision.scaler.get_scale())
+
+
 def test_accelerate_spelling_of_precision() -> None:
     assert Accelerator(mixed_precision="bf16").precision.name == "bf16-mixed"
     assert Accelerator(mixed_precision="no", cpu=True).precision.name == "32-true"

@@ -281,3 +281,30 @@ def test_kwargs_handlers_configure_ddp() -> None:
     assert ranks[0] == ranks[1] == {
         "strategy": "DDPStrategy", "find_unused": True, "bucket": 1.0, "timeout": 90.0, "ddp_flag": True,
     }  # fmt: skip
+
+
+def _accelerate_names_worker(root: str) -> dict:
+    from ember import DistributedType
+
+    accelerator = Accelerator()
+    reduced = accelerator.reduce(torch.tensor([float(accelerator.process_index + 1)]), "sum", scale=0.5)
+    accelerator.save(
+        {"w": torch.ones(2) * accelerator.process_index},
+        Path(root) / "w.safetensors",
+        safe_serialization=True,
+    )
+    accelerator.wait_for_everyone()
+    return {"type": accelerator.distributed_type, "is_multi_cpu": accelerator.distributed_type == DistributedType.MULTI_CPU,
+            "use_distributed": accelerator.use_distributed, "reduced": reduced.tolist()}  # fmt: skip
+
+
+def test_accelerate_names_on_two_processes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    ranks = run_processes(_accelerate_names_worker, str(tmp_path), nprocs=2)
+    assert (
+        ranks[0]
+        == ranks[1]
+        == {"type": "MULTI_CPU", "is_multi_cpu": True, "use_distributed": True, "reduced": [1.5]}
+    )
+    assert load_file(str(tmp_path / "w.safetensors"))["w"].tolist() == [0.0, 0.0]  # the main process's
