@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
 from ember.callbacks.early_stopping import EarlyStopping
+from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
 from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.nan_guard import NonFiniteGuard
@@ -43,6 +44,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "Callback",
     "EarlyStopping",
+    "GradientAccumulationScheduler",
     "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelSummary",

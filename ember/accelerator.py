@@ -208,6 +208,18 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
     def gradient_accumulation_steps(self) -> int:
         return self._gradient_state.accumulation_steps
 
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps: int) -> None:
+        """Change the micro-steps per optimizer step, between two optimizer steps (as in 🤗 Accelerate)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={steps!r} must be an int >= 1")
+        if self._owns_step and steps != self._gradient_state.accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps={steps}: the {self._strategy.strategy_name!r} engine was configured "
+                f"with {self._gradient_state.accumulation_steps} and cannot change it"
+            )
+        self._gradient_state.accumulation_steps = steps
+
     @property
     def end_of_dataloader(self) -> bool:
         return self._gradient_state.loop.end_of_dataloader

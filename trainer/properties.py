@@ -182,6 +182,21 @@ class TrainerProperties:
         return checkpoints[0] if checkpoints else None
 
     @property
+    def accumulate_grad_batches(self) -> int:
+        """Batches per optimizer step; settable between epochs (``GradientAccumulationScheduler``)."""
+        return self.config.accumulate_grad_batches
+
+    @accumulate_grad_batches.setter
+    def accumulate_grad_batches(self, batches: int) -> None:
+        module = self._module
+        if batches != 1 and module is not None and not module.automatic_optimization:
+            raise ValueError(
+                "accumulate_grad_batches > 1 needs automatic optimization; accumulate yourself in manual mode"
+            )
+        self.accelerator.gradient_accumulation_steps = batches  # (validated there)
+        self.config.accumulate_grad_batches = batches
+
+    @property
     def estimated_stepping_batches(self) -> int | float:
         """Optimizer steps the fit will take (for sizing schedules), from max_steps or epochs x batches."""
         per_epoch = math.ceil(self.num_training_batches / self.config.accumulate_grad_batches)

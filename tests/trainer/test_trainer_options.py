@@ -128,3 +128,29 @@ def test_reload_dataloaders_every_n_epochs(tmp_path: Path, every: int, loads: in
         warnings.simplefilter("error")
         again.fit(resumed, ckpt_path=trainer.checkpoint_callback.best_model_path)
     assert again.current_epoch == 4
+
+
+def test_gradient_accumulation_scheduler(tmp_path: Path) -> None:
+    from ember.callbacks import GradientAccumulationScheduler
+
+    def fit(epochs: int, **kwargs: Any) -> tuple[Trainer, Net]:
+        torch.manual_seed(0)
+        module = Net()
+        trainer = _trainer(tmp_path, max_epochs=epochs, enable_checkpointing=False, **kwargs)
+        trainer.fit(module, DataLoader(_data(), batch_size=2))  # 8 batches per epoch
+        return trainer, module
+
+    scheduled, module = fit(2, callbacks=[GradientAccumulationScheduler({0: 4, 1: 2})])
+    assert scheduled.global_step == 2 + 4 and scheduled.accumulate_grad_batches == 1  # reset after the fit
+    _, first_epoch = fit(1, accumulate_grad_batches=4)
+    _, then = fit(2, callbacks=[GradientAccumulationScheduler({0: 4, 1: 4})])
+    assert not torch.equal(module.layer.weight, then.layer.weight)  # epoch 1 stepped every 2 batches
+    _, only_first = fit(1, callbacks=[GradientAccumulationScheduler({0: 4})])
+    assert torch.equal(
+        only_first.layer.weight, first_epoch.layer.weight
+    )  # = Trainer(accumulate_grad_batches=4)
+    assert GradientAccumulationScheduler({2: 3}).going_to_accumulate_grad_batches(1) == 1
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\) and a GradientAccumulationScheduler"):
+        fit(1, accumulate_grad_batches=2, callbacks=[GradientAccumulationScheduler({0: 4})])
+    with pytest.raises(ValueError, match=r"0 batches per step \(epoch 1\) must be an int >= 1"):
+        GradientAccumulationScheduler({1: 0})

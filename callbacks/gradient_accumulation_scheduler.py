@@ -1,0 +1,76 @@
+"""``GradientAccumulationScheduler``: a number of batches per optimizer step that changes with the epoch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from typing_extensions import override
+
+from ember.callbacks.base import Callback
+
+if TYPE_CHECKING:
+    from ember.trainer.module import TrainModule
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["GradientAccumulationScheduler"]
+
+
+class GradientAccumulationScheduler(Callback):
+    """Accumulate ``scheduling[e]`` batches per optimizer step from epoch ``e`` on (epochs count
+    from 0; before the first key, 1), as Lightning's does.
+
+    Example::
+
+        GradientAccumulationScheduler(scheduling={0: 8, 4: 4, 8: 1})  # 8 batches per step, then 4, then 1
+    """
+
+    def __init__(self, scheduling: dict[int, int]) -> None:
+        if not isinstance(scheduling, dict) or not scheduling:
+            raise TypeError(
+                f"GradientAccumulationScheduler(scheduling={scheduling!r}) must be a non-empty dict "
+                "{epoch: batches per step}"
+            )
+        for epoch, batches in scheduling.items():
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"GradientAccumulationScheduler: epoch {epoch!r} must be an int >= 0")
+            if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+                raise ValueError(
+                    f"GradientAccumulationScheduler: {batches!r} batches per step (epoch {epoch}) must be an int >= 1"
+                )
+        self.scheduling = dict(sorted(scheduling.items()))
+
+    def going_to_accumulate_grad_batches(self, epoch: int) -> int:
+        """The batches per step of ``epoch``."""
+        batches = 1
+        for start, value in self.scheduling.items():
+            if epoch >= start:
+                batches = value
+        return batches
+
+    @override
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if trainer.config.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"Trainer(accumulate_grad_batches={trainer.config.accumulate_grad_batches}) and a "
+                "GradientAccumulationScheduler both set the batches per step: keep one"
+            )
+        if not module.automatic_optimization:
+            raise ValueError("GradientAccumulationScheduler needs automatic optimization")
+
+    @override
+    def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._apply(trainer)  # (a fit resumed in the middle of an epoch starts no epoch)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
+        self._apply(trainer)
+
+    @override
+    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        if stage == "fit":
+            trainer.accumulate_grad_batches = 1  # what the Trainer was built with (checked in setup)
+
+    def _apply(self, trainer: Trainer) -> None:
+        trainer.accumulate_grad_batches = self.going_to_accumulate_grad_batches(trainer.current_epoch)
