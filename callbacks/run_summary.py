@@ -89,3 +89,22 @@ class RunSummary(Callback):
             console.print(self.table(trainer))
         for what, where in self.places(trainer):
             console.print(f"{what}: {where}", highlight=False, soft_wrap=True)
+
+
+def print_results(stage: str, results: list[dict[str, float]]) -> None:
+    """``validate(verbose=True)`` and ``test``'s table: each metric, one column per dataloader."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{stage} results", title_justify="left")
+    table.add_column("metric", justify="left")
+    for index in range(len(results)):
+        table.add_column(f"dataloader {index}", justify="right")
+    names = sorted({name.split("/dataloader_idx_")[0] for result in results for name in result})
+    for name in names:
+        cells = []
+        for index, result in enumerate(results):
+            value = result.get(name, result.get(f"{name}/dataloader_idx_{index}"))
+            cells.append("" if value is None else _number(value))
+        table.add_row(name, *cells)
+    Console().print(table)

@@ -451,8 +451,11 @@ def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:
 
 
 # -- predict ---------------------------------------------------------------------------------------
-def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float]) -> list[Any]:
-    """Predictions per loader, gathered across processes in dataset order, each sample once."""
+def run_predict(
+    trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float], keep: bool = True
+) -> list[Any]:
+    """Predictions per loader, gathered across processes in dataset order, each sample once
+    (``keep=False``: handed to the hooks, not kept)."""
     module, accelerator = trainer.module, trainer.accelerator
     module.eval()
     call_hook(trainer, "on_predict_start")
@@ -470,7 +473,8 @@ def run_predict(trainer: Trainer, loaders: list[PreparedDataLoader], limits: lis
                         call_step(trainer, "predict_step", batch, batch_idx, *extra)
                     )
                     call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
-                    outputs.append(output)
+                    if keep:
+                        outputs.append(output)
             results.append(outputs)
     call_hook(trainer, "on_predict_epoch_end")
     call_hook(trainer, "on_predict_end")

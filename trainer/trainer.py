@@ -236,20 +236,27 @@ class Trainer(TrainerProperties):
         self._run(run_fit, "fit")
 
     def validate(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                 datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[dict[str, float]]:  # fmt: skip
-        """One pass over the validation data; returns the logged metrics per dataloader."""
+                 datamodule: DataModule | None = None, *, model: TrainModule | None = None,
+                 verbose: bool = True) -> list[dict[str, float]]:  # fmt: skip
+        """One pass over the validation data; returns the logged metrics per dataloader (``verbose``:
+        and prints them, on global rank 0)."""
         module, dataloaders, datamodule = entry_arguments("validate", module, model, dataloaders, datamodule)
-        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule)
+        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule, verbose)
 
     def test(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-             datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[dict[str, float]]:  # fmt: skip
-        """One pass over the test data; returns the logged metrics per dataloader."""
+             datamodule: DataModule | None = None, *, model: TrainModule | None = None,
+             verbose: bool = True) -> list[dict[str, float]]:  # fmt: skip
+        """One pass over the test data; returns the logged metrics per dataloader (``verbose``: and
+        prints them, on global rank 0)."""
         module, dataloaders, datamodule = entry_arguments("test", module, model, dataloaders, datamodule)
-        return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule)
+        return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule, verbose)
 
     def predict(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                datamodule: DataModule | None = None, *, model: TrainModule | None = None) -> list[Any]:  # fmt: skip
-        """``predict_step`` outputs, gathered across processes in dataset order (each sample once)."""
+                datamodule: DataModule | None = None, *, model: TrainModule | None = None,
+                return_predictions: bool | None = None) -> list[Any] | None:  # fmt: skip
+        """``predict_step`` outputs, gathered across processes in dataset order (each sample once);
+        ``return_predictions=False``: none are kept (a writer callback has them), None is returned."""
+        check_bool("return_predictions", return_predictions, owner="predict", optional=True)
         module, dataloaders, datamodule = entry_arguments("predict", module, model, dataloaders, datamodule)
         module = self._reattach(module, "predict", datamodule, ckpt_path)
         loaders = [
@@ -261,8 +268,9 @@ class Trainer(TrainerProperties):
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
             )
         limits = [resolve_limit(self.config.limit_predict_batches, _length(d)) for d in loaders]
-        result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits), "predict")
-        return result
+        keep = return_predictions is not False
+        result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
+        return result if keep else None
 
     def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
         """Write a pickle-free checkpoint directory at ``path`` (every process must call this).
@@ -279,7 +287,8 @@ class Trainer(TrainerProperties):
 
     # -- internals ----------------------------------------------------------------------------------
     def _evaluate(self, stage: str, prefix: str, module: TrainModule | None, dataloaders: Any, ckpt_path: Any,
-                  datamodule: DataModule | None) -> list[dict[str, float]]:  # fmt: skip
+                  datamodule: DataModule | None, verbose: bool) -> list[dict[str, float]]:  # fmt: skip
+        check_bool("verbose", verbose, owner=stage)
         module = self._reattach(module, stage, datamodule, ckpt_path)
         name = "val" if stage == "validate" else "test"
         loaders = [
@@ -294,6 +303,10 @@ class Trainer(TrainerProperties):
         results: list[dict[str, float]] = self._run(
             lambda t: run_evaluation(t, prefix, loaders, limits), stage
         )
+        if verbose and self.is_global_zero:
+            from ember.callbacks.run_summary import print_results  # (rich loads when something is drawn)
+
+            print_results(stage.capitalize(), results)
         return results
 
     def _reattach(

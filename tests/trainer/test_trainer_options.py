@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
+from ember.callbacks import Callback
 
 
 def _data(n: int = 16) -> TensorDataset:
@@ -31,7 +32,7 @@ class Net(TrainModule):
         self.seen.append((self.current_epoch, batch[0][:, 0].tolist()))
         return F.mse_loss(self.layer(batch[0]), batch[1])
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
         self.log("val_loss", F.mse_loss(self.layer(batch[0]), batch[1]))
 
@@ -154,3 +155,34 @@ def test_gradient_accumulation_scheduler(tmp_path: Path) -> None:
         fit(1, accumulate_grad_batches=2, callbacks=[GradientAccumulationScheduler({0: 4})])
     with pytest.raises(ValueError, match=r"0 batches per step \(epoch 1\) must be an int >= 1"):
         GradientAccumulationScheduler({1: 0})
+
+
+def test_validate_and_test_print_their_results_and_predict_may_keep_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = Net()
+    trainer = _trainer(tmp_path, enable_checkpointing=False)
+    trainer.fit(module, DataLoader(_data(), batch_size=4))
+    capsys.readouterr()
+    results = trainer.validate(module, [DataLoader(_data(8), batch_size=4)] * 2)
+    out = capsys.readouterr().out
+    assert "Validate results" in out and "dataloader 1" in out and "val_loss" in out
+    assert f"{results[0]['val_loss/dataloader_idx_0']:.4g}"[:5] in out
+    trainer.validate(module, DataLoader(_data(8), batch_size=4), verbose=False)
+    assert capsys.readouterr().out == ""
+    seen = []
+
+    class Writer(Callback):  # what a prediction writer does: it gets every batch's predictions
+        def on_predict_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+            seen.append(outputs.shape[0])
+
+    trainer = _trainer(tmp_path, enable_checkpointing=False, callbacks=[Writer()])
+
+    class Predicting(Net):
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return batch[0]
+
+    assert trainer.predict(Predicting(), DataLoader(_data(8), batch_size=4), return_predictions=False) is None
+    assert seen == [4, 4]
+    with pytest.raises(TypeError, match=r"predict\(return_predictions=1\) must be True or False or None"):
+        trainer.predict(Predicting(), DataLoader(_data(8), batch_size=4), return_predictions=1)  # type: ignore[arg-type]
