@@ -92,6 +92,9 @@ class PreparedOptimizer(torch.optim.Optimizer):
         if closure is not None and not isinstance(self.optimizer, torch.optim.LBFGS):
             with torch.enable_grad():
                 loss = closure()
+            if loss is None:  # nothing was backpropagated (training_step returned None): no step
+                self.step_was_skipped = True
+                return None
             closure = None
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
         return loss

@@ -131,7 +131,10 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
             world_size = requested_processes(devices, requested)
         self._strategy = resolve_strategy(
             kwargs_handlers_module.ddp_strategy(
-                handlers, strategy if strategy is not None else defaults.get("strategy", "auto"), world_size
+                handlers,
+                strategy if strategy is not None else defaults.get("strategy", "auto"),
+                world_size,
+                requested,
             ),
             world_size=world_size,
             device_type=requested,

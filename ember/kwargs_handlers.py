@@ -73,13 +73,17 @@ def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:
     return found
 
 
-def ddp_strategy(handlers: dict[type, Any], strategy: str | Strategy, world_size: int) -> str | Strategy:
+def ddp_strategy(
+    handlers: dict[type, Any], strategy: str | Strategy, world_size: int, device_type: str
+) -> str | Strategy:
     """``strategy``, or the DDP strategy the DDP and process-group handlers configure."""
     from ember.strategies import DDPConfig, DDPStrategy
 
     ddp, group = handlers.get(DistributedDataParallelKwargs), handlers.get(InitProcessGroupKwargs)
     if ddp is None and group is None:
         return strategy
+    if strategy == "auto" and device_type == "xla":
+        strategy = "xla"  # what "auto" means there: refused below, it is not DDP
     if strategy == "auto" and world_size == 1:
         return strategy  # one process: no DDP to configure, and no process group (as in Accelerate)
     if strategy == "ddp" or strategy == "auto":

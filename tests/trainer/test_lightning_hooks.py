@@ -339,3 +339,13 @@ def test_steps_may_take_the_batch_alone(tmp_path: Path) -> None:
         TypeError, match=r"validation_step\(self, batch\) takes no dataloader_idx, and there are several"
     ):
         trainer.validate(module, [_loader(8), _loader(8)])
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_optimizer_step_with_a_skipped_batch(tmp_path: Path, precision: str) -> None:
+    class SkipOdd(Warmup):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            return None if batch_idx % 2 else super().training_step(batch, batch_idx)
+
+    trainer = _fit(tmp_path, SkipOdd(), precision=precision)
+    assert trainer.global_step == 2  # batches 1 and 3 returned None: no backward and no step
