@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,6 +37,7 @@ from ember._devices import (
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._state import StateMixin
+from ember._step import StepMixin
 from ember._trackers import TrackerMixin
 from ember._validation import check_bool, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
@@ -48,7 +49,7 @@ from ember._wrappers import (
 )
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
-from ember.strategies import BackwardSyncControl, Strategy
+from ember.strategies import Strategy
 from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.strategies.parallel import ParallelStrategy
@@ -64,7 +65,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
 
 
-class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
+class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
@@ -334,55 +335,6 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
             self._strategy.micro_batch_size = dataloader.batch_size
         return loader
 
-    # -- the step -----------------------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` through the strategy and precision (scaled by 1/accumulation steps)."""
-        if not self._objects.models:
-            raise RuntimeError(
-                "accelerator.backward() was called before accelerator.prepare(model, ...): prepare the model "
-                "first so the strategy and precision plugin can handle its backward pass"
-            )
-        if self._gradient_state.accumulation_steps > 1:
-            loss = loss / self._gradient_state.accumulation_steps
-        if self._direct_backward:  # fp32 on one device: nothing to add
-            loss.backward(**kwargs)
-        elif self._owns_step:  # DeepSpeed: backward and the engine's step
-            assert isinstance(self._strategy, OwnsOptimizerStep)
-            self._strategy.backward_and_step(loss, boundary=self._gradient_state.sync_gradients, **kwargs)
-        else:
-            self._strategy.backward(loss, **kwargs)
-
-    def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
-        """Skip gradient synchronization for backward passes inside the context (where supported)."""
-        if isinstance(self._strategy, BackwardSyncControl):
-            return self._strategy.no_backward_sync(model)
-        return nullcontext()
-
-    def accumulate(self, *models: nn.Module, sync: bool | None = None) -> AbstractContextManager[None]:
-        """Mark one micro-step; gradients are synchronized and applied every N-th step and at epoch end.
-
-        ``sync`` overrides the count for loops that decide themselves (the Trainer does).
-        """
-        state = self._gradient_state
-        if sync is not None:
-            state.micro_step = 0 if sync else state.micro_step + 1
-            state.sync_gradients = sync
-        elif state.loop.end_of_dataloader:
-            state.micro_step, state.sync_gradients = 0, True
-        else:
-            state.micro_step += 1
-            state.sync_gradients = state.micro_step % state.accumulation_steps == 0
-        if state.sync_gradients:  # nothing to enter: a step boundary costs no context machinery
-            return _NOTHING
-        return self._no_sync_all(models)
-
-    @contextmanager
-    def _no_sync_all(self, models: Sequence[nn.Module]) -> Iterator[None]:
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(self.no_sync(model))
-            yield
-
     @contextmanager
     def init_module(self, empty_init: bool = False) -> Iterator[None]:
         """Build modules inside this context in the precision's dtype, directly on the device.
@@ -400,34 +352,6 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         with device, self.precision.module_init_context():
             yield
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        """The precision plugin's forward context (autocast for the mixed precisions)."""
-        return self.precision.forward_context()
-
-    def unscale_gradients(self, optimizer: Any = None) -> None:
-        """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step;
-        ``optimizer``: a prepared optimizer or a list of them (default: every one)."""
-        if not self._unscales:
-            return  # the plugin has no scaler: nothing to do (asked on every step)
-        targets: list[Any] = self._inner_optimizers()
-        if optimizer is not None and targets:
-            chosen = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-            targets = [getattr(o, "optimizer", o) for o in chosen]
-        for inner in targets:
-            self.precision.unscale_gradients(inner)
-
-    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o.optimizer for o in self._objects.optimizers] if self.sync_gradients else []
-
-    def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the gradient norm (gradients are unscaled first under ``16-mixed``); returns the total norm."""
-        return self._strategy.clip_gradients_norm(
-            _params(parameters), self._inner_optimizers(), max_norm, norm_type
-        )
-
-    def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
-        self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
-
     call_as_forward = _forward.call_as_forward
 
     def skip_first_batches(self, dataloader: Any, num_batches: int = 0) -> Any:
@@ -442,14 +366,5 @@ class Accelerator(ProcessMixin, StateMixin, TrackerMixin):
         return f"Accelerator(strategy={self._strategy!r}, precision={self.precision!r})"
 
 
-_NOTHING = nullcontext()  # reusable: it holds no state
-
-
 def _is_scheduler(obj: Any) -> bool:
     return isinstance(obj, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau))
-
-
-def _params(parameters: Any) -> Sequence[torch.Tensor]:
-    if isinstance(parameters, torch.Tensor):
-        return [parameters]
-    return list(parameters)

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any
 
+import torch
+
 from ember._validation import check_bool, check_choice, check_number, check_path, show
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
+from ember.strategies.environment import detect_environment, launch_defaults
 
-__all__ = ["TrainerConfig", "parse_duration", "resolve_limit"]
+__all__ = ["TrainerConfig", "check_sync_batchnorm", "parse_duration", "resolve_limit"]
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
@@ -205,3 +208,20 @@ class TrainerConfig:
             close = difflib.get_close_matches(name, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else f" Valid arguments: {', '.join(valid)}"
             raise TypeError(f"Trainer() got an unexpected argument {name!r}.{hint}")
+
+
+def check_sync_batchnorm(config: TrainerConfig) -> None:
+    """torch's SyncBatchNorm runs on GPUs only: refuse it on several CPU processes up front."""
+    if not config.sync_batchnorm:
+        return
+    requested = config.accelerator or launch_defaults().get("accelerator") or "auto"
+    on_cpu = requested == "cpu" or (requested == "auto" and not torch.cuda.is_available())
+    several = (
+        detect_environment().world_size > 1 or config.num_nodes > 1 or config.devices not in (1, "1", "auto")
+    )
+    if on_cpu and several:
+        raise ValueError(
+            f"sync_batchnorm=True synchronizes BatchNorm with torch.nn.SyncBatchNorm, which runs on GPUs only, "
+            f"and this run uses several CPU processes (accelerator={requested!r}, devices={config.devices!r}); "
+            "set sync_batchnorm=False there"
+        )

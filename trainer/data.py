@@ -9,19 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from ember.trainer.config import TrainerConfig
+from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.hooks import overridden
 from ember.trainer.module import DataModule, TrainModule
 
 if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
+    from ember.data import PreparedDataLoader
     from ember.strategies import Strategy
-    from ember.trainer.trainer import Trainer
 
 __all__ = [
+    "TrainerData",
     "batch_transfer",
     "entry_arguments",
     "find_loaders",
     "find_train_loader",
+    "loader_length",
     "unshuffled",
     "val_check_batch",
 ]
@@ -96,16 +99,18 @@ def unshuffled(loader: DataLoader[Any]) -> DataLoader[Any]:
     )  # fmt: skip
 
 
-def find_train_loader(trainer: Trainer, given: Any, datamodule: DataModule | None) -> DataLoader[Any]:
+def find_train_loader(
+    config: TrainerConfig, module: TrainModule, given: Any, datamodule: DataModule | None
+) -> DataLoader[Any]:
     """The one training loader of a fit (unshuffled with ``overfit_batches``)."""
-    trains = find_loaders("train", given, datamodule, trainer.module)
+    trains = find_loaders("train", given, datamodule, module)
     if len(trains) > 1:
         raise ValueError(f"fit() trains on one DataLoader; got {len(trains)} (combine the datasets into one)")
     if not trains:
         raise ValueError(
             "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
         )
-    return unshuffled(trains[0]) if trainer.config.overfit_batches else trains[0]
+    return unshuffled(trains[0]) if config.overfit_batches else trains[0]
 
 
 def find_loaders(
@@ -142,3 +147,78 @@ def val_check_batch(config: TrainerConfig, num_training_batches: int | float, ha
     if math.isinf(num_training_batches):
         return 2**62 if interval == 1.0 else 1
     return max(1, int(num_training_batches * interval))
+
+
+def loader_length(loader: Any) -> int | float:
+    """``len(loader)``, or infinity for a loader without one (an iterable dataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return math.inf
+
+
+class TrainerData:
+    """Mixed into :class:`~ember.trainer.Trainer`: its dataloaders, prepared, and their batch counts."""
+
+    config: TrainerConfig
+    accelerator: Accelerator
+    num_training_batches: int | float
+    num_val_batches: list[int | float]
+    _val_check_batch: int
+    _train_loader: PreparedDataLoader | None
+    _val_loaders: list[PreparedDataLoader]
+    _sources: tuple[Any, Any, DataModule | None]
+
+    if TYPE_CHECKING:
+
+        @property
+        def module(self) -> TrainModule: ...
+
+        @property
+        def strategy(self) -> Strategy: ...
+
+    def _prepare_loader(self, loader: DataLoader[Any], dataloader_idx: int = 0) -> PreparedDataLoader:
+        return self.accelerator._prepare_dataloader(
+            loader,
+            shard=self.config.use_distributed_sampler,
+            to_device=batch_transfer(self.module, self.strategy, dataloader_idx),
+        )
+
+    def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
+        return find_loaders(kind, given, datamodule, self.module)
+
+    def _reload_loaders(self) -> None:
+        """``reload_dataloaders_every_n_epochs``: the training and validation loaders asked for again
+        where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
+        train_given, val_given, datamodule = self._sources
+        assert self._train_loader is not None
+        old = [self._train_loader, *self._val_loaders]
+        self._train_loader = self._prepare_loader(
+            find_train_loader(self.config, self.module, train_given, datamodule)
+        )
+        val = self._loaders("val", val_given, datamodule)
+        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
+        if len(val) != len(old) - 1:
+            raise ValueError(
+                f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the "
+                f"fit started with {len(old) - 1}; checkpoints need the same number"
+            )
+        self.accelerator._swap_dataloaders(old, [self._train_loader, *self._val_loaders])
+        self._set_batch_counts()
+
+    def _set_batch_counts(self) -> None:
+        assert self._train_loader is not None
+        self.num_training_batches = resolve_limit(
+            self.config.limit_train_batches, loader_length(self._train_loader)
+        )
+        self.num_val_batches = self._val_limits()
+        self._val_check_batch = val_check_batch(
+            self.config, self.num_training_batches, bool(self._val_loaders)
+        )
+
+    def _val_limits(self) -> list[int | float]:
+        return [resolve_limit(self.config.limit_val_batches, loader_length(v)) for v in self._val_loaders]
+
+    def _sanity_limits(self) -> list[int | float]:
+        steps = self.config.num_sanity_val_steps
+        return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]

@@ -3,32 +3,19 @@ the hook order they follow is the contract written in docs/concepts/hooks.md."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import math
-from collections.abc import Generator, Mapping
+from collections.abc import Generator
 from contextlib import AbstractContextManager, closing
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ember.strategies import DDPStrategy, SingleDeviceStrategy
-from ember.trainer.hooks import (
-    Entry,
-    call_hook,
-    call_step,
-    fire,
-    overridden,
-    run_hook,
-    run_step,
-    step_method,
-)
+from ember.trainer.hooks import call_hook, call_step, fire, run_hook
+from ember.trainer.step import Epoch, automatic_step, detached
 
 if TYPE_CHECKING:
-    from ember.accelerator import Accelerator
     from ember.data import PreparedDataLoader
-    from ember.trainer.logging import MetricStore
-    from ember.trainer.state import LoopState
     from ember.trainer.trainer import Trainer
 
 __all__ = ["run_evaluation", "run_fit", "run_predict"]
@@ -76,71 +63,6 @@ def _fit_done(trainer: Trainer) -> bool:
     return config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs
 
 
-@dataclasses.dataclass(slots=True)
-class _Epoch:
-    """What every training batch of one epoch asks and whose answer holds for the epoch: asked once."""
-
-    limit: int | float  # the epoch's number of batches
-    sized: bool  # the limit is known (else the loader says when it ends)
-    automatic: bool  # automatic optimisation
-    accumulate: int
-    log_every: int
-    max_steps: int
-    validates: bool  # validation may run inside this epoch
-    step_schedulers: bool  # schedulers stepped per optimizer step
-    several: bool  # several processes: pre-emption needs their agreement at each boundary
-    unscales: bool  # the precision plugin unscales gradients before a step (16-mixed)
-    clip: float | None  # gradient_clip_val
-    model: torch.nn.Module  # the prepared model
-    training_step: Any  # the module's bound training_step
-    optimizer: Any  # the prepared optimizer (automatic optimisation)
-    step: Any  # its step() and zero_grad() at a step boundary (PreparedOptimizer.boundary_calls)
-    zero_grad: Any
-    # The module's optimizer_step, optimizer_zero_grad and configure_gradient_clipping where it
-    # overrides them (Lightning's hooks), else None: the Trainer's own code runs, a call less.
-    module_step: Any
-    module_zero_grad: Any
-    module_clip: Any
-    state: LoopState
-    store: MetricStore
-    accelerator: Accelerator
-    signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
-
-    @classmethod
-    def of(cls, trainer: Trainer) -> _Epoch:
-        config, limit = trainer.config, trainer.num_training_batches
-        automatic = trainer.module.automatic_optimization
-        accelerator = trainer.accelerator
-        optimizer = trainer._step_optimizers[0] if automatic else None
-        step, zero_grad = optimizer.boundary_calls() if optimizer is not None else (None, None)
-        module = trainer.module
-        return cls(
-            limit=limit,
-            sized=not math.isinf(limit),
-            automatic=automatic,
-            accumulate=config.accumulate_grad_batches,
-            log_every=config.log_every_n_steps,
-            max_steps=config.max_steps,
-            validates=bool(trainer._val_loaders) and _validation_epoch(trainer),
-            step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
-            several=accelerator.num_processes > 1,
-            unscales=accelerator._unscales,
-            clip=config.gradient_clip_val,
-            model=trainer.model,
-            training_step=step_method(trainer.module, "training_step"),
-            optimizer=optimizer,
-            step=step,
-            zero_grad=zero_grad,
-            module_step=overridden(module, "optimizer_step") if automatic else None,
-            module_zero_grad=overridden(module, "optimizer_zero_grad") if automatic else None,
-            module_clip=overridden(module, "configure_gradient_clipping") if automatic else None,
-            state=trainer.state,
-            store=trainer._metrics,
-            accelerator=accelerator,
-            signals=trainer._preemption.catcher,
-        )
-
-
 def _may_stop(trainer: Trainer) -> bool:
     """Whether ``should_stop`` may end the fit now, within an epoch or between two: ``min_epochs``
     finished epochs and ``min_steps`` optimizer steps are done (until then the request waits)."""
@@ -162,7 +84,7 @@ def _train_epoch(trainer: Trainer) -> None:
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
     trainer._hook_plan.refresh()  # callbacks' inactive hooks, as their settings are now
-    epoch = _Epoch.of(trainer)
+    epoch = Epoch.of(trainer, validates=bool(trainer._val_loaders) and _validation_epoch(trainer))
     if epoch.automatic and epoch.accumulate == 1:
         trainer.accelerator.accumulate(epoch.model, sync=True)  # stays so: no batch enters accumulate()
     batches = iter(loader)
@@ -180,7 +102,7 @@ def _train_epoch(trainer: Trainer) -> None:
         batches.close()  # type: ignore[attr-defined]
 
 
-def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
+def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     """One training batch, hooks included; True: ``on_train_batch_start`` returned -1 (end the epoch).
 
     The one function every batch runs, flat: the epoch's answers are in ``epoch``, the hooks
@@ -200,10 +122,10 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     if epoch.automatic:
         should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
         if epoch.accumulate == 1:  # every batch a step boundary: gradients stay in sync (_train_epoch)
-            output = _automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
+            output = automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
         else:
             with accelerator.accumulate(epoch.model, sync=should_step):
-                output = _automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
+                output = automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
     else:  # manual optimisation: the module steps its optimizers itself
         with accelerator.accumulate(epoch.model, sync=True):
             output = call_step(trainer, "training_step", batch, batch_idx)
@@ -213,7 +135,7 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
         trainer._write_row(store.step_values)
     entry = hooks["on_train_batch_end"]
     if entry is not None:
-        outputs = store.detached(output) if type(output) is torch.Tensor else _detached(output)
+        outputs = store.detached(output) if type(output) is torch.Tensor else detached(output)
         fire(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
@@ -224,129 +146,8 @@ def _train_batch(trainer: Trainer, epoch: _Epoch, batch: Any) -> bool:
     return False
 
 
-def _automatic_step(
-    trainer: Trainer,
-    epoch: _Epoch,
-    hooks: dict[str, Entry | None],
-    batch: Any,
-    batch_idx: int,
-    should_step: bool,
-) -> Any:
-    """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output."""
-    if should_step and epoch.module_step is not None:
-        return _step_by_module(trainer, epoch, hooks, batch, batch_idx)
-    output = run_step(
-        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
-    )
-    loss = output if type(output) is torch.Tensor else _loss_of(output)
-    if loss is None:
-        return output
-    backward(trainer, hooks, loss)
-    if not should_step:
-        return output
-    _before_step(trainer, epoch, hooks)
-    epoch.step()
-    _after_step(trainer, epoch, batch_idx)
-    return output
-
-
-def _step_by_module(
-    trainer: Trainer, epoch: _Epoch, hooks: dict[str, Entry | None], batch: Any, batch_idx: int
-) -> Any:
-    """A step boundary when the module overrides ``optimizer_step``, on Lightning's contract: the hook
-    gets a closure that runs ``training_step``, the backward pass and what precedes a step, and calls
-    ``optimizer.step(closure=...)``; code around that call runs before or after the step."""
-    outputs: list[Any] = []
-
-    def closure() -> torch.Tensor | None:
-        output = run_step(
-            epoch.store,
-            epoch.accelerator,
-            epoch.model,
-            "training_step",
-            epoch.training_step,
-            batch,
-            batch_idx,
-        )
-        outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
-        loss = output if type(output) is torch.Tensor else _loss_of(output)
-        if loss is not None:
-            backward(trainer, hooks, loss)
-            _before_step(trainer, epoch, hooks)
-        return loss
-
-    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, closure)
-    if not outputs:
-        raise RuntimeError(
-            f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
-            "training_step and the backward pass did not run: call optimizer.step(closure=optimizer_closure)"
-        )
-    output = outputs[-1]
-    if (output if type(output) is torch.Tensor else _loss_of(output)) is not None:
-        _after_step(trainer, epoch, batch_idx)
-    return output
-
-
-def _before_step(trainer: Trainer, epoch: _Epoch, hooks: dict[str, Entry | None]) -> None:
-    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping."""
-    if epoch.unscales:
-        epoch.accelerator.unscale_gradients()
-    entry = hooks["on_before_optimizer_step"]
-    if entry is not None:
-        fire(epoch.store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
-    config = trainer.config
-    if epoch.module_clip is not None:
-        epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
-    elif epoch.clip:
-        trainer.module.clip_gradients(epoch.optimizer.optimizer, epoch.clip, config.gradient_clip_algorithm)
-
-
-def _after_step(trainer: Trainer, epoch: _Epoch, batch_idx: int) -> None:
-    """What follows an optimizer step: zeroing the gradients, the step count, step-interval schedulers."""
-    if epoch.module_zero_grad is not None:
-        epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
-    else:
-        epoch.zero_grad()
-    epoch.state.global_step += 1
-    if epoch.step_schedulers:
-        trainer._step_schedulers("step")
-
-
-def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
-    """``on_before_backward``, the backward pass, ``on_after_backward``: of the training loop, and of
-    ``manual_backward`` (``hooks``: the trainer's resolved hooks, ``HookPlan.entries``)."""
-    store = trainer._metrics
-    entry = hooks["on_before_backward"]
-    if entry is not None:
-        fire(store, "on_before_backward", entry, loss)
-    trainer.accelerator.backward(loss, **kwargs)
-    entry = hooks["on_after_backward"]
-    if entry is not None:
-        fire(store, "on_after_backward", entry)
-
-
-def _loss_of(output: Any) -> torch.Tensor | None:
-    if output is None or isinstance(output, torch.Tensor):
-        return output
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, torch.Tensor):
-        raise TypeError(
-            f"training_step must return a loss tensor, a dict with a 'loss' tensor, or None; it returned "
-            f"{type(output).__name__}" + (" without a 'loss' tensor" if isinstance(output, Mapping) else "")
-        )
-    return loss
-
-
-def _detached(output: Any) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output.detach()
-    if isinstance(output, Mapping):
-        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
-    return output
-
-
 def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
-    """Whether validation runs after this batch, in an epoch that validates (``_Epoch.validates``)."""
+    """Whether validation runs after this batch, in an epoch that validates (``Epoch.validates``)."""
     if trainer.config.check_val_every_n_epoch is None:  # count training batches across epochs
         return trainer.state.total_batch_idx % trainer._val_check_batch == 0
     return not is_last and (batch_idx + 1) % trainer._val_check_batch == 0

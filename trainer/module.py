@@ -7,13 +7,14 @@ import builtins
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from ember._tree import apply_to_tensors, move_to_device
+from ember._tree import apply_to_tensors
+from ember.trainer.module_hooks import StepHooks
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -50,7 +51,7 @@ class AttributeDict(dict[str, Any]):
             raise AttributeError(name) from None
 
 
-class TrainModule(nn.Module):
+class TrainModule(nn.Module, StepHooks):
     """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
 
     Example::
@@ -156,68 +157,6 @@ class TrainModule(nn.Module):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
-
-    # -- the step and the batch transfer: Lightning's hooks with their defaults ----------------------
-    # The Trainer runs its own, faster, code for each unless a subclass overrides it.
-    def optimizer_step(
-        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
-    ) -> None:
-        """Step ``optimizer`` (the prepared one). ``optimizer_closure`` runs ``training_step``, the
-        backward pass and what precedes a step (``on_before_optimizer_step``, clipping): an override
-        must call ``optimizer.step(closure=optimizer_closure)`` (or the closure itself), e.g. to
-        warm the learning rate up after it."""
-        optimizer.step(closure=optimizer_closure)
-
-    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
-        """Zero the gradients after a step."""
-        optimizer.zero_grad()
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: Any,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip before each step, with the Trainer's ``gradient_clip_val`` and ``gradient_clip_algorithm``."""
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def clip_gradients(
-        self,
-        optimizer: Any,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip the gradients of this module's parameters (unscaled first under ``16-mixed``); no value:
-        nothing to clip. ``gradient_clip_algorithm``: ``"norm"`` (the default) or ``"value"``."""
-        algorithm = gradient_clip_algorithm or "norm"
-        if algorithm not in ("norm", "value"):
-            raise ValueError(
-                f"clip_gradients(gradient_clip_algorithm={algorithm!r}): valid choices are 'norm', 'value'"
-            )
-        if not gradient_clip_val:
-            return
-        accelerator = self.trainer.accelerator
-        if algorithm == "norm":
-            accelerator.clip_grad_norm_(self.parameters(), gradient_clip_val)
-        else:
-            accelerator.clip_grad_value_(self.parameters(), gradient_clip_val)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
-        """Step one LR scheduler at its interval; ``metric``: the monitored value (ReduceLROnPlateau).
-        Override it to drive a scheduler that is not torch's (timm's take ``step(epoch)``)."""
-        scheduler.step() if metric is None else scheduler.step(metric)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A batch as the DataLoader made it, before it moves to the device; returns the batch to move."""
-        return batch
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move ``batch`` to ``device`` (every tensor in tuples, lists, dicts and dataclasses)."""
-        return move_to_device(batch, device)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The batch on the device, before the batch hooks and the step see it; returns the batch to use."""
-        return batch
 
     # -- the trainer's view ------------------------------------------------------------------------
     @property

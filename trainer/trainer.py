@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import warnings
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from ember._rng import use_deterministic_algorithms
 from ember._validation import check_bool
@@ -26,28 +24,23 @@ from ember.strategies import Strategy
 from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
-from ember.trainer.config import TrainerConfig, resolve_limit
-from ember.trainer.data import (
-    batch_transfer,
-    entry_arguments,
-    find_loaders,
-    find_train_loader,
-    val_check_batch,
-)
+from ember.trainer.config import TrainerConfig, check_sync_batchnorm, resolve_limit
+from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.logging import MetricHistory, MetricStore
-from ember.trainer.loops import backward, run_evaluation, run_fit, run_predict
+from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
 from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
+from ember.trainer.step import backward
 
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainerProperties):
+class Trainer(TrainerProperties, TrainerData):
     """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
 
     Example::
@@ -120,7 +113,7 @@ class Trainer(TrainerProperties):
                 gradient_clip_val=config.gradient_clip_val,
                 gradient_clip_algorithm=config.gradient_clip_algorithm,
             )
-        _check_sync_batchnorm(config)  # before the Accelerator starts any process
+        check_sync_batchnorm(config)  # before the Accelerator starts any process
         self.accelerator = Accelerator(
             accelerator=config.accelerator, strategy=strategy, devices=config.devices,
             precision=config.precision, gradient_accumulation_steps=config.accumulate_grad_batches, seed=config.seed,
@@ -194,7 +187,7 @@ class Trainer(TrainerProperties):
             )
             if checkpoint is not None and self.is_global_zero:
                 print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
-        train = find_train_loader(self, train_dataloaders, datamodule)
+        train = find_train_loader(self.config, module, train_dataloaders, datamodule)
         val = self._loaders("val", val_dataloaders, datamodule)
         self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
         if not module.automatic_optimization and self.config.accumulate_grad_batches > 1:
@@ -267,7 +260,7 @@ class Trainer(TrainerProperties):
             raise ValueError(
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
             )
-        limits = [resolve_limit(self.config.limit_predict_batches, _length(d)) for d in loaders]
+        limits = [resolve_limit(self.config.limit_predict_batches, loader_length(d)) for d in loaders]
         keep = return_predictions is not False
         result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
         return result if keep else None
@@ -299,7 +292,7 @@ class Trainer(TrainerProperties):
                 f"{stage}() needs data: pass dataloaders, a datamodule, or define {name}_dataloader()"
             )
         limit = self.config.limit_val_batches if stage == "validate" else self.config.limit_test_batches
-        limits = [resolve_limit(limit, _length(d)) for d in loaders]
+        limits = [resolve_limit(limit, loader_length(d)) for d in loaders]
         results: list[dict[str, float]] = self._run(
             lambda t: run_evaluation(t, prefix, loaders, limits), stage
         )
@@ -351,50 +344,6 @@ class Trainer(TrainerProperties):
                     datamodule.prepare_data()
             datamodule.setup(stage)
         call_hook(self, "setup", stage)
-
-    def _prepare_loader(self, loader: DataLoader[Any], dataloader_idx: int = 0) -> PreparedDataLoader:
-        return self.accelerator._prepare_dataloader(
-            loader,
-            shard=self.config.use_distributed_sampler,
-            to_device=batch_transfer(self.module, self.strategy, dataloader_idx),
-        )
-
-    def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
-        return find_loaders(kind, given, datamodule, self.module)
-
-    def _reload_loaders(self) -> None:
-        """``reload_dataloaders_every_n_epochs``: the training and validation loaders asked for again
-        where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
-        train_given, val_given, datamodule = self._sources
-        assert self._train_loader is not None
-        old = [self._train_loader, *self._val_loaders]
-        self._train_loader = self._prepare_loader(find_train_loader(self, train_given, datamodule))
-        val = self._loaders("val", val_given, datamodule)
-        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
-        if len(val) != len(old) - 1:
-            raise ValueError(
-                f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the "
-                f"fit started with {len(old) - 1}; checkpoints need the same number"
-            )
-        self.accelerator._swap_dataloaders(old, [self._train_loader, *self._val_loaders])
-        self._set_batch_counts()
-
-    def _set_batch_counts(self) -> None:
-        assert self._train_loader is not None
-        self.num_training_batches = resolve_limit(
-            self.config.limit_train_batches, _length(self._train_loader)
-        )
-        self.num_val_batches = self._val_limits()
-        self._val_check_batch = val_check_batch(
-            self.config, self.num_training_batches, bool(self._val_loaders)
-        )
-
-    def _val_limits(self) -> list[int | float]:
-        return [resolve_limit(self.config.limit_val_batches, _length(v)) for v in self._val_loaders]
-
-    def _sanity_limits(self) -> list[int | float]:
-        steps = self.config.num_sanity_val_steps
-        return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]
 
     def _run(self, loop: Any, stage: str) -> Any:
         # SIGTERM / SIGUSR1 end a fit at a step boundary, with a checkpoint. Outermost, so that a signal
@@ -454,13 +403,6 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _length(loader: Any) -> int | float:
-    try:
-        return len(loader)
-    except TypeError:
-        return math.inf
-
-
 def _loggers(logger: Any, root: str) -> list[Logger]:
     if logger is True:
         return [CSVLogger(root)]
@@ -471,22 +413,3 @@ def _loggers(logger: Any, root: str) -> list[Logger]:
         if not isinstance(item, Logger):
             raise TypeError(f"logger={item!r} is not an ember Logger (CSVLogger, ...) nor True/False")
     return loggers
-
-
-def _check_sync_batchnorm(config: TrainerConfig) -> None:
-    """torch's SyncBatchNorm runs on GPUs only: refuse it on several CPU processes up front."""
-    if not config.sync_batchnorm:
-        return
-    requested = config.accelerator or launch_defaults().get("accelerator") or "auto"
-    on_cpu = requested == "cpu" or (requested == "auto" and not torch.cuda.is_available())
-    several = (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1
-        or config.num_nodes > 1
-        or config.devices not in (1, "1", "auto")
-    )
-    if on_cpu and several:
-        raise ValueError(
-            f"sync_batchnorm=True synchronizes BatchNorm with torch.nn.SyncBatchNorm, which runs on GPUs only, "
-            f"and this run uses several CPU processes (accelerator={requested!r}, devices={config.devices!r}); "
-            "set sync_batchnorm=False there"
-        )

@@ -1,0 +1,91 @@
+"""``TrainModule``'s defaults of Lightning's step and batch-transfer hooks (a mixin). The Trainer
+runs its own, faster, code for each hook a module leaves alone (``hooks.overridden``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ember._tree import move_to_device
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["StepHooks"]
+
+
+class StepHooks:
+    """``optimizer_step``, ``optimizer_zero_grad``, ``configure_gradient_clipping`` (and
+    ``clip_gradients``), ``lr_scheduler_step`` and the three batch-transfer hooks, as Lightning
+    defines them; :class:`~ember.TrainModule` inherits them."""
+
+    if TYPE_CHECKING:  # what the mixin uses of TrainModule and nn.Module
+
+        @property
+        def trainer(self) -> Trainer: ...
+
+        def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Callable[[], Any] | None = None
+    ) -> None:
+        """Step ``optimizer`` (the prepared one). ``optimizer_closure`` runs ``training_step``, the
+        backward pass and what precedes a step (``on_before_optimizer_step``, clipping): an override
+        must call ``optimizer.step(closure=optimizer_closure)`` (or the closure itself), e.g. to
+        warm the learning rate up after it."""
+        optimizer.step(closure=optimizer_closure)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+        """Zero the gradients after a step."""
+        optimizer.zero_grad()
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip before each step, with the Trainer's ``gradient_clip_val`` and ``gradient_clip_algorithm``."""
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def clip_gradients(
+        self,
+        optimizer: Any,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip the gradients of this module's parameters (unscaled first under ``16-mixed``); no value:
+        nothing to clip. ``gradient_clip_algorithm``: ``"norm"`` (the default) or ``"value"``."""
+        algorithm = gradient_clip_algorithm or "norm"
+        if algorithm not in ("norm", "value"):
+            raise ValueError(
+                f"clip_gradients(gradient_clip_algorithm={algorithm!r}): valid choices are 'norm', 'value'"
+            )
+        if not gradient_clip_val:
+            return
+        accelerator = self.trainer.accelerator
+        if algorithm == "norm":
+            accelerator.clip_grad_norm_(self.parameters(), gradient_clip_val)
+        else:
+            accelerator.clip_grad_value_(self.parameters(), gradient_clip_val)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
+        """Step one LR scheduler at its interval; ``metric``: the monitored value (ReduceLROnPlateau).
+        Override it to drive a scheduler that is not torch's (timm's take ``step(epoch)``)."""
+        scheduler.step() if metric is None else scheduler.step(metric)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch as the DataLoader made it, before it moves to the device; returns the batch to move."""
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move ``batch`` to ``device`` (every tensor in tuples, lists, dicts and dataclasses)."""
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The batch on the device, before the batch hooks and the step see it; returns the batch to use."""
+        return batch

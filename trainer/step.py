@@ -1,0 +1,208 @@
+"""One training batch's optimisation under automatic optimisation: ``training_step``, the backward
+pass and, at a step boundary, the optimizer step, with the hooks around them (Lightning's step
+hooks included). :class:`Epoch` holds what every batch of an epoch asks, asked once."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ember.trainer.hooks import Entry, fire, overridden, run_step, step_method
+
+if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
+    from ember.trainer.logging import MetricStore
+    from ember.trainer.state import LoopState
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["Epoch", "automatic_step", "backward", "detached", "loss_of"]
+
+
+@dataclasses.dataclass(slots=True)
+class Epoch:
+    """What every training batch of one epoch asks and whose answer holds for the epoch: asked once."""
+
+    limit: int | float  # the epoch's number of batches
+    sized: bool  # the limit is known (else the loader says when it ends)
+    automatic: bool  # automatic optimisation
+    accumulate: int
+    log_every: int
+    max_steps: int
+    validates: bool  # validation may run inside this epoch
+    step_schedulers: bool  # schedulers stepped per optimizer step
+    several: bool  # several processes: pre-emption needs their agreement at each boundary
+    unscales: bool  # the precision plugin unscales gradients before a step (16-mixed)
+    clip: float | None  # gradient_clip_val
+    model: torch.nn.Module  # the prepared model
+    training_step: Any  # the module's bound training_step
+    optimizer: Any  # the prepared optimizer (automatic optimisation)
+    step: Any  # its step() and zero_grad() at a step boundary (PreparedOptimizer.boundary_calls)
+    zero_grad: Any
+    # The module's optimizer_step, optimizer_zero_grad and configure_gradient_clipping where it
+    # overrides them (Lightning's hooks), else None: the Trainer's own code runs, a call less.
+    module_step: Any
+    module_zero_grad: Any
+    module_clip: Any
+    state: LoopState
+    store: MetricStore
+    accelerator: Accelerator
+    signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
+
+    @classmethod
+    def of(cls, trainer: Trainer, validates: bool) -> Epoch:
+        config, limit = trainer.config, trainer.num_training_batches
+        automatic = trainer.module.automatic_optimization
+        accelerator = trainer.accelerator
+        optimizer = trainer._step_optimizers[0] if automatic else None
+        step, zero_grad = optimizer.boundary_calls() if optimizer is not None else (None, None)
+        module = trainer.module
+        return cls(
+            limit=limit,
+            sized=not math.isinf(limit),
+            automatic=automatic,
+            accumulate=config.accumulate_grad_batches,
+            log_every=config.log_every_n_steps,
+            max_steps=config.max_steps,
+            validates=validates,
+            step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
+            several=accelerator.num_processes > 1,
+            unscales=accelerator._unscales,
+            clip=config.gradient_clip_val,
+            model=trainer.model,
+            training_step=step_method(trainer.module, "training_step"),
+            optimizer=optimizer,
+            step=step,
+            zero_grad=zero_grad,
+            module_step=overridden(module, "optimizer_step") if automatic else None,
+            module_zero_grad=overridden(module, "optimizer_zero_grad") if automatic else None,
+            module_clip=overridden(module, "configure_gradient_clipping") if automatic else None,
+            state=trainer.state,
+            store=trainer._metrics,
+            accelerator=accelerator,
+            signals=trainer._preemption.catcher,
+        )
+
+
+def automatic_step(
+    trainer: Trainer,
+    epoch: Epoch,
+    hooks: dict[str, Entry | None],
+    batch: Any,
+    batch_idx: int,
+    should_step: bool,
+) -> Any:
+    """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output."""
+    if should_step and epoch.module_step is not None:
+        return _step_by_module(trainer, epoch, hooks, batch, batch_idx)
+    output = run_step(
+        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
+    )
+    loss = output if type(output) is torch.Tensor else loss_of(output)
+    if loss is None:
+        return output
+    backward(trainer, hooks, loss)
+    if not should_step:
+        return output
+    _before_step(trainer, epoch, hooks)
+    epoch.step()
+    _after_step(trainer, epoch, batch_idx)
+    return output
+
+
+def _step_by_module(
+    trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch: Any, batch_idx: int
+) -> Any:
+    """A step boundary when the module overrides ``optimizer_step``, on Lightning's contract: the hook
+    gets a closure that runs ``training_step``, the backward pass and what precedes a step, and calls
+    ``optimizer.step(closure=...)``; code around that call runs before or after the step."""
+    outputs: list[Any] = []
+
+    def closure() -> torch.Tensor | None:
+        output = run_step(
+            epoch.store,
+            epoch.accelerator,
+            epoch.model,
+            "training_step",
+            epoch.training_step,
+            batch,
+            batch_idx,
+        )
+        outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
+        loss = output if type(output) is torch.Tensor else loss_of(output)
+        if loss is not None:
+            backward(trainer, hooks, loss)
+            _before_step(trainer, epoch, hooks)
+        return loss
+
+    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, closure)
+    if not outputs:
+        raise RuntimeError(
+            f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
+            "training_step and the backward pass did not run: call optimizer.step(closure=optimizer_closure)"
+        )
+    output = outputs[-1]
+    if (output if type(output) is torch.Tensor else loss_of(output)) is not None:
+        _after_step(trainer, epoch, batch_idx)
+    return output
+
+
+def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None]) -> None:
+    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping."""
+    if epoch.unscales:
+        epoch.accelerator.unscale_gradients()
+    entry = hooks["on_before_optimizer_step"]
+    if entry is not None:
+        fire(epoch.store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
+    config = trainer.config
+    if epoch.module_clip is not None:
+        epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
+    elif epoch.clip:
+        trainer.module.clip_gradients(epoch.optimizer.optimizer, epoch.clip, config.gradient_clip_algorithm)
+
+
+def _after_step(trainer: Trainer, epoch: Epoch, batch_idx: int) -> None:
+    """What follows an optimizer step: zeroing the gradients, the step count, step-interval schedulers."""
+    if epoch.module_zero_grad is not None:
+        epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
+    else:
+        epoch.zero_grad()
+    epoch.state.global_step += 1
+    if epoch.step_schedulers:
+        trainer._step_schedulers("step")
+
+
+def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
+    """``on_before_backward``, the backward pass, ``on_after_backward``: of the training loop, and of
+    ``manual_backward`` (``hooks``: the trainer's resolved hooks, ``HookPlan.entries``)."""
+    store = trainer._metrics
+    entry = hooks["on_before_backward"]
+    if entry is not None:
+        fire(store, "on_before_backward", entry, loss)
+    trainer.accelerator.backward(loss, **kwargs)
+    entry = hooks["on_after_backward"]
+    if entry is not None:
+        fire(store, "on_after_backward", entry)
+
+
+def loss_of(output: Any) -> torch.Tensor | None:
+    if output is None or isinstance(output, torch.Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"training_step must return a loss tensor, a dict with a 'loss' tensor, or None; it returned "
+            f"{type(output).__name__}" + (" without a 'loss' tensor" if isinstance(output, Mapping) else "")
+        )
+    return loss
+
+
+def detached(output: Any) -> Any:
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, Mapping):
+        return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in output.items()}
+    return output
