@@ -10,9 +10,13 @@ PACKAGES := ember trainer callbacks strategies precision
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/ember/torch_extensions
 
 # torch_xla 2.9 needs torch 2.9: the XLA suite runs in its own venv (about 4 GB, ~2 minutes to build).
+# The venv lives in a cache outside the checkout, built once per pyproject.toml (clean clones and CI
+# reuse it); .venv-xla links to it, and each run points its editable ember at this checkout.
 XLA_VENV := .venv-xla
-XLA_STAMP := $(XLA_VENV)/.ember-installed
+XLA_CACHE := $(HOME)/.cache/ember/venv-xla-torch2.9.0
 XLA_PINS := torch==2.9.0 torch_xla==2.9.0
+XLA_BUILT := $(XLA_CACHE)/.built-$(shell sha1sum pyproject.toml | cut -c1-12)
+XLA_STAMP := .venv-xla-linked
 
 .PHONY: demo test lint typecheck unit docs xla install install-xla clean bench
 
@@ -28,9 +32,11 @@ $(STAMP): pyproject.toml
 install-xla: $(XLA_STAMP)
 
 $(XLA_STAMP): pyproject.toml
-	test -x $(XLA_VENV)/bin/python || $(PYTHON) -m venv $(XLA_VENV)
-	$(XLA_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(XLA_VENV)/bin/python -m pip install --quiet $(XLA_PINS) -e . 'pytest>=8' 'pytest-timeout>=2.3'
+	test -x $(XLA_CACHE)/bin/python || $(PYTHON) -m venv $(XLA_CACHE)
+	test -e $(XLA_BUILT) || ($(XLA_CACHE)/bin/python -m pip install --quiet --upgrade pip && \
+		$(XLA_CACHE)/bin/python -m pip install --quiet $(XLA_PINS) -e . 'pytest>=8' 'pytest-timeout>=2.3' && \
+		touch $(XLA_BUILT))
+	ln -sfn $(XLA_CACHE) $(XLA_VENV)
 	touch $(XLA_STAMP)
 
 demo: $(STAMP)
@@ -61,6 +67,7 @@ docs: $(STAMP)
 
 # tests/xla on the XLA CPU device, under torch 2.9 (the main suite leaves them out: no torch_xla there).
 xla: $(XLA_STAMP)
+	$(XLA_VENV)/bin/python -m pip install --quiet --no-deps -e .  # (the shared venv: this checkout's ember)
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q tests/xla
 
 test: lint typecheck unit docs xla
@@ -78,4 +85,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) $(XLA_VENV) build dist *.egg-info
+	rm -rf $(VENV) $(XLA_VENV) $(XLA_STAMP) build dist *.egg-info
