@@ -61,6 +61,10 @@ class Strategy:
     strategy_name: ClassVar[str] = "base"
     #: The accelerator this strategy runs on, when it decides it (``"xla"``); None: any.
     accelerator: ClassVar[str | None] = None
+    #: Whether evaluation may run under ``torch.inference_mode()`` (``Trainer(inference_mode=True)``).
+    #: False where parameters are gathered and re-sharded around a forward (FSDP, DeepSpeed, XLA):
+    #: training would reuse inference tensors. Those evaluate under ``torch.no_grad()``.
+    evaluates_in_inference_mode: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._device_type = "cpu"

@@ -108,6 +108,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         Trainer(strategy=FSDPStrategy(FSDPConfig(wrap={Block}, activation_checkpointing={Block})), devices=2)
     """
 
+    evaluates_in_inference_mode = False
+
     strategy_name = "fsdp"
 
     def __init__(self, config: FSDPConfig | None = None) -> None:

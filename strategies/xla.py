@@ -75,6 +75,8 @@ def _sync() -> None:
 class _XLAStepMixin(Strategy):
     """What both XLA strategies share: the device, precision checks, the step's graph cut."""
 
+    evaluates_in_inference_mode = False
+
     accelerator = "xla"
 
     def __init__(self) -> None:

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.strategies import DDPStrategy, SingleDeviceStrategy
 from ember.trainer.hooks import call_hook, call_step, fire, run_hook
 from ember.trainer.step import Epoch, automatic_step, detached
 
@@ -243,10 +242,9 @@ def run_evaluation(
 
 def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:
     """Evaluation's grad mode: ``torch.inference_mode()`` (``Trainer(inference_mode=True)``, the
-    default) on one device or DDP; ``torch.no_grad()`` otherwise, and under FSDP, DeepSpeed and XLA,
-    whose parameters are gathered and re-sharded around a forward (inference tensors there would
-    be reused by training)."""
-    if trainer.config.inference_mode and isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+    default) where the strategy allows it (``Strategy.evaluates_in_inference_mode``), else
+    ``torch.no_grad()``."""
+    if trainer.config.inference_mode and trainer.strategy.evaluates_in_inference_mode:
         return torch.inference_mode()
     return torch.no_grad()
 

@@ -34,6 +34,8 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         Accelerator(strategy=DeepSpeedStrategy(DeepSpeedConfig(config="ds_config.json")))
     """
 
+    evaluates_in_inference_mode = False
+
     strategy_name = "deepspeed"
 
     def __init__(self, config: DeepSpeedConfig | None = None) -> None:

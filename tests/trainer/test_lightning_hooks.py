@@ -280,25 +280,13 @@ def test_batch_transfer_hooks_run_in_order_for_every_loop(tmp_path: Path) -> Non
     train = module.calls[: module.calls.index(("training_step", 0)) + 1]
     assert train == [("before", 0), ("transfer", "cpu", 0), ("after", 0), ("training_step", 0)]
     val = [c for c in module.calls[len(train) :] if c[0] in ("before", "transfer", "after")]
-    assert val == [
-        ("before", 0),
-        ("transfer", "cpu", 0),
-        ("after", 0),
-        ("before", 1),
-        ("transfer", "cpu", 1),
-        ("after", 1),
-    ]
+    two_loaders = [("before", 0), ("transfer", "cpu", 0), ("after", 0)]
+    two_loaders += [("before", 1), ("transfer", "cpu", 1), ("after", 1)]
+    assert val == two_loaders
     module.calls.clear()
     predictions = trainer.predict(module, [_loader(4), _loader(4)])
     assert torch.equal(predictions[1][0], _data(4)[:][0] * 2 + 1)
-    assert module.calls == [
-        ("before", 0),
-        ("transfer", "cpu", 0),
-        ("after", 0),
-        ("before", 1),
-        ("transfer", "cpu", 1),
-        ("after", 1),
-    ]
+    assert module.calls == two_loaders
 
 
 class Stream(IterableDataset):
