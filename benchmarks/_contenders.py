@@ -76,15 +76,28 @@ class Run:
 
 
 class Clock(nn.Module):
-    """Wraps the model; times the forwards of batch ``start`` to batch ``stop`` (one per step)."""
+    """Wraps the model; times the forwards of batch ``start`` to batch ``stop`` (one per step).
 
-    def __init__(self, net: nn.Module, start: int, stop: int, sync: bool) -> None:
+    With a ``pacer`` (:class:`HandLoop`, the hand-written loop on its own copy of the model and
+    data), each forward before ``stop`` first runs one step of the pacer, timed on its own: the
+    contender's steps and the hand-written loop's alternate step by step, so that a change in the
+    machine's speed (other load, frequency) hits both alike, and the contender's time is the window's
+    less the pacer's steps in it (see ``measure``)."""
+
+    def __init__(
+        self, net: nn.Module, start: int, stop: int, sync: bool, pacer: HandLoop | None = None
+    ) -> None:
         super().__init__()
         self.net, self.start, self.stop, self.sync = net, start, stop, sync
         self.calls, self.started, self.stopped = 0, 0.0, 0.0
         self.cpu_started = self.cpu_stopped = 0.0
+        self.pacer = pacer
+        self.paced = 0  # the pacer's steps inside the window, and their time
+        self.pace_s = self.pace_cpu_s = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pacer is not None and self.calls < self.stop:
+            self._pace()
         if self.calls == self.start or self.calls == self.stop:
             if self.sync:  # the device's queued work belongs to the steps before
                 torch.cuda.synchronize()
@@ -95,6 +108,19 @@ class Clock(nn.Module):
                 self.stopped, self.cpu_stopped = now
         self.calls += 1
         return self.net(x)
+
+    def _pace(self) -> None:
+        assert self.pacer is not None
+        if self.sync:
+            torch.cuda.synchronize()
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.pacer.step()
+        if self.sync:
+            torch.cuda.synchronize()
+        if self.start < self.calls:  # inside the window (the pacer runs before the start stamp)
+            self.paced += 1
+            self.pace_s += time.perf_counter() - wall
+            self.pace_cpu_s += time.process_time() - cpu
 
     def seconds_per_step(self) -> float:
         if self.calls <= self.stop:
@@ -159,35 +185,57 @@ def _world() -> tuple[int, int]:
 
 
 # -- hand-written loops ------------------------------------------------------------------------------
-def _hand(run: Run, case: Case, clock: Clock) -> None:
-    rank, world = _world()
-    device = (
-        torch.device(run.device, int(os.environ.get("LOCAL_RANK", "0"))) if run.device == "cuda" else None
-    )
-    model: nn.Module = clock.to(device) if device is not None else clock
-    sampler = None
-    if device is not None:
-        torch.cuda.set_device(device)
-    owns_group = world > 1 and not torch.distributed.is_initialized()
-    if owns_group:
-        _init_process_group(run)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model)
-        sampler = torch.utils.data.DistributedSampler(case.dataset, world, rank, shuffle=True)
-    autocast: Callable[[], AbstractContextManager[Any]] = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device is not None else nullcontext
-    )
-    optimizer = _optimizer(model.parameters())
-    for x, y in _loader(case, sampler):
-        if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            loss = case.loss(model(x), y)
+class HandLoop:
+    """The hand-written loop, one step at a time: the contender ``hand`` runs it to the end of its
+    data; as a :class:`Clock`'s pacer it takes one step beside each step of another contender."""
+
+    def __init__(self, run: Run, case: Case, model: nn.Module) -> None:
+        rank, world = _world()
+        self.device = (
+            torch.device(run.device, int(os.environ.get("LOCAL_RANK", "0"))) if run.device == "cuda" else None
+        )
+        if self.device is not None:
+            model = model.to(self.device)
+            torch.cuda.set_device(self.device)
+        self.owns_group = world > 1 and not torch.distributed.is_initialized()
+        if self.owns_group:
+            _init_process_group(run)
+        sampler = None
+        if world > 1:
+            model = nn.parallel.DistributedDataParallel(model)
+            sampler = torch.utils.data.DistributedSampler(case.dataset, world, rank, shuffle=True)
+        self.model, self.loss = model, case.loss
+        self.autocast: Callable[[], AbstractContextManager[Any]] = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device is not None else nullcontext
+        )
+        self.optimizer = _optimizer(model.parameters())
+        self.batches = iter(_loader(case, sampler))
+
+    def step(self) -> bool:
+        """One training step on the next batch; False (and no step) when the data is used up."""
+        batch = next(self.batches, None)
+        if batch is None:
+            return False
+        x, y = batch
+        if self.device is not None:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            loss = self.loss(self.model(x), y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    if owns_group:
-        torch.distributed.destroy_process_group()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return True
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _hand(run: Run, case: Case, clock: Clock) -> None:
+    loop = HandLoop(run, case, clock)
+    while loop.step():
+        pass
+    loop.close()
 
 
 def _init_process_group(run: Run) -> None:
@@ -322,25 +370,40 @@ _TRAIN: dict[str, Callable[[Run, Case, Clock], None]] = {
 }  # fmt: skip
 
 
-def measure(contender: str, run: Run) -> dict[str, float]:
-    """Train with ``contender`` in this process (one rank of it); its seconds per step."""
+def measure(contender: str, run: Run, paced: bool = False) -> dict[str, float]:
+    """Train with ``contender`` in this process (one rank of it); its seconds per step (``step_s``
+    wall-clock, ``cpu_s`` CPU time).
+
+    ``paced``: the hand-written loop, on its own copy of the model and data, takes a step before
+    each of the contender's (:class:`Clock`); ``step_s``/``cpu_s`` are then the contender's own
+    steps (the window less the pacer's steps in it) and ``pace_s``/``pace_cpu_s`` the pacer's, in
+    the same window. Their quotient is immune to the machine changing speed during the run."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # the frameworks' advice (num_workers ...) would flood the log
     _, world = _world()
+    pacer = HandLoop(run, pacer_case := build_case(run, world), pacer_case.net) if paced else None
     case = build_case(run, world)
-    clock = Clock(case.net, run.warmup, run.warmup + run.steps, sync=run.device == "cuda")
+    clock = Clock(case.net, run.warmup, run.warmup + run.steps, sync=run.device == "cuda", pacer=pacer)
     _TRAIN[contender](run, case, clock)
-    return {"step_s": clock.seconds_per_step(), "cpu_s": (clock.cpu_stopped - clock.cpu_started) / run.steps}
+    wall, cpu = clock.stopped - clock.started, clock.cpu_stopped - clock.cpu_started
+    clock.seconds_per_step()  # (raises if the window did not end)
+    measured = {"step_s": (wall - clock.pace_s) / run.steps, "cpu_s": (cpu - clock.pace_cpu_s) / run.steps}
+    if pacer is not None:
+        pacer.close()
+        measured.update(pace_s=clock.pace_s / clock.paced, pace_cpu_s=clock.pace_cpu_s / clock.paced)
+    return measured
 
 
-def measure_rounds(contenders: Sequence[str], run: Run, rounds: int) -> dict[str, list[dict[str, float]]]:
+def measure_rounds(
+    contenders: Sequence[str], run: Run, rounds: int, paced: bool = False
+) -> dict[str, list[dict[str, float]]]:
     """Train each of ``contenders`` ``rounds`` times in this process, alternating: every round runs
     each once, one contender later than the round before (A B C, B C A, C A B ...). The runs of a
     round are neighbours in time and share the process (its memory layout, its core, the machine's
     load then), so the ratio of two of them is a paired measure: far steadier than the ratio of two
     processes, which can differ by several percent running the same program. With several
     processes (a launcher's ranks), every rank runs the same sequence on one process group, made
-    here and shared by every run."""
+    here and shared by every run. ``paced``: each run has a pacer (see :func:`measure`)."""
     _, world = _world()
     if world > 1 and not torch.distributed.is_initialized():
         _init_process_group(run)
@@ -348,7 +411,7 @@ def measure_rounds(contenders: Sequence[str], run: Run, rounds: int) -> dict[str
     results = alternate(
         contenders,
         rounds,
-        lambda c: measure(c, dataclasses.replace(run, root=f"{run.root}/{c}-{next(runs)}")),
+        lambda c: measure(c, dataclasses.replace(run, root=f"{run.root}/{c}-{next(runs)}"), paced),
         warm=False,
     )
     if world > 1:

@@ -11,9 +11,11 @@ batch 16 x 32 tokens), one thread per process. Each process (``ember launch`` st
 ranks) trains the hand-written loop and its contenders -- ember's Accelerator and Trainer in one
 process, each rival in its own -- for ``--rounds`` alternating rounds (A B C, B C A, ...; a rival's
 process ``--rival-rounds``), every run a fresh model and trainer. A run times ``--steps`` steps
-after ``--warmup`` steps (see ``_contenders.py``); a contender's ratio is its time per step over the hand-written loop's in the
-same round of the same process (a paired measure: two fresh processes of the same program differ
-by several percent here), reported as the median and the spread over the rounds.
+after ``--warmup`` steps, paced (see ``_contenders.py``): before each of its steps, the hand-written
+loop takes a step on its own copy of the model and data, timed apart, so both see the machine at the
+same speed. A run's speed is its time per step over its pacer's; a contender's ratio is its speed
+over the hand-written loop's paced run in the same round of the same process, reported as the
+median and the spread over the rounds.
 
 Budgets: ember Accelerator <= 1.01x and ember Trainer (defaults: checkpointing, CSV logger,
 progress bar, model summary, non-finite guard) <= 1.02x the hand-written loop, and below
@@ -64,7 +66,7 @@ def worker(args: argparse.Namespace) -> None:
     group's contenders, alternating for ``--rounds`` rounds."""
     case = args.cases[0]
     run = Run(case=case, warmup=args.warmup, steps=_steps(case, args), device=args.device, root=args.root)
-    write_result(args.out, measure_rounds(["hand", *args.contenders], run, args.rounds))
+    write_result(args.out, measure_rounds(["hand", *args.contenders], run, args.rounds, paced=True))
 
 
 def _steps(case: str, args: argparse.Namespace) -> int:
@@ -79,15 +81,21 @@ def _clock(mode: str, device: str) -> str:
 
 def group_times(
     group: str, members: list[str], case: str, mode: str, args: argparse.Namespace
-) -> dict[str, list[float]]:
-    """One process (one per rank) of ``group``: its contenders' and the hand loop's seconds per
-    step, round by round (a round's time: its slowest rank's)."""
+) -> dict[str, list[tuple[float, float]]]:
+    """One process (one per rank) of ``group``: for its contenders and the hand-written loop, round
+    by round, (seconds per step, the pacer's seconds per step in the same run); on several ranks
+    each the slowest rank's."""
     rounds = _rounds(group, args)
     argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(_steps(case, args)),
             "--warmup", str(args.warmup), "--rounds", str(rounds), "--device", args.device]  # fmt: skip
     clock = _clock(mode, args.device)
+    pace = "pace_cpu_s" if clock == "cpu_s" else "pace_s"
     ranks = spawn(__file__, argv, MODES[mode])
-    return {c: [max(rank[c][i][clock] for rank in ranks) for i in range(rounds)] for c in ["hand", *members]}
+    return {
+        c: [(max(rank[c][i][clock] for rank in ranks), max(rank[c][i][pace] for rank in ranks))
+            for i in range(rounds)]
+        for c in ["hand", *members]
+    }  # fmt: skip
 
 
 def _rounds(group: str, args: argparse.Namespace) -> int:
@@ -107,12 +115,16 @@ def _case(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         measured = dict(zip(groups, pool.map(lambda g: group_times(g, groups[g], case, mode, args), groups),
                             strict=True))  # fmt: skip
-    times_of = {c: times for group, times in measured.items() for c in groups[group]}
-    by_contender = {  # each paired with the hand-written loop of the same round and process
-        c: ratio_row(f"{case} {mode}: {LABELS[c]}", times_of[c][c], times_of[c]["hand"], BUDGETS.get(c))
-        for c in contenders
-        if c in times_of
-    }
+    by_contender = {}
+    for group, times in measured.items():
+        # A run's speed against its pacer, over the hand-written loop's against its own pacer in the
+        # same round and process: the hand-written loop's own run cancels what the pacing itself adds.
+        hand = [own / pace for own, pace in times["hand"]]
+        for c in groups[group]:
+            row = ratio_row(f"{case} {mode}: {LABELS[c]}", [own / pace for own, pace in times[c]], hand,
+                            BUDGETS.get(c))  # fmt: skip
+            by_contender[c] = {**row, "value": statistics.median(own for own, _ in times[c])}
+    by_contender = {c: by_contender[c] for c in contenders if c in by_contender}
     rows = list(by_contender.values())
     comparisons = []
     for mine, rival in RIVALS.items():
@@ -122,7 +134,7 @@ def _case(
                                f"{'below' if ours < theirs else '**NOT below**'}.")  # fmt: skip
     clock = "CPU time" if _clock(mode, args.device) == "cpu_s" else "wall-clock time"
     title = f"### {DESCRIPTIONS[case]}, {'1 process' if mode == 'single' else 'DDP on 2 processes'} ({clock})"
-    hands = [t for times in measured.values() for t in times["hand"]]
+    hands = [own for times in measured.values() for own, _ in times["hand"]]
     baseline = ("hand-written loop", statistics.median(hands))
     table = ratio_table(rows, baseline, "ms per step", lambda v: f"{v * 1e3:.3f}")
     return [title, "", *table, "", *comparisons, ""], [
@@ -170,10 +182,12 @@ def report(args: argparse.Namespace) -> str:
         f"hand-written loop and its contenders (ember's Accelerator and Trainer together; each rival in its own "
         f"process) for {args.rounds} alternating rounds (A B C, B C A, ...; {min(args.rounds, args.rival_rounds)} for "
         "each rival, whose ratios need only be told apart from ember's), each run a fresh model, optimizer and "
-        "trainer. A ratio is a contender's time per step over the hand-written loop's in the same round of the same "
-        "process (median, and spread over the rounds): a paired measure, where two fresh processes of one program "
-        "differ by several percent on this shared machine. CPU time for one process on the CPU (one thread: the "
-        "cost of the step, whatever else the machine runs), wall-clock time for DDP and on CUDA. "
+        "trainer. Every run is paced: before each of its steps the hand-written loop takes a step on its own copy "
+        "of the model and data, timed apart, and the run's speed is its time per step over its pacer's (a change "
+        "of the machine's speed during the run hits both alike). A ratio is a contender's speed over the "
+        "hand-written loop's, paced the same way in the same round of the same process (median, and spread over "
+        "the rounds); the ms per step are the runs' own, less their pacers'. CPU time for one process on the CPU "
+        "(one thread: the cost of the step, whatever else the machine runs), wall-clock time for DDP and on CUDA. "
         "`instructions.py` (its own section) counts the instructions of the same steps, which do not move. "
         "Budgets: ember Accelerator <= 1.01, ember Trainer <= 1.02, each below its Lightning counterpart (Fabric; "
         "the Trainer with its defaults). Both Trainers run with their defaults (checkpointing, logger, progress "
@@ -199,9 +213,9 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps per run (default: per case, STEPS)"
     )
     parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
-    parser.add_argument("--rounds", type=int, default=10, help="alternating rounds in ember's processes")
+    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds in ember's processes")
     parser.add_argument(
-        "--rival-rounds", type=int, default=5, help="alternating rounds in each rival's process"
+        "--rival-rounds", type=int, default=3, help="alternating rounds in each rival's process"
     )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="single-process CPU runs at once (each timed by its own CPU time)")  # fmt: skip
