@@ -11,6 +11,8 @@ from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulation
 from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.nan_guard import NonFiniteGuard
+from ember.callbacks.prediction_writer import BasePredictionWriter
+from ember.callbacks.swa import StochasticWeightAveraging
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
 
@@ -42,6 +44,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BasePredictionWriter",
     "Callback",
     "EarlyStopping",
     "GradientAccumulationScheduler",
@@ -51,6 +54,7 @@ __all__ = [
     "NonFiniteGuard",
     "RichProgressBar",
     "RunSummary",
+    "StochasticWeightAveraging",
     "ThroughputMonitor",
     "Timer",
 ]

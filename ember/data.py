@@ -174,6 +174,7 @@ class PreparedDataLoader:
         self._resume_position = 0
         self._at_end = False
         self._remainder: int | None = None
+        self._plan: list[list[int]] = []  # this rank's batches of the running pass (batch_indices)
         self._generator = torch.Generator()
         self._iterable = isinstance(dataloader.dataset, IterableDataset)
         self._drop_last = bool(dataloader.drop_last)
@@ -250,6 +251,7 @@ class PreparedDataLoader:
                     yield batch
             else:
                 batches, remainder = self._rank_plan(epoch)
+                self._plan = batches
                 if self._seeded_workers:  # each batch carries its place, for the worker's seeds
                     places = ((self._seed, epoch, self.rank, i) for i in range(start, len(batches)))
                     self._batch_sampler.batches = [
@@ -311,6 +313,15 @@ class PreparedDataLoader:
     def position(self) -> int:
         """Batches yielded so far in the running pass (0 between passes)."""
         return self._position if self._in_pass else self._resume_position
+
+    @property
+    def batch_indices(self) -> list[int] | None:
+        """The dataset indices of the samples of the batch the running pass yielded last, as the
+        sampler produced them and sharding gave them to this rank (repeated samples included, with
+        even batches); None for an iterable dataset, or before a pass's first batch."""
+        if self._iterable or not self._in_pass or self._position == 0:
+            return None
+        return list(self._plan[self._position - 1])
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

@@ -65,6 +65,11 @@ class Strategy:
     #: False where parameters are gathered and re-sharded around a forward (FSDP, DeepSpeed, XLA):
     #: training would reuse inference tensors. Those evaluate under ``torch.no_grad()``.
     evaluates_in_inference_mode: ClassVar[bool] = True
+    #: Whether every process holds the whole module, unsharded, and steps it with the Trainer's
+    #: torch optimizer, so that a callback may keep a full copy of the weights, average it and copy
+    #: it back (``StochasticWeightAveraging``). False for FSDP (parameters sharded) and DeepSpeed
+    #: (the ZeRO engine partitions the state and owns the step and the LR schedule).
+    supports_weight_averaging: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._device_type = "cpu"

@@ -109,6 +109,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
     """
 
     evaluates_in_inference_mode = False
+    supports_weight_averaging = False
 
     strategy_name = "fsdp"
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember.trainer.hooks import call_hook, call_step, fire, run_hook
+from ember.trainer.prediction import start_record
 from ember.trainer.step import Epoch, automatic_step, detached
 
 if TYPE_CHECKING:
@@ -254,11 +255,14 @@ def run_predict(
     trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float], keep: bool = True
 ) -> list[Any]:
     """Predictions per loader, gathered across processes in dataset order, each sample once
-    (``keep=False``: handed to the hooks, not kept)."""
+    (``keep=False``: handed to the hooks, not kept). With a prediction writer among the callbacks,
+    each process's own outputs and their samples' indices are recorded for it as well
+    (``trainer.prediction_record``)."""
     module, accelerator = trainer.module, trainer.accelerator
     module.eval()
     call_hook(trainer, "on_predict_start")
     call_hook(trainer, "on_predict_epoch_start")
+    record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
     results: list[list[Any]] = []
     several = len(loaders) > 1
     with _evaluating(trainer):
@@ -268,13 +272,15 @@ def run_predict(
                 for batch_idx, batch in batches:
                     call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
                     extra = (loader_idx,) if several else ()
-                    output = accelerator.gather_for_metrics(
-                        call_step(trainer, "predict_step", batch, batch_idx, *extra)
-                    )
+                    output = call_step(trainer, "predict_step", batch, batch_idx, *extra)
+                    if record is not None:  # before the gather: the writers take this process's own
+                        record.add(loader_idx, loader, output)
+                    output = accelerator.gather_for_metrics(output)
                     call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
                     if keep:
                         outputs.append(output)
             results.append(outputs)
     call_hook(trainer, "on_predict_epoch_end")
     call_hook(trainer, "on_predict_end")
+    trainer._prediction_record = None  # the writers' copies are not kept past the run
     return results if several else results[0]

@@ -18,6 +18,7 @@ from ember.trainer.state import LoopState
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
+    from ember.trainer.prediction import PredictionRecord
 
 __all__ = ["TrainerProperties"]
 
@@ -41,6 +42,7 @@ class TrainerProperties:
     _step_optimizers: list[Any]
     _train_loader: PreparedDataLoader | None
     _val_loaders: list[PreparedDataLoader]
+    _prediction_record: PredictionRecord | None
 
     # -- what users and callbacks read ----------------------------------------------------------
     @property
@@ -162,6 +164,12 @@ class TrainerProperties:
     def datamodule(self) -> Any:
         """The DataModule of the running (or last) stage, or None."""
         return self._datamodule
+
+    @property
+    def prediction_record(self) -> PredictionRecord | None:
+        """During ``predict`` with a :class:`~ember.callbacks.BasePredictionWriter` among the
+        callbacks: each process's own outputs and the dataset indices of their samples. Else None."""
+        return self._prediction_record
 
     @property
     def checkpoint_callbacks(self) -> list[Any]:

@@ -32,6 +32,7 @@ from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
+from ember.trainer.prediction import PredictionRecord
 from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
@@ -148,6 +149,7 @@ class Trainer(TrainerProperties, TrainerData):
         self._module: TrainModule | None = None
         self._datamodule: DataModule | None = None
         self._model: torch.nn.Module | None = None
+        self._prediction_record: PredictionRecord | None = None  # during a predict with a writer
         self._step_optimizers: list[Any] = []
         self._optimizer_hooks: list[Any] = []
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []

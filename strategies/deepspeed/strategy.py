@@ -35,6 +35,7 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
     """
 
     evaluates_in_inference_mode = False
+    supports_weight_averaging = False
 
     strategy_name = "deepspeed"
 
