@@ -14,6 +14,7 @@ from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from ember.project import ProjectConfiguration
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ __all__ = [
     "InitProcessGroupKwargs",
     "Logger",
     "PreparedDataLoader",
+    "ProjectConfiguration",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",

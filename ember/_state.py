@@ -15,6 +15,7 @@ from torch import nn
 from ember import _checkpoint, _weights
 from ember._validation import check_bool
 from ember._wrappers import GradientState, unpatch_forward
+from ember.project import ProjectConfiguration
 from ember.strategies import Strategy
 
 __all__ = ["StateMixin"]
@@ -26,6 +27,8 @@ class StateMixin:
     _strategy: Strategy
     _objects: _checkpoint.PreparedObjects
     _gradient_state: GradientState
+    _several_nodes: bool
+    project_configuration: ProjectConfiguration
 
     def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
         """The user's module inside the strategy wrapper (DDP ...)."""
@@ -62,7 +65,7 @@ class StateMixin:
 
     def save_state(
         self,
-        output_dir: str | os.PathLike[str],
+        output_dir: str | os.PathLike[str] | None = None,
         *,
         extra: dict[str, Any] | None = None,
         rank_extra: dict[str, Any] | None = None,
@@ -75,21 +78,57 @@ class StateMixin:
         process, written by each as ``<name>_rank<R>``. :meth:`load_state` returns both (this
         process's ``rank_extra``). ``weights_only``: the models' weights (and ``extra``) alone, in a
         portable layout; such a checkpoint loads weights but cannot resume (:meth:`load_state` refuses it).
+
+        Without ``output_dir``: the next automatically named checkpoint,
+        ``<project_dir>/checkpoints/checkpoint_<iteration>`` (:class:`~ember.ProjectConfiguration`
+        with ``automatic_checkpoint_naming=True``); ``total_limit`` then deletes the oldest.
         """
-        return _checkpoint.save_state(
+        config = self.project_configuration
+        if config.save_on_each_node and self._several_nodes:
+            raise ValueError(
+                "save_state() with ProjectConfiguration(save_on_each_node=True) on several nodes: save_state "
+                "writes one directory that every process adds its files to, on a filesystem the nodes share. "
+                "save_on_each_node applies to accelerator.save(); set it to False for save_state"
+            )
+        automatic = output_dir is None
+        if automatic:
+            if not config.automatic_checkpoint_naming:
+                raise ValueError(
+                    "save_state() needs output_dir, unless the Accelerator has project_config="
+                    "ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)"
+                )
+            output_dir = config.next_checkpoint()
+        assert output_dir is not None
+        path = _checkpoint.save_state(
             self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}, weights_only
         )
+        if automatic:
+            config.iteration += 1
+            if self._strategy.is_global_zero:  # after the new one is complete on disk
+                config.prune()
+            self._strategy.barrier("save_state:pruned")
+        return path
 
-    def load_state(self, input_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.
 
-        Returns the ``extra`` state that was saved with it (an empty dict if none).
+        Returns the ``extra`` state that was saved with it (an empty dict if none). Without
+        ``input_dir``: the highest-numbered automatically named checkpoint (and the next
+        :meth:`save_state` numbers its checkpoint past it).
         """
+        if input_dir is None:
+            if not self.project_configuration.automatic_checkpoint_naming:
+                raise ValueError(
+                    "load_state() needs input_dir, unless the Accelerator has project_config="
+                    "ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)"
+                )
+            input_dir = self.project_configuration.latest_checkpoint()
         return _checkpoint.load_state(self._strategy, self._objects, input_dir)
 
     def save(self, obj: Any, f: str | os.PathLike[str], safe_serialization: bool = False) -> None:
         """Write ``obj`` to ``f`` from the main process only: 🤗 Accelerate's replacement for
-        ``torch.save``. ``safe_serialization=True`` writes a dict of tensors as safetensors, which
+        ``torch.save`` (from the first process of every node with
+        ``ProjectConfiguration(save_on_each_node=True)``). ``safe_serialization=True`` writes a dict of tensors as safetensors, which
         loads without unpickling; otherwise ``torch.save`` (a pickle)."""
         check_bool("safe_serialization", safe_serialization, owner="save")
         if safe_serialization and not (
@@ -100,7 +139,12 @@ class StateMixin:
                 f"save(safe_serialization=True) writes a dict of named tensors (a state_dict), not a "
                 f"{type(obj).__name__}; save other objects with safe_serialization=False"
             )
-        if not self._strategy.is_global_zero:
+        writes = (
+            self._strategy.is_local_zero
+            if self.project_configuration.save_on_each_node
+            else self._strategy.is_global_zero
+        )
+        if not writes:
             return
         if safe_serialization:
             from safetensors.torch import save_file

@@ -131,6 +131,9 @@ class PreparedScheduler:
     As in 🤗 Accelerate, one call advances the schedule ``steps_per_call`` (= number of processes)
     times: schedules are usually sized with ``len(dataloader)`` *before* ``prepare`` shards it, and
     each real step consumes ``num_processes`` of those batches.
+
+    ``with_optimizer=False`` (``Accelerator(step_scheduler_with_optimizer=False)``): each call steps
+    the schedule once, whatever the optimizer and the accumulation did (schedules sized per call).
     """
 
     def __init__(
@@ -139,14 +142,19 @@ class PreparedScheduler:
         optimizers: list[PreparedOptimizer],
         gradient_state: GradientState,
         steps_per_call: int = 1,
+        with_optimizer: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.steps_per_call = steps_per_call
+        self.with_optimizer = with_optimizer
         self._gradient_state = gradient_state
         inner = getattr(scheduler, "optimizer", None)
         self._optimizers = [o for o in optimizers if o.optimizer is inner] or optimizers
 
     def step(self, *args: Any, **kwargs: Any) -> None:
+        if not self.with_optimizer:
+            self.scheduler.step(*args, **kwargs)
+            return
         if not self._gradient_state.sync_gradients:
             return
         if any(o.step_was_skipped for o in self._optimizers):

@@ -49,6 +49,7 @@ from ember._wrappers import (
 )
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.precision import Precision, resolve_precision
+from ember.project import ProjectConfiguration, check_project
 from ember.strategies import Strategy
 from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import detect_environment, launch_defaults
@@ -90,6 +91,8 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         cpu: bool = False,
         log_with: LogWith = None,
         project_dir: str | os.PathLike[str] | None = None,
+        project_config: ProjectConfiguration | None = None,
+        step_scheduler_with_optimizer: bool = True,
         collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
         kwargs_handlers: Sequence[Any] | None = None,
     ) -> None:
@@ -99,7 +102,9 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         trackers = _trackers.check_log_with(log_with)
         check_bool("cpu", cpu)
         check_bool("even_batches", even_batches)
+        check_bool("step_scheduler_with_optimizer", step_scheduler_with_optimizer)
         check_path("project_dir", project_dir, optional=True)
+        project = check_project(project_config, project_dir)
         if accelerator is not None:  # before `or` below: False or "" must not mean the default
             check_accelerator(accelerator)
         if mixed_precision is not None:  # Accelerate compatibility
@@ -175,9 +180,12 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         self._wraps_forward = precision_plugin.wraps_forward  # False: call_as_forward has nothing to add
         self._unscales = type(precision_plugin).unscale_gradients is not Precision.unscale_gradients
         self._even_batches = even_batches
+        self._step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
         self._objects = _checkpoint.PreparedObjects()
-        self._trackers = _trackers.Trackers(trackers, project_dir)
+        self.project_configuration = project
+        self._several_nodes = environment.world_size > environment.local_world_size
+        self._trackers = _trackers.Trackers(trackers, project.logging_dir)
 
     # -- where am I -----------------------------------------------------------------------------
     @property
@@ -202,6 +210,19 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
     @property
     def local_process_index(self) -> int:
         return self._strategy.local_rank
+
+    @property
+    def project_dir(self) -> str | os.PathLike[str] | None:
+        return self.project_configuration.project_dir
+
+    @property
+    def logging_dir(self) -> str | os.PathLike[str] | None:
+        return self.project_configuration.logging_dir
+
+    @property
+    def save_iteration(self) -> int:
+        """The number of the next automatically named checkpoint (``ProjectConfiguration.iteration``)."""
+        return self.project_configuration.iteration
 
     @property
     def sync_gradients(self) -> bool:
@@ -271,7 +292,11 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         for slot, obj in enumerate(objects):
             if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):
                 prepared_scheduler = PreparedScheduler(
-                    obj, self._objects.optimizers, self._gradient_state, steps_per_call=self.num_processes
+                    obj,
+                    self._objects.optimizers,
+                    self._gradient_state,
+                    steps_per_call=self.num_processes,
+                    with_optimizer=self._step_scheduler_with_optimizer,
                 )
                 self._objects.schedulers.append(prepared_scheduler)
                 result[slot] = prepared_scheduler

@@ -62,3 +62,38 @@ def check_resume(full: dict, first: dict, resumed: dict, stop_at: int) -> None:
     assert min(int(k) for k in resumed["losses"]) == stop_at + 1
     assert resumed["losses"] == {k: v for k, v in full["losses"].items() if int(k) > stop_at}
     assert resumed["params"] == full["params"]
+
+
+def project_worker(root: str) -> dict:
+    """Automatic checkpoint naming on every rank, and ``save()`` with ``save_on_each_node`` (a run
+    described as one process per node writes one file per node)."""
+    import os
+
+    from ember import ProjectConfiguration
+
+    config = ProjectConfiguration(project_dir=root, automatic_checkpoint_naming=True, total_limit=2)
+    accelerator = Accelerator(project_config=config)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    saved = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        accelerator.backward(model(torch.ones(3, 4)).sum())
+        optimizer.step()
+        saved.append(os.path.basename(accelerator.save_state()))
+    weights = flat_params(model)
+    listed = sorted(os.listdir(os.path.join(root, "checkpoints")))
+    with torch.no_grad():
+        model.module.weight.zero_() if hasattr(model, "module") else model.weight.zero_()
+    accelerator.load_state()
+    config.save_on_each_node = True
+    node = int(os.environ["GROUP_RANK"])
+    accelerator.save({"node": torch.tensor(node)}, os.path.join(root, f"node{node}.pt"))
+    refused = ""
+    try:
+        accelerator.save_state()
+    except ValueError as error:
+        refused = str(error)
+    return {"saved": saved, "listed": listed, "restored": flat_params(model) == weights,
+            "iteration": accelerator.save_iteration, "refused": refused}  # fmt: skip
