@@ -14,11 +14,12 @@ from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from ember.notebook import notebook_launcher
 from ember.project import ProjectConfiguration
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
-    from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainModule
+    from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainModule, Tuner
     from ember.trainer.loggers import TensorBoardLogger, WandbLogger
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
@@ -36,6 +37,7 @@ _TRAINER_NAMES = {
     "TensorBoardLogger",
     "Trainer",
     "TrainModule",
+    "Tuner",
     "WandbLogger",
 }
 
@@ -69,8 +71,10 @@ __all__ = [
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",
+    "Tuner",
     "WandbLogger",
     "__version__",
+    "notebook_launcher",
     "seed_everything",
     "set_seed",
     "skip_first_batches",
