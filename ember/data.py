@@ -192,6 +192,8 @@ class PreparedDataLoader:
         if self._iterable:
             return DataLoader(dl.dataset, batch_size=dl.batch_size, drop_last=dl.drop_last, **kwargs)
         dataset = _SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
+        if dl.batch_sampler is None:  # batch_size=None: each "batch" of the plan is one sample, as is
+            kwargs["collate_fn"] = _OneSample(dl.collate_fn)
         return DataLoader(dataset, batch_sampler=self._batch_sampler, **kwargs)
 
     # -- the epoch plan ---------------------------------------------------------------------------
@@ -346,6 +348,17 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)) and batch:
         return _batch_len(batch[0])
     return len(batch) if isinstance(batch, Sized) else 1
+
+
+class _OneSample:
+    """The collate function of a loader with ``batch_size=None``, for a plan of one-index batches:
+    the sample alone, converted as that loader would (not a list of one sample)."""
+
+    def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples: list[Any]) -> Any:
+        return self.collate_fn(samples[0])
 
 
 class _SkippedDataLoader:

@@ -207,6 +207,20 @@ def test_loader_keeps_user_settings_and_len() -> None:
     assert sorted(first) == sorted(second) == list(range(10)) and first != second
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_without_batching_yields_samples_as_they_are(workers: int) -> None:
+    # DataLoader(batch_size=None): each sample is a batch, converted but not collated into a list.
+    data = TensorDataset(torch.arange(10.0).view(5, 2), torch.arange(5.0))
+    plain = list(DataLoader(data, batch_size=None))
+    prepared = list(Accelerator().prepare(DataLoader(data, batch_size=None, num_workers=workers)))
+    assert len(prepared) == 5 and all(
+        type(p) is type(q) and len(p) == 2 for p, q in zip(prepared, plain, strict=True)
+    )
+    assert all(
+        torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(prepared, plain, strict=True)
+    )
+
+
 def test_loader_does_not_advance_global_rng() -> None:
     accelerator = Accelerator()
     loader = accelerator.prepare(DataLoader(TensorDataset(torch.arange(10)), batch_size=2, shuffle=True))
