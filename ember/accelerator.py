@@ -230,6 +230,13 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         return self._gradient_state.sync_gradients
 
     @property
+    def optimizer_step_was_skipped(self) -> bool:
+        """Whether the last ``step()`` of a prepared optimizer left the parameters unchanged: an
+        accumulation micro-step, or a ``16-mixed`` step skipped for inf/NaN gradients (🤗 Accelerate's
+        name; its value stays at the last real step's on micro-steps)."""
+        return any(optimizer.step_was_skipped for optimizer in self._objects.optimizers)
+
+    @property
     def gradient_accumulation_steps(self) -> int:
         return self._gradient_state.accumulation_steps
 

@@ -90,13 +90,14 @@ def test_grad_scaler_skips_inf_steps_and_unscales_before_clipping() -> None:
     optimizer.step()
     scheduler.step()
     assert not optimizer.step_was_skipped and scheduler.get_last_lr() == [0.05]
+    assert not accelerator.optimizer_step_was_skipped
     optimizer.zero_grad()
 
     weight = model.weight.detach().clone()
     accelerator.backward(model(torch.full((1, 2), float("inf"))).sum())
     optimizer.step()
     scheduler.step()
-    assert optimizer.step_was_skipped
+    assert optimizer.step_was_skipped and accelerator.optimizer_step_was_skipped
     assert torch.equal(model.weight, weight)  # the step was skipped
     assert scheduler.get_last_lr() == [0.05]  # and so was the scheduler
     assert scaler.get_scale() < start_scale
