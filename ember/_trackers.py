@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -115,10 +115,19 @@ class Trackers:
             raise RuntimeError("accelerator.log() needs accelerator.init_trackers(project_name) first")
         if not main or not self.loggers:
             return
-        row = {key: _number(key, value) for key, value in values.items()}
+        numbers_row: dict[str, float] = {}
+        texts: dict[str, str] = {}
+        for key, value in _flat(values):
+            if isinstance(value, str):
+                texts[key] = value
+            else:
+                numbers_row[key] = _number(key, value)
         step = self._next_step if step is None else step
         for logger in self.loggers:
-            logger.log_metrics(row, step)
+            if numbers_row:
+                logger.log_metrics(numbers_row, step)
+            if texts:
+                logger.log_text(texts, step)
         self._next_step = step + 1
 
     def get(self, name: str, unwrap: bool, main: bool) -> Any:
@@ -152,9 +161,12 @@ class TrackerMixin:
         self._trackers.start(project_name, config, init_kwargs, main=self._strategy.is_global_zero)
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
-        """Send numbers to the trackers at ``step`` (``None``: one past the previous call's step).
+        """Send values to the trackers at ``step`` (``None``: one past the previous call's step).
 
-        Tensors are converted with ``float()`` here, on the main process: a device sync per call.
+        Numbers and one-element tensors are metrics (tensors are converted with ``float()`` here, on
+        the main process: a device sync per call); strings are text (a CSV column, a TensorBoard
+        text summary, a W&B field); a nested dict's keys are joined with ``/``
+        (``{"eval": {"loss": 0.3}}`` logs ``eval/loss``).
         """
         self._trackers.log(values, step, main=self._strategy.is_global_zero)
 
@@ -163,12 +175,23 @@ class TrackerMixin:
         return self._trackers.get(name, unwrap, main=self._strategy.is_global_zero)
 
 
+def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``values`` with nested dicts' keys joined by ``/`` (``{"eval": {"loss": 1}}``: ``eval/loss``)."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat(value, f"{name}/")
+        else:
+            yield name, value
+
+
 def _number(key: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value)  # a device-to-host copy: the caller asked for this value now
     if isinstance(value, numbers.Real):
         return float(value)
     raise TypeError(
-        f"accelerator.log() takes numbers and one-element tensors; {key!r} is a {type(value).__name__}. "
+        f"accelerator.log() takes numbers, one-element tensors, strings and dicts of these; {key!r} is a "
+        f"{type(value).__name__}. "
         "Log other objects through the tracker itself, e.g. accelerator.get_tracker('wandb', unwrap=True).log(...)"
     )

@@ -378,6 +378,7 @@ def test_accelerator_trackers(tmp_path: Path) -> None:
     for step in range(3):
         accelerator.log({"loss": torch.tensor(2.0**-step), "lr": 0.5}, step=step * 10)
     accelerator.log({"acc": 0.75})  # no step: one past the previous call's
+    accelerator.log({"eval": {"loss": 0.5, "split": {"acc": 1.0}}, "note": "hello"}, step=30)
     csv_logger = accelerator.get_tracker("csv")
     run = accelerator.get_tracker("wandb", unwrap=True)
     assert isinstance(csv_logger, CSVLogger) and isinstance(
@@ -389,22 +390,31 @@ def test_accelerator_trackers(tmp_path: Path) -> None:
         match=r"get_tracker\('mlflow'\): no such tracker. Active trackers: \['csv', 'tensorboard', 'wandb'\]",
     ):
         accelerator.get_tracker("mlflow")
-    with pytest.raises(TypeError, match="takes numbers and one-element tensors; 'text' is a str"):
-        accelerator.log({"text": "hello"})
+    with pytest.raises(
+        TypeError, match="takes numbers, one-element tensors, strings and dicts of these; 'bad' is a list"
+    ):
+        accelerator.log({"bad": [1, 2]})
     accelerator.end_training()
 
     root = tmp_path / "proj"
     assert sorted(p.name for p in root.iterdir()) == ["csv", "tensorboard", "wandb"]
     rows = csv_rows(root / "csv" / "version_0" / "metrics.csv")
     assert [(r["step"], r["loss"], r["acc"]) for r in rows] == [
-        ("0", "1.0", ""), ("10", "0.5", ""), ("20", "0.25", ""), ("21", "", "0.75")
+        ("0", "1.0", ""), ("10", "0.5", ""), ("20", "0.25", ""), ("21", "", "0.75"), ("30", "", "")
     ]  # fmt: skip
+    assert (rows[-1]["eval/loss"], rows[-1]["eval/split/acc"], rows[-1]["note"]) == ("0.5", "1.0", "hello")
     assert json.loads((root / "csv" / "version_0" / "hparams.json").read_text()) == {"lr": 0.5}
     assert tensorboard_scalars(root / "tensorboard" / "version_0")["acc"] == [(21, 0.75)]
     (run_dir,) = wandb_runs(root)
     records = wandb_records(run_dir)
     assert wandb_config(records) == {"lr": 0.5}
-    assert [r["trainer/global_step"] for r in wandb_history(records)] == [0, 10, 20, 21]
+    history = wandb_history(records)
+    assert [r["trainer/global_step"] for r in history] == [0, 10, 20, 21, 30, 30]
+    assert history[-2]["eval/split/acc"] == 1.0 and history[-1]["note"] == "hello"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    texts = EventAccumulator(str(root / "tensorboard" / "version_0")).Reload().Tags()["tensors"]
+    assert "note/text_summary" in texts
 
 
 def _two_process_tracker_worker(project_dir: str) -> dict[str, Any]:

@@ -43,6 +43,14 @@ class Logger(ABC):
     @abstractmethod
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        """Record strings at ``step`` (``accelerator.log`` with string values). The built-in loggers
+        write them (a CSV column, a TensorBoard text summary, a W&B history field); a logger of
+        your own that does not override this refuses them rather than drop them."""
+        raise TypeError(
+            f"{type(self).__name__} cannot log text ({sorted(texts)}): override log_text to record strings"
+        )
+
     def save(self) -> None:
         """Flush buffered rows (called before every checkpoint and at the end of a run)."""
         return None

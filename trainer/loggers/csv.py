@@ -62,6 +62,14 @@ class CSVLogger(VersionedLogger):
             self.save()
 
     @override
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        last = self._rows[-1] if self._rows else None
+        if last is not None and last["step"] == step and not texts.keys() & last.keys():
+            last.update(texts)  # the same step's numbers, just logged: one row
+        else:
+            self.log_metrics(texts, step)  # type: ignore[arg-type]  # (a CSV cell holds a string as well)
+
+    @override
     def save(self) -> None:
         if not self._rows:
             return

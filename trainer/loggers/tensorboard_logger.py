@@ -101,6 +101,13 @@ class TensorBoardLogger(VersionedLogger):
             self._last_row.append((tag, value))
 
     @override
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        for key, value in texts.items():
+            self.experiment.add_text(
+                f"{self._prefix}-{key}" if self._prefix else key, value, global_step=step
+            )
+
+    @override
     def save(self) -> None:
         if self._experiment is not None:
             self._experiment.flush()

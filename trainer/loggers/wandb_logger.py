@@ -144,6 +144,10 @@ class WandbLogger(Logger):
         row = {f"{self._prefix}-{k}" if self._prefix else k: v for k, v in metrics.items()}
         self.experiment.log({**row, STEP_METRIC: step})
 
+    @override
+    def log_text(self, texts: dict[str, str], step: int) -> None:
+        self.log_metrics(texts, step)  # type: ignore[arg-type]  # (a W&B history field takes strings)
+
     def watch(self, model: nn.Module, log: str | None = "gradients", log_freq: int = 100,
               log_graph: bool = True) -> None:  # fmt: skip
         """Let W&B record the model's gradients (and parameters with ``log="all"``) every ``log_freq`` steps."""
