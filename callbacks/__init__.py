@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
 from ember.callbacks.early_stopping import EarlyStopping
+from ember.callbacks.finetuning import BackboneFinetuning, BaseFinetuning
 from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
+from ember.callbacks.lr_finder import LearningRateFinder
 from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.nan_guard import NonFiniteGuard
@@ -44,10 +46,13 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BackboneFinetuning",
+    "BaseFinetuning",
     "BasePredictionWriter",
     "Callback",
     "EarlyStopping",
     "GradientAccumulationScheduler",
+    "LearningRateFinder",
     "LearningRateMonitor",
     "ModelCheckpoint",
     "ModelSummary",

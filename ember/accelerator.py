@@ -309,6 +309,23 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)
 
+    def refresh_trainable(self, model: nn.Module) -> nn.Module:
+        """Call after changing which parameters of the prepared ``model`` require grad (a backbone
+        unfrozen); use the returned model from then on. DDP builds a new wrapper around the same
+        module, which synchronises the new set (no ``find_unused_parameters`` needed); a single
+        device returns ``model``; FSDP and DeepSpeed raise ``RuntimeError``. Checkpoints hold the new one.
+
+        Example::
+
+            model = accelerator.refresh_trainable(model)  # after requires_grad_(True) on the backbone
+        """
+        refreshed = self._strategy.refresh_trainable(model)
+        models = self._objects.models
+        for i, prepared in enumerate(models):
+            if prepared is model:
+                models[i] = refreshed  # same place: checkpoints keep their order
+        return refreshed
+
     def prepare_model(self, model: nn.Module) -> nn.Module:
         """``prepare(model)`` for one model (🤗 Accelerate's name)."""
         prepared: nn.Module = self._prepare_one(model, nn.Module, "prepare_model")

@@ -16,7 +16,7 @@ import torch
 from torch.multiprocessing.spawn import start_processes
 
 from ember._validation import check_int, check_str
-from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.environment import ProcessEnvironment, scoped_variables
 
 __all__ = ["notebook_launcher"]
 
@@ -79,7 +79,7 @@ def notebook_launcher(
     world_size = num_processes * num_nodes
     precision = {"EMBER_PRECISION": _PRECISION[mixed_precision]}
     if world_size == 1:
-        with _environment(precision):
+        with scoped_variables(precision):
             function(*args)
         return
     if torch.cuda.is_initialized():
@@ -112,22 +112,3 @@ def _run(
 ) -> None:
     os.environ.update(envs[local_rank])
     function(*args)
-
-
-class _environment:
-    """Set variables for the duration of a ``with`` block, then put back what was there."""
-
-    def __init__(self, values: dict[str, str]) -> None:
-        self.values = values
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        self.saved = {name: os.environ.get(name) for name in self.values}
-        os.environ.update(self.values)
-
-    def __exit__(self, *exc: object) -> None:
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

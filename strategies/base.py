@@ -70,6 +70,11 @@ class Strategy:
     #: it back (``StochasticWeightAveraging``). False for FSDP (parameters sharded) and DeepSpeed
     #: (the ZeRO engine partitions the state and owns the step and the LR schedule).
     supports_weight_averaging: ClassVar[bool] = True
+    #: Whether :meth:`refresh_trainable` can follow a change of the parameters that require grad
+    #: after the module was prepared (``BaseFinetuning`` unfreezing a backbone). False for FSDP
+    #: (sharded parameter groups are fixed when it shards) and DeepSpeed (its engine's optimizer
+    #: takes no new parameter group).
+    supports_trainable_refresh: ClassVar[bool] = True
 
     def __init__(self) -> None:
         self._device_type = "cpu"
@@ -163,6 +168,18 @@ class Strategy:
 
     def unwrap_module(self, module: nn.Module) -> nn.Module:
         """The user's module inside whatever :meth:`setup_module` wrapped around it."""
+        return module
+
+    def refresh_trainable(self, module: nn.Module) -> nn.Module:
+        """The prepared ``module`` to use from now on, after the set of its parameters that require
+        grad changed (called once, at the change, never per step). Here the same module: nothing
+        was wrapped around it. DDP wraps the same module anew, so that the new set is synchronised;
+        strategies without :attr:`supports_trainable_refresh` raise ``RuntimeError``."""
+        if not self.supports_trainable_refresh:
+            raise RuntimeError(
+                f"the {self.strategy_name!r} strategy cannot change which parameters require grad after "
+                "prepare() (Strategy.supports_trainable_refresh): freeze them before, and keep them so"
+            )
         return module
 
     def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:

@@ -247,6 +247,21 @@ def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def verify_stem(directory: Path, manifest: dict[str, Any], stem: str) -> None:
+    """Check the size and digest of the files of ``stem`` (``<stem>.json``, ``<stem>.safetensors``)
+    against ``manifest``: for state read ahead of the full verification of :func:`read_manifest`."""
+    for name, expected in manifest["files"].items():
+        if name.split(".", 1)[0] != stem:
+            continue
+        path, algorithm = directory / name, _algorithm(expected)
+        if (
+            not path.is_file()
+            or path.stat().st_size != expected["size"]
+            or hash_file(path, algorithm) != expected[algorithm]
+        ):
+            raise CheckpointError(f"checkpoint file {str(path)!r} does not match its entry in the manifest")
+
+
 def _verify(directory: Path, files: dict[str, Any]) -> None:
     """Check every listed file's size and digest, then :func:`_check_unlisted` and
     :func:`_check_formats`; raise the first failure in that order (files in the manifest's order).

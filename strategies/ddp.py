@@ -83,6 +83,20 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
                 for tensor in itertools.chain(module.parameters(), module.buffers()):
                     dist.broadcast(tensor, 0)
             return module
+        return self._wrap(module)
+
+    @override
+    def refresh_trainable(self, module: nn.Module) -> nn.Module:
+        # DistributedDataParallel registers the parameters that require grad when it is built: one
+        # unfrozen later would never be all-reduced (the ranks' weights drift apart), one frozen
+        # later fails the next backward. A new wrapper around the same module, same settings, syncs
+        # exactly the present set (its construction broadcasts rank 0's weights, equal by then).
+        inner = self.unwrap_module(module)
+        if not any(p.requires_grad for p in inner.parameters()):
+            return inner  # nothing to synchronise (as setup_module leaves such a module)
+        return self._wrap(inner)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         # Passed only when off: newer torch deprecates the name, and True is the default anyway.
         extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}

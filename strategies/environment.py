@@ -17,11 +17,12 @@ reads ``CI`` for the callbacks that draw to the terminal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "find_free_port",
     "launch_defaults",
     "running_in_ci",
+    "scoped_variables",
 ]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -182,3 +184,19 @@ def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def scoped_variables(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the duration of a ``with`` block, then put back what was there
+    (``notebook_launcher`` running its function in this process)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -110,6 +110,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     evaluates_in_inference_mode = False
     supports_weight_averaging = False
+    supports_trainable_refresh = False
 
     strategy_name = "fsdp"
 

@@ -1,19 +1,35 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
 from ember.trainer.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from ember.trainer.lr_finder import LRFinder
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig
 from ember.trainer.preemption import Preempted
+from ember.trainer.profilers import (
+    AdvancedProfiler,
+    PassThroughProfiler,
+    Profiler,
+    PyTorchProfiler,
+    SimpleProfiler,
+)
 from ember.trainer.trainer import Trainer
+from ember.trainer.tuner import Tuner
 
 __all__ = [
+    "AdvancedProfiler",
     "CSVLogger",
     "DataModule",
+    "LRFinder",
     "LRSchedulerConfig",
     "Logger",
+    "PassThroughProfiler",
     "Preempted",
+    "Profiler",
+    "PyTorchProfiler",
+    "SimpleProfiler",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",
+    "Tuner",
     "WandbLogger",
 ]

@@ -18,7 +18,7 @@ import torch
 
 from ember._weights import full_state_dict, load_model_weights
 from ember.callbacks.base import Callback
-from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree
+from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree, verify_stem
 from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.strategies.environment import detect_environment
 from ember.trainer.hooks import call_hook
@@ -71,17 +71,27 @@ def save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool = Fa
 
 
 def restore(trainer: Trainer, path: Path) -> None:
-    """Everything: weights, optimizers, schedulers, scaler, RNG, dataloader positions, loop and callbacks."""
-    extra = trainer.accelerator.load_state(path)
-    if STATE not in extra:
+    """Everything: weights, optimizers, schedulers, scaler, RNG, dataloader positions, loop and callbacks.
+
+    The callbacks' states come first, read ahead of ``load_state``: a callback may rebuild what the
+    saved optimizer state needs (``BaseFinetuning`` re-adds the parameter groups it added) before that
+    state is loaded. That file's digest is checked before it is read; ``load_state`` then verifies
+    every file before it loads any weight or optimizer state.
+    """
+    manifest = read_manifest(path, verify=False)
+    if STATE not in manifest.get("extra", []):
         raise CheckpointError(
             f"{str(path)!r} was written by Accelerator.save_state, not by a Trainer (no {STATE})"
         )
+    verify_stem(path, manifest, STATE)  # read ahead of load_state's verification: checked first
+    early = read_tree(path, STATE)
+    callback_states = early.get("callbacks", {}) if isinstance(early, dict) else {}  # (load_state checks)
+    for callback in trainer.callbacks:
+        if callback.state_key in callback_states:
+            callback.load_state_dict(callback_states[callback.state_key])
+    extra = trainer.accelerator.load_state(path)
     checkpoint = extra[STATE]
     trainer.state.load_state_dict(checkpoint["loop"])
-    for callback in trainer.callbacks:
-        if callback.state_key in checkpoint["callbacks"]:
-            callback.load_state_dict(checkpoint["callbacks"][callback.state_key])
     if RANK_STATE in extra:  # absent when the world size changed: epoch aggregates restart
         trainer._metrics.load_state_dict(extra[RANK_STATE]["metrics"], trainer.module)
     if trainer.is_global_zero:

@@ -16,6 +16,7 @@ import torch
 from ember._validation import check_bool, check_choice, check_number, check_path, show
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember.strategies.environment import detect_environment, launch_defaults
+from ember.trainer.profilers.base import resolve_profiler
 
 __all__ = ["TrainerConfig", "check_sync_batchnorm", "parse_duration", "resolve_limit"]
 
@@ -109,6 +110,8 @@ class TrainerConfig:
     inference_mode: bool = True  # evaluation under torch.inference_mode (else torch.no_grad)
     sync_batchnorm: bool = False  # BatchNorm layers -> torch.nn.SyncBatchNorm on several processes
     reload_dataloaders_every_n_epochs: int = 0  # > 0: ask the module / DataModule for new training data
+    # "simple", "advanced", "pytorch", a Profiler or None; resolved to a Profiler instance or None
+    profiler: Any = None
     duration: timedelta | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -177,6 +180,7 @@ class TrainerConfig:
             raise ValueError(f"auto_resume={self.auto_resume!r}. Valid choices: None, True, False")
         if self.max_time is not None:
             self.duration = parse_duration(self.max_time)
+        self.profiler = resolve_profiler(self.profiler)  # the loops wrap their calls only when set
         if self.fast_dev_run:
             batches = 1 if self.fast_dev_run is True else int(self.fast_dev_run)
             self.max_epochs, self.max_steps, self.num_sanity_val_steps = 1, batches, 0

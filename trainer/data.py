@@ -12,11 +12,13 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.hooks import overridden
 from ember.trainer.module import DataModule, TrainModule
+from ember.trainer.profilers.timed import module_action, timed
 
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
     from ember.data import PreparedDataLoader
     from ember.strategies import Strategy
+    from ember.trainer.profilers import Profiler
 
 __all__ = [
     "TrainerData",
@@ -32,13 +34,20 @@ __all__ = [
 Transfer = Callable[[Iterable[Any]], Iterable[Any]]
 
 
-def batch_transfer(module: TrainModule, strategy: Strategy, dataloader_idx: int) -> Transfer | None:
+def batch_transfer(
+    module: TrainModule, strategy: Strategy, dataloader_idx: int, profiler: Profiler | None = None
+) -> Transfer | None:
     """What moves a prepared loader's batches when the module overrides Lightning's batch-transfer
     hooks: ``on_before_batch_transfer``, ``transfer_batch_to_device`` (else the strategy's transfer),
-    ``on_after_batch_transfer``, in that order, for each batch. None: none is overridden."""
-    before = overridden(module, "on_before_batch_transfer")
-    transfer = overridden(module, "transfer_batch_to_device")
-    after = overridden(module, "on_after_batch_transfer")
+    ``on_after_batch_transfer``, in that order, for each batch (each timed under a profiler). None:
+    none is overridden."""
+
+    def hook(name: str) -> Any:
+        method = overridden(module, name)
+        return None if method is None else timed(profiler, module_action(module, name), method)
+
+    before, transfer = hook("on_before_batch_transfer"), hook("transfer_batch_to_device")
+    after = hook("on_after_batch_transfer")
     if before is None and transfer is None and after is None:
         return None
     device = strategy.root_device
@@ -181,7 +190,7 @@ class TrainerData:
         return self.accelerator._prepare_dataloader(
             loader,
             shard=self.config.use_distributed_sampler,
-            to_device=batch_transfer(self.module, self.strategy, dataloader_idx),
+            to_device=batch_transfer(self.module, self.strategy, dataloader_idx, self.config.profiler),
         )
 
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
+from ember.trainer.profilers.timed import callback_action, module_action, strategy_action, timed
 
 if TYPE_CHECKING:
     from torch import nn
@@ -21,9 +22,19 @@ if TYPE_CHECKING:
     from ember.accelerator import Accelerator
     from ember.trainer.logging import MetricStore
     from ember.trainer.module import TrainModule
+    from ember.trainer.profilers import Profiler
     from ember.trainer.trainer import Trainer
 
-__all__ = ["HookPlan", "call_hook", "call_step", "fire", "overridden", "run_hook", "run_step", "step_method"]
+__all__ = [
+    "HookPlan",
+    "call_hook",
+    "fire",
+    "overridden",
+    "run_hook",
+    "run_step",
+    "step_call",
+    "step_method",
+]
 
 
 # What one hook runs: the callbacks' bound hooks, the module's (or None), the monitoring callbacks'
@@ -95,17 +106,24 @@ class _Entries(dict[str, "Entry | None"]):
             or getattr(type(module), name, None) is not module_default
             or name in module.__dict__
         )
-        first = tuple(
-            functools.partial(getattr(c, name), trainer, module) for c in defining if not c.monitoring
-        )
-        monitoring = tuple(
-            functools.partial(getattr(c, name), trainer, module) for c in defining if c.monitoring
-        )
+        profiler = trainer.config.profiler  # None: the bound hooks themselves, nothing around them
+        first = tuple(_bind(profiler, c, name, trainer, module) for c in defining if not c.monitoring)
+        monitoring = tuple(_bind(profiler, c, name, trainer, module) for c in defining if c.monitoring)
         own = getattr(module, name, None) if overridden else None  # some hooks are callbacks' only
+        if own is not None and profiler is not None:
+            own = timed(profiler, module_action(module, name), own)
         every = first + ((own,) if own is not None else ()) + monitoring
         entry = (first, own, monitoring, every) if every else None
         self[name] = entry
         return entry
+
+
+def _bind(
+    profiler: Profiler | None, callback: Callback, name: str, trainer: Trainer, module: TrainModule
+) -> Any:
+    """``callback.<name>`` with the trainer and module bound, timed under a profiler."""
+    hook = functools.partial(getattr(callback, name), trainer, module)
+    return hook if profiler is None else timed(profiler, callback_action(callback, name), hook)
 
 
 def _func(method: Any) -> Any:
@@ -160,10 +178,10 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     return run_hook(trainer._metrics, name, (first, own, monitoring, every), *args)
 
 
-def call_step(trainer: Trainer, name: str, *args: Any) -> Any:
-    """Run ``module.<name>`` (training_step, validation_step ...) through the strategy and precision."""
-    method = step_method(trainer.module, name)
-    return run_step(trainer._metrics, trainer.accelerator, trainer.model, name, method, *args)
+def step_call(trainer: Trainer, name: str) -> Callable[..., Any]:
+    """:func:`step_method` of the trainer's module, timed as ``[Strategy]{class}.{name}`` under a
+    profiler: a loop asks once, before its batches."""
+    return timed(trainer.config.profiler, strategy_action(trainer, name), step_method(trainer.module, name))
 
 
 def step_method(module: TrainModule, name: str) -> Callable[..., Any]:
@@ -207,8 +225,8 @@ def _positional_count(method: Callable[..., Any]) -> int:
 def run_step(
     store: MetricStore, accelerator: Accelerator, model: nn.Module, name: str, method: Any, *args: Any
 ) -> Any:
-    """:func:`call_step` with the model and the bound step method already looked up (the training
-    loop does so once per epoch)."""
+    """Run ``method`` (``module.<name>``, from :func:`step_call`) through the strategy and precision
+    (``Accelerator.call_as_forward``); the loops look the model and the method up once."""
     previous, store.fx = store.fx, name
     try:
         return accelerator.call_as_forward(model, method, *args)

@@ -10,12 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import call_hook, call_step, fire, run_hook
+from ember.trainer.hooks import call_hook, fire, run_hook, run_step, step_call
 from ember.trainer.prediction import start_record
-from ember.trainer.step import Epoch, automatic_step, detached
+from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, timed, timed_batches
+from ember.trainer.step import Epoch, detached
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
+    from ember.trainer.profilers import Profiler
     from ember.trainer.trainer import Trainer
 
 __all__ = ["run_evaluation", "run_fit", "run_predict"]
@@ -37,7 +39,7 @@ def run_fit(trainer: Trainer) -> None:
     call_hook(trainer, "on_train_start")
     while not _fit_done(trainer):
         if not state.train_done:
-            _train_epoch(trainer)
+            timed(trainer.config.profiler, TRAIN_EPOCH, _train_epoch)(trainer)
             state.train_done = True
         if not state.val_done:
             if _validate_at_epoch_end(trainer):
@@ -83,6 +85,9 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.set_epoch(state.epoch)
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
+    # After on_train_epoch_start (a finetuning callback unfreezes there) and after a resume: a
+    # changed set of trainable parameters gets a new DDP wrapper before Epoch caches the model.
+    trainer._refresh_trainable()
     trainer._hook_plan.refresh()  # callbacks' inactive hooks, as their settings are now
     epoch = Epoch.of(trainer, validates=bool(trainer._val_loaders) and _validation_epoch(trainer))
     if epoch.automatic and epoch.accumulate == 1:
@@ -90,9 +95,8 @@ def _train_epoch(trainer: Trainer) -> None:
     batches = iter(loader)
     try:
         # islice stops at the limit without asking the loader for one more batch
-        todo = (
-            itertools.islice(batches, max(0, int(epoch.limit) - state.batch_idx)) if epoch.sized else batches
-        )
+        source = timed_batches(trainer.config.profiler, fetch_action("train"), batches)  # (chosen once)
+        todo = itertools.islice(source, max(0, int(epoch.limit) - state.batch_idx)) if epoch.sized else source
         for batch in todo:
             if _train_batch(trainer, epoch, batch) or (trainer.should_stop and _may_stop(trainer)):
                 break
@@ -122,13 +126,13 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     if epoch.automatic:
         should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
         if epoch.accumulate == 1:  # every batch a step boundary: gradients stay in sync (_train_epoch)
-            output = automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
+            output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
         else:
             with accelerator.accumulate(epoch.model, sync=should_step):
-                output = automatic_step(trainer, epoch, hooks, batch, batch_idx, should_step)
-    else:  # manual optimisation: the module steps its optimizers itself
+                output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
+    else:  # manual optimisation: the module steps its optimizers itself (epoch.run_batch: manual_step)
         with accelerator.accumulate(epoch.model, sync=True):
-            output = call_step(trainer, "training_step", batch, batch_idx)
+            output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
     state.batch_idx += 1
     state.total_batch_idx += 1
     if is_last or state.total_batch_idx % epoch.log_every == 0:
@@ -180,15 +184,19 @@ def _end_epoch(trainer: Trainer) -> None:
     call_hook(trainer, "on_train_epoch_end", part="monitoring")
 
 
-def _limited(loader: PreparedDataLoader, limit: int | float) -> Generator[tuple[int, Any], None, None]:
-    """``(batch_idx, batch)`` for at most ``limit`` batches; the loader's pass is closed when we stop early."""
+def _limited(
+    loader: PreparedDataLoader, limit: int | float, profiler: Profiler | None = None, action: str = ""
+) -> Generator[tuple[int, Any], None, None]:
+    """``(batch_idx, batch)`` for at most ``limit`` batches; the loader's pass is closed when we stop
+    early. With a profiler each ``next()`` is timed as ``action``."""
     batches = iter(loader)
+    source = timed_batches(profiler, action, batches)
     try:
         for batch_idx in itertools.count():
             if batch_idx >= limit:
                 return
             try:
-                batch = next(batches)
+                batch = next(source)
             except StopIteration:
                 return
             yield batch_idx, batch
@@ -212,15 +220,22 @@ def run_evaluation(
     call_hook(trainer, f"on_{prefix}_start")
     call_hook(trainer, f"on_{prefix}_epoch_start")
     several = len(loaders) > 1
+    name, profiler, accelerator, model = (
+        f"{prefix}_step",
+        trainer.config.profiler,
+        trainer.accelerator,
+        trainer.model,
+    )
+    step = step_call(trainer, name)  # the module's step, resolved (and timed under a profiler) once
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
-            with closing(_limited(loader, limit)) as batches:
+            with closing(_limited(loader, limit, profiler, fetch_action(prefix))) as batches:
                 for batch_idx, batch in batches:
                     store.begin_batch(batch)
                     extra = (loader_idx,) if several else ()
                     call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
-                    output = call_step(trainer, f"{prefix}_step", batch, batch_idx, *extra)
+                    output = run_step(store, accelerator, model, name, step, batch, batch_idx, *extra)
                     call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
         store.dataloader_suffix = ""
     store.finish_epoch()
@@ -265,14 +280,19 @@ def run_predict(
     record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
     results: list[list[Any]] = []
     several = len(loaders) > 1
+    store, model, step = trainer._metrics, trainer.model, step_call(trainer, "predict_step")  # (once)
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []
-            with closing(_limited(loader, limit)) as batches:
+            with closing(
+                _limited(loader, limit, trainer.config.profiler, fetch_action("predict"))
+            ) as batches:
                 for batch_idx, batch in batches:
                     call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
                     extra = (loader_idx,) if several else ()
-                    output = call_step(trainer, "predict_step", batch, batch_idx, *extra)
+                    output = run_step(
+                        store, accelerator, model, "predict_step", step, batch, batch_idx, *extra
+                    )
                     if record is not None:  # before the gather: the writers take this process's own
                         record.add(loader_idx, loader, output)
                     output = accelerator.gather_for_metrics(output)

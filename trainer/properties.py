@@ -14,6 +14,7 @@ from ember.strategies import Strategy
 from ember.trainer.config import TrainerConfig
 from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricStore
+from ember.trainer.profilers import PassThroughProfiler, Profiler
 from ember.trainer.state import LoopState
 
 if TYPE_CHECKING:
@@ -114,6 +115,13 @@ class TrainerProperties:
     @property
     def log_every_n_steps(self) -> int:
         return self.config.log_every_n_steps
+
+    @property
+    def profiler(self) -> Profiler:
+        """The ``profiler=`` argument's :class:`Profiler`, else a :class:`PassThroughProfiler`
+        (records nothing): ``with trainer.profiler.profile("my step"):`` works either way."""
+        profiler: Profiler | None = self.config.profiler
+        return profiler if profiler is not None else PassThroughProfiler()
 
     @property
     def callback_metrics(self) -> dict[str, torch.Tensor]:

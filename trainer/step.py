@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember.trainer.hooks import Entry, fire, overridden, run_step, step_method
+from ember.trainer.profilers.timed import profiled_epoch
 
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ember.trainer.state import LoopState
     from ember.trainer.trainer import Trainer
 
-__all__ = ["Epoch", "automatic_step", "backward", "detached", "loss_of"]
+__all__ = ["Epoch", "automatic_step", "backward", "detached", "loss_of", "manual_step"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -39,6 +40,7 @@ class Epoch:
     clip: float | None  # gradient_clip_val
     model: torch.nn.Module  # the prepared model
     training_step: Any  # the module's bound training_step
+    run_batch: Any  # automatic_step or manual_step: a batch's optimisation (timed whole under a profiler)
     optimizer: Any  # the prepared optimizer (automatic optimisation)
     step: Any  # its step() and zero_grad() at a step boundary (PreparedOptimizer.boundary_calls)
     zero_grad: Any
@@ -60,7 +62,7 @@ class Epoch:
         optimizer = trainer._step_optimizers[0] if automatic else None
         step, zero_grad = optimizer.boundary_calls() if optimizer is not None else (None, None)
         module = trainer.module
-        return cls(
+        epoch = cls(
             limit=limit,
             sized=not math.isinf(limit),
             automatic=automatic,
@@ -74,6 +76,7 @@ class Epoch:
             clip=config.gradient_clip_val,
             model=trainer.model,
             training_step=step_method(trainer.module, "training_step"),
+            run_batch=automatic_step if automatic else manual_step,
             optimizer=optimizer,
             step=step,
             zero_grad=zero_grad,
@@ -85,6 +88,8 @@ class Epoch:
             accelerator=accelerator,
             signals=trainer._preemption.catcher,
         )
+        profiler = trainer.config.profiler  # chosen here, once an epoch: the batches test nothing
+        return epoch if profiler is None else profiled_epoch(profiler, epoch, trainer)
 
 
 def automatic_step(
@@ -111,6 +116,20 @@ def automatic_step(
     epoch.step()
     _after_step(trainer, epoch, batch_idx)
     return output
+
+
+def manual_step(
+    trainer: Trainer,
+    epoch: Epoch,
+    hooks: dict[str, Entry | None],
+    batch: Any,
+    batch_idx: int,
+    should_step: bool,
+) -> Any:
+    """``training_step`` under manual optimisation: the module calls backward and steps itself."""
+    return run_step(
+        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
+    )
 
 
 def _step_by_module(
@@ -182,7 +201,7 @@ def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tenso
     entry = hooks["on_before_backward"]
     if entry is not None:
         fire(store, "on_before_backward", entry, loss)
-    trainer.accelerator.backward(loss, **kwargs)
+    trainer._backward_pass(loss, **kwargs)  # accelerator.backward (timed under a profiler)
     entry = hooks["on_after_backward"]
     if entry is not None:
         fire(store, "on_after_backward", entry)

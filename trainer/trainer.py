@@ -34,14 +34,18 @@ from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
 from ember.trainer.prediction import PredictionRecord
 from ember.trainer.preemption import Preempted, PreemptionGuard
+from ember.trainer.profilers import Profiler
+from ember.trainer.profilers.timed import backward_call, end_stage, module_hook, start_stage
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
 from ember.trainer.step import backward
+from ember.trainer.trainable import TrainableRefresh
+from ember.trainer.tuner import LRSearch, SearchFinished
 
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainerProperties, TrainerData):
+class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
     """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
 
     Example::
@@ -101,6 +105,7 @@ class Trainer(TrainerProperties, TrainerData):
         inference_mode: bool = True,
         sync_batchnorm: bool = False,
         reload_dataloaders_every_n_epochs: int = 0,
+        profiler: str | Profiler | None = None,
         **unexpected: Any,
     ) -> None:
         TrainerConfig.check_names(list(unexpected))
@@ -134,6 +139,7 @@ class Trainer(TrainerProperties, TrainerData):
                 )
             torch.backends.cudnn.benchmark = bool(config.benchmark)
         self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
+        self._backward_pass = backward_call(self)  # accelerator.backward, timed under a profiler
         self.loggers = _loggers(config.logger, self.default_root_dir) if not config.fast_dev_run else []
         self.callbacks: list[Callback] = []
         self._hook_plan = HookPlan()  # which callbacks define which hook, for call_hook
@@ -202,13 +208,14 @@ class Trainer(TrainerProperties, TrainerData):
                 "self.clip_gradients(optimizer, gradient_clip_val=..., gradient_clip_algorithm=...)"
             )
         with self.accelerator.init_module(empty_init=True):  # FSDP: layers on meta, materialised as shards
-            module.configure_model()
+            module_hook(self, "configure_model")()  # (timed under a profiler, as the other hooks)
         # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
         self._train_loader = self._prepare_loader(train)
         self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
         self._set_batch_counts()
         optimizers, self.lr_scheduler_configs = parse_optimizers(
-            module.configure_optimizers(), custom_step=overridden(module, "lr_scheduler_step") is not None
+            module_hook(self, "configure_optimizers")(),
+            custom_step=overridden(module, "lr_scheduler_step") is not None,
         )
         if module.automatic_optimization and len(optimizers) != 1:
             raise ValueError(f"automatic optimization needs exactly one optimizer, got {len(optimizers)}; "
@@ -217,6 +224,7 @@ class Trainer(TrainerProperties, TrainerData):
             torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # in place: the layers are children
         prepared = self.accelerator.prepare(module, *optimizers)
         self._model, self._step_optimizers = prepared[0], list(prepared[1:])
+        self._note_trainable()  # a change later (BaseFinetuning) re-wraps the model: _refresh_trainable
         for scheduler in self.lr_scheduler_configs:
             if isinstance(self.strategy, OwnsOptimizerStep):
                 self.strategy.check_client_scheduler(scheduler.scheduler)
@@ -336,6 +344,7 @@ class Trainer(TrainerProperties, TrainerData):
         self._module = module
         module._trainer = self
         self.stage = stage
+        start_stage(self, stage)  # the profiler's report covers this stage, its setup hooks included
         self.callbacks = checkpointing.check_callbacks(
             checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
         )
@@ -366,6 +375,8 @@ class Trainer(TrainerProperties, TrainerData):
                 if self.config.detect_anomaly:
                     stack.enter_context(torch.autograd.detect_anomaly())
                 return loop(self)
+        except SearchFinished:  # Tuner.lr_find searched at on_fit_start: the fit ends there, as a success
+            return None
         except BaseException as exception:
             status = "interrupted" if isinstance(exception, (KeyboardInterrupt, Preempted)) else "failed"
             call_hook(self, "on_exception", exception, module_hook=False)
@@ -377,6 +388,7 @@ class Trainer(TrainerProperties, TrainerData):
             call_hook(self, "teardown", stage)
             if self._datamodule is not None:
                 self._datamodule.teardown(stage)
+            end_stage(self, stage, failed=status == "failed")  # the profiler's report
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         backward(self, self._hook_plan.entries(self), loss, **kwargs)

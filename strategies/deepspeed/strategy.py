@@ -36,6 +36,7 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
 
     evaluates_in_inference_mode = False
     supports_weight_averaging = False
+    supports_trainable_refresh = False
 
     strategy_name = "deepspeed"
 

@@ -21,6 +21,7 @@ PUBLIC_MODULES = (
     "ember",
     "ember.trainer",
     "ember.trainer.loggers",
+    "ember.trainer.profilers",
     "ember.callbacks",
     "ember.strategies",
     "ember.precision",

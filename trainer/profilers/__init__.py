@@ -1,0 +1,16 @@
+"""``ember.trainer.profilers``: what ``Trainer(profiler=...)`` takes, as Lightning's profilers.
+
+``profiler="simple"`` (:class:`SimpleProfiler`), ``"advanced"`` (:class:`AdvancedProfiler`),
+``"pytorch"`` (:class:`PyTorchProfiler`), an instance of one of them or of your own
+:class:`Profiler` subclass; ``None`` (the default) profiles nothing and costs nothing.
+"""
+
+from ember.trainer.profilers.advanced import AdvancedProfiler
+from ember.trainer.profilers.base import PROFILER_REGISTRY, PassThroughProfiler, Profiler
+from ember.trainer.profilers.pytorch import PyTorchProfiler
+from ember.trainer.profilers.simple import SimpleProfiler
+
+__all__ = ["AdvancedProfiler", "PassThroughProfiler", "Profiler", "PyTorchProfiler", "SimpleProfiler"]
+
+for _profiler in (SimpleProfiler, AdvancedProfiler, PyTorchProfiler):
+    _profiler.register_profilers(PROFILER_REGISTRY)
