@@ -53,9 +53,9 @@ from _contenders import (
 
 CASES = ("mlp", "gpt")
 MODES = {"single": 1, "ddp": 2}
-# Timed steps per run (``--steps`` overrides): the MLP's ~1.3 ms steps need more of them than the GPT's
-# ~7 ms for a window of ~0.5 s, long enough that one run's noise does not decide its round's ratio.
-STEPS = {"mlp": 400, "gpt": 100}
+# Timed steps per run (``--steps`` overrides): a window of ~0.4-0.8 s of each contender's own steps
+# (the MLP's ~1.5 ms, the GPT's ~8 ms); paced, a run's ratio no longer needs a long window to settle.
+STEPS = {"mlp": 250, "gpt": 100}
 # The processes of a case: ember's two contenders share one; each rival has its own. Every process
 # also runs the hand-written loop, alternating with its contenders round by round.
 GROUPS = {"ember": ("accelerator", "trainer"), **{c: (c,) for c in CONTENDERS if c in NEEDS}}
@@ -213,7 +213,7 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps per run (default: per case, STEPS)"
     )
     parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
-    parser.add_argument("--rounds", type=int, default=8, help="alternating rounds in ember's processes")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds in ember's processes")
     parser.add_argument(
         "--rival-rounds", type=int, default=3, help="alternating rounds in each rival's process"
     )
