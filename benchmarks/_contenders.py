@@ -122,12 +122,13 @@ class Clock(nn.Module):
             self.pace_s += time.perf_counter() - wall
             self.pace_cpu_s += time.process_time() - cpu
 
-    def seconds_per_step(self) -> float:
+    def window(self) -> tuple[float, float]:
+        """The timing window's (wall-clock, CPU) seconds, pacer steps included; an error if it never ended."""
         if self.calls <= self.stop:
             raise RuntimeError(
                 f"the timing window ended early: {self.calls} forwards, expected > {self.stop}"
             )
-        return (self.stopped - self.started) / (self.stop - self.start)
+        return self.stopped - self.started, self.cpu_stopped - self.cpu_started
 
 
 # -- the cases ---------------------------------------------------------------------------------------
@@ -385,8 +386,7 @@ def measure(contender: str, run: Run, paced: bool = False) -> dict[str, float]:
     case = build_case(run, world)
     clock = Clock(case.net, run.warmup, run.warmup + run.steps, sync=run.device == "cuda", pacer=pacer)
     _TRAIN[contender](run, case, clock)
-    wall, cpu = clock.stopped - clock.started, clock.cpu_stopped - clock.cpu_started
-    clock.seconds_per_step()  # (raises if the window did not end)
+    wall, cpu = clock.window()
     measured = {"step_s": (wall - clock.pace_s) / run.steps, "cpu_s": (cpu - clock.pace_cpu_s) / run.steps}
     if pacer is not None:
         pacer.close()

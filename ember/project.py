@@ -106,7 +106,7 @@ class ProjectConfiguration:
         """Delete the oldest numbered checkpoints beyond ``total_limit``; returns what was deleted."""
         if self.total_limit is None or self.project_dir is None:
             return []
-        numbered = numbered_checkpoints(Path(self.project_dir).absolute() / "checkpoints")
+        numbered = numbered_checkpoints(self.checkpoints_dir("save_state()"))
         doomed = [path for _, path in numbered[: max(0, len(numbered) - self.total_limit)]]
         for path in doomed:
             shutil.rmtree(path)

@@ -78,33 +78,37 @@ def test_step_overhead_on_cuda_fails_clearly_without_a_gpu(tmp_path: Path) -> No
     assert not (tmp_path / "R.md").exists()
 
 
-def test_other_frameworks_train_when_installed(tmp_path: Path) -> None:
-    # Lightning and Accelerate are in the bench extra only: where installed, each contender trains.
-    pytest.importorskip("lightning")
-    pytest.importorskip("accelerate")
+def _measured_in_a_fresh_process(expression: str, tmp_path: Path) -> Any:
+    """``expression`` (using ``_contenders``' ``Run`` and ``measure``; ``sys.argv[2]`` is ``tmp_path``)
+    evaluated in a new interpreter, its JSON result."""
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); from _contenders import Run, measure; "
-        "print(json.dumps({c: measure(c, Run(case='mlp', warmup=1, steps=2, root=sys.argv[2]), paced=True) "
-        "for c in ('lightning', 'lightning_barebones', 'fabric', 'accelerate')}))"
+        f"print(json.dumps({expression}))"
     )
     done = subprocess.run([PYTHON, "-c", code, str(BENCHMARKS), str(tmp_path)], env=base_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.splitlines()[-1])
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_other_frameworks_train_when_installed(tmp_path: Path) -> None:
+    # Lightning and Accelerate are in the bench extra only: where installed, each contender trains.
+    pytest.importorskip("lightning")
+    pytest.importorskip("accelerate")
+    measured = _measured_in_a_fresh_process(
+        "{c: measure(c, Run(case='mlp', warmup=1, steps=2, root=sys.argv[2]), paced=True) "
+        "for c in ('lightning', 'lightning_barebones', 'fabric', 'accelerate')}",
+        tmp_path,
+    )
     assert all(m["step_s"] > 0 and m["pace_s"] > 0 for m in measured.values()) and len(measured) == 4
 
 
 def test_a_paced_run_times_the_contender_without_its_pacer(tmp_path: Path) -> None:
     # The hand-written loop paced by itself: both halves of the window do the same work, so the
     # contender's time (the window less the pacer's steps) is about the pacer's, not twice it.
-    code = (
-        "import json, sys; sys.path.insert(0, sys.argv[1]); from _contenders import Run, measure; "
-        "print(json.dumps(measure('hand', Run(case='mlp', warmup=5, steps=60, root=sys.argv[2]), paced=True)))"
+    measured = _measured_in_a_fresh_process(
+        "measure('hand', Run(case='mlp', warmup=5, steps=60, root=sys.argv[2]), paced=True)", tmp_path
     )
-    done = subprocess.run([PYTHON, "-c", code, str(BENCHMARKS), str(tmp_path)], env=base_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = json.loads(done.stdout.splitlines()[-1])
     assert 0.6 < measured["cpu_s"] / measured["pace_cpu_s"] < 1.5
     assert 0.6 < measured["step_s"] / measured["pace_s"] < 1.5
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from small_fit import quiet_trainer, regression_loader
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from ember import CheckpointError, Trainer, TrainModule
+from ember import CheckpointError, TrainModule
 from ember.callbacks import BackboneFinetuning, BaseFinetuning, Callback
 
 
@@ -40,21 +40,6 @@ class Net(TrainModule):
             return optimizer
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=8)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _data(n: int = 16) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, generator=g)
-    return TensorDataset(x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g))
-
-
-def _loader(batch_size: int = 4) -> DataLoader:
-    return DataLoader(_data(), batch_size=batch_size)
-
-
-def _trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    return Trainer(default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False, logger=False,
-                   callbacks=callbacks, **{"enable_checkpointing": False, **kwargs})  # fmt: skip
 
 
 class Record(Callback):
@@ -157,7 +142,7 @@ def test_backbone_lr_schedule_and_frozen_weights(
     module, record = Net(), Record()
     start = [p.detach().clone() for p in module.backbone.parameters()]
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=2, **kwargs)
-    _trainer(tmp_path, [finetuning, record], max_epochs=7).fit(module, _loader())
+    quiet_trainer(tmp_path, [finetuning, record], max_epochs=7).fit(module, regression_loader())
     got = [lrs[1] if len(lrs) > 1 else None for lrs in record.lrs]
     expected = _expected_backbone_lrs(7, 2, 0.1, initial, align)
     assert got == pytest.approx(expected)
@@ -183,18 +168,18 @@ def test_bad_arguments_and_missing_backbone_fail_before_training(tmp_path: Path)
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.head(self.body(x))
 
-    trainer = _trainer(tmp_path, [BackboneFinetuning()], max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [BackboneFinetuning()], max_epochs=1)
     with pytest.raises(ValueError, match=r"needs module.backbone, an nn.Module; NoBackbone.backbone is None"):
-        trainer.fit(NoBackbone(), _loader())
+        trainer.fit(NoBackbone(), regression_loader())
     assert trainer.global_step == 0
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_strategies_that_cannot_rewrap_are_refused_at_fit_start(tmp_path: Path, strategy: str) -> None:
-    trainer = _trainer(tmp_path, [BackboneFinetuning(1)], strategy=strategy, max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [BackboneFinetuning(1)], strategy=strategy, max_epochs=1)
     assert not trainer.strategy.supports_trainable_refresh
     with pytest.raises(ValueError, match=rf"the '{strategy}' strategy cannot follow that"):
-        trainer.fit(Net(), _loader())
+        trainer.fit(Net(), regression_loader())
     assert trainer.global_step == 0
 
 
@@ -205,19 +190,19 @@ def _weights(module: nn.Module) -> list[torch.Tensor]:
 def test_resume_after_the_unfreeze_is_bit_identical(tmp_path: Path) -> None:
     torch.manual_seed(0)
     whole = Net(optimizer="adam", scheduler=True)
-    _trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4).fit(whole, _loader())
+    quiet_trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4).fit(whole, regression_loader())
 
     torch.manual_seed(0)
     first = Net(optimizer="adam", scheduler=True)
-    trainer = _trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=2)
-    trainer.fit(first, _loader())
+    trainer = quiet_trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=2)
+    trainer.fit(first, regression_loader())
     assert len(trainer.optimizers[0].param_groups) == 2
     path = trainer.save_checkpoint(tmp_path / "after-unfreeze")
 
     torch.manual_seed(1)  # other initial weights: all comes from the checkpoint
     resumed = Net(optimizer="adam", scheduler=True)
-    again = _trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4)
-    again.fit(resumed, _loader(), ckpt_path=path)
+    again = quiet_trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4)
+    again.fit(resumed, regression_loader(), ckpt_path=path)
     assert len(again.optimizers[0].param_groups) == 2
     for ours, theirs in zip(_weights(resumed), _weights(whole), strict=True):
         assert torch.equal(ours, theirs)
@@ -230,9 +215,9 @@ def test_resume_after_the_unfreeze_is_bit_identical(tmp_path: Path) -> None:
     assert state.read_text() != text
     torch.manual_seed(1)
     damaged = Net(optimizer="adam", scheduler=True)
-    refused = _trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4)
+    refused = quiet_trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=4)
     with pytest.raises(CheckpointError, match="trainer_state.json' does not match"):
-        refused.fit(damaged, _loader(), ckpt_path=path)
+        refused.fit(damaged, regression_loader(), ckpt_path=path)
     assert len(refused.optimizers[0].param_groups) == 1
     assert not any(p.requires_grad for p in damaged.backbone.parameters())
 
@@ -244,18 +229,18 @@ def _ddp_worker(root: str) -> dict[str, Any]:
     torch.manual_seed(0)
     module = Net()
     start = [p.detach().clone() for p in module.backbone.parameters()]
-    _trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=3).fit(
-        module, _loader(batch_size=4)
+    quiet_trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=3).fit(
+        module, regression_loader(batch_size=4)
     )
     torch.manual_seed(0)
     first = Net()
-    trainer = _trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=2)
-    trainer.fit(first, _loader(batch_size=4))
+    trainer = quiet_trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=2)
+    trainer.fit(first, regression_loader(batch_size=4))
     path = trainer.save_checkpoint(Path(root) / "ddp-after-unfreeze")
     torch.manual_seed(1)
     resumed = Net()
-    again = _trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=3)
-    again.fit(resumed, _loader(batch_size=4), ckpt_path=path)
+    again = quiet_trainer(Path(root), [BackboneFinetuning(1)], strategy="ddp", max_epochs=3)
+    again.fit(resumed, regression_loader(batch_size=4), ckpt_path=path)
     return {
         "weights": [p.detach().flatten().tolist() for p in module.parameters()],
         "resumed": [p.detach().flatten().tolist() for p in resumed.parameters()],
@@ -272,6 +257,8 @@ def test_ddp_unfrozen_backbone_is_all_reduced(tmp_path: Path) -> None:
     # gradients were averaged across the processes after the unfreeze.
     torch.manual_seed(0)
     module = Net()
-    _trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=3).fit(module, _loader(batch_size=8))
+    quiet_trainer(tmp_path, [BackboneFinetuning(1)], max_epochs=3).fit(
+        module, regression_loader(batch_size=8)
+    )
     for ours, theirs in zip(module.parameters(), ranks[0]["weights"], strict=True):
         torch.testing.assert_close(ours.detach().flatten(), torch.tensor(theirs))

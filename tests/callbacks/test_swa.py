@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from small_fit import quiet_trainer, regression_data, regression_loader
 from torch import nn
 from torch.optim.swa_utils import SWALR, AveragedModel, update_bn
-from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer, TrainModule
+from ember import TrainModule
 from ember.callbacks import Callback, ModelCheckpoint, StochasticWeightAveraging
 from ember.strategies.checkpoint_io import read_tree
 
@@ -37,21 +37,6 @@ class Net(TrainModule):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.interval}}
-
-
-def _data(n: int = 16) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, generator=g)
-    return TensorDataset(x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g))
-
-
-def _loader(batch_size: int = 4) -> DataLoader:
-    return DataLoader(_data(), batch_size=batch_size)
-
-
-def _trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
-    return Trainer(default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False, logger=False,
-                   callbacks=callbacks, **{"enable_checkpointing": False, **kwargs})  # fmt: skip
 
 
 class LearningRates(Callback):
@@ -88,7 +73,7 @@ def _hand_written(
         if epoch == swa_start:
             average = AveragedModel(module)
             swa_scheduler = SWALR(optimizer, swa_lr=swa_lr, anneal_epochs=anneal, anneal_strategy=strategy)  # type: ignore[arg-type]
-        for x, y in _loader():
+        for x, y in regression_loader():
             lrs.append(optimizer.param_groups[0]["lr"])
             F.mse_loss(module(x), y).backward()
             optimizer.step()
@@ -106,7 +91,7 @@ def _hand_written(
     with torch.no_grad():
         for averaged, parameter in zip(average.module.parameters(), module.parameters(), strict=True):
             parameter.copy_(averaged)
-    update_bn(_loader(), module)
+    update_bn(regression_loader(), module)
     return lrs
 
 
@@ -133,7 +118,7 @@ def test_matches_a_hand_written_swa_loop(
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=swa_epoch_start, annealing_epochs=2,
                                     annealing_strategy=strategy)  # fmt: skip
     lrs = LearningRates()
-    _trainer(tmp_path, [lrs, swa], max_epochs=6).fit(module, _loader())
+    quiet_trainer(tmp_path, [lrs, swa], max_epochs=6).fit(module, regression_loader())
     expected_lrs = _hand_written(reference, 6, 2, 0.02, 2, strategy)
 
     assert swa.swa_start == 2 and swa.n_averaged == 4  # the ends of epochs 2, 3, 4 and 5
@@ -143,7 +128,7 @@ def test_matches_a_hand_written_swa_loop(
     _assert_same(_state(module), _state(reference))  # weights and BatchNorm statistics, bit for bit
     # The BatchNorm statistics were recomputed for the averaged weights: the mean of its inputs.
     with torch.no_grad():
-        features = module.net[0](_data().tensors[0])
+        features = module.net[0](regression_data().tensors[0])
     torch.testing.assert_close(module.net[1].running_mean, features.mean(0))
 
 
@@ -153,7 +138,7 @@ def test_averages_the_epoch_end_weights_from_swa_start_on(tmp_path: Path, avg_fn
     module = Net(batch_norm=False)
     ends = EpochEndWeights()
     swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=2, avg_fn=avg_fn, device=None)
-    _trainer(tmp_path, [ends, swa], max_epochs=5).fit(module, _loader())
+    quiet_trainer(tmp_path, [ends, swa], max_epochs=5).fit(module, regression_loader())
     averaged = ends.weights[1:]  # swa_epoch_start=2: the second epoch (1, counted from 0) and after
     assert swa.n_averaged == len(averaged) == 4
     expected = [torch.stack(tensors).mean(0) for tensors in zip(*averaged, strict=True)]
@@ -171,8 +156,8 @@ def _fit(root: Path, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
     module = Net()
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=5, save_top_k=-1)
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=3, annealing_epochs=3)
-    trainer = _trainer(root, [swa, checkpoint], max_epochs=6, enable_checkpointing=True)
-    trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+    trainer = quiet_trainer(root, [swa, checkpoint], max_epochs=6, enable_checkpointing=True)
+    trainer.fit(module, regression_loader(), ckpt_path=ckpt_path)
     assert swa.n_averaged == 4
     return _state(module)
 
@@ -249,21 +234,21 @@ def test_arguments_that_depend_on_the_trainer_are_refused_before_training(
     module = module_class()
     before = _state(module)
     swa = StochasticWeightAveraging(**{"swa_lrs": 0.1, **swa_arguments})
-    trainer = _trainer(tmp_path, [swa], **trainer_arguments)
+    trainer = quiet_trainer(tmp_path, [swa], **trainer_arguments)
     with pytest.raises(ValueError, match=message):
-        trainer.fit(module, _loader())
+        trainer.fit(module, regression_loader())
     assert trainer.global_step == 0
     _assert_same(_state(module), before)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
 def test_sharded_strategies_are_refused_at_fit_start(tmp_path: Path, strategy: str) -> None:
-    trainer = _trainer(tmp_path, [StochasticWeightAveraging(0.1)], strategy=strategy, max_epochs=1)
+    trainer = quiet_trainer(tmp_path, [StochasticWeightAveraging(0.1)], strategy=strategy, max_epochs=1)
     assert not trainer.strategy.supports_weight_averaging
     with pytest.raises(
         ValueError, match=rf"the '{strategy}' strategy does not hold .* use DDP or a single device"
     ):
-        trainer.fit(Net(batch_norm=False), _loader())
+        trainer.fit(Net(batch_norm=False), regression_loader())
     assert trainer.global_step == 0
 
 
@@ -272,14 +257,18 @@ def _ddp_worker(root: str) -> dict[str, Any]:
     torch.manual_seed(0)
     module = Net(batch_norm=False)
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1)
-    _trainer(Path(root), [swa], strategy="ddp", max_epochs=4).fit(module, _loader(batch_size=4))
+    quiet_trainer(Path(root), [swa], strategy="ddp", max_epochs=4).fit(
+        module, regression_loader(batch_size=4)
+    )
     weights = [p.detach().flatten().tolist() for p in module.parameters()]
     torch.manual_seed(0)
     normed = Net()
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1)
-    _trainer(Path(root), [swa], strategy="ddp", max_epochs=4).fit(normed, _loader(batch_size=4))
+    quiet_trainer(Path(root), [swa], strategy="ddp", max_epochs=4).fit(
+        normed, regression_loader(batch_size=4)
+    )
     with torch.no_grad():
-        features = normed.net[0](_data().tensors[0])  # every sample, both processes' shards
+        features = normed.net[0](regression_data().tensors[0])  # every sample, both processes' shards
     return {"weights": weights, "n_averaged": swa.n_averaged, "running_mean": normed.net[1].running_mean.tolist(),
             "running_var": normed.net[1].running_var.tolist(), "feature_mean": features.mean(0).tolist()}  # fmt: skip
 
@@ -292,7 +281,7 @@ def test_ddp_averages_identically_on_every_process_and_as_one_process(tmp_path: 
     torch.manual_seed(0)
     module = Net(batch_norm=False)
     swa = StochasticWeightAveraging(swa_lrs=0.02, swa_epoch_start=2, annealing_epochs=1)
-    _trainer(tmp_path, [swa], max_epochs=4).fit(module, _loader(batch_size=8))
+    quiet_trainer(tmp_path, [swa], max_epochs=4).fit(module, regression_loader(batch_size=8))
     for ours, theirs in zip(module.parameters(), ranks[0]["weights"], strict=True):
         torch.testing.assert_close(ours.detach().flatten(), torch.tensor(theirs))
     # BatchNorm's mean over each process's shard, averaged across them: the mean over all the data.

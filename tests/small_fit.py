@@ -1,0 +1,30 @@
+"""A small regression task and a quiet Trainer, shared by the callback tests that train a few epochs
+(``test_swa.py``, ``test_finetuning.py``) and by their 2-process workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer
+from ember.callbacks import Callback
+
+
+def regression_data(n: int = 16) -> TensorDataset:
+    """``n`` samples of 3 features, a smooth target plus a little noise; the same every call."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, generator=g)
+    return TensorDataset(x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g))
+
+
+def regression_loader(batch_size: int = 4) -> DataLoader:
+    return DataLoader(regression_data(), batch_size=batch_size)
+
+
+def quiet_trainer(root: Path, callbacks: list[Callback], **kwargs: Any) -> Trainer:
+    """A Trainer without progress bar, model summary, logger and (unless asked) checkpoints."""
+    return Trainer(default_root_dir=str(root), enable_progress_bar=False, enable_model_summary=False, logger=False,
+                   callbacks=callbacks, **{"enable_checkpointing": False, **kwargs})  # fmt: skip
