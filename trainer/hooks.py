@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HookPlan",
     "call_hook",
-    "fire",
     "overridden",
     "run_hook",
     "run_step",
@@ -130,21 +129,10 @@ def _func(method: Any) -> Any:
     return getattr(method, "__func__", method)
 
 
-def fire(store: MetricStore, name: str, entry: Entry, *args: Any) -> None:
-    """Run every part of a resolved hook, when what the module's hook returns is not needed.
-
-    ``self.log`` inside the hook files its values under ``name`` (``store.fx``).
-    """
-    previous, store.fx = store.fx, name
-    try:
-        for hook in entry[3]:
-            hook(*args)
-    finally:
-        store.fx = previous
-
-
 def run_hook(store: MetricStore, name: str, entry: Entry, *args: Any) -> Any:
-    """Run the parts of a resolved hook; returns what the module's hook returned (see :func:`fire`)."""
+    """Run the parts of a resolved hook; returns what the module's hook returned. ``self.log``
+    inside the hook files its values under ``name`` (``store.fx``). (Inside a training batch,
+    the loops call the parts of a per-batch hook themselves, under the batch's one name.)"""
     first, own, monitoring, _ = entry
     previous, store.fx = store.fx, name
     try:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import call_hook, fire, run_hook, run_step, step_call
+from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.prediction import start_record
 from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, timed, timed_batches
 from ember.trainer.step import Epoch, detached
@@ -90,9 +90,14 @@ def _train_epoch(trainer: Trainer) -> None:
     trainer._refresh_trainable()
     trainer._hook_plan.refresh()  # callbacks' inactive hooks, as their settings are now
     epoch = Epoch.of(trainer, validates=bool(trainer._val_loaders) and _validation_epoch(trainer))
-    if epoch.automatic and epoch.accumulate == 1:
+    if epoch.in_sync:
         trainer.accelerator.accumulate(epoch.model, sync=True)  # stays so: no batch enters accumulate()
     batches = iter(loader)
+    # Every hook a training batch runs is a step hook, where self.log's defaults are those of
+    # training_step: the batches run under that one name (a hook that needs its own, like
+    # on_train_batch_start, and validation set theirs), not one name per hook call.
+    store, previous = trainer._metrics, trainer._metrics.fx
+    store.fx = "training_step"
     try:
         # islice stops at the limit without asking the loader for one more batch
         source = timed_batches(trainer.config.profiler, fetch_action("train"), batches)  # (chosen once)
@@ -103,6 +108,7 @@ def _train_epoch(trainer: Trainer) -> None:
             if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
                 break
     finally:
+        store.fx = previous
         batches.close()  # type: ignore[attr-defined]
 
 
@@ -122,25 +128,22 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
     is_last = batch_idx + 1 >= epoch.limit if epoch.sized else accelerator.end_of_dataloader
-    should_step = True  # manual optimisation: every batch ends at a step boundary
-    if epoch.automatic:
-        should_step = is_last or (batch_idx + 1) % epoch.accumulate == 0
-        if epoch.accumulate == 1:  # every batch a step boundary: gradients stay in sync (_train_epoch)
-            output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
-        else:
-            with accelerator.accumulate(epoch.model, sync=should_step):
-                output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
-    else:  # manual optimisation: the module steps its optimizers itself (epoch.run_batch: manual_step)
-        with accelerator.accumulate(epoch.model, sync=True):
+    if epoch.in_sync:  # every batch a step boundary: gradients stay in sync (_train_epoch)
+        should_step = True
+        output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, True)
+    else:  # accumulation; or manual optimisation, where the module steps its optimizers itself
+        should_step = not epoch.automatic or is_last or (batch_idx + 1) % epoch.accumulate == 0
+        with accelerator.accumulate(epoch.model, sync=should_step):
             output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
     state.batch_idx += 1
     state.total_batch_idx += 1
     if is_last or state.total_batch_idx % epoch.log_every == 0:
         trainer._write_row(store.step_values)
     entry = hooks["on_train_batch_end"]
-    if entry is not None:
+    if entry is not None:  # (its parts in order: HookPlan's Entry)
         outputs = store.detached(output) if type(output) is torch.Tensor else detached(output)
-        fire(store, "on_train_batch_end", entry, outputs, batch, batch_idx)
+        for hook in entry[3]:
+            hook(outputs, batch, batch_idx)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so

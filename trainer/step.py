@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember.trainer.hooks import Entry, fire, overridden, run_step, step_method
+from ember.trainer.hooks import Entry, overridden, step_method
 from ember.trainer.profilers.timed import profiled_epoch
 
 if TYPE_CHECKING:
@@ -31,6 +31,7 @@ class Epoch:
     sized: bool  # the limit is known (else the loader says when it ends)
     automatic: bool  # automatic optimisation
     accumulate: int
+    in_sync: bool  # automatic optimisation without accumulation: every batch a step boundary
     log_every: int
     max_steps: int
     validates: bool  # validation may run inside this epoch
@@ -67,6 +68,7 @@ class Epoch:
             sized=not math.isinf(limit),
             automatic=automatic,
             accumulate=config.accumulate_grad_batches,
+            in_sync=automatic and config.accumulate_grad_batches == 1,
             log_every=config.log_every_n_steps,
             max_steps=config.max_steps,
             validates=validates,
@@ -103,18 +105,14 @@ def automatic_step(
     """``training_step``, backward and, at a step boundary, the optimizer step; returns the step's output."""
     if should_step and epoch.module_step is not None:
         return _step_by_module(trainer, epoch, hooks, batch, batch_idx)
-    output = run_step(
-        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
-    )
+    output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
     loss = output if type(output) is torch.Tensor else loss_of(output)
-    if loss is None:
-        return output
-    backward(trainer, hooks, loss)
-    if not should_step:
-        return output
-    _before_step(trainer, epoch, hooks)
-    epoch.step()
-    _after_step(trainer, epoch, batch_idx)
+    if loss is not None:
+        backward(trainer, hooks, loss)
+        if should_step:
+            _before_step(trainer, epoch, hooks)
+            epoch.step()
+            _after_step(trainer, epoch, batch_idx)
     return output
 
 
@@ -127,9 +125,7 @@ def manual_step(
     should_step: bool,
 ) -> Any:
     """``training_step`` under manual optimisation: the module calls backward and steps itself."""
-    return run_step(
-        epoch.store, epoch.accelerator, epoch.model, "training_step", epoch.training_step, batch, batch_idx
-    )
+    return epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
 
 
 def _step_by_module(
@@ -141,15 +137,7 @@ def _step_by_module(
     outputs: list[Any] = []
 
     def closure() -> torch.Tensor | None:
-        output = run_step(
-            epoch.store,
-            epoch.accelerator,
-            epoch.model,
-            "training_step",
-            epoch.training_step,
-            batch,
-            batch_idx,
-        )
+        output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
         outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
         loss = output if type(output) is torch.Tensor else loss_of(output)
         if loss is not None:
@@ -175,12 +163,15 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None])
         epoch.accelerator.unscale_gradients()
     entry = hooks["on_before_optimizer_step"]
     if entry is not None:
-        fire(epoch.store, "on_before_optimizer_step", entry, epoch.optimizer.optimizer)
-    config = trainer.config
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
     if epoch.module_clip is not None:
+        config = trainer.config
         epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
     elif epoch.clip:
-        trainer.module.clip_gradients(epoch.optimizer.optimizer, epoch.clip, config.gradient_clip_algorithm)
+        trainer.module.clip_gradients(
+            epoch.optimizer.optimizer, epoch.clip, trainer.config.gradient_clip_algorithm
+        )
 
 
 def _after_step(trainer: Trainer, epoch: Epoch, batch_idx: int) -> None:
@@ -197,14 +188,15 @@ def _after_step(trainer: Trainer, epoch: Epoch, batch_idx: int) -> None:
 def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
     """``on_before_backward``, the backward pass, ``on_after_backward``: of the training loop, and of
     ``manual_backward`` (``hooks``: the trainer's resolved hooks, ``HookPlan.entries``)."""
-    store = trainer._metrics
     entry = hooks["on_before_backward"]
     if entry is not None:
-        fire(store, "on_before_backward", entry, loss)
+        for hook in entry[3]:
+            hook(loss)
     trainer._backward_pass(loss, **kwargs)  # accelerator.backward (timed under a profiler)
     entry = hooks["on_after_backward"]
     if entry is not None:
-        fire(store, "on_after_backward", entry)
+        for hook in entry[3]:
+            hook()
 
 
 def loss_of(output: Any) -> torch.Tensor | None:

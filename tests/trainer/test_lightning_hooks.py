@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from ember import Accelerator, Trainer, TrainModule
+from ember.callbacks import Callback
 
 
 def _data(n: int = 16) -> TensorDataset:
@@ -183,6 +184,29 @@ def test_configure_gradient_clipping_may_clip_its_own_way(tmp_path: Path) -> Non
         ValueError, match=r"gradient_clip_algorithm='max'\): valid choices are 'norm', 'value'"
     ):
         module.clip_gradients(None, 1.0, "max")
+
+
+def test_values_logged_in_the_step_hooks_are_step_values(tmp_path: Path) -> None:
+    # Everything a training batch runs logs per step by default, the module's step hooks too (as in
+    # Lightning): each batch's value is there at its end, not averaged into an epoch value.
+    seen: list[tuple[float, float]] = []
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            metrics = trainer.callback_metrics
+            seen.append((float(metrics["zeroed_at"]), float(metrics["clipped_at"])))
+
+    class Logging(Net):
+        def configure_gradient_clipping(self, optimizer: Any, *args: Any) -> None:
+            self.log("clipped_at", float(self.trainer.global_step))
+
+        def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
+            optimizer.zero_grad()
+            self.log("zeroed_at", float(batch_idx))
+
+    trainer = _fit(tmp_path, Logging(), callbacks=[Spy()])
+    assert seen == [(0.0, 0.0), (1.0, 1.0), (2.0, 2.0), (3.0, 3.0)]
+    assert "zeroed_at_epoch" not in trainer.callback_metrics
 
 
 # -- lr_scheduler_step -------------------------------------------------------------------------------
