@@ -14,6 +14,7 @@ from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from ember.memory import find_executable_batch_size
 from ember.notebook import notebook_launcher
 from ember.project import ProjectConfiguration
 from ember.strategies.checkpoint_io import CheckpointError
@@ -74,6 +75,7 @@ __all__ = [
     "Tuner",
     "WandbLogger",
     "__version__",
+    "find_executable_batch_size",
     "notebook_launcher",
     "seed_everything",
     "set_seed",

@@ -135,6 +135,30 @@ class ProcessMixin:
             raise ValueError(f"from_process={from_process} must be in [0, {self.num_processes})")
         return _ops.broadcast(self._strategy, tensor, from_process)
 
+    # -- a flag any process may raise ----------------------------------------------------------------
+    _trigger_raised = False
+
+    def set_trigger(self) -> None:
+        """Raise this process's flag: the next :meth:`check_trigger` is True on every process. For a
+        decision one process takes that all must follow, e.g. stopping early on its own metric::
+
+            if loss.isnan():
+                accelerator.set_trigger()
+            if accelerator.check_trigger():  # every process, at the same point
+                break
+        """
+        self._trigger_raised = True
+
+    def check_trigger(self) -> bool:
+        """Whether a process raised its flag (:meth:`set_trigger`) since the last check; the check
+        lowers every flag. With several processes it is a collective (a one-number all-reduce):
+        every process calls it at the same point of its loop."""
+        raised, self._trigger_raised = self._trigger_raised, False
+        if self.num_processes == 1:
+            return raised
+        flag = torch.tensor(int(raised), device=self._strategy.root_device)
+        return bool(_ops.reduce(self._strategy, flag, "max").item())
+
     # -- processes ------------------------------------------------------------------------------
     def print(self, *args: Any, **kwargs: Any) -> None:
         """``print`` on the local main process only."""

@@ -294,8 +294,14 @@ def _accelerate_names_worker(root: str) -> dict:
         safe_serialization=True,
     )
     accelerator.wait_for_everyone()
+    triggered = []  # rank 1 raises the flag at steps 1 and 2: both ranks see it there, and only there
+    for step in range(4):
+        if accelerator.process_index == 1 and step in (1, 2):
+            accelerator.set_trigger()
+        if accelerator.check_trigger():
+            triggered.append(step)
     return {"type": accelerator.distributed_type, "is_multi_cpu": accelerator.distributed_type == DistributedType.MULTI_CPU,
-            "use_distributed": accelerator.use_distributed, "reduced": reduced.tolist()}  # fmt: skip
+            "use_distributed": accelerator.use_distributed, "reduced": reduced.tolist(), "triggered": triggered}  # fmt: skip
 
 
 def test_accelerate_names_on_two_processes(tmp_path: Path) -> None:
@@ -305,6 +311,12 @@ def test_accelerate_names_on_two_processes(tmp_path: Path) -> None:
     assert (
         ranks[0]
         == ranks[1]
-        == {"type": "MULTI_CPU", "is_multi_cpu": True, "use_distributed": True, "reduced": [1.5]}
+        == {
+            "type": "MULTI_CPU",
+            "is_multi_cpu": True,
+            "use_distributed": True,
+            "reduced": [1.5],
+            "triggered": [1, 2],
+        }
     )
     assert load_file(str(tmp_path / "w.safetensors"))["w"].tolist() == [0.0, 0.0]  # the main process's
