@@ -13,7 +13,12 @@ from ember._processes import DistributedType
 from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
-from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from ember.kwargs_handlers import (
+    DistributedDataParallelKwargs,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+    ProfileKwargs,
+)
 from ember.memory import find_executable_batch_size
 from ember.notebook import notebook_launcher
 from ember.project import ProjectConfiguration
@@ -68,6 +73,7 @@ __all__ = [
     "InitProcessGroupKwargs",
     "Logger",
     "PreparedDataLoader",
+    "ProfileKwargs",
     "ProjectConfiguration",
     "TensorBoardLogger",
     "TrainModule",

@@ -6,14 +6,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
+
+from ember.kwargs_handlers import ProfileKwargs
 
 if TYPE_CHECKING:
     from ember.strategies import Strategy
@@ -148,11 +152,44 @@ class Trackers:
 
 
 class TrackerMixin:
-    """The Accelerator's tracker methods; mixed into :class:`~ember.Accelerator`. Trackers live on the
-    main process only: elsewhere these do nothing."""
+    """The Accelerator's tracker methods, and its profiler; mixed into :class:`~ember.Accelerator`.
+    Trackers live on the main process only: elsewhere these do nothing."""
 
     _strategy: Strategy
     _trackers: Trackers
+    profile_handler: ProfileKwargs | None
+
+    @contextmanager
+    def profile(self, profile_handler: ProfileKwargs | None = None) -> Iterator[torch.profiler.profile]:
+        """Profile the block with ``torch.profiler`` (🤗 Accelerate's ``accelerator.profile()``); yields
+        the profiler (``prof.key_averages().table()``, ``prof.step()`` under a schedule).
+
+        Its options are ``profile_handler``'s, else the Accelerator's ``kwargs_handlers``
+        :class:`~ember.ProfileKwargs`, else torch's defaults. With ``output_trace_dir``, each process
+        writes its Chrome trace there: ``profile_<process_index>.json`` when the block ends (then
+        every process waits for the others: every process enters the block), or, under a
+        ``schedule_option``, ``profile_<process_index>_step<N>.json`` at the end of each active
+        cycle (the profiler clears a cycle's events when it ends), before ``on_trace_ready``."""
+        handler = profile_handler if profile_handler is not None else self.profile_handler or ProfileKwargs()
+        if not isinstance(handler, ProfileKwargs):
+            raise TypeError(
+                f"profile(profile_handler=...) takes an ember.ProfileKwargs, not {type(handler).__name__}"
+            )
+        directory, rank = handler.output_trace_dir, self._strategy.global_rank
+        if directory is not None:  # before the block runs: a bad directory fails now, not after it
+            os.makedirs(directory, exist_ok=True)
+        scheduled = directory is not None and handler.schedule_option is not None
+        if scheduled:
+            assert directory is not None
+            ready = _exporting(directory, rank, handler.on_trace_ready)
+            handler = dataclasses.replace(handler, on_trace_ready=ready)
+        with handler.build() as profiler:
+            yield profiler
+        if directory is None:
+            return
+        if not scheduled:
+            profiler.export_chrome_trace(os.path.join(directory, f"profile_{rank}.json"))
+        self._strategy.barrier("profile")
 
     def init_trackers(self, project_name: str, config: dict[str, Any] | None = None,
                       init_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
@@ -173,6 +210,17 @@ class TrackerMixin:
     def get_tracker(self, name: str, unwrap: bool = False) -> Any:
         """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
         return self._trackers.get(name, unwrap, main=self._strategy.is_global_zero)
+
+
+def _exporting(directory: str, rank: int, then: Callable[[Any], None] | None) -> Callable[[Any], None]:
+    """An ``on_trace_ready`` that writes each active cycle's Chrome trace, then calls ``then``."""
+
+    def ready(profiler: Any) -> None:
+        profiler.export_chrome_trace(os.path.join(directory, f"profile_{rank}_step{profiler.step_num}.json"))
+        if then is not None:
+            then(profiler)
+
+    return ready
 
 
 def _flat(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -186,6 +186,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         self.project_configuration = project
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
+        self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)  # for profile()
 
     # -- where am I -----------------------------------------------------------------------------
     @property

@@ -5,6 +5,7 @@ Accelerator builds, accepted under Accelerate's names so that its loops switch b
   :class:`~ember.strategies.DDPConfig` (with ``strategy="ddp"``, or ``"auto"`` on several processes).
 - :class:`GradScalerKwargs` builds the ``torch.amp.GradScaler`` of ``precision="16-mixed"``
   (``mixed_precision="fp16"``).
+- :class:`ProfileKwargs` configures the ``torch.profiler.profile`` of ``accelerator.profile()``.
 
 A handler that does not apply to the chosen strategy or precision raises ``ValueError``: its
 settings would otherwise be silently dropped.
@@ -13,16 +14,18 @@ settings would otherwise be silently dropped.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from ember.precision import Precision
     from ember.strategies import Strategy
 
-__all__ = ["DistributedDataParallelKwargs", "GradScalerKwargs", "InitProcessGroupKwargs"]
+__all__ = ["DistributedDataParallelKwargs", "GradScalerKwargs", "InitProcessGroupKwargs", "ProfileKwargs"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,60 @@ class GradScalerKwargs:
     enabled: bool = True
 
 
-_KINDS = (DistributedDataParallelKwargs, InitProcessGroupKwargs, GradScalerKwargs)
+_ACTIVITIES = ("cpu", "cuda", "xpu")
+
+
+@dataclass(frozen=True)
+class ProfileKwargs:
+    """``torch.profiler.profile``'s options, for ``accelerator.profile()``.
+
+    ``activities``: some of ``"cpu"``, ``"cuda"``, ``"xpu"`` (None: torch's default, every one
+    available); ``schedule_option``: ``torch.profiler.schedule``'s arguments (``wait``, ``warmup``,
+    ``active``, ``repeat``, ``skip_first``), then call ``prof.step()`` once per step;
+    ``on_trace_ready``: called with the profiler at the end of each active cycle;
+    ``output_trace_dir``: where each process writes its Chrome trace, ``profile_<process_index>.json``,
+    when the profiled block ends (under a schedule: ``profile_<process_index>_step<N>.json`` at the
+    end of each active cycle).
+    """
+
+    activities: Sequence[str] | None = None
+    schedule_option: dict[str, int] | None = None
+    on_trace_ready: Callable[[Any], None] | None = None
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+    with_flops: bool = False
+    with_modules: bool = False
+    output_trace_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for activity in self.activities or ():
+            if activity not in _ACTIVITIES:
+                raise ValueError(
+                    f"ProfileKwargs(activities=[..., {activity!r}, ...]): valid choices are "
+                    + ", ".join(map(repr, _ACTIVITIES))
+                )
+
+    def build(self) -> torch.profiler.profile:
+        """The profiler these options describe (not started)."""
+        import torch
+
+        kinds = torch.profiler.ProfilerActivity
+        activities = None if self.activities is None else [getattr(kinds, a.upper()) for a in self.activities]
+        schedule = None if self.schedule_option is None else torch.profiler.schedule(**self.schedule_option)
+        return torch.profiler.profile(
+            activities=activities,
+            schedule=schedule,
+            on_trace_ready=self.on_trace_ready,
+            record_shapes=self.record_shapes,
+            profile_memory=self.profile_memory,
+            with_stack=self.with_stack,
+            with_flops=self.with_flops,
+            with_modules=self.with_modules,
+        )
+
+
+_KINDS = (DistributedDataParallelKwargs, InitProcessGroupKwargs, GradScalerKwargs, ProfileKwargs)
 
 
 def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:

@@ -284,7 +284,7 @@ def test_kwargs_handlers_configure_ddp() -> None:
 
 
 def _accelerate_names_worker(root: str) -> dict:
-    from ember import DistributedType
+    from ember import DistributedType, ProfileKwargs
 
     accelerator = Accelerator()
     reduced = accelerator.reduce(torch.tensor([float(accelerator.process_index + 1)]), "sum", scale=0.5)
@@ -294,6 +294,8 @@ def _accelerate_names_worker(root: str) -> dict:
         safe_serialization=True,
     )
     accelerator.wait_for_everyone()
+    with accelerator.profile(ProfileKwargs(output_trace_dir=f"{root}/traces")):  # a trace per process
+        torch.mm(torch.ones(4, 4), torch.ones(4, 4))
     triggered = []  # rank 1 raises the flag at steps 1 and 2: both ranks see it there, and only there
     for step in range(4):
         if accelerator.process_index == 1 and step in (1, 2):
@@ -320,3 +322,4 @@ def test_accelerate_names_on_two_processes(tmp_path: Path) -> None:
         }
     )
     assert load_file(str(tmp_path / "w.safetensors"))["w"].tolist() == [0.0, 0.0]  # the main process's
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["profile_0.json", "profile_1.json"]
