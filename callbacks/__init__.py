@@ -6,6 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
+from ember.callbacks.batch_size_finder import BatchSizeFinder
 from ember.callbacks.early_stopping import EarlyStopping
 from ember.callbacks.finetuning import BackboneFinetuning, BaseFinetuning
 from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
@@ -49,6 +50,7 @@ __all__ = [
     "BackboneFinetuning",
     "BaseFinetuning",
     "BasePredictionWriter",
+    "BatchSizeFinder",
     "Callback",
     "EarlyStopping",
     "GradientAccumulationScheduler",

@@ -215,15 +215,7 @@ def lr_holders(
     the module, its ``hparams``, the DataModule and its ``hparams``; ``(holder, is_mapping)``.
     ``attr_name`` "" tries ``lr``, then ``learning_rate``. AttributeError when none holds it."""
     for name in (attr_name,) if attr_name else _ATTRIBUTES:
-        holders: list[tuple[Any, bool]] = []
-        for holder in (module, datamodule):
-            if holder is None:
-                continue
-            if hasattr(holder, name):
-                holders.append((holder, False))
-            hparams = getattr(holder, "hparams", None)
-            if isinstance(hparams, MutableMapping) and name in hparams:
-                holders.append((hparams, True))
+        holders = attribute_holders(module, datamodule, name)
         if holders:
             return name, holders
     wanted = repr(attr_name) if attr_name else "'lr' or 'learning_rate'"
@@ -234,8 +226,24 @@ def lr_holders(
     )
 
 
-def set_lr(holders: list[tuple[Any, bool]], name: str, lr: float) -> None:
-    """Write ``lr`` into every holder :func:`lr_holders` found."""
+def attribute_holders(module: Any, datamodule: Any, name: str) -> list[tuple[Any, bool]]:
+    """Every object holding attribute ``name``, in Lightning's order (``lightning_setattr``): the
+    module, its ``hparams``, the DataModule and its ``hparams``; ``(holder, is_mapping)``. Lightning's
+    ``lightning_getattr`` reads the last."""
+    holders: list[tuple[Any, bool]] = []
+    for holder in (module, datamodule):
+        if holder is None:
+            continue
+        if hasattr(holder, name):
+            holders.append((holder, False))
+        hparams = getattr(holder, "hparams", None)
+        if isinstance(hparams, MutableMapping) and name in hparams:
+            holders.append((hparams, True))
+    return holders
+
+
+def set_lr(holders: list[tuple[Any, bool]], name: str, lr: Any) -> None:
+    """Write ``lr`` (or any value) into every holder :func:`attribute_holders` found."""
     for holder, is_mapping in holders:
         if is_mapping:
             holder[name] = lr

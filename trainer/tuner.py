@@ -11,31 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import shutil
 import sys
-import uuid
 import warnings
-from pathlib import Path
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ember._rng import rng_state, set_rng_state
 from ember.strategies.base import OwnsOptimizerStep
+from ember.trainer.data import entry_arguments
 from ember.trainer.hooks import call_hook, overridden
-from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.lr_finder import LRFinder, SearchRecorder, SearchSettings, lr_holders, set_lr
 from ember.trainer.optim import parse_optimizers
-from ember.trainer.state import LoopState
+from ember.trainer.search_state import NO_SIGNAL, preserved
 
 if TYPE_CHECKING:
+    from ember.callbacks.base import Callback
     from ember.callbacks.lr_finder import LearningRateFinder
     from ember.trainer.module import DataModule, TrainModule
     from ember.trainer.trainer import Trainer
 
 __all__ = ["LRSearch", "SearchFinished", "Tuner", "find_lr"]
-
-_STATE_NAME = "lr_find_metrics"  # the logged values' state, saved with the weights before the search
-_NO_SIGNAL = SimpleNamespace(received=None)  # pre-emption is not acted on inside a search
 
 
 class SearchFinished(Exception):
@@ -43,13 +38,15 @@ class SearchFinished(Exception):
 
 
 class Tuner:
-    """Tune a module's hyper-parameters with a Trainer, as Lightning's ``Tuner``: :meth:`lr_find`.
+    """Tune a module's hyper-parameters with a Trainer, as Lightning's ``Tuner``: :meth:`lr_find`
+    and :meth:`scale_batch_size`.
 
     Example::
 
         trainer = Trainer(max_epochs=10)
         finder = Tuner(trainer).lr_find(module, train_loader)  # module.lr is now the suggestion
         trainer.fit(module, train_loader)
+        size = Tuner(trainer).scale_batch_size(module)  # module.batch_size, read by train_dataloader()
     """
 
     def __init__(self, trainer: Trainer) -> None:
@@ -100,6 +97,62 @@ class Tuner:
         self._trainer._fit_for_lr_find(finder, module, train_dataloaders, val_dataloaders, datamodule, model)
         return finder.optimal_lr
 
+    def scale_batch_size(
+        self,
+        model: TrainModule | None = None,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        dataloaders: Any = None,
+        datamodule: DataModule | None = None,
+        method: str = "fit",
+        mode: str = "power",
+        steps_per_trial: int = 3,
+        init_val: int = 2,
+        max_trials: int = 25,
+        batch_arg_name: str = "batch_size",
+        *,
+        module: TrainModule | None = None,
+    ) -> int | None:
+        """Find the largest batch size that fits in memory, write it into the module's (or the
+        DataModule's) ``batch_arg_name`` attribute, and leave everything else as it was.
+
+        Runs ``trainer.<method>`` (``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``) up to its
+        start, then trials of ``steps_per_trial`` steps with the dataloaders rebuilt from the
+        module's or DataModule's ``*_dataloader()`` at each size: ``init_val``, doubled after each
+        trial that ran, until one runs out of memory, ``max_trials`` ran, or a batch holds the whole
+        dataset; ``mode="power"`` keeps the last size that ran, ``"binsearch"`` bisects between it
+        and the size that failed. Returns the size (None with ``fast_dev_run``: no search). Bad
+        arguments, and dataloaders passed directly (they cannot be resized), raise ``ValueError``
+        before anything runs. See docs/how-to/find-a-batch-size.md.
+        """
+        from ember.callbacks.batch_size_finder import BatchSizeFinder
+        from ember.trainer.batch_size_finder import BatchSizeSettings, check_tuner_call
+
+        settings = BatchSizeSettings(mode=mode, steps_per_trial=steps_per_trial, init_val=init_val,
+                                     max_trials=max_trials, batch_arg_name=batch_arg_name)  # fmt: skip
+        loaders = train_dataloaders if method == "fit" else dataloaders
+        module, loaders, datamodule = entry_arguments(method, module, model, loaders, datamodule)
+        check_tuner_call(method, loaders if method == "fit" else train_dataloaders, val_dataloaders,
+                         loaders if method != "fit" else dataloaders)  # fmt: skip
+        if module is None:
+            raise TypeError("scale_batch_size() needs a module: Tuner(trainer).scale_batch_size(module, ...)")
+        settings.holders(module, datamodule)
+        finder = BatchSizeFinder(mode, steps_per_trial, init_val, max_trials, batch_arg_name)
+        finder._settings = settings  # (its errors name scale_batch_size)
+        finder._ends_run = True
+        trainer, was_training = self._trainer, module.training
+        runs = {
+            "fit": lambda: trainer.fit(module, None, val_dataloaders, datamodule),
+            "validate": lambda: trainer.validate(module, None, datamodule=datamodule, verbose=False),
+            "test": lambda: trainer.test(module, None, datamodule=datamodule, verbose=False),
+            "predict": lambda: trainer.predict(module, None, datamodule=datamodule, return_predictions=False),
+        }
+        try:
+            trainer._run_with_finder(finder, runs[method])
+        finally:
+            module.train(was_training)  # (an evaluation stage ended at its start, in eval mode)
+        return finder._found
+
 
 def find_lr(
     trainer: Trainer, module: TrainModule, settings: SearchSettings, ends_fit: bool
@@ -141,21 +194,25 @@ class LRSearch:
 
     def _fit_for_lr_find(self, finder: LearningRateFinder, module: TrainModule | None, train: Any, val: Any,
                          datamodule: DataModule | None, model: TrainModule | None) -> None:  # fmt: skip
-        """``Tuner.lr_find``: a fit that ``finder`` ends at ``on_fit_start``, with no logger, and that
-        leaves the RNG streams as they were (what the next fit draws is what it would have drawn)."""
+        """``Tuner.lr_find``: a fit that ``finder`` ends at ``on_fit_start``."""
         trainer = cast("Trainer", self)
-        from ember.callbacks.lr_finder import LearningRateFinder
+        self._run_with_finder(finder, lambda: trainer.fit(module, train, val, datamodule, model=model))
 
-        if any(isinstance(c, LearningRateFinder) for c in trainer._callbacks):
+    def _run_with_finder(self, finder: Callback, run: Callable[[], Any]) -> None:
+        """A Tuner's run: ``run()`` (a fit, validate, ...) with ``finder`` first among the callbacks,
+        which ends it once it searched; with no logger, and leaving the RNG streams as they were (what
+        the next fit draws is what it would have drawn)."""
+        trainer = cast("Trainer", self)
+        if any(isinstance(c, type(finder)) for c in trainer._callbacks):
             raise ValueError(
-                "this Trainer has a LearningRateFinder callback already: remove it to use the Tuner"
+                f"this Trainer has a {type(finder).__name__} callback already: remove it to use the Tuner"
             )
         callbacks, loggers = trainer._callbacks, trainer.loggers
-        # First: it ends the fit before the others' on_fit_start (ModelSummary would print).
+        # First: it ends the run before the others' hooks (ModelSummary would print).
         trainer._callbacks, trainer.loggers = [finder, *callbacks], []
         state = rng_state(xla=trainer.strategy.accelerator == "xla")
         try:
-            trainer.fit(module, train, val, datamodule, model=model)
+            run()
         finally:
             trainer._callbacks, trainer.loggers = callbacks, loggers
             set_rng_state(state)
@@ -174,37 +231,11 @@ class LRSearch:
                 f"{owner} sets the learning rate of each step, and under strategy={trainer.strategy.strategy_name!r} "
                 "the engine owns the step and its schedule: search with DDP or a single device"
             )
-        directory, created = _scratch_directory(trainer)
-        # Weights, optimizer, schedulers, scaler, loader positions and RNG, through the strategy (any
-        # layout); the torchmetrics states the module's steps update come with the logged values.
-        trainer.accelerator.save_state(
-            directory, rank_extra={_STATE_NAME: trainer._metrics.state_dict(module)}
-        )
-        saved = (trainer.callbacks, trainer.loggers, trainer.lr_scheduler_configs, trainer.state, trainer._metrics,
-                 trainer.metric_history, trainer.logged_metrics, trainer.should_stop, trainer._progress_bar_values,
-                 trainer._progress_bar_stale)  # fmt: skip
         recorder = SearchRecorder(settings)
-        try:
-            trainer.callbacks, trainer.loggers = [recorder], []
+        with preserved(trainer, [recorder], "lr_find"):
             if module.automatic_optimization:  # (in manual mode the module steps its own: leave them)
                 trainer.lr_scheduler_configs = []
-            trainer.state = LoopState(**trainer.state.state_dict())
-            trainer._metrics = MetricStore(lambda tensor, op: trainer.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
-            trainer.metric_history, trainer.logged_metrics, trainer.should_stop = MetricHistory(), {}, False
-            trainer._hook_plan.refresh()
             self._search_batches(recorder)
-        finally:
-            (trainer.callbacks, trainer.loggers, trainer.lr_scheduler_configs, trainer.state, trainer._metrics,
-             trainer.metric_history, trainer.logged_metrics, trainer.should_stop, trainer._progress_bar_values,
-             trainer._progress_bar_stale) = saved  # fmt: skip
-            trainer._hook_plan.refresh()
-            try:
-                extra = trainer.accelerator.load_state(directory)
-                trainer._metrics.load_state_dict(extra[_STATE_NAME], module)
-            finally:
-                trainer.accelerator.wait_for_everyone()  # every process read it before it goes
-                if trainer.is_global_zero:
-                    _remove(directory, created)
         result = LRFinder(settings.mode, settings.min_lr, settings.max_lr, settings.num_training)
         result.results = {"lr": list(recorder.lrs), "loss": list(recorder.losses)}
         return result
@@ -225,7 +256,7 @@ class LRSearch:
                 trainer._metrics.reset()
                 call_hook(trainer, "on_train_epoch_start")
             trainer._hook_plan.refresh()
-            epoch = dataclasses.replace(Epoch.of(trainer, validates=False), several=False, signals=_NO_SIGNAL)
+            epoch = dataclasses.replace(Epoch.of(trainer, validates=False), several=False, signals=NO_SIGNAL)
             if epoch.automatic and epoch.accumulate == 1:
                 trainer.accelerator.accumulate(epoch.model, sync=True)
             batches = iter(loader)
@@ -280,33 +311,3 @@ class LRSearch:
         )
         for group in optimizer.param_groups:
             group["lr"] = lr
-
-
-def _scratch_directory(trainer: Trainer) -> tuple[Path, Path | None]:
-    """Where the state before the search is kept: a hidden directory of ``default_root_dir`` (a
-    place every process can read, also across nodes), named by rank 0; and the first directory the
-    save creates on the way there (removed after), None if ``default_root_dir`` exists."""
-    name = f".lr_find-{uuid.uuid4().hex}"
-    if trainer.world_size > 1:
-        name = trainer.accelerator.broadcast_object(name)
-    root = Path(trainer.default_root_dir).absolute()
-    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
-    if trainer.is_global_zero:
-        root.mkdir(parents=True, exist_ok=True)
-    return root / name, created
-
-
-def _remove(directory: Path, created: Path | None) -> None:
-    """Delete the search's state, and the folders made for it when nothing else went there since."""
-    shutil.rmtree(directory, ignore_errors=True)
-    if created is None:
-        return
-    folder = directory.parent
-    while True:
-        try:
-            folder.rmdir()  # only when empty
-        except OSError:
-            return
-        if folder == created:
-            return
-        folder = folder.parent
