@@ -112,9 +112,11 @@ class TrainerConfig:
     reload_dataloaders_every_n_epochs: int = 0  # > 0: ask the module / DataModule for new training data
     # "simple", "advanced", "pytorch", a Profiler or None; resolved to a Profiler instance or None
     profiler: Any = None
+    barebones: bool = False  # every feature that costs step time off, to measure the loop itself
     duration: timedelta | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        check_bool("barebones", self.barebones)
         _int("num_nodes", self.num_nodes, 1)
         if self.max_epochs is not None:
             _int("max_epochs", self.max_epochs, -1)
@@ -229,3 +231,47 @@ def check_sync_batchnorm(config: TrainerConfig) -> None:
             f"and this run uses several CPU processes (accelerator={requested!r}, devices={config.devices!r}); "
             "set sync_batchnorm=False there"
         )
+
+
+# The Trainer's switches that None leaves at their default (Lightning's signature), and that
+# barebones=True turns off: (default, barebones value).
+_SWITCHES: dict[str, tuple[Any, Any]] = {
+    "enable_checkpointing": (True, False),
+    "logger": (True, False),
+    "enable_progress_bar": (True, False),
+    "enable_model_summary": (True, False),
+    "num_sanity_val_steps": (2, 0),
+    "log_every_n_steps": (50, 50),  # (no row is written: nothing is logged)
+}
+
+
+def resolve_switches(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The Trainer's ``arguments`` with its switches left at None set: to their default, or under
+    ``barebones=True`` to off, where a setting that turns a feature on is refused (Lightning's rule;
+    ember's non-finite guard is off too, and refused in ``"skip"`` mode, its non-default)."""
+    resolved = dict(arguments)
+    barebones = resolved.get("barebones", False)
+    check_bool("barebones", barebones)
+    if barebones:
+        conflicting = [name for name in _SWITCHES if resolved.get(name) not in (None, _SWITCHES[name][1])]
+        conflicting += [
+            name
+            for name, on in (
+                ("fast_dev_run", resolved.get("fast_dev_run") not in (False, 0)),
+                ("detect_anomaly", resolved.get("detect_anomaly") is True),
+                ("profiler", resolved.get("profiler") is not None),
+                ("non_finite", resolved.get("non_finite") == "skip"),
+            )
+            if on
+        ]
+        if conflicting:
+            name = conflicting[0]
+            raise ValueError(
+                f"Trainer(barebones=True, {name}={show(resolved[name])}): barebones turns off every feature "
+                f"that costs step time, {name} among them; leave {name} unset, or drop barebones=True"
+            )
+        resolved["non_finite"] = None  # the non-finite guard's checks cost step time too
+    for name, (default, off) in _SWITCHES.items():
+        if resolved.get(name) is None:
+            resolved[name] = off if barebones else default
+    return resolved

@@ -237,6 +237,13 @@ class TrainModule(nn.Module, StepHooks):
         validation/test steps and in epoch-end hooks. Epoch values are averaged weighted by batch size.
         """
         trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
+        if trainer.barebones:
+            if trainer.is_global_zero:  # (Python shows a warning once per place that logs)
+                warnings.warn(
+                    f"self.log({name!r}, ...) does nothing under Trainer(barebones=True): logging costs step time",
+                    stacklevel=2,
+                )
+            return
         trainer._metrics.log(
             name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size
         )

@@ -24,7 +24,8 @@ from ember.strategies import Strategy
 from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
-from ember.trainer.config import TrainerConfig, check_sync_batchnorm, resolve_limit
+from ember.trainer.batch_size_finder import BatchSizeSearch, StageData
+from ember.trainer.config import TrainerConfig, check_sync_batchnorm, resolve_limit, resolve_switches
 from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.loggers import CSVLogger, Logger
@@ -45,7 +46,7 @@ from ember.trainer.tuner import LRSearch, SearchFinished
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
+class Trainer(TrainerProperties, TrainerData, LRSearch, BatchSizeSearch, TrainableRefresh):
     """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
 
     Example::
@@ -84,14 +85,14 @@ class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
         limit_val_batches: int | float = 1.0,
         limit_test_batches: int | float = 1.0,
         limit_predict_batches: int | float = 1.0,
-        num_sanity_val_steps: int = 2,
+        num_sanity_val_steps: int | None = None,
         fast_dev_run: bool | int = False,
-        log_every_n_steps: int = 50,
+        log_every_n_steps: int | None = None,
         callbacks: list[Callback] | Callback | None = None,
-        logger: Logger | list[Logger] | bool | None = True,
-        enable_checkpointing: bool = True,
-        enable_progress_bar: bool = True,
-        enable_model_summary: bool = True,
+        logger: Logger | list[Logger] | bool | None = None,
+        enable_checkpointing: bool | None = None,
+        enable_progress_bar: bool | None = None,
+        enable_model_summary: bool | None = None,
         default_root_dir: str | os.PathLike[str] | None = None,
         deterministic: bool | str = False,
         detect_anomaly: bool = False,
@@ -106,11 +107,13 @@ class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
         sync_batchnorm: bool = False,
         reload_dataloaders_every_n_epochs: int = 0,
         profiler: str | Profiler | None = None,
+        barebones: bool = False,
         **unexpected: Any,
     ) -> None:
         TrainerConfig.check_names(list(unexpected))
         arguments = {k: v for k, v in locals().items() if k not in ("self", "unexpected", "__class__")}
-        self.config = config = TrainerConfig(**arguments)
+        self.config = config = TrainerConfig(**resolve_switches(arguments))  # None: the default (or off)
+        self.barebones = config.barebones  # self.log asks it on every call
         strategy = config.strategy if config.strategy is not None else launch_defaults().get("strategy")
         if isinstance(strategy, str) and strategy != "auto":  # ("auto" never needs training settings)
             strategy = resolve_strategy(strategy, world_size=1)
@@ -271,6 +274,7 @@ class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
             )
         limits = [resolve_limit(self.config.limit_predict_batches, loader_length(d)) for d in loaders]
+        self._stage_data = StageData("predict", dataloaders, datamodule, loaders, limits)  # (BatchSizeFinder)
         keep = return_predictions is not False
         result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
         return result if keep else None
@@ -303,6 +307,7 @@ class Trainer(TrainerProperties, TrainerData, LRSearch, TrainableRefresh):
             )
         limit = self.config.limit_val_batches if stage == "validate" else self.config.limit_test_batches
         limits = [resolve_limit(limit, loader_length(d)) for d in loaders]
+        self._stage_data = StageData(name, dataloaders, datamodule, loaders, limits)  # (a BatchSizeFinder's)
         results: list[dict[str, float]] = self._run(
             lambda t: run_evaluation(t, prefix, loaders, limits), stage
         )
