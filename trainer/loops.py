@@ -93,11 +93,7 @@ def _train_epoch(trainer: Trainer) -> None:
     if epoch.in_sync:
         trainer.accelerator.accumulate(epoch.model, sync=True)  # stays so: no batch enters accumulate()
     batches = iter(loader)
-    # Every hook a training batch runs is a step hook, where self.log's defaults are those of
-    # training_step: the batches run under that one name (a hook that needs its own, like
-    # on_train_batch_start, and validation set theirs), not one name per hook call.
-    store, previous = trainer._metrics, trainer._metrics.fx
-    store.fx = "training_step"
+    store, previous = trainer._metrics, trainer._metrics.fx  # (each batch sets its name: _train_batch)
     try:
         # islice stops at the limit without asking the loader for one more batch
         source = timed_batches(trainer.config.profiler, fetch_action("train"), batches)  # (chosen once)
@@ -124,6 +120,10 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     hooks = trainer._hook_plan.entries(trainer)
     batch_idx = state.batch_idx
     store.begin_batch(batch)
+    # Every hook a training batch runs is a step hook, where self.log's defaults are those of
+    # training_step: the batch runs under that one name (a hook that needs its own, like
+    # on_train_batch_start, and validation set theirs and put this one back), not one per call.
+    store.fx = "training_step"
     entry = hooks["on_train_batch_start"]
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
