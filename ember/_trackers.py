@@ -176,13 +176,12 @@ class TrackerMixin:
                 f"profile(profile_handler=...) takes an ember.ProfileKwargs, not {type(handler).__name__}"
             )
         directory, rank = handler.output_trace_dir, self._strategy.global_rank
+        scheduled = handler.schedule_option is not None
         if directory is not None:  # before the block runs: a bad directory fails now, not after it
             os.makedirs(directory, exist_ok=True)
-        scheduled = directory is not None and handler.schedule_option is not None
-        if scheduled:
-            assert directory is not None
-            ready = _exporting(directory, rank, handler.on_trace_ready)
-            handler = dataclasses.replace(handler, on_trace_ready=ready)
+            if scheduled:
+                ready = _exporting(directory, rank, handler.on_trace_ready)
+                handler = dataclasses.replace(handler, on_trace_ready=ready)
         with handler.build() as profiler:
             yield profiler
         if directory is None:

@@ -9,8 +9,6 @@ and the first that did not (``"binsearch"``). The run's state is saved before an
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import sys
 import warnings
 from collections.abc import Callable, Sized
@@ -25,10 +23,9 @@ from ember.memory import is_out_of_memory, release_memory
 from ember.strategies.base import OwnsOptimizerStep
 from ember.trainer.config import resolve_limit
 from ember.trainer.data import find_loaders, loader_length
-from ember.trainer.hooks import call_hook
 from ember.trainer.lr_finder import attribute_holders
 from ember.trainer.lr_finder import set_lr as set_attribute
-from ember.trainer.search_state import NO_SIGNAL, preserved
+from ember.trainer.search_state import preserved, search_batches
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
@@ -280,43 +277,15 @@ class BatchSizeSearch:
         """``steps`` optimizer steps of training (the module's hooks, no validation), across epochs if
         need be. After each batch the processes agree whether one ran out of memory, so that one
         process's failure (in its optimizer step, say) ends the trial on all of them."""
-        from ember.trainer.loops import _end_epoch, _train_batch  # (the loops import the step code)
-        from ember.trainer.step import Epoch
-
         trainer = cast("Trainer", self)
-        state, loader = trainer.state, trainer._train_loader
-        assert loader is not None
-        target = state.global_step + steps
+        target = trainer.state.global_step + steps
         try:
-            while True:
-                steps_before = state.global_step
-                if state.batch_idx == 0:
-                    loader.set_epoch(state.epoch)
-                    trainer._metrics.reset()
-                    call_hook(trainer, "on_train_epoch_start")
-                trainer._hook_plan.refresh()
-                epoch = dataclasses.replace(
-                    Epoch.of(trainer, validates=False), several=False, signals=NO_SIGNAL
-                )
-                if epoch.in_sync:
-                    trainer.accelerator.accumulate(epoch.model, sync=True)
-                batches = iter(loader)
-                try:
-                    left = max(0, int(epoch.limit) - state.batch_idx) if epoch.sized else None
-                    for batch in itertools.islice(batches, left):
-                        ended = _train_batch(trainer, epoch, batch)
-                        if self._any_failed(False):
-                            return False  # another process ran out of memory
-                        if state.global_step >= target:
-                            return True
-                        if ended:
-                            break
-                finally:
-                    batches.close()  # type: ignore[attr-defined]
-                _end_epoch(trainer)
-                state.next_epoch()
-                if state.global_step == steps_before:
-                    return True  # an epoch of no optimizer step (every training_step returned None)
+            for _ in search_batches(trainer):
+                if self._any_failed(False):
+                    return False  # another process ran out of memory
+                if trainer.state.global_step >= target:
+                    return True
+            return True  # an epoch of no optimizer step (every training_step returned None)
         except Exception as exception:
             if not is_out_of_memory(exception):
                 raise

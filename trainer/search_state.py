@@ -8,6 +8,8 @@ Trainer's callbacks, loggers, counters and logged values are swapped for fresh o
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
+from ember.trainer.hooks import call_hook
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.state import LoopState
 
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
     from ember.callbacks.base import Callback
     from ember.trainer.trainer import Trainer
 
-__all__ = ["NO_SIGNAL", "preserved"]
+__all__ = ["NO_SIGNAL", "preserved", "search_batches"]
 
 _STATE_NAME = "search_metrics"  # the logged values' state, saved with the weights before the search
 NO_SIGNAL = SimpleNamespace(received=None)  # pre-emption is not acted on inside a search
@@ -61,6 +64,42 @@ def preserved(trainer: Trainer, callbacks: list[Callback], name: str) -> Iterato
             trainer.accelerator.wait_for_everyone()  # every process read it before it goes
             if trainer.is_global_zero:
                 _remove(directory, created)
+
+
+def search_batches(trainer: Trainer) -> Iterator[None]:
+    """The training loop of a search: training batches across epochs (with the module's epoch hooks,
+    no validation, no pre-emption stop), yielding after each; the caller stops it by leaving the
+    loop (the epoch is then not ended). It ends by itself after an epoch that took no optimizer
+    step (no data, or every ``training_step`` returned None)."""
+    from ember.trainer.loops import _end_epoch, _train_batch  # (the loops import the step code)
+    from ember.trainer.step import Epoch
+
+    state, loader = trainer.state, trainer._train_loader
+    assert loader is not None
+    while True:
+        steps_before = state.global_step
+        if state.batch_idx == 0:
+            loader.set_epoch(state.epoch)
+            trainer._metrics.reset()
+            call_hook(trainer, "on_train_epoch_start")
+        trainer._hook_plan.refresh()
+        epoch = dataclasses.replace(Epoch.of(trainer, validates=False), several=False, signals=NO_SIGNAL)
+        if epoch.in_sync:
+            trainer.accelerator.accumulate(epoch.model, sync=True)
+        batches = iter(loader)
+        try:
+            left = max(0, int(epoch.limit) - state.batch_idx) if epoch.sized else None
+            for batch in itertools.islice(batches, left):
+                ended = _train_batch(trainer, epoch, batch)  # True: on_train_batch_start ended the epoch
+                yield
+                if ended:
+                    break
+        finally:
+            batches.close()  # type: ignore[attr-defined]
+        _end_epoch(trainer)
+        state.next_epoch()
+        if state.global_step == steps_before:
+            return
 
 
 def _scratch_directory(trainer: Trainer, name: str) -> tuple[Path, Path | None]:

@@ -9,8 +9,6 @@ callback; ``Tuner.lr_find`` runs a fit that ends there), so everything it needs 
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import sys
 import warnings
 from collections.abc import Callable
@@ -19,10 +17,10 @@ from typing import TYPE_CHECKING, Any, cast
 from ember._rng import rng_state, set_rng_state
 from ember.strategies.base import OwnsOptimizerStep
 from ember.trainer.data import entry_arguments
-from ember.trainer.hooks import call_hook, overridden
+from ember.trainer.hooks import overridden
 from ember.trainer.lr_finder import LRFinder, SearchRecorder, SearchSettings, lr_holders, set_lr
 from ember.trainer.optim import parse_optimizers
-from ember.trainer.search_state import NO_SIGNAL, preserved
+from ember.trainer.search_state import preserved, search_batches
 
 if TYPE_CHECKING:
     from ember.callbacks.base import Callback
@@ -241,43 +239,16 @@ class LRSearch:
         return result
 
     def _search_batches(self, recorder: SearchRecorder) -> None:
-        """The training loop of a search: epochs of training batches (with the module's epoch hooks,
-        no validation, no pre-emption stop) until ``recorder.stop``."""
-        from ember.trainer.loops import _end_epoch, _train_batch  # (the loops import the step code)
-        from ember.trainer.step import Epoch
-
-        trainer = cast("Trainer", self)
-        state, loader = trainer.state, trainer._train_loader
-        assert loader is not None
-        while not recorder.stop:
-            steps_before = state.global_step
-            if state.batch_idx == 0:
-                loader.set_epoch(state.epoch)
-                trainer._metrics.reset()
-                call_hook(trainer, "on_train_epoch_start")
-            trainer._hook_plan.refresh()
-            epoch = dataclasses.replace(Epoch.of(trainer, validates=False), several=False, signals=NO_SIGNAL)
-            if epoch.automatic and epoch.accumulate == 1:
-                trainer.accelerator.accumulate(epoch.model, sync=True)
-            batches = iter(loader)
-            try:
-                left = max(0, int(epoch.limit) - state.batch_idx) if epoch.sized else None
-                for batch in itertools.islice(batches, left):
-                    if _train_batch(trainer, epoch, batch) or recorder.stop:
-                        break
-            finally:
-                batches.close()  # type: ignore[attr-defined]
+        """Training batches of the search (:func:`~ember.trainer.search_state.search_batches`) until
+        ``recorder.stop``."""
+        for _ in search_batches(cast("Trainer", self)):
             if recorder.stop:
-                break
-            _end_epoch(trainer)
-            state.next_epoch()
-            if state.global_step == steps_before:  # (no data, or every training_step returned None)
-                warnings.warn(
-                    f"the learning-rate search stopped after {len(recorder.lrs)} of {recorder.settings.num_training} "
-                    "steps: an epoch of the training data took no optimizer step",
-                    stacklevel=4,
-                )
-                break
+                return
+        warnings.warn(  # the batches ended by themselves: an epoch without an optimizer step
+            f"the learning-rate search stopped after {len(recorder.lrs)} of {recorder.settings.num_training} "
+            "steps: an epoch of the training data took no optimizer step",
+            stacklevel=4,
+        )
 
     def _configure_learning_rate(self, lr: float) -> None:
         """The fit goes on after a search that changed the module's learning rate: before its first
