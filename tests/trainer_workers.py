@@ -132,6 +132,15 @@ def fit(
     return {"params": params, "rows": rows, "step": trainer.global_step, "log_dir": trainer.log_dir}
 
 
+def assert_logged_the_rest(full: list[list[str]], resumed: list[list[str]], from_step: int) -> None:
+    """A run resumed into a new directory from the checkpoint of step ``from_step`` logged the rows
+    the full run logged after that checkpoint, value for value (``fit`` logs every batch)."""
+    assert resumed[0] == full[0]  # the header
+    rest = resumed[1:]
+    assert rest and int(rest[0][0]) == from_step and len(rest) < len(full) - 5
+    assert full[-len(rest) :] == rest
+
+
 class PlateauNet(Net):
     def test_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
         self.log("test_loss", F.cross_entropy(self(batch[0]), batch[1]))
