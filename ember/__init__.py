@@ -13,6 +13,7 @@ from ember._processes import DistributedType
 from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
+from ember.dataloader_config import DataLoaderConfiguration
 from ember.kwargs_handlers import (
     DistributedDataParallelKwargs,
     GradScalerKwargs,
@@ -66,6 +67,7 @@ __all__ = [
     "Accelerator",
     "CSVLogger",
     "CheckpointError",
+    "DataLoaderConfiguration",
     "DataModule",
     "DistributedDataParallelKwargs",
     "DistributedType",

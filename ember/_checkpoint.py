@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ember._hooks import StateHooks, run_load_hooks, run_save_hooks, write_weights
 from ember._rng import rng_state, set_rng_state
 from ember._weights import (
     PORTABLE,
@@ -107,6 +108,7 @@ def save_state(
     extra: dict[str, Any],
     rank_extra: dict[str, Any],
     weights_only: bool = False,
+    hooks: StateHooks | None = None,
 ) -> Path:
     for name in [*extra, *rank_extra]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(_RESERVED):
@@ -115,21 +117,34 @@ def save_state(
                 + ", ".join(repr(r) for r in _RESERVED)
             )
     directory = Path(output_dir).absolute()
+    layout = checkpoint_layout(strategy)
+    if weights_only and layout not in PORTABLE:  # an engine's weights, gathered into the full layout
+        layout = "full"
+    portable = layout in PORTABLE  # else the engine writes models and optimizers itself
+    hooked = hooks is not None and bool(hooks.save)
+    if hooked and not portable:
+        raise RuntimeError(
+            f"save_state() with a save_state pre-hook: strategy {strategy.strategy_name!r} saves its models in its "
+            "engine's own checkpoint format, so there are no weights for the hook to change or pop; remove the "
+            "hook (handle.remove()), or save_state(weights_only=True), which writes ember's full layout"
+        )
     check_target(directory)  # every rank checks, so a refusal stops all ranks before any collective
     staging = staging_path(directory)
     if strategy.is_global_zero:
         prepare_staging(directory)
     strategy.barrier("save_state:staging")
     writer = strategy.is_global_zero
-    layout = checkpoint_layout(strategy)
-    if weights_only and layout not in PORTABLE:  # an engine's weights, gathered into the full layout
-        layout = "full"
-    if isinstance(strategy, EngineCheckpoints) and layout not in PORTABLE:
+    saved_models = len(objects.models)
+    if hooked:  # before anything is written; the hooks may add files to the checkpoint
+        assert hooks is not None
+        weights = run_save_hooks(strategy, hooks, objects.models, layout, staging)
+        write_weights(strategy, weights, layout, staging)
+        saved_models = len(weights)  # as the main process's hooks left them: it writes the manifest
+    if isinstance(strategy, EngineCheckpoints) and not portable:
         strategy.save_engine_state(staging / layout)  # the engine writes models and optimizers its own way
     # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
     # shards, is a collective under sharded strategies.
-    portable = layout in PORTABLE  # else the engine wrote models and optimizers above
-    for i, model in enumerate(objects.models if portable else []):
+    for i, model in enumerate(objects.models if portable and not hooked else []):
         if layout == "sharded":
             save_shards(staging / f"model{suffix(i)}.shards", strategy.module_state_dict(model, full=False))
         else:
@@ -171,7 +186,7 @@ def save_state(
                 "strategy": strategy.strategy_name,
                 "world_size": strategy.world_size,
                 "layout": layout,
-                "counts": {"models": len(objects.models)} if weights_only else objects.counts(),
+                "counts": {**({} if weights_only else objects.counts()), "models": saved_models},
                 "weights_only": weights_only,
                 "extra": sorted(extra),
                 "rank_extra": sorted(rank_extra),
@@ -183,7 +198,10 @@ def save_state(
 
 
 def load_state(
-    strategy: Strategy, objects: PreparedObjects, input_dir: str | os.PathLike[str]
+    strategy: Strategy,
+    objects: PreparedObjects,
+    input_dir: str | os.PathLike[str],
+    hooks: StateHooks | None = None,
 ) -> dict[str, Any]:
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
@@ -206,13 +224,25 @@ def load_state(
             f"strategy {strategy.strategy_name!r} resumes only from its own checkpoints, and {str(directory)!r} has "
             f"the {layout!r} layout; to start from its weights, load them into the model before prepare()"
         )
+    hooked = hooks is not None and bool(hooks.load)
+    if hooked and not portable:
+        raise RuntimeError(
+            f"load_state() with a load_state pre-hook: strategy {strategy.strategy_name!r} restores its models from "
+            "its engine's own checkpoint format, so a hook cannot take models out of the loading; remove the "
+            "hook (handle.remove())"
+        )
     saved, current = manifest["counts"], objects.counts()
     for kind, count in current.items():
-        if saved.get(kind, 0) != count:
-            raise CheckpointError(
-                f"checkpoint {str(directory)!r} holds {saved.get(kind, 0)} {kind}, but this Accelerator has "
-                f"{count}; prepare (and register_for_checkpointing) the same objects as when it was saved"
-            )
+        if kind != "models" and saved.get(kind, 0) != count:
+            raise CheckpointError(_count_mismatch(directory, kind, saved.get(kind, 0), count))
+    models = objects.models
+    if hooked:  # after the checks above (a refused checkpoint runs no hook), before any model loads
+        assert hooks is not None
+        models = run_load_hooks(hooks, objects.models, directory)
+    if saved.get("models", 0) != len(models):
+        raise CheckpointError(
+            _model_mismatch(directory, saved.get("models", 0), len(objects.models), len(models), hooked)
+        )
     same_world = manifest["world_size"] == strategy.world_size
     if not same_world:
         warnings.warn(
@@ -223,7 +253,7 @@ def load_state(
     # Everything that can fail is read and checked before the first object changes: the models'
     # tensor names and shapes, and the small state, read whole now. A bad file never leaves a
     # half-restored run.
-    for i, model in enumerate(objects.models if portable else []):
+    for i, model in enumerate(models if portable else []):
         check_weights(weights_path(directory, layout, i), layout, strategy.full_tensors(model)[0])
     schedulers = [_read_dict(directory, f"scheduler{suffix(i)}") for i in range(len(objects.schedulers))]
     precision = _read_dict(directory, "precision")
@@ -249,7 +279,7 @@ def load_state(
 
     if isinstance(strategy, EngineCheckpoints):  # (then layout == ours, checked above)
         strategy.load_engine_state(directory / layout)
-    for i, model in enumerate(objects.models if portable else []):
+    for i, model in enumerate(models if portable else []):
         load_model_weights(strategy, model, directory, manifest, i)
     for i, optimizer in enumerate(objects.optimizers if portable else []):
         module = owner_module(objects.models, optimizer.optimizer)
@@ -274,6 +304,29 @@ def load_state(
             loader.load_state_dict(state)
         set_rng_state(rng)
     return loaded
+
+
+def _count_mismatch(directory: Path, kind: str, saved: int, count: int) -> str:
+    return (
+        f"checkpoint {str(directory)!r} holds {saved} {kind}, but this Accelerator has {count}; prepare "
+        "(and register_for_checkpointing) the same objects as when it was saved"
+    )
+
+
+def _model_mismatch(directory: Path, saved: int, prepared: int, left: int, hooked: bool) -> str:
+    if not hooked:
+        message = _count_mismatch(directory, "models", saved, prepared)
+    else:
+        message = (
+            f"checkpoint {str(directory)!r} holds {saved} models, and the load_state pre-hooks left {left} "
+            f"of this Accelerator's {prepared} to load them into"
+        )
+    if hooked or saved < prepared:  # the models a save_state pre-hook popped are not in the checkpoint
+        message += (
+            ". A save_state pre-hook that pops entries of `weights` leaves those models out of the checkpoint: "
+            "pop the same models from `models` in a load_state pre-hook (register_load_state_pre_hook)"
+        )
+    return message
 
 
 def _read_dict(directory: Path, stem: str) -> dict[str, Any]:

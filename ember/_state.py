@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import gc
 import os
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-from ember import _checkpoint, _weights
+from ember import _checkpoint, _hooks, _weights
 from ember._validation import check_bool
 from ember._wrappers import GradientState, unpatch_forward
 from ember.project import ProjectConfiguration
@@ -63,6 +65,46 @@ class StateMixin:
                 )
             self._objects.custom.append(obj)
 
+    @cached_property
+    def _state_hooks(self) -> _hooks.StateHooks:
+        return _hooks.StateHooks()  # made on first use: the Accelerator's constructor does not know it
+
+    def register_save_state_pre_hook(self, hook: _hooks.SaveStateHook) -> RemovableHandle:
+        """Call ``hook(models, weights, output_dir)`` in :meth:`save_state` before anything is written
+        (🤗 Accelerate's method); ``handle.remove()`` unregisters it.
+
+        ``models`` lists the prepared models and ``weights`` their state dicts, keyed by the names in
+        your modules (each rank's shards under FSDP's sharded layout). The hook may change the state
+        dicts in place, or pop entries: those models are not saved, and the others are saved as model
+        0, 1, ... in order. ``output_dir`` is the directory being written (it becomes the checkpoint
+        when complete): files the hook writes there are part of the checkpoint. Under DeepSpeed, whose
+        engine writes the models, :meth:`save_state` raises ``RuntimeError`` (unless ``weights_only``).
+
+        Example::
+
+            def save_unet(models, weights, output_dir):
+                if accelerator.is_main_process:
+                    accelerator.unwrap_model(models[0]).save_pretrained(os.path.join(output_dir, "unet"))
+                weights.pop(0)  # saved above: leave it out of the checkpoint's models
+        """
+        return _hooks.register(self._state_hooks.save, hook, "register_save_state_pre_hook")
+
+    def register_load_state_pre_hook(self, hook: _hooks.LoadStateHook) -> RemovableHandle:
+        """Call ``hook(models, input_dir)`` in :meth:`load_state` before any model is loaded
+        (🤗 Accelerate's method); ``handle.remove()`` unregisters it.
+
+        The hook may pop models from the list (a copy): they are not loaded, and the remaining
+        models take the checkpoint's models in order. It runs after the checkpoint was verified.
+        Under DeepSpeed, whose engine loads the models, :meth:`load_state` raises ``RuntimeError``.
+
+        Example::
+
+            def load_unet(models, input_dir):
+                unet = models.pop(0)  # the save hook left it out of the checkpoint's models
+                accelerator.unwrap_model(unet).load_state_dict(read_unet(os.path.join(input_dir, "unet")))
+        """
+        return _hooks.register(self._state_hooks.load, hook, "register_load_state_pre_hook")
+
     def save_state(
         self,
         output_dir: str | os.PathLike[str] | None = None,
@@ -100,7 +142,13 @@ class StateMixin:
             output_dir = config.next_checkpoint()
         assert output_dir is not None
         path = _checkpoint.save_state(
-            self._strategy, self._objects, output_dir, extra or {}, rank_extra or {}, weights_only
+            self._strategy,
+            self._objects,
+            output_dir,
+            extra or {},
+            rank_extra or {},
+            weights_only,
+            self._state_hooks,
         )
         if automatic:
             config.iteration += 1
@@ -123,7 +171,7 @@ class StateMixin:
                     "ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)"
                 )
             input_dir = self.project_configuration.latest_checkpoint()
-        return _checkpoint.load_state(self._strategy, self._objects, input_dir)
+        return _checkpoint.load_state(self._strategy, self._objects, input_dir, self._state_hooks)
 
     def save(self, obj: Any, f: str | os.PathLike[str], safe_serialization: bool = False) -> None:
         """Write ``obj`` to ``f`` from the main process only: 🤗 Accelerate's replacement for

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -9,12 +10,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ember._wrappers import GradientState
+from ember._validation import check_bool
+from ember._wrappers import GradientState, PreparedOptimizer
 from ember.strategies import BackwardSyncControl, Strategy
 from ember.strategies.base import OwnsOptimizerStep
+from ember.strategies.reducer import ForcesBackwardSync, JoinsUnevenInputs
 
 if TYPE_CHECKING:
     from ember._checkpoint import PreparedObjects
+    from ember.dataloader_config import DataLoaderConfiguration
     from ember.precision import Precision
 
 __all__ = ["StepMixin"]
@@ -31,6 +35,7 @@ class StepMixin:
     _direct_backward: bool  # neither strategy nor precision adds to loss.backward() (asked once)
     _owns_step: bool  # the strategy's engine steps inside backward (DeepSpeed)
     _unscales: bool  # the precision plugin has a scaler (16-mixed)
+    _dataloader_config: DataLoaderConfiguration
 
     if TYPE_CHECKING:
 
@@ -62,6 +67,89 @@ class StepMixin:
         if isinstance(self._strategy, BackwardSyncControl):
             return self._strategy.no_backward_sync(model)
         return nullcontext()
+
+    def trigger_sync_in_backward(self, model: nn.Module) -> AbstractContextManager[Any]:
+        """Make the next backward through ``model`` synchronize gradients, even inside :meth:`no_sync`
+        or after forwards run there (🤗 Accelerate's method): the gradients accumulated so far and
+        this backward's are all-reduced together. A null context on one process, and where
+        :meth:`no_sync` skips nothing (DeepSpeed); under FSDP and XLA it warns and does nothing.
+
+        Example::
+
+            with accelerator.no_sync(model):
+                loss_a, loss_b = loss_fn(model(input_a)), loss_fn(model(input_b))
+            accelerator.backward(loss_a)  # accumulates, no all-reduce
+            with accelerator.trigger_sync_in_backward(model):
+                accelerator.backward(loss_b)  # all-reduces the sum of both
+        """
+        strategy = self._strategy
+        if strategy.world_size == 1:
+            return _NOTHING
+        if isinstance(strategy, ForcesBackwardSync):
+            return strategy.force_backward_sync(model)
+        if isinstance(strategy, BackwardSyncControl):
+            warnings.warn(
+                f"trigger_sync_in_backward() has no effect under strategy {strategy.strategy_name!r}: a backward "
+                "inside no_sync(model) does not synchronize gradients there; run it outside no_sync",
+                stacklevel=2,
+            )
+        return _NOTHING
+
+    @contextmanager
+    def join_uneven_inputs(
+        self, joinables: Sequence[Any], even_batches: bool | None = None
+    ) -> Iterator[None]:
+        """Let processes with different numbers of batches train together in the block (🤗 Accelerate's
+        method): under DDP with several processes, the block runs inside
+        ``torch.distributed.algorithms.Join(joinables)``, enabled when batches are uneven. A process
+        that runs out of batches then shadows the others' gradient all-reduces until they are done,
+        and at the end every replica takes the parameters of the last process to finish.
+
+        ``joinables``: the prepared (DDP) models, and any other ``Joinable`` (a prepared
+        ``ZeroRedundancyOptimizer``). ``even_batches`` (not ``None``) overrides the Accelerator's
+        for every prepared dataloader inside the block, and is put back after it. On one process it
+        does nothing; under other strategies (FSDP, DeepSpeed, XLA) it warns and does nothing.
+
+        Example::
+
+            with accelerator.join_uneven_inputs([model], even_batches=False):
+                for x, y in loader:  # rank 0 may run one batch more than rank 1
+                    accelerator.backward(loss_fn(model(x), y))
+                    optimizer.step(); optimizer.zero_grad()
+        """
+        if not isinstance(joinables, (list, tuple)) or not joinables:
+            kind = type(joinables).__name__
+            raise TypeError(
+                "join_uneven_inputs(joinables) takes a non-empty list of prepared models (and other Joinable "
+                f"objects), got {'an empty ' + kind if isinstance(joinables, (list, tuple)) else 'a ' + kind}"
+            )
+        check_bool("even_batches", even_batches, owner="join_uneven_inputs", optional=True)
+        strategy = self._strategy
+        if strategy.world_size == 1:
+            yield
+            return
+        if not isinstance(strategy, JoinsUnevenInputs):
+            warnings.warn(
+                f"join_uneven_inputs() has no effect under strategy {strategy.strategy_name!r}: joining processes "
+                "with uneven inputs needs DDP; even_batches is left as it is",
+                stacklevel=3,
+            )
+            yield
+            return
+        loaders = list(self._objects.dataloaders)
+        before = [loader.even_batches for loader in loaders]
+        even = self._dataloader_config.even_batches if even_batches is None else even_batches
+        try:
+            for loader in loaders:  # read when a pass starts (and by len())
+                loader.even_batches = even
+            inner = [j.optimizer if isinstance(j, PreparedOptimizer) else j for j in joinables]
+            # As in Accelerate, Join is entered but disabled while batches are even: every process
+            # then runs every step, and nothing needs shadowing.
+            with strategy.join(inner, enable=not even):
+                yield
+        finally:
+            for loader, value in zip(loaders, before, strict=True):
+                loader.even_batches = value
 
     def accumulate(self, *models: nn.Module, sync: bool | None = None) -> AbstractContextManager[None]:
         """Mark one micro-step; gradients are synchronized and applied every N-th step and at epoch end.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import numbers
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -114,9 +115,11 @@ class Trackers:
             for logger in self.loggers:
                 logger.log_hyperparams(dict(config))
 
-    def log(self, values: dict[str, Any], step: int | None, main: bool) -> None:
+    def log(self, values: dict[str, Any], step: int | None, main: bool,
+            log_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
         if self._requested and not self._started:
             raise RuntimeError("accelerator.log() needs accelerator.init_trackers(project_name) first")
+        extra = self._check_log_kwargs(log_kwargs)  # on every process: the same refusal everywhere
         if not main or not self.loggers:
             return
         numbers_row: dict[str, float] = {}
@@ -127,12 +130,41 @@ class Trackers:
             else:
                 numbers_row[key] = _number(key, value)
         step = self._next_step if step is None else step
-        for logger in self.loggers:
-            if numbers_row:
-                logger.log_metrics(numbers_row, step)
-            if texts:
-                logger.log_text(texts, step)
+        calls = [
+            (logger, method, row, extra.get(tracker_name(logger), {}))
+            for logger in self.loggers
+            for method, row in (("log_metrics", numbers_row), ("log_text", texts))
+            if row
+        ]
+        for logger, method, row, kwargs in calls:  # before any tracker logs: all of them or none
+            if kwargs:
+                try:
+                    inspect.signature(getattr(logger, method)).bind(row, step, **kwargs)
+                except TypeError as err:
+                    raise TypeError(
+                        f"log_kwargs[{tracker_name(logger)!r}]={kwargs!r}: {type(logger).__name__}.{method} does not "
+                        f"take these arguments ({err})"
+                    ) from None
+        for logger, method, row, kwargs in calls:
+            getattr(logger, method)(row, step, **kwargs)
         self._next_step = step + 1
+
+    def _check_log_kwargs(self, log_kwargs: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+        if log_kwargs is None:
+            return {}
+        names = [item if isinstance(item, str) else tracker_name(item) for item in self._requested]
+        if not isinstance(log_kwargs, dict):
+            raise TypeError(
+                f"log_kwargs={log_kwargs!r} must be a dict of tracker names to keyword-argument dicts"
+            )
+        for name, kwargs in log_kwargs.items():
+            if name not in names:
+                raise ValueError(
+                    f"log_kwargs={log_kwargs!r}: {name!r} is not a tracker of this Accelerator. Valid choices: {names}"
+                )
+            if not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+                raise TypeError(f"log_kwargs[{name!r}]={kwargs!r} must be a dict of keyword arguments")
+        return log_kwargs
 
     def get(self, name: str, unwrap: bool, main: bool) -> Any:
         if not main:
@@ -196,15 +228,18 @@ class TrackerMixin:
         hyper-parameters; ``init_kwargs`` maps a tracker name to its logger's arguments."""
         self._trackers.start(project_name, config, init_kwargs, main=self._strategy.is_global_zero)
 
-    def log(self, values: dict[str, Any], step: int | None = None) -> None:
+    def log(self, values: dict[str, Any], step: int | None = None,
+            log_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
         """Send values to the trackers at ``step`` (``None``: one past the previous call's step).
 
         Numbers and one-element tensors are metrics (tensors are converted with ``float()`` here, on
         the main process: a device sync per call); strings are text (a CSV column, a TensorBoard
         text summary, a W&B field); a nested dict's keys are joined with ``/``
-        (``{"eval": {"loss": 0.3}}`` logs ``eval/loss``).
+        (``{"eval": {"loss": 0.3}}`` logs ``eval/loss``). ``log_kwargs`` maps a tracker name to
+        keyword arguments of its logger's ``log_metrics``/``log_text`` (🤗 Accelerate's), e.g.
+        ``{"wandb": {"commit": False}, "tensorboard": {"walltime": t}}``.
         """
-        self._trackers.log(values, step, main=self._strategy.is_global_zero)
+        self._trackers.log(values, step, main=self._strategy.is_global_zero, log_kwargs=log_kwargs)
 
     def get_tracker(self, name: str, unwrap: bool = False) -> Any:
         """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""

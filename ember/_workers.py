@@ -8,6 +8,9 @@ rank, holding its output pipes open, so a launcher reading them never sees the e
 
 ``worker_init`` wraps the user's ``worker_init_fn`` for such loaders: the worker starts a thread that
 waits for the iterating process to end and then ends the worker.
+
+``SeededFetch`` is a map-style dataset as a prepared loader's workers fetch it: before each planned
+batch (``PlannedBatch``) the worker seeds its generators from the batch's place in the epoch plan.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["worker_init"]
+import torch
+from torch.utils.data import Dataset, get_worker_info
+
+__all__ = ["PlannedBatch", "SeededFetch", "seed_for_batch", "worker_init"]
 
 
 def worker_init(
@@ -74,3 +80,54 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else
         return True
     return True
+
+
+class PlannedBatch(list[int]):
+    """The indices of one batch and its place in the epoch plan: (seed, epoch, rank, position)."""
+
+    def __init__(self, indices: list[int], place: tuple[int, int, int, int]) -> None:
+        super().__init__(indices)
+        self.place = place
+
+
+class SeededFetch(Dataset[Any]):
+    """The user's map-style dataset, as a worker process fetches it: each batch with its own seeds.
+
+    Before fetching a planned batch, the worker seeds ``random``, NumPy and torch from the batch's
+    place in the plan. Nothing changes in the main process (``num_workers=0`` draws from the main
+    process's generators, whose states are checkpointed).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> Any:
+        place = getattr(indices, "place", None)
+        if place is not None and get_worker_info() is not None:
+            seed_for_batch(place)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        if getitems is not None:
+            return getitems(list(indices))
+        return [self.dataset[i] for i in indices]
+
+    def __getattr__(self, name: str) -> Any:  # a worker_init_fn may look at the dataset's attributes
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def seed_for_batch(place: tuple[int, int, int, int]) -> None:
+    import random
+
+    import numpy as np
+
+    words = np.random.SeedSequence(list(place)).generate_state(4, dtype=np.uint32)
+    random.seed(int(words[0]))
+    np.random.seed(int(words[1]))
+    torch.manual_seed(int(words[2]) << 32 | int(words[3]))

@@ -39,7 +39,7 @@ from ember._rng import seed_everything
 from ember._state import StateMixin
 from ember._step import StepMixin
 from ember._trackers import TrackerMixin
-from ember._validation import check_bool, check_path
+from ember._validation import check_bool, check_int, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember._wrappers import (
     GradientState,
@@ -48,6 +48,7 @@ from ember._wrappers import (
     patch_forward,
 )
 from ember.data import PreparedDataLoader, skip_first_batches
+from ember.dataloader_config import DataLoaderConfiguration, check_dataloader_config
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
 from ember.strategies import Strategy
@@ -61,9 +62,6 @@ if TYPE_CHECKING:
 __all__ = ["Accelerator"]
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-# 🤗 Accelerate's spelling of the precision argument, accepted so its users can switch by import.
-_ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
 
 
 class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
@@ -86,7 +84,8 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         gradient_accumulation_steps: int = 1,
         seed: int | None = None,
         *,
-        even_batches: bool = True,
+        even_batches: bool | None = None,
+        dataloader_config: DataLoaderConfiguration | None = None,
         mixed_precision: str | None = None,
         cpu: bool = False,
         log_with: LogWith = None,
@@ -101,28 +100,14 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         watchdog_timeout = check_collective_timeout(collective_timeout)
         trackers = _trackers.check_log_with(log_with)
         check_bool("cpu", cpu)
-        check_bool("even_batches", even_batches)
+        loaders = check_dataloader_config(dataloader_config, even_batches)
         check_bool("step_scheduler_with_optimizer", step_scheduler_with_optimizer)
         check_path("project_dir", project_dir, optional=True)
         project = check_project(project_config, project_dir)
         if accelerator is not None:  # before `or` below: False or "" must not mean the default
             check_accelerator(accelerator)
-        if mixed_precision is not None:  # Accelerate compatibility
-            if not isinstance(mixed_precision, str) or _ACCELERATE_PRECISION.get(mixed_precision) is None:
-                raise ValueError(
-                    f"mixed_precision={mixed_precision!r} is not supported. Valid choices: 'no', 'fp16', 'bf16'"
-                )
-            if precision is not None:
-                raise ValueError("pass either precision= or mixed_precision=, not both")
-            precision = _ACCELERATE_PRECISION[mixed_precision]
-        if (
-            isinstance(gradient_accumulation_steps, bool)
-            or not isinstance(gradient_accumulation_steps, int)
-            or gradient_accumulation_steps < 1
-        ):
-            raise ValueError(
-                f"gradient_accumulation_steps={gradient_accumulation_steps!r} must be an int >= 1"
-            )
+        precision = kwargs_handlers_module.accelerate_precision(precision, mixed_precision)
+        check_int("gradient_accumulation_steps", gradient_accumulation_steps, minimum=1)
         if seed is not None:
             seed_everything(seed)
 
@@ -179,7 +164,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         self._unwraps = type(self._strategy).unwrap_module is not Strategy.unwrap_module
         self._wraps_forward = precision_plugin.wraps_forward  # False: call_as_forward has nothing to add
         self._unscales = type(precision_plugin).unscale_gradients is not Precision.unscale_gradients
-        self._even_batches = even_batches
+        self._dataloader_config = loaders
         self._step_scheduler_with_optimizer = step_scheduler_with_optimizer
         self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
         self._objects = _checkpoint.PreparedObjects()
@@ -368,7 +353,8 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         """``to_device``: moves a pass's batches (default: the strategy's ``batches_to_device``); the
         Trainer's, when the module overrides Lightning's batch-transfer hooks."""
         # The shuffle seed must agree on every rank: rank 0's choice wins.
-        seed = self._seed if self._seed is not None else torch.initial_seed() % 2**63
+        config = self._dataloader_config
+        seed = next(s for s in (config.data_seed, self._seed, torch.initial_seed() % 2**63) if s is not None)
         seed = int(self._strategy.broadcast(torch.tensor([seed], dtype=torch.int64), 0).item())
         loader = PreparedDataLoader(
             dataloader,
@@ -377,8 +363,9 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
             world_size=self.num_processes if shard else 1,
             rank=self.process_index if shard else 0,
             seed=seed,
-            even_batches=self._even_batches,
+            even_batches=config.even_batches,
             loop_state=self._gradient_state.loop,
+            split_batches=config.split_batches and shard,
         )
         self._objects.dataloaders.append(loader)
         if isinstance(self._strategy, OwnsOptimizerStep) and self._strategy.micro_batch_size is None:

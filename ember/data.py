@@ -4,9 +4,11 @@ A prepared loader keeps the user's ``DataLoader`` settings (dataset, batch size,
 collate_fn, workers) and changes three things:
 
 1. **Sharding by batch.** Each epoch the user's batch sampler produces the global list of batches;
-   step ``s`` hands batch ``s * world_size + rank`` to each rank. With ``even_batches`` (the default)
-   an incomplete last round is completed with batches from the start of the epoch, so every rank
-   runs the same number of steps; :meth:`Accelerator.gather_for_metrics` drops those duplicates.
+   step ``s`` hands batch ``s * world_size + rank`` to each rank (with ``split_batches``, slice
+   ``rank`` of global batch ``s``: the loader's batch size is then the global one). With
+   ``even_batches`` (the default) an incomplete last round is completed from the start of the
+   epoch, so every rank runs the same number of steps; :meth:`Accelerator.gather_for_metrics` drops
+   those duplicates. The plan is ``ember._plan``.
 2. **An owned shuffle seed.** The sampler's generator is re-seeded with ``seed + epoch`` before each
    epoch, the same on every rank, and the loader's own generator seeds the workers. No draw is
    taken from the global RNG, so the training randomness stream is the same whether or not a run
@@ -33,10 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from ember._plan import rank_plan, split_length
 from ember._tree import move_batches
-from ember._workers import worker_init
+from ember._workers import PlannedBatch, SeededFetch, worker_init
 
 __all__ = ["PreparedDataLoader", "skip_first_batches"]
 
@@ -71,46 +74,6 @@ class _ListBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
-class _PlannedBatch(list[int]):
-    """The indices of one batch and its place in the epoch plan: (seed, epoch, rank, position)."""
-
-    def __init__(self, indices: list[int], place: tuple[int, int, int, int]) -> None:
-        super().__init__(indices)
-        self.place = place
-
-
-class _SeededFetch(Dataset[Any]):
-    """The user's map-style dataset, as a worker process fetches it: each batch with its own seeds.
-
-    Before fetching a planned batch, the worker seeds ``random``, NumPy and torch from the batch's
-    place in the plan. Nothing changes in the main process (``num_workers=0`` draws from the main
-    process's generators, whose states are checkpointed).
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: Any) -> Any:
-        return self.dataset[index]
-
-    def __getitems__(self, indices: list[int]) -> Any:
-        place = getattr(indices, "place", None)
-        if place is not None and get_worker_info() is not None:
-            _seed_for_batch(place)
-        getitems = getattr(self.dataset, "__getitems__", None)
-        if getitems is not None:
-            return getitems(list(indices))
-        return [self.dataset[i] for i in indices]
-
-    def __getattr__(self, name: str) -> Any:  # a worker_init_fn may look at the dataset's attributes
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-
 def _batches_of(
     stream: Iterable[tuple[Any, int, bool, int | None]],
     places: collections.deque[tuple[int, bool, int | None]],
@@ -119,17 +82,6 @@ def _batches_of(
     for batch, position, at_end, remainder in stream:
         places.append((position, at_end, remainder))
         yield batch
-
-
-def _seed_for_batch(place: tuple[int, int, int, int]) -> None:
-    import random
-
-    import numpy as np
-
-    words = np.random.SeedSequence(list(place)).generate_state(4, dtype=np.uint32)
-    random.seed(int(words[0]))
-    np.random.seed(int(words[1]))
-    torch.manual_seed(int(words[2]) << 32 | int(words[3]))
 
 
 def _with_generator(sampler: Any, generator: torch.Generator) -> Any:
@@ -157,7 +109,10 @@ class PreparedDataLoader:
         seed: int,
         even_batches: bool,
         loop_state: LoopState,
+        split_batches: bool = False,
     ) -> None:
+        if split_batches:
+            _check_splittable(dataloader, world_size)
         self.base_dataloader = dataloader
         self.device = device
         # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
@@ -165,6 +120,7 @@ class PreparedDataLoader:
         self.world_size = world_size
         self.rank = rank
         self.even_batches = even_batches
+        self.split_batches = split_batches
         self._loop_state = loop_state
         self._seed = seed
         self._next_epoch = 0
@@ -189,9 +145,12 @@ class PreparedDataLoader:
         seeds, so iterating never advances the user's random stream.
         """
         kwargs = _settings(dl, self._generator)
-        if self._iterable:
-            return DataLoader(dl.dataset, batch_size=dl.batch_size, drop_last=dl.drop_last, **kwargs)
-        dataset = _SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
+        if self._iterable:  # split: a global batch is read as world_size consecutive slices
+            batch_size = (
+                dl.batch_size // self.world_size if self.split_batches and dl.batch_size else dl.batch_size
+            )
+            return DataLoader(dl.dataset, batch_size=batch_size, drop_last=dl.drop_last, **kwargs)
+        dataset = SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
         if dl.batch_sampler is None:  # batch_size=None: each "batch" of the plan is one sample, as is
             kwargs["collate_fn"] = _OneSample(dl.collate_fn)
         return DataLoader(dataset, batch_sampler=self._batch_sampler, **kwargs)
@@ -207,24 +166,21 @@ class PreparedDataLoader:
 
     def _rank_plan(self, epoch: int) -> tuple[list[list[int]], int | None]:
         """This rank's batches for ``epoch`` and the number of real samples in the last global step."""
-        batches = self._global_batches(epoch)
-        world, rank = self.world_size, self.rank
-        full_rounds, leftover = divmod(len(batches), world)
-        mine = [batches[s * world + rank] for s in range(full_rounds)]
-        if leftover == 0 or self._drop_last:
-            return mine, None
-        last_round = batches[full_rounds * world :]
-        remainder = sum(len(b) for b in last_round)
-        if rank < leftover:
-            mine.append(last_round[rank])
-        elif self.even_batches:  # duplicate batches from the start so every rank steps as often
-            mine.append(batches[(rank - leftover) % len(batches)])
-        return mine, remainder
+        return rank_plan(
+            self._global_batches(epoch), self.world_size, self.rank, even_batches=self.even_batches,
+            drop_last=self._drop_last, split_batches=self.split_batches, batch_size=self.base_dataloader.batch_size,
+        )  # fmt: skip
 
     def __len__(self) -> int:
+        dl = self.base_dataloader
+        if self.split_batches:  # one step per global batch
+            if self._iterable or dl.batch_size is None:
+                return len(dl)  # may raise TypeError, as DataLoader does
+            return split_length(len(dl.sampler), dl.batch_size, self.world_size, self.rank,  # type: ignore[arg-type]
+                                even_batches=self.even_batches, drop_last=self._drop_last)  # fmt: skip
         if self._iterable:
-            return len(self.base_dataloader) // self.world_size  # may raise TypeError, as DataLoader does
-        total = len(self.base_dataloader)
+            return len(dl) // self.world_size  # may raise TypeError, as DataLoader does
+        total = len(dl)
         if self._drop_last:
             return total // self.world_size
         if self.even_batches:
@@ -257,7 +213,7 @@ class PreparedDataLoader:
                 if self._seeded_workers:  # each batch carries its place, for the worker's seeds
                     places = ((self._seed, epoch, self.rank, i) for i in range(start, len(batches)))
                     self._batch_sampler.batches = [
-                        _PlannedBatch(b, p) for b, p in zip(batches[start:], places, strict=True)
+                        PlannedBatch(b, p) for b, p in zip(batches[start:], places, strict=True)
                     ]
                 else:
                     self._batch_sampler.batches = batches[start:]
@@ -338,6 +294,20 @@ class PreparedDataLoader:
         if name.startswith("_") or name == "base_dataloader":
             raise AttributeError(name)
         return getattr(self.base_dataloader, name)
+
+
+def _check_splittable(dl: DataLoader[Any], world_size: int) -> None:
+    """``split_batches`` needs global batches that divide into ``world_size`` equal slices."""
+    if dl.batch_size is None and (dl.batch_sampler is None or isinstance(dl.dataset, IterableDataset)):
+        raise ValueError(
+            "split_batches=True needs a dataloader that makes batches; this one has batch_size=None "
+            "(it yields single samples)"
+        )
+    if dl.batch_size is not None and dl.batch_size % world_size:
+        raise ValueError(
+            f"split_batches=True needs the dataloader's batch_size ({dl.batch_size}) to be a multiple of the "
+            f"number of processes ({world_size}): each process gets batch_size / {world_size} samples per step"
+        )
 
 
 def _batch_len(batch: Any) -> int:

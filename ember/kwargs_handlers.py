@@ -27,6 +27,22 @@ if TYPE_CHECKING:
 
 __all__ = ["DistributedDataParallelKwargs", "GradScalerKwargs", "InitProcessGroupKwargs", "ProfileKwargs"]
 
+# 🤗 Accelerate's spelling of the precision argument, accepted so its users can switch by import.
+_ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
+
+
+def accelerate_precision(precision: Any, mixed_precision: Any) -> Any:
+    """The Accelerator's ``precision`` with Accelerate's ``mixed_precision`` spelling folded in."""
+    if mixed_precision is None:
+        return precision
+    if not isinstance(mixed_precision, str) or _ACCELERATE_PRECISION.get(mixed_precision) is None:
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} is not supported. Valid choices: 'no', 'fp16', 'bf16'"
+        )
+    if precision is not None:
+        raise ValueError("pass either precision= or mixed_precision=, not both")
+    return _ACCELERATE_PRECISION[mixed_precision]
+
 
 @dataclass(frozen=True)
 class DistributedDataParallelKwargs:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,7 @@ from ember._registry import Registry
 from ember._validation import check_bool, check_number, check_process_group
 from ember.strategies.base import BackwardSyncControl, Strategy
 from ember.strategies.parallel import ParallelStrategy
+from ember.strategies.reducer import ForcesBackwardSync, JoinsUnevenInputs
 
 __all__ = ["DDPConfig", "DDPStrategy"]
 
@@ -47,7 +48,7 @@ class DDPConfig:
         check_number("bucket_cap_mb", self.bucket_cap_mb, minimum=0, above=True, owner="DDPConfig")
 
 
-class DDPStrategy(ParallelStrategy, BackwardSyncControl):
+class DDPStrategy(ParallelStrategy, BackwardSyncControl, JoinsUnevenInputs, ForcesBackwardSync):
     """Wraps each prepared model in :class:`~torch.nn.parallel.DistributedDataParallel`.
 
     Example::
@@ -122,12 +123,50 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl):
     @override
     @contextmanager
     def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
-        if not isinstance(module, DistributedDataParallel):
-            if any(p.requires_grad for p in module.parameters()):
-                raise TypeError(
-                    f"no_backward_sync needs a module prepared by DDPStrategy, got {type(module).__name__}"
-                )
+        if not _wrapped(module, "no_backward_sync"):
             yield  # a module that trains nothing (left unwrapped by setup_module): nothing to hold back
             return
         with module.no_sync():
             yield
+
+    @override
+    def join(self, joinables: Sequence[Any], *, enable: bool) -> AbstractContextManager[Any]:
+        from torch.distributed.algorithms.join import Join, Joinable
+
+        for joinable in joinables:
+            if not isinstance(joinable, Joinable):
+                raise TypeError(
+                    f"join_uneven_inputs() takes models prepared by DDPStrategy (DistributedDataParallel) and other "
+                    f"torch.distributed.algorithms.Joinable objects (ZeroRedundancyOptimizer), not "
+                    f"{type(joinable).__name__}"
+                )
+        # Not throw_on_early_termination: a process that runs out of batches shadows the others'
+        # all-reduces with zeros, and the model of the last one to finish is broadcast at the end.
+        return Join(list(joinables), enable=enable, throw_on_early_termination=False)
+
+    @override
+    @contextmanager
+    def force_backward_sync(self, module: nn.Module) -> Iterator[None]:
+        if not _wrapped(module, "force_backward_sync"):
+            yield  # a module that trains nothing: nothing to synchronize
+            return
+        backward, forward = module.require_backward_grad_sync, module.require_forward_param_sync
+        module.require_backward_grad_sync = module.require_forward_param_sync = True
+        # A forward under no_sync() did not arm the reducer's autograd hooks (its
+        # prepare_for_backward), so the next backward would not all-reduce: arm them now. The
+        # buckets then all-reduce the gradients accumulated so far with this backward's.
+        module.reducer.prepare_for_backward([])
+        try:
+            yield
+        finally:
+            module.require_backward_grad_sync, module.require_forward_param_sync = backward, forward
+
+
+def _wrapped(module: nn.Module, method: str) -> TypeGuard[DistributedDataParallel]:
+    """Whether ``module`` is DDP's wrapper; False for a module that trains nothing (``setup_module``
+    leaves it unwrapped), ``TypeError`` for one that trains but was not prepared by DDP."""
+    if isinstance(module, DistributedDataParallel):
+        return True
+    if any(p.requires_grad for p in module.parameters()):
+        raise TypeError(f"{method} needs a module prepared by DDPStrategy, got {type(module).__name__}")
+    return False

@@ -473,6 +473,27 @@ def test_save_state_extra_round_trip_and_free_memory(tmp_path: Path) -> None:
         accelerator.load_state(tmp_path / "a")
 
 
+def test_join_uneven_inputs_and_trigger_sync_in_backward_on_one_process() -> None:
+    accelerator, model, optimizer = _setup()
+    loader = DataLoader(TensorDataset(torch.randn(6, 4)), batch_size=4)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    with accelerator.join_uneven_inputs([model], even_batches=False):
+        assert loader.even_batches is True  # one process: nothing to join, nothing changed
+        with accelerator.no_sync(model), accelerator.trigger_sync_in_backward(model):
+            accelerator.backward(model(torch.ones(1, 4)).sum())
+    assert model.weight.grad is not None
+    with pytest.raises(
+        TypeError, match=r"join_uneven_inputs\(joinables\) takes a non-empty list of prepared models"
+    ):
+        with accelerator.join_uneven_inputs(model):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(
+        TypeError, match=r"join_uneven_inputs\(even_batches='no'\) must be True or False or None"
+    ):
+        with accelerator.join_uneven_inputs([model], even_batches="no"):  # type: ignore[arg-type]
+            pass
+
+
 def test_prepare_data_loader_without_sharding() -> None:
     accelerator = Accelerator()
     loader = accelerator.prepare_data_loader(

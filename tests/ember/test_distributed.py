@@ -323,3 +323,87 @@ def test_accelerate_names_on_two_processes(tmp_path: Path) -> None:
     )
     assert load_file(str(tmp_path / "w.safetensors"))["w"].tolist() == [0.0, 0.0]  # the main process's
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["profile_0.json", "profile_1.json"]
+
+
+# -- join_uneven_inputs and trigger_sync_in_backward (🤗 Accelerate's) -----------------------------
+def _local_grad(model: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+    """The gradient of the sum of the losses of ``inputs`` (targets 0) on this copy of ``model``."""
+    model.zero_grad()
+    sum(F.mse_loss(model(x), torch.zeros(len(x), 1)) for x in inputs).backward()  # type: ignore[union-attr]
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _uneven_worker() -> dict:
+    model = _model()
+    accelerator = Accelerator()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, DataLoader(_data(10), batch_size=2))
+    x, target = torch.full((2, 8), accelerator.process_index + 1.0), torch.zeros(2, 1)
+
+    def grads() -> list[float]:
+        flat = torch.cat([p.grad.flatten() for p in model.parameters()]).tolist()
+        optimizer.zero_grad()
+        return flat
+
+    with accelerator.no_sync(model):
+        accelerator.backward(F.mse_loss(model(x), target))
+    unsynced = grads()
+    with accelerator.no_sync(model):
+        loss = F.mse_loss(model(x), target)
+        with accelerator.trigger_sync_in_backward(model):
+            accelerator.backward(loss)
+    triggered = grads()
+    with accelerator.no_sync(model):  # Accelerate's example: two forwards, the second backward syncs both
+        loss_a, loss_b = F.mse_loss(model(x), target), F.mse_loss(model(2 * x), target)
+    accelerator.backward(loss_a)
+    with accelerator.trigger_sync_in_backward(model):
+        accelerator.backward(loss_b)
+    pattern = grads()
+
+    try:  # a prepared SGD is not a Joinable (a ZeroRedundancyOptimizer is)
+        with accelerator.join_uneven_inputs([optimizer], even_batches=False):
+            refused = ""
+    except TypeError as err:
+        refused = str(err)
+    steps, restored = 0, loader.even_batches
+    with accelerator.join_uneven_inputs([model], even_batches=False):
+        inside = (loader.even_batches, len(loader))
+        for x, y in loader:  # 5 batches: 3 on rank 0, 2 on rank 1
+            accelerator.backward(F.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+            steps += 1
+    return {"unsynced": unsynced, "triggered": triggered, "pattern": pattern, "refused": refused, "inside": inside,
+            "restored": restored, "after": loader.even_batches, "steps": steps, "params": flat_params(model)}  # fmt: skip
+
+
+def test_join_uneven_inputs_and_trigger_sync_in_backward_on_two_processes() -> None:
+    ranks = run_processes(_uneven_worker, nprocs=2, timeout=120)
+    model = _model()
+    inputs = [torch.full((2, 8), rank + 1.0) for rank in range(2)]
+
+    # Under no_sync each rank keeps its own gradient; trigger_sync_in_backward all-reduces (averages).
+    for rank, x in enumerate(inputs):
+        torch.testing.assert_close(torch.tensor(ranks[rank]["unsynced"]), _local_grad(model, x))
+    assert ranks[0]["unsynced"] != ranks[1]["unsynced"]
+    mean = sum(_local_grad(model, x) for x in inputs) / 2
+    assert ranks[0]["triggered"] == ranks[1]["triggered"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["triggered"]), mean)
+    both = sum(_local_grad(model, x, 2 * x) for x in inputs) / 2
+    assert ranks[0]["pattern"] == ranks[1]["pattern"]
+    torch.testing.assert_close(torch.tensor(ranks[0]["pattern"]), both)
+
+    # even_batches=False inside the block only; rank 1 joins after 2 steps and shadows rank 0's third.
+    assert "not SGD" in ranks[0]["refused"] and ranks[0]["restored"] is True
+    assert [r["inside"] for r in ranks] == [[False, 3], [False, 2]]
+    assert [r["after"] for r in ranks] == [True, True] and [r["steps"] for r in ranks] == [3, 2]
+    assert ranks[0]["params"] == ranks[1]["params"]  # the last process to finish broadcast its model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _data(10).tensors
+    for rows, scale in ((slice(0, 4), 1.0), (slice(4, 8), 1.0), (slice(8, 10), 0.5)):
+        optimizer.zero_grad()
+        (
+            F.mse_loss(model(x[rows]), y[rows]) * scale
+        ).backward()  # the third: rank 0's gradient, averaged with 0
+        optimizer.step()
+    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(flat_params(model)))

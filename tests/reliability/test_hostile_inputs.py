@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ember.cli
-from ember import Accelerator, CheckpointError, Trainer
+from ember import Accelerator, CheckpointError, DataLoaderConfiguration, Trainer
 from ember.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from ember.precision import PRECISION_REGISTRY
 from ember.strategies import STRATEGY_REGISTRY
@@ -301,7 +301,8 @@ def _cases() -> list[Case]:
         Case(Accelerator, "seed", _optional(_int(0, 2**32 - 1))),
         Case(Accelerator, "mixed_precision", _one_of(None, "no", "fp16", "bf16"), choices=("'fp16'",)),
         Case(Accelerator, "cpu", _is_bool),
-        Case(Accelerator, "even_batches", _is_bool),
+        Case(Accelerator, "even_batches", _optional(_is_bool)),
+        Case(Accelerator, "dataloader_config", lambda v: v is None),
         Case(
             Accelerator,
             "log_with",
@@ -351,6 +352,18 @@ def _cases() -> list[Case]:
     }
     for config, names in config_bools.items():
         cases += [Case(config, name, _is_bool) for name in names]
+    loader_bools = (
+        "split_batches",
+        "even_batches",
+        "use_seedable_sampler",
+        "use_stateful_dataloader",
+        "non_blocking",
+    )
+    cases += [Case(DataLoaderConfiguration, name, _is_bool) for name in loader_bools]
+    cases += [
+        Case(DataLoaderConfiguration, "data_seed", _optional(_int(0))),
+        Case(DataLoaderConfiguration, "dispatch_batches", _one_of(None, False), choices=("None", "False")),
+    ]
     backends = _one_of(None, "gloo", "nccl", "mpi", "ucc")
     cases += [
         Case(DDPConfig, "process_group_backend", backends, choices=("'gloo'",)),

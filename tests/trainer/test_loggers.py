@@ -417,6 +417,46 @@ def test_accelerator_trackers(tmp_path: Path) -> None:
     assert "note/text_summary" in texts
 
 
+def test_accelerator_log_kwargs_reach_each_tracker(tmp_path: Path) -> None:
+    accelerator = Accelerator(log_with=["csv", "tensorboard", "wandb"], project_dir=tmp_path)
+    accelerator.init_trackers("proj")
+    with pytest.raises(
+        ValueError,
+        match=r"log_kwargs=\{'mlflow': \{\}\}: 'mlflow' is not a tracker of this Accelerator\. "
+        r"Valid choices: \['csv', 'tensorboard', 'wandb'\]",
+    ):
+        accelerator.log({"loss": 1.0}, log_kwargs={"mlflow": {}})
+    with pytest.raises(  # refused before any tracker logs: nothing of this call is written
+        TypeError, match=r"log_kwargs\['csv'\]=\{'walltime': 5.0\}: CSVLogger.log_metrics does not take"
+    ):
+        accelerator.log({"loss": 1.0}, step=0, log_kwargs={"csv": {"walltime": 5.0}})
+    # W&B: commit=False keeps the row open for the next call; TensorBoard: the event's wall time.
+    accelerator.log(
+        {"loss": 1.0, "note": "hi"},
+        step=0,
+        log_kwargs={"wandb": {"commit": False}, "tensorboard": {"walltime": 1234.5}},
+    )
+    accelerator.log({"acc": 0.5}, step=0)
+    accelerator.end_training()
+
+    root = tmp_path / "proj"
+    rows = csv_rows(root / "csv" / "version_0" / "metrics.csv")
+    assert [(r["step"], r["loss"], r["note"], r["acc"]) for r in rows] == [
+        ("0", "1.0", "hi", ""),
+        ("0", "", "", "0.5"),
+    ]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tensorboard" / "version_0")).Reload()
+    assert [e.wall_time for e in events.Scalars("loss")] == [1234.5]
+    assert [e.wall_time for e in events.Tensors("note/text_summary")] == [1234.5]
+    assert events.Scalars("acc")[0].wall_time > 1234.5  # no log_kwargs: now
+    (run_dir,) = wandb_runs(root)
+    assert wandb_history(wandb_records(run_dir)) == [
+        {"loss": 1.0, "note": "hi", "acc": 0.5, "trainer/global_step": 0}
+    ]  # one row: without commit=False each call is a row of its own
+
+
 def _two_process_tracker_worker(project_dir: str) -> dict[str, Any]:
     accelerator = Accelerator(log_with="all", project_dir=project_dir)
     rank = accelerator.process_index

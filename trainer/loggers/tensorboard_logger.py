@@ -91,20 +91,21 @@ class TensorBoardLogger(VersionedLogger):
         self.experiment.file_writer.add_summary(session_start)
 
     @override
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
+        """``kwargs`` go to ``SummaryWriter.add_scalar`` (``walltime=``: ``accelerator.log``'s ``log_kwargs``)."""
         writer = self.experiment
         if step != self._last_step:
             self._last_step, self._last_row = step, []
         for key, value in metrics.items():
             tag = f"{self._prefix}-{key}" if self._prefix else key
-            writer.add_scalar(tag, value, global_step=step)
+            writer.add_scalar(tag, value, global_step=step, **kwargs)
             self._last_row.append((tag, value))
 
     @override
-    def log_text(self, texts: dict[str, str], step: int) -> None:
+    def log_text(self, texts: dict[str, str], step: int, **kwargs: Any) -> None:
         for key, value in texts.items():
             self.experiment.add_text(
-                f"{self._prefix}-{key}" if self._prefix else key, value, global_step=step
+                f"{self._prefix}-{key}" if self._prefix else key, value, global_step=step, **kwargs
             )
 
     @override

@@ -140,13 +140,14 @@ class WandbLogger(Logger):
         self.experiment.config.update(params, allow_val_change=True)
 
     @override
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
+        """``kwargs`` go to ``wandb.Run.log`` (``commit=False``: ``accelerator.log``'s ``log_kwargs``)."""
         row = {f"{self._prefix}-{k}" if self._prefix else k: v for k, v in metrics.items()}
-        self.experiment.log({**row, STEP_METRIC: step})
+        self.experiment.log({**row, STEP_METRIC: step}, **kwargs)
 
     @override
-    def log_text(self, texts: dict[str, str], step: int) -> None:
-        self.log_metrics(texts, step)  # type: ignore[arg-type]  # (a W&B history field takes strings)
+    def log_text(self, texts: dict[str, str], step: int, **kwargs: Any) -> None:
+        self.log_metrics(texts, step, **kwargs)  # type: ignore[arg-type]  # (a W&B history field takes strings)
 
     def watch(self, model: nn.Module, log: str | None = "gradients", log_freq: int = 100,
               log_graph: bool = True) -> None:  # fmt: skip

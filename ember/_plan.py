@@ -1,0 +1,94 @@
+"""Which of an epoch's batches a rank of a prepared dataloader loads: the epoch plan, as pure functions.
+
+The user's batch sampler gives the epoch's global list of batches (lists of dataset indices). By
+default rank ``r`` of ``world`` takes batch ``s * world + r`` at step ``s``. With ``split_batches``
+each global batch is one step: rank ``r`` takes the ``r``-th of ``world`` equal slices of it.
+
+Either way, with ``even_batches`` an incomplete last step is completed from the start of the epoch
+so that every rank steps as often; the plan then reports how many of the last step's samples are
+real (``remainder``), which ``gather_for_metrics`` keeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+__all__ = ["rank_plan", "split_length"]
+
+Plan = tuple[list[list[int]], int | None]
+
+
+def rank_plan(
+    batches: list[list[int]],
+    world: int,
+    rank: int,
+    *,
+    even_batches: bool,
+    drop_last: bool,
+    split_batches: bool = False,
+    batch_size: int | None = None,
+) -> Plan:
+    """Rank ``rank``'s batches of the epoch and the real samples of its last global step (None: no
+    step holds a duplicate or a missing sample). ``batch_size``: the size of a full global batch
+    under ``split_batches`` (None: the first batch's)."""
+    if split_batches:
+        return _split_plan(batches, world, rank, even_batches, batch_size)
+    full_rounds, leftover = divmod(len(batches), world)
+    mine = [batches[s * world + rank] for s in range(full_rounds)]
+    if leftover == 0 or drop_last:
+        return mine, None
+    last_round = batches[full_rounds * world :]
+    remainder = sum(len(b) for b in last_round)
+    if rank < leftover:
+        mine.append(last_round[rank])
+    elif even_batches:  # duplicate batches from the start so every rank steps as often
+        mine.append(batches[(rank - leftover) % len(batches)])
+    return mine, remainder
+
+
+def _split_plan(
+    batches: list[list[int]], world: int, rank: int, even_batches: bool, batch_size: int | None
+) -> Plan:
+    if not batches:
+        return [], None
+    size = batch_size or len(batches[0])  # a full global batch
+    slice_size = math.ceil(size / world)
+    mine = []
+    for number, batch in enumerate(batches[:-1]):
+        if len(batch) < world:  # some rank would get an empty batch in the middle of the epoch
+            raise ValueError(
+                f"split_batches=True: batch {number} of the epoch has {len(batch)} samples, fewer than the "
+                f"{world} processes it is split between"
+            )
+        mine.append(_slice(batch, world, rank))
+    last = batches[-1]
+    if len(last) >= size:
+        mine.append(_slice(last, world, rank))
+        return mine, None
+    if even_batches:  # fill the last batch up to a full one from the start of the epoch, then split it
+        start = itertools.cycle(itertools.chain.from_iterable(batches))
+        filled = last + list(itertools.islice(start, size - len(last)))
+        mine.append(_slice(filled, world, rank))
+    else:  # the usual slice size: the last ranks may get a short slice or none
+        part = last[rank * slice_size : (rank + 1) * slice_size]
+        if part:
+            mine.append(part)
+    return mine, len(last)
+
+
+def _slice(batch: list[int], world: int, rank: int) -> list[int]:
+    size = math.ceil(len(batch) / world)
+    return batch[rank * size : (rank + 1) * size]
+
+
+def split_length(
+    samples: int, batch_size: int, world: int, rank: int, *, even_batches: bool, drop_last: bool
+) -> int:
+    """Steps of a pass over ``samples`` samples in global batches of ``batch_size``, split between ``world``."""
+    full, rest = divmod(samples, batch_size)
+    if rest == 0 or drop_last:
+        return full
+    if even_batches:
+        return full + 1
+    return full + (rest > rank * math.ceil(batch_size / world))
