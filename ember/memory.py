@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from ember._validation import check_int
+
 __all__ = ["find_executable_batch_size", "is_out_of_memory", "release_memory"]
 
 R = TypeVar("R")
@@ -68,14 +70,7 @@ def find_executable_batch_size(
 
         train(config)  # no batch size: the decorator passes it
     """
-    if (
-        isinstance(starting_batch_size, bool)
-        or not isinstance(starting_batch_size, int)
-        or starting_batch_size < 1
-    ):
-        raise ValueError(
-            f"find_executable_batch_size(starting_batch_size={starting_batch_size!r}): expected an int >= 1"
-        )
+    check_int("starting_batch_size", starting_batch_size, minimum=1, owner="find_executable_batch_size")
     if function is None:
         return functools.partial(
             find_executable_batch_size,

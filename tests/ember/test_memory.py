@@ -65,8 +65,14 @@ def test_other_errors_propagate_and_no_size_fits() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"starting_batch_size=0\): expected an int >= 1"):
+    with pytest.raises(
+        ValueError, match=r"find_executable_batch_size\(starting_batch_size=0\) must be an int >= 1"
+    ):
         find_executable_batch_size(starting_batch_size=0)
+    with pytest.raises(
+        TypeError, match=r"find_executable_batch_size\(starting_batch_size='8'\) must be an int >= 1"
+    ):
+        find_executable_batch_size(starting_batch_size="8")  # type: ignore[arg-type]
     train = find_executable_batch_size(_fits_up_to(10, []), starting_batch_size=4)
     with pytest.raises(TypeError, match=r"call it without the batch size, train\(scale\)"):
         train(4, 2.0)  # the batch size passed by hand as well

@@ -356,3 +356,16 @@ def test_two_processes_agree_on_the_size(tmp_path: Path) -> None:
     assert ranks[0]["both_weights"] == ranks[1]["both_weights"]
     assert ranks[0]["one_weights"] == ranks[1]["one_weights"]
     assert ranks[0]["scratch"] == []
+
+
+class SkipsEveryStep(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+        self._step(batch)
+        return None  # no optimizer step, in every epoch
+
+
+@pytest.mark.timeout(60)
+def test_a_trial_that_takes_no_step_ends_after_one_epoch(tmp_path: Path) -> None:
+    module = SkipsEveryStep(n=12)
+    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, steps_per_trial=3) == 16  # as Lightning: grows
+    assert module.tried == [2] * 6 + [4] * 3 + [8, 4] + [12]  # each trial one epoch, not 3 steps' worth

@@ -386,3 +386,24 @@ def test_two_processes_search_the_same_rates_and_agree(tmp_path: Path) -> None:
     assert single is not None
     assert single.results["lr"] == ranks[0]["lr"]
     np.testing.assert_allclose(single.results["loss"], ranks[0]["loss"], rtol=1e-5)
+
+
+class SkipsEveryStep(Quadratic):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+        self.batches += 1
+        return None  # no optimizer step, in every epoch
+
+
+@pytest.mark.timeout(60)
+def test_a_search_that_takes_no_step_ends_after_one_epoch(tmp_path: Path) -> None:
+    module = SkipsEveryStep()
+    loader = DataLoader(TensorDataset(torch.zeros(6, 1)), batch_size=2)
+    trainer = _trainer(tmp_path)
+    finder = Tuner(trainer).lr_find(module, loader, num_training=50, update_attr=False)
+    assert finder is not None and finder.results["lr"] == [] and finder.suggestion() is None
+    assert module.batches == 3  # one epoch of 3 batches, not 50 steps' worth of epochs
+    assert trainer.global_step == 0 and module.w.item() == 1.0
