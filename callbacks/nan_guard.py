@@ -12,7 +12,7 @@ import torch
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
-from ember.strategies.base import OwnsOptimizerStep
+from ember.strategies.capabilities import OwnsOptimizerStep
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule

@@ -44,7 +44,7 @@ from ember._weights import (
 from ember._wrappers import PreparedOptimizer, PreparedScheduler
 from ember.data import PreparedDataLoader
 from ember.strategies import Strategy
-from ember.strategies.base import EngineCheckpoints
+from ember.strategies.capabilities import EngineCheckpoints
 from ember.strategies.checkpoint_io import (
     CheckpointError,
     decode_tree,

@@ -13,8 +13,7 @@ from torch import nn
 from ember._validation import check_bool
 from ember._wrappers import GradientState, PreparedOptimizer
 from ember.strategies import BackwardSyncControl, Strategy
-from ember.strategies.base import OwnsOptimizerStep
-from ember.strategies.reducer import ForcesBackwardSync, JoinsUnevenInputs
+from ember.strategies.capabilities import ForcesBackwardSync, JoinsUnevenInputs, OwnsOptimizerStep
 
 if TYPE_CHECKING:
     from ember._checkpoint import PreparedObjects

@@ -26,7 +26,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ember.strategies import Strategy
-from ember.strategies.base import EngineCheckpoints
+from ember.strategies.capabilities import EngineCheckpoints
 from ember.strategies.checkpoint_io import CheckpointError, load_tensors
 from ember.strategies.sharded_io import (
     SafetensorsWriter,

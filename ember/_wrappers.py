@@ -13,7 +13,7 @@ from torch import nn
 from ember.data import LoopState
 from ember.precision import Precision
 from ember.strategies import Strategy
-from ember.strategies.base import OwnsOptimizerStep
+from ember.strategies.capabilities import OwnsOptimizerStep
 
 
 @dataclass(slots=True)

@@ -52,7 +52,8 @@ from ember.dataloader_config import DataLoaderConfiguration, check_dataloader_co
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
 from ember.strategies import Strategy
-from ember.strategies.base import MaterializesModules, OwnsOptimizerStep, resolve_strategy
+from ember.strategies.base import resolve_strategy
+from ember.strategies.capabilities import MaterializesModules, OwnsOptimizerStep
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.strategies.parallel import ParallelStrategy
 

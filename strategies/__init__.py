@@ -4,14 +4,16 @@ Names resolve through :data:`STRATEGY_REGISTRY`; each class registers its own na
 backend is one new module plus one line here.
 """
 
-from ember.strategies.base import STRATEGY_REGISTRY, BackwardSyncControl, Strategy
+from ember.strategies.base import STRATEGY_REGISTRY, Strategy
+from ember.strategies.capabilities import BackwardSyncControl
 from ember.strategies.ddp import DDPConfig, DDPStrategy
 from ember.strategies.deepspeed import DeepSpeedConfig, DeepSpeedStrategy
 from ember.strategies.environment import ProcessEnvironment, detect_environment
 from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
-from ember.strategies.xla import XLASPMDConfig, XLASPMDStrategy, XLAStrategy
+from ember.strategies.xla import XLAStrategy
+from ember.strategies.xla_spmd import XLASPMDConfig, XLASPMDStrategy
 
 for _strategy in (
     SingleDeviceStrategy,

@@ -3,16 +3,13 @@
 A strategy answers: where am I (device, ranks), how do processes start, how do models and
 optimizers change, how does a step run, how do ranks talk, and how is state saved. The
 Accelerator calls these methods and never asks *which* strategy it holds; optional capabilities
-are small interfaces (:class:`BackwardSyncControl`).
+are small interfaces (``strategies/capabilities.py``).
 """
 
 from __future__ import annotations
 
 import sys
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -27,10 +24,6 @@ from ember.strategies.sharded_io import TensorSpec
 
 __all__ = [
     "STRATEGY_REGISTRY",
-    "BackwardSyncControl",
-    "EngineCheckpoints",
-    "MaterializesModules",
-    "OwnsOptimizerStep",
     "ReduceOp",
     "Strategy",
     "resolve_strategy",
@@ -330,54 +323,6 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.world_size}, device={self.root_device})"
-
-
-class BackwardSyncControl(ABC):
-    """Capability: the strategy can skip gradient synchronization (for gradient accumulation)."""
-
-    @abstractmethod
-    def no_backward_sync(self, module: nn.Module) -> AbstractContextManager[Any]:
-        """Context in which backward passes through ``module`` do not synchronize gradients."""
-
-
-class OwnsOptimizerStep(ABC):
-    """Capability: the strategy's engine runs the optimizer step inside backward (DeepSpeed).
-
-    The Accelerator sets ``gradient_accumulation_steps`` and ``micro_batch_size`` (from the first
-    prepared dataloader) before it prepares the model, calls :meth:`backward_and_step` for every
-    backward, and ``optimizer.step()`` only reports whether the engine stepped.
-    """
-
-    micro_batch_size: int | None
-    gradient_accumulation_steps: int
-
-    @abstractmethod
-    def check_client_scheduler(self, scheduler: Any) -> None:
-        """Called for each LR scheduler the loop steps itself: raise if the engine's own scheduler
-        would contradict it."""
-
-    @abstractmethod
-    def backward_and_step(self, loss: torch.Tensor, *, boundary: bool, **kwargs: Any) -> None:
-        """Backward of ``loss`` (already divided by the accumulation steps); apply the optimizer
-        when ``boundary`` (the end of an accumulation window)."""
-
-
-class EngineCheckpoints(ABC):
-    """Capability: models and optimizers are saved by the strategy's engine in its own format
-    (``save_state`` writes them to ``<dir>/<strategy_name>/``; manifest layout = strategy name)."""
-
-    @abstractmethod
-    def save_engine_state(self, directory: Path) -> None:
-        """Every rank writes its part of the prepared model and optimizer under ``directory``."""
-
-    @abstractmethod
-    def load_engine_state(self, directory: Path) -> None:
-        """Every rank restores its part from what :meth:`save_engine_state` wrote."""
-
-
-class MaterializesModules:
-    """Capability: ``setup_module`` accepts modules built on the meta device and materialises them
-    (each process allocating only its own shards), so they can be created without memory."""
 
 
 def resolve_strategy(value: str | Strategy, *, world_size: int, device_type: str | None = None) -> Strategy:

@@ -17,9 +17,9 @@ from typing_extensions import override
 
 from ember._registry import Registry
 from ember._validation import check_bool, check_number, check_process_group
-from ember.strategies.base import BackwardSyncControl, Strategy
+from ember.strategies.base import Strategy
+from ember.strategies.capabilities import BackwardSyncControl, ForcesBackwardSync, JoinsUnevenInputs
 from ember.strategies.parallel import ParallelStrategy
-from ember.strategies.reducer import ForcesBackwardSync, JoinsUnevenInputs
 
 __all__ = ["DDPConfig", "DDPStrategy"]
 

@@ -20,12 +20,8 @@ from typing_extensions import override
 from ember._registry import Registry
 from ember._validation import check_bool, check_choice, check_int, check_process_group, show
 from ember.precision import HalfPrecision, MixedPrecision, Precision
-from ember.strategies.base import (
-    BackwardSyncControl,
-    MaterializesModules,
-    Strategy,
-    setup_rebinding_optimizers,
-)
+from ember.strategies.base import Strategy, setup_rebinding_optimizers
+from ember.strategies.capabilities import BackwardSyncControl, MaterializesModules
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_named
 

@@ -6,10 +6,11 @@ Two strategies, because torch_xla has two ways to use several devices:
   like every other multi-process strategy (``ember launch``, or ``devices=N`` from plain
   ``python``); each initialises its PJRT replica the way ``torch_xla.launch`` does. Gradients are
   averaged over the replicas with one XLA all-reduce before clipping or the optimizer step.
-- :class:`XLASPMDStrategy` (``"xla_spmd"``, ``"xla_fsdp"``): one process drives every local device
-  through torch_xla's SPMD partitioner. The batch is sharded over a 1-D ``("data",)`` mesh; with
-  ``shard_parameters`` the parameters (and so the optimizer state) are sharded over it too. The
-  compiler inserts the collectives.
+- :class:`~ember.strategies.XLASPMDStrategy` (``"xla_spmd"``, ``"xla_fsdp"``, in
+  ``strategies/xla_spmd.py``): one process drives every local device through torch_xla's SPMD
+  partitioner. The batch is sharded over a 1-D ``("data",)`` mesh; with ``shard_parameters`` the
+  parameters (and so the optimizer state) are sharded over it too. The compiler inserts the
+  collectives.
 
 Both cut the lazy graph (``torch_xla.sync()``) right after the optimizer step and nowhere in the
 user's step, move batches ahead of use, and save CPU tensors in ember's pickle-free format.
@@ -18,10 +19,8 @@ torch_xla is imported only when one of them is used.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,25 +28,19 @@ from torch import nn
 from typing_extensions import override
 
 from ember._registry import Registry
-from ember._tree import apply_to_tensors
 from ember.precision import Precision
-from ember.strategies.base import (
-    BackwardSyncControl,
-    ReduceOp,
-    Strategy,
-    check_reduce_op,
-    setup_rebinding_optimizers,
-)
+from ember.strategies.base import ReduceOp, Strategy, check_reduce_op, setup_rebinding_optimizers
+from ember.strategies.capabilities import BackwardSyncControl
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.parallel import ParallelStrategy
 
-__all__ = ["XLASPMDConfig", "XLASPMDStrategy", "XLAStrategy"]
+__all__ = ["XLAStrategy"]
 
 #: Precisions XLA runs; fp16 has no grad scaler on XLA and float64 is not a TPU type.
 XLA_PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
 
 
-def _check_precision(strategy: str, precision: Precision) -> None:
+def check_precision(strategy: str, precision: Precision) -> None:
     if precision.name not in XLA_PRECISIONS:
         raise ValueError(
             f"precision={precision.name!r} is not supported by strategy={strategy!r}. "
@@ -55,7 +48,7 @@ def _check_precision(strategy: str, precision: Precision) -> None:
         )
 
 
-def _import_torch_xla() -> Any:
+def import_torch_xla() -> Any:
     try:
         import torch_xla
     except ImportError as error:  # torch_xla pins its torch build: say which
@@ -66,13 +59,13 @@ def _import_torch_xla() -> Any:
     return torch_xla
 
 
-def _sync() -> None:
+def xla_sync() -> None:
     import torch_xla
 
     torch_xla.sync()
 
 
-class _XLAStepMixin(Strategy):
+class XLAStep(Strategy):
     """What both XLA strategies share: the device, precision checks, the step's graph cut."""
 
     evaluates_in_inference_mode = False
@@ -102,11 +95,11 @@ class _XLAStepMixin(Strategy):
         self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None = None
     ) -> bool:
         stepped = self.precision.optimizer_step(optimizer, closure)
-        _sync()  # the graph of this step (forward, backward, update) ends here, nowhere earlier
+        xla_sync()  # the graph of this step (forward, backward, update) ends here, nowhere earlier
         return stepped
 
 
-class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
+class XLAStrategy(XLAStep, ParallelStrategy, BackwardSyncControl):
     """One process per XLA device; gradients averaged across the replicas by XLA collectives.
 
     Example::
@@ -132,7 +125,7 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
 
     @override
     def check_world_size(self, world_size: int) -> None:
-        if world_size > 1 and _pjrt_device() == "CPU":
+        if world_size > 1 and pjrt_device() == "CPU":
             raise ValueError(
                 f"strategy='xla' cannot run {world_size} processes on the XLA CPU device: torch_xla runs no "
                 "collectives between CPU processes (pytorch/xla#9089). Use one process, a TPU/GPU XLA runtime, "
@@ -143,7 +136,7 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
     def connect(
         self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
     ) -> None:
-        _check_precision(self.strategy_name, precision)
+        check_precision(self.strategy_name, precision)
         self.check_world_size(environment.world_size if environment.launched_externally else num_processes)
         super().connect(
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
@@ -151,7 +144,7 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
 
     @override
     def setup_environment(self) -> None:
-        torch_xla = _import_torch_xla()
+        torch_xla = import_torch_xla()
         if self.world_size > 1:
             # What torch_xla.launch / xmp.spawn does in each process it starts: join the replica set.
             from torch_xla._internal import pjrt
@@ -162,7 +155,7 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
     @override
     def teardown(self) -> None:
         if self._device is not None:
-            _sync()
+            xla_sync()
 
     # -- models and the step ----------------------------------------------------------------------
     @override
@@ -288,145 +281,15 @@ class XLAStrategy(_XLAStepMixin, ParallelStrategy, BackwardSyncControl):
             xm.set_rng_state(seed)
 
 
-@dataclass(kw_only=True, slots=True, frozen=True)
-class XLASPMDConfig:
-    """Options of :class:`XLASPMDStrategy`.
-
-    ``shard_parameters``: shard every parameter's first dimension over the devices (FSDP-style, by
-    sharding annotations); optimizer state follows its parameter. Off: parameters are replicated
-    and only the batch is sharded (data parallel).
-    """
-
-    shard_parameters: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.shard_parameters, bool):
-            raise ValueError(f"shard_parameters={self.shard_parameters!r} must be True or False")
-
-
-class XLASPMDStrategy(_XLAStepMixin):
-    """One process drives all local XLA devices through torch_xla's SPMD partitioner.
-
-    Each batch of a prepared dataloader is the *global* batch: it is split along its first
-    dimension over the devices. Example::
-
-        accelerator = Accelerator(strategy="xla_spmd", devices=2)  # on CPU: 2 virtual XLA devices
-        trainer = Trainer(strategy="xla_fsdp")                      # every device, parameters sharded
-    """
-
-    strategy_name = "xla_spmd"
-
-    def __init__(self, config: XLASPMDConfig | None = None) -> None:
-        super().__init__()
-        self.config = config or XLASPMDConfig()
-        self._mesh: Any = None
-
-    @classmethod
-    @override
-    def register_strategies(cls, registry: Registry[Strategy]) -> None:
-        registry.register("xla_spmd", cls, "one process, all XLA devices: SPMD data parallel")
-        registry.register(
-            "xla_fsdp",
-            cls,
-            "xla_spmd with parameters sharded over the devices",
-            config=XLASPMDConfig(shard_parameters=True),
-        )
-
-    @override
-    def auto_num_devices(self) -> int:
-        if _runtime_started():
-            import torch_xla.runtime as xr
-
-            return int(xr.global_runtime_device_count())
-        if _pjrt_device() == "CPU":
-            return int(os.environ.get("CPU_NUM_DEVICES", "1"))
-        return 0  # every device: counted in setup_environment, once SPMD mode is on
-
-    @override
-    def check_world_size(self, world_size: int) -> None:
-        if world_size > 1:
-            raise ValueError(
-                f"strategy={self.strategy_name!r} runs one process that drives every device, not {world_size}: "
-                "start the script with plain `python` and pass devices=N (or use strategy='xla' for one process "
-                "per device)"
-            )
-
-    @override
-    def connect(
-        self, *, device_type: str, num_processes: int, precision: Precision, environment: ProcessEnvironment
-    ) -> None:
-        _check_precision(self.strategy_name, precision)
-        super().connect(
-            device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
-        )
-
-    @property
-    def num_devices(self) -> int:
-        """Devices the mesh spans (known after ``setup_environment``)."""
-        return int(self._mesh.size()) if self._mesh is not None else self._num_processes
-
-    @override
-    def setup_environment(self) -> None:
-        _import_torch_xla()
-        import numpy as np
-        import torch_xla
-        import torch_xla.distributed.spmd as xs
-        import torch_xla.runtime as xr
-
-        wanted = self._num_processes  # 0: every device
-        if not _runtime_started() and _pjrt_device() == "CPU" and wanted > 0:
-            os.environ["CPU_NUM_DEVICES"] = str(wanted)  # virtual devices, fixed when the runtime starts
-        xr.use_spmd()
-        count = int(xr.global_runtime_device_count())
-        if wanted > 0 and count != wanted:
-            raise ValueError(
-                f"devices={wanted}, but the XLA runtime has {count} devices (it started before this "
-                "Accelerator; set CPU_NUM_DEVICES or TPU chips before any XLA tensor is made, or pass devices='auto')"
-            )
-        self._mesh = xs.Mesh(np.arange(count), (count,), ("data",))
-        xs.set_global_mesh(self._mesh)
-        self._device = torch_xla.device()
-
-    @override
-    def teardown(self) -> None:
-        if self._device is not None:
-            _sync()
-
-    def _shard_first_dim(self, tensor: torch.Tensor) -> None:
-        import torch_xla.distributed.spmd as xs
-
-        if tensor.dim() > 0:
-            xs.mark_sharding(tensor, self._mesh, ("data",) + (None,) * (tensor.dim() - 1))
-
-    @override
-    def setup_module(self, module: nn.Module) -> nn.Module:
-        module = super().setup_module(module)
-        if self.config.shard_parameters:
-            for parameter in module.parameters():
-                self._shard_first_dim(parameter)
-        return module
-
-    @override
-    def batches_to_device(self, batches: Iterable[Any]) -> Iterable[Any]:
-        device = self.root_device
-
-        def place(tensor: torch.Tensor) -> torch.Tensor:
-            tensor = tensor.to(device)
-            self._shard_first_dim(tensor)  # the batch dimension is split over the devices
-            return tensor
-
-        return (apply_to_tensors(batch, place) for batch in batches)
-
-
-def _runtime_started() -> bool:
+def runtime_started() -> bool:
     import torch_xla
 
     return bool(torch_xla._XLAC._xla_runtime_is_initialized())
 
 
-def _pjrt_device() -> str:
+def pjrt_device() -> str:
     """The PJRT device type torch_xla will use (it picks TPU when one is present, else CPU)."""
-    _import_torch_xla()  # importing it selects the default device
+    import_torch_xla()  # importing it selects the default device
     import torch_xla.runtime as xr
 
     return str(xr.device_type() or "")

@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset
 
 from ember._validation import check_choice, check_int, check_str, show
 from ember.memory import is_out_of_memory, release_memory
-from ember.strategies.base import OwnsOptimizerStep
+from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.trainer.config import resolve_limit
 from ember.trainer.data import find_loaders, loader_length
 from ember.trainer.lr_finder import attribute_holders

@@ -21,7 +21,8 @@ from ember.callbacks.base import Callback
 from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
-from ember.strategies.base import OwnsOptimizerStep, resolve_strategy
+from ember.strategies.base import resolve_strategy
+from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.batch_size_finder import BatchSizeSearch, StageData

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ember._rng import rng_state, set_rng_state
-from ember.strategies.base import OwnsOptimizerStep
+from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.trainer.data import entry_arguments
 from ember.trainer.hooks import overridden
 from ember.trainer.lr_finder import LRFinder, SearchRecorder, SearchSettings, lr_holders, set_lr

@@ -14,7 +14,8 @@ from typing_extensions import override
 
 from ember._registry import Registry
 from ember.precision import DoublePrecision, Precision
-from ember.strategies.base import EngineCheckpoints, OwnsOptimizerStep, Strategy
+from ember.strategies.base import Strategy
+from ember.strategies.capabilities import EngineCheckpoints, OwnsOptimizerStep
 from ember.strategies.deepspeed.config import DeepSpeedConfig
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.parallel import ParallelStrategy

@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from ember import Accelerator, CheckpointError
 from ember.strategies import SingleDeviceStrategy
-from ember.strategies.base import EngineCheckpoints
+from ember.strategies.capabilities import EngineCheckpoints
 
 
 def _two_models() -> tuple[Accelerator, nn.Module, nn.Module]:

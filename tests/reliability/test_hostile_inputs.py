@@ -37,7 +37,7 @@ from ember.strategies.ddp import DDPConfig
 from ember.strategies.deepspeed import DeepSpeedConfig
 from ember.strategies.fsdp import FSDPConfig
 from ember.strategies.single_device import SingleDeviceStrategy
-from ember.strategies.xla import XLASPMDConfig
+from ember.strategies.xla_spmd import XLASPMDConfig
 from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 
