@@ -7,14 +7,18 @@ from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.base import Callback
 from ember.callbacks.batch_size_finder import BatchSizeFinder
+from ember.callbacks.device_stats_monitor import DeviceStatsMonitor
 from ember.callbacks.early_stopping import EarlyStopping
 from ember.callbacks.finetuning import BackboneFinetuning, BaseFinetuning
 from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
+from ember.callbacks.lambda_function import LambdaCallback
 from ember.callbacks.lr_finder import LearningRateFinder
 from ember.callbacks.lr_monitor import LearningRateMonitor
 from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.nan_guard import NonFiniteGuard
+from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
 from ember.callbacks.prediction_writer import BasePredictionWriter
+from ember.callbacks.pruning import ModelPruning
 from ember.callbacks.swa import StochasticWeightAveraging
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
@@ -52,13 +56,17 @@ __all__ = [
     "BasePredictionWriter",
     "BatchSizeFinder",
     "Callback",
+    "DeviceStatsMonitor",
     "EarlyStopping",
     "GradientAccumulationScheduler",
+    "LambdaCallback",
     "LearningRateFinder",
     "LearningRateMonitor",
     "ModelCheckpoint",
+    "ModelPruning",
     "ModelSummary",
     "NonFiniteGuard",
+    "OnExceptionCheckpoint",
     "RichProgressBar",
     "RunSummary",
     "StochasticWeightAveraging",

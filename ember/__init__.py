@@ -23,10 +23,11 @@ from ember.kwargs_handlers import (
 from ember.memory import find_executable_batch_size
 from ember.notebook import notebook_launcher
 from ember.project import ProjectConfiguration
+from ember.state import PartialState
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
-    from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainModule, Tuner
+    from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainerCLI, TrainModule, Tuner
     from ember.trainer.loggers import TensorBoardLogger, WandbLogger
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
@@ -43,6 +44,7 @@ _TRAINER_NAMES = {
     "Logger",
     "TensorBoardLogger",
     "Trainer",
+    "TrainerCLI",
     "TrainModule",
     "Tuner",
     "WandbLogger",
@@ -74,12 +76,14 @@ __all__ = [
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "Logger",
+    "PartialState",
     "PreparedDataLoader",
     "ProfileKwargs",
     "ProjectConfiguration",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",
+    "TrainerCLI",
     "Tuner",
     "WandbLogger",
     "__version__",

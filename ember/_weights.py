@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,10 @@ def check_weights(path: Path, layout: str, specs: list[TensorSpec]) -> None:
         with safe_open(str(path), framework="pt") as f:
             saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     expected = {name: shape for name, _, shape in specs}
+    if layout != "sharded":  # a pruned model's weights, loaded plain (load_model_weights folds them)
+        for name, (orig, mask) in pruned_pairs(saved, expected).items():
+            saved[name] = saved.pop(orig)
+            del saved[mask]
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     shapes = [
         f"{name!r} is {list(saved[name])} there, {list(shape)} here"
@@ -75,6 +79,26 @@ def check_weights(path: Path, layout: str, specs: list[TensorSpec]) -> None:
                 if part
             )
         )
+
+
+def pruned_pairs(saved: Iterable[str], expected: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Tensors saved re-parametrised by ``torch.nn.utils.prune`` (``<name>_orig`` and ``<name>_mask``,
+    ``ModelPruning`` during a fit) that the model holds plain as ``<name>``: name -> (orig, mask)."""
+    present, wanted = set(saved), set(expected)
+    pairs = {}
+    for name in sorted(wanted - present):
+        orig, mask = f"{name}_orig", f"{name}_mask"
+        if orig in present and mask in present and not {orig, mask} & wanted:
+            pairs[name] = (orig, mask)
+    return pairs
+
+
+def fold_pruned(state: dict[str, torch.Tensor], expected: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``state`` with each :func:`pruned_pairs` pair replaced by the tensor the model holds, ``orig * mask``
+    (what ``torch.nn.utils.prune.remove`` leaves)."""
+    for name, (orig, mask) in pruned_pairs(state, expected).items():
+        state[name] = state.pop(orig) * state.pop(mask)
+    return state
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
@@ -116,13 +140,14 @@ def load_model_weights(
         strategy.load_module_state_dict(model, engine_weights(directory, layout))
         return
     path = weights_path(directory, layout, index)
-    check_weights(path, layout, strategy.full_tensors(model)[0])  # before the model changes
+    specs = strategy.full_tensors(model)[0]
+    check_weights(path, layout, specs)  # before the model changes
     if layout == "sharded":
         strategy.load_module_state_dict(
             model, load_shards(path, strategy.module_state_dict(model, full=False))
         )
     else:
-        strategy.load_module_state_dict(model, load_tensors(path))
+        strategy.load_module_state_dict(model, fold_pruned(load_tensors(path), [n for n, _, _ in specs]))
 
 
 def full_state_dict(directory: Path, manifest: dict[str, Any], index: int = 0) -> dict[str, torch.Tensor]:

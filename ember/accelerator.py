@@ -51,6 +51,7 @@ from ember.data import PreparedDataLoader, skip_first_batches
 from ember.dataloader_config import DataLoaderConfiguration, check_dataloader_config
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
+from ember.state import forget, set_current
 from ember.strategies import Strategy
 from ember.strategies.base import resolve_strategy
 from ember.strategies.capabilities import MaterializesModules, OwnsOptimizerStep
@@ -173,6 +174,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
         self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)  # for profile()
+        set_current(self)  # a PartialState made from now on describes these processes
 
     # -- where am I -----------------------------------------------------------------------------
     @property
@@ -399,6 +401,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         """Finish the trackers, then release process groups; call once at the end of a script."""
         self._trackers.finish()
         self._strategy.teardown()
+        forget(self)  # its processes are gone: a PartialState made after this sets up its own
 
     def __repr__(self) -> str:
         return f"Accelerator(strategy={self._strategy!r}, precision={self.precision!r})"

@@ -60,7 +60,8 @@ class Strategy:
     evaluates_in_inference_mode: ClassVar[bool] = True
     #: Whether every process holds the whole module, unsharded, and steps it with the Trainer's
     #: torch optimizer, so that a callback may keep a full copy of the weights, average it and copy
-    #: it back (``StochasticWeightAveraging``). False for FSDP (parameters sharded) and DeepSpeed
+    #: it back (``StochasticWeightAveraging``), or re-parametrise whole parameters with masks
+    #: (``ModelPruning``). False for FSDP (parameters sharded) and DeepSpeed
     #: (the ZeRO engine partitions the state and owns the step and the LR schedule).
     supports_weight_averaging: ClassVar[bool] = True
     #: Whether :meth:`refresh_trainable` can follow a change of the parameters that require grad
@@ -253,6 +254,13 @@ class Strategy:
 
     def barrier(self, name: str | None = None) -> None:
         return None
+
+    def all_arrive(self, point: str, timeout: float) -> bool:
+        """Whether every process reaches ``point`` (a name that says where, the same on each) within
+        ``timeout`` seconds, told to all of them alike, without a collective: a process that raised
+        alone asks while the others wait in a collective of the step, which this must not join.
+        ``OnExceptionCheckpoint`` saves (a collective) only when it is True. Here: one process."""
+        return self.world_size == 1
 
     # -- how state is saved ---------------------------------------------------------------------
     @property

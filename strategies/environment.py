@@ -12,17 +12,19 @@ A restarted process learns it from ``TORCHELASTIC_RESTART_COUNT`` (torchrun rest
 
 ``ember launch`` also passes the user's ``--strategy``/``--precision`` to the script through
 ``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them. :func:`running_in_ci`
-reads ``CI`` for the callbacks that draw to the terminal.
+reads ``CI`` for the callbacks that draw to the terminal. :func:`shared_random_seed` reads (and sets)
+``EMBER_GLOBAL_SEED``, the random seed of a ``TrainerCLI`` run, which the processes it starts inherit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import socket
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "launch_defaults",
     "running_in_ci",
     "scoped_variables",
+    "shared_random_seed",
 ]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -155,6 +158,20 @@ def launch_defaults(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if value:
             defaults[key] = value
     return defaults
+
+
+def shared_random_seed(environ: MutableMapping[str, str] | None = None) -> int:
+    """A random seed every process of the run agrees on: the one the process that started this one
+    drew (``EMBER_GLOBAL_SEED``), else a new one, exported for the processes this one starts (the
+    Trainer's launcher passes its environment on). Processes that a launcher started side by side
+    (torchrun, ``ember launch``) each draw their own unless the variable is set for them."""
+    env = os.environ if environ is None else environ
+    value = env.get("EMBER_GLOBAL_SEED", "")
+    if value.isdigit():
+        return int(value) % 2**32
+    seed = random.SystemRandom().randrange(2**32)
+    env["EMBER_GLOBAL_SEED"] = str(seed)
+    return seed
 
 
 def running_in_ci(environ: Mapping[str, str] | None = None) -> bool:

@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
 from typing_extensions import override
 
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, default_store
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, _bounded, default_store
 from ember.precision import Precision
 from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
@@ -59,6 +59,8 @@ class ParallelStrategy(Strategy):
         self._owns_process_group = False
         self.collective_timeout: float | None = DEFAULT_COLLECTIVE_TIMEOUT
         self._watchdog: CollectiveWatchdog | None = None
+        self._namespace = ""  # this run's keys in the store, the same on every rank
+        self._arrivals: dict[str, int] = {}  # all_arrive's points, how often each was asked
 
     @override
     def connect(
@@ -118,14 +120,18 @@ class ParallelStrategy(Strategy):
         self._start_watchdog()
 
     def _start_watchdog(self) -> None:
-        if self.collective_timeout is None or self.world_size < 2 or self._watchdog is not None:
+        if self.world_size < 2 or self._watchdog is not None:
             return
-        # A name for this run's keys in the store, from rank 0 (secrets: the seeded RNGs stay untouched).
+        # A name for this run's keys in the store (the watchdog's, all_arrive's), from rank 0 (secrets:
+        # the seeded RNGs stay untouched).
         token = torch.tensor([secrets.randbits(62) if self.is_global_zero else 0], device=self.root_device)
         dist.broadcast(token, 0)
+        self._namespace = f"{int(token.item()):x}"
+        if self.collective_timeout is None:
+            return
         self._watchdog = CollectiveWatchdog(
             rank=self.global_rank, world_size=self.world_size, timeout=self.collective_timeout,
-            store=default_store(), namespace=f"{int(token.item()):x}",
+            store=default_store(), namespace=self._namespace,
         )  # fmt: skip
         self._watchdog.start()
         # Stopped by teardown, else at exit: also the watchdog of a strategy that joined an existing
@@ -254,6 +260,38 @@ class ParallelStrategy(Strategy):
         with self._collective("broadcast"):
             dist.broadcast(result, src)
         return result.to(home)
+
+    @override
+    def all_arrive(self, point: str, timeout: float) -> bool:
+        """Through the process group's store, not a collective. The first process that decides (all
+        arrived, or its ``timeout`` ran out) writes the answer and every process reads that one, so a
+        process that arrives after another gave up does not go on alone. The wait ends before the
+        watchdog of a process waiting in a collective for this one would fire (half its timeout)."""
+        if self.world_size < 2:
+            return True
+        store = default_store()
+        if store is None or not self._namespace:
+            return False
+        if self.collective_timeout is not None:
+            timeout = min(timeout, self.collective_timeout / 2)
+        # A point asked again (a second failed fit in the same group) counts anew.
+        count = self._arrivals[point] = self._arrivals.get(point, 0) + 1
+        key = f"ember_arrive/{self._namespace}/{point}/{count}"
+        answer: list[bool] = []
+
+        def agree() -> None:
+            deadline = time.monotonic() + timeout
+            arrived = store.add(f"{key}/arrived", 1)
+            while arrived < self.world_size and time.monotonic() < deadline:
+                time.sleep(0.05)
+                arrived = store.add(f"{key}/arrived", 0)
+            wanted = "yes" if arrived >= self.world_size else "no"
+            decided = store.compare_set(f"{key}/decision", "", wanted)
+            answer.append(decided in (b"yes", "yes"))
+
+        # A store whose server is gone (the process that held it ended) fails or blocks: no.
+        failure = _bounded(agree, timeout + 5.0)
+        return failure is None and answer == [True]
 
     @override
     def barrier(self, name: str | None = None) -> None:

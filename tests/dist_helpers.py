@@ -34,6 +34,7 @@ PYTHON = sys.executable
 RANK_VARIABLES = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
     "TORCHELASTIC_RUN_ID", "EMBER_STRATEGY", "EMBER_PRECISION", "EMBER_ACCELERATOR",
+    "EMBER_GLOBAL_SEED",  # (TrainerCLI's seed_everything: true, for the processes it starts)
 )  # fmt: skip
 
 # A helper module directly under tests/ is imported by its own name, so that what it defines pickles

@@ -1,5 +1,6 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
+from ember.trainer.cli import TrainerCLI  # (jsonargparse loads when a TrainerCLI is built)
 from ember.trainer.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from ember.trainer.lr_finder import LRFinder
 from ember.trainer.module import DataModule, TrainModule
@@ -30,6 +31,7 @@ __all__ = [
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",
+    "TrainerCLI",
     "Tuner",
     "WandbLogger",
 ]

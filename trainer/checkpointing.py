@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ember._weights import full_state_dict, load_model_weights
+from ember._weights import fold_pruned, full_state_dict, load_model_weights
 from ember.callbacks.base import Callback
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree, verify_stem
 from ember.strategies.checkpoint_swap import locate_checkpoint
@@ -122,7 +122,8 @@ def load_module(
         saved = {k: v for k, v in saved.items() if k in parameters}  # (e.g. a saved config dict's keys)
     module = cls(**{**saved, **overrides})
     module.on_load_checkpoint(checkpoint)
-    state = full_state_dict(path, manifest)
+    # (A pruned fit's weight_orig and weight_mask load into the plain module's weight.)
+    state = fold_pruned(full_state_dict(path, manifest), module.state_dict())
     module.load_state_dict(state, strict=strict)
     return module.to(map_location) if map_location is not None else module
 

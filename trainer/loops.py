@@ -103,6 +103,12 @@ def _train_epoch(trainer: Trainer) -> None:
                 break
             if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
                 break
+    except BaseException:
+        # The epoch ends in an exception: its pass closed, the loader points back at the first batch
+        # not finished, so that a checkpoint saved now (OnExceptionCheckpoint) runs it again on resume.
+        batches.close()  # type: ignore[attr-defined]
+        loader.load_state_dict({**loader.state_dict(), "epoch": state.epoch, "position": state.batch_idx})
+        raise
     finally:
         store.fx = previous
         batches.close()  # type: ignore[attr-defined]

@@ -23,14 +23,23 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.utils.prune as prune
 import xxhash
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import ember.cli
-from ember import Accelerator, CheckpointError, DataLoaderConfiguration, Trainer
-from ember.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from ember import Accelerator, CheckpointError, DataLoaderConfiguration, PartialState, Trainer
+from ember.callbacks import (
+    DeviceStatsMonitor,
+    EarlyStopping,
+    LambdaCallback,
+    ModelCheckpoint,
+    ModelPruning,
+    OnExceptionCheckpoint,
+    RichProgressBar,
+)
 from ember.precision import PRECISION_REGISTRY
 from ember.strategies import STRATEGY_REGISTRY
 from ember.strategies.ddp import DDPConfig
@@ -261,6 +270,37 @@ def _duration(v: Any) -> bool:  # Trainer(max_time=)
         return False
 
 
+def _checkpoint_name(v: Any) -> bool:  # OnExceptionCheckpoint(filename=): a directory's name
+    return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and os.sep not in v
+
+
+def _pruning_fn(v: Any) -> bool:  # with use_global_unstructured=True (the default): unstructured only
+    if isinstance(v, str):
+        return v.lower() in ("l1_unstructured", "random_unstructured")
+    return isinstance(v, type) and issubclass(v, prune.BasePruningMethod) and v.PRUNING_TYPE == "unstructured"
+
+
+def _flag_or_function(v: Any) -> bool:
+    return isinstance(v, bool) or callable(v)
+
+
+_PRUNING_ARGUMENTS: dict[str, Callable[[Any], bool]] = {
+    "parameters_to_prune": lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 0),
+    "parameter_names": lambda v: (
+        v is None
+        or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(n, str) and n for n in v))
+    ),
+    "use_global_unstructured": _is_bool,
+    "amount": lambda v: callable(v) or _int(0)(v) or (isinstance(v, float) and 0.0 <= v <= 1.0),
+    "apply_pruning": _flag_or_function,
+    "make_pruning_permanent": _is_bool,
+    "use_lottery_ticket_hypothesis": _flag_or_function,
+    "resample_parameters": _is_bool,
+    "pruning_dim": _optional(_int()),
+    "pruning_norm": lambda v: v is None or (not isinstance(v, bool) and isinstance(v, (int, float, str))),
+    "verbose": _one_of(0, 1, 2),
+    "prune_on_train_epoch_end": _is_bool,
+}
 _STRATEGIES = {"auto", *STRATEGY_REGISTRY.names()}
 _PRECISIONS = {*PRECISION_REGISTRY.names(), "16", "32", "64", "bf16", "half", 16, 32, 64}
 
@@ -361,6 +401,9 @@ def _cases() -> list[Case]:
     )
     cases += [Case(DataLoaderConfiguration, name, _is_bool) for name in loader_bools]
     cases += [
+        Case(PartialState, "cpu", _is_bool),
+        Case(PartialState, "backend", _one_of(None, "gloo", "nccl", "mpi", "ucc"), choices=("'gloo'",)),
+        Case(PartialState, "timeout", _optional(_timeout)),
         Case(DataLoaderConfiguration, "data_seed", _optional(_int(0))),
         Case(DataLoaderConfiguration, "dispatch_batches", _one_of(None, False), choices=("None", "False")),
     ]
@@ -415,6 +458,16 @@ def _cases() -> list[Case]:
         Case(RichProgressBar, "leave", _is_bool),
         Case(RichProgressBar, "plain_every_n_batches", _int(1)),
         Case(RichProgressBar, "console", lambda v: v is None),
+        Case(LambdaCallback, "on_fit_start", lambda v: v is None or callable(v)),
+        Case(LambdaCallback, "on_train_batch_end", lambda v: v is None or callable(v)),
+        Case(OnExceptionCheckpoint, "dirpath", _is_path),
+        Case(OnExceptionCheckpoint, "filename", _checkpoint_name, (("dirpath", "ckpt"),)),
+        Case(DeviceStatsMonitor, "cpu_stats", _optional(_is_bool)),
+        Case(ModelPruning, "pruning_fn", _pruning_fn),
+        *[
+            Case(ModelPruning, name, valid, (("pruning_fn", "l1_unstructured"),))
+            for name, valid in _PRUNING_ARGUMENTS.items()
+        ],
     ]
     for logger in (CSVLogger, TensorBoardLogger, WandbLogger):
         cases += [

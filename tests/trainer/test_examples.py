@@ -26,6 +26,22 @@ def test_digits_example_on_two_processes(tmp_path: Path) -> None:
     assert "last" in kept and len(kept) == 3  # top-2 by val_acc + last
 
 
+def test_cli_example_fits_from_its_config_then_tests_the_checkpoint(tmp_path: Path) -> None:
+    example, config = str(REPO / "examples" / "cli.py"), str(REPO / "examples" / "cli.yaml")
+    root = tmp_path / "cli"
+    fit = run_command([PYTHON, example, "fit", "--config", config, "--trainer.max_epochs", "3",
+                       "--trainer.default_root_dir", str(root)], timeout=180)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr
+    saved = (root / "logs" / "version_0" / "config.yaml").read_text()
+    assert "max_epochs: 3" in saved and "class_path: torch.optim.AdamW" in saved
+    assert sorted(p.name for p in (root / "checkpoints").iterdir())[-1] == "last"
+    test = run_command([PYTHON, example, "test", "--config", config, "--trainer.default_root_dir", str(root),
+                        "--ckpt_path", str(root / "checkpoints" / "last")], timeout=180)  # fmt: skip
+    assert test.returncode == 0, test.stderr
+    rows = list(csv.DictReader(open(root / "logs" / "version_1" / "metrics.csv")))
+    assert float(rows[0]["test_acc"]) > 0.7  # 3 epochs on digits
+
+
 def test_custom_callback_example(tmp_path: Path) -> None:
     result = run_command([PYTHON, str(REPO / "examples" / "custom_callback.py")], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
