@@ -25,6 +25,7 @@ from ember.strategies.base import resolve_strategy
 from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
+from ember.trainer.attach import StageAttachment
 from ember.trainer.batch_size_finder import BatchSizeSearch, StageData
 from ember.trainer.config import TrainerConfig, check_sync_batchnorm, resolve_limit, resolve_switches
 from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
@@ -37,7 +38,7 @@ from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_opt
 from ember.trainer.prediction import PredictionRecord
 from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.profilers import Profiler
-from ember.trainer.profilers.timed import backward_call, end_stage, module_hook, start_stage
+from ember.trainer.profilers.timed import backward_call, end_stage, module_hook
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.state import LoopState
 from ember.trainer.step import backward
@@ -47,7 +48,7 @@ from ember.trainer.tuner import LRSearch, SearchFinished
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainerProperties, TrainerData, LRSearch, BatchSizeSearch, TrainableRefresh):
+class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSizeSearch, TrainableRefresh):
     """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
 
     Example::
@@ -317,50 +318,6 @@ class Trainer(TrainerProperties, TrainerData, LRSearch, BatchSizeSearch, Trainab
 
             print_results(stage.capitalize(), results)
         return results
-
-    def _reattach(
-        self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
-    ) -> TrainModule:
-        callback = self.checkpoint_callback
-        if module is None and ckpt_path is None and callback is not None and callback.best_model_path:
-            # As Lightning: evaluating the fitted module means evaluating the fit's best checkpoint.
-            ckpt_path = "best"
-            warnings.warn(
-                f"{stage}() was called without a module after fit: the fit's best checkpoint "
-                f"({callback.best_model_path}) is loaded. Pass the module ({stage}(module, ...)) for "
-                "its current weights, or ckpt_path='best', 'last' or a path to choose (and silence this)",
-                stacklevel=3,
-            )
-        module = module or self._module
-        if module is None:
-            raise ValueError(f"{stage}() needs a module (none was fitted with this Trainer)")
-        already_prepared = module is self._module and self._model is not None
-        self._attach(module, stage, datamodule)
-        if not already_prepared:
-            self._model = self.accelerator.prepare(module)
-        path = checkpointing.resolve_path(self, ckpt_path) if ckpt_path is not None else None
-        if path is not None:
-            checkpointing.load_weights(self, path)
-        return module
-
-    def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
-        if not isinstance(module, TrainModule):
-            raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
-        self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
-        self._module = module
-        module._trainer = self
-        self.stage = stage
-        start_stage(self, stage)  # the profiler's report covers this stage, its setup hooks included
-        self.callbacks = checkpointing.check_callbacks(
-            checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
-        )
-        self._datamodule = datamodule
-        if datamodule is not None:
-            with self.accelerator.main_process_first():
-                if self.is_global_zero:
-                    datamodule.prepare_data()
-            datamodule.setup(stage)
-        call_hook(self, "setup", stage)
 
     def _run(self, loop: Any, stage: str) -> Any:
         # SIGTERM / SIGUSR1 end a fit at a step boundary, with a checkpoint. Outermost, so that a signal

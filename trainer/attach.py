@@ -1,0 +1,89 @@
+"""Attaching a TrainModule to the Trainer for a stage (fit, validate, test, predict): the module and
+its callbacks, the datamodule's ``prepare_data``/``setup``, the ``setup`` hooks, and for the evaluation
+stages the prepared model and the checkpoint named by ``ckpt_path``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, cast
+
+from ember.trainer import checkpointing
+from ember.trainer.hooks import call_hook
+from ember.trainer.module import DataModule, TrainModule
+from ember.trainer.profilers.timed import start_stage
+
+if TYPE_CHECKING:
+    import torch
+
+    from ember.accelerator import Accelerator
+    from ember.callbacks.base import Callback
+    from ember.callbacks.model_checkpoint import ModelCheckpoint
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["StageAttachment"]
+
+
+class StageAttachment:
+    """Mixed into :class:`~ember.trainer.Trainer`."""
+
+    accelerator: Accelerator
+    callbacks: list[Callback]
+    stage: str
+    _callbacks: list[Callback]
+    _module: TrainModule | None
+    _datamodule: DataModule | None
+    _model: torch.nn.Module | None
+
+    if TYPE_CHECKING:
+
+        @property
+        def checkpoint_callback(self) -> ModelCheckpoint | None: ...
+
+        @property
+        def is_global_zero(self) -> bool: ...
+
+    def _reattach(
+        self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
+    ) -> TrainModule:
+        callback = self.checkpoint_callback
+        if module is None and ckpt_path is None and callback is not None and callback.best_model_path:
+            # As Lightning: evaluating the fitted module means evaluating the fit's best checkpoint.
+            ckpt_path = "best"
+            warnings.warn(
+                f"{stage}() was called without a module after fit: the fit's best checkpoint "
+                f"({callback.best_model_path}) is loaded. Pass the module ({stage}(module, ...)) for "
+                "its current weights, or ckpt_path='best', 'last' or a path to choose (and silence this)",
+                stacklevel=3,
+            )
+        module = module or self._module
+        if module is None:
+            raise ValueError(f"{stage}() needs a module (none was fitted with this Trainer)")
+        already_prepared = module is self._module and self._model is not None
+        self._attach(module, stage, datamodule)
+        if not already_prepared:
+            self._model = self.accelerator.prepare(module)
+        trainer = cast("Trainer", self)
+        path = checkpointing.resolve_path(trainer, ckpt_path) if ckpt_path is not None else None
+        if path is not None:
+            checkpointing.load_weights(trainer, path)
+        return module
+
+    def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
+        if not isinstance(module, TrainModule):
+            raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
+        trainer = cast("Trainer", self)
+        self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
+        self._module = module
+        module._trainer = trainer
+        self.stage = stage
+        start_stage(trainer, stage)  # the profiler's report covers this stage, its setup hooks included
+        self.callbacks = checkpointing.check_callbacks(
+            checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
+        )
+        self._datamodule = datamodule
+        if datamodule is not None:
+            with self.accelerator.main_process_first():
+                if self.is_global_zero:
+                    datamodule.prepare_data()
+            datamodule.setup(stage)
+        call_hook(trainer, "setup", stage)
