@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ember.callbacks.model_summary import ModelSummary
     from ember.callbacks.progress import RichProgressBar
     from ember.callbacks.run_summary import RunSummary
+    from ember.callbacks.tqdm_progress import TQDMProgressBar
 
 # These three draw with rich, whose console/table/progress modules cost ~40 ms to import and, on top
 # of torch's heap, push the interpreter into a full garbage collection (~80 ms more): they load on
@@ -35,6 +36,7 @@ _LAZY = {
     "ModelSummary": "ember.callbacks.model_summary",
     "RichProgressBar": "ember.callbacks.progress",
     "RunSummary": "ember.callbacks.run_summary",
+    "TQDMProgressBar": "ember.callbacks.tqdm_progress",  # (ember.callbacks.progress's helpers)
 }
 
 
@@ -70,6 +72,7 @@ __all__ = [
     "RichProgressBar",
     "RunSummary",
     "StochasticWeightAveraging",
+    "TQDMProgressBar",
     "ThroughputMonitor",
     "Timer",
 ]

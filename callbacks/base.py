@@ -55,6 +55,9 @@ class Callback:
     #: Monitoring callbacks (checkpointing, early stopping) run *after* the module's hook, so they
     #: see everything the module logged in it. Others run before the module's hook.
     monitoring: ClassVar[bool] = False
+    #: A progress bar: the Trainer adds its default bar only when no callback is one, and a module's
+    #: bar (``configure_callbacks``) replaces the Trainer's.
+    progress_bar: ClassVar[bool] = False
 
     @property
     def state_key(self) -> str:

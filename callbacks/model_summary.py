@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 from typing_extensions import override
 
@@ -22,13 +23,16 @@ __all__ = ["ModelSummary", "SummaryRow", "SummaryTotals", "summarize", "summariz
 
 @dataclass(frozen=True, slots=True)
 class SummaryRow:
-    """One submodule: its dotted name, class, parameter counts and train/eval mode."""
+    """One submodule: its dotted name, class, parameter counts and train/eval mode; with an
+    ``example_input_array``, the sizes of its input and output (``"?"``: not called by the forward)."""
 
     name: str
     type: str
     params: int
     trainable: int
     mode: str
+    in_size: str | None = None
+    out_size: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +48,66 @@ def _numel(parameter: nn.Parameter) -> int:
     return 0 if isinstance(parameter, nn.parameter.UninitializedParameter) else parameter.numel()
 
 
+def _shape(value: Any) -> Any:
+    """Lightning's sizes: a tensor's shape as a list, lists and tuples element-wise, else ``"?"``."""
+    if hasattr(value, "shape"):
+        return list(value.shape)
+    if isinstance(value, list | tuple):
+        return [_shape(item) for item in value]
+    return "?"
+
+
+def _layer_sizes(module: nn.Module, layers: dict[str, nn.Module]) -> dict[str, tuple[str, str]]:
+    """``{name: (input size, output size)}`` of the layers the example input's forward calls (the
+    first call of each), as Lightning measures them: in eval mode, without gradients, the module's
+    batch-transfer hooks moving the example to its device; every submodule's mode is restored."""
+    from ember.trainer.module_tools import call_forward, eval_mode
+
+    example = getattr(module, "example_input_array", None)
+    prepare = getattr(module, "_example_on_device", None)
+    if prepare is not None:
+        example = prepare(example, "ModelSummary")
+    sizes: dict[str, tuple[str, str]] = {}
+    handles = []
+
+    def record(name: str) -> Any:
+        def hook(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            if name not in sizes:
+                inputs: Any = (*args, *kwargs.values())
+                sizes[name] = (str(_shape(inputs[0] if len(inputs) == 1 else inputs)), str(_shape(output)))
+
+        return hook
+
+    try:
+        for name, layer in layers.items():
+            if not isinstance(layer, torch.jit.ScriptModule):  # (which take no hooks)
+                handles.append(layer.register_forward_hook(record(name), with_kwargs=True))
+        with eval_mode(module), torch.no_grad():
+            call_forward(module, example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sizes
+
+
 def summarize(module: nn.Module, max_depth: int = 1) -> list[SummaryRow]:
     """Rows for the submodules of ``module`` nested at most ``max_depth`` deep (-1: all).
 
     Depth 1 is the direct children. A parameter shared by two submodules counts in both rows,
-    but once in :func:`summarize_totals`.
+    but once in :func:`summarize_totals`. When ``module.example_input_array`` is set (a
+    :class:`~ember.TrainModule`'s), one forward pass with it fills each row's input and output sizes.
     """
     if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < -1:
         raise ValueError(f"max_depth={max_depth!r} must be an int >= -1 (-1 shows every level)")
+    layers = {
+        name: submodule
+        for name, submodule in module.named_modules()
+        if name and (max_depth == -1 or name.count(".") + 1 <= max_depth)
+    }
+    sized = bool(layers) and getattr(module, "example_input_array", None) is not None
+    sizes = _layer_sizes(module, layers) if sized else {}
     rows = []
-    for name, submodule in module.named_modules():
-        depth = name.count(".") + 1
-        if not name or (max_depth != -1 and depth > max_depth):
-            continue
+    for name, submodule in layers.items():
         params = list(submodule.parameters())
         rows.append(
             SummaryRow(
@@ -65,6 +116,8 @@ def summarize(module: nn.Module, max_depth: int = 1) -> list[SummaryRow]:
                 params=sum(_numel(p) for p in params),
                 trainable=sum(_numel(p) for p in params if p.requires_grad),
                 mode="train" if submodule.training else "eval",
+                in_size=sizes.get(name, ("?", "?"))[0] if sized else None,
+                out_size=sizes.get(name, ("?", "?"))[1] if sized else None,
             )
         )
     return rows
@@ -88,12 +141,20 @@ def _human(count: int) -> str:
 
 
 _HEADER = ("", "Name", "Type", "Params", "Trainable", "Mode")
+_SIZES = ("In sizes", "Out sizes")  # with an example_input_array, as in Lightning
 _RIGHT = ("", "Params", "Trainable")  # columns aligned right
 
 
+def _header(rows: list[SummaryRow]) -> tuple[str, ...]:
+    return _HEADER + _SIZES if rows and rows[0].in_size is not None else _HEADER
+
+
 def _cells(rows: list[SummaryRow]) -> list[tuple[str, ...]]:
+    sized = _header(rows) != _HEADER
     return [
-        (str(i), r.name, r.type, _human(r.params), _human(r.trainable), r.mode) for i, r in enumerate(rows)
+        (str(i), r.name, r.type, _human(r.params), _human(r.trainable), r.mode)
+        + ((r.in_size or "?", r.out_size or "?") if sized else ())
+        for i, r in enumerate(rows)
     ]
 
 
@@ -110,12 +171,12 @@ def _plain(rows: list[SummaryRow], totals: SummaryTotals) -> str:
     """The summary as plain text, for a log file: no rich import, no box drawing."""
     lines = []
     if rows:
-        cells = [_HEADER, *_cells(rows)]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(_HEADER))]
+        header = _header(rows)
+        cells = [header, *_cells(rows)]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
         for row in cells:
             parts = [
-                c.rjust(w) if h in _RIGHT else c.ljust(w)
-                for c, w, h in zip(row, widths, _HEADER, strict=True)
+                c.rjust(w) if h in _RIGHT else c.ljust(w) for c, w, h in zip(row, widths, header, strict=True)
             ]
             lines.append("  ".join(parts).rstrip())
         lines.append("")
@@ -128,7 +189,7 @@ def _table(rows: list[SummaryRow]) -> Table:
     from rich.table import Table
 
     table = Table(header_style="bold")
-    for column in _HEADER:
+    for column in _header(rows):
         table.add_column(column, justify="right" if column in _RIGHT else "left")
     for cells in _cells(rows):
         table.add_row(*cells)
@@ -138,7 +199,8 @@ def _table(rows: list[SummaryRow]) -> Table:
 class ModelSummary(Callback):
     """On global rank 0, print the module's submodules up to ``max_depth`` and the parameter totals.
 
-    ``max_depth=0`` prints only the totals; ``-1`` prints every level.
+    ``max_depth=0`` prints only the totals; ``-1`` prints every level. When the module's
+    ``example_input_array`` is set, the table also shows each layer's input and output sizes.
 
     Example::
 
@@ -155,7 +217,11 @@ class ModelSummary(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
+        # The example input's forward runs on every process, as in Lightning: under FSDP or DeepSpeed
+        # it gathers parameters, which takes all of them.
         if not trainer.is_global_zero:
+            if self._max_depth and getattr(module, "example_input_array", None) is not None:
+                summarize(module, self._max_depth)
             return
         rows = summarize(module, self._max_depth)
         totals = summarize_totals(module)

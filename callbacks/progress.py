@@ -71,6 +71,8 @@ class RichProgressBar(Callback):
         trainer = Trainer(callbacks=[RichProgressBar(refresh_rate=10, leave=True)])
     """
 
+    progress_bar = True
+
     def __init__(
         self,
         refresh_rate: int = 1,

@@ -292,7 +292,7 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
         raise ValueError("a ModelCheckpoint callback was given, but enable_checkpointing=False")
     if config.enable_checkpointing and not config.fast_dev_run and not has(ModelCheckpoint):
         result.append(ModelCheckpoint())
-    if config.enable_progress_bar and not has(RichProgressBar):
+    if config.enable_progress_bar and not any(c.progress_bar for c in result):
         result.append(RichProgressBar())
     if config.enable_progress_bar and not has(RunSummary):
         result.append(RunSummary())
@@ -308,13 +308,19 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
 def merge_callbacks(trainer_callbacks: list[Callback], module_callbacks: list[Any]) -> list[Callback]:
     """The Trainer's callbacks, then the module's (``configure_callbacks``). A module callback
     replaces the Trainer's of its class or of a class it derives from, as in Lightning: a
-    ``ModelCheckpoint(monitor=...)`` from the module replaces the default one."""
+    ``ModelCheckpoint(monitor=...)`` from the module replaces the default one; a progress bar of
+    either kind replaces the Trainer's bar."""
     replaced = {
         type(mine)
         for mine in trainer_callbacks
         if type(mine) is not Callback and any(isinstance(theirs, type(mine)) for theirs in module_callbacks)
     }
-    return [c for c in trainer_callbacks if type(c) not in replaced] + list(module_callbacks)
+    bar = any(
+        getattr(theirs, "progress_bar", False) for theirs in module_callbacks
+    )  # any bar replaces the bar
+    return [c for c in trainer_callbacks if type(c) not in replaced and not (bar and c.progress_bar)] + list(
+        module_callbacks
+    )
 
 
 def check_callbacks(callbacks: list[Any]) -> list[Callback]:

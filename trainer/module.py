@@ -8,13 +8,14 @@ import inspect
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ember._tree import apply_to_tensors
 from ember.trainer.module_hooks import StepHooks
+from ember.trainer.module_tools import ModuleTools
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -51,7 +52,7 @@ class AttributeDict(dict[str, Any]):
             raise AttributeError(name) from None
 
 
-class TrainModule(nn.Module, StepHooks):
+class TrainModule(nn.Module, StepHooks, ModuleTools):
     """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
 
     Example::
@@ -74,6 +75,11 @@ class TrainModule(nn.Module, StepHooks):
 
     #: Set to False to call ``optimizer.step()`` and :meth:`manual_backward` yourself.
     automatic_optimization: bool = True
+    # Properties TorchScript must not compile (to_torchscript), as in Lightning.
+    __jit_unused_properties__: ClassVar[list[str]] = [
+        *("trainer", "device", "current_epoch", "global_step", "global_rank", "local_rank"),
+        *("logger", "loggers", "example_input_array", "automatic_optimization"),
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -162,6 +168,8 @@ class TrainModule(nn.Module, StepHooks):
     @property
     def trainer(self) -> Trainer:
         if self._trainer is None:
+            if self._jit_is_scripting:  # to_torchscript: TorchScript reads every attribute
+                return None  # type: ignore[return-value]
             raise RuntimeError(
                 f"{type(self).__name__} is not attached to a Trainer (call trainer.fit(module) first)"
             )

@@ -39,6 +39,7 @@ from ember.callbacks import (
     ModelPruning,
     OnExceptionCheckpoint,
     RichProgressBar,
+    TQDMProgressBar,
 )
 from ember.precision import PRECISION_REGISTRY
 from ember.strategies import STRATEGY_REGISTRY
@@ -458,6 +459,10 @@ def _cases() -> list[Case]:
         Case(RichProgressBar, "leave", _is_bool),
         Case(RichProgressBar, "plain_every_n_batches", _int(1)),
         Case(RichProgressBar, "console", lambda v: v is None),
+        Case(TQDMProgressBar, "refresh_rate", _int(0)),
+        Case(TQDMProgressBar, "process_position", _int(0)),
+        Case(TQDMProgressBar, "leave", _is_bool),
+        Case(TQDMProgressBar, "file", lambda v: v is None),
         Case(LambdaCallback, "on_fit_start", lambda v: v is None or callable(v)),
         Case(LambdaCallback, "on_train_batch_end", lambda v: v is None or callable(v)),
         Case(OnExceptionCheckpoint, "dirpath", _is_path),

@@ -1,0 +1,260 @@
+"""``TrainModule``'s Lightning utilities (a mixin): optimizer toggling for manual optimization with
+several optimizers, ``freeze``/``unfreeze``, ``example_input_array`` and the TorchScript / ONNX exports."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+import torch
+
+if TYPE_CHECKING:
+    from io import BytesIO
+
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["ModuleTools"]
+
+_T = TypeVar("_T", bound="ModuleTools")
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block; then each submodule back in its own mode (a frozen
+    submodule left in eval stays in eval, which ``module.train(mode)`` would undo)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def call_forward(module: torch.nn.Module, example: Any) -> Any:
+    """``module`` called as Lightning reads ``example_input_array``: a tuple or list are the positional
+    arguments, a dict the keyword arguments, anything else the single argument."""
+    if isinstance(example, tuple | list):
+        return module(*example)
+    if isinstance(example, dict):
+        return module(**example)
+    return module(example)
+
+
+class ModuleTools:
+    """``toggle_optimizer``/``untoggle_optimizer``/``toggled_optimizer``, ``freeze``/``unfreeze``,
+    ``example_input_array``, ``to_torchscript`` and ``to_onnx``, as Lightning's ``LightningModule``
+    has them; :class:`~ember.TrainModule` inherits them."""
+
+    if TYPE_CHECKING:  # what the mixin uses of TrainModule and nn.Module
+
+        @property
+        def trainer(self) -> Trainer: ...
+
+        @property
+        def device(self) -> torch.device: ...
+
+        def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+        def train(self: _T, mode: bool = True) -> _T: ...
+        def eval(self: _T) -> _T: ...
+        def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
+        def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any: ...
+        def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
+
+    _example_input_array: Any = None
+    _jit_is_scripting: ClassVar[bool] = False  # True while to_torchscript compiles (see _scripting)
+
+    # -- several optimizers (manual optimization) -----------------------------------------------------
+    def toggle_optimizer(self, optimizer: Any) -> None:
+        """Only ``optimizer``'s parameters require grad until :meth:`untoggle_optimizer`: the other
+        optimizers' parameters are set to ``requires_grad=False`` (their flags are remembered), so a
+        backward pass for one optimizer (a GAN's discriminator) leaves the others' gradients alone.
+        ``optimizer``: one of ``self.optimizers()`` (or the optimizer it wraps)."""
+        optimizers = self.trainer.optimizers
+        inner = self._users_optimizer(optimizer, "toggle_optimizer")
+        # Every optimizer's parameters, off (their flags kept, even those set in configure_optimizers),
+        # then the toggled optimizer's back to what they were.
+        state: dict[torch.Tensor, bool] = {}
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param not in state:
+                        state[param] = param.requires_grad
+                        param.requires_grad = False
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param.requires_grad = state[param]
+        self._param_requires_grad_state = state
+
+    def untoggle_optimizer(self, optimizer: Any) -> None:
+        """Give the other optimizers' parameters back the ``requires_grad`` flags that
+        :meth:`toggle_optimizer` found."""
+        inner = self._users_optimizer(optimizer, "untoggle_optimizer")
+        state: dict[torch.Tensor, bool] = getattr(self, "_param_requires_grad_state", {})
+        for opt in self.trainer.optimizers:
+            if opt is inner:
+                continue
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param in state:
+                        param.requires_grad = state[param]
+        self._param_requires_grad_state = {}
+
+    def _users_optimizer(self, optimizer: Any, method: str) -> Any:
+        """The user's optimizer that ``optimizer`` is, or wraps (``self.optimizers()`` returns the
+        prepared wrappers)."""
+        trainer = self.trainer
+        for wrapper, inner in zip(trainer._step_optimizers, trainer.optimizers, strict=True):
+            if optimizer is wrapper or optimizer is inner:
+                return inner
+        raise ValueError(
+            f"{method}(): {type(optimizer).__name__} is not one of this fit's optimizers; pass one of "
+            "self.optimizers()"
+        )
+
+    @contextmanager
+    def toggled_optimizer(self, optimizer: Any) -> Iterator[None]:
+        """:meth:`toggle_optimizer` for the ``with`` block, then :meth:`untoggle_optimizer` (also on an
+        exception).
+
+        Example::
+
+            g_opt, d_opt = self.optimizers()
+            with self.toggled_optimizer(d_opt):
+                d_loss = ...
+                d_opt.zero_grad()
+                self.manual_backward(d_loss)
+                d_opt.step()
+        """
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
+
+    # -- inference ----------------------------------------------------------------------------------
+    def freeze(self: _T) -> _T:
+        """Every parameter ``requires_grad=False``, and eval mode; returns the module."""
+        for param in self.parameters():
+            param.requires_grad = False
+        return self.eval()
+
+    def unfreeze(self: _T) -> _T:
+        """Every parameter ``requires_grad=True``, and training mode; returns the module."""
+        for param in self.parameters():
+            param.requires_grad = True
+        return self.train()
+
+    @property
+    def example_input_array(self) -> Any:
+        """What ``forward`` takes, for the model summary's layer sizes and the exports: a tensor
+        (``forward(x)``), a tuple (``forward(*x)``) or a dict (``forward(**x)``); ``None`` by default."""
+        return self._example_input_array
+
+    @example_input_array.setter
+    def example_input_array(self, example: Any) -> None:
+        self._example_input_array = example
+
+    def _example_on_device(self, example: Any, what: str) -> Any:
+        """``example`` (or ``example_input_array``) through the batch-transfer hooks, onto the module's device."""
+        if example is None:
+            example = self.example_input_array
+        if example is None:
+            raise ValueError(f"{what} needs an example input: pass one, or set self.example_input_array")
+        example = self.on_before_batch_transfer(example, 0)
+        example = self.transfer_batch_to_device(example, self.device, 0)
+        return self.on_after_batch_transfer(example, 0)
+
+    # -- export -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_torchscript(
+        self,
+        file_path: str | os.PathLike[str] | None = None,
+        method: str = "script",
+        example_inputs: Any = None,
+        **kwargs: Any,
+    ) -> torch.jit.ScriptModule:
+        """The module compiled by ``torch.jit.script`` (``method="script"``) or ``torch.jit.trace``
+        (``"trace"``, with ``example_inputs`` or else :attr:`example_input_array`), in eval mode;
+        saved with ``torch.jit.save`` when ``file_path`` is given. ``kwargs`` go to script/trace.
+        The module's own mode is restored afterwards.
+
+        Example::
+
+            scripted = module.to_torchscript("model.pt")
+            torch.jit.load("model.pt")(x)
+        """
+        if method not in ("script", "trace"):
+            raise ValueError(f"to_torchscript(method={method!r}): valid choices are 'script', 'trace'")
+        module: Any = self
+        if method == "script":
+            with eval_mode(module), _scripting():
+                exported = torch.jit.script(module, **kwargs)
+        else:
+            example = self._example_on_device(example_inputs, "to_torchscript(method='trace')")
+            if isinstance(example, dict):
+                kwargs["example_kwarg_inputs"] = example
+                example = None
+            elif isinstance(example, list):
+                example = tuple(example)
+            with eval_mode(module), _scripting():
+                exported = torch.jit.trace(module, example, **kwargs)
+        if file_path is not None:
+            torch.jit.save(exported, os.fspath(file_path))
+        return exported  # type: ignore[no-any-return]
+
+    @torch.no_grad()
+    def to_onnx(
+        self,
+        file_path: str | os.PathLike[str] | BytesIO | None = None,
+        input_sample: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Export to ONNX with ``torch.onnx.export`` (``kwargs`` go to it), traced with ``input_sample``
+        or else :attr:`example_input_array`, in eval mode (restored afterwards). Writes ``file_path``
+        (a path or a binary file object) when given; returns what ``torch.onnx.export`` returns (an ``ONNXProgram`` from the default
+        exporter, ``None`` with ``dynamo=False``). Needs ``pip install 'ember[onnx]'`` (onnx, and
+        onnxscript for the default exporter).
+
+        Example::
+
+            module.to_onnx("model.onnx", torch.randn(1, 64))
+        """
+        missing = [name for name in ("onnx", "onnxscript") if not _installed(name)]
+        if not kwargs.get("dynamo", True):
+            missing = [name for name in missing if name != "onnxscript"]  # (the TorchScript exporter)
+        if missing:
+            raise ModuleNotFoundError(
+                f"to_onnx() needs {' and '.join(missing)}: pip install 'ember[onnx]' "
+                f"(or pip install {' '.join(missing)})"
+            )
+        example = self._example_on_device(input_sample, "to_onnx()")
+        if isinstance(example, dict):
+            args: tuple[Any, ...] = ()
+            kwargs["kwargs"] = example
+        else:
+            args = tuple(example) if isinstance(example, tuple | list) else (example,)
+        if isinstance(file_path, os.PathLike):
+            file_path = os.fspath(file_path)
+        module: Any = self
+        with eval_mode(module):
+            # (torch declares str | PathLike; a BytesIO works too, as Lightning notes)
+            return torch.onnx.export(module, args, file_path, **kwargs)  # type: ignore[arg-type]
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+@contextmanager
+def _scripting() -> Iterator[None]:
+    """TorchScript reads every attribute of the module, and of the TrainModules inside it, while
+    compiling it: ``trainer`` must not raise on one without a Trainer (Lightning's ``_jit_is_scripting``)."""
+    ModuleTools._jit_is_scripting = True
+    try:
+        yield
+    finally:
+        ModuleTools._jit_is_scripting = False
