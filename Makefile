@@ -73,16 +73,7 @@ xla: $(XLA_STAMP)
 	$(XLA_VENV)/bin/python -m pip install --quiet --no-deps -e .  # (the shared venv: this checkout's ember)
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q tests/xla
 
-# The XLA suite (mostly one core, ~2.5 minutes) runs beside the main suite, whose two workers leave
-# part of the machine idle while they wait on child processes; its output is printed after the main
-# suite's, and either failing fails `make test`.
-test: lint typecheck docs $(STAMP) $(XLA_STAMP)
-	@mkdir -p build
-	@$(MAKE) --no-print-directory xla > build/xla-test.log 2>&1 & xla=$$!; \
-	$(MAKE) --no-print-directory unit; unit_status=$$?; \
-	wait $$xla; xla_status=$$?; \
-	echo "--- make xla (ran beside the main suite) ---"; cat build/xla-test.log; \
-	test $$unit_status -eq 0 && test $$xla_status -eq 0
+test: lint typecheck unit docs xla
 
 # The benchmark suite (benchmarks/run.py, about 16 minutes here): RESULTS.md and ratios.png in benchmarks/.
 # It compares ember with Lightning and Accelerate, installed here only (the `bench` extra; torch stays
