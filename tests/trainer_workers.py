@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchmetrics
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -42,11 +41,19 @@ class Augmented(TensorDataset):
 
 
 class Net(TrainModule):
-    def __init__(self, lr: float = 0.05) -> None:
+    """``metric_object``: the training accuracy is a torchmetrics ``Accuracy`` logged as an object
+    (its state must resume exactly too), else a tensor. torchmetrics takes ~2 s to import (it loads
+    SciPy and matplotlib): only the runs that test a metric object's resume pay for it."""
+
+    def __init__(self, lr: float = 0.05, metric_object: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 3))
-        self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
+        self.train_acc = None
+        if metric_object:
+            import torchmetrics
+
+            self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -55,9 +62,12 @@ class Net(TrainModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
-        self.log("train_acc", self.train_acc, on_epoch=True)
+        if self.train_acc is not None:
+            self.train_acc(logits, y)
+            self.log("train_acc", self.train_acc, on_epoch=True)
+        else:
+            self.log("train_acc", (logits.argmax(dim=1) == y).float().mean(), on_epoch=True)
         return loss
 
     def validation_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
@@ -79,7 +89,7 @@ def loaders() -> tuple[DataLoader, DataLoader]:
     """
     forkserver = multiprocessing.get_context("forkserver")
     # What the workers import, imported once by the server (it does not see this module's sys.path).
-    forkserver.set_forkserver_preload(["torch", "torchmetrics", "ember.trainer", "ember.callbacks"])
+    forkserver.set_forkserver_preload(["torch", "ember.trainer", "ember.callbacks"])
     train = DataLoader(
         Augmented(), batch_size=4, shuffle=True, num_workers=2, multiprocessing_context=forkserver
     )
@@ -100,12 +110,18 @@ class Crash(Callback):
 
 
 def fit(
-    root: str, mode: str, crash_at: int = 7, resume: str = "", every: int = 3, strategy: str = "auto"
+    root: str,
+    mode: str,
+    crash_at: int = 7,
+    resume: str = "",
+    every: int = 3,
+    strategy: str = "auto",
+    metric_object: bool = False,
 ) -> dict:
     """mode 'full': 3 epochs; 'crash': dies after step ``crash_at``; 'resume': continues from ``resume``.
 
     The data comes from ``loaders()``; the model has dropout and a step-interval LR scheduler, with
-    gradient accumulation and clipping.
+    gradient accumulation and clipping; ``metric_object``: see ``Net``.
     """
     torch.manual_seed(0)
     callbacks: list[Callback] = [ModelCheckpoint(every_n_train_steps=every, save_top_k=-1)]
@@ -115,7 +131,7 @@ def fit(
         max_epochs=3, accumulate_grad_batches=2, gradient_clip_val=0.5, log_every_n_steps=1, strategy=strategy,
         callbacks=callbacks, default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    module = Net()
+    module = Net(metric_object=metric_object)
     train, val = loaders()
     try:
         trainer.fit(module, train, val, ckpt_path=resume or None)
@@ -158,7 +174,7 @@ def fit_epochs(root: str, epochs: int, resume: str = "", then_test: bool = False
         max_epochs=epochs, accumulate_grad_batches=2, log_every_n_steps=1, default_root_dir=root,
         callbacks=[ModelCheckpoint(save_last=True)], enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
-    module = PlateauNet()
+    module = PlateauNet(metric_object=True)
     trainer.fit(module, DataLoader(dataset(), batch_size=4, shuffle=True), DataLoader(dataset(12), batch_size=5),
                 ckpt_path=resume or None)  # fmt: skip
     if then_test:  # a column the checkpoint never saw

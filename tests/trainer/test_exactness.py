@@ -79,10 +79,11 @@ def test_resume_after_crash_is_exact_single_process(tmp_path: Path) -> None:
 
 def test_resume_after_crash_is_exact_on_two_ranks(tmp_path: Path) -> None:
     # 5 batches per rank and epoch, accumulation 2: optimizer steps 1-3 in epoch 0, 4-6 in epoch 1.
-    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, nprocs=2)
-    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, nprocs=2)
+    # The training accuracy is a torchmetrics object: its state resumes exactly too.
+    full = run_processes(fit, str(tmp_path / "a"), "full", 0, "", 2, "auto", True, nprocs=2)
+    run_processes(fit, str(tmp_path / "b"), "crash", 5, "", 2, "auto", True, nprocs=2)
     ckpt = str(tmp_path / "b" / "checkpoints" / "epoch=1-step=4")  # mid-epoch 1
-    resumed = run_processes(fit, str(tmp_path / "b"), "resume", 0, ckpt, 2, nprocs=2)
+    resumed = run_processes(fit, str(tmp_path / "b"), "resume", 0, ckpt, 2, "auto", True, nprocs=2)
     assert resumed[0]["rows"] == full[0]["rows"] and len(full[0]["rows"]) > 5
     for rank in range(2):
         assert resumed[rank]["params"] == full[rank]["params"]
