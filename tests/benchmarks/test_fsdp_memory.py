@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from dist_helpers import PYTHON, REPO, run_command
 
 
+@pytest.mark.bench
 def test_fsdp_memory_benchmark_writes_its_section(tmp_path: Path) -> None:
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     old = "<!-- fsdp_memory:start -->\nOLD\n<!-- fsdp_memory:end -->"

@@ -21,6 +21,7 @@ def _run(module: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     return results.read_text(), json.loads((ratios / "instructions.json").read_text())
 
 
+@pytest.mark.bench
 def test_counts_instructions_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = load_benchmark("instructions")
     if module.unavailable() is not None:  # the other branch is tested below, on every machine

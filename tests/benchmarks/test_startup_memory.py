@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from dist_helpers import PYTHON, REPO, run_command
 
 BENCH = REPO / "benchmarks"
@@ -37,6 +38,7 @@ def _check_rows(rows: list[dict]) -> None:
         assert row["ratio"] > 0 and row["low"] <= row["ratio"] <= row["high"], row
 
 
+@pytest.mark.bench
 def test_startup_benchmark_times_imports_and_the_first_step(tmp_path: Path) -> None:
     text, rows = _run("startup", tmp_path, "--packages", "ember", "--contenders", "trainer")
     _check_rows(rows)
@@ -45,6 +47,7 @@ def test_startup_benchmark_times_imports_and_the_first_step(tmp_path: Path) -> N
     assert "| first step, CPU time: trainer |" in text  # shown, not recorded as a ratio
 
 
+@pytest.mark.bench
 def test_memory_benchmark_ratio_is_the_peaks_quotient(tmp_path: Path) -> None:
     text, rows = _run("memory", tmp_path, "--contenders", "trainer")
     ((row,),) = [rows]

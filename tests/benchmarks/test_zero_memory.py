@@ -59,6 +59,7 @@ def test_distinct_bytes_counts_shared_memory_once() -> None:
     assert half == {"a": 200, "b": 100}
 
 
+@pytest.mark.bench
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_zero_memory_benchmark_measures_the_arithmetic(tmp_path: Path) -> None:
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
