@@ -43,6 +43,14 @@ class ProcessMixin:
         return self._strategy.world_size
 
     @property
+    def local_process_index(self) -> int:
+        return self._strategy.local_rank
+
+    @property
+    def device(self) -> torch.device:
+        return self._strategy.root_device
+
+    @property
     def process_index(self) -> int:
         return self._strategy.global_rank
 

@@ -193,14 +193,6 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
         return "fp16" if name.startswith("16-") else "bf16" if name.startswith("bf16-") else "no"
 
     @property
-    def device(self) -> torch.device:
-        return self._strategy.root_device
-
-    @property
-    def local_process_index(self) -> int:
-        return self._strategy.local_rank
-
-    @property
     def project_dir(self) -> str | os.PathLike[str] | None:
         return self.project_configuration.project_dir
 

@@ -20,8 +20,6 @@ import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from ember._processes import ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_timeout
 
@@ -81,14 +79,6 @@ class PartialState(ProcessMixin):
         self._accelerator = accelerator
         self._strategy = accelerator._strategy
         self._gradient_state = accelerator._gradient_state
-
-    @property
-    def device(self) -> torch.device:
-        return self._strategy.root_device
-
-    @property
-    def local_process_index(self) -> int:
-        return self._strategy.local_rank
 
     @property
     def initialized(self) -> bool:
