@@ -7,7 +7,8 @@
 
     results = run_processes(_worker, str(tmp_path), nprocs=2)
 
-Each rank runs in a fresh interpreter that loads the test file by path and calls the function.
+Each rank runs in an interpreter forked from one that has torch and ember imported (warm_python.py),
+as ``python -c`` would: it loads the test file by path and calls the function.
 A failure raises with every failing rank's exit code and the end of its output (its traceback);
 a hang is killed after ``timeout`` seconds and reported with the ranks still running.
 """
@@ -26,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import warm_python
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
@@ -123,8 +126,8 @@ def run_processes(
         )
         code = _bootstrap(fn, args, out)
         procs.append(
-            subprocess.Popen(
-                [PYTHON, "-c", code], env=rank_env, cwd=str(REPO), stdout=log, stderr=subprocess.STDOUT
+            warm_python.start(
+                [PYTHON, "-c", code], env=rank_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
             )
         )
         logs.append(log)

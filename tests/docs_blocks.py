@@ -28,6 +28,7 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+import warm_python
 from dist_helpers import PYTHON, REPO, base_env
 
 SETUP_OPEN = "<!-- docs-test-setup"
@@ -201,29 +202,29 @@ def run_script(
     workdir = Path(tempfile.mkdtemp(prefix="ember-docs-"))
     (workdir / SCRIPT_NAME).write_text(script.source, encoding="utf-8")
     env = {**(env if env is not None else base_env()), "PYTHONFAULTHANDLER": "1"}
-    with subprocess.Popen(
-        [python, SCRIPT_NAME],
-        cwd=str(workdir),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as process:
+    with open(workdir / "stdout.txt", "w+b") as out, open(workdir / "stderr.txt", "w+b") as err:
+        process = warm_python.start([python, SCRIPT_NAME], env=env, cwd=workdir, stdout=out, stderr=err)
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
+            timed_out = False
         except subprocess.TimeoutExpired:
             # SIGABRT makes faulthandler print where the script is stuck, then it dies.
             process.send_signal(signal.SIGABRT)
             try:
-                stdout, stderr = process.communicate(timeout=10)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
-                stdout, stderr = process.communicate()
-            mapped, failing = map_traceback(stdout + "\n" + stderr, script, name)
-            raise AssertionError(
-                f"{name}: the page's script did not finish in {timeout:.0f} s (stuck in the block at"
-                f" line {failing}); the page's script is in {workdir / SCRIPT_NAME}\n{mapped[-8000:]}"
-            ) from None
+                process.wait()
+            timed_out = True
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    if timed_out:
+        mapped, failing = map_traceback(stdout + "\n" + stderr, script, name)
+        raise AssertionError(
+            f"{name}: the page's script did not finish in {timeout:.0f} s (stuck in the block at"
+            f" line {failing}); the page's script is in {workdir / SCRIPT_NAME}\n{mapped[-8000:]}"
+        )
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if done.returncode == 0:
         shutil.rmtree(workdir, ignore_errors=True)
