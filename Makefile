@@ -55,12 +55,11 @@ typecheck: $(STAMP)
 	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p ember
 
 # Two workers: most tests wait on child processes (2-rank groups, launchers, signals) for part of
-# their time, so a second worker fills the idle core (about 16 -> 12 minutes here). worksteal hands
-# the slow multi-process tests out as workers free up instead of fixing the split at the start.
-# The tests marked `bench` (benchmark scripts run end to end: several minutes of CPU in all) run in
-# `make bench`, before the benchmarks: the suite on 2 cores stays under the CI's 20 minutes.
+# their time, so a second worker fills the idle core. worksteal hands the slow multi-process tests
+# out as workers free up instead of fixing the split at the start. About 10 minutes here: the rank
+# processes and docs pages fork from a Python with torch imported (tests/warm_python.py).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal -m "not bench"
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The documentation site (mkdocs.yml) into build/site. mkdocstrings reads the package statically, from
 # the same kind of link tree as mypy; --strict fails on any warning (broken link, missing object...).
