@@ -38,7 +38,8 @@ def _speed_column() -> ProgressColumn:
     return SpeedColumn()
 
 
-def _format_value(value: float) -> str:
+def format_value(value: float) -> str:
+    """A metric as the progress bars show it: an int as is, a float in 4 decimals or scientific."""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     value = float(value)
@@ -46,7 +47,7 @@ def _format_value(value: float) -> str:
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{name}={_format_value(value)}" for name, value in metrics.items())
+    return "  ".join(f"{name}={format_value(value)}" for name, value in metrics.items())
 
 
 def _finite(total: float) -> int | None:

@@ -11,7 +11,7 @@ from typing_extensions import override
 
 from ember._validation import check_bool, check_int
 from ember.callbacks.base import Callback
-from ember.callbacks.progress import _format_value
+from ember.callbacks.progress import format_value
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -106,7 +106,7 @@ class TQDMProgressBar(Callback):
 
     def _postfix(self, trainer: Trainer) -> None:
         if self._train_bar is not None:  # reading the metrics syncs the device: only when drawing
-            metrics = {name: _format_value(value) for name, value in trainer.progress_bar_metrics.items()}
+            metrics = {name: format_value(value) for name, value in trainer.progress_bar_metrics.items()}
             self._train_bar.set_postfix(metrics)
 
     def _close(self) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember._hooks import StateHooks, run_load_hooks, run_save_hooks, write_weights
+from ember._hooks import StateHooks, run_load_hooks, run_save_hooks
 from ember._rng import rng_state, set_rng_state
 from ember._weights import (
     PORTABLE,
@@ -39,6 +39,7 @@ from ember._weights import (
     load_model_weights,
     stream_weights,
     suffix,
+    tensor_stream,
     weights_path,
 )
 from ember._wrappers import PreparedOptimizer, PreparedScheduler
@@ -134,21 +135,23 @@ def save_state(
         prepare_staging(directory)
     strategy.barrier("save_state:staging")
     writer = strategy.is_global_zero
-    saved_models = len(objects.models)
+    models: list[nn.Module | dict[str, torch.Tensor]] = list(objects.models) if portable else []
     if hooked:  # before anything is written; the hooks may add files to the checkpoint
         assert hooks is not None
-        weights = run_save_hooks(strategy, hooks, objects.models, layout, staging)
-        write_weights(strategy, weights, layout, staging)
-        saved_models = len(weights)  # as the main process's hooks left them: it writes the manifest
+        models = list(run_save_hooks(strategy, hooks, objects.models, layout, staging))
+    # As the main process's hooks left them (it writes the manifest); an engine saves every model.
+    saved_models = len(models) if portable else len(objects.models)
     if isinstance(strategy, EngineCheckpoints) and not portable:
         strategy.save_engine_state(staging / layout)  # the engine writes models and optimizers its own way
     # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
-    # shards, is a collective under sharded strategies.
-    for i, model in enumerate(objects.models if portable and not hooked else []):
+    # shards, is a collective under sharded strategies. A model is a module, or the state dict the
+    # save hooks left for it.
+    for i, model in enumerate(models):
         if layout == "sharded":
-            save_shards(staging / f"model{suffix(i)}.shards", strategy.module_state_dict(model, full=False))
+            state = model if isinstance(model, dict) else strategy.module_state_dict(model, full=False)
+            save_shards(staging / f"model{suffix(i)}.shards", state)
         else:
-            specs, tensors = strategy.full_tensors(model)
+            specs, tensors = tensor_stream(model) if isinstance(model, dict) else strategy.full_tensors(model)
             stream_weights(specs, tensors, [(staging / f"model{suffix(i)}.safetensors", len(specs))], writer)
     for i, optimizer in enumerate(objects.optimizers if portable and not weights_only else []):
         module = owner_module(objects.models, optimizer.optimizer)

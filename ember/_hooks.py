@@ -21,9 +21,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ember._weights import stream_weights, suffix
 from ember.strategies import Strategy
-from ember.strategies.sharded_io import save_shards
 
 SaveStateHook = Callable[[list[nn.Module], list[dict[str, torch.Tensor]], str], None]
 LoadStateHook = Callable[[list[nn.Module], str], None]
@@ -78,19 +76,6 @@ def run_save_hooks(
                 "writes its shards of every model, so pop the same entries of `weights` on every process"
             )
     return weights
-
-
-def write_weights(
-    strategy: Strategy, weights: list[dict[str, torch.Tensor]], layout: str, staging: Path
-) -> None:
-    """Write what :func:`run_save_hooks` returned as models 0, 1, ... of the checkpoint."""
-    for i, state in enumerate(weights):
-        if layout == "sharded":
-            save_shards(staging / f"model{suffix(i)}.shards", state)
-        else:
-            specs = [(name, t.dtype, tuple(t.shape)) for name, t in state.items()]
-            path = staging / f"model{suffix(i)}.safetensors"
-            stream_weights(specs, iter(state.items()), [(path, len(specs))], strategy.is_global_zero)
 
 
 def run_load_hooks(hooks: StateHooks, models: list[nn.Module], directory: Path) -> list[nn.Module]:

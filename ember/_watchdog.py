@@ -177,7 +177,7 @@ class CollectiveWatchdog:
             return
         _kept_stores.append(store)
         failure = {"rank": self.rank, "error": f"{type(error).__name__}: {error}"[:1000]}
-        _bounded(lambda: store.compare_set(self._key("failed"), "", json.dumps(failure)), 2.0)
+        bounded(lambda: store.compare_set(self._key("failed"), "", json.dumps(failure)), 2.0)
 
     def peer_failure(self) -> str | None:
         """``"rank R failed with <exception>"`` if another rank's program ended with an exception."""
@@ -190,7 +190,7 @@ class CollectiveWatchdog:
             if store.check([self._key("failed")]):
                 found.append(json.loads(store.get(self._key("failed"))))
 
-        _bounded(read, 2.0)
+        bounded(read, 2.0)
         if not found or found[0]["rank"] == self.rank:
             return None
         return f"rank {found[0]['rank']} failed with {found[0]['error']}"
@@ -244,7 +244,7 @@ class CollectiveWatchdog:
             # The first rank to time out reports; a rank that times out later answers it instead.
             mine = json.dumps({"rank": self.rank, "count": region.number, "name": region.name})
             claims: list[dict[str, Any]] = []
-            error = _bounded(
+            error = bounded(
                 lambda: claims.append(json.loads(store.compare_set(self._key("fired"), "", mine))), 2.0
             )
             if claims and claims[0]["rank"] != self.rank:
@@ -254,7 +254,7 @@ class CollectiveWatchdog:
             f"{waited:.0f} s (collective_timeout={self.timeout:g} s); asking every rank for its state"
         )
         if error is None:
-            error = _bounded(lambda: self._gather(states), self._gather_s + 2.0)
+            error = bounded(lambda: self._gather(states), self._gather_s + 2.0)
         _say(f"Python stacks of rank {self.rank} (most recent call first):")
         _dump_stacks()
         _say(self._report(region, waited, states, error))
@@ -319,14 +319,14 @@ class CollectiveWatchdog:
             return
         store, box = self._store, []
         assert store is not None
-        _bounded(lambda: box.append(json.loads(store.get(self._key("fired")))), 2.0)
+        bounded(lambda: box.append(json.loads(store.get(self._key("fired")))), 2.0)
         self._respond(box[0] if box else {"rank": "?", "name": "?", "count": "?"})
 
     def _respond(self, fired: dict[str, Any]) -> None:
         """Another rank reports the hang: give it this rank's state and stacks, then exit."""
         store = self._store
         assert store is not None
-        _bounded(lambda: store.set(self._key(f"state/{self.rank}"), json.dumps(self._state())), 2.0)
+        bounded(lambda: store.set(self._key(f"state/{self.rank}"), json.dumps(self._state())), 2.0)
         _say(
             f"rank {self.rank}: the collective watchdog fired on rank {fired['rank']} "
             f"('{fired['name']}' #{fired['count']} timed out). Python stacks of rank {self.rank}:"
@@ -349,7 +349,7 @@ class CollectiveWatchdog:
         _exit()
 
 
-def _bounded(work: Callable[[], object], seconds: float) -> str | None:
+def bounded(work: Callable[[], object], seconds: float) -> str | None:
     """Run ``work`` in a helper thread for at most ``seconds`` (a store call can block); the error, if any."""
     errors: list[str] = []
 

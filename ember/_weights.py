@@ -171,8 +171,8 @@ def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any],
         return consolidate(directory / f"model{suffix(index)}.shards", out)
     if layout != "full":
         weights = engine_weights(directory, layout)
-        specs = [(name, t.dtype, tuple(t.shape)) for name, t in weights.items()]
-        stream_weights(specs, iter(weights.items()), [(out, len(specs))], True)
+        specs, tensors = tensor_stream(weights)
+        stream_weights(specs, tensors, [(out, len(specs))], True)
         return list(weights)
     source = directory / f"model{suffix(index)}.safetensors"
     tmp = out.with_name(f".{out.name}.tmp")
@@ -238,6 +238,13 @@ def save_model(
 
 
 _WEIGHT_FILE = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?$")
+
+
+def tensor_stream(
+    state: dict[str, torch.Tensor],
+) -> tuple[list[TensorSpec], Iterator[tuple[str, torch.Tensor]]]:
+    """A state dict in the form :func:`stream_weights` takes (as ``Strategy.full_tensors`` gives it)."""
+    return [(name, t.dtype, tuple(t.shape)) for name, t in state.items()], iter(state.items())
 
 
 def stream_weights(

@@ -17,7 +17,7 @@ from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
 from typing_extensions import override
 
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, _bounded, default_store
+from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, bounded, default_store
 from ember.precision import Precision
 from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port
@@ -290,7 +290,7 @@ class ParallelStrategy(Strategy):
             answer.append(decided in (b"yes", "yes"))
 
         # A store whose server is gone (the process that held it ended) fails or blocks: no.
-        failure = _bounded(agree, timeout + 5.0)
+        failure = bounded(agree, timeout + 5.0)
         return failure is None and answer == [True]
 
     @override
