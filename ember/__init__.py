@@ -28,7 +28,7 @@ from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
     from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainerCLI, TrainModule, Tuner
-    from ember.trainer.loggers import TensorBoardLogger, WandbLogger
+    from ember.trainer.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
 
@@ -42,6 +42,7 @@ _TRAINER_NAMES = {
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "Logger",
+    "MLFlowLogger",
     "TensorBoardLogger",
     "Trainer",
     "TrainerCLI",
@@ -76,6 +77,7 @@ __all__ = [
     "GradScalerKwargs",
     "InitProcessGroupKwargs",
     "Logger",
+    "MLFlowLogger",
     "PartialState",
     "PreparedDataLoader",
     "ProfileKwargs",

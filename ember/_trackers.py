@@ -1,7 +1,7 @@
 """The Accelerator's experiment trackers (🤗 Accelerate's ``log_with``), made of the Trainer's loggers.
 
-``"csv"``, ``"tensorboard"`` and ``"wandb"`` are ``CSVLogger``, ``TensorBoardLogger`` and
-``WandbLogger``: one implementation for both layers. Trackers exist on the main process only.
+``"csv"``, ``"tensorboard"``, ``"wandb"`` and ``"mlflow"`` are ``CSVLogger``, ``TensorBoardLogger``,
+``WandbLogger`` and ``MLFlowLogger``: one implementation for both layers. Trackers exist on the main process only.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     LogWith: TypeAlias = "str | Logger | Sequence[str | Logger] | None"
 
 # tracker name -> the package it needs (None: none)
-_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
-_CHOICES = "'all', 'csv', 'tensorboard', 'wandb', an ember Logger instance, or a list of those"
+_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+_CHOICES = "'all', 'csv', 'tensorboard', 'wandb', 'mlflow', an ember Logger instance, or a list of those"
 
 
 def _available(name: str) -> bool:
@@ -62,13 +62,14 @@ def check_log_with(log_with: LogWith) -> list[str | Logger]:
 
 
 def tracker_name(logger: Logger) -> str:
-    """``"csv"``, ``"tensorboard"``, ``"wandb"`` for ember's loggers; a custom logger's ``name``."""
-    from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    """``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"`` for ember's loggers; a custom logger's ``name``."""
+    from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     kinds: dict[type[Logger], str] = {
         CSVLogger: "csv",
         TensorBoardLogger: "tensorboard",
         WandbLogger: "wandb",
+        MLFlowLogger: "mlflow",
     }
     return next((name for kind, name in kinds.items() if isinstance(logger, kind)), logger.name)
 
@@ -98,7 +99,7 @@ class Trackers:
         self._started = True
         if not main:
             return
-        from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+        from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
         root = Path(self._project_dir if self._project_dir is not None else os.getcwd()) / project_name
         for item in self._requested:
@@ -108,6 +109,10 @@ class Trackers:
             kwargs = (init_kwargs or {}).get(item, {})
             if item == "wandb":
                 self.loggers.append(WandbLogger(**{"project": project_name, "save_dir": root, **kwargs}))
+            elif item == "mlflow":
+                self.loggers.append(
+                    MLFlowLogger(**{"experiment_name": project_name, "save_dir": root, **kwargs})
+                )
             else:
                 kind = CSVLogger if item == "csv" else TensorBoardLogger
                 self.loggers.append(kind(**{"save_dir": root, "name": item, **kwargs}))

@@ -1,7 +1,7 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
 from ember.trainer.cli import TrainerCLI  # (jsonargparse loads when a TrainerCLI is built)
-from ember.trainer.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from ember.trainer.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from ember.trainer.lr_finder import LRFinder
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig
@@ -23,6 +23,7 @@ __all__ = [
     "LRFinder",
     "LRSchedulerConfig",
     "Logger",
+    "MLFlowLogger",
     "PassThroughProfiler",
     "Preempted",
     "Profiler",

@@ -48,7 +48,7 @@ from ember.strategies.deepspeed import DeepSpeedConfig
 from ember.strategies.fsdp import FSDPConfig
 from ember.strategies.single_device import SingleDeviceStrategy
 from ember.strategies.xla_spmd import XLASPMDConfig
-from ember.trainer.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 
 # -- checkpoints carrying a pickle -------------------------------------------------------------------
@@ -498,6 +498,16 @@ def _cases() -> list[Case]:
         Case(WandbLogger, "entity", _optional(_is_str)),
         Case(WandbLogger, "tags", lambda v: v is None or v in ([], ())),
         Case(WandbLogger, "group", _optional(_is_str)),
+        Case(MLFlowLogger, "experiment_name", lambda v: _is_str(v) and v != ""),
+        *[
+            Case(MLFlowLogger, name, _optional(_is_str))
+            for name in ("run_name", "tracking_uri", "artifact_location", "run_id")
+        ],
+        Case(MLFlowLogger, "save_dir", _is_path),
+        Case(MLFlowLogger, "log_model", _one_of(True, False, "all"), choices=("'all'",)),
+        Case(MLFlowLogger, "prefix", _is_str),
+        Case(MLFlowLogger, "synchronous", _optional(_is_bool)),
+        Case(MLFlowLogger, "tags", lambda v: v is None or (isinstance(v, dict) and all(_is_str(k) for k in v))),
         Case(WandbLogger, "id", _optional(_is_str)),
     ]  # fmt: skip
     return cases

@@ -6,7 +6,6 @@ log of protobuf ``Record``s; wandb has no public reader for it).
 
 from __future__ import annotations
 
-import csv
 import json
 import struct
 import subprocess
@@ -17,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from dist_helpers import PYTHON, REPO, base_env, run_command, run_processes
-from torch.utils.data import DataLoader, TensorDataset
+from logger_fits import Crash, _data, csv_rows, fit
+from torch.utils.data import DataLoader
 
-from ember import Accelerator, CSVLogger, TensorBoardLogger, Trainer, TrainModule, WandbLogger
-from ember.callbacks import Callback, ModelCheckpoint
+from ember import Accelerator, CSVLogger, TensorBoardLogger, WandbLogger
+from ember.callbacks import ModelCheckpoint
 
 
 @pytest.fixture(autouse=True)
@@ -118,59 +117,6 @@ def tensorboard_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
-
-
-def csv_rows(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-# -- a small fit --------------------------------------------------------------------------------------
-def _data(n: int = 16) -> TensorDataset:
-    g = torch.Generator().manual_seed(0)
-    return TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g))
-
-
-class Regressor(TrainModule):
-    def __init__(self, lr: float = 0.1, layer: dict[str, Any] | None = None) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = F.mse_loss(self.layer(batch[0]), batch[1])
-        self.log("loss", loss, on_step=True, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", F.mse_loss(self.layer(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams["lr"])
-
-
-class Crash(Callback):
-    def __init__(self, at_step: int) -> None:
-        self.at_step = at_step
-
-    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.at_step:
-            raise RuntimeError("simulated crash")
-
-
-def fit(root: Path, logger: Any, epochs: int = 2, callbacks: list[Callback] | None = None,
-        ckpt_path: str | Path | None = None) -> Trainer:  # fmt: skip
-    """4 steps per epoch, a row every step, validation (and a checkpoint) after each epoch."""
-    torch.manual_seed(0)
-    trainer = Trainer(
-        max_epochs=epochs, logger=logger, callbacks=callbacks, log_every_n_steps=1, default_root_dir=str(root),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-    )  # fmt: skip
-    module = Regressor(lr=0.1, layer={"width": 3, "kind": "linear"})
-    trainer.fit(
-        module, DataLoader(_data(), batch_size=4), DataLoader(_data(8), batch_size=4), ckpt_path=ckpt_path
-    )
-    return trainer
 
 
 # -- W&B ----------------------------------------------------------------------------------------------
@@ -326,8 +272,8 @@ def test_wandb_logger_arguments_and_other_ranks(tmp_path: Path, monkeypatch: pyt
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "tensorboard").exists()
 
 
-def test_importing_ember_imports_neither_wandb_nor_tensorboard() -> None:
-    code = "import sys, ember; print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard') if m in sys.modules))"
+def test_importing_ember_imports_neither_wandb_nor_tensorboard_nor_mlflow() -> None:
+    code = "import sys, ember, ember.trainer; print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard', 'mlflow') if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env()
     )
@@ -480,14 +426,19 @@ def test_accelerator_trackers_write_on_rank_0_only(tmp_path: Path) -> None:
     assert tensorboard_scalars(root / "tensorboard" / "version_0") == {"rank": [(0, 0.0)]}
     (run_dir,) = wandb_runs(root)
     assert wandb_config(wandb_records(run_dir)) == {"rank": 0}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    assert run.data.params == {"rank": "0"} and run.data.metrics == {"rank": 0.0}
 
 
 @pytest.mark.parametrize(
     ("log_with", "message"),
     [
         (
-            "mlflow",
-            r"log_with='mlflow': 'mlflow' is not a tracker\. Valid choices: 'all', 'csv', 'tensorboard', 'wandb'",
+            "comet_ml",
+            r"log_with='comet_ml': 'comet_ml' is not a tracker\. Valid choices: 'all', 'csv', 'tensorboard', 'wandb', 'mlflow'",
         ),
         (["csv", "tb"], r"log_with=\['csv', 'tb'\]: 'tb' is not a tracker\. Valid choices"),
         (3, r"log_with=3: 3 is not a tracker"),
