@@ -28,7 +28,7 @@ from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
     from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainerCLI, TrainModule, Tuner
-    from ember.trainer.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
+    from ember.trainer.loggers import CometLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 set_seed = seed_everything  # the name 🤗 Accelerate users know
 
@@ -36,6 +36,7 @@ set_seed = seed_everything  # the name 🤗 Accelerate users know
 # does not import the Trainer, its callbacks and loggers (about 11 ms of start-up).
 _TRAINER_NAMES = {
     "CSVLogger",
+    "CometLogger",
     "DataModule",
     "DistributedDataParallelKwargs",
     "DistributedType",
@@ -70,6 +71,7 @@ __all__ = [
     "Accelerator",
     "CSVLogger",
     "CheckpointError",
+    "CometLogger",
     "DataLoaderConfiguration",
     "DataModule",
     "DistributedDataParallelKwargs",

@@ -1,7 +1,8 @@
 """The Accelerator's experiment trackers (🤗 Accelerate's ``log_with``), made of the Trainer's loggers.
 
-``"csv"``, ``"tensorboard"``, ``"wandb"`` and ``"mlflow"`` are ``CSVLogger``, ``TensorBoardLogger``,
-``WandbLogger`` and ``MLFlowLogger``: one implementation for both layers. Trackers exist on the main process only.
+``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"`` and ``"comet_ml"`` are ``CSVLogger``,
+``TensorBoardLogger``, ``WandbLogger``, ``MLFlowLogger`` and ``CometLogger``: one implementation for
+both layers. Trackers exist on the main process only.
 """
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ if TYPE_CHECKING:
     LogWith: TypeAlias = "str | Logger | Sequence[str | Logger] | None"
 
 # tracker name -> the package it needs (None: none)
-_PACKAGES = {"csv": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-_CHOICES = "'all', 'csv', 'tensorboard', 'wandb', 'mlflow', an ember Logger instance, or a list of those"
+_PACKAGES = {
+    "csv": None,
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet_ml",
+}
+_CHOICES = (
+    "'all', 'csv', 'tensorboard', 'wandb', 'mlflow', 'comet_ml', an ember Logger instance, or a list of those"
+)
 
 
 def _available(name: str) -> bool:
@@ -62,14 +71,16 @@ def check_log_with(log_with: LogWith) -> list[str | Logger]:
 
 
 def tracker_name(logger: Logger) -> str:
-    """``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"`` for ember's loggers; a custom logger's ``name``."""
-    from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+    """``"csv"``, ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"comet_ml"`` for ember's loggers; a
+    custom logger's ``name``."""
+    from ember.trainer.loggers import CometLogger, CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
     kinds: dict[type[Logger], str] = {
         CSVLogger: "csv",
         TensorBoardLogger: "tensorboard",
         WandbLogger: "wandb",
         MLFlowLogger: "mlflow",
+        CometLogger: "comet_ml",
     }
     return next((name for kind, name in kinds.items() if isinstance(logger, kind)), logger.name)
 
@@ -99,7 +110,7 @@ class Trackers:
         self._started = True
         if not main:
             return
-        from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+        from ember.trainer.loggers import CometLogger, CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
         root = Path(self._project_dir if self._project_dir is not None else os.getcwd()) / project_name
         for item in self._requested:
@@ -113,6 +124,9 @@ class Trackers:
                 self.loggers.append(
                     MLFlowLogger(**{"experiment_name": project_name, "save_dir": root, **kwargs})
                 )
+            elif item == "comet_ml":  # offline, Comet's archives go to <root>/comet unless told otherwise
+                offline = {"offline_directory": str(root / "comet")} if kwargs.get("online") is False else {}
+                self.loggers.append(CometLogger(**{"project": project_name, **offline, **kwargs}))
             else:
                 kind = CSVLogger if item == "csv" else TensorBoardLogger
                 self.loggers.append(kind(**{"save_dir": root, "name": item, **kwargs}))

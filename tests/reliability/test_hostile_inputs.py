@@ -48,7 +48,7 @@ from ember.strategies.deepspeed import DeepSpeedConfig
 from ember.strategies.fsdp import FSDPConfig
 from ember.strategies.single_device import SingleDeviceStrategy
 from ember.strategies.xla_spmd import XLASPMDConfig
-from ember.trainer.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from ember.trainer.loggers import CometLogger, CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 
 # -- checkpoints carrying a pickle -------------------------------------------------------------------
@@ -498,6 +498,13 @@ def _cases() -> list[Case]:
         Case(WandbLogger, "entity", _optional(_is_str)),
         Case(WandbLogger, "tags", lambda v: v is None or v in ([], ())),
         Case(WandbLogger, "group", _optional(_is_str)),
+        *[
+            Case(CometLogger, name, _optional(_is_str))
+            for name in ("api_key", "workspace", "project", "experiment_key", "prefix", "name")
+        ],
+        Case(CometLogger, "online", _optional(_is_bool)),
+        Case(CometLogger, "mode", _one_of(None, "get_or_create", "get", "create"), choices=("'get_or_create'",)),
+        Case(CometLogger, "log_model", _one_of(True, False, "all"), choices=("'all'",)),
         Case(MLFlowLogger, "experiment_name", lambda v: _is_str(v) and v != ""),
         *[
             Case(MLFlowLogger, name, _optional(_is_str))

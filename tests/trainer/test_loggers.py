@@ -273,7 +273,7 @@ def test_wandb_logger_arguments_and_other_ranks(tmp_path: Path, monkeypatch: pyt
 
 
 def test_importing_ember_imports_neither_wandb_nor_tensorboard_nor_mlflow() -> None:
-    code = "import sys, ember, ember.trainer; print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard', 'mlflow') if m in sys.modules))"
+    code = "import sys, ember, ember.trainer; print(sorted(m for m in ('wandb', 'tensorboard', 'torch.utils.tensorboard', 'mlflow', 'comet_ml') if m in sys.modules))"
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env()
     )
@@ -406,7 +406,8 @@ def test_accelerator_log_kwargs_reach_each_tracker(tmp_path: Path) -> None:
 def _two_process_tracker_worker(project_dir: str) -> dict[str, Any]:
     accelerator = Accelerator(log_with="all", project_dir=project_dir)
     rank = accelerator.process_index
-    accelerator.init_trackers("proj", config={"rank": rank})
+    comet = {"online": False, "display_summary_level": 0, "auto_output_logging": False}
+    accelerator.init_trackers("proj", config={"rank": rank}, init_kwargs={"comet_ml": comet})
     accelerator.log({"rank": torch.tensor(float(rank))}, step=rank)
     tracker = accelerator.get_tracker("csv")
     tracker.log_metrics({"again": 1.0}, step=5)  # on rank 1, a tracker that does nothing
@@ -431,14 +432,15 @@ def test_accelerator_trackers_write_on_rank_0_only(tmp_path: Path) -> None:
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
     assert run.data.params == {"rank": "0"} and run.data.metrics == {"rank": 0.0}
+    assert len(list((root / "comet").glob("*.zip"))) == 1  # Comet's offline archive, from rank 0 only
 
 
 @pytest.mark.parametrize(
     ("log_with", "message"),
     [
         (
-            "comet_ml",
-            r"log_with='comet_ml': 'comet_ml' is not a tracker\. Valid choices: 'all', 'csv', 'tensorboard', 'wandb', 'mlflow'",
+            "neptune",
+            r"log_with='neptune': 'neptune' is not a tracker\. Valid choices: 'all', 'csv', 'tensorboard', 'wandb', 'mlflow', 'comet_ml'",
         ),
         (["csv", "tb"], r"log_with=\['csv', 'tb'\]: 'tb' is not a tracker\. Valid choices"),
         (3, r"log_with=3: 3 is not a tracker"),
