@@ -154,7 +154,14 @@ def val_check_batch(config: TrainerConfig, num_training_batches: int | float, ha
             )
         return interval
     if math.isinf(num_training_batches):
-        return 2**62 if interval == 1.0 else 1
+        if interval != 1.0 and has_val:
+            raise ValueError(
+                f"val_check_interval={interval}: a float is a fraction of the epoch, and this training data "
+                "has no length (an iterable dataset); use 1.0 (validate at the end of each epoch) or an int "
+                "(validate every that many training batches)"
+            )
+        return 2**62
+
     return max(1, int(num_training_batches * interval))
 
 

@@ -80,6 +80,9 @@ class MetricStore:
         self._reduce = reduce  # all-reduce across processes: (tensor, "sum" | "max" | "min") -> tensor
         self.fx = ""  # the hook or step running now (sets the on_step/on_epoch defaults)
         self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
+        self.loader_of: dict[
+            str, str
+        ] = {}  # names logged with add_dataloader_idx=False: their loader's suffix
         self._batch: Any = None  # the running batch; its size is inferred when an epoch value needs it
         self._batch_size: int | None = 1
         self._detach_source: torch.Tensor | None = None  # the tensor detached last (see detached)

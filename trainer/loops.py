@@ -4,6 +4,7 @@ the hook order they follow is the contract written in docs/concepts/hooks.md."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Generator
 from contextlib import AbstractContextManager, closing
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from ember.trainer.step import Epoch, detached
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
+    from ember.trainer.logging import MetricStore
     from ember.trainer.profilers import Profiler
     from ember.trainer.trainer import Trainer
 
@@ -134,6 +136,7 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
     is_last = batch_idx + 1 >= epoch.limit if epoch.sized else accelerator.end_of_dataloader
+    trainer._is_last_batch = is_last
     if epoch.in_sync:  # every batch a step boundary: gradients stay in sync (_train_epoch)
         should_step = True
         output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, True)
@@ -177,10 +180,20 @@ def _validate_at_epoch_end(trainer: Trainer) -> bool:
         or not _validation_epoch(trainer)
         or trainer.state.batch_idx == 0
         or trainer.config.check_val_every_n_epoch is None
+        or _stopped_mid_epoch(trainer)
     ):
         return False
     interval = trainer.config.val_check_interval
     return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
+
+
+def _stopped_mid_epoch(trainer: Trainer) -> bool:
+    """The epoch ended before its last batch (``max_steps`` reached, or ``should_stop``): as in
+    Lightning, no epoch-end validation runs then (a mid-epoch ``val_check_interval`` still did)."""
+    limit, state = trainer.num_training_batches, trainer.state
+    if not math.isinf(limit):
+        return state.batch_idx < limit
+    return trainer.config.max_steps != -1 and state.global_step >= trainer.config.max_steps
 
 
 def _end_epoch(trainer: Trainer) -> None:
@@ -222,7 +235,22 @@ def run_evaluation(
     at_epoch_end: bool = False,
 ) -> list[dict[str, float]]:
     """One pass over the validation (``prefix="validation"``) or test loaders; returns metrics per loader."""
+    outer, trainer._evaluation = trainer._evaluation, prefix  # (trainer.validating / testing)
+    try:
+        return _evaluation_pass(trainer, prefix, loaders, limits, at_epoch_end)
+    finally:
+        trainer._evaluation = outer
+
+
+def _evaluation_pass(
+    trainer: Trainer,
+    prefix: str,
+    loaders: list[PreparedDataLoader],
+    limits: list[int | float],
+    at_epoch_end: bool,
+) -> list[dict[str, float]]:
     module, store = trainer.module, trainer._metrics
+    store.loader_of.clear()
     was_training = module.training
     store.park()  # keep the training epoch's aggregates aside
     module.eval()
@@ -259,10 +287,16 @@ def run_evaluation(
     if was_training:
         module.train()
     values = {key: float(value) for key, value in row.items()}
-    return [
-        {k: v for k, v in values.items() if "/dataloader_idx_" not in k or k.endswith(f"/dataloader_idx_{i}")}
-        for i in range(len(loaders))
-    ]
+    return [{k: v for k, v in values.items() if _of_loader(store, k, i)} for i in range(len(loaders))]
+
+
+def _of_loader(store: MetricStore, key: str, index: int) -> bool:
+    """Whether ``key`` belongs in loader ``index``'s results: its suffix, or the loader that logged it
+    without one (``add_dataloader_idx=False``); a value logged outside the steps belongs to all."""
+    suffix = f"/dataloader_idx_{index}"
+    if "/dataloader_idx_" in key:
+        return key.endswith(suffix)
+    return store.loader_of.get(key, suffix) == suffix
 
 
 def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:

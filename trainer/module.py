@@ -238,11 +238,17 @@ class TrainModule(nn.Module, StepHooks, ModuleTools):
         sync_dist: bool = False,
         reduce_fx: str = "mean",
         batch_size: int | None = None,
+        add_dataloader_idx: bool = True,
+        rank_zero_only: bool = False,
     ) -> None:
         """Record a metric: a number, a scalar tensor or a torchmetrics ``Metric``.
 
         Defaults follow the hook it is called from: per step in ``training_step``, per epoch in
         validation/test steps and in epoch-end hooks. Epoch values are averaged weighted by batch size.
+        With several evaluation loaders a name gets ``/dataloader_idx_N`` unless
+        ``add_dataloader_idx=False`` (the names must then differ by loader). ``rank_zero_only=True``
+        says only global rank 0 makes this call: it may not ask for ``sync_dist``, which would wait
+        for the other processes (ember never synchronises a value without it).
         """
         trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
         if trainer.barebones:
@@ -252,9 +258,21 @@ class TrainModule(nn.Module, StepHooks, ModuleTools):
                     stacklevel=2,
                 )
             return
-        trainer._metrics.log(
-            name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size
-        )
+        if rank_zero_only and sync_dist:
+            raise ValueError(
+                f"self.log({name!r}, rank_zero_only=True, sync_dist=True): a value logged on rank 0 only cannot "
+                "be synchronised across processes (the others never log it); drop one of the two"
+            )
+        store = trainer._metrics
+        if add_dataloader_idx or not store.dataloader_suffix:
+            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+            return
+        suffix, store.dataloader_suffix = store.dataloader_suffix, ""
+        store.loader_of[name] = suffix  # (the stage's results put it under that loader only)
+        try:
+            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+        finally:
+            store.dataloader_suffix = suffix
 
     def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
         """:meth:`log` each item of ``dictionary`` with the same options."""

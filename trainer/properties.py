@@ -44,6 +44,10 @@ class TrainerProperties:
     _train_loader: PreparedDataLoader | None
     _val_loaders: list[PreparedDataLoader]
     _prediction_record: PredictionRecord | None
+    sanity_checking: bool
+    _running: str  # the stage running now ("fit", "validate", "test", "predict"), "" between stages
+    _evaluation: str  # the evaluation pass running now ("validation", "test"), "" otherwise
+    _is_last_batch: bool
 
     # -- what users and callbacks read ----------------------------------------------------------
     @property
@@ -212,10 +216,38 @@ class TrainerProperties:
         self.accelerator.gradient_accumulation_steps = batches  # (validated there)
         self.config.accumulate_grad_batches = batches
 
+    # -- what is running (Lightning's stage flags) --------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """A fit's training loop is running (not its validation or sanity check)."""
+        return self._running == "fit" and not self._evaluation and not self.sanity_checking
+
+    @property
+    def validating(self) -> bool:
+        """Validation is running: ``validate()``, or inside a fit (not the sanity check)."""
+        return self._evaluation == "validation" and not self.sanity_checking
+
+    @property
+    def testing(self) -> bool:
+        return self._running == "test"
+
+    @property
+    def predicting(self) -> bool:
+        return self._running == "predict"
+
+    @property
+    def is_last_batch(self) -> bool:
+        """The training batch running now is its epoch's last."""
+        return self._is_last_batch
+
     @property
     def estimated_stepping_batches(self) -> int | float:
-        """Optimizer steps the fit will take (for sizing schedules), from max_steps or epochs x batches."""
-        per_epoch = math.ceil(self.num_training_batches / self.config.accumulate_grad_batches)
+        """Optimizer steps the fit will take (for sizing schedules), from max_steps or epochs x batches;
+        infinity when neither bounds it (an iterable dataset without max_steps)."""
+        batches = self.num_training_batches
+        per_epoch = (
+            batches if math.isinf(batches) else math.ceil(batches / self.config.accumulate_grad_batches)
+        )
         by_epochs = (
             per_epoch * self.config.max_epochs if self.config.max_epochs not in (None, -1) else math.inf
         )

@@ -153,6 +153,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self.should_stop = False
         self.sanity_checking = False
         self.stage = ""
+        self._running, self._evaluation, self._is_last_batch = "", "", False  # (the stage flags' answers)
         self._progress_bar_values: dict[str, float] = {}
         self._progress_bar_stale = True  # converted on the next read of progress_bar_metrics
         self.metric_history = MetricHistory()  # extremes of every logged row, for the end-of-fit summary
@@ -326,7 +327,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             return self._run_stage(loop, stage)
 
     def _run_stage(self, loop: Any, stage: str) -> Any:
-        self.stage = stage
+        self.stage = self._running = stage
         self._hook_plan.refresh()  # callbacks' inactive hooks may differ from the last stage's
         module = self.module
         if self.is_global_zero and stage == "fit":
@@ -352,6 +353,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             if self._datamodule is not None:
                 self._datamodule.teardown(stage)
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
+            self._running, self._evaluation = "", ""
 
     def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         backward(self, self._hook_plan.entries(self), loss, **kwargs)

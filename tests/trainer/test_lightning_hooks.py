@@ -296,8 +296,8 @@ class Transfers(Net):
 def test_batch_transfer_hooks_run_in_order_for_every_loop(tmp_path: Path) -> None:
     module = Transfers()
     trainer = Trainer(default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, logger=False, max_steps=1, num_sanity_val_steps=0,
-                      limit_val_batches=1)  # fmt: skip
+                      enable_checkpointing=False, logger=False, max_epochs=1, limit_train_batches=1,
+                      num_sanity_val_steps=0, limit_val_batches=1)  # fmt: skip
     trainer.fit(module, _loader(), [_loader(8), _loader(8)])
     first = _data()[:4][0]
     assert torch.equal(module.seen, first * 2 + 1)  # the batch hooks and the step see the result
