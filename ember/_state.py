@@ -40,9 +40,15 @@ class StateMixin:
         return inner
 
     def save_model(
-        self, model: nn.Module, save_directory: str | os.PathLike[str], max_shard_size: int | str = "10GB"
+        self,
+        model: nn.Module,
+        save_directory: str | os.PathLike[str],
+        max_shard_size: int | str = "10GB",
+        safe_serialization: bool = True,
     ) -> None:
-        """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``)."""
+        """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``);
+        ``safe_serialization=False`` (a pickled ``pytorch_model.bin``) is refused."""
+        _check_safe("save_model", safe_serialization)
         _weights.save_model(self._strategy, model, save_directory, max_shard_size)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
@@ -112,6 +118,7 @@ class StateMixin:
         extra: dict[str, Any] | None = None,
         rank_extra: dict[str, Any] | None = None,
         weights_only: bool = False,
+        safe_serialization: bool = True,
     ) -> Path:
         """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
 
@@ -124,7 +131,10 @@ class StateMixin:
         Without ``output_dir``: the next automatically named checkpoint,
         ``<project_dir>/checkpoints/checkpoint_<iteration>`` (:class:`~ember.ProjectConfiguration`
         with ``automatic_checkpoint_naming=True``); ``total_limit`` then deletes the oldest.
+        ``safe_serialization`` is 🤗 Accelerate's: ember's checkpoints are always pickle-free, and
+        ``False`` (pickles) is refused.
         """
+        _check_safe("save_state", safe_serialization)
         config = self.project_configuration
         if config.save_on_each_node and self._several_nodes:
             raise ValueError(
@@ -230,3 +240,12 @@ class StateMixin:
         """Forget every prepared and registered object, and the accumulation count (no collection)."""
         self._objects = _checkpoint.PreparedObjects()
         self._gradient_state.micro_step, self._gradient_state.sync_gradients = 0, True
+
+
+def _check_safe(method: str, safe_serialization: Any) -> None:
+    check_bool("safe_serialization", safe_serialization, owner=method)
+    if not safe_serialization:
+        raise ValueError(
+            f"{method}(safe_serialization=False): ember writes weights only as safetensors (they load without "
+            "unpickling, so loading them cannot run code); leave safe_serialization=True"
+        )

@@ -260,6 +260,11 @@ class TrackerMixin:
         """
         self._trackers.log(values, step, main=self._strategy.is_global_zero, log_kwargs=log_kwargs)
 
+    @property
+    def trackers(self) -> list[Logger]:
+        """The running trackers (``init_trackers``), on the main process; empty elsewhere."""
+        return list(self._trackers.loggers)
+
     def get_tracker(self, name: str, unwrap: bool = False) -> Any:
         """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
         return self._trackers.get(name, unwrap, main=self._strategy.is_global_zero)

@@ -48,7 +48,7 @@ from ember._wrappers import (
     patch_forward,
 )
 from ember.data import PreparedDataLoader, skip_first_batches
-from ember.dataloader_config import DataLoaderConfiguration, check_dataloader_config
+from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
 from ember.state import forget, set_current
@@ -66,7 +66,7 @@ __all__ = ["Accelerator"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin):
+class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderSettings):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,

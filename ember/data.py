@@ -171,6 +171,15 @@ class PreparedDataLoader:
             drop_last=self._drop_last, split_batches=self.split_batches, batch_size=self.base_dataloader.batch_size,
         )  # fmt: skip
 
+    @property
+    def total_batch_size(self) -> int | None:
+        """Samples per step over all processes (🤗 Accelerate's): the loader's ``batch_size``, times the
+        processes unless batches are split among them; None for a loader without ``batch_size``."""
+        size = self.base_dataloader.batch_size
+        if size is None:
+            return None
+        return size if self.split_batches else size * self.world_size
+
     def __len__(self) -> int:
         dl = self.base_dataloader
         if self.split_batches:  # one step per global batch

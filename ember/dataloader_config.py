@@ -77,3 +77,17 @@ def check_dataloader_config(
             f"(even_batches={config.even_batches!r}), not both"
         )
     return config
+
+
+class DataLoaderSettings:
+    """Mixed into the Accelerator: its dataloader settings, as 🤗 Accelerate's attributes."""
+
+    _dataloader_config: DataLoaderConfiguration
+
+    @property
+    def split_batches(self) -> bool:
+        return self._dataloader_config.split_batches
+
+    @property
+    def even_batches(self) -> bool:
+        return self._dataloader_config.even_batches
