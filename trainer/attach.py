@@ -82,6 +82,7 @@ class StageAttachment:
         )
         self._datamodule = datamodule
         if datamodule is not None:
+            datamodule.trainer = trainer
             with self.accelerator.main_process_first():
                 if self.is_global_zero:
                     datamodule.prepare_data()

@@ -7,7 +7,6 @@ aggregates of ``self.log`` (with torchmetrics states) and the loggers' positions
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import warnings
@@ -22,6 +21,7 @@ from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manif
 from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.strategies.environment import detect_environment
 from ember.trainer.hooks import call_hook
+from ember.trainer.hparams import init_kwargs
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -49,7 +49,7 @@ def save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool = Fa
     module = trainer.module
     if weights_only:  # the weights, with what loading them needs: no optimizer, loop or callback state
         weights: dict[str, Any] = {
-            "hyper_parameters": module._serializable_hparams(),
+            **module._hparams_checkpoint(),
             "loop": trainer.state.state_dict(),
         }
         module.on_save_checkpoint(weights)
@@ -59,7 +59,7 @@ def save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool = Fa
     checkpoint: dict[str, Any] = {
         "loop": trainer.state.state_dict(),
         "callbacks": {cb.state_key: cb.state_dict() for cb in trainer.callbacks},
-        "hyper_parameters": module._serializable_hparams(),
+        **module._hparams_checkpoint(),
         "loggers": [logger.state_dict() for logger in trainer.loggers] if trainer.is_global_zero else [],
     }
     call_hook(trainer, "on_save_checkpoint", checkpoint)
@@ -116,11 +116,7 @@ def load_module(
             "yourself and load its weights with Accelerator.load_state"
         )
     checkpoint = read_tree(path, STATE)
-    saved = dict(checkpoint.get("hyper_parameters", {}))
-    parameters = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        saved = {k: v for k, v in saved.items() if k in parameters}  # (e.g. a saved config dict's keys)
-    module = cls(**{**saved, **overrides})
+    module = cls(**init_kwargs(cls, checkpoint, overrides))  # (the hyper-parameters it takes)
     module.on_load_checkpoint(checkpoint)
     # (A pruned fit's weight_orig and weight_mask load into the plain module's weight.)
     state = fold_pruned(full_state_dict(path, manifest), module.state_dict())

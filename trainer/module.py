@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import builtins
-import inspect
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from ember._tree import apply_to_tensors
+from ember.trainer.hparams import AttributeDict, HyperparametersMixin
 from ember.trainer.module_hooks import StepHooks
 from ember.trainer.module_tools import ModuleTools
 
@@ -29,30 +28,7 @@ __all__ = ["AttributeDict", "DataModule", "TrainModule"]
 _M = TypeVar("_M", bound="TrainModule")
 
 
-class AttributeDict(dict[str, Any]):
-    """A dict whose keys also read and write as attributes: ``self.hparams.lr`` is
-    ``self.hparams["lr"]``, as in Lightning."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(
-                f"hparams has no {name!r}; it holds {sorted(self)} (save_hyperparameters() stores the "
-                "arguments of __init__)"
-            ) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
-
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class TrainModule(nn.Module, StepHooks, ModuleTools):
+class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
     """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
 
     Example::
@@ -78,13 +54,12 @@ class TrainModule(nn.Module, StepHooks, ModuleTools):
     # Properties TorchScript must not compile (to_torchscript), as in Lightning.
     __jit_unused_properties__: ClassVar[list[str]] = [
         *("trainer", "device", "current_epoch", "global_step", "global_rank", "local_rank"),
-        *("logger", "loggers", "example_input_array", "automatic_optimization"),
+        *("logger", "loggers", "example_input_array", "automatic_optimization", "hparams", "hparams_initial"),
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Trainer | None = None
-        self.hparams = AttributeDict()
 
     # -- what the Trainer calls ------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -296,43 +271,7 @@ class TrainModule(nn.Module, StepHooks, ModuleTools):
         """``loss.backward()`` through the strategy and precision plugin, for manual optimisation."""
         self.trainer._backward(loss, **kwargs)
 
-    # -- hyper-parameters ----------------------------------------------------------------------------
-    def save_hyperparameters(self, *names: Any, ignore: Iterable[str] = ()) -> None:
-        """Store the ``__init__`` arguments of the caller in ``self.hparams`` (saved in checkpoints, logged).
-
-        ``names`` picks some of them; a single dict or ``argparse.Namespace`` is stored instead of them.
-        Values that cannot be stored pickle-free (modules, functions ...) stay in ``self.hparams`` but
-        are left out of checkpoints and loggers, with a warning naming them.
-        """
-        skip = set(ignore)
-        if len(names) == 1 and isinstance(names[0], Mapping | argparse.Namespace):
-            given = names[0] if isinstance(names[0], Mapping) else vars(names[0])
-            if not all(isinstance(key, str) for key in given):
-                raise TypeError(
-                    f"save_hyperparameters(): the keys of a dict must be strings, got {list(given)}"
-                )
-            self.hparams.update({k: v for k, v in given.items() if k not in skip})
-            return
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise TypeError(
-                "save_hyperparameters() takes names of __init__ arguments (strings), or one dict or "
-                f"argparse.Namespace; got {bad!r}"
-            )
-        frame = inspect.currentframe()
-        caller = frame.f_back if frame is not None else None
-        if caller is None:
-            raise RuntimeError("save_hyperparameters() could not inspect its caller")
-        # The arguments of the __init__ that called us (a subclass's __init__ may take none itself).
-        code = caller.f_code
-        params = [p for p in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount] if p != "self"]
-        init_args = {p: caller.f_locals[p] for p in params if p in caller.f_locals}
-        chosen = list(names) if names else list(init_args)
-        unknown = [n for n in chosen if n not in init_args]
-        if unknown:
-            raise ValueError(f"save_hyperparameters(): {unknown} are not arguments of {code.co_name}()")
-        self.hparams.update({n: init_args[n] for n in chosen if n not in skip})
-
+    # -- hyper-parameters (save_hyperparameters, hparams, hparams_initial: HyperparametersMixin) ------
     @classmethod
     def load_from_checkpoint(
         cls: type[_M],
@@ -342,36 +281,18 @@ class TrainModule(nn.Module, StepHooks, ModuleTools):
         **kwargs: Any,
     ) -> _M:
         """A new module from a Trainer checkpoint directory: ``cls(**hyper-parameters)``, as
-        :meth:`save_hyperparameters` saved them (``kwargs`` override or add), then
+        :meth:`save_hyperparameters` saved them (those of one dict, Namespace or dataclass argument
+        passed back as that argument; ``kwargs`` override or add), then
         :meth:`on_load_checkpoint` and the checkpoint's weights, whatever the strategy that wrote
         them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``."""
         from ember.trainer.checkpointing import load_module  # (it imports this module)
 
         return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]
 
-    def _serializable_hparams(self) -> dict[str, Any]:
-        from ember.strategies.checkpoint_io import encode_tree
 
-        out: dict[str, Any] = {}
-        dropped = []
-        for key, value in self.hparams.items():
-            try:
-                encode_tree(value)
-            except TypeError:
-                dropped.append(key)
-                continue
-            out[key] = value
-        if dropped:
-            warnings.warn(
-                f"hyper-parameters {dropped} cannot be stored pickle-free and are left out of checkpoints and "
-                "loggers; pass save_hyperparameters(ignore=[...]) to silence this",
-                stacklevel=3,
-            )
-        return out
-
-
-class DataModule:
-    """Data in one place: ``prepare_data`` (main process), ``setup(stage)``, and the dataloaders.
+class DataModule(HyperparametersMixin):
+    """Data in one place: ``prepare_data`` (main process), ``setup(stage)``, and the dataloaders;
+    ``save_hyperparameters()`` and ``hparams`` as in a TrainModule.
 
     Example::
 
@@ -380,6 +301,9 @@ class DataModule:
             def train_dataloader(self): return DataLoader(self.train, batch_size=32, shuffle=True)
             def val_dataloader(self): return DataLoader(self.val, batch_size=64)
     """
+
+    #: The Trainer of the stage it was last passed to (None before).
+    trainer: Trainer | None = None
 
     def prepare_data(self) -> None:
         """Download or write files; runs on the main process first, the others wait."""
