@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,13 @@ import torch
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str
+from ember.callbacks._checkpoint_names import (
+    check_class_names,
+    check_save_last,
+    fill_template,
+    free_path,
+    is_version_of,
+)
 from ember.callbacks.base import Callback, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
@@ -23,15 +29,14 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelCheckpoint"]
 
-_FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
-
 
 class ModelCheckpoint(Callback):
     """Save the fit's state as checkpoint directories named from a template.
 
     By default a checkpoint is saved at the end of each training epoch (after its validation; with
     validation several times an epoch or every few epochs, after each validation run instead) in
-    ``<default_root_dir>/checkpoints``, keeping the newest one. With ``monitor``, the ``save_top_k`` best by that metric are kept.
+    ``<default_root_dir>/checkpoints``, keeping the newest one. With ``monitor``, the ``save_top_k`` best by that metric are kept;
+    without it the newest checkpoint is the best one.
 
     Example::
 
@@ -40,7 +45,10 @@ class ModelCheckpoint(Callback):
     """
 
     monitoring = True
-    last_name = "last"
+    #: The name of ``last``: a template like ``filename`` (``"{epoch}-last"``); set it on the class or an instance.
+    CHECKPOINT_NAME_LAST = "last"
+    #: Lightning's file suffix. Ember's checkpoints are directories, named without one: ``""`` is the only valid value.
+    FILE_EXTENSION = ""
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class ModelCheckpoint(Callback):
         check_path("dirpath", dirpath, owner="ModelCheckpoint", optional=True)
         check_str("filename", filename, owner="ModelCheckpoint", optional=True)
         check_str("monitor", monitor, owner="ModelCheckpoint", optional=True)
-        check_bool("save_last", save_last, owner="ModelCheckpoint", optional=True)
+        check_save_last(save_last)
         check_bool("auto_insert_metric_name", auto_insert_metric_name, owner="ModelCheckpoint")
         check_bool("save_on_train_epoch_end", save_on_train_epoch_end, owner="ModelCheckpoint", optional=True)
         for name, flag in (
@@ -100,7 +108,8 @@ class ModelCheckpoint(Callback):
             )
         if monitor is None and save_top_k > 1:
             raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
-        self.dirpath = str(dirpath) if dirpath is not None else None
+        self.dirpath = str(dirpath) if dirpath is not None else None  # the resolved one after setup
+        self._default_dirpath: str | None = None  # what setup resolved dirpath=None to
         self.filename = filename or "{epoch}-{step}"
         self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
         self.every_n_train_steps = every_n_train_steps
@@ -115,9 +124,9 @@ class ModelCheckpoint(Callback):
         self.verbose, self.save_weights_only = verbose, save_weights_only
         self.enable_version_counter = enable_version_counter
         self._last_time: float | None = None  # when the train_time_interval clock last started
-        self.best_k_models: dict[str, float] = {}
+        self.best_k_models: dict[str, torch.Tensor] = {}  # path -> score (without monitor: its global step)
         self.best_model_path = ""
-        self.best_model_score: float | None = None
+        self.best_model_score: torch.Tensor | None = None
         self.last_model_path = ""
         self._last_step_saved = -1
 
@@ -133,7 +142,41 @@ class ModelCheckpoint(Callback):
         )
 
     def resolved_dirpath(self, trainer: Trainer) -> str:
-        return self.dirpath or str(Path(trainer.default_root_dir) / "checkpoints")
+        """The user's ``dirpath``, else ``<default_root_dir>/checkpoints`` of ``trainer``."""
+        if self.dirpath is not None and self.dirpath != self._default_dirpath:
+            return self.dirpath
+        return str(Path(trainer.default_root_dir) / "checkpoints")
+
+    @property
+    def last_name(self) -> str:
+        """Ember's earlier name of :attr:`CHECKPOINT_NAME_LAST` (reading or setting either is the same)."""
+        return self.CHECKPOINT_NAME_LAST
+
+    @last_name.setter
+    def last_name(self, value: str) -> None:
+        self.CHECKPOINT_NAME_LAST = value
+
+    @property
+    def kth_best_model_path(self) -> str:
+        """The worst kept checkpoint once ``save_top_k`` are kept (with ``-1``: always); ``""`` before
+        that and without ``monitor``, as in Lightning."""
+        full = self.save_top_k == -1 or len(self.best_k_models) >= self.save_top_k
+        return self._worst() if self.monitor is not None and self.best_k_models and full else ""
+
+    @property
+    def kth_value(self) -> torch.Tensor:
+        """The score of :attr:`kth_best_model_path`; without one, the worst possible (``inf`` for
+        ``mode="min"``, ``-inf`` for ``"max"``)."""
+        path = self.kth_best_model_path
+        return (
+            self.best_k_models[path] if path else torch.tensor(math.inf if self.mode == "min" else -math.inf)
+        )
+
+    @override
+    def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        check_class_names(self)
+        if self.dirpath is None or self.dirpath == self._default_dirpath:  # not the user's: resolve it
+            self.dirpath = self._default_dirpath = self.resolved_dirpath(trainer)
 
     # -- when --------------------------------------------------------------------------------------
     @override
@@ -194,19 +237,9 @@ class ModelCheckpoint(Callback):
 
     # -- what --------------------------------------------------------------------------------------
     def format_name(self, metrics: dict[str, float], epoch: int, step: int) -> str:
-        values = {"epoch": epoch, "step": step, **metrics}
-
-        def field(match: re.Match[str]) -> str:
-            name, spec = match.group(1), (match.group(2) or ":")[1:]
-            if name not in values:
-                raise KeyError(
-                    f"ModelCheckpoint(filename={self.filename!r}) uses {name!r}, which was not logged. "
-                    f"Logged metrics: {sorted(metrics)}"
-                )
-            text = format(values[name], spec)
-            return f"{name}={text}" if self.auto_insert_metric_name else text
-
-        return _FIELD.sub(field, self.filename).replace("/", "_")
+        """``filename`` filled in: ``"{epoch}-{val_loss:.2f}"`` -> ``epoch=3-val_loss=0.12``."""
+        where = f"ModelCheckpoint(filename={self.filename!r})"
+        return fill_template(self.filename, where, metrics, epoch, step, self.auto_insert_metric_name)
 
     def _score(self, trainer: Trainer) -> float | None:
         if self.monitor is None:
@@ -224,7 +257,7 @@ class ModelCheckpoint(Callback):
     def _plan(self, trainer: Trainer) -> dict[str, Any]:
         """Rank 0 decides what to write and remove; the decision is broadcast so every rank agrees."""
         score = self._score(trainer)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = _metrics(trainer)
         directory = Path(self.resolved_dirpath(trainer))
         plan: dict[str, Any] = {"save": None, "remove": [], "last": None, "score": score}
         keep_it = self.save_top_k == -1 or (
@@ -232,34 +265,32 @@ class ModelCheckpoint(Callback):
             and (
                 score is None
                 or len(self.best_k_models) < self.save_top_k
-                or self._better(score, self._worst()[1])
+                or self._better(score, float(self.best_k_models[self._worst()]))
             )
         )
         if keep_it and not (score is not None and math.isnan(score)):
             name = self.format_name(metrics, trainer.current_epoch, trainer.global_step)
-            plan["save"] = str(self._free_path(directory, name, taken=set(self.best_k_models)))
+            taken = set(self.best_k_models)
+            plan["save"] = str(free_path(directory, name, taken, self.enable_version_counter))
         if self.save_last:
-            plan["last"] = self.last_path(trainer)
+            plan["last"] = self.last_path(trainer, metrics, also_taken=[plan["save"]] if plan["save"] else [])
         return plan
 
-    def _free_path(self, directory: Path, name: str, taken: set[str]) -> Path:
-        """``directory/name``, or ``name-v1``, ``name-v2``... past the paths this run keeps (``taken``)
-        and what exists: any checkpoint of another run too, unless ``enable_version_counter=False``
-        (then only what is not a checkpoint; a checkpoint of the same name is replaced)."""
-        path, version = directory / name, 0
-        while str(path) in taken or (
-            path.exists() and (self.enable_version_counter or not (path / MANIFEST).exists())
-        ):
-            version += 1
-            path = directory / f"{name}-v{version}"
-        return path
-
-    def last_path(self, trainer: Trainer) -> str:
-        """Where ``last`` goes: this run's (or the resumed run's) last checkpoint; for a fresh run,
-        ``last``, or ``last-vN`` past the ``last`` checkpoints of earlier runs (asked on rank 0)."""
-        if self.last_model_path:
+    def last_path(
+        self, trainer: Trainer, metrics: dict[str, float] | None = None, also_taken: list[str] | None = None
+    ) -> str:
+        """Where ``last`` goes: ``CHECKPOINT_NAME_LAST`` filled in like ``filename``. This run's (or the
+        resumed run's) last checkpoint while its name stays the same; else that name, or ``-vN``
+        past the ``last`` checkpoints of earlier runs (asked on rank 0)."""
+        metrics = _metrics(trainer) if metrics is None else metrics
+        template, epoch, step = self.last_name, trainer.current_epoch, trainer.global_step
+        where = f"ModelCheckpoint.CHECKPOINT_NAME_LAST={template!r}"
+        name = fill_template(template, where, metrics, epoch, step, self.auto_insert_metric_name)
+        if self.last_model_path and is_version_of(Path(self.last_model_path).name, name):
             return self.last_model_path
-        return str(self._free_path(Path(self.resolved_dirpath(trainer)), self.last_name, taken=set()))
+        taken = {*self.best_k_models, *(also_taken or [])}
+        directory = Path(self.resolved_dirpath(trainer))
+        return str(free_path(directory, name, taken, self.enable_version_counter))
 
     def claim_last(self, trainer: Trainer) -> str:
         """:meth:`last_path`, decided on rank 0 for every process and kept as ``last_model_path``
@@ -270,33 +301,51 @@ class ModelCheckpoint(Callback):
         self.last_model_path = path
         return path
 
-    def _worst(self) -> tuple[str, float]:
-        pick = max if self.mode == "min" else min
-        path = pick(self.best_k_models, key=lambda p: self.best_k_models[p])
-        return path, self.best_k_models[path]
+    def _rank(self, path: str) -> float:
+        """Higher is better: the monitored value (negated for ``mode="min"``); without ``monitor``
+        the global step it was saved at, so that the newest checkpoint is the best, as in Lightning."""
+        value = float(self.best_k_models[path])
+        return -value if self.monitor is not None and self.mode == "min" else value
+
+    def _best(self) -> str:
+        return max(self.best_k_models, key=self._rank)  # the first kept of equals
+
+    def _worst(self) -> str:
+        return min(self.best_k_models, key=self._rank)
+
+    def _keep(self, trainer: Trainer, path: str, score: float | None) -> list[str]:
+        """Rank ``path`` among the kept checkpoints and update the best; returns the ones it supersedes."""
+        removed: list[str] = []
+        if score is None and self.save_top_k != -1:
+            removed = list(self.best_k_models)  # no monitor: keep only the newest
+            self.best_k_models = {}
+        self.best_k_models[path] = as_score(score if score is not None else float(trainer.global_step))
+        if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
+            worst = self._worst()
+            del self.best_k_models[worst]
+            removed.append(worst)
+        self.best_model_path = self._best()
+        self.best_model_score = self.best_k_models[self.best_model_path] if score is not None else None
+        return removed
+
+    def _superseded_last(self, previous: str, plan: dict[str, Any]) -> list[str]:
+        """The previous ``last`` when ``last`` got a new name (``CHECKPOINT_NAME_LAST="{epoch}-last"``),
+        in the same directory and not one of the kept checkpoints."""
+        new = plan["last"]
+        if new is None or not previous or previous == new or previous in self.best_k_models:
+            return []
+        return [previous] if Path(previous).parent == Path(new).parent else []
 
     def _save(self, trainer: Trainer) -> None:
         plan = trainer.accelerator.broadcast_object(self._plan(trainer) if trainer.is_global_zero else None)
         self._last_step_saved = trainer.global_step
+        stale = self._superseded_last(self.last_model_path, plan)
         if plan["last"] is not None:
             self.last_model_path = plan["last"]  # before saving, so both copies hold the same state
         if plan["save"] is not None:
-            path, score = plan["save"], plan["score"]
-            removed: list[str] = []
-            if score is None and self.save_top_k != -1:
-                removed = list(self.best_k_models)  # no monitor: keep only the newest
-                self.best_k_models = {}
-            self.best_k_models[path] = score if score is not None else float(trainer.global_step)
-            if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
-                worst, _ = self._worst()
-                del self.best_k_models[worst]
-                removed.append(worst)
-            best = (min if self.mode == "min" else max)(
-                self.best_k_models, key=lambda p: self.best_k_models[p]
-            )
-            self.best_model_path = best
-            self.best_model_score = self.best_k_models[best] if score is not None else None
-            self._report(trainer, path, score)
+            path = plan["save"]
+            removed = self._keep(trainer, path, plan["score"])
+            self._report(trainer, path, plan["score"])
             # after updating our state, so the checkpoint includes it
             trainer.save_checkpoint(path, weights_only=self.save_weights_only)
             if trainer.is_global_zero:
@@ -304,14 +353,14 @@ class ModelCheckpoint(Callback):
                 # to it atomically, and only then are the ones it supersedes removed.
                 if plan["last"] is not None:  # the same state: link its files instead of saving again
                     copy_checkpoint(Path(path), Path(plan["last"]))
-                for old in removed:
-                    if old != path and (Path(old) / MANIFEST).exists():
-                        remove_checkpoint(Path(old))  # hidden first: never seen half deleted
+                _remove([old for old in removed + stale if old != path])
             trainer.strategy.barrier("ModelCheckpoint:last")
         else:
             self._report(trainer, None, plan["score"])
             if plan["last"] is not None:
                 trainer.save_checkpoint(plan["last"], weights_only=self.save_weights_only)
+                if trainer.is_global_zero:
+                    _remove(stale)
         if trainer.is_global_zero and (plan["save"] or plan["last"]):  # e.g. WandbLogger(log_model=) uploads
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
@@ -336,21 +385,43 @@ class ModelCheckpoint(Callback):
     # -- state -------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Scores are kept as tensors (as in Lightning) and saved as floats (a checkpoint's JSON).
+        score = self.best_model_score
         return {
-            "best_k_models": dict(self.best_k_models),
+            "best_k_models": {path: float(value) for path, value in self.best_k_models.items()},
             "best_model_path": self.best_model_path,
-            "best_model_score": self.best_model_score,
+            "best_model_score": None if score is None else float(score),
             "last_model_path": self.last_model_path,
             "last_step_saved": self._last_step_saved,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_k_models = dict(state_dict["best_k_models"])
+        score = state_dict["best_model_score"]
+        self.best_k_models = {
+            path: as_score(float(value)) for path, value in state_dict["best_k_models"].items()
+        }
         self.best_model_path = state_dict["best_model_path"]
-        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_score = None if score is None else as_score(float(score))
         self.last_model_path = state_dict["last_model_path"]
         self._last_step_saved = state_dict["last_step_saved"]
 
     def __repr__(self) -> str:
         return f"ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, save_top_k={self.save_top_k})"
+
+
+def _metrics(trainer: Trainer) -> dict[str, float]:
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+def _remove(paths: list[str]) -> None:
+    for old in paths:
+        if (Path(old) / MANIFEST).exists():
+            remove_checkpoint(Path(old))  # hidden first: never seen half deleted
+
+
+def as_score(value: float) -> torch.Tensor:
+    """A score as Lightning keeps it: a 0-dim tensor on the CPU, float32 when that holds ``value``
+    exactly (float64 otherwise)."""
+    narrow = torch.tensor(value, dtype=torch.float32)
+    return narrow if float(narrow) == value or math.isnan(value) else torch.tensor(value, dtype=torch.float64)

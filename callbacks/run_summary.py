@@ -64,7 +64,7 @@ class RunSummary(Callback):
             if not isinstance(callback, ModelCheckpoint):
                 continue
             if callback.best_model_path:
-                score = callback.best_model_score
+                score = None if callback.best_model_score is None else float(callback.best_model_score)
                 monitored = (
                     f" ({callback.monitor}={_number(score)}, mode={callback.mode})"
                     if callback.monitor is not None and score is not None

@@ -146,3 +146,105 @@ def test_train_time_interval_on_two_processes_follows_rank_0s_clock(tmp_path: Pa
     assert run_processes(_time_worker, str(tmp_path / "one"), 1) == [[], []]
     # Rank 0 due: both save, every step (2 steps of 2 batches per rank).
     assert run_processes(_time_worker, str(tmp_path / "zero"), 0) == [["epoch=0-step=2"]] * 2
+
+
+# -- Lightning parity: the best without monitor, the resolved dirpath, tensor scores, `last`'s name ----
+
+
+def test_without_monitor_the_newest_checkpoint_is_the_best(tmp_path: Path) -> None:
+    directory = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=directory, save_top_k=-1)
+    trainer = _trainer(tmp_path, checkpoint, max_epochs=3)
+    module = Net()
+    trainer.fit(module, _loader())
+    assert _names(directory) == ["epoch=0-step=4", "epoch=1-step=8", "epoch=2-step=12"]
+    assert checkpoint.best_model_path == str(directory / "epoch=2-step=12")  # not the oldest
+    assert checkpoint.best_model_score is None and checkpoint.kth_best_model_path == ""
+    # ckpt_path="best" holds the fit's final weights
+    assert torch.equal(Net.load_from_checkpoint(checkpoint.best_model_path).layer.weight, module.layer.weight)
+    # every_n_epochs, and mode="max" (which ranks nothing without monitor): the newest still
+    every = ModelCheckpoint(dirpath=tmp_path / "every", every_n_epochs=2, save_top_k=-1, mode="max")
+    _trainer(tmp_path, every, max_epochs=4).fit(Net(), _loader())
+    assert Path(every.best_model_path).name == "epoch=3-step=16"
+    # A resumed fit goes on from the saved state: its new checkpoints are newer than the resumed ones.
+    again = ModelCheckpoint(dirpath=directory, save_top_k=-1)
+    _trainer(tmp_path, again, max_epochs=4).fit(Net(), _loader(), ckpt_path=checkpoint.best_model_path)
+    assert again.best_model_path == str(directory / "epoch=3-step=16") and len(again.best_k_models) == 4
+
+
+def test_dirpath_is_the_resolved_directory_once_set_up(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint()
+    assert checkpoint.dirpath is None
+    _trainer(tmp_path / "a", checkpoint).fit(Net(), _loader())
+    assert checkpoint.dirpath == str(tmp_path / "a" / "checkpoints")
+    assert _names(Path(checkpoint.dirpath)) == ["epoch=0-step=4"]
+    _trainer(tmp_path / "b", checkpoint).fit(Net(), _loader())  # another Trainer: its directory
+    assert checkpoint.dirpath == str(tmp_path / "b" / "checkpoints")
+    mine = ModelCheckpoint(dirpath=tmp_path / "mine")  # the user's is kept as given
+    _trainer(tmp_path / "c", mine).fit(Net(), _loader())
+    assert mine.dirpath == str(tmp_path / "mine") and not (tmp_path / "c" / "checkpoints").exists()
+
+
+def test_scores_are_cpu_tensors_and_saved_as_floats(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2)
+    assert checkpoint.kth_best_model_path == "" and checkpoint.kth_value.item() == float("inf")
+    assert ModelCheckpoint(monitor="val_loss", mode="max").kth_value.item() == float("-inf")
+    _trainer(tmp_path, checkpoint, max_epochs=3).fit(Net(), _loader(), _loader(8))
+    score = checkpoint.best_model_score
+    assert isinstance(score, torch.Tensor) and score.dim() == 0 and score.device.type == "cpu"
+    assert score.is_floating_point() and score.item() == min(
+        v.item() for v in checkpoint.best_k_models.values()
+    )
+    assert all(isinstance(v, torch.Tensor) for v in checkpoint.best_k_models.values())
+    assert len(checkpoint.best_k_models) == 2  # full: the kth best is the worse of the two
+    worst = max(checkpoint.best_k_models, key=lambda p: checkpoint.best_k_models[p].item())
+    assert checkpoint.kth_best_model_path == worst and checkpoint.kth_value is checkpoint.best_k_models[worst]
+    state = checkpoint.state_dict()
+    assert json.loads(json.dumps(state)) == state and isinstance(state["best_model_score"], float)
+    saved = json.loads((Path(checkpoint.best_model_path) / "trainer_state.json").read_text())["callbacks"]
+    assert {type(v) for v in saved[checkpoint.state_key]["best_k_models"].values()} == {float}
+    fresh = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2)
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.best_model_score, torch.Tensor) and torch.equal(fresh.best_model_score, score)
+    assert fresh.kth_best_model_path == worst
+
+
+def test_the_last_checkpoints_name_and_extension(tmp_path: Path) -> None:
+    assert (ModelCheckpoint.CHECKPOINT_NAME_LAST, ModelCheckpoint.FILE_EXTENSION) == ("last", "")
+    directory = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=directory, save_last=True)
+    checkpoint.CHECKPOINT_NAME_LAST = "{epoch}-last"  # filled in like filename; the previous one goes
+    assert checkpoint.last_name == "{epoch}-last"  # ember's earlier name: an alias
+    _trainer(tmp_path, checkpoint, max_epochs=2).fit(Net(), _loader())
+    assert _names(directory) == ["epoch=1-last", "epoch=1-step=8"]
+    assert checkpoint.last_model_path == str(directory / "epoch=1-last")
+
+    class Final(ModelCheckpoint):
+        CHECKPOINT_NAME_LAST = "final"
+
+    _trainer(tmp_path, Final(dirpath=tmp_path / "final", save_last=True)).fit(Net(), _loader())
+    assert _names(tmp_path / "final") == ["epoch=0-step=4", "final"]
+    resumed = Final(dirpath=tmp_path / "final", save_last=True)  # a new Trainer's "last" finds it
+    trainer = _trainer(tmp_path, resumed, max_epochs=2)
+    trainer.fit(Net(), _loader(), ckpt_path="last")
+    assert trainer.global_step == 8 and resumed.last_model_path == str(tmp_path / "final" / "final")
+    alias = ModelCheckpoint(dirpath=tmp_path / "alias", save_last=True, save_top_k=0)
+    alias.last_name = "end"
+    assert alias.CHECKPOINT_NAME_LAST == "end" and ModelCheckpoint.CHECKPOINT_NAME_LAST == "last"
+    _trainer(tmp_path, alias).fit(Net(), _loader())
+    assert _names(tmp_path / "alias") == ["end"]
+
+    missing = ModelCheckpoint(dirpath=tmp_path / "missing", save_last=True)
+    missing.CHECKPOINT_NAME_LAST = "{nope}-last"
+    with pytest.raises(
+        KeyError, match=r"CHECKPOINT_NAME_LAST='\{nope\}-last' uses 'nope', which was not logged"
+    ):
+        _trainer(tmp_path, missing).fit(Net(), _loader())
+    suffixed = ModelCheckpoint(dirpath=tmp_path / "suffixed")
+    suffixed.FILE_EXTENSION = ".ckpt"
+    with pytest.raises(
+        ValueError, match=r"FILE_EXTENSION='.ckpt': .* directories.* the only valid value is ''"
+    ):
+        _trainer(tmp_path, suffixed).fit(Net(), _loader())
+    with pytest.raises(ValueError, match=r"save_last='link'\): valid choices are True, False and None"):
+        ModelCheckpoint(save_last="link")  # type: ignore[arg-type]

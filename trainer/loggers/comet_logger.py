@@ -140,7 +140,8 @@ class CometLogger(Logger):
         for path in dict.fromkeys([*callback.best_k_models, callback.last_model_path]):
             manifest = Path(path) / MANIFEST
             if path and manifest.exists() and self._logged_checkpoints.get(path) != manifest.stat().st_mtime:
-                score = callback.best_k_models.get(path) if callback.monitor is not None else None
+                kept = callback.best_k_models.get(path) if callback.monitor is not None else None
+                score = None if kept is None else float(kept)  # a tensor: JSON takes a float
                 metadata = {"score": score, "best": path == callback.best_model_path}
                 experiment.log_model(Path(path).name, path, metadata=metadata, overwrite=True)
                 self._logged_checkpoints[path] = manifest.stat().st_mtime

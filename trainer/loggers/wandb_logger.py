@@ -175,7 +175,8 @@ class WandbLogger(Logger):
             for key in ("monitor", "mode", "save_top_k", "save_last", "every_n_train_steps", "every_n_epochs")
         }
         for mtime, path in sorted(new):
-            score = callback.best_k_models.get(path) if callback.monitor is not None else None
+            kept = callback.best_k_models.get(path) if callback.monitor is not None else None
+            score = None if kept is None else float(kept)  # a tensor: JSON takes a float
             metadata = {"original_filename": Path(path).name, "score": score, "ModelCheckpoint": settings}
             artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
             artifact.add_dir(path)  # a checkpoint is a directory; W&B copies it before it may be pruned
