@@ -66,7 +66,7 @@ class EarlyStopping(Callback):
         self.strict, self.check_finite, self.verbose = strict, check_finite, verbose
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.wait_count = 0
-        self.stopped_epoch = -1
+        self.stopped_epoch = 0  # (Lightning's: 0 when it never stopped)
         self.best_score = math.inf if mode == "min" else -math.inf
         self.stop_reason = ""
         self.check_on_train_epoch_end = check_on_train_epoch_end

@@ -116,6 +116,52 @@ class TrainerProperties:
     def max_steps(self) -> int:
         return self.config.max_steps
 
+    # -- the Trainer's settings, under Lightning's attribute names (as resolved: fast_dev_run's limits)
+    @property
+    def min_epochs(self) -> int | None:
+        return self.config.min_epochs
+
+    @property
+    def min_steps(self) -> int | None:
+        return self.config.min_steps
+
+    @property
+    def fast_dev_run(self) -> bool | int:
+        return self.config.fast_dev_run
+
+    @property
+    def num_sanity_val_steps(self) -> int:
+        return self.config.num_sanity_val_steps
+
+    @property
+    def limit_train_batches(self) -> int | float:
+        return self.config.limit_train_batches
+
+    @property
+    def limit_val_batches(self) -> int | float:
+        return self.config.limit_val_batches
+
+    @property
+    def limit_test_batches(self) -> int | float:
+        return self.config.limit_test_batches
+
+    @property
+    def limit_predict_batches(self) -> int | float:
+        return self.config.limit_predict_batches
+
+    @property
+    def gradient_clip_val(self) -> float | None:
+        return self.config.gradient_clip_val
+
+    @property
+    def gradient_clip_algorithm(self) -> str:
+        return self.config.gradient_clip_algorithm
+
+    @property
+    def lightning_module(self) -> TrainModule:
+        """The module (Lightning's name for :attr:`module`)."""
+        return self.module
+
     @property
     def log_every_n_steps(self) -> int:
         return self.config.log_every_n_steps

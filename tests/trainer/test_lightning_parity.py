@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from ember import Trainer, TrainModule
-from ember.callbacks import Callback
+from ember.callbacks import Callback, EarlyStopping
 
 
 class Stream(IterableDataset):  # type: ignore[type-arg]
@@ -143,3 +143,24 @@ def test_log_without_the_dataloader_suffix_and_rank_zero_only(tmp_path: Path) ->
 
     with pytest.raises(ValueError, match=r"self\.log\('loss', rank_zero_only=True, sync_dist=True\)"):
         trainer(tmp_path).fit(RankZero(), DataLoader(_data(12), batch_size=4))
+
+
+def test_settings_under_lightnings_names_and_early_stopping_that_never_stopped(tmp_path: Path) -> None:
+    quick = Trainer(fast_dev_run=True, enable_progress_bar=False, default_root_dir=str(tmp_path))
+    assert (quick.fast_dev_run, quick.limit_train_batches, quick.limit_val_batches, quick.num_sanity_val_steps) == (
+        True, 1, 1, 0
+    )  # fmt: skip
+    stopper = EarlyStopping(monitor="val_loss_0", patience=100)
+    fit = trainer(tmp_path, max_epochs=2, min_epochs=1, limit_train_batches=0.5, gradient_clip_val=0.5,
+                  gradient_clip_algorithm="value", callbacks=[stopper])  # fmt: skip
+    module = Net()
+    fit.fit(module, DataLoader(_data(16), batch_size=4), DataLoader(_data(4), batch_size=4))
+    assert (fit.min_epochs, fit.min_steps, fit.limit_train_batches, fit.limit_test_batches) == (
+        1,
+        None,
+        0.5,
+        1.0,
+    )
+    assert (fit.gradient_clip_val, fit.gradient_clip_algorithm) == (0.5, "value")
+    assert fit.lightning_module is module and fit.global_step == 4  # 2 epochs of half the 4 batches
+    assert stopper.stopped_epoch == 0  # it never stopped the fit
