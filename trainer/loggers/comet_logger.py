@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import override
 
 from ember._validation import check_bool, check_str
-from ember.strategies.checkpoint_io import MANIFEST
-from ember.trainer.loggers.base import Logger, _is_global_zero, _NoExperiment
+from ember.trainer.loggers.base import _is_global_zero, _NoExperiment
+from ember.trainer.loggers.uploads import UploadsCheckpoints, check_log_model, checkpoint_score
 
 if TYPE_CHECKING:
     from ember.callbacks.model_checkpoint import ModelCheckpoint
@@ -23,7 +23,7 @@ __all__ = ["CometLogger"]
 _MODES = ("get_or_create", "get", "create")
 
 
-class CometLogger(Logger):
+class CometLogger(UploadsCheckpoints):
     """Log to a Comet experiment: ``hparams`` become its parameters, rows its metrics (at the
     Trainer's global step), checkpoints its models. Lightning's ``CometLogger``, for ember.
 
@@ -57,8 +57,7 @@ class CometLogger(Logger):
             raise ValueError(
                 f"CometLogger(mode={mode!r}): valid choices are None, " + ", ".join(map(repr, _MODES))
             )
-        if not any(log_model is choice for choice in (True, False)) and log_model != "all":
-            raise ValueError(f"CometLogger(log_model={log_model!r}): valid choices are False, True, 'all'")
+        check_log_model("CometLogger", log_model)
         comet = _import_comet()
         fields = set(inspect.signature(comet.ExperimentConfig).parameters)
         unknown = sorted(set(kwargs) - fields)
@@ -70,12 +69,10 @@ class CometLogger(Logger):
         self._api_key, self._workspace, self._project = api_key, workspace, project
         self._mode, self._online, self._prefix = mode, online, prefix or ""
         self._config = {"name": name, **kwargs} if name is not None else dict(kwargs)
-        self._log_model = log_model
+        self._start_uploads(log_model)
         self._chosen_key = experiment_key
         self._key = experiment_key or uuid.uuid4().hex  # Comet's form: 32 hexadecimal digits
         self._experiment: Any = None
-        self._checkpoint_callback: ModelCheckpoint | None = None
-        self._logged_checkpoints: dict[str, float] = {}  # path -> manifest mtime, once uploaded
 
     @property
     @override
@@ -128,31 +125,16 @@ class CometLogger(Logger):
             self.experiment.log_text(text, step=step, metadata={"name": key})
 
     @override
-    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        if self._log_model == "all" or (self._log_model is True and checkpoint_callback.save_top_k == -1):
-            self._log_checkpoints(checkpoint_callback)  # every checkpoint is kept: upload it now
-        elif self._log_model is True:
-            self._checkpoint_callback = checkpoint_callback  # upload the survivors at the end
-
-    def _log_checkpoints(self, callback: ModelCheckpoint) -> None:
-        """Upload the callback's checkpoints not uploaded yet (or rewritten since), each as the model ``<name>``."""
-        experiment = self.experiment
-        for path in dict.fromkeys([*callback.best_k_models, callback.last_model_path]):
-            manifest = Path(path) / MANIFEST
-            if path and manifest.exists() and self._logged_checkpoints.get(path) != manifest.stat().st_mtime:
-                kept = callback.best_k_models.get(path) if callback.monitor is not None else None
-                score = None if kept is None else float(kept)  # a tensor: JSON takes a float
-                metadata = {"score": score, "best": path == callback.best_model_path}
-                experiment.log_model(Path(path).name, path, metadata=metadata, overwrite=True)
-                self._logged_checkpoints[path] = manifest.stat().st_mtime
+    def _upload_checkpoint(self, callback: ModelCheckpoint, path: str) -> None:
+        """The Comet model ``<name>``, with the score and whether it is the best."""
+        metadata = {"score": checkpoint_score(callback, path), "best": path == callback.best_model_path}
+        self.experiment.log_model(Path(path).name, path, metadata=metadata, overwrite=True)
 
     @override
     def finalize(self, status: str) -> None:
         if self._experiment is None:
             return
-        if status == "success" and self._checkpoint_callback is not None:
-            self._log_checkpoints(self._checkpoint_callback)
-        self._checkpoint_callback = None
+        self._finish_uploads(status)
         self._experiment.log_other("status", status)
         self._experiment.end()
         self._experiment = None  # a later use (trainer.test()) continues the same experiment

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str, show
-from ember.strategies.checkpoint_io import MANIFEST
-from ember.trainer.loggers.base import Logger, _flatten, _is_global_zero, _NoExperiment
+from ember.trainer.loggers.base import _flatten, _is_global_zero, _NoExperiment
+from ember.trainer.loggers.uploads import UploadsCheckpoints, check_log_model
 
 if TYPE_CHECKING:
     from ember.callbacks.model_checkpoint import ModelCheckpoint
@@ -28,7 +28,7 @@ _PARAM_LENGTH = 6000  # MLflow's longest parameter value
 _BATCH = 100  # parameters per log_batch call (MLflow's limit)
 
 
-class MLFlowLogger(Logger):
+class MLFlowLogger(UploadsCheckpoints):
     """Log to an MLflow run: ``hparams`` become its parameters, rows its metrics (at the Trainer's
     global step), checkpoints its artifacts. Lightning's ``MLFlowLogger``, for ember.
 
@@ -65,20 +65,18 @@ class MLFlowLogger(Logger):
         check_bool("synchronous", synchronous, owner=owner, optional=True)
         if tags is not None and not (isinstance(tags, Mapping) and all(isinstance(k, str) for k in tags)):
             raise TypeError(f"MLFlowLogger(tags={show(tags)}) must be None or a dict with string keys")
-        if not any(log_model is choice for choice in (True, False)) and log_model != "all":
-            raise ValueError(f"MLFlowLogger(log_model={log_model!r}): valid choices are False, True, 'all'")
+        check_log_model("MLFlowLogger", log_model)
         self._experiment_name, self._run_name = experiment_name, run_name
         self._save_dir = Path(save_dir).absolute()
         self._tracking_uri = tracking_uri
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
-        self._log_model, self._prefix = log_model, prefix
+        self._prefix = prefix
+        self._start_uploads(log_model)
         self._artifact_location, self._synchronous = artifact_location, synchronous
         self._chosen_run_id = run_id
         self._run_id: str | None = run_id
         self._experiment_id: str | None = None
         self._client: Any = None
-        self._checkpoint_callback: ModelCheckpoint | None = None
-        self._logged_checkpoints: dict[str, float] = {}  # path -> manifest mtime, once uploaded
 
     @property
     @override
@@ -174,28 +172,15 @@ class MLFlowLogger(Logger):
             client.log_text(self.version, text, f"text/{_key(key)}/step_{step}.txt")
 
     @override
-    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        if self._log_model == "all" or (self._log_model is True and checkpoint_callback.save_top_k == -1):
-            self._log_checkpoints(checkpoint_callback)  # every checkpoint is kept: upload it now
-        elif self._log_model is True:
-            self._checkpoint_callback = checkpoint_callback  # upload the survivors at the end
-
-    def _log_checkpoints(self, callback: ModelCheckpoint) -> None:
-        """Upload the callback's checkpoints not uploaded yet (or rewritten since) to ``checkpoints/<name>``."""
-        client = self.experiment
-        for path in dict.fromkeys([*callback.best_k_models, callback.last_model_path]):
-            manifest = Path(path) / MANIFEST
-            if path and manifest.exists() and self._logged_checkpoints.get(path) != manifest.stat().st_mtime:
-                client.log_artifacts(self.version, path, f"checkpoints/{Path(path).name}")
-                self._logged_checkpoints[path] = manifest.stat().st_mtime
+    def _upload_checkpoint(self, callback: ModelCheckpoint, path: str) -> None:
+        """The run's artifacts ``checkpoints/<name>/``."""
+        self.experiment.log_artifacts(self.version, path, f"checkpoints/{Path(path).name}")
 
     @override
     def finalize(self, status: str) -> None:
         if self._client is None:
             return
-        if status == "success" and self._checkpoint_callback is not None:
-            self._log_checkpoints(self._checkpoint_callback)
-        self._checkpoint_callback = None
+        self._finish_uploads(status)
         self._client.set_terminated(self.version, status=_STATUS.get(status, "FAILED"))
         self._client = None  # a later use (trainer.test()) continues the same run
 

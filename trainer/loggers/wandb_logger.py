@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str, show
-from ember.strategies.checkpoint_io import MANIFEST
-from ember.trainer.loggers.base import Logger, _is_global_zero, _NoExperiment
+from ember.trainer.loggers.base import _is_global_zero, _NoExperiment
+from ember.trainer.loggers.uploads import UploadsCheckpoints, check_log_model, checkpoint_score
 
 if TYPE_CHECKING:
     from torch import nn
@@ -30,7 +30,7 @@ _EXIT_CODES = {"success": 0, "failed": 1, "interrupted": 130}
 _ID_CHARACTERS = string.ascii_lowercase + string.digits
 
 
-class WandbLogger(Logger):
+class WandbLogger(UploadsCheckpoints):
     """Log to a W&B run: ``hparams`` go to ``run.config``, rows to ``run.log``, checkpoints to artifacts.
 
     W&B's own step must only grow, but a resumed fit logs its steps again: each row carries the
@@ -63,15 +63,15 @@ class WandbLogger(Logger):
             not isinstance(tags, (list, tuple)) or not all(isinstance(tag, str) for tag in tags)
         ):
             raise TypeError(f"WandbLogger(tags={show(tags)}) must be None or a list of strings")
-        if not any(log_model is choice for choice in (True, False)) and log_model != "all":
-            raise ValueError(f"WandbLogger(log_model={log_model!r}): valid choices are False, True, 'all'")
+        check_log_model("WandbLogger", log_model)
         if version is not None and id is not None and version != id:
             raise ValueError(f"WandbLogger(version={version!r}, id={id!r}): pass one run id, not two")
         self._project, self._run_name, self._save_dir = project, name, Path(save_dir)
         self._chosen_id = version if version is not None else id
         # Chosen now, so the run id is known (and saved in checkpoints) before the run opens.
         self._id = self._chosen_id or "".join(secrets.choice(_ID_CHARACTERS) for _ in range(8))
-        self._offline, self._log_model, self._prefix = offline, log_model, prefix
+        self._offline, self._prefix = offline, prefix
+        self._start_uploads(log_model)
         self._init_kwargs = {
             "entity": entity,
             "tags": list(tags) if tags else None,
@@ -84,8 +84,6 @@ class WandbLogger(Logger):
         self._owns_run = (
             True  # False for a run opened before the logger (a sweep agent's): not ours to finish
         )
-        self._checkpoint_callback: ModelCheckpoint | None = None
-        self._logged_checkpoints: dict[str, float] = {}  # path -> manifest mtime, once uploaded
 
     @property
     @override
@@ -155,42 +153,25 @@ class WandbLogger(Logger):
         self.experiment.watch(model, log=log, log_freq=log_freq, log_graph=log_graph)
 
     @override
-    def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        if self._log_model == "all" or (self._log_model is True and checkpoint_callback.save_top_k == -1):
-            self._log_checkpoints(checkpoint_callback)  # every checkpoint is kept: upload it now
-        elif self._log_model is True:
-            self._checkpoint_callback = checkpoint_callback  # upload the survivors at the end
-
-    def _log_checkpoints(self, callback: ModelCheckpoint) -> None:
-        """Upload the callback's checkpoints not uploaded yet, oldest first, as versions of one artifact."""
-        wandb = _import_wandb()
-        new = []
-        for path in dict.fromkeys([*callback.best_k_models, callback.last_model_path]):
-            manifest = Path(path) / MANIFEST
-            if path and manifest.exists() and self._logged_checkpoints.get(path) != manifest.stat().st_mtime:
-                new.append((manifest.stat().st_mtime, path))
+    def _upload_checkpoint(self, callback: ModelCheckpoint, path: str) -> None:
+        """A new version of the artifact ``model-<run id>`` (type ``"model"``)."""
         run = self.experiment
         settings = {
             key: getattr(callback, key)
             for key in ("monitor", "mode", "save_top_k", "save_last", "every_n_train_steps", "every_n_epochs")
         }
-        for mtime, path in sorted(new):
-            kept = callback.best_k_models.get(path) if callback.monitor is not None else None
-            score = None if kept is None else float(kept)  # a tensor: JSON takes a float
-            metadata = {"original_filename": Path(path).name, "score": score, "ModelCheckpoint": settings}
-            artifact = wandb.Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
-            artifact.add_dir(path)  # a checkpoint is a directory; W&B copies it before it may be pruned
-            aliases = ["latest", "best"] if path == callback.best_model_path else ["latest"]
-            run.log_artifact(artifact, aliases=aliases)
-            self._logged_checkpoints[path] = mtime
+        score = checkpoint_score(callback, path)
+        metadata = {"original_filename": Path(path).name, "score": score, "ModelCheckpoint": settings}
+        artifact = _import_wandb().Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
+        artifact.add_dir(path)  # a checkpoint is a directory; W&B copies it before it may be pruned
+        aliases = ["latest", "best"] if path == callback.best_model_path else ["latest"]
+        run.log_artifact(artifact, aliases=aliases)
 
     @override
     def finalize(self, status: str) -> None:
         if self._experiment is None:
             return
-        if status == "success" and self._checkpoint_callback is not None:
-            self._log_checkpoints(self._checkpoint_callback)
-        self._checkpoint_callback = None
+        self._finish_uploads(status)
         if self._owns_run:
             self._experiment.finish(exit_code=_EXIT_CODES.get(status, 1))
         self._experiment = None  # a later use (trainer.test()) re-opens the same run id
