@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ember.callbacks.backbone_finetuning import BackboneFinetuning
 from ember.callbacks.base import Callback
 from ember.callbacks.batch_size_finder import BatchSizeFinder
 from ember.callbacks.device_stats_monitor import DeviceStatsMonitor
 from ember.callbacks.early_stopping import EarlyStopping
-from ember.callbacks.finetuning import BackboneFinetuning, BaseFinetuning
+from ember.callbacks.finetuning import BaseFinetuning
 from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
 from ember.callbacks.lambda_function import LambdaCallback
 from ember.callbacks.lr_finder import LearningRateFinder

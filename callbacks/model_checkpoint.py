@@ -11,14 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from ember._validation import check_bool, check_path, check_str
-from ember.callbacks._checkpoint_names import (
-    check_class_names,
-    check_save_last,
-    fill_template,
-    free_path,
-    is_version_of,
-)
+from ember.callbacks._checkpoint_arguments import check_arguments
+from ember.callbacks._checkpoint_names import check_class_names, fill_template, free_path, is_version_of
 from ember.callbacks.base import Callback, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
@@ -67,47 +61,13 @@ class ModelCheckpoint(Callback):
         train_time_interval: timedelta | None = None,
         enable_version_counter: bool = True,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"ModelCheckpoint(mode={mode!r}): valid choices are 'min', 'max'")
-        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
-            raise ValueError(
-                f"ModelCheckpoint(save_top_k={save_top_k!r}) must be -1 (all), 0 (none) or a positive int"
-            )
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"ModelCheckpoint({name}={value!r}) must be None or an int >= 1")
-        check_path("dirpath", dirpath, owner="ModelCheckpoint", optional=True)
-        check_str("filename", filename, owner="ModelCheckpoint", optional=True)
-        check_str("monitor", monitor, owner="ModelCheckpoint", optional=True)
-        check_save_last(save_last)
-        check_bool("auto_insert_metric_name", auto_insert_metric_name, owner="ModelCheckpoint")
-        check_bool("save_on_train_epoch_end", save_on_train_epoch_end, owner="ModelCheckpoint", optional=True)
-        for name, flag in (
-            ("verbose", verbose),
-            ("save_weights_only", save_weights_only),
-            ("enable_version_counter", enable_version_counter),
-        ):
-            check_bool(name, flag, owner="ModelCheckpoint")
-        if train_time_interval is not None and (
-            not isinstance(train_time_interval, timedelta) or train_time_interval <= timedelta(0)
-        ):
-            raise ValueError(
-                f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be None or a positive "
-                "datetime.timedelta"
-            )
-        given = {
-            "every_n_train_steps": every_n_train_steps,
-            "every_n_epochs": every_n_epochs,
-            "train_time_interval": train_time_interval,
-        }
-        if sum(value is not None for value in given.values()) > 1:
-            raise ValueError(
-                "ModelCheckpoint: "
-                + ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
-                + " are exclusive: give one of every_n_train_steps, every_n_epochs, train_time_interval"
-            )
-        if monitor is None and save_top_k > 1:
-            raise ValueError(f"ModelCheckpoint(save_top_k={save_top_k}) ranks checkpoints and needs monitor=")
+        check_arguments(
+            dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
+            save_last=save_last, every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
+            auto_insert_metric_name=auto_insert_metric_name, save_on_train_epoch_end=save_on_train_epoch_end,
+            verbose=verbose, save_weights_only=save_weights_only, train_time_interval=train_time_interval,
+            enable_version_counter=enable_version_counter,
+        )  # fmt: skip
         self.dirpath = str(dirpath) if dirpath is not None else None  # the resolved one after setup
         self._default_dirpath: str | None = None  # what setup resolved dirpath=None to
         self.filename = filename or "{epoch}-{step}"
