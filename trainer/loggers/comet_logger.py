@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import uuid
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -150,22 +149,13 @@ class CometLogger(UploadsCheckpoints):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        reason = None
-        if state["project"] != self._project:
-            reason = f"the checkpoint's experiment is in project {state['project']!r}, this logger's in {self._project!r}"
-        elif self._chosen_key is not None and self._chosen_key != state["experiment_key"]:
-            reason = f"this logger was given the experiment key {self._chosen_key!r}"
-        elif self._experiment is not None and self._key != state["experiment_key"]:
-            reason = f"this logger's experiment {self._key!r} is already open"
-        if reason is not None:
-            warnings.warn(
-                f"not continuing the checkpoint's Comet experiment {state['experiment_key']!r}: {reason}",
-                stacklevel=2,
-            )
-            return
-        self._key = state["experiment_key"]
-        self._mode = "get"
-        self._logged_checkpoints = dict(state["logged_checkpoints"])
+        open_id = self._key if self._experiment is not None else None
+        place, given = ("project", state["project"], self._project), ("experiment key", self._chosen_key)
+        if self._resume(
+            state, "Comet experiment", state["experiment_key"], place=place, given=given, open_id=open_id
+        ):
+            self._key = state["experiment_key"]
+            self._mode = "get"
 
 
 def _import_comet() -> Any:

@@ -194,25 +194,13 @@ class MLFlowLogger(UploadsCheckpoints):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        reason = None
         if state["run_id"] is None:
             return
-        if state["experiment_name"] != self._experiment_name:
-            reason = (
-                f"the checkpoint's run is in experiment {state['experiment_name']!r}, this logger's in "
-                f"{self._experiment_name!r}"
-            )
-        elif self._chosen_run_id is not None and self._chosen_run_id != state["run_id"]:
-            reason = f"this logger was given the run id {self._chosen_run_id!r}"
-        elif self._client is not None and self._run_id != state["run_id"]:
-            reason = f"this logger's run {self._run_id!r} is already open"
-        if reason is not None:
-            warnings.warn(
-                f"not continuing the checkpoint's MLflow run {state['run_id']!r}: {reason}", stacklevel=2
-            )
-            return
-        self._run_id = state["run_id"]
-        self._logged_checkpoints = dict(state["logged_checkpoints"])
+        open_id = self._run_id if self._client is not None else None
+        place = ("experiment", state["experiment_name"], self._experiment_name)
+        given = ("run id", self._chosen_run_id)
+        if self._resume(state, "MLflow run", state["run_id"], place=place, given=given, open_id=open_id):
+            self._run_id = state["run_id"]
 
     def _sync(self) -> dict[str, Any]:
         return {} if self._synchronous is None else {"synchronous": self._synchronous}

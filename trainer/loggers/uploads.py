@@ -1,8 +1,10 @@
 """``log_model``: when and which of ``ModelCheckpoint``'s checkpoints a logger uploads (W&B, MLflow,
-Comet). Each logger says only how one checkpoint goes up (``_upload_checkpoint``)."""
+Comet), and whether a resumed fit continues the run its checkpoint names. Each logger says only how
+one checkpoint goes up (``_upload_checkpoint``)."""
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +64,34 @@ class UploadsCheckpoints(Logger):
         for mtime, path in sorted(new):
             self._upload_checkpoint(callback, path)
             self._logged_checkpoints[path] = mtime
+
+    def _resume(
+        self,
+        state: dict[str, Any],
+        run: str,
+        saved_id: str,
+        *,
+        place: tuple[str, Any, Any],
+        given: tuple[str, str | None],
+        open_id: str | None,
+    ) -> bool:
+        """Whether this logger continues the checkpoint's ``run`` (``"W&B run"``, ...) ``saved_id``; if
+        so its uploaded checkpoints are restored, else a warning says why not. Not when the run lives
+        elsewhere (``place``: what, the checkpoint's, this logger's), the user gave another id
+        (``given``: its name, the id or None), or another run is already open (``open_id``)."""
+        noun = run.rsplit(" ", 1)[-1]
+        (where, saved_place, our_place), (id_name, given_id) = place, given
+        if saved_place != our_place:
+            reason = f"the checkpoint's {noun} is in {where} {saved_place!r}, this logger's in {our_place!r}"
+        elif given_id is not None and given_id != saved_id:
+            reason = f"this logger was given the {id_name} {given_id!r}"
+        elif open_id is not None and open_id != saved_id:
+            reason = f"this logger's {noun} {open_id!r} is already open"
+        else:
+            self._logged_checkpoints = dict(state["logged_checkpoints"])
+            return True
+        warnings.warn(f"not continuing the checkpoint's {run} {saved_id!r}: {reason}", stacklevel=3)
+        return False
 
     def _finish_uploads(self, status: str) -> None:
         """At the end of a run: the kept checkpoints go up after a successful fit (``log_model=True``)."""

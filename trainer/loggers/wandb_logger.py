@@ -186,20 +186,10 @@ class WandbLogger(UploadsCheckpoints):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        reason = None
-        if state["project"] != self._project:
-            reason = (
-                f"the checkpoint's run is in project {state['project']!r}, this logger's in {self._project!r}"
-            )
-        elif self._chosen_id is not None and self._chosen_id != state["id"]:
-            reason = f"this logger was given the run id {self._chosen_id!r}"
-        elif self._experiment is not None and self._id != state["id"]:
-            reason = f"this logger's run {self._id!r} is already open"
-        if reason is not None:
-            warnings.warn(f"not continuing the checkpoint's W&B run {state['id']!r}: {reason}", stacklevel=2)
-            return
-        self._id = state["id"]
-        self._logged_checkpoints = dict(state["logged_checkpoints"])
+        open_id = self._id if self._experiment is not None else None
+        place, given = ("project", state["project"], self._project), ("run id", self._chosen_id)
+        if self._resume(state, "W&B run", state["id"], place=place, given=given, open_id=open_id):
+            self._id = state["id"]
 
 
 def _import_wandb() -> Any:
