@@ -23,6 +23,7 @@ from ember.callbacks.pruning import ModelPruning
 from ember.callbacks.swa import StochasticWeightAveraging
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
+from ember.callbacks.weight_averaging import EMAWeightAveraging, WeightAveraging
 
 if TYPE_CHECKING:
     from ember.callbacks.model_summary import ModelSummary
@@ -60,6 +61,7 @@ __all__ = [
     "BatchSizeFinder",
     "Callback",
     "DeviceStatsMonitor",
+    "EMAWeightAveraging",
     "EarlyStopping",
     "GradientAccumulationScheduler",
     "LambdaCallback",
@@ -76,4 +78,5 @@ __all__ = [
     "TQDMProgressBar",
     "ThroughputMonitor",
     "Timer",
+    "WeightAveraging",
 ]

@@ -7,6 +7,7 @@ down once, in ``docs/concepts/hooks.md``.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -157,6 +158,13 @@ class Callback:
     def on_load_checkpoint(
         self, trainer: Trainer, module: TrainModule, checkpoint: dict[str, Any]
     ) -> None: ...
+
+    def checkpoint_weights(self, trainer: Trainer, module: TrainModule) -> AbstractContextManager[None]:
+        """A context the Trainer saves a checkpoint in: the module holds, inside it, the weights the
+        checkpoint stores as the model's (``WeightAveraging``: the average). Ember's checkpoints keep
+        the weights out of the ``on_save_checkpoint`` dictionary, so a callback that would replace
+        ``checkpoint["state_dict"]`` in Lightning swaps the module's weights here. Default: as they are."""
+        return nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         """State saved in checkpoints (JSON-able values and tensors). Empty: nothing is saved."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,15 @@ RANK_STATE = "trainer_rank_state"
 
 
 def save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
+    """A Trainer checkpoint at ``path``, the module holding what the callbacks' ``checkpoint_weights``
+    put in it while it is written."""
+    with ExitStack() as weights:
+        for callback in trainer.callbacks:
+            weights.enter_context(callback.checkpoint_weights(trainer, trainer.module))
+        return _save(trainer, path, weights_only)
+
+
+def _save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool) -> Path:
     module = trainer.module
     if weights_only:  # the weights, with what loading them needs: no optimizer, loop or callback state
         weights: dict[str, Any] = {
