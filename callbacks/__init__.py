@@ -6,7 +6,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ember.callbacks.backbone_finetuning import BackboneFinetuning
-from ember.callbacks.base import Callback
+from ember.callbacks.base import Callback, Checkpoint
 from ember.callbacks.batch_size_finder import BatchSizeFinder
 from ember.callbacks.device_stats_monitor import DeviceStatsMonitor
 from ember.callbacks.early_stopping import EarlyStopping
@@ -26,16 +26,17 @@ from ember.callbacks.timer import Timer
 from ember.callbacks.weight_averaging import EMAWeightAveraging, WeightAveraging
 
 if TYPE_CHECKING:
-    from ember.callbacks.model_summary import ModelSummary
+    from ember.callbacks.model_summary import ModelSummary, RichModelSummary
     from ember.callbacks.progress import RichProgressBar
     from ember.callbacks.run_summary import RunSummary
     from ember.callbacks.tqdm_progress import TQDMProgressBar
 
-# These three draw with rich, whose console/table/progress modules cost ~40 ms to import and, on top
+# These draw with rich, whose console/table/progress modules cost ~40 ms to import and, on top
 # of torch's heap, push the interpreter into a full garbage collection (~80 ms more): they load on
 # first use (the Trainer's default callbacks, or `from ember.callbacks import ...`), not with `import ember`.
 _LAZY = {
     "ModelSummary": "ember.callbacks.model_summary",
+    "RichModelSummary": "ember.callbacks.model_summary",
     "RichProgressBar": "ember.callbacks.progress",
     "RunSummary": "ember.callbacks.run_summary",
     "TQDMProgressBar": "ember.callbacks.tqdm_progress",  # (ember.callbacks.progress's helpers)
@@ -60,6 +61,7 @@ __all__ = [
     "BasePredictionWriter",
     "BatchSizeFinder",
     "Callback",
+    "Checkpoint",
     "DeviceStatsMonitor",
     "EMAWeightAveraging",
     "EarlyStopping",
@@ -72,6 +74,7 @@ __all__ = [
     "ModelSummary",
     "NonFiniteGuard",
     "OnExceptionCheckpoint",
+    "RichModelSummary",
     "RichProgressBar",
     "RunSummary",
     "StochasticWeightAveraging",

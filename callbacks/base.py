@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["Callback", "acts_after_validation", "acts_at_train_epoch_end"]
+__all__ = ["Callback", "Checkpoint", "acts_after_validation", "acts_at_train_epoch_end"]
 
 
 def acts_at_train_epoch_end(trainer: Trainer, choice: bool | None) -> bool:
@@ -172,3 +172,8 @@ class Callback:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class Checkpoint(Callback):
+    """The base of the callbacks that save checkpoints (``ModelCheckpoint``, ``OnExceptionCheckpoint``),
+    as Lightning's: ``isinstance(callback, Checkpoint)`` finds them. It adds nothing else."""

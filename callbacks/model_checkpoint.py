@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from ember.callbacks._checkpoint_arguments import check_arguments
 from ember.callbacks._checkpoint_names import check_class_names, fill_template, free_path, is_version_of
-from ember.callbacks.base import Callback, acts_after_validation, acts_at_train_epoch_end
+from ember.callbacks.base import Checkpoint, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_io import MANIFEST
 from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["ModelCheckpoint"]
 
 
-class ModelCheckpoint(Callback):
+class ModelCheckpoint(Checkpoint):
     """Save the fit's state as checkpoint directories named from a template.
 
     By default a checkpoint is saved at the end of each training epoch (after its validation; with

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["ModelSummary", "SummaryRow", "SummaryTotals", "summarize", "summarize_totals"]
+__all__ = ["ModelSummary", "RichModelSummary", "SummaryRow", "SummaryTotals", "summarize", "summarize_totals"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,3 +240,8 @@ class ModelSummary(Callback):
         for number, what in _totals(totals):
             summary.add_row(number, what)
         console.print(summary)
+
+
+class RichModelSummary(ModelSummary):
+    """Lightning's name for its rich-drawn summary. Ember's :class:`ModelSummary` draws with rich
+    already (plain text when the output is not a terminal): this is the same callback."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, ClassVar
 from typing_extensions import override
 
 from ember._validation import check_path, check_str
-from ember.callbacks.base import Callback
+from ember.callbacks.base import Checkpoint
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["OnExceptionCheckpoint"]
 
 
-class OnExceptionCheckpoint(Callback):
+class OnExceptionCheckpoint(Checkpoint):
     """When ``fit`` raises (``KeyboardInterrupt`` included), save a checkpoint directory at
     ``<dirpath>/<filename>`` through the Trainer's checkpointing, from which
     ``trainer.fit(module, ckpt_path=callback.ckpt_path)`` resumes: with the batch that failed
