@@ -20,6 +20,7 @@ from ember.callbacks.nan_guard import NonFiniteGuard
 from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
 from ember.callbacks.prediction_writer import BasePredictionWriter
 from ember.callbacks.pruning import ModelPruning
+from ember.callbacks.spike_detection import SpikeDetection, TrainingSpikeException
 from ember.callbacks.swa import StochasticWeightAveraging
 from ember.callbacks.throughput import ThroughputMonitor
 from ember.callbacks.timer import Timer
@@ -77,9 +78,11 @@ __all__ = [
     "RichModelSummary",
     "RichProgressBar",
     "RunSummary",
+    "SpikeDetection",
     "StochasticWeightAveraging",
     "TQDMProgressBar",
     "ThroughputMonitor",
     "Timer",
+    "TrainingSpikeException",
     "WeightAveraging",
 ]
