@@ -15,6 +15,7 @@ from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.dataloader_config import DataLoaderConfiguration
 from ember.kwargs_handlers import (
+    AutocastKwargs,
     DistributedDataParallelKwargs,
     GradScalerKwargs,
     InitProcessGroupKwargs,
@@ -22,8 +23,14 @@ from ember.kwargs_handlers import (
 )
 from ember.memory import find_executable_batch_size
 from ember.notebook import notebook_launcher
+from ember.plugins import (
+    DeepSpeedPlugin,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    TorchDynamoPlugin,
+)
 from ember.project import ProjectConfiguration
-from ember.state import PartialState
+from ember.state import AcceleratorState, GradientState, PartialState
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
@@ -69,14 +76,20 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Accelerator",
+    "AcceleratorState",
+    "AutocastKwargs",
     "CSVLogger",
     "CheckpointError",
     "CometLogger",
     "DataLoaderConfiguration",
     "DataModule",
+    "DeepSpeedPlugin",
     "DistributedDataParallelKwargs",
     "DistributedType",
+    "FullyShardedDataParallelPlugin",
     "GradScalerKwargs",
+    "GradientAccumulationPlugin",
+    "GradientState",
     "InitProcessGroupKwargs",
     "Logger",
     "MLFlowLogger",
@@ -85,6 +98,7 @@ __all__ = [
     "ProfileKwargs",
     "ProjectConfiguration",
     "TensorBoardLogger",
+    "TorchDynamoPlugin",
     "TrainModule",
     "Trainer",
     "TrainerCLI",

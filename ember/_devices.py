@@ -127,3 +127,36 @@ def resolve_devices(
     if device_type == "cuda" and devices > torch.cuda.device_count():
         raise ValueError(f"devices={devices}, but only {torch.cuda.device_count()} CUDA devices are visible")
     return devices, None
+
+
+def device_placements(device_placement: Any, count: int, default: bool) -> list[bool]:
+    """``prepare``'s ``device_placement``: one bool per object (None: ``default`` for each)."""
+    if device_placement is None:
+        return [default] * count
+    if not (
+        isinstance(device_placement, (list, tuple))
+        and len(device_placement) == count
+        and all(isinstance(place, bool) for place in device_placement)
+    ):
+        raise ValueError(
+            f"prepare(device_placement={device_placement!r}): expected a list of {count} bools, one per object "
+            "passed (True: moved to the device, False: left where it is), or None for the Accelerator's "
+            "device_placement"
+        )
+    return list(device_placement)
+
+
+def check_in_place(strategy: Strategy, device_placement: Any) -> None:
+    """Raise unless ``strategy`` can prepare a model where it is (``device_placement`` False for it)."""
+    from ember.strategies.capabilities import LeavesModulePlacement
+
+    if not isinstance(strategy, LeavesModulePlacement):
+        given = (
+            "Accelerator(device_placement=False)"
+            if device_placement is None
+            else f"prepare(device_placement={device_placement!r})"
+        )
+        raise ValueError(
+            f"{given}: strategy {strategy.strategy_name!r} places a model's parameters itself as it shards "
+            "them, so a model cannot stay where it is. Valid choices for a model under it: True"
+        )

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.nn.modules import module as torch_module
 
+from ember._plugin_args import uncompiled
+
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
 
@@ -20,8 +22,11 @@ def call_as_forward(
 
     Strategy wrappers (DDP) only synchronize gradients of computations that went through their
     ``forward``, and the precision plugin's autocast wraps the forward: this routes a method of the
-    user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``.
+    user's module through both. Inside ``method``, ``self(x)`` calls the real ``forward``. A model
+    ``prepare`` compiled runs uncompiled here (its forward is swapped for the call).
     """
+    if self._compiles:  # (one attribute read when nothing is compiled: the Trainer's every step)
+        model = uncompiled(model)
     inner = self._strategy.unwrap_module(model) if self._unwraps else model
     hooks = self._wraps_forward  # False: the precision's forward hooks do nothing (fp32), skip them
     if (

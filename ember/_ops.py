@@ -20,11 +20,13 @@ def gather_tensor(strategy: Strategy, tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order.
 
     Ranks may hold different lengths along dim 0 (the last batch of an epoch): the sizes are
-    exchanged first, tensors padded to the longest and the padding removed after the gather.
+    exchanged first, tensors padded to the longest and the padding removed after the gather. A
+    0-dim tensor counts as one row (``[world_size]`` gathered); on one process every tensor comes
+    back as it is, 0-dim included (🤗 Accelerate's shapes).
     """
-    tensor = _as_batch(tensor)
     if strategy.world_size == 1:
         return tensor
+    tensor = _as_batch(tensor)
     sizes = strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).flatten().tolist()
     longest = max(sizes)
     if longest != tensor.shape[0]:
@@ -98,7 +100,8 @@ def pad_across_processes(strategy: Strategy, data: Any, dim: int, pad_index: Any
 
 
 def truncate(data: Any, length: int) -> Any:
-    return apply_to_tensors(data, lambda t: t[:length])
+    """The first ``length`` rows of each tensor (a 0-dim tensor has no rows: it stays as it is)."""
+    return apply_to_tensors(data, lambda t: t[:length] if t.dim() else t)
 
 
 def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:

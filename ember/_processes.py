@@ -14,6 +14,7 @@ import torch
 
 from ember import _ops
 from ember._tree import apply_to_tensors, other_leaf
+from ember._validation import check_bool
 from ember._wrappers import GradientState
 from ember.strategies import Strategy
 from ember.strategies.base import ReduceOp, check_reduce_op
@@ -103,17 +104,26 @@ class ProcessMixin:
             )
         return _ops.gather(self._strategy, tensor)
 
-    def gather_for_metrics(self, input_data: Any) -> Any:
+    def gather_for_metrics(self, input_data: Any, use_gather_object: bool = False) -> Any:
         """:meth:`gather`, minus the samples duplicated to even out the last batch of a prepared loader.
 
         Data that is not all tensors (decoded strings, lists of labels ...) is gathered with
-        :meth:`gather_object`: a list from each process makes one list, cut to the real samples too."""
+        :meth:`gather_object`: a list from each process makes one list, cut to the real samples too.
+        ``use_gather_object=True`` (🤗 Accelerate's) takes that path whatever the data holds; as
+        objects travel as JSON, tensors are refused there on several processes (gather them without it)."""
+        check_bool("use_gather_object", use_gather_object, owner="gather_for_metrics")
         remainder = self._gradient_state.loop.remainder
-        if other_leaf(input_data):
+        if use_gather_object or other_leaf(input_data):
             if self.num_processes == 1:
                 return input_data
-            gathered = self.gather_object(input_data)
-            return gathered if remainder is None or not isinstance(input_data, list) else gathered[:remainder]
+            caller = (
+                "gather_for_metrics(use_gather_object=True)" if use_gather_object else "gather_for_metrics()"
+            )
+            objects = _ops.gather_objects(self._strategy, input_data, caller)
+            if not isinstance(input_data, list):
+                return objects
+            gathered = [item for each in objects for item in each]
+            return gathered if remainder is None else gathered[:remainder]
         gathered = _ops.gather(self._strategy, input_data)
         return gathered if remainder is None else _ops.truncate(gathered, remainder)
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ember import _checkpoint, _hooks, _weights
+from ember._plugin_args import recompiled, uncompiled
 from ember._validation import check_bool
 from ember._wrappers import GradientState, unpatch_forward
 from ember.project import ProjectConfiguration
@@ -32,12 +33,41 @@ class StateMixin:
     _several_nodes: bool
     project_configuration: ProjectConfiguration
 
-    def unwrap_model(self, model: nn.Module, keep_fp32_wrapper: bool = True) -> nn.Module:
-        """The user's module inside the strategy wrapper (DDP ...)."""
-        inner = self._strategy.unwrap_module(model)
+    def unwrap_model(
+        self, model: nn.Module, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True
+    ) -> nn.Module:
+        """The user's module inside the strategy wrapper (DDP ...). A model ``prepare`` compiled
+        (``dynamo_backend``) comes back compiled around that module, as in 🤗 Accelerate; with
+        ``keep_torch_compile=False``, plain. The prepared model itself is left unchanged."""
+        check_bool("keep_torch_compile", keep_torch_compile, owner="unwrap_model")
+        plain = uncompiled(model)
+        inner = self._strategy.unwrap_module(plain)
         if not keep_fp32_wrapper:
             unpatch_forward(inner)
+        if keep_torch_compile and plain is not model:
+            return model if inner is plain else recompiled(model, inner)
         return inner
+
+    def refresh_trainable(self, model: nn.Module) -> nn.Module:
+        """Call after changing which parameters of the prepared ``model`` require grad (a backbone
+        unfrozen); use the returned model from then on. DDP builds a new wrapper around the same
+        module, which synchronises the new set (no ``find_unused_parameters`` needed); a single
+        device returns ``model``; FSDP and DeepSpeed raise ``RuntimeError``. Checkpoints hold the new one.
+        A compiled model (``dynamo_backend``) comes back compiled again, with the same options.
+
+        Example::
+
+            model = accelerator.refresh_trainable(model)  # after requires_grad_(True) on the backbone
+        """
+        plain = uncompiled(model)
+        refreshed = self._strategy.refresh_trainable(plain)
+        models = self._objects.models
+        for i, prepared in enumerate(models):
+            if prepared is plain:
+                models[i] = refreshed  # same place: checkpoints keep their order
+        if plain is model:  # not compiled: the new wrapper itself
+            return refreshed
+        return model if refreshed is plain else recompiled(model, refreshed)
 
     def save_model(
         self,
@@ -49,7 +79,7 @@ class StateMixin:
         """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``);
         ``safe_serialization=False`` (a pickled ``pytorch_model.bin``) is refused."""
         _check_safe("save_model", safe_serialization)
-        _weights.save_model(self._strategy, model, save_directory, max_shard_size)
+        _weights.save_model(self._strategy, uncompiled(model), save_directory, max_shard_size)
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         """The model's whole state dict, keyed by your module's names (``unwrap=False``: the wrapper's
@@ -57,7 +87,7 @@ class StateMixin:
         gathered, a collective that every process must call; the full tensors are on the main process."""
         if not unwrap:
             return model.state_dict()
-        return self._strategy.module_state_dict(model, full=True)
+        return self._strategy.module_state_dict(uncompiled(model), full=True)
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""

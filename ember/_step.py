@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ember._plugin_args import uncompiled
 from ember._validation import check_bool
 from ember._wrappers import GradientState, PreparedOptimizer
+from ember.kwargs_handlers import AutocastKwargs
 from ember.strategies import BackwardSyncControl, Strategy
 from ember.strategies.capabilities import ForcesBackwardSync, JoinsUnevenInputs, OwnsOptimizerStep
 
@@ -64,7 +66,7 @@ class StepMixin:
     def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         """Skip gradient synchronization for backward passes inside the context (where supported)."""
         if isinstance(self._strategy, BackwardSyncControl):
-            return self._strategy.no_backward_sync(model)
+            return self._strategy.no_backward_sync(uncompiled(model))
         return nullcontext()
 
     def trigger_sync_in_backward(self, model: nn.Module) -> AbstractContextManager[Any]:
@@ -85,7 +87,7 @@ class StepMixin:
         if strategy.world_size == 1:
             return _NOTHING
         if isinstance(strategy, ForcesBackwardSync):
-            return strategy.force_backward_sync(model)
+            return strategy.force_backward_sync(uncompiled(model))
         if isinstance(strategy, BackwardSyncControl):
             warnings.warn(
                 f"trigger_sync_in_backward() has no effect under strategy {strategy.strategy_name!r}: a backward "
@@ -141,7 +143,7 @@ class StepMixin:
         try:
             for loader in loaders:  # read when a pass starts (and by len())
                 loader.even_batches = even
-            inner = [j.optimizer if isinstance(j, PreparedOptimizer) else j for j in joinables]
+            inner = [j.optimizer if isinstance(j, PreparedOptimizer) else uncompiled(j) for j in joinables]
             # As in Accelerate, Join is entered but disabled while batches are even: every process
             # then runs every step, and nothing needs shadowing.
             with strategy.join(inner, enable=not even):
@@ -159,12 +161,13 @@ class StepMixin:
         if sync is not None:
             state.micro_step = 0 if sync else state.micro_step + 1
             state.sync_gradients = sync
-        elif state.loop.end_of_dataloader:
+        elif state.sync_with_dataloader and state.loop.end_of_dataloader:
             state.micro_step, state.sync_gradients = 0, True
         else:
             state.micro_step += 1
             state.sync_gradients = state.micro_step % state.accumulation_steps == 0
-        if state.sync_gradients:  # nothing to enter: a step boundary costs no context machinery
+        # sync_each_batch (GradientAccumulationPlugin): all-reduce on micro-steps too, step only at the boundary
+        if state.sync_gradients or state.sync_each_batch:  # a step boundary costs no context machinery
             return _NOTHING
         return self._no_sync_all(models)
 
@@ -175,9 +178,20 @@ class StepMixin:
                 stack.enter_context(self.no_sync(model))
             yield
 
-    def autocast(self) -> AbstractContextManager[Any]:
-        """The precision plugin's forward context (autocast for the mixed precisions)."""
-        return self.precision.forward_context()
+    def autocast(self, autocast_handler: AutocastKwargs | None = None) -> AbstractContextManager[Any]:
+        """The precision plugin's forward context (autocast for the mixed precisions).
+
+        ``autocast_handler`` (🤗 Accelerate's) sets ``torch.autocast``'s options for this block, e.g.
+        ``AutocastKwargs(enabled=False)`` runs it in full precision under ``bf16-mixed``."""
+        if autocast_handler is None:
+            return self.precision.forward_context()
+        if not isinstance(autocast_handler, AutocastKwargs):
+            raise TypeError(
+                f"autocast(autocast_handler={autocast_handler!r}): expected an ember.AutocastKwargs or None"
+            )
+        return self.precision.autocast_context(
+            enabled=autocast_handler.enabled, cache_enabled=autocast_handler.cache_enabled
+        )
 
     def unscale_gradients(self, optimizer: Any = None) -> None:
         """Bring gradients to their true scale now (``16-mixed``), e.g. to inspect them before a step;

@@ -266,7 +266,10 @@ class TrackerMixin:
         return list(self._trackers.loggers)
 
     def get_tracker(self, name: str, unwrap: bool = False) -> Any:
-        """The ``Logger`` of tracker ``name`` (its ``experiment``, e.g. the wandb run, with ``unwrap``)."""
+        """The ``Logger`` of tracker ``name``; with ``unwrap``, the object it writes through (its
+        ``tracker``: the ``SummaryWriter``, the wandb run, the ``MlflowClient``, the comet experiment).
+        As 🤗 Accelerate's trackers, the loggers also name it ``writer`` (TensorBoard, Comet) or
+        ``run`` (W&B); ``MLFlowLogger.active_run`` is the run as an ``mlflow.ActiveRun``."""
         return self._trackers.get(name, unwrap, main=self._strategy.is_global_zero)
 
 

@@ -21,6 +21,8 @@ class GradientState:
     """Gradient-accumulation bookkeeping shared by one Accelerator and the objects it prepared."""
 
     accumulation_steps: int = 1
+    sync_with_dataloader: bool = True  # the end of a dataloader pass is a step boundary
+    sync_each_batch: bool = False  # micro-steps synchronise gradients too (no no_sync)
     sync_gradients: bool = True
     micro_step: int = 0
     loop: LoopState = field(default_factory=LoopState)

@@ -19,21 +19,24 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ember import _checkpoint, _forward, _trackers
+from ember import _checkpoint, _forward, _trackers, plugins
 from ember import kwargs_handlers as kwargs_handlers_module
 from ember._devices import (
     check_accelerator,
     check_devices,
+    check_in_place,
+    device_placements,
     requested_processes,
     resolve_accelerator,
     resolve_devices,
 )
+from ember._plugin_args import resolve_plugins
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._state import StateMixin
@@ -42,7 +45,6 @@ from ember._trackers import TrackerMixin
 from ember._validation import check_bool, check_int, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember._wrappers import (
-    GradientState,
     PreparedOptimizer,
     PreparedScheduler,
     patch_forward,
@@ -51,10 +53,10 @@ from ember.data import PreparedDataLoader, skip_first_batches
 from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
-from ember.state import forget, set_current
+from ember.state import AccelerateStateMixin, forget, set_current
 from ember.strategies import Strategy
 from ember.strategies.base import resolve_strategy
-from ember.strategies.capabilities import MaterializesModules, OwnsOptimizerStep
+from ember.strategies.capabilities import LeavesModulePlacement, MaterializesModules, OwnsOptimizerStep
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.strategies.parallel import ParallelStrategy
 
@@ -66,11 +68,16 @@ __all__ = ["Accelerator"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderSettings):
+class Accelerator(
+    ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderSettings, AccelerateStateMixin
+):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
     Arguments left at ``None`` take the value ``ember launch`` passed down (``--strategy``,
     ``--precision``), else ``strategy="auto"`` and ``precision="32-true"``.
+
+    ``device_placement=False`` leaves prepared models and batches where they are (🤗 Accelerate's
+    argument; ``prepare(..., device_placement=[...])`` decides per object).
 
     ``collective_timeout`` (seconds or a ``timedelta``; ``None`` turns it off) arms the collective
     watchdog of multi-process runs: a collective that some rank does not reach in time makes every
@@ -90,18 +97,26 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         dataloader_config: DataLoaderConfiguration | None = None,
         mixed_precision: str | None = None,
         cpu: bool = False,
+        device_placement: bool = True,
         log_with: LogWith = None,
         project_dir: str | os.PathLike[str] | None = None,
         project_config: ProjectConfiguration | None = None,
         step_scheduler_with_optimizer: bool = True,
         collective_timeout: float | timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
         kwargs_handlers: Sequence[Any] | None = None,
+        deepspeed_plugin: plugins.DeepSpeedPlugin | None = None,
+        fsdp_plugin: plugins.FullyShardedDataParallelPlugin | None = None,
+        gradient_accumulation_plugin: plugins.GradientAccumulationPlugin | None = None,
+        dynamo_backend: str | None = None,
+        dynamo_plugin: plugins.TorchDynamoPlugin | None = None,
+        rng_types: Sequence[str] | None = None,
     ) -> None:
         defaults = launch_defaults()
         handlers = kwargs_handlers_module.check_handlers(kwargs_handlers)
         watchdog_timeout = check_collective_timeout(collective_timeout)
         trackers = _trackers.check_log_with(log_with)
         check_bool("cpu", cpu)
+        check_bool("device_placement", device_placement)
         loaders = check_dataloader_config(dataloader_config, even_batches)
         check_bool("step_scheduler_with_optimizer", step_scheduler_with_optimizer)
         check_path("project_dir", project_dir, optional=True)
@@ -110,6 +125,12 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
             check_accelerator(accelerator)
         precision = kwargs_handlers_module.accelerate_precision(precision, mixed_precision)
         check_int("gradient_accumulation_steps", gradient_accumulation_steps, minimum=1)
+        choice = resolve_plugins(
+            strategy=strategy, precision=precision, gradient_accumulation_steps=gradient_accumulation_steps,
+            deepspeed_plugin=deepspeed_plugin, fsdp_plugin=fsdp_plugin, dynamo_backend=dynamo_backend,
+            gradient_accumulation_plugin=gradient_accumulation_plugin, dynamo_plugin=dynamo_plugin, rng_types=rng_types,
+        )  # fmt: skip
+        strategy, precision, gradient_accumulation_steps = choice.strategy, choice.precision, choice.steps
         if seed is not None:
             seed_everything(seed)
 
@@ -135,6 +156,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         if environment.launched_externally:
             self._strategy.check_world_size(environment.world_size)
         device_type = resolve_accelerator(requested, self._strategy)
+        choice.check(self._strategy, device_type)
         per_node = environment.local_world_size if environment.launched_externally else None
         num_processes, device_ids = resolve_devices(devices, device_type, per_node, self._strategy)
         precision_plugin = kwargs_handlers_module.scaled_precision(
@@ -160,6 +182,7 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         self._strategy.setup_environment()
 
         self._seed = seed
+        self.device_placement = device_placement
         self._owns_step = isinstance(self._strategy, OwnsOptimizerStep)  # asked once, not every step
         self._direct_backward = self._strategy.direct_backward
         # False: the strategy wraps no module (call_as_forward need not ask it to unwrap one)
@@ -168,7 +191,9 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         self._unscales = type(precision_plugin).unscale_gradients is not Precision.unscale_gradients
         self._dataloader_config = loaders
         self._step_scheduler_with_optimizer = step_scheduler_with_optimizer
-        self._gradient_state = GradientState(accumulation_steps=gradient_accumulation_steps)
+        self._gradient_state = choice.gradient_state()
+        self._plugins = choice  # compiles prepared models, synchronises RNGs per dataloader pass
+        self._compiles = choice.compile_kwargs is not None  # (asked by call_as_forward, every step)
         self._objects = _checkpoint.PreparedObjects()
         self.project_configuration = project
         self._several_nodes = environment.world_size > environment.local_world_size
@@ -205,44 +230,15 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         """The number of the next automatically named checkpoint (``ProjectConfiguration.iteration``)."""
         return self.project_configuration.iteration
 
-    @property
-    def sync_gradients(self) -> bool:
-        """False on the micro-steps of :meth:`accumulate` that only accumulate gradients."""
-        return self._gradient_state.sync_gradients
-
-    @property
-    def optimizer_step_was_skipped(self) -> bool:
-        """Whether the last ``step()`` of a prepared optimizer left the parameters unchanged: an
-        accumulation micro-step, or a ``16-mixed`` step skipped for inf/NaN gradients (🤗 Accelerate's
-        name; its value stays at the last real step's on micro-steps)."""
-        return any(optimizer.step_was_skipped for optimizer in self._objects.optimizers)
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        return self._gradient_state.accumulation_steps
-
-    @gradient_accumulation_steps.setter
-    def gradient_accumulation_steps(self, steps: int) -> None:
-        """Change the micro-steps per optimizer step, between two optimizer steps (as in 🤗 Accelerate)."""
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"gradient_accumulation_steps={steps!r} must be an int >= 1")
-        if self._owns_step and steps != self._gradient_state.accumulation_steps:
-            raise ValueError(
-                f"gradient_accumulation_steps={steps}: the {self._strategy.strategy_name!r} engine was configured "
-                f"with {self._gradient_state.accumulation_steps} and cannot change it"
-            )
-        self._gradient_state.accumulation_steps = steps
-
-    @property
-    def end_of_dataloader(self) -> bool:
-        return self._gradient_state.loop.end_of_dataloader
-
     # -- prepare ------------------------------------------------------------------------------
-    def prepare(self, *objects: Any) -> Any:
+    def prepare(self, *objects: Any, device_placement: Sequence[bool] | None = None) -> Any:
         """Prepare each object for this run and return them in the same order (one object: itself).
 
         Models are converted to the precision, moved to the device and wrapped by the strategy;
         optimizers, schedulers and dataloaders are wrapped as described in ``docs/``.
+        ``device_placement``: one bool per object (None: the Accelerator's ``device_placement``); False
+        leaves a model, or a dataloader's batches, where they are (refused for a model under FSDP,
+        DeepSpeed and XLA, which place parameters as they shard them).
         """
         for obj in objects:
             if not isinstance(
@@ -253,7 +249,11 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
                     "torch.optim.Optimizer, torch.utils.data.DataLoader and LR schedulers"
                 )
         result: list[Any] = list(objects)
+        placed = device_placements(device_placement, len(objects), self.device_placement)
         model_slots = [i for i, o in enumerate(objects) if isinstance(o, nn.Module)]
+        in_place = [i for i in model_slots if not placed[i]]
+        if in_place:
+            check_in_place(self._strategy, device_placement)
         optim_slots = [
             i
             for i, o in enumerate(objects)
@@ -265,14 +265,18 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
                     self._strategy.check_client_scheduler(obj)
         for slot, obj in enumerate(objects):  # first: a strategy may size its engine by the batch
             if isinstance(obj, DataLoader):
-                result[slot] = self._prepare_dataloader(obj)
+                result[slot] = self._prepare_dataloader(obj, placed=placed[slot])
+        placed_models = [i for i in model_slots if placed[i]]
         models, optimizers = self._strategy.setup_module_and_optimizers(
-            [objects[i] for i in model_slots], [objects[i] for i in optim_slots]
+            [objects[i] for i in placed_models], [objects[i] for i in optim_slots]
         )
-        for slot, model in zip(model_slots, models, strict=True):
+        ready = dict(zip(placed_models, models, strict=True))
+        for i in in_place:  # (checked above: the strategy can leave them where they are)
+            ready[i] = cast(LeavesModulePlacement, self._strategy).setup_module_in_place(objects[i])
+        for slot, model in sorted(ready.items()):  # in the order given: checkpoints keep it
             patch_forward(self._strategy.unwrap_module(model), self.precision)
             self._objects.models.append(model)
-            result[slot] = model
+            result[slot] = self._plugins.compiled(model)  # (checkpoints keep the uncompiled one)
         for slot, optimizer in zip(optim_slots, optimizers, strict=True):
             prepared_optimizer = PreparedOptimizer(optimizer, self._strategy, self._gradient_state)
             self._objects.optimizers.append(prepared_optimizer)
@@ -290,26 +294,9 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)
 
-    def refresh_trainable(self, model: nn.Module) -> nn.Module:
-        """Call after changing which parameters of the prepared ``model`` require grad (a backbone
-        unfrozen); use the returned model from then on. DDP builds a new wrapper around the same
-        module, which synchronises the new set (no ``find_unused_parameters`` needed); a single
-        device returns ``model``; FSDP and DeepSpeed raise ``RuntimeError``. Checkpoints hold the new one.
-
-        Example::
-
-            model = accelerator.refresh_trainable(model)  # after requires_grad_(True) on the backbone
-        """
-        refreshed = self._strategy.refresh_trainable(model)
-        models = self._objects.models
-        for i, prepared in enumerate(models):
-            if prepared is model:
-                models[i] = refreshed  # same place: checkpoints keep their order
-        return refreshed
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
+    def prepare_model(self, model: nn.Module, device_placement: bool | None = None) -> nn.Module:
         """``prepare(model)`` for one model (🤗 Accelerate's name)."""
-        prepared: nn.Module = self._prepare_one(model, nn.Module, "prepare_model")
+        prepared: nn.Module = self._prepare_one(model, nn.Module, "prepare_model", device_placement)
         return prepared
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
@@ -324,37 +311,44 @@ class Accelerator(ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderS
         )
         return prepared
 
-    def _prepare_one(self, obj: Any, kind: type, name: str) -> Any:
+    def _prepare_one(self, obj: Any, kind: type, name: str, device_placement: bool | None = None) -> Any:
         if not isinstance(obj, kind):
             raise TypeError(
                 f"{name}() needs a {kind.__module__}.{kind.__qualname__}, got {type(obj).__name__}"
             )
-        return self.prepare(obj)
+        check_bool("device_placement", device_placement, owner=name, optional=True)
+        return self.prepare(obj, device_placement=None if device_placement is None else [device_placement])
 
-    def prepare_data_loader(self, dataloader: DataLoader[Any], *, shard: bool = True) -> PreparedDataLoader:
+    def prepare_data_loader(
+        self, dataloader: DataLoader[Any], device_placement: bool | None = None, *, shard: bool = True
+    ) -> PreparedDataLoader:
         """Prepare one dataloader; ``shard=False`` keeps every batch on every process (the user shards)."""
         if not isinstance(dataloader, DataLoader):
             raise TypeError(
                 f"prepare_data_loader() needs a torch.utils.data.DataLoader, got {type(dataloader).__name__}"
             )
-        return self._prepare_dataloader(dataloader, shard=shard)
+        check_bool("device_placement", device_placement, owner="prepare_data_loader", optional=True)
+        placed = self.device_placement if device_placement is None else device_placement
+        return self._prepare_dataloader(dataloader, shard=shard, placed=placed)
 
     def _prepare_dataloader(
         self,
         dataloader: DataLoader[Any],
         shard: bool = True,
         to_device: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
+        placed: bool = True,
     ) -> PreparedDataLoader:
         """``to_device``: moves a pass's batches (default: the strategy's ``batches_to_device``); the
-        Trainer's, when the module overrides Lightning's batch-transfer hooks."""
+        Trainer's, when the module overrides Lightning's batch-transfer hooks. ``placed=False``: not moved."""
         # The shuffle seed must agree on every rank: rank 0's choice wins.
         config = self._dataloader_config
         seed = next(s for s in (config.data_seed, self._seed, torch.initial_seed() % 2**63) if s is not None)
         seed = int(self._strategy.broadcast(torch.tensor([seed], dtype=torch.int64), 0).item())
+        move = (to_device or self._strategy.batches_to_device) if placed else None
         loader = PreparedDataLoader(
             dataloader,
-            device=self.device,
-            to_device=to_device or self._strategy.batches_to_device,
+            device=self.device if placed else None,
+            to_device=self._plugins.synced(move, self._strategy),
             world_size=self.num_processes if shard else 1,
             rank=self.process_index if shard else 0,
             seed=seed,

@@ -102,7 +102,7 @@ class PreparedDataLoader:
         self,
         dataloader: DataLoader[Any],
         *,
-        device: torch.device,
+        device: torch.device | None,
         to_device: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
         world_size: int,
         rank: int,
@@ -114,9 +114,11 @@ class PreparedDataLoader:
         if split_batches:
             _check_splittable(dataloader, world_size)
         self.base_dataloader = dataloader
-        self.device = device
+        self.device = device  # None: batches stay where the dataloader makes them (device_placement)
         # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
-        self._to_device = to_device or (lambda batches: move_batches(batches, device))
+        self._to_device = to_device or (
+            (lambda batches: batches) if device is None else (lambda batches: move_batches(batches, device))
+        )
         self.world_size = world_size
         self.rank = rank
         self.even_batches = even_batches

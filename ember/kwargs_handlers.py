@@ -6,6 +6,7 @@ Accelerator builds, accepted under Accelerate's names so that its loops switch b
 - :class:`GradScalerKwargs` builds the ``torch.amp.GradScaler`` of ``precision="16-mixed"``
   (``mixed_precision="fp16"``).
 - :class:`ProfileKwargs` configures the ``torch.profiler.profile`` of ``accelerator.profile()``.
+- :class:`AutocastKwargs` sets ``torch.autocast``'s options for one ``accelerator.autocast()`` block.
 
 A handler that does not apply to the chosen strategy or precision raises ``ValueError``: its
 settings would otherwise be silently dropped.
@@ -19,13 +20,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from ember._validation import check_bool
+
 if TYPE_CHECKING:
     import torch
 
     from ember.precision import Precision
     from ember.strategies import Strategy
 
-__all__ = ["DistributedDataParallelKwargs", "GradScalerKwargs", "InitProcessGroupKwargs", "ProfileKwargs"]
+__all__ = [
+    "AutocastKwargs",
+    "DistributedDataParallelKwargs",
+    "GradScalerKwargs",
+    "InitProcessGroupKwargs",
+    "ProfileKwargs",
+]
 
 # 🤗 Accelerate's spelling of the precision argument, accepted so its users can switch by import.
 _ACCELERATE_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed", "fp8": None}
@@ -72,6 +81,22 @@ class GradScalerKwargs:
     backoff_factor: float = 0.5
     growth_interval: int = 2000
     enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AutocastKwargs:
+    """``torch.autocast``'s options for one ``accelerator.autocast(autocast_handler=...)`` block:
+    ``enabled=False`` runs the block in full precision (even inside an enclosing autocast);
+    ``cache_enabled`` turns autocast's weight cast cache on or off (None: torch's default). They
+    apply under the mixed precisions; where nothing autocasts (``32-true``, ``16-true``, ...) they change nothing.
+    """
+
+    enabled: bool = True
+    cache_enabled: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_bool("enabled", self.enabled, owner="AutocastKwargs")
+        check_bool("cache_enabled", self.cache_enabled, owner="AutocastKwargs", optional=True)
 
 
 _ACTIVITIES = ("cpu", "cuda", "xpu")
@@ -134,6 +159,12 @@ def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:
     """The handlers by kind: one of each at most, and only ember's kinds."""
     found: dict[type, Any] = {}
     for handler in handlers or ():
+        if isinstance(handler, AutocastKwargs):  # the model's forward autocasts as the precision says
+            raise TypeError(
+                "kwargs_handlers: AutocastKwargs is not taken by the Accelerator; pass it to one block, "
+                "accelerator.autocast(autocast_handler=AutocastKwargs(...)). Valid choices here: "
+                + ", ".join(f"ember.{kind.__name__}" for kind in _KINDS)
+            )
         if type(handler) not in _KINDS:
             raise TypeError(
                 f"kwargs_handlers: {type(handler).__name__} is not supported. Valid choices: "

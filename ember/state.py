@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import weakref
 from datetime import timedelta
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
 
 from ember._processes import ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_timeout
+from ember._wrappers import GradientState as _Bookkeeping
 
 if TYPE_CHECKING:
+    from ember._checkpoint import PreparedObjects
     from ember.accelerator import Accelerator
+    from ember.data import PreparedDataLoader
+    from ember.strategies import Strategy
 
-__all__ = ["PartialState"]
+__all__ = ["AcceleratorState", "GradientState", "PartialState"]
 
 # The Accelerator whose processes a PartialState describes: the last one made in this process.
 _current: weakref.ref[Accelerator] | None = None
@@ -98,9 +105,169 @@ class PartialState(ProcessMixin):
 
     def __repr__(self) -> str:
         return (
-            f"PartialState(distributed_type={self.distributed_type.value}, num_processes={self.num_processes}, "
-            f"process_index={self.process_index}, device={self.device})"
+            f"{type(self).__name__}(distributed_type={self.distributed_type.value}, "
+            f"num_processes={self.num_processes}, process_index={self.process_index}, device={self.device})"
         )
+
+
+class AcceleratorState(PartialState):
+    """``accelerator.state`` (🤗 Accelerate's class): where the run's processes are, as
+    :class:`PartialState` tells it (``num_processes``, ``process_index``, ``local_process_index``,
+    ``device``, ``distributed_type``, ``is_main_process`` ...), and the Accelerator's ``mixed_precision``.
+
+    ``accelerator.state`` describes that Accelerator; ``AcceleratorState()`` the last one made in
+    this process (made as :class:`PartialState` makes one, if there is none).
+
+    Example::
+
+        if accelerator.state.mixed_precision == "bf16" and accelerator.state.num_processes > 1: ...
+    """
+
+    @classmethod
+    def _of(cls, accelerator: Accelerator) -> AcceleratorState:
+        state = cls.__new__(cls)  # its own attributes: it describes this Accelerator, not the last one made
+        state._accelerator = accelerator
+        state._strategy = accelerator._strategy
+        state._gradient_state = accelerator._gradient_state
+        return state
+
+    @property
+    def mixed_precision(self) -> str:
+        """``"fp16"``, ``"bf16"`` or ``"no"``, as :attr:`Accelerator.mixed_precision`."""
+        return self._accelerator.mixed_precision
+
+
+class GradientState:
+    """``accelerator.gradient_state`` (🤗 Accelerate's class), read-only: where gradient
+    accumulation and the running prepared dataloader stand.
+
+    ``GradientState()`` describes the last Accelerator made in this process.
+
+    Example::
+
+        with accelerator.accumulate(model):
+            ...
+            if accelerator.gradient_state.sync_gradients:  # this step applies the gradients
+                ...
+    """
+
+    def __init__(self) -> None:
+        accelerator = _current() if _current is not None else None
+        if accelerator is None:
+            raise RuntimeError(
+                "GradientState() describes an Accelerator's gradient accumulation, and none exists in this "
+                "process: create the Accelerator first (or read accelerator.gradient_state)"
+            )
+        self._state = accelerator._gradient_state
+
+    @classmethod
+    def _of(cls, accelerator: Accelerator) -> GradientState:
+        view = cls.__new__(cls)
+        view._state = accelerator._gradient_state
+        return view
+
+    @property
+    def sync_gradients(self) -> bool:
+        """False on the micro-steps of ``accumulate()`` that only accumulate gradients."""
+        return self._state.sync_gradients
+
+    @property
+    def num_steps(self) -> int:
+        """The micro-steps per optimizer step (``gradient_accumulation_steps``)."""
+        return self._state.accumulation_steps
+
+    @property
+    def end_of_dataloader(self) -> bool:
+        """True while the running prepared dataloader yields its last batch."""
+        return self._state.loop.end_of_dataloader
+
+    @property
+    def active_dataloader(self) -> PreparedDataLoader | None:
+        """The prepared dataloader whose pass is running (the innermost), else None."""
+        running = self._state.loop.running
+        return running[-1] if running else None
+
+    @property
+    def in_dataloader(self) -> bool:
+        return self.active_dataloader is not None
+
+    @property
+    def remainder(self) -> int:
+        """Samples in the last global batch of the running pass: the dataset's length modulo the
+        global batch size (0 when it divides evenly); -1 outside a pass, with ``drop_last``, or
+        when the length is unknown (an iterable dataset)."""
+        loader = self.active_dataloader
+        if loader is None or loader.base_dataloader.drop_last or loader.total_batch_size is None:
+            return -1
+        try:
+            length = len(loader.base_dataloader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            return -1
+        return length % loader.total_batch_size
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientState(sync_gradients={self.sync_gradients}, num_steps={self.num_steps}, "
+            f"end_of_dataloader={self.end_of_dataloader}, remainder={self.remainder})"
+        )
+
+
+class AccelerateStateMixin:
+    """🤗 Accelerate's state objects and gradient-accumulation attributes; mixed into
+    :class:`~ember.Accelerator`."""
+
+    _strategy: Strategy
+    _gradient_state: _Bookkeeping
+    _objects: PreparedObjects
+    _owns_step: bool
+
+    @cached_property
+    def state(self) -> AcceleratorState:
+        """The run's processes and precision (:class:`~ember.state.AcceleratorState`)."""
+        return AcceleratorState._of(self)  # type: ignore[arg-type]
+
+    @cached_property
+    def gradient_state(self) -> GradientState:
+        """Gradient accumulation and the running dataloader (:class:`~ember.state.GradientState`)."""
+        return GradientState._of(self)  # type: ignore[arg-type]
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The ``torch.amp.GradScaler`` that scales the loss under ``16-mixed``, else None (also
+        under a strategy whose engine scales the loss itself: DeepSpeed)."""
+        return None if self._owns_step else self._strategy.precision.scaler
+
+    @property
+    def sync_gradients(self) -> bool:
+        """False on the micro-steps of :meth:`accumulate` that only accumulate gradients."""
+        return self._gradient_state.sync_gradients
+
+    @property
+    def optimizer_step_was_skipped(self) -> bool:
+        """Whether the last ``step()`` of a prepared optimizer left the parameters unchanged: an
+        accumulation micro-step, or a ``16-mixed`` step skipped for inf/NaN gradients (🤗 Accelerate's
+        name; its value stays at the last real step's on micro-steps)."""
+        return any(optimizer.step_was_skipped for optimizer in self._objects.optimizers)
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self._gradient_state.accumulation_steps
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, steps: int) -> None:
+        """Change the micro-steps per optimizer step, between two optimizer steps (as in 🤗 Accelerate)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"gradient_accumulation_steps={steps!r} must be an int >= 1")
+        if self._owns_step and steps != self._gradient_state.accumulation_steps:
+            raise ValueError(
+                f"gradient_accumulation_steps={steps}: the {self._strategy.strategy_name!r} engine was configured "
+                f"with {self._gradient_state.accumulation_steps} and cannot change it"
+            )
+        self._gradient_state.accumulation_steps = steps
+
+    @property
+    def end_of_dataloader(self) -> bool:
+        return self._gradient_state.loop.end_of_dataloader
 
 
 def _new_accelerator(cpu: bool, backend: str | None, timeout: timedelta | None) -> Accelerator:

@@ -65,6 +65,13 @@ class MixedPrecision(Precision):
         return torch.autocast(self.device_type, dtype=self.dtype)
 
     @override
+    def autocast_context(self, *, enabled: bool, cache_enabled: bool | None) -> AbstractContextManager[Any]:
+        # enabled=False turns autocast off inside the block, even within an enclosing autocast.
+        return torch.autocast(
+            self.device_type, dtype=self.dtype, enabled=enabled, cache_enabled=cache_enabled
+        )
+
+    @override
     def convert_output(self, data: Any) -> Any:
         # Outputs leave autocast in fp32 so losses and metrics computed outside are full precision.
         return convert_floating(data, torch.float32)

@@ -31,6 +31,8 @@ class Precision:
     """
 
     name: ClassVar[str] = "32-true"
+    #: The ``torch.amp.GradScaler`` that scales the loss (``16-mixed``); None: no loss scaling.
+    scaler: torch.amp.GradScaler | None = None
 
     def __init__(self, *, device_type: str = "cpu") -> None:
         self.device_type = device_type
@@ -54,6 +56,11 @@ class Precision:
 
     def forward_context(self) -> AbstractContextManager[Any]:
         return nullcontext()
+
+    def autocast_context(self, *, enabled: bool, cache_enabled: bool | None) -> AbstractContextManager[Any]:
+        """:meth:`forward_context` with ``torch.autocast``'s ``enabled`` and ``cache_enabled`` (🤗
+        Accelerate's ``AutocastKwargs``): a precision that does not autocast has nothing to change."""
+        return self.forward_context()
 
     def convert_input(self, data: Any) -> Any:
         return data

@@ -235,7 +235,9 @@ class Strategy:
         torch.nn.utils.clip_grad_value_(list(parameters), clip_value)
 
     # -- how ranks talk (single process: identities) --------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", group: Any = None) -> torch.Tensor:
+        """Reduce ``tensor`` across the processes (``group``: a ``torch.distributed`` process group
+        of some of them; None: all)."""
         return tensor
 
     def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:

@@ -20,6 +20,7 @@ __all__ = [
     "EngineCheckpoints",
     "ForcesBackwardSync",
     "JoinsUnevenInputs",
+    "LeavesModulePlacement",
     "MaterializesModules",
     "OwnsOptimizerStep",
 ]
@@ -66,6 +67,16 @@ class EngineCheckpoints(ABC):
     @abstractmethod
     def load_engine_state(self, directory: Path) -> None:
         """Every rank restores its part from what :meth:`save_engine_state` wrote."""
+
+
+class LeavesModulePlacement(ABC):
+    """Capability: a module can be prepared where it is, not moved to the device
+    (``prepare(..., device_placement=[False])``): single device, DDP. Strategies that place
+    parameters as they shard them (FSDP, DeepSpeed, XLA) do not have it."""
+
+    @abstractmethod
+    def setup_module_in_place(self, module: nn.Module) -> nn.Module:
+        """``setup_module(module)`` without the move to the device: the caller placed it."""
 
 
 class MaterializesModules:

@@ -18,7 +18,12 @@ from typing_extensions import override
 from ember._registry import Registry
 from ember._validation import check_bool, check_number, check_process_group
 from ember.strategies.base import Strategy
-from ember.strategies.capabilities import BackwardSyncControl, ForcesBackwardSync, JoinsUnevenInputs
+from ember.strategies.capabilities import (
+    BackwardSyncControl,
+    ForcesBackwardSync,
+    JoinsUnevenInputs,
+    LeavesModulePlacement,
+)
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["DDPConfig", "DDPStrategy"]
@@ -48,7 +53,9 @@ class DDPConfig:
         check_number("bucket_cap_mb", self.bucket_cap_mb, minimum=0, above=True, owner="DDPConfig")
 
 
-class DDPStrategy(ParallelStrategy, BackwardSyncControl, JoinsUnevenInputs, ForcesBackwardSync):
+class DDPStrategy(
+    ParallelStrategy, BackwardSyncControl, JoinsUnevenInputs, ForcesBackwardSync, LeavesModulePlacement
+):
     """Wraps each prepared model in :class:`~torch.nn.parallel.DistributedDataParallel`.
 
     Example::
@@ -75,7 +82,13 @@ class DDPStrategy(ParallelStrategy, BackwardSyncControl, JoinsUnevenInputs, Forc
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
-        module = super().setup_module(module)
+        return self._setup_placed(super().setup_module(module))
+
+    @override
+    def setup_module_in_place(self, module: nn.Module) -> nn.Module:
+        return self._setup_placed(self.precision.convert_module(module))
+
+    def _setup_placed(self, module: nn.Module) -> nn.Module:
         if not any(p.requires_grad for p in module.parameters()):
             # A module that trains nothing (a frozen teacher, a reference model, an encoder): DDP
             # refuses it, and it has no gradient to synchronize. Its parameters and buffers start as

@@ -35,7 +35,8 @@ from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["FSDPConfig", "FSDPStrategy"]
 
-WrapPolicy = str | set[type[nn.Module]] | Callable[[nn.Module], bool] | None
+ModuleSpec = set[type[nn.Module] | str]  # module classes, or their names (resolved against the model)
+WrapPolicy = str | ModuleSpec | Callable[[nn.Module], bool] | None
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -43,11 +44,12 @@ class FSDPConfig:
     """Options of :class:`FSDPStrategy`.
 
     ``wrap``: which submodules become their own shard unit — ``"auto"`` (bottom-up, a module whose
-    parameters not yet in a unit reach ``min_params``), a set of module classes, a predicate
+    parameters not yet in a unit reach ``min_params``), a set of module classes (or class names, looked
+    up in the model when it is prepared: a name no submodule has is an error), a predicate
     ``module -> bool``, or ``None`` (only the root). The root is always
     sharded. ``reshard_after_forward=False`` keeps gathered parameters until backward (ZeRO-2 like).
     ``offload`` keeps parameters, gradients and optimizer state on the CPU. ``activation_checkpointing``
-    recomputes the activations of those block classes in backward. ``reduce_dtype`` overrides the
+    recomputes the activations of those block classes (or class names) in backward. ``reduce_dtype`` overrides the
     gradient reduction dtype the precision implies. ``hybrid`` shards within each node and
     replicates across nodes (a 2-D device mesh; ``None``: when the job spans several nodes).
     ``state_dict_type``: ``"sharded"`` checkpoints (each rank writes its shards) or ``"full"``
@@ -58,7 +60,7 @@ class FSDPConfig:
     min_params: int = 100_000
     reshard_after_forward: bool = True
     offload: bool = False
-    activation_checkpointing: set[type[nn.Module]] = field(default_factory=set)
+    activation_checkpointing: ModuleSpec = field(default_factory=set)
     reduce_dtype: torch.dtype | None = None
     hybrid: bool | None = None
     state_dict_type: Literal["sharded", "full"] = "sharded"
@@ -70,12 +72,13 @@ class FSDPConfig:
             self.wrap is None or self.wrap == "auto" or callable(self.wrap) or _module_classes(self.wrap)
         ):
             raise ValueError(
-                f"wrap={show(self.wrap)}: use 'auto', a set of nn.Module classes, a callable or None"
+                f"wrap={show(self.wrap)}: use 'auto', a set of nn.Module classes or class names, a callable or None"
             )
         check_int("min_params", self.min_params, minimum=1, owner="FSDPConfig")
         if not _module_classes(self.activation_checkpointing):
             raise ValueError(
-                f"activation_checkpointing={show(self.activation_checkpointing)} must be a set of nn.Module classes"
+                f"activation_checkpointing={show(self.activation_checkpointing)} must be a set of nn.Module classes "
+                "or class names"
             )
         check_choice("state_dict_type", self.state_dict_type, ("sharded", "full"), owner="FSDPConfig")
         check_bool("hybrid", self.hybrid, optional=True, owner="FSDPConfig")
@@ -92,8 +95,21 @@ class FSDPConfig:
 
 def _module_classes(value: Any) -> bool:
     return isinstance(value, (set, frozenset)) and all(
-        isinstance(c, type) and issubclass(c, nn.Module) for c in value
+        (isinstance(c, type) and issubclass(c, nn.Module)) or (isinstance(c, str) and c) for c in value
     )
+
+
+def _resolve(root: nn.Module, spec: ModuleSpec, option: str) -> tuple[type[nn.Module], ...]:
+    """The classes of ``spec``, class names looked up among ``root``'s submodules (as 🤗 Accelerate's
+    ``transformer_cls_names_to_wrap``): a name that matches none is a typo, not an empty policy."""
+    found = {type(m).__name__: type(m) for m in root.modules()}
+    missing = sorted(c for c in spec if isinstance(c, str) and c not in found)
+    if missing:
+        raise ValueError(
+            f"FSDPConfig({option}=...): the model has no submodule of class {', '.join(map(repr, missing))}. "
+            f"Valid choices in this model: {', '.join(sorted(found))}"
+        )
+    return tuple(found[c] if isinstance(c, str) else c for c in spec)
 
 
 class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
@@ -198,8 +214,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             return []
         if wrap == "auto":
             return _size_based_units(root, self.config.min_params)
-        if isinstance(wrap, set):
-            classes = tuple(wrap)
+        if isinstance(wrap, (set, frozenset)):
+            classes = _resolve(root, wrap, "wrap")
             return [m for m in reversed(list(root.modules())) if m is not root and isinstance(m, classes)]
         assert callable(wrap)
         return [m for m in reversed(list(root.modules())) if m is not root and wrap(m)]
@@ -223,9 +239,8 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             from torch.distributed._composable import checkpoint  # type: ignore[attr-defined]
 
             # Before sharding (torchtitan's order): recompute each block's activations in backward.
-            for block in [
-                m for m in module.modules() if isinstance(m, tuple(self.config.activation_checkpointing))
-            ]:
+            blocks = _resolve(module, self.config.activation_checkpointing, "activation_checkpointing")
+            for block in [m for m in module.modules() if isinstance(m, blocks)]:
                 checkpoint(block)
         offload: OffloadPolicy = (
             CPUOffloadPolicy(pin_memory=self._device_type == "cuda")

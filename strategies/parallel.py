@@ -213,13 +213,14 @@ class ParallelStrategy(Strategy):
             super().backward(loss, *args, **kwargs)
 
     @override
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", group: Any = None) -> torch.Tensor:
         check_reduce_op(op)
         result, home = self._communicable(tensor)
         with self._collective("all_reduce"):
-            dist.all_reduce(result, op=_REDUCE_OPS[op])
-        if op == "mean":  # gloo has no AVG: sum, then divide
-            result = result / self.world_size if result.is_floating_point() else result // self.world_size
+            dist.all_reduce(result, op=_REDUCE_OPS[op], group=group)
+        if op == "mean":  # gloo has no AVG: sum, then divide (by the group's size)
+            size = self.world_size if group is None else dist.get_world_size(group)
+            result = result / size if result.is_floating_point() else result // size
         return result.to(home)
 
     def _communicable(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.device]:

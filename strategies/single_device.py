@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from torch import nn
 from typing_extensions import override
 
 from ember._registry import Registry
 from ember.precision import Precision
 from ember.strategies.base import Strategy
+from ember.strategies.capabilities import LeavesModulePlacement
 from ember.strategies.environment import ProcessEnvironment
 
 
-class SingleDeviceStrategy(Strategy):
+class SingleDeviceStrategy(Strategy, LeavesModulePlacement):
     """Everything on one device in this process; collectives are identities."""
 
     strategy_name = "single_device"
@@ -32,3 +34,7 @@ class SingleDeviceStrategy(Strategy):
         super().connect(
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
         )
+
+    @override
+    def setup_module_in_place(self, module: nn.Module) -> nn.Module:
+        return self.precision.convert_module(module)

@@ -244,10 +244,15 @@ class XLAStrategy(XLAStep, ParallelStrategy, BackwardSyncControl):
         return tensor.detach().to(self.root_device)
 
     @override
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", group: Any = None) -> torch.Tensor:
         import torch_xla.core.xla_model as xm
 
         check_reduce_op(op)
+        if group is not None:
+            raise ValueError(
+                f"{type(self).__name__}.all_reduce(group={group!r}): XLA reduces across every process; "
+                "a torch.distributed process group (self.log's sync_dist_group) is not supported here, pass None"
+            )
         kind = {"sum": xm.REDUCE_SUM, "mean": xm.REDUCE_SUM, "max": xm.REDUCE_MAX, "min": xm.REDUCE_MIN}[op]
         result: torch.Tensor = xm.all_reduce(kind, self._on_device(tensor))
         if op == "mean":

@@ -344,7 +344,7 @@ def test_single_process_collectives_and_helpers() -> None:
     accelerator = Accelerator()
     t = torch.arange(3)
     assert accelerator.gather(t).tolist() == [0, 1, 2]
-    assert accelerator.gather(torch.tensor(5)).tolist() == [5]
+    assert accelerator.gather(torch.tensor(5)).tolist() == 5  # 0-dim: unchanged on one process (Accelerate's)
     # One process: other objects pass through gather and gather_for_metrics as they are (nothing to
     # send; numpy arrays, PIL images ... included); gather_object still gives a list, as JSON.
     other = {"label": "cat", "array": object()}

@@ -149,7 +149,10 @@ def test_bad_configs() -> None:
     with pytest.raises(ValueError, match="wrap='all'"):
         FSDPConfig(wrap="all")
     with pytest.raises(ValueError, match="activation_checkpointing"):
-        FSDPConfig(activation_checkpointing={"Block"})  # type: ignore[arg-type]
+        FSDPConfig(activation_checkpointing={1})  # type: ignore[arg-type]
+    assert FSDPConfig(wrap={"Block"}, activation_checkpointing={"Block"}).wrap == {
+        "Block"
+    }  # names are looked up
     with pytest.raises(ValueError, match=r"precision='bf16-true' keeps everything in torch\.bfloat16"):
         Accelerator(strategy=FSDPStrategy(FSDPConfig(reduce_dtype=torch.float32)), precision="bf16-true")
 

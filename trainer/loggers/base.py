@@ -37,6 +37,13 @@ class Logger(ABC):
         """Directory of this run's files, if the logger writes any."""
         return None
 
+    @property
+    def tracker(self) -> Any:
+        """The object this logger writes through, as 🤗 Accelerate's trackers name it (what
+        ``accelerator.get_tracker(name, unwrap=True)`` returns): its ``experiment`` (a
+        ``SummaryWriter``, a wandb run, an ``MlflowClient``, a comet experiment), else the logger itself."""
+        return getattr(self, "experiment", self)
+
     @abstractmethod
     def log_hyperparams(self, params: dict[str, Any]) -> None: ...
 

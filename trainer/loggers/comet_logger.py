@@ -86,6 +86,11 @@ class CometLogger(UploadsCheckpoints):
         return self._key
 
     @property
+    def writer(self) -> Any:
+        """The comet ``Experiment`` (``experiment``), under 🤗 Accelerate's tracker's name."""
+        return self.experiment
+
+    @property
     def experiment(self) -> Any:
         """The ``comet_ml`` experiment, opened on first use; on other ranks than 0 an object that does nothing."""
         if self._experiment is not None:

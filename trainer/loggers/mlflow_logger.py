@@ -106,6 +106,16 @@ class MLFlowLogger(UploadsCheckpoints):
         return str(self._save_dir)
 
     @property
+    def active_run(self) -> Any:
+        """The run as an ``mlflow.ActiveRun`` (🤗 Accelerate's tracker's ``active_run``: ``.info.run_id``,
+        ``.data``), read now; the logger logs through ``experiment``, an ``MlflowClient``. On other
+        ranks than 0 an object that does nothing."""
+        client = self.experiment
+        if isinstance(client, _NoExperiment):
+            return client
+        return _import_mlflow().ActiveRun(client.get_run(self.run_id))
+
+    @property
     def tracking_uri(self) -> str:
         """Where the runs are recorded (see the class description for the default)."""
         if self._tracking_uri is not None:

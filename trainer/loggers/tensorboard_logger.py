@@ -75,6 +75,11 @@ class TensorBoardLogger(VersionedLogger):
         self._experiment = writer
         return writer
 
+    @property
+    def writer(self) -> Any:
+        """The ``SummaryWriter`` (``experiment``), under 🤗 Accelerate's tracker's name."""
+        return self.experiment
+
     @override
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         if not _is_global_zero():

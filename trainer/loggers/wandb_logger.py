@@ -109,6 +109,11 @@ class WandbLogger(UploadsCheckpoints):
         return str(self._save_dir)
 
     @property
+    def run(self) -> Any:
+        """The wandb run (``experiment``), under 🤗 Accelerate's tracker's name."""
+        return self.experiment
+
+    @property
     def experiment(self) -> Any:
         """The ``wandb`` run, opened on first use; on other ranks than 0 an object that does nothing."""
         if self._experiment is not None:

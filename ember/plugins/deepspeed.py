@@ -1,0 +1,138 @@
+"""🤗 Accelerate's ``DeepSpeedPlugin``, translated into ember's DeepSpeed strategy and its config."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ember._validation import check_int, show
+from ember.plugins._checks import offload, only, refuse
+
+if TYPE_CHECKING:
+    from ember.strategies import DeepSpeedStrategy
+
+__all__ = ["DeepSpeedPlugin"]
+
+
+@dataclass
+class DeepSpeedPlugin:
+    """DeepSpeed ZeRO settings (🤗 Accelerate's fields). ``hf_ds_config``: a DeepSpeed configuration
+    dict or the path of its JSON file; the other fields fill its ``"auto"`` (or missing) entries and
+    must not contradict it. Without it: ``zero_stage`` (default 2), ``offload_optimizer_device`` /
+    ``offload_param_device`` (``"none"`` or ``"cpu"``), ``gradient_clipping`` (as in Accelerate, an
+    unset or ``"auto"`` value clips at 1.0). ``gradient_accumulation_steps`` (or the config's) is the
+    run's: it wins over the Accelerator's, with a warning when they differ, as in Accelerate.
+    """
+
+    hf_ds_config: Any = None
+    gradient_accumulation_steps: int | str | None = None
+    gradient_clipping: float | str | None = None
+    zero_stage: int | None = None
+    is_train_batch_min: bool = True
+    offload_optimizer_device: str | None = None
+    offload_param_device: str | None = None
+    offload_optimizer_nvme_path: str | None = None
+    offload_param_nvme_path: str | None = None
+    zero3_init_flag: bool | None = None
+    zero3_save_16bit_model: bool | None = None
+    transformer_moe_cls_names: str | None = None
+    enable_msamp: bool | None = None
+    msamp_opt_level: str | None = None
+
+    def __post_init__(self) -> None:
+        self.strategy()  # every field is judged now, not when the Accelerator is made
+
+    def strategy(self) -> tuple[DeepSpeedStrategy, int | None]:
+        """The DeepSpeed strategy these fields describe, and the accumulation steps its configuration
+        fixes (None: ``"auto"``, the Accelerator's)."""
+        from ember.strategies import DeepSpeedConfig, DeepSpeedStrategy
+
+        name = "DeepSpeedPlugin"
+        only(name, "is_train_batch_min", self.is_train_batch_min, (True,),
+              "ember sizes DeepSpeed's micro batch from the first prepared dataloader")  # fmt: skip
+        for nvme in ("offload_optimizer_nvme_path", "offload_param_nvme_path"):
+            only(name, nvme, getattr(self, nvme), (None, "none"), "ember offloads to the CPU only")
+        only(name, "zero3_init_flag", self.zero3_init_flag, (None, False),
+              "ember does not build models under deepspeed.zero.Init")  # fmt: skip
+        only(name, "zero3_save_16bit_model", self.zero3_save_16bit_model, (None, False),
+              "ember's save_model and get_state_dict gather ZeRO-3 weights themselves")  # fmt: skip
+        only(name, "transformer_moe_cls_names", self.transformer_moe_cls_names, (None,),
+              "ember does not configure DeepSpeed mixture-of-experts layers")  # fmt: skip
+        for fp8 in ("enable_msamp", "msamp_opt_level"):
+            only(name, fp8, getattr(self, fp8), (None, False) if fp8 == "enable_msamp" else (None,),
+                  "ember has no FP8 (MS-AMP) precision")  # fmt: skip
+        only(name, "zero_stage", self.zero_stage, (None, 0, 1, 2, 3), "not a ZeRO stage")
+        steps = self.gradient_accumulation_steps
+        if steps is not None and steps != "auto":
+            check_int("gradient_accumulation_steps", steps, minimum=1, owner=name)
+        clip = self.gradient_clipping
+        if clip is not None and clip != "auto" and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                                                    or clip < 0):  # fmt: skip
+            raise refuse(name, "gradient_clipping", clip, "None, 'auto' or a number >= 0", "not a norm")
+        offload_optimizer = offload(name, "offload_optimizer_device", self.offload_optimizer_device)
+        offload_parameters = offload(name, "offload_param_device", self.offload_param_device)
+        try:
+            if self.hf_ds_config is None:
+                stage = 2 if self.zero_stage is None else self.zero_stage
+                typed = DeepSpeedConfig(
+                    stage=stage, offload_optimizer=offload_optimizer, offload_parameters=offload_parameters
+                )
+                config = typed.user_config()
+                config["gradient_clipping"] = 1.0 if clip is None or clip == "auto" else float(clip)
+                fixed = steps if isinstance(steps, int) else None
+            else:
+                config = self._merged_config(offload_optimizer, offload_parameters)
+                given = config["gradient_accumulation_steps"]
+                fixed = None if given == "auto" else given
+            return DeepSpeedStrategy(DeepSpeedConfig(config=config)), fixed
+        except (TypeError, ValueError) as err:
+            if str(err).startswith(name):
+                raise
+            raise type(err)(f"{name}: {err}") from None
+
+    def _merged_config(self, offload_optimizer: bool, offload_parameters: bool) -> dict[str, Any]:
+        source = self.hf_ds_config
+        if isinstance(source, dict):
+            config: dict[str, Any] = json.loads(json.dumps(source))
+        elif isinstance(source, (str, os.PathLike)):
+            try:
+                config = json.loads(Path(source).read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"hf_ds_config={str(source)!r} is not a readable JSON file: {err}") from None
+        else:
+            raise TypeError(
+                f"hf_ds_config={show(source)} must be a DeepSpeed config dict or the path of its JSON file"
+            )
+        devices = {False: "none", True: "cpu"}
+        fields: dict[str, tuple[str, Any]] = {
+            "zero_stage": ("zero_optimization.stage", self.zero_stage),
+            "offload_optimizer_device": ("zero_optimization.offload_optimizer.device",
+                                         None if self.offload_optimizer_device is None else devices[offload_optimizer]),
+            "offload_param_device": ("zero_optimization.offload_param.device",
+                                     None if self.offload_param_device is None else devices[offload_parameters]),
+            "gradient_accumulation_steps": ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            "gradient_clipping": ("gradient_clipping", self.gradient_clipping),
+        }  # fmt: skip
+        for field_name, (path, value) in fields.items():
+            if value is None or value == "auto":
+                continue
+            *parents, key = path.split(".")
+            node = config
+            for part in parents:
+                node = node.setdefault(part, {})
+            current = node.get(key, "auto")
+            if current != "auto" and current != value:
+                raise ValueError(
+                    f"DeepSpeedPlugin({field_name}={value!r}) contradicts hf_ds_config's {path}={current!r}; "
+                    "give the value in one place"
+                )
+            node[key] = value
+        config.setdefault(
+            "gradient_accumulation_steps", 1
+        )  # as in Accelerate: a config without it accumulates 1
+        if config.get("gradient_clipping") == "auto":
+            config["gradient_clipping"] = 1.0  # Accelerate's value for "auto"
+        return config
