@@ -19,6 +19,7 @@ from ember.callbacks.model_checkpoint import ModelCheckpoint
 from ember.callbacks.nan_guard import NonFiniteGuard
 from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
 from ember.callbacks.prediction_writer import BasePredictionWriter
+from ember.callbacks.progress_bar import ProgressBar
 from ember.callbacks.pruning import ModelPruning
 from ember.callbacks.spike_detection import SpikeDetection, TrainingSpikeException
 from ember.callbacks.swa import StochasticWeightAveraging
@@ -75,6 +76,7 @@ __all__ = [
     "ModelSummary",
     "NonFiniteGuard",
     "OnExceptionCheckpoint",
+    "ProgressBar",
     "RichModelSummary",
     "RichProgressBar",
     "RunSummary",

@@ -44,9 +44,14 @@ def _momentum(group: dict[str, Any]) -> float | None:
     return None
 
 
-def _learning_rates(optimizers: Sequence[torch.optim.Optimizer], log_momentum: bool) -> dict[str, float]:
+def _learning_rates(
+    optimizers: Sequence[torch.optim.Optimizer], log_momentum: bool, chosen: set[int] | None = None
+) -> dict[str, float]:
+    """The metrics of the optimizers whose ``id`` is in ``chosen`` (None: all), named among all of them."""
     metrics: dict[str, float] = {}
     for prefix, optimizer in zip(_optimizer_prefixes(optimizers), optimizers, strict=True):
+        if chosen is not None and id(optimizer) not in chosen:
+            continue
         groups = optimizer.param_groups
         for i, group in enumerate(groups):
             if len(groups) == 1:
@@ -71,7 +76,10 @@ class LearningRateMonitor(Callback):
     optimizers) is logged as ``<lr name>/momentum``.
 
     ``logging_interval`` is ``"step"`` (every ``log_every_n_steps`` training batches), ``"epoch"``
-    (at the start of each epoch) or ``None`` (same as ``"step"``).
+    (at the start of each epoch) or ``None``: each optimizer at its LR scheduler's own ``interval``
+    (a scheduler stepped per epoch: at the start of each epoch; per step: every
+    ``log_every_n_steps`` batches), an optimizer without a scheduler at both. The values also go to
+    ``trainer.callback_metrics`` (as tensors), where callbacks such as ``EarlyStopping`` can read them.
 
     Example::
 
@@ -102,17 +110,31 @@ class LearningRateMonitor(Callback):
             return
         # Same cadence as the Trainer's own metric logging, counted across epochs.
         if trainer.total_batch_idx % trainer.log_every_n_steps == 0:
-            self._log(trainer)
+            self._log(trainer, "step")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
-        if self._interval == "epoch":
-            self._log(trainer)
+        if self._interval != "step":
+            self._log(trainer, "epoch")
 
-    def _log(self, trainer: Trainer) -> None:
-        # Loggers write on global rank 0; the learning rates are the same on every rank.
-        if not trainer.is_global_zero:
+    def _log(self, trainer: Trainer, interval: str) -> None:
+        chosen = None if self._interval is not None else _optimizers_at(trainer, interval)
+        metrics = _learning_rates(trainer.optimizers, self._log_momentum, chosen)
+        if not metrics:
             return
-        metrics = _learning_rates(trainer.optimizers, self._log_momentum)
-        if metrics:
+        # The same on every rank: each process's callback metrics get them, its loggers (rank 0's) too.
+        device = trainer.accelerator.device
+        trainer.callback_metrics.update({k: torch.tensor(v, device=device) for k, v in metrics.items()})
+        if trainer.is_global_zero:
             trainer.log_metrics(metrics, step=trainer.global_step)
+
+
+def _optimizers_at(trainer: Trainer, interval: str) -> set[int]:
+    """``id`` of each optimizer to log at ``interval`` under ``logging_interval=None``: those with a
+    scheduler of that interval, and those without a scheduler."""
+    optimizers = trainer.optimizers
+    scheduled: dict[int, set[str]] = {}
+    for config in trainer.lr_scheduler_configs:
+        owner = getattr(config.scheduler, "optimizer", None)
+        scheduled.setdefault(id(owner), set()).add(config.interval)
+    return {id(o) for o in optimizers if id(o) not in scheduled or interval in scheduled[id(o)]}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from typing_extensions import override
 
 from ember._validation import check_bool, check_int
-from ember.callbacks.base import Callback
+from ember.callbacks.progress_bar import ProgressBar
 from ember.strategies.environment import may_be_terminal, running_in_ci
 
 if TYPE_CHECKING:
@@ -54,12 +54,13 @@ def _finite(total: float) -> int | None:
     return int(total) if math.isfinite(total) else None
 
 
-class RichProgressBar(Callback):
+class RichProgressBar(ProgressBar):
     """Show training and evaluation progress on global rank 0.
 
     In an interactive terminal (and not under CI, see ``CI``) it draws a rich progress bar per
     stage: ``Epoch N`` with batches done/total, speed, elapsed time, ETA and
-    ``trainer.progress_bar_metrics``, plus a bar for validation, test and prediction. Otherwise it
+    :meth:`get_metrics` (``trainer.progress_bar_metrics``), plus a bar for validation, test and
+    prediction. Otherwise it
     prints one plain line every ``plain_every_n_batches`` training batches and one per epoch, e.g.
     ``epoch 0  step 40/63  12.3 it/s  loss=0.4312``, which reads well in log files.
 
@@ -109,8 +110,19 @@ class RichProgressBar(Callback):
 
     def _active(self, trainer: Trainer) -> bool:
         if self._shows is None:  # asked on every batch: the answer holds for the whole stage
-            self._shows = self._refresh_rate > 0 and trainer.is_global_zero
+            self._shows = self._refresh_rate > 0 and trainer.is_global_zero and not self._disabled
         return self._shows
+
+    @override
+    def _on_toggle(self) -> None:
+        self._shows, self._train_period = None, None  # decided again at the next batch
+
+    @override
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self._progress is not None:  # above the live bars
+            self._progress.console.print(*args, **kwargs)
+        else:
+            print(*args, **kwargs)
 
     def _use_rich(self) -> bool:
         if self._rich is None:
@@ -185,6 +197,7 @@ class RichProgressBar(Callback):
 
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        super().setup(trainer, module, stage)
         self._stage = stage
         self._shows = None
         self._train_period = None
@@ -226,12 +239,14 @@ class RichProgressBar(Callback):
             return
         if self._use_rich():
             if self._train_task is not None and self._due(done, total):
-                metrics = _format_metrics(trainer.progress_bar_metrics)
+                metrics = _format_metrics(self.get_metrics(trainer, trainer.module))
                 self._live().update(self._train_task, completed=done, metrics=metrics)
         elif done % self._plain_every == 0:
             if done != total:  # the last batch gets the epoch line
                 head = f"epoch {trainer.current_epoch}"
-                self._plain_line(head, done, total, self._train_started, trainer.progress_bar_metrics)
+                self._plain_line(
+                    head, done, total, self._train_started, self.get_metrics(trainer, trainer.module)
+                )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
@@ -240,9 +255,11 @@ class RichProgressBar(Callback):
         total = _finite(trainer.num_training_batches)
         if not self._use_rich():
             head = f"epoch {trainer.current_epoch}"
-            self._plain_line(head, self._train_done, total, self._train_started, trainer.progress_bar_metrics)
+            self._plain_line(
+                head, self._train_done, total, self._train_started, self.get_metrics(trainer, trainer.module)
+            )
         elif self._train_task is not None:  # epoch-end metrics (validation results among them)
-            metrics = _format_metrics(trainer.progress_bar_metrics)
+            metrics = _format_metrics(self.get_metrics(trainer, trainer.module))
             self._live().update(self._train_task, completed=self._train_done, metrics=metrics)
 
     # -- evaluation: validation, test, prediction share one bar ---------------------------------
@@ -270,14 +287,18 @@ class RichProgressBar(Callback):
             self._eval_task = None
         elif self._stage != "fit" and not self._use_rich():
             # During fit the epoch line reports validation results; standalone runs get their own.
-            self._plain_line(head, self._eval_done, total, self._eval_started, trainer.progress_bar_metrics)
+            self._plain_line(
+                head, self._eval_done, total, self._eval_started, self.get_metrics(trainer, trainer.module)
+            )
 
     def _val_total(self, trainer: Trainer) -> int | None:
-        return None if trainer.sanity_checking else _finite(float(sum(trainer.num_val_batches)))
+        return _finite(float(self.total_val_batches))  # (the sanity check's, while it runs)
 
     @override
     def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
-        description = "Sanity checking" if trainer.sanity_checking else "Validation"
+        description = (
+            self.sanity_check_description if trainer.sanity_checking else self.validation_description
+        )
         self._eval_start(trainer, description, self._val_total(trainer))
 
     @override
@@ -298,7 +319,7 @@ class RichProgressBar(Callback):
 
     @override
     def on_test_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Testing", None)
+        self._eval_start(trainer, self.test_description, _finite(float(sum(trainer.num_test_batches))))
 
     @override
     def on_test_batch_end(
@@ -310,15 +331,15 @@ class RichProgressBar(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_batch_end(trainer, None)
+        self._eval_batch_end(trainer, _finite(float(sum(trainer.num_test_batches))))
 
     @override
     def on_test_end(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_end(trainer, "test", None)
+        self._eval_end(trainer, "test", _finite(float(sum(trainer.num_test_batches))))
 
     @override
     def on_predict_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Predicting", None)
+        self._eval_start(trainer, self.predict_description, _finite(float(sum(trainer.num_predict_batches))))
 
     @override
     def on_predict_batch_end(
@@ -330,11 +351,11 @@ class RichProgressBar(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._eval_batch_end(trainer, None)
+        self._eval_batch_end(trainer, _finite(float(sum(trainer.num_predict_batches))))
 
     @override
     def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_end(trainer, "predict", None)
+        self._eval_end(trainer, "predict", _finite(float(sum(trainer.num_predict_batches))))
 
 
 def _is_console(value: Any) -> bool:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from typing_extensions import override
 
 from ember._validation import check_bool, check_int
-from ember.callbacks.base import Callback
 from ember.callbacks.progress import format_value
+from ember.callbacks.progress_bar import ProgressBar
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -32,13 +32,13 @@ def _total(count: float | None) -> int | None:
     return int(count) if count is not None and math.isfinite(count) else None
 
 
-class TQDMProgressBar(Callback):
+class TQDMProgressBar(ProgressBar):
     """Lightning's default progress bar: tqdm bars on global rank 0, for code that passes it
     explicitly (ember's default bar is :class:`RichProgressBar`; this one replaces it). Needs
     ``pip install tqdm``.
 
-    ``Epoch N`` counts the training batches, with ``trainer.progress_bar_metrics`` in the postfix
-    (``loss=0.4312``, formatted as ember's bar formats them); ``Sanity Checking``, ``Validation``,
+    ``Epoch N`` counts the training batches, with :meth:`get_metrics` (``trainer.progress_bar_metrics``)
+    in the postfix (``loss=0.4312``, formatted as ember's bar formats them); ``Sanity Checking``, ``Validation``,
     ``Testing`` and ``Predicting`` bars count evaluation batches. The bars are redrawn every
     ``refresh_rate`` batches (``0`` turns the callback off), at ``2 * process_position`` lines
     down (the validation bar one more, under the training bar). ``leave=True`` keeps each epoch's
@@ -79,9 +79,19 @@ class TQDMProgressBar(Callback):
         self._eval_bar: tqdm[Any] | None = None
         self._eval_loader: int | None = None  # the evaluation loader the bar counts
         self._eval_name = ""
+        self._eval_counts: list[int | float] = []
 
     def _enabled(self, trainer: Trainer) -> bool:
-        return self.refresh_rate > 0 and trainer.is_global_zero
+        return self.refresh_rate > 0 and trainer.is_global_zero and not self._disabled
+
+    @override
+    def print(self, *args: Any, sep: str = " ", end: str = "\n", **kwargs: Any) -> None:
+        if self._train_bar is None and self._eval_bar is None:
+            print(*args, sep=sep, end=end, **kwargs)
+        else:  # above the bars
+            from tqdm import tqdm
+
+            tqdm.write(sep.join(map(str, args)), end=end, file=kwargs.get("file") or self._file or sys.stdout)
 
     def _new_bar(self, description: str, position: int, leave: bool, **kwargs: Any) -> tqdm[Any]:
         from tqdm import tqdm  # (only once there is something to draw)
@@ -106,7 +116,9 @@ class TQDMProgressBar(Callback):
 
     def _postfix(self, trainer: Trainer) -> None:
         if self._train_bar is not None:  # reading the metrics syncs the device: only when drawing
-            metrics = {name: format_value(value) for name, value in trainer.progress_bar_metrics.items()}
+            metrics = {
+                name: format_value(value) for name, value in self.get_metrics(trainer, trainer.module).items()
+            }
             self._train_bar.set_postfix(metrics)
 
     def _close(self) -> None:
@@ -124,6 +136,7 @@ class TQDMProgressBar(Callback):
 
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
+        super().setup(trainer, module, stage)
         self._stage = stage
 
     @override
@@ -138,14 +151,18 @@ class TQDMProgressBar(Callback):
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         if self._enabled(trainer) and not self._leave:  # one bar, reset each epoch
-            self._train_bar = self._new_bar("Training", 2 * self.process_position, True, smoothing=0)
+            self._train_bar = self._new_bar(
+                self.train_description, 2 * self.process_position, True, smoothing=0
+            )
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         if not self._enabled(trainer):
             return
         if self._leave:  # a bar per epoch, each left on screen
-            self._train_bar = self._new_bar("Training", 2 * self.process_position, True, smoothing=0)
+            self._train_bar = self._new_bar(
+                self.train_description, 2 * self.process_position, True, smoothing=0
+            )
         bar = self._train_bar
         assert bar is not None
         bar.reset(total=_total(trainer.num_training_batches))
@@ -157,7 +174,7 @@ class TQDMProgressBar(Callback):
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         bar = self._train_bar
-        if bar is not None and self._due(batch_idx + 1, bar.total):
+        if bar is not None and not self._disabled and self._due(batch_idx + 1, bar.total):
             self._draw(bar, batch_idx + 1)
             self._postfix(trainer)
 
@@ -175,22 +192,22 @@ class TQDMProgressBar(Callback):
             self._train_bar = None
 
     # -- evaluation: a bar per stage, reset for each dataloader ------------------------------------
-    def _eval_start(self, trainer: Trainer, description: str, below_training: bool = False) -> None:
+    def _eval_start(
+        self, trainer: Trainer, description: str, counts: list[int | float], below_training: bool = False
+    ) -> None:
         if not self._enabled(trainer):
             return
         position = 2 * self.process_position + below_training
         self._eval_bar = self._new_bar(description, position, leave=not below_training)
-        self._eval_loader, self._eval_name = None, description
+        self._eval_loader, self._eval_name, self._eval_counts = None, description, counts
 
     def _eval_batch_start(self, trainer: Trainer, dataloader_idx: int) -> None:
         bar = self._eval_bar
         if bar is None or dataloader_idx == self._eval_loader:
             return
         self._eval_loader = dataloader_idx
-        # Counts are known for a fit's validation; a standalone stage's and the sanity check's are not.
-        counts = trainer.num_val_batches
-        known = self._stage == "fit" and not trainer.sanity_checking and dataloader_idx < len(counts)
-        bar.reset(total=_total(counts[dataloader_idx]) if known else None)
+        counts = self._eval_counts  # (the stage's batch counts, per loader)
+        bar.reset(total=_total(counts[dataloader_idx]) if dataloader_idx < len(counts) else None)
         bar.initial = 0
         bar.set_description(f"{self._eval_name} DataLoader {dataloader_idx}")
 
@@ -206,7 +223,7 @@ class TQDMProgressBar(Callback):
 
     @override
     def on_sanity_check_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Sanity Checking")
+        self._eval_start(trainer, self.sanity_check_description, trainer.num_sanity_val_batches)
 
     @override
     def on_sanity_check_end(self, trainer: Trainer, module: TrainModule) -> None:
@@ -215,7 +232,10 @@ class TQDMProgressBar(Callback):
     @override
     def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None:
         if not trainer.sanity_checking:  # (the sanity check has its own bar)
-            self._eval_start(trainer, "Validation", below_training=self._stage == "fit")
+            below = self._stage == "fit"
+            self._eval_start(
+                trainer, self.validation_description, trainer.num_val_batches, below_training=below
+            )
 
     @override
     def on_validation_batch_start(
@@ -244,7 +264,7 @@ class TQDMProgressBar(Callback):
 
     @override
     def on_test_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Testing")
+        self._eval_start(trainer, self.test_description, trainer.num_test_batches)
 
     @override
     def on_test_batch_start(
@@ -270,7 +290,7 @@ class TQDMProgressBar(Callback):
 
     @override
     def on_predict_start(self, trainer: Trainer, module: TrainModule) -> None:
-        self._eval_start(trainer, "Predicting")
+        self._eval_start(trainer, self.predict_description, trainer.num_predict_batches)
 
     @override
     def on_predict_batch_start(

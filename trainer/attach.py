@@ -8,9 +8,9 @@ import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 from ember.trainer import checkpointing
-from ember.trainer.hooks import call_hook
+from ember.trainer.hooks import call_hook, overridden
 from ember.trainer.module import DataModule, TrainModule
-from ember.trainer.profilers.timed import start_stage
+from ember.trainer.profilers.timed import module_hook, start_stage
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +61,9 @@ class StageAttachment:
         already_prepared = module is self._module and self._model is not None
         self._attach(module, stage, datamodule)
         if not already_prepared:
+            # As in fit (and Lightning's every stage): a module that builds its layers there gets them.
+            with self.accelerator.init_module(empty_init=True):
+                module_hook(cast("Trainer", self), "configure_model")()
             self._model = self.accelerator.prepare(module)
         trainer = cast("Trainer", self)
         path = checkpointing.resolve_path(trainer, ckpt_path) if ckpt_path is not None else None
@@ -83,8 +86,14 @@ class StageAttachment:
         self._datamodule = datamodule
         if datamodule is not None:
             datamodule.trainer = trainer
+        prepare_data = overridden(module, "prepare_data")  # (the processes wait only for something)
+        if datamodule is not None or prepare_data is not None:
             with self.accelerator.main_process_first():
                 if self.is_global_zero:
-                    datamodule.prepare_data()
+                    if datamodule is not None:
+                        datamodule.prepare_data()
+                    if prepare_data is not None:  # after the DataModule's, as Lightning
+                        prepare_data()
+        if datamodule is not None:
             datamodule.setup(stage)
         call_hook(trainer, "setup", stage)

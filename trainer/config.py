@@ -16,9 +16,12 @@ import torch
 from ember._validation import check_bool, check_choice, check_number, check_path, show
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
 from ember.strategies.environment import detect_environment, launch_defaults
+from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.profilers.base import resolve_profiler
 
-__all__ = ["TrainerConfig", "check_sync_batchnorm", "parse_duration", "resolve_limit"]
+__all__ = [
+    "TrainerConfig", "as_list", "check_sync_batchnorm", "parse_duration", "resolve_limit", "resolve_loggers",
+]  # fmt: skip
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
@@ -275,3 +278,23 @@ def resolve_switches(arguments: dict[str, Any]) -> dict[str, Any]:
         if resolved.get(name) is None:
             resolved[name] = off if barebones else default
     return resolved
+
+
+def as_list(value: Any) -> list[Any]:
+    """``value`` as a list: None is empty, a list or tuple is copied, anything else is one item."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def resolve_loggers(logger: Any, root: str) -> list[Logger]:
+    """The ``logger=`` argument as loggers: True is a ``CSVLogger`` under ``root``, False or None none."""
+    if logger is True:
+        return [CSVLogger(root)]
+    if logger in (False, None):
+        return []
+    loggers = as_list(logger)
+    for item in loggers:
+        if not isinstance(item, Logger):
+            raise TypeError(f"logger={item!r} is not an ember Logger (CSVLogger, ...) nor True/False")
+    return loggers

@@ -235,6 +235,11 @@ class TrainerData:
     def _val_limits(self) -> list[int | float]:
         return [resolve_limit(self.config.limit_val_batches, loader_length(v)) for v in self._val_loaders]
 
+    @property
+    def num_sanity_val_batches(self) -> list[int | float]:
+        """The batches of each validation loader the sanity check of ``fit`` runs (Lightning's)."""
+        return self._sanity_limits()
+
     def _sanity_limits(self) -> list[int | float]:
         steps = self.config.num_sanity_val_steps
         return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]

@@ -51,6 +51,7 @@ class _Entry:
     sync_dist: bool
     reduce_fx: str
     metric: Metric | None = None
+    group: Any = None  # sync_dist_group: the process group sync_dist reduces within (None: all)
     total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
     weight: float = 0.0  # sum of batch sizes
 
@@ -76,8 +77,9 @@ def infer_batch_size(batch: Any) -> int:
 class MetricStore:
     """Collects ``self.log`` calls for the running stage; the Trainer reads step rows and epoch results."""
 
-    def __init__(self, reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
-        self._reduce = reduce  # all-reduce across processes: (tensor, "sum" | "max" | "min") -> tensor
+    def __init__(self, reduce: Callable[[torch.Tensor, str, Any], torch.Tensor]) -> None:
+        # all-reduce: (tensor, "mean" | "sum" | "max" | "min", process group or None for all) -> tensor
+        self._reduce = reduce
         self.fx = ""  # the hook or step running now (sets the on_step/on_epoch defaults)
         self.dataloader_suffix = ""  # "/dataloader_idx_N" while evaluating one of several loaders
         self.loader_of: dict[
@@ -109,6 +111,7 @@ class MetricStore:
         sync_dist: bool,
         reduce_fx: str,
         batch_size: int | None,
+        group: Any = None,
     ) -> None:
         # The usual call, first: a step's scalar tensor (a loss), under a name logged before in the
         # same way (its entry still the live one): only the detached value is published.
@@ -156,6 +159,8 @@ class MetricStore:
             entry = self._entries[key] = _Entry(
                 on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, metric
             )
+        if sync_dist:
+            entry.group = group  # (the live object: checkpoints do not keep it, see state_dict)
         if plain:
             tensor: torch.Tensor | None = self.detached(value)
         elif metric is not None:
@@ -164,7 +169,7 @@ class MetricStore:
             tensor = _as_scalar(name, value)
         if on_step and tensor is not None:
             if sync_dist:
-                tensor = self._sync(tensor, reduce_fx)
+                tensor = self._sync(tensor, reduce_fx, group)
             if on_epoch:
                 self._publish(f"{key}_step", tensor, entry, self.step_values, alias=key)
             else:  # the value of a training step
@@ -205,10 +210,10 @@ class MetricStore:
                 else torch.minimum(entry.total, value)
             )
 
-    def _sync(self, tensor: torch.Tensor, reduce_fx: str) -> torch.Tensor:
+    def _sync(self, tensor: torch.Tensor, reduce_fx: str, group: Any) -> torch.Tensor:
         if reduce_fx == "mean":
-            return self._reduce(tensor.double(), "mean")
-        return self._reduce(tensor, reduce_fx)
+            return self._reduce(tensor.double(), "mean", group)
+        return self._reduce(tensor, reduce_fx, group)
 
     def _publish(
         self,
@@ -272,10 +277,17 @@ class MetricStore:
                     torch.tensor(entry.weight, dtype=torch.float64, device=entry.total.device),
                 )
                 if entry.sync_dist:
-                    total, weight = self._reduce(total, "sum"), self._reduce(weight, "sum")
+                    total, weight = (
+                        self._reduce(total, "sum", entry.group),
+                        self._reduce(weight, "sum", entry.group),
+                    )
                 value = (total / weight).float()
             else:
-                value = self._reduce(entry.total, entry.reduce_fx) if entry.sync_dist else entry.total
+                value = (
+                    self._reduce(entry.total, entry.reduce_fx, entry.group)
+                    if entry.sync_dist
+                    else entry.total
+                )
                 value = value.float()
             self._publish(out_key, value, entry, self.epoch_row, alias=key if entry.on_step else None)
         self._entries, self._step_only = {}, {}
@@ -307,7 +319,8 @@ class MetricStore:
         entries = {}
         training = self._parked if self._parked is not None else self._entries
         for key, entry in training.items():
-            state = dataclasses.asdict(entry)
+            # (a process group is no value to save: the resumed fit's next self.log call sets it again)
+            state = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name != "group"}
             state["metric"] = paths.get(id(entry.metric)) if entry.metric is not None else None
             entries[key] = state
         metrics = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 from collections.abc import Generator
 from contextlib import AbstractContextManager, closing
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,13 @@ def run_fit(trainer: Trainer) -> None:
         trainer._metrics.reset()
         trainer._metrics.callback_metrics.clear()
         trainer._metrics.progress_bar.clear()
+    if state.epoch_done:  # a checkpoint from the end of an epoch: the loop would start with the next
+        state.next_epoch()
+    if _fit_done(trainer):  # (resumed from a checkpoint at max_epochs / max_steps, or limits of 0)
+        # As Lightning: no training, so no on_train_start / on_train_end; the fit ends, with a note.
+        _report_nothing_to_train(trainer)
+        call_hook(trainer, "on_fit_end")
+        return
     call_hook(trainer, "on_train_start")
     while not _fit_done(trainer):
         if not state.train_done:
@@ -65,6 +73,20 @@ def _fit_done(trainer: Trainer) -> bool:
     if config.max_steps != -1 and state.global_step >= config.max_steps:
         return True
     return config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs
+
+
+def _report_nothing_to_train(trainer: Trainer) -> None:
+    config, state = trainer.config, trainer.state
+    if config.max_steps != -1 and state.global_step >= config.max_steps:
+        why = f"max_steps={config.max_steps} is reached; raise it to train further"
+    elif config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs:
+        why = f"max_epochs={config.max_epochs} is reached; raise it to train further"
+    else:
+        why = "trainer.should_stop was set before the first epoch"
+    if trainer.is_global_zero:
+        where = "the checkpoint is" if trainer._resumed else "the fit starts"
+        print(f"ember: fit trained nothing: {where} at epoch {state.epoch}, step {state.global_step}, and {why}",
+              file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _may_stop(trainer: Trainer) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import itertools
 import os
 import warnings
 from collections.abc import Mapping
@@ -53,7 +54,7 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
     automatic_optimization: bool = True
     # Properties TorchScript must not compile (to_torchscript), as in Lightning.
     __jit_unused_properties__: ClassVar[list[str]] = [
-        *("trainer", "device", "current_epoch", "global_step", "global_rank", "local_rank"),
+        *("trainer", "device", "dtype", "current_epoch", "global_step", "global_rank", "local_rank"),
         *("logger", "loggers", "example_input_array", "automatic_optimization", "hparams", "hparams_initial"),
     ]
 
@@ -81,6 +82,10 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         """An optimizer; ``(optimizers, schedulers)``; or ``{"optimizer": ..., "lr_scheduler": ...}``."""
         raise TypeError(f"{type(self).__name__} must define configure_optimizers() to be fitted")
 
+    def prepare_data(self) -> None:
+        """Download or write files, at the start of each stage (after the DataModule's): on global
+        rank 0 only, while the other processes wait; before :meth:`setup`."""
+
     def setup(self, stage: str) -> None:
         """Called at the start of fit/validate/test/predict, on every process, before configure_model."""
 
@@ -88,7 +93,10 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         """Called at the end of fit/validate/test/predict, on every process."""
 
     def configure_model(self) -> None:
-        """Build layers here (instead of ``__init__``) to create them lazily, after the strategy is set up."""
+        """Build layers here (instead of ``__init__``) to create them lazily, after the strategy is set up.
+
+        Called by ``fit``, and by ``validate``/``test``/``predict`` for a module this Trainer has not
+        prepared yet (as Lightning, each stage): keep it idempotent, return early when the layers exist."""
 
     def configure_callbacks(self) -> list[Any]:
         """Callbacks this module always wants (added to the Trainer's)."""
@@ -158,6 +166,22 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         return first.device if first is not None else torch.device("cpu")
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's floating-point parameters (the first one's; else its buffers'; else
+        ``torch.get_default_dtype()``): ``torch.bfloat16`` under ``precision="bf16-true"``, float32
+        under a mixed precision. Read-only: convert with ``module.to(torch.float64)``."""
+        for tensor in itertools.chain(self.parameters(), self.buffers()):
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    @dtype.setter
+    def dtype(self, value: Any) -> None:
+        raise RuntimeError(
+            f"{type(self).__name__}.dtype is read-only: convert the module with .to({value!r})"
+        )
+
+    @property
     def current_epoch(self) -> int:
         return self._trainer.current_epoch if self._trainer is not None else 0
 
@@ -215,6 +239,8 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         batch_size: int | None = None,
         add_dataloader_idx: bool = True,
         rank_zero_only: bool = False,
+        enable_graph: bool = False,
+        sync_dist_group: Any = None,
     ) -> None:
         """Record a metric: a number, a scalar tensor or a torchmetrics ``Metric``.
 
@@ -223,7 +249,10 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         With several evaluation loaders a name gets ``/dataloader_idx_N`` unless
         ``add_dataloader_idx=False`` (the names must then differ by loader). ``rank_zero_only=True``
         says only global rank 0 makes this call: it may not ask for ``sync_dist``, which would wait
-        for the other processes (ember never synchronises a value without it).
+        for the other processes (ember never synchronises a value without it). ``sync_dist_group``:
+        the ``torch.distributed`` process group ``sync_dist`` reduces within (None: every process;
+        ignored without ``sync_dist``). ``enable_graph`` is accepted as in Lightning, where it
+        changes nothing either: the values recorded never hold the autograd graph.
         """
         trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
         if trainer.barebones:
@@ -240,12 +269,12 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
             )
         store = trainer._metrics
         if add_dataloader_idx or not store.dataloader_suffix:
-            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, sync_dist_group)  # fmt: skip
             return
         suffix, store.dataloader_suffix = store.dataloader_suffix, ""
         store.loader_of[name] = suffix  # (the stage's results put it under that loader only)
         try:
-            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size)
+            store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, sync_dist_group)  # fmt: skip
         finally:
             store.dataloader_suffix = suffix
 

@@ -76,11 +76,12 @@ class _SignalCatcher:
     def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS) -> None:
         self.signals = signals
         self.received: int | None = None
+        self.sigterm = False  # SIGTERM came (first or not): Trainer.received_sigterm
         self.acted = False  # the fit stopped for it (else it is passed on when the fit ends)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _SignalCatcher:
-        self.received, self.acted = None, False
+        self.received, self.sigterm, self.acted = None, False, False
         if threading.current_thread() is not threading.main_thread():
             return self  # Python runs handlers in the main thread only: a fit elsewhere is not pre-emptible
         for signum in self.signals:
@@ -96,6 +97,7 @@ class _SignalCatcher:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
+        self.sigterm = self.sigterm or signum == signal.SIGTERM
         previous = self._previous.get(signum)
         if callable(previous):  # a Python handler installed before the fit still runs (chained)
             previous(signum, frame)

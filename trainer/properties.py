@@ -14,6 +14,7 @@ from ember.strategies import Strategy
 from ember.trainer.config import TrainerConfig
 from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricStore
+from ember.trainer.preemption import PreemptionGuard
 from ember.trainer.profilers import PassThroughProfiler, Profiler
 from ember.trainer.state import LoopState
 
@@ -43,6 +44,11 @@ class TrainerProperties:
     _step_optimizers: list[Any]
     _train_loader: PreparedDataLoader | None
     _val_loaders: list[PreparedDataLoader]
+    _test_loaders: list[PreparedDataLoader]
+    _predict_loaders: list[PreparedDataLoader]
+    _interrupted: bool
+    _preemption: PreemptionGuard
+    _callbacks: list[Any]  # the Trainer's own and the defaults (``callbacks`` adds the module's, per stage)
     _prediction_record: PredictionRecord | None
     sanity_checking: bool
     _running: str  # the stage running now ("fit", "validate", "test", "predict"), "" between stages
@@ -211,6 +217,33 @@ class TrainerProperties:
         return self._val_loaders
 
     @property
+    def test_dataloaders(self) -> list[PreparedDataLoader]:
+        """The loaders of the last ``test()``, prepared (empty before one ran)."""
+        return self._test_loaders
+
+    @property
+    def predict_dataloaders(self) -> list[PreparedDataLoader]:
+        """The loaders of the last ``predict()``, prepared (empty before one ran)."""
+        return self._predict_loaders
+
+    @property
+    def interrupted(self) -> bool:
+        """The last fit/validate/test/predict ended in an exception: ``KeyboardInterrupt``, a
+        pre-emption (:class:`~ember.trainer.preemption.Preempted`) or an error. Already True in
+        ``on_exception``; False again when the next stage starts."""
+        return self._interrupted
+
+    @property
+    def received_sigterm(self) -> bool:
+        """The running (or last) fit received SIGTERM; it stops at the next step boundary."""
+        return self._preemption.catcher.sigterm
+
+    @property
+    def progress_bar_callback(self) -> Any:
+        """The progress bar among the callbacks (a ``RichProgressBar``, ``TQDMProgressBar`` ...), or None."""
+        return next((c for c in self.callbacks if c.progress_bar), None)
+
+    @property
     def val_check_interval(self) -> int | float:
         return self.config.val_check_interval
 
@@ -261,6 +294,14 @@ class TrainerProperties:
             )
         self.accelerator.gradient_accumulation_steps = batches  # (validated there)
         self.config.accumulate_grad_batches = batches
+
+    def _reduce_logged(self, tensor: torch.Tensor, op: str, group: Any = None) -> torch.Tensor:
+        """``self.log(..., sync_dist=True)``'s all-reduce: across every process, or within
+        ``sync_dist_group``, a ``torch.distributed`` process group."""
+        if group is None:
+            reduced: torch.Tensor = self.accelerator.reduce(tensor, op)  # type: ignore[arg-type]
+            return reduced
+        return self.strategy.all_reduce(tensor, op, group=group)  # type: ignore[arg-type]
 
     # -- what is running (Lightning's stage flags) --------------------------------------------------
     @property

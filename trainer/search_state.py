@@ -48,7 +48,7 @@ def preserved(trainer: Trainer, callbacks: list[Callback], name: str) -> Iterato
     try:
         trainer.callbacks, trainer.loggers = callbacks, []
         trainer.state = LoopState(**trainer.state.state_dict())
-        trainer._metrics = MetricStore(lambda tensor, op: trainer.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
+        trainer._metrics = MetricStore(trainer._reduce_logged)
         trainer.metric_history, trainer.logged_metrics, trainer.should_stop = MetricHistory(), {}, False
         trainer._hook_plan.refresh()
         yield

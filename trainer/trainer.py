@@ -27,10 +27,17 @@ from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.attach import StageAttachment
 from ember.trainer.batch_size_finder import BatchSizeSearch, StageData
-from ember.trainer.config import TrainerConfig, check_sync_batchnorm, resolve_limit, resolve_switches
+from ember.trainer.config import (
+    TrainerConfig,
+    as_list,
+    check_sync_batchnorm,
+    resolve_limit,
+    resolve_loggers,
+    resolve_switches,
+)
 from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
 from ember.trainer.hooks import HookPlan, call_hook, overridden
-from ember.trainer.loggers import CSVLogger, Logger
+from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricHistory, MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.module import DataModule, TrainModule
@@ -145,10 +152,11 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             torch.backends.cudnn.benchmark = bool(config.benchmark)
         self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
         self._backward_pass = backward_call(self)  # accelerator.backward, timed under a profiler
-        self.loggers = _loggers(config.logger, self.default_root_dir) if not config.fast_dev_run else []
-        self.callbacks: list[Callback] = []
+        self.loggers = [] if config.fast_dev_run else resolve_loggers(config.logger, self.default_root_dir)
         self._hook_plan = HookPlan()  # which callbacks define which hook, for call_hook
-        self._callbacks = checkpointing.default_callbacks(self, _as_list(config.callbacks))
+        self._callbacks = checkpointing.default_callbacks(self, as_list(config.callbacks))
+        # The given ones and the defaults; each stage adds the module's (configure_callbacks).
+        self.callbacks: list[Callback] = list(self._callbacks)
         self.state = LoopState()
         self.should_stop = False
         self.sanity_checking = False
@@ -157,7 +165,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self._progress_bar_values: dict[str, float] = {}
         self._progress_bar_stale = True  # converted on the next read of progress_bar_metrics
         self.metric_history = MetricHistory()  # extremes of every logged row, for the end-of-fit summary
-        self._metrics = MetricStore(lambda tensor, op: self.accelerator.reduce(tensor, op))  # type: ignore[arg-type]
+        self._metrics = MetricStore(self._reduce_logged)  # (sync_dist's all-reduce: properties.py)
         self._module: TrainModule | None = None
         self._datamodule: DataModule | None = None
         self._model: torch.nn.Module | None = None
@@ -167,12 +175,17 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
         self._train_loader: PreparedDataLoader | None = None
         self._val_loaders: list[PreparedDataLoader] = []
+        self._test_loaders: list[PreparedDataLoader] = []  # the last test()'s loaders
+        self._predict_loaders: list[PreparedDataLoader] = []  # the last predict()'s
+        self._interrupted = False  # the last stage ended in an exception (Lightning's `interrupted`)
         self._sources: tuple[Any, Any, DataModule | None] = (None, None, None)  # where fit found its data
         self._val_check_batch = 1
         self._resumed = False
         self._preemption = PreemptionGuard()
         self.num_training_batches: int | float = 0
-        self.num_val_batches: list[int | float] = []
+        self.num_val_batches: list[int | float] = []  # fit's, or the running validate()'s
+        self.num_test_batches: list[int | float] = []  # the last test()'s, per loader
+        self.num_predict_batches: list[int | float] = []  # the last predict()'s
         self.logged_metrics: dict[str, float] = {}
         if config.deterministic:
             use_deterministic_algorithms(warn_only=config.deterministic == "warn")
@@ -201,9 +214,6 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             )
             if checkpoint is not None and self.is_global_zero:
                 print(f"ember: resuming automatically from {checkpoint}", file=sys.stderr, flush=True)
-        train = find_train_loader(self.config, module, train_dataloaders, datamodule)
-        val = self._loaders("val", val_dataloaders, datamodule)
-        self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
         if not module.automatic_optimization and self.config.accumulate_grad_batches > 1:
             raise ValueError(
                 "accumulate_grad_batches > 1 needs automatic optimization; accumulate yourself in manual mode"
@@ -215,7 +225,11 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             )
         with self.accelerator.init_module(empty_init=True):  # FSDP: layers on meta, materialised as shards
             module_hook(self, "configure_model")()  # (timed under a profiler, as the other hooks)
-        # Loaders first: configure_optimizers may size a schedule with estimated_stepping_batches.
+        # After configure_model (as Lightning: a loader may need what it built), before
+        # configure_optimizers, which may size a schedule with estimated_stepping_batches.
+        train = find_train_loader(self.config, module, train_dataloaders, datamodule)
+        val = self._loaders("val", val_dataloaders, datamodule)
+        self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
         self._train_loader = self._prepare_loader(train)
         self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
         self._set_batch_counts()
@@ -278,6 +292,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             )
         limits = [resolve_limit(self.config.limit_predict_batches, loader_length(d)) for d in loaders]
         self._stage_data = StageData("predict", dataloaders, datamodule, loaders, limits)  # (BatchSizeFinder)
+        self._predict_loaders, self.num_predict_batches = loaders, limits
         keep = return_predictions is not False
         result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
         return result if keep else None
@@ -311,6 +326,10 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         limit = self.config.limit_val_batches if stage == "validate" else self.config.limit_test_batches
         limits = [resolve_limit(limit, loader_length(d)) for d in loaders]
         self._stage_data = StageData(name, dataloaders, datamodule, loaders, limits)  # (a BatchSizeFinder's)
+        if stage == "test":  # (validate's loaders are not fit's val_dataloaders)
+            self._test_loaders, self.num_test_batches = loaders, limits
+        else:  # (as Lightning's: the running validation's batch counts)
+            self.num_val_batches = limits
         results: list[dict[str, float]] = self._run(
             lambda t: run_evaluation(t, prefix, loaders, limits), stage
         )
@@ -333,7 +352,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         if self.is_global_zero and stage == "fit":
             for logger in self.loggers:
                 logger.log_hyperparams(module._serializable_hparams())
-        status = "success"
+        status, self._interrupted = "success", False
         try:
             with ExitStack() as stack:
                 if self.config.detect_anomaly:
@@ -343,15 +362,16 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             return None
         except BaseException as exception:
             status = "interrupted" if isinstance(exception, (KeyboardInterrupt, Preempted)) else "failed"
+            self._interrupted = True  # (set before on_exception, which may read it)
             call_hook(self, "on_exception", exception, module_hook=False)
             raise
         finally:
             if self.is_global_zero:
                 for logger in self.loggers:
                     logger.finalize(status)
-            call_hook(self, "teardown", stage)
-            if self._datamodule is not None:
+            if self._datamodule is not None:  # first, as Lightning (and as in setup)
                 self._datamodule.teardown(stage)
+            call_hook(self, "teardown", stage)
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
             self._running, self._evaluation = "", ""
 
@@ -374,21 +394,3 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self.metric_history.update(row, self.state.global_step)
         row["epoch"] = float(self.state.epoch)
         self.log_metrics(row, self.state.global_step)
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _loggers(logger: Any, root: str) -> list[Logger]:
-    if logger is True:
-        return [CSVLogger(root)]
-    if logger in (False, None):
-        return []
-    loggers = _as_list(logger)
-    for item in loggers:
-        if not isinstance(item, Logger):
-            raise TypeError(f"logger={item!r} is not an ember Logger (CSVLogger, ...) nor True/False")
-    return loggers

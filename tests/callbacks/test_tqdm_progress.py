@@ -73,8 +73,10 @@ def test_a_fit_draws_the_epoch_bar_with_the_loss_and_the_evaluation_bars(tmp_pat
     trainer.test(Regressor(), _loader(8), verbose=False)
     trainer.predict(Regressor(), [_loader(8), _loader(4)])
     drawn = stream.getvalue()
-    assert "Testing DataLoader 0" in drawn and " 2/? " in drawn  # no total known: a count
-    assert "Predicting DataLoader 0" in drawn and "Predicting DataLoader 1" in drawn
+    assert re.search(r"Testing DataLoader 0: 100%.* 2/2 ", drawn), drawn  # the totals are known
+    assert re.search(r"Predicting DataLoader 0: 100%.* 2/2 ", drawn), drawn
+    assert re.search(r"Predicting DataLoader 1: 100%.* 1/1 ", drawn), drawn
+    assert (trainer.num_test_batches, trainer.num_predict_batches) == ([2], [2, 1])
 
 
 def test_the_default_stream_is_stdout_and_refresh_rate_thins_the_redraws(

@@ -1,0 +1,158 @@
+"""Lightning's logging idioms, checked against what Lightning 2.6 does: ``self.log``'s
+``enable_graph`` and ``sync_dist_group`` (on 2 real processes), and ``LearningRateMonitor`` with
+``logging_interval=None`` following each scheduler's interval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dist_helpers import run_processes
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer, TrainModule
+from ember.callbacks import LearningRateMonitor
+from ember.trainer.loggers import Logger
+
+
+def _loader(n: int = 16) -> DataLoader[Any]:
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
+    )
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    settings = dict(max_epochs=1, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                    enable_checkpointing=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)  # fmt: skip
+    return Trainer(**{**settings, **kwargs})
+
+
+class Net(TrainModule):
+    def __init__(self, interval: str | None = None) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.interval = interval  # the StepLR's, None: no scheduler
+        self.seen: dict[str, bool] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.mse_loss(self.layer(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        if self.interval is None:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.interval}}
+
+
+# -- self.log(enable_graph=..., sync_dist_group=...) ---------------------------------------------------
+def test_log_accepts_enable_graph_and_sync_dist_group(tmp_path: Path) -> None:
+    class Logs(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("kept", loss, enable_graph=True)
+            self.log("kept_epoch", loss, enable_graph=True, on_step=False, on_epoch=True)
+            self.log("group_without_sync", loss, sync_dist_group=object())  # ignored without sync_dist
+            self.log("synced", loss, sync_dist=True, sync_dist_group=None)
+            metrics = self.trainer.callback_metrics
+            self.seen = {k: metrics[k].requires_grad for k in ("kept", "group_without_sync", "synced")}
+            return loss
+
+    module = Logs()
+    trainer = _trainer(tmp_path)
+    trainer.fit(module, _loader())
+    # Lightning 2.6 records the values without their graph, enable_graph or not.
+    assert module.seen == {"kept": False, "group_without_sync": False, "synced": False}
+    assert not trainer.callback_metrics["kept_epoch"].requires_grad
+    assert set(trainer.callback_metrics) == {"kept", "kept_epoch", "group_without_sync", "synced"}
+
+
+def _group_worker(root: str) -> dict[str, float]:
+    import torch.distributed as dist
+
+    class Grouped(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            # Every process creates every group, in the same order (torch.distributed's rule).
+            self.alone = [dist.new_group([0]), dist.new_group([1])][dist.get_rank()]
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            rank = torch.tensor(float(self.global_rank))
+            self.log("step_alone", rank, sync_dist=True, sync_dist_group=self.alone)  # mean over 1
+            self.log("step_world", rank, sync_dist=True, sync_dist_group=dist.group.WORLD)
+            return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            rank = torch.tensor(float(self.global_rank))
+            self.log("epoch_alone", rank, sync_dist=True, sync_dist_group=self.alone, reduce_fx="sum")
+            self.log("epoch_all", rank, sync_dist=True, reduce_fx="sum")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = Trainer(default_root_dir=root, enable_progress_bar=False, logger=False, max_epochs=1, limit_train_batches=1,
+                      enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    data = DataLoader(TensorDataset(torch.zeros(8, 1)), batch_size=2)
+    trainer.fit(Grouped(), data, data)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_sync_dist_group_reduces_within_the_group(tmp_path: Path) -> None:
+    ranks = run_processes(_group_worker, str(tmp_path), nprocs=2)
+    assert [r["step_alone"] for r in ranks] == [0.0, 1.0]  # a group of one: each its own (mean / 1)
+    assert [r["step_world"] for r in ranks] == [0.5, 0.5]
+    # 2 validation batches a process, summed: within the group, its own; else both processes'.
+    assert [r["epoch_alone"] for r in ranks] == [0.0, 2.0]
+    assert [r["epoch_all"] for r in ranks] == [2.0, 2.0]
+
+
+# -- LearningRateMonitor(logging_interval=None) -------------------------------------------------------
+class Rows(Logger):
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "rows"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        lrs = {k: round(v, 6) for k, v in metrics.items() if k.startswith("lr-")}
+        if lrs:
+            self.rows.append((step, lrs))
+
+
+@pytest.mark.parametrize(
+    ("interval", "logging_interval", "expected"),
+    [
+        # Lightning: at the start of each epoch, for a scheduler stepped per epoch ...
+        ("epoch", None, [(0, 1.0), (4, 0.5)]),
+        # ... every log_every_n_steps batches for one stepped per step (ember's cadence of rows) ...
+        ("step", None, [(0, 1.0), (2, 0.25), (4, 0.0625), (6, 0.015625)]),
+        # ... and at both for an optimizer without a scheduler.
+        (None, None, [(0, 1.0), (0, 1.0), (2, 1.0), (4, 1.0), (4, 1.0), (6, 1.0)]),
+        ("epoch", "step", [(0, 1.0), (2, 1.0), (4, 0.5), (6, 0.5)]),
+        ("step", "epoch", [(0, 1.0), (4, 0.0625)]),
+    ],
+)
+def test_lr_monitor_follows_each_schedulers_interval(
+    tmp_path: Path, interval: str | None, logging_interval: str | None, expected: list[tuple[int, float]]
+) -> None:
+    rows = Rows()
+    trainer = _trainer(tmp_path, max_epochs=2, logger=rows, log_every_n_steps=2,
+                       callbacks=[LearningRateMonitor(logging_interval=logging_interval)])  # fmt: skip
+    trainer.fit(Net(interval), _loader())
+    assert [(step, row["lr-SGD"]) for step, row in rows.rows] == expected
+    # As Lightning's, the monitor's values are callback metrics too (the last one, a tensor).
+    assert trainer.callback_metrics["lr-SGD"] == torch.tensor(expected[-1][1])
