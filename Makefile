@@ -59,7 +59,7 @@ typecheck: $(STAMP)
 # out as workers free up instead of fixing the split at the start. About 10 minutes here: the rank
 # processes and docs pages fork from a Python with torch imported (tests/warm_python.py).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
 
 # The documentation site (mkdocs.yml) into build/site. mkdocstrings reads the package statically, from
 # the same kind of link tree as mypy; --strict fails on any warning (broken link, missing object...).

@@ -30,16 +30,24 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ember.cli
-from ember import Accelerator, CheckpointError, DataLoaderConfiguration, PartialState, Trainer
+from ember import Accelerator, AutocastKwargs, CheckpointError, DataLoaderConfiguration, PartialState, Trainer
 from ember.callbacks import (
     DeviceStatsMonitor,
     EarlyStopping,
+    EMAWeightAveraging,
     LambdaCallback,
     ModelCheckpoint,
     ModelPruning,
     OnExceptionCheckpoint,
     RichProgressBar,
+    SpikeDetection,
     TQDMProgressBar,
+)
+from ember.plugins import (
+    DeepSpeedPlugin,
+    FullyShardedDataParallelPlugin,
+    GradientAccumulationPlugin,
+    TorchDynamoPlugin,
 )
 from ember.precision import PRECISION_REGISTRY
 from ember.strategies import STRATEGY_REGISTRY
@@ -303,6 +311,13 @@ _PRUNING_ARGUMENTS: dict[str, Callable[[Any], bool]] = {
     "prune_on_train_epoch_end": _is_bool,
 }
 _STRATEGIES = {"auto", *STRATEGY_REGISTRY.names()}
+_DYNAMO_BACKENDS = {"no", *torch._dynamo.list_backends(exclude_tags=())}
+
+
+def _dynamo_backend(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.lower() in _DYNAMO_BACKENDS)
+
+
 _PRECISIONS = {*PRECISION_REGISTRY.names(), "16", "32", "64", "bf16", "half", 16, 32, 64}
 
 
@@ -342,6 +357,9 @@ def _cases() -> list[Case]:
         Case(Accelerator, "seed", _optional(_int(0, 2**32 - 1))),
         Case(Accelerator, "mixed_precision", _one_of(None, "no", "fp16", "bf16"), choices=("'fp16'",)),
         Case(Accelerator, "cpu", _is_bool),
+        Case(Accelerator, "device_placement", _is_bool),
+        Case(AutocastKwargs, "enabled", _is_bool),
+        Case(AutocastKwargs, "cache_enabled", _optional(_is_bool)),
         Case(Accelerator, "even_batches", _optional(_is_bool)),
         Case(Accelerator, "dataloader_config", lambda v: v is None),
         Case(
@@ -351,6 +369,60 @@ def _cases() -> list[Case]:
         ),
         Case(Accelerator, "project_dir", _optional(_is_path)),
         Case(Accelerator, "collective_timeout", _optional(_seconds)),
+        *[
+            Case(Accelerator, name, lambda v: v is None)
+            for name in ("deepspeed_plugin", "fsdp_plugin", "gradient_accumulation_plugin", "dynamo_plugin")
+        ],
+        Case(Accelerator, "dynamo_backend", _dynamo_backend, choices=("'eager'",)),
+        Case(
+            Accelerator,
+            "rng_types",
+            lambda v: (
+                v is None or (isinstance(v, (list, tuple)) and all(t in ("generator", "torch") for t in v))
+            ),
+        ),
+        Case(GradientAccumulationPlugin, "num_steps", _int(1)),
+        *[
+            Case(GradientAccumulationPlugin, name, _is_bool, (("num_steps", 2),))
+            for name in ("adjust_scheduler", "sync_with_dataloader", "sync_each_batch")
+        ],
+        Case(TorchDynamoPlugin, "backend", _dynamo_backend, choices=("'eager'",)),
+        Case(
+            TorchDynamoPlugin,
+            "mode",
+            _one_of(None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+            choices=("'default'",),
+        ),
+        Case(TorchDynamoPlugin, "fullgraph", _optional(_is_bool)),
+        Case(TorchDynamoPlugin, "dynamic", _optional(_is_bool)),
+        Case(TorchDynamoPlugin, "disable", _is_bool),
+        Case(TorchDynamoPlugin, "options", lambda v: v is None or isinstance(v, dict)),
+        Case(DeepSpeedPlugin, "zero_stage", _optional(_int(0, 3))),
+        Case(DeepSpeedPlugin, "offload_optimizer_device", _one_of(None, "none", "cpu"), choices=("'cpu'",)),
+        Case(
+            DeepSpeedPlugin,
+            "offload_param_device",
+            _one_of(None, "none", "cpu"),
+            (("zero_stage", 3),),
+            choices=("'cpu'",),
+        ),
+        Case(
+            DeepSpeedPlugin, "gradient_accumulation_steps", lambda v: v is None or v == "auto" or _int(1)(v)
+        ),
+        Case(DeepSpeedPlugin, "is_train_batch_min", _one_of(True)),
+        Case(DeepSpeedPlugin, "zero3_init_flag", _one_of(None, False)),
+        Case(FullyShardedDataParallelPlugin, "fsdp_version", _one_of(None, 2)),
+        Case(FullyShardedDataParallelPlugin, "reshard_after_forward", _optional(_is_bool)),
+        Case(FullyShardedDataParallelPlugin, "limit_all_gathers", _one_of(True)),
+        Case(FullyShardedDataParallelPlugin, "use_orig_params", _one_of(None, True)),
+        Case(FullyShardedDataParallelPlugin, "sync_module_states", _one_of(None, False)),
+        Case(FullyShardedDataParallelPlugin, "activation_checkpointing", _one_of(None, False)),
+        Case(
+            FullyShardedDataParallelPlugin,
+            "min_num_params",
+            _optional(_int(0)),
+            (("auto_wrap_policy", "size_based_wrap"),),
+        ),
     ]
     trainer_arguments: dict[str, Callable[[Any], bool]] = {
         "num_nodes": _int(1),
@@ -468,6 +540,18 @@ def _cases() -> list[Case]:
         Case(OnExceptionCheckpoint, "dirpath", _is_path),
         Case(OnExceptionCheckpoint, "filename", _checkpoint_name, (("dirpath", "ckpt"),)),
         Case(DeviceStatsMonitor, "cpu_stats", _optional(_is_bool)),
+        Case(SpikeDetection, "mode", _one_of("min", "max"), choices=("'min'", "'max'")),
+        Case(SpikeDetection, "window", _int(1)),
+        Case(SpikeDetection, "warmup", _int(0)),
+        Case(SpikeDetection, "atol", _optional(_number(0))),
+        Case(SpikeDetection, "rtol", _optional(_number(0))),
+        Case(SpikeDetection, "exclude_batches_path", _optional(_is_path)),
+        Case(SpikeDetection, "finite_only", _is_bool),
+        Case(EMAWeightAveraging, "decay", lambda v: _number(0)(v) and v <= 1),
+        Case(EMAWeightAveraging, "use_buffers", _is_bool),
+        Case(EMAWeightAveraging, "update_every_n_steps", _int(0)),
+        Case(EMAWeightAveraging, "update_starting_at_step", _optional(_int(0))),
+        Case(EMAWeightAveraging, "update_starting_at_epoch", _optional(_int(0))),
         Case(ModelPruning, "pruning_fn", _pruning_fn),
         *[
             Case(ModelPruning, name, valid, (("pruning_fn", "l1_unstructured"),))
