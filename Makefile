@@ -56,10 +56,10 @@ typecheck: $(STAMP)
 
 # Two workers: most tests wait on child processes (2-rank groups, launchers, signals) for part of
 # their time, so a second worker fills the idle core. worksteal hands the slow multi-process tests
-# out as workers free up instead of fixing the split at the start. About 10 minutes here: the rank
+# out as workers free up instead of fixing the split at the start. About 13 minutes here: the rank
 # processes and docs pages fork from a Python with torch imported (tests/warm_python.py).
 unit: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 -m "not bench"
 
 # The documentation site (mkdocs.yml) into build/site. mkdocstrings reads the package statically, from
 # the same kind of link tree as mypy; --strict fails on any warning (broken link, missing object...).
