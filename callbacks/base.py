@@ -100,6 +100,9 @@ class Callback:
     def on_before_optimizer_step(
         self, trainer: Trainer, module: TrainModule, optimizer: torch.optim.Optimizer
     ) -> None: ...
+    def on_before_zero_grad(
+        self, trainer: Trainer, module: TrainModule, optimizer: torch.optim.Optimizer
+    ) -> None: ...
 
     # -- evaluation (validation, test) and prediction -------------------------------------------
     def on_validation_start(self, trainer: Trainer, module: TrainModule) -> None: ...

@@ -72,8 +72,15 @@ class Precision:
     def pre_backward(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        tensor.backward(*args, **kwargs)
+    def backward(
+        self, tensor: torch.Tensor, *args: Any, backward_fn: Callable[..., Any] | None = None, **kwargs: Any
+    ) -> None:
+        """``tensor.backward(*args, **kwargs)``; with ``backward_fn``, ``backward_fn(tensor, *args,
+        **kwargs)`` in its place (the Trainer passes a ``TrainModule``'s own ``backward``)."""
+        if backward_fn is not None:
+            backward_fn(tensor, *args, **kwargs)
+        else:
+            tensor.backward(*args, **kwargs)
 
     def post_backward(self, tensor: torch.Tensor) -> None:
         return None

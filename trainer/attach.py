@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ember.trainer import checkpointing
 from ember.trainer.hooks import call_hook, overridden
 from ember.trainer.module import DataModule, TrainModule
-from ember.trainer.profilers.timed import module_hook, start_stage
+from ember.trainer.profilers.timed import backward_call, module_hook, start_stage
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +33,8 @@ class StageAttachment:
     _module: TrainModule | None
     _datamodule: DataModule | None
     _model: torch.nn.Module | None
+    _ckpt_path: str | None
+    _backward_pass: Any
 
     if TYPE_CHECKING:
 
@@ -69,6 +71,7 @@ class StageAttachment:
         path = checkpointing.resolve_path(trainer, ckpt_path) if ckpt_path is not None else None
         if path is not None:
             checkpointing.load_weights(trainer, path)
+            self._ckpt_path = str(path)  # (trainer.ckpt_path; _attach reset it)
         return module
 
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
@@ -79,6 +82,8 @@ class StageAttachment:
         self._module = module
         module._trainer = trainer
         self.stage = stage
+        self._ckpt_path = None  # trainer.ckpt_path: the stage sets it when it loads a checkpoint
+        self._backward_pass = backward_call(trainer)  # through the module's own backward, if it has one
         start_stage(trainer, stage)  # the profiler's report covers this stage, its setup hooks included
         self.callbacks = checkpointing.check_callbacks(
             checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))

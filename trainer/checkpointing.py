@@ -114,7 +114,7 @@ def load_module(
     cls: type[TrainModule],
     checkpoint_path: str | os.PathLike[str],
     map_location: Any,
-    strict: bool,
+    strict: bool | None,
     overrides: dict[str, Any],
 ) -> TrainModule:
     """``cls`` built from a Trainer checkpoint's hyper-parameters (and ``overrides``), with its weights."""
@@ -127,18 +127,44 @@ def load_module(
         )
     checkpoint = read_tree(path, STATE)
     module = cls(**init_kwargs(cls, checkpoint, overrides))  # (the hyper-parameters it takes)
+    if module._strict_loading is not None and strict is not None and strict != module.strict_loading:
+        raise ValueError(
+            f"load_from_checkpoint(..., strict={strict!r}) contradicts {cls.__name__}.strict_loading="
+            f"{module.strict_loading!r}: give both the same value, or leave strict to the module"
+        )
+    strict = module.strict_loading if strict is None else strict
     module.on_load_checkpoint(checkpoint)
     # (A pruned fit's weight_orig and weight_mask load into the plain module's weight.)
     state = fold_pruned(full_state_dict(path, manifest), module.state_dict())
-    module.load_state_dict(state, strict=strict)
+    keys = module.load_state_dict(state, strict=strict)
+    if not strict:
+        _warn_unmatched(keys.missing_keys, keys.unexpected_keys)
     return module.to(map_location) if map_location is not None else module
 
 
+def _warn_unmatched(missing: list[str], unexpected: list[str]) -> None:
+    """A non-strict load's warnings (``TrainModule.strict_loading=False``), as Lightning's."""
+    if missing:
+        warnings.warn(f"the checkpoint lacks these tensors of the module: {missing}", stacklevel=4)
+    if unexpected:
+        warnings.warn(f"the checkpoint has tensors the module lacks, not loaded: {unexpected}", stacklevel=4)
+
+
 def load_weights(trainer: Trainer, path: Path) -> None:
-    """Only the model weights (for validate/test/predict with ``ckpt_path``)."""
+    """Only the model weights (for validate/test/predict with ``ckpt_path``); all of them, shapes
+    checked, unless ``module.strict_loading`` is False."""
     manifest = read_manifest(path)
     assert trainer._model is not None
-    load_model_weights(trainer.strategy, trainer._model, path, manifest)
+    module = trainer.module
+    if module.strict_loading:  # (the tensors checked against the model before any loads)
+        load_model_weights(trainer.strategy, trainer._model, path, manifest)
+        return
+    # strict_loading=False: the full tensors the model has, through the strategy (sharded or not).
+    own = module.state_dict()
+    state = fold_pruned(full_state_dict(path, manifest), own)
+    trainer.strategy.load_module_state_dict(trainer._model, state, strict=False)
+    if trainer.is_global_zero:
+        _warn_unmatched(sorted(set(own) - set(state)), sorted(set(state) - set(own)))
 
 
 def resumes_automatically(trainer: Trainer) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
+from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.prediction import start_record
 from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, timed, timed_batches
 from ember.trainer.step import Epoch, detached
@@ -271,11 +272,10 @@ def _evaluation_pass(
     limits: list[int | float],
     at_epoch_end: bool,
 ) -> list[dict[str, float]]:
-    module, store = trainer.module, trainer._metrics
+    store = trainer._metrics
     store.loader_of.clear()
-    was_training = module.training
     store.park()  # keep the training epoch's aggregates aside
-    module.eval()
+    modes = enter_eval(trainer, prefix)  # on_{prefix}_model_eval: the model's eval()
     call_hook(trainer, f"on_{prefix}_start")
     call_hook(trainer, f"on_{prefix}_epoch_start")
     several = len(loaders) > 1
@@ -306,8 +306,7 @@ def _evaluation_pass(
         trainer.state.val_done = True  # a checkpoint saved in on_validation_end resumes after this run
     call_hook(trainer, f"on_{prefix}_end")
     store.unpark()
-    if was_training:
-        module.train()
+    leave_eval(trainer, prefix, modes)  # on_{prefix}_model_train, or each layer's mode as it was
     values = {key: float(value) for key, value in row.items()}
     return [{k: v for k, v in values.items() if _of_loader(store, k, i)} for i in range(len(loaders))]
 
@@ -338,8 +337,8 @@ def run_predict(
     (``keep=False``: handed to the hooks, not kept). With a prediction writer among the callbacks,
     each process's own outputs and their samples' indices are recorded for it as well
     (``trainer.prediction_record``)."""
-    module, accelerator = trainer.module, trainer.accelerator
-    module.eval()
+    accelerator = trainer.accelerator
+    modes = enter_eval(trainer, "predict")  # on_predict_model_eval: the model's eval()
     call_hook(trainer, "on_predict_start")
     call_hook(trainer, "on_predict_epoch_start")
     record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
@@ -367,5 +366,6 @@ def run_predict(
             results.append(outputs)
     call_hook(trainer, "on_predict_epoch_end")
     call_hook(trainer, "on_predict_end")
+    leave_eval(trainer, "predict", modes)  # each layer back in its mode, as Lightning
     trainer._prediction_record = None  # the writers' copies are not kept past the run
     return results if several else results[0]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ember._tree import apply_to_tensors
 from ember.trainer.hparams import AttributeDict, HyperparametersMixin
-from ember.trainer.module_hooks import StepHooks
+from ember.trainer.module_hooks import ModeHooks, StepHooks
 from ember.trainer.module_tools import ModuleTools
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ __all__ = ["AttributeDict", "DataModule", "TrainModule"]
 _M = TypeVar("_M", bound="TrainModule")
 
 
-class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
+class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersMixin):
     """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
 
     Example::
@@ -56,7 +56,9 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
     __jit_unused_properties__: ClassVar[list[str]] = [
         *("trainer", "device", "dtype", "current_epoch", "global_step", "global_rank", "local_rank"),
         *("logger", "loggers", "example_input_array", "automatic_optimization", "hparams", "hparams_initial"),
+        "strict_loading",
     ]
+    _strict_loading: bool | None = None  # None: never set (load_from_checkpoint's strict may decide)
 
     def __init__(self) -> None:
         super().__init__()
@@ -144,8 +146,20 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
     def on_before_backward(self, loss: torch.Tensor) -> None: ...
     def on_after_backward(self) -> None: ...
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None: ...
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None: ...
+
+    @property
+    def strict_loading(self) -> bool:
+        """Whether a checkpoint's weights must match this module's exactly (True, the default) when
+        ``validate``/``test``/``predict(ckpt_path=...)`` and :meth:`load_from_checkpoint` load them;
+        False loads the tensors both have and warns about the others."""
+        return self._strict_loading in (None, True)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
 
     # -- the trainer's view ------------------------------------------------------------------------
     @property
@@ -306,14 +320,15 @@ class TrainModule(nn.Module, StepHooks, ModuleTools, HyperparametersMixin):
         cls: type[_M],
         checkpoint_path: str | os.PathLike[str],
         map_location: str | torch.device | None = None,
-        strict: bool = True,
+        strict: bool | None = None,
         **kwargs: Any,
     ) -> _M:
         """A new module from a Trainer checkpoint directory: ``cls(**hyper-parameters)``, as
         :meth:`save_hyperparameters` saved them (those of one dict, Namespace or dataclass argument
         passed back as that argument; ``kwargs`` override or add), then
         :meth:`on_load_checkpoint` and the checkpoint's weights, whatever the strategy that wrote
-        them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``."""
+        them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``.
+        ``strict``: None follows :attr:`strict_loading`."""
         from ember.trainer.checkpointing import load_module  # (it imports this module)
 
         return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]

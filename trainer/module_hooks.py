@@ -1,5 +1,5 @@
-"""``TrainModule``'s defaults of Lightning's step and batch-transfer hooks (a mixin). The Trainer
-runs its own, faster, code for each hook a module leaves alone (``hooks.overridden``)."""
+"""``TrainModule``'s defaults of Lightning's step, batch-transfer and train/eval-mode hooks (mixins).
+The Trainer runs its own, faster, code for each step hook a module leaves alone (``hooks.overridden``)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from ember.trainer.trainer import Trainer
 
-__all__ = ["StepHooks"]
+__all__ = ["ModeHooks", "StepHooks"]
 
 
 class StepHooks:
@@ -42,6 +42,13 @@ class StepHooks:
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: Any) -> None:
         """Zero the gradients after a step."""
         optimizer.zero_grad()
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """The backward pass of the loss ``training_step`` returned (and of :meth:`manual_backward`):
+        ``loss`` comes already divided by ``accumulate_grad_batches`` and scaled by the precision's
+        grad scaler. Override it to call backward differently, e.g. ``loss.backward(retain_graph=True)``;
+        the Trainer then calls it inside the strategy's backward (DDP's gradient sync, the scaler)."""
+        loss.backward(*args, **kwargs)
 
     def configure_gradient_clipping(
         self,
@@ -89,3 +96,36 @@ class StepHooks:
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """The batch on the device, before the batch hooks and the step see it; returns the batch to use."""
         return batch
+
+
+class ModeHooks:
+    """The hooks that switch the module to eval mode before an evaluation loop and back after it, as
+    Lightning defines them; :class:`~ember.TrainModule` inherits them. Override one to keep, say,
+    dropout on during validation (Monte Carlo dropout)."""
+
+    if TYPE_CHECKING:
+
+        @property
+        def trainer(self) -> Trainer: ...
+
+    def on_validation_model_eval(self) -> None:
+        """Before ``on_validation_start``: put the model in eval mode."""
+        self.trainer.model.eval()
+
+    def on_validation_model_train(self) -> None:
+        """After ``on_validation_end``, when overridden: the Trainer then calls it in place of putting
+        every submodule back in the mode it had before the loop."""
+        self.trainer.model.train()
+
+    def on_test_model_eval(self) -> None:
+        """Before ``on_test_start``: put the model in eval mode."""
+        self.trainer.model.eval()
+
+    def on_test_model_train(self) -> None:
+        """After ``on_test_end``, when overridden (see :meth:`on_validation_model_train`)."""
+        self.trainer.model.train()
+
+    def on_predict_model_eval(self) -> None:
+        """Before ``on_predict_start``: put the model in eval mode (after ``on_predict_end`` every
+        submodule goes back to the mode it had)."""
+        self.trainer.model.eval()

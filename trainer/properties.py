@@ -12,6 +12,7 @@ from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
 from ember.trainer.config import TrainerConfig
+from ember.trainer.lightning_names import LightningNames
 from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricStore
 from ember.trainer.preemption import PreemptionGuard
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["TrainerProperties"]
 
 
-class TrainerProperties:
+class TrainerProperties(LightningNames):
     """Mixed into :class:`~ember.trainer.Trainer`: properties derived from its state, nothing stored here."""
 
     config: TrainerConfig

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.trainer.hooks import Entry, overridden, step_method
 from ember.trainer.profilers.timed import profiled_epoch
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from ember.trainer.state import LoopState
     from ember.trainer.trainer import Trainer
 
-__all__ = ["Epoch", "automatic_step", "backward", "detached", "loss_of", "manual_step"]
+__all__ = ["Epoch", "automatic_step", "backward", "detached", "loss_of", "manual_step", "module_backward"]
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,7 +113,7 @@ def automatic_step(
         if should_step:
             _before_step(trainer, epoch, hooks)
             epoch.step()
-            _after_step(trainer, epoch, batch_idx)
+            _after_step(trainer, epoch, hooks, batch_idx)
     return output
 
 
@@ -153,7 +154,7 @@ def _step_by_module(
         )
     output = outputs[-1]
     if (output if type(output) is torch.Tensor else loss_of(output)) is not None:
-        _after_step(trainer, epoch, batch_idx)
+        _after_step(trainer, epoch, hooks, batch_idx)
     return output
 
 
@@ -174,8 +175,13 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None])
         )
 
 
-def _after_step(trainer: Trainer, epoch: Epoch, batch_idx: int) -> None:
-    """What follows an optimizer step: zeroing the gradients, the step count, step-interval schedulers."""
+def _after_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> None:
+    """What follows an optimizer step: ``on_before_zero_grad``, zeroing the gradients, the step count,
+    step-interval schedulers."""
+    entry = hooks["on_before_zero_grad"]  # (None, one lookup a step, when nobody overrides it)
+    if entry is not None:
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
     if epoch.module_zero_grad is not None:
         epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
     else:
@@ -192,11 +198,31 @@ def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tenso
     if entry is not None:
         for hook in entry[3]:
             hook(loss)
-    trainer._backward_pass(loss, **kwargs)  # accelerator.backward (timed under a profiler)
+    trainer._backward_pass(loss, **kwargs)  # accelerator.backward or module_backward (profiler: timed)
     entry = hooks["on_after_backward"]
     if entry is not None:
         for hook in entry[3]:
             hook()
+
+
+def module_backward(trainer: Trainer, method: Callable[..., Any]) -> Callable[..., None]:
+    """The backward pass for a module that overrides ``backward`` (Lightning's hook): as
+    ``Accelerator.backward``, the loss divided by the accumulation steps, then the strategy's backward
+    (DDP's gradient sync, the precision's scaling), with ``method`` where ``loss.backward()`` would be."""
+    accelerator, strategy = trainer.accelerator, trainer.strategy
+    engine = isinstance(strategy, OwnsOptimizerStep)
+
+    def run(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if engine:  # (raised at the first backward: validate and test attach the module too)
+            raise ValueError(
+                f"{type(trainer.module).__name__} overrides backward(), and the {strategy.strategy_name!r} "
+                "engine runs the backward pass itself, together with its step: remove the override "
+                "(on_before_backward / on_after_backward run around the engine's backward)"
+            )
+        steps = accelerator.gradient_accumulation_steps
+        strategy.backward(loss / steps if steps > 1 else loss, *args, backward_fn=method, **kwargs)
+
+    return run
 
 
 def loss_of(output: Any) -> torch.Tensor | None:

@@ -255,7 +255,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self.state, self.should_stop, self._resumed = LoopState(), False, False
         if checkpoint is not None:
             checkpointing.restore(self, checkpoint)
-            self._resumed = True
+            self._resumed, self._ckpt_path = True, str(checkpoint)
         self._run(run_fit, "fit")
 
     def validate(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,

@@ -92,6 +92,7 @@ def test_hook_order(tmp_path: Path) -> None:
     ]  # fmt: skip
     batch_end = ["callback.on_train_batch_end", "module.on_train_batch_end"]
     validation = [
+        "module.on_validation_model_eval",
         "callback.on_validation_start", "module.on_validation_start",
         "callback.on_validation_epoch_start", "module.on_validation_epoch_start",
         "callback.on_validation_batch_start", "module.on_validation_batch_start",
@@ -105,14 +106,17 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.on_fit_start", "module.on_fit_start",
         "callback.on_sanity_check_start",
         *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
+        "module.on_validation_model_train",
         "callback.on_sanity_check_end",
         "callback.on_train_start", "module.on_train_start",
         "callback.on_train_epoch_start", "module.on_train_epoch_start",
         *train_batch, *batch_end,  # batch 0 accumulates
         *train_batch,  # batch 1 completes the window: the optimizer steps
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
+        "callback.on_before_zero_grad", "module.on_before_zero_grad",  # after the step
         *batch_end,
         *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
+        "module.on_validation_model_train",
         "callback.on_train_epoch_end", "module.on_train_epoch_end",
         # the monitoring callbacks last: the checkpoint sees the epoch's training and validation values
         "checkpoint.on_train_epoch_end",
@@ -146,7 +150,7 @@ def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> 
     _fit_bare(tmp_path, AddLater(), epochs=1, batches=3)
     per_batch = [
         "callback.on_train_batch_start", "callback.on_before_backward", "callback.on_after_backward",
-        "callback.on_before_optimizer_step", "callback.on_train_batch_end",
+        "callback.on_before_optimizer_step", "callback.on_before_zero_grad", "callback.on_train_batch_end",
     ]  # fmt: skip
     assert calls == [
         *per_batch, *per_batch,  # batches 1 and 2
@@ -254,6 +258,7 @@ def test_step_and_transfer_hooks_order(tmp_path: Path) -> None:
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
         "module.configure_gradient_clipping",
         "<stepped>",
+        "callback.on_before_zero_grad", "module.on_before_zero_grad",
         "module.optimizer_zero_grad", "module.lr_scheduler_step",
         *batch_end,
     ]  # fmt: skip

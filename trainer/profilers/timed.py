@@ -116,8 +116,15 @@ def module_hook(trainer: Trainer, name: str) -> Callable[..., Any]:
 
 
 def backward_call(trainer: Trainer) -> Callable[..., Any]:
-    """``trainer.accelerator.backward``, timed as ``[Strategy]{class}.backward`` under a profiler."""
-    backward = trainer.accelerator.backward
+    """``trainer.accelerator.backward`` (or, for a module that overrides ``backward``, the strategy's
+    backward around it: ``step.module_backward``), timed as ``[Strategy]{class}.backward`` under a
+    profiler. Asked when a stage attaches its module."""
+    from ember.trainer.hooks import overridden  # (here: hooks imports this module)
+    from ember.trainer.step import module_backward
+
+    module = getattr(trainer, "_module", None)  # (None in the Trainer's __init__)
+    own = overridden(module, "backward") if module is not None else None
+    backward = trainer.accelerator.backward if own is None else module_backward(trainer, own)
     profiler = trainer.config.profiler
     return backward if profiler is None else timed(profiler, strategy_action(trainer, "backward"), backward)
 

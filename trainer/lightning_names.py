@@ -1,0 +1,115 @@
+"""More of Lightning's ``Trainer`` names, each a view of what ember already holds (a mixin of
+:class:`~ember.trainer.properties.TrainerProperties`): ``ckpt_path``, ``evaluating``,
+``enable_validation``, ``early_stopping_callbacks``, ``num_nodes``, ``device_ids``,
+``precision_plugin``, ``scaler``, ``init_module`` and ``print``."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from ember.accelerator import Accelerator
+    from ember.callbacks.early_stopping import EarlyStopping
+    from ember.data import PreparedDataLoader
+    from ember.precision import Precision
+    from ember.trainer.config import TrainerConfig
+
+__all__ = ["LightningNames"]
+
+
+class LightningNames:
+    """Mixed into the Trainer through ``TrainerProperties``."""
+
+    config: TrainerConfig
+    accelerator: Accelerator
+    callbacks: list[Any]
+    sanity_checking: bool
+    _val_loaders: list[PreparedDataLoader]
+    _evaluation: str
+    _running: str
+    # The checkpoint the running (or last) stage loaded; set by fit and by _reattach, reset by _attach.
+    _ckpt_path: str | None = None
+
+    if TYPE_CHECKING:
+
+        def _val_limits(self) -> list[int | float]: ...
+
+        @property
+        def num_devices(self) -> int: ...
+
+        @property
+        def local_rank(self) -> int: ...
+
+    @property
+    def ckpt_path(self) -> str | None:
+        """The checkpoint directory the running (or last) ``fit``, ``validate``, ``test`` or
+        ``predict`` loaded (``ckpt_path="best"`` or ``"last"`` resolved, or the one ``auto_resume``
+        chose); None when it loaded none."""
+        return self._ckpt_path
+
+    @ckpt_path.setter
+    def ckpt_path(self, value: Any) -> None:
+        raise AttributeError(
+            "trainer.ckpt_path is read-only in ember: pass the checkpoint to the stage that should load it, "
+            f"trainer.fit(module, ckpt_path={value!r}) (or validate/test/predict)"
+        )
+
+    @property
+    def evaluating(self) -> bool:
+        """A validation (the sanity check included) or test loop is running, as Lightning's flag."""
+        return bool(self._evaluation) or self._running in ("validate", "test") or self.sanity_checking
+
+    @property
+    def enable_validation(self) -> bool:
+        """The fit validates: it has validation data and ``limit_val_batches`` lets some through.
+        (Lightning also asks that ``validation_step`` be overridden; ember runs the validation loop
+        and its hooks either way.)"""
+        return any(limit > 0 for limit in self._val_limits())
+
+    @property
+    def early_stopping_callbacks(self) -> list[EarlyStopping]:
+        """Every :class:`~ember.callbacks.EarlyStopping` among the callbacks."""
+        from ember.callbacks.early_stopping import EarlyStopping
+
+        return [c for c in self.callbacks if isinstance(c, EarlyStopping)]
+
+    @property
+    def num_nodes(self) -> int:
+        return self.config.num_nodes
+
+    @property
+    def device_ids(self) -> list[int]:
+        """The index of each device this node's processes use: the GPUs (``devices=[1, 3]`` gives
+        ``[1, 3]``), else ``0 .. num_devices - 1``."""
+        ids = self.accelerator.strategy.device_ids
+        if ids is not None and self.accelerator.device.type == "cuda":
+            return list(ids)
+        return list(range(self.num_devices))
+
+    @property
+    def precision_plugin(self) -> Precision:
+        """The :class:`~ember.precision.Precision` plugin (ember's ``trainer.precision`` too)."""
+        return self.accelerator.precision
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        """The ``torch.amp.GradScaler`` under ``precision="16-mixed"``, else None."""
+        return self.accelerator.scaler
+
+    @contextmanager
+    def init_module(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Build a module inside it directly on the device, in the precision's dtype
+        (``Accelerator.init_module``). ``empty_init=True``: under FSDP, layers on the meta device,
+        materialised shard by shard when the fit prepares the module; ``None`` is ``False``."""
+        with self.accelerator.init_module(empty_init=bool(empty_init)):
+            yield
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on each node's local rank 0 only, as Lightning's ``trainer.print``."""
+        if self.local_rank == 0:
+            builtins.print(*args, **kwargs)
