@@ -7,9 +7,11 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from dist_helpers import PYTHON, REPO, run_command
 
 
+@pytest.mark.bench
 def test_checkpoint_benchmark_compares_the_same_state(tmp_path: Path) -> None:
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     cmd = [PYTHON, str(REPO / "benchmarks" / "checkpoint.py"), "--quick", "--reps", "1",

@@ -13,6 +13,7 @@ from dist_helpers import PYTHON, REPO, load_benchmark, run_command
 RUN = REPO / "benchmarks" / "run.py"
 
 
+@pytest.mark.bench
 def test_runner_runs_a_script_then_summarizes_every_ratio_file(tmp_path: Path) -> None:
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     results.write_text("# results\n\nintro\n\n<!-- old:start -->\nkept\n<!-- old:end -->\n")

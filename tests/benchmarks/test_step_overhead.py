@@ -48,6 +48,7 @@ def test_step_overhead_without_lightning_or_accelerate(
     assert all(r["low"] <= r["ratio"] <= r["high"] and r["value"] > 0 for r in rows)
 
 
+@pytest.mark.bench
 def test_step_overhead_ddp_on_two_processes(tmp_path: Path) -> None:
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
     cmd = [PYTHON, str(BENCHMARKS / "step_overhead.py"), "--quick", "--cases", "gpt", "--modes", "ddp",
@@ -91,6 +92,7 @@ def _measured_in_a_fresh_process(expression: str, tmp_path: Path) -> Any:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.bench
 def test_other_frameworks_train_when_installed(tmp_path: Path) -> None:
     # Lightning and Accelerate are in the bench extra only: where installed, each contender trains.
     pytest.importorskip("lightning")
