@@ -30,6 +30,19 @@ _CPU = torch.device("cpu")  # the default device of the average, as Lightning's
 AverageFunction = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
+def copy_saved_average(owner: str, what: str, saved: dict[str, Any], names: list[str], tensors: Any) -> None:
+    """Copy a checkpoint's averaged tensors ``saved`` (by name) into ``tensors`` (in ``names``'
+    order); a checkpoint of another module (other names) is a ``ValueError``. Shared by
+    ``StochasticWeightAveraging`` and ``WeightAveraging``."""
+    if list(saved) != names:
+        raise ValueError(
+            f"{owner}: the checkpoint averages {what}{show(list(saved))}, and the module has {show(names)}"
+        )
+    with torch.no_grad():
+        for mine, name in zip(tensors, names, strict=True):
+            mine.copy_(saved[name])
+
+
 def _bad(name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"{_OWNER}({name}={show(value)}) is not valid: {expected}")
 
@@ -291,15 +304,8 @@ class StochasticWeightAveraging(Callback):
 
     def _load(self, restored: dict[str, Any]) -> None:
         assert self._average is not None and self._scheduler is not None
-        saved = restored["averaged"]
-        if list(saved) != self._names:
-            raise ValueError(
-                f"{_OWNER}: the checkpoint averages the parameters {show(list(saved))}, and the module has "
-                f"{show(self._names)}"
-            )
-        with torch.no_grad():
-            for averaged, name in zip(self._average.module.parameters(), self._names, strict=True):
-                averaged.copy_(saved[name])
+        parameters = self._average.module.parameters()
+        copy_saved_average(_OWNER, "the parameters ", restored["averaged"], self._names, parameters)
         self._average.n_averaged.fill_(int(restored["n_averaged"]))
         self._scheduler.load_state_dict(restored["scheduler"])
 

@@ -15,6 +15,7 @@ from typing_extensions import override
 
 from ember._validation import check_bool, check_int, check_number, show
 from ember.callbacks.base import Callback
+from ember.callbacks.swa import copy_saved_average
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -223,15 +224,7 @@ class WeightAveraging(Callback):
         assert self._average is not None
         if int(restored["n_averaged"]) == 0:
             return
-        held = restored["held"]
-        if list(held) != self._names:
-            raise ValueError(
-                f"{type(self).__name__}: the checkpoint averages {show(list(held))}, and the module has "
-                f"{show(self._names)}"
-            )
-        with torch.no_grad():
-            for mine, name in zip(self._tensors(), self._names, strict=True):
-                mine.copy_(held[name])
+        copy_saved_average(type(self).__name__, "", restored["held"], self._names, self._tensors())
         self._average.n_averaged.fill_(int(restored["n_averaged"]))
         if restored["weights_averaged"]:  # the module loaded the average: exchange the two
             self._swap(module)
