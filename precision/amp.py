@@ -28,8 +28,7 @@ class MixedPrecision(Precision):
     def __init__(
         self,
         precision: str = "bf16-mixed",
-        *,
-        device_type: str = "cpu",
+        device_type: str = "cpu",  # (positional too: Lightning's MixedPrecision(precision, device))
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         super().__init__(device_type=device_type)

@@ -15,6 +15,7 @@ import torch
 
 from ember._validation import check_bool, check_choice, check_number, check_path, show
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
+from ember.precision import Precision
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.profilers.base import resolve_profiler
@@ -37,6 +38,44 @@ def _limit(name: str, value: Any) -> None:
         raise ValueError(
             f"{name}={value!r} must be an int >= 0 (a number of batches) or a float in [0.0, 1.0] (a fraction)"
         )
+
+
+# What Lightning's other plugin kinds are for, and how ember does that (plugins= refuses them).
+_OTHER_PLUGINS = {
+    "ClusterEnvironment": "ember reads torchrun's, SLURM's and ember launch's variables by itself "
+    "(ember.strategies.detect_environment)",
+    "CheckpointIO": "ember writes its own pickle-free checkpoint format (docs: concepts/checkpoints)",
+    "LayerSync": "pass sync_batchnorm=True",
+}
+
+
+def _precision_of_plugins(plugins: Any, precision: Any) -> Any:
+    """The precision that ``plugins`` (Lightning's argument) gives, else ``precision``: ember's
+    plugins are its Precision classes; Lightning's other kinds are refused with ember's way."""
+    if plugins is None:
+        return precision
+    items = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    for item in items:
+        if not isinstance(item, Precision):
+            bases = {cls.__name__ for cls in type(item).__mro__}
+            hint = next((f": {how}" for kind, how in _OTHER_PLUGINS.items() if kind in bases), "")
+            if isinstance(item, str):
+                hint = f": a precision name goes to precision={item!r}"
+            value = (
+                show(item) if isinstance(item, (str, int, float)) else f"an instance of {type(item).__name__}"
+            )
+            raise TypeError(
+                f"plugins holds {value}, which is not a plugin ember takes{hint}. Valid choices: an "
+                "ember.precision.Precision instance (MixedPrecision, HalfPrecision, DoublePrecision, ...), "
+                "or a list holding one"
+            )
+    if len(items) > 1:
+        raise ValueError(f"plugins={show(plugins)} holds {len(items)} precision plugins: pass one")
+    if items and precision is not None:
+        raise ValueError(
+            f"precision={show(precision)} and plugins={show(plugins)} both set the precision: choose one"
+        )
+    return items[0] if items else precision
 
 
 def parse_duration(value: str | timedelta | dict[str, int]) -> timedelta:
@@ -115,6 +154,8 @@ class TrainerConfig:
     reload_dataloaders_every_n_epochs: int = 0  # > 0: ask the module / DataModule for new training data
     # "simple", "advanced", "pytorch", a Profiler or None; resolved to a Profiler instance or None
     profiler: Any = None
+    # Lightning's plugins=: a Precision instance (or a list holding one), the same as precision=
+    plugins: Any = None
     barebones: bool = False  # every feature that costs step time off, to measure the loop itself
     duration: timedelta | None = field(default=None, init=False)
 
@@ -186,6 +227,7 @@ class TrainerConfig:
         if self.max_time is not None:
             self.duration = parse_duration(self.max_time)
         self.profiler = resolve_profiler(self.profiler)  # the loops wrap their calls only when set
+        self.precision = _precision_of_plugins(self.plugins, self.precision)
         if self.fast_dev_run:
             batches = 1 if self.fast_dev_run is True else int(self.fast_dev_run)
             self.max_epochs, self.max_steps, self.num_sanity_val_steps = 1, batches, 0

@@ -116,6 +116,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         sync_batchnorm: bool = False,
         reload_dataloaders_every_n_epochs: int = 0,
         profiler: str | Profiler | None = None,
+        plugins: Precision | list[Precision] | None = None,
         barebones: bool = False,
         **unexpected: Any,
     ) -> None:

@@ -452,6 +452,7 @@ def _cases() -> list[Case]:
         "collective_timeout": _optional(_seconds),
         "logger": lambda v: _one_of(True, False, None)(v) or v in ([], ()),
         "callbacks": lambda v: v is None or v in ([], ()),
+        "plugins": lambda v: v is None or v in ([], ()),
         "devices": lambda v: v == "auto" or _int(1)(v),
     }
     for name, valid in trainer_arguments.items():

@@ -272,3 +272,57 @@ def test_datamodule_and_module_hooks_in_lightnings_order(tmp_path: Path) -> None
         "dm.test_dataloader", "test_step", "dm.teardown(test)", "teardown(test)",
     ]  # fmt: skip
     assert fresh.layer is not None
+
+
+class _Dtypes(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        out = self.layer(batch[0])
+        self.calls.append(str(out.dtype))  # bfloat16 under the autocast of bf16-mixed
+        return F.mse_loss(out.float(), batch[1])
+
+
+def test_plugins_takes_a_precision_plugin_as_lightning_does(tmp_path: Path) -> None:
+    from ember.precision import DoublePrecision, MixedPrecision
+
+    quiet = {"default_root_dir": tmp_path, "logger": False, "enable_progress_bar": False, "max_steps": 2}
+    module = _Dtypes()
+    trainer = Trainer(plugins=[MixedPrecision("bf16-mixed", "cpu")], **quiet)  # (Lightning's positional form)
+    trainer.fit(module, _loader())
+    assert (
+        trainer.precision.name == "bf16-mixed"
+        and [c for c in module.calls if c.startswith("torch.")] == ["torch.bfloat16"] * 2
+    )
+    assert module.layer.weight.dtype == torch.float32
+    doubled = Net()
+    Trainer(plugins=DoublePrecision(), **quiet).fit(doubled, _loader())  # one plugin, not in a list
+    assert doubled.layer.weight.dtype == torch.float64
+
+
+class ClusterEnvironment:  # (the names of Lightning's plugin kinds pick the hint)
+    pass
+
+
+class SLURMEnvironment(ClusterEnvironment):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("plugins", "error", "message"),
+    [
+        ([SLURMEnvironment()], TypeError, r"instance of SLURMEnvironment.*reads torchrun's, SLURM's"),
+        ("bf16-mixed", TypeError, r"'bf16-mixed'.*goes to precision='bf16-mixed'.*Valid choices: an ember"),
+        ([object()], TypeError, r"instance of object, which is not a plugin ember takes"),
+        ("two", ValueError, r"holds 2 precision plugins: pass one"),
+        ("and precision", ValueError, r"precision='64-true' and plugins=.* both set the precision"),
+    ],
+)
+def test_plugins_refuses_what_ember_does_otherwise(plugins: Any, error: type, message: str) -> None:
+    from ember.precision import DoublePrecision
+
+    extra: dict[str, Any] = {}
+    if plugins == "two":
+        plugins = [DoublePrecision(), DoublePrecision()]
+    elif plugins == "and precision":
+        plugins, extra = DoublePrecision(), {"precision": "64-true"}
+    with pytest.raises(error, match=message):
+        Trainer(plugins=plugins, **extra)
