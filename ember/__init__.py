@@ -14,6 +14,7 @@ from ember._rng import seed_everything
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.dataloader_config import DataLoaderConfiguration
+from ember.empty_weights import init_empty_weights, init_on_device
 from ember.kwargs_handlers import (
     AutocastKwargs,
     DistributedDataParallelKwargs,
@@ -106,6 +107,8 @@ __all__ = [
     "WandbLogger",
     "__version__",
     "find_executable_batch_size",
+    "init_empty_weights",
+    "init_on_device",
     "notebook_launcher",
     "seed_everything",
     "set_seed",

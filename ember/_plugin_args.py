@@ -22,6 +22,7 @@ from ember.plugins import (
     GradientAccumulationPlugin,
     TorchDynamoPlugin,
 )
+from ember.precision.base import precision_name
 from ember.strategies.capabilities import OwnsOptimizerStep
 
 if TYPE_CHECKING:
@@ -132,15 +133,21 @@ def resolve_plugins(
                     stacklevel=3,
                 )
             choice.steps = fixed
+        implied = deepspeed_plugin.precision()
+        # (a precision given is checked against the config's fp16 / bf16 blocks by the strategy)
+        if precision is None and implied is not None:
+            choice.precision = implied
     if fsdp_plugin is not None:
         choice.strategy, implied = _plugin_strategy("fsdp_plugin", fsdp_plugin, strategy, "fsdp")
         if implied is not None:
-            if precision is not None and precision != implied:
+            # compared by name: precision="bf16", 16 or a plugin instance may say the same as the policy
+            if precision is not None and precision_name(precision) != implied:
                 raise ValueError(
                     f"fsdp_plugin: mixed_precision_policy={fsdp_plugin.mixed_precision_policy!r} means "
                     f"precision={implied!r}, but precision={precision!r} was given; give it in one place"
                 )
-            choice.precision = implied
+            if precision is None:  # a given one agrees: kept as given (a Precision instance stays itself)
+                choice.precision = implied
     if dynamo_backend is not None and dynamo_plugin is not None:
         raise ValueError("pass either dynamo_backend= or dynamo_plugin=, not both")
     if dynamo_backend is not None:

@@ -51,6 +51,7 @@ from ember._wrappers import (
 )
 from ember.data import PreparedDataLoader, skip_first_batches
 from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
+from ember.empty_weights import check_materialized
 from ember.precision import Precision, resolve_precision
 from ember.project import ProjectConfiguration, check_project
 from ember.state import AccelerateStateMixin, forget, set_current
@@ -267,6 +268,9 @@ class Accelerator(
             if isinstance(obj, DataLoader):
                 result[slot] = self._prepare_dataloader(obj, placed=placed[slot])
         placed_models = [i for i in model_slots if placed[i]]
+        if not isinstance(self._strategy, MaterializesModules):
+            for i in model_slots:
+                check_materialized(objects[i])
         models, optimizers = self._strategy.setup_module_and_optimizers(
             [objects[i] for i in placed_models], [objects[i] for i in optim_slots]
         )

@@ -116,6 +116,11 @@ def resolve_precision(value: str | int | Precision, *, device_type: str) -> Prec
             f"precision={value!r} must be a name ({', '.join(PRECISION_REGISTRY.names())}) "
             "or an ember.precision.Precision instance"
         )
-    name = _ALIASES.get(str(value), str(value))
+    name = precision_name(value)
     PRECISION_REGISTRY.check(name)
     return PRECISION_REGISTRY.create(name, device_type=device_type)
+
+
+def precision_name(value: str | int | Precision) -> str:
+    """The name ``precision=`` stands for: an alias (``16``, ``"bf16"``) resolved, a plugin's own name."""
+    return value.name if isinstance(value, Precision) else _ALIASES.get(str(value), str(value))

@@ -21,10 +21,12 @@ __all__ = ["DeepSpeedPlugin"]
 class DeepSpeedPlugin:
     """DeepSpeed ZeRO settings (🤗 Accelerate's fields). ``hf_ds_config``: a DeepSpeed configuration
     dict or the path of its JSON file; the other fields fill its ``"auto"`` (or missing) entries and
-    must not contradict it. Without it: ``zero_stage`` (default 2), ``offload_optimizer_device`` /
-    ``offload_param_device`` (``"none"`` or ``"cpu"``), ``gradient_clipping`` (as in Accelerate, an
-    unset or ``"auto"`` value clips at 1.0). ``gradient_accumulation_steps`` (or the config's) is the
-    run's: it wins over the Accelerator's, with a warning when they differ, as in Accelerate.
+    must not contradict it; its ``fp16`` / ``bf16`` block, if enabled, is the precision when the
+    Accelerator is given none (as in Accelerate). Without it: ``zero_stage`` (default 2),
+    ``offload_optimizer_device`` / ``offload_param_device`` (``"none"`` or ``"cpu"``),
+    ``gradient_clipping`` (as in Accelerate, an unset or ``"auto"`` value clips at 1.0).
+    ``gradient_accumulation_steps`` (or the config's) is the run's: it wins over the Accelerator's,
+    with a warning when they differ, as in Accelerate.
     """
 
     hf_ds_config: Any = None
@@ -93,19 +95,21 @@ class DeepSpeedPlugin:
                 raise
             raise type(err)(f"{name}: {err}") from None
 
+    def precision(self) -> str | None:
+        """The precision ``hf_ds_config`` enables (its ``fp16`` / ``bf16`` block's ``enabled: true``),
+        else None (the Accelerator's): as in Accelerate, the config's mode is the run's when the
+        Accelerator is given no precision."""
+        if self.hf_ds_config is None:
+            return None
+        config = self._given_config()
+        for block, name in (("fp16", "16-mixed"), ("bf16", "bf16-mixed")):
+            settings = config.get(block)
+            if isinstance(settings, dict) and settings.get("enabled") is True:
+                return name
+        return None
+
     def _merged_config(self, offload_optimizer: bool, offload_parameters: bool) -> dict[str, Any]:
-        source = self.hf_ds_config
-        if isinstance(source, dict):
-            config: dict[str, Any] = json.loads(json.dumps(source))
-        elif isinstance(source, (str, os.PathLike)):
-            try:
-                config = json.loads(Path(source).read_text())
-            except (OSError, ValueError) as err:
-                raise ValueError(f"hf_ds_config={str(source)!r} is not a readable JSON file: {err}") from None
-        else:
-            raise TypeError(
-                f"hf_ds_config={show(source)} must be a DeepSpeed config dict or the path of its JSON file"
-            )
+        config = self._given_config()
         devices = {False: "none", True: "cpu"}
         fields: dict[str, tuple[str, Any]] = {
             "zero_stage": ("zero_optimization.stage", self.zero_stage),
@@ -130,9 +134,34 @@ class DeepSpeedPlugin:
                     "give the value in one place"
                 )
             node[key] = value
+        # An "auto" left unfilled takes the unset field's default, as in Accelerate: DeepSpeed itself
+        # reads a stage of "auto" as 0 (no ZeRO at all) without a word.
+        zero = config.get("zero_optimization")
+        if isinstance(zero, dict):
+            if zero.get("stage") == "auto":
+                zero["stage"] = 2
+            for block in ("offload_optimizer", "offload_param"):
+                if isinstance(zero.get(block), dict) and zero[block].get("device") == "auto":
+                    zero[block]["device"] = "none"
         config.setdefault(
             "gradient_accumulation_steps", 1
         )  # as in Accelerate: a config without it accumulates 1
         if config.get("gradient_clipping") == "auto":
             config["gradient_clipping"] = 1.0  # Accelerate's value for "auto"
+        return config
+
+    def _given_config(self) -> dict[str, Any]:
+        """A copy of ``hf_ds_config``, read from its file if it names one."""
+        source = self.hf_ds_config
+        if isinstance(source, dict):
+            config: dict[str, Any] = json.loads(json.dumps(source))
+        elif isinstance(source, (str, os.PathLike)):
+            try:
+                config = json.loads(Path(source).read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"hf_ds_config={str(source)!r} is not a readable JSON file: {err}") from None
+        else:
+            raise TypeError(
+                f"hf_ds_config={show(source)} must be a DeepSpeed config dict or the path of its JSON file"
+            )
         return config

@@ -185,6 +185,9 @@ class FullyShardedDataParallelPlugin:
 
     def _wrap(self) -> Any:
         name, policy = "FullyShardedDataParallelPlugin", self.auto_wrap_policy
+        # Any case, as in Accelerate (its config files write "TRANSFORMER_BASED_WRAP").
+        if isinstance(policy, str):
+            policy = policy.lower()
         names = self.transformer_cls_names_to_wrap
         if isinstance(names, str):
             names = [n.strip() for n in names.split(",") if n.strip()]
@@ -199,15 +202,15 @@ class FullyShardedDataParallelPlugin:
             return set(names)
         if names:
             raise refuse(name, "transformer_cls_names_to_wrap", self.transformer_cls_names_to_wrap, "None",
-                          f"it needs auto_wrap_policy='transformer_based_wrap', not {policy!r}")  # fmt: skip
+                          f"it needs auto_wrap_policy='transformer_based_wrap', not {self.auto_wrap_policy!r}")  # fmt: skip
         if policy == "size_based_wrap":
             return _LargerThan(self.min_num_params or 0)
         if self.min_num_params is not None:
             raise refuse(name, "min_num_params", self.min_num_params, "None",
-                          f"it needs auto_wrap_policy='size_based_wrap', not {policy!r}")  # fmt: skip
+                          f"it needs auto_wrap_policy='size_based_wrap', not {self.auto_wrap_policy!r}")  # fmt: skip
         if policy is None or policy == "no_wrap":
             return None  # as in Accelerate's FSDP2: only the root is sharded
-        raise refuse(name, "auto_wrap_policy", policy, valid, "ember takes the policy by name (or use "
+        raise refuse(name, "auto_wrap_policy", self.auto_wrap_policy, valid, "ember takes the policy by name (or use "
                       "FSDPConfig(wrap=<predicate module -> bool>) with strategy=FSDPStrategy(...))")  # fmt: skip
 
 

@@ -122,6 +122,29 @@ def test_hf_ds_config_is_filled_by_the_fields_and_may_be_a_json_file(tmp_path: P
         DeepSpeedPlugin(hf_ds_config=str(path), zero_stage=2)
 
 
+def test_hf_ds_configs_unfilled_auto_takes_accelerates_defaults() -> None:
+    # DeepSpeed reads a stage of "auto" as 0: without the default the run would have no ZeRO at all.
+    given = {"zero_optimization": {"stage": "auto", "offload_optimizer": {"device": "auto"}}}
+    config = DeepSpeedPlugin(hf_ds_config=given).strategy()[0].config.user_config()
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "none"}}
+
+
+def test_hf_ds_configs_enabled_precision_block_is_the_runs_precision_as_in_accelerate(tmp_path: Path) -> None:
+    given = {
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "bf16": {"enabled": True},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(given))
+    plugin = DeepSpeedPlugin(hf_ds_config=str(path), offload_optimizer_device="cpu")
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    assert (accelerator.precision.name, accelerator.mixed_precision) == ("bf16-mixed", "bf16")
+    auto = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2}, "fp16": {"enabled": "auto"}})
+    assert Accelerator(deepspeed_plugin=auto).precision.name == "32-true"  # "auto": the Accelerator's
+    with pytest.raises(ValueError, match=r"bf16.enabled=True, but precision='32-true' rules out"):
+        Accelerator(deepspeed_plugin=plugin, mixed_precision="no")  # a given precision is checked
+
+
 def test_deepspeeds_accumulation_wins_with_a_warning_as_in_accelerate() -> None:
     with pytest.warns(UserWarning, match="given 2 steps, the DeepSpeed config 4; using DeepSpeed's"):
         accelerator = Accelerator(
@@ -216,6 +239,17 @@ def test_fsdp_plugin_fields_become_the_fsdp_config() -> None:
     assert FullyShardedDataParallelPlugin().strategy()[0].config.wrap is None  # Accelerate's FSDP2: root only
 
 
+def test_auto_wrap_policy_names_in_any_case_as_in_accelerate() -> None:
+    # Accelerate upper-cases the name; its config files write it so ("TRANSFORMER_BASED_WRAP").
+    plugin = FullyShardedDataParallelPlugin(
+        auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_cls_names_to_wrap="Block"
+    )
+    assert plugin.strategy()[0].config.wrap == {"Block"}
+    sized = FullyShardedDataParallelPlugin(auto_wrap_policy="Size_Based_Wrap").strategy()[0].config.wrap
+    assert repr(sized) == "size_based_wrap(min_num_params=0)"
+    assert FullyShardedDataParallelPlugin(auto_wrap_policy="NO_WRAP").strategy()[0].config.wrap is None
+
+
 _FSDP = "FullyShardedDataParallelPlugin"
 
 
@@ -304,6 +338,18 @@ def test_fsdp_plugin_trains_like_a_plain_loop_on_two_processes() -> None:
 def test_conflicts_and_refusals_of_the_accelerator(kwargs: dict[str, Any], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         Accelerator(**kwargs)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed", "bf16-mixed-instance"])
+def test_a_precision_that_agrees_with_the_fsdp_policy_is_no_conflict(precision: Any) -> None:
+    from ember.precision import MixedPrecision
+
+    given = MixedPrecision("bf16-mixed") if precision == "bf16-mixed-instance" else precision
+    plugin = FullyShardedDataParallelPlugin(mixed_precision_policy="bf16")
+    accelerator = Accelerator(fsdp_plugin=plugin, precision=given)
+    assert accelerator.precision.name == "bf16-mixed"
+    if not isinstance(given, str):
+        assert accelerator.precision is given  # the plugin given is the one used
 
 
 def test_gradient_accumulation_plugin_needs_num_steps_and_bools() -> None:
