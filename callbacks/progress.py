@@ -119,9 +119,9 @@ class RichProgressBar(ProgressBar):
 
     @override
     def print(self, *args: Any, **kwargs: Any) -> None:
-        if self._progress is not None:  # above the live bars
+        if self._progress is not None and kwargs.keys() <= {"sep", "end"}:  # above the live bars
             self._progress.console.print(*args, **kwargs)
-        else:
+        else:  # (rich's print takes no file= or flush=; the live display shows stdout above the bars too)
             print(*args, **kwargs)
 
     def _use_rich(self) -> bool:

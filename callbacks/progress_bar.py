@@ -21,7 +21,7 @@ class ProgressBar(Callback):
     A callback of this class replaces the Trainer's default bar. It gives a bar what it needs to
     draw: :attr:`trainer`, the batch counts (``total_*``, ``inf`` for data of unknown length), the
     metrics to show (:meth:`get_metrics`: override it to change them), the stage descriptions, and
-    :meth:`enable` / :meth:`disable`.
+    :meth:`enable` / :meth:`disable` (:meth:`setup` disables it on every process but global rank 0).
 
     Example::
 
@@ -49,6 +49,8 @@ class ProgressBar(Callback):
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         self._trainer = trainer
+        if not trainer.is_global_zero:  # one process draws (Lightning's): is_enabled says so to every bar
+            self.disable()
 
     # -- on and off -------------------------------------------------------------------------------
     @property

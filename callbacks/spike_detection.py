@@ -40,8 +40,9 @@ class SpikeDetection(Callback):
     After ``warmup`` batches of each epoch, a batch's loss is a spike when it is worse than the last
     loss kept (higher for ``mode="min"``) and differs from the mean of the last ``window`` kept
     losses by at least ``atol`` and by at least ``rtol`` times that mean (``None``: that test
-    passes); with ``finite_only`` a NaN or infinite loss is a spike too (without it, such a loss is
-    ignored). A loss that is no spike is kept. On a spike, the batch and the one before it are
+    passes); with ``finite_only`` a NaN or infinite loss is a spike too (without it, such a loss
+    takes the same test: an infinite one in the worse direction is a spike), and is never kept. A
+    finite loss that is no spike is kept. On a spike, the batch and the one before it are
     added to the list in ``exclude_batches_path`` (a JSON file; default
     ``<default_root_dir>/skip_batches.json``; a directory gets that name in it), written by global
     rank 0, and every process raises. Each process watches its own loss; one spike stops them all.
@@ -100,13 +101,16 @@ class SpikeDetection(Callback):
             self.last_val = loss
 
     def _is_spike(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return self.finite_only
+        if self.finite_only and not math.isfinite(loss):
+            return True
+        # Without finite_only a non-finite loss takes the same test, as in Lightning: an infinite
+        # loss in the worse direction is a spike; NaN compares false, so it is one only when atol
+        # and rtol are both None.
         change = loss - self.last_val
         if (change <= 0) if self.mode == "min" else (change >= 0):  # not worse than the last kept
             return False
         mean = self.running_mean
-        distance = abs(loss - mean)  # (NaN before any loss is kept: no spike)
+        distance = abs(loss - mean)  # (NaN before any loss is kept, or for a NaN loss: no spike)
         return (self.atol is None or distance >= self.atol) and (
             self.rtol is None or distance >= abs(self.rtol * mean)
         )

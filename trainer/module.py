@@ -221,8 +221,16 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
         return self._trainer.loggers if self._trainer is not None else []
 
     def print(self, *args: Any, **kwargs: Any) -> None:
-        """``print`` on global rank 0 only."""
-        if self.global_rank == 0:
+        """``print`` on global rank 0 only; while a progress bar is enabled, through its
+        :meth:`~ember.callbacks.ProgressBar.print` (above the bar, not through it), as Lightning's."""
+        from ember.callbacks.progress_bar import ProgressBar  # (here: the callbacks import this module)
+
+        if self.global_rank != 0:
+            return
+        bar = self._trainer.progress_bar_callback if self._trainer is not None else None
+        if isinstance(bar, ProgressBar) and bar.is_enabled:
+            bar.print(*args, **kwargs)
+        else:
             builtins.print(*args, **kwargs)
 
     def all_gather(self, data: Any, sync_grads: bool = False) -> Any:

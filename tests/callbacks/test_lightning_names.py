@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_helpers import run_processes
+from rich.console import Console
 from small_fit import regression_loader
 from torch import nn
 
@@ -153,6 +155,67 @@ def test_get_metrics_decides_what_the_built_in_bars_show(
     Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, max_epochs=1,
             enable_model_summary=False, callbacks=[tqdm_bar]).fit(Logging(), regression_loader(batch_size=4))  # fmt: skip
     assert "shown=7" in stream.getvalue() and "loss=" not in stream.getvalue()
+
+
+class Enabled(ProgressBar):
+    """Records ``is_enabled`` at each training batch: what a bar of one's own asks before drawing."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append(self.is_enabled)
+
+
+def _ddp_bar_worker(root: str) -> list[bool]:
+    bar = Enabled()
+    Trainer(default_root_dir=root, logger=False, enable_checkpointing=False, max_epochs=1, strategy="ddp",
+            enable_model_summary=False, callbacks=[bar]).fit(Net(), regression_loader(batch_size=4))  # fmt: skip
+    return bar.seen
+
+
+def test_a_bar_is_disabled_on_every_process_but_global_rank_zero(tmp_path: Path) -> None:
+    # As Lightning's ProgressBar.setup: a bar of one's own that asks is_enabled draws once, not per process.
+    assert run_processes(_ddp_bar_worker, str(tmp_path)) == [[True, True], [False, False]]
+
+
+class Printing(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.print(f"printed at batch {batch_idx}")
+        return super().training_step(batch, batch_idx)
+
+
+def test_module_print_goes_through_the_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # As Lightning's LightningModule.print: above the bar (tqdm.write to the bar's stream), not
+    # through it; a disabled bar leaves it to print.
+    stream = io.StringIO()
+    bar = TQDMProgressBar(file=stream)
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, max_epochs=1,
+                      enable_model_summary=False, callbacks=[bar])  # fmt: skip
+    trainer.fit(Printing(), regression_loader(batch_size=4))
+    assert stream.getvalue().count("printed at batch") == 4
+    assert "printed at batch" not in capsys.readouterr().out
+    bar.disable()
+    trainer.fit(Printing(), regression_loader(batch_size=4))
+    assert capsys.readouterr().out.count("printed at batch") == 4
+
+
+class Flushing(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.print("printed", batch_idx, sep=": ", flush=True)  # (print's keywords, not all rich's)
+        return super().training_step(batch, batch_idx)
+
+
+def test_module_print_above_live_rich_bars_takes_the_keywords_of_print(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CI", raising=False)
+    terminal = io.StringIO()
+    bar = RichProgressBar(console=Console(file=terminal, force_terminal=True, width=150))
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_checkpointing=False, max_epochs=1,
+                      enable_model_summary=False, callbacks=[bar])  # fmt: skip
+    trainer.fit(Flushing(), regression_loader(batch_size=4))
+    assert [f"printed: {i}" in terminal.getvalue() for i in range(4)] == [True] * 4
 
 
 @pytest.mark.parametrize("kind", ["rich", "tqdm"])

@@ -71,19 +71,24 @@ def test_the_first_batches_of_an_epoch_are_warmup(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("finite_only", [True, False])
-def test_a_non_finite_loss(tmp_path: Path, finite_only: bool) -> None:
+def test_an_infinite_loss_worse_than_the_last_is_a_spike(tmp_path: Path, finite_only: bool) -> None:
+    # finite_only: any non-finite loss is a spike. Without it the loss takes the usual test, as in
+    # Lightning: +inf (mode="min") is worse than the last loss and infinitely far from the mean.
     spikes = SpikeDetection(finite_only=finite_only, exclude_batches_path=tmp_path / "skip.json")
     trainer = quiet_trainer(tmp_path, [spikes], max_epochs=1, non_finite=None)  # (no NonFiniteGuard)
-    module = Net(at=(3,), scale=math.inf)
-    if finite_only:
-        with pytest.raises(TrainingSpikeException, match="batch 3"):
-            trainer.fit(module, _loader())
-        assert json.loads((tmp_path / "skip.json").read_text()) == [2, 3]
-    else:  # ignored: neither a spike nor kept
-        trainer.fit(module, _loader())
-        assert trainer.global_step == 8
-        values = spikes.state_dict()["values"]
-        assert len(values) == 7 and all(map(math.isfinite, values))
+    with pytest.raises(TrainingSpikeException, match="batch 3"):
+        trainer.fit(Net(at=(3,), scale=math.inf), _loader())
+    assert json.loads((tmp_path / "skip.json").read_text()) == [2, 3]
+
+
+@pytest.mark.parametrize("scale", [math.nan, -math.inf])
+def test_without_finite_only_a_nan_or_a_better_infinite_loss_is_ignored(tmp_path: Path, scale: float) -> None:
+    spikes = SpikeDetection(finite_only=False, exclude_batches_path=tmp_path / "skip.json")
+    trainer = quiet_trainer(tmp_path, [spikes], max_epochs=1, non_finite=None)
+    trainer.fit(Net(at=(3,), scale=scale), _loader())  # neither a spike nor kept
+    assert trainer.global_step == 8
+    values = spikes.state_dict()["values"]
+    assert len(values) == 7 and all(map(math.isfinite, values))
 
 
 class _Stub:
