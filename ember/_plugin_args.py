@@ -48,6 +48,10 @@ class PluginChoice:
     sync_each_batch: bool = False
     compile_kwargs: dict[str, Any] | None = None
     rng_types: tuple[str, ...] = ("generator",)
+    # the plugins given (dynamo_backend= as a TorchDynamoPlugin), for accelerator.state to show
+    deepspeed_plugin: DeepSpeedPlugin | None = None
+    fsdp_plugin: FullyShardedDataParallelPlugin | None = None
+    dynamo_plugin: TorchDynamoPlugin | None = None
 
     def check(self, strategy: Strategy, device_type: str) -> None:
         """Judge what needs the resolved strategy and device (before any process starts)."""
@@ -112,6 +116,7 @@ def resolve_plugins(
     _check_type("gradient_accumulation_plugin", gradient_accumulation_plugin, GradientAccumulationPlugin)
     _check_type("dynamo_plugin", dynamo_plugin, TorchDynamoPlugin)
     choice = PluginChoice(strategy, precision, gradient_accumulation_steps)
+    choice.deepspeed_plugin, choice.fsdp_plugin = deepspeed_plugin, fsdp_plugin
     if gradient_accumulation_plugin is not None:
         if gradient_accumulation_steps != 1:  # as in Accelerate
             raise ValueError(
@@ -157,6 +162,7 @@ def resolve_plugins(
             raise ValueError(f"dynamo_backend={dynamo_backend!r}: {err}") from None
     if dynamo_plugin is not None:
         choice.compile_kwargs = dynamo_plugin.compile_kwargs()
+        choice.dynamo_plugin = dynamo_plugin
     if rng_types is not None:
         choice.rng_types = _check_rng_types(rng_types)
     return choice

@@ -268,8 +268,8 @@ class Accelerator(
             if isinstance(obj, DataLoader):
                 result[slot] = self._prepare_dataloader(obj, placed=placed[slot])
         placed_models = [i for i in model_slots if placed[i]]
-        if not isinstance(self._strategy, MaterializesModules):
-            for i in model_slots:
+        if not isinstance(self._strategy, MaterializesModules):  # (a model left in place stays as it is)
+            for i in placed_models:
                 check_materialized(objects[i])
         models, optimizers = self._strategy.setup_module_and_optimizers(
             [objects[i] for i in placed_models], [objects[i] for i in optim_slots]

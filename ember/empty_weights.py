@@ -5,7 +5,7 @@ A model built under ``init_empty_weights()`` has its parameters on the meta devi
 no memory, no initialisation kernels. It is a skeleton to fill: ``model.to_empty(device=...)`` then
 ``model.load_state_dict(...)`` (or ``ember.Accelerator.load_state`` / a ``TrainModule``'s checkpoint),
 or a strategy that materialises modules itself (FSDP, under ``Accelerator.init_module(empty_init=True)``).
-``Accelerator.prepare`` refuses a model that still has meta parameters, naming the first one.
+``Accelerator.prepare`` refuses to place a model that still has meta parameters, naming the first one.
 
 Example::
 

@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ember._processes import ProcessMixin
+from ember._processes import DistributedType, ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
+from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
 if TYPE_CHECKING:
     from ember._checkpoint import PreparedObjects
@@ -136,6 +137,44 @@ class AcceleratorState(PartialState):
         """``"fp16"``, ``"bf16"`` or ``"no"``, as :attr:`Accelerator.mixed_precision`."""
         return self._accelerator.mixed_precision
 
+    @property
+    def deepspeed_plugin(self) -> DeepSpeedPlugin | None:
+        """Under DeepSpeed, the ``DeepSpeedPlugin`` given to the Accelerator, or one made from the
+        strategy's configuration (a strategy chosen by name: ``ember launch --strategy deepspeed_stage_3``);
+        else None, as in Accelerate."""
+        if self.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        strategy: Any = self._strategy
+        given = self._accelerator._plugins.deepspeed_plugin
+        plugin = given if given is not None else DeepSpeedPlugin(hf_ds_config=strategy.config.user_config())
+        plugin._in_use = strategy.deepspeed_config or strategy.config.user_config()  # (final after prepare)
+        return plugin
+
+    @property
+    def fsdp_plugin(self) -> FullyShardedDataParallelPlugin | None:
+        """Under FSDP, the ``FullyShardedDataParallelPlugin`` given to the Accelerator, or one that
+        describes the strategy's configuration (sharding, offload, state dict type); else None."""
+        if self.distributed_type != DistributedType.FSDP:
+            return None
+        given = self._accelerator._plugins.fsdp_plugin
+        if given is not None:
+            return given
+        strategy: Any = self._strategy
+        config = strategy.config  # (an FSDPConfig)
+        return FullyShardedDataParallelPlugin(
+            fsdp_version=2,
+            reshard_after_forward=config.reshard_after_forward,
+            cpu_offload=config.offload,
+            state_dict_type="FULL_STATE_DICT" if config.state_dict_type == "full" else "SHARDED_STATE_DICT",
+        )
+
+    @property
+    def dynamo_plugin(self) -> TorchDynamoPlugin:
+        """The ``TorchDynamoPlugin`` given (or made from ``dynamo_backend``); without one, a plugin
+        whose ``backend`` is ``"no"``, as in Accelerate."""
+        given = self._accelerator._plugins.dynamo_plugin
+        return given if given is not None else TorchDynamoPlugin(backend="no")
+
 
 class GradientState:
     """``accelerator.gradient_state`` (🤗 Accelerate's class), read-only: where gradient
@@ -232,6 +271,11 @@ class AccelerateStateMixin:
         return GradientState._of(self)  # type: ignore[arg-type]
 
     @property
+    def deepspeed_plugin(self) -> DeepSpeedPlugin | None:
+        """``accelerator.state.deepspeed_plugin`` (🤗 Accelerate's shortcut): None unless under DeepSpeed."""
+        return self.state.deepspeed_plugin
+
+    @property
     def scaler(self) -> torch.amp.GradScaler | None:
         """The ``torch.amp.GradScaler`` that scales the loss under ``16-mixed``, else None (also
         under a strategy whose engine scales the loss itself: DeepSpeed)."""
@@ -246,7 +290,7 @@ class AccelerateStateMixin:
     def optimizer_step_was_skipped(self) -> bool:
         """Whether the last ``step()`` of a prepared optimizer left the parameters unchanged: an
         accumulation micro-step, or a ``16-mixed`` step skipped for inf/NaN gradients (🤗 Accelerate's
-        name; its value stays at the last real step's on micro-steps)."""
+        name; Accelerate's keeps the last real step's value on micro-steps)."""
         return any(optimizer.step_was_skipped for optimizer in self._objects.optimizers)
 
     @property

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,9 +44,14 @@ class DeepSpeedPlugin:
     transformer_moe_cls_names: str | None = None
     enable_msamp: bool | None = None
     msamp_opt_level: str | None = None
+    # What the run uses, when accelerator.state hands the plugin out (the final one after prepare)
+    _in_use: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.strategy()  # every field is judged now, not when the Accelerator is made
+        strategy, _ = self.strategy()  # every field is judged now, not when the Accelerator is made
+        if self.zero_stage is None:  # filled, as Accelerate's: the stage the configuration runs
+            stage = strategy.config.user_config().get("zero_optimization", {}).get("stage", 0)
+            self.zero_stage = stage if isinstance(stage, int) else None
 
     def strategy(self) -> tuple[DeepSpeedStrategy, int | None]:
         """The DeepSpeed strategy these fields describe, and the accumulation steps its configuration
@@ -94,6 +100,14 @@ class DeepSpeedPlugin:
             if str(err).startswith(name):
                 raise
             raise type(err)(f"{name}: {err}") from None
+
+    @property
+    def deepspeed_config(self) -> ReadOnlyConfig:
+        """The DeepSpeed configuration these fields make (Accelerate's attribute); from
+        ``accelerator.state.deepspeed_plugin``, the run's (after ``prepare``, with what ember filled in:
+        micro batch size, precision blocks). Read-only: ember builds the engine from the Accelerator's
+        settings, so a change here would be lost."""
+        return ReadOnlyConfig(self._in_use or self.strategy()[0].config.user_config())
 
     def precision(self) -> str | None:
         """The precision ``hf_ds_config`` enables (its ``fp16`` / ``bf16`` block's ``enabled: true``),
@@ -165,3 +179,30 @@ class DeepSpeedPlugin:
                 f"hf_ds_config={show(source)} must be a DeepSpeed config dict or the path of its JSON file"
             )
         return config
+
+
+class ReadOnlyConfig(Mapping[str, Any]):
+    """A DeepSpeed configuration to read (nested blocks too); assigning raises, naming the way that works."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = config
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._config[key]
+        return ReadOnlyConfig(value) if isinstance(value, dict) else value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._config)
+
+    def __len__(self) -> int:
+        return len(self._config)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        raise TypeError(
+            f"deepspeed_config[{key!r}] = {show(value)}: ember's DeepSpeed configuration is read-only once the "
+            "Accelerator is made (it sizes train_micro_batch_size_per_gpu from the first prepared dataloader); "
+            "put the entry in DeepSpeedPlugin(hf_ds_config={...}) or DeepSpeedConfig(config={...})"
+        )
+
+    def __repr__(self) -> str:
+        return repr(self._config)

@@ -67,6 +67,8 @@ class TorchDynamoPlugin:
         check_bool("disable", self.disable, owner=name)
         if self.options is not None and not isinstance(self.options, dict):
             raise refuse(name, "options", self.options, "None or a dict", "torch.compile takes a dict")
+        if self.options and self.mode is not None:  # (torch.compile would refuse it only in prepare)
+            raise refuse(name, "mode", self.mode, "None", "torch.compile takes mode or options, not both")
         backend = getattr(self.backend, "value", self.backend)  # Accelerate's DynamoBackend enum
         if backend is None or (isinstance(backend, str) and backend.lower() == "no"):
             return None

@@ -183,15 +183,55 @@ def test_deepspeed_plugin_refusals(fields: dict[str, Any], message: str) -> None
         DeepSpeedPlugin(**fields)
 
 
-def _deepspeed_worker() -> list[float]:
+def _deepspeed_worker() -> dict[str, Any]:
     plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=2)  # clipping: Accelerate's 1.0
-    return _train(Accelerator(deepspeed_plugin=plugin))
+    accelerator = Accelerator(deepspeed_plugin=plugin)
+    params = _train(accelerator)
+    shown = accelerator.state.deepspeed_plugin  # after prepare: the configuration the engine got
+    assert shown is plugin and accelerator.deepspeed_plugin is plugin
+    return {"params": params, "micro_batch": shown.deepspeed_config["train_micro_batch_size_per_gpu"]}
 
 
 def test_deepspeed_plugin_trains_like_a_plain_loop_with_accumulation_and_clipping() -> None:
     ranks = run_processes(_deepspeed_worker, nprocs=2, timeout=TIMEOUT)
     expected = _reference(per_step=2 * 4 * 2, clip=1.0)
-    torch.testing.assert_close(torch.tensor(ranks[0]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    assert ranks[0]["micro_batch"] == 4
+
+
+# -- accelerator.state's plugins (Accelerate's attributes) ------------------------------------------------
+def test_state_shows_the_plugins_in_use_as_accelerate_does() -> None:
+    plain = Accelerator()
+    assert plain.state.deepspeed_plugin is None and plain.deepspeed_plugin is None
+    assert plain.state.fsdp_plugin is None and plain.state.dynamo_plugin.backend == "no"
+    eager = TorchDynamoPlugin(backend="eager")
+    assert Accelerator(dynamo_plugin=eager).state.dynamo_plugin is eager
+    assert Accelerator(dynamo_backend="eager").state.dynamo_plugin.backend == "eager"
+    given = FullyShardedDataParallelPlugin(sharding_strategy="SHARD_GRAD_OP")
+    assert Accelerator(fsdp_plugin=given).state.fsdp_plugin is given
+    named = Accelerator(strategy="fsdp_offload").state.fsdp_plugin  # chosen by name: a plugin describing it
+    assert named is not None and named.cpu_offload is True and named.reshard_after_forward is True
+    assert named.state_dict_type == "SHARDED_STATE_DICT"
+    by_name = Accelerator(strategy="deepspeed_stage_3").state.deepspeed_plugin
+    assert by_name is not None and by_name.zero_stage == 3
+    assert (
+        by_name.deepspeed_config["zero_optimization"]["stage"] == 3
+        and "optimizer" not in by_name.deepspeed_config
+    )
+
+
+def test_deepspeed_plugins_zero_stage_and_config_read_as_in_accelerate() -> None:
+    assert DeepSpeedPlugin().zero_stage == 2  # Accelerate's default
+    assert DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 1}}).zero_stage == 1
+    assert DeepSpeedPlugin(hf_ds_config={"train_batch_size": "auto"}).zero_stage == 0  # DeepSpeed's default
+    config = DeepSpeedPlugin(zero_stage=3, offload_optimizer_device="cpu").deepspeed_config
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu" and len(config) == 2
+    with pytest.raises(
+        TypeError, match=r"deepspeed_config\['train_micro_batch_size_per_gpu'\] = 8: .*read-only"
+    ):
+        config["train_micro_batch_size_per_gpu"] = 8  # type: ignore[index]
+    with pytest.raises(TypeError, match=r"deepspeed_config\['stage'\] = 1: .*hf_ds_config"):
+        config["zero_optimization"]["stage"] = 1
 
 
 # -- fsdp_plugin ----------------------------------------------------------------------------------------
@@ -359,6 +399,10 @@ def test_gradient_accumulation_plugin_needs_num_steps_and_bools() -> None:
         GradientAccumulationPlugin(num_steps=2, sync_each_batch=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="use_regional_compilation=True"):
         TorchDynamoPlugin(backend="eager", use_regional_compilation=True)
+    with pytest.raises(
+        ValueError, match=r"mode='max-autotune'\) is not supported: torch.compile takes mode or options"
+    ):
+        TorchDynamoPlugin(backend="eager", mode="max-autotune", options={"trace.enabled": True})
 
 
 # -- gradient_accumulation_plugin --------------------------------------------------------------------
