@@ -40,7 +40,10 @@ _FIXED_AT_START = (
 )
 # Interpreter variables the child applies itself (the rest fall back to a subprocess).
 _APPLIED_IN_CHILD = ("PYTHONUNBUFFERED", "PYTHONFAULTHANDLER", "PYTHONPATH")
-_PRELOAD = ("torch", "numpy", "ember", "ember.trainer", "torch.distributed", "torch.utils.data")
+# torch._dynamo: the first optimizer of every process imports it (~1.5-2.3 s); torchmetrics (~2-3 s,
+# with SciPy) the runs whose module holds a metric object. Neither starts a thread at import.
+_PRELOAD = ("torch", "numpy", "ember", "ember.trainer", "torch.distributed", "torch.utils.data", "torch._dynamo",
+            "torchmetrics")  # fmt: skip
 
 
 class WarmProcess:
