@@ -12,6 +12,7 @@ from ember.trainer.profilers import (
     Profiler,
     PyTorchProfiler,
     SimpleProfiler,
+    XLAProfiler,
 )
 from ember.trainer.trainer import Trainer
 from ember.trainer.tuner import Tuner
@@ -30,6 +31,7 @@ __all__ = [
     "Profiler",
     "PyTorchProfiler",
     "SimpleProfiler",
+    "XLAProfiler",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",

@@ -20,7 +20,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback
-from ember.trainer import AdvancedProfiler, PassThroughProfiler, Profiler, PyTorchProfiler, SimpleProfiler
+from ember.trainer import (
+    AdvancedProfiler,
+    PassThroughProfiler,
+    Profiler,
+    PyTorchProfiler,
+    SimpleProfiler,
+    XLAProfiler,
+)
 from ember.trainer.profilers.timed import timed
 from ember.trainer.step import Epoch, automatic_step, manual_step
 
@@ -276,7 +283,7 @@ def test_a_profiler_wraps_the_resolved_calls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["fast", 1, object(), SimpleProfiler])
 def test_bad_profiler_argument(value: Any) -> None:
-    with pytest.raises(ValueError, match=r"profiler=.* Valid choices: None, 'advanced', 'pytorch', 'simple'"):
+    with pytest.raises(ValueError, match=r"profiler=.* Valid choices: None, 'advanced', 'pytorch', 'simple', 'xla'"):
         Trainer(profiler=value)
 
 
@@ -293,6 +300,11 @@ def test_bad_profiler_options() -> None:
         SimpleProfiler(filename="")
     with pytest.raises(TypeError, match=r"AdvancedProfiler\(dirpath=3\) must be a path"):
         AdvancedProfiler(dirpath=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"XLAProfiler\(port=70000\) must be an int in \[1, 65535\]"):
+        XLAProfiler(port=70000)
+    # This venv has no torch_xla: refused when made, before any stage (tests/xla runs it for real).
+    with pytest.raises(ModuleNotFoundError, match="XLAProfiler needs torch_xla.*pip install torch_xla"):
+        Trainer(profiler="xla")
 
 
 def test_custom_profiler_and_profile_context(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,64 @@ def test_trainer_on_one_xla_device(trainer_runs: dict[str, Any]) -> None:
     # the progress bar's first read: never in between.
     transfers = result["transfers"]
     assert transfers[1:9] == [transfers[1]] * 8 and transfers[10:19] == [transfers[10]] * 9, transfers
+
+
+def _profiled_worker(root: str, port: int) -> dict[str, Any]:
+    import threading
+
+    import torch_xla.debug.profiler as xp
+
+    from ember.callbacks import Callback
+    from ember.trainer.profilers import XLAProfiler
+
+    class Capture(Callback):
+        """Captures a second of the fit through the profiler server, as TensorBoard's plugin would."""
+
+        thread: threading.Thread | None = None
+
+        def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx == 2:  # the server started with the first step
+                target = f"localhost:{port}"
+                self.thread = threading.Thread(target=xp.trace, args=(target, f"{root}/trace"), kwargs={"duration_ms": 1000})  # fmt: skip
+                self.thread.start()
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            assert self.thread is not None
+            self.thread.join(timeout=60)
+
+    class Validated(Regression):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", F.mse_loss(self(batch[0]), batch[1]))
+
+        def val_dataloader(self) -> DataLoader[Any]:
+            return DataLoader(_data(32), batch_size=8)
+
+    profiler = XLAProfiler(port=port)
+    trainer = Trainer(
+        strategy="xla", max_epochs=1, default_root_dir=root, profiler=profiler,
+        callbacks=[Capture()], enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+    )  # fmt: skip
+    trainer.fit(Validated())
+    files = [p.name for p in Path(root, "trace").rglob("*") if p.is_file()]
+    return {
+        "recorded": profiler.recorded,
+        "files": files,
+        "val_loss": float(trainer.callback_metrics["val_loss"]),
+    }
+
+
+def test_xla_profiler_traces_the_steps_and_serves_a_capture(tmp_path: Path) -> None:
+    from dist_helpers import free_port
+
+    result = run_in_subprocess(_profiled_worker, str(tmp_path), free_port(), env=XLA_ENV, timeout=120)
+    recorded = result["recorded"]
+    assert recorded == {
+        "[Strategy]XLAStrategy.training_step": 20,  # 160 samples in batches of 8
+        "[Strategy]XLAStrategy.backward": 20,
+        "[Strategy]XLAStrategy.validation_step": 2 + 4,  # the sanity check, then the epoch's
+    }, recorded
+    assert any(name.endswith(".xplane.pb") for name in result["files"]), result["files"]
+    assert math.isfinite(result["val_loss"])
 
 
 def test_bf16_precisions_compute_in_bf16(trainer_runs: dict[str, Any]) -> None:
