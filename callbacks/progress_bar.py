@@ -117,15 +117,16 @@ class ProgressBar(Callback):
     @property
     def total_val_batches(self) -> int | float:
         """The validation batches of a validation run, every dataloader together."""
-        trainer = self.trainer
-        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        return sum(counts)
+        return sum(self._val_counts())
 
     @property
     def total_val_batches_current_dataloader(self) -> int | float:
+        return self._current(self._val_counts())
+
+    def _val_counts(self) -> list[int | float]:
+        """Each validation dataloader's batches in this run: the sanity check's while it runs."""
         trainer = self.trainer
-        counts = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        return self._current(counts)
+        return trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
 
     @property
     def total_test_batches_current_dataloader(self) -> int | float:
