@@ -85,6 +85,11 @@ class StageAttachment:
         self._ckpt_path = None  # trainer.ckpt_path: the stage sets it when it loads a checkpoint
         self._backward_pass = backward_call(trainer)  # through the module's own backward, if it has one
         start_stage(trainer, stage)  # the profiler's report covers this stage, its setup hooks included
+        # As Lightning: each stage starts with nothing logged, so that after test() callback_metrics,
+        # logged_metrics and progress_bar_metrics hold the test's values alone, and a monitor of a new
+        # fit never reads a value of an earlier stage. (A resumed fit loads its own after this.)
+        trainer._metrics.clear()
+        trainer.logged_metrics, trainer._progress_bar_stale = {}, True
         self.callbacks = checkpointing.check_callbacks(
             checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
         )

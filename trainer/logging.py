@@ -94,6 +94,9 @@ class MetricStore:
         # no sync: a later call with a scalar tensor only publishes it (the short path of ``log``).
         self._step_only: dict[str, _Entry] = {}
         self._parked: dict[str, _Entry] | None = None  # training aggregates while validation runs
+        # torchmetrics metrics of the epoch that ended: reset after the epoch-end hooks (reset_spent),
+        # which may still compute() them, as in Lightning (those logged per step only included).
+        self._spent: list[Metric] = []
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
         self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
         self.callback_metrics: dict[str, torch.Tensor] = {}
@@ -256,7 +259,7 @@ class MetricStore:
             self.step_values = {}
 
     def finish_epoch(self) -> None:
-        """Turn the aggregates of the running stage into epoch values; reset torchmetrics metrics.
+        """Turn the aggregates of the running stage into epoch values (torchmetrics metrics: compute()).
 
         Collectives (``sync_dist`` and torchmetrics' own sync) run in sorted key order on every rank.
         """
@@ -264,11 +267,13 @@ class MetricStore:
         for key in sorted(self._entries):
             entry = self._entries[key]
             if not entry.on_epoch:
+                if entry.metric is not None:
+                    self._spent.append(entry.metric)
                 continue
             out_key = f"{key}_epoch" if entry.on_step else key
             if entry.metric is not None:
                 value = entry.metric.compute().detach()
-                entry.metric.reset()
+                self._spent.append(entry.metric)  # (reset after the epoch-end hooks: reset_spent)
             elif entry.total is None:
                 continue
             elif entry.reduce_fx == "mean":
@@ -304,12 +309,25 @@ class MetricStore:
         assert self._parked is not None
         self._entries, self._parked = self._parked, None
 
+    def reset_spent(self) -> None:
+        """Reset the torchmetrics metrics of the epoch that ended (its end hooks have run)."""
+        for metric in self._spent:
+            metric.reset()
+        self._spent = []
+
     def reset(self) -> None:
         """Forget everything of the running stage (a new fit, validate, or sanity check)."""
+        self.reset_spent()
         for entry in self._entries.values():
             if entry.metric is not None:
                 entry.metric.reset()
         self._entries, self.step_values, self.epoch_row, self._step_only = {}, {}, {}, {}
+
+    def clear(self) -> None:
+        """:meth:`reset`, and forget the values logged so far (a new stage, or after the sanity check)."""
+        self.reset()
+        self.callback_metrics.clear()
+        self.progress_bar.clear()
 
     # -- mid-epoch checkpoints ------------------------------------------------------------------------
     def state_dict(self, module: nn.Module) -> dict[str, Any]:
@@ -328,7 +346,10 @@ class MetricStore:
             for name, m in module.named_modules()
             if _is_metric(m)
         }
-        return {"entries": entries, "metrics": metrics, "callback_metrics": dict(self.callback_metrics)}
+        # (a checkpoint of on_train_epoch_end, taken before reset_spent: the resumed fit resets them)
+        spent = [paths[id(m)] for m in self._spent if id(m) in paths]
+        return {"entries": entries, "metrics": metrics, "callback_metrics": dict(self.callback_metrics),
+                "spent": spent}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any], module: nn.Module) -> None:
         modules = dict(module.named_modules())
@@ -343,6 +364,8 @@ class MetricStore:
                 setattr(metric, attr, value)
             metric._update_count = saved["update_count"]
             metric._computed = None
+        for name in state.get("spent", ()):  # (checkpoints written before it was saved have none)
+            modules[name].reset()
         self.callback_metrics.update(state["callback_metrics"])
 
 

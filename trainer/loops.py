@@ -37,9 +37,7 @@ def run_fit(trainer: Trainer) -> None:
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._sanity_limits())
         call_hook(trainer, "on_sanity_check_end")
         trainer.sanity_checking = False
-        trainer._metrics.reset()
-        trainer._metrics.callback_metrics.clear()
-        trainer._metrics.progress_bar.clear()
+        trainer._metrics.clear()
     if state.epoch_done:  # a checkpoint from the end of an epoch: the loop would start with the next
         state.next_epoch()
     if _fit_done(trainer):  # (resumed from a checkpoint at max_epochs / max_steps, or limits of 0)
@@ -227,6 +225,7 @@ def _end_epoch(trainer: Trainer) -> None:
     trainer._step_schedulers("epoch")
     trainer.state.epoch_done = True  # a checkpoint from here on resumes at the next epoch
     call_hook(trainer, "on_train_epoch_end", part="monitoring")
+    store.reset_spent()  # the epoch's torchmetrics metrics, after its end hooks (as Lightning's)
 
 
 def _limited(
@@ -299,6 +298,7 @@ def _evaluation_pass(
         store.dataloader_suffix = ""
     store.finish_epoch()
     call_hook(trainer, f"on_{prefix}_epoch_end")
+    store.reset_spent()  # (after the hook, which may still compute() them, as in Lightning)
     row = store.take_epoch_row()
     if not trainer.sanity_checking:
         trainer._write_row(row)

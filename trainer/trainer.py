@@ -393,5 +393,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             return
         row = {key: float(value) for key, value in values.items()}
         self.metric_history.update(row, self.state.global_step)
-        row["epoch"] = float(self.state.epoch)
-        self.log_metrics(row, self.state.global_step)
+        self.logged_metrics.update(row)  # as Lightning's: the logged values, not the "epoch" added below
+        if self.is_global_zero:
+            row["epoch"] = float(self.state.epoch)
+            for logger in self.loggers:
+                logger.log_metrics(dict(row), self.state.global_step)

@@ -14,7 +14,7 @@ from dist_helpers import run_processes
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
-from ember.callbacks import LearningRateMonitor
+from ember.callbacks import Callback, LearningRateMonitor
 from ember.trainer.loggers import Logger
 
 
@@ -156,3 +156,93 @@ def test_lr_monitor_follows_each_schedulers_interval(
     assert [(step, row["lr-SGD"]) for step, row in rows.rows] == expected
     # As Lightning's, the monitor's values are callback metrics too (the last one, a tensor).
     assert trainer.callback_metrics["lr-SGD"] == torch.tensor(expected[-1][1])
+
+
+# -- what the Trainer's metric dicts hold -----------------------------------------------------------
+class Stages(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val", float(batch_idx), prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test", float(batch_idx))
+        self.log("test_unlogged", float(batch_idx), logger=False)
+
+
+def test_each_stage_starts_with_no_logged_values(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    module = Stages()
+    trainer.fit(module, _loader(), _loader())
+    assert set(trainer.callback_metrics) == {"loss", "val"}
+    assert trainer.test(module, _loader(), verbose=False) == [{"test": 1.5}]
+    # Lightning 2.6 resets the three at the start of every stage: the fit's values are gone.
+    assert set(trainer.callback_metrics) == {"test", "test_unlogged"}
+    assert trainer.logged_metrics == {"test": 1.5}
+    assert trainer.progress_bar_metrics == {}
+    # ... and a validate() after it holds its own alone.
+    trainer.validate(module, _loader(), verbose=False)
+    assert set(trainer.callback_metrics) == {"val"}
+    assert trainer.logged_metrics == {"val": 1.5}
+    assert trainer.progress_bar_metrics == {"val": 1.5}
+
+
+def test_logged_metrics_hold_the_logged_values_without_epoch(tmp_path: Path) -> None:
+    class Epochs(Rows):
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            self.rows.append((step, metrics))
+
+    rows = Epochs()
+    trainer = _trainer(tmp_path, logger=rows)
+    trainer.fit(Stages(), _loader())
+    assert all("epoch" in row for _, row in rows.rows)  # the loggers get it in every row ...
+    assert set(trainer.logged_metrics) == {"loss"}  # ... trainer.logged_metrics not, as Lightning's
+
+
+# -- torchmetrics: compute() at the end of the epoch, reset() after its end hooks --------------------
+class Counted(Net):
+    """Logs a sum of ones per step only (Lightning's default in training_step) and one per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torchmetrics = pytest.importorskip("torchmetrics")
+        self.per_step = torchmetrics.SumMetric()
+        self.per_epoch = torchmetrics.SumMetric()
+        self.at_epoch_end: list[tuple[float, float]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.per_step(torch.tensor(1.0))
+        self.per_epoch(torch.tensor(1.0))
+        self.log("per_step", self.per_step)
+        self.log("per_epoch", self.per_epoch, on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        # The torchmetrics idiom: the epoch's state is still there in the epoch-end hook.
+        self.at_epoch_end.append((float(self.per_step.compute()), float(self.per_epoch.compute())))
+
+
+def test_logged_torchmetrics_reset_after_the_epoch_end_hooks(tmp_path: Path) -> None:
+    module = Counted()
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, _loader())  # 4 batches an epoch
+    # As Lightning 2.6: each epoch's 4 updates, the per-step metric reset at each epoch's end too.
+    assert module.at_epoch_end == [(4.0, 4.0), (4.0, 4.0)]
+    assert float(trainer.callback_metrics["per_epoch"]) == 4.0
+    assert module.per_step.update_count == module.per_epoch.update_count == 0
+
+
+def test_resume_after_the_epoch_end_resets_the_epochs_torchmetrics(tmp_path: Path) -> None:
+    class Saves(Callback):
+        monitoring = True  # saves after the epoch's end, where ModelCheckpoint does
+
+        def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
+            trainer.save_checkpoint(tmp_path / "epoch_end")  # before the metrics are reset
+
+    _trainer(tmp_path, callbacks=[Saves()]).fit(Counted(), _loader())
+    resumed = Counted()
+    _trainer(tmp_path, max_epochs=2).fit(resumed, _loader(), ckpt_path=tmp_path / "epoch_end")
+    assert resumed.at_epoch_end == [(4.0, 4.0)]  # the second epoch's alone
