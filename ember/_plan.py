@@ -29,9 +29,9 @@ def rank_plan(
     split_batches: bool = False,
     batch_size: int | None = None,
 ) -> Plan:
-    """Rank ``rank``'s batches of the epoch and the real samples of its last global step (None: no
-    step holds a duplicate or a missing sample). ``batch_size``: the size of a full global batch
-    under ``split_batches`` (None: the first batch's)."""
+    """Rank ``rank``'s batches of the epoch and the real samples of its last global step (None: this
+    rank's last step holds no duplicate and no missing sample). ``batch_size``: the size of a full
+    global batch under ``split_batches`` (None: the first batch's)."""
     if split_batches:
         return _split_plan(batches, world, rank, even_batches, batch_size)
     full_rounds, leftover = divmod(len(batches), world)
@@ -44,6 +44,8 @@ def rank_plan(
         mine.append(last_round[rank])
     elif even_batches:  # duplicate batches from the start so every rank steps as often
         mine.append(batches[(rank - leftover) % len(batches)])
+    else:  # this rank stops a step early: its last step is a full round, nothing of it is cut
+        return mine, None
     return mine, remainder
 
 
@@ -72,8 +74,9 @@ def _split_plan(
         mine.append(_slice(filled, world, rank))
     else:  # the usual slice size: the last ranks may get a short slice or none
         part = last[rank * slice_size : (rank + 1) * slice_size]
-        if part:
-            mine.append(part)
+        if not part:  # this rank stops a step early, at a full batch: nothing of it is cut
+            return mine, None
+        mine.append(part)
     return mine, len(last)
 
 

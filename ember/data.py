@@ -183,14 +183,15 @@ class PreparedDataLoader:
         return size if self.split_batches else size * self.world_size
 
     def __len__(self) -> int:
+        """The steps this rank runs in a pass; a TypeError, as from ``DataLoader``, when the
+        dataset has no length. An iterable dataset is counted as its batches are dealt."""
         dl = self.base_dataloader
         if self.split_batches:  # one step per global batch
-            if self._iterable or dl.batch_size is None:
-                return len(dl)  # may raise TypeError, as DataLoader does
-            return split_length(len(dl.sampler), dl.batch_size, self.world_size, self.rank,  # type: ignore[arg-type]
+            if dl.batch_size is None:
+                return len(dl)
+            samples = len(dl.dataset if self._iterable else dl.sampler)  # type: ignore[arg-type]
+            return split_length(samples, dl.batch_size, self.world_size, self.rank,
                                 even_batches=self.even_batches, drop_last=self._drop_last)  # fmt: skip
-        if self._iterable:
-            return len(dl) // self.world_size  # may raise TypeError, as DataLoader does
         total = len(dl)
         if self._drop_last:
             return total // self.world_size
@@ -252,21 +253,26 @@ class PreparedDataLoader:
         index = 0
         while current is not None:
             upcoming = next(rounds, None)
-            if index >= start:
+            # Only the last round can be short. When this rank takes nothing from it, the round
+            # before is this rank's last (end_of_dataloader must be seen on a yielded batch).
+            if index >= start and self._takes_from(current):
                 group, remainder = current, None
-                if len(group) < world:  # only the last round can be short
-                    if self._drop_last:
-                        return
+                if len(group) < world:
                     remainder = sum(_batch_len(b) for b in group)
-                    if self.rank >= len(group):
-                        if not self.even_batches:
-                            return
+                    if self.rank >= len(group):  # even batches: repeat batches of the first round
                         assert first_round is not None
                         group = group + list(
                             itertools.islice(itertools.cycle(first_round), world - len(group))
                         )
-                yield group[self.rank], index + 1, upcoming is None, remainder
+                at_end = upcoming is None or not self._takes_from(upcoming)
+                yield group[self.rank], index + 1, at_end, remainder
             current, index = upcoming, index + 1
+
+    def _takes_from(self, group: list[Any]) -> bool:
+        """Whether this rank loads a batch of round ``group`` of an iterable dataset."""
+        if len(group) == self.world_size:
+            return True
+        return not self._drop_last and (self.even_batches or self.rank < len(group))
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch`` (its shuffle order is a function of seed and epoch)."""

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from ember import Accelerator, PreparedDataLoader
 from ember._wrappers import PreparedOptimizer, PreparedScheduler
+from ember.data import LoopState
 
 
 def _setup(**kwargs: object) -> tuple[Accelerator, nn.Module, torch.optim.Optimizer]:
@@ -283,6 +284,62 @@ def test_iterable_dataset_single_process() -> None:
         out.append(accelerator.gather_for_metrics(batch).tolist())
         last = accelerator.end_of_dataloader
     assert out == [[0, 1, 2], [3, 4, 5], [6]] and last
+
+
+class _SizedStream(IterableDataset[torch.Tensor]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(torch.arange(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _rank_steps(
+    dataloader: DataLoader, rank: int, even: bool
+) -> tuple[int, list[tuple[list[int], bool, int | None]]]:
+    """``len`` of rank ``rank`` of 2's prepared loader, and each step's (samples, end_of_dataloader, remainder)."""
+    loop = LoopState()
+    loader = PreparedDataLoader(
+        dataloader, device=None, world_size=2, rank=rank, seed=0, even_batches=even, loop_state=loop
+    )
+    steps = [
+        ((b[0] if isinstance(b, list) else b).tolist(), loop.end_of_dataloader, loop.remainder)
+        for b in loader
+    ]
+    return len(loader), steps
+
+
+def test_a_rank_that_stops_early_cuts_nothing_from_its_last_step() -> None:
+    # 5 batches on 2 ranks without even batches: rank 1 ends at step 1, a full round that
+    # gather_for_metrics must keep whole (rank 0 gathers all 4 samples of that step too).
+    loader = DataLoader(TensorDataset(torch.arange(10)), batch_size=2)
+    assert _rank_steps(loader, 0, even=False) == (
+        3, [([0, 1], False, None), ([4, 5], False, None), ([8, 9], True, 2)]
+    )  # fmt: skip
+    assert _rank_steps(loader, 1, even=False) == (2, [([2, 3], False, None), ([6, 7], True, None)])
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "drop_last", "even"),
+    [(4, False, True), (4, False, False), (3, True, True), (3, True, False)],
+)
+def test_iterable_dataset_on_two_ranks_counts_and_ends_its_steps(
+    batch_size: int, drop_last: bool, even: bool
+) -> None:
+    # 10 samples: a short last round of batches, completed, left to rank 0, or dropped. Each rank's
+    # len is the steps it runs, and its last batch is the end of the dataloader (gradient sync).
+    loader = DataLoader(_SizedStream(10), batch_size=batch_size, drop_last=drop_last)
+    for rank in range(2):
+        length, steps = _rank_steps(loader, rank, even)
+        assert length == len(steps) >= 1
+        assert [end for _, end, _ in steps] == [False] * (length - 1) + [True]
+    if not drop_last:
+        assert _rank_steps(loader, 1, even)[1][-1] == (
+            ([0, 1, 2, 3], True, 2) if even else ([4, 5, 6, 7], True, None)
+        )
 
 
 def test_gradient_accumulation_equals_big_batch_and_scheduler_waits() -> None:

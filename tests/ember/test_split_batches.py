@@ -41,9 +41,11 @@ def test_each_step_is_one_global_batch_in_slices(
     for rank, (mine, _) in enumerate(plans):
         expected = split_length(samples, size, world, rank, even_batches=even, drop_last=drop_last)
         assert len(mine) == expected
-    remainders = {remainder for _, remainder in plans}
+    remainders = {remainder for mine, remainder in plans if len(mine) == len(batches)}  # at the last step
     assert len(remainders) == 1
     (remainder,) = remainders
+    for mine, early in plans:  # a rank that stops a step early ends on a full batch: nothing to cut
+        assert len(mine) == len(batches) or early is None
     for step, batch in enumerate(batches):
         parts = [mine[step] for mine, _ in plans if step < len(mine)]
         joined = [index for part in parts for index in part]
@@ -72,6 +74,9 @@ class _Stream(IterableDataset):  # type: ignore[type-arg]
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(torch.arange(10))
 
+    def __len__(self) -> int:
+        return 10
+
 
 @pytest.mark.parametrize("iterable", [False, True])
 def test_each_rank_loads_its_slice_and_the_last_batch_is_filled(iterable: bool) -> None:
@@ -81,13 +86,13 @@ def test_each_rank_loads_its_slice_and_the_last_batch_is_filled(iterable: bool) 
         loader = _loader(data, 2, rank, batch_size=4)
         batches = [(b if iterable else b[0]).tolist() for b in loader]
         per_rank.append(batches)
-        if not iterable:
-            assert len(loader) == len(batches) == 3
+        assert len(loader) == len(batches) == 3
     assert per_rank == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7], [0, 1]]]
-    uneven = [
-        [(b if iterable else b[0]).tolist() for b in _loader(data, 2, r, even=False, batch_size=4)]
-        for r in range(2)
-    ]
+    uneven = []
+    for rank in range(2):
+        loader = _loader(data, 2, rank, even=False, batch_size=4)
+        uneven.append([(b if iterable else b[0]).tolist() for b in loader])
+        assert len(loader) == len(uneven[-1])  # the last rank runs one step less
     assert uneven == [[[0, 1], [4, 5], [8, 9]], [[2, 3], [6, 7]]]
 
 
