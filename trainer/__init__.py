@@ -31,11 +31,11 @@ __all__ = [
     "Profiler",
     "PyTorchProfiler",
     "SimpleProfiler",
-    "XLAProfiler",
     "TensorBoardLogger",
     "TrainModule",
     "Trainer",
     "TrainerCLI",
     "Tuner",
     "WandbLogger",
+    "XLAProfiler",
 ]
