@@ -283,7 +283,9 @@ def test_a_profiler_wraps_the_resolved_calls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["fast", 1, object(), SimpleProfiler])
 def test_bad_profiler_argument(value: Any) -> None:
-    with pytest.raises(ValueError, match=r"profiler=.* Valid choices: None, 'advanced', 'pytorch', 'simple', 'xla'"):
+    with pytest.raises(
+        ValueError, match=r"profiler=.* Valid choices: None, 'advanced', 'pytorch', 'simple', 'xla'"
+    ):
         Trainer(profiler=value)
 
 
