@@ -307,9 +307,12 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Send a row straight to the loggers (global rank 0 only); for callbacks such as LR monitors."""
         self.logged_metrics.update(metrics)
+        self._to_loggers(metrics, self.global_step if step is None else step)
+
+    def _to_loggers(self, row: dict[str, float], step: int) -> None:
         if self.is_global_zero:
             for logger in self.loggers:
-                logger.log_metrics(dict(metrics), self.global_step if step is None else step)
+                logger.log_metrics(dict(row), step)
 
     # -- internals ----------------------------------------------------------------------------------
     def _evaluate(self, stage: str, prefix: str, module: TrainModule | None, dataloaders: Any, ckpt_path: Any,
@@ -393,8 +396,5 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             return
         row = {key: float(value) for key, value in values.items()}
         self.metric_history.update(row, self.state.global_step)
-        self.logged_metrics.update(row)  # as Lightning's: the logged values, not the "epoch" added below
-        if self.is_global_zero:
-            row["epoch"] = float(self.state.epoch)
-            for logger in self.loggers:
-                logger.log_metrics(dict(row), self.state.global_step)
+        self.logged_metrics.update(row)  # as Lightning's: the logged values, not the "epoch" the loggers get
+        self._to_loggers({**row, "epoch": float(self.state.epoch)}, self.state.global_step)
