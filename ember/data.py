@@ -187,8 +187,10 @@ class PreparedDataLoader:
         dataset has no length. An iterable dataset is counted as its batches are dealt."""
         dl = self.base_dataloader
         if self.split_batches:  # one step per global batch
-            if dl.batch_size is None:
-                return len(dl)
+            if dl.batch_size is None:  # a batch sampler's batches: a short last one may leave a rank out
+                if self.even_batches:
+                    return len(dl)
+                return len(self._plan if self._in_pass else self._rank_plan(self._next_epoch)[0])
             samples = len(dl.dataset if self._iterable else dl.sampler)  # type: ignore[arg-type]
             return split_length(samples, dl.batch_size, self.world_size, self.rank,
                                 even_batches=self.even_batches, drop_last=self._drop_last)  # fmt: skip
@@ -361,6 +363,29 @@ class _SkippedDataLoader:
     def __len__(self) -> int:
         return max(len(self.dataloader) - self.n, 0)
 
+    def __getattr__(self, name: str) -> Any:  # the loader's own: dataset, batch_size, set_epoch ...
+        if name in ("dataloader", "n"):  # not set yet (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.dataloader, name)
+
+
+class _SkippedIterable:
+    """Any other iterable without its first ``n`` items; its other attributes are the iterable's."""
+
+    def __init__(self, iterable: Any, n: int) -> None:
+        self.iterable, self.n = iterable, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(iter(self.iterable), self.n, None)
+
+    def __len__(self) -> int:
+        return max(len(self.iterable) - self.n, 0)  # a TypeError when the iterable has no length
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("iterable", "n"):
+            raise AttributeError(name)
+        return getattr(self.iterable, name)
+
 
 class _SkipBatchSampler(Sampler[list[int]]):
     def __init__(self, batch_sampler: Iterable[list[int]], n: int) -> None:
@@ -411,4 +436,4 @@ def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
             batch_sampler=_SkipBatchSampler(batch_sampler, num_batches),
             **_settings(dataloader, dataloader.generator),
         )
-    return itertools.islice(dataloader, num_batches, None)
+    return _SkippedIterable(dataloader, num_batches)

@@ -54,6 +54,7 @@ class _Entry:
     group: Any = None  # sync_dist_group: the process group sync_dist reduces within (None: all)
     total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
     weight: float = 0.0  # sum of batch sizes
+    computed: torch.Tensor | None = None  # a metric's value at the end of its loader (end_loader)
 
 
 def infer_batch_size(batch: Any) -> int:
@@ -162,6 +163,8 @@ class MetricStore:
             entry = self._entries[key] = _Entry(
                 on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, metric
             )
+        elif entry.computed is not None:  # logged again in a later loader (add_dataloader_idx=False)
+            entry.computed = None
         if sync_dist:
             entry.group = group  # (the live object: checkpoints do not keep it, see state_dict)
         if plain:
@@ -272,7 +275,7 @@ class MetricStore:
                 continue
             out_key = f"{key}_epoch" if entry.on_step else key
             if entry.metric is not None:
-                value = entry.metric.compute().detach()
+                value = entry.metric.compute().detach() if entry.computed is None else entry.computed
                 self._spent.append(entry.metric)  # (reset after the epoch-end hooks: reset_spent)
             elif entry.total is None:
                 continue
@@ -296,6 +299,21 @@ class MetricStore:
                 value = value.float()
             self._publish(out_key, value, entry, self.epoch_row, alias=key if entry.on_step else None)
         self._entries, self._step_only = {}, {}
+
+    def end_loader(self) -> None:
+        """One of several evaluation loaders ended: compute the metrics logged for it now, as Lightning
+        does when the loader changes (one Metric object logged for every loader shows its running
+        value at the end of each). Sorted key order, the same on every rank (torchmetrics' sync)."""
+        suffix = self.dataloader_suffix
+        for key in sorted(self._entries):
+            entry = self._entries[key]
+            if (
+                entry.metric is not None
+                and entry.on_epoch
+                and entry.computed is None
+                and (key.endswith(suffix) or self.loader_of.get(key) == suffix)
+            ):
+                entry.computed = entry.metric.compute().detach()
 
     def take_epoch_row(self) -> dict[str, torch.Tensor]:
         row, self.epoch_row = self.epoch_row, {}

@@ -295,6 +295,8 @@ def _evaluation_pass(
                     call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
                     output = run_step(store, accelerator, model, name, step, batch, batch_idx, *extra)
                     call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
+            if several:
+                store.end_loader()
         store.dataloader_suffix = ""
     store.finish_epoch()
     call_hook(trainer, f"on_{prefix}_epoch_end")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -444,6 +445,19 @@ def test_skip_first_batches() -> None:
     prepared = accelerator.prepare(DataLoader(TensorDataset(torch.arange(6)), batch_size=2))
     assert [b[0].tolist() for b in accelerator.skip_first_batches(prepared, 1)] == [[2, 3], [4, 5]]
     assert [b[0].tolist() for b in prepared] == [[0, 1], [2, 3], [4, 5]]  # later epochs are whole
+    skipped_prepared = accelerator.skip_first_batches(prepared, 1)
+    assert skipped_prepared.dataset is prepared.dataset and len(skipped_prepared) == 2  # the loader's own
+    skipped_prepared.set_epoch(3)
+    assert prepared.state_dict()["epoch"] == 3
+
+    class Stream(IterableDataset[int]):
+        def __iter__(self) -> Iterator[int]:
+            return iter(range(5))
+
+    stream = DataLoader(Stream(), batch_size=2)
+    skipped_stream = accelerator.skip_first_batches(stream, 1)
+    assert [b.tolist() for b in skipped_stream] == [[2, 3], [4]] == [b.tolist() for b in skipped_stream]
+    assert skipped_stream.dataset is stream.dataset and skipped_stream.batch_size == 2
     workers = DataLoader(
         TensorDataset(torch.arange(6)),
         num_workers=1,

@@ -182,3 +182,13 @@ def test_two_processes_take_the_steps_of_one_on_the_global_batches(tmp_path: Pat
     seen = results[0]["seen"]
     assert sorted(i for rows in seen[:5] for i in rows) == sorted(set(i for rows in seen[:5] for i in rows))
     assert len({i for rows in seen for i in rows}) == 44  # the epoch's samples, each in some step
+
+
+def test_a_batch_sampler_short_last_batch_counts_the_steps_each_rank_runs() -> None:
+    batch_sampler = BatchSampler(SequentialSampler(range(9)), 4, drop_last=False)  # 4, 4, 1
+    data = TensorDataset(torch.arange(9))
+    for even, lengths in ((True, [3, 3]), (False, [3, 2])):  # uneven: rank 1 gets nothing of the last
+        for rank in range(2):
+            loader = _loader(data, 2, rank, even=even, batch_sampler=batch_sampler)
+            assert len(loader) == lengths[rank]
+            assert len(list(loader)) == lengths[rank]

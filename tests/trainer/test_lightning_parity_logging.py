@@ -246,3 +246,24 @@ def test_resume_after_the_epoch_end_resets_the_epochs_torchmetrics(tmp_path: Pat
     resumed = Counted()
     _trainer(tmp_path, max_epochs=2).fit(resumed, _loader(), ckpt_path=tmp_path / "epoch_end")
     assert resumed.at_epoch_end == [(4.0, 4.0)]  # the second epoch's alone
+
+
+def test_one_metric_logged_for_several_loaders_shows_each_loaders_running_value(tmp_path: Path) -> None:
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    class Shared(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = torchmetrics.SumMetric()
+
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.total.update(batch[0].sum())
+            self.log("total", self.total)
+            self.log("kept", self.total, add_dataloader_idx=False)  # the last loader's name wins
+
+    def loader(value: float) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(torch.full((4, 3), value)), batch_size=2)
+
+    results = _trainer(tmp_path).validate(Shared(), [loader(1.0), loader(10.0)], verbose=False)
+    # As Lightning 2.6: each loader's value is computed when it ends; the metric is reset at the end only.
+    assert results == [{"total/dataloader_idx_0": 12.0}, {"total/dataloader_idx_1": 132.0, "kept": 132.0}]
