@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from ember._processes import DistributedType
 from ember._rng import seed_everything
+from ember._skip import skip_first_batches
 from ember.accelerator import Accelerator
-from ember.data import PreparedDataLoader, skip_first_batches
+from ember.data import PreparedDataLoader
 from ember.dataloader_config import DataLoaderConfiguration
 from ember.empty_weights import init_empty_weights, init_on_device
 from ember.kwargs_handlers import (

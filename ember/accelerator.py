@@ -39,6 +39,7 @@ from ember._devices import (
 from ember._plugin_args import resolve_plugins
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
+from ember._skip import skip_first_batches
 from ember._state import StateMixin
 from ember._step import StepMixin
 from ember._trackers import TrackerMixin
@@ -49,7 +50,7 @@ from ember._wrappers import (
     PreparedScheduler,
     patch_forward,
 )
-from ember.data import PreparedDataLoader, skip_first_batches
+from ember.data import PreparedDataLoader
 from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
 from ember.empty_weights import check_materialized
 from ember.precision import Precision, resolve_precision

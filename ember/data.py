@@ -41,7 +41,7 @@ from ember._plan import rank_plan, split_length
 from ember._tree import move_batches
 from ember._workers import PlannedBatch, SeededFetch, worker_init
 
-__all__ = ["PreparedDataLoader", "skip_first_batches"]
+__all__ = ["PreparedDataLoader"]
 
 
 @dataclass(slots=True)
@@ -350,54 +350,6 @@ class _OneSample:
         return self.collate_fn(samples[0])
 
 
-class _SkippedDataLoader:
-    """The next pass of a prepared loader, starting at batch ``n`` (nothing before it is loaded)."""
-
-    def __init__(self, dataloader: PreparedDataLoader, n: int) -> None:
-        self.dataloader, self.n = dataloader, n
-
-    def __iter__(self) -> Iterator[Any]:
-        self.dataloader._resume_position = self.n
-        return iter(self.dataloader)
-
-    def __len__(self) -> int:
-        return max(len(self.dataloader) - self.n, 0)
-
-    def __getattr__(self, name: str) -> Any:  # the loader's own: dataset, batch_size, set_epoch ...
-        if name in ("dataloader", "n"):  # not set yet (a copy being made)
-            raise AttributeError(name)
-        return getattr(self.dataloader, name)
-
-
-class _SkippedIterable:
-    """Any other iterable without its first ``n`` items; its other attributes are the iterable's."""
-
-    def __init__(self, iterable: Any, n: int) -> None:
-        self.iterable, self.n = iterable, n
-
-    def __iter__(self) -> Iterator[Any]:
-        return itertools.islice(iter(self.iterable), self.n, None)
-
-    def __len__(self) -> int:
-        return max(len(self.iterable) - self.n, 0)  # a TypeError when the iterable has no length
-
-    def __getattr__(self, name: str) -> Any:
-        if name in ("iterable", "n"):
-            raise AttributeError(name)
-        return getattr(self.iterable, name)
-
-
-class _SkipBatchSampler(Sampler[list[int]]):
-    def __init__(self, batch_sampler: Iterable[list[int]], n: int) -> None:
-        self.batch_sampler, self.n = batch_sampler, n
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.n, None)
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.n, 0)  # type: ignore[arg-type]
-
-
 def _settings(dl: DataLoader[Any], generator: torch.Generator | None) -> dict[str, Any]:
     """The keyword arguments that rebuild ``dl`` around another sampler, with ``generator``."""
     kwargs: dict[str, Any] = {
@@ -416,24 +368,3 @@ def _settings(dl: DataLoader[Any], generator: torch.Generator | None) -> dict[st
     if hasattr(dl, "in_order"):
         kwargs["in_order"] = dl.in_order
     return kwargs
-
-
-def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
-    """An iterable over ``dataloader`` without its first ``num_batches`` batches."""
-    if num_batches < 0:
-        raise ValueError(f"num_batches={num_batches} must be >= 0")
-    if isinstance(dataloader, PreparedDataLoader):
-        return _SkippedDataLoader(dataloader, num_batches)
-    if (
-        isinstance(dataloader, DataLoader)
-        and dataloader.batch_sampler is not None
-        and not isinstance(dataloader.dataset, IterableDataset)
-    ):
-        batch_sampler = dataloader.batch_sampler
-        assert batch_sampler is not None  # checked above
-        return DataLoader(
-            dataloader.dataset,
-            batch_sampler=_SkipBatchSampler(batch_sampler, num_batches),
-            **_settings(dataloader, dataloader.generator),
-        )
-    return _SkippedIterable(dataloader, num_batches)

@@ -17,7 +17,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torchmetrics import Metric
 
-__all__ = ["MetricHistory", "MetricStore"]
+__all__ = ["MetricStore"]
 
 _REDUCE_FX = ("mean", "sum", "max", "min")
 
@@ -399,34 +399,3 @@ def _as_scalar(name: str, value: Any) -> torch.Tensor:
     raise TypeError(
         f"log({name!r}) accepts a number, a scalar tensor or a torchmetrics Metric; got {type(value).__name__}"
     )
-
-
-@dataclasses.dataclass(slots=True)
-class MetricExtremes:
-    """The last, lowest and highest value a metric was logged with, and the steps of each."""
-
-    last: float
-    last_step: int
-    min: float
-    min_step: int
-    max: float
-    max_step: int
-
-
-class MetricHistory:
-    """Per metric, the extremes of every row the loggers received (Python floats, no device work)."""
-
-    def __init__(self) -> None:
-        self.metrics: dict[str, MetricExtremes] = {}
-
-    def update(self, row: dict[str, float], step: int) -> None:
-        for name, value in row.items():
-            seen = self.metrics.get(name)
-            if seen is None:
-                self.metrics[name] = MetricExtremes(value, step, value, step, value, step)
-                continue
-            seen.last, seen.last_step = value, step
-            if value < seen.min:
-                seen.min, seen.min_step = value, step
-            if value > seen.max:
-                seen.max, seen.max_step = value, step

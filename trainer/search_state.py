@@ -19,7 +19,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from ember.trainer.hooks import call_hook
-from ember.trainer.logging import MetricHistory, MetricStore
+from ember.trainer.logging import MetricStore
+from ember.trainer.metric_history import MetricHistory
 from ember.trainer.state import LoopState
 
 if TYPE_CHECKING:

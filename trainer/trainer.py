@@ -38,8 +38,9 @@ from ember.trainer.config import (
 from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.loggers import Logger
-from ember.trainer.logging import MetricHistory, MetricStore
+from ember.trainer.logging import MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
+from ember.trainer.metric_history import MetricHistory
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
 from ember.trainer.prediction import PredictionRecord
