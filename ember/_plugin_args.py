@@ -55,11 +55,6 @@ class PluginChoice:
 
     def check(self, strategy: Strategy, device_type: str) -> None:
         """Judge what needs the resolved strategy and device (before any process starts)."""
-        if self.compile_kwargs is not None and isinstance(strategy, OwnsOptimizerStep):
-            raise ValueError(
-                f"dynamo_backend / dynamo_plugin: strategy {strategy.strategy_name!r} runs the model inside its "
-                "engine, which ember does not compile; leave dynamo_backend='no' with this strategy"
-            )
         if "cuda" in self.rng_types and device_type != "cuda":
             raise ValueError(
                 f"rng_types=[..., 'cuda', ...]: this run's device is {device_type!r}, which has no CUDA generator "
@@ -69,10 +64,13 @@ class PluginChoice:
     def gradient_state(self) -> GradientState:
         return GradientState(self.steps, self.sync_with_dataloader, self.sync_each_batch)
 
-    def compiled(self, model: nn.Module) -> nn.Module:
+    def compiled(self, model: nn.Module, strategy: Strategy) -> nn.Module:
         """``model`` compiled with ``torch.compile`` (last, around the strategy's wrapper, as in
-        🤗 Accelerate), or as it is."""
+        🤗 Accelerate; an engine's module in place, by the engine), or as it is."""
         if self.compile_kwargs is None or _is_compiled(model):
+            return model
+        if isinstance(strategy, OwnsOptimizerStep):
+            strategy.compile_engine(model, self.compile_kwargs)
             return model
         result: nn.Module = torch.compile(model, **self.compile_kwargs)  # type: ignore[assignment]
         return result

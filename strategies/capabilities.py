@@ -55,6 +55,11 @@ class OwnsOptimizerStep(ABC):
         """Backward of ``loss`` (already divided by the accumulation steps); apply the optimizer
         when ``boundary`` (the end of an accumulation window)."""
 
+    @abstractmethod
+    def compile_engine(self, engine: nn.Module, compile_kwargs: dict[str, Any]) -> None:
+        """Compile the module inside ``engine`` in place with ``torch.compile``'s options (``backend``,
+        ``mode``, ``fullgraph``, ...), as the engine's own ``compile`` does."""
+
 
 class EngineCheckpoints(ABC):
     """Capability: models and optimizers are saved by the strategy's engine in its own format

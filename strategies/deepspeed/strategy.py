@@ -226,6 +226,11 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         inner = getattr(module, "module", None)
         return inner if inner is not None and type(module).__name__ == "DeepSpeedEngine" else module
 
+    @override
+    def compile_engine(self, engine: nn.Module, compile_kwargs: dict[str, Any]) -> None:
+        options = dict(compile_kwargs)  # (DeepSpeed takes the backend apart from the other options)
+        engine.compile(backend=options.pop("backend", "inductor"), compile_kwargs=options)  # type: ignore[operator]
+
     @property
     def engine(self) -> Any:
         """The ``deepspeed.DeepSpeedEngine`` (after ``prepare``)."""

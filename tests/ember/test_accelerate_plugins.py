@@ -185,11 +185,19 @@ def test_deepspeed_plugin_refusals(fields: dict[str, Any], message: str) -> None
 
 def _deepspeed_worker() -> dict[str, Any]:
     plugin = DeepSpeedPlugin(zero_stage=2, gradient_accumulation_steps=2)  # clipping: Accelerate's 1.0
-    accelerator = Accelerator(deepspeed_plugin=plugin)
+    accelerator = Accelerator(deepspeed_plugin=plugin, dynamo_backend="eager")  # the engine compiles it
     params = _train(accelerator)
     shown = accelerator.state.deepspeed_plugin  # after prepare: the configuration the engine got
     assert shown is plugin and accelerator.deepspeed_plugin is plugin
-    return {"params": params, "micro_batch": shown.deepspeed_config["train_micro_batch_size_per_gpu"]}
+    engine = accelerator._objects.models[0]
+    return {"params": params, "micro_batch": shown.deepspeed_config["train_micro_batch_size_per_gpu"],
+            "compiled": engine.is_compiled, "dynamo_calls": _dynamo_frames()}  # fmt: skip
+
+
+def _dynamo_frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["frames"].values()))
 
 
 def test_deepspeed_plugin_trains_like_a_plain_loop_with_accumulation_and_clipping() -> None:
@@ -197,6 +205,7 @@ def test_deepspeed_plugin_trains_like_a_plain_loop_with_accumulation_and_clippin
     expected = _reference(per_step=2 * 4 * 2, clip=1.0)
     torch.testing.assert_close(torch.tensor(ranks[0]["params"]), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     assert ranks[0]["micro_batch"] == 4
+    assert ranks[0]["compiled"] and ranks[0]["dynamo_calls"] > 0  # Accelerate's engine.compile(...)
 
 
 # -- accelerator.state's plugins (Accelerate's attributes) ------------------------------------------------
@@ -368,7 +377,6 @@ def test_fsdp_plugin_trains_like_a_plain_loop_on_two_processes() -> None:
         ({"gradient_accumulation_plugin": GradientAccumulationPlugin(num_steps=2), "gradient_accumulation_steps": 2}, ValueError, r"either gradient_accumulation_steps= or gradient_accumulation_plugin="),
         ({"dynamo_backend": "eager", "dynamo_plugin": TorchDynamoPlugin()}, ValueError, r"either dynamo_backend= or dynamo_plugin="),
         ({"dynamo_backend": "bogus"}, ValueError, r"dynamo_backend='bogus'.*Valid choices: 'no', .*'eager'"),
-        ({"dynamo_backend": "eager", "deepspeed_plugin": DeepSpeedPlugin()}, ValueError, r"'deepspeed' runs the model inside its engine"),
         ({"rng_types": ["torch", "xla"]}, ValueError, r"'xla'.*not supported: ember does not synchronise the XLA"),
         ({"rng_types": ["npu"]}, ValueError, r"rng_types=\[..., 'npu', ...\] is not supported. Valid choices: 'generator', 'torch', 'cuda'"),
         ({"rng_types": ["cuda"]}, ValueError, r"device is 'cpu', which has no CUDA generator"),
