@@ -232,6 +232,21 @@ class ProcessMixin:
 
         return decorate if function is None else decorate(function)
 
+    def on_local_process(self, function: F | None = None, *, local_process_index: int) -> Any:
+        """Decorator: the function runs on each node's process ``local_process_index`` only
+        (elsewhere it returns None); ``@accelerator.on_local_process(local_process_index=1)``."""
+        if (
+            isinstance(local_process_index, bool)
+            or not isinstance(local_process_index, int)
+            or local_process_index < 0
+        ):
+            raise ValueError(f"local_process_index={local_process_index!r} must be an int >= 0")
+
+        def decorate(fn: F) -> F:
+            return self._only_where(fn, lambda: self.local_process_index == local_process_index)
+
+        return decorate if function is None else decorate(function)
+
     @staticmethod
     def _only_where(function: F, here: Callable[[], bool]) -> F:
         @functools.wraps(function)

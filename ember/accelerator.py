@@ -200,7 +200,8 @@ class Accelerator(
         self.project_configuration = project
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
-        self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)  # for profile()
+        self._handlers = handlers  # (by kind: ddp_handler, scaler_handler, init_handler, profile())
+        self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)
         set_current(self)  # a PartialState made from now on describes these processes
 
     # -- where am I -----------------------------------------------------------------------------
@@ -281,7 +282,9 @@ class Accelerator(
         for slot, model in sorted(ready.items()):  # in the order given: checkpoints keep it
             patch_forward(self._strategy.unwrap_module(model), self.precision)
             self._objects.models.append(model)
-            result[slot] = self._plugins.compiled(model, self._strategy)  # (checkpoints keep the uncompiled one)
+            result[slot] = self._plugins.compiled(
+                model, self._strategy
+            )  # (checkpoints keep the uncompiled one)
         for slot, optimizer in zip(optim_slots, optimizers, strict=True):
             prepared_optimizer = PreparedOptimizer(optimizer, self._strategy, self._gradient_state)
             self._objects.optimizers.append(prepared_optimizer)

@@ -85,8 +85,28 @@ class DataLoaderSettings:
     _dataloader_config: DataLoaderConfiguration
 
     @property
+    def dataloader_config(self) -> DataLoaderConfiguration:
+        return self._dataloader_config
+
+    @property
     def split_batches(self) -> bool:
         return self._dataloader_config.split_batches
+
+    @property
+    def use_seedable_sampler(self) -> bool:
+        return self._dataloader_config.use_seedable_sampler
+
+    @property
+    def use_stateful_dataloader(self) -> bool:
+        return self._dataloader_config.use_stateful_dataloader
+
+    @property
+    def non_blocking(self) -> bool:
+        return self._dataloader_config.non_blocking
+
+    @property
+    def dispatch_batches(self) -> bool | None:
+        return self._dataloader_config.dispatch_batches
 
     @property
     def even_batches(self) -> bool:

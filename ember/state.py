@@ -19,17 +19,21 @@ from __future__ import annotations
 import weakref
 from datetime import timedelta
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
 from ember._processes import DistributedType, ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
+from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
 from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ember._checkpoint import PreparedObjects
+    from ember._plugin_args import PluginChoice
     from ember.accelerator import Accelerator
     from ember.data import PreparedDataLoader
     from ember.strategies import Strategy
@@ -259,6 +263,9 @@ class AccelerateStateMixin:
     _gradient_state: _Bookkeeping
     _objects: PreparedObjects
     _owns_step: bool
+    _handlers: dict[type, Any]
+    _plugins: PluginChoice
+    _step_scheduler_with_optimizer: bool
 
     @cached_property
     def state(self) -> AcceleratorState:
@@ -312,6 +319,55 @@ class AccelerateStateMixin:
     @property
     def end_of_dataloader(self) -> bool:
         return self._gradient_state.loop.end_of_dataloader
+
+    # -- the settings given, read back (Accelerate's attributes) ---------------------------------------
+    @property
+    def ddp_handler(self) -> DistributedDataParallelKwargs | None:
+        return self._handlers.get(DistributedDataParallelKwargs)
+
+    @property
+    def scaler_handler(self) -> GradScalerKwargs | None:
+        return self._handlers.get(GradScalerKwargs)
+
+    @property
+    def init_handler(self) -> InitProcessGroupKwargs | None:
+        return self._handlers.get(InitProcessGroupKwargs)
+
+    @property
+    def autocast_handler(self) -> None:
+        """None: ember takes ``AutocastKwargs`` per block (``accelerator.autocast(autocast_handler=...)``)."""
+        return None
+
+    @property
+    def rng_types(self) -> list[str]:
+        return list(self._plugins.rng_types)
+
+    @property
+    def step_scheduler_with_optimizer(self) -> bool:
+        return self._step_scheduler_with_optimizer
+
+    @property
+    def native_amp(self) -> bool:
+        """Whether ``torch.autocast`` runs the forward (``16-mixed``, ``bf16-mixed``; not under DeepSpeed,
+        whose engine casts), as Accelerate's."""
+        return not self._owns_step and self._strategy.precision.name in ("16-mixed", "bf16-mixed")
+
+    @property
+    def is_fsdp2(self) -> bool:
+        """Whether the strategy is FSDP (ember's is always FSDP2, ``fully_shard``)."""
+        return self._strategy.strategy_name.startswith("fsdp")
+
+    @property
+    def multi_device(self) -> bool:
+        """Several processes on accelerator devices by plain data parallelism (Accelerate's: MULTI_GPU)."""
+        kind = cast(ProcessMixin, self).distributed_type  # (the Accelerator's other mixin)
+        return kind == DistributedType.MULTI_GPU
+
+    @staticmethod
+    def verify_device_map(model: nn.Module) -> bool:
+        """Whether a submodule of ``model`` was dispatched over several devices by a big-model loader
+        (an ``hf_device_map`` of more than one entry), as Accelerate's check."""
+        return any(len(getattr(m, "hf_device_map", ())) > 1 for m in model.modules())
 
 
 def _new_accelerator(cpu: bool, backend: str | None, timeout: timedelta | None) -> Accelerator:

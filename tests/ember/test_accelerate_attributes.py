@@ -42,3 +42,47 @@ def test_safe_serialization_false_is_refused_before_writing(tmp_path: Path, meth
     assert not (tmp_path / "out").exists()
     getattr(accelerator, method)(*args, safe_serialization=True)  # Accelerate's default, accepted
     assert (tmp_path / "out").is_dir()
+
+
+def test_settings_read_back_with_accelerates_names_and_values() -> None:
+    import accelerate
+
+    from ember import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+
+    ddp, scaler, init = DistributedDataParallelKwargs(), GradScalerKwargs(), InitProcessGroupKwargs()
+    ours = Accelerator(
+        kwargs_handlers=[ddp, scaler, init], precision="16-mixed", rng_types=["torch"], step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True, use_stateful_dataloader=False),
+    )  # fmt: skip
+    assert (ours.ddp_handler, ours.scaler_handler, ours.init_handler) == (ddp, scaler, init)
+    assert ours.autocast_handler is None and Accelerator().ddp_handler is None
+    assert ours.rng_types == ["torch"] and Accelerator().rng_types == ["generator"] and ours.native_amp
+    assert ours.step_scheduler_with_optimizer is False
+    assert ours.dataloader_config.non_blocking and ours.non_blocking and not ours.use_stateful_dataloader
+    assert ours.use_seedable_sampler and ours.dispatch_batches is None
+    theirs = accelerate.Accelerator(cpu=True)
+    for name in ("native_amp", "multi_device", "is_fsdp2", "dispatch_batches", "rng_types"):
+        assert getattr(Accelerator(), name) == getattr(theirs, name), name
+    assert (
+        Accelerator(precision="bf16-mixed").native_amp and not Accelerator(precision="bf16-true").native_amp
+    )
+    assert Accelerator(strategy="fsdp").is_fsdp2
+    dispatched = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert not Accelerator().verify_device_map(dispatched) and not theirs.verify_device_map(dispatched)
+    dispatched[0].hf_device_map = {"a": 0, "b": 1}  # type: ignore[assignment]
+    assert Accelerator().verify_device_map(dispatched) and theirs.verify_device_map(dispatched)
+
+
+def test_on_local_process_runs_on_that_local_process_only() -> None:
+    accelerator = Accelerator()
+    ran = []
+
+    @accelerator.on_local_process(local_process_index=0)
+    def here() -> int:
+        ran.append(0)
+        return 1
+
+    assert here() == 1 and ran == [0]
+    assert accelerator.on_local_process(lambda: 2, local_process_index=1)() is None  # no local process 1
+    with pytest.raises(ValueError, match=r"local_process_index=-1 must be an int >= 0"):
+        accelerator.on_local_process(local_process_index=-1)
