@@ -46,6 +46,8 @@ class HyperparametersMixin:
     #: its kind ("dict", "namespace" or "dataclass"): ``load_from_checkpoint`` passes them back as it.
     _hparams_name: str | None = None
     _hparams_kind: str = "dict"
+    #: Whether the Trainer sends them to its loggers: save_hyperparameters(logger=...) (Lightning's).
+    _log_hyperparams: bool = False
 
     @property
     def hparams(self) -> AttributeDict:
@@ -62,7 +64,11 @@ class HyperparametersMixin:
         return AttributeDict(_deep_copy(self.__dict__.get("_hparams_initial", {})))
 
     def save_hyperparameters(
-        self, *args: Any, ignore: str | Iterable[str] = (), frame: types.FrameType | None = None
+        self,
+        *args: Any,
+        ignore: str | Iterable[str] = (),
+        frame: types.FrameType | None = None,
+        logger: bool = True,
     ) -> None:
         """Store the ``__init__`` arguments in ``self.hparams`` (saved in checkpoints, logged).
 
@@ -74,8 +80,10 @@ class HyperparametersMixin:
         ``load_from_checkpoint`` passes it back as the ``__init__`` argument it came from). ``frame``:
         the frame to start from instead of the caller's. Values that cannot be stored pickle-free
         (modules, functions ...) stay in ``self.hparams`` but are left out of checkpoints and loggers,
-        with a warning naming them.
+        with a warning naming them. ``logger=False``: the Trainer does not send them to its loggers.
         """
+        if not isinstance(logger, bool):
+            raise TypeError(f"save_hyperparameters(logger={logger!r}): expected True or False")
         skip = {ignore} if isinstance(ignore, str) else set(ignore)
         if frame is None:
             current = inspect.currentframe()
@@ -93,6 +101,7 @@ class HyperparametersMixin:
         for key in skip:  # (also what a parent class's save_hyperparameters() stored)
             self.hparams.pop(key, None)
         self.__dict__["_hparams_initial"] = _deep_copy(self.hparams)
+        self._log_hyperparams = logger
 
     def _from_container(self, container: Any, per_frame: list[dict[str, Any]]) -> dict[str, Any]:
         items = container_items(container)
@@ -145,6 +154,35 @@ class HyperparametersMixin:
             entries["hparams_name"] = self._hparams_name
             entries["hparams_type"] = self._hparams_kind
         return entries
+
+
+def logged_hparams(
+    module: HyperparametersMixin, datamodule: HyperparametersMixin | None
+) -> dict[str, Any] | None:
+    """What the Trainer sends to its loggers at the start of each stage, as Lightning: the module's
+    and the datamodule's saved hyper-parameters (those saved with ``logger=True``) merged, or None
+    when neither saved any. A key both hold with different values is an error."""
+    sources = [owner for owner in (module, datamodule) if owner is not None and owner._log_hyperparams]
+    if not sources:
+        return None
+    merged: dict[str, Any] = {}
+    for owner in sources:
+        for key, value in owner._serializable_hparams(stacklevel=5).items():
+            if key in merged and not _same(merged[key], value):
+                raise RuntimeError(
+                    f"hyper-parameter {key!r} is {merged[key]!r} in {type(module).__name__} and {value!r} in "
+                    f"{type(owner).__name__}: the loggers get one value per name; rename one, or pass "
+                    "save_hyperparameters(ignore=[...]) or logger=False in one of them"
+                )
+            merged[key] = value
+    return merged
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:  # (an ambiguous comparison, of tensors or arrays: compare identities)
+        return a is b
 
 
 # -- reading the __init__ arguments ------------------------------------------------------------------

@@ -37,6 +37,7 @@ from ember.trainer.config import (
 )
 from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
 from ember.trainer.hooks import HookPlan, call_hook, overridden
+from ember.trainer.hparams import logged_hparams
 from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
@@ -353,10 +354,10 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
     def _run_stage(self, loop: Any, stage: str) -> Any:
         self.stage = self._running = stage
         self._hook_plan.refresh()  # callbacks' inactive hooks may differ from the last stage's
-        module = self.module
-        if self.is_global_zero and stage == "fit":
+        hparams = logged_hparams(self.module, self._datamodule) if self.loggers else None
+        if hparams is not None and self.is_global_zero:  # (every stage, as Lightning)
             for logger in self.loggers:
-                logger.log_hyperparams(module._serializable_hparams())
+                logger.log_hyperparams(hparams)
         status, self._interrupted = "success", False
         try:
             with ExitStack() as stack:

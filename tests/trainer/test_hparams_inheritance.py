@@ -212,3 +212,56 @@ def test_a_datamodule_saves_hyperparameters_and_knows_its_trainer(tmp_path: Path
     assert datamodule.trainer is None
     trainer, _ = _fit(Net(), tmp_path, datamodule)
     assert datamodule.trainer is trainer and trainer.num_training_batches == 4
+
+
+# -- what the loggers get (Lightning's _log_hyperparams) ---------------------------------------------------
+class Quiet(Net):
+    def __init__(self, lr: float = 0.01) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+
+
+def _logged(
+    module: TrainModule, tmp_path: Path, datamodule: DataModule | None, stage: str = "fit"
+) -> list[Any]:
+    from ember.trainer.loggers import Logger
+
+    class Seen(Logger):
+        name, version = "seen", 0
+
+        def __init__(self) -> None:
+            self.calls: list[dict[str, Any]] = []
+
+        def log_hyperparams(self, params: Any) -> None:
+            self.calls.append(dict(params))
+
+        def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+            pass
+
+    seen = Seen()
+    trainer = Trainer(max_epochs=1, enable_progress_bar=False, enable_model_summary=False, logger=seen,
+                      enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    loaders = (
+        {}
+        if datamodule is not None
+        else {"train_dataloaders" if stage == "fit" else "dataloaders": _loader()}
+    )
+    getattr(trainer, stage)(module, datamodule=datamodule, **loaders)
+    return seen.calls
+
+
+def test_the_loggers_get_the_module_and_datamodule_hyperparameters_at_every_stage(tmp_path: Path) -> None:
+    assert _logged(Net(), tmp_path, Batches(batch_size=2)) == [{"lr": 0.01, "batch_size": 2}]
+    assert _logged(Quiet(), tmp_path, Batches(batch_size=2)) == [{"batch_size": 2}]  # logger=False
+    assert _logged(Quiet(), tmp_path, None) == []  # nothing to log: no call, as Lightning
+    assert _logged(Net(lr=0.5), tmp_path, None, stage="validate") == [{"lr": 0.5}]
+
+    class Clash(Batches):
+        def __init__(self, lr: float = 0.3) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+
+    with pytest.raises(RuntimeError, match=r"hyper-parameter 'lr' is 0.01 in Net and 0.3 in Clash"):
+        _logged(Net(), tmp_path, Clash())
+    with pytest.raises(TypeError, match=r"save_hyperparameters\(logger='no'\): expected True or False"):
+        Net().save_hyperparameters(logger="no")  # type: ignore[arg-type]
