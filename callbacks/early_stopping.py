@@ -62,7 +62,7 @@ class EarlyStopping(Callback):
         ):
             check_number(name, threshold, finite=False, optional=True, owner="EarlyStopping")
         self.monitor, self.mode, self.patience = monitor, mode, patience
-        self.min_delta = abs(min_delta)
+        self.min_delta = min_delta  # (its sign kept, as Lightning: negative lets a worse value improve)
         self.strict, self.check_finite, self.verbose = strict, check_finite, verbose
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.wait_count = 0

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "TrainerData",
+    "batch_limit",
     "batch_transfer",
     "entry_arguments",
     "find_loaders",
@@ -165,6 +166,25 @@ def val_check_batch(config: TrainerConfig, num_training_batches: int | float, ha
     return max(1, int(num_training_batches * interval))
 
 
+def batch_limit(name: str, limit: int | float, loader: Any) -> int | float:
+    """The batches ``limit_<stage>_batches`` (``name``) lets through of ``loader``. As Lightning, a
+    fraction that cannot be taken raises: of a loader without a length, or less than one batch."""
+    available = loader_length(loader)
+    batches = resolve_limit(limit, available)
+    if isinstance(limit, float) and 0.0 < limit < 1.0:
+        if math.isinf(available):
+            raise ValueError(
+                f"{name}={limit} is a fraction of the batches, and this loader has no length (an iterable "
+                f"dataset); use 1.0, 0.0 or an int (a number of batches)"
+            )
+        if batches == 0 and available > 0:
+            raise ValueError(
+                f"{name}={limit} of {available} batches is less than one batch; use a fraction of at least "
+                f"1/{available}, or an int (a number of batches)"
+            )
+    return batches
+
+
 def loader_length(loader: Any) -> int | float:
     """``len(loader)``, or infinity for a loader without one (an iterable dataset)."""
     try:
@@ -224,8 +244,8 @@ class TrainerData:
 
     def _set_batch_counts(self) -> None:
         assert self._train_loader is not None
-        self.num_training_batches = resolve_limit(
-            self.config.limit_train_batches, loader_length(self._train_loader)
+        self.num_training_batches = batch_limit(
+            "limit_train_batches", self.config.limit_train_batches, self._train_loader
         )
         self.num_val_batches = self._val_limits()
         self._val_check_batch = val_check_batch(
@@ -233,7 +253,7 @@ class TrainerData:
         )
 
     def _val_limits(self) -> list[int | float]:
-        return [resolve_limit(self.config.limit_val_batches, loader_length(v)) for v in self._val_loaders]
+        return [batch_limit("limit_val_batches", self.config.limit_val_batches, v) for v in self._val_loaders]
 
     @property
     def num_sanity_val_batches(self) -> list[int | float]:

@@ -31,7 +31,8 @@ __all__ = ["run_evaluation", "run_fit", "run_predict"]
 def run_fit(trainer: Trainer) -> None:
     state = trainer.state
     call_hook(trainer, "on_fit_start")
-    if not trainer._resumed and trainer._val_loaders and trainer.config.num_sanity_val_steps != 0:
+    # (as Lightning: no sanity check when it would run no batch, limit_val_batches=0)
+    if not trainer._resumed and any(limit > 0 for limit in trainer._sanity_limits()):
         trainer.sanity_checking = True
         call_hook(trainer, "on_sanity_check_start")
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._sanity_limits())
@@ -40,7 +41,9 @@ def run_fit(trainer: Trainer) -> None:
         trainer._metrics.clear()
     if state.epoch_done:  # a checkpoint from the end of an epoch: the loop would start with the next
         state.next_epoch()
-    if _fit_done(trainer):  # (resumed from a checkpoint at max_epochs / max_steps, or limits of 0)
+    # (resumed from a checkpoint at max_epochs / max_steps, limits of 0, or no training batches:
+    # limit_train_batches=0 or an empty loader)
+    if _fit_done(trainer) or trainer.num_training_batches == 0:
         # As Lightning: no training, so no on_train_start / on_train_end; the fit ends, with a note.
         _report_nothing_to_train(trainer)
         call_hook(trainer, "on_fit_end")
@@ -80,6 +83,13 @@ def _report_nothing_to_train(trainer: Trainer) -> None:
         why = f"max_steps={config.max_steps} is reached; raise it to train further"
     elif config.max_epochs is not None and config.max_epochs != -1 and state.epoch >= config.max_epochs:
         why = f"max_epochs={config.max_epochs} is reached; raise it to train further"
+    elif trainer.num_training_batches == 0:
+        limit = config.limit_train_batches
+        why = (
+            f"limit_train_batches={limit!r} leaves no training batch"
+            if not limit
+            else "the training loader is empty"
+        )
     else:
         why = "trainer.should_stop was set before the first epoch"
     if trainer.is_global_zero:
@@ -108,6 +118,8 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.set_epoch(state.epoch)
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
+        if trainer.should_stop and _may_stop(trainer):  # (as Lightning: asked before each batch)
+            return
     # After on_train_epoch_start (a finetuning callback unfreezes there) and after a resume: a
     # changed set of trainable parameters gets a new DDP wrapper before Epoch caches the model.
     trainer._refresh_trainable()
@@ -196,21 +208,23 @@ def _validation_epoch(trainer: Trainer) -> bool:
 
 
 def _validate_at_epoch_end(trainer: Trainer) -> bool:
-    if (
-        not trainer._val_loaders
-        or not _validation_epoch(trainer)
-        or trainer.state.batch_idx == 0
-        or trainer.config.check_val_every_n_epoch is None
-        or _stopped_mid_epoch(trainer)
-    ):
+    state = trainer.state
+    if not trainer._val_loaders or not _validation_epoch(trainer) or state.batch_idx == 0:
+        return False
+    if trainer.should_stop and _may_stop(trainer):
+        # As Lightning: a granted stop request validates after the batch it came in, unless the
+        # val_check_interval validation after that batch ran (once per end of an epoch, not per batch).
+        return not _validate_mid_epoch(trainer, state.batch_idx - 1, trainer._is_last_batch)
+    if trainer.config.check_val_every_n_epoch is None or _stopped_mid_epoch(trainer):
         return False
     interval = trainer.config.val_check_interval
     return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
 
 
 def _stopped_mid_epoch(trainer: Trainer) -> bool:
-    """The epoch ended before its last batch (``max_steps`` reached, or ``should_stop``): as in
-    Lightning, no epoch-end validation runs then (a mid-epoch ``val_check_interval`` still did)."""
+    """The epoch ended before its last batch (``max_steps`` reached, or ``on_train_batch_start``
+    returned -1): as in Lightning, no epoch-end validation runs then (a mid-epoch
+    ``val_check_interval`` still did). A granted ``should_stop`` validates: ``_validate_at_epoch_end``."""
     limit, state = trainer.num_training_batches, trainer.state
     if not math.isinf(limit):
         return state.batch_idx < limit

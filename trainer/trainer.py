@@ -31,11 +31,10 @@ from ember.trainer.config import (
     TrainerConfig,
     as_list,
     check_sync_batchnorm,
-    resolve_limit,
     resolve_loggers,
     resolve_switches,
 )
-from ember.trainer.data import TrainerData, entry_arguments, find_train_loader, loader_length
+from ember.trainer.data import TrainerData, batch_limit, entry_arguments, find_train_loader
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.hparams import logged_hparams
 from ember.trainer.loggers import Logger
@@ -293,7 +292,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             raise ValueError(
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
             )
-        limits = [resolve_limit(self.config.limit_predict_batches, loader_length(d)) for d in loaders]
+        limits = [batch_limit("limit_predict_batches", self.config.limit_predict_batches, d) for d in loaders]
         self._stage_data = StageData("predict", dataloaders, datamodule, loaders, limits)  # (BatchSizeFinder)
         self._predict_loaders, self.num_predict_batches = loaders, limits
         keep = return_predictions is not False
@@ -329,17 +328,17 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             raise ValueError(
                 f"{stage}() needs data: pass dataloaders, a datamodule, or define {name}_dataloader()"
             )
-        limit = self.config.limit_val_batches if stage == "validate" else self.config.limit_test_batches
-        limits = [resolve_limit(limit, loader_length(d)) for d in loaders]
+        option = "limit_val_batches" if stage == "validate" else "limit_test_batches"
+        limits = [batch_limit(option, getattr(self.config, option), d) for d in loaders]
         self._stage_data = StageData(name, dataloaders, datamodule, loaders, limits)  # (a BatchSizeFinder's)
         if stage == "test":  # (validate's loaders are not fit's val_dataloaders)
             self._test_loaders, self.num_test_batches = loaders, limits
         else:  # (as Lightning's: the running validation's batch counts)
             self.num_val_batches = limits
-        results: list[dict[str, float]] = self._run(
-            lambda t: run_evaluation(t, prefix, loaders, limits), stage
+        results: list[dict[str, float]] = self._run(  # (no batch to run: no hooks, [] as Lightning)
+            lambda t: run_evaluation(t, prefix, loaders, limits) if any(limits) else [], stage
         )
-        if verbose and self.is_global_zero:
+        if verbose and self.is_global_zero and results:
             from ember.callbacks.run_summary import print_results  # (rich loads when something is drawn)
 
             print_results(stage.capitalize(), results)
