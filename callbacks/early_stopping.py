@@ -24,7 +24,7 @@ class EarlyStopping(Callback):
     Checked at the end of each training epoch (after its validation), or after each validation run
     when validation runs several times an epoch or every few epochs (``check_on_train_epoch_end``
     decides when given).
-    Also stops at once when the value reaches ``stopping_threshold``, passes
+    Also stops at once when the value passes ``stopping_threshold`` (strictly better), passes
     ``divergence_threshold``, or (with ``check_finite``) becomes NaN/inf.
 
     Example::
@@ -96,9 +96,7 @@ class EarlyStopping(Callback):
         better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
         if self.check_finite and not math.isfinite(current):
             return f"{self.monitor} = {current} is not finite"
-        if self.stopping_threshold is not None and (
-            better(current, self.stopping_threshold) or current == self.stopping_threshold
-        ):
+        if self.stopping_threshold is not None and better(current, self.stopping_threshold):  # (strictly)
             return f"{self.monitor} = {current} reached stopping_threshold={self.stopping_threshold}"
         if self.divergence_threshold is not None and better(self.divergence_threshold, current):
             return (

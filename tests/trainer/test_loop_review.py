@@ -200,3 +200,13 @@ def test_early_stopping_keeps_the_sign_of_min_delta(mode: str, values: list[floa
     decisions = [stopper._decide(value) for value in values]
     assert [bool(reason) for reason in decisions] == [False] * (stops_after - 1) + [True]
     assert stopper.best_score == values[-2]
+
+
+@pytest.mark.parametrize(("mode", "past"), [("min", 0.4), ("max", 0.6)])
+def test_early_stopping_stops_past_the_stopping_threshold_not_at_it(mode: str, past: float) -> None:
+    # Lightning compares with the mode's strict operator: a value equal to the threshold goes on.
+    from ember.callbacks import EarlyStopping
+
+    stopper = EarlyStopping("m", mode=mode, patience=10, stopping_threshold=0.5)
+    assert stopper._decide(0.5) == ""
+    assert "reached stopping_threshold=0.5" in stopper._decide(past)
