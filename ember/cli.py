@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     add_launch_options(launch)
     launch.add_argument(
         "--config-file",
+        "--config_file",  # 🤗 Accelerate's spelling, as --num_processes and --mixed_precision are
         metavar="FILE",
         default=None,
         help="read the options above from this YAML file (see `ember config`); options given here override it",

@@ -466,3 +466,12 @@ def test_plot_without_matplotlib_says_how_to_install(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     err = _fails(capsys, ["plot", str(runs), "--out", str(tmp_path / "c.png")])
     assert "ember plot needs matplotlib: pip install 'ember[plot]'" in err
+
+
+def test_launch_takes_accelerates_config_file_spelling(tmp_path: Path) -> None:
+    """`accelerate launch --config_file`: the same option as --config-file, like --num_processes."""
+    config = tmp_path / "f.yaml"
+    config.write_text("nproc_per_node: 2\nstrategy: ddp\n")
+    args = _launch_args(["--config_file", str(config), EXAMPLE, "--config_file", "x"])
+    assert (args.nproc_per_node, args.strategy) == (2, "ddp")
+    assert args.script_args == ["--config_file", "x"]  # after SCRIPT: the script's own

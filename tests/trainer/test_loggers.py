@@ -184,6 +184,34 @@ def test_wandb_logger_logs_to_an_active_run(tmp_path: Path) -> None:
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_wandb_logger_takes_lightnings_dir_and_checkpoint_name(tmp_path: Path) -> None:
+    logger = WandbLogger(project="p", dir=str(tmp_path / "runs"), log_model=True, checkpoint_name="weights")
+    assert logger.save_dir == str(tmp_path / "runs")
+    fit(tmp_path, logger, epochs=1, callbacks=[ModelCheckpoint()])
+    artifacts = of_type(wandb_records(wandb_runs(tmp_path / "runs")[0]), "artifact")
+    assert [(a.type, a.name) for a in artifacts] == [("model", "weights")]
+    with pytest.raises(ValueError, match=r"WandbLogger\(save_dir='a', dir='b'\)"):
+        WandbLogger(project="p", save_dir="a", dir="b")
+
+
+def test_wandb_init_arguments_of_the_logger_can_be_given(tmp_path: Path) -> None:
+    """Lightning passes ``resume=`` and ``mode=`` on to ``wandb.init``, over its own defaults."""
+    logger = WandbLogger(project="p", save_dir=tmp_path, resume="never", mode="offline")
+    logger.log_metrics({"a": 1.0}, 0)
+    assert logger.experiment.settings.resume == "never" and logger.experiment.settings.mode == "offline"
+    logger.finalize("success")
+    with pytest.raises(ValueError, match=r"WandbLogger\(offline=True, mode='online'\)"):
+        WandbLogger(project="p", offline=True, mode="online")
+
+
+def test_tensorboard_log_hyperparams_with_metrics_as_lightning(tmp_path: Path) -> None:
+    """Lightning's ``log_hyperparams(params, metrics)``: the metrics are scalars at step 0."""
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hyperparams({"lr": 0.1}, {"hp/accuracy": 0.0})
+    logger.finalize("success")
+    assert tensorboard_scalars(logger.log_dir)["hp/accuracy"] == [(0, 0.0)]
+
+
 @pytest.mark.parametrize("log_model", [True, "all"])
 def test_wandb_log_model_uploads_checkpoint_directories(tmp_path: Path, log_model: Any) -> None:
     logger = WandbLogger(project="models", save_dir=tmp_path, offline=True, log_model=log_model)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
+from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,12 +85,14 @@ class Logger(ABC):
 class VersionedLogger(Logger):
     """A logger writing ``<save_dir>/<name>/version_N/``: the next free N unless a version is given.
 
-    Subclasses set ``_save_dir`` (a Path), ``_name`` and ``_version`` (None: not chosen yet).
+    Subclasses set ``_save_dir`` (a Path), ``_name``, ``_version`` (None: not chosen yet) and
+    ``_given_version`` (the ``version`` argument).
     """
 
     _save_dir: Path
     _name: str
     _version: int | str | None
+    _given_version: int | str | None
 
     @property
     def name(self) -> str:
@@ -100,8 +105,36 @@ class VersionedLogger(Logger):
         return self._version
 
     @property
+    def save_dir(self) -> str:
+        """The ``save_dir`` argument (Lightning's name)."""
+        return str(self._save_dir)
+
+    @property
+    def root_dir(self) -> str:
+        """``<save_dir>/<name>``: where the versions are."""
+        return str(self._save_dir / self._name)
+
+    @property
     def log_dir(self) -> str:
         return str(self._save_dir / self._name / _version_folder(self.version))
+
+    def _continues(self, state: dict[str, Any]) -> bool:
+        """Whether to continue the checkpoint's run (``state``: its version and log directory): only when
+        it logged to this logger's directory and no other version was given; else warn why not."""
+        version, log_dir = state["version"], state["log_dir"]
+        given = self._given_version
+        if given is not None and _version_folder(given) != _version_folder(version):
+            reason = f"this logger was given version={given!r}"
+        elif (self._save_dir / self._name / _version_folder(version)).resolve() != Path(log_dir):
+            reason = "that is not this logger's directory"
+        else:
+            return True
+        # (Never touch that run's files from here.)
+        warnings.warn(
+            f"the checkpoint's run logged to {log_dir}, and {reason}: this run logs to {self.log_dir} from its start",
+            stacklevel=3,
+        )
+        return False
 
 
 class _NoExperiment:
@@ -143,10 +176,20 @@ def _version_folder(version: int | str) -> str:
     return version if isinstance(version, str) else f"version_{version}"
 
 
+def _params(params: Any) -> Any:
+    """``params`` with every ``argparse.Namespace`` and mapping, at any depth, as a plain dict (as Lightning's
+    loggers take ``log_hyperparams(args)``)."""
+    if isinstance(params, Namespace):
+        params = vars(params)
+    if isinstance(params, Mapping):
+        return {key: _params(value) for key, value in params.items()}
+    return params
+
+
 def _flatten(params: dict[str, Any], parent: str = "") -> dict[str, Any]:
     """Nested dicts become ``"outer/inner"`` keys (the way W&B and TensorBoard show groups)."""
     flat: dict[str, Any] = {}
-    for key, value in params.items():
+    for key, value in _params(params).items():
         name = f"{parent}/{key}" if parent else str(key)
         if isinstance(value, dict) and value:
             flat.update(_flatten(value, name))

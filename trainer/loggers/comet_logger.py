@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import override
 
 from ember._validation import check_bool, check_str
-from ember.trainer.loggers.base import _is_global_zero, _NoExperiment
+from ember.trainer.loggers.base import _is_global_zero, _NoExperiment, _params
 from ember.trainer.loggers.uploads import UploadsCheckpoints, check_log_model, checkpoint_score
 
 if TYPE_CHECKING:
@@ -114,7 +114,7 @@ class CometLogger(UploadsCheckpoints):
 
     @override
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        self.experiment.log_parameters(params)  # nested dicts: Comet's own nesting (``outer|inner``)
+        self.experiment.log_parameters(_params(params))  # nested dicts: Comet's own nesting (``outer|inner``)
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:

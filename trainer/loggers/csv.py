@@ -9,10 +9,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from typing_extensions import override
 
 from ember._validation import check_int, check_path, check_str
-from ember.trainer.loggers.base import VersionedLogger, _check_version, _version_folder
+from ember.trainer.loggers.base import VersionedLogger, _check_version, _is_global_zero, _params
 
 __all__ = ["CSVLogger"]
 
@@ -38,7 +39,7 @@ class CSVLogger(VersionedLogger):
         check_int("flush_every_n_rows", flush_every_n_rows, minimum=1, owner="CSVLogger")
         self._save_dir = Path(save_dir)
         self._name = name
-        self._version = version
+        self._version = self._given_version = version
         self._flush_every = flush_every_n_rows
         self._rows: list[dict[str, Any]] = []
         self._columns: list[str] = []
@@ -50,13 +51,17 @@ class CSVLogger(VersionedLogger):
 
     @override
     def log_hyperparams(self, params: dict[str, Any]) -> None:
+        if not _is_global_zero():  # (a user's call from a hook on every rank: rank 0's files only)
+            return
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.log_dir) / "hparams.json").write_text(
-            json.dumps(params, indent=2, sort_keys=True, default=repr)
+            json.dumps(_params(params), indent=2, sort_keys=True, default=repr)
         )
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not _is_global_zero():
+            return
         self._rows.append({"step": step, **metrics})
         if len(self._rows) >= self._flush_every:
             self.save()
@@ -77,9 +82,12 @@ class CSVLogger(VersionedLogger):
         path.parent.mkdir(parents=True, exist_ok=True)
         new_columns = [k for row in self._rows for k in row if k not in self._columns]
         if new_columns or not path.exists():
-            # A new metric appeared: rewrite the file with the wider header (old rows keep blanks).
-            self._columns += list(dict.fromkeys(new_columns))
+            # A new metric appeared: rewrite the file with the wider header (old rows keep blanks). The
+            # file may have columns this logger never logged (an earlier run given the same version).
             old = self._read_rows(path)
+            self._columns += list(
+                dict.fromkeys(k for row in old + self._rows for k in row if k not in self._columns)
+            )
             self._write(path, old + self._rows, mode="w")
         else:
             self._write(path, self._rows, mode="a")
@@ -113,15 +121,9 @@ class CSVLogger(VersionedLogger):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        version = state["version"]
-        if (self._save_dir / self._name / _version_folder(version)).resolve() != Path(state["log_dir"]):
-            # The checkpoint's run logged elsewhere: never touch that directory's files from here.
-            warnings.warn(
-                f"the checkpoint's run logged to {state['log_dir']}; this run logs to {self.log_dir} from its start",
-                stacklevel=2,
-            )
+        if not self._continues(state):
             return
-        self._version = version
+        self._version = state["version"]
         self._columns = list(state["columns"])
         self._rows = []
         path = self.metrics_file
@@ -144,4 +146,6 @@ class CSVLogger(VersionedLogger):
 
 
 def _cell(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):  # a user's own log_metrics call (the Trainer passes floats)
+        value = value.item()
     return repr(value) if isinstance(value, float) else value

@@ -77,6 +77,7 @@ class MLFlowLogger(UploadsCheckpoints):
         self._run_id: str | None = run_id
         self._experiment_id: str | None = None
         self._client: Any = None
+        self._running = False  # the run is marked RUNNING (written to since it was opened)
 
     @property
     @override
@@ -138,8 +139,7 @@ class MLFlowLogger(UploadsCheckpoints):
         client = mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
         if self._run_id is not None:  # continue a run: given, or the checkpoint's
             run = client.get_run(self._run_id)
-            self._experiment_id = run.info.experiment_id
-            client.update_run(self._run_id, status="RUNNING")
+            self._experiment_id = run.info.experiment_id  # (RUNNING again at its first write: _writer)
         else:
             found = client.get_experiment_by_name(self._experiment_name)
             if found is not None:
@@ -154,7 +154,17 @@ class MLFlowLogger(UploadsCheckpoints):
                 tags["mlflow.runName"] = self._run_name
             run = client.create_run(self._experiment_id, run_name=self._run_name, tags=tags)
             self._run_id = run.info.run_id
+            self._running = True
         self._client = client
+        return client
+
+    def _writer(self) -> Any:
+        """``experiment``, with the run marked RUNNING again if it had ended: only a write re-opens a
+        finished run (``trainer.test()`` after fit, a resumed fit), never reading it back."""
+        client = self.experiment
+        if not self._running and not isinstance(client, _NoExperiment):
+            client.update_run(self.version, status="RUNNING")
+            self._running = True
         return client
 
     @override
@@ -162,7 +172,7 @@ class MLFlowLogger(UploadsCheckpoints):
         entities = _import_mlflow().entities
         flat = {_key(k): str(v)[:_PARAM_LENGTH] for k, v in _flatten(params).items()}
         items = [entities.Param(k, v) for k, v in flat.items()]
-        client = self.experiment
+        client = self._writer()
         for start in range(0, len(items), _BATCH):
             client.log_batch(self.version, params=items[start : start + _BATCH], **self._sync())
 
@@ -172,19 +182,19 @@ class MLFlowLogger(UploadsCheckpoints):
         now = int(time.time() * 1000)
         prefix = f"{self._prefix}-" if self._prefix else ""
         rows = [entities.Metric(_key(prefix + k), float(v), now, step) for k, v in metrics.items()]
-        self.experiment.log_batch(self.version, metrics=rows, **self._sync())
+        self._writer().log_batch(self.version, metrics=rows, **self._sync())
 
     @override
     def log_text(self, texts: dict[str, str], step: int) -> None:
         """Each string as the artifact ``text/<name>/step_<step>.txt`` (an MLflow metric is a number)."""
-        client = self.experiment
+        client = self._writer()
         for key, text in texts.items():
             client.log_text(self.version, text, f"text/{_key(key)}/step_{step}.txt")
 
     @override
     def _upload_checkpoint(self, callback: ModelCheckpoint, path: str) -> None:
         """The run's artifacts ``checkpoints/<name>/``."""
-        self.experiment.log_artifacts(self.version, path, f"checkpoints/{Path(path).name}")
+        self._writer().log_artifacts(self.version, path, f"checkpoints/{Path(path).name}")
 
     @override
     def finalize(self, status: str) -> None:
@@ -192,7 +202,7 @@ class MLFlowLogger(UploadsCheckpoints):
             return
         self._finish_uploads(status)
         self._client.set_terminated(self.version, status=_STATUS.get(status, "FAILED"))
-        self._client = None  # a later use (trainer.test()) continues the same run
+        self._client, self._running = None, False  # a later use (trainer.test()) continues the same run
 
     @override
     def state_dict(self) -> dict[str, Any]:

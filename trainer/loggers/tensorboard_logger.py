@@ -5,23 +5,25 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 from typing_extensions import override
 
-from ember._validation import check_path, check_str
+from ember._validation import check_path, check_str, show
 from ember.trainer.loggers.base import (
     VersionedLogger,
     _check_version,
     _flatten,
     _is_global_zero,
     _NoExperiment,
-    _version_folder,
+    _params,
 )
 
 __all__ = ["TensorBoardLogger"]
+
+#: ``SummaryWriter``'s arguments a user may pass (the logger sets ``log_dir`` and ``purge_step``).
+_WRITER_ARGUMENTS = ("comment", "filename_suffix", "flush_secs", "max_queue")
 
 
 class TensorBoardLogger(VersionedLogger):
@@ -46,7 +48,14 @@ class TensorBoardLogger(VersionedLogger):
         check_str("name", name, owner="TensorBoardLogger")
         _check_version(version, "TensorBoardLogger")
         check_str("prefix", prefix, owner="TensorBoardLogger")
+        for key, value in writer_kwargs.items():  # checked now: SummaryWriter is only made at the first write
+            if key not in _WRITER_ARGUMENTS:
+                raise TypeError(
+                    f"TensorBoardLogger({key}={show(value)}) is not an argument of TensorBoardLogger nor of "
+                    f"SummaryWriter. Valid choices: {', '.join(_WRITER_ARGUMENTS)}"
+                )
         self._save_dir, self._name, self._version = Path(save_dir), name, version
+        self._given_version = version
         self._prefix, self._writer_kwargs = prefix, writer_kwargs
         self._experiment: Any = None
         # The values of the newest step: a resumed run purges that step and writes them again.
@@ -81,12 +90,13 @@ class TensorBoardLogger(VersionedLogger):
         return self.experiment
 
     @override
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
+    def log_hyperparams(self, params: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+        """``metrics`` (Lightning's argument, e.g. ``{"hp/accuracy": 0}``) are logged as scalars at step 0."""
         if not _is_global_zero():
             return
         Path(self.log_dir).mkdir(parents=True, exist_ok=True)
         (Path(self.log_dir) / "hparams.json").write_text(
-            json.dumps(params, indent=2, sort_keys=True, default=repr)
+            json.dumps(_params(params), indent=2, sort_keys=True, default=repr)
         )
         summary = importlib.import_module("torch.utils.tensorboard.summary")
         values = {k: _hparam(v) for k, v in _flatten(params).items() if v is not None}
@@ -94,6 +104,8 @@ class TensorBoardLogger(VersionedLogger):
         # tab takes every scalar of the run as a metric, so no metric needs naming up front.
         _, session_start, _ = summary.hparams(values, {})
         self.experiment.file_writer.add_summary(session_start)
+        if metrics:
+            self.log_metrics(metrics, 0)
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
@@ -136,13 +148,9 @@ class TensorBoardLogger(VersionedLogger):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        version = state["version"]
-        if (self._save_dir / self._name / _version_folder(version)).resolve() != Path(state["log_dir"]):
-            warnings.warn(
-                f"the checkpoint's run logged to {state['log_dir']}; this run logs to {self.log_dir} from its start",
-                stacklevel=2,
-            )
+        if not self._continues(state):
             return
+        version = state["version"]
         if self._experiment is not None:
             self.finalize("success")
         self._version = version

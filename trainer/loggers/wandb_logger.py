@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from typing_extensions import override
 
 from ember._validation import check_bool, check_path, check_str, show
-from ember.trainer.loggers.base import _is_global_zero, _NoExperiment
+from ember.trainer.loggers.base import _is_global_zero, _NoExperiment, _params
 from ember.trainer.loggers.uploads import UploadsCheckpoints, check_log_model, checkpoint_score
 
 if TYPE_CHECKING:
@@ -52,12 +52,24 @@ class WandbLogger(UploadsCheckpoints):
     def __init__(self, project: str | None = None, name: str | None = None, save_dir: str | os.PathLike[str] = ".",
                  version: str | None = None, offline: bool = False, log_model: bool | Literal["all"] = False,
                  prefix: str = "", entity: str | None = None, tags: Sequence[str] | None = None,
-                 group: str | None = None, *, id: str | None = None, **init_kwargs: Any) -> None:  # fmt: skip
+                 group: str | None = None, *, id: str | None = None, dir: str | os.PathLike[str] | None = None,
+                 checkpoint_name: str | None = None, **init_kwargs: Any) -> None:  # fmt: skip
+        if dir is not None:  # Lightning's other name for save_dir
+            check_path("dir", dir, owner="WandbLogger")
+            if os.fspath(save_dir) not in (".", os.fspath(dir)):
+                raise ValueError(
+                    f"WandbLogger(save_dir={show(save_dir)}, dir={show(dir)}): pass one directory, not two"
+                )
+            save_dir = dir
         check_path("save_dir", save_dir, owner="WandbLogger")
         for key, value in (("project", project), ("name", name), ("version", version), ("entity", entity),
-                           ("group", group), ("id", id)):  # fmt: skip
+                           ("group", group), ("id", id), ("checkpoint_name", checkpoint_name)):  # fmt: skip
             check_str(key, value, owner="WandbLogger", optional=True)
         check_bool("offline", offline, owner="WandbLogger")
+        if offline and init_kwargs.get("mode", "offline") != "offline":
+            raise ValueError(
+                f"WandbLogger(offline=True, mode={show(init_kwargs['mode'])}): offline=True is mode='offline'"
+            )
         check_str("prefix", prefix, owner="WandbLogger")
         if tags is not None and (
             not isinstance(tags, (list, tuple)) or not all(isinstance(tag, str) for tag in tags)
@@ -70,7 +82,7 @@ class WandbLogger(UploadsCheckpoints):
         self._chosen_id = version if version is not None else id
         # Chosen now, so the run id is known (and saved in checkpoints) before the run opens.
         self._id = self._chosen_id or "".join(secrets.choice(_ID_CHARACTERS) for _ in range(8))
-        self._offline, self._prefix = offline, prefix
+        self._offline, self._prefix, self._checkpoint_name = offline, prefix, checkpoint_name
         self._start_uploads(log_model)
         self._init_kwargs = {
             "entity": entity,
@@ -130,8 +142,10 @@ class WandbLogger(UploadsCheckpoints):
         else:
             self._save_dir.mkdir(parents=True, exist_ok=True)
             settings: dict[str, Any] = {"mode": "offline"} if self._offline else {}
+            # init_kwargs win over the defaults (resume="never", as Lightning lets them)
+            init = {"resume": "allow", **settings, **self._init_kwargs}
             run = wandb.init(project=self._project, name=self._run_name, dir=str(self._save_dir), id=self._id,
-                             resume="allow", **settings, **self._init_kwargs)  # fmt: skip
+                             **init)  # fmt: skip
         run.define_metric(STEP_METRIC)
         run.define_metric("*", step_metric=STEP_METRIC, step_sync=True)
         self._experiment, self._id = run, run.id
@@ -140,7 +154,7 @@ class WandbLogger(UploadsCheckpoints):
 
     @override
     def log_hyperparams(self, params: dict[str, Any]) -> None:
-        self.experiment.config.update(params, allow_val_change=True)
+        self.experiment.config.update(_params(params), allow_val_change=True)
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
@@ -159,7 +173,7 @@ class WandbLogger(UploadsCheckpoints):
 
     @override
     def _upload_checkpoint(self, callback: ModelCheckpoint, path: str) -> None:
-        """A new version of the artifact ``model-<run id>`` (type ``"model"``)."""
+        """A new version of the artifact ``checkpoint_name`` (default ``model-<run id>``, type ``"model"``)."""
         run = self.experiment
         settings = {
             key: getattr(callback, key)
@@ -167,7 +181,9 @@ class WandbLogger(UploadsCheckpoints):
         }
         score = checkpoint_score(callback, path)
         metadata = {"original_filename": Path(path).name, "score": score, "ModelCheckpoint": settings}
-        artifact = _import_wandb().Artifact(name=f"model-{run.id}", type="model", metadata=metadata)
+        artifact = _import_wandb().Artifact(
+            name=self._checkpoint_name or f"model-{run.id}", type="model", metadata=metadata
+        )
         artifact.add_dir(path)  # a checkpoint is a directory; W&B copies it before it may be pruned
         aliases = ["latest", "best"] if path == callback.best_model_path else ["latest"]
         run.log_artifact(artifact, aliases=aliases)
