@@ -38,6 +38,7 @@ from ember.trainer.data import TrainerData, batch_limit, entry_arguments, find_t
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.hparams import logged_hparams
 from ember.trainer.loggers import Logger
+from ember.trainer.loggers.base import share_versions
 from ember.trainer.logging import MetricStore
 from ember.trainer.loops import run_evaluation, run_fit, run_predict
 from ember.trainer.metric_history import MetricHistory
@@ -353,6 +354,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
     def _run_stage(self, loop: Any, stage: str) -> Any:
         self.stage = self._running = stage
         self._hook_plan.refresh()  # callbacks' inactive hooks may differ from the last stage's
+        if self.world_size > 1 and self.loggers:  # (one small broadcast a stage, on every rank)
+            share_versions(self.loggers, self.accelerator.broadcast_object, self.is_global_zero)
         hparams = logged_hparams(self.module, self._datamodule) if self.loggers else None
         if hparams is not None and self.is_global_zero:  # (every stage, as Lightning)
             for logger in self.loggers:

@@ -46,7 +46,8 @@ trainer.fit(module, DataLoader(data, batch_size=2, shuffle=True), DataLoader(dat
 predictions = torch.cat(trainer.predict(dataloaders=DataLoader(data, batch_size=2)))
 with open(ROOT + f"/rank{trainer.global_rank}.json", "w") as f:
     json.dump({"world": trainer.world_size, "step": trainer.global_step, "predictions": predictions.tolist(),
-               "weight": module.layer.weight.tolist(), "argv": sys.argv[1:]}, f)
+               "weight": module.layer.weight.tolist(), "argv": sys.argv[1:], "log_dir": trainer.log_dir,
+               "version": trainer.logger.version}, f)
 """
 
 
@@ -65,6 +66,9 @@ def _check(tmp_path: Path) -> None:
     assert ranks[0]["predictions"] == ranks[1]["predictions"] == expected
     rows = list(csv.DictReader(open(tmp_path / "logs" / "version_0" / "metrics.csv")))
     assert sum(1 for r in rows if r["val_loss"]) == 2 and not (tmp_path / "logs" / "version_1").exists()
+    # every rank names rank 0's folder (Lightning's trainer.log_dir), not a version of its own
+    assert ranks[0]["log_dir"] == ranks[1]["log_dir"] == str(tmp_path / "logs" / "version_0")
+    assert ranks[0]["version"] == ranks[1]["version"] == 0
 
 
 def test_trainer_devices_2_from_plain_python(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,7 @@ from ember.strategies.environment import detect_environment
 if TYPE_CHECKING:
     from ember.callbacks.model_checkpoint import ModelCheckpoint
 
-__all__ = ["Logger"]
+__all__ = ["Logger", "share_versions"]
 
 
 class Logger(ABC):
@@ -174,6 +174,19 @@ def _check_version(version: Any, owner: str) -> None:
 
 def _version_folder(version: int | str) -> str:
     return version if isinstance(version, str) else f"version_{version}"
+
+
+def share_versions(
+    loggers: list[Logger], broadcast_object: Callable[[Any], Any], is_global_zero: bool
+) -> None:
+    """Several processes: each versioned logger takes global rank 0's version (the folder rank 0 writes),
+    so ``logger.version``, ``log_dir`` and ``trainer.log_dir`` name the same folder on every rank, as
+    Lightning's. ``broadcast_object``: rank 0's object, on every rank (a collective: all ranks call it)."""
+    versioned = [logger for logger in loggers if isinstance(logger, VersionedLogger)]
+    if versioned:
+        versions = broadcast_object([logger.version for logger in versioned] if is_global_zero else None)
+        for logger, version in zip(versioned, versions, strict=True):
+            logger._version = version
 
 
 def _params(params: Any) -> Any:
