@@ -111,6 +111,7 @@ class Trackers:
         if not main:
             return
         from ember.trainer.loggers import CometLogger, CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+        from ember.trainer.loggers.base import _params
 
         root = Path(self._project_dir if self._project_dir is not None else os.getcwd()) / project_name
         for item in self._requested:
@@ -132,7 +133,7 @@ class Trackers:
                 self.loggers.append(kind(**{"save_dir": root, "name": item, **kwargs}))
         if config is not None:
             for logger in self.loggers:
-                logger.log_hyperparams(dict(config))
+                logger.log_hyperparams(_params(config))  # (a Namespace, nested ones too, as dicts)
 
     def log(self, values: dict[str, Any], step: int | None, main: bool,
             log_kwargs: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip

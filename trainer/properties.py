@@ -201,6 +201,15 @@ class TrainerProperties(LightningNames):
     def logger(self) -> Logger | None:
         return self.loggers[0] if self.loggers else None
 
+    @logger.setter
+    def logger(self, logger: Logger | None) -> None:
+        """``trainer.logger = ...`` (Lightning's): the only logger from now on; None: no logger."""
+        if logger is not None and not isinstance(logger, Logger):
+            raise TypeError(
+                f"trainer.logger = {type(logger).__name__}(...): expected an ember Logger or None"
+            )
+        self.loggers = [logger] if logger is not None else []
+
     @property
     def log_dir(self) -> str | None:
         return self.loggers[0].log_dir if self.loggers else self.default_root_dir

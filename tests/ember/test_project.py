@@ -4,6 +4,8 @@ step_scheduler_with_optimizer."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from pathlib import Path
 
@@ -103,10 +105,12 @@ def test_project_dir_fills_an_empty_configuration_and_trackers_use_logging_dir(t
     config = ProjectConfiguration(logging_dir=tmp_path / "logs")
     accelerator = Accelerator(project_dir=tmp_path / "run", project_config=config, log_with="csv")
     assert accelerator.project_dir == tmp_path / "run" and accelerator.logging_dir == tmp_path / "logs"
-    accelerator.init_trackers("exp")
+    accelerator.init_trackers("exp", config=argparse.Namespace(lr=0.1, inner=argparse.Namespace(width=3)))
     accelerator.log({"loss": 1.0}, step=0)
     accelerator.end_training()
     assert list((tmp_path / "logs" / "exp").rglob("*.csv")) and not (tmp_path / "run").exists()
+    (hparams,) = (tmp_path / "logs" / "exp").rglob("hparams.json")  # a Namespace config, as a dict
+    assert json.loads(hparams.read_text()) == {"inner": {"width": 3}, "lr": 0.1}
 
 
 @pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before")

@@ -267,3 +267,16 @@ def test_one_metric_logged_for_several_loaders_shows_each_loaders_running_value(
     results = _trainer(tmp_path).validate(Shared(), [loader(1.0), loader(10.0)], verbose=False)
     # As Lightning 2.6: each loader's value is computed when it ends; the metric is reset at the end only.
     assert results == [{"total/dataloader_idx_0": 12.0}, {"total/dataloader_idx_1": 132.0, "kept": 132.0}]
+
+
+def test_trainer_logger_can_be_assigned_as_in_lightning(tmp_path: Path) -> None:
+    from ember import CSVLogger
+
+    trainer = _trainer(tmp_path)
+    csv_logger = CSVLogger(tmp_path)
+    trainer.logger = csv_logger
+    assert trainer.loggers == [csv_logger] and trainer.log_dir == csv_logger.log_dir
+    trainer.logger = None
+    assert trainer.loggers == [] and trainer.logger is None
+    with pytest.raises(TypeError, match=r"trainer.logger = str\(...\): expected an ember Logger or None"):
+        trainer.logger = "csv"  # type: ignore[assignment]
