@@ -137,6 +137,7 @@ class TrainerConfig:
     enable_checkpointing: bool = True
     enable_progress_bar: bool = True
     enable_model_summary: bool = True
+    enable_autolog_hparams: bool = True  # the hyper-parameters to the loggers at each stage's start
     default_root_dir: str | os.PathLike[str] | None = None
     deterministic: bool | str = False
     detect_anomaly: bool = False
@@ -209,6 +210,7 @@ class TrainerConfig:
             "enable_checkpointing",
             "enable_progress_bar",
             "enable_model_summary",
+            "enable_autolog_hparams",
             "detect_anomaly",
             "use_distributed_sampler",
             "inference_mode",

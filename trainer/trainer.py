@@ -104,6 +104,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         enable_checkpointing: bool | None = None,
         enable_progress_bar: bool | None = None,
         enable_model_summary: bool | None = None,
+        enable_autolog_hparams: bool = True,
         default_root_dir: str | os.PathLike[str] | None = None,
         deterministic: bool | str = False,
         detect_anomaly: bool = False,
@@ -356,7 +357,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         self._hook_plan.refresh()  # callbacks' inactive hooks may differ from the last stage's
         if self.world_size > 1 and self.loggers:  # (one small broadcast a stage, on every rank)
             share_versions(self.loggers, self.accelerator.broadcast_object, self.is_global_zero)
-        hparams = logged_hparams(self.module, self._datamodule) if self.loggers else None
+        autolog = self.loggers and self.config.enable_autolog_hparams
+        hparams = logged_hparams(self.module, self._datamodule) if autolog else None
         if hparams is not None and self.is_global_zero:  # (every stage, as Lightning)
             for logger in self.loggers:
                 logger.log_hyperparams(hparams)

@@ -440,6 +440,7 @@ def _cases() -> list[Case]:
         "enable_checkpointing": _optional(_is_bool),
         "enable_progress_bar": _optional(_is_bool),
         "enable_model_summary": _optional(_is_bool),
+        "enable_autolog_hparams": _is_bool,
         "barebones": _is_bool,
         "default_root_dir": _optional(_is_path),
         "deterministic": _one_of(True, False, "warn"),

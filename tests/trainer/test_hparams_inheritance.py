@@ -222,7 +222,11 @@ class Quiet(Net):
 
 
 def _logged(
-    module: TrainModule, tmp_path: Path, datamodule: DataModule | None, stage: str = "fit"
+    module: TrainModule,
+    tmp_path: Path,
+    datamodule: DataModule | None,
+    stage: str = "fit",
+    autolog: bool = True,
 ) -> list[Any]:
     from ember.trainer.loggers import Logger
 
@@ -240,7 +244,7 @@ def _logged(
 
     seen = Seen()
     trainer = Trainer(max_epochs=1, enable_progress_bar=False, enable_model_summary=False, logger=seen,
-                      enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+                      enable_checkpointing=False, default_root_dir=tmp_path, enable_autolog_hparams=autolog)  # fmt: skip
     loaders = (
         {}
         if datamodule is not None
@@ -255,6 +259,7 @@ def test_the_loggers_get_the_module_and_datamodule_hyperparameters_at_every_stag
     assert _logged(Quiet(), tmp_path, Batches(batch_size=2)) == [{"batch_size": 2}]  # logger=False
     assert _logged(Quiet(), tmp_path, None) == []  # nothing to log: no call, as Lightning
     assert _logged(Net(lr=0.5), tmp_path, None, stage="validate") == [{"lr": 0.5}]
+    assert _logged(Net(), tmp_path, Batches(), autolog=False) == []  # Trainer(enable_autolog_hparams=False)
 
     class Clash(Batches):
         def __init__(self, lr: float = 0.3) -> None:
