@@ -1,26 +1,43 @@
 """How ``ModelCheckpoint`` names its checkpoint directories: templates filled from the logged
-values, ``-vN`` past the names already taken, and the checks of how ``last`` is named and made."""
+values, ``-vN`` past the names already taken, and the checks of how ``last`` is named and made;
+with the small helpers of its bookkeeping (scores, removal, the verbose line)."""
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ember._validation import check_bool
 from ember.strategies.checkpoint_io import MANIFEST
+from ember.strategies.checkpoint_swap import remove_checkpoint
 
-__all__ = ["check_class_names", "check_save_last", "fill_template", "free_path", "is_version_of"]
+__all__ = [
+    "as_score",
+    "check_class_names",
+    "check_save_last",
+    "fill_template",
+    "free_path",
+    "is_version_of",
+    "metrics_of",
+    "remove_checkpoints",
+    "report",
+    "same_directory",
+]
 
 _FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
 
 
 def fill_template(
-    template: str, where: str, metrics: dict[str, float], epoch: int, step: int, insert_names: bool
+    template: str, where: str, metrics: dict[str, float], epoch: int, step: int, insert_names: str | None
 ) -> str:
     """``template``'s ``{name}`` / ``{name:format}`` fields filled from ``epoch``, ``step`` and
-    ``metrics`` (``name=value`` when ``insert_names``); ``/`` becomes ``_``. ``where`` names the
-    template in the error for a field that was never logged."""
+    ``metrics`` (``name=value`` when ``insert_names`` is ``"="``; ``None``: the value alone); ``/``
+    becomes ``_``. ``where`` names the template in the error for a field that was never logged."""
     values = {"epoch": epoch, "step": step, **metrics}
 
     def field(match: re.Match[str]) -> str:
@@ -28,17 +45,22 @@ def fill_template(
         if name not in values:
             raise KeyError(f"{where} uses {name!r}, which was not logged. Logged metrics: {sorted(metrics)}")
         text = format(values[name], spec)
-        return f"{name}={text}" if insert_names else text
+        return f"{name}{insert_names}{text}" if insert_names is not None else text
 
     return _FIELD.sub(field, template).replace("/", "_")
 
 
-def free_path(directory: Path, name: str, taken: set[str], version_counter: bool) -> Path:
+def free_path(
+    directory: Path, name: str, taken: set[str], version_counter: bool, replaceable: str = ""
+) -> Path:
     """``directory/name``, or ``name-v1``, ``name-v2``... past the paths this run keeps (``taken``)
     and what exists: any checkpoint of another run too, unless ``version_counter`` is False (then
-    only what is not a checkpoint; a checkpoint of the same name is replaced)."""
+    only what is not a checkpoint; a checkpoint of the same name is replaced). ``replaceable``, a
+    checkpoint of this run that the new one supersedes, is free."""
     path, version = directory / name, 0
-    while str(path) in taken or (path.exists() and (version_counter or not (path / MANIFEST).exists())):
+    while str(path) != replaceable and (
+        str(path) in taken or (path.exists() and (version_counter or not (path / MANIFEST).exists()))
+    ):
         version += 1
         path = directory / f"{name}-v{version}"
     return path
@@ -49,15 +71,30 @@ def is_version_of(existing: str, name: str) -> bool:
     return re.fullmatch(rf"{re.escape(name)}(-v\d+)?", existing) is not None
 
 
+def same_directory(a: str | None, b: str | None) -> bool:
+    """Whether the directories ``a`` and ``b`` (``None``: not known) are the same one."""
+    return a == b or (a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b))
+
+
 def check_class_names(callback: Any) -> None:
-    """``CHECKPOINT_NAME_LAST`` must be a non-empty name template and ``FILE_EXTENSION`` ``""``
-    (set on the class or an instance, so checked when the callback is set up)."""
+    """``CHECKPOINT_NAME_LAST`` must be a non-empty name template, ``FILE_EXTENSION`` ``""`` and
+    Lightning's other name attributes valid (set on the class or an instance, so checked when the
+    callback is set up)."""
     last = callback.last_name  # CHECKPOINT_NAME_LAST, or a subclass's `last_name` (ember's earlier name)
     if not isinstance(last, str) or not last or "/" in last:
         raise ValueError(
             f"ModelCheckpoint.CHECKPOINT_NAME_LAST={last!r} must be a non-empty name template without '/', "
             "such as 'last' or '{epoch}-last'"
         )
+    equals = callback.CHECKPOINT_EQUALS_CHAR
+    if not isinstance(equals, str) or "/" in equals:
+        raise ValueError(f"ModelCheckpoint.CHECKPOINT_EQUALS_CHAR={equals!r} must be a string without '/'")
+    for name, only in (("CHECKPOINT_JOIN_CHAR", "-"), ("STARTING_VERSION", 1)):
+        if getattr(callback, name) != only:
+            raise ValueError(
+                f"ModelCheckpoint.{name}={getattr(callback, name)!r}: ember names versions '<name>-v1', "
+                f"'-v2', ...; the only valid value is {only!r}"
+            )
     if callback.FILE_EXTENSION != "":
         raise ValueError(
             f"ModelCheckpoint.FILE_EXTENSION={callback.FILE_EXTENSION!r}: ember's checkpoints are directories, "
@@ -77,3 +114,38 @@ def check_save_last(save_last: Any) -> None:
             "save_last=True already makes `last` share the new checkpoint's files (hard links), with no second write"
         )
     check_bool("save_last", save_last, owner="ModelCheckpoint", optional=True)
+
+
+def metrics_of(trainer: Any) -> dict[str, float]:
+    return {name: float(value) for name, value in trainer.callback_metrics.items()}
+
+
+def remove_checkpoints(paths: list[str]) -> None:
+    for old in paths:
+        if (Path(old) / MANIFEST).exists():
+            remove_checkpoint(Path(old))  # hidden first: never seen half deleted
+
+
+def as_score(value: float) -> torch.Tensor:
+    """A score as Lightning keeps it: a 0-dim tensor on the CPU, float32 when that holds ``value``
+    exactly (float64 otherwise)."""
+    narrow = torch.tensor(value, dtype=torch.float32)
+    return narrow if float(narrow) == value or math.isnan(value) else torch.tensor(value, dtype=torch.float64)
+
+
+def report(callback: Any, trainer: Any, path: str | None, score: float | None) -> None:
+    """``ModelCheckpoint(verbose=True)``'s line: what is saved and why (``path`` None: a monitored
+    value that did not make the top ``save_top_k``)."""
+    if path is None and score is None:
+        return
+    where = f"Epoch {trainer.current_epoch}, global step {trainer.global_step}"
+    if path is None:
+        message = f"{where}: {callback.monitor!r} was not in top {callback.save_top_k}"
+    elif score is None:
+        message = f"{where}: saving model to {path!r}"
+    else:
+        message = (
+            f"{where}: {callback.monitor!r} reached {score:0.5f} (best {callback.best_model_score:0.5f}), saving "
+            f"model to {path!r} as top {callback.save_top_k}"
+        )
+    print(message, flush=True)

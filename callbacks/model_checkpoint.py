@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,17 +13,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
+from ember.callbacks import _checkpoint_names as _names
 from ember.callbacks._checkpoint_arguments import check_arguments
-from ember.callbacks._checkpoint_names import check_class_names, fill_template, free_path, is_version_of
 from ember.callbacks.base import Checkpoint, acts_after_validation, acts_at_train_epoch_end
-from ember.strategies.checkpoint_io import MANIFEST
-from ember.strategies.checkpoint_swap import copy_checkpoint, remove_checkpoint
+from ember.strategies.checkpoint_swap import copy_checkpoint
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
 __all__ = ["ModelCheckpoint"]
+
+as_score = _names.as_score  # (its earlier home)
 
 
 class ModelCheckpoint(Checkpoint):
@@ -43,6 +46,10 @@ class ModelCheckpoint(Checkpoint):
     CHECKPOINT_NAME_LAST = "last"
     #: Lightning's file suffix. Ember's checkpoints are directories, named without one: ``""`` is the only valid value.
     FILE_EXTENSION = ""
+    #: Between a template field's name and value (``auto_insert_metric_name``): ``epoch=3``, as Lightning's.
+    CHECKPOINT_EQUALS_CHAR = "="
+    #: Lightning's, for the ``-vN`` suffix and its first ``N``: ember accepts only these values.
+    CHECKPOINT_JOIN_CHAR, STARTING_VERSION = "-", 1
 
     def __init__(
         self,
@@ -68,7 +75,8 @@ class ModelCheckpoint(Checkpoint):
             verbose=verbose, save_weights_only=save_weights_only, train_time_interval=train_time_interval,
             enable_version_counter=enable_version_counter,
         )  # fmt: skip
-        self.dirpath = str(dirpath) if dirpath is not None else None  # the resolved one after setup
+        # As Lightning, "~" is the home directory; the resolved dirpath after setup.
+        self.dirpath = os.path.expanduser(dirpath) if dirpath is not None else None
         self._default_dirpath: str | None = None  # what setup resolved dirpath=None to
         self.filename = filename or "{epoch}-{step}"
         self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
@@ -89,6 +97,8 @@ class ModelCheckpoint(Checkpoint):
         self.best_model_score: torch.Tensor | None = None
         self.last_model_path = ""
         self._last_step_saved = -1
+        self._validated = False  # a validation run of this fit ended (Lightning's `_has_run`)
+        self._saved_last = False  # save_last: whether `last` was saved yet (else at the fit's end)
 
     @property
     @override
@@ -134,7 +144,7 @@ class ModelCheckpoint(Checkpoint):
 
     @override
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
-        check_class_names(self)
+        _names.check_class_names(self)
         if self.dirpath is None or self.dirpath == self._default_dirpath:  # not the user's: resolve it
             self.dirpath = self._default_dirpath = self.resolved_dirpath(trainer)
 
@@ -154,6 +164,7 @@ class ModelCheckpoint(Checkpoint):
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._last_time = time.monotonic()
+        self._validated = False
 
     @override
     def on_train_batch_end(
@@ -180,7 +191,14 @@ class ModelCheckpoint(Checkpoint):
         return due
 
     @override
+    def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if self.save_last and not self._saved_last:  # as Lightning 2.6: save_last always leaves one
+            trainer.save_checkpoint(self.claim_last(trainer), weights_only=self.save_weights_only)
+
+    @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
+        if trainer.stage == "fit" and not trainer.sanity_checking:
+            self._validated = True  # from now on a monitor never logged is an error
         if acts_after_validation(trainer, self.save_on_train_epoch_end) and self._epoch_due(trainer):
             self._save(trainer)
 
@@ -199,16 +217,22 @@ class ModelCheckpoint(Checkpoint):
     def format_name(self, metrics: dict[str, float], epoch: int, step: int) -> str:
         """``filename`` filled in: ``"{epoch}-{val_loss:.2f}"`` -> ``epoch=3-val_loss=0.12``."""
         where = f"ModelCheckpoint(filename={self.filename!r})"
-        return fill_template(self.filename, where, metrics, epoch, step, self.auto_insert_metric_name)
+        insert = self.CHECKPOINT_EQUALS_CHAR if self.auto_insert_metric_name else None
+        return _names.fill_template(self.filename, where, metrics, epoch, step, insert)
 
     def _score(self, trainer: Trainer) -> float | None:
         if self.monitor is None:
             return None
         if self.monitor not in trainer.callback_metrics:
-            raise KeyError(
+            message = (
                 f"ModelCheckpoint(monitor={self.monitor!r}) could not find {self.monitor!r} in the logged metrics: "
                 f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) or fix the name."
             )
+            if self._validated:
+                raise KeyError(message)
+            # As Lightning: before the first validation run of the fit, a validation value may come later.
+            warnings.warn(f"{message} No validation run yet: no checkpoint ranked", stacklevel=2)
+            return None
         return float(trainer.callback_metrics[self.monitor])
 
     def _better(self, a: float, b: float) -> bool:
@@ -217,21 +241,30 @@ class ModelCheckpoint(Checkpoint):
     def _plan(self, trainer: Trainer) -> dict[str, Any]:
         """Rank 0 decides what to write and remove; the decision is broadcast so every rank agrees."""
         score = self._score(trainer)
-        metrics = _metrics(trainer)
+        metrics = _names.metrics_of(trainer)
         directory = Path(self.resolved_dirpath(trainer))
         plan: dict[str, Any] = {"save": None, "remove": [], "last": None, "score": score}
-        keep_it = self.save_top_k == -1 or (
-            self.save_top_k > 0
-            and (
-                score is None
-                or len(self.best_k_models) < self.save_top_k
-                or self._better(score, float(self.best_k_models[self._worst()]))
+        unranked = self.monitor is not None and score is None  # not logged yet (warned)
+        keep_it = not unranked and (
+            self.save_top_k == -1
+            or (
+                self.save_top_k > 0
+                and (
+                    score is None
+                    or len(self.best_k_models) < self.save_top_k
+                    or self._better(score, float(self.best_k_models[self._worst()]))
+                )
             )
         )
         if keep_it and not (score is not None and math.isnan(score)):
             name = self.format_name(metrics, trainer.current_epoch, trainer.global_step)
-            taken = set(self.best_k_models)
-            plan["save"] = str(free_path(directory, name, taken, self.enable_version_counter))
+            # As Lightning: the one this supersedes may be written over (atomically: "best" stays `best`).
+            superseded = self._superseded(score)
+            taken = set(self.best_k_models) - {superseded}
+            free = _names.free_path(
+                directory, name, taken, self.enable_version_counter, replaceable=superseded
+            )
+            plan["save"] = str(free)
         if self.save_last:
             plan["last"] = self.last_path(trainer, metrics, also_taken=[plan["save"]] if plan["save"] else [])
         return plan
@@ -242,15 +275,16 @@ class ModelCheckpoint(Checkpoint):
         """Where ``last`` goes: ``CHECKPOINT_NAME_LAST`` filled in like ``filename``. This run's (or the
         resumed run's) last checkpoint while its name stays the same; else that name, or ``-vN``
         past the ``last`` checkpoints of earlier runs (asked on rank 0)."""
-        metrics = _metrics(trainer) if metrics is None else metrics
+        metrics = _names.metrics_of(trainer) if metrics is None else metrics
         template, epoch, step = self.last_name, trainer.current_epoch, trainer.global_step
         where = f"ModelCheckpoint.CHECKPOINT_NAME_LAST={template!r}"
-        name = fill_template(template, where, metrics, epoch, step, self.auto_insert_metric_name)
-        if self.last_model_path and is_version_of(Path(self.last_model_path).name, name):
+        insert = self.CHECKPOINT_EQUALS_CHAR if self.auto_insert_metric_name else None
+        name = _names.fill_template(template, where, metrics, epoch, step, insert)
+        if self.last_model_path and _names.is_version_of(Path(self.last_model_path).name, name):
             return self.last_model_path
         taken = {*self.best_k_models, *(also_taken or [])}
         directory = Path(self.resolved_dirpath(trainer))
-        return str(free_path(directory, name, taken, self.enable_version_counter))
+        return str(_names.free_path(directory, name, taken, self.enable_version_counter))
 
     def claim_last(self, trainer: Trainer) -> str:
         """:meth:`last_path`, decided on rank 0 for every process and kept as ``last_model_path``
@@ -258,8 +292,14 @@ class ModelCheckpoint(Checkpoint):
         path = self.last_path(trainer) if trainer.is_global_zero else ""
         if trainer.world_size > 1:  # rank 0 looked at the directory: every rank saves there
             path = trainer.accelerator.broadcast_object(path)
-        self.last_model_path = path
+        self.last_model_path, self._saved_last = path, True
         return path
+
+    def _superseded(self, score: float | None) -> str:
+        """The kept checkpoint a new one with ``score`` removes (the worst once ``save_top_k`` are kept;
+        without ``monitor``, the previous one), or ``""``."""
+        full = self.save_top_k == 1 if score is None else 0 < self.save_top_k <= len(self.best_k_models)
+        return self._worst() if self.best_k_models and full else ""
 
     def _rank(self, path: str) -> float:
         """Higher is better: the monitored value (negated for ``mode="min"``); without ``monitor``
@@ -279,7 +319,7 @@ class ModelCheckpoint(Checkpoint):
         if score is None and self.save_top_k != -1:
             removed = list(self.best_k_models)  # no monitor: keep only the newest
             self.best_k_models = {}
-        self.best_k_models[path] = as_score(score if score is not None else float(trainer.global_step))
+        self.best_k_models[path] = _names.as_score(score if score is not None else float(trainer.global_step))
         if self.save_top_k > 0 and len(self.best_k_models) > self.save_top_k:
             worst = self._worst()
             del self.best_k_models[worst]
@@ -302,6 +342,7 @@ class ModelCheckpoint(Checkpoint):
         stale = self._superseded_last(self.last_model_path, plan)
         if plan["last"] is not None:
             self.last_model_path = plan["last"]  # before saving, so both copies hold the same state
+            self._saved_last = True
         if plan["save"] is not None:
             path = plan["save"]
             removed = self._keep(trainer, path, plan["score"])
@@ -313,34 +354,22 @@ class ModelCheckpoint(Checkpoint):
                 # to it atomically, and only then are the ones it supersedes removed.
                 if plan["last"] is not None:  # the same state: link its files instead of saving again
                     copy_checkpoint(Path(path), Path(plan["last"]))
-                _remove([old for old in removed + stale if old != path])
+                _names.remove_checkpoints([old for old in removed + stale if old != path])
             trainer.strategy.barrier("ModelCheckpoint:last")
         else:
             self._report(trainer, None, plan["score"])
             if plan["last"] is not None:
                 trainer.save_checkpoint(plan["last"], weights_only=self.save_weights_only)
                 if trainer.is_global_zero:
-                    _remove(stale)
+                    _names.remove_checkpoints(stale)
         if trainer.is_global_zero and (plan["save"] or plan["last"]):  # e.g. WandbLogger(log_model=) uploads
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(self)
 
     def _report(self, trainer: Trainer, path: str | None, score: float | None) -> None:
-        """``verbose``: say on rank 0 what is saved and why (``path`` None: a monitored value that did
-        not make the top ``save_top_k``)."""
-        if not (self.verbose and trainer.is_global_zero) or (path is None and score is None):
-            return
-        where = f"Epoch {trainer.current_epoch}, global step {trainer.global_step}"
-        if path is None:
-            message = f"{where}: {self.monitor!r} was not in top {self.save_top_k}"
-        elif score is None:
-            message = f"{where}: saving model to {path!r}"
-        else:
-            message = (
-                f"{where}: {self.monitor!r} reached {score:0.5f} (best {self.best_model_score:0.5f}), saving "
-                f"model to {path!r} as top {self.save_top_k}"
-            )
-        print(message, flush=True)
+        """``verbose``: say on rank 0 what is saved and why."""
+        if self.verbose and trainer.is_global_zero:
+            _names.report(self, trainer, path, score)
 
     # -- state -------------------------------------------------------------------------------------
     @override
@@ -353,35 +382,29 @@ class ModelCheckpoint(Checkpoint):
             "best_model_score": None if score is None else float(score),
             "last_model_path": self.last_model_path,
             "last_step_saved": self._last_step_saved,
+            "dirpath": self.dirpath,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_model_path = state_dict["best_model_path"]
+        self._last_step_saved = state_dict["last_step_saved"]
+        saved_in = state_dict.get("dirpath", self.dirpath)  # (older checkpoints: assume the same)
+        if not _names.same_directory(saved_in, self.dirpath):
+            # As Lightning: the kept checkpoints are another directory's: neither ranked against nor removed.
+            warnings.warn(
+                f"The dirpath has changed from {saved_in!r} to {self.dirpath!r}, therefore `best_model_score`, "
+                "`kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models` won't be reloaded. "
+                "Only `best_model_path` will be reloaded.",
+                stacklevel=2,
+            )
+            return
         score = state_dict["best_model_score"]
         self.best_k_models = {
-            path: as_score(float(value)) for path, value in state_dict["best_k_models"].items()
+            path: _names.as_score(float(value)) for path, value in state_dict["best_k_models"].items()
         }
-        self.best_model_path = state_dict["best_model_path"]
-        self.best_model_score = None if score is None else as_score(float(score))
+        self.best_model_score = None if score is None else _names.as_score(float(score))
         self.last_model_path = state_dict["last_model_path"]
-        self._last_step_saved = state_dict["last_step_saved"]
 
     def __repr__(self) -> str:
         return f"ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, save_top_k={self.save_top_k})"
-
-
-def _metrics(trainer: Trainer) -> dict[str, float]:
-    return {name: float(value) for name, value in trainer.callback_metrics.items()}
-
-
-def _remove(paths: list[str]) -> None:
-    for old in paths:
-        if (Path(old) / MANIFEST).exists():
-            remove_checkpoint(Path(old))  # hidden first: never seen half deleted
-
-
-def as_score(value: float) -> torch.Tensor:
-    """A score as Lightning keeps it: a 0-dim tensor on the CPU, float32 when that holds ``value``
-    exactly (float64 otherwise)."""
-    narrow = torch.tensor(value, dtype=torch.float32)
-    return narrow if float(narrow) == value or math.isnan(value) else torch.tensor(value, dtype=torch.float64)

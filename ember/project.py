@@ -103,11 +103,15 @@ class ProjectConfiguration:
         return path
 
     def prune(self) -> list[Path]:
-        """Delete the oldest numbered checkpoints beyond ``total_limit``; returns what was deleted."""
+        """Delete the oldest numbered checkpoints beyond ``total_limit``, never the one just saved
+        (``iteration - 1``, which a run numbering from 0 next to an earlier run's higher numbers
+        would otherwise lose at once); returns what was deleted."""
         if self.total_limit is None or self.project_dir is None:
             return []
         numbered = numbered_checkpoints(self.checkpoints_dir("save_state()"))
-        doomed = [path for _, path in numbered[: max(0, len(numbered) - self.total_limit)]]
+        others = [path for number, path in numbered if number != self.iteration - 1]
+        keep = self.total_limit - (len(others) < len(numbered))  # room for the one just saved
+        doomed = others[: max(0, len(others) - keep)]
         for path in doomed:
             shutil.rmtree(path)
         return doomed

@@ -62,6 +62,11 @@ def encode_tree(obj: Any, *, copy: bool = True) -> tuple[Any, dict[str, torch.Te
 
     def enc(value: Any, path: str) -> Any:
         if isinstance(value, torch.Tensor):
+            if value.layout != torch.strided:  # (safetensors holds dense tensors only)
+                kind = str(value.layout).removeprefix("torch.")
+                raise TypeError(
+                    f"cannot store a {kind} tensor at {path or '<root>'!r}; store value.to_dense()"
+                )
             key = path or "_"
             while key in tensors:  # paths of keys holding dots can collide: keep every tensor
                 key += "#"

@@ -193,32 +193,66 @@ def resumes_automatically(trainer: Trainer) -> bool:
 
 
 def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path | None:
-    """A checkpoint directory, or ``"last"`` / ``"best"`` of the Trainer's ModelCheckpoint. None:
-    ``"last"`` and there is none yet (a first run), with a warning, as in Lightning."""
-    if ckpt_path in ("last", "best"):
-        callback = trainer.checkpoint_callback
-        if callback is None:
-            raise ValueError(
-                f"ckpt_path={ckpt_path!r} needs a ModelCheckpoint callback to find the checkpoint"
-            )
-        found = callback.last_model_path if ckpt_path == "last" else callback.best_model_path
-        if not found and ckpt_path == "last":  # a new Trainer: the newest `last` (or `last-vN`) there
-            found = _newest_last(Path(callback.resolved_dirpath(trainer)), callback.last_name)
-        if not found and ckpt_path == "last":
+    """A checkpoint directory, or ``"last"`` / ``"best"`` of the Trainer's ModelCheckpoint (``"last"``:
+    or of an OnExceptionCheckpoint, the newest, as in Lightning). None: ``"last"`` and there is none
+    yet (a first run), with a warning, as in Lightning."""
+    if ckpt_path == "last":
+        candidates = _last_candidates(trainer)
+        found = _newest_of([path for _, path in candidates])
+        if not found:
+            where = " or ".join(sorted({repr(directory) for directory, _ in candidates}))
             warnings.warn(
-                f"ckpt_path='last': there is no last checkpoint in {callback.resolved_dirpath(trainer)!r} yet, "
-                "so none is loaded (a fit starts afresh)",
+                f"ckpt_path='last': there is no last checkpoint in {where} yet, so none is loaded (a fit "
+                "starts afresh)",
                 stacklevel=4,
             )
             return None
-        if not found:
-            raise FileNotFoundError(
-                f"ckpt_path={ckpt_path!r}: no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
-            )
         ckpt_path = found
+    elif ckpt_path == "best":
+        callback = trainer.checkpoint_callback
+        if callback is None:
+            raise ValueError("ckpt_path='best' needs a ModelCheckpoint callback to find the checkpoint")
+        if not callback.best_model_path:
+            raise FileNotFoundError(
+                f"ckpt_path='best': no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
+            )
+        ckpt_path = callback.best_model_path
     path = _checkpoint_dir(ckpt_path, "ckpt_path")
     read_manifest(path, verify=False)
     return path
+
+
+def _last_candidates(trainer: Trainer) -> list[tuple[str, str]]:
+    """(directory, checkpoint or ""): each OnExceptionCheckpoint's newest ``<filename>``/``-vN``, and
+    ModelCheckpoint's ``last`` (for a new Trainer the newest ``last``/``last-vN`` of its directory)."""
+    from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
+
+    found = [
+        (cb.dirpath, _newest_last(Path(cb.dirpath), cb.filename))
+        for cb in trainer.callbacks
+        if isinstance(cb, OnExceptionCheckpoint)
+    ]
+    callback = trainer.checkpoint_callback
+    if callback is None and not found:
+        raise ValueError(
+            "ckpt_path='last' needs a ModelCheckpoint or an OnExceptionCheckpoint callback to find the checkpoint"
+        )
+    if callback is not None:
+        directory = callback.resolved_dirpath(trainer)
+        found.append(
+            (directory, callback.last_model_path or _newest_last(Path(directory), callback.last_name))
+        )
+    return found
+
+
+def _newest_of(paths: list[str]) -> str:
+    """The most recently written of ``paths`` (by its manifest); "" when none is a checkpoint."""
+    written = {}
+    for path in paths:
+        manifest = locate_checkpoint(Path(path)) / MANIFEST if path else None
+        if manifest is not None and manifest.is_file():
+            written[path] = manifest.stat().st_mtime_ns
+    return max(written, key=lambda path: written[path]) if written else ""
 
 
 def _newest_last(directory: Path, name: str) -> str:
