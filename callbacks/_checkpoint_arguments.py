@@ -37,8 +37,8 @@ def check_arguments(
             f"ModelCheckpoint(save_top_k={save_top_k!r}) must be -1 (all), 0 (none) or a positive int"
         )
     for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"ModelCheckpoint({name}={value!r}) must be None or an int >= 1")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"ModelCheckpoint({name}={value!r}) must be None, 0 (off) or an int >= 1")
     check_path("dirpath", dirpath, owner="ModelCheckpoint", optional=True)
     check_str("filename", filename, owner="ModelCheckpoint", optional=True)
     check_str("monitor", monitor, owner="ModelCheckpoint", optional=True)
@@ -63,10 +63,10 @@ def check_arguments(
         "every_n_epochs": every_n_epochs,
         "train_time_interval": train_time_interval,
     }
-    if sum(value is not None for value in given.values()) > 1:
+    if sum(bool(value) for value in given.values()) > 1:  # (None and 0 are off)
         raise ValueError(
             "ModelCheckpoint: "
-            + ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+            + ", ".join(f"{k}={v!r}" for k, v in given.items() if v)
             + " are exclusive: give one of every_n_train_steps, every_n_epochs, train_time_interval"
         )
     if monitor is None and save_top_k > 1:

@@ -80,12 +80,10 @@ class ModelCheckpoint(Checkpoint):
         self._default_dirpath: str | None = None  # what setup resolved dirpath=None to
         self.filename = filename or "{epoch}-{step}"
         self.monitor, self.mode, self.save_top_k, self.save_last = monitor, mode, save_top_k, save_last
-        self.every_n_train_steps = every_n_train_steps
-        self.every_n_epochs = (
-            every_n_epochs
-            if every_n_epochs is not None
-            else (None if every_n_train_steps or train_time_interval else 1)
-        )
+        # 0 is off, as in Lightning; every_n_epochs defaults to 1 only when no trigger is given at all
+        self.every_n_train_steps = every_n_train_steps or None
+        given = every_n_train_steps is not None or train_time_interval is not None
+        self.every_n_epochs = every_n_epochs or None if every_n_epochs is not None or given else 1
         self.train_time_interval = train_time_interval
         self.auto_insert_metric_name = auto_insert_metric_name
         self.save_on_train_epoch_end = save_on_train_epoch_end

@@ -196,3 +196,19 @@ def _two_rank_worker(root: str) -> list[list[str]]:
 
 def test_written_over_and_saved_at_the_end_on_two_processes(tmp_path: Path) -> None:
     assert run_processes(_two_rank_worker, str(tmp_path)) == [[["epoch=1"], ["last"]]] * 2
+
+
+def test_zero_turns_a_trigger_off_as_in_lightning() -> None:
+    from ember.callbacks import ModelCheckpoint
+
+    steps = ModelCheckpoint(every_n_train_steps=5, every_n_epochs=0)  # 0 is no second trigger
+    assert (steps.every_n_train_steps, steps.every_n_epochs) == (5, None)
+    epochs = ModelCheckpoint(every_n_train_steps=0, every_n_epochs=2)
+    assert (epochs.every_n_train_steps, epochs.every_n_epochs) == (None, 2)
+    nothing = ModelCheckpoint(every_n_train_steps=0)  # a trigger given, and off: none is on
+    assert (nothing.every_n_train_steps, nothing.every_n_epochs) == (None, None)
+    assert ModelCheckpoint().every_n_epochs == 1
+    with pytest.raises(ValueError, match=r"every_n_epochs=-1\) must be None, 0 \(off\) or an int >= 1"):
+        ModelCheckpoint(every_n_epochs=-1)
+    with pytest.raises(ValueError, match="are exclusive"):
+        ModelCheckpoint(every_n_train_steps=2, every_n_epochs=1)
