@@ -110,6 +110,7 @@ def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:
     With ``apply_padding`` every share has the same length, the short ones repeating their last element.
     """
     if isinstance(inputs, dict):
+        _common_length(inputs)  # split apart, values of different lengths would no longer line up
         return {key: split(value, world_size, rank, apply_padding) for key, value in inputs.items()}
     length = len(inputs)
     base, extra = divmod(length, world_size)
@@ -120,3 +121,21 @@ def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:
         filler = inputs[end - 1 : end] if end > start else inputs[-1:]
         share = torch.cat([share, filler]) if isinstance(share, torch.Tensor) else share + filler
     return share
+
+
+def _common_length(inputs: dict[Any, Any], path: str = "inputs") -> int | None:
+    """The length every value of ``inputs`` (nested dicts too) has, else ``ValueError`` naming two."""
+    lengths: dict[str, int] = {}
+    for key, value in inputs.items():
+        name = f"{path}[{key!r}]"
+        length = _common_length(value, name) if isinstance(value, dict) else len(value)
+        if length is not None:
+            lengths[name] = length
+    if len(set(lengths.values())) > 1:
+        short = min(lengths, key=lengths.__getitem__)
+        long = max(lengths, key=lengths.__getitem__)
+        raise ValueError(
+            f"split_between_processes(): every value of a dict must have the same length, but {short} has "
+            f"{lengths[short]} elements and {long} has {lengths[long]}"
+        )
+    return next(iter(lengths.values()), None)

@@ -139,6 +139,13 @@ class DDPStrategy(
         if not _wrapped(module, "no_backward_sync"):
             yield  # a module that trains nothing (left unwrapped by setup_module): nothing to hold back
             return
+        if module.static_graph and not getattr(module, "_static_graph_delay_allreduce_enqueued", True):
+            # A static graph is recorded in the first synchronized backward; a backward under
+            # no_sync() before it fails an internal assert in torch's reducer. So this one
+            # synchronizes: the gradients then hold the average so far, equal on every rank, and the
+            # window's last all-reduce averages the rest onto it (the same sum).
+            yield
+            return
         with module.no_sync():
             yield
 

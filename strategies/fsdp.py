@@ -212,13 +212,25 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         wrap = self.config.wrap
         if wrap is None:
             return []
+        ties = _ties(root)
         if wrap == "auto":
-            return _size_based_units(root, self.config.min_params)
+            return _size_based_units(root, self.config.min_params, ties)
         if isinstance(wrap, (set, frozenset)):
             classes = _resolve(root, wrap, "wrap")
-            return [m for m in reversed(list(root.modules())) if m is not root and isinstance(m, classes)]
-        assert callable(wrap)
-        return [m for m in reversed(list(root.modules())) if m is not root and wrap(m)]
+            chosen: Callable[[nn.Module], bool] = lambda m: isinstance(m, classes)  # noqa: E731
+        else:
+            assert callable(wrap)
+            chosen = wrap
+        units = [m for m in reversed(list(root.modules())) if m is not root and chosen(m)]
+        for unit in units:
+            split = _split_tie(unit, ties)
+            if split is not None:  # FSDP2 would raise at the first forward, naming an API ember hides
+                raise ValueError(
+                    f"FSDPConfig(wrap=...): {split[0]!r} is the same parameter as {split[1]!r} (tied weights), but "
+                    f"the {type(unit).__name__} holding only the first would be its own shard unit. A tied "
+                    "parameter must be in one unit: leave that class out of wrap, or use wrap='auto'"
+                )
+        return units
 
     @override
     def setup_module_and_optimizers(
@@ -253,18 +265,23 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             "offload_policy": offload,
             "mesh": self.device_mesh,
         }
-        on_meta = any(p.device.type == "meta" for p in module.parameters())
+        # Only the submodules built on the meta device are materialised (a pretrained part keeps its weights).
+        on_meta = [
+            m for m in module.modules() if any(t.is_meta for t in [*m.parameters(False), *m.buffers(False)])
+        ]
         if not on_meta and not self.config.offload:
             module = module.to(self.root_device)
         for unit in self._units(module):
             fully_shard(unit, **options)
         fully_shard(module, **options)
         if on_meta:  # built without memory: each rank materialises only its shards
-            module.to_empty(device="cpu" if self.config.offload else self.root_device)
-            for sub in module.modules():
+            device = torch.device("cpu") if self.config.offload else self.root_device
+            # to_empty(), sparing what is not on meta (FSDP's units re-read their shards after _apply).
+            module._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t)
+            for sub in on_meta:
                 reset = getattr(sub, "reset_parameters", None)
                 if callable(reset):
-                    reset()
+                    _reset_sharded(sub, reset)
         return module
 
     @override
@@ -349,16 +366,59 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         )
 
 
+def _reset_sharded(module: nn.Module, reset: Callable[[], Any]) -> None:
+    """``module.reset_parameters()`` for a module whose own parameters are sharded DTensors. Where
+    DTensor has no RNG tracker (CPU), each rank would draw its shard from the same RNG state: every
+    shard alike (duplicated rows). So the module's parameters are initialised full size (one module
+    at a time), and rank 0's values are scattered into the shards: the init of the unsharded model."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    sharded = {n: p for n, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
+    full = {
+        n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device))
+        for n, p in sharded.items()
+    }
+    module._parameters.update(full)
+    try:
+        reset()
+    finally:
+        module._parameters.update(sharded)
+    with torch.no_grad():
+        for name, param in sharded.items():
+            shard = distribute_tensor(full[name].data, param.device_mesh, param.placements)
+            param.to_local().copy_(shard.to_local())
+
+
 def _require(module: nn.Module | None) -> nn.Module:
     if module is None:
         raise ValueError("FSDP: prepare() the optimizer together with the model whose parameters it holds")
     return module
 
 
-def _size_based_units(root: nn.Module, min_params: int) -> list[nn.Module]:
+def _ties(root: nn.Module) -> list[dict[int, str]]:
+    """Each parameter that several submodules hold (tied weights): the id of each holder -> its name."""
+    holders: dict[int, dict[int, str]] = {}
+    for prefix, module in root.named_modules():  # a module used in several places counts once
+        for name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), {})[id(module)] = f"{prefix}.{name}" if prefix else name
+    return [each for each in holders.values() if len(each) > 1]
+
+
+def _split_tie(unit: nn.Module, ties: list[dict[int, str]]) -> tuple[str, str] | None:
+    """Names of a tied parameter held inside and outside ``unit``, if making it a unit splits one."""
+    inside = {id(m) for m in unit.modules()}
+    for holders in ties:
+        names = [[n for i, n in holders.items() if (i in inside) == want] for want in (True, False)]
+        if names[0] and names[1]:
+            return names[0][0], names[1][0]
+    return None
+
+
+def _size_based_units(root: nn.Module, min_params: int, ties: list[dict[int, str]]) -> list[nn.Module]:
     """Bottom-up: a module becomes a unit once the parameters below it not yet in a unit reach
     ``min_params``. Containers without a forward (ModuleList/ModuleDict) never do: FSDP gathers
-    a unit's parameters in its forward hook."""
+    a unit's parameters in its forward hook. Nor does a module holding a tied parameter whose other
+    holder is outside it (an output layer sharing the embedding's weight): its parent gets it."""
     units: list[nn.Module] = []
 
     def visit(module: nn.Module) -> int:
@@ -368,6 +428,8 @@ def _size_based_units(root: nn.Module, min_params: int) -> list[nn.Module]:
             module is not root
             and pending >= min_params
             and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+            and module not in units  # a module used in several places is one unit
+            and _split_tie(module, ties) is None
         ):
             units.append(module)
             return 0

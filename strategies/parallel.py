@@ -40,6 +40,15 @@ def _destroy_process_group() -> None:
     dist.destroy_process_group()
 
 
+def _check_tensor(value: Any, method: str) -> None:
+    # Lightning's strategy.broadcast(obj) pickles any object; these collectives send tensors only.
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{method}() takes a torch.Tensor, got {type(value).__name__}. For other objects use "
+            "Accelerator.broadcast_object() or gather_object() (JSON values), or put numbers in a tensor"
+        )
+
+
 class ParallelStrategy(Strategy):
     """Process group set-up, rank bookkeeping and collectives; subclasses decide how modules are wrapped.
 
@@ -215,6 +224,7 @@ class ParallelStrategy(Strategy):
     @override
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", group: Any = None) -> torch.Tensor:
         check_reduce_op(op)
+        _check_tensor(tensor, "all_reduce")
         result, home = self._communicable(tensor)
         with self._collective("all_reduce"):
             dist.all_reduce(result, op=_REDUCE_OPS[op], group=group)
@@ -234,6 +244,7 @@ class ParallelStrategy(Strategy):
     @override
     def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:
         check_reduce_op(op)
+        _check_tensor(tensor, "start_all_reduce")
         if op == "mean" or type(self).all_reduce is not ParallelStrategy.all_reduce:
             return super().start_all_reduce(tensor, op)  # gloo has no AVG / not torch.distributed's (XLA)
         result, home = self._communicable(tensor)
@@ -249,6 +260,7 @@ class ParallelStrategy(Strategy):
 
     @override
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        _check_tensor(tensor, "all_gather")
         sent, home = self._communicable(tensor.contiguous())
         parts = [torch.empty_like(sent) for _ in range(self.world_size)]
         with self._collective("all_gather"):
@@ -257,6 +269,7 @@ class ParallelStrategy(Strategy):
 
     @override
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        _check_tensor(tensor, "broadcast")
         result, home = self._communicable(tensor.contiguous())
         with self._collective("broadcast"):
             dist.broadcast(result, src)
