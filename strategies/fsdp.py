@@ -23,6 +23,7 @@ from ember.precision import HalfPrecision, MixedPrecision, Precision
 from ember.strategies.base import Strategy, setup_rebinding_optimizers
 from ember.strategies.capabilities import BackwardSyncControl, MaterializesModules
 from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.fsdp_units import reset_sharded, size_based_units, split_tie, tied_parameters
 from ember.strategies.optim_state import is_named, parameter_names, to_named
 
 if TYPE_CHECKING:
@@ -212,9 +213,9 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         wrap = self.config.wrap
         if wrap is None:
             return []
-        ties = _ties(root)
+        ties = tied_parameters(root)
         if wrap == "auto":
-            return _size_based_units(root, self.config.min_params, ties)
+            return size_based_units(root, self.config.min_params, ties)
         if isinstance(wrap, (set, frozenset)):
             classes = _resolve(root, wrap, "wrap")
             chosen: Callable[[nn.Module], bool] = lambda m: isinstance(m, classes)  # noqa: E731
@@ -223,7 +224,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             chosen = wrap
         units = [m for m in reversed(list(root.modules())) if m is not root and chosen(m)]
         for unit in units:
-            split = _split_tie(unit, ties)
+            split = split_tie(unit, ties)
             if split is not None:  # FSDP2 would raise at the first forward, naming an API ember hides
                 raise ValueError(
                     f"FSDPConfig(wrap=...): {split[0]!r} is the same parameter as {split[1]!r} (tied weights), but "
@@ -281,7 +282,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             for sub in on_meta:
                 reset = getattr(sub, "reset_parameters", None)
                 if callable(reset):
-                    _reset_sharded(sub, reset)
+                    reset_sharded(sub, reset)
         return module
 
     @override
@@ -366,74 +367,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         )
 
 
-def _reset_sharded(module: nn.Module, reset: Callable[[], Any]) -> None:
-    """``module.reset_parameters()`` for a module whose own parameters are sharded DTensors. Where
-    DTensor has no RNG tracker (CPU), each rank would draw its shard from the same RNG state: every
-    shard alike (duplicated rows). So the module's parameters are initialised full size (one module
-    at a time), and rank 0's values are scattered into the shards: the init of the unsharded model."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    sharded = {n: p for n, p in module.named_parameters(recurse=False) if isinstance(p, DTensor)}
-    full = {
-        n: nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.to_local().device))
-        for n, p in sharded.items()
-    }
-    module._parameters.update(full)
-    try:
-        reset()
-    finally:
-        module._parameters.update(sharded)
-    with torch.no_grad():
-        for name, param in sharded.items():
-            shard = distribute_tensor(full[name].data, param.device_mesh, param.placements)
-            param.to_local().copy_(shard.to_local())
-
-
 def _require(module: nn.Module | None) -> nn.Module:
     if module is None:
         raise ValueError("FSDP: prepare() the optimizer together with the model whose parameters it holds")
     return module
-
-
-def _ties(root: nn.Module) -> list[dict[int, str]]:
-    """Each parameter that several submodules hold (tied weights): the id of each holder -> its name."""
-    holders: dict[int, dict[int, str]] = {}
-    for prefix, module in root.named_modules():  # a module used in several places counts once
-        for name, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), {})[id(module)] = f"{prefix}.{name}" if prefix else name
-    return [each for each in holders.values() if len(each) > 1]
-
-
-def _split_tie(unit: nn.Module, ties: list[dict[int, str]]) -> tuple[str, str] | None:
-    """Names of a tied parameter held inside and outside ``unit``, if making it a unit splits one."""
-    inside = {id(m) for m in unit.modules()}
-    for holders in ties:
-        names = [[n for i, n in holders.items() if (i in inside) == want] for want in (True, False)]
-        if names[0] and names[1]:
-            return names[0][0], names[1][0]
-    return None
-
-
-def _size_based_units(root: nn.Module, min_params: int, ties: list[dict[int, str]]) -> list[nn.Module]:
-    """Bottom-up: a module becomes a unit once the parameters below it not yet in a unit reach
-    ``min_params``. Containers without a forward (ModuleList/ModuleDict) never do: FSDP gathers
-    a unit's parameters in its forward hook. Nor does a module holding a tied parameter whose other
-    holder is outside it (an output layer sharing the embedding's weight): its parent gets it."""
-    units: list[nn.Module] = []
-
-    def visit(module: nn.Module) -> int:
-        pending = sum(p.numel() for p in module.parameters(recurse=False))
-        pending += sum(visit(child) for child in module.children())
-        if (
-            module is not root
-            and pending >= min_params
-            and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
-            and module not in units  # a module used in several places is one unit
-            and _split_tie(module, ties) is None
-        ):
-            units.append(module)
-            return 0
-        return pending
-
-    visit(root)
-    return units
