@@ -138,7 +138,7 @@ class ProcessMixin:
 
     def reduce(self, tensor: Any, reduction: ReduceOp = "sum", scale: float = 1.0) -> Any:
         """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``;
-        each result multiplied by ``scale`` (as in 🤗 Accelerate)."""
+        each result multiplied by ``scale`` on every device (🤗 Accelerate applies ``scale`` on XLA only)."""
         check_reduce_op(reduction, "reduction")
         reduced = _ops.reduce(self._strategy, tensor, reduction)
         return reduced if scale == 1.0 else apply_to_tensors(reduced, lambda t: t * scale)
