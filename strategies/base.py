@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from torch import nn
@@ -239,6 +239,15 @@ class Strategy:
         """Reduce ``tensor`` across the processes (``group``: a ``torch.distributed`` process group
         of some of them; None: all)."""
         return tensor
+
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: str | None = "mean") -> Any:
+        """Lightning's ``strategy.reduce``: a tensor all-reduced with ``reduce_op`` (``"mean"``, also
+        spelled ``"avg"`` or None, the default; ``"sum"``, ``"max"``, ``"min"``); anything else as it is."""
+        if not isinstance(tensor, torch.Tensor):
+            return tensor
+        op = "mean" if reduce_op in (None, "avg") else reduce_op
+        check_reduce_op(op, "reduce_op")
+        return self.all_reduce(tensor, cast(ReduceOp, op), group)
 
     def start_all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum") -> Callable[[], torch.Tensor]:
         """Start an all-reduce without waiting for it: the returned function waits and gives the

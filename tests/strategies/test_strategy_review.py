@@ -81,14 +81,19 @@ def _strategy_collectives_on_objects_worker() -> dict:
             call()
         except TypeError as error:
             errors[name] = str(error)
+    # Lightning's strategy.reduce: "mean" (or "avg") by default, "sum" ...; a non-tensor as it is
+    value = torch.tensor(float(accelerator.process_index + 1))
+    errors["reduced"] = [strategy.reduce(value).item(), strategy.reduce(value, reduce_op="avg").item(),
+                         strategy.reduce(value, reduce_op="sum").item(), strategy.reduce("kept")]  # fmt: skip
     accelerator.end_training()
     return errors
 
 
-def test_strategy_collectives_refuse_objects_with_a_clear_error() -> None:
+def test_strategy_collectives_refuse_objects_and_reduce_as_lightnings() -> None:
     # A non-tensor got as far as torch.distributed on several processes: AttributeError ('str'
     # object has no attribute 'contiguous') or torch's own message, and the ranks out of step.
     for errors in run_processes(_strategy_collectives_on_objects_worker, nprocs=2):
+        assert errors.pop("reduced") == [1.5, 1.5, 3.0, "kept"]
         assert set(errors) == {"broadcast", "all_gather", "all_reduce"}
         assert "takes a torch.Tensor, got str" in errors["broadcast"]
         assert "broadcast_object" in errors["broadcast"]
