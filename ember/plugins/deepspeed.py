@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +18,17 @@ if TYPE_CHECKING:
 __all__ = ["DeepSpeedPlugin"]
 
 
+# The fields hf_ds_config may give instead (where; which of its values describe the run as it is)
+_GIVEN_BY_CONFIG: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "gradient_accumulation_steps": ("gradient_accumulation_steps",
+                                    lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "gradient_clipping": ("gradient_clipping",
+                          lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "offload_optimizer_device": ("zero_optimization.offload_optimizer.device", lambda v: v in ("none", "cpu")),
+    "offload_param_device": ("zero_optimization.offload_param.device", lambda v: v in ("none", "cpu")),
+}  # fmt: skip
+
+
 @dataclass
 class DeepSpeedPlugin:
     """DeepSpeed ZeRO settings (🤗 Accelerate's fields). ``hf_ds_config``: a DeepSpeed configuration
@@ -27,7 +38,9 @@ class DeepSpeedPlugin:
     ``offload_optimizer_device`` / ``offload_param_device`` (``"none"`` or ``"cpu"``),
     ``gradient_clipping`` (as in Accelerate, an unset or ``"auto"`` value clips at 1.0).
     ``gradient_accumulation_steps`` (or the config's) is the run's: it wins over the Accelerator's,
-    with a warning when they differ, as in Accelerate.
+    with a warning when they differ, as in Accelerate. As in Accelerate, a field left unset takes
+    ``hf_ds_config``'s value (``zero_stage``, ``gradient_accumulation_steps``, ``gradient_clipping``,
+    the offload devices), unless that is ``"auto"``.
     """
 
     hf_ds_config: Any = None
@@ -52,6 +65,14 @@ class DeepSpeedPlugin:
         if self.zero_stage is None:  # filled, as Accelerate's: the stage the configuration runs
             stage = strategy.config.user_config().get("zero_optimization", {}).get("stage", 0)
             self.zero_stage = stage if isinstance(stage, int) else None
+        if self.hf_ds_config is not None:  # likewise the fields left unset that hf_ds_config gives
+            given = self._given_config()
+            for name, (path, valid) in _GIVEN_BY_CONFIG.items():
+                value: Any = given
+                for part in path.split("."):
+                    value = value.get(part) if isinstance(value, dict) else None
+                if getattr(self, name) is None and valid(value):
+                    setattr(self, name, value)
 
     def strategy(self) -> tuple[DeepSpeedStrategy, int | None]:
         """The DeepSpeed strategy these fields describe, and the accumulation steps its configuration

@@ -101,3 +101,38 @@ class DeepSpeedConfig:
         if self.stage == 3:
             del zero["allgather_bucket_size"]  # stage 3 names its bucket sizes differently
         return {"zero_optimization": zero}
+
+
+def _fill_model_autos(config: dict[str, Any], module: Any) -> None:
+    """The ``"auto"`` entries of ``zero_optimization`` that 🤗 Accelerate fills from the model: bucket
+    sizes from ``model.config.hidden_size`` (the largest of ``hidden_sizes``), no 16-bit save gather."""
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict):
+        return
+    if zero.get("stage3_gather_16bit_weights_on_model_save") == "auto":
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    model_config = getattr(module, "config", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    if hidden is None and getattr(model_config, "hidden_sizes", None):
+        hidden = max(model_config.hidden_sizes)  # type: ignore[union-attr]
+    if not isinstance(hidden, int) or isinstance(hidden, bool):
+        return
+    sizes = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def _auto_keys(config: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted names of the entries still ``"auto"``."""
+    found = []
+    for key, value in config.items():
+        if isinstance(value, dict):
+            found += _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            found.append(f"{prefix}{key}")
+    return found

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from ember._registry import Registry
 from ember.precision import DoublePrecision, Precision
 from ember.strategies.base import Strategy
 from ember.strategies.capabilities import EngineCheckpoints, OwnsOptimizerStep
-from ember.strategies.deepspeed.config import DeepSpeedConfig
+from ember.strategies.deepspeed.config import DeepSpeedConfig, _auto_keys, _fill_model_autos
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.sharded_io import TensorSpec
@@ -200,11 +201,24 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
                 "DeepSpeed needs an optimizer: prepare() one with the model, or give an 'optimizer' block"
             )
         config = self._fill_config(config, client_optimizer=bool(optimizers))
+        _fill_model_autos(config, modules[0])
+        left = _auto_keys(config)
+        if left:  # DeepSpeed would drop an "auto" for its default without a word, or crash on it (an lr)
+            raise ValueError(
+                f"the DeepSpeed config leaves {', '.join(left)} at 'auto', which ember does not fill: give a value. "
+                "ember fills 'auto' only in train_micro_batch_size_per_gpu, train_batch_size, "
+                "gradient_accumulation_steps, gradient_clipping, fp16/bf16.enabled, "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save, and (from model.config.hidden_size, "
+                "as in Accelerate) zero_optimization.reduce_bucket_size, stage3_prefetch_bucket_size and "
+                "stage3_param_persistence_threshold"
+            )
         if self.is_global_zero:
             log.info("DeepSpeed configuration: %s", json.dumps(config, sort_keys=True))
         if self.root_device.type == "cpu":
             _skip_shm_comm_build()
         module = modules[0].to(self.root_device)
+        # DeepSpeed's engine insists on LOCAL_RANK, which a launcher sets; a plain `python train.py` has none.
+        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
         engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizers[0] if optimizers else None,
@@ -339,13 +353,16 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         inner = self.unwrap_module(module)
         if self._stage() != 3:
             inner.load_state_dict(state, strict=strict)
-            return
-        import deepspeed
+        else:
+            import deepspeed
 
-        params = dict(inner.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if self.is_global_zero:
+            # Every rank loads (each has the full state): ZeRO-3 partitions parameters, not buffers,
+            # and GatheredParameters hands on rank 0's parameters only.
+            with deepspeed.zero.GatheredParameters(list(inner.parameters()), modifier_rank=0):
                 inner.load_state_dict(state, strict=strict)
+        optimizer: Any = getattr(self._engine, "optimizer", None)
+        if hasattr(optimizer, "refresh_fp32_params"):  # else the next step starts from the old master weights
+            optimizer.refresh_fp32_params()
 
 
 def _skip_shm_comm_build() -> None:

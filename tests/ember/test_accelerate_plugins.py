@@ -243,6 +243,17 @@ def test_deepspeed_plugins_zero_stage_and_config_read_as_in_accelerate() -> None
         config["zero_optimization"]["stage"] = 1
 
 
+def test_deepspeed_plugins_fields_take_the_configs_values_as_in_accelerate() -> None:
+    given = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}, "gradient_clipping": 0.5,
+             "gradient_accumulation_steps": 4}  # fmt: skip
+    plugin = DeepSpeedPlugin(hf_ds_config=given)
+    assert (plugin.gradient_accumulation_steps, plugin.gradient_clipping) == (4, 0.5)
+    assert (plugin.offload_optimizer_device, plugin.offload_param_device) == ("cpu", None)
+    assert plugin.strategy()[1] == 4  # (and the plugin still describes the same run)
+    auto = DeepSpeedPlugin(hf_ds_config={"zero_optimization": {"stage": 2}, "gradient_clipping": "auto"})
+    assert auto.gradient_accumulation_steps is None and auto.gradient_clipping is None  # not given: ember's
+
+
 # -- fsdp_plugin ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("sharding", "reshard", "hybrid"),
