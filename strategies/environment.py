@@ -30,6 +30,7 @@ from dataclasses import dataclass
 __all__ = [
     "ProcessEnvironment",
     "detect_environment",
+    "ensure_local_rank",
     "find_free_port",
     "launch_defaults",
     "running_in_ci",
@@ -194,6 +195,11 @@ def may_be_terminal() -> bool:
         return sys.stdout is not None and sys.stdout.isatty()
     except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
         return False
+
+
+def ensure_local_rank(local_rank: int) -> None:
+    """Set ``LOCAL_RANK`` where no launcher did (a plain ``python train.py``): DeepSpeed's engine reads it."""
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
 
 
 def find_free_port() -> int:

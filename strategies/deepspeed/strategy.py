@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from ember.precision import DoublePrecision, Precision
 from ember.strategies.base import Strategy
 from ember.strategies.capabilities import EngineCheckpoints, OwnsOptimizerStep
 from ember.strategies.deepspeed.config import DeepSpeedConfig, _auto_keys, _fill_model_autos
-from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.environment import ProcessEnvironment, ensure_local_rank
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.sharded_io import TensorSpec
 
@@ -218,7 +217,7 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
             _skip_shm_comm_build()
         module = modules[0].to(self.root_device)
         # DeepSpeed's engine insists on LOCAL_RANK, which a launcher sets; a plain `python train.py` has none.
-        os.environ.setdefault("LOCAL_RANK", str(self.local_rank))
+        ensure_local_rank(self.local_rank)
         engine, _, _, _ = deepspeed.initialize(
             model=module,
             optimizer=optimizers[0] if optimizers else None,
