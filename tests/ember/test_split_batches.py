@@ -192,3 +192,19 @@ def test_a_batch_sampler_short_last_batch_counts_the_steps_each_rank_runs() -> N
             loader = _loader(data, 2, rank, even=even, batch_sampler=batch_sampler)
             assert len(loader) == lengths[rank]
             assert len(list(loader)) == lengths[rank]
+
+
+def _deepspeed_micro_batch_worker() -> int | None:
+    # No engine is built: the dataloader alone sets the micro batch the engine would get.
+    accelerator = Accelerator(
+        strategy="deepspeed", dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
+    accelerator.prepare(DataLoader(TensorDataset(torch.arange(16)), batch_size=8))
+    micro_batch: int | None = accelerator.strategy.micro_batch_size  # type: ignore[attr-defined]
+    accelerator.end_training()
+    return micro_batch
+
+
+def test_deepspeed_micro_batch_is_each_processs_slice_of_a_split_batch() -> None:
+    # As Accelerate: batch_size // num_processes (the engine's train_batch_size is then the global batch).
+    assert run_processes(_deepspeed_micro_batch_worker, nprocs=2) == [4, 4]
