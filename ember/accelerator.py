@@ -367,7 +367,9 @@ class Accelerator(
         self._objects.dataloaders.append(loader)
         if isinstance(self._strategy, OwnsOptimizerStep) and self._strategy.micro_batch_size is None:
             size = dataloader.batch_size  # (split_batches: each process takes a slice of it)
-            self._strategy.micro_batch_size = size // self.num_processes if loader.split_batches and size else size
+            self._strategy.micro_batch_size = (
+                size // self.num_processes if loader.split_batches and size else size
+            )
         return loader
 
     @contextmanager
