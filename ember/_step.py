@@ -210,12 +210,34 @@ class StepMixin:
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradient norm (gradients are unscaled first under ``16-mixed``); returns the total norm."""
+        if self._unscales and not self._gradient_state.sync_gradients:  # (one read outside 16-mixed)
+            scale = self._micro_step_scale()
+            if scale is not None:  # scaled gradients, kept scaled: clip them to the scaled bound
+                norm = self._strategy.clip_gradients_norm(
+                    _params(parameters), [], max_norm * scale, norm_type
+                )
+                return norm / scale
         return self._strategy.clip_gradients_norm(
             _params(parameters), self._inner_optimizers(), max_norm, norm_type
         )
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
+        if self._unscales and not self._gradient_state.sync_gradients:
+            scale = self._micro_step_scale()
+            if scale is not None:
+                self._strategy.clip_gradients_value(_params(parameters), [], clip_value * scale)
+                return
         self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
+
+    def _micro_step_scale(self) -> float | None:
+        """The loss scale on an accumulation micro-step under ``16-mixed`` (None: no scaling here).
+        The gradients stay scaled there (the scaler unscales once per step, at the boundary), so
+        clipping them to ``bound * scale`` clips the true gradients to ``bound``. DeepSpeed's engine
+        scales and clips on its own."""
+        scaler = self.precision.scaler
+        if self._owns_step or scaler is None or not scaler.is_enabled():
+            return None
+        return scaler.get_scale()
 
 
 def _params(parameters: Any) -> Sequence[torch.Tensor]:

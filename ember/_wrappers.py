@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -183,24 +184,49 @@ class PreparedScheduler:
 _ORIGINAL_FORWARD = "_ember_original_forward"
 
 
-def patch_forward(module: nn.Module, precision: Precision) -> None:
-    """Route ``module``'s forward through the precision plugin (input cast, autocast, output cast)."""
-    if not precision.wraps_forward or hasattr(module, _ORIGINAL_FORWARD):
-        return
-    original = module.forward
+class _PrecisionForward:
+    """The forward :func:`patch_forward` puts on a module (input cast, forward context, output cast).
 
-    @functools.wraps(original)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    An object, not a closure: ``copy.deepcopy(model)`` (an EMA or teacher copy) gets a forward that
+    runs the *copy*, and ``torch.save(model)`` pickles the module without the patch, as 🤗 Accelerate's
+    prepared models do (a later ``prepare`` patches the loaded module again).
+    """
+
+    def __init__(self, original: Callable[..., Any], precision: Precision) -> None:
+        self.original = original
+        self.precision = precision
+        functools.update_wrapper(self, original)  # name, docstring, signature (__wrapped__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        precision = self.precision
         args, kwargs = precision.convert_input((args, kwargs))
         with precision.forward_context():
-            output = original(*args, **kwargs)
+            output = self.original(*args, **kwargs)
         return precision.convert_output(output)
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _PrecisionForward:
+        # The original is the module's bound method: deep-copied, it is bound to the copy. The
+        # plugin is shared: one run has one.
+        return _PrecisionForward(copy.deepcopy(self.original, memo), self.precision)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unpatched, (self.original,)
+
+
+def _unpatched(original: Callable[..., Any]) -> Callable[..., Any]:
+    return original
+
+
+def patch_forward(module: nn.Module, precision: Precision) -> None:
+    """Route ``module``'s forward through the precision plugin (input cast, autocast, output cast)."""
+    if not precision.wraps_forward or isinstance(module.__dict__.get("forward"), _PrecisionForward):
+        return
+    original = module.forward
     setattr(module, _ORIGINAL_FORWARD, original)
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = _PrecisionForward(original, precision)  # type: ignore[method-assign]
 
 
 def unpatch_forward(module: nn.Module) -> None:
     original = module.__dict__.pop(_ORIGINAL_FORWARD, None)
-    if original is not None:
+    if original is not None and isinstance(module.__dict__.get("forward"), _PrecisionForward):
         del module.forward

@@ -96,7 +96,9 @@ class MixedPrecision(Precision):
         scale_before = self.scaler.get_scale()
         self.scaler.step(optimizer)
         self.scaler.update()
-        self._unscaled.discard(id(optimizer))
+        # update() forgets every optimizer's unscaling, so forget ours too: one unscaled for this step
+        # but stepped later (a GAN's second optimizer) is unscaled again after its own backward.
+        self._unscaled.clear()
         # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
         return self.scaler.get_scale() >= scale_before
 

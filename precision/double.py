@@ -36,5 +36,10 @@ class DoublePrecision(Precision):
         return default_dtype(torch.float64)
 
     @override
+    def forward_context(self) -> AbstractContextManager[Any]:
+        # As Lightning's: tensors the forward creates (RNN states, masks) get the weights' dtype.
+        return default_dtype(torch.float64)
+
+    @override
     def convert_input(self, data: Any) -> Any:
         return convert_floating(data, torch.float64)

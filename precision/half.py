@@ -46,5 +46,10 @@ class HalfPrecision(Precision):
         return default_dtype(self.dtype)
 
     @override
+    def forward_context(self) -> AbstractContextManager[Any]:
+        # As Lightning's: tensors the forward creates (RNN states, masks) get the weights' dtype.
+        return default_dtype(self.dtype)
+
+    @override
     def convert_input(self, data: Any) -> Any:
         return convert_floating(data, self.dtype)
