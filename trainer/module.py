@@ -15,7 +15,7 @@ from torch import nn
 from ember._tree import apply_to_tensors
 from ember.trainer.hparams import AttributeDict, HyperparametersMixin
 from ember.trainer.module_hooks import ModeHooks, StepHooks
-from ember.trainer.module_tools import ModuleTools
+from ember.trainer.module_tools import ModuleTools, numbers_to_tensors
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -174,7 +174,9 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
 
     @property
     def device(self) -> torch.device:
-        if self._trainer is not None:
+        """The strategy's device while a stage runs; else where the module's parameters are (it may
+        have been moved since, e.g. ``module.cpu()`` after a fit on a GPU)."""
+        if self._trainer is not None and self._trainer._running:
             return self._trainer.accelerator.device
         first = next(self.parameters(), None)
         return first.device if first is not None else torch.device("cpu")
@@ -233,17 +235,29 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
         else:
             builtins.print(*args, **kwargs)
 
-    def all_gather(self, data: Any, sync_grads: bool = False) -> Any:
-        """Every process's tensors (nested structures too), stacked along a new first dimension of size
-        ``world_size``; with one process, ``data`` as it is. ``sync_grads=True`` lets gradients flow
-        back to each process's tensor."""
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Every process's tensors (nested structures too; numbers and NumPy arrays become tensors first,
+        as Lightning's), stacked along a new first dimension of size ``world_size``; with one process,
+        not stacked. ``group``: a ``torch.distributed`` process group (None: every process);
+        ``sync_grads=True`` lets gradients flow back to each process's tensor."""
         trainer = self.trainer
+        data = numbers_to_tensors(data, self.device)
         if trainer.world_size == 1:
             return data
-        if sync_grads:
+        if sync_grads or group is not None:
+            import torch.distributed as dist
             import torch.distributed.nn.functional as differentiable
 
-            return apply_to_tensors(data, lambda t: torch.stack(differentiable.all_gather(t.contiguous())))
+            every = group if group is not None else dist.group.WORLD
+
+            def gather(tensor: torch.Tensor) -> torch.Tensor:
+                if sync_grads:
+                    return torch.stack(differentiable.all_gather(tensor.contiguous(), group=every))
+                parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(every))]
+                dist.all_gather(parts, tensor.contiguous(), group=every)
+                return torch.stack(parts)
+
+            return apply_to_tensors(data, gather)
         return apply_to_tensors(data, trainer.strategy.all_gather)
 
     # -- logging -----------------------------------------------------------------------------------
@@ -306,9 +320,11 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
             self.log(name, value, **kwargs)
 
     # -- optimizers (manual optimisation) ------------------------------------------------------------
-    def optimizers(self) -> Any:
-        """The prepared optimizer (or the list, when there are several)."""
-        optimizers = self.trainer._step_optimizers
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """The prepared optimizer (or the list, when there are several); ``use_pl_optimizer=False``:
+        the optimizers ``configure_optimizers()`` returned, unwrapped (as Lightning's)."""
+        trainer = self.trainer
+        optimizers = trainer._step_optimizers if use_pl_optimizer else trainer.optimizers
         return optimizers[0] if len(optimizers) == 1 else optimizers
 
     def lr_schedulers(self) -> Any:
@@ -320,6 +336,11 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
 
     def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
         """``loss.backward()`` through the strategy and precision plugin, for manual optimisation."""
+        if self.automatic_optimization:  # (the Trainer would run a second backward of the returned loss)
+            raise RuntimeError(
+                f"manual_backward() needs manual optimization: set {type(self).__name__}.automatic_optimization = "
+                "False, or return the loss from training_step and let the Trainer run the backward pass"
+            )
         self.trainer._backward(loss, **kwargs)
 
     # -- hyper-parameters (save_hyperparameters, hparams, hparams_initial: HyperparametersMixin) ------
@@ -338,6 +359,12 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
         them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``.
         ``strict``: None follows :attr:`strict_loading`."""
         from ember.trainer.checkpointing import load_module  # (it imports this module)
+
+        if map_location is not None and not isinstance(map_location, str | torch.device | int):
+            raise ValueError(  # (torch.load's dict or function: ember reads the tensors onto the CPU)
+                f"load_from_checkpoint(map_location={map_location!r}): valid choices are a device "
+                "(a str such as 'cpu' or 'cuda:0', a torch.device or an index) or None, the CPU"
+            )
 
         return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]
 

@@ -65,8 +65,9 @@ class StepHooks:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip the gradients of this module's parameters (unscaled first under ``16-mixed``); no value:
-        nothing to clip. ``gradient_clip_algorithm``: ``"norm"`` (the default) or ``"value"``."""
+        """Clip the gradients of ``optimizer``'s parameters, as Lightning's (unscaled first under
+        ``16-mixed``); no value: nothing to clip. ``gradient_clip_algorithm``: ``"norm"`` (the
+        default) or ``"value"``."""
         algorithm = gradient_clip_algorithm or "norm"
         if algorithm not in ("norm", "value"):
             raise ValueError(
@@ -75,10 +76,21 @@ class StepHooks:
         if not gradient_clip_val:
             return
         accelerator = self.trainer.accelerator
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner is None:
+            clip = accelerator.clip_grad_norm_ if algorithm == "norm" else accelerator.clip_grad_value_
+            clip(self.parameters(), gradient_clip_val)
+            return
+        # Only this optimizer's parameters, unscaled (16-mixed) alone: with several (manual
+        # optimization), the others' gradients are not its to clip, nor part of its norm, and one
+        # unscaled now would be unscaled again at its own step, after the scaler's update.
+        params = [p for group in inner.param_groups for p in group["params"]]
+        unscale = [inner] if accelerator.sync_gradients else []
+        strategy = self.trainer.strategy
         if algorithm == "norm":
-            accelerator.clip_grad_norm_(self.parameters(), gradient_clip_val)
+            strategy.clip_gradients_norm(params, unscale, gradient_clip_val)
         else:
-            accelerator.clip_grad_value_(self.parameters(), gradient_clip_val)
+            strategy.clip_gradients_value(params, unscale, gradient_clip_val)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
         """Step one LR scheduler at its interval; ``metric``: the monitored value (ReduceLROnPlateau).

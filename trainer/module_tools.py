@@ -245,6 +245,29 @@ class ModuleTools:
             return torch.onnx.export(module, args, file_path, **kwargs)  # type: ignore[arg-type]
 
 
+def numbers_to_tensors(data: Any, device: torch.device) -> Any:
+    """``data`` with each bool, int, float and NumPy array (in lists, tuples and dicts too) made a tensor
+    on ``device``, as Lightning's ``all_gather`` converts them (uint8, int32, float32)."""
+    if isinstance(data, bool | int | float):
+        dtype = (
+            torch.uint8 if isinstance(data, bool) else torch.int32 if isinstance(data, int) else torch.float32
+        )
+        return torch.tensor(data, dtype=dtype, device=device)
+    if type(data).__module__ == "numpy" and type(data).__name__ == "ndarray":
+        return torch.from_numpy(data).to(device)
+    if isinstance(data, dict):
+        items = {key: numbers_to_tensors(value, device) for key, value in data.items()}
+        try:
+            return type(data)(items)
+        except TypeError:  # dicts whose constructor takes something else (defaultdict)
+            return items
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(numbers_to_tensors(value, device) for value in data))
+    if isinstance(data, list | tuple):
+        return type(data)(numbers_to_tensors(value, device) for value in data)
+    return data
+
+
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 

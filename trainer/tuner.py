@@ -205,14 +205,15 @@ class LRSearch:
             raise ValueError(
                 f"this Trainer has a {type(finder).__name__} callback already: remove it to use the Tuner"
             )
-        callbacks, loggers = trainer._callbacks, trainer.loggers
+        # (``callbacks``: the last stage's, with its module's; the run sets them with the finder.)
+        given, callbacks, loggers = trainer._callbacks, trainer.callbacks, trainer.loggers
         # First: it ends the run before the others' hooks (ModelSummary would print).
-        trainer._callbacks, trainer.loggers = [finder, *callbacks], []
+        trainer._callbacks, trainer.loggers = [finder, *given], []
         state = rng_state(xla=trainer.strategy.accelerator == "xla")
         try:
             run()
         finally:
-            trainer._callbacks, trainer.loggers = callbacks, loggers
+            trainer._callbacks, trainer.callbacks, trainer.loggers = given, callbacks, loggers
             set_rng_state(state)
 
     def _lr_range_test(self, settings: SearchSettings) -> LRFinder:

@@ -407,3 +407,12 @@ def test_a_search_that_takes_no_step_ends_after_one_epoch(tmp_path: Path) -> Non
     assert finder is not None and finder.results["lr"] == [] and finder.suggestion() is None
     assert module.batches == 3  # one epoch of 3 batches, not 50 steps' worth of epochs
     assert trainer.global_step == 0 and module.w.item() == 1.0
+
+
+def test_the_trainers_callbacks_after_the_tuner_are_those_before_it(tmp_path: Path) -> None:
+    counter = CountBatches()
+    trainer = _trainer(tmp_path, callbacks=[counter])
+    before = list(trainer.callbacks)
+    Tuner(trainer).lr_find(Net(), _loader(), num_training=4, update_attr=False)
+    assert trainer.callbacks == before  # the finder is gone, not only from the next stage's
+    assert not any(isinstance(c, LearningRateFinder) for c in trainer.callbacks)
