@@ -202,6 +202,10 @@ class Strategy:
             and type(self.precision).optimizer_step is Precision.optimizer_step
         )
 
+    def prepare_for_manual_backward(self, module: nn.Module, loss: torch.Tensor) -> None:
+        """Called before each backward a module runs itself (manual optimization: several a step, of
+        losses from one forward). A wrapper that expects one backward per forward (DDP) is readied here."""
+
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         precision = self.precision
         loss = precision.pre_backward(loss)

@@ -134,6 +134,21 @@ class DDPStrategy(
         return module.module if isinstance(module, DistributedDataParallel) else module
 
     @override
+    def prepare_for_manual_backward(self, module: nn.Module, loss: torch.Tensor) -> None:
+        # DDP readies its reducer for one backward at the end of each forward; a manual step runs a
+        # backward per optimizer (a GAN's two), so each is readied as Lightning's DDP does: the
+        # buckets rebuilt, and the parameters that loss does not reach marked (find_unused_parameters).
+        if not isinstance(module, DistributedDataParallel):
+            return
+        if not (torch.is_grad_enabled() and module.require_backward_grad_sync):  # (under no_sync)
+            module.require_forward_param_sync = False
+            return
+        module.require_forward_param_sync = True
+        reached = [loss] if module.find_unused_parameters and not module.static_graph else []
+        module.reducer._rebuild_buckets()
+        module.reducer.prepare_for_backward(reached)
+
+    @override
     @contextmanager
     def no_backward_sync(self, module: nn.Module) -> Iterator[None]:
         if not _wrapped(module, "no_backward_sync"):

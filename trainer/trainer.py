@@ -385,7 +385,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
             self._running, self._evaluation = "", ""
 
-    def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
+    def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:  # (manual_backward)
+        self.strategy.prepare_for_manual_backward(self.model, loss)
         backward(self, self._hook_plan.entries(self), loss, **kwargs)
 
     def _step_schedulers(self, interval: str) -> None:

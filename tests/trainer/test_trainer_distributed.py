@@ -133,3 +133,51 @@ def test_sync_dist_across_ranks(tmp_path: Path) -> None:
     # Each step adds d(both ranks' sums)/d(this rank's weight) = 2 ranks' losses x (rank + 1) to the
     # gradient: 2 then 4 on rank 0 (2 batches each), logged as their mean; 4 then 8 on rank 1.
     assert [r["grad"] for r in ranks] == [3.0, 6.0]
+
+
+def _gan_worker(strategy: str, batch_size: int, toggle: bool) -> list[float]:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ember import Trainer, TrainModule
+
+    class Gan(TrainModule):  # Lightning's manual-optimization GAN loop: two backward passes a step
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.g, self.d = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            x, y = batch
+            g_opt, d_opt = self.optimizers()
+            for opt, other, sign in ((d_opt, g_opt, -1.0), (g_opt, d_opt, 1.0)):
+                if toggle:
+                    self.toggle_optimizer(opt)
+                loss = ((self.d(self.g(x)) + sign * y) ** 2).mean()
+                opt.zero_grad()
+                other.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+                if toggle:
+                    self.untoggle_optimizer(opt)
+
+        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+            return torch.optim.SGD(self.g.parameters(), lr=0.1), torch.optim.SGD(self.d.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4), torch.randn(16, 1))
+    module = Gan()
+    trainer = Trainer(strategy=strategy, max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=batch_size))
+    return [float(p.sum()) for p in module.parameters()]
+
+
+def test_manual_optimization_with_two_backward_passes_a_step_under_ddp() -> None:
+    # DDP readies its reducer for one backward per forward; each manual_backward is readied anew (it
+    # failed in torch's reducer). Two ranks on batches of 2 take the steps of one process on batches of 4.
+    (expected,) = run_processes(_gan_worker, "auto", 4, False, nprocs=1)
+    for strategy, toggle in (("ddp", False), ("ddp_find_unused_parameters_true", True)):
+        ranks = run_processes(_gan_worker, strategy, 2, toggle, nprocs=2)
+        assert ranks[0] == ranks[1]
+        assert max(abs(a - b) for a, b in zip(ranks[0], expected, strict=True)) < 1e-6
