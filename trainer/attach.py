@@ -90,9 +90,11 @@ class StageAttachment:
         # fit never reads a value of an earlier stage. (A resumed fit loads its own after this.)
         trainer._metrics.clear()
         trainer.logged_metrics, trainer._progress_bar_stale = {}, True
-        self.callbacks = checkpointing.check_callbacks(
-            checkpointing.merge_callbacks(self._callbacks, list(module.configure_callbacks()))
-        )
+        from ember.callbacks.base import Callback
+
+        extra = module.configure_callbacks()  # (one Callback, or a sequence of them, as Lightning)
+        extra = [extra] if isinstance(extra, Callback) else list(extra)
+        self.callbacks = checkpointing.check_callbacks(checkpointing.merge_callbacks(self._callbacks, extra))
         self._datamodule = datamodule
         if datamodule is not None:
             datamodule.trainer = trainer

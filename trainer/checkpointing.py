@@ -133,6 +133,7 @@ def load_module(
             f"{module.strict_loading!r}: give both the same value, or leave strict to the module"
         )
     strict = module.strict_loading if strict is None else strict
+    module.configure_model()  # (as Lightning: layers it builds are there to load into)
     module.on_load_checkpoint(checkpoint)
     # (A pruned fit's weight_orig and weight_mask load into the plain module's weight.)
     state = fold_pruned(full_state_dict(path, manifest), module.state_dict())

@@ -201,3 +201,41 @@ def test_clip_gradients_under_16_mixed_unscales_only_the_given_optimizer(tmp_pat
     _trainer(tmp_path / "b", max_steps=3, precision="16-mixed").fit(plain, _data())
     for got, want in zip(clipped.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(got, want)  # (b's gradients were unscaled twice: b barely moved)
+
+
+class _Built(TrainModule):
+    """Builds its layer in configure_model (Lightning's hook for large or sharded models)."""
+
+    def __init__(self, hidden: int = 3) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net: nn.Module | None = None
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Linear(4, self.hparams.hidden)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.net is not None
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def configure_callbacks(self) -> Any:  # one callback, not a list (Lightning accepts it)
+        from ember.callbacks import LambdaCallback
+
+        return LambdaCallback(on_fit_start=lambda trainer, module: setattr(module, "started", True))
+
+
+def test_load_from_checkpoint_runs_configure_model_and_one_configured_callback_is_taken(
+    tmp_path: Path,
+) -> None:
+    module = _Built()
+    trainer = _trainer(tmp_path, max_steps=1, enable_checkpointing=True)
+    trainer.fit(module, _data())
+    assert module.started  # type: ignore[attr-defined]
+    assert trainer.checkpoint_callback is not None
+    loaded = _Built.load_from_checkpoint(trainer.checkpoint_callback.best_model_path)
+    assert loaded.net is not None and module.net is not None  # built before the weights were loaded
+    assert torch.equal(loaded.net.weight, module.net.weight)
