@@ -249,6 +249,7 @@ class StateMixin:
         your names with (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in
         🤗 Accelerate; ``clear`` is the same method."""
         self._forget()
+        self._strategy.release()  # (an engine the strategy holds: a new prepare() builds another)
         released: list[None] = [None] * len(objects)
         del objects  # the caller's references are the last ones once it rebinds them
         gc.collect()

@@ -202,6 +202,10 @@ class Strategy:
             and type(self.precision).optimizer_step is Precision.optimizer_step
         )
 
+    def release(self) -> None:
+        """``Accelerator.free_memory``: drop what ``prepare`` built that the strategy holds itself (an
+        engine), so that a new ``prepare`` starts afresh (find_executable_batch_size's retries)."""
+
     def prepare_for_manual_backward(self, module: nn.Module, loss: torch.Tensor) -> None:
         """Called before each backward a module runs itself (manual optimization: several a step, of
         losses from one forward). A wrapper that expects one backward per forward (DDP) is readied here."""

@@ -240,6 +240,12 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         return inner if inner is not None and type(module).__name__ == "DeepSpeedEngine" else module
 
     @override
+    def release(self) -> None:
+        if self._engine is not None:  # (Accelerate destroys it too: its hooks and buffers go with it)
+            self._engine.destroy()
+        self._engine, self.micro_batch_size, self.deepspeed_config = None, None, {}
+
+    @override
     def compile_engine(self, engine: nn.Module, compile_kwargs: dict[str, Any]) -> None:
         options = dict(compile_kwargs)  # (DeepSpeed takes the backend apart from the other options)
         engine.compile(backend=options.pop("backend", "inductor"), compile_kwargs=options)  # type: ignore[operator]

@@ -50,10 +50,21 @@ def _one_process_worker() -> dict[str, Any]:
         F.mse_loss(plain(x), y).backward()
         plain_optimizer.step()
         plain_optimizer.zero_grad()
-    return {
+    result = {
         "zero": accelerator.strategy.deepspeed_config["zero_optimization"],  # type: ignore[attr-defined]
         "error": max(float((weights[k] - v).abs().max()) for k, v in plain.state_dict().items()),
     }
+    # find_executable_batch_size's retry: free everything, prepare anew at a smaller batch size.
+    model, optimizer, loader = accelerator.free_memory(model, optimizer, loader)
+    model = _model()
+    model, optimizer, loader = accelerator.prepare(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(_data(), batch_size=2)
+    )
+    x, y = next(iter(loader))
+    accelerator.backward(F.mse_loss(model(x), y))
+    optimizer.step()
+    result["micro_batch_again"] = accelerator.strategy.micro_batch_size  # type: ignore[attr-defined]
+    return result
 
 
 @pytest.mark.timeout(TIMEOUT + 60)
@@ -64,6 +75,7 @@ def test_one_process_run_and_hidden_size_autos_as_in_accelerate() -> None:
     assert zero["reduce_bucket_size"] == 64 and zero["stage3_prefetch_bucket_size"] == 57
     assert zero["stage3_param_persistence_threshold"] == 80
     assert zero["stage3_gather_16bit_weights_on_model_save"] is False
+    assert result["micro_batch_again"] == 2  # free_memory released the engine: a new one was built
 
 
 def test_auto_values_ember_cannot_fill_are_refused_by_name() -> None:
