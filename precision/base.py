@@ -110,6 +110,12 @@ class Precision:
 def resolve_precision(value: str | int | Precision, *, device_type: str) -> Precision:
     """Turn ``precision=`` (a name, an alias such as ``16`` or ``"bf16"``, or a plugin) into a plugin."""
     if isinstance(value, Precision):
+        given = getattr(value, "device_type", device_type)
+        if given != device_type and {given, device_type} <= {"cpu", "cuda"}:  # it would cast the wrong device
+            raise ValueError(
+                f"precision={type(value).__name__}({value.name!r}, device_type={given!r}): this run's device is "
+                f"{device_type!r}; make the plugin with device_type={device_type!r} (or pass precision={value.name!r})"
+            )
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise TypeError(

@@ -170,3 +170,11 @@ def test_16_mixed_on_two_processes_skips_together_and_clips_true_gradients() -> 
         assert rank["False"]["skipped"] == [True, False, True, True, True, False]  # step 3: inf on rank 1
         assert rank["True"] == rank["False"]  # clipping true gradients below the bound changes nothing
     assert ranks[0] == ranks[1]
+
+
+def test_a_plugin_made_for_another_device_is_refused_before_the_run_starts() -> None:
+    from ember.precision import MixedPrecision
+
+    with pytest.raises(ValueError, match=r"device_type='cuda'\): this run's device is 'cpu'"):
+        Accelerator(cpu=True, precision=MixedPrecision("bf16-mixed", "cuda"))
+    assert Accelerator(cpu=True, precision=MixedPrecision("bf16-mixed", "cpu")).mixed_precision == "bf16"
