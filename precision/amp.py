@@ -30,7 +30,15 @@ class MixedPrecision(Precision):
         precision: str = "bf16-mixed",
         device_type: str = "cpu",  # (positional too: Lightning's MixedPrecision(precision, device))
         scaler: torch.amp.GradScaler | None = None,
+        *,
+        device: str | None = None,
     ) -> None:
+        if device is not None:  # Lightning's keyword: MixedPrecision(precision=..., device="cuda")
+            if device_type not in ("cpu", device):
+                raise ValueError(
+                    f"MixedPrecision(device_type={device_type!r}, device={device!r}): give one of the two"
+                )
+            device_type = device
         super().__init__(device_type=device_type)
         if precision not in ("16-mixed", "bf16-mixed"):
             raise ValueError(

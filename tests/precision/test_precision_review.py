@@ -178,3 +178,11 @@ def test_a_plugin_made_for_another_device_is_refused_before_the_run_starts() -> 
     with pytest.raises(ValueError, match=r"device_type='cuda'\): this run's device is 'cpu'"):
         Accelerator(cpu=True, precision=MixedPrecision("bf16-mixed", "cuda"))
     assert Accelerator(cpu=True, precision=MixedPrecision("bf16-mixed", "cpu")).mixed_precision == "bf16"
+
+
+def test_mixed_precision_takes_lightnings_device_keyword() -> None:
+    from ember.precision import MixedPrecision
+
+    assert MixedPrecision(precision="bf16-mixed", device="cuda").device_type == "cuda"
+    with pytest.raises(ValueError, match=r"device_type='cuda', device='xla'\): give one of the two"):
+        MixedPrecision("bf16-mixed", "cuda", device="xla")
