@@ -15,7 +15,7 @@ import torch
 from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.prediction import start_record
-from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, timed, timed_batches
+from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, module_hook, timed, timed_batches
 from ember.trainer.step import Epoch, detached
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def run_fit(trainer: Trainer) -> None:
             state.train_done = True
         if not state.val_done:
             if _validate_at_epoch_end(trainer):
+                module_hook(trainer, "on_validation_model_zero_grad")()  # (an epoch ends on a step)
                 run_evaluation(
                     trainer, "validation", trainer._val_loaders, trainer._val_limits(), at_epoch_end=True
                 )
@@ -187,6 +188,8 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
         for hook in entry[3]:
             hook(outputs, batch, batch_idx)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
+        if should_step:  # (as Lightning: not in the middle of an accumulation window)
+            module_hook(trainer, "on_validation_model_zero_grad")()
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
     # A step boundary: no gradients are pending and the validation due after this batch has run, so
     # a checkpoint here resumes exactly with the next batch. A pre-emption stops here.

@@ -4,9 +4,10 @@ The Trainer runs its own, faster, code for each step hook a module leaves alone 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from ember._tree import move_to_device
 
@@ -119,6 +120,11 @@ class ModeHooks:
 
         @property
         def trainer(self) -> Trainer: ...
+
+    def on_validation_model_zero_grad(self) -> None:
+        """Before a validation run inside a fit, at a step boundary: release the gradients (Lightning's
+        hook; the memory is then free while validation runs)."""
+        cast(nn.Module, self).zero_grad()
 
     def on_validation_model_eval(self) -> None:
         """Before ``on_validation_start``: put the model in eval mode."""

@@ -115,6 +115,7 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
         "callback.on_before_zero_grad", "module.on_before_zero_grad",  # after the step
         *batch_end,
+        "module.on_validation_model_zero_grad",  # a fit's validation, not the sanity check's
         *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
         "module.on_validation_model_train",
         "callback.on_train_epoch_end", "module.on_train_epoch_end",

@@ -363,3 +363,28 @@ def test_a_module_backward_under_ddp_keeps_the_gradients_in_sync(tmp_path: Path)
     assert [r["backwards"] for r in ranks] == [2, 2]
     assert ranks[0]["weight"] == ranks[1]["weight"]
     assert ranks[0]["device_ids"] == [0, 1] and ranks[0]["num_nodes"] == 1
+
+
+def test_gradients_are_released_before_each_validation_of_a_fit(tmp_path: Path) -> None:
+    class Released(MonteCarloDropout):
+        def on_validation_model_zero_grad(self) -> None:
+            self.calls.append("on_validation_model_zero_grad")
+            super().on_validation_model_zero_grad()
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            self.layer.weight.grad = torch.ones_like(self.layer.weight)  # after the step's zero_grad
+
+        def on_validation_start(self) -> None:
+            self.calls.append(("grad", self.layer.weight.grad is None))
+
+    module = Released()
+    _trainer(tmp_path, limit_val_batches=1, val_check_interval=2, limit_train_batches=4).fit(
+        module, _loader(), _loader()
+    )
+    # As Lightning: before each validation run of the fit (mid-epoch and at its end), the module's hook
+    # (by default zero_grad(): the gradients are None while validation runs); not in validate().
+    first = ["on_validation_model_zero_grad", "on_validation_model_eval", ("grad", True)]
+    assert module.calls[:3] == first and module.calls.count("on_validation_model_zero_grad") == 2
+    module.calls.clear()
+    _trainer(tmp_path, limit_val_batches=1).validate(module, _loader(), verbose=False)
+    assert "on_validation_model_zero_grad" not in module.calls
