@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
@@ -134,6 +134,8 @@ def find_loaders(
         source = getattr(module, f"{kind}_dataloader")()
     if source is None:
         return []
+    if isinstance(source, Mapping):  # Lightning's dict of loaders: dataloader_idx in the dict's order
+        source = list(source.values())
     loaders = list(source) if isinstance(source, (list, tuple)) else [source]
     for loader in loaders:
         if not isinstance(loader, DataLoader):

@@ -210,3 +210,26 @@ def test_early_stopping_stops_past_the_stopping_threshold_not_at_it(mode: str, p
     stopper = EarlyStopping("m", mode=mode, patience=10, stopping_threshold=0.5)
     assert stopper._decide(0.5) == ""
     assert "reached stopping_threshold=0.5" in stopper._decide(past)
+
+
+def test_evaluation_and_prediction_take_a_dict_of_loaders_as_lightning(tmp_path: Path) -> None:
+    from ember import TrainModule
+
+    class Module(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self.log("size", float(batch[0].shape[0]))
+
+        def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+            return dataloader_idx
+
+    def loader(n: int) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(torch.ones(n, 4)), batch_size=n)
+
+    trainer = _trainer(tmp_path)
+    results = trainer.validate(Module(), {"small": loader(2), "large": loader(3)}, verbose=False)
+    assert results == [{"size/dataloader_idx_0": 2.0}, {"size/dataloader_idx_1": 3.0}]  # the dict's order
+    assert trainer.predict(Module(), {"a": loader(2), "b": loader(3)}) == [[0], [1]]
