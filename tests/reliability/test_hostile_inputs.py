@@ -572,8 +572,10 @@ def _cases() -> list[Case]:
             ),
         ]
     cases += [
-        Case(CSVLogger, "name", _is_str),
+        Case(CSVLogger, "name", _optional(_is_str)),
         Case(CSVLogger, "flush_every_n_rows", _int(1)),
+        Case(CSVLogger, "flush_logs_every_n_steps", _optional(_int(1))),
+        Case(CSVLogger, "prefix", _is_str),
         Case(TensorBoardLogger, "name", _is_str),
         Case(TensorBoardLogger, "prefix", _is_str),
         Case(WandbLogger, "project", _optional(_is_str)),

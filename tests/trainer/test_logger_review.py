@@ -121,3 +121,13 @@ def test_csv_logger_writes_nothing_on_other_ranks(tmp_path: Path, monkeypatch: p
     logger.log_text({"t": "x"}, 0)
     logger.finalize("success")
     assert not (tmp_path / "logs").exists()
+
+
+def test_csv_logger_takes_lightnings_prefix_flush_name_and_no_name(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name=None, prefix="train", flush_logs_every_n_steps=1)
+    assert logger.name == "" and logger.log_dir == str(tmp_path / "version_0")  # no subfolder
+    logger.log_metrics({"loss": 0.5}, step=3)  # written at once (every 1 row)
+    rows = list(csv.DictReader(open(logger.metrics_file)))
+    assert rows == [{"step": "3", "train-loss": "0.5"}]
+    with pytest.raises(ValueError, match=r"flush_every_n_rows=5, flush_logs_every_n_steps=2\): give one"):
+        CSVLogger(tmp_path, flush_every_n_rows=5, flush_logs_every_n_steps=2)

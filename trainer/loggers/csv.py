@@ -31,14 +31,25 @@ class CSVLogger(VersionedLogger):
         Trainer(logger=CSVLogger("runs", name="digits"))
     """
 
-    def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "logs", version: int | str | None = None,
-                 flush_every_n_rows: int = 100) -> None:  # fmt: skip
+    def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str | None = "logs",
+                 version: int | str | None = None, flush_every_n_rows: int = 100, prefix: str = "", *,
+                 flush_logs_every_n_steps: int | None = None) -> None:  # fmt: skip
         check_path("save_dir", save_dir, owner="CSVLogger")
-        check_str("name", name, owner="CSVLogger")
+        check_str("name", name, owner="CSVLogger", optional=True)
         _check_version(version, "CSVLogger")
         check_int("flush_every_n_rows", flush_every_n_rows, minimum=1, owner="CSVLogger")
+        check_str("prefix", prefix, owner="CSVLogger")
+        if flush_logs_every_n_steps is not None:  # Lightning's name for it
+            check_int("flush_logs_every_n_steps", flush_logs_every_n_steps, minimum=1, owner="CSVLogger")
+            if flush_every_n_rows not in (100, flush_logs_every_n_steps):
+                raise ValueError(
+                    f"CSVLogger(flush_every_n_rows={flush_every_n_rows}, flush_logs_every_n_steps="
+                    f"{flush_logs_every_n_steps}): give one of the two"
+                )
+            flush_every_n_rows = flush_logs_every_n_steps
         self._save_dir = Path(save_dir)
-        self._name = name
+        self._name = name or ""  # (None, as Lightning: the versions directly in save_dir)
+        self._prefix = prefix
         self._version = self._given_version = version
         self._flush_every = flush_every_n_rows
         self._rows: list[dict[str, Any]] = []
@@ -62,6 +73,8 @@ class CSVLogger(VersionedLogger):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not _is_global_zero():
             return
+        if self._prefix:  # (Lightning's "<prefix>-<name>" columns)
+            metrics = {f"{self._prefix}-{key}": value for key, value in metrics.items()}
         self._rows.append({"step": step, **metrics})
         if len(self._rows) >= self._flush_every:
             self.save()
