@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -131,3 +132,38 @@ def test_csv_logger_takes_lightnings_prefix_flush_name_and_no_name(tmp_path: Pat
     assert rows == [{"step": "3", "train-loss": "0.5"}]
     with pytest.raises(ValueError, match=r"flush_every_n_rows=5, flush_logs_every_n_steps=2\): give one"):
         CSVLogger(tmp_path, flush_every_n_rows=5, flush_logs_every_n_steps=2)
+
+
+def test_wandb_logger_logs_lightnings_tables_texts_and_images(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "_wandb_readers", Path(__file__).with_name("test_loggers.py")
+    )
+    assert spec is not None and spec.loader is not None
+    readers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readers)  # (the offline run's file readers of the W&B tests)
+    wandb_history, wandb_records, wandb_runs = (
+        readers.wandb_history,
+        readers.wandb_records,
+        readers.wandb_runs,
+    )
+
+    logger = WandbLogger(project="p", save_dir=tmp_path)
+    logger.log_table("table", columns=["a", "b"], data=[[1, 2], [3, 4]], step=1)
+    logger.log_text("samples", ["text"], [["hello"]])  # Lightning's positional form: a table
+    logger.log_image("images", [torch.zeros(3, 4, 4), torch.ones(3, 4, 4)], step=2, caption=["zero", "one"])
+    logger.log_text({"note": "plain"}, 3)  # ember's form (accelerator.log): a string in the history
+    with pytest.raises(ValueError, match=r"log_image\(caption=...\) needs a list of 2 values"):
+        logger.log_image("images", [torch.zeros(3, 4, 4)] * 2, caption=["only one"])
+    logger.finalize("success")
+    rows = wandb_history(wandb_records(wandb_runs(tmp_path)[0]))
+    kinds = {
+        key.removesuffix("/_type"): value
+        for row in rows
+        for key, value in row.items()
+        if key.endswith("/_type")
+    }
+    assert kinds == {"table": "table-file", "samples": "table-file", "images": "images/separated"}
+    assert {"note": "plain", "trainer/global_step": 3} in rows
+    images = [row for row in rows if "images/_type" in row]
+    assert [(row["trainer/global_step"], row["images/captions"]) for row in images] == [(2, ["zero", "one"])]
+    assert [row["table/nrows"] for row in rows if "table/nrows" in row] == [2]

@@ -157,14 +157,46 @@ class WandbLogger(UploadsCheckpoints):
         self.experiment.config.update(_params(params), allow_val_change=True)
 
     @override
-    def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
-        """``kwargs`` go to ``wandb.Run.log`` (``commit=False``: ``accelerator.log``'s ``log_kwargs``)."""
+    def log_metrics(self, metrics: dict[str, Any], step: int | None, **kwargs: Any) -> None:
+        """``kwargs`` go to ``wandb.Run.log`` (``commit=False``: ``accelerator.log``'s ``log_kwargs``);
+        ``step=None``: W&B's own step (Lightning's ``log_table``/``log_image`` without one)."""
         row = {f"{self._prefix}-{k}" if self._prefix else k: v for k, v in metrics.items()}
-        self.experiment.log({**row, STEP_METRIC: step}, **kwargs)
+        self.experiment.log({**row, STEP_METRIC: step} if step is not None else row, **kwargs)
 
     @override
-    def log_text(self, texts: dict[str, str], step: int, **kwargs: Any) -> None:
-        self.log_metrics(texts, step, **kwargs)  # type: ignore[arg-type]  # (a W&B history field takes strings)
+    def log_text(self, texts: Any, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """``log_text({name: text}, step)`` (ember's, from ``accelerator.log``): strings in the history;
+        ``log_text(key, columns=None, data=None, dataframe=None, step=None)``: Lightning's, a table."""
+        if isinstance(texts, str):
+            self.log_table(texts, *args, **kwargs)
+            return
+        self.log_metrics(texts, *args, **kwargs)  # (a W&B history field takes strings)
+
+    def log_table(self, key: str, columns: list[Any] | None = None, data: list[list[Any]] | None = None,
+                  dataframe: Any = None, step: int | None = None) -> None:  # fmt: skip
+        """A ``wandb.Table`` under ``key`` (Lightning's): ``columns`` and rows of ``data``, or a pandas
+        ``dataframe``."""
+        if _is_global_zero():
+            import wandb
+
+            self.log_metrics({key: wandb.Table(columns=columns, data=data, dataframe=dataframe)}, step)
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: list[Any]) -> None:
+        """``wandb.Image``s under ``key`` (Lightning's): ``images`` a list (tensors, arrays, PIL images or
+        paths); each keyword a list of the same length, one value per image (``caption=[...]``)."""
+        if not isinstance(images, list):
+            raise TypeError(f"log_image(images=...) takes a list, got {type(images).__name__}")
+        for name, values in kwargs.items():
+            if not isinstance(values, list) or len(values) != len(images):
+                raise ValueError(f"log_image({name}=...) needs a list of {len(images)} values, one per image")
+        if _is_global_zero():
+            import wandb
+
+            per_image = [{name: values[i] for name, values in kwargs.items()} for i in range(len(images))]
+            self.log_metrics(
+                {key: [wandb.Image(image, **extra) for image, extra in zip(images, per_image, strict=True)]},
+                step,
+            )
 
     def watch(self, model: nn.Module, log: str | None = "gradients", log_freq: int = 100,
               log_graph: bool = True) -> None:  # fmt: skip
