@@ -5,6 +5,7 @@ hooks included). :class:`Epoch` holds what every batch of an epoch asks, asked o
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from ember.trainer.profilers.timed import profiled_epoch
 if TYPE_CHECKING:
     from ember.accelerator import Accelerator
     from ember.trainer.logging import MetricStore
+    from ember.trainer.module import TrainModule
     from ember.trainer.state import LoopState
     from ember.trainer.trainer import Trainer
 
@@ -83,7 +85,7 @@ class Epoch:
             optimizer=optimizer,
             step=step,
             zero_grad=zero_grad,
-            module_step=overridden(module, "optimizer_step") if automatic else None,
+            module_step=_module_step(module, optimizer) if automatic else None,
             module_zero_grad=overridden(module, "optimizer_zero_grad") if automatic else None,
             module_clip=overridden(module, "configure_gradient_clipping") if automatic else None,
             state=trainer.state,
@@ -93,6 +95,17 @@ class Epoch:
         )
         profiler = trainer.config.profiler  # chosen here, once an epoch: the batches test nothing
         return epoch if profiler is None else profiled_epoch(profiler, epoch, trainer)
+
+
+def _module_step(module: TrainModule, optimizer: Any) -> Any:
+    """The module's ``optimizer_step`` where it overrides it, or where the optimizer's ``step`` needs a
+    closure (LBFGS: Lightning runs ``training_step`` and the backward pass inside it); else None."""
+    own = overridden(module, "optimizer_step")
+    if own is not None or optimizer is None:
+        return own
+    closure = inspect.signature(optimizer.optimizer.step).parameters.get("closure")
+    needs = closure is not None and closure.default is inspect.Parameter.empty
+    return module.optimizer_step if needs else None
 
 
 def automatic_step(
@@ -138,6 +151,8 @@ def _step_by_module(
     outputs: list[Any] = []
 
     def closure() -> torch.Tensor | None:
+        if outputs and epoch.in_sync:  # LBFGS evaluates again: this point's gradients alone, as Lightning's
+            epoch.zero_grad()
         output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
         outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
         loss = output if type(output) is torch.Tensor else loss_of(output)

@@ -233,3 +233,49 @@ def test_evaluation_and_prediction_take_a_dict_of_loaders_as_lightning(tmp_path:
     results = trainer.validate(Module(), {"small": loader(2), "large": loader(3)}, verbose=False)
     assert results == [{"size/dataloader_idx_0": 2.0}, {"size/dataloader_idx_1": 3.0}]  # the dict's order
     assert trainer.predict(Module(), {"a": loader(2), "b": loader(3)}) == [[0], [1]]
+
+
+def test_an_optimizer_that_needs_a_closure_runs_the_step_inside_it(tmp_path: Path) -> None:
+    # LBFGS under automatic optimization (Lightning's): training_step and backward run in the closure
+    # the optimizer evaluates, each evaluation with that point's gradients alone.
+    from ember import TrainModule
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 3)
+    y = x @ torch.tensor([[1.0], [2.0], [3.0]])
+
+    def lbfgs(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(params, lr=0.5, max_iter=5)
+
+    class Module(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(1)
+            self.layer = torch.nn.Linear(3, 1)
+            self.calls = 0
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            self.calls += 1
+            return F.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return lbfgs(self.parameters())
+
+    module = Module()
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=32))
+    torch.manual_seed(1)
+    plain = torch.nn.Linear(3, 1)
+    optimizer = lbfgs(plain.parameters())
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.mse_loss(plain(x), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    assert trainer.global_step == 2 and module.calls == 10  # five evaluations a step, as Lightning
+    for ours, reference in zip(module.layer.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(ours, reference)
