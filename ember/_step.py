@@ -198,42 +198,61 @@ class StepMixin:
         ``optimizer``: a prepared optimizer or a list of them (default: every one)."""
         if not self._unscales:
             return  # the plugin has no scaler: nothing to do (asked on every step)
-        targets: list[Any] = self._inner_optimizers()
-        if optimizer is not None and targets:
-            chosen = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
-            targets = [getattr(o, "optimizer", o) for o in chosen]
-        for inner in targets:
+        chosen = (
+            None if optimizer is None else optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+        )
+        for inner in self._inner_optimizers(chosen):
             self.precision.unscale_gradients(inner)
 
-    def _inner_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [o.optimizer for o in self._objects.optimizers] if self.sync_gradients else []
+    def _inner_optimizers(self, chosen: Sequence[Any] | None = None) -> list[torch.optim.Optimizer]:
+        """The optimizers whose gradients a step boundary unscales: ``chosen`` (prepared or not; None:
+        every prepared one); none on accumulation micro-steps."""
+        if not self.sync_gradients:
+            return []
+        if chosen is None:
+            return [o.optimizer for o in self._objects.optimizers]
+        return [getattr(o, "optimizer", o) for o in chosen]
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip the gradient norm (gradients are unscaled first under ``16-mixed``); returns the total norm."""
-        if self._unscales and not self._gradient_state.sync_gradients:  # (one read outside 16-mixed)
-            scale = self._micro_step_scale()
-            if scale is not None:  # scaled gradients, kept scaled: clip them to the scaled bound
-                norm = self._strategy.clip_gradients_norm(
-                    _params(parameters), [], max_norm * scale, norm_type
-                )
-                return norm / scale
-        return self._strategy.clip_gradients_norm(
-            _params(parameters), self._inner_optimizers(), max_norm, norm_type
-        )
+        return self._clip_norm(_params(parameters), None, max_norm, norm_type)
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
-        if self._unscales and not self._gradient_state.sync_gradients:
-            scale = self._micro_step_scale()
-            if scale is not None:
-                self._strategy.clip_gradients_value(_params(parameters), [], clip_value * scale)
-                return
-        self._strategy.clip_gradients_value(_params(parameters), self._inner_optimizers(), clip_value)
+        self._clip_value(_params(parameters), None, clip_value)
+
+    def _clip_norm(
+        self,
+        params: Sequence[torch.Tensor],
+        optimizers: Sequence[Any] | None,
+        max_norm: float,
+        norm_type: float = 2.0,
+    ) -> torch.Tensor:
+        """:meth:`clip_grad_norm_`, unscaling the gradients of ``optimizers`` only (None: every
+        prepared one), as ``TrainModule.clip_gradients(optimizer)`` needs."""
+        scale = self._micro_step_scale()
+        if scale is not None:  # scaled gradients, kept scaled: clip them to the scaled bound
+            return self._strategy.clip_gradients_norm(params, [], max_norm * scale, norm_type) / scale
+        return self._strategy.clip_gradients_norm(
+            params, self._inner_optimizers(optimizers), max_norm, norm_type
+        )
+
+    def _clip_value(
+        self, params: Sequence[torch.Tensor], optimizers: Sequence[Any] | None, clip_value: float
+    ) -> None:
+        """:meth:`clip_grad_value_`, unscaling the gradients of ``optimizers`` only (None: all)."""
+        scale = self._micro_step_scale()
+        if scale is not None:
+            self._strategy.clip_gradients_value(params, [], clip_value * scale)
+            return
+        self._strategy.clip_gradients_value(params, self._inner_optimizers(optimizers), clip_value)
 
     def _micro_step_scale(self) -> float | None:
         """The loss scale on an accumulation micro-step under ``16-mixed`` (None: no scaling here).
         The gradients stay scaled there (the scaler unscales once per step, at the boundary), so
         clipping them to ``bound * scale`` clips the true gradients to ``bound``. DeepSpeed's engine
         scales and clips on its own."""
+        if not self._unscales or self._gradient_state.sync_gradients:  # (one read outside 16-mixed)
+            return None
         scaler = self.precision.scaler
         if self._owns_step or scaler is None or not scaler.is_enabled():
             return None

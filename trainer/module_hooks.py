@@ -78,20 +78,17 @@ class StepHooks:
             return
         accelerator = self.trainer.accelerator
         inner = getattr(optimizer, "optimizer", optimizer)
-        if inner is None:
-            clip = accelerator.clip_grad_norm_ if algorithm == "norm" else accelerator.clip_grad_value_
-            clip(self.parameters(), gradient_clip_val)
-            return
         # Only this optimizer's parameters, unscaled (16-mixed) alone: with several (manual
         # optimization), the others' gradients are not its to clip, nor part of its norm, and one
         # unscaled now would be unscaled again at its own step, after the scaler's update.
-        params = [p for group in inner.param_groups for p in group["params"]]
-        unscale = [inner] if accelerator.sync_gradients else []
-        strategy = self.trainer.strategy
-        if algorithm == "norm":
-            strategy.clip_gradients_norm(params, unscale, gradient_clip_val)
+        if inner is None:
+            params, chosen = list(cast(nn.Module, self).parameters()), None
         else:
-            strategy.clip_gradients_value(params, unscale, gradient_clip_val)
+            params, chosen = [p for group in inner.param_groups for p in group["params"]], [inner]
+        if algorithm == "norm":
+            accelerator._clip_norm(params, chosen, gradient_clip_val)
+        else:
+            accelerator._clip_value(params, chosen, gradient_clip_val)
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any | None) -> None:
         """Step one LR scheduler at its interval; ``metric``: the monitored value (ReduceLROnPlateau).
