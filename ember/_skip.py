@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, IterableDataset
 
 from ember.data import PreparedDataLoader, _settings
 
@@ -33,7 +33,8 @@ class _SkippedDataLoader:
 
 
 class _SkippedIterable:
-    """Any other iterable without its first ``n`` items; its other attributes are the iterable's."""
+    """An iterable without its first ``n`` items (any iterable, or a batch sampler); its other
+    attributes are the iterable's."""
 
     def __init__(self, iterable: Any, n: int) -> None:
         self.iterable, self.n = iterable, n
@@ -48,17 +49,6 @@ class _SkippedIterable:
         if name in ("iterable", "n"):
             raise AttributeError(name)
         return getattr(self.iterable, name)
-
-
-class _SkipBatchSampler(Sampler[list[int]]):
-    def __init__(self, batch_sampler: Iterable[list[int]], n: int) -> None:
-        self.batch_sampler, self.n = batch_sampler, n
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.n, None)
-
-    def __len__(self) -> int:
-        return max(len(self.batch_sampler) - self.n, 0)  # type: ignore[arg-type]
 
 
 def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
@@ -76,7 +66,7 @@ def skip_first_batches(dataloader: Any, num_batches: int) -> Iterable[Any]:
         assert batch_sampler is not None  # checked above
         return DataLoader(
             dataloader.dataset,
-            batch_sampler=_SkipBatchSampler(batch_sampler, num_batches),
+            batch_sampler=_SkippedIterable(batch_sampler, num_batches),
             **_settings(dataloader, dataloader.generator),
         )
     return _SkippedIterable(dataloader, num_batches)

@@ -181,9 +181,6 @@ class PreparedScheduler:
         return getattr(self.scheduler, name)
 
 
-_ORIGINAL_FORWARD = "_ember_original_forward"
-
-
 class _PrecisionForward:
     """The forward :func:`patch_forward` puts on a module (input cast, forward context, output cast).
 
@@ -221,12 +218,9 @@ def patch_forward(module: nn.Module, precision: Precision) -> None:
     """Route ``module``'s forward through the precision plugin (input cast, autocast, output cast)."""
     if not precision.wraps_forward or isinstance(module.__dict__.get("forward"), _PrecisionForward):
         return
-    original = module.forward
-    setattr(module, _ORIGINAL_FORWARD, original)
-    module.forward = _PrecisionForward(original, precision)  # type: ignore[method-assign]
+    module.forward = _PrecisionForward(module.forward, precision)  # type: ignore[method-assign]
 
 
 def unpatch_forward(module: nn.Module) -> None:
-    original = module.__dict__.pop(_ORIGINAL_FORWARD, None)
-    if original is not None and isinstance(module.__dict__.get("forward"), _PrecisionForward):
+    if isinstance(module.__dict__.get("forward"), _PrecisionForward):  # (it holds the original)
         del module.forward

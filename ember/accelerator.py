@@ -282,9 +282,8 @@ class Accelerator(
         for slot, model in sorted(ready.items()):  # in the order given: checkpoints keep it
             patch_forward(self._strategy.unwrap_module(model), self.precision)
             self._objects.models.append(model)
-            result[slot] = self._plugins.compiled(
-                model, self._strategy
-            )  # (checkpoints keep the uncompiled one)
+            # (checkpoints keep the uncompiled one)
+            result[slot] = self._plugins.compiled(model, self._strategy)
         for slot, optimizer in zip(optim_slots, optimizers, strict=True):
             prepared_optimizer = PreparedOptimizer(optimizer, self._strategy, self._gradient_state)
             self._objects.optimizers.append(prepared_optimizer)

@@ -355,7 +355,7 @@ class AccelerateStateMixin:
     @property
     def is_fsdp2(self) -> bool:
         """Whether the strategy is FSDP (ember's is always FSDP2, ``fully_shard``)."""
-        return self._strategy.strategy_name.startswith("fsdp")
+        return cast(ProcessMixin, self).distributed_type == DistributedType.FSDP
 
     @property
     def multi_device(self) -> bool:
