@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "remove_checkpoints",
     "report",
     "same_directory",
+    "warn_if_not_empty",
 ]
 
 _FIELD = re.compile(r"\{([^{}:]+)(:[^{}]*)?\}")
@@ -149,3 +151,16 @@ def report(callback: Any, trainer: Any, path: str | None, score: float | None) -
             f"model to {path!r} as top {callback.save_top_k}"
         )
     print(message, flush=True)
+
+
+def warn_if_not_empty(callback: Any, trainer: Any, stage: str) -> None:
+    """Lightning's warning, on global rank 0 at each fit's setup (resumed ones too) when a callback
+    that may save (``save_top_k != 0``) finds its directory holding anything."""
+    if stage != "fit" or not trainer.is_global_zero or callback.save_top_k == 0:
+        return
+    directory = Path(callback.dirpath)
+    if directory.is_dir() and any(directory.iterdir()):
+        warnings.warn(
+            f"Checkpoint directory {directory} exists and is not empty.",
+            stacklevel=3,  # (ModelCheckpoint.setup)
+        )

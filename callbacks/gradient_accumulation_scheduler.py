@@ -17,7 +17,9 @@ __all__ = ["GradientAccumulationScheduler"]
 
 class GradientAccumulationScheduler(Callback):
     """Accumulate ``scheduling[e]`` batches per optimizer step from epoch ``e`` on (epochs count
-    from 0; before the first key, 1), as Lightning's does.
+    from 0; before the first key, 1), as Lightning's does. After the fit,
+    ``trainer.accumulate_grad_batches`` keeps the last epoch's value (it is not reset); a later fit
+    of the same Trainer follows the schedule again.
 
     Example::
 
@@ -38,6 +40,7 @@ class GradientAccumulationScheduler(Callback):
                     f"GradientAccumulationScheduler: {batches!r} batches per step (epoch {epoch}) must be an int >= 1"
                 )
         self.scheduling = dict(sorted(scheduling.items()))
+        self._applied: tuple[int, int] | None = None  # (id of the Trainer, the batches it was set to)
 
     def going_to_accumulate_grad_batches(self, epoch: int) -> int:
         """The batches per step of ``epoch``."""
@@ -51,7 +54,9 @@ class GradientAccumulationScheduler(Callback):
     def setup(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
         if stage != "fit":
             return
-        if trainer.config.accumulate_grad_batches != 1:
+        batches = trainer.config.accumulate_grad_batches
+        # The value this callback left after an earlier fit of the same Trainer is no conflict.
+        if batches != 1 and self._applied != (id(trainer), batches):
             raise ValueError(
                 f"Trainer(accumulate_grad_batches={trainer.config.accumulate_grad_batches}) and a "
                 "GradientAccumulationScheduler both set the batches per step: keep one"
@@ -67,10 +72,7 @@ class GradientAccumulationScheduler(Callback):
     def on_train_epoch_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._apply(trainer)
 
-    @override
-    def teardown(self, trainer: Trainer, module: TrainModule, stage: str) -> None:
-        if stage == "fit":
-            trainer.accumulate_grad_batches = 1  # what the Trainer was built with (checked in setup)
-
     def _apply(self, trainer: Trainer) -> None:
+        # As Lightning's, nothing puts it back after the fit: it reads the last epoch's value then.
         trainer.accumulate_grad_batches = self.going_to_accumulate_grad_batches(trainer.current_epoch)
+        self._applied = (id(trainer), trainer.accumulate_grad_batches)

@@ -145,6 +145,7 @@ class ModelCheckpoint(Checkpoint):
         _names.check_class_names(self)
         if self.dirpath is None or self.dirpath == self._default_dirpath:  # not the user's: resolve it
             self.dirpath = self._default_dirpath = self.resolved_dirpath(trainer)
+        _names.warn_if_not_empty(self, trainer, stage)
 
     # -- when --------------------------------------------------------------------------------------
     @override

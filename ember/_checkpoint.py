@@ -205,6 +205,7 @@ def load_state(
     objects: PreparedObjects,
     input_dir: str | os.PathLike[str],
     hooks: StateHooks | None = None,
+    strict: bool = True,
 ) -> dict[str, Any]:
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
@@ -226,6 +227,11 @@ def load_state(
         raise CheckpointError(
             f"strategy {strategy.strategy_name!r} resumes only from its own checkpoints, and {str(directory)!r} has "
             f"the {layout!r} layout; to start from its weights, load them into the model before prepare()"
+        )
+    if not strict and not portable:
+        raise ValueError(
+            f"load_state(strict=False): strategy {strategy.strategy_name!r} restores its models from its engine's own "
+            "checkpoint format, which ember loads strictly; strict=False applies to ember's full and sharded layouts"
         )
     hooked = hooks is not None and bool(hooks.load)
     if hooked and not portable:
@@ -257,7 +263,7 @@ def load_state(
     # tensor names and shapes, and the small state, read whole now. A bad file never leaves a
     # half-restored run.
     for i, model in enumerate(models if portable else []):
-        check_weights(weights_path(directory, layout, i), layout, strategy.full_tensors(model)[0])
+        check_weights(weights_path(directory, layout, i), layout, strategy.full_tensors(model)[0], strict)
     schedulers = [_read_dict(directory, f"scheduler{suffix(i)}") for i in range(len(objects.schedulers))]
     precision = _read_dict(directory, "precision")
     custom = [read_tree(directory, f"custom_checkpoint_{i}") for i in range(len(objects.custom))]
@@ -283,7 +289,7 @@ def load_state(
     if isinstance(strategy, EngineCheckpoints):  # (then layout == ours, checked above)
         strategy.load_engine_state(directory / layout)
     for i, model in enumerate(models if portable else []):
-        load_model_weights(strategy, model, directory, manifest, i)
+        load_model_weights(strategy, model, directory, manifest, i, strict)
     for i, optimizer in enumerate(objects.optimizers if portable else []):
         module = owner_module(objects.models, optimizer.optimizer)
         stem = f"optimizer{suffix(i)}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,18 +18,60 @@ def _as_batch(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
 
 
+# A shape travels in this many slots (dims past the last slot are folded into it), so every rank
+# sends a header of one size: ndim, dtype, shape.
+_SLOTS = 16
+
+
+def _dtypes() -> list[torch.dtype]:
+    """torch's dtypes in an order every process agrees on (a dtype travels as its index here)."""
+    return sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+
+
+def exchange_shapes(
+    tensor: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], caller: str, rows: bool = False
+) -> list[int]:
+    """Every rank's size along dim 0, in rank order, from one small all-gather of each rank's dtype
+    and shape. Raises ``ValueError`` on every rank alike, naming each rank's shape, when the dtypes
+    or shapes differ (``rows``: shapes may differ along dim 0): the data's collective would abort in
+    gloo or fill the output with garbage."""
+    shape = list(tensor.shape)
+    if len(shape) > _SLOTS:
+        shape = [*shape[: _SLOTS - 1], math.prod(shape[_SLOTS - 1 :])]
+    dtypes = _dtypes()
+    header = [tensor.dim(), dtypes.index(tensor.dtype), *shape, *[-1] * (_SLOTS - len(shape))]
+    headers = all_gather(torch.tensor(header, dtype=torch.int64, device=tensor.device)).tolist()
+    if any(h[:2] != headers[0][:2] or h[2 + rows :] != headers[0][2 + rows :] for h in headers):
+        found = ", ".join(
+            f"process {rank}: [{', '.join(str(n) for n in h[2 : 2 + min(h[0], _SLOTS)])}"
+            f"{', ...' if h[0] > _SLOTS else ''}] {dtypes[h[1]]}"
+            for rank, h in enumerate(headers)
+        )
+        same = (
+            "the same dtype and the same size in every dimension but the first"
+            if rows
+            else "the same shape and dtype"
+        )
+        raise ValueError(
+            f"{caller}: tensors must have {same} on every process; got {found}. Make them agree first: "
+            "accelerator.pad_across_processes(tensor, dim=d) pads dimension d to its longest, tensor.to(dtype) casts"
+        )
+    return [h[2] for h in headers]
+
+
 def gather_tensor(strategy: Strategy, tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from all ranks along dim 0, in rank order.
 
     Ranks may hold different lengths along dim 0 (the last batch of an epoch): the sizes are
-    exchanged first, tensors padded to the longest and the padding removed after the gather. A
+    exchanged first, tensors padded to the longest and the padding removed after the gather. The
+    same exchange checks that the other dimensions and the dtype agree (else ``ValueError``). A
     0-dim tensor counts as one row (``[world_size]`` gathered); on one process every tensor comes
     back as it is, 0-dim included (🤗 Accelerate's shapes).
     """
     if strategy.world_size == 1:
         return tensor
     tensor = _as_batch(tensor)
-    sizes = strategy.all_gather(torch.tensor([tensor.shape[0]], device=tensor.device)).flatten().tolist()
+    sizes = exchange_shapes(tensor, strategy.all_gather, "gather()", rows=True)
     longest = max(sizes)
     if longest != tensor.shape[0]:
         tensor = pad_tensor(tensor, longest, dim=0)

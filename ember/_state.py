@@ -144,11 +144,12 @@ class StateMixin:
     def save_state(
         self,
         output_dir: str | os.PathLike[str] | None = None,
+        safe_serialization: bool = True,
         *,
         extra: dict[str, Any] | None = None,
         rank_extra: dict[str, Any] | None = None,
         weights_only: bool = False,
-        safe_serialization: bool = True,
+        **save_model_func_kwargs: Any,
     ) -> Path:
         """Save everything prepared (and registered) to ``output_dir``, pickle-free; returns the path.
 
@@ -162,9 +163,17 @@ class StateMixin:
         ``<project_dir>/checkpoints/checkpoint_<iteration>`` (:class:`~ember.ProjectConfiguration`
         with ``automatic_checkpoint_naming=True``); ``total_limit`` then deletes the oldest.
         ``safe_serialization`` is 🤗 Accelerate's: ember's checkpoints are always pickle-free, and
-        ``False`` (pickles) is refused.
+        ``False`` (pickles) is refused. So are Accelerate's ``save_model_func_kwargs`` (options of
+        DeepSpeed's ``save_checkpoint``; ember names and writes the engine's checkpoint itself).
         """
         _check_safe("save_state", safe_serialization)
+        if save_model_func_kwargs:
+            raise TypeError(
+                f"save_state() got keyword argument{_plural(save_model_func_kwargs)}: 🤗 Accelerate passes these to "
+                "DeepSpeed's save_checkpoint (and ignores them under other strategies); ember writes the engine's "
+                "checkpoint itself and cannot honour them. save_state takes output_dir, safe_serialization, extra, "
+                "rank_extra and weights_only"
+            )
         config = self.project_configuration
         if config.save_on_each_node and self._several_nodes:
             raise ValueError(
@@ -197,13 +206,30 @@ class StateMixin:
             self._strategy.barrier("save_state:pruned")
         return path
 
-    def load_state(self, input_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    def load_state(
+        self,
+        input_dir: str | os.PathLike[str] | None = None,
+        load_kwargs: dict[str, Any] | None = None,
+        **load_model_func_kwargs: Any,
+    ) -> dict[str, Any]:
         """Restore what :meth:`save_state` wrote; training then continues exactly where it stopped.
 
         Returns the ``extra`` state that was saved with it (an empty dict if none). Without
         ``input_dir``: the highest-numbered automatically named checkpoint (and the next
         :meth:`save_state` numbers its checkpoint past it).
+
+        🤗 Accelerate's keywords: ``strict=False`` loads the models' tensors that the checkpoint and
+        the model both have (shapes must agree) and warns about the others, as torch's
+        ``load_state_dict(strict=False)``; optimizers must still match. ``map_location`` (``None``,
+        ``"cpu"``, ``"on_device"``) is accepted: tensors load straight into the prepared objects.
+        ``load_kwargs`` (``torch.load``'s options) may only hold ``weights_only``: nothing is unpickled.
+        Any other keyword raises ``TypeError`` naming it.
+
+        Example::
+
+            accelerator.load_state("ckpt", strict=False)  # the model gained a new head since
         """
+        strict = _load_options(load_kwargs, load_model_func_kwargs)
         if input_dir is None:
             if not self.project_configuration.automatic_checkpoint_naming:
                 raise ValueError(
@@ -211,7 +237,7 @@ class StateMixin:
                     "ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)"
                 )
             input_dir = self.project_configuration.latest_checkpoint()
-        return _checkpoint.load_state(self._strategy, self._objects, input_dir, self._state_hooks)
+        return _checkpoint.load_state(self._strategy, self._objects, input_dir, self._state_hooks, strict)
 
     def save(self, obj: Any, f: str | os.PathLike[str], safe_serialization: bool = False) -> None:
         """Write ``obj`` to ``f`` from the main process only: 🤗 Accelerate's replacement for
@@ -280,3 +306,35 @@ def _check_safe(method: str, safe_serialization: Any) -> None:
             f"{method}(safe_serialization=False): ember writes weights only as safetensors (they load without "
             "unpickling, so loading them cannot run code); leave safe_serialization=True"
         )
+
+
+_MAP_LOCATIONS = (None, "cpu", "on_device")
+
+
+def _plural(kwargs: dict[str, Any]) -> str:
+    names = sorted(kwargs)
+    return f" {names[0]!r}" if len(names) == 1 else f"s {names}"
+
+
+def _load_options(load_kwargs: Any, kwargs: dict[str, Any]) -> bool:
+    """``strict`` from 🤗 Accelerate's ``load_state`` keywords; the ones ember cannot honour raise."""
+    strict: bool = kwargs.pop("strict", True)
+    check_bool("strict", strict, owner="load_state")
+    map_location = kwargs.pop("map_location", None)
+    if map_location not in _MAP_LOCATIONS:  # Accelerate's choices
+        raise ValueError(
+            f"load_state(map_location={map_location!r}): valid choices are None, 'cpu', 'on_device'"
+        )
+    if kwargs:  # Accelerate's others go to DeepSpeed's load_checkpoint, which ember calls itself
+        raise TypeError(
+            f"load_state() got keyword argument{_plural(kwargs)} that ember cannot honour: it loads the models "
+            "itself (an engine's checkpoint too). load_state takes input_dir, load_kwargs, strict and map_location"
+        )
+    if load_kwargs is not None and not isinstance(load_kwargs, dict):
+        raise TypeError(f"load_state(load_kwargs=...) takes a dict or None, got {type(load_kwargs).__name__}")
+    if set(load_kwargs or {}) - {"weights_only"}:
+        raise ValueError(
+            f"load_state(load_kwargs={load_kwargs!r}): these are torch.load's options, and ember's checkpoints "
+            "hold no pickles to load; the only key accepted is 'weights_only' (always honoured)"
+        )
+    return strict

@@ -46,8 +46,9 @@ class StepMixin:
         @property
         def sync_gradients(self) -> bool: ...
 
-    def backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` through the strategy and precision (scaled by 1/accumulation steps)."""
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``loss.backward(*args, **kwargs)`` through the strategy and precision (scaled by
+        1/accumulation steps)."""
         if not self._objects.models:
             raise RuntimeError(
                 "accelerator.backward() was called before accelerator.prepare(model, ...): prepare the model "
@@ -56,12 +57,17 @@ class StepMixin:
         if self._gradient_state.accumulation_steps > 1:
             loss = loss / self._gradient_state.accumulation_steps
         if self._direct_backward:  # fp32 on one device: nothing to add
-            loss.backward(**kwargs)
+            loss.backward(*args, **kwargs)
         elif self._owns_step:  # DeepSpeed: backward and the engine's step
             assert isinstance(self._strategy, OwnsOptimizerStep)
+            if args:
+                raise TypeError(
+                    f"backward(loss, *{args!r}): the {self._strategy.strategy_name!r} engine takes backward's "
+                    "options by keyword only (e.g. retain_graph=True)"
+                )
             self._strategy.backward_and_step(loss, boundary=self._gradient_state.sync_gradients, **kwargs)
         else:
-            self._strategy.backward(loss, **kwargs)
+            self._strategy.backward(loss, *args, **kwargs)
 
     def no_sync(self, model: nn.Module) -> AbstractContextManager[Any]:
         """Skip gradient synchronization for backward passes inside the context (where supported)."""
@@ -214,11 +220,28 @@ class StepMixin:
         return [getattr(o, "optimizer", o) for o in chosen]
 
     def clip_grad_norm_(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        """Clip the gradient norm (gradients are unscaled first under ``16-mixed``); returns the total norm."""
-        return self._clip_norm(_params(parameters), None, max_norm, norm_type)
+        """Clip the gradient norm (under ``16-mixed``, the gradients of the optimizers holding
+        ``parameters`` are unscaled first); returns the total norm."""
+        params = _params(parameters)
+        return self._clip_norm(params, self._owners(params), max_norm, norm_type)
 
     def clip_grad_value_(self, parameters: Any, clip_value: float) -> None:
-        self._clip_value(_params(parameters), None, clip_value)
+        params = _params(parameters)
+        self._clip_value(params, self._owners(params), clip_value)
+
+    def _owners(self, params: Sequence[torch.Tensor]) -> list[Any] | None:
+        """The prepared optimizers holding any of ``params`` (None: every one). Only theirs are
+        unscaled: a GAN's generator, not yet backpropagated, must not be unscaled by the clip of the
+        discriminator (🤗 Accelerate unscales every optimizer there)."""
+        if not self._unscales or len(self._objects.optimizers) < 2:
+            return None
+        ids = {id(p) for p in params}
+        owners = [
+            o
+            for o in self._objects.optimizers
+            if any(id(p) in ids for g in o.param_groups for p in g["params"])
+        ]
+        return owners or None
 
     def _clip_norm(
         self,

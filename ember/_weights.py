@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,10 +47,13 @@ def weights_path(directory: Path, layout: str, index: int) -> Path:
     return directory / f"model{suffix(index)}.{'shards' if layout == 'sharded' else 'safetensors'}"
 
 
-def check_weights(path: Path, layout: str, specs: list[TensorSpec]) -> None:
+def check_weights(
+    path: Path, layout: str, specs: list[TensorSpec], strict: bool = True
+) -> tuple[list[str], list[str]]:
     """The saved tensors are exactly the model's, with the same shapes (checked from the file
     headers, before anything is loaded: a strict ``load_state_dict`` would copy the tensors that
-    fit, then raise)."""
+    fit, then raise). ``strict=False``: only the tensors both have must agree in shape, as in
+    torch's ``load_state_dict(strict=False)``. Returns the missing and the unexpected names."""
     if layout == "sharded":
         saved = {name: shape for name, (_, shape) in shard_metadata(path).items()}
     else:
@@ -66,19 +70,21 @@ def check_weights(path: Path, layout: str, specs: list[TensorSpec]) -> None:
         for name, shape in expected.items()
         if name in saved and tuple(saved[name]) != tuple(shape)
     ]
-    if missing or unexpected or shapes:
+    if shapes or (strict and (missing or unexpected)):
         raise CheckpointError(
             f"checkpoint file {str(path)!r} does not fit this model: "
             + "; ".join(
                 part
                 for part in (
-                    f"missing tensors {missing[:10]}" if missing else "",
-                    f"unexpected tensors {unexpected[:10]}" if unexpected else "",
+                    f"missing tensors {missing[:10]}" if missing and strict else "",
+                    f"unexpected tensors {unexpected[:10]}" if unexpected and strict else "",
                     f"shapes differ: {', '.join(shapes[:10])}" if shapes else "",
                 )
                 if part
             )
+            + ("" if strict else " (strict=False allows missing and unexpected tensors, not other shapes)")
         )
+    return missing, unexpected
 
 
 def pruned_pairs(saved: Iterable[str], expected: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -132,22 +138,47 @@ def parse_size(size: int | str) -> int:
 
 
 def load_model_weights(
-    strategy: Strategy, model: nn.Module, directory: Path, manifest: dict[str, Any], index: int = 0
+    strategy: Strategy,
+    model: nn.Module,
+    directory: Path,
+    manifest: dict[str, Any],
+    index: int = 0,
+    strict: bool = True,
 ) -> None:
-    """Load model ``index`` of a checkpoint (any layout) into a prepared model."""
+    """Load model ``index`` of a checkpoint (any layout) into a prepared model. ``strict=False``
+    (portable layouts): the tensors both have are loaded, the others left (with a warning)."""
     layout = manifest.get("layout", "full")
     if layout not in PORTABLE:
         strategy.load_module_state_dict(model, engine_weights(directory, layout))
         return
     path = weights_path(directory, layout, index)
     specs = strategy.full_tensors(model)[0]
-    check_weights(path, layout, specs)  # before the model changes
+    names = {name for name, _, _ in specs}
+    missing, unexpected = check_weights(path, layout, specs, strict)  # before the model changes
     if layout == "sharded":
-        strategy.load_module_state_dict(
-            model, load_shards(path, strategy.module_state_dict(model, full=False))
-        )
+        state = load_shards(path, strategy.module_state_dict(model, full=False), strict=strict)
     else:
-        strategy.load_module_state_dict(model, fold_pruned(load_tensors(path), [n for n, _, _ in specs]))
+        state = fold_pruned(load_tensors(path), names)
+    if not strict:  # (a sharded strategy's loader would refuse tensors the model has no place for)
+        state = {name: tensor for name, tensor in state.items() if name in names}
+    strategy.load_module_state_dict(model, state, strict=strict)
+    if (missing or unexpected) and strategy.is_global_zero:
+        warnings.warn(
+            f"load_state(strict=False), model {index}: "
+            + "; ".join(
+                part
+                for part in (
+                    f"the checkpoint lacks these tensors of the model, left as they were: {missing}"
+                    if missing
+                    else "",
+                    f"the checkpoint has tensors the model lacks, not loaded: {unexpected}"
+                    if unexpected
+                    else "",
+                )
+                if part
+            ),
+            stacklevel=4,
+        )
 
 
 def full_state_dict(directory: Path, manifest: dict[str, Any], index: int = 0) -> dict[str, torch.Tensor]:

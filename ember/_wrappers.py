@@ -37,10 +37,17 @@ class PreparedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, optimizer: torch.optim.Optimizer, strategy: Strategy, gradient_state: GradientState
+        self,
+        optimizer: torch.optim.Optimizer,
+        strategy: Strategy,
+        gradient_state: GradientState,
+        siblings: list[PreparedOptimizer] | None = None,
     ) -> None:
         # No super().__init__(): this object only forwards to ``optimizer``.
         self.optimizer = optimizer
+        # Every optimizer its Accelerator prepared (this one too): once each stepped, the iteration
+        # ends (a grad scaler updates its scale once, after all of them).
+        self._siblings = siblings if siblings is not None else [self]
         self._strategy = strategy
         self._gradient_state = gradient_state
         self._owns_step = isinstance(strategy, OwnsOptimizerStep)  # asked once, not every step
@@ -100,6 +107,7 @@ class PreparedOptimizer(torch.optim.Optimizer):
                 return None
             closure = None
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
+        self._strategy.precision.end_iteration(o.optimizer for o in self._siblings)
         return loss
 
     def boundary_calls(self) -> tuple[Callable[[], Any], Callable[[], Any]]:

@@ -285,8 +285,9 @@ class Accelerator(
             # (checkpoints keep the uncompiled one)
             result[slot] = self._plugins.compiled(model, self._strategy)
         for slot, optimizer in zip(optim_slots, optimizers, strict=True):
-            prepared_optimizer = PreparedOptimizer(optimizer, self._strategy, self._gradient_state)
-            self._objects.optimizers.append(prepared_optimizer)
+            siblings = self._objects.optimizers  # (a scaler updates once all of them stepped)
+            prepared_optimizer = PreparedOptimizer(optimizer, self._strategy, self._gradient_state, siblings)
+            siblings.append(prepared_optimizer)
             result[slot] = prepared_optimizer
         for slot, obj in enumerate(objects):
             if _is_scheduler(obj) and not isinstance(obj, PreparedScheduler):

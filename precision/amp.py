@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -51,8 +52,11 @@ class MixedPrecision(Precision):
         self.scaler: torch.amp.GradScaler | None = (
             (scaler or torch.amp.GradScaler(device_type)) if precision == "16-mixed" else None
         )
-        # GradScaler refuses a second unscale_ of one optimizer within a step; remember which we did.
+        # torch's recipe for several optimizers: each is unscaled once and stepped once, then one
+        # update() ends the iteration. The optimizers unscaled / stepped since the last update:
         self._unscaled: set[int] = set()
+        self._stepped: set[int] = set()
+        self._seen: weakref.WeakValueDictionary[int, torch.optim.Optimizer] = weakref.WeakValueDictionary()
 
     @classmethod
     @override
@@ -89,7 +93,12 @@ class MixedPrecision(Precision):
 
     @override
     def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scaler is not None and id(optimizer) not in self._unscaled:
+        if self.scaler is None:
+            return
+        self._begin(optimizer)
+        # One without gradients yet (a GAN's second network, unscaled with the first by a clip of
+        # every optimizer) is left to be unscaled after its own backward.
+        if id(optimizer) not in self._unscaled and _has_gradients(optimizer):
             self.scaler.unscale_(optimizer)
             self._unscaled.add(id(optimizer))
 
@@ -101,14 +110,50 @@ class MixedPrecision(Precision):
             return super().optimizer_step(optimizer, closure)
         if closure is not None:
             raise ValueError("precision='16-mixed' does not support optimizer closures (e.g. LBFGS)")
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(optimizer)
+        self._begin(optimizer)
+        stepped: list[bool] = []  # the scaler skips optimizer.step() for inf/NaN gradients
+        handle = optimizer.register_step_post_hook(lambda *_: stepped.append(True))
+        try:
+            self.scaler.step(optimizer)
+        finally:
+            handle.remove()
+        self._stepped.add(id(optimizer))
+        return bool(stepped)
+
+    @override
+    def end_iteration(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
+        if self.scaler is None or not self._stepped:  # nothing stepped since the last update
+            return
+        if optimizers is not None and any(id(o) not in self._stepped for o in optimizers):
+            return
         self.scaler.update()
-        # update() forgets every optimizer's unscaling, so forget ours too: one unscaled for this step
-        # but stepped later (a GAN's second optimizer) is unscaled again after its own backward.
         self._unscaled.clear()
-        # The scaler lowers its scale exactly when it skipped the step for inf/NaN gradients.
-        return self.scaler.get_scale() >= scale_before
+        self._stepped.clear()
+
+    def _begin(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before ``optimizer`` is unscaled or stepped: if it already stepped since the last update,
+        a new iteration began without the last one ending (a loop where the optimizers step at
+        different rates), so the scale is updated now; the gradients still scaled by the old scale
+        are brought to the new one, and those unscaled but not stepped yet are scaled again."""
+        self._seen[id(optimizer)] = optimizer
+        if id(optimizer) not in self._stepped:
+            return
+        assert self.scaler is not None
+        before = self.scaler.get_scale()
+        waiting = [self._seen[i] for i in self._unscaled - self._stepped if i in self._seen]
+        true_scale = {id(p) for opt in waiting for p in _params(opt)}
+        self.end_iteration()
+        after = self.scaler.get_scale()
+        done: set[int] = set()
+        for opt in list(self._seen.values()):
+            for param in _params(opt):
+                if param.grad is None or id(param) in done:
+                    continue
+                done.add(id(param))
+                if id(param) in true_scale:
+                    param.grad.mul_(after)
+                elif after != before:
+                    param.grad.mul_(after / before)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -118,3 +163,11 @@ class MixedPrecision(Precision):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state:
             self.scaler.load_state_dict(state)
+
+
+def _params(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
+def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for p in _params(optimizer))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
@@ -28,6 +28,7 @@ class Precision:
         convert_input(batch) -> with forward_context(): module(batch) -> convert_output(out)
         pre_backward(loss) -> backward(loss) -> post_backward(loss)
         [unscale_gradients(optimizer) -> clip] -> optimizer_step(optimizer)
+        ... the iteration's other optimizers ... -> end_iteration()
     """
 
     name: ClassVar[str] = "32-true"
@@ -95,6 +96,12 @@ class Precision:
         """Step ``optimizer``; return False when the step was skipped (e.g. inf gradients)."""
         optimizer.step(closure) if closure is not None else optimizer.step()
         return True
+
+    def end_iteration(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
+        """The optimizers of one iteration have stepped: a grad scaler updates its loss scale, once
+        an iteration (torch's recipe for several optimizers). ``optimizers``: only once each of them
+        has stepped since the last update; None: now. A no-op without a grad scaler."""
+        return None
 
     # -- checkpointing ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -213,9 +213,11 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path | 
         callback = trainer.checkpoint_callback
         if callback is None:
             raise ValueError("ckpt_path='best' needs a ModelCheckpoint callback to find the checkpoint")
-        if not callback.best_model_path:
-            raise FileNotFoundError(
-                f"ckpt_path='best': no such checkpoint in {callback.resolved_dirpath(trainer)!r}"
+        if not callback.best_model_path:  # a ValueError, as Lightning's: the argument, not a file, is wrong
+            raise ValueError(
+                f"{trainer.stage}(ckpt_path='best'): the ModelCheckpoint has no best checkpoint (none saved "
+                f"yet in {callback.resolved_dirpath(trainer)!r}, or save_top_k=0); pass a checkpoint "
+                "directory as ckpt_path"
             )
         ckpt_path = callback.best_model_path
     path = _checkpoint_dir(ckpt_path, "ckpt_path")

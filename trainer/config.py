@@ -122,7 +122,7 @@ class TrainerConfig:
     max_time: str | timedelta | dict[str, int] | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_clip_algorithm: str = "norm"
+    gradient_clip_algorithm: str | None = None  # None: "norm" (the hook gets None, as in Lightning)
     val_check_interval: int | float = 1.0
     check_val_every_n_epoch: int | None = 1
     limit_train_batches: int | float = 1.0
@@ -171,7 +171,7 @@ class TrainerConfig:
                 _int(name, getattr(self, name), 0)
         _int("accumulate_grad_batches", self.accumulate_grad_batches, 1)
         check_number("gradient_clip_val", self.gradient_clip_val, minimum=0, finite=False, optional=True)
-        if self.gradient_clip_algorithm not in ("norm", "value"):
+        if self.gradient_clip_algorithm not in (None, "norm", "value"):
             raise ValueError(
                 f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}. Valid choices: 'norm', 'value'"
             )

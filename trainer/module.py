@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ember._ops import exchange_shapes
 from ember._tree import apply_to_tensors
+from ember.trainer.datamodule import DataModule
 from ember.trainer.hparams import AttributeDict, HyperparametersMixin
 from ember.trainer.module_hooks import ModeHooks, StepHooks
 from ember.trainer.module_tools import ModuleTools, numbers_to_tensors
 
 if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
-
     from ember.trainer.loggers import Logger
     from ember.trainer.optim import LRSchedulerConfig
     from ember.trainer.trainer import Trainer
@@ -239,26 +239,31 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
         """Every process's tensors (nested structures too; numbers and NumPy arrays become tensors first,
         as Lightning's), stacked along a new first dimension of size ``world_size``; with one process,
         not stacked. ``group``: a ``torch.distributed`` process group (None: every process);
-        ``sync_grads=True`` lets gradients flow back to each process's tensor."""
+        ``sync_grads=True`` lets gradients flow back to each process's tensor. Tensors of different
+        shapes or dtypes on the processes raise ``ValueError`` naming each one's (one small all-gather first)."""
         trainer = self.trainer
         data = numbers_to_tensors(data, self.device)
         if trainer.world_size == 1:
             return data
-        if sync_grads or group is not None:
-            import torch.distributed as dist
-            import torch.distributed.nn.functional as differentiable
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as differentiable
 
-            every = group if group is not None else dist.group.WORLD
+        every = group if group is not None else dist.group.WORLD
 
-            def gather(tensor: torch.Tensor) -> torch.Tensor:
-                if sync_grads:
-                    return torch.stack(differentiable.all_gather(tensor.contiguous(), group=every))
-                parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(every))]
-                dist.all_gather(parts, tensor.contiguous(), group=every)
-                return torch.stack(parts)
+        def stacked(tensor: torch.Tensor) -> torch.Tensor:
+            if not sync_grads and group is None:
+                return trainer.strategy.all_gather(tensor)
+            parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(every))]
+            dist.all_gather(parts, tensor.contiguous(), group=every)
+            return torch.stack(parts)
 
-            return apply_to_tensors(data, gather)
-        return apply_to_tensors(data, trainer.strategy.all_gather)
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            exchange_shapes(tensor, stacked, "all_gather()")  # else gloo aborts, or the result is garbage
+            if sync_grads:
+                return torch.stack(differentiable.all_gather(tensor.contiguous(), group=every))
+            return stacked(tensor)
+
+        return apply_to_tensors(data, gather)
 
     # -- logging -----------------------------------------------------------------------------------
     def log(
@@ -334,14 +339,15 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
             return None
         return configs[0].scheduler if len(configs) == 1 else [c.scheduler for c in configs]
 
-    def manual_backward(self, loss: torch.Tensor, **kwargs: Any) -> None:
-        """``loss.backward()`` through the strategy and precision plugin, for manual optimisation."""
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """``loss.backward(*args, **kwargs)`` through the strategy and precision plugin, for manual
+        optimisation (``args`` and ``kwargs`` reach :meth:`backward` where the module overrides it)."""
         if self.automatic_optimization:  # (the Trainer would run a second backward of the returned loss)
             raise RuntimeError(
                 f"manual_backward() needs manual optimization: set {type(self).__name__}.automatic_optimization = "
                 "False, or return the loss from training_step and let the Trainer run the backward pass"
             )
-        self.trainer._backward(loss, **kwargs)
+        self.trainer._backward(loss, *args, **kwargs)
 
     # -- hyper-parameters (save_hyperparameters, hparams, hparams_initial: HyperparametersMixin) ------
     @classmethod
@@ -367,40 +373,3 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
             )
 
         return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]
-
-
-class DataModule(HyperparametersMixin):
-    """Data in one place: ``prepare_data`` (main process), ``setup(stage)``, and the dataloaders;
-    ``save_hyperparameters()`` and ``hparams`` as in a TrainModule.
-
-    Example::
-
-        class Digits(DataModule):
-            def setup(self, stage): self.train, self.val = random_split(load(), [0.8, 0.2])
-            def train_dataloader(self): return DataLoader(self.train, batch_size=32, shuffle=True)
-            def val_dataloader(self): return DataLoader(self.val, batch_size=64)
-    """
-
-    #: The Trainer of the stage it was last passed to (None before).
-    trainer: Trainer | None = None
-
-    def prepare_data(self) -> None:
-        """Download or write files; runs on the main process first, the others wait."""
-
-    def setup(self, stage: str) -> None:
-        """Build datasets for ``stage`` ("fit", "validate", "test" or "predict"); runs on every process."""
-
-    def teardown(self, stage: str) -> None:
-        """Called at the end of fit/validate/test/predict, on every process."""
-
-    def train_dataloader(self) -> DataLoader[Any] | None:
-        return None
-
-    def val_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
-        return None
-
-    def test_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
-        return None
-
-    def predict_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
-        return None

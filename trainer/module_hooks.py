@@ -57,7 +57,8 @@ class StepHooks:
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip before each step, with the Trainer's ``gradient_clip_val`` and ``gradient_clip_algorithm``."""
+        """Clip before each step. The Trainer passes its ``gradient_clip_val`` and
+        ``gradient_clip_algorithm`` as they were given (None where not set), as Lightning does."""
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def clip_gradients(
@@ -67,13 +68,17 @@ class StepHooks:
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip the gradients of ``optimizer``'s parameters, as Lightning's (unscaled first under
-        ``16-mixed``); no value: nothing to clip. ``gradient_clip_algorithm``: ``"norm"`` (the
-        default) or ``"value"``."""
-        algorithm = gradient_clip_algorithm or "norm"
-        if algorithm not in ("norm", "value"):
+        ``16-mixed``). Either argument None: the Trainer's setting, as in Lightning (no value
+        anywhere: nothing to clip). ``gradient_clip_algorithm``: ``"norm"`` (the default) or ``"value"``."""
+        if gradient_clip_algorithm not in (None, "norm", "value"):
             raise ValueError(
-                f"clip_gradients(gradient_clip_algorithm={algorithm!r}): valid choices are 'norm', 'value'"
+                f"clip_gradients(gradient_clip_algorithm={gradient_clip_algorithm!r}): valid choices are "
+                "'norm', 'value'"
             )
+        config = self.trainer.config
+        if gradient_clip_val is None:
+            gradient_clip_val = config.gradient_clip_val
+        algorithm = gradient_clip_algorithm or config.gradient_clip_algorithm or "norm"
         if not gradient_clip_val:
             return
         accelerator = self.trainer.accelerator

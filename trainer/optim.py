@@ -155,10 +155,24 @@ def step_schedulers(
 
 
 def count_manual_steps(trainer: Trainer) -> list[Any]:
-    """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it."""
+    """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it:
+    as Lightning's, after each call of the step's closure (its backward pass), where it has one."""
 
-    def before(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        call_hook(trainer, "on_before_optimizer_step", optimizer)
+    def before(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        # (torch passes step()'s own arguments: the optimizer first, then the closure if positional)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            call_hook(trainer, "on_before_optimizer_step", optimizer)
+            return None
+
+        def after_closure() -> Any:  # (LBFGS calls it several times a step: the hook each time)
+            result = closure()
+            call_hook(trainer, "on_before_optimizer_step", optimizer)
+            return result
+
+        if len(args) > 1:
+            return (args[0], after_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": after_closure}
 
     def after(*_: Any) -> None:
         trainer.state.global_step += 1

@@ -161,7 +161,8 @@ class TrainerProperties(LightningNames):
         return self.config.gradient_clip_val
 
     @property
-    def gradient_clip_algorithm(self) -> str:
+    def gradient_clip_algorithm(self) -> str | None:
+        """As given to the Trainer: None when not set (clipping is then by norm)."""
         return self.config.gradient_clip_algorithm
 
     @property

@@ -139,7 +139,10 @@ def manual_step(
     should_step: bool,
 ) -> Any:
     """``training_step`` under manual optimisation: the module calls backward and steps itself."""
-    return epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
+    output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
+    if epoch.unscales:  # the batch is the iteration: the grad scaler updates once, after its steps
+        epoch.accelerator.precision.end_iteration()
+    return output
 
 
 def _step_by_module(
@@ -193,6 +196,8 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None])
 def _after_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> None:
     """What follows an optimizer step: ``on_before_zero_grad``, zeroing the gradients, the step count,
     step-interval schedulers."""
+    if epoch.unscales:  # (the optimizer of an earlier fit, still prepared, will not step)
+        epoch.accelerator.precision.end_iteration()
     entry = hooks["on_before_zero_grad"]  # (None, one lookup a step, when nobody overrides it)
     if entry is not None:
         for hook in entry[3]:
@@ -206,14 +211,16 @@ def _after_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], 
         trainer._step_schedulers("step")
 
 
-def backward(trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, **kwargs: Any) -> None:
+def backward(
+    trainer: Trainer, hooks: dict[str, Entry | None], loss: torch.Tensor, *args: Any, **kwargs: Any
+) -> None:
     """``on_before_backward``, the backward pass, ``on_after_backward``: of the training loop, and of
     ``manual_backward`` (``hooks``: the trainer's resolved hooks, ``HookPlan.entries``)."""
     entry = hooks["on_before_backward"]
     if entry is not None:
         for hook in entry[3]:
             hook(loss)
-    trainer._backward_pass(loss, **kwargs)  # accelerator.backward or module_backward (profiler: timed)
+    trainer._backward_pass(loss, *args, **kwargs)  # accelerator.backward or module_backward (profiler: timed)
     entry = hooks["on_after_backward"]
     if entry is not None:
         for hook in entry[3]:

@@ -89,7 +89,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         max_time: Any = None,
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str = "norm",
+        gradient_clip_algorithm: str | None = None,
         val_check_interval: int | float = 1.0,
         check_val_every_n_epoch: int | None = 1,
         limit_train_batches: int | float = 1.0,
@@ -133,7 +133,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         if isinstance(strategy, Strategy):  # engines that clip inside their step learn it before launch
             strategy.configure_training(
                 gradient_clip_val=config.gradient_clip_val,
-                gradient_clip_algorithm=config.gradient_clip_algorithm,
+                gradient_clip_algorithm=config.gradient_clip_algorithm or "norm",
             )
         check_sync_batchnorm(config)  # before the Accelerator starts any process
         self.accelerator = Accelerator(
@@ -385,9 +385,9 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
             self._running, self._evaluation = "", ""
 
-    def _backward(self, loss: torch.Tensor, **kwargs: Any) -> None:  # (manual_backward)
+    def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:  # (manual_backward)
         self.strategy.prepare_for_manual_backward(self.model, loss)
-        backward(self, self._hook_plan.entries(self), loss, **kwargs)
+        backward(self, self._hook_plan.entries(self), loss, *args, **kwargs)
 
     def _step_schedulers(self, interval: str) -> None:
         if not self.lr_scheduler_configs or not self.module.automatic_optimization:

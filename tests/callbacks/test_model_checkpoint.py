@@ -4,6 +4,8 @@ checkpoints, save_weights_only, train_time_interval (also on 2 processes), verbo
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,31 @@ def test_a_second_run_in_the_same_directory_keeps_the_first_runs_checkpoints(tmp
     _trainer(tmp_path, ModelCheckpoint(dirpath=directory, enable_version_counter=False)).fit(Net(), _loader())
     assert "epoch=0-step=4-v2" not in _names(directory)
     assert (directory / "epoch=0-step=4" / "manifest.json").read_bytes() != first["epoch=0-step=4"]
+
+
+def test_a_fit_into_a_directory_that_holds_files_warns(tmp_path: Path) -> None:
+    # As Lightning: each fit whose ModelCheckpoint may save (save_top_k != 0) warns on rank 0 when
+    # its directory already holds something, resuming from a checkpoint there included.
+    directory = tmp_path / "ckpt"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, ModelCheckpoint(dirpath=directory)).fit(Net(), _loader())
+        (tmp_path / "empty").mkdir()
+        _trainer(tmp_path, ModelCheckpoint(dirpath=tmp_path / "empty")).fit(Net(), _loader())
+    assert not [w for w in caught if "not empty" in str(w.message)]
+    message = f"Checkpoint directory {directory} exists and is not empty"
+    with pytest.warns(UserWarning, match=re.escape(message)) as caught:
+        _trainer(tmp_path, ModelCheckpoint(dirpath=directory)).fit(Net(), _loader())
+    assert len([w for w in caught if "not empty" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=re.escape(message)):
+        _trainer(tmp_path, ModelCheckpoint(dirpath=directory), max_epochs=2).fit(
+            Net(), _loader(), ckpt_path=str(directory / "epoch=0-step=4")
+        )
+    with warnings.catch_warnings(record=True) as caught:  # nothing to save, or not a fit: no warning
+        warnings.simplefilter("always")
+        _trainer(tmp_path, ModelCheckpoint(dirpath=directory, save_top_k=0)).fit(Net(), _loader())
+        _trainer(tmp_path, ModelCheckpoint(dirpath=directory)).validate(Net(), _loader())
+    assert not [w for w in caught if "not empty" in str(w.message)]
 
 
 def test_save_weights_only(tmp_path: Path) -> None:
@@ -146,6 +173,23 @@ def test_train_time_interval_on_two_processes_follows_rank_0s_clock(tmp_path: Pa
     assert run_processes(_time_worker, str(tmp_path / "one"), 1) == [[], []]
     # Rank 0 due: both save, every step (2 steps of 2 batches per rank).
     assert run_processes(_time_worker, str(tmp_path / "zero"), 0) == [["epoch=0-step=2"]] * 2
+
+
+def _not_empty_worker(root: str) -> int:
+    """How many "not empty" warnings this rank's fit into a directory holding a file gives."""
+    directory = Path(root) / "ckpt"
+    directory.mkdir(exist_ok=True)
+    (directory / "notes.txt").write_text("kept")
+    trainer = Trainer(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                      callbacks=[ModelCheckpoint(dirpath=directory)], strategy="ddp", max_epochs=1)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Net(), _loader())
+    return len([w for w in caught if "exists and is not empty" in str(w.message)])
+
+
+def test_the_not_empty_warning_is_rank_0s_alone(tmp_path: Path) -> None:
+    assert run_processes(_not_empty_worker, str(tmp_path)) == [1, 0]
 
 
 # -- Lightning parity: the best without monitor, the resolved dirpath, tensor scores, `last`'s name ----

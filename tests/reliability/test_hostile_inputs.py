@@ -430,7 +430,7 @@ def _cases() -> list[Case]:
         "max_steps": _int(-1),
         "accumulate_grad_batches": _int(1),
         "gradient_clip_val": _optional(_number(0, finite=False)),
-        "gradient_clip_algorithm": _one_of("norm", "value"),
+        "gradient_clip_algorithm": _one_of(None, "norm", "value"),
         "val_check_interval": lambda v: _int(1)(v) or (isinstance(v, float) and 0 < v <= 1),
         "check_val_every_n_epoch": _optional(_int(1)),
         "limit_train_batches": lambda v: _int(0)(v) or (isinstance(v, float) and 0 <= v <= 1),

@@ -170,6 +170,38 @@ def test_configure_gradient_clipping_gets_the_trainers_settings(tmp_path: Path) 
     assert not torch.equal(module.layer.weight, unclipped.layer.weight)
 
 
+def test_configure_gradient_clipping_gets_none_for_what_the_trainer_leaves_unset(tmp_path: Path) -> None:
+    # As Lightning: the hook gets the Trainer's settings as they are (no gradient_clip_algorithm:
+    # None), and clip_gradients given None uses the Trainer's (no algorithm anywhere: "norm").
+    seen = []
+
+    class Clipping(Net):
+        def configure_gradient_clipping(
+            self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+        ) -> None:
+            seen.append((gradient_clip_val, gradient_clip_algorithm))
+            self.clip_gradients(optimizer)
+
+    for algorithm in (None, "value"):
+        seen.clear()
+        module, reference = Clipping(), Net()
+        trainer = _fit(
+            tmp_path / f"{algorithm}", module, gradient_clip_val=0.01, gradient_clip_algorithm=algorithm
+        )
+        _fit(tmp_path / f"{algorithm}-ref", reference, gradient_clip_val=0.01,
+             gradient_clip_algorithm=algorithm or "norm")  # fmt: skip
+        assert trainer.gradient_clip_algorithm == algorithm
+        assert seen == [(0.01, algorithm)] * 4
+        assert torch.equal(module.layer.weight, reference.layer.weight)
+    assert Trainer().gradient_clip_algorithm is None
+    unset = Clipping()
+    _fit(tmp_path / "unset", unset)
+    assert seen[-1] == (None, None)
+    clipped = Clipping()
+    _fit(tmp_path / "clipped", clipped, gradient_clip_val=0.01)
+    assert not torch.equal(unset.layer.weight, clipped.layer.weight)  # no value: nothing clipped
+
+
 def test_configure_gradient_clipping_may_clip_its_own_way(tmp_path: Path) -> None:
     class ClipHard(Net):
         def configure_gradient_clipping(self, optimizer: Any, *args: Any) -> None:

@@ -40,8 +40,12 @@ def wandb_records(run_dir: Path, timeout: float = 30.0) -> list[Any]:
     """The protobuf records of a finished offline run's ``run-<id>.wandb`` file, in order.
 
     ``run.finish()`` returns before W&B's service process has flushed the file: wait for the run's
-    ``exit`` record.
+    ``exit`` record. A run still open in this process (a WandbLogger keeps its run open after a
+    successful stage, as Lightning's) is finished first.
     """
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
     deadline = time.monotonic() + timeout
     while True:
         records = _read_records(run_dir)
@@ -126,6 +130,12 @@ def test_wandb_offline_run_with_csv_and_tensorboard_beside_it(tmp_path: Path) ->
     )
     csv_logger, tb_logger = CSVLogger(tmp_path), TensorBoardLogger(tmp_path)
     trainer = fit(tmp_path, [csv_logger, wandb_logger, tb_logger])
+    run_object = wandb_logger.experiment
+    # As Lightning's, the run stays open after the fit: validate() logs to the same run, in the same
+    # offline directory (not a second one); it finishes at exit or, here, by hand.
+    trainer.validate(dataloaders=DataLoader(_data(8), batch_size=4))
+    assert wandb_logger.experiment is run_object
+    run_object.finish()
 
     (run_dir,) = wandb_runs(tmp_path)
     assert run_dir.name.endswith(f"-{wandb_logger.version}") and wandb_logger.log_dir == str(run_dir)
@@ -146,8 +156,10 @@ def test_wandb_offline_run_with_csv_and_tensorboard_beside_it(tmp_path: Path) ->
         {"trainer/global_step": int(r["step"]), **{k: float(v) for k, v in r.items() if v and k != "step"}}
         for r in csv_rows(csv_logger.metrics_file)
     ]
-    assert rows == expected and len(rows) == 8 + 2 + 2  # 8 step rows, 2 validations, 2 epoch rows
-    assert [r["trainer/global_step"] for r in rows if "val_loss" in r] == [4, 8]
+    # 8 step rows, 2 validations, 2 epoch rows, then validate()'s row
+    assert rows == expected and len(rows) == 8 + 2 + 2 + 1
+    assert [r["trainer/global_step"] for r in rows if "val_loss" in r] == [4, 8, 8]
+    assert rows[-1] == {"val_loss": rows[-3]["val_loss"], "epoch": 2, "trainer/global_step": 8}
     assert of_type(records, "exit")[0].exit_code == 0
     assert not wandb_runs(tmp_path / "wandb-dir")  # save_dir is where the run goes
 
@@ -157,13 +169,27 @@ def test_wandb_offline_run_with_csv_and_tensorboard_beside_it(tmp_path: Path) ->
     ]  # TensorBoard keeps float32
     assert trainer.logger is csv_logger and trainer.loggers == [csv_logger, wandb_logger, tb_logger]
 
-    # finalize() finished the run; validate() re-opens the same run id (offline: a second directory).
-    trainer.validate(dataloaders=DataLoader(_data(8), batch_size=4))
-    first, again = wandb_runs(tmp_path)
-    assert first == run_dir and f"-{wandb_logger.version}" in again.name
-    assert wandb_history(wandb_records(again)) == [
-        {"val_loss": rows[-2]["val_loss"], "epoch": 2, "trainer/global_step": 8}
-    ]
+
+def test_wandb_logger_keeps_its_run_for_a_second_fit_and_another_logger_finishes_it(tmp_path: Path) -> None:
+    """Lightning's sequence: fit twice with one WandbLogger, look at ``experiment`` in between: one run."""
+    import wandb
+
+    logger = WandbLogger(project="again", save_dir=tmp_path, offline=True)
+    fit(tmp_path, logger, epochs=1)
+    run = logger.experiment
+    fit(tmp_path, logger, epochs=1)
+    assert logger.experiment is run and len(wandb_runs(tmp_path)) == 1
+    # A new WandbLogger finishes the run kept open (W&B has one active run per process), not logs to it.
+    other = WandbLogger(project="again", save_dir=tmp_path, offline=True)
+    other.log_metrics({"b": 1.0}, step=0)
+    assert other.version != logger.version and run._is_finished
+    first = next(d for d in wandb_runs(tmp_path) if d.name.endswith(logger.version))
+    records = wandb_records(first)
+    assert [r["trainer/global_step"] for r in wandb_history(records) if "val_loss" in r] == [4, 4]
+    assert of_type(records, "exit")[0].exit_code == 0
+    # The first logger's next use re-opens its run id.
+    logger.log_metrics({"c": 1.0}, step=9)
+    assert logger.experiment.id == logger.version and wandb.run is logger.experiment
 
 
 def test_wandb_logger_logs_to_an_active_run(tmp_path: Path) -> None:

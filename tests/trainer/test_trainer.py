@@ -136,8 +136,20 @@ def test_monitor_key_never_logged(tmp_path: Path) -> None:
 def test_ckpt_path_that_does_not_exist(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="ckpt_path='nowhere' does not exist"):
         _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="nowhere")
-    with pytest.raises(FileNotFoundError, match="ckpt_path='best': no such checkpoint"):
+    # "best" without a best checkpoint (none saved yet, or no ModelCheckpoint): Lightning's ValueError.
+    with pytest.raises(
+        ValueError, match=r"fit\(ckpt_path='best'\): the ModelCheckpoint has no best checkpoint"
+    ):
         _trainer(tmp_path, max_epochs=1).fit(Regressor(), _loader(), ckpt_path="best")
+    for stage in ("validate", "test", "predict"):
+        with pytest.raises(
+            ValueError, match=rf"{stage}\(ckpt_path='best'\): the ModelCheckpoint has no best"
+        ):
+            getattr(_trainer(tmp_path), stage)(Regressor(), _loader(), ckpt_path="best")
+        with pytest.raises(ValueError, match=r"ckpt_path='best' needs a ModelCheckpoint"):
+            getattr(_trainer(tmp_path, enable_checkpointing=False), stage)(
+                Regressor(), _loader(), ckpt_path="best"
+            )
     # "last" before there is one (a first run): Lightning's warning, and a fresh start.
     trainer = _trainer(tmp_path, max_epochs=1, callbacks=[ModelCheckpoint(save_last=True)])
     with pytest.warns(UserWarning, match="ckpt_path='last': there is no last checkpoint in .* yet"):

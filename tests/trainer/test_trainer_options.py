@@ -127,6 +127,7 @@ def test_reload_dataloaders_every_n_epochs(tmp_path: Path, every: int, loads: in
     again = _trainer(tmp_path, max_epochs=4, reload_dataloaders_every_n_epochs=every)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "Checkpoint directory .* is not empty")  # (the first fit's)
         again.fit(resumed, ckpt_path=trainer.checkpoint_callback.best_model_path)
     assert again.current_epoch == 4
 
@@ -142,7 +143,11 @@ def test_gradient_accumulation_scheduler(tmp_path: Path) -> None:
         return trainer, module
 
     scheduled, module = fit(2, callbacks=[GradientAccumulationScheduler({0: 4, 1: 2})])
-    assert scheduled.global_step == 2 + 4 and scheduled.accumulate_grad_batches == 1  # reset after the fit
+    assert scheduled.global_step == 2 + 4
+    assert scheduled.accumulate_grad_batches == 2  # the last epoch's, after the fit too (as Lightning)
+    scheduled.config.max_epochs = 3  # the same Trainer fits on: its own setting is no conflict
+    scheduled.fit(module, DataLoader(_data(), batch_size=2))
+    assert scheduled.global_step == 2 + 4 + 4
     _, first_epoch = fit(1, accumulate_grad_batches=4)
     _, then = fit(2, callbacks=[GradientAccumulationScheduler({0: 4, 1: 4})])
     assert not torch.equal(module.layer.weight, then.layer.weight)  # epoch 1 stepped every 2 batches

@@ -7,6 +7,7 @@ import os
 import secrets
 import string
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,6 +29,10 @@ __all__ = ["WandbLogger"]
 STEP_METRIC = "trainer/global_step"
 _EXIT_CODES = {"success": 0, "failed": 1, "interrupted": 130}
 _ID_CHARACTERS = string.ascii_lowercase + string.digits
+# Runs a WandbLogger kept open after a successful stage. W&B has one active run per process: a
+# WandbLogger that opens its own finishes a kept one first (any other active run, a sweep agent's,
+# it logs to). Weak: the active run is held by wandb itself.
+_KEPT: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 class WandbLogger(UploadsCheckpoints):
@@ -40,9 +45,12 @@ class WandbLogger(UploadsCheckpoints):
     successful fit; ``"all"`` uploads each as it is saved. ``offline=True`` writes the run under
     ``<save_dir>/wandb/`` for a later ``wandb sync``.
 
-    The run opens on first use (``experiment``), on global rank 0 only, and finishes in
-    ``finalize``; a later use re-opens the same run id. When a fit resumes from a checkpoint, the
-    logger continues the checkpoint's run (same id).
+    The run opens on first use (``experiment``), on global rank 0 only. As Lightning's, it stays open
+    after a successful fit, validate, test or predict, so the logger's next stage logs to the same run
+    (offline: the same directory); it finishes when the process exits, when another ``WandbLogger``
+    opens a run, or at ``Accelerator.end_training()``. A failed or interrupted stage finishes it with
+    exit code 1 or 130 (a later use re-opens the same run id). When a fit resumes from a checkpoint,
+    the logger continues the checkpoint's run (same id).
 
     Example::
 
@@ -91,6 +99,7 @@ class WandbLogger(UploadsCheckpoints):
             **init_kwargs,
         }
         self._experiment: Any = None
+        self._kept = False  # the run stays open after a successful stage, for the next one
         self._run_dir: str | None = None
         self._run_project: str | None = None
         self._owns_run = (
@@ -128,12 +137,14 @@ class WandbLogger(UploadsCheckpoints):
     @property
     def experiment(self) -> Any:
         """The ``wandb`` run, opened on first use; on other ranks than 0 an object that does nothing."""
-        if self._experiment is not None:
-            return self._experiment
+        if self._experiment is not None and not getattr(self._experiment, "_is_finished", False):
+            return self._experiment  # (finished by the user or by another WandbLogger: re-opened below)
         if not _is_global_zero():
             return _NoExperiment()
         wandb = _import_wandb()
-        self._owns_run = wandb.run is None
+        if wandb.run is not None and wandb.run in _KEPT:  # another WandbLogger's run, kept after its stage
+            wandb.run.finish(exit_code=0)
+        self._owns_run, self._kept = wandb.run is None, False
         if not self._owns_run:  # e.g. a sweep agent opened it: log there, as Lightning does
             warnings.warn(
                 f"a W&B run is already active (id {wandb.run.id}); WandbLogger logs to it", stacklevel=2
@@ -222,12 +233,27 @@ class WandbLogger(UploadsCheckpoints):
 
     @override
     def finalize(self, status: str) -> None:
+        """Upload checkpoints; keep the run open after a success (Lightning's: the next stage logs to
+        it), else finish it with the failure's exit code."""
         if self._experiment is None:
             return
         self._finish_uploads(status)
-        if self._owns_run:
+        if status != "success":
+            self._finish(status)
+        elif self._owns_run:
+            self._kept = True
+            _KEPT.add(self._experiment)
+
+    def _finish(self, status: str) -> None:
+        """Finish this logger's own run (``Accelerator.end_training()``, a failed stage); a later use
+        re-opens the same run id."""
+        if (
+            self._experiment is not None
+            and self._owns_run
+            and not getattr(self._experiment, "_is_finished", False)
+        ):
             self._experiment.finish(exit_code=_EXIT_CODES.get(status, 1))
-        self._experiment = None  # a later use (trainer.test()) re-opens the same run id
+        self._experiment, self._kept = None, False
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -239,9 +265,12 @@ class WandbLogger(UploadsCheckpoints):
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        open_id = self._id if self._experiment is not None else None
+        # A run kept open after an earlier stage does not hold the logger: it switches to the checkpoint's.
+        open_id = self._id if self._experiment is not None and not self._kept else None
         place, given = ("project", state["project"], self._project), ("run id", self._chosen_id)
         if self._resume(state, "W&B run", state["id"], place=place, given=given, open_id=open_id):
+            if state["id"] != self._id:
+                self._finish("success")
             self._id = state["id"]
 
 
