@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -23,6 +24,7 @@ def _as_batch(tensor: torch.Tensor) -> torch.Tensor:
 _SLOTS = 16
 
 
+@functools.cache
 def _dtypes() -> list[torch.dtype]:
     """torch's dtypes in an order every process agrees on (a dtype travels as its index here)."""
     return sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
