@@ -198,12 +198,8 @@ class Trackers:
         raise ValueError(f"get_tracker({name!r}): no such tracker. Active trackers: {active}")
 
     def finish(self) -> None:
-        from ember.trainer.loggers import WandbLogger
-
         for logger in self.loggers:
-            logger.finalize("success")
-            if isinstance(logger, WandbLogger):  # end_training ends the run, as Accelerate's tracker.finish()
-                logger._finish("success")
+            logger.finish()
         self.loggers, self._started = [], False
 
 

@@ -394,7 +394,11 @@ def test_accelerator_trackers(tmp_path: Path) -> None:
         TypeError, match="takes numbers, one-element tensors, strings and dicts of these; 'bad' is a list"
     ):
         accelerator.log({"bad": [1, 2]})
+    import wandb
+
+    assert wandb.run is run
     accelerator.end_training()
+    assert wandb.run is None  # end_training finishes the run, as Accelerate's tracker.finish()
 
     root = tmp_path / "proj"
     assert sorted(p.name for p in root.iterdir()) == ["csv", "tensorboard", "wandb"]

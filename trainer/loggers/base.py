@@ -69,6 +69,11 @@ class Logger(ABC):
         """The run ended with ``status`` ("success", "failed" or "interrupted")."""
         self.save()
 
+    def finish(self) -> None:
+        """The whole job ended (``Accelerator.end_training()``, as 🤗 Accelerate's ``tracker.finish()``):
+        :meth:`finalize` with "success", and release what a logger keeps open between stages."""
+        self.finalize("success")
+
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """``checkpoint_callback`` has just saved (and pruned) checkpoints; e.g. upload them."""
         return None

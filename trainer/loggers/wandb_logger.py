@@ -244,6 +244,12 @@ class WandbLogger(UploadsCheckpoints):
             self._kept = True
             _KEPT.add(self._experiment)
 
+    @override
+    def finish(self) -> None:
+        """Finalize, then finish the run kept open between stages (``Accelerator.end_training()``)."""
+        super().finish()
+        self._finish("success")
+
     def _finish(self, status: str) -> None:
         """Finish this logger's own run (``Accelerator.end_training()``, a failed stage); a later use
         re-opens the same run id."""
