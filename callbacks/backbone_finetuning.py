@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 def multiplicative(epoch: int) -> float:
-    """``BackboneFinetuning``'s default ``lambda_func``: the backbone's learning rate grows 1.5x an epoch."""
-    return 1.5
+    """``BackboneFinetuning``'s default ``lambda_func``: the backbone's learning rate doubles every epoch
+    (Lightning's factor)."""
+    return 2.0
 
 
 class BackboneFinetuning(BaseFinetuning):

@@ -185,10 +185,10 @@ def _plain(rows: list[SummaryRow], totals: SummaryTotals) -> str:
     return "\n".join(lines)
 
 
-def _table(rows: list[SummaryRow]) -> Table:
+def _table(rows: list[SummaryRow], header_style: str = "bold") -> Table:
     from rich.table import Table
 
-    table = Table(header_style="bold")
+    table = Table(header_style=header_style)
     for column in _header(rows):
         table.add_column(column, justify="right" if column in _RIGHT else "left")
     for cells in _cells(rows):
@@ -201,6 +201,7 @@ class ModelSummary(Callback):
 
     ``max_depth=0`` prints only the totals; ``-1`` prints every level. When the module's
     ``example_input_array`` is set, the table also shows each layer's input and output sizes.
+    ``summarize_kwargs``: Lightning's one, ``header_style``, the rich table header's style.
 
     Example::
 
@@ -208,12 +209,25 @@ class ModelSummary(Callback):
         trainer.fit(module, loader)  # a table of layers, then "Total params  1.2 M" etc.
     """
 
-    def __init__(self, max_depth: int = 1) -> None:
+    def __init__(self, max_depth: int = 1, **summarize_kwargs: Any) -> None:
+        owner = type(self).__name__
         if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < -1:
-            raise ValueError(
-                f"ModelSummary(max_depth={max_depth!r}) must be an int >= -1 (-1 shows every level)"
+            raise ValueError(f"{owner}(max_depth={max_depth!r}) must be an int >= -1 (-1 shows every level)")
+        unknown = sorted(set(summarize_kwargs) - {"header_style"})
+        if unknown:
+            raise TypeError(
+                f"{owner}({unknown[0]}={summarize_kwargs[unknown[0]]!r}) is not a summarize keyword: "
+                "the valid one is 'header_style'"
             )
+        header_style = summarize_kwargs.get("header_style", "bold")
+        if not isinstance(header_style, str):
+            raise TypeError(f"{owner}(header_style={header_style!r}) must be a rich style string")
         self._max_depth = max_depth
+        self._header_style = header_style
+
+    def _table(self, rows: list[SummaryRow]) -> Table:
+        """The rich table of ``rows``, with this summary's header style."""
+        return _table(rows, self._header_style)
 
     @override
     def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
@@ -233,7 +247,7 @@ class ModelSummary(Callback):
 
         console = Console()
         if rows:
-            console.print(_table(rows))
+            console.print(self._table(rows))
         summary = Table.grid(padding=(0, 2))
         summary.add_column(justify="right")
         summary.add_column()

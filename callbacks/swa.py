@@ -130,6 +130,7 @@ class StochasticWeightAveraging(Callback):
         self._annealing_strategy = cast(Literal["cos", "linear"], annealing_strategy)
         self._avg_fn = avg_fn
         self._swa_start: int | None = None
+        self._max_epochs: int | None = None  # the fit's, once it started
         self._reset()
 
     def _reset(self) -> None:
@@ -153,6 +154,14 @@ class StochasticWeightAveraging(Callback):
         return self._swa_start
 
     @property
+    def swa_end(self) -> int:
+        """The last SWA epoch, counted from 0: the fit's ``max_epochs - 1`` (Lightning's; -2 without an
+        epoch limit, as there). Known once a fit started."""
+        if self._max_epochs is None:
+            raise RuntimeError("swa_end is known once fit() started: it is max_epochs - 1")
+        return self._max_epochs - 1
+
+    @property
     def n_averaged(self) -> int:
         """How many epochs' weights the average holds."""
         return 0 if self._average is None else int(self._average.n_averaged)
@@ -169,6 +178,7 @@ class StochasticWeightAveraging(Callback):
                 "that owns the step): use DDP or a single device (Strategy.supports_weight_averaging)"
             )
         start = self._swa_epoch_start
+        self._max_epochs = -1 if trainer.max_epochs is None else trainer.max_epochs
         if isinstance(start, float):
             max_epochs = trainer.max_epochs
             if max_epochs is None or max_epochs == -1:
@@ -296,7 +306,8 @@ class StochasticWeightAveraging(Callback):
         )
         if restored is not None:
             self._load(restored)
-        config = LRSchedulerConfig(scheduler=self._scheduler, interval="epoch", frequency=1, name="SWALR")
+        # No name, as Lightning's: LearningRateMonitor goes on logging it as lr-{OptimizerClass}.
+        config = LRSchedulerConfig(scheduler=self._scheduler, interval="epoch", frequency=1)
         if trainer.lr_scheduler_configs:  # (the Trainer keeps the replaced one in its checkpoints)
             trainer.lr_scheduler_configs[0] = config
         else:

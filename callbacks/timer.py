@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
+from ember._validation import check_bool
 from ember.callbacks.base import Callback
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class Timer(Callback):
 
     The clock is ``time.monotonic()``. Training time runs from ``on_train_start`` to
     ``on_train_end``, so validation inside ``fit`` counts against the budget. The elapsed time is
-    saved in checkpoints, so a resumed run continues the clock instead of starting a fresh budget.
+    saved in checkpoints, so a resumed run continues the clock instead of starting a fresh budget
+    (and trains nothing when the restored time already spent it). ``verbose``: say when it stops.
 
     Example::
 
@@ -80,12 +82,15 @@ class Timer(Callback):
         self,
         duration: str | timedelta | dict[str, int] | None = None,
         interval: str = "step",
+        verbose: bool = True,
     ) -> None:
         if interval not in _INTERVALS:
             raise ValueError(
                 f"Timer(interval={interval!r}) is not supported. Valid choices: {', '.join(map(repr, _INTERVALS))}"
             )
+        check_bool("verbose", verbose, owner="Timer")
         self._duration = _parse_duration(duration)
+        self._verbose = verbose
         self._interval = interval
         self._start: dict[str, float | None] = dict.fromkeys(_STAGES)
         self._end: dict[str, float | None] = dict.fromkeys(_STAGES)
@@ -160,6 +165,12 @@ class Timer(Callback):
 
     # -- stopping ---------------------------------------------------------------------------------
     @override
+    def on_fit_start(self, trainer: Trainer, module: TrainModule) -> None:
+        # After a resumed fit restored the clock (the Trainer's order), at either interval: a
+        # checkpoint saved once the budget ran out trains no further batch, as Lightning's.
+        self._stop_if_expired(trainer)
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -184,7 +195,7 @@ class Timer(Callback):
             expired = bool(flag.item())
         if expired:
             trainer.should_stop = True
-            if trainer.is_global_zero and not self._announced:
+            if self._verbose and trainer.is_global_zero and not self._announced:
                 self._announced = True
                 print(f"Timer: time limit of {self._duration} reached; stopping training.", flush=True)
 

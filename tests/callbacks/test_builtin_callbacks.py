@@ -232,15 +232,16 @@ def test_lr_monitor_names_and_values() -> None:
         return trainer.logged[0][1]
 
     assert logged([sgd]) == {"lr-SGD": pytest.approx(0.1)}
-    assert logged([sgd], log_momentum=True) == {"lr-SGD": 0.1, "lr-SGD/momentum": 0.9}
-    assert logged([grouped]) == {"lr-SGD/pg0": 0.2, "lr-SGD/pg1": 0.01}
+    assert logged([sgd], log_momentum=True) == {"lr-SGD": 0.1, "lr-SGD-momentum": 0.9}
+    # Lightning's names: groups counted from 1, the second optimizer of a class "-1".
+    assert logged([grouped]) == {"lr-SGD/pg1": 0.2, "lr-SGD/pg2": 0.01}
     assert logged(adams, log_momentum=True) == {
-        "lr-Adam-0": 1e-3,
-        "lr-Adam-0/momentum": 0.8,
+        "lr-Adam": 1e-3,
+        "lr-Adam-momentum": 0.8,
         "lr-Adam-1": 2e-3,
-        "lr-Adam-1/momentum": 0.9,
+        "lr-Adam-1-momentum": 0.9,
     }
-    assert logged([named, sgd]) == {"lr-AdamW/backbone": 0.5, "lr-AdamW/pg1": 0.5, "lr-SGD": 0.1}
+    assert logged([named, sgd]) == {"lr-AdamW/backbone": 0.5, "lr-AdamW/pg2": 0.5, "lr-SGD": 0.1}
 
 
 def test_lr_monitor_logs_every_n_batches_and_follows_the_scheduler() -> None:
@@ -254,7 +255,11 @@ def test_lr_monitor_logs_every_n_batches_and_follows_the_scheduler() -> None:
         monitor.on_train_batch_start(trainer, _MODULE, None, i)
         optimizer.step()
         scheduler.step()
-    assert trainer.logged == [(0, {"lr-SGD": 1.0}), (2, {"lr-SGD": 0.25}), (4, {"lr-SGD": 0.0625})]
+        trainer.global_step = i + 1
+        monitor.on_train_batch_end(trainer, _MODULE, None, None, i)
+    # Sampled before the batches after which the Trainer writes a row (the 2nd, the 4th), as
+    # Lightning's; written after them, with the step of that row.
+    assert trainer.logged == [(2, {"lr-SGD": 0.5}), (4, {"lr-SGD": 0.125})]
 
 
 def test_lr_monitor_epoch_interval_logs_at_epoch_start_only() -> None:
@@ -381,61 +386,43 @@ def test_model_summary_prints_on_rank_zero_only(capsys: pytest.CaptureFixture[st
 def test_throughput_from_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = _Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
-    batch = torch.zeros(4, 8)  # 4 samples of 8 tokens
+    batch = torch.zeros(4, 8)  # 4 samples of 8 items
     monitor = ThroughputMonitor(batch_size_fn=len, length_fn=lambda b: b.numel(), window_size=2)
     trainer = _Trainer(world_size=2, log_every_n_steps=2)
     monitor.on_train_start(trainer, _MODULE)
     for i, seconds in enumerate([0.5, 0.5, 1.5, 0.5]):
+        trainer.global_step = i
+        monitor.on_train_batch_start(trainer, _MODULE, batch, i)
         clock.now += seconds
-        trainer.global_step = i + 1
+        trainer.total_batch_idx = trainer.global_step = i + 1
         monitor.on_train_batch_end(trainer, _MODULE, None, batch, i)
     (step_a, first), (step_b, second) = trainer.logged
-    assert (step_a, step_b) == (2, 4)
-    # Batches 1-2 took 1 s on this process: 2 batches, 8 samples, 64 tokens; the job has 2 processes.
+    assert (step_a, step_b) == (2, 4)  # the step of the Trainer's row (Lightning's + 1)
+    # Rates over the last 2 updates (batch 2 ended 0.5 s after batch 1): this process, and the
+    # job of 2 processes.
     assert first == pytest.approx(
         {
+            "train/time": 1.0,
+            "train/batches": 2,
+            "train/samples": 8,
+            "train/lengths": 64,
+            "train/device/batches_per_sec": 2.0,
+            "train/device/samples_per_sec": 8.0,
+            "train/device/items_per_sec": 64.0,
             "train/batches_per_sec": 4.0,
             "train/samples_per_sec": 16.0,
-            "train/device/samples_per_sec": 8.0,
-            "train/tokens_per_sec": 128.0,
-            "train/device/tokens_per_sec": 64.0,
+            "train/items_per_sec": 128.0,
+            "epoch": 0.0,
         }
     )
-    # window_size=2: only batches 3-4 (2 s) count.
-    assert second["train/device/samples_per_sec"] == pytest.approx(8 / 2.0)
-    assert second["train/batches_per_sec"] == pytest.approx(2 / 2.0 * 2)
-
-
-def test_throughput_leaves_out_validation_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = _Clock()
-    monkeypatch.setattr(time, "perf_counter", clock)
-    monitor = ThroughputMonitor(batch_size_fn=lambda b: 10)
-    trainer = _Trainer(log_every_n_steps=2)
-    monitor.on_train_start(trainer, _MODULE)
-    clock.now += 1
-    monitor.on_train_batch_end(trainer, _MODULE, None, None, 0)
-    monitor.on_validation_start(trainer, _MODULE)
-    clock.now += 100
-    monitor.on_validation_end(trainer, _MODULE)
-    clock.now += 1
-    monitor.on_train_batch_end(trainer, _MODULE, None, None, 1)
-    assert trainer.logged == [
-        (
-            0,
-            pytest.approx(
-                {
-                    "train/batches_per_sec": 1.0,
-                    "train/samples_per_sec": 10.0,
-                    "train/device/samples_per_sec": 10.0,
-                }
-            ),
-        )
-    ]
+    # window_size=2: only batches 3-4 (0.5 s apart) count.
+    assert second["train/device/samples_per_sec"] == pytest.approx(4 / 0.5)
+    assert second["train/time"] == pytest.approx(3.0)
 
 
 def test_throughput_rank_and_argument_checks() -> None:
     monitor = ThroughputMonitor(batch_size_fn=lambda b: 1)
-    trainer = _Trainer(is_global_zero=False, global_rank=1, log_every_n_steps=1)
+    trainer = _Trainer(is_global_zero=False, global_rank=1, log_every_n_steps=1, total_batch_idx=1)
     monitor.on_train_start(trainer, _MODULE)
     monitor.on_train_batch_end(trainer, _MODULE, None, None, 0)
     assert trainer.logged == []

@@ -117,14 +117,14 @@ def _expected_backbone_lrs(
     epochs: int, at: int, lr: float, initial: float, align: bool
 ) -> list[float | None]:
     """Lightning's formula: ``initial`` at the unfreeze epoch, then ``lambda(epoch + 1) * previous``
-    (1.5x), capped at the first group's lr when aligned."""
+    (2x with the default ``multiplicative``, as Lightning's), capped at the first group's lr when aligned."""
     lrs: list[float | None] = []
     previous = None
     for epoch in range(epochs):
         if epoch < at:
             lrs.append(None)
             continue
-        previous = initial if epoch == at else 1.5 * previous  # type: ignore[operator]
+        previous = initial if epoch == at else 2.0 * previous  # type: ignore[operator]
         if align and previous > lr:
             previous = lr
         lrs.append(previous)

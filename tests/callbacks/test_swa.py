@@ -286,3 +286,11 @@ def test_ddp_averages_identically_on_every_process_and_as_one_process(tmp_path: 
         torch.testing.assert_close(ours.detach().flatten(), torch.tensor(theirs))
     # BatchNorm's mean over each process's shard, averaged across them: the mean over all the data.
     torch.testing.assert_close(torch.tensor(ranks[0]["running_mean"]), torch.tensor(ranks[0]["feature_mean"]))
+
+
+def test_swa_end_is_the_last_epoch_as_lightnings(tmp_path: Path) -> None:
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=0.5)
+    with pytest.raises(RuntimeError, match="swa_end is known once fit"):
+        swa.swa_end  # noqa: B018
+    quiet_trainer(tmp_path, [swa], max_epochs=4).fit(Net(batch_norm=False), regression_loader())
+    assert (swa.swa_start, swa.swa_end) == (1, 3)

@@ -138,11 +138,12 @@ class Rows(Logger):
     [
         # Lightning: at the start of each epoch, for a scheduler stepped per epoch ...
         ("epoch", None, [(0, 1.0), (4, 0.5)]),
-        # ... every log_every_n_steps batches for one stepped per step (ember's cadence of rows) ...
-        ("step", None, [(0, 1.0), (2, 0.25), (4, 0.0625), (6, 0.015625)]),
+        # ... before each batch after which a row is written (every log_every_n_steps) for one
+        # stepped per step (ember writes it in that batch's row: Lightning's step + 1) ...
+        ("step", None, [(2, 0.5), (4, 0.125), (6, 0.03125), (8, 0.007812)]),
         # ... and at both for an optimizer without a scheduler.
-        (None, None, [(0, 1.0), (0, 1.0), (2, 1.0), (4, 1.0), (4, 1.0), (6, 1.0)]),
-        ("epoch", "step", [(0, 1.0), (2, 1.0), (4, 0.5), (6, 0.5)]),
+        (None, None, [(0, 1.0), (2, 1.0), (4, 1.0), (4, 1.0), (6, 1.0), (8, 1.0)]),
+        ("epoch", "step", [(2, 1.0), (4, 1.0), (6, 0.5), (8, 0.5)]),
         ("step", "epoch", [(0, 1.0), (4, 0.0625)]),
     ],
 )
@@ -155,7 +156,7 @@ def test_lr_monitor_follows_each_schedulers_interval(
     trainer.fit(Net(interval), _loader())
     assert [(step, row["lr-SGD"]) for step, row in rows.rows] == expected
     # As Lightning's, the monitor's values are callback metrics too (the last one, a tensor).
-    assert trainer.callback_metrics["lr-SGD"] == torch.tensor(expected[-1][1])
+    assert float(trainer.callback_metrics["lr-SGD"]) == pytest.approx(expected[-1][1], abs=1e-6)
 
 
 # -- what the Trainer's metric dicts hold -----------------------------------------------------------

@@ -542,12 +542,13 @@ def test_max_time_and_monitors(tmp_path: Path) -> None:
 
     trainer = _trainer(tmp_path, max_time={"seconds": 0}, max_epochs=5)
     trainer.fit(Regressor(), _loader())
-    assert trainer.global_step == 1  # the Timer stopped the fit after the first batch
+    # As Lightning: the Timer, checked at on_fit_start, stopped the fit before any batch.
+    assert trainer.global_step == 0
     monitors = [LearningRateMonitor(), ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0])]
     trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=2, callbacks=monitors)
     trainer.fit(Regressor(), _loader())
     header = (Path(trainer.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"lr-SGD", "train/samples_per_sec", "train/batches_per_sec"} <= set(header)
+    assert {"lr-SGD", "train/time", "train/batches", "train/samples"} <= set(header)
 
 
 class Data(DataModule):
