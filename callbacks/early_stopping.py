@@ -111,6 +111,8 @@ class EarlyStopping(Callback):
         return ""
 
     def _check(self, trainer: Trainer) -> None:
+        if trainer.fast_dev_run:  # as Lightning: a smoke test of the loop is never stopped early
+            return
         if self.monitor not in trainer.callback_metrics:
             if self.strict:
                 raise KeyError(

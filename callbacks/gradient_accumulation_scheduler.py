@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 from typing_extensions import override
 
 from ember.callbacks.base import Callback
+from ember.trainer.hooks import overridden
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -39,10 +41,15 @@ class GradientAccumulationScheduler(Callback):
                 raise ValueError(
                     f"GradientAccumulationScheduler: {batches!r} batches per step (epoch {epoch}) must be an int >= 1"
                 )
-        self.scheduling = dict(sorted(scheduling.items()))
+        # As Lightning's: the epochs before the first key accumulate 1 batch, written out.
+        self.scheduling = dict(sorted({0: 1, **scheduling}.items()))
         self._applied: tuple[int, int] | None = None  # (id of the Trainer, the batches it was set to)
 
-    def going_to_accumulate_grad_batches(self, epoch: int) -> int:
+    def going_to_accumulate_grad_batches(self) -> bool:
+        """Whether some epoch of the schedule accumulates more than 1 batch per step."""
+        return any(batches > 1 for batches in self.scheduling.values())
+
+    def get_accumulate_grad_batches(self, epoch: int) -> int:
         """The batches per step of ``epoch``."""
         batches = 1
         for start, value in self.scheduling.items():
@@ -63,6 +70,14 @@ class GradientAccumulationScheduler(Callback):
             )
         if not module.automatic_optimization:
             raise ValueError("GradientAccumulationScheduler needs automatic optimization")
+        hooks = [name for name in ("optimizer_step", "optimizer_zero_grad") if overridden(module, name)]
+        if hooks and self.going_to_accumulate_grad_batches():
+            warnings.warn(
+                f"{type(module).__name__} overrides {' and '.join(hooks)} and GradientAccumulationScheduler "
+                "accumulates batches: TrainModule.optimizer_{step,zero_grad} run once every optimizer step, "
+                "not every batch",
+                stacklevel=2,
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
@@ -74,5 +89,5 @@ class GradientAccumulationScheduler(Callback):
 
     def _apply(self, trainer: Trainer) -> None:
         # As Lightning's, nothing puts it back after the fit: it reads the last epoch's value then.
-        trainer.accumulate_grad_batches = self.going_to_accumulate_grad_batches(trainer.current_epoch)
+        trainer.accumulate_grad_batches = self.get_accumulate_grad_batches(trainer.current_epoch)
         self._applied = (id(trainer), trainer.accumulate_grad_batches)

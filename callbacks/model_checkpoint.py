@@ -191,7 +191,9 @@ class ModelCheckpoint(Checkpoint):
 
     @override
     def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
-        if self.save_last and not self._saved_last:  # as Lightning 2.6: save_last always leaves one
+        if (
+            self.save_last and not self._saved_last and not trainer.fast_dev_run
+        ):  # as Lightning 2.6: save_last always leaves one
             trainer.save_checkpoint(self.claim_last(trainer), weights_only=self.save_weights_only)
 
     @override
@@ -336,6 +338,8 @@ class ModelCheckpoint(Checkpoint):
         return [previous] if Path(previous).parent == Path(new).parent else []
 
     def _save(self, trainer: Trainer) -> None:
+        if trainer.fast_dev_run:  # a smoke test of the loop leaves no checkpoint (as Lightning documents)
+            return
         plan = trainer.accelerator.broadcast_object(self._plan(trainer) if trainer.is_global_zero else None)
         self._last_step_saved = trainer.global_step
         stale = self._superseded_last(self.last_model_path, plan)

@@ -7,6 +7,10 @@ each global batch is one step: rank ``r`` takes the ``r``-th of ``world`` equal 
 Either way, with ``even_batches`` an incomplete last step is completed from the start of the epoch
 so that every rank steps as often; the plan then reports how many of the last step's samples are
 real (``remainder``), which ``gather_for_metrics`` keeps.
+
+``sample_plan`` deals samples instead, as Lightning's ``DistributedSampler`` does (the Trainer's
+validation and test loaders): rank ``r`` takes samples ``r``, ``r + world``, ... of the sampler's
+order, padded from its start to a multiple of ``world``, and batches them itself.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 
-__all__ = ["rank_plan", "split_length"]
+__all__ = ["rank_plan", "sample_length", "sample_plan", "split_length"]
 
 Plan = tuple[list[list[int]], int | None]
 
@@ -95,3 +99,29 @@ def split_length(
     if even_batches:
         return full + 1
     return full + (rest > rank * math.ceil(batch_size / world))
+
+
+def sample_plan(
+    order: list[int], world: int, rank: int, *, batch_size: int | None, drop_last: bool
+) -> list[list[int]]:
+    """Rank ``rank``'s batches when samples, not batches, are dealt (``batch_size=None``: one sample
+    each). The padding repeats at most ``world - 1`` samples; ``drop_last`` drops this rank's short
+    last batch."""
+    if order:
+        padding = -len(order) % world
+        order = order + list(itertools.islice(itertools.cycle(order), padding))
+    mine = order[rank::world]
+    if batch_size is None:
+        return [[index] for index in mine]
+    batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def sample_length(samples: int, world: int, *, batch_size: int | None, drop_last: bool) -> int:
+    """The number of batches of every rank's ``sample_plan`` over ``samples`` samples."""
+    mine = math.ceil(samples / world)
+    if batch_size is None:
+        return mine
+    return mine // batch_size if drop_last else math.ceil(mine / batch_size)

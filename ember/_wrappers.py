@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ember.data import LoopState
 from ember.precision import Precision
@@ -54,6 +56,10 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self._direct_step = strategy.direct_optimizer_step
         #: True when the last step() call did not update parameters (accumulating, or inf/NaN grads)
         self.step_was_skipped = False
+        # (before, after) pairs run around each step() call that is no accumulation micro-step
+        # (_add_step_hooks): the Trainer's count of manual-optimisation steps, Lightning's.
+        # (An OrderedDict: the handles hold it by weak reference, which a plain dict refuses.)
+        self._step_hooks: OrderedDict[int, tuple[Callable[[], None], Callable[[], None]]] = OrderedDict()
 
     @property  # type: ignore[override]
     def param_groups(self) -> list[dict[str, Any]]:
@@ -90,10 +96,24 @@ class PreparedOptimizer(torch.optim.Optimizer):
 
         Where they act between the backward pass and the step (unscaling, averaging, an engine's
         own step), the closure runs first, once; an optimizer that re-evaluates it (LBFGS) gets it
-        passed on, where the strategy and precision support that."""
+        passed on, where the strategy and precision support that. As ``torch.optim``'s, the step
+        runs whatever the closure returns, except for a :class:`LossClosure` that returns None."""
         if not self._gradient_state.sync_gradients:
             self.step_was_skipped = True
             return None
+        if not self._step_hooks:
+            return self._step(closure)
+        hooks = list(self._step_hooks.values())
+        closure = _followed_by([before for before, _ in hooks], closure)
+        if closure is None:
+            for before, _ in hooks:
+                before()
+        loss = self._step(closure)
+        for _, after in hooks:  # (also when the precision skipped the step: it was one, as Lightning counts)
+            after()
+        return loss
+
+    def _step(self, closure: Callable[[], Any] | None) -> Any:
         if self._direct_step:  # neither strategy nor precision adds anything to optimizer.step()
             loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
             self.step_was_skipped = False
@@ -102,13 +122,21 @@ class PreparedOptimizer(torch.optim.Optimizer):
         if closure is not None and not isinstance(self.optimizer, torch.optim.LBFGS):
             with torch.enable_grad():
                 loss = closure()
-            if loss is None:  # nothing was backpropagated (training_step returned None): no step
+            if loss is None and isinstance(closure, LossClosure):  # nothing was backpropagated: no step
                 self.step_was_skipped = True
                 return None
             closure = None
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
         self._strategy.precision.end_iteration(o.optimizer for o in self._siblings)
         return loss
+
+    def _add_step_hooks(self, before: Callable[[], None], after: Callable[[], None]) -> RemovableHandle:
+        """Run ``before`` ahead of each step (after each call of its closure, where it has one: its
+        backward pass) and ``after`` once it is done or skipped by the precision; accumulation
+        micro-steps run neither. ``handle.remove()`` takes them off."""
+        handle = RemovableHandle(self._step_hooks)
+        self._step_hooks[handle.id] = (before, after)
+        return handle
 
     def boundary_calls(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
         """``(step, zero_grad)`` for a loop that calls them only at step boundaries (gradients in
@@ -134,6 +162,39 @@ class PreparedOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"PreparedOptimizer({self.optimizer!r})"
+
+
+class LossClosure:
+    """A step closure whose ``None`` result means that no backward pass ran, so that
+    :meth:`PreparedOptimizer.step` skips the step (the Trainer's closure in automatic optimisation,
+    when ``training_step`` returned None, as Lightning skips it). The result of any other closure
+    does not decide: its backward pass may have run."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        self.run = run
+
+    def __call__(self) -> Any:
+        return self.run()
+
+
+def _followed_by(
+    calls: list[Callable[[], None]], closure: Callable[[], Any] | None
+) -> Callable[[], Any] | None:
+    """``closure`` that runs ``calls`` after each of its own calls (None stays None); a
+    :class:`LossClosure` stays one."""
+    if closure is None:
+        return None
+    inner = closure
+
+    def run() -> Any:
+        result = inner()
+        for call in calls:
+            call()
+        return result
+
+    return LossClosure(run) if isinstance(closure, LossClosure) else run
 
 
 class PreparedScheduler:

@@ -10,7 +10,8 @@ collate_fn, workers) and changes three things:
    epoch, so every rank runs the same number of steps; :meth:`Accelerator.gather_for_metrics` drops
    those duplicates. The plan is ``ember._plan``.
 2. **An owned shuffle seed.** The sampler's generator is re-seeded with ``seed + epoch`` before each
-   epoch, the same on every rank, and the loader's own generator seeds the workers. No draw is
+   epoch, the same on every rank (a sampler's or dataset's ``set_epoch`` is called with the epoch),
+   and the loader's own generator seeds the workers. No draw is
    taken from the global RNG, so the training randomness stream is the same whether or not a run
    was resumed.
 3. **A position.** The loader counts the batches it has yielded in the current epoch. Its
@@ -27,7 +28,6 @@ uninterrupted pass drew.
 from __future__ import annotations
 
 import collections
-import copy
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sized
@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from ember._plan import rank_plan, split_length
+from ember._plan import rank_plan, sample_length, sample_plan, split_length
+from ember._samplers import check_splittable, tell_epoch, with_generator
 from ember._tree import move_batches
 from ember._workers import PlannedBatch, SeededFetch, worker_init
 
@@ -84,17 +85,6 @@ def _batches_of(
         yield batch
 
 
-def _with_generator(sampler: Any, generator: torch.Generator) -> Any:
-    """A shallow copy of ``sampler`` (and of a wrapped sampler) that draws from ``generator``."""
-    sampler = copy.copy(sampler)
-    if hasattr(sampler, "generator"):
-        sampler.generator = generator
-    inner = getattr(sampler, "sampler", None)
-    if inner is not None and hasattr(inner, "generator"):
-        sampler.sampler = _with_generator(inner, generator)
-    return sampler
-
-
 class PreparedDataLoader:
     """Returned by ``Accelerator.prepare`` for each ``DataLoader``. Iterate it like the original."""
 
@@ -110,9 +100,10 @@ class PreparedDataLoader:
         even_batches: bool,
         loop_state: LoopState,
         split_batches: bool = False,
+        shard_samples: bool = False,
     ) -> None:
         if split_batches:
-            _check_splittable(dataloader, world_size)
+            check_splittable(dataloader, world_size)
         self.base_dataloader = dataloader
         self.device = device  # None: batches stay where the dataloader makes them (device_placement)
         # Moves a pass's batches to the device (the strategy's: XLA prefetches and shards).
@@ -135,6 +126,13 @@ class PreparedDataLoader:
         self._plan: list[list[int]] = []  # this rank's batches of the running pass (batch_indices)
         self._generator = torch.Generator()
         self._iterable = isinstance(dataloader.dataset, IterableDataset)
+        # Deal samples, as Lightning's DistributedSampler (the Trainer's evaluation loaders): only
+        # where the batches are the loader's own (a custom batch sampler's are dealt whole).
+        self._deal_samples = (
+            shard_samples
+            and not (split_batches or self._iterable)
+            and (dataloader.batch_size is not None or dataloader.batch_sampler is None)
+        )
         self._drop_last = bool(dataloader.drop_last)
         self._batch_sampler = _ListBatchSampler()
         self._seeded_workers = dataloader.num_workers > 0 and not self._iterable
@@ -161,13 +159,21 @@ class PreparedDataLoader:
     def _global_batches(self, epoch: int) -> list[list[int]]:
         dl = self.base_dataloader
         generator = torch.Generator().manual_seed(self._seed + epoch)
+        if self._deal_samples:  # the sampler's order, one sample a "batch"
+            return [[index] for index in with_generator(dl.sampler, generator)]
         if dl.batch_sampler is not None:
-            return [list(batch) for batch in _with_generator(dl.batch_sampler, generator)]
+            return [list(batch) for batch in with_generator(dl.batch_sampler, generator)]
         # batch_size=None: the sampler yields single indices and the loader does not batch.
-        return [[index] for index in _with_generator(dl.sampler, generator)]
+        return [[index] for index in with_generator(dl.sampler, generator)]
 
     def _rank_plan(self, epoch: int) -> tuple[list[list[int]], int | None]:
         """This rank's batches for ``epoch`` and the number of real samples in the last global step."""
+        if self._deal_samples:  # (the repeated samples, at most world - 1, are not cut: as Lightning)
+            order = [index for (index,) in self._global_batches(epoch)]
+            size = self.base_dataloader.batch_size
+            return sample_plan(
+                order, self.world_size, self.rank, batch_size=size, drop_last=self._drop_last
+            ), None
         return rank_plan(
             self._global_batches(epoch), self.world_size, self.rank, even_batches=self.even_batches,
             drop_last=self._drop_last, split_batches=self.split_batches, batch_size=self.base_dataloader.batch_size,
@@ -186,6 +192,9 @@ class PreparedDataLoader:
         """The steps this rank runs in a pass; a TypeError, as from ``DataLoader``, when the
         dataset has no length. An iterable dataset is counted as its batches are dealt."""
         dl = self.base_dataloader
+        if self._deal_samples:
+            size, samples = dl.batch_size, len(dl.sampler)  # type: ignore[arg-type]
+            return sample_length(samples, self.world_size, batch_size=size, drop_last=self._drop_last)
         if self.split_batches:  # one step per global batch
             if dl.batch_size is None:  # a batch sampler's batches: a short last one may leave a rank out
                 if self.even_batches:
@@ -210,6 +219,7 @@ class PreparedDataLoader:
         running = self._loop_state.running
         running.append(self)
         self._generator.manual_seed(self._seed + epoch)  # worker seeds: a function of (seed, epoch)
+        tell_epoch(self.base_dataloader, epoch)  # before the plan: a sampler may shuffle by its epoch
         try:
             if self._iterable:
                 # The transfer sees batches only; each batch's place in the stream waits in a queue
@@ -313,20 +323,6 @@ class PreparedDataLoader:
         if name.startswith("_") or name == "base_dataloader":
             raise AttributeError(name)
         return getattr(self.base_dataloader, name)
-
-
-def _check_splittable(dl: DataLoader[Any], world_size: int) -> None:
-    """``split_batches`` needs global batches that divide into ``world_size`` equal slices."""
-    if dl.batch_size is None and (dl.batch_sampler is None or isinstance(dl.dataset, IterableDataset)):
-        raise ValueError(
-            "split_batches=True needs a dataloader that makes batches; this one has batch_size=None "
-            "(it yields single samples)"
-        )
-    if dl.batch_size is not None and dl.batch_size % world_size:
-        raise ValueError(
-            f"split_batches=True needs the dataloader's batch_size ({dl.batch_size}) to be a multiple of the "
-            f"number of processes ({world_size}): each process gets batch_size / {world_size} samples per step"
-        )
 
 
 def _batch_len(batch: Any) -> int:

@@ -110,6 +110,8 @@ class MixedPrecision(Precision):
             return super().optimizer_step(optimizer, closure)
         if closure is not None:
             raise ValueError("precision='16-mixed' does not support optimizer closures (e.g. LBFGS)")
+        if not _has_gradients(optimizer):  # nothing to update (torch's step would leave it all), and
+            return False  # the scaler, finding no gradient to check, would fail
         self._begin(optimizer)
         stepped: list[bool] = []  # the scaler skips optimizer.step() for inf/NaN gradients
         handle = optimizer.register_step_post_hook(lambda *_: stepped.append(True))

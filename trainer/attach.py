@@ -8,6 +8,7 @@ import warnings
 from typing import TYPE_CHECKING, Any, cast
 
 from ember.trainer import checkpointing
+from ember.trainer.callback_list import check_callbacks, merge_callbacks
 from ember.trainer.hooks import call_hook, overridden
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.profilers.timed import backward_call, module_hook, start_stage
@@ -94,7 +95,7 @@ class StageAttachment:
 
         extra = module.configure_callbacks()  # (one Callback, or a sequence of them, as Lightning)
         extra = [extra] if isinstance(extra, Callback) else list(extra)
-        self.callbacks = checkpointing.check_callbacks(checkpointing.merge_callbacks(self._callbacks, extra))
+        self.callbacks = check_callbacks(merge_callbacks(self._callbacks, extra))
         self._datamodule = datamodule
         if datamodule is not None:
             datamodule.trainer = trainer

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ember._weights import fold_pruned, full_state_dict, load_model_weights
-from ember.callbacks.base import Callback
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manifest, read_tree, verify_stem
 from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.strategies.environment import detect_environment
@@ -29,11 +28,8 @@ if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
 
 __all__ = [
-    "check_callbacks",
-    "default_callbacks",
     "load_module",
     "load_weights",
-    "merge_callbacks",
     "newest_valid",
     "resolve_path",
     "restore",
@@ -72,6 +68,9 @@ def _save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool) ->
         **module._hparams_checkpoint(),
         "loggers": [logger.state_dict() for logger in trainer.loggers] if trainer.is_global_zero else [],
     }
+    datamodule_state = trainer.datamodule.state_dict() if trainer.datamodule is not None else None
+    if datamodule_state:  # (as Lightning: only a DataModule that has state)
+        checkpoint["datamodule"] = datamodule_state
     call_hook(trainer, "on_save_checkpoint", checkpoint)
     # Running epoch aggregates and torchmetrics states differ per process: each saves its own.
     rank_state = {"metrics": trainer._metrics.state_dict(module)}
@@ -102,11 +101,14 @@ def restore(trainer: Trainer, path: Path) -> None:
     extra = trainer.accelerator.load_state(path)
     checkpoint = extra[STATE]
     trainer.state.load_state_dict(checkpoint["loop"])
+    if "datamodule" in checkpoint and trainer.datamodule is not None:
+        trainer.datamodule.load_state_dict(checkpoint["datamodule"])
     if RANK_STATE in extra:  # absent when the world size changed: epoch aggregates restart
         trainer._metrics.load_state_dict(extra[RANK_STATE]["metrics"], trainer.module)
     if trainer.is_global_zero:
         for logger, state in zip(trainer.loggers, checkpoint["loggers"], strict=False):
-            logger.load_state_dict(state)
+            if state:  # (none: a logger that kept nothing, e.g. fast_dev_run's stand-in)
+                logger.load_state_dict(state)
     call_hook(trainer, "on_load_checkpoint", checkpoint)
 
 
@@ -216,7 +218,7 @@ def resolve_path(trainer: Trainer, ckpt_path: str | os.PathLike[str]) -> Path | 
         if not callback.best_model_path:  # a ValueError, as Lightning's: the argument, not a file, is wrong
             raise ValueError(
                 f"{trainer.stage}(ckpt_path='best'): the ModelCheckpoint has no best checkpoint (none saved "
-                f"yet in {callback.resolved_dirpath(trainer)!r}, or save_top_k=0); pass a checkpoint "
+                f"yet in {callback.resolved_dirpath(trainer)!r}, save_top_k=0, or fast_dev_run); pass a checkpoint "
                 "directory as ckpt_path"
             )
         ckpt_path = callback.best_model_path
@@ -342,64 +344,3 @@ def _newest_first(directory: Path) -> list[str]:
         if trainer_checkpoint:
             found.setdefault(path.resolve(), (manifest.stat().st_mtime_ns, str(path)))
     return [name for _, name in sorted(found.values(), key=lambda item: (-item[0], item[1]))]
-
-
-def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callback]:
-    """The user's callbacks plus the defaults the Trainer's flags ask for."""
-    from ember.callbacks.model_checkpoint import ModelCheckpoint
-    from ember.callbacks.model_summary import ModelSummary
-    from ember.callbacks.nan_guard import NonFiniteGuard
-    from ember.callbacks.progress import RichProgressBar
-    from ember.callbacks.run_summary import RunSummary
-    from ember.callbacks.timer import Timer
-
-    config = trainer.config
-    result = check_callbacks(callbacks)
-    kinds = {type(c) for c in result}
-    has = lambda cls: any(issubclass(k, cls) for k in kinds)  # noqa: E731
-    if has(ModelCheckpoint) and not config.enable_checkpointing:
-        raise ValueError("a ModelCheckpoint callback was given, but enable_checkpointing=False")
-    if config.enable_checkpointing and not config.fast_dev_run and not has(ModelCheckpoint):
-        result.append(ModelCheckpoint())
-    if config.enable_progress_bar and not any(c.progress_bar for c in result):
-        result.append(RichProgressBar())
-    if config.enable_progress_bar and not has(RunSummary):
-        result.append(RunSummary())
-    if config.enable_model_summary and not config.fast_dev_run and not has(ModelSummary):
-        result.append(ModelSummary())
-    if config.duration is not None and not has(Timer):
-        result.append(Timer(duration=config.duration, interval="step"))
-    if config.non_finite is not None and not has(NonFiniteGuard):
-        result.append(NonFiniteGuard(mode=config.non_finite))
-    return check_callbacks(result)
-
-
-def merge_callbacks(trainer_callbacks: list[Callback], module_callbacks: list[Any]) -> list[Callback]:
-    """The Trainer's callbacks, then the module's (``configure_callbacks``). A module callback
-    replaces the Trainer's of its class or of a class it derives from, as in Lightning: a
-    ``ModelCheckpoint(monitor=...)`` from the module replaces the default one; a progress bar of
-    either kind replaces the Trainer's bar."""
-    replaced = {
-        type(mine)
-        for mine in trainer_callbacks
-        if type(mine) is not Callback and any(isinstance(theirs, type(mine)) for theirs in module_callbacks)
-    }
-    bar = any(
-        getattr(theirs, "progress_bar", False) for theirs in module_callbacks
-    )  # any bar replaces the bar
-    return [c for c in trainer_callbacks if type(c) not in replaced and not (bar and c.progress_bar)] + list(
-        module_callbacks
-    )
-
-
-def check_callbacks(callbacks: list[Any]) -> list[Callback]:
-    for callback in callbacks:
-        if not isinstance(callback, Callback):
-            raise TypeError(
-                f"callbacks must be ember.callbacks.Callback instances, got {type(callback).__name__}"
-            )
-    keys = [c.state_key for c in callbacks]
-    duplicates = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicates:
-        raise ValueError(f"callbacks with the same state_key {duplicates}: give them different arguments")
-    return list(callbacks)

@@ -171,6 +171,8 @@ class TrainerConfig:
                 _int(name, getattr(self, name), 0)
         _int("accumulate_grad_batches", self.accumulate_grad_batches, 1)
         check_number("gradient_clip_val", self.gradient_clip_val, minimum=0, finite=False, optional=True)
+        if isinstance(self.gradient_clip_algorithm, str):  # as Lightning: "Norm" and "VALUE" too
+            self.gradient_clip_algorithm = self.gradient_clip_algorithm.lower()
         if self.gradient_clip_algorithm not in (None, "norm", "value"):
             raise ValueError(
                 f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}. Valid choices: 'norm', 'value'"
@@ -292,11 +294,26 @@ _SWITCHES: dict[str, tuple[Any, Any]] = {
 }
 
 
+# Arguments whose Lightning default is None, meaning the same as ember's default (a LightningCLI
+# config lists them as null): None reads as that default.
+_NONE_MEANS_DEFAULT: dict[str, Any] = {
+    "limit_train_batches": 1.0,
+    "limit_val_batches": 1.0,
+    "limit_test_batches": 1.0,
+    "limit_predict_batches": 1.0,
+    "val_check_interval": 1.0,
+    "deterministic": False,
+}
+
+
 def resolve_switches(arguments: dict[str, Any]) -> dict[str, Any]:
     """The Trainer's ``arguments`` with its switches left at None set: to their default, or under
     ``barebones=True`` to off, where a setting that turns a feature on is refused (Lightning's rule;
     ember's non-finite guard is off too, and refused in ``"skip"`` mode, its non-default)."""
     resolved = dict(arguments)
+    for name, default in _NONE_MEANS_DEFAULT.items():
+        if name in resolved and resolved[name] is None:
+            resolved[name] = default
     barebones = resolved.get("barebones", False)
     check_bool("barebones", barebones)
     if barebones:

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.hooks import overridden
@@ -36,15 +36,29 @@ Transfer = Callable[[Iterable[Any]], Iterable[Any]]
 
 
 def batch_transfer(
-    module: TrainModule, strategy: Strategy, dataloader_idx: int, profiler: Profiler | None = None
+    module: TrainModule,
+    strategy: Strategy,
+    dataloader_idx: int,
+    profiler: Profiler | None = None,
+    datamodule: DataModule | None = None,
 ) -> Transfer | None:
-    """What moves a prepared loader's batches when the module overrides Lightning's batch-transfer
-    hooks: ``on_before_batch_transfer``, ``transfer_batch_to_device`` (else the strategy's transfer),
-    ``on_after_batch_transfer``, in that order, for each batch (each timed under a profiler). None:
-    none is overridden."""
+    """What moves a prepared loader's batches when the module or the DataModule overrides Lightning's
+    batch-transfer hooks: ``on_before_batch_transfer``, ``transfer_batch_to_device`` (else the
+    strategy's transfer), ``on_after_batch_transfer``, in that order, for each batch (each timed
+    under a profiler). As Lightning, the DataModule's override of a hook wins over the module's.
+    None: none is overridden."""
 
     def hook(name: str) -> Any:
+        data_hook = _datamodule_override(datamodule, name)
         method = overridden(module, name)
+        if data_hook is not None:
+            if method is not None:
+                warnings.warn(
+                    f"{name} is overridden in both the TrainModule and the DataModule: the DataModule's "
+                    "runs (as in Lightning)",
+                    stacklevel=5,
+                )
+            return timed(profiler, module_action(datamodule, name, "DataModule"), data_hook)
         return None if method is None else timed(profiler, module_action(module, name), method)
 
     before, transfer = hook("on_before_batch_transfer"), hook("transfer_batch_to_device")
@@ -65,6 +79,14 @@ def batch_transfer(
         return batches
 
     return to_device
+
+
+def _datamodule_override(datamodule: DataModule | None, name: str) -> Callable[..., Any] | None:
+    """``datamodule``'s ``name`` when it is not :class:`DataModule`'s own, else None."""
+    if datamodule is None:
+        return None
+    method: Callable[..., Any] = getattr(datamodule, name)
+    return None if getattr(method, "__func__", None) is getattr(DataModule, name) else method
 
 
 def entry_arguments(
@@ -206,6 +228,7 @@ class TrainerData:
     _train_loader: PreparedDataLoader | None
     _val_loaders: list[PreparedDataLoader]
     _sources: tuple[Any, Any, DataModule | None]
+    _datamodule: DataModule | None
 
     if TYPE_CHECKING:
 
@@ -215,11 +238,19 @@ class TrainerData:
         @property
         def strategy(self) -> Strategy: ...
 
-    def _prepare_loader(self, loader: DataLoader[Any], dataloader_idx: int = 0) -> PreparedDataLoader:
+    def _prepare_loader(
+        self, loader: DataLoader[Any], dataloader_idx: int = 0, evaluation: bool = False
+    ) -> PreparedDataLoader:
+        """``evaluation``: a validation or test loader, whose samples are dealt to the processes as
+        Lightning's ``DistributedSampler`` deals them (at most ``world - 1`` of them repeated). A loader
+        whose sampler is a ``DistributedSampler`` already is not sharded again (as Lightning)."""
         return self.accelerator._prepare_dataloader(
             loader,
-            shard=self.config.use_distributed_sampler,
-            to_device=batch_transfer(self.module, self.strategy, dataloader_idx, self.config.profiler),
+            shard=self.config.use_distributed_sampler and not isinstance(loader.sampler, DistributedSampler),
+            to_device=batch_transfer(
+                self.module, self.strategy, dataloader_idx, self.config.profiler, self._datamodule
+            ),
+            shard_samples=evaluation,
         )
 
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
@@ -235,7 +266,7 @@ class TrainerData:
             find_train_loader(self.config, self.module, train_given, datamodule)
         )
         val = self._loaders("val", val_given, datamodule)
-        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
+        self._val_loaders = [self._prepare_loader(v, i, evaluation=True) for i, v in enumerate(val)]
         if len(val) != len(old) - 1:
             raise ValueError(
                 f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the "

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ember._tree import move_to_device
 from ember.trainer.hparams import HyperparametersMixin
 
 if TYPE_CHECKING:
+    import torch
     from torch.utils.data import DataLoader
 
     from ember.trainer.trainer import Trainer
@@ -38,6 +40,10 @@ class DataModule(HyperparametersMixin):
     def teardown(self, stage: str) -> None:
         """Called at the end of fit/validate/test/predict, on every process."""
 
+    def on_exception(self, exception: BaseException) -> None:
+        """The stage's loop raised ``exception`` (``KeyboardInterrupt`` included): called after the
+        callbacks' ``on_exception``, before ``teardown``, as Lightning's."""
+
     def train_dataloader(self) -> DataLoader[Any] | None:
         return None
 
@@ -49,3 +55,23 @@ class DataModule(HyperparametersMixin):
 
     def predict_dataloader(self) -> DataLoader[Any] | list[DataLoader[Any]] | None:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this DataModule (saved only when not empty); ``{}`` by default."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned, when a fit resumes from a checkpoint that holds it."""
+
+    # Lightning's batch-transfer hooks: one the DataModule overrides runs in place of the module's.
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch as the DataLoader made it, before it moves to the device; returns the batch to move."""
+        return batch
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move ``batch`` to ``device`` (every tensor in tuples, lists, dicts and dataclasses)."""
+        return move_to_device(batch, device)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The batch on the device, before the step sees it; returns the batch to use."""
+        return batch

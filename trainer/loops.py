@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember._rng import rng_state, set_rng_state
 from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.prediction import start_record
@@ -33,12 +34,18 @@ def run_fit(trainer: Trainer) -> None:
     call_hook(trainer, "on_fit_start")
     # (as Lightning: no sanity check when it would run no batch, limit_val_batches=0)
     if not trainer._resumed and any(limit > 0 for limit in trainer._sanity_limits()):
+        # As Lightning's: the random streams are put back afterwards, so that the fit draws (shuffles,
+        # drops out) the same with or without a sanity check.
+        streams = rng_state(xla=trainer.strategy.accelerator == "xla")
         trainer.sanity_checking = True
         call_hook(trainer, "on_sanity_check_start")
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._sanity_limits())
         call_hook(trainer, "on_sanity_check_end")
         trainer.sanity_checking = False
+        # As Lightning: the sanity check's values are gone, from the progress bar too (it converted them).
         trainer._metrics.clear()
+        trainer._progress_bar_stale = True
+        set_rng_state(streams)
     if state.epoch_done:  # a checkpoint from the end of an epoch: the loop would start with the next
         state.next_epoch()
     # (resumed from a checkpoint at max_epochs / max_steps, limits of 0, or no training batches:

@@ -69,13 +69,26 @@ class StepHooks:
     ) -> None:
         """Clip the gradients of ``optimizer``'s parameters, as Lightning's (unscaled first under
         ``16-mixed``). Either argument None: the Trainer's setting, as in Lightning (no value
-        anywhere: nothing to clip). ``gradient_clip_algorithm``: ``"norm"`` (the default) or ``"value"``."""
+        anywhere: nothing to clip). ``gradient_clip_algorithm``: ``"norm"`` (the default) or
+        ``"value"``, in any case. A value or algorithm that differs from the Trainer's own (set)
+        one raises ``ValueError``: use one of them."""
+        if isinstance(gradient_clip_algorithm, str):
+            gradient_clip_algorithm = gradient_clip_algorithm.lower()
         if gradient_clip_algorithm not in (None, "norm", "value"):
             raise ValueError(
                 f"clip_gradients(gradient_clip_algorithm={gradient_clip_algorithm!r}): valid choices are "
                 "'norm', 'value'"
             )
         config = self.trainer.config
+        for name, given, own in (
+            ("gradient_clip_val", gradient_clip_val, config.gradient_clip_val),
+            ("gradient_clip_algorithm", gradient_clip_algorithm, config.gradient_clip_algorithm),
+        ):
+            if given is not None and own is not None and given != own:
+                raise ValueError(
+                    f"Trainer({name}={own!r}) and clip_gradients({name}={given!r}) differ: set it in one "
+                    "place only"
+                )
         if gradient_clip_val is None:
             gradient_clip_val = config.gradient_clip_val
         algorithm = gradient_clip_algorithm or config.gradient_clip_algorithm or "norm"

@@ -155,30 +155,20 @@ def step_schedulers(
 
 
 def count_manual_steps(trainer: Trainer) -> list[Any]:
-    """Manual optimisation: each real ``optimizer.step()`` is a global step, with its hook before it:
-    as Lightning's, after each call of the step's closure (its backward pass), where it has one."""
+    """Manual optimisation, as Lightning's: each ``step()`` of a prepared optimizer is a global step,
+    also one the grad scaler skips (inf/NaN gradients, ``16-mixed``), with ``on_before_optimizer_step``
+    before it: after each call of the step's closure (its backward pass) where it has one, once the
+    gradients are unscaled. Returns the handles that take the hooks off."""
+    accelerator = trainer.accelerator
 
-    def before(optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        # (torch passes step()'s own arguments: the optimizer first, then the closure if positional)
-        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
-        if closure is None:
-            call_hook(trainer, "on_before_optimizer_step", optimizer)
-            return None
+    def hooks(prepared: Any) -> tuple[Callable[[], None], Callable[[], None]]:
+        def before() -> None:
+            accelerator.unscale_gradients(prepared)  # (nothing to do without a grad scaler)
+            call_hook(trainer, "on_before_optimizer_step", prepared.optimizer)
 
-        def after_closure() -> Any:  # (LBFGS calls it several times a step: the hook each time)
-            result = closure()
-            call_hook(trainer, "on_before_optimizer_step", optimizer)
-            return result
+        def after() -> None:
+            trainer.state.global_step += 1
 
-        if len(args) > 1:
-            return (args[0], after_closure, *args[2:]), kwargs
-        return args, {**kwargs, "closure": after_closure}
+        return before, after
 
-    def after(*_: Any) -> None:
-        trainer.state.global_step += 1
-
-    handles = []
-    for prepared in trainer._step_optimizers:
-        handles.append(prepared.optimizer.register_step_pre_hook(before))
-        handles.append(prepared.optimizer.register_step_post_hook(after))
-    return handles
+    return [prepared._add_step_hooks(*hooks(prepared)) for prepared in trainer._step_optimizers]

@@ -31,7 +31,7 @@ class TrainerProperties(LightningNames):
 
     config: TrainerConfig
     accelerator: Accelerator
-    state: LoopState
+    _state: LoopState
     loggers: list[Logger]
     default_root_dir: str
     callbacks: list[Any]
@@ -57,6 +57,16 @@ class TrainerProperties(LightningNames):
     _is_last_batch: bool
 
     # -- what users and callbacks read ----------------------------------------------------------
+    @property
+    def state(self) -> LoopState:
+        """The loop's counters; ``fn``, ``stage`` and ``status`` answer as Lightning's ``trainer.state``."""
+        return self._state
+
+    @state.setter
+    def state(self, state: LoopState) -> None:
+        state._trainer = self  # (its fn / stage / status read this Trainer's stage flags)
+        self._state = state
+
     @property
     def module(self) -> TrainModule:
         if self._module is None:
@@ -137,8 +147,10 @@ class TrainerProperties(LightningNames):
         return self.config.fast_dev_run
 
     @property
-    def num_sanity_val_steps(self) -> int:
-        return self.config.num_sanity_val_steps
+    def num_sanity_val_steps(self) -> int | float:
+        """Validation batches per loader the sanity check runs; ``-1`` (all) reads as ``inf``, as Lightning's."""
+        steps = self.config.num_sanity_val_steps
+        return math.inf if steps == -1 else steps
 
     @property
     def limit_train_batches(self) -> int | float:
@@ -317,13 +329,15 @@ class TrainerProperties(LightningNames):
     # -- what is running (Lightning's stage flags) --------------------------------------------------
     @property
     def training(self) -> bool:
-        """A fit's training loop is running (not its validation or sanity check)."""
+        """A fit is running, outside its validation and sanity check: from its ``setup`` to its
+        ``teardown``, as Lightning's flag."""
         return self._running == "fit" and not self._evaluation and not self.sanity_checking
 
     @property
     def validating(self) -> bool:
-        """Validation is running: ``validate()``, or inside a fit (not the sanity check)."""
-        return self._evaluation == "validation" and not self.sanity_checking
+        """Validation is running: ``validate()`` (from its ``setup`` to its ``teardown``), or inside a
+        fit (not the sanity check)."""
+        return (self._evaluation == "validation" or self._running == "validate") and not self.sanity_checking
 
     @property
     def testing(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["LoopState"]
@@ -15,6 +15,10 @@ class LoopState:
 
     ``epoch`` is the running (or next) epoch; within it, ``batch_idx`` training batches are done,
     then ``train_done``, ``val_done`` and ``epoch_done`` mark the end-of-epoch phases as finished.
+
+    ``fn``, ``stage`` and ``status`` (with ``finished`` and ``stopped``) answer as Lightning's
+    ``trainer.state`` does, as strings: ``if trainer.state.fn == "fit": ...``. They are read from
+    the Trainer's stage flags, and not checkpointed.
     """
 
     epoch: int = 0
@@ -24,6 +28,46 @@ class LoopState:
     train_done: bool = False
     val_done: bool = False
     epoch_done: bool = False
+    _trainer: Any = field(default=None, init=False, repr=False, compare=False)  # set by the Trainer
+
+    @property
+    def fn(self) -> str | None:
+        """The running (or last) entry point: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"``;
+        None before the first."""
+        trainer = self._trainer
+        return (trainer.stage or None) if trainer is not None else None
+
+    @property
+    def stage(self) -> str | None:
+        """What runs now: ``"train"`` (the rest of a fit too: its setup, ``on_fit_end`` ...),
+        ``"sanity_check"``, ``"validate"``, ``"test"`` or ``"predict"``; None between stages."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        flags = (
+            ("sanity_check", trainer.sanity_checking), ("validate", trainer.validating), ("test", trainer.testing),
+            ("predict", trainer.predicting), ("train", trainer.training),
+        )  # fmt: skip
+        return next((name for name, on in flags if on), None)
+
+    @property
+    def status(self) -> str:
+        """``"initializing"`` before the first stage, ``"running"``, then ``"finished"``, or
+        ``"interrupted"`` from the ``on_exception`` of a stage that raised (``trainer.interrupted``)."""
+        if self.fn is None:
+            return "initializing"
+        if self._trainer.interrupted:  # (from on_exception on, as Lightning's)
+            return "interrupted"
+        return "running" if self.stage is not None else "finished"
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    @property
+    def stopped(self) -> bool:
+        """The last stage ended: finished or interrupted."""
+        return self.status in ("finished", "interrupted")
 
     def next_epoch(self) -> None:
         self.epoch += 1
@@ -31,8 +75,9 @@ class LoopState:
         self.train_done = self.val_done = self.epoch_done = False
 
     def state_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, state[field.name])
+        for counter in dataclasses.fields(self):
+            if counter.init:
+                setattr(self, counter.name, state[counter.name])

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember._wrappers import LossClosure
 from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.trainer.hooks import Entry, overridden, step_method
 from ember.trainer.profilers.timed import profiled_epoch
@@ -164,7 +165,8 @@ def _step_by_module(
             _before_step(trainer, epoch, hooks)
         return loss
 
-    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, closure)
+    # A LossClosure: its None (training_step returned None) skips the step, as Lightning's.
+    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, LossClosure(closure))
     if not outputs:
         raise RuntimeError(
             f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "

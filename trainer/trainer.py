@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections.abc import Sequence
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer.attach import StageAttachment
-from ember.trainer.batch_size_finder import BatchSizeSearch, StageData
+from ember.trainer.batch_size_finder import BatchSizeSearch
+from ember.trainer.callback_list import default_callbacks
 from ember.trainer.config import (
     TrainerConfig,
     as_list,
@@ -34,13 +35,14 @@ from ember.trainer.config import (
     resolve_loggers,
     resolve_switches,
 )
-from ember.trainer.data import TrainerData, batch_limit, entry_arguments, find_train_loader
+from ember.trainer.data import TrainerData, entry_arguments, find_train_loader
 from ember.trainer.hooks import HookPlan, call_hook, overridden
 from ember.trainer.hparams import logged_hparams
 from ember.trainer.loggers import Logger
+from ember.trainer.loggers._dummy import DummyLogger
 from ember.trainer.loggers.base import share_versions
 from ember.trainer.logging import MetricStore
-from ember.trainer.loops import run_evaluation, run_fit, run_predict
+from ember.trainer.loops import run_fit
 from ember.trainer.metric_history import MetricHistory
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig, count_manual_steps, parse_optimizers, step_schedulers
@@ -49,6 +51,7 @@ from ember.trainer.preemption import Preempted, PreemptionGuard
 from ember.trainer.profilers import Profiler
 from ember.trainer.profilers.timed import backward_call, end_stage, module_hook
 from ember.trainer.properties import TrainerProperties
+from ember.trainer.stages import EvaluationStages
 from ember.trainer.state import LoopState
 from ember.trainer.step import backward
 from ember.trainer.trainable import TrainableRefresh
@@ -57,7 +60,15 @@ from ember.trainer.tuner import LRSearch, SearchFinished
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSizeSearch, TrainableRefresh):
+class Trainer(
+    TrainerProperties,
+    TrainerData,
+    StageAttachment,
+    EvaluationStages,
+    LRSearch,
+    BatchSizeSearch,
+    TrainableRefresh,
+):
     """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
 
     Example::
@@ -154,11 +165,14 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
                     stacklevel=2,
                 )
             torch.backends.cudnn.benchmark = bool(config.benchmark)
-        self.default_root_dir = str(Path(config.default_root_dir or os.getcwd()))
+        # As Lightning: "~" expanded and the path normalized ("runs/../x" is "x").
+        self.default_root_dir = os.path.normpath(os.path.expanduser(config.default_root_dir or os.getcwd()))
         self._backward_pass = backward_call(self)  # accelerator.backward, timed under a profiler
-        self.loggers = [] if config.fast_dev_run else resolve_loggers(config.logger, self.default_root_dir)
+        loggers = resolve_loggers(config.logger, self.default_root_dir)  # (a logger writes nothing when made)
+        # fast_dev_run, as Lightning: a logger that writes nothing, where one was asked for.
+        self.loggers = ([DummyLogger()] if loggers else []) if config.fast_dev_run else loggers
         self._hook_plan = HookPlan()  # which callbacks define which hook, for call_hook
-        self._callbacks = checkpointing.default_callbacks(self, as_list(config.callbacks))
+        self._callbacks = default_callbacks(self, as_list(config.callbacks))
         # The given ones and the defaults; each stage adds the module's (configure_callbacks).
         self.callbacks: list[Callback] = list(self._callbacks)
         self.state = LoopState()
@@ -208,6 +222,11 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         )
         if module is None:
             raise TypeError("fit() needs a module: trainer.fit(module, train_dataloaders, ...)")
+        with self._entering("fit"):
+            self._fit(module, train_dataloaders, val_dataloaders, datamodule, ckpt_path)
+
+    def _fit(self, module: TrainModule, train_dataloaders: Any, val_dataloaders: Any,
+             datamodule: DataModule | None, ckpt_path: str | os.PathLike[str] | None) -> None:  # fmt: skip
         self._attach(module, "fit", datamodule)
         checkpoint: Path | None
         if ckpt_path is not None:
@@ -235,7 +254,7 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
         val = self._loaders("val", val_dataloaders, datamodule)
         self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
         self._train_loader = self._prepare_loader(train)
-        self._val_loaders = [self._prepare_loader(v, i) for i, v in enumerate(val)]
+        self._val_loaders = [self._prepare_loader(v, i, evaluation=True) for i, v in enumerate(val)]
         self._set_batch_counts()
         optimizers, self.lr_scheduler_configs = parse_optimizers(
             module_hook(self, "configure_optimizers")(),
@@ -262,45 +281,6 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             self._resumed, self._ckpt_path = True, str(checkpoint)
         self._run(run_fit, "fit")
 
-    def validate(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                 datamodule: DataModule | None = None, *, model: TrainModule | None = None,
-                 verbose: bool = True) -> list[dict[str, float]]:  # fmt: skip
-        """One pass over the validation data; returns the logged metrics per dataloader (``verbose``:
-        and prints them, on global rank 0)."""
-        module, dataloaders, datamodule = entry_arguments("validate", module, model, dataloaders, datamodule)
-        return self._evaluate("validate", "validation", module, dataloaders, ckpt_path, datamodule, verbose)
-
-    def test(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-             datamodule: DataModule | None = None, *, model: TrainModule | None = None,
-             verbose: bool = True) -> list[dict[str, float]]:  # fmt: skip
-        """One pass over the test data; returns the logged metrics per dataloader (``verbose``: and
-        prints them, on global rank 0)."""
-        module, dataloaders, datamodule = entry_arguments("test", module, model, dataloaders, datamodule)
-        return self._evaluate("test", "test", module, dataloaders, ckpt_path, datamodule, verbose)
-
-    def predict(self, module: TrainModule | None = None, dataloaders: Any = None, ckpt_path: Any = None,
-                datamodule: DataModule | None = None, *, model: TrainModule | None = None,
-                return_predictions: bool | None = None) -> list[Any] | None:  # fmt: skip
-        """``predict_step`` outputs, gathered across processes in dataset order (each sample once);
-        ``return_predictions=False``: none are kept (a writer callback has them), None is returned."""
-        check_bool("return_predictions", return_predictions, owner="predict", optional=True)
-        module, dataloaders, datamodule = entry_arguments("predict", module, model, dataloaders, datamodule)
-        module = self._reattach(module, "predict", datamodule, ckpt_path)
-        loaders = [
-            self._prepare_loader(d, i)
-            for i, d in enumerate(self._loaders("predict", dataloaders, datamodule))
-        ]
-        if not loaders:
-            raise ValueError(
-                "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
-            )
-        limits = [batch_limit("limit_predict_batches", self.config.limit_predict_batches, d) for d in loaders]
-        self._stage_data = StageData("predict", dataloaders, datamodule, loaders, limits)  # (BatchSizeFinder)
-        self._predict_loaders, self.num_predict_batches = loaders, limits
-        keep = return_predictions is not False
-        result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
-        return result if keep else None
-
     def save_checkpoint(self, path: str | os.PathLike[str], weights_only: bool = False) -> Path:
         """Write a pickle-free checkpoint directory at ``path`` (every process must call this).
         ``weights_only``: the model's weights and hyper-parameters alone (loadable, not resumable)."""
@@ -318,33 +298,18 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
                 logger.log_metrics(dict(row), step)
 
     # -- internals ----------------------------------------------------------------------------------
-    def _evaluate(self, stage: str, prefix: str, module: TrainModule | None, dataloaders: Any, ckpt_path: Any,
-                  datamodule: DataModule | None, verbose: bool) -> list[dict[str, float]]:  # fmt: skip
-        check_bool("verbose", verbose, owner=stage)
-        module = self._reattach(module, stage, datamodule, ckpt_path)
-        name = "val" if stage == "validate" else "test"
-        loaders = [
-            self._prepare_loader(d, i) for i, d in enumerate(self._loaders(name, dataloaders, datamodule))
-        ]
-        if not loaders:
-            raise ValueError(
-                f"{stage}() needs data: pass dataloaders, a datamodule, or define {name}_dataloader()"
-            )
-        option = "limit_val_batches" if stage == "validate" else "limit_test_batches"
-        limits = [batch_limit(option, getattr(self.config, option), d) for d in loaders]
-        self._stage_data = StageData(name, dataloaders, datamodule, loaders, limits)  # (a BatchSizeFinder's)
-        if stage == "test":  # (validate's loaders are not fit's val_dataloaders)
-            self._test_loaders, self.num_test_batches = loaders, limits
-        else:  # (as Lightning's: the running validation's batch counts)
-            self.num_val_batches = limits
-        results: list[dict[str, float]] = self._run(  # (no batch to run: no hooks, [] as Lightning)
-            lambda t: run_evaluation(t, prefix, loaders, limits) if any(limits) else [], stage
-        )
-        if verbose and self.is_global_zero and results:
-            from ember.callbacks.run_summary import print_results  # (rich loads when something is drawn)
-
-            print_results(stage.capitalize(), results)
-        return results
+    @contextmanager
+    def _entering(self, stage: str) -> Iterator[None]:
+        """The stage flags (``trainer.training`` ...) and ``trainer.state`` answer for ``stage``
+        from its ``setup`` on, as Lightning's; an error before the loop (in ``setup``,
+        ``configure_optimizers`` ...) leaves them off and the stage interrupted."""
+        self.stage = self._running = stage
+        self._interrupted = False
+        try:
+            yield
+        except BaseException:
+            self._running, self._interrupted = "", True
+            raise
 
     def _run(self, loop: Any, stage: str) -> Any:
         # SIGTERM / SIGUSR1 end a fit at a step boundary, with a checkpoint. Outermost, so that a signal
@@ -374,6 +339,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
             status = "interrupted" if isinstance(exception, (KeyboardInterrupt, Preempted)) else "failed"
             self._interrupted = True  # (set before on_exception, which may read it)
             call_hook(self, "on_exception", exception, module_hook=False)
+            if self._datamodule is not None:  # after the callbacks', as Lightning
+                self._datamodule.on_exception(exception)
             raise
         finally:
             if self.is_global_zero:
@@ -383,7 +350,8 @@ class Trainer(TrainerProperties, TrainerData, StageAttachment, LRSearch, BatchSi
                 self._datamodule.teardown(stage)
             call_hook(self, "teardown", stage)
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
-            self._running, self._evaluation = "", ""
+            # (also after an exception in the sanity check, which would leave it set)
+            self._running, self._evaluation, self.sanity_checking = "", "", False
 
     def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:  # (manual_backward)
         self.strategy.prepare_for_manual_backward(self.model, loss)

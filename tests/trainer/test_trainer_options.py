@@ -155,7 +155,7 @@ def test_gradient_accumulation_scheduler(tmp_path: Path) -> None:
     assert torch.equal(
         only_first.layer.weight, first_epoch.layer.weight
     )  # = Trainer(accumulate_grad_batches=4)
-    assert GradientAccumulationScheduler({2: 3}).going_to_accumulate_grad_batches(1) == 1
+    assert GradientAccumulationScheduler({2: 3}).get_accumulate_grad_batches(1) == 1
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=2\) and a GradientAccumulationScheduler"):
         fit(1, accumulate_grad_batches=2, callbacks=[GradientAccumulationScheduler({0: 4})])
     with pytest.raises(ValueError, match=r"0 batches per step \(epoch 1\) must be an int >= 1"):

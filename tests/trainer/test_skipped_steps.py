@@ -1,0 +1,171 @@
+"""Optimizer steps that are skipped (the grad scaler's for inf/NaN gradients, a closure that returns
+None), counted and hooked as Lightning 2.6.6 does it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer, TrainModule
+from ember.precision import MixedPrecision
+
+
+def _fit(tmp_path: Path, module: TrainModule, precision: str) -> Trainer:
+    # A scale of 1 to start: on the CPU, float16 gradients would overflow at torch's default scale.
+    plugins = (
+        [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))]
+        if precision == "16-mixed"
+        else None
+    )
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, non_finite=None,
+                      plugins=plugins, precision=None if plugins else precision)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g))
+    trainer.fit(module, DataLoader(data, batch_size=4))  # 4 batches
+    return trainer
+
+
+class _Manual(TrainModule):
+    """Manual optimisation; batch 1's loss is infinite (``inf_at``) or its closure returns None."""
+
+    automatic_optimization = False
+
+    def __init__(self, closure: bool = False, inf_at: int = -1, none_at: int = -1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(3, 1)
+        self.closure, self.inf_at, self.none_at = closure, inf_at, none_at
+        self.events: list[tuple[str, bool]] = []
+
+    def _loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = F.mse_loss(self.layer(batch[0]), batch[1])
+        return loss * float("inf") if batch_idx == self.inf_at else loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        before = self.layer.weight.detach().clone()
+        if self.closure:
+
+            def closure() -> torch.Tensor | None:
+                opt.zero_grad()
+                loss = self._loss(batch, batch_idx)
+                self.manual_backward(loss)
+                return None if batch_idx == self.none_at else loss
+
+            opt.step(closure)
+        else:
+            opt.zero_grad()
+            self.manual_backward(self._loss(batch, batch_idx))
+            opt.step()
+        self.events.append(("stepped", not torch.equal(before, self.layer.weight)))
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        # The gradients are unscaled by then (16-mixed): the finite ones are the plain loss's.
+        self.events.append(("hook", bool(self.layer.weight.grad.isfinite().all())))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("closure", [False, True])
+def test_manual_a_step_the_scaler_skips_is_hooked_and_counted(tmp_path: Path, closure: bool) -> None:
+    module = _Manual(closure=closure, inf_at=1)
+    trainer = _fit(tmp_path, module, "16-mixed")
+    assert trainer.global_step == 4  # as Lightning: each optimizer.step() call is a step
+    assert module.events == [
+        ("hook", True), ("stepped", True),
+        ("hook", False), ("stepped", False),  # inf gradients: the hook runs, the scaler skips the step
+        ("hook", True), ("stepped", True),
+        ("hook", True), ("stepped", True),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_manual_a_closure_that_returns_none_still_steps(tmp_path: Path, precision: str) -> None:
+    # As Lightning in manual optimisation: the backward pass ran, whatever the closure returns.
+    module = _Manual(closure=True, none_at=1)
+    trainer = _fit(tmp_path, module, precision)
+    assert trainer.global_step == 4
+    assert module.events == [("hook", True), ("stepped", True)] * 4
+
+
+class _Automatic(TrainModule):
+    """Automatic optimisation with its own optimizer_step; training_step returns None at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(3, 1)
+        self.steps: list[bool] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx == 1 else F.mse_loss(self.layer(batch[0]), batch[1])
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        before = self.layer.weight.detach().clone()
+        optimizer.step(closure=optimizer_closure)
+        self.steps.append(not torch.equal(before, self.layer.weight))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_automatic_a_batch_whose_training_step_returns_none_is_no_step(
+    tmp_path: Path, precision: str
+) -> None:
+    module = _Automatic()
+    trainer = _fit(tmp_path, module, precision)
+    assert module.steps == [True, False, True, True] and trainer.global_step == 3
+
+
+class _NoBackward(_Manual):
+    """At batch 1 the step has no gradients at all: neither backward nor loss."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx != 1:
+            return super().training_step(batch, batch_idx)
+        opt = self.optimizers()
+        opt.zero_grad()  # (set to None)
+        opt.step(lambda: None)
+        return None
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.events.append(("hook", self.layer.weight.grad is not None))
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_manual_a_step_without_gradients_changes_nothing(tmp_path: Path, precision: str) -> None:
+    # torch's optimizers leave a parameter without a gradient as it is; the grad scaler, which
+    # would fail to find one to check, is not asked.
+    module = _NoBackward(closure=True)
+    trainer = _fit(tmp_path, module, precision)
+    assert trainer.global_step == 4
+    assert (
+        module.events
+        == [("hook", True), ("stepped", True), ("hook", False)] + [("hook", True), ("stepped", True)] * 2
+    )
+
+
+class _InfAutomatic(_Automatic):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = F.mse_loss(self.layer(batch[0]), batch[1])
+        return loss * float("inf") if batch_idx == 1 else loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.steps.append(False)  # (a marker: the hook ran)
+
+
+def test_automatic_a_step_the_scaler_skips_is_hooked_and_counted(tmp_path: Path) -> None:
+    module = _InfAutomatic()
+    trainer = _fit(tmp_path, module, "16-mixed")
+    assert trainer.global_step == 4  # as Lightning
+    assert module.steps == [False, True, False, False, False, True, False, True]  # hook, then stepped?
