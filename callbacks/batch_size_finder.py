@@ -26,7 +26,8 @@ class BatchSizeFinder(Callback):
     or the DataModule's) is set to the size tried: from ``init_val``, doubled after each trial that
     ran, until one runs out of memory, ``max_trials`` trials ran, or a batch holds the whole dataset.
     ``mode="power"`` keeps the last size that ran; ``"binsearch"`` bisects between it and the size
-    that failed. Then everything the trials changed is restored (weights, optimizer, schedulers,
+    that failed, then takes ``margin`` (a fraction, 5% by default) off the size found, as a safety
+    buffer. The size never grows past ``max_val`` (the doubling stops at it). Then everything the trials changed is restored (weights, optimizer, schedulers,
     dataloader positions, RNG, counters), the size found is written into the attribute and the
     run's loaders are rebuilt with it. The result is :attr:`optimal_batch_size`. During the search
     the other callbacks and the loggers are not called.
@@ -45,12 +46,14 @@ class BatchSizeFinder(Callback):
         init_val: int = 2,
         max_trials: int = 25,
         batch_arg_name: str = "batch_size",
+        margin: float = 0.05,
+        max_val: int = 8192,
     ) -> None:
         from ember.trainer.batch_size_finder import BatchSizeSettings  # (ember.trainer imports the callbacks)
 
         self._settings: BatchSizeSettings = BatchSizeSettings(
             mode=mode, steps_per_trial=steps_per_trial, init_val=init_val, max_trials=max_trials,
-            batch_arg_name=batch_arg_name, owner="BatchSizeFinder",
+            batch_arg_name=batch_arg_name, margin=margin, max_val=max_val, owner="BatchSizeFinder",
         )  # fmt: skip
         self._ends_run = False  # Tuner.scale_batch_size's: the run ends after the search
         self._found: int | None = None  # the size the last search found (checkpointed)

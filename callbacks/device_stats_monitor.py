@@ -109,7 +109,8 @@ def _device_stats(device: torch.device) -> dict[str, float]:
 
 class DeviceStatsMonitor(Callback):
     """Log device statistics through the Trainer's loggers, on global rank 0, around the training,
-    validation and test batches whose values the Trainer logs (every ``log_every_n_steps``).
+    validation and test batches whose values the Trainer logs (``trainer.logs_this_batch`` in training,
+    every ``log_every_n_steps``-th batch in evaluation).
 
     Keys are ``DeviceStatsMonitor.<hook>/<statistic>``, ``<hook>`` being ``on_train_batch_start``,
     ``on_train_batch_end`` and their validation and test counterparts. On CUDA the statistics are
@@ -160,18 +161,17 @@ class DeviceStatsMonitor(Callback):
                 {prefix + key: value for key, value in stats.items()}, step=trainer.global_step
             )
 
-    # -- when: the training batches whose row the Trainer writes (``total_batch_idx`` counts the
-    # batches finished: one less at the start of a batch than at its end) --------------------------
+    # -- when: the training batches whose row the Trainer writes --------------------------------------
     @override
     def on_train_batch_start(self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int) -> None:
-        if (trainer.total_batch_idx + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop:
+        if trainer.logs_this_batch:
             self._log(trainer, "on_train_batch_start")
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.total_batch_idx % trainer.log_every_n_steps == 0 or trainer.should_stop:
+        if trainer.logs_this_batch:
             self._log(trainer, "on_train_batch_end")
 
     def _evaluation(self, trainer: Trainer, hook: str, batch_idx: int) -> None:

@@ -79,7 +79,7 @@ class LearningRateMonitor(Callback):
     ``log_weight_decay`` the weight decay as ``<lr name>-weight_decay``.
 
     ``logging_interval`` is ``"step"`` (before the training batches after which the Trainer writes
-    a row: every ``log_every_n_steps``), ``"epoch"`` (at the start of each epoch) or ``None``: each
+    a row: ``trainer.logs_this_batch``), ``"epoch"`` (at the start of each epoch) or ``None``: each
     optimizer at its LR scheduler's own ``interval``, an optimizer without a scheduler at both. The
     values also go to ``trainer.callback_metrics`` (as tensors), and :attr:`lrs` keeps every value
     logged, by name.
@@ -145,9 +145,9 @@ class LearningRateMonitor(Callback):
     def on_train_batch_start(self, trainer: Trainer, module: TrainModule, batch: Any, batch_idx: int) -> None:
         if self._interval == "epoch":
             return
-        # The batches after which the Trainer writes a row (trainer/loops.py), as Lightning's: the
-        # rates this batch steps with, written after it, in the row (step) of its loss.
-        if (trainer.total_batch_idx + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop:
+        # The batches after which the Trainer writes a row, as Lightning's: the rates this batch
+        # steps with, written after it, at the step of its loss.
+        if trainer.logs_this_batch:
             self._pending = self._log(trainer, "step", write=False)
 
     @override

@@ -45,9 +45,9 @@ class BasePredictionWriter(Callback):
     process's memory: use ``trainer.predict(module, loader, return_predictions=False)``.
 
     With several processes, the prepared loader gives each one every ``world_size``-th batch of the
-    sampler's batches, so ``batch_indices`` say which samples a process predicted. With even batches
-    (the default), a process that has no batch left in the last step repeats one from the start of
-    the epoch: its indices show the repeated samples, which another file holds too.
+    sampler's batches, so ``batch_indices`` say which samples a process predicted. Each sample is
+    written once, as in Lightning: a process that has no batch left in the last step runs one from
+    the start of the epoch again (every process steps as often), but the writer does not get it.
 
     Example::
 
@@ -129,6 +129,8 @@ class BasePredictionWriter(Callback):
     ) -> None:
         # `outputs` are gathered from every process; the writer takes this process's own.
         record = _record(trainer)
+        if record.repeat:  # a batch run again to even out the last step: its samples are written already
+            return
         self.write_on_batch_end(
             trainer, module, record.prediction, record.batch_indices, batch, batch_idx, dataloader_idx
         )

@@ -76,7 +76,7 @@ class ThroughputMonitor(Callback):
     ``{stage}/device/batches_per_sec``, ``.../samples_per_sec``, ``.../items_per_sec`` (with
     ``length_fn``) and ``.../flops_per_sec`` (when the module has a ``flops_per_batch``
     attribute); on several processes also the job's ``{stage}/batches_per_sec`` etc. ``stage`` is
-    ``train``, ``validate``, ``test`` or ``predict``; ``separator`` replaces each ``/``. Rows are written on global rank 0, every ``log_every_n_steps`` batches; time spent
+    ``train``, ``validate``, ``test`` or ``predict``; ``separator`` replaces each ``/``. Rows are written on global rank 0, with the Trainer's training rows (``trainer.logs_this_batch``) and every ``log_every_n_steps`` evaluation batches; time spent
     in validation during ``fit`` is left out of the training rates. The device is synchronized only
     on the batches that log.
 
@@ -169,8 +169,7 @@ class ThroughputMonitor(Callback):
     ) -> None:
         if not trainer.is_global_zero or "train" not in self._t0s:
             return
-        # The batches after which the Trainer writes a row (total_batch_idx counts this one already).
-        log = trainer.total_batch_idx % trainer.log_every_n_steps == 0 or trainer.should_stop
+        log = trainer.logs_this_batch  # the batches after which the Trainer writes a row
         self._update(trainer, module, "train", batch, log)
         if log:
             # The step of the Trainer's row for this batch (its optimizer step counted: Lightning's + 1).

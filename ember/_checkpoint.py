@@ -42,7 +42,7 @@ from ember._weights import (
     tensor_stream,
     weights_path,
 )
-from ember._wrappers import PreparedOptimizer, PreparedScheduler
+from ember._wrappers import GradientState, PreparedOptimizer, PreparedScheduler
 from ember.data import PreparedDataLoader
 from ember.strategies import Strategy
 from ember.strategies.capabilities import EngineCheckpoints
@@ -110,6 +110,7 @@ def save_state(
     rank_extra: dict[str, Any],
     weights_only: bool = False,
     hooks: StateHooks | None = None,
+    gradient_state: GradientState | None = None,
 ) -> Path:
     for name in [*extra, *rank_extra]:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name.startswith(_RESERVED):
@@ -193,6 +194,8 @@ def save_state(
                 "weights_only": weights_only,
                 "extra": sorted(extra),
                 "rank_extra": sorted(rank_extra),
+                # accumulate()'s count (Accelerate's `step`): a resumed run steps on the same batches
+                "accumulation_step": 0 if gradient_state is None else gradient_state.micro_step,
             },
         )
         finalize_staged(staging, directory)
@@ -206,6 +209,7 @@ def load_state(
     input_dir: str | os.PathLike[str],
     hooks: StateHooks | None = None,
     strict: bool = True,
+    gradient_state: GradientState | None = None,
 ) -> dict[str, Any]:
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
@@ -281,6 +285,11 @@ def load_state(
                 f"({len(objects.dataloaders)})"
             )
         rng = _read_dict(directory, f"rng_rank{strategy.global_rank}")
+    step = manifest.get("accumulation_step", 0)  # (absent from older checkpoints)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"checkpoint {str(directory)!r}: manifest.json's accumulation_step must be an int >= 0, got {step!r}"
+        )
     loaded = {name: read_tree(directory, name) for name in manifest.get("extra", [])}
     if same_world:
         for name in manifest.get("rank_extra", []):
@@ -312,6 +321,8 @@ def load_state(
         for loader, state in zip(objects.dataloaders, loaders, strict=True):
             loader.load_state_dict(state)
         set_rng_state(rng)
+        if gradient_state is not None:  # (with the loaders' positions: a new world restarts the epoch)
+            gradient_state.micro_step = step
     return loaded
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +124,29 @@ def broadcast(strategy: Strategy, data: Any, src: int) -> Any:
     return apply_to_tensors(data, lambda t: strategy.broadcast(t, src))
 
 
+def check_same_tensors(strategy: Strategy, data: Any, caller: str) -> None:
+    """Raise ``ValueError`` on every process alike, naming each process's tensors, unless the tensors
+    of ``data`` have the same shapes and dtypes on every process: a collective on tensors of other
+    sizes aborts the processes in gloo (and may hang in NCCL). One small all-gather of a digest; the
+    shapes themselves travel only when the digests differ."""
+    tensors: list[torch.Tensor] = []
+    apply_to_tensors(data, tensors.append)
+    dtypes = _dtypes()
+    digest = zlib.crc32(json.dumps([[dtypes.index(t.dtype), *t.shape] for t in tensors]).encode())
+    sent = torch.tensor([digest], dtype=torch.int64, device=strategy.root_device)
+    if len(set(strategy.all_gather(sent).flatten().tolist())) == 1:
+        return
+    described = [f"[{', '.join(map(str, t.shape))}] {t.dtype}" for t in tensors]
+    found = "; ".join(
+        f"process {rank}: {', '.join(each) or 'no tensors'}"
+        for rank, each in enumerate(gather_objects(strategy, described, caller))
+    )
+    raise ValueError(
+        f"{caller}: the tensors must have the same shapes and dtypes on every process; got {found}. "
+        "accelerator.pad_across_processes(tensor, dim=d) pads dimension d to its longest"
+    )
+
+
 def pad_tensor(
     tensor: torch.Tensor, size: int, dim: int = 0, pad_index: Any = 0, pad_first: bool = False
 ) -> torch.Tensor:
@@ -153,7 +177,9 @@ def truncate(data: Any, length: int) -> Any:
 def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:
     """Rank ``rank``'s contiguous share of ``inputs``; the first ``len % world_size`` ranks get one more.
 
-    With ``apply_padding`` every share has the same length, the short ones repeating their last element.
+    With ``apply_padding`` every share has the same length, the short ones repeating the last element of
+    ``inputs`` (as 🤗 Accelerate's). A 🤗 ``datasets.Dataset`` (anything else with ``select``) shares its
+    rows through ``select``: a slice of it would be a dict of columns.
     """
     if isinstance(inputs, dict):
         _common_length(inputs)  # split apart, values of different lengths would no longer line up
@@ -162,10 +188,12 @@ def split(inputs: Any, world_size: int, rank: int, apply_padding: bool) -> Any:
     base, extra = divmod(length, world_size)
     start = rank * base + min(rank, extra)
     end = start + base + (1 if rank < extra else 0)
+    if not isinstance(inputs, (list, tuple, torch.Tensor)) and callable(getattr(inputs, "select", None)):
+        padded = apply_padding and extra and rank >= extra and length
+        return inputs.select([*range(start, end), *([length - 1] if padded else [])])
     share = inputs[start:end]
     if apply_padding and extra and rank >= extra and length:
-        filler = inputs[end - 1 : end] if end > start else inputs[-1:]
-        share = torch.cat([share, filler]) if isinstance(share, torch.Tensor) else share + filler
+        share = torch.cat([share, inputs[-1:]]) if isinstance(share, torch.Tensor) else share + inputs[-1:]
     return share
 
 

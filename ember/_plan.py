@@ -8,6 +8,10 @@ Either way, with ``even_batches`` an incomplete last step is completed from the 
 so that every rank steps as often; the plan then reports how many of the last step's samples are
 real (``remainder``), which ``gather_for_metrics`` keeps.
 
+``own_samples`` says how many samples of a rank's batch in that evened-out last step are real, the
+rest being the repeats (a prediction writer keeps each sample once, as Lightning's unrepeated
+predict sampler gives it).
+
 ``sample_plan`` deals samples instead, as Lightning's ``DistributedSampler`` does (the Trainer's
 validation and test loaders): rank ``r`` takes samples ``r``, ``r + world``, ... of the sampler's
 order, padded from its start to a multiple of ``world``, and batches them itself.
@@ -18,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 
-__all__ = ["rank_plan", "sample_length", "sample_plan", "split_length"]
+__all__ = ["own_samples", "rank_plan", "sample_length", "sample_plan", "split_length"]
 
 Plan = tuple[list[list[int]], int | None]
 
@@ -51,6 +55,21 @@ def rank_plan(
     else:  # this rank stops a step early: its last step is a full round, nothing of it is cut
         return mine, None
     return mine, remainder
+
+
+def own_samples(last: int, remainder: int, world: int, rank: int, *, leftover: int | None, step: int) -> int:
+    """How many leading samples of rank ``rank``'s ``last`` batch, in a last step that ``even_batches``
+    completed, are the epoch's own (``remainder`` of the step's samples are; the rest repeat samples
+    from the epoch's start). ``gather_for_metrics`` keeps the same ones: the first ``remainder`` in
+    rank order.
+
+    ``leftover``: whole batches were dealt and the last round held that many, so the ranks before it
+    hold real batches and the others a repeated one. None: every rank before this one holds ``step``
+    of the step's real samples (a slice of a split batch, or a full batch of a stream).
+    """
+    if leftover is not None:
+        return last if rank < leftover else 0
+    return max(0, min(last, remainder - rank * step))
 
 
 def _split_plan(

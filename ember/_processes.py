@@ -140,6 +140,7 @@ class ProcessMixin:
         """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``;
         each result multiplied by ``scale`` on every device (🤗 Accelerate applies ``scale`` on XLA only)."""
         check_reduce_op(reduction, "reduction")
+        _check_tensors(tensor, "reduce()")
         reduced = _ops.reduce(self._strategy, tensor, reduction)
         return reduced if scale == 1.0 else apply_to_tensors(reduced, lambda t: t * scale)
 
@@ -149,8 +150,13 @@ class ProcessMixin:
         return _ops.pad_across_processes(self._strategy, tensor, dim, pad_index, pad_first)
 
     def broadcast(self, tensor: Any, from_process: int = 0) -> Any:
+        """Every process receives ``from_process``'s tensors (nested structures too), which must have
+        the same shapes and dtypes on every process (else ``ValueError`` on every process, naming them)."""
         if not 0 <= from_process < self.num_processes:
             raise ValueError(f"from_process={from_process} must be in [0, {self.num_processes})")
+        _check_tensors(tensor, "broadcast()")
+        if self.num_processes > 1:
+            _ops.check_same_tensors(self._strategy, tensor, "broadcast()")
         return _ops.broadcast(self._strategy, tensor, from_process)
 
     # -- a flag any process may raise ----------------------------------------------------------------
@@ -217,9 +223,9 @@ class ProcessMixin:
         """Decorator: the function runs on the last process only (elsewhere it returns None)."""
         return self._only_where(function, lambda: self.is_last_process)
 
-    def on_process(self, function: F | None = None, *, process_index: int) -> Any:
+    def on_process(self, function: F | None = None, process_index: int | None = None) -> Any:
         """Decorator: the function runs on process ``process_index`` only (elsewhere it returns None);
-        ``@accelerator.on_process(process_index=1)``."""
+        ``@accelerator.on_process(process_index=1)``, or ``accelerator.on_process(function, 1)``."""
         if (
             isinstance(process_index, bool)
             or not isinstance(process_index, int)
@@ -232,7 +238,7 @@ class ProcessMixin:
 
         return decorate if function is None else decorate(function)
 
-    def on_local_process(self, function: F | None = None, *, local_process_index: int) -> Any:
+    def on_local_process(self, function: F | None = None, local_process_index: int | None = None) -> Any:
         """Decorator: the function runs on each node's process ``local_process_index`` only
         (elsewhere it returns None); ``@accelerator.on_local_process(local_process_index=1)``."""
         if (
@@ -277,3 +283,15 @@ class ProcessMixin:
             else torch.zeros(int(length.item()), dtype=torch.uint8, device=device)
         )
         return _ops.from_json_bytes(self._strategy.broadcast(buffer, from_process))
+
+
+def _check_tensors(data: Any, caller: str) -> None:
+    """``TypeError`` unless ``data`` holds only tensors (and None): anything else would come back
+    as each process has it, not reduced or broadcast (🤗 Accelerate raises too, on one process also)."""
+    other = other_leaf(data)
+    if other:
+        raise TypeError(
+            f"{caller} takes tensors (and dicts, lists, tuples of them); got a {type(other[0]).__name__}, which "
+            "would come back unchanged on each process. Make it a tensor (torch.tensor(value, "
+            "device=accelerator.device)), or send other objects with broadcast_object() / gather_object()"
+        )

@@ -198,6 +198,7 @@ class StateMixin:
             rank_extra or {},
             weights_only,
             self._state_hooks,
+            self._gradient_state,
         )
         if automatic:
             config.iteration += 1
@@ -237,7 +238,9 @@ class StateMixin:
                     "ProjectConfiguration(project_dir=..., automatic_checkpoint_naming=True)"
                 )
             input_dir = self.project_configuration.latest_checkpoint()
-        return _checkpoint.load_state(self._strategy, self._objects, input_dir, self._state_hooks, strict)
+        return _checkpoint.load_state(
+            self._strategy, self._objects, input_dir, self._state_hooks, strict, self._gradient_state
+        )
 
     def save(self, obj: Any, f: str | os.PathLike[str], safe_serialization: bool = False) -> None:
         """Write ``obj`` to ``f`` from the main process only: 🤗 Accelerate's replacement for
@@ -270,11 +273,15 @@ class StateMixin:
             torch.save(obj, f)
 
     def free_memory(self, *objects: Any) -> list[None]:
-        """Forget every prepared and registered object (they are no longer saved by :meth:`save_state`),
-        collect garbage and empty the CUDA cache. Returns one ``None`` per object passed, to rebind
-        your names with (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in
-        🤗 Accelerate; ``clear`` is the same method."""
+        """Forget every prepared object (they are no longer saved by :meth:`save_state`; the objects
+        given to :meth:`register_for_checkpointing` still are), reset :attr:`step`, collect garbage
+        and empty the CUDA cache. Returns one ``None`` per object passed, to rebind your names with
+        (``model, optimizer = accelerator.free_memory(model, optimizer)``), as in 🤗 Accelerate;
+        ``clear`` is the same method."""
+        # Registered objects stay, as in Accelerate: a script registers them once, before a retry loop.
+        registered = self._objects.custom
         self._forget()
+        self._objects.custom = registered
         self._strategy.release()  # (an engine the strategy holds: a new prepare() builds another)
         released: list[None] = [None] * len(objects)
         del objects  # the caller's references are the last ones once it rebinds them

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from ember._plan import rank_plan, sample_length, sample_plan, split_length
+from ember._plan import own_samples, rank_plan, sample_length, sample_plan, split_length
 from ember._samplers import check_splittable, tell_epoch, with_generator
 from ember._tree import move_batches
 from ember._workers import PlannedBatch, SeededFetch, worker_init
@@ -309,6 +309,23 @@ class PreparedDataLoader:
         if self._iterable or not self._in_pass or self._position == 0:
             return None
         return list(self._plan[self._position - 1])
+
+    @property
+    def _own_samples(self) -> int | None:
+        """How many leading samples of the batch yielded last are the epoch's own, the rest repeats
+        that even out the last step (a prediction writer drops them); None: all of them."""
+        if not self._at_end or self._remainder is None:
+            return None
+        dl, world = self.base_dataloader, self.world_size
+        if not (self._iterable or self.split_batches):  # whole batches, len(dl) of them globally
+            last, leftover, step = len(self._plan[-1]), len(dl) % world, 0
+        elif dl.batch_size is None and self._iterable:  # single samples of a stream: not counted
+            return None
+        else:  # (split_batches with a batch sampler: the size of its first batch)
+            size = dl.batch_size or len(self._plan[0]) * world
+            step = math.ceil(size / world) if self.split_batches else size
+            last, leftover = (step if self._iterable else len(self._plan[-1])), None
+        return own_samples(last, self._remainder, world, self.rank, leftover=leftover, step=step)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:

@@ -111,3 +111,10 @@ class DataLoaderSettings:
     @property
     def even_batches(self) -> bool:
         return self._dataloader_config.even_batches
+
+    @even_batches.setter
+    def even_batches(self, value: bool) -> None:
+        """For the dataloaders prepared from now on, and ``join_uneven_inputs``' default (as 🤗
+        Accelerate's setter); the loaders prepared before keep theirs."""
+        check_bool("even_batches", value)
+        self._dataloader_config.even_batches = value

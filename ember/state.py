@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 
 from ember._processes import DistributedType, ProcessMixin
-from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_timeout
+from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_int, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
 from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
 from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TorchDynamoPlugin
@@ -292,6 +292,18 @@ class AccelerateStateMixin:
     def sync_gradients(self) -> bool:
         """False on the micro-steps of :meth:`accumulate` that only accumulate gradients."""
         return self._gradient_state.sync_gradients
+
+    @property
+    def step(self) -> int:
+        """The micro-steps :meth:`accumulate` counted since the last reset (the end of a prepared
+        dataloader), as 🤗 Accelerate's attribute; :meth:`save_state` keeps it and :meth:`load_state`
+        restores it, so a run resumed mid-accumulation steps its optimizer on the same batches."""
+        return self._gradient_state.micro_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        check_int("step", value, minimum=0)
+        self._gradient_state.micro_step = value
 
     @property
     def optimizer_step_was_skipped(self) -> bool:

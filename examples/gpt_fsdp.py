@@ -169,7 +169,7 @@ def main() -> None:
         val_check_interval=min(100, args.max_steps),  # batches, counted across epochs:
         check_val_every_n_epoch=None,
         limit_val_batches=20,
-        log_every_n_steps=10,
+        log_every_n_steps=max(1, min(10, args.max_steps // 4)),  # (a few rows on a short run too)
         default_root_dir=args.root,
         callbacks=[ModelCheckpoint(save_last=True, every_n_train_steps=min(100, args.max_steps))],
     )

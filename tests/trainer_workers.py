@@ -150,10 +150,11 @@ def fit(
 
 def assert_logged_the_rest(full: list[list[str]], resumed: list[list[str]], from_step: int) -> None:
     """A run resumed into a new directory from the checkpoint of step ``from_step`` logged the rows
-    the full run logged after that checkpoint, value for value (``fit`` logs every batch)."""
+    the full run logged after that checkpoint, value for value (``fit`` logs every optimizer step:
+    the first row after the checkpoint is the next step's)."""
     assert resumed[0] == full[0]  # the header
     rest = resumed[1:]
-    assert rest and int(rest[0][0]) == from_step and len(rest) < len(full) - 5
+    assert rest and int(rest[0][0]) == from_step + 1 and len(rest) < len(full) - 5
     assert full[-len(rest) :] == rest
 
 

@@ -1,6 +1,7 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
 from ember.trainer.cli import TrainerCLI  # (jsonargparse loads when a TrainerCLI is built)
+from ember.trainer.combined import CombinedLoader
 from ember.trainer.loggers import CometLogger, CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from ember.trainer.lr_finder import LRFinder
 from ember.trainer.module import DataModule, TrainModule
@@ -20,6 +21,7 @@ from ember.trainer.tuner import Tuner
 __all__ = [
     "AdvancedProfiler",
     "CSVLogger",
+    "CombinedLoader",
     "CometLogger",
     "DataModule",
     "LRFinder",

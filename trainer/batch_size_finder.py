@@ -3,7 +3,8 @@
 A search runs trials of ``steps_per_trial`` steps, each with the dataloaders rebuilt from the
 module's (or DataModule's) ``*_dataloader()`` at a new ``batch_size``: doubling it until a trial
 runs out of memory (``"power"``), then halving back, or bisecting between the last size that ran
-and the first that did not (``"binsearch"``). The run's state is saved before and restored after
+and the first that did not (``"binsearch"``, which then keeps a ``margin`` below the size found).
+Growth stops at ``max_val``. The run's state is saved before and restored after
 (``trainer/search_state.py``), so the fit that follows starts as it would have without the search.
 """
 
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch.utils.data import IterableDataset
 
-from ember._validation import check_choice, check_int, check_str, show
+from ember._validation import check_choice, check_int, check_number, check_str, show
 from ember.memory import is_out_of_memory, release_memory
 from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.trainer.config import resolve_limit
@@ -48,6 +49,8 @@ class BatchSizeSettings:
     init_val: int = 2
     max_trials: int = 25
     batch_arg_name: str = "batch_size"
+    margin: float = 0.05
+    max_val: int = 8192
     owner: str = field(default="scale_batch_size", compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +62,15 @@ class BatchSizeSettings:
         check_str("batch_arg_name", self.batch_arg_name, owner=owner)
         if not self.batch_arg_name:
             raise ValueError(f"{owner}(batch_arg_name=''): name the batch-size attribute, e.g. 'batch_size'")
+        check_number("margin", self.margin, owner=owner)
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"{owner}(margin={self.margin!r}) must be between 0 and 1 (0 included, 1 not)")
+        check_int("max_val", self.max_val, minimum=1, owner=owner)
+        if self.init_val > self.max_val:
+            raise ValueError(
+                f"{owner}(init_val={self.init_val}) is above max_val={self.max_val}: the search starts at "
+                "init_val and never goes past max_val"
+            )
 
     def holders(self, module: TrainModule, datamodule: DataModule | None) -> list[tuple[Any, bool]]:
         """Where the batch size lives (Lightning's ``lightning_setattr`` order); ValueError if nowhere."""
@@ -103,8 +115,9 @@ def check_tuner_call(method: str, train: Any, val: Any, loaders: Any) -> None:
 
 def search(settings: BatchSizeSettings, fits: Callable[[int], bool], length: int | None) -> int:
     """The largest batch size the trials found running: ``fits(size)`` runs one trial. Doubles from
-    ``init_val`` until a failure or ``length`` (the dataset's, None: no cap); then ``"power"`` keeps
-    the last success (halving until one, if the first trials failed) and ``"binsearch"`` bisects."""
+    ``init_val`` until a failure, ``length`` (the dataset's, None: no cap) or ``max_val`` (the last
+    doubling capped to it); then ``"power"`` keeps the last success (halving until one, if the first
+    trials failed) and ``"binsearch"`` bisects, then takes ``margin`` off (Lightning's)."""
     size, low, high = settings.init_val, 0, None  # low: the largest success, high: the smallest failure
     for _ in range(settings.max_trials):
         if fits(size):
@@ -114,7 +127,9 @@ def search(settings: BatchSizeSettings, fits: Callable[[int], bool], length: int
         if high is None:
             if length is not None and size >= length:
                 break  # a batch holds the whole dataset: larger ones are the same batch
-            size *= 2
+            if size >= settings.max_val:
+                break
+            size = min(size * 2, settings.max_val)
         elif low == 0:
             size = high // 2  # nothing ran yet: halve
             if size < 1:
@@ -128,6 +143,8 @@ def search(settings: BatchSizeSettings, fits: Callable[[int], bool], length: int
             f"{settings.owner}: every batch size tried ran out of memory (the smallest: {high}); free memory, "
             "shrink the model, or start lower with init_val (max_trials bounds the trials)"
         )
+    if settings.mode == "binsearch":  # a safety buffer below the exact limit found
+        return max(1, int(low * (1 - settings.margin)))
     return low
 
 
@@ -258,7 +275,8 @@ class BatchSizeSearch:
 
     def _evaluation_trial(self, steps: int) -> bool:
         """``steps`` batches of the stage's loop (its hooks too); False: out of memory."""
-        from ember.trainer.loops import run_evaluation, run_predict
+        from ember.trainer.loops import run_evaluation
+        from ember.trainer.predict_loop import run_predict
 
         trainer = cast("Trainer", self)
         data = cast(StageData, self._stage_data)

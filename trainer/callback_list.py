@@ -30,7 +30,11 @@ def default_callbacks(trainer: Trainer, callbacks: list[Callback]) -> list[Callb
         raise ValueError("a ModelCheckpoint callback was given, but enable_checkpointing=False")
     if config.enable_checkpointing and not config.fast_dev_run and not has(ModelCheckpoint):
         result.append(ModelCheckpoint())
-    if config.enable_progress_bar and not any(c.progress_bar for c in result):
+    bars = [type(c).__name__ for c in result if c.progress_bar]
+    if bars and not config.enable_progress_bar:  # (Lightning raises MisconfigurationException)
+        off = "barebones=True (the bar is off)" if config.barebones else "enable_progress_bar=False"
+        raise ValueError(f"a progress bar callback ({bars[0]}) was given, but {off}: drop one of them")
+    if config.enable_progress_bar and not bars:
         result.append(RichProgressBar())
     if config.enable_progress_bar and not has(RunSummary):
         result.append(RunSummary())

@@ -60,6 +60,7 @@ def _save(trainer: Trainer, path: str | os.PathLike[str], weights_only: bool) ->
         }
         module.on_save_checkpoint(weights)
         return trainer.accelerator.save_state(path, extra={STATE: weights}, weights_only=True)
+    trainer._flush_row()  # saved in on_train_batch_end: the row of that batch belongs to it (every rank)
     for logger in trainer.loggers if trainer.is_global_zero else []:
         logger.save()  # the rows written so far belong to this checkpoint
     checkpoint: dict[str, Any] = {

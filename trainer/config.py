@@ -139,7 +139,8 @@ class TrainerConfig:
     enable_model_summary: bool = True
     enable_autolog_hparams: bool = True  # the hyper-parameters to the loggers at each stage's start
     default_root_dir: str | os.PathLike[str] | None = None
-    deterministic: bool | str = False
+    # torch.use_deterministic_algorithms: True, "warn" (warn_only) or False (off); None: left as it is
+    deterministic: bool | str | None = None
     detect_anomaly: bool = False
     use_distributed_sampler: bool = True
     seed: int | None = None
@@ -207,7 +208,7 @@ class TrainerConfig:
         if self.non_finite not in ("stop", "skip", None):
             raise ValueError(f"non_finite={self.non_finite!r}. Valid choices: 'stop', 'skip', None")
         check_collective_timeout(self.collective_timeout)
-        check_choice("deterministic", self.deterministic, (True, False, "warn"))
+        check_choice("deterministic", self.deterministic, (None, True, False, "warn"))
         for name in (
             "enable_checkpointing",
             "enable_progress_bar",
@@ -238,8 +239,16 @@ class TrainerConfig:
             self.limit_train_batches = self.limit_val_batches = batches
             self.limit_test_batches = self.limit_predict_batches = batches
             self.val_check_interval = 1.0
-        if self.max_epochs is None:
-            self.max_epochs = -1 if (self.max_steps != -1 or self.duration is not None) else 1000
+        if self.max_epochs is None:  # (the Trainer warns when the 1000 applies, as Lightning)
+            self.max_epochs = (
+                -1 if (self.max_steps != -1 or self.duration is not None or self._timed()) else 1000
+            )
+
+    def _timed(self) -> bool:
+        """A ``Timer`` among the callbacks: it bounds the fit (Lightning's test for an epoch limit)."""
+        from ember.callbacks.timer import Timer  # (the callbacks import the trainer)
+
+        return any(isinstance(c, Timer) for c in as_list(self.callbacks))
 
     def _check_logger(self) -> None:
         from ember.trainer.loggers.base import Logger  # (imported here: the loggers import the trainer)
@@ -302,7 +311,6 @@ _NONE_MEANS_DEFAULT: dict[str, Any] = {
     "limit_test_batches": 1.0,
     "limit_predict_batches": 1.0,
     "val_check_interval": 1.0,
-    "deterministic": False,
 }
 
 

@@ -7,8 +7,10 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from torch.utils._pytree import tree_unflatten
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler
 
+from ember.trainer.combined import CombinedLoader, PreparedCombinedLoader
 from ember.trainer.config import TrainerConfig, resolve_limit
 from ember.trainer.hooks import overridden
 from ember.trainer.module import DataModule, TrainModule
@@ -133,16 +135,34 @@ def unshuffled(loader: DataLoader[Any]) -> DataLoader[Any]:
 
 def find_train_loader(
     config: TrainerConfig, module: TrainModule, given: Any, datamodule: DataModule | None
-) -> DataLoader[Any]:
-    """The one training loader of a fit (unshuffled with ``overfit_batches``)."""
-    trains = find_loaders("train", given, datamodule, module)
-    if len(trains) > 1:
-        raise ValueError(f"fit() trains on one DataLoader; got {len(trains)} (combine the datasets into one)")
-    if not trains:
+) -> DataLoader[Any] | CombinedLoader:
+    """The training data of a fit: one loader, or a :class:`CombinedLoader` of several (a list or
+    dict of loaders is combined in ``"max_size_cycle"`` mode, as Lightning); each loader unshuffled
+    with ``overfit_batches``."""
+    source = given
+    if source is None and datamodule is not None:
+        source = datamodule.train_dataloader()
+    if source is None and callable(getattr(module, "train_dataloader", None)):
+        source = module.train_dataloader()
+    if source is None or (isinstance(source, (list, tuple, Mapping)) and not source):
         raise ValueError(
             "fit() needs training data: pass train_dataloaders, a datamodule, or define train_dataloader()"
         )
-    return unshuffled(trains[0]) if config.overfit_batches else trains[0]
+    combined = source if isinstance(source, CombinedLoader) else None
+    if combined is None and isinstance(source, (list, tuple, Mapping)):
+        combined = CombinedLoader(source, "max_size_cycle")
+    loaders = combined.flattened if combined is not None else [source]
+    for loader in loaders:
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"train data must be torch.utils.data.DataLoader objects, got {type(loader).__name__}"
+            )
+    if config.overfit_batches:
+        loaders = [unshuffled(loader) for loader in loaders]
+    if combined is None:
+        single: DataLoader[Any] = loaders[0]
+        return single
+    return CombinedLoader(tree_unflatten(loaders, combined._spec), combined.mode)
 
 
 def find_loaders(
@@ -225,7 +245,7 @@ class TrainerData:
     num_training_batches: int | float
     num_val_batches: list[int | float]
     _val_check_batch: int
-    _train_loader: PreparedDataLoader | None
+    _train_loader: PreparedDataLoader | PreparedCombinedLoader | None
     _val_loaders: list[PreparedDataLoader]
     _sources: tuple[Any, Any, DataModule | None]
     _datamodule: DataModule | None
@@ -253,6 +273,26 @@ class TrainerData:
             shard_samples=evaluation,
         )
 
+    def _prepare_train(
+        self, train: DataLoader[Any] | CombinedLoader
+    ) -> PreparedDataLoader | PreparedCombinedLoader:
+        """The training data prepared: each loader of a :class:`CombinedLoader` on its own (sharded,
+        shuffled and positioned as a single loader), the module's batch-transfer hooks run on the
+        combined batch (``dataloader_idx`` 0, as Lightning)."""
+        if not isinstance(train, CombinedLoader):
+            return self._prepare_loader(train)
+        hooks = batch_transfer(self.module, self.strategy, 0, self.config.profiler, self._datamodule)
+        loaders = [
+            self.accelerator._prepare_dataloader(
+                loader,
+                shard=self.config.use_distributed_sampler
+                and not isinstance(loader.sampler, DistributedSampler),
+                placed=hooks is None,
+            )
+            for loader in train.flattened
+        ]
+        return PreparedCombinedLoader(train, loaders, self.accelerator._gradient_state.loop, hooks)
+
     def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]:
         return find_loaders(kind, given, datamodule, self.module)
 
@@ -261,18 +301,19 @@ class TrainerData:
         where the fit found them (the module's or DataModule's ``*_dataloader()``), and prepared."""
         train_given, val_given, datamodule = self._sources
         assert self._train_loader is not None
-        old = [self._train_loader, *self._val_loaders]
-        self._train_loader = self._prepare_loader(
+        old = [*_flat(self._train_loader), *self._val_loaders]
+        self._train_loader = self._prepare_train(
             find_train_loader(self.config, self.module, train_given, datamodule)
         )
         val = self._loaders("val", val_given, datamodule)
         self._val_loaders = [self._prepare_loader(v, i, evaluation=True) for i, v in enumerate(val)]
-        if len(val) != len(old) - 1:
+        new = [*_flat(self._train_loader), *self._val_loaders]
+        if len(new) != len(old):
             raise ValueError(
-                f"reload_dataloaders_every_n_epochs: the reloaded data has {len(val)} validation loaders, the "
-                f"fit started with {len(old) - 1}; checkpoints need the same number"
+                f"reload_dataloaders_every_n_epochs: the reloaded data has {len(new)} training and validation "
+                f"loaders, the fit started with {len(old)}; checkpoints need the same number"
             )
-        self.accelerator._swap_dataloaders(old, [self._train_loader, *self._val_loaders])
+        self.accelerator._swap_dataloaders(old, new)
         self._set_batch_counts()
 
     def _set_batch_counts(self) -> None:
@@ -296,3 +337,8 @@ class TrainerData:
     def _sanity_limits(self) -> list[int | float]:
         steps = self.config.num_sanity_val_steps
         return [limit if steps == -1 else min(steps, limit) for limit in self._val_limits()]
+
+
+def _flat(loader: PreparedDataLoader | PreparedCombinedLoader) -> list[PreparedDataLoader]:
+    """The prepared loaders the accelerator holds for ``loader`` (a combined loader's own)."""
+    return list(loader.loaders) if isinstance(loader, PreparedCombinedLoader) else [loader]

@@ -7,12 +7,14 @@ numbers only when a logger row is written (every ``log_every_n_steps``) or the p
 from __future__ import annotations
 
 import dataclasses
-import sys
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from ember.trainer.logged_values import as_scalar, forked_name, infer_batch_size, is_metric
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -20,13 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["MetricStore"]
 
 _REDUCE_FX = ("mean", "sum", "max", "min")
-
-
-def _is_metric(value: Any) -> bool:
-    """Whether ``value`` is a torchmetrics ``Metric``. Code that made one has imported torchmetrics;
-    importing it here for the check would add ~1.5 s to ``import ember``."""
-    torchmetrics = sys.modules.get("torchmetrics")
-    return torchmetrics is not None and isinstance(value, torchmetrics.Metric)
 
 
 # Hooks called once per batch: values logged there default to per-step.
@@ -39,6 +34,12 @@ _EPOCH_END_HOOKS = {
     "on_train_epoch_start", "on_train_epoch_end", "on_validation_epoch_start", "on_validation_epoch_end",
     "on_test_epoch_start", "on_test_epoch_end", "on_fit_start", "on_train_start", "on_validation_start",
     "on_test_start", "on_validation_end", "on_test_end",
+}  # fmt: skip
+# Hooks of an evaluation batch: on_step=True is possible there too (Lightning's); those step values
+# get a row after each batch, and stay out of callback_metrics.
+_EVAL_STEP_HOOKS = {
+    "validation_step", "test_step", "on_validation_batch_start", "on_validation_batch_end",
+    "on_test_batch_start", "on_test_batch_end",
 }  # fmt: skip
 
 
@@ -55,24 +56,6 @@ class _Entry:
     total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
     weight: float = 0.0  # sum of batch sizes
     computed: torch.Tensor | None = None  # a metric's value at the end of its loader (end_loader)
-
-
-def infer_batch_size(batch: Any) -> int:
-    """Size of the first dimension of the first tensor found in ``batch`` (1 when there is none)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, dict):
-        values: Any = batch.values()
-    elif isinstance(batch, (list, tuple)):
-        values = batch
-    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        values = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
-    else:
-        return 1
-    for value in values:
-        if isinstance(value, (torch.Tensor, dict, list, tuple)):
-            return infer_batch_size(value)
-    return 1
 
 
 class MetricStore:
@@ -102,6 +85,9 @@ class MetricStore:
         self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar: dict[str, torch.Tensor] = {}
+        # Evaluation rows of step values, per stage ("validation", "test"): its first loader (held
+        # weakly: reloaded loaders start again) and each loader's batches evaluated before (eval_steps).
+        self._eval_steps: dict[str, tuple[weakref.ref[Any], list[int]]] = {}
 
     # -- recording -------------------------------------------------------------------------------
     def log(
@@ -148,8 +134,12 @@ class MetricStore:
         defaults = on_step is None and on_epoch is None
         on_step = in_step if on_step is None else on_step
         on_epoch = (not in_step) if on_epoch is None else on_epoch
-        if on_step and not in_step and fx:
-            raise ValueError(f"log({name!r}, on_step=True) is not possible in {fx}: it runs once per epoch")
+        if on_step and not in_step and fx and fx not in _EVAL_STEP_HOOKS:
+            raise ValueError(
+                f"log({name!r}, on_step=True) is not possible in {fx}, which runs outside the batches: "
+                "on_step=True works in training_step, validation_step, test_step and their batch hooks; "
+                "log with on_epoch=True here"
+            )
         if not (on_step or on_epoch):
             raise ValueError(
                 f"log({name!r}): on_step and on_epoch are both False, so the value would go nowhere"
@@ -157,7 +147,7 @@ class MetricStore:
         key = name + self.dataloader_suffix if self.dataloader_suffix else name
         # The usual value, a scalar tensor (a loss), is recognised first: this runs every step.
         plain = type(value) is torch.Tensor and value.dim() == 0
-        metric = None if plain or not _is_metric(value) else value
+        metric = None if plain or not is_metric(value) else value
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry(
@@ -172,12 +162,18 @@ class MetricStore:
         elif metric is not None:
             tensor = metric._forward_cache if on_step and metric._forward_cache is not None else None
         else:
-            tensor = _as_scalar(name, value)
+            tensor = as_scalar(name, value)
         if on_step and tensor is not None:
             if sync_dist:
                 tensor = self._sync(tensor, reduce_fx, group)
-            if on_epoch:
-                self._publish(f"{key}_step", tensor, entry, self.step_values, alias=key)
+            if not in_step and fx:  # an evaluation batch: its row and the bar only (as Lightning)
+                step_key = forked_name(key, "_step") if on_epoch else key
+                if entry.logger:
+                    self.step_values[step_key] = tensor
+                if entry.prog_bar:
+                    self.progress_bar[step_key] = tensor
+            elif on_epoch:
+                self._publish(forked_name(key, "_step"), tensor, entry, self.step_values, alias=key)
             else:  # the value of a training step
                 self.callback_metrics[key] = tensor
                 if entry.logger:
@@ -189,7 +185,7 @@ class MetricStore:
         if on_epoch and metric is None and tensor is not None:
             if fx in _EPOCH_END_HOOKS:  # a final value: nothing to aggregate
                 self._publish(
-                    f"{key}_epoch" if on_step else key,
+                    forked_name(key, "_epoch") if on_step else key,
                     tensor,
                     entry,
                     self.epoch_row,
@@ -230,7 +226,7 @@ class MetricStore:
         alias: str | None = None,
     ) -> None:
         """Make a value visible: callback metrics (also under ``alias``), the logger row, the progress bar."""
-        if value.requires_grad:  # values from _as_scalar are detached already
+        if value.requires_grad:  # values from as_scalar are detached already
             value = value.detach()
         self.callback_metrics[key] = value
         if alias is not None:
@@ -273,7 +269,7 @@ class MetricStore:
                 if entry.metric is not None:
                     self._spent.append(entry.metric)
                 continue
-            out_key = f"{key}_epoch" if entry.on_step else key
+            out_key = forked_name(key, "_epoch") if entry.on_step else key
             if entry.metric is not None:
                 value = entry.metric.compute().detach() if entry.computed is None else entry.computed
                 self._spent.append(entry.metric)  # (reset after the epoch-end hooks: reset_spent)
@@ -315,6 +311,16 @@ class MetricStore:
             ):
                 entry.computed = entry.metric.compute().detach()
 
+    def eval_steps(self, prefix: str, loaders: list[Any]) -> list[int]:
+        """Each loader's batches evaluated so far, the step of its next evaluation row of step values
+        (the caller counts on): Lightning's, on over a fit's validation runs, from 0 in each stage."""
+        if not loaders:
+            return []
+        kept = self._eval_steps.get(prefix)
+        if kept is None or kept[0]() is not loaders[0]:
+            kept = self._eval_steps[prefix] = (weakref.ref(loaders[0]), [0] * len(loaders))
+        return kept[1]
+
     def take_epoch_row(self) -> dict[str, torch.Tensor]:
         row, self.epoch_row = self.epoch_row, {}
         return row
@@ -346,12 +352,13 @@ class MetricStore:
         self.reset()
         self.callback_metrics.clear()
         self.progress_bar.clear()
+        self._eval_steps.clear()
 
     # -- mid-epoch checkpoints ------------------------------------------------------------------------
     def state_dict(self, module: nn.Module) -> dict[str, Any]:
         """The training epoch's running aggregates (parked or not), torchmetrics states named by their
         path in ``module``, and the callback metrics (monitored values after a resume)."""
-        paths = {id(m): name for name, m in module.named_modules() if _is_metric(m)}
+        paths = {id(m): name for name, m in module.named_modules() if is_metric(m)}
         entries = {}
         training = self._parked if self._parked is not None else self._entries
         for key, entry in training.items():
@@ -362,7 +369,7 @@ class MetricStore:
         metrics = {
             name: {"state": dict(m.metric_state), "update_count": m._update_count}
             for name, m in module.named_modules()
-            if _is_metric(m)
+            if is_metric(m)
         }
         # (a checkpoint of on_train_epoch_end, taken before reset_spent: the resumed fit resets them)
         spent = [paths[id(m)] for m in self._spent if id(m) in paths]
@@ -385,17 +392,3 @@ class MetricStore:
         for name in state.get("spent", ()):  # (checkpoints written before it was saved have none)
             modules[name].reset()
         self.callback_metrics.update(state["callback_metrics"])
-
-
-def _as_scalar(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0:  # the usual case: a loss or a metric already is a scalar (no reshape op)
-            return value.detach()
-        if value.numel() != 1:
-            raise ValueError(f"log({name!r}) needs a scalar; got a tensor of shape {tuple(value.shape)}")
-        return value.detach().reshape(())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float64)
-    raise TypeError(
-        f"log({name!r}) accepts a number, a scalar tensor or a torchmetrics Metric; got {type(value).__name__}"
-    )

@@ -1,5 +1,5 @@
-"""The loops: fit, evaluation (validate / test / sanity check) and predict. They read top to bottom;
-the hook order they follow is the contract written in docs/concepts/hooks.md."""
+"""The loops: fit and evaluation (validate / test / sanity check); predict is in ``predict_loop``.
+They read top to bottom; the hook order they follow is the contract written in docs/concepts/hooks.md."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import torch
 from ember._rng import rng_state, set_rng_state
 from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.module_mode import enter_eval, leave_eval
-from ember.trainer.prediction import start_record
 from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, module_hook, timed, timed_batches
 from ember.trainer.step import Epoch, detached
 
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from ember.trainer.profilers import Profiler
     from ember.trainer.trainer import Trainer
 
-__all__ = ["run_evaluation", "run_fit", "run_predict"]
+__all__ = ["run_evaluation", "run_fit"]
 
 
 # -- fit ---------------------------------------------------------------------------------------------
@@ -110,9 +109,15 @@ def _may_stop(trainer: Trainer) -> bool:
     """Whether ``should_stop`` may end the fit now, within an epoch or between two: ``min_epochs``
     finished epochs and ``min_steps`` optimizer steps are done (until then the request waits)."""
     config, state = trainer.config, trainer.state
-    return (config.min_epochs is None or state.epoch >= config.min_epochs) and (
+    may = (config.min_epochs is None or state.epoch >= config.min_epochs) and (
         config.min_steps is None or state.global_step >= config.min_steps
     )
+    if not may and trainer.should_stop and not trainer._deferred_stop_noted:  # (once, as Lightning)
+        trainer._deferred_stop_noted = True
+        if trainer.is_global_zero:
+            print(f"ember: trainer.should_stop was set, but min_epochs={config.min_epochs} and min_steps="
+                  f"{config.min_steps} are not reached: training continues", file=sys.stderr, flush=True)  # fmt: skip
+    return may
 
 
 def _train_epoch(trainer: Trainer) -> None:
@@ -173,27 +178,37 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     # training_step: the batch runs under that one name (a hook that needs its own, like
     # on_train_batch_start, and validation set theirs and put this one back), not one per call.
     store.fx = "training_step"
+    is_last = batch_idx + 1 >= epoch.limit if epoch.sized else accelerator.end_of_dataloader
+    # (manual optimisation: the module steps its optimizers itself; every batch counts as a step)
+    should_step = epoch.in_sync or not epoch.automatic or is_last or (batch_idx + 1) % epoch.accumulate == 0
+    # As Lightning's: a logger row every log_every-th batch that steps (trainer.logs_this_batch)
+    row = should_step and (state.stepped_batches + 1) % epoch.log_every == 0
+    trainer._stepping, trainer._row_due = should_step, row
     entry = hooks["on_train_batch_start"]
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
-    is_last = batch_idx + 1 >= epoch.limit if epoch.sized else accelerator.end_of_dataloader
     trainer._is_last_batch = is_last
-    if epoch.in_sync:  # every batch a step boundary: gradients stay in sync (_train_epoch)
-        should_step = True
+    if epoch.in_sync:  # gradients stay in sync (_train_epoch)
         output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, True)
-    else:  # accumulation; or manual optimisation, where the module steps its optimizers itself
-        should_step = not epoch.automatic or is_last or (batch_idx + 1) % epoch.accumulate == 0
+    else:
         with accelerator.accumulate(epoch.model, sync=should_step):
             output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
     state.batch_idx += 1
     state.total_batch_idx += 1
-    if is_last or state.total_batch_idx % epoch.log_every == 0:
-        trainer._write_row(store.step_values)
+    if should_step:
+        state.stepped_batches += 1
+        if row:  # the bar, drawn in on_train_batch_end, shows the values of the row written after it
+            trainer._progress_bar_stale = trainer._row_pending = True
     entry = hooks["on_train_batch_end"]
     if entry is not None:  # (its parts in order: HookPlan's Entry)
         outputs = store.detached(output) if type(output) is torch.Tensor else detached(output)
         for hook in entry[3]:
             hook(outputs, batch, batch_idx)
+    # After on_train_batch_end, as Lightning's: what it logs is in the row.
+    if row:
+        trainer._flush_row()  # (unless a checkpoint saved in the hook wrote it)
+    elif should_step and trainer.should_stop:
+        trainer._write_row(store.step_values)
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         if should_step:  # (as Lightning: not in the middle of an accumulation window)
             module_hook(trainer, "on_validation_model_zero_grad")()
@@ -309,6 +324,7 @@ def _evaluation_pass(
         trainer.model,
     )
     step = step_call(trainer, name)  # the module's step, resolved (and timed under a profiler) once
+    seen = store.eval_steps(prefix, loaders) if not trainer.sanity_checking else None  # (row steps)
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
@@ -319,6 +335,10 @@ def _evaluation_pass(
                     call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
                     output = run_step(store, accelerator, model, name, step, batch, batch_idx, *extra)
                     call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
+                    if seen is not None:  # values logged with on_step=True: a row after each batch
+                        if store.step_values:
+                            trainer._write_row(store.step_values, step=seen[loader_idx])
+                        seen[loader_idx] += 1
             if several:
                 store.end_loader()
         store.dataloader_suffix = ""
@@ -353,45 +373,3 @@ def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:
     if trainer.config.inference_mode and trainer.strategy.evaluates_in_inference_mode:
         return torch.inference_mode()
     return torch.no_grad()
-
-
-# -- predict ---------------------------------------------------------------------------------------
-def run_predict(
-    trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float], keep: bool = True
-) -> list[Any]:
-    """Predictions per loader, gathered across processes in dataset order, each sample once
-    (``keep=False``: handed to the hooks, not kept). With a prediction writer among the callbacks,
-    each process's own outputs and their samples' indices are recorded for it as well
-    (``trainer.prediction_record``)."""
-    accelerator = trainer.accelerator
-    modes = enter_eval(trainer, "predict")  # on_predict_model_eval: the model's eval()
-    call_hook(trainer, "on_predict_start")
-    call_hook(trainer, "on_predict_epoch_start")
-    record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
-    results: list[list[Any]] = []
-    several = len(loaders) > 1
-    store, model, step = trainer._metrics, trainer.model, step_call(trainer, "predict_step")  # (once)
-    with _evaluating(trainer):
-        for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
-            outputs: list[Any] = []
-            with closing(
-                _limited(loader, limit, trainer.config.profiler, fetch_action("predict"))
-            ) as batches:
-                for batch_idx, batch in batches:
-                    call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
-                    extra = (loader_idx,) if several else ()
-                    output = run_step(
-                        store, accelerator, model, "predict_step", step, batch, batch_idx, *extra
-                    )
-                    if record is not None:  # before the gather: the writers take this process's own
-                        record.add(loader_idx, loader, output)
-                    output = accelerator.gather_for_metrics(output)
-                    call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
-                    if keep:
-                        outputs.append(output)
-            results.append(outputs)
-    call_hook(trainer, "on_predict_epoch_end")
-    call_hook(trainer, "on_predict_end")
-    leave_eval(trainer, "predict", modes)  # each layer back in its mode, as Lightning
-    trainer._prediction_record = None  # the writers' copies are not kept past the run
-    return results if several else results[0]

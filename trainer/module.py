@@ -313,7 +313,8 @@ class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersM
             store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, sync_dist_group)  # fmt: skip
             return
         suffix, store.dataloader_suffix = store.dataloader_suffix, ""
-        store.loader_of[name] = suffix  # (the stage's results put it under that loader only)
+        # (the stage's results put it under that loader only; its epoch value too, when forked)
+        store.loader_of[name] = store.loader_of[f"{name}_epoch"] = suffix
         try:
             store.log(name, value, on_step, on_epoch, prog_bar, logger, sync_dist, reduce_fx, batch_size, sync_dist_group)  # fmt: skip
         finally:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember._ops import truncate
 from ember._tree import apply_to_tensors
 from ember.callbacks.prediction_writer import BasePredictionWriter
 
@@ -33,8 +34,10 @@ class PredictionRecord:
       run; kept only when a writer writes at the epoch's end (outputs moved to the CPU, as Lightning
       does, so that they hold no accelerator memory).
 
-    With ``even_batches`` (the default) a process whose loader ran out in the last step repeats a
-    batch from the start of the epoch: its indices say which samples those are.
+    - ``repeat``: the current batch is a repeat, run only to even out the last step: a process
+      whose loader ran out runs a batch from the start of the epoch again so that every process
+      steps as often (``gather_for_metrics`` needs that). Nothing of it is recorded and the writers
+      skip it, so each sample is written once, as with Lightning's unrepeated predict sampler.
     """
 
     __slots__ = (
@@ -44,6 +47,7 @@ class PredictionRecord:
         "epoch_batch_indices",
         "prediction",
         "predictions",
+        "repeat",
     )
 
     def __init__(self, num_loaders: int, keeps_epoch: bool) -> None:
@@ -51,6 +55,7 @@ class PredictionRecord:
         self.batch_indices: list[int] = []
         self.predictions: list[list[Any]] = [[] for _ in range(num_loaders)]
         self.epoch_batch_indices: list[list[list[int]]] = [[] for _ in range(num_loaders)]
+        self.repeat = False
         self._keeps_epoch = keeps_epoch
         self._warned: set[int] = set()
 
@@ -64,6 +69,13 @@ class PredictionRecord:
                 "dataset indices: prediction writers receive batch_indices=[] for its batches",
                 stacklevel=4,
             )
+        own = loader._own_samples  # None: no sample of the batch is a repeat
+        self.repeat = own == 0
+        if self.repeat:
+            self.prediction, self.batch_indices = None, []
+            return
+        if own is not None:  # (split batches: a slice filled up from the epoch's start)
+            prediction, indices = truncate(prediction, own), indices and indices[:own]
         self.prediction = prediction
         self.batch_indices = indices if indices is not None else []
         if self._keeps_epoch:

@@ -11,6 +11,7 @@ from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader
 from ember.precision import Precision
 from ember.strategies import Strategy
+from ember.trainer.combined import PreparedCombinedLoader
 from ember.trainer.config import TrainerConfig
 from ember.trainer.lightning_names import LightningNames
 from ember.trainer.loggers import Logger
@@ -43,7 +44,7 @@ class TrainerProperties(LightningNames):
     _datamodule: Any
     _model: torch.nn.Module | None
     _step_optimizers: list[Any]
-    _train_loader: PreparedDataLoader | None
+    _train_loader: PreparedDataLoader | PreparedCombinedLoader | None
     _val_loaders: list[PreparedDataLoader]
     _test_loaders: list[PreparedDataLoader]
     _predict_loaders: list[PreparedDataLoader]
@@ -55,6 +56,9 @@ class TrainerProperties(LightningNames):
     _running: str  # the stage running now ("fit", "validate", "test", "predict"), "" between stages
     _evaluation: str  # the evaluation pass running now ("validation", "test"), "" otherwise
     _is_last_batch: bool
+    _stepping: bool  # the running training batch steps the optimizer (trainer/loops.py)
+    _row_due: bool  # its logger row is due, should_stop aside
+    should_stop: bool
 
     # -- what users and callbacks read ----------------------------------------------------------
     @property
@@ -187,6 +191,17 @@ class TrainerProperties(LightningNames):
         return self.config.log_every_n_steps
 
     @property
+    def logs_this_batch(self) -> bool:
+        """In the hooks of a training batch: whether the Trainer writes a logger row after it (every
+        ``log_every_n_steps``-th batch that steps the optimizer, and the one where ``should_stop`` is
+        set), for callbacks that log with the Trainer's rows::
+
+            if trainer.logs_this_batch:
+                trainer.log_metrics(my_statistics(), step=trainer.global_step)
+        """
+        return self._row_due or (self._stepping and self.should_stop)
+
+    @property
     def profiler(self) -> Profiler:
         """The ``profiler=`` argument's :class:`Profiler`, else a :class:`PassThroughProfiler`
         (records nothing): ``with trainer.profiler.profile("my step"):`` works either way."""
@@ -232,8 +247,10 @@ class TrainerProperties(LightningNames):
         return [o.optimizer for o in self._step_optimizers]
 
     @property
-    def train_dataloader(self) -> PreparedDataLoader | None:
-        return self._train_loader
+    def train_dataloader(self) -> Any:
+        """The prepared training loader; several (a ``CombinedLoader``): them, shaped as given (as Lightning)."""
+        loader = self._train_loader
+        return loader.iterables if isinstance(loader, PreparedCombinedLoader) else loader
 
     @property
     def val_dataloaders(self) -> list[PreparedDataLoader]:
@@ -360,7 +377,7 @@ class TrainerProperties(LightningNames):
         per_epoch = (
             batches if math.isinf(batches) else math.ceil(batches / self.config.accumulate_grad_batches)
         )
-        by_epochs = (
-            per_epoch * self.config.max_epochs if self.config.max_epochs not in (None, -1) else math.inf
-        )
+        epochs = self.config.max_epochs
+        # (max_epochs=0 counts one epoch, as Lightning's: a schedule sized by it is never 0 steps long)
+        by_epochs = per_epoch * max(epochs, 1) if epochs not in (None, -1) else math.inf
         return min(self.config.max_steps, by_epochs) if self.config.max_steps != -1 else by_epochs

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from ember._validation import check_bool
 from ember.trainer.batch_size_finder import StageData
 from ember.trainer.data import batch_limit, entry_arguments
-from ember.trainer.loops import run_evaluation, run_predict
+from ember.trainer.loops import run_evaluation
+from ember.trainer.predict_loop import run_predict
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader

@@ -25,6 +25,9 @@ class LoopState:
     global_step: int = 0  # optimizer steps
     batch_idx: int = 0  # training batches finished in this epoch
     total_batch_idx: int = 0  # training batches finished over all epochs
+    # of those, the batches that ended an optimizer step (each batch under manual optimisation): the
+    # count log_every_n_steps divides (Lightning's _batches_that_stepped)
+    stepped_batches: int = 0
     train_done: bool = False
     val_done: bool = False
     epoch_done: bool = False
@@ -78,6 +81,8 @@ class LoopState:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # (a checkpoint from before stepped_batches was saved: the optimizer steps, its usual value)
+        state = {"stepped_batches": state["global_step"], **state}
         for counter in dataclasses.fields(self):
             if counter.init:
                 setattr(self, counter.name, state[counter.name])

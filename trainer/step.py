@@ -36,7 +36,7 @@ class Epoch:
     automatic: bool  # automatic optimisation
     accumulate: int
     in_sync: bool  # automatic optimisation without accumulation: every batch a step boundary
-    log_every: int
+    log_every: int  # a logger row every log_every-th batch that steps
     max_steps: int
     validates: bool  # validation may run inside this epoch
     step_schedulers: bool  # schedulers stepped per optimizer step
@@ -73,7 +73,7 @@ class Epoch:
             automatic=automatic,
             accumulate=config.accumulate_grad_batches,
             in_sync=automatic and config.accumulate_grad_batches == 1,
-            log_every=config.log_every_n_steps,
+            log_every=1 if config.fast_dev_run else config.log_every_n_steps,  # (Lightning's: every step)
             max_steps=config.max_steps,
             validates=validates,
             step_schedulers=automatic and bool(trainer.lr_scheduler_configs),

@@ -28,6 +28,7 @@ from ember.trainer import checkpointing
 from ember.trainer.attach import StageAttachment
 from ember.trainer.batch_size_finder import BatchSizeSearch
 from ember.trainer.callback_list import default_callbacks
+from ember.trainer.combined import PreparedCombinedLoader
 from ember.trainer.config import (
     TrainerConfig,
     as_list,
@@ -117,7 +118,7 @@ class Trainer(
         enable_model_summary: bool | None = None,
         enable_autolog_hparams: bool = True,
         default_root_dir: str | os.PathLike[str] | None = None,
-        deterministic: bool | str = False,
+        deterministic: bool | str | None = None,
         detect_anomaly: bool = False,
         use_distributed_sampler: bool = True,
         seed: int | None = None,
@@ -180,6 +181,8 @@ class Trainer(
         self.sanity_checking = False
         self.stage = ""
         self._running, self._evaluation, self._is_last_batch = "", "", False  # (the stage flags' answers)
+        # The running training batch steps the optimizer; its logger row is due (logs_this_batch).
+        self._stepping, self._row_due, self._row_pending = False, False, False  # (_row_pending: _flush_row)
         self._progress_bar_values: dict[str, float] = {}
         self._progress_bar_stale = True  # converted on the next read of progress_bar_metrics
         self.metric_history = MetricHistory()  # extremes of every logged row, for the end-of-fit summary
@@ -191,7 +194,7 @@ class Trainer(
         self._step_optimizers: list[Any] = []
         self._optimizer_hooks: list[Any] = []
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
-        self._train_loader: PreparedDataLoader | None = None
+        self._train_loader: PreparedDataLoader | PreparedCombinedLoader | None = None
         self._val_loaders: list[PreparedDataLoader] = []
         self._test_loaders: list[PreparedDataLoader] = []  # the last test()'s loaders
         self._predict_loaders: list[PreparedDataLoader] = []  # the last predict()'s
@@ -207,6 +210,15 @@ class Trainer(
         self.logged_metrics: dict[str, float] = {}
         if config.deterministic:
             use_deterministic_algorithms(warn_only=config.deterministic == "warn")
+        elif config.deterministic is False:  # passed: the global mode off, as Lightning (None leaves it)
+            torch.use_deterministic_algorithms(False)
+        if max_epochs is None and config.max_epochs == 1000 and self.is_global_zero:
+            warnings.warn(
+                "max_epochs was not set: the fit stops after 1000 epochs (Lightning's default); set "
+                "max_epochs=-1 to train without an epoch limit",
+                stacklevel=2,
+            )
+        self._deferred_stop_noted = False  # min_epochs/min_steps deferred a stop request: said once
 
     # -- entry points -------------------------------------------------------------------------------
     def fit(self, module: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
@@ -253,7 +265,7 @@ class Trainer(
         train = find_train_loader(self.config, module, train_dataloaders, datamodule)
         val = self._loaders("val", val_dataloaders, datamodule)
         self._sources = (train_dataloaders, val_dataloaders, datamodule)  # for _reload_loaders
-        self._train_loader = self._prepare_loader(train)
+        self._train_loader = self._prepare_train(train)
         self._val_loaders = [self._prepare_loader(v, i, evaluation=True) for i, v in enumerate(val)]
         self._set_batch_counts()
         optimizers, self.lr_scheduler_configs = parse_optimizers(
@@ -352,6 +364,7 @@ class Trainer(
             end_stage(self, stage, failed=status == "failed")  # the profiler's report
             # (also after an exception in the sanity check, which would leave it set)
             self._running, self._evaluation, self.sanity_checking = "", "", False
+            self._row_pending = False  # (a batch that raised in on_train_batch_end)
 
     def _backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:  # (manual_backward)
         self.strategy.prepare_for_manual_backward(self.model, loss)
@@ -364,12 +377,26 @@ class Trainer(
         step = overridden(self.module, "lr_scheduler_step")
         step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics, step)
 
-    def _write_row(self, values: dict[str, torch.Tensor]) -> None:
-        """Send logged values to the loggers (here, and only here, tensors become Python floats)."""
+    def _write_row(self, values: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """Send logged values to the loggers (here, and only here, tensors become Python floats).
+        ``step``: an evaluation row of step values, at that step and without ``epoch`` (Lightning's)."""
         self._progress_bar_stale = True  # the bar shows values of the same steps as the logs
+        self._send_row(values, step)
+
+    def _flush_row(self) -> None:
+        """Write the training row due after the running batch, if not written yet. The loop calls it
+        after on_train_batch_end, and a checkpoint before it counts the rows written: one saved in
+        that hook (``every_n_train_steps``) resumes with the next batch, so it must hold this row."""
+        if self._row_pending:
+            self._row_pending = False
+            self._send_row(self._metrics.step_values)  # (the bar was told before the hook)
+
+    def _send_row(self, values: dict[str, torch.Tensor], step: int | None = None) -> None:
+        """:meth:`_write_row`, the progress bar left as it is (told before the row was written)."""
         if not values or self.sanity_checking:
             return
         row = {key: float(value) for key, value in values.items()}
-        self.metric_history.update(row, self.state.global_step)
+        at = self.state.global_step if step is None else step
+        self.metric_history.update(row, at)
         self.logged_metrics.update(row)  # as Lightning's: the logged values, not the "epoch" the loggers get
-        self._to_loggers({**row, "epoch": float(self.state.epoch)}, self.state.global_step)
+        self._to_loggers(row if step is not None else {**row, "epoch": float(self.state.epoch)}, at)

@@ -108,6 +108,8 @@ class Tuner:
         init_val: int = 2,
         max_trials: int = 25,
         batch_arg_name: str = "batch_size",
+        margin: float = 0.05,
+        max_val: int = 8192,
         *,
         module: TrainModule | None = None,
     ) -> int | None:
@@ -117,9 +119,10 @@ class Tuner:
         Runs ``trainer.<method>`` (``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``) up to its
         start, then trials of ``steps_per_trial`` steps with the dataloaders rebuilt from the
         module's or DataModule's ``*_dataloader()`` at each size: ``init_val``, doubled after each
-        trial that ran, until one runs out of memory, ``max_trials`` ran, or a batch holds the whole
-        dataset; ``mode="power"`` keeps the last size that ran, ``"binsearch"`` bisects between it
-        and the size that failed. Returns the size (None with ``fast_dev_run``: no search). Bad
+        trial that ran (never past ``max_val``), until one runs out of memory, ``max_trials`` ran,
+        ``max_val`` ran, or a batch holds the whole dataset; ``mode="power"`` keeps the last size that
+        ran, ``"binsearch"`` bisects between it and the size that failed and takes ``margin`` (a
+        fraction) off the size found, as Lightning. Returns the size (None with ``fast_dev_run``: no search). Bad
         arguments, and dataloaders passed directly (they cannot be resized), raise ``ValueError``
         before anything runs. See docs/how-to/find-a-batch-size.md.
         """
@@ -127,7 +130,8 @@ class Tuner:
         from ember.trainer.batch_size_finder import BatchSizeSettings, check_tuner_call
 
         settings = BatchSizeSettings(mode=mode, steps_per_trial=steps_per_trial, init_val=init_val,
-                                     max_trials=max_trials, batch_arg_name=batch_arg_name)  # fmt: skip
+                                     max_trials=max_trials, batch_arg_name=batch_arg_name, margin=margin,
+                                     max_val=max_val)  # fmt: skip
         loaders = train_dataloaders if method == "fit" else dataloaders
         module, loaders, datamodule = entry_arguments(method, module, model, loaders, datamodule)
         check_tuner_call(method, loaders if method == "fit" else train_dataloaders, val_dataloaders,
@@ -135,7 +139,7 @@ class Tuner:
         if module is None:
             raise TypeError("scale_batch_size() needs a module: Tuner(trainer).scale_batch_size(module, ...)")
         settings.holders(module, datamodule)
-        finder = BatchSizeFinder(mode, steps_per_trial, init_val, max_trials, batch_arg_name)
+        finder = BatchSizeFinder(mode, steps_per_trial, init_val, max_trials, batch_arg_name, margin, max_val)
         finder._settings = settings  # (its errors name scale_batch_size)
         finder._ends_run = True
         trainer, was_training = self._trainer, module.training

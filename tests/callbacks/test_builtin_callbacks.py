@@ -41,6 +41,7 @@ class _Trainer(SimpleNamespace):
             "num_training_batches": 5,
             "num_val_batches": [3],
             "total_batch_idx": 0,
+            "logs_this_batch": False,  # the Trainer's answer: set by each test, batch by batch
             "log_every_n_steps": 2,
             "callback_metrics": {},
             "optimizers": [],
@@ -216,6 +217,7 @@ def _run_steps(monitor: LearningRateMonitor, trainer: _Trainer, batches: int) ->
     monitor.on_train_epoch_start(trainer, _MODULE)
     for i in range(batches):
         trainer.total_batch_idx, trainer.global_step = i, i
+        trainer.logs_this_batch = (i + 1) % trainer.log_every_n_steps == 0
         monitor.on_train_batch_start(trainer, _MODULE, None, i)
 
 
@@ -252,6 +254,7 @@ def test_lr_monitor_logs_every_n_batches_and_follows_the_scheduler() -> None:
     monitor.on_train_start(trainer, _MODULE)
     for i in range(5):
         trainer.total_batch_idx = trainer.global_step = i
+        trainer.logs_this_batch = (i + 1) % trainer.log_every_n_steps == 0
         monitor.on_train_batch_start(trainer, _MODULE, None, i)
         optimizer.step()
         scheduler.step()
@@ -395,6 +398,7 @@ def test_throughput_from_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
         monitor.on_train_batch_start(trainer, _MODULE, batch, i)
         clock.now += seconds
         trainer.total_batch_idx = trainer.global_step = i + 1
+        trainer.logs_this_batch = (i + 1) % trainer.log_every_n_steps == 0
         monitor.on_train_batch_end(trainer, _MODULE, None, batch, i)
     (step_a, first), (step_b, second) = trainer.logged
     assert (step_a, step_b) == (2, 4)  # the step of the Trainer's row (Lightning's + 1)
@@ -422,7 +426,7 @@ def test_throughput_from_a_fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_throughput_rank_and_argument_checks() -> None:
     monitor = ThroughputMonitor(batch_size_fn=lambda b: 1)
-    trainer = _Trainer(is_global_zero=False, global_rank=1, log_every_n_steps=1, total_batch_idx=1)
+    trainer = _Trainer(is_global_zero=False, global_rank=1, log_every_n_steps=1, logs_this_batch=True)
     monitor.on_train_start(trainer, _MODULE)
     monitor.on_train_batch_end(trainer, _MODULE, None, None, 0)
     assert trainer.logged == []

@@ -73,6 +73,7 @@ def test_the_trainer_adds_it_with_the_progress_bar(
             default_root_dir=str(tmp_path / str(bar)),
             enable_progress_bar=bar,
             enable_model_summary=False,
+            log_every_n_steps=2,  # (rows of step values: the summary's content)
         )
         trainer.fit(_Module(), _loader())
         assert any(isinstance(c, RunSummary) for c in trainer.callbacks) is bar

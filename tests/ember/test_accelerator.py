@@ -434,7 +434,7 @@ def test_split_between_processes_shares() -> None:
     items = list(range(7))
     shares = [split(items, 3, r, False) for r in range(3)]
     assert shares == [[0, 1, 2], [3, 4], [5, 6]]
-    assert [split(items, 3, r, True) for r in range(3)] == [[0, 1, 2], [3, 4, 4], [5, 6, 6]]
+    assert [split(items, 3, r, True) for r in range(3)] == [[0, 1, 2], [3, 4, 6], [5, 6, 6]]  # inputs' last
     assert split({"a": torch.arange(4)}, 2, 1, False)["a"].tolist() == [2, 3]
 
 

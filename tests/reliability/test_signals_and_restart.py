@@ -102,7 +102,7 @@ def test_an_external_sigterm_saves_last_exits_75_and_the_resume_is_exact(
     assert "pre-empted by SIGTERM at step 7" in output and "fit returned" not in output
     last = root / "checkpoints" / "last"
     assert _loop_of(last) == {
-        "epoch": 1, "global_step": 7, "batch_idx": 4, "total_batch_idx": 14,
+        "epoch": 1, "global_step": 7, "batch_idx": 4, "total_batch_idx": 14, "stepped_batches": 7,
         "train_done": False, "val_done": False, "epoch_done": False,
     }  # fmt: skip
     resumed = run_in_subprocess(fit_preemptible, str(root), "last")

@@ -109,8 +109,33 @@ def test_power_mode_finds_the_largest_power_of_two_that_fits(tmp_path: Path, err
 @pytest.mark.parametrize(("limit", "trials"), [(11, [2, 4, 8, 16, 12, 10, 11]), (37, [2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37])])  # fmt: skip
 def test_binsearch_finds_the_exact_limit(tmp_path: Path, limit: int, trials: list[int]) -> None:
     module = Net(limit=limit, n=128)
-    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, mode="binsearch") == limit
+    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, mode="binsearch", margin=0) == limit
     assert module.batch_size == limit and _trials(module.tried) == trials
+
+
+def test_binsearch_keeps_a_margin_below_the_limit_as_lightning(tmp_path: Path) -> None:
+    module = Net(limit=37, n=128)
+    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, mode="binsearch") == 35  # int(37 * 0.95)
+    assert module.batch_size == 35 and _trials(module.tried)[-1] == 37
+    module = Net(limit=37, n=128)
+    finder = BatchSizeFinder(mode="binsearch", margin=0.5)
+    _trainer(tmp_path, callbacks=[finder], max_steps=1).fit(module)
+    assert finder.optimal_batch_size == 18 and module.batch_size == 18
+    module = Net(limit=11)  # power mode: no margin (Lightning's)
+    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, margin=0.5) == 8
+
+
+@pytest.mark.parametrize(("mode", "limit", "found", "trials"), [
+    ("power", 10**6, 12, [2, 4, 8, 12]), ("power", 10, 8, [2, 4, 8, 12]),
+    ("binsearch", 10**6, 12, [2, 4, 8, 12]), ("binsearch", 10, 10, [2, 4, 8, 12, 10, 11]),
+])  # fmt: skip
+def test_max_val_caps_the_growth(
+    tmp_path: Path, mode: str, limit: int, found: int, trials: list[int]
+) -> None:
+    module = Net(limit=limit, n=128)
+    tuner = Tuner(_trainer(tmp_path))
+    assert tuner.scale_batch_size(module, mode=mode, max_val=12, margin=0.0, steps_per_trial=1) == found
+    assert _trials(module.tried) == trials
 
 
 def test_power_mode_halves_until_a_size_fits_when_the_first_fails(tmp_path: Path) -> None:
@@ -189,7 +214,7 @@ def test_a_fit_after_the_tuner_equals_a_fit_without_it(tmp_path: Path) -> None:
         module = Net(limit=11, batch_size=2 if search else 8)
         trainer = _trainer(tmp_path)
         if search:
-            assert Tuner(trainer).scale_batch_size(module, mode="binsearch", init_val=4) == 11
+            assert Tuner(trainer).scale_batch_size(module, mode="binsearch", init_val=4, margin=0) == 11
             module.batch_size = 8  # (a size both runs train with)
         trainer.fit(module)
         return [p.detach().clone() for p in module.parameters()], trainer
@@ -241,7 +266,7 @@ def test_the_size_may_live_in_the_datamodule(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["validate", "test", "predict"])
 def test_the_evaluation_methods_search_with_their_loop(tmp_path: Path, method: str) -> None:
     module = Net(limit=11)
-    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, method=method, mode="binsearch") == 11
+    assert Tuner(_trainer(tmp_path)).scale_batch_size(module, method=method, mode="binsearch", margin=0) == 11
     assert _trials(module.tried) == [2, 4, 8, 16, 12, 10, 11] and module.training
 
 
@@ -279,6 +304,22 @@ def test_bad_arguments_raise_before_anything_runs(
     with pytest.raises(ValueError, match=message):
         Tuner(_trainer(tmp_path)).scale_batch_size(module, **options)
     assert module.tried == [] and module.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"margin": 1.0}, r"margin=1.0\) must be between 0 and 1"),
+        ({"margin": -0.1}, r"margin=-0.1\) must be between 0 and 1"),
+        ({"max_val": 0}, r"max_val=0\) must be an int >= 1"),
+        ({"init_val": 64, "max_val": 32}, r"init_val=64\) is above max_val=32"),
+    ],
+)
+def test_bad_margin_and_max_val_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchSizeFinder(**options)
+    with pytest.raises(ValueError, match=message):
+        Tuner(_trainer(Path("unused"))).scale_batch_size(Net(), **options)
 
 
 def test_the_callback_checks_its_arguments(tmp_path: Path) -> None:

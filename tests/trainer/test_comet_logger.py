@@ -78,7 +78,9 @@ def test_a_resumed_fit_continues_the_checkpoints_experiment(tmp_path: Path) -> N
     assert second.version == first.version
     found = messages(tmp_path / "comet", first.version)
     assert len(list((tmp_path / "comet").glob(f"{first.version}-*.zip"))) == 2  # one archive per session
-    assert sorted(step for step, _ in metrics(found, "loss_step")) == sorted([*range(1, 7), *range(5, 9)])
+    # Step 6 crashed in on_train_batch_end, before its row was written: as in Lightning, the row
+    # comes after that hook.
+    assert sorted(step for step, _ in metrics(found, "loss_step")) == sorted([*range(1, 6), *range(5, 9)])
 
 
 def test_accelerator_log_with_comet_ml(tmp_path: Path) -> None:

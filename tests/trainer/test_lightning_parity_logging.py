@@ -197,7 +197,7 @@ def test_logged_metrics_hold_the_logged_values_without_epoch(tmp_path: Path) -> 
             self.rows.append((step, metrics))
 
     rows = Epochs()
-    trainer = _trainer(tmp_path, logger=rows)
+    trainer = _trainer(tmp_path, logger=rows, log_every_n_steps=2)  # (a row of step values too)
     trainer.fit(Stages(), _loader())
     assert all("epoch" in row for _, row in rows.rows)  # the loggers get it in every row ...
     assert set(trainer.logged_metrics) == {"loss"}  # ... trainer.logged_metrics not, as Lightning's

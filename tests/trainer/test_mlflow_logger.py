@@ -66,7 +66,9 @@ def test_a_failed_fit_ends_the_run_failed_and_a_resume_continues_it(tmp_path: Pa
     run = client_for(second).get_run(second.run_id)
     assert run.info.status == "FINISHED"
     # Steps 1-6 before the crash, then 5-8 from the checkpoint of step 4: one run, as in the CSV file.
-    assert sorted(step for step, _ in history(second, "loss_step")) == sorted([*range(1, 7), *range(5, 9)])
+    # Step 6 crashed in on_train_batch_end, before its row was written: as in Lightning, the row
+    # comes after that hook.
+    assert sorted(step for step, _ in history(second, "loss_step")) == sorted([*range(1, 6), *range(5, 9)])
 
 
 def test_given_run_id_wins_over_the_checkpoints_with_a_warning(tmp_path: Path) -> None:

@@ -268,8 +268,8 @@ def test_progress_bar_values_are_converted_only_with_logger_rows(tmp_path: Path)
     reader = Reader()
     trainer = _trainer(tmp_path, max_epochs=1, log_every_n_steps=5, callbacks=[reader], logger=False)
     trainer.fit(StepLogger(), _loader(48, 4))
-    # First read at step 1, then rows at steps 5 and 10, and the epoch's last batch (12).
-    assert reader.seen == [1.0] * 4 + [5.0] * 5 + [10.0] * 2 + [12.0]
+    # First read at step 1, then rows at steps 5 and 10 (the epoch's last batch, 12, gets none).
+    assert reader.seen == [1.0] * 4 + [5.0] * 5 + [10.0] * 3
 
 
 def test_repeated_step_values_publish_each_step_and_keep_their_options(tmp_path: Path) -> None:
@@ -660,11 +660,6 @@ def test_trainer_takes_ember_launch_defaults(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("EMBER_PRECISION", "bf16-mixed")
     assert Trainer().precision.name == "bf16-mixed"
     assert Trainer(precision="32-true").precision.name == "32-true"
-
-
-def test_fit_takes_one_training_loader(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="fit\\(\\) trains on one DataLoader; got 2"):
-        _trainer(tmp_path).fit(Regressor(), [_loader(), _loader()])
 
 
 def test_module_dataloaders_log_dict_and_validation_schedule(tmp_path: Path) -> None:

@@ -1,0 +1,60 @@
+"""The predict loop (``Trainer.predict``), beside the fit and evaluation loops of ``loops``; the hook
+order it follows is the contract written in docs/concepts/hooks.md."""
+
+from __future__ import annotations
+
+from contextlib import closing
+from typing import TYPE_CHECKING, Any
+
+from ember.trainer.hooks import call_hook, run_step, step_call
+from ember.trainer.loops import _evaluating, _limited
+from ember.trainer.module_mode import enter_eval, leave_eval
+from ember.trainer.prediction import start_record
+from ember.trainer.profilers.timed import fetch_action
+
+if TYPE_CHECKING:
+    from ember.data import PreparedDataLoader
+    from ember.trainer.trainer import Trainer
+
+__all__ = ["run_predict"]
+
+
+def run_predict(
+    trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float], keep: bool = True
+) -> list[Any]:
+    """Predictions per loader, gathered across processes in dataset order, each sample once
+    (``keep=False``: handed to the hooks, not kept). With a prediction writer among the callbacks,
+    each process's own outputs and their samples' indices are recorded for it as well
+    (``trainer.prediction_record``)."""
+    accelerator = trainer.accelerator
+    modes = enter_eval(trainer, "predict")  # on_predict_model_eval: the model's eval()
+    call_hook(trainer, "on_predict_start")
+    call_hook(trainer, "on_predict_epoch_start")
+    record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
+    results: list[list[Any]] = []
+    several = len(loaders) > 1
+    store, model, step = trainer._metrics, trainer.model, step_call(trainer, "predict_step")  # (once)
+    with _evaluating(trainer):
+        for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
+            outputs: list[Any] = []
+            with closing(
+                _limited(loader, limit, trainer.config.profiler, fetch_action("predict"))
+            ) as batches:
+                for batch_idx, batch in batches:
+                    call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
+                    extra = (loader_idx,) if several else ()
+                    output = run_step(
+                        store, accelerator, model, "predict_step", step, batch, batch_idx, *extra
+                    )
+                    if record is not None:  # before the gather: the writers take this process's own
+                        record.add(loader_idx, loader, output)
+                    output = accelerator.gather_for_metrics(output)
+                    call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
+                    if keep:
+                        outputs.append(output)
+            results.append(outputs)
+    call_hook(trainer, "on_predict_epoch_end")
+    call_hook(trainer, "on_predict_end")
+    leave_eval(trainer, "predict", modes)  # each layer back in its mode, as Lightning
+    trainer._prediction_record = None  # the writers' copies are not kept past the run
+    return results if several else results[0]
