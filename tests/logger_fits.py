@@ -1,4 +1,5 @@
-"""A small fit whose logged rows the logger tests compare (tests/trainer/test_loggers.py, test_mlflow_logger.py)."""
+"""A small fit whose logged rows the logger tests compare (tests/trainer/test_loggers.py, test_mlflow_logger.py),
+and ``RowLogger``, a logger that keeps its rows in memory."""
 
 from __future__ import annotations
 
@@ -12,11 +13,39 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback
+from ember.trainer.loggers import Logger
 
 
 def csv_rows(path: str | Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+class RowLogger(Logger):
+    """Keeps ``(step, row)`` for each row it gets; ``row`` picks what a test compares (an empty row
+    is not kept)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict[str, Any]]] = []
+
+    @property
+    def name(self) -> str:
+        return "rows"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: dict[str, Any]) -> None:
+        pass
+
+    def row(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return dict(metrics)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        row = self.row(metrics)
+        if row:
+            self.rows.append((step, row))
 
 
 # -- a small fit --------------------------------------------------------------------------------------

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ember._tree import move_to_device
 from ember.trainer.hparams import HyperparametersMixin
+from ember.trainer.module_hooks import BatchTransferHooks
 
 if TYPE_CHECKING:
-    import torch
     from torch.utils.data import DataLoader
 
     from ember.trainer.trainer import Trainer
@@ -16,7 +15,7 @@ if TYPE_CHECKING:
 __all__ = ["DataModule"]
 
 
-class DataModule(HyperparametersMixin):
+class DataModule(HyperparametersMixin, BatchTransferHooks):
     """Data in one place: ``prepare_data`` (main process), ``setup(stage)``, and the dataloaders;
     ``save_hyperparameters()`` and ``hparams`` as in a TrainModule.
 
@@ -62,16 +61,3 @@ class DataModule(HyperparametersMixin):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned, when a fit resumes from a checkpoint that holds it."""
-
-    # Lightning's batch-transfer hooks: one the DataModule overrides runs in place of the module's.
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """A batch as the DataLoader made it, before it moves to the device; returns the batch to move."""
-        return batch
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move ``batch`` to ``device`` (every tensor in tuples, lists, dicts and dataclasses)."""
-        return move_to_device(batch, device)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """The batch on the device, before the step sees it; returns the batch to use."""
-        return batch

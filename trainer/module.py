@@ -16,7 +16,7 @@ from ember._ops import exchange_shapes
 from ember._tree import apply_to_tensors
 from ember.trainer.datamodule import DataModule
 from ember.trainer.hparams import AttributeDict, HyperparametersMixin
-from ember.trainer.module_hooks import ModeHooks, StepHooks
+from ember.trainer.module_hooks import BatchTransferHooks, ModeHooks, StepHooks
 from ember.trainer.module_tools import ModuleTools, numbers_to_tensors
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ __all__ = ["AttributeDict", "DataModule", "TrainModule"]
 _M = TypeVar("_M", bound="TrainModule")
 
 
-class TrainModule(nn.Module, StepHooks, ModeHooks, ModuleTools, HyperparametersMixin):
+class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleTools, HyperparametersMixin):
     """Subclass it, define ``training_step`` and ``configure_optimizers``, hand it to ``Trainer.fit``.
 
     Example::

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ember.trainer.trainer import Trainer
 
-__all__ = ["ModeHooks", "StepHooks"]
+__all__ = ["BatchTransferHooks", "ModeHooks", "StepHooks"]
 
 
 class StepHooks:
@@ -112,6 +112,11 @@ class StepHooks:
         """Step one LR scheduler at its interval; ``metric``: the monitored value (ReduceLROnPlateau).
         Override it to drive a scheduler that is not torch's (timm's take ``step(epoch)``)."""
         scheduler.step() if metric is None else scheduler.step(metric)
+
+
+class BatchTransferHooks:
+    """Lightning's batch-transfer hooks, of a TrainModule and of a DataModule (one the DataModule
+    overrides runs in place of the module's)."""
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """A batch as the DataLoader made it, before it moves to the device; returns the batch to move."""

@@ -12,34 +12,18 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from logger_fits import RowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import BackboneFinetuning, LearningRateMonitor, StochasticWeightAveraging
-from ember.trainer.loggers import Logger
 
 Optimizers = Callable[["Net"], Any]
 
 
-class Rows(Logger):
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        row = {k: round(v, 6) for k, v in metrics.items() if k.startswith(("lr-", "my-lr"))}
-        if row:
-            self.rows.append((step, row))
+class Rows(RowLogger):
+    def row(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {k: round(v, 6) for k, v in metrics.items() if k.startswith(("lr-", "my-lr"))}
 
 
 class Net(TrainModule):

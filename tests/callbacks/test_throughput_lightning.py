@@ -11,39 +11,24 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from logger_fits import RowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import ThroughputMonitor
-from ember.trainer.loggers import Logger
 
 _COUNTS = ("batches", "samples", "lengths", "epoch")
 
 
-class Rows(Logger):
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, Any]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+class Rows(RowLogger):
+    def row(self, metrics: dict[str, float]) -> dict[str, Any]:
         # Counts as they are; times and rates only by name (they depend on the machine).
         row = {
             k: (v if k.endswith(_COUNTS) else "x")
             for k, v in metrics.items()
             if k.startswith(("train", "validate", "test", "epoch"))
         }
-        if any(k != "epoch" for k in row):
-            self.rows.append((step, row))
+        return row if any(k != "epoch" for k in row) else {}
 
 
 class Net(TrainModule):

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from logger_fits import RowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback, LearningRateMonitor
-from ember.trainer.loggers import Logger
 
 
 def _loader(n: int = 16) -> DataLoader[Any]:
@@ -112,25 +112,9 @@ def test_sync_dist_group_reduces_within_the_group(tmp_path: Path) -> None:
 
 
 # -- LearningRateMonitor(logging_interval=None) -------------------------------------------------------
-class Rows(Logger):
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        lrs = {k: round(v, 6) for k, v in metrics.items() if k.startswith("lr-")}
-        if lrs:
-            self.rows.append((step, lrs))
+class Rows(RowLogger):
+    def row(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {k: round(v, 6) for k, v in metrics.items() if k.startswith("lr-")}
 
 
 @pytest.mark.parametrize(

@@ -11,30 +11,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from logger_fits import RowLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback
-from ember.trainer.loggers import Logger
 
-
-class Rows(Logger):
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "rows"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.rows.append((step, dict(metrics)))
+Rows = RowLogger
 
 
 def _loader(n: int) -> DataLoader[Any]:
