@@ -14,7 +14,9 @@ predict sampler gives it).
 
 ``sample_plan`` deals samples instead, as Lightning's ``DistributedSampler`` does (the Trainer's
 validation and test loaders): rank ``r`` takes samples ``r``, ``r + world``, ... of the sampler's
-order, padded from its start to a multiple of ``world``, and batches them itself.
+order, padded from its start to a multiple of ``world``, and batches them itself. Unpadded (the
+Trainer's predict loaders, as Lightning's ``UnrepeatedDistributedSampler``), ``even_out`` completes
+the shorter plans with repeated batches that ``gather_for_metrics`` and the prediction writers drop.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from __future__ import annotations
 import itertools
 import math
 
-__all__ = ["own_samples", "rank_plan", "sample_length", "sample_plan", "split_length"]
+__all__ = [
+    "batch_share",
+    "deal",
+    "even_out",
+    "gathered_positions",
+    "own_samples",
+    "rank_plan",
+    "sample_length",
+    "sample_plan",
+    "split_length",
+]
 
 Plan = tuple[list[list[int]], int | None]
 
@@ -121,21 +133,58 @@ def split_length(
 
 
 def sample_plan(
-    order: list[int], world: int, rank: int, *, batch_size: int | None, drop_last: bool
+    order: list[int], world: int, rank: int, *, batch_size: int | None, drop_last: bool, padded: bool = True
 ) -> list[list[int]]:
     """Rank ``rank``'s batches when samples, not batches, are dealt (``batch_size=None``: one sample
     each). The padding repeats at most ``world - 1`` samples; ``drop_last`` drops this rank's short
     last batch."""
-    if order:
+    return batch_share(deal(order, world, rank, padded=padded), batch_size, drop_last=drop_last)
+
+
+def deal(order: list[int], world: int, rank: int, *, padded: bool) -> list[int]:
+    """Rank ``rank``'s samples of ``order``: ``r``, ``r + world``, ... (``padded``: the last round
+    completed from the start of ``order``, as ``DistributedSampler``; else as Lightning's
+    ``UnrepeatedDistributedSampler``, the first ranks take one more)."""
+    if order and padded:
         padding = -len(order) % world
         order = order + list(itertools.islice(itertools.cycle(order), padding))
-    mine = order[rank::world]
+    return order[rank::world]
+
+
+def batch_share(mine: list[int], batch_size: int | None, *, drop_last: bool) -> list[list[int]]:
+    """``mine`` in batches of ``batch_size`` (None: one sample each); ``drop_last``: a short last one dropped."""
     if batch_size is None:
         return [[index] for index in mine]
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def even_out(plans: list[list[list[int]]], rank: int) -> tuple[list[list[int]], int | None]:
+    """Rank ``rank``'s batches of ``plans`` (every rank's), completed to the longest plan's length
+    with batches that repeat one of its own (or rank 0's first, when it has none), and the real
+    samples of the last step (None: no rank repeats a batch)."""
+    steps = max((len(plan) for plan in plans), default=0)
+    mine = list(plans[rank])
+    if all(len(plan) == steps for plan in plans):
+        return mine, None
+    filler = mine[0] if mine else next(plan[0] for plan in plans if plan)
+    mine += [filler] * (steps - len(mine))
+    return mine, sum(len(plan[-1]) for plan in plans if len(plan) == steps)
+
+
+def gathered_positions(samples: int, world: int, step: int, *, batch_size: int, drop_last: bool) -> list[int]:
+    """Where in the sampler's order the samples of step ``step`` stand, when ``samples`` are dealt
+    unpadded and each rank batches its own: every rank's batch in rank order, as ``gather`` joins
+    them (a rank with no batch of its own at that step adds nothing: ``gather_for_metrics`` cuts it)."""
+    positions: list[int] = []
+    for rank in range(world):
+        start = step * batch_size
+        size = min(batch_size, len(range(rank, samples, world)) - start)
+        if size > 0 and not (drop_last and size < batch_size):
+            positions += [(start + j) * world + rank for j in range(size)]
+    return positions
 
 
 def sample_length(samples: int, world: int, *, batch_size: int | None, drop_last: bool) -> int:

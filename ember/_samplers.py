@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["check_splittable", "tell_epoch", "with_generator"]
+__all__ = ["check_splittable", "rebatched", "takes_a_sampler", "tell_epoch", "with_generator"]
 
 
 def with_generator(sampler: Any, generator: torch.Generator) -> Any:
@@ -21,6 +21,20 @@ def with_generator(sampler: Any, generator: torch.Generator) -> Any:
     if inner is not None and hasattr(inner, "generator"):
         sampler.sampler = with_generator(inner, generator)
     return sampler
+
+
+def takes_a_sampler(batch_sampler: Any) -> bool:
+    """Whether ``batch_sampler`` batches the indices of a ``sampler`` attribute that can be replaced
+    (``BatchSampler`` and its subclasses do), so that it can batch one process's share of them."""
+    return batch_sampler is not None and getattr(batch_sampler, "sampler", None) is not None
+
+
+def rebatched(batch_sampler: Any, indices: list[int]) -> Any:
+    """A shallow copy of ``batch_sampler`` that batches ``indices`` (its ``sampler`` replaced), as
+    Lightning gives a custom batch sampler a ``DistributedSamplerWrapper`` to batch."""
+    batch_sampler = copy.copy(batch_sampler)
+    batch_sampler.sampler = indices
+    return batch_sampler
 
 
 def check_splittable(dl: DataLoader[Any], world_size: int) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from ember.data import PreparedDataLoader, _settings
+from ember._rebuild import settings as _settings
+from ember.data import PreparedDataLoader
 
 __all__ = ["skip_first_batches"]
 

@@ -346,10 +346,12 @@ class Accelerator(
         to_device: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
         placed: bool = True,
         shard_samples: bool = False,
+        unrepeated: bool = False,
     ) -> PreparedDataLoader:
         """``to_device``: moves a pass's batches (default: the strategy's ``batches_to_device``); the
         Trainer's, when the module overrides Lightning's batch-transfer hooks. ``placed=False``: not moved.
-        ``shard_samples``: deal samples as Lightning's ``DistributedSampler`` (the Trainer's evaluation)."""
+        ``shard_samples``: deal samples as Lightning's ``DistributedSampler`` (the Trainer's evaluation);
+        ``unrepeated``: unpadded, as its ``UnrepeatedDistributedSampler`` (the Trainer's predict)."""
         # The shuffle seed must agree on every rank: rank 0's choice wins.
         config = self._dataloader_config
         seed = next(s for s in (config.data_seed, self._seed, torch.initial_seed() % 2**63) if s is not None)
@@ -366,6 +368,7 @@ class Accelerator(
             loop_state=self._gradient_state.loop,
             split_batches=config.split_batches and shard,
             shard_samples=shard_samples,
+            unrepeated=unrepeated,
         )
         self._objects.dataloaders.append(loader)
         if isinstance(self._strategy, OwnsOptimizerStep) and self._strategy.micro_batch_size is None:

@@ -37,10 +37,20 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from ember._plan import own_samples, rank_plan, sample_length, sample_plan, split_length
-from ember._samplers import check_splittable, tell_epoch, with_generator
+from ember._plan import (
+    batch_share,
+    deal,
+    even_out,
+    gathered_positions,
+    own_samples,
+    rank_plan,
+    sample_length,
+    split_length,
+)
+from ember._rebuild import OneSample, settings
+from ember._samplers import check_splittable, rebatched, takes_a_sampler, tell_epoch, with_generator
 from ember._tree import move_batches
-from ember._workers import PlannedBatch, SeededFetch, worker_init
+from ember._workers import PlannedBatch, SeededFetch
 
 __all__ = ["PreparedDataLoader"]
 
@@ -101,6 +111,7 @@ class PreparedDataLoader:
         loop_state: LoopState,
         split_batches: bool = False,
         shard_samples: bool = False,
+        unrepeated: bool = False,
     ) -> None:
         if split_batches:
             check_splittable(dataloader, world_size)
@@ -126,13 +137,17 @@ class PreparedDataLoader:
         self._plan: list[list[int]] = []  # this rank's batches of the running pass (batch_indices)
         self._generator = torch.Generator()
         self._iterable = isinstance(dataloader.dataset, IterableDataset)
-        # Deal samples, as Lightning's DistributedSampler (the Trainer's evaluation loaders): only
-        # where the batches are the loader's own (a custom batch sampler's are dealt whole).
+        # Deal samples, as Lightning's DistributedSampler (the Trainer's evaluation loaders) or, for
+        # ``unrepeated``, its UnrepeatedDistributedSampler (predict); a custom batch sampler then
+        # batches each rank's share, as Lightning's does, where it has a ``sampler`` to replace.
+        self._custom_batches = dataloader.batch_size is None and dataloader.batch_sampler is not None
         self._deal_samples = (
-            shard_samples
+            (shard_samples or unrepeated)
             and not (split_batches or self._iterable)
-            and (dataloader.batch_size is not None or dataloader.batch_sampler is None)
+            and (not self._custom_batches or takes_a_sampler(dataloader.batch_sampler))
         )
+        self._unrepeated = unrepeated
+        self._own_batches = 0  # of a dealt plan: the rest repeat batches to even out the steps
         self._drop_last = bool(dataloader.drop_last)
         self._batch_sampler = _ListBatchSampler()
         self._seeded_workers = dataloader.num_workers > 0 and not self._iterable
@@ -144,7 +159,7 @@ class PreparedDataLoader:
         Our generator also replaces the global RNG draw a DataLoader iterator takes for its worker
         seeds, so iterating never advances the user's random stream.
         """
-        kwargs = _settings(dl, self._generator)
+        kwargs = settings(dl, self._generator)
         if self._iterable:  # split: a global batch is read as world_size consecutive slices
             batch_size = (
                 dl.batch_size // self.world_size if self.split_batches and dl.batch_size else dl.batch_size
@@ -152,7 +167,7 @@ class PreparedDataLoader:
             return DataLoader(dl.dataset, batch_size=batch_size, drop_last=dl.drop_last, **kwargs)
         dataset = SeededFetch(dl.dataset) if self._seeded_workers else dl.dataset
         if dl.batch_sampler is None:  # batch_size=None: each "batch" of the plan is one sample, as is
-            kwargs["collate_fn"] = _OneSample(dl.collate_fn)
+            kwargs["collate_fn"] = OneSample(dl.collate_fn)
         return DataLoader(dataset, batch_sampler=self._batch_sampler, **kwargs)
 
     # -- the epoch plan ---------------------------------------------------------------------------
@@ -168,16 +183,27 @@ class PreparedDataLoader:
 
     def _rank_plan(self, epoch: int) -> tuple[list[list[int]], int | None]:
         """This rank's batches for ``epoch`` and the number of real samples in the last global step."""
-        if self._deal_samples:  # (the repeated samples, at most world - 1, are not cut: as Lightning)
+        if self._deal_samples:  # (padded: the repeated samples, at most world - 1, are not cut: as Lightning)
             order = [index for (index,) in self._global_batches(epoch)]
-            size = self.base_dataloader.batch_size
-            return sample_plan(
-                order, self.world_size, self.rank, batch_size=size, drop_last=self._drop_last
-            ), None
+            if not self._unrepeated:
+                plan = self._dealt(order, self.rank, epoch)
+                self._own_batches = len(plan)
+                return plan, None
+            plans = [self._dealt(order, rank, epoch) for rank in range(self.world_size)]
+            self._own_batches = len(plans[self.rank])
+            return even_out(plans, self.rank)
         return rank_plan(
             self._global_batches(epoch), self.world_size, self.rank, even_batches=self.even_batches,
             drop_last=self._drop_last, split_batches=self.split_batches, batch_size=self.base_dataloader.batch_size,
         )  # fmt: skip
+
+    def _dealt(self, order: list[int], rank: int, epoch: int) -> list[list[int]]:
+        """``rank``'s share of the samples in ``order``, in the loader's batches or its batch sampler's."""
+        dl, share = self.base_dataloader, deal(order, self.world_size, rank, padded=not self._unrepeated)
+        if not self._custom_batches:
+            return batch_share(share, dl.batch_size, drop_last=self._drop_last)
+        batch_sampler = with_generator(dl.batch_sampler, torch.Generator().manual_seed(self._seed + epoch))
+        return [list(batch) for batch in rebatched(batch_sampler, share)]
 
     @property
     def total_batch_size(self) -> int | None:
@@ -192,7 +218,9 @@ class PreparedDataLoader:
         """The steps this rank runs in a pass; a TypeError, as from ``DataLoader``, when the
         dataset has no length. An iterable dataset is counted as its batches are dealt."""
         dl = self.base_dataloader
-        if self._deal_samples:
+        if self._deal_samples and self._custom_batches:  # (the batch sampler's count, of each share)
+            return len(self._plan if self._in_pass else self._rank_plan(self._next_epoch)[0])
+        if self._deal_samples:  # (unrepeated: the first rank's, which the others even out to)
             size, samples = dl.batch_size, len(dl.sampler)  # type: ignore[arg-type]
             return sample_length(samples, self.world_size, batch_size=size, drop_last=self._drop_last)
         if self.split_batches:  # one step per global batch
@@ -314,6 +342,8 @@ class PreparedDataLoader:
     def _own_samples(self) -> int | None:
         """How many leading samples of the batch yielded last are the epoch's own, the rest repeats
         that even out the last step (a prediction writer drops them); None: all of them."""
+        if self._deal_samples:  # only whole batches past this rank's own repeat
+            return 0 if self._in_pass and self._position > self._own_batches else None
         if not self._at_end or self._remainder is None:
             return None
         dl, world = self.base_dataloader, self.world_size
@@ -326,6 +356,23 @@ class PreparedDataLoader:
             step = math.ceil(size / world) if self.split_batches else size
             last, leftover = (step if self._iterable else len(self._plan[-1])), None
         return own_samples(last, self._remainder, world, self.rank, leftover=leftover, step=step)
+
+    @property
+    def _gathered_order(self) -> list[int] | None:
+        """For the step yielded last by a loader that deals its samples unpadded into its own batches:
+        the permutation that puts what ``gather_for_metrics`` joined (each rank's batch, in rank
+        order) in the sampler's order; None where nothing moves, or where no such order exists."""
+        dl = self.base_dataloader
+        if not (self._unrepeated and self._deal_samples and self._in_pass) or dl.batch_size is None:
+            return None
+        if self.world_size == 1 or self._custom_batches or self._position == 0:
+            return None
+        samples = len(dl.sampler)  # type: ignore[arg-type]
+        positions = gathered_positions(
+            samples, self.world_size, self._position - 1, batch_size=dl.batch_size, drop_last=self._drop_last
+        )
+        order = sorted(range(len(positions)), key=positions.__getitem__)
+        return None if order == list(range(len(order))) else order
 
     # -- checkpointing ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int]:
@@ -350,34 +397,3 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, (list, tuple)) and batch:
         return _batch_len(batch[0])
     return len(batch) if isinstance(batch, Sized) else 1
-
-
-class _OneSample:
-    """The collate function of a loader with ``batch_size=None``, for a plan of one-index batches:
-    the sample alone, converted as that loader would (not a list of one sample)."""
-
-    def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
-        self.collate_fn = collate_fn
-
-    def __call__(self, samples: list[Any]) -> Any:
-        return self.collate_fn(samples[0])
-
-
-def _settings(dl: DataLoader[Any], generator: torch.Generator | None) -> dict[str, Any]:
-    """The keyword arguments that rebuild ``dl`` around another sampler, with ``generator``."""
-    kwargs: dict[str, Any] = {
-        "num_workers": dl.num_workers,
-        "collate_fn": dl.collate_fn,
-        "pin_memory": dl.pin_memory,
-        "timeout": dl.timeout,
-        "worker_init_fn": worker_init(dl.worker_init_fn, dl.num_workers, dl.multiprocessing_context),
-        "multiprocessing_context": dl.multiprocessing_context,
-        "generator": generator,
-        "persistent_workers": dl.persistent_workers,
-        "pin_memory_device": dl.pin_memory_device,
-    }
-    if dl.num_workers > 0:
-        kwargs["prefetch_factor"] = dl.prefetch_factor
-    if hasattr(dl, "in_order"):
-        kwargs["in_order"] = dl.in_order
-    return kwargs

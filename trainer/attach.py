@@ -90,7 +90,7 @@ class StageAttachment:
         # logged_metrics and progress_bar_metrics hold the test's values alone, and a monitor of a new
         # fit never reads a value of an earlier stage. (A resumed fit loads its own after this.)
         trainer._metrics.clear()
-        trainer.logged_metrics, trainer._progress_bar_stale = {}, True
+        trainer._progress_bar_stale = True
         from ember.callbacks.base import Callback
 
         extra = module.configure_callbacks()  # (one Callback, or a sequence of them, as Lightning)

@@ -239,7 +239,9 @@ class BatchSizeSearch:
         if len(fresh) != 1:
             raise ValueError(f"the batch-size search needs one {data.kind} dataloader, {data.kind}_dataloader() "
                              f"returned {len(fresh)}")  # fmt: skip
-        loader = trainer._prepare_loader(fresh[0], evaluation=data.kind in ("val", "test"))
+        loader = trainer._prepare_loader(
+            fresh[0], evaluation=data.kind in ("val", "test"), predicting=data.kind == "predict"
+        )
         trainer.accelerator._swap_dataloaders(data.loaders, [loader])
         limit = getattr(trainer.config, f"limit_{data.kind}_batches")
         data.loaders[0], data.limits[0] = loader, resolve_limit(limit, loader_length(loader))

@@ -134,12 +134,6 @@ class PreparedCombinedLoader:
         self._in_pass = self._at_end = False
         self._position = 0
         self._remainder: int | None = None  # (for LoopState: no duplicated samples to drop)
-        for index, loader in enumerate(loaders):
-            if _length(loader) is None:
-                raise ValueError(
-                    f"fit() combines training loaders that have a length; loader {index} has none (an "
-                    "iterable dataset): give it a length, or train on it alone"
-                )
 
     @property
     def iterables(self) -> Any:
@@ -147,14 +141,24 @@ class PreparedCombinedLoader:
         return tree_unflatten(list(self.loaders), self._spec)
 
     def __len__(self) -> int:
-        return _LENGTH[self.mode]([len(loader) for loader in self.loaders])
+        """The mode's count of the loaders' lengths; a TypeError, as from a loader without a length,
+        when a loader without one (an iterable dataset) leaves it unknown (as Lightning's, infinite:
+        the epoch then ends where the mode ends, or at ``limit_train_batches`` or ``max_steps``)."""
+        lengths = [_length(loader) for loader in self.loaders]
+        known = [length for length in lengths if length is not None]
+        if len(known) < len(lengths) and (self.mode != "min_size" or not known):
+            raise TypeError(f"a CombinedLoader(mode={self.mode!r}) of a loader without a length has none")
+        return _LENGTH[self.mode](known)
 
     def _longest(self) -> PreparedDataLoader:
-        return max(self.loaders, key=len)  # never cycled: its position is the combined position
+        """The loader whose position is the combined position: the longest (never cycled), or the
+        first without a length."""
+        unsized = [loader for loader in self.loaders if _length(loader) is None]
+        return unsized[0] if unsized else max(self.loaders, key=len)
 
     def __iter__(self) -> Iterator[Any]:
-        total, longest = len(self), self._longest()
-        start = min(longest.position, total)
+        total, longest = _length(self), self._longest()
+        start = longest.position if total is None else min(longest.position, total)
         self._in_pass, self._position, self._at_end = True, start, False
         running: list[Any] = self._loop_state.running  # (LoopState reads _at_end and _remainder)
         flat = _combine(self.mode, list(self.loaders), start, total)
@@ -196,7 +200,10 @@ class PreparedCombinedLoader:
         """Every loader where combined position ``state["position"]`` of epoch ``state["epoch"]`` puts it."""
         epoch, position = int(state["epoch"]), int(state["position"])
         for loader in self.loaders:
-            length = len(loader)
+            length = _length(loader)
+            if length is None:  # (an iterable dataset: at the combined position, read again up to it)
+                loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "position": position})
+                continue
             passes, at = (position // length, position % length) if length else (0, 0)
             if self.mode != "max_size_cycle":
                 passes, at = 0, min(position, length)

@@ -259,11 +259,17 @@ class TrainerData:
         def strategy(self) -> Strategy: ...
 
     def _prepare_loader(
-        self, loader: DataLoader[Any], dataloader_idx: int = 0, evaluation: bool = False
+        self,
+        loader: DataLoader[Any],
+        dataloader_idx: int = 0,
+        evaluation: bool = False,
+        predicting: bool = False,
     ) -> PreparedDataLoader:
         """``evaluation``: a validation or test loader, whose samples are dealt to the processes as
-        Lightning's ``DistributedSampler`` deals them (at most ``world - 1`` of them repeated). A loader
-        whose sampler is a ``DistributedSampler`` already is not sharded again (as Lightning)."""
+        Lightning's ``DistributedSampler`` deals them (at most ``world - 1`` of them repeated);
+        ``predicting``: a predict loader, dealt unpadded as Lightning's ``UnrepeatedDistributedSampler``.
+        A custom batch sampler batches each process's share. A loader whose sampler is a
+        ``DistributedSampler`` already is not sharded again (as Lightning)."""
         return self.accelerator._prepare_dataloader(
             loader,
             shard=self.config.use_distributed_sampler and not isinstance(loader.sampler, DistributedSampler),
@@ -271,6 +277,7 @@ class TrainerData:
                 self.module, self.strategy, dataloader_idx, self.config.profiler, self._datamodule
             ),
             shard_samples=evaluation,
+            unrepeated=predicting,
         )
 
     def _prepare_train(

@@ -1,13 +1,16 @@
 """What a logged value is: a torchmetrics ``Metric`` or a scalar, the batch size that weights it,
-and the names Lightning gives its step and epoch values."""
+the names Lightning gives its step and epoch values, and the entry ``MetricStore`` keeps per name."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 __all__ = ["as_scalar", "forked_name", "infer_batch_size", "is_metric"]
 
@@ -56,3 +59,20 @@ def as_scalar(name: str, value: Any) -> torch.Tensor:
     raise TypeError(
         f"log({name!r}) accepts a number, a scalar tensor or a torchmetrics Metric; got {type(value).__name__}"
     )
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    """One logged name's options and running epoch aggregate (``MetricStore``)."""
+
+    on_step: bool
+    on_epoch: bool
+    prog_bar: bool
+    logger: bool
+    sync_dist: bool
+    reduce_fx: str
+    metric: Metric | None = None
+    group: Any = None  # sync_dist_group: the process group sync_dist reduces within (None: all)
+    total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
+    weight: float = 0.0  # sum of batch sizes
+    computed: torch.Tensor | None = None  # a metric's value at the end of its loader (end_loader)

@@ -6,15 +6,14 @@ numbers only when a logger row is written (every ``log_every_n_steps``) or the p
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
-from ember.trainer.logged_values import as_scalar, forked_name, infer_batch_size, is_metric
+from ember.trainer.logged_values import _Entry, as_scalar, forked_name, infer_batch_size, is_metric
+from ember.trainer.metric_checkpoint import StoreCheckpoint
 
 if TYPE_CHECKING:
     from torchmetrics import Metric
@@ -43,22 +42,7 @@ _EVAL_STEP_HOOKS = {
 }  # fmt: skip
 
 
-@dataclasses.dataclass(slots=True)
-class _Entry:
-    on_step: bool
-    on_epoch: bool
-    prog_bar: bool
-    logger: bool
-    sync_dist: bool
-    reduce_fx: str
-    metric: Metric | None = None
-    group: Any = None  # sync_dist_group: the process group sync_dist reduces within (None: all)
-    total: torch.Tensor | None = None  # running sum of value x batch size (mean), or running sum/max/min
-    weight: float = 0.0  # sum of batch sizes
-    computed: torch.Tensor | None = None  # a metric's value at the end of its loader (end_loader)
-
-
-class MetricStore:
+class MetricStore(StoreCheckpoint):
     """Collects ``self.log`` calls for the running stage; the Trainer reads step rows and epoch results."""
 
     def __init__(self, reduce: Callable[[torch.Tensor, str, Any], torch.Tensor]) -> None:
@@ -82,6 +66,9 @@ class MetricStore:
         # which may still compute() them, as in Lightning (those logged per step only included).
         self._spent: list[Metric] = []
         self.step_values: dict[str, torch.Tensor] = {}  # logged in the current batch, for the next logger row
+        # Earlier batches' step values and epoch values logged with logger=True, and trainer.log_metrics
+        # rows: with step_values and epoch_row, trainer.logged_metrics (logged_values)
+        self._logged: dict[str, torch.Tensor | float] = {}
         self.epoch_row: dict[str, torch.Tensor] = {}  # epoch values waiting for the next logger row
         self.callback_metrics: dict[str, torch.Tensor] = {}
         self.progress_bar: dict[str, torch.Tensor] = {}
@@ -254,7 +241,8 @@ class MetricStore:
     def begin_batch(self, batch: Any) -> None:
         self._batch, self._batch_size = batch, None  # most steps log no epoch value: no inference
         self._detach_source = self._detach_result = None  # nothing of the last batch kept alive
-        if self.step_values:  # (the last row's values went to the loggers or are forgotten)
+        if self.step_values:  # (the last row's values went to the loggers, or not: logged_values keeps them)
+            self._logged.update(self.step_values)
             self.step_values = {}
 
     def finish_epoch(self) -> None:
@@ -323,7 +311,18 @@ class MetricStore:
 
     def take_epoch_row(self) -> dict[str, torch.Tensor]:
         row, self.epoch_row = self.epoch_row, {}
+        self._logged.update(row)
         return row
+
+    def logged_values(self) -> dict[str, torch.Tensor | float]:
+        """What ``trainer.logged_metrics`` holds, as Lightning's: the last value of every name logged
+        with ``logger=True`` in the running stage, whether a logger row took it or not (a batch between
+        two ``log_every_n_steps`` rows, a fit without a logger), and the rows of ``trainer.log_metrics``."""
+        return {**self._logged, **self.step_values, **self.epoch_row}
+
+    def note_logged(self, row: dict[str, float]) -> None:
+        """A row sent to the loggers outside ``self.log`` (``trainer.log_metrics``)."""
+        self._logged.update(row)
 
     def park(self) -> None:
         """Set the training epoch's aggregates aside while a validation run logs its own."""
@@ -345,50 +344,13 @@ class MetricStore:
         for entry in self._entries.values():
             if entry.metric is not None:
                 entry.metric.reset()
+        self._logged.update(self.logged_values())  # (a new epoch: what was logged stays logged)
         self._entries, self.step_values, self.epoch_row, self._step_only = {}, {}, {}, {}
 
     def clear(self) -> None:
         """:meth:`reset`, and forget the values logged so far (a new stage, or after the sanity check)."""
         self.reset()
+        self._logged.clear()
         self.callback_metrics.clear()
         self.progress_bar.clear()
         self._eval_steps.clear()
-
-    # -- mid-epoch checkpoints ------------------------------------------------------------------------
-    def state_dict(self, module: nn.Module) -> dict[str, Any]:
-        """The training epoch's running aggregates (parked or not), torchmetrics states named by their
-        path in ``module``, and the callback metrics (monitored values after a resume)."""
-        paths = {id(m): name for name, m in module.named_modules() if is_metric(m)}
-        entries = {}
-        training = self._parked if self._parked is not None else self._entries
-        for key, entry in training.items():
-            # (a process group is no value to save: the resumed fit's next self.log call sets it again)
-            state = {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry) if f.name != "group"}
-            state["metric"] = paths.get(id(entry.metric)) if entry.metric is not None else None
-            entries[key] = state
-        metrics = {
-            name: {"state": dict(m.metric_state), "update_count": m._update_count}
-            for name, m in module.named_modules()
-            if is_metric(m)
-        }
-        # (a checkpoint of on_train_epoch_end, taken before reset_spent: the resumed fit resets them)
-        spent = [paths[id(m)] for m in self._spent if id(m) in paths]
-        return {"entries": entries, "metrics": metrics, "callback_metrics": dict(self.callback_metrics),
-                "spent": spent}  # fmt: skip
-
-    def load_state_dict(self, state: dict[str, Any], module: nn.Module) -> None:
-        modules = dict(module.named_modules())
-        self._entries = {}
-        for key, saved in state["entries"].items():
-            saved = dict(saved)
-            path = saved.pop("metric")
-            self._entries[key] = _Entry(**saved, metric=modules[path] if path is not None else None)  # type: ignore[arg-type]
-        for name, saved in state["metrics"].items():
-            metric = modules[name]
-            for attr, value in saved["state"].items():
-                setattr(metric, attr, value)
-            metric._update_count = saved["update_count"]
-            metric._computed = None
-        for name in state.get("spent", ()):  # (checkpoints written before it was saved have none)
-            modules[name].reset()
-        self.callback_metrics.update(state["callback_metrics"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+import warnings
 from collections.abc import Generator
 from contextlib import AbstractContextManager, closing
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,7 @@ def run_fit(trainer: Trainer) -> None:
         _report_nothing_to_train(trainer)
         call_hook(trainer, "on_fit_end")
         return
+    _warn_sparse_rows(trainer)
     call_hook(trainer, "on_train_start")
     while not _fit_done(trainer):
         if not state.train_done:
@@ -103,6 +105,18 @@ def _report_nothing_to_train(trainer: Trainer) -> None:
         where = "the checkpoint is" if trainer._resumed else "the fit starts"
         print(f"ember: fit trained nothing: {where} at epoch {state.epoch}, step {state.global_step}, and {why}",
               file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _warn_sparse_rows(trainer: Trainer) -> None:
+    """As Lightning (the same condition): an epoch shorter than ``log_every_n_steps`` may write no row
+    of step values, which looks like a logger that records nothing."""
+    batches, every = trainer.num_training_batches, trainer.config.log_every_n_steps
+    if trainer.loggers and batches < every and not trainer.config.fast_dev_run and trainer.is_global_zero:
+        warnings.warn(
+            f"the training epoch has {batches} batches, fewer than log_every_n_steps={every}: an epoch may end "
+            "without a logger row of step values; lower log_every_n_steps to see them in each epoch",
+            stacklevel=4,
+        )
 
 
 def _may_stop(trainer: Trainer) -> bool:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from contextlib import closing
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ember._tree import apply_to_tensors, other_leaf
 from ember.trainer.hooks import call_hook, run_step, step_call
 from ember.trainer.loops import _evaluating, _limited
 from ember.trainer.module_mode import enter_eval, leave_eval
@@ -22,7 +25,7 @@ __all__ = ["run_predict"]
 def run_predict(
     trainer: Trainer, loaders: list[PreparedDataLoader], limits: list[int | float], keep: bool = True
 ) -> list[Any]:
-    """Predictions per loader, gathered across processes in dataset order, each sample once
+    """Predictions per loader, gathered across processes in the sampler's order, each sample once
     (``keep=False``: handed to the hooks, not kept). With a prediction writer among the callbacks,
     each process's own outputs and their samples' indices are recorded for it as well
     (``trainer.prediction_record``)."""
@@ -48,7 +51,7 @@ def run_predict(
                     )
                     if record is not None:  # before the gather: the writers take this process's own
                         record.add(loader_idx, loader, output)
-                    output = accelerator.gather_for_metrics(output)
+                    output = _in_order(accelerator.gather_for_metrics(output), loader._gathered_order)
                     call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
                     if keep:
                         outputs.append(output)
@@ -58,3 +61,23 @@ def run_predict(
     leave_eval(trainer, "predict", modes)  # each layer back in its mode, as Lightning
     trainer._prediction_record = None  # the writers' copies are not kept past the run
     return results if several else results[0]
+
+
+def _in_order(gathered: Any, order: list[int] | None) -> Any:
+    """``gathered`` (each process's batch in process order) with its samples in ``order``: samples
+    are dealt to the processes in turn, so the joined batches interleave (None: already in order)."""
+    if order is None:
+        return gathered
+    if other_leaf(gathered):  # gathered as objects: the processes' lists joined into one
+        return (
+            [gathered[i] for i in order]
+            if isinstance(gathered, list) and len(gathered) == len(order)
+            else gathered
+        )
+    index = torch.tensor(order)
+
+    def reorder(tensor: torch.Tensor) -> torch.Tensor:
+        rows = tensor.dim() and tensor.shape[0] == len(order)
+        return tensor[index.to(tensor.device)] if rows else tensor
+
+    return apply_to_tensors(gathered, reorder)

@@ -18,7 +18,7 @@ from ember.trainer.loggers import Logger
 from ember.trainer.logging import MetricStore
 from ember.trainer.preemption import PreemptionGuard
 from ember.trainer.profilers import PassThroughProfiler, Profiler
-from ember.trainer.state import LoopState
+from ember.trainer.stage_flags import StageFlags
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -27,12 +27,11 @@ if TYPE_CHECKING:
 __all__ = ["TrainerProperties"]
 
 
-class TrainerProperties(LightningNames):
+class TrainerProperties(StageFlags, LightningNames):
     """Mixed into :class:`~ember.trainer.Trainer`: properties derived from its state, nothing stored here."""
 
     config: TrainerConfig
     accelerator: Accelerator
-    _state: LoopState
     loggers: list[Logger]
     default_root_dir: str
     callbacks: list[Any]
@@ -48,29 +47,15 @@ class TrainerProperties(LightningNames):
     _val_loaders: list[PreparedDataLoader]
     _test_loaders: list[PreparedDataLoader]
     _predict_loaders: list[PreparedDataLoader]
-    _interrupted: bool
     _preemption: PreemptionGuard
     _callbacks: list[Any]  # the Trainer's own and the defaults (``callbacks`` adds the module's, per stage)
     _prediction_record: PredictionRecord | None
-    sanity_checking: bool
-    _running: str  # the stage running now ("fit", "validate", "test", "predict"), "" between stages
-    _evaluation: str  # the evaluation pass running now ("validation", "test"), "" otherwise
     _is_last_batch: bool
     _stepping: bool  # the running training batch steps the optimizer (trainer/loops.py)
     _row_due: bool  # its logger row is due, should_stop aside
     should_stop: bool
 
     # -- what users and callbacks read ----------------------------------------------------------
-    @property
-    def state(self) -> LoopState:
-        """The loop's counters; ``fn``, ``stage`` and ``status`` answer as Lightning's ``trainer.state``."""
-        return self._state
-
-    @state.setter
-    def state(self, state: LoopState) -> None:
-        state._trainer = self  # (its fn / stage / status read this Trainer's stage flags)
-        self._state = state
-
     @property
     def module(self) -> TrainModule:
         if self._module is None:
@@ -211,6 +196,13 @@ class TrainerProperties(LightningNames):
     @property
     def callback_metrics(self) -> dict[str, torch.Tensor]:
         return self._metrics.callback_metrics
+
+    @property
+    def logged_metrics(self) -> dict[str, float]:
+        """The last value of each name logged with ``logger=True`` in the running (or last) stage, as
+        Lightning's: also of the batches that wrote no logger row, and without a logger; not the
+        ``epoch`` each row gets. Converted to floats on each read (device-to-host copies)."""
+        return {key: float(value) for key, value in self._metrics.logged_values().items()}
 
     @property
     def progress_bar_metrics(self) -> dict[str, float]:

@@ -44,18 +44,18 @@ def preserved(trainer: Trainer, callbacks: list[Callback], name: str) -> Iterato
     # layout); the torchmetrics states the module's steps update come with the logged values.
     trainer.accelerator.save_state(directory, rank_extra={_STATE_NAME: trainer._metrics.state_dict(module)})
     saved = (trainer.callbacks, trainer.loggers, trainer.lr_scheduler_configs, trainer.state, trainer._metrics,
-             trainer.metric_history, trainer.logged_metrics, trainer.should_stop, trainer._progress_bar_values,
+             trainer.metric_history, trainer.should_stop, trainer._progress_bar_values,
              trainer._progress_bar_stale)  # fmt: skip
     try:
         trainer.callbacks, trainer.loggers = callbacks, []
         trainer.state = LoopState(**trainer.state.state_dict())
         trainer._metrics = MetricStore(trainer._reduce_logged)
-        trainer.metric_history, trainer.logged_metrics, trainer.should_stop = MetricHistory(), {}, False
+        trainer.metric_history, trainer.should_stop = MetricHistory(), False
         trainer._hook_plan.refresh()
         yield
     finally:
         (trainer.callbacks, trainer.loggers, trainer.lr_scheduler_configs, trainer.state, trainer._metrics,
-         trainer.metric_history, trainer.logged_metrics, trainer.should_stop, trainer._progress_bar_values,
+         trainer.metric_history, trainer.should_stop, trainer._progress_bar_values,
          trainer._progress_bar_stale) = saved  # fmt: skip
         trainer._hook_plan.refresh()
         try:

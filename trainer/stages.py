@@ -39,7 +39,11 @@ class EvaluationStages:
             self, module: TrainModule | None, stage: str, datamodule: DataModule | None, ckpt_path: Any
         ) -> TrainModule: ...
         def _prepare_loader(
-            self, loader: DataLoader[Any], dataloader_idx: int = 0, evaluation: bool = False
+            self,
+            loader: DataLoader[Any],
+            dataloader_idx: int = 0,
+            evaluation: bool = False,
+            predicting: bool = False,
         ) -> PreparedDataLoader: ...
         def _loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> list[DataLoader[Any]]: ...
 
@@ -73,7 +77,7 @@ class EvaluationStages:
                  ckpt_path: Any, keep: bool) -> list[Any] | None:  # fmt: skip
         module = self._reattach(module, "predict", datamodule, ckpt_path)
         loaders = [
-            self._prepare_loader(d, i)
+            self._prepare_loader(d, i, predicting=True)
             for i, d in enumerate(self._loaders("predict", dataloaders, datamodule))
         ]
         if not loaders:

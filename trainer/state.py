@@ -17,8 +17,13 @@ class LoopState:
     then ``train_done``, ``val_done`` and ``epoch_done`` mark the end-of-epoch phases as finished.
 
     ``fn``, ``stage`` and ``status`` (with ``finished`` and ``stopped``) answer as Lightning's
-    ``trainer.state`` does, as strings: ``if trainer.state.fn == "fit": ...``. They are read from
-    the Trainer's stage flags, and not checkpointed.
+    ``trainer.state`` does, as strings: ``if trainer.state.fn == "fit": ...``. ``fn``: the running
+    (or last) entry point, ``"fit"``, ``"validate"``, ``"test"``, ``"predict"``, None before the
+    first. ``stage``: what runs now, ``"train"`` (the rest of a fit too: its setup, ``on_fit_end``
+    ...), ``"sanity_check"``, ``"validate"``, ``"test"`` or ``"predict"``; None between stages.
+    ``status``: ``"initializing"`` before the first stage, ``"running"``, then ``"finished"``, or
+    ``"interrupted"`` from the ``on_exception`` of a stage that raised. The Trainer writes them when
+    its stage flags change; they are not checkpointed.
     """
 
     epoch: int = 0
@@ -31,37 +36,11 @@ class LoopState:
     train_done: bool = False
     val_done: bool = False
     epoch_done: bool = False
-    _trainer: Any = field(default=None, init=False, repr=False, compare=False)  # set by the Trainer
-
-    @property
-    def fn(self) -> str | None:
-        """The running (or last) entry point: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"``;
-        None before the first."""
-        trainer = self._trainer
-        return (trainer.stage or None) if trainer is not None else None
-
-    @property
-    def stage(self) -> str | None:
-        """What runs now: ``"train"`` (the rest of a fit too: its setup, ``on_fit_end`` ...),
-        ``"sanity_check"``, ``"validate"``, ``"test"`` or ``"predict"``; None between stages."""
-        trainer = self._trainer
-        if trainer is None:
-            return None
-        flags = (
-            ("sanity_check", trainer.sanity_checking), ("validate", trainer.validating), ("test", trainer.testing),
-            ("predict", trainer.predicting), ("train", trainer.training),
-        )  # fmt: skip
-        return next((name for name, on in flags if on), None)
-
-    @property
-    def status(self) -> str:
-        """``"initializing"`` before the first stage, ``"running"``, then ``"finished"``, or
-        ``"interrupted"`` from the ``on_exception`` of a stage that raised (``trainer.interrupted``)."""
-        if self.fn is None:
-            return "initializing"
-        if self._trainer.interrupted:  # (from on_exception on, as Lightning's)
-            return "interrupted"
-        return "running" if self.stage is not None else "finished"
+    # Lightning's trainer.state, as the Trainer's stage flags say (trainer/stage_flags.py writes them
+    # whenever a flag changes); not checkpointed.
+    fn: str | None = field(default=None, init=False, repr=False, compare=False)
+    stage: str | None = field(default=None, init=False, repr=False, compare=False)
+    status: str = field(default="initializing", init=False, repr=False, compare=False)
 
     @property
     def finished(self) -> bool:

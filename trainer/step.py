@@ -128,7 +128,20 @@ def automatic_step(
             _before_step(trainer, epoch, hooks)
             epoch.step()
             _after_step(trainer, epoch, hooks, batch_idx)
+    elif should_step:
+        # As Lightning's: training_step returned None, no backward ran, and the step boundary is one
+        # all the same: its hooks run, the step is counted, the schedulers step. The optimizer steps
+        # with the gradients of the window's earlier batches; with none, it is not called (it would
+        # change nothing; an engine's step, DeepSpeed's, would apply its zeroed buffers).
+        _before_step(trainer, epoch, hooks)
+        if _has_gradients(epoch.optimizer.optimizer):
+            epoch.step()
+        _after_step(trainer, epoch, hooks, batch_idx)
     return output
+
+
+def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
 
 def manual_step(
@@ -163,29 +176,27 @@ def _step_by_module(
         if loss is not None:
             backward(trainer, hooks, loss)
             _before_step(trainer, epoch, hooks)
+        else:  # As Lightning's, the hook runs; no unscaling nor clipping for a step that will not update
+            _before_step_hooks(epoch, hooks)
         return loss
 
-    # A LossClosure: its None (training_step returned None) skips the step, as Lightning's.
+    # A LossClosure: its None (training_step returned None) skips the update, as Lightning's; the
+    # step is counted all the same.
     epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, LossClosure(closure))
     if not outputs:
         raise RuntimeError(
             f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
             "training_step and the backward pass did not run: call optimizer.step(closure=optimizer_closure)"
         )
-    output = outputs[-1]
-    if (output if type(output) is torch.Tensor else loss_of(output)) is not None:
-        _after_step(trainer, epoch, hooks, batch_idx)
-    return output
+    _after_step(trainer, epoch, hooks, batch_idx)
+    return outputs[-1]
 
 
 def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None]) -> None:
     """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping."""
     if epoch.unscales:
         epoch.accelerator.unscale_gradients()
-    entry = hooks["on_before_optimizer_step"]
-    if entry is not None:
-        for hook in entry[3]:
-            hook(epoch.optimizer.optimizer)
+    _before_step_hooks(epoch, hooks)
     if epoch.module_clip is not None:
         config = trainer.config
         epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
@@ -193,6 +204,13 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None])
         trainer.module.clip_gradients(
             epoch.optimizer.optimizer, epoch.clip, trainer.config.gradient_clip_algorithm
         )
+
+
+def _before_step_hooks(epoch: Epoch, hooks: dict[str, Entry | None]) -> None:
+    entry = hooks["on_before_optimizer_step"]
+    if entry is not None:
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
 
 
 def _after_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> None:

@@ -207,7 +207,6 @@ class Trainer(
         self.num_val_batches: list[int | float] = []  # fit's, or the running validate()'s
         self.num_test_batches: list[int | float] = []  # the last test()'s, per loader
         self.num_predict_batches: list[int | float] = []  # the last predict()'s
-        self.logged_metrics: dict[str, float] = {}
         if config.deterministic:
             use_deterministic_algorithms(warn_only=config.deterministic == "warn")
         elif config.deterministic is False:  # passed: the global mode off, as Lightning (None leaves it)
@@ -301,7 +300,7 @@ class Trainer(
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Send a row straight to the loggers (global rank 0 only); for callbacks such as LR monitors."""
-        self.logged_metrics.update(metrics)
+        self._metrics.note_logged(metrics)
         self._to_loggers(metrics, self.global_step if step is None else step)
 
     def _to_loggers(self, row: dict[str, float], step: int) -> None:
@@ -398,5 +397,4 @@ class Trainer(
         row = {key: float(value) for key, value in values.items()}
         at = self.state.global_step if step is None else step
         self.metric_history.update(row, at)
-        self.logged_metrics.update(row)  # as Lightning's: the logged values, not the "epoch" the loggers get
         self._to_loggers(row if step is not None else {**row, "epoch": float(self.state.epoch)}, at)

@@ -317,22 +317,25 @@ def test_two_processes_each_write_their_own_predictions_and_indices(tmp_path: Pa
     results = run_processes(_ddp_worker, str(tmp_path))
     assert [r["world"] for r in results] == [2, 2]
     net = _net()
-    # shuffle=False: rank r takes batches r, r + 2, ... Rank 1 runs a repeat of batch 0 to even out
-    # the last step, but its writer does not get it: each sample is written once, as in Lightning.
+    # As Lightning's UnrepeatedDistributedSampler: rank r takes samples r, r + 2, ... (no padding)
+    # and batches them. Rank 1 runs a repeat batch to even out the last step, but its writer does
+    # not get it: each sample is written once, as in Lightning.
     assert _check_loader(tmp_path, "sequential", 0, net) == [
-        [[0, 1, 2], [6, 7, 8], [12]],
-        [[3, 4, 5], [9, 10, 11]],
+        [[0, 2, 4], [6, 8, 10], [12]],
+        [[1, 3, 5], [7, 9, 11]],
     ]
-    # The user's sampler's order, shared out the same way.
+    # The user's sampler's order, dealt the same way.
     order = [(5 * i) % N for i in range(N)]
-    batches = [order[i : i + 2] for i in range(0, N, 2)]
-    assert _check_loader(tmp_path, "mixed", 0, net) == [batches[0::2], batches[1::2]]
+    mine = [order[0::2], order[1::2]]
+    assert _check_loader(tmp_path, "mixed", 0, net) == [
+        [share[i : i + 2] for i in range(0, len(share), 2)] for share in mine
+    ]
     # Shuffled: the ranks agree on one permutation and split it.
     shuffled = _check_loader(tmp_path, "mixed", 1, net)
     assert sorted(i for batch in shuffled[0] + shuffled[1] for i in batch) == list(
         range(N)
     )  # 4 batches: none repeated
-    # What predict returns is unchanged: gathered, each sample once, the same on both ranks.
+    # What predict returns: gathered, each sample once, in the sampler's order, the same on both ranks.
     assert results[0]["kept"] is None and results[0]["returned"] == results[1]["returned"]
     torch.testing.assert_close(torch.tensor(results[0]["returned"][0]), _expected(net, order))
     assert len(results[0]["returned"][1]) == N

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -163,3 +164,108 @@ def test_a_crash_mid_batch_resumes_that_batch(tmp_path: Path) -> None:
     assert loader is not None and loader.state_dict() == {"epoch": 1, "position": 1}
     assert [inner.state_dict()["position"] for inner in trainer.train_dataloader] == [1, 1]
     assert list(itertools.islice(iter(loader), 1))  # the batch can be fetched again
+
+
+class _Stream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """8 samples, no ``__len__``: 4 batches of 2."""
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(torch.arange(16.0).reshape(8, 2) / 16)
+
+
+class _StreamHeads(TwoHeads):
+    def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+        a, b = batch
+        self.seen.append((a[:, 0].tolist(), None if b is None else b[0][:, 0].tolist()))
+        return self.net(a).pow(2).mean() + (0 if b is None else self.net(b[0]).pow(2).mean())
+
+
+@pytest.mark.parametrize(("mode", "batches"), [("max_size_cycle", 4), ("min_size", 3), ("max_size", 4)])
+def test_a_loader_without_a_length_trains_as_in_lightning(tmp_path: Path, mode: str, batches: int) -> None:
+    # As Lightning: the combined length is unknown (infinite) unless min_size bounds it; the epoch ends
+    # where the mode ends (max_size_cycle: every loader exhausted once, the shorter ones started again).
+    module = _StreamHeads()
+    stream, sized = DataLoader(_Stream(), batch_size=2), DataLoader(B, batch_size=2)
+    trainer = _trainer(tmp_path, max_epochs=2)
+    trainer.fit(module, CombinedLoader([stream, sized], mode))
+    assert trainer.num_training_batches == (3 if mode == "min_size" else float("inf"))
+    assert trainer.global_step == 2 * batches and len(module.seen) == 2 * batches
+    assert [a[0] for a, _ in module.seen[:batches]] == [0.0, 0.25, 0.5, 0.75][:batches]
+    bs = [b for _, b in module.seen[:batches]]
+    if mode == "max_size":
+        assert bs[3] is None and None not in bs[:3]
+    else:
+        assert None not in bs
+
+
+def test_batch_transfer_hooks_get_the_combined_batch_with_dataloader_idx_0(tmp_path: Path) -> None:
+    # As Lightning's training loop: each hook runs once per combined batch, on the whole collection.
+    calls: list[tuple[str, type, list[str], int]] = []
+
+    class Hooked(TwoHeads):
+        def _note(self, name: str, batch: Any, dataloader_idx: int) -> None:
+            calls.append((name, type(batch), sorted(batch), dataloader_idx))
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):  # type: ignore[no-untyped-def]
+            self._note("before", batch, dataloader_idx)
+            return batch
+
+        def transfer_batch_to_device(self, batch, device, dataloader_idx):  # type: ignore[no-untyped-def]
+            self._note("transfer", batch, dataloader_idx)
+            return batch
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):  # type: ignore[no-untyped-def]
+            self._note("after", batch, dataloader_idx)
+            return batch
+
+    a, b = _loaders()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(Hooked(), {"a": a, "b": b})
+    one = [(name, dict, ["a", "b"], 0) for name in ("before", "transfer", "after")]
+    assert calls == one * 2
+
+
+def _fit_combined_on_two_ranks(root: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for mode in ("max_size_cycle", "min_size", "max_size"):
+
+        class Recorder(TwoHeads):
+            def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+                a, b = batch
+                self.seen.append([a[0][:, 0].tolist(), None if b is None else b[0][:, 0].tolist()])
+                loss = self.net(a[0]).pow(2).mean()
+                return loss + (0 if b is None else (self.net(b[0]) - 1).pow(2).mean())
+
+        loaders = [DataLoader(A, batch_size=2), DataLoader(B, batch_size=2)]  # 5 and 3 batches
+        trainer = _trainer(Path(root), max_epochs=1, strategy="ddp", devices=2)
+        module = Recorder()
+        trainer.fit(module, CombinedLoader(loaders, mode))
+        results[mode] = {
+            "seen": module.seen,
+            "batches": trainer.num_training_batches,
+            "step": trainer.global_step,
+        }
+    return results
+
+
+def test_two_ranks_each_train_on_their_share_of_every_loader(tmp_path: Path) -> None:
+    from dist_helpers import run_processes
+
+    ranks = run_processes(_fit_combined_on_two_ranks, str(tmp_path))
+    a = [[float(v) for v in x[:, 0].tolist()] for (x,) in DataLoader(A, batch_size=2)]
+    b = [[float(v) for v in x[:, 0].tolist()] for (x,) in DataLoader(B, batch_size=2)]
+    # Each rank takes every other batch of each loader (A: 5 -> 3 a rank, the last evened out from
+    # the start; B: 3 -> 2 a rank); both ranks run the same number of steps, so nothing hangs.
+    shares = {"a": [[a[0], a[2], a[4]], [a[1], a[3], a[0]]], "b": [[b[0], b[2]], [b[1], b[0]]]}
+    steps = {"max_size_cycle": 3, "min_size": 2, "max_size": 3}
+    for mode, count in steps.items():
+        for rank, result in enumerate(r[mode] for r in ranks):
+            assert result["batches"] == result["step"] == len(result["seen"]) == count
+            assert [s[0] for s in result["seen"]] == shares["a"][rank][:count]
+            mine_b = shares["b"][rank]
+            expected_b = {
+                "max_size_cycle": [*mine_b, mine_b[0]],
+                "min_size": mine_b,
+                "max_size": [*mine_b, None],
+            }
+            assert [s[1] for s in result["seen"]] == expected_b[mode]

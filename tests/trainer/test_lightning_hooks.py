@@ -392,4 +392,6 @@ def test_optimizer_step_with_a_skipped_batch(tmp_path: Path, precision: str) -> 
             return None if batch_idx % 2 else super().training_step(batch, batch_idx)
 
     trainer = _fit(tmp_path, SkipOdd(), precision=precision)
-    assert trainer.global_step == 2  # batches 1 and 3 returned None: no backward and no step
+    # Batches 1 and 3 returned None: no backward, and a step that changes nothing, counted as
+    # Lightning 2.6.6 counts it.
+    assert trainer.global_step == 4

@@ -5,6 +5,7 @@ test (its training steps are ember's - 1: docs/how-to/migrate-from-lightning.md)
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -200,3 +201,59 @@ def test_step_and_epoch_values_without_the_loader_suffix_stay_in_their_loaders_r
                       default_root_dir=str(tmp_path))  # fmt: skip
     results = trainer.validate(Named(), [_loader(2), _loader(2)])
     assert results == [{"x0_epoch": 1.0}, {"x1_epoch": 1.0}]
+
+
+# -- log_every_n_steps above the epoch's batches: Lightning's warning ----------------------------------
+@pytest.mark.parametrize(
+    ("settings", "warns"),
+    [
+        ({"log_every_n_steps": 9}, True),  # 8 batches an epoch: no step row in the first epoch
+        ({"log_every_n_steps": 8}, False),
+        ({"log_every_n_steps": 9, "logger": False}, False),  # (Lightning's: only with a logger)
+        ({"log_every_n_steps": 9, "fast_dev_run": 2}, False),  # (a row every step)
+    ],
+)
+def test_fewer_batches_than_log_every_n_steps_warns_once_as_lightning(
+    tmp_path: Path, settings: dict[str, Any], warns: bool
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(Net(), Rows(), tmp_path, **{"max_epochs": 2, **settings})
+    said = [str(w.message) for w in caught if "log_every_n_steps" in str(w.message)]
+    expected = ["the training epoch has 8 batches, fewer than log_every_n_steps=9: an epoch may end without a "
+                "logger row of step values; lower log_every_n_steps to see them in each epoch"]  # fmt: skip
+    assert said == (expected if warns else [])
+
+
+# -- trainer.logged_metrics: every value logged with logger=True, as Lightning's -----------------------
+class Seen(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[str, float]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("b", float(batch_idx), on_step=True, on_epoch=True)
+        self.log("hidden", float(batch_idx), logger=False)
+        self.log("d", float(batch_idx), on_step=False, on_epoch=True)
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append(dict(self.trainer.logged_metrics))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("v", float(batch_idx), on_step=True)
+
+
+def test_logged_metrics_hold_the_values_of_batches_without_a_row_as_lightning(tmp_path: Path) -> None:
+    module = Seen()
+    # Lightning 2.6.6, log_every_n_steps=3 (a row after batches 2 and 5 only), 1 epoch of 8 batches,
+    # read in on_train_batch_end: the values of that batch, each batch; at the end the epoch values
+    # and the validation's too; "hidden" (logger=False) never.
+    trainer = _fit(module, Rows(), tmp_path, max_epochs=1, log_every_n_steps=3, val=_loader(2),
+                   num_sanity_val_steps=0)  # fmt: skip
+    assert module.seen == [{"t": float(i), "b_step": float(i)} for i in range(8)]
+    assert trainer.logged_metrics == {
+        "t": 7.0, "b_step": 7.0, "b_epoch": 3.5, "d": 3.5, "v_step": 1.0, "v_epoch": 0.5,
+    }  # fmt: skip
+    # Without a logger too (Lightning's hold them all the same).
+    assert _fit(Seen(), Rows(), tmp_path, max_epochs=1, logger=False).logged_metrics["b_step"] == 7.0

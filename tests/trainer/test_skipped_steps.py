@@ -119,12 +119,76 @@ class _Automatic(TrainModule):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
-def test_automatic_a_batch_whose_training_step_returns_none_is_no_step(
+def test_automatic_a_batch_whose_training_step_returns_none_counts_as_a_step_that_changes_nothing(
     tmp_path: Path, precision: str
 ) -> None:
     module = _Automatic()
     trainer = _fit(tmp_path, module, precision)
-    assert module.steps == [True, False, True, True] and trainer.global_step == 3
+    # Lightning 2.6.6 (its optimizer_step overridden so, 32-true and bf16-mixed): global_step 4
+    assert module.steps == [True, False, True, True] and trainer.global_step == 4
+
+
+class _Plain(TrainModule):
+    """Automatic optimisation, Lightning's own step; training_step returns None at ``none_at``."""
+
+    def __init__(self, none_at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(3, 1)
+        self.none_at, self.events = none_at, []  # type: list[Any]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx == self.none_at else F.mse_loss(self.layer(batch[0]), batch[1])
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.events.append(("before_step", self.layer.weight.grad is not None))
+
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        self.events.append(("before_zero_grad",))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.events.append(("end", self.trainer.global_step, self.layer.weight.detach().clone()))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        halve = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": halve, "interval": "step"}}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_automatic_training_step_returning_none_is_a_step_boundary_as_lightning(
+    tmp_path: Path, precision: str
+) -> None:
+    module = _Plain(none_at=1)
+    trainer = _fit(tmp_path, module, precision)
+    # Lightning 2.6.6, the same module (32-true; bf16-mixed on its CPU): global_step 1, 2, 3, 4 after
+    # the batches; on_before_optimizer_step at each (no gradient at batch 1), on_before_zero_grad at
+    # each; the weights unchanged by batch 1 (momentum too: no gradient, no update); the step-interval
+    # scheduler stepped 4 times (lr 0.1 / 2**4).
+    hooks = [e for e in module.events if e[0] != "end"]
+    assert hooks == [("before_step", True), ("before_zero_grad",), ("before_step", False), ("before_zero_grad",),
+                     ("before_step", True), ("before_zero_grad",), ("before_step", True), ("before_zero_grad",)]  # fmt: skip
+    ends = [e for e in module.events if e[0] == "end"]
+    assert [e[1] for e in ends] == [1, 2, 3, 4] and trainer.global_step == 4
+    assert torch.equal(ends[0][2], ends[1][2]) and not torch.equal(ends[1][2], ends[2][2])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 / 2**4)
+
+
+def test_automatic_none_at_the_end_of_an_accumulation_window_steps_with_its_gradients(tmp_path: Path) -> None:
+    # As Lightning 2.6.6 (32-true): the window's first batch backpropagated; its last returned None;
+    # the step runs with the first batch's gradient (of loss / 2), and is counted.
+    module = _Plain(none_at=1)
+    trainer = Trainer(default_root_dir=str(tmp_path), max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g))
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(3, 1)
+    (F.mse_loss(plain(data[:4][0]), data[:4][1]) / 2).backward()
+    torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9).step()
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 1
+    torch.testing.assert_close(module.layer.weight.detach(), plain.weight.detach())
 
 
 class _NoBackward(_Manual):

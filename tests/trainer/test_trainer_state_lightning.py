@@ -7,6 +7,7 @@ Lightning 2.6.6."""
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,20 @@ def test_stage_flags_and_state_from_setup_to_teardown_as_lightnings(tmp_path: Pa
     assert flags.rows == _LIGHTNING_ROWS
     assert (trainer.state.fn, trainer.state.stage, trainer.state.status) == ("predict", None, "finished")
     assert trainer.state.stopped and not (trainer.training or trainer.predicting)
+
+
+def test_state_holds_its_fn_stage_and_status_itself(tmp_path: Path) -> None:
+    # No reference back to the Trainer: the Trainer writes them into the state as its flags change.
+    trainer = _trainer(tmp_path, limit_train_batches=1, num_sanity_val_steps=0)
+    module = Net()
+    trainer.fit(module, _loader())
+    state = trainer.state
+    assert not any(isinstance(getattr(state, name, None), Trainer) for name in type(state).__slots__)
+    after_fit = copy.copy(state)
+    trainer.validate(module, _loader(), verbose=False)
+    assert (after_fit.fn, after_fit.stage, after_fit.status) == ("fit", None, "finished")
+    assert (state.fn, state.stage, state.status) == ("validate", None, "finished")  # (the live one)
+    assert state.state_dict() == after_fit.state_dict() and "fn" not in state.state_dict()
 
 
 def test_state_status_after_an_exception_and_in_setup(tmp_path: Path) -> None:
