@@ -14,6 +14,7 @@ import torch
 from typing_extensions import override
 
 from ember.callbacks import _checkpoint_names as _names
+from ember.callbacks import _checkpoint_state as _state
 from ember.callbacks._checkpoint_arguments import check_arguments
 from ember.callbacks.base import Checkpoint, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_swap import copy_checkpoint
@@ -377,37 +378,11 @@ class ModelCheckpoint(Checkpoint):
     # -- state -------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        # Scores are kept as tensors (as in Lightning) and saved as floats (a checkpoint's JSON).
-        score = self.best_model_score
-        return {
-            "best_k_models": {path: float(value) for path, value in self.best_k_models.items()},
-            "best_model_path": self.best_model_path,
-            "best_model_score": None if score is None else float(score),
-            "last_model_path": self.last_model_path,
-            "last_step_saved": self._last_step_saved,
-            "dirpath": self.dirpath,
-        }
+        return _state.state_of(self)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.best_model_path = state_dict["best_model_path"]
-        self._last_step_saved = state_dict["last_step_saved"]
-        saved_in = state_dict.get("dirpath", self.dirpath)  # (older checkpoints: assume the same)
-        if not _names.same_directory(saved_in, self.dirpath):
-            # As Lightning: the kept checkpoints are another directory's: neither ranked against nor removed.
-            warnings.warn(
-                f"The dirpath has changed from {saved_in!r} to {self.dirpath!r}, therefore `best_model_score`, "
-                "`kth_best_model_path`, `kth_value`, `last_model_path` and `best_k_models` won't be reloaded. "
-                "Only `best_model_path` will be reloaded.",
-                stacklevel=2,
-            )
-            return
-        score = state_dict["best_model_score"]
-        self.best_k_models = {
-            path: _names.as_score(float(value)) for path, value in state_dict["best_k_models"].items()
-        }
-        self.best_model_score = None if score is None else _names.as_score(float(score))
-        self.last_model_path = state_dict["last_model_path"]
+        _state.load_state(self, state_dict)
 
     def __repr__(self) -> str:
         return f"ModelCheckpoint(monitor={self.monitor!r}, mode={self.mode!r}, save_top_k={self.save_top_k})"

@@ -40,11 +40,13 @@ from typing import Any, NamedTuple
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
+from ember._watchdog_report import EXIT_CODE as _EXIT_CODE
+from ember._watchdog_report import hang_report
+
 __all__ = ["DEFAULT_COLLECTIVE_TIMEOUT", "CollectiveWatchdog", "check_collective_timeout", "default_store"]
 
 #: Seconds a rank may wait in one collective before the watchdog ends the run.
 DEFAULT_COLLECTIVE_TIMEOUT = 600.0
-_EXIT_CODE = 1
 _generations = itertools.count()  # every rank creates its watchdogs in the same order: same keys
 # Stores of failed runs, kept so a lingering failed rank 0 (which hosts the TCPStore) still serves them.
 _kept_stores: list[Store] = []
@@ -257,7 +259,11 @@ class CollectiveWatchdog:
             error = bounded(lambda: self._gather(states), self._gather_s + 2.0)
         _say(f"Python stacks of rank {self.rank} (most recent call first):")
         _dump_stacks()
-        _say(self._report(region, waited, states, error))
+        report = hang_report(
+            rank=self.rank, world_size=self.world_size, name=region.name, number=region.number,
+            waited=waited, states=states, error=error,
+        )  # fmt: skip
+        _say(report)
         _exit()
 
     def _gather(self, states: dict[int, dict[str, Any]]) -> None:
@@ -270,49 +276,6 @@ class CollectiveWatchdog:
                 if rank not in states and self._store.check([key]):
                     states[rank] = json.loads(self._store.get(key))
             time.sleep(0.05)
-
-    def _report(
-        self, region: _Region, waited: float, states: dict[int, dict[str, Any]], error: str | None
-    ) -> str:
-        lines = []
-        missing = [r for r in range(self.world_size) if r not in states]
-        # A rank waiting in a region of the same name reached it (its count may differ: ranks need
-        # not run the same number of forward passes); any other rank is elsewhere.
-        behind = [
-            r
-            for r, state in sorted(states.items())
-            if r != self.rank and ("waiting" not in state or state["waiting"][1] != region.name)
-        ]
-        for rank, state in sorted(states.items()):
-            if rank == self.rank:
-                continue
-            if "waiting" in state:
-                count, name, seconds = state["waiting"]
-                other = (
-                    ""
-                    if name == region.name
-                    else ": a different collective (one skipped or added on some rank?)"
-                )
-                lines.append(f"  rank {rank}: waiting in '{name}' #{count} for {seconds:g} s{other}")
-            elif "last" in state:
-                count, name, seconds = state["last"]
-                lines.append(
-                    f"  rank {rank}: not in a collective; it left '{name}' #{count} {seconds:g} s ago"
-                )
-            else:
-                lines.append(f"  rank {rank}: has not entered any collective yet")
-        if missing and self.world_size > 1:
-            reason = f" ({error})" if error else ""
-            lines.append(
-                f"  ranks {missing}: did not answer{reason}: dead, or their Python threads are blocked"
-            )
-        head = (
-            f"collective '{region.name}' #{region.number} timed out after {waited:.0f} s on rank {self.rank}; "
-            f"ranks that did not reach it: {behind}"
-            + (f", no answer from {missing}" if missing and self.world_size > 1 else "")
-        )
-        tail = f"Python stacks: above, one block per rank. Exiting with code {_EXIT_CODE}."
-        return "\n".join([head, *lines, tail])
 
     def _answer(self) -> None:
         if not self._acting.acquire(blocking=False):

@@ -20,6 +20,9 @@ from ember._tree import move_batches
 from ember.precision import Precision
 from ember.strategies.environment import ProcessEnvironment
 from ember.strategies.optim_state import is_named, parameter_names, to_indexed, to_named
+
+# (its earlier home: strategies import it from here)
+from ember.strategies.rebinding import setup_rebinding_optimizers as setup_rebinding_optimizers
 from ember.strategies.sharded_io import TensorSpec
 
 __all__ = [
@@ -370,33 +373,3 @@ def resolve_strategy(value: str | Strategy, *, world_size: int, device_type: str
             + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
         )
     return STRATEGY_REGISTRY.create(value)
-
-
-def setup_rebinding_optimizers(
-    strategy: Strategy, modules: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
-) -> tuple[list[nn.Module], list[torch.optim.Optimizer]]:
-    """``strategy.setup_module`` for each module, for strategies whose set-up replaces parameter
-    objects (FSDP shards them; moving to an XLA device makes new ones): each optimizer's parameter
-    is found again by its (module, name) and the optimizer is pointed at the replacement."""
-    owners = {id(p): (m, name) for m in modules for name, p in m.named_parameters()}
-    plans = []
-    for optimizer in optimizers:
-        if optimizer.state:
-            raise ValueError(
-                f"prepare() the optimizer before its first step: strategy={strategy.strategy_name!r} replaces "
-                "the parameters it holds"
-            )
-        groups = []
-        for group in optimizer.param_groups:
-            if any(id(p) not in owners for p in group["params"]):
-                raise ValueError(
-                    f"strategy={strategy.strategy_name!r}: prepare() the optimizer together with the model whose "
-                    "parameters it holds"
-                )
-            groups.append([owners[id(p)] for p in group["params"]])
-        plans.append((optimizer, groups))
-    prepared = [strategy.setup_module(m) for m in modules]
-    for optimizer, groups in plans:
-        for group, params in zip(optimizer.param_groups, groups, strict=True):
-            group["params"] = [module.get_parameter(name) for module, name in params]
-    return prepared, list(optimizers)
