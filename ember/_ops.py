@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import json
-import math
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,70 +18,101 @@ def _as_batch(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.unsqueeze(0) if tensor.dim() == 0 else tensor
 
 
-# A shape travels in this many slots (dims past the last slot are folded into it), so every rank
-# sends a header of one size: ndim, dtype, shape.
-_SLOTS = 16
+def tensors_of(data: Any) -> list[torch.Tensor]:
+    """The tensors of a nested structure, in the order :func:`apply_to_tensors` visits them."""
+    found: list[torch.Tensor] = []
+    apply_to_tensors(data, found.append)
+    return found
 
 
-@functools.cache
-def _dtypes() -> list[torch.dtype]:
-    """torch's dtypes in an order every process agrees on (a dtype travels as its index here)."""
-    return sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=str)
+# Each process sends one header of this many int64 for a whole structure: how many tensors, a
+# digest of their dtypes and shapes, and the dim-0 sizes of the first _HEADER - 2 (a structure of
+# more sends its sizes in a second all-gather). A header of one size on every process is what lets
+# a single collective compare structures that may differ.
+_HEADER = 16
 
 
-def exchange_shapes(
-    tensor: torch.Tensor, all_gather: Callable[[torch.Tensor], torch.Tensor], caller: str, rows: bool = False
-) -> list[int]:
-    """Every rank's size along dim 0, in rank order, from one small all-gather of each rank's dtype
-    and shape. Raises ``ValueError`` on every rank alike, naming each rank's shape, when the dtypes
-    or shapes differ (``rows``: shapes may differ along dim 0): the data's collective would abort in
-    gloo or fill the output with garbage."""
-    shape = list(tensor.shape)
-    if len(shape) > _SLOTS:
-        shape = [*shape[: _SLOTS - 1], math.prod(shape[_SLOTS - 1 :])]
-    dtypes = _dtypes()
-    header = [tensor.dim(), dtypes.index(tensor.dtype), *shape, *[-1] * (_SLOTS - len(shape))]
-    headers = all_gather(torch.tensor(header, dtype=torch.int64, device=tensor.device)).tolist()
-    if any(h[:2] != headers[0][:2] or h[2 + rows :] != headers[0][2 + rows :] for h in headers):
-        found = ", ".join(
-            f"process {rank}: [{', '.join(str(n) for n in h[2 : 2 + min(h[0], _SLOTS)])}"
-            f"{', ...' if h[0] > _SLOTS else ''}] {dtypes[h[1]]}"
-            for rank, h in enumerate(headers)
-        )
-        same = (
-            "the same dtype and the same size in every dimension but the first"
-            if rows
-            else "the same shape and dtype"
-        )
-        raise ValueError(
-            f"{caller}: tensors must have {same} on every process; got {found}. Make them agree first: "
-            "accelerator.pad_across_processes(tensor, dim=d) pads dimension d to its longest, tensor.to(dtype) casts"
-        )
-    return [h[2] for h in headers]
+def check_shapes(
+    tensors: list[torch.Tensor],
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    caller: str,
+    rows: bool = False,
+) -> list[list[int]]:
+    """Check that ``tensors`` (a structure's, in order) have the same dtypes and shapes on every
+    process, in one small all-gather for the whole structure; ``rows``: the sizes along dim 0 may
+    differ (a 0-dim tensor counts as one row), and are returned, per tensor, each process's in
+    process order (else ``[]``).
 
-
-def gather_tensor(strategy: Strategy, tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` from all ranks along dim 0, in rank order.
-
-    Ranks may hold different lengths along dim 0 (the last batch of an epoch): the sizes are
-    exchanged first, tensors padded to the longest and the padding removed after the gather. The
-    same exchange checks that the other dimensions and the dtype agree (else ``ValueError``). A
-    0-dim tensor counts as one row (``[world_size]`` gathered); on one process every tensor comes
-    back as it is, 0-dim included (🤗 Accelerate's shapes).
+    Otherwise raises ``ValueError`` on every process alike, naming each process's tensors: a
+    collective on tensors of other sizes or dtypes aborts the processes in gloo (may hang in NCCL),
+    or fills the result with other bytes. Only then do the shapes themselves travel.
     """
-    if strategy.world_size == 1:
-        return tensor
-    tensor = _as_batch(tensor)
-    sizes = exchange_shapes(tensor, strategy.all_gather, "gather()", rows=True)
-    longest = max(sizes)
-    if longest != tensor.shape[0]:
-        tensor = pad_tensor(tensor, longest, dim=0)
-    stacked = strategy.all_gather(tensor)
-    return torch.cat([stacked[rank, :size] for rank, size in enumerate(sizes)])
+    batched = [_as_batch(t) for t in tensors] if rows else tensors
+    text = json.dumps([[str(t.dtype), *t.shape[1 if rows else 0 :]] for t in batched])
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "big")
+    count, slots = len(batched), _HEADER - 2
+    sizes = [t.shape[0] for t in batched[:slots]] if rows else []
+    header = torch.tensor([count, digest, *sizes, *[0] * (slots - len(sizes))], dtype=torch.int64)
+    headers = all_gather(header.to(device)).tolist()
+    if any(h[:2] != headers[0][:2] for h in headers):
+        _raise_mismatch(tensors, all_gather, device, caller, rows)
+    if not rows:
+        return []
+    if count <= slots:
+        table = [h[2 : 2 + count] for h in headers]
+    else:  # the same count on every process (checked above): one more all-gather of equal size
+        table = all_gather(torch.tensor([t.shape[0] for t in batched], device=device)).tolist()
+    return [[each[i] for each in table] for i in range(count)]
+
+
+def _raise_mismatch(
+    tensors: list[torch.Tensor],
+    all_gather: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    caller: str,
+    rows: bool,
+) -> None:
+    described = [f"[{', '.join(map(str, t.shape))}] {t.dtype}" for t in tensors]
+    found = "; ".join(
+        f"process {rank}: {', '.join(each) or 'no tensors'}"
+        for rank, each in enumerate(_gather_json(described, all_gather, device))
+    )
+    same = (
+        "the same dtype and the same size in every dimension but the first"
+        if rows
+        else "the same shape and dtype"
+    )
+    raise ValueError(
+        f"{caller}: tensors must have {same} on every process; got {found}. Make them agree first: "
+        "accelerator.pad_across_processes(tensor, dim=d) pads dimension d to its longest, tensor.to(dtype) casts"
+    )
 
 
 def gather(strategy: Strategy, data: Any) -> Any:
-    return apply_to_tensors(data, lambda t: gather_tensor(strategy, t))
+    """Concatenate each tensor of ``data`` from all ranks along dim 0, in rank order.
+
+    Ranks may hold different lengths along dim 0 (the last batch of an epoch): the sizes of the
+    whole structure are exchanged first (:func:`check_shapes`, which also checks that the other
+    dimensions and the dtypes agree), tensors padded to the longest and the padding removed after
+    the gather. A 0-dim tensor counts as one row (``[world_size]`` gathered); on one process every
+    tensor comes back as it is, 0-dim included (🤗 Accelerate's shapes).
+    """
+    if strategy.world_size == 1:
+        return data
+    rows = iter(
+        check_shapes(tensors_of(data), strategy.all_gather, strategy.root_device, "gather()", rows=True)
+    )
+
+    def gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+        tensor, sizes = _as_batch(tensor), next(rows)
+        longest = max(sizes)
+        if longest != tensor.shape[0]:
+            tensor = pad_tensor(tensor, longest, dim=0)
+        stacked = strategy.all_gather(tensor)
+        return torch.cat([stacked[rank, :size] for rank, size in enumerate(sizes)])
+
+    return apply_to_tensors(data, gather_tensor)
 
 
 def gather_objects(strategy: Strategy, obj: Any, caller: str) -> list[Any]:
@@ -99,10 +128,15 @@ def gather_objects(strategy: Strategy, obj: Any, caller: str) -> list[Any]:
         ) from None
     if strategy.world_size == 1:
         return [json.loads(text)]
-    device = strategy.root_device
-    payload = json_bytes(text, device)
-    sizes = strategy.all_gather(torch.tensor([payload.numel()], device=device)).flatten().tolist()
-    stacked = strategy.all_gather(pad_tensor(payload, max(sizes), dim=0))
+    return _gather_json(obj, strategy.all_gather, strategy.root_device)
+
+
+def _gather_json(
+    obj: Any, all_gather: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> list[Any]:
+    payload = json_bytes(json.dumps(obj), device)
+    sizes = all_gather(torch.tensor([payload.numel()], device=device)).flatten().tolist()
+    stacked = all_gather(pad_tensor(payload, max(sizes), dim=0))
     return [from_json_bytes(stacked[rank, :size]) for rank, size in enumerate(sizes)]
 
 
@@ -125,26 +159,8 @@ def broadcast(strategy: Strategy, data: Any, src: int) -> Any:
 
 
 def check_same_tensors(strategy: Strategy, data: Any, caller: str) -> None:
-    """Raise ``ValueError`` on every process alike, naming each process's tensors, unless the tensors
-    of ``data`` have the same shapes and dtypes on every process: a collective on tensors of other
-    sizes aborts the processes in gloo (and may hang in NCCL). One small all-gather of a digest; the
-    shapes themselves travel only when the digests differ."""
-    tensors: list[torch.Tensor] = []
-    apply_to_tensors(data, tensors.append)
-    dtypes = _dtypes()
-    digest = zlib.crc32(json.dumps([[dtypes.index(t.dtype), *t.shape] for t in tensors]).encode())
-    sent = torch.tensor([digest], dtype=torch.int64, device=strategy.root_device)
-    if len(set(strategy.all_gather(sent).flatten().tolist())) == 1:
-        return
-    described = [f"[{', '.join(map(str, t.shape))}] {t.dtype}" for t in tensors]
-    found = "; ".join(
-        f"process {rank}: {', '.join(each) or 'no tensors'}"
-        for rank, each in enumerate(gather_objects(strategy, described, caller))
-    )
-    raise ValueError(
-        f"{caller}: the tensors must have the same shapes and dtypes on every process; got {found}. "
-        "accelerator.pad_across_processes(tensor, dim=d) pads dimension d to its longest"
-    )
+    """:func:`check_shapes` for the tensors of ``data``, every dimension compared (reduce, broadcast)."""
+    check_shapes(tensors_of(data), strategy.all_gather, strategy.root_device, caller)
 
 
 def pad_tensor(

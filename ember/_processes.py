@@ -8,7 +8,7 @@ import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -17,7 +17,7 @@ from ember._tree import apply_to_tensors, other_leaf
 from ember._validation import check_bool
 from ember._wrappers import GradientState
 from ember.strategies import Strategy
-from ember.strategies.base import ReduceOp, check_reduce_op
+from ember.strategies.base import REDUCE_OPS, ReduceOp
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -136,12 +136,25 @@ class ProcessMixin:
             return [item for each in objects for item in each]
         return objects
 
-    def reduce(self, tensor: Any, reduction: ReduceOp = "sum", scale: float = 1.0) -> Any:
+    def reduce(self, tensor: Any, reduction: ReduceOp | Literal["none"] = "sum", scale: float = 1.0) -> Any:
         """All-reduce tensors (nested structures too) with ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``;
-        each result multiplied by ``scale`` on every device (🤗 Accelerate applies ``scale`` on XLA only)."""
-        check_reduce_op(reduction, "reduction")
+        each result multiplied by ``scale`` on every device (🤗 Accelerate applies ``scale`` on XLA only).
+        ``"none"`` reduces nothing: each process gets a copy of its own tensors (scaled).
+
+        The tensors must have the same shapes and dtypes on every process, else ``ValueError`` on every
+        process, naming them: one small all-gather checks the whole structure before the data is sent,
+        unless every tensor is 0-dim (a loss, a flag: the per-step case, left unchecked to save the
+        collective)."""
+        if reduction not in (*REDUCE_OPS, "none"):
+            choices = ", ".join(map(repr, (*REDUCE_OPS, "none")))
+            raise ValueError(f"reduction={reduction!r} is not a reduction. Valid choices: {choices}")
         _check_tensors(tensor, "reduce()")
-        reduced = _ops.reduce(self._strategy, tensor, reduction)
+        if reduction == "none":  # (🤗 Accelerate documents it so; its 1.15 code sums on several processes)
+            reduced = apply_to_tensors(tensor, torch.clone)
+        else:
+            if self.num_processes > 1 and any(t.dim() for t in _ops.tensors_of(tensor)):
+                _ops.check_same_tensors(self._strategy, tensor, "reduce()")
+            reduced = _ops.reduce(self._strategy, tensor, reduction)
         return reduced if scale == 1.0 else apply_to_tensors(reduced, lambda t: t * scale)
 
     def pad_across_processes(

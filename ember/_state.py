@@ -38,7 +38,9 @@ class StateMixin:
     ) -> nn.Module:
         """The user's module inside the strategy wrapper (DDP ...). A model ``prepare`` compiled
         (``dynamo_backend``) comes back compiled around that module, as in 🤗 Accelerate; with
-        ``keep_torch_compile=False``, plain. The prepared model itself is left unchanged."""
+        ``keep_torch_compile=False``, plain. The prepared model itself is left unchanged. A model you
+        compiled before ``prepare`` comes back compiled too; ``keep_torch_compile=False`` removes that
+        wrapper only where nothing wraps it (one device), as 🤗 Accelerate does."""
         check_bool("keep_torch_compile", keep_torch_compile, owner="unwrap_model")
         plain = uncompiled(model)
         inner = self._strategy.unwrap_module(plain)
@@ -79,7 +81,9 @@ class StateMixin:
         """Write the model's weights as safetensors (sharded, with an index JSON, above ``max_shard_size``);
         ``safe_serialization=False`` (a pickled ``pytorch_model.bin``) is refused."""
         _check_safe("save_model", safe_serialization)
-        _weights.save_model(self._strategy, uncompiled(model), save_directory, max_shard_size)
+        _weights.save_model(
+            self._strategy, self._without_prepare_compile(model), save_directory, max_shard_size
+        )
 
     def get_state_dict(self, model: nn.Module, unwrap: bool = True) -> dict[str, torch.Tensor]:
         """The model's whole state dict, keyed by your module's names (``unwrap=False``: the wrapper's
@@ -87,7 +91,14 @@ class StateMixin:
         gathered, a collective that every process must call; the full tensors are on the main process."""
         if not unwrap:
             return model.state_dict()
-        return self._strategy.module_state_dict(uncompiled(model), full=True)
+        return self._strategy.module_state_dict(self._without_prepare_compile(model), full=True)
+
+    def _without_prepare_compile(self, model: nn.Module) -> nn.Module:
+        """``model`` without the compile wrapper ``prepare`` put around it (``dynamo_backend``). A model
+        compiled before ``prepare`` keeps its wrapper: that is the user's module, and its names keep the
+        ``_orig_mod.`` prefix, as in 🤗 Accelerate (where a DDP-wrapped one keeps it too)."""
+        plain = uncompiled(model)
+        return plain if any(plain is prepared for prepared in self._objects.models) else model
 
     def register_for_checkpointing(self, *objects: Any) -> None:
         """Add objects with ``state_dict()``/``load_state_dict()`` to :meth:`save_state`/:meth:`load_state`."""

@@ -54,6 +54,7 @@ class PreparedOptimizer(torch.optim.Optimizer):
         self._gradient_state = gradient_state
         self._owns_step = isinstance(strategy, OwnsOptimizerStep)  # asked once, not every step
         self._direct_step = strategy.direct_optimizer_step
+        self._ends_iteration = strategy.precision.ends_iterations  # (a grad scaler: asked once too)
         #: True when the last step() call did not update parameters (accumulating, or inf/NaN grads)
         self.step_was_skipped = False
         # (before, after) pairs run around each step() call that is no accumulation micro-step
@@ -127,7 +128,8 @@ class PreparedOptimizer(torch.optim.Optimizer):
                 return None
             closure = None
         self.step_was_skipped = not self._strategy.optimizer_step(self.optimizer, closure)
-        self._strategy.precision.end_iteration(o.optimizer for o in self._siblings)
+        if self._ends_iteration:
+            self._strategy.precision.end_iteration([o.optimizer for o in self._siblings])
         return loss
 
     def _add_step_hooks(self, before: Callable[[], None], after: Callable[[], None]) -> RemovableHandle:

@@ -37,6 +37,7 @@ from ember._devices import (
     resolve_devices,
 )
 from ember._plugin_args import resolve_plugins
+from ember._prepare_one import PrepareOneMixin
 from ember._processes import ProcessMixin
 from ember._rng import seed_everything
 from ember._skip import skip_first_batches
@@ -71,7 +72,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Accelerator(
-    ProcessMixin, StateMixin, StepMixin, TrackerMixin, DataLoaderSettings, AccelerateStateMixin
+    ProcessMixin,
+    StateMixin,
+    StepMixin,
+    TrackerMixin,
+    DataLoaderSettings,
+    AccelerateStateMixin,
+    PrepareOneMixin,
 ):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
@@ -161,7 +168,7 @@ class Accelerator(
         choice.check(self._strategy, device_type)
         per_node = environment.local_world_size if environment.launched_externally else None
         num_processes, device_ids = resolve_devices(devices, device_type, per_node, self._strategy)
-        precision_plugin = kwargs_handlers_module.scaled_precision(
+        precision_plugin = kwargs_handlers_module.handled_precision(
             handlers,
             resolve_precision(
                 precision if precision is not None else defaults.get("precision", "32-true"),
@@ -200,7 +207,7 @@ class Accelerator(
         self.project_configuration = project
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
-        self._handlers = handlers  # (by kind: ddp_handler, scaler_handler, init_handler, profile())
+        self._handlers = handlers  # (by kind: ddp_handler, scaler_handler, autocast_handler, profile())
         self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)
         set_current(self)  # a PartialState made from now on describes these processes
 
@@ -301,31 +308,6 @@ class Accelerator(
                 self._objects.schedulers.append(prepared_scheduler)
                 result[slot] = prepared_scheduler
         return result[0] if len(result) == 1 else tuple(result)
-
-    def prepare_model(self, model: nn.Module, device_placement: bool | None = None) -> nn.Module:
-        """``prepare(model)`` for one model (🤗 Accelerate's name)."""
-        prepared: nn.Module = self._prepare_one(model, nn.Module, "prepare_model", device_placement)
-        return prepared
-
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> PreparedOptimizer:
-        """``prepare(optimizer)`` for one optimizer (its model prepared first, as with ``prepare``)."""
-        prepared: PreparedOptimizer = self._prepare_one(optimizer, torch.optim.Optimizer, "prepare_optimizer")
-        return prepared
-
-    def prepare_scheduler(self, scheduler: Any) -> PreparedScheduler:
-        """``prepare(scheduler)`` for one LR scheduler (its optimizer prepared first)."""
-        prepared: PreparedScheduler = self._prepare_one(
-            scheduler, torch.optim.lr_scheduler.LRScheduler, "prepare_scheduler"
-        )
-        return prepared
-
-    def _prepare_one(self, obj: Any, kind: type, name: str, device_placement: bool | None = None) -> Any:
-        if not isinstance(obj, kind):
-            raise TypeError(
-                f"{name}() needs a {kind.__module__}.{kind.__qualname__}, got {type(obj).__name__}"
-            )
-        check_bool("device_placement", device_placement, owner=name, optional=True)
-        return self.prepare(obj, device_placement=None if device_placement is None else [device_placement])
 
     def prepare_data_loader(
         self, dataloader: DataLoader[Any], device_placement: bool | None = None, *, shard: bool = True

@@ -6,10 +6,13 @@ Accelerator builds, accepted under Accelerate's names so that its loops switch b
 - :class:`GradScalerKwargs` builds the ``torch.amp.GradScaler`` of ``precision="16-mixed"``
   (``mixed_precision="fp16"``).
 - :class:`ProfileKwargs` configures the ``torch.profiler.profile`` of ``accelerator.profile()``.
-- :class:`AutocastKwargs` sets ``torch.autocast``'s options for one ``accelerator.autocast()`` block.
+- :class:`AutocastKwargs` sets ``torch.autocast``'s options for the forward of every prepared model
+  and for ``accelerator.autocast()`` blocks (or, given to ``accelerator.autocast(autocast_handler=...)``,
+  for that block only).
 
 A handler that does not apply to the chosen strategy or precision raises ``ValueError``: its
-settings would otherwise be silently dropped.
+settings would otherwise be silently dropped. :class:`AutocastKwargs` is the exception, as in
+Accelerate: where nothing autocasts, turning autocast off or its cache on has nothing to change.
 """
 
 from __future__ import annotations
@@ -85,10 +88,12 @@ class GradScalerKwargs:
 
 @dataclass(frozen=True)
 class AutocastKwargs:
-    """``torch.autocast``'s options for one ``accelerator.autocast(autocast_handler=...)`` block:
-    ``enabled=False`` runs the block in full precision (even inside an enclosing autocast);
+    """``torch.autocast``'s options: in ``Accelerator(kwargs_handlers=[...])``, for the forward of every
+    prepared model and ``accelerator.autocast()``'s default; in ``accelerator.autocast(autocast_handler=...)``,
+    for that block. ``enabled=False`` runs in full precision (even inside an enclosing autocast);
     ``cache_enabled`` turns autocast's weight cast cache on or off (None: torch's default). They
-    apply under the mixed precisions; where nothing autocasts (``32-true``, ``16-true``, ...) they change nothing.
+    apply under the mixed precisions; where nothing autocasts (``32-true``, ``16-true``, DeepSpeed's
+    engine, ...) they change nothing, as in 🤗 Accelerate.
     """
 
     enabled: bool = True
@@ -152,19 +157,19 @@ class ProfileKwargs:
         )
 
 
-_KINDS = (DistributedDataParallelKwargs, InitProcessGroupKwargs, GradScalerKwargs, ProfileKwargs)
+_KINDS = (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    GradScalerKwargs,
+    AutocastKwargs,
+    ProfileKwargs,
+)
 
 
 def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:
     """The handlers by kind: one of each at most, and only ember's kinds."""
     found: dict[type, Any] = {}
     for handler in handlers or ():
-        if isinstance(handler, AutocastKwargs):  # the model's forward autocasts as the precision says
-            raise TypeError(
-                "kwargs_handlers: AutocastKwargs is not taken by the Accelerator; pass it to one block, "
-                "accelerator.autocast(autocast_handler=AutocastKwargs(...)). Valid choices here: "
-                + ", ".join(f"ember.{kind.__name__}" for kind in _KINDS)
-            )
         if type(handler) not in _KINDS:
             raise TypeError(
                 f"kwargs_handlers: {type(handler).__name__} is not supported. Valid choices: "
@@ -203,22 +208,25 @@ def ddp_strategy(
     )
 
 
-def scaled_precision(handlers: dict[type, Any], plugin: Precision, device_type: str) -> Precision:
-    """``plugin``, or ``16-mixed`` with the scaler :class:`GradScalerKwargs` configures."""
+def handled_precision(handlers: dict[type, Any], plugin: Precision, device_type: str) -> Precision:
+    """``plugin``, or the mixed precision that :class:`GradScalerKwargs` (its scaler) and
+    :class:`AutocastKwargs` (its forward's autocast) configure."""
     import torch
 
     from ember.precision import MixedPrecision
 
-    scaler = handlers.get(GradScalerKwargs)
-    if scaler is None:
-        return plugin
-    if plugin.name != "16-mixed" or not isinstance(plugin, MixedPrecision):
+    scaler, autocast = handlers.get(GradScalerKwargs), handlers.get(AutocastKwargs)
+    if scaler is not None and (plugin.name != "16-mixed" or not isinstance(plugin, MixedPrecision)):
         raise ValueError(
             f"kwargs_handlers: GradScalerKwargs configure the scaler of precision='16-mixed' "
             f"(mixed_precision='fp16'), not precision={plugin.name!r}"
         )
+    if not isinstance(plugin, MixedPrecision) or (scaler is None and autocast is None):
+        return plugin  # (AutocastKwargs where nothing autocasts: nothing to change, as in Accelerate)
     return MixedPrecision(
-        "16-mixed",
+        plugin.name,
         device_type=device_type,
-        scaler=torch.amp.GradScaler(device_type, **dataclasses.asdict(scaler)),
+        scaler=torch.amp.GradScaler(device_type, **dataclasses.asdict(scaler)) if scaler else plugin.scaler,
+        autocast_enabled=autocast.enabled if autocast else plugin.autocast_enabled,
+        cache_enabled=autocast.cache_enabled if autocast else plugin.cache_enabled,
     )

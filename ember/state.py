@@ -26,7 +26,12 @@ import torch
 from ember._processes import DistributedType, ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_int, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
-from ember.kwargs_handlers import DistributedDataParallelKwargs, GradScalerKwargs, InitProcessGroupKwargs
+from ember.kwargs_handlers import (
+    AutocastKwargs,
+    DistributedDataParallelKwargs,
+    GradScalerKwargs,
+    InitProcessGroupKwargs,
+)
 from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TorchDynamoPlugin
 
 if TYPE_CHECKING:
@@ -346,9 +351,9 @@ class AccelerateStateMixin:
         return self._handlers.get(InitProcessGroupKwargs)
 
     @property
-    def autocast_handler(self) -> None:
-        """None: ember takes ``AutocastKwargs`` per block (``accelerator.autocast(autocast_handler=...)``)."""
-        return None
+    def autocast_handler(self) -> AutocastKwargs | None:
+        """The ``AutocastKwargs`` among ``kwargs_handlers``: the autocast of every prepared model's forward."""
+        return self._handlers.get(AutocastKwargs)
 
     @property
     def rng_types(self) -> list[str]:

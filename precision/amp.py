@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
@@ -11,6 +12,7 @@ import torch
 from typing_extensions import override
 
 from ember._registry import Registry
+from ember._validation import check_bool
 from ember.precision.base import Precision
 from ember.precision.utils import convert_floating
 
@@ -20,6 +22,8 @@ class MixedPrecision(Precision):
 
     ``"16-mixed"`` also owns a :class:`torch.amp.GradScaler`: the loss is scaled before backward,
     gradients are unscaled before clipping and the optimizer step is skipped when they hold inf/NaN.
+    ``autocast_enabled`` and ``cache_enabled`` are ``torch.autocast``'s ``enabled`` and
+    ``cache_enabled`` for every forward (🤗 Accelerate's ``AutocastKwargs`` handler sets them).
 
     Example::
 
@@ -33,6 +37,8 @@ class MixedPrecision(Precision):
         scaler: torch.amp.GradScaler | None = None,
         *,
         device: str | None = None,
+        autocast_enabled: bool = True,
+        cache_enabled: bool | None = None,
     ) -> None:
         if device is not None:  # Lightning's keyword: MixedPrecision(precision=..., device="cuda")
             if device_type not in ("cpu", device):
@@ -45,6 +51,10 @@ class MixedPrecision(Precision):
             raise ValueError(
                 f"precision={precision!r} is not a mixed precision. Valid choices: '16-mixed', 'bf16-mixed'"
             )
+        check_bool("autocast_enabled", autocast_enabled, owner="MixedPrecision")
+        check_bool("cache_enabled", cache_enabled, owner="MixedPrecision", optional=True)
+        # torch.autocast's options for every forward (🤗 Accelerate's AutocastKwargs handler)
+        self.autocast_enabled, self.cache_enabled = autocast_enabled, cache_enabled
         self.name = precision  # type: ignore[misc]
         self.dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
         if scaler is not None and precision != "16-mixed":
@@ -56,6 +66,7 @@ class MixedPrecision(Precision):
         # update() ends the iteration. The optimizers unscaled / stepped since the last update:
         self._unscaled: set[int] = set()
         self._stepped: set[int] = set()
+        self._skipped = False  # a step since the last update found inf/NaN gradients
         self._seen: weakref.WeakValueDictionary[int, torch.optim.Optimizer] = weakref.WeakValueDictionary()
 
     @classmethod
@@ -73,7 +84,12 @@ class MixedPrecision(Precision):
 
     @override
     def forward_context(self) -> AbstractContextManager[Any]:
-        return torch.autocast(self.device_type, dtype=self.dtype)
+        return torch.autocast(
+            self.device_type,
+            dtype=self.dtype,
+            enabled=self.autocast_enabled,
+            cache_enabled=self.cache_enabled,
+        )
 
     @override
     def autocast_context(self, *, enabled: bool, cache_enabled: bool | None) -> AbstractContextManager[Any]:
@@ -120,17 +136,33 @@ class MixedPrecision(Precision):
         finally:
             handle.remove()
         self._stepped.add(id(optimizer))
+        self._skipped = self._skipped or not stepped
         return bool(stepped)
+
+    @property
+    @override
+    def ends_iterations(self) -> bool:
+        return self.scaler is not None or type(self).end_iteration is not MixedPrecision.end_iteration
 
     @override
     def end_iteration(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
         if self.scaler is None or not self._stepped:  # nothing stepped since the last update
             return
-        if optimizers is not None and any(id(o) not in self._stepped for o in optimizers):
-            return
+        if optimizers is not None:
+            pending = False
+            for optimizer in optimizers:
+                # Known from the first step on: one that has not stepped yet may hold gradients
+                # already, which an early update (_begin) must bring to the new scale. (An id in
+                # _seen is a live optimizer's: a collected one leaves it.)
+                if id(optimizer) not in self._seen:
+                    self._seen[id(optimizer)] = optimizer
+                pending = pending or id(optimizer) not in self._stepped
+            if pending:
+                return
         self.scaler.update()
         self._unscaled.clear()
         self._stepped.clear()
+        self._skipped = False
 
     def _begin(self, optimizer: torch.optim.Optimizer) -> None:
         """Before ``optimizer`` is unscaled or stepped: if it already stepped since the last update,
@@ -159,12 +191,46 @@ class MixedPrecision(Precision):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.scaler.state_dict()) if self.scaler is not None else {}
+        if self.scaler is None:
+            return {}
+        if not self._stepped or not self.scaler.is_enabled():
+            return dict(self.scaler.state_dict())
+        # Mid-round (an optimizer stepped, another not yet): the scale as it is after the pending
+        # update, which this run makes at a later step and a run resumed from here, with nothing
+        # stepped, would not make. Saving leaves this run as it is.
+        waiting = (self._seen[i] for i in self._unscaled - self._stepped if i in self._seen)
+        found_inf = self._skipped or any(
+            not bool(torch.isfinite(p.grad).all())
+            for opt in waiting
+            for p in _params(opt)
+            if p.grad is not None
+        )
+        return _updated_state(self.scaler, found_inf, self.device_type)
 
     @override
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state)
+        if self.scaler is None or not state:
+            return
+        if self._stepped:  # the pending round belongs to the state replaced: it ends unrecorded
+            self.scaler.update()  # (which also clears the scaler's record of those steps)
+            self._unscaled.clear()
+            self._stepped.clear()
+            self._skipped = False
+        self.scaler.load_state_dict(state)
+
+
+def _updated_state(scaler: torch.amp.GradScaler, found_inf: bool, device_type: str) -> dict[str, Any]:
+    """``scaler``'s state after an ``update()`` that finds inf/NaN gradients or not; ``scaler`` is
+    left as it is. The update is torch's own, made by a twin: a scaler with steps recorded since its
+    last update cannot be copied, and its record of them is private."""
+    twin = torch.amp.GradScaler(device_type)
+    twin.load_state_dict(scaler.state_dict())
+    param = torch.zeros(1, device=device_type, requires_grad=True)
+    param.grad = torch.full_like(param, math.inf if found_inf else 0.0)
+    twin.scale(param)  # (makes the twin's scale tensor, on this device)
+    twin.unscale_(torch.optim.SGD([param], lr=0.0))  # records found_inf
+    twin.update()
+    return dict(twin.state_dict())
 
 
 def _params(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]:

@@ -97,6 +97,12 @@ class Precision:
         optimizer.step(closure) if closure is not None else optimizer.step()
         return True
 
+    @property
+    def ends_iterations(self) -> bool:
+        """False when :meth:`end_iteration` does nothing (no grad scaler): a prepared optimizer then
+        leaves the call out of its steps (it asks once, when prepared)."""
+        return type(self).end_iteration is not Precision.end_iteration
+
     def end_iteration(self, optimizers: Iterable[torch.optim.Optimizer] | None = None) -> None:
         """The optimizers of one iteration have stepped: a grad scaler updates its loss scale, once
         an iteration (torch's recipe for several optimizers). ``optimizers``: only once each of them

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from ember._ops import exchange_shapes
+from ember._ops import check_shapes, tensors_of
 from ember._tree import apply_to_tensors
 from ember.trainer.datamodule import DataModule
 from ember.trainer.hparams import AttributeDict, HyperparametersMixin
@@ -240,7 +240,8 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         as Lightning's), stacked along a new first dimension of size ``world_size``; with one process,
         not stacked. ``group``: a ``torch.distributed`` process group (None: every process);
         ``sync_grads=True`` lets gradients flow back to each process's tensor. Tensors of different
-        shapes or dtypes on the processes raise ``ValueError`` naming each one's (one small all-gather first)."""
+        shapes or dtypes on the processes raise ``ValueError`` naming each one's (one small all-gather
+        first, for the whole structure)."""
         trainer = self.trainer
         data = numbers_to_tensors(data, self.device)
         if trainer.world_size == 1:
@@ -258,11 +259,12 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
             return torch.stack(parts)
 
         def gather(tensor: torch.Tensor) -> torch.Tensor:
-            exchange_shapes(tensor, stacked, "all_gather()")  # else gloo aborts, or the result is garbage
             if sync_grads:
                 return torch.stack(differentiable.all_gather(tensor.contiguous(), group=every))
             return stacked(tensor)
 
+        # One small all-gather checks the whole structure: else gloo aborts, or the result is garbage.
+        check_shapes(tensors_of(data), stacked, self.device, "all_gather()")
         return apply_to_tensors(data, gather)
 
     # -- logging -----------------------------------------------------------------------------------

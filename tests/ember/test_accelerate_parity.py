@@ -168,10 +168,32 @@ def test_autocast_handler() -> None:
         accelerator.autocast(autocast_handler={"enabled": False})  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"AutocastKwargs\(enabled='no'\) must be True or False"):
         AutocastKwargs(enabled="no")  # type: ignore[arg-type]
-    with pytest.raises(
-        TypeError, match=r"AutocastKwargs is not taken by the Accelerator; pass it to one block"
-    ):
-        Accelerator(kwargs_handlers=[AutocastKwargs()])
+
+
+def test_autocast_kwargs_handler_sets_the_autocast_of_prepared_models_and_blocks() -> None:
+    # Accelerate 1.15: Accelerator(kwargs_handlers=[AutocastKwargs(...)]) sets the autocast that
+    # wraps each prepared model's forward, and accelerator.autocast()'s default
+    handler = AutocastKwargs(enabled=False)
+    accelerator = Accelerator(precision="bf16-mixed", kwargs_handlers=[handler])
+    assert accelerator.autocast_handler is handler
+    model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    inside: list[torch.dtype] = []
+    model[0].register_forward_hook(lambda module, args, out: inside.append(out.dtype))
+    model(torch.randn(1, 2))
+    accelerator.call_as_forward(model, lambda x: model[0](x), torch.randn(1, 2))
+    assert inside == [torch.float32, torch.float32]  # without the handler: bfloat16
+    with accelerator.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with accelerator.autocast(autocast_handler=AutocastKwargs()):  # a block's own handler wins
+        assert torch.is_autocast_enabled("cpu")
+    cached = Accelerator(precision="bf16-mixed", kwargs_handlers=[AutocastKwargs(cache_enabled=False)])
+    with cached.autocast():
+        assert torch.is_autocast_enabled("cpu") and not torch.is_autocast_cache_enabled()
+    plain = Accelerator(kwargs_handlers=[AutocastKwargs(enabled=True)])  # 32-true: nothing autocasts
+    with plain.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    with pytest.raises(ValueError, match=r"kwargs_handlers: one AutocastKwargs at most"):
+        Accelerator(kwargs_handlers=[AutocastKwargs(), AutocastKwargs()])
 
 
 # -- gather: 0-dim tensors, use_gather_object ----------------------------------------------------------

@@ -508,3 +508,23 @@ def test_prepare_compiles_and_unwrap_model_matches_accelerate() -> None:
     assert list(accelerator.get_state_dict(compiled)) == list(model.state_dict())  # no "_orig_mod." prefix
     assert _train(Accelerator(dynamo_backend="eager")) == pytest.approx(expected, abs=1e-6)
     assert type(Accelerator(dynamo_backend="no").prepare(_model())).__name__ == "Sequential"
+
+
+def test_a_model_compiled_before_prepare_keeps_its_orig_mod_names_as_in_accelerate(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    accelerator = Accelerator()
+    model = _model()
+    compiled = accelerator.prepare(torch.compile(model, backend="eager"))
+    assert isinstance(compiled, OptimizedModule) and compiled._orig_mod is model
+    # Accelerate 1.15 (one process and DDP alike): the wrapper is the user's module, so its names
+    # keep the "_orig_mod." prefix; unwrap_model returns it, or with keep_torch_compile=False the module
+    names = [f"_orig_mod.{name}" for name in model.state_dict()]
+    assert list(accelerator.get_state_dict(compiled)) == names
+    assert list(accelerator.get_state_dict(compiled, unwrap=False)) == names
+    accelerator.save_model(compiled, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        assert sorted(saved.keys()) == sorted(names)
+    assert accelerator.unwrap_model(compiled) is compiled
+    assert accelerator.unwrap_model(compiled, keep_torch_compile=False) is model
