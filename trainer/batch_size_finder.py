@@ -253,6 +253,7 @@ class BatchSizeSearch:
         set_attribute(holders, settings.batch_arg_name, size)
         self._rebuild_loaders()
         trainer.state = type(trainer.state)(**start)  # each trial from the search's start (a fresh epoch)
+        trainer._publish_status()  # (its fn, stage and status)
         trainer._metrics.reset()
         steps = settings.steps_per_trial
         if trainer.stage == "fit":

@@ -15,23 +15,11 @@ class StageFlags:
     times a stage (never per batch), so the writes cost nothing that matters."""
 
     # Their values; class attributes are the values before the Trainer's __init__ sets them.
-    _state_now: LoopState | None = None
     _stage_now = ""  # trainer.stage
     _running_now = ""  # the stage running now ("fit", "validate", "test", "predict"), "" between stages
     _evaluation_now = ""  # the evaluation pass running now ("validation", "test"), "" otherwise
     _sanity_now = False
     _interrupted_now = False
-
-    @property
-    def state(self) -> LoopState:
-        """The loop's counters; ``fn``, ``stage`` and ``status`` answer as Lightning's ``trainer.state``."""
-        assert self._state_now is not None
-        return self._state_now
-
-    @state.setter
-    def state(self, state: LoopState) -> None:
-        self._state_now = state
-        self._publish_status()
 
     @property
     def stage(self) -> str:
@@ -82,7 +70,8 @@ class StageFlags:
         self._publish_status()
 
     def _publish_status(self) -> None:
-        state = self._state_now
+        """Write the flags into ``trainer.state`` (called again by whoever replaces the state)."""
+        state: LoopState | None = self.__dict__.get("state")  # (a plain attribute: read every batch)
         if state is None:  # (the Trainer's __init__, before it made its state)
             return
         running, evaluation, sanity = self._running_now, self._evaluation_now, self._sanity_now

@@ -176,7 +176,7 @@ class Trainer(
         self._callbacks = default_callbacks(self, as_list(config.callbacks))
         # The given ones and the defaults; each stage adds the module's (configure_callbacks).
         self.callbacks: list[Callback] = list(self._callbacks)
-        self.state = LoopState()
+        self.state = LoopState()  # (fn, stage, status: written by the stage flags below, StageFlags)
         self.should_stop = False
         self.sanity_checking = False
         self.stage = ""
