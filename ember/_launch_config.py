@@ -113,6 +113,11 @@ def _convert(option: _Option, raw: object, label: str) -> Any:
         try:
             value = int(raw)
         except ValueError:
+            if option.key == "nnodes" and ":" in str(raw):  # torchrun's elastic MIN:MAX range
+                raise LaunchConfigError(
+                    f"{label} {raw!r}: ember launch runs a fixed number of nodes, not a MIN:MAX range; "
+                    f"give one integer >= 1"
+                ) from None
             raise LaunchConfigError(f"{label} {raw!r} is not an integer{expected}") from None
         if (
             option.minimum is not None
@@ -238,17 +243,18 @@ ACCELERATE_FLAGS = {
     "master_addr": "--main_process_ip",
     "master_port": "--main_process_port",
     "precision": "--mixed_precision",
-}
+}  # (--max_restarts is also torchrun's spelling)
 
 
 def add_launch_options(parser: argparse.ArgumentParser) -> None:
     """Add every launch option, default ``None`` (= not given) so a config file can fill it."""
     for option in OPTIONS:
         shown = "" if option.default is None else f" (default {option.default})"
-        alias = ACCELERATE_FLAGS.get(option.key)
+        # torchrun's own spellings too (--nproc_per_node, --master_addr, ...).
+        aliases = [a for a in (f"--{option.key}", ACCELERATE_FLAGS.get(option.key)) if a and a != option.flag]
         parser.add_argument(
             option.flag,
-            *([alias] if alias else []),
+            *aliases,
             dest=option.key,
             type=_argument_type(option),
             default=None,
@@ -295,6 +301,10 @@ def read_config(path: str) -> dict[str, object]:
             f"config file {path!r} must be a mapping of launch options (key: value), "
             f"not a {type(data).__name__}: {data!r}"
         )
+    from ember._accelerate_config import from_accelerate, is_accelerate_config
+
+    if is_accelerate_config(data):  # written by `accelerate config`: its keys mapped to ember's
+        data = from_accelerate(data, path)
     keys = [option.key for option in OPTIONS]
     for key in data:
         if key not in _BY_KEY:

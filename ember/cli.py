@@ -7,6 +7,9 @@ metrics of CSV-logged runs into a PNG. Each command's work lives in its own priv
 ``ember launch`` is a thin layer over ``torch.distributed.run`` (torchrun): it validates the
 arguments before anything starts, passes ``--strategy``/``--precision`` to the script's
 Accelerator/Trainer through ``EMBER_STRATEGY``/``EMBER_PRECISION``, and hands the rest to torchrun.
+It also takes torchrun's and ``accelerate launch``'s usual flags (``ember/_launch_flags.py``), refuses
+the others with the ember equivalent (``ember/_launch_refusals.py``), reads Accelerate's config file
+(``ember/_accelerate_config.py``), and exits with a failed rank's exit code.
 
 Examples::
 
@@ -31,6 +34,14 @@ from ember._launch_config import (
     defaults,
     resolve_options,
 )
+from ember._launch_flags import (
+    add_runner_options,
+    check_runner_options,
+    check_script,
+    runner_argv,
+    runner_env,
+)
+from ember._launch_refusals import refusal
 
 __all__ = ["main"]
 
@@ -54,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "-m", "--module", action="store_true", help="SCRIPT is a module name (like python -m)"
     )
+    add_runner_options(launch)
     launch.add_argument("script", help="the training script (or module, with -m)")
     launch.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
     consolidate = commands.add_parser(
@@ -183,6 +195,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if args.accelerator not in (None, "cuda", "gpu"):
             parser.error(f"--multi_gpu runs on GPUs, but --accelerator {args.accelerator} was given")
         args.accelerator = "cuda"
+    check_runner_options(args, parser.error)
     try:
         options = resolve_options({key: getattr(args, key) for key in defaults()}, args.config_file)
         for key, value in options.items():
@@ -193,8 +206,11 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         if total % args.nnodes:
             parser.error(f"--num_processes {total} does not divide evenly over --nnodes {args.nnodes}")
         args.nproc_per_node = total // args.nnodes
-    if not args.module and not os.path.isfile(args.script):
-        parser.error(f"script {args.script!r} does not exist or is not a file")
+    if args.standalone and args.nnodes != 1:
+        parser.error(
+            f"--standalone runs one node, not --nnodes {args.nnodes}: give --master-addr and --master-port"
+        )
+    check_script(args, parser.error)
 
 
 def torchrun_args(args: argparse.Namespace) -> list[str]:
@@ -206,22 +222,23 @@ def torchrun_args(args: argparse.Namespace) -> list[str]:
         f"--nproc-per-node={args.nproc_per_node}",
         f"--nnodes={args.nnodes}",
         f"--max-restarts={args.max_restarts}",
+        *runner_argv(args, args.nnodes),
     ]
-    if args.nnodes == 1 and args.master_port is None:
-        argv.append("--standalone")
-    else:  # static rendezvous: node 0's agent hosts the store at master_addr:master_port
-        port = args.master_port if args.master_port is not None else 29500
-        argv += [
-            f"--node-rank={args.node_rank}",
-            f"--master-addr={args.master_addr}",
-            f"--master-port={port}",
-        ]
-    if args.module:
-        argv.append("--module")
     return [*argv, args.script, *args.script_args]
 
 
+def exit_status(exitcode: int) -> int:
+    """``ember launch``'s exit status for a failed rank's exit code: the same code (75, a pre-emption, lets
+    the job script requeue), or 128 + N for a rank killed by signal N, as a shell reports it."""
+    if exitcode > 0:
+        return exitcode
+    return 128 - exitcode if exitcode < 0 else 1
+
+
 def launch(args: argparse.Namespace) -> int:
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
 
@@ -229,21 +246,24 @@ def launch(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             os.environ[f"EMBER_{key.upper()}"] = value  # read by the script's Accelerator (environment.py)
+    os.environ.update(runner_env(args))  # torchrun passes its environment on to the processes
     try:
         torchrun_main(torchrun_args(args))
     except ChildFailedError as failed:  # torchrun already printed which rank failed, with its traceback
-        from ember.trainer.preemption import PREEMPTED_EXIT_CODE
-
-        # A pre-empted job (its first failure is a worker's status 75) says so, for the job script to
-        # requeue it; any other failure is 1.
         _, first = failed.get_first_failure()
-        return PREEMPTED_EXIT_CODE if first.exitcode == PREEMPTED_EXIT_CODE else 1
+        return exit_status(first.exitcode)
+    except SignalException as stopped:  # SIGTERM/SIGINT/...: torchrun has already stopped every rank
+        name = signal.Signals(stopped.sigval).name
+        print(f"ember launch: stopped by {name}; every process was stopped", file=sys.stderr)
+        return 128 + int(stopped.sigval)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:  # an option of 🤗 Accelerate or torchrun that ember does not take says what to use instead
+        parser.error(refusal(args.command, extras))
     if args.command == "launch":
         _validate(parser, args)
         return launch(args)

@@ -14,6 +14,7 @@ class StageFlags:
     brings ``trainer.state``'s ``fn``, ``stage`` and ``status`` up to date. The flags change a few
     times a stage (never per batch), so the writes cost nothing that matters."""
 
+    state: LoopState  # the loop's counters: a plain attribute the Trainer sets (read every batch)
     # Their values; class attributes are the values before the Trainer's __init__ sets them.
     _stage_now = ""  # trainer.stage
     _running_now = ""  # the stage running now ("fit", "validate", "test", "predict"), "" between stages

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -158,7 +161,8 @@ def test_accelerate_launch_options(tmp_path: Path) -> None:
     ]
 
 
-def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_on_loopback_form_one_job(tmp_path: Path, rendezvous: str) -> None:
     script = tmp_path / "job.py"
     script.write_text(
         textwrap.dedent(f"""
@@ -179,12 +183,12 @@ def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
                 "launch",
                 "--nnodes",
                 "2",
-                "--node-rank",
-                str(rank),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
+                *(
+                    ["--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port]
+                    if rendezvous
+                    == "static"  # c10d: the same command on every node, ranks from the rendezvous
+                    else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t"]
+                ),
                 "--nproc-per-node",
                 "1",
                 str(script),
@@ -208,3 +212,71 @@ def test_two_nodes_on_loopback_form_one_job(tmp_path: Path) -> None:
         {"world": 2, "local": 0, "node": 0, "total": 1.0},
         {"world": 2, "local": 0, "node": 1, "total": 1.0},
     ]
+
+
+def test_a_failing_ranks_exit_code_is_ember_launchs(tmp_path: Path) -> None:
+    # As torchrun's agent reports it: the first failure's code, here rank 1's 3 (torchrun itself exits 1).
+    script = tmp_path / "fail.py"
+    script.write_text(
+        "import os, sys, time\nif os.environ['RANK'] == '1':\n    sys.exit(3)\ntime.sleep(60)\n"
+    )
+    result = run_command([EMBER, "launch", "--nproc-per-node", "2", str(script)], timeout=120)
+    assert result.returncode == 3, result.stderr[-3000:]
+
+
+def test_sigterm_stops_every_rank_and_exits_143(tmp_path: Path) -> None:
+    script = tmp_path / "sleep.py"
+    script.write_text(
+        "import os, pathlib, time\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'pid' + os.environ['RANK']).write_text(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+    )
+    launcher = subprocess.Popen([EMBER, "launch", "--nproc-per-node", "2", str(script)], env=base_env(),
+                                cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("pid*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in sorted(tmp_path.glob("pid*"))]
+        assert len(pids) == 2, "the ranks did not start"
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]  # as a shell reports a signal
+    assert "ember launch: stopped by SIGTERM; every process was stopped" in err
+    assert "Traceback" not in err
+    for pid in pids:  # torchrun's agent stopped (and reaped) both ranks before returning
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+_SHOW_ENV = """
+import json, os, torch
+from ember import Accelerator
+accelerator = Accelerator()
+print("rank", os.environ["RANK"], json.dumps({
+    "strategy": type(accelerator.strategy).__name__, "device": str(accelerator.device),
+    "EMBER_STRATEGY": os.environ.get("EMBER_STRATEGY"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+    "threads": torch.get_num_threads(), "debug": os.environ.get("TORCH_DISTRIBUTED_DEBUG")}), flush=True)
+"""
+
+
+def test_accelerate_and_torchrun_flags_reach_the_script(tmp_path: Path) -> None:
+    script = tmp_path / "show.py"
+    script.write_text(_SHOW_ENV)
+    logs = tmp_path / "logs"
+    result = run_command(
+        [EMBER, "launch", "--nproc_per_node", "2", "--cpu", "--num_cpu_threads_per_process", "2", "--debug",
+         "--use_fsdp", "--fsdp_sharding_strategy", "SHARD_GRAD_OP", "--local-ranks-filter", "0",
+         "--log-dir", str(logs), "--tee", "1", str(script)],
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = [line for line in result.stdout.splitlines() if "rank " in line]
+    assert len(shown) == 1 and "rank 0 " in shown[0], result.stdout  # --local-ranks-filter 0
+    report = json.loads(shown[0].split(" ", 2)[2])
+    assert report == {"strategy": "FSDPStrategy", "device": "cpu", "EMBER_STRATEGY": "fsdp_shard_grad_op",
+                      "OMP_NUM_THREADS": "2", "threads": 2, "debug": "DETAIL"}  # fmt: skip
+    teed = [path.read_text() for path in logs.rglob("stdout.log")]  # --tee 1: every rank's stdout, in files
+    assert sorted(text.split(" ", 2)[1] for text in teed) == ["0", "1"], teed

@@ -670,7 +670,7 @@ _LAUNCH_OPTIONS: dict[str, Callable[[str], bool]] = {  # flag -> which text valu
     "--master-addr": lambda t: bool(t) and t.isprintable() and not any(c.isspace() for c in t),
     "--strategy": lambda t: t in _STRATEGIES,
     "--precision": lambda t: t in {str(p) for p in _PRECISIONS},
-    "--accelerator": lambda t: t in ("auto", "cpu", "cuda", "xla"),
+    "--accelerator": lambda t: t in ("auto", "cpu", "cuda", "gpu", "xla"),
 }
 _TEXT = st.one_of(
     st.text(max_size=8),
