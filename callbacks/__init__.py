@@ -9,7 +9,7 @@ from ember.callbacks.backbone_finetuning import BackboneFinetuning
 from ember.callbacks.base import Callback, Checkpoint
 from ember.callbacks.batch_size_finder import BatchSizeFinder
 from ember.callbacks.device_stats_monitor import DeviceStatsMonitor
-from ember.callbacks.early_stopping import EarlyStopping
+from ember.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 from ember.callbacks.finetuning import BaseFinetuning
 from ember.callbacks.gradient_accumulation_scheduler import GradientAccumulationScheduler
 from ember.callbacks.lambda_function import LambdaCallback
@@ -67,6 +67,7 @@ __all__ = [
     "DeviceStatsMonitor",
     "EMAWeightAveraging",
     "EarlyStopping",
+    "EarlyStoppingReason",
     "GradientAccumulationScheduler",
     "LambdaCallback",
     "LearningRateFinder",

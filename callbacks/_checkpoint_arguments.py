@@ -27,6 +27,7 @@ def check_arguments(
     save_weights_only: bool,
     train_time_interval: timedelta | None,
     enable_version_counter: bool,
+    save_on_exception: bool,
 ) -> None:
     """Raise on the first argument of ``ModelCheckpoint(...)`` that is invalid, naming it, its value
     and what it may be."""
@@ -49,6 +50,7 @@ def check_arguments(
         ("verbose", verbose),
         ("save_weights_only", save_weights_only),
         ("enable_version_counter", enable_version_counter),
+        ("save_on_exception", save_on_exception),
     ):
         check_bool(name, flag, owner="ModelCheckpoint")
     if train_time_interval is not None and (

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,16 @@ __all__ = [
     "as_score",
     "check_class_names",
     "check_save_last",
+    "checkpoint_name",
     "fill_template",
     "free_path",
     "is_version_of",
+    "last_path",
     "metrics_of",
     "remove_checkpoints",
     "report",
     "same_directory",
+    "template_fields",
     "warn_if_not_empty",
 ]
 
@@ -50,6 +54,41 @@ def fill_template(
         return f"{name}{insert_names}{text}" if insert_names is not None else text
 
     return _FIELD.sub(field, template).replace("/", "_")
+
+
+def template_fields(template: str) -> list[str]:
+    """The names of ``template``'s fields: ``"{epoch}-{val_loss:.2f}"`` -> ``["epoch", "val_loss"]``."""
+    return [match.group(1) for match in _FIELD.finditer(template)]
+
+
+def checkpoint_name(
+    callback: Any, metrics: Mapping[str, Any], filename: str | None, ver: int | None, prefix: str | None
+) -> str:
+    """``ModelCheckpoint.format_checkpoint_name``: ``dirpath/[prefix-]<template filled>[-v<ver>]``,
+    with ``epoch`` and ``step`` taken from ``metrics`` (0 when absent, as Lightning's)."""
+    template = filename or callback.filename
+    values = {name: float(value) for name, value in metrics.items()}
+    epoch, step = int(values.pop("epoch", 0)), int(values.pop("step", 0))
+    where = f"ModelCheckpoint.format_checkpoint_name(filename={template!r})"
+    insert = callback.CHECKPOINT_EQUALS_CHAR if callback.auto_insert_metric_name else None
+    name = fill_template(template, where, values, epoch, step, insert)
+    name = f"{prefix}-{name}" if prefix else name
+    name = f"{name}-v{ver}" if ver is not None else name
+    return os.path.join(callback.dirpath, name) if callback.dirpath else name
+
+
+def last_path(callback: Any, trainer: Any, metrics: dict[str, float] | None, also_taken: list[str]) -> str:
+    """``ModelCheckpoint.last_path``."""
+    metrics = metrics_of(trainer) if metrics is None else metrics
+    template, epoch, step = callback.last_name, trainer.current_epoch, trainer.global_step
+    where = f"ModelCheckpoint.CHECKPOINT_NAME_LAST={template!r}"
+    insert = callback.CHECKPOINT_EQUALS_CHAR if callback.auto_insert_metric_name else None
+    name = fill_template(template, where, metrics, epoch, step, insert)
+    if callback.last_model_path and is_version_of(Path(callback.last_model_path).name, name):
+        return str(callback.last_model_path)
+    taken = {*callback.best_k_models, *also_taken}
+    directory = Path(callback.resolved_dirpath(trainer))
+    return str(free_path(directory, name, taken, callback.enable_version_counter))
 
 
 def free_path(
@@ -146,9 +185,11 @@ def report(callback: Any, trainer: Any, path: str | None, score: float | None) -
     elif score is None:
         message = f"{where}: saving model to {path!r}"
     else:
+        # (as Lightning: with save_top_k=-1, how many are kept now)
+        top = len(callback.best_k_models) if callback.save_top_k == -1 else callback.save_top_k
         message = (
             f"{where}: {callback.monitor!r} reached {score:0.5f} (best {callback.best_model_score:0.5f}), saving "
-            f"model to {path!r} as top {callback.save_top_k}"
+            f"model to {path!r} as top {top}"
         )
     print(message, flush=True)
 

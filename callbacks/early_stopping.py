@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,7 +17,22 @@ if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EarlyStopping", "EarlyStoppingReason"]
+
+
+class EarlyStoppingReason(Enum):
+    """Why :class:`EarlyStopping` stopped the fit (its ``stopping_reason``), as Lightning's enum.
+
+    Example::
+
+        if stopper.stopping_reason is EarlyStoppingReason.PATIENCE_EXHAUSTED: ...
+    """
+
+    NOT_STOPPED = 0
+    STOPPING_THRESHOLD = 1
+    DIVERGENCE_THRESHOLD = 2
+    PATIENCE_EXHAUSTED = 3
+    NON_FINITE_METRIC = 4
 
 
 class EarlyStopping(Callback):
@@ -25,7 +42,8 @@ class EarlyStopping(Callback):
     when validation runs several times an epoch or every few epochs (``check_on_train_epoch_end``
     decides when given).
     Also stops at once when the value passes ``stopping_threshold`` (strictly better), passes
-    ``divergence_threshold``, or (with ``check_finite``) becomes NaN/inf.
+    ``divergence_threshold``, or (with ``check_finite``) becomes NaN/inf. ``stopping_reason`` and
+    ``stopping_reason_message`` say why it stopped.
 
     Example::
 
@@ -46,6 +64,7 @@ class EarlyStopping(Callback):
         divergence_threshold: float | None = None,
         verbose: bool = False,
         check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
     ) -> None:
         if mode not in ("min", "max"):
             raise ValueError(f"EarlyStopping(mode={mode!r}): valid choices are 'min', 'max'")
@@ -53,7 +72,12 @@ class EarlyStopping(Callback):
             raise ValueError(f"EarlyStopping(patience={patience!r}) must be an int >= 0")
         check_str("monitor", monitor, owner="EarlyStopping")
         check_number("min_delta", min_delta, owner="EarlyStopping")
-        for name, flag in (("strict", strict), ("check_finite", check_finite), ("verbose", verbose)):
+        for name, flag in (
+            ("strict", strict),
+            ("check_finite", check_finite),
+            ("verbose", verbose),
+            ("log_rank_zero_only", log_rank_zero_only),
+        ):
             check_bool(name, flag, owner="EarlyStopping")
         check_bool("check_on_train_epoch_end", check_on_train_epoch_end, owner="EarlyStopping", optional=True)
         for name, threshold in (
@@ -64,12 +88,19 @@ class EarlyStopping(Callback):
         self.monitor, self.mode, self.patience = monitor, mode, patience
         self.min_delta = min_delta  # (its sign kept, as Lightning: negative lets a worse value improve)
         self.strict, self.check_finite, self.verbose = strict, check_finite, verbose
+        self.log_rank_zero_only = log_rank_zero_only
         self.stopping_threshold, self.divergence_threshold = stopping_threshold, divergence_threshold
         self.wait_count = 0
         self.stopped_epoch = 0  # (Lightning's: 0 when it never stopped)
         self.best_score = math.inf if mode == "min" else -math.inf
-        self.stop_reason = ""
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message: str | None = None
         self.check_on_train_epoch_end = check_on_train_epoch_end
+
+    @property
+    def stop_reason(self) -> str:
+        """Ember's earlier name of :attr:`stopping_reason_message` (``""`` when it never stopped)."""
+        return self.stopping_reason_message or ""
 
     @property
     @override
@@ -92,56 +123,93 @@ class EarlyStopping(Callback):
         return current > self.best_score + self.min_delta
 
     def _decide(self, current: float) -> str:
-        """The reason to stop now, or "" to go on; updates the patience counter."""
+        """The message of the reason to stop now, or "" to go on (see :meth:`_evaluate`)."""
+        reason, message = self._evaluate(current)
+        return message if reason is not EarlyStoppingReason.NOT_STOPPED else ""
+
+    def _evaluate(self, current: float) -> tuple[EarlyStoppingReason, str]:
+        """Why to stop now (``NOT_STOPPED`` to go on) and the message (``""``: nothing to say);
+        updates the best value and the patience counter."""
         better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
+        reason = EarlyStoppingReason
         if self.check_finite and not math.isfinite(current):
-            return f"{self.monitor} = {current} is not finite"
+            return reason.NON_FINITE_METRIC, (
+                f"{self.monitor} = {current} is not finite (best so far {self.best_score:.3f}): stopping"
+            )
         if self.stopping_threshold is not None and better(current, self.stopping_threshold):  # (strictly)
-            return f"{self.monitor} = {current} reached stopping_threshold={self.stopping_threshold}"
+            return reason.STOPPING_THRESHOLD, (
+                f"{self.monitor} = {current} reached stopping_threshold={self.stopping_threshold}: stopping"
+            )
         if self.divergence_threshold is not None and better(self.divergence_threshold, current):
-            return (
-                f"{self.monitor} = {current} diverged past divergence_threshold={self.divergence_threshold}"
+            return reason.DIVERGENCE_THRESHOLD, (
+                f"{self.monitor} = {current} is past divergence_threshold={self.divergence_threshold}: stopping"
             )
         if self._improved(current):
+            was = self.best_score
             self.best_score, self.wait_count = current, 0
-            return ""
+            by = (
+                f" by {abs(was - current):.3f} (min_delta={abs(self.min_delta)})"
+                if math.isfinite(was)
+                else ""
+            )
+            return reason.NOT_STOPPED, f"{self.monitor} improved{by}: best {current:.3f}"
         self.wait_count += 1
         if self.wait_count >= self.patience:
-            return f"{self.monitor} did not improve in {self.wait_count} checks (best {self.best_score})"
-        return ""
+            return reason.PATIENCE_EXHAUSTED, (
+                f"{self.monitor} did not improve in {self.wait_count} checks (best {self.best_score:.3f}): stopping"
+            )
+        return reason.NOT_STOPPED, ""
 
     def _check(self, trainer: Trainer) -> None:
         if trainer.fast_dev_run:  # as Lightning: a smoke test of the loop is never stopped early
             return
         if self.monitor not in trainer.callback_metrics:
+            message = (
+                f"EarlyStopping(monitor={self.monitor!r}) could not find {self.monitor!r} in the logged metrics: "
+                f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) or fix the name."
+            )
             if self.strict:
-                raise KeyError(
-                    f"EarlyStopping(monitor={self.monitor!r}) could not find {self.monitor!r} in the logged metrics: "
-                    f"{sorted(trainer.callback_metrics)}. Log it with self.log({self.monitor!r}, ...) or fix the name."
-                )
+                raise KeyError(message)
+            if self.verbose and trainer.is_global_zero:  # as Lightning: strict=False skips, verbose says so
+                warnings.warn(f"{message} strict=False: this check is skipped", RuntimeWarning, stacklevel=3)
             return
-        reason = self._decide(float(trainer.callback_metrics[self.monitor]))
-        # Every process must stop together: stop if any process wants to.
+        reason, message = self._evaluate(float(trainer.callback_metrics[self.monitor]))
+        # Every process must stop together: stop if any process wants to. The reduced value is the
+        # reason, so that every process knows one (the largest code among those that asked).
         # On the accelerator's device: NCCL communicates no host tensor.
-        flag = torch.tensor([float(bool(reason))], device=trainer.accelerator.device)
-        stop = trainer.accelerator.reduce(flag, "max").item() > 0
-        if stop:
+        code = torch.tensor([float(reason.value)], device=trainer.accelerator.device)
+        agreed = EarlyStoppingReason(int(trainer.accelerator.reduce(code, "max").item()))
+        if agreed is not EarlyStoppingReason.NOT_STOPPED:
             trainer.should_stop = True
             self.stopped_epoch = trainer.current_epoch
-            self.stop_reason = reason or "another process asked to stop"
-            if self.verbose and trainer.is_global_zero:
-                print(
-                    f"EarlyStopping: {self.stop_reason}; stopping at epoch {trainer.current_epoch}",
-                    flush=True,
-                )
+            self.stopping_reason = agreed
+            self.stopping_reason_message = (
+                message if reason is agreed else f"another process asked to stop ({agreed.name})"
+            )
+        if message and self.verbose:
+            self._say(trainer, message)
+
+    def _say(self, trainer: Trainer, message: str) -> None:
+        """``verbose``: print ``message`` on every process (prefixed with its rank when there are
+        several), or on global rank 0 alone with ``log_rank_zero_only``; as Lightning."""
+        prefix = ""
+        if trainer.world_size > 1:
+            if self.log_rank_zero_only and not trainer.is_global_zero:
+                return
+            prefix = f"[rank: {trainer.global_rank}] "
+        print(f"{prefix}EarlyStopping: {message}", flush=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"wait_count": self.wait_count, "stopped_epoch": self.stopped_epoch, "best_score": self.best_score,
-                "patience": self.patience}  # fmt: skip
+                "patience": self.patience, "stopping_reason": self.stopping_reason.value,
+                "stopping_reason_message": self.stopping_reason_message}  # fmt: skip
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.wait_count = state_dict["wait_count"]
         self.stopped_epoch = state_dict["stopped_epoch"]
         self.best_score = state_dict["best_score"]
+        # (older checkpoints hold neither)
+        self.stopping_reason = EarlyStoppingReason(state_dict.get("stopping_reason", 0))
+        self.stopping_reason_message = state_dict.get("stopping_reason_message")

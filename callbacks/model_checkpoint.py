@@ -6,6 +6,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
+from ember.callbacks import _checkpoint_exception as _exception
 from ember.callbacks import _checkpoint_names as _names
 from ember.callbacks import _checkpoint_state as _state
+from ember.callbacks import _checkpoint_triggers as _triggers
 from ember.callbacks._checkpoint_arguments import check_arguments
 from ember.callbacks.base import Checkpoint, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_swap import copy_checkpoint
@@ -68,13 +71,14 @@ class ModelCheckpoint(Checkpoint):
         save_weights_only: bool = False,
         train_time_interval: timedelta | None = None,
         enable_version_counter: bool = True,
+        save_on_exception: bool = False,
     ) -> None:
         check_arguments(
             dirpath=dirpath, filename=filename, monitor=monitor, mode=mode, save_top_k=save_top_k,
             save_last=save_last, every_n_train_steps=every_n_train_steps, every_n_epochs=every_n_epochs,
             auto_insert_metric_name=auto_insert_metric_name, save_on_train_epoch_end=save_on_train_epoch_end,
             verbose=verbose, save_weights_only=save_weights_only, train_time_interval=train_time_interval,
-            enable_version_counter=enable_version_counter,
+            enable_version_counter=enable_version_counter, save_on_exception=save_on_exception,
         )  # fmt: skip
         # As Lightning, "~" is the home directory; the resolved dirpath after setup.
         self.dirpath = os.path.expanduser(dirpath) if dirpath is not None else None
@@ -90,14 +94,17 @@ class ModelCheckpoint(Checkpoint):
         self.save_on_train_epoch_end = save_on_train_epoch_end
         self.verbose, self.save_weights_only = verbose, save_weights_only
         self.enable_version_counter = enable_version_counter
+        self.save_on_exception = save_on_exception
         self._last_time: float | None = None  # when the train_time_interval clock last started
         self.best_k_models: dict[str, torch.Tensor] = {}  # path -> score (without monitor: its global step)
         self.best_model_path = ""
         self.best_model_score: torch.Tensor | None = None
+        self.current_score: torch.Tensor | None = None  # the newest ranked checkpoint's (Lightning's)
         self.last_model_path = ""
         self._last_step_saved = -1
         self._validated = False  # a validation run of this fit ended (Lightning's `_has_run`)
         self._saved_last = False  # save_last: whether `last` was saved yet (else at the fit's end)
+        self._deferred = False  # a batch's checkpoint waits for the next validation run (Lightning's)
 
     @property
     @override
@@ -164,31 +171,19 @@ class ModelCheckpoint(Checkpoint):
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._last_time = time.monotonic()
-        self._validated = False
+        self._validated = self._deferred = False
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, module: TrainModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == 0 or step == self._last_step_saved:
+        if step == 0 or step == self._last_step_saved or not _triggers.batch_due(self, trainer):
             return
-        n = self.every_n_train_steps
-        if n and step % n == 0:
-            self._save(trainer)
-        elif self.train_time_interval is not None and self._time_due(trainer):
-            self._save(trainer)
-            self._last_time = time.monotonic()
-
-    def _time_due(self, trainer: Trainer) -> bool:
-        """``train_time_interval`` passed since the last save (or the start): rank 0's clock decides."""
-        assert self.train_time_interval is not None
-        start = self._last_time if self._last_time is not None else time.monotonic()
-        due = time.monotonic() - start >= self.train_time_interval.total_seconds()
-        if trainer.world_size > 1:  # every process saves, or none does
-            flag = torch.tensor([float(due)], device=trainer.accelerator.device)
-            due = bool(trainer.strategy.broadcast(flag, 0).item())
-        return due
+        if _triggers.waits_for_validation(self, trainer):
+            self._deferred = True  # saved at the end of the next validation run (if it acts there)
+            return
+        self._save(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, module: TrainModule) -> None:
@@ -198,10 +193,21 @@ class ModelCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.claim_last(trainer), weights_only=self.save_weights_only)
 
     @override
+    def on_exception(self, trainer: Trainer, module: TrainModule, exception: BaseException) -> None:
+        if self.save_on_exception:
+            _exception.save_on_exception(self, trainer, exception)
+
+    @override
     def on_validation_end(self, trainer: Trainer, module: TrainModule) -> None:
         if trainer.stage == "fit" and not trainer.sanity_checking:
             self._validated = True  # from now on a monitor never logged is an error
-        if acts_after_validation(trainer, self.save_on_train_epoch_end) and self._epoch_due(trainer):
+        if not acts_after_validation(trainer, self.save_on_train_epoch_end):
+            return
+        if self._deferred:  # a batch's checkpoint that waited for this run's values
+            self._deferred = False
+            if trainer.global_step != self._last_step_saved:
+                self._save(trainer)
+        elif self._epoch_due(trainer):
             self._save(trainer)
 
     @override
@@ -221,6 +227,17 @@ class ModelCheckpoint(Checkpoint):
         where = f"ModelCheckpoint(filename={self.filename!r})"
         insert = self.CHECKPOINT_EQUALS_CHAR if self.auto_insert_metric_name else None
         return _names.fill_template(self.filename, where, metrics, epoch, step, insert)
+
+    def format_checkpoint_name(
+        self,
+        metrics: Mapping[str, Any],
+        filename: str | None = None,
+        ver: int | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        """Lightning's: ``<dirpath>/[prefix-]<filename filled from metrics>[-v<ver>]`` (``epoch`` and
+        ``step`` from ``metrics``, else 0; no extension). ``{"epoch": 2}`` and ``"{epoch}"`` -> ``.../epoch=2``."""
+        return _names.checkpoint_name(self, metrics, filename, ver, prefix)
 
     def _score(self, trainer: Trainer) -> float | None:
         if self.monitor is None:
@@ -243,6 +260,8 @@ class ModelCheckpoint(Checkpoint):
     def _plan(self, trainer: Trainer) -> dict[str, Any]:
         """Rank 0 decides what to write and remove; the decision is broadcast so every rank agrees."""
         score = self._score(trainer)
+        if score is not None and math.isnan(score):  # as Lightning: NaN ranks as the worst value
+            score = math.inf if self.mode == "min" else -math.inf
         metrics = _names.metrics_of(trainer)
         directory = Path(self.resolved_dirpath(trainer))
         plan: dict[str, Any] = {"save": None, "remove": [], "last": None, "score": score}
@@ -258,7 +277,7 @@ class ModelCheckpoint(Checkpoint):
                 )
             )
         )
-        if keep_it and not (score is not None and math.isnan(score)):
+        if keep_it:
             name = self.format_name(metrics, trainer.current_epoch, trainer.global_step)
             # As Lightning: the one this supersedes may be written over (atomically: "best" stays `best`).
             superseded = self._superseded(score)
@@ -277,16 +296,7 @@ class ModelCheckpoint(Checkpoint):
         """Where ``last`` goes: ``CHECKPOINT_NAME_LAST`` filled in like ``filename``. This run's (or the
         resumed run's) last checkpoint while its name stays the same; else that name, or ``-vN``
         past the ``last`` checkpoints of earlier runs (asked on rank 0)."""
-        metrics = _names.metrics_of(trainer) if metrics is None else metrics
-        template, epoch, step = self.last_name, trainer.current_epoch, trainer.global_step
-        where = f"ModelCheckpoint.CHECKPOINT_NAME_LAST={template!r}"
-        insert = self.CHECKPOINT_EQUALS_CHAR if self.auto_insert_metric_name else None
-        name = _names.fill_template(template, where, metrics, epoch, step, insert)
-        if self.last_model_path and _names.is_version_of(Path(self.last_model_path).name, name):
-            return self.last_model_path
-        taken = {*self.best_k_models, *(also_taken or [])}
-        directory = Path(self.resolved_dirpath(trainer))
-        return str(_names.free_path(directory, name, taken, self.enable_version_counter))
+        return _names.last_path(self, trainer, metrics, also_taken or [])
 
     def claim_last(self, trainer: Trainer) -> str:
         """:meth:`last_path`, decided on rank 0 for every process and kept as ``last_model_path``
@@ -327,6 +337,7 @@ class ModelCheckpoint(Checkpoint):
             del self.best_k_models[worst]
             removed.append(worst)
         self.best_model_path = self._best()
+        self.current_score = _names.as_score(score) if score is not None else None
         self.best_model_score = self.best_k_models[self.best_model_path] if score is not None else None
         return removed
 
