@@ -141,12 +141,19 @@ class PreparedOptimizer(torch.optim.Optimizer):
         return handle
 
     def boundary_calls(self) -> tuple[Callable[[], Any], Callable[[], Any]]:
-        """``(step, zero_grad)`` for a loop that calls them only at step boundaries (gradients in
-        sync): the wrapped optimizer's own where this wrapper adds nothing there, a call less each."""
+        """``(step, zero_grad)`` for a loop that steps only at step boundaries (gradients in sync)
+        and zeroes once a window: the wrapped optimizer's own where this wrapper adds nothing there,
+        a call less each."""
         if self._direct_step and not self._owns_step:
             self.step_was_skipped = False  # (what step() would set on each call)
             return self.optimizer.step, self.optimizer.zero_grad
-        return self.step, self.zero_grad
+        return self.step, self._zero_grad_now
+
+    def _zero_grad_now(self) -> None:
+        """``zero_grad`` wherever the loop is (the first batch of a window too: a loop that calls it
+        once a window, as the Trainer does, not on every batch as hand-written loops do)."""
+        if not self._owns_step:  # (the engine clears its own gradient buffers)
+            self.optimizer.zero_grad()
 
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()

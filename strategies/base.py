@@ -243,7 +243,11 @@ class Strategy:
     ) -> None:
         for optimizer in optimizers:
             self.precision.unscale_gradients(optimizer)
-        torch.nn.utils.clip_grad_value_(list(parameters), clip_value)
+        # With no gradient at all (a step whose training_step returned None), torch's foreach
+        # implementation raises instead of clipping nothing, as clip_grad_norm_ does.
+        with_grads = [p for p in parameters if p.grad is not None]
+        if with_grads:
+            torch.nn.utils.clip_grad_value_(with_grads, clip_value)
 
     # -- how ranks talk (single process: identities) --------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = "sum", group: Any = None) -> torch.Tensor:

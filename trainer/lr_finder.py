@@ -183,12 +183,18 @@ class SearchRecorder(Callback):
         if len(self.losses) == len(self.lrs):
             return  # no optimizer step in this batch (accumulating)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        value = torch.full((), math.nan, device=trainer.accelerator.device)
+        # (the loss, and whether there is one: training_step may return None)
+        value = torch.zeros(2, device=trainer.accelerator.device)
         if isinstance(loss, torch.Tensor):
-            value = loss.detach().float().reshape(())
+            value = torch.stack([loss.detach().float().reshape(()), value.new_ones(())])
         if trainer.world_size > 1:  # every process the same value, so the same decisions
-            value = trainer.accelerator.reduce(value, "mean")
-        self._record(float(value))
+            value = trainer.accelerator.reduce(value, "sum")  # the mean of the processes with a loss
+        total, count = value.tolist()
+        if count:
+            self._record(total / count)
+        else:  # As Lightning's: training_step returned None, the step is recorded as NaN, which the
+            self.losses.append(math.nan)  # smoothing, the divergence check and the suggestion leave out
+            self.stop = self.stop or len(self.losses) >= self.settings.num_training
 
     def _record(self, loss: float) -> None:
         step = len(self.losses)

@@ -57,6 +57,7 @@ class Epoch:
     state: LoopState
     store: MetricStore
     accelerator: Accelerator
+    gradient_state: Any  # the accelerator's: sync_gradients (a module's optimizer_zero_grad: _zero_grad)
     signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
 
     @classmethod
@@ -92,6 +93,7 @@ class Epoch:
             state=trainer.state,
             store=trainer._metrics,
             accelerator=accelerator,
+            gradient_state=accelerator._gradient_state,
             signals=trainer._preemption.catcher,
         )
         profiler = trainer.config.profiler  # chosen here, once an epoch: the batches test nothing
@@ -122,21 +124,26 @@ def automatic_step(
         return _step_by_module(trainer, epoch, hooks, batch, batch_idx)
     output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
     loss = output if type(output) is torch.Tensor else loss_of(output)
+    if epoch.in_sync or batch_idx % epoch.accumulate == 0:
+        # As Lightning's: the first batch of a window zeroes the gradients after training_step and
+        # before its backward pass (also when training_step returned None), so that a step's
+        # gradients live on until then: on_train_batch_end, a checkpoint, validation see them.
+        _zero_grad(epoch, hooks, batch_idx)
     if loss is not None:
         backward(trainer, hooks, loss)
         if should_step:
             _before_step(trainer, epoch, hooks)
             epoch.step()
-            _after_step(trainer, epoch, hooks, batch_idx)
+            _after_step(trainer, epoch)
     elif should_step:
         # As Lightning's: training_step returned None, no backward ran, and the step boundary is one
-        # all the same: its hooks run, the step is counted, the schedulers step. The optimizer steps
-        # with the gradients of the window's earlier batches; with none, it is not called (it would
-        # change nothing; an engine's step, DeepSpeed's, would apply its zeroed buffers).
+        # all the same: its hooks run (clipping too), the step is counted, the schedulers step. The
+        # optimizer steps with the gradients of the window's earlier batches; with none, it is not
+        # called (it would change nothing; an engine's step, DeepSpeed's, would apply its zeroed buffers).
         _before_step(trainer, epoch, hooks)
         if _has_gradients(epoch.optimizer.optimizer):
             epoch.step()
-        _after_step(trainer, epoch, hooks, batch_idx)
+        _after_step(trainer, epoch)
     return output
 
 
@@ -163,21 +170,24 @@ def _step_by_module(
     trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch: Any, batch_idx: int
 ) -> Any:
     """A step boundary when the module overrides ``optimizer_step``, on Lightning's contract: the hook
-    gets a closure that runs ``training_step``, the backward pass and what precedes a step, and calls
-    ``optimizer.step(closure=...)``; code around that call runs before or after the step."""
+    gets a closure that runs ``training_step``, zeroes the gradients (the window's first batch), runs
+    the backward pass and what precedes a step, and calls ``optimizer.step(closure=...)``; code around
+    that call runs before or after the step."""
     outputs: list[Any] = []
+    zeroes = epoch.in_sync or batch_idx % epoch.accumulate == 0
 
     def closure() -> torch.Tensor | None:
-        if outputs and epoch.in_sync:  # LBFGS evaluates again: this point's gradients alone, as Lightning's
-            epoch.zero_grad()
         output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
         outputs.append(output)  # (LBFGS runs it several times: the last output is the step's)
         loss = output if type(output) is torch.Tensor else loss_of(output)
+        if zeroes:  # (each evaluation: LBFGS's gets this point's gradients alone, as Lightning's)
+            _zero_grad(epoch, hooks, batch_idx)
         if loss is not None:
             backward(trainer, hooks, loss)
-            _before_step(trainer, epoch, hooks)
-        else:  # As Lightning's, the hook runs; no unscaling nor clipping for a step that will not update
-            _before_step_hooks(epoch, hooks)
+        # As Lightning's, on_before_optimizer_step and the clipping run with no loss too, except
+        # under the grad scaler (16-mixed), which does not step then: the clipping, which unscales,
+        # would leave the optimizer unscaled with no step, and its next window's gradients scaled.
+        _before_step(trainer, epoch, hooks, loss is not None or not epoch.unscales)
         return loss
 
     # A LossClosure: its None (training_step returned None) skips the update, as Lightning's; the
@@ -188,15 +198,41 @@ def _step_by_module(
             f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
             "training_step and the backward pass did not run: call optimizer.step(closure=optimizer_closure)"
         )
-    _after_step(trainer, epoch, hooks, batch_idx)
+    _after_step(trainer, epoch)
     return outputs[-1]
 
 
-def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None]) -> None:
-    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping."""
-    if epoch.unscales:
+def _zero_grad(epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> None:
+    """``on_before_zero_grad`` and zeroing the gradients (``optimizer_zero_grad``), on the first batch
+    of a window."""
+    entry = hooks["on_before_zero_grad"]  # (None, one lookup a window, when nobody overrides it)
+    if entry is not None:
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
+    if epoch.module_zero_grad is None:
+        epoch.zero_grad()  # (zeroes inside a window too: PreparedOptimizer.boundary_calls)
+        return
+    # The module's calls optimizer.zero_grad(), which does nothing inside an accumulation window (as
+    # Accelerate's, for loops that call it every batch): here it runs as at a boundary.
+    state = epoch.gradient_state
+    syncs, state.sync_gradients = state.sync_gradients, True
+    try:
+        epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
+    finally:
+        state.sync_gradients = syncs
+
+
+def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], clips: bool = True) -> None:
+    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping
+    (``clips`` False: the hook alone)."""
+    if clips and epoch.unscales:
         epoch.accelerator.unscale_gradients()
-    _before_step_hooks(epoch, hooks)
+    entry = hooks["on_before_optimizer_step"]
+    if entry is not None:
+        for hook in entry[3]:
+            hook(epoch.optimizer.optimizer)
+    if not clips:
+        return
     if epoch.module_clip is not None:
         config = trainer.config
         epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)
@@ -206,26 +242,11 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None])
         )
 
 
-def _before_step_hooks(epoch: Epoch, hooks: dict[str, Entry | None]) -> None:
-    entry = hooks["on_before_optimizer_step"]
-    if entry is not None:
-        for hook in entry[3]:
-            hook(epoch.optimizer.optimizer)
-
-
-def _after_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> None:
-    """What follows an optimizer step: ``on_before_zero_grad``, zeroing the gradients, the step count,
-    step-interval schedulers."""
+def _after_step(trainer: Trainer, epoch: Epoch) -> None:
+    """What follows an optimizer step: the grad scaler's update, the step count, step-interval
+    schedulers. (The gradients stay until the next window's first batch zeroes them, as Lightning's.)"""
     if epoch.unscales:  # (the optimizer of an earlier fit, still prepared, will not step)
         epoch.accelerator.precision.end_iteration()
-    entry = hooks["on_before_zero_grad"]  # (None, one lookup a step, when nobody overrides it)
-    if entry is not None:
-        for hook in entry[3]:
-            hook(epoch.optimizer.optimizer)
-    if epoch.module_zero_grad is not None:
-        epoch.module_zero_grad(epoch.state.epoch, batch_idx, epoch.optimizer)
-    else:
-        epoch.zero_grad()
     epoch.state.global_step += 1
     if epoch.step_schedulers:
         trainer._step_schedulers("step")

@@ -90,6 +90,13 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.on_before_backward", "module.on_before_backward",
         "callback.on_after_backward", "module.on_after_backward",
     ]  # fmt: skip
+    # As Lightning's: the first batch of a window zeroes the gradients, after training_step
+    zeroing = [
+        *train_batch[:3],
+        "callback.on_before_zero_grad",
+        "module.on_before_zero_grad",
+        *train_batch[3:],
+    ]
     batch_end = ["callback.on_train_batch_end", "module.on_train_batch_end"]
     validation = [
         "module.on_validation_model_eval",
@@ -110,10 +117,9 @@ def test_hook_order(tmp_path: Path) -> None:
         "callback.on_sanity_check_end",
         "callback.on_train_start", "module.on_train_start",
         "callback.on_train_epoch_start", "module.on_train_epoch_start",
-        *train_batch, *batch_end,  # batch 0 accumulates
+        *zeroing, *batch_end,  # batch 0 accumulates
         *train_batch,  # batch 1 completes the window: the optimizer steps
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
-        "callback.on_before_zero_grad", "module.on_before_zero_grad",  # after the step
         *batch_end,
         "module.on_validation_model_zero_grad",  # a fit's validation, not the sanity check's
         *validation, "callback.on_validation_end", "module.on_validation_end", "checkpoint.on_validation_end",
@@ -150,8 +156,8 @@ def test_a_callback_added_during_the_fit_gets_the_next_hooks(tmp_path: Path) -> 
 
     _fit_bare(tmp_path, AddLater(), epochs=1, batches=3)
     per_batch = [
-        "callback.on_train_batch_start", "callback.on_before_backward", "callback.on_after_backward",
-        "callback.on_before_optimizer_step", "callback.on_before_zero_grad", "callback.on_train_batch_end",
+        "callback.on_train_batch_start", "callback.on_before_zero_grad", "callback.on_before_backward",
+        "callback.on_after_backward", "callback.on_before_optimizer_step", "callback.on_train_batch_end",
     ]  # fmt: skip
     assert calls == [
         *per_batch, *per_batch,  # batches 1 and 2
@@ -251,15 +257,17 @@ def test_step_and_transfer_hooks_order(tmp_path: Path) -> None:
         "callback.on_after_backward", "module.on_after_backward",
     ]  # fmt: skip
     batch_end = ["callback.on_train_batch_end", "module.on_train_batch_end"]
+    zero_grad = ["callback.on_before_zero_grad", "module.on_before_zero_grad", "module.optimizer_zero_grad"]
     assert calls[start : calls.index("callback.on_train_epoch_end")] == [
-        *transfer, *batch_start, *step, *batch_end,  # batch 0 accumulates: no optimizer_step
+        # batch 0 accumulates: no optimizer_step; as the first of its window, it zeroes the gradients
+        # after training_step, before the backward pass (Lightning's order)
+        *transfer, *batch_start, step[0], *zero_grad, *step[1:], *batch_end,
         *transfer, *batch_start,
         "module.optimizer_step",  # the closure: training_step to clipping, inside optimizer.step()
         *step,
         "callback.on_before_optimizer_step", "module.on_before_optimizer_step",
         "module.configure_gradient_clipping",
         "<stepped>",
-        "callback.on_before_zero_grad", "module.on_before_zero_grad",
-        "module.optimizer_zero_grad", "module.lr_scheduler_step",
+        "module.lr_scheduler_step",
         *batch_end,
     ]  # fmt: skip

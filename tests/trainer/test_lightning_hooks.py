@@ -142,12 +142,17 @@ def test_optimizer_zero_grad_replaces_the_trainers(tmp_path: Path) -> None:
             self.calls.append(("optimizer_zero_grad", epoch, batch_idx))
             optimizer.zero_grad(set_to_none=False)
 
+        def on_before_backward(self, loss: torch.Tensor) -> None:
+            grad = self.layer.weight.grad  # (None before the first backward: zero_grad leaves it so)
+            self.calls.append(("before_backward", grad is None or not grad.any()))
+
     module = KeepZeros()
     _fit(tmp_path, module)
     assert [c for c in module.calls if c[0] == "optimizer_zero_grad"] == [
         ("optimizer_zero_grad", 0, i) for i in range(4)
     ]
-    assert module.layer.weight.grad is not None and not module.layer.weight.grad.any()  # zeroed, not None
+    assert [c for c in module.calls if c[0] == "before_backward"] == [("before_backward", True)] * 4
+    assert module.layer.weight.grad is not None  # zeroed, not None: set_to_none=False
 
 
 def test_configure_gradient_clipping_gets_the_trainers_settings(tmp_path: Path) -> None:

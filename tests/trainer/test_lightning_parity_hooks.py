@@ -137,9 +137,10 @@ def test_on_before_zero_grad_runs_on_callbacks_then_the_module_before_each_zero_
             calls.append(("module", optimizer is self.trainer.optimizers[0]))
 
     _trainer(tmp_path, accumulate_grad_batches=2, callbacks=[Recorder()]).fit(Module(), _loader())
-    # Once per optimizer step (4 batches, 2 steps), after the step, with the gradients still there.
-    first = ["on_before_optimizer_step", ("callback", 0, True), ("module", True)]
-    assert calls == [*first, "on_before_optimizer_step", ("callback", 1, True), ("module", True)]
+    # As Lightning's: once per window (4 batches, 2 steps), on its first batch, after training_step and
+    # before the backward pass: the last step's gradients are still there (none before the first).
+    first = [("callback", 0, False), ("module", True), "on_before_optimizer_step"]
+    assert calls == [*first, ("callback", 1, True), ("module", True), "on_before_optimizer_step"]
 
 
 # -- TrainModule.backward ------------------------------------------------------------------------------

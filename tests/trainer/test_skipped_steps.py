@@ -162,12 +162,12 @@ def test_automatic_training_step_returning_none_is_a_step_boundary_as_lightning(
     module = _Plain(none_at=1)
     trainer = _fit(tmp_path, module, precision)
     # Lightning 2.6.6, the same module (32-true; bf16-mixed on its CPU): global_step 1, 2, 3, 4 after
-    # the batches; on_before_optimizer_step at each (no gradient at batch 1), on_before_zero_grad at
-    # each; the weights unchanged by batch 1 (momentum too: no gradient, no update); the step-interval
-    # scheduler stepped 4 times (lr 0.1 / 2**4).
+    # the batches; on_before_zero_grad at each, after training_step, then on_before_optimizer_step
+    # (no gradient at batch 1: zeroed, none computed); the weights unchanged by batch 1 (momentum
+    # too: no gradient, no update); the step-interval scheduler stepped 4 times (lr 0.1 / 2**4).
     hooks = [e for e in module.events if e[0] != "end"]
-    assert hooks == [("before_step", True), ("before_zero_grad",), ("before_step", False), ("before_zero_grad",),
-                     ("before_step", True), ("before_zero_grad",), ("before_step", True), ("before_zero_grad",)]  # fmt: skip
+    assert hooks == [("before_zero_grad",), ("before_step", True), ("before_zero_grad",), ("before_step", False),
+                     ("before_zero_grad",), ("before_step", True), ("before_zero_grad",), ("before_step", True)]  # fmt: skip
     ends = [e for e in module.events if e[0] == "end"]
     assert [e[1] for e in ends] == [1, 2, 3, 4] and trainer.global_step == 4
     assert torch.equal(ends[0][2], ends[1][2]) and not torch.equal(ends[1][2], ends[2][2])

@@ -145,6 +145,27 @@ def test_the_search_stops_when_the_loss_diverges(tmp_path: Path) -> None:
     assert never is not None and len(never.results["loss"]) == 60
 
 
+class SkipsSomeSteps(Quadratic):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return None if batch_idx in (1, 5) else super().training_step(batch, batch_idx)
+
+
+def test_a_step_whose_training_step_returned_none_records_nan_and_the_search_goes_on(tmp_path: Path) -> None:
+    # As Lightning 2.6.6 (_LRCallback): NaN for the step, left out of the smoothed loss and of the
+    # divergence check, and out of the suggestion; the step is one of num_training.
+    loader = DataLoader(TensorDataset(torch.zeros(32, 1)), batch_size=2)
+    finder = Tuner(_trainer(tmp_path)).lr_find(SkipsSomeSteps(), loader, min_lr=1e-3, max_lr=0.1, num_training=12,
+                                               update_attr=False)  # fmt: skip
+    assert finder is not None
+    losses = finder.results["loss"]
+    assert len(losses) == len(finder.results["lr"]) == 12
+    assert [i for i, loss in enumerate(losses) if math.isnan(loss)] == [1, 5]
+    reference = Tuner(_trainer(tmp_path)).lr_find(Quadratic(), loader, min_lr=1e-3, max_lr=0.1, num_training=12,
+                                                  update_attr=False)  # fmt: skip
+    assert reference is not None
+    assert losses[0] == reference.results["loss"][0] and finder.suggestion(skip_begin=0) is not None
+
+
 # -- the result ---------------------------------------------------------------------------------------
 def _synthetic() -> LRFinder:
     finder = LRFinder("linear", 1.0, 20.0, 20)
