@@ -15,6 +15,7 @@ from ember.trainer.combined import PreparedCombinedLoader
 from ember.trainer.config import TrainerConfig
 from ember.trainer.lightning_names import LightningNames
 from ember.trainer.loggers import Logger
+from ember.trainer.loggers.base import VersionedLogger
 from ember.trainer.logging import MetricStore
 from ember.trainer.preemption import PreemptionGuard
 from ember.trainer.profilers import PassThroughProfiler, Profiler
@@ -232,7 +233,14 @@ class TrainerProperties(StageFlags, LightningNames):
 
     @property
     def log_dir(self) -> str | None:
-        return self.loggers[0].log_dir if self.loggers else self.default_root_dir
+        if not self.loggers:
+            return self.default_root_dir
+        first = self.loggers[0]
+        # As Lightning: a CSV or TensorBoard logger's version folder, another logger's save_dir (a W&B
+        # run's folder only exists on rank 0, from when the run opens: its save_dir is there from the start).
+        if isinstance(first, VersionedLogger) or first.save_dir is None:
+            return first.log_dir
+        return first.save_dir
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

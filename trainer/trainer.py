@@ -335,9 +335,10 @@ class Trainer(
             share_versions(self.loggers, self.accelerator.broadcast_object, self.is_global_zero)
         autolog = self.loggers and self.config.enable_autolog_hparams
         hparams = logged_hparams(self.module, self._datamodule) if autolog else None
-        if hparams is not None and self.is_global_zero:  # (every stage, as Lightning)
-            for logger in self.loggers:
+        for logger in self.loggers if autolog and self.is_global_zero else []:  # (every stage, as Lightning)
+            if hparams is not None:
                 logger.log_hyperparams(hparams)
+            logger.log_graph(self.module)  # (only TensorBoardLogger(log_graph=True) records it)
         status, self._interrupted = "success", False
         try:
             with ExitStack() as stack:

@@ -59,8 +59,8 @@ def test_namespaces_as_hyper_parameters_become_dicts(tmp_path: Path) -> None:
 
 
 def test_tensorboard_logger_refuses_an_unknown_writer_argument_when_made(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match=r"TensorBoardLogger\(log_graph=True\).*flush_secs"):
-        TensorBoardLogger(tmp_path, log_graph=True)
+    with pytest.raises(TypeError, match=r"TensorBoardLogger\(flush_every=3\).*flush_secs"):
+        TensorBoardLogger(tmp_path, flush_every=3)
     TensorBoardLogger(tmp_path, flush_secs=5, max_queue=3)  # SummaryWriter's own
 
 

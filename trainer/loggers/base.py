@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from abc import ABC, abstractmethod
 from argparse import Namespace
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
+from typing_extensions import override
 
 from ember._validation import show
 from ember.strategies.environment import detect_environment
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ember.callbacks.model_checkpoint import ModelCheckpoint
 
 __all__ = ["Logger", "share_versions"]
@@ -39,6 +43,17 @@ class Logger(ABC):
     def log_dir(self) -> str | None:
         """Directory of this run's files, if the logger writes any."""
         return None
+
+    @property
+    def save_dir(self) -> str | None:
+        """The directory the logger was given to write under, if any (Lightning's ``save_dir``)."""
+        return None
+
+    @property
+    def group_separator(self) -> str:
+        """What joins a metric group's name to a metric's (Lightning's name): W&B and TensorBoard show
+        ``"/"``-joined names as groups."""
+        return "/"
 
     @property
     def tracker(self) -> Any:
@@ -74,6 +89,12 @@ class Logger(ABC):
         :meth:`finalize` with "success", and release what a logger keeps open between stages."""
         self.finalize("success")
 
+    def log_graph(self, model: nn.Module, input_array: Any = None) -> None:
+        """Record ``model``'s graph, traced with ``input_array`` (default: its ``example_input_array``).
+        The Trainer calls it on global rank 0 at the start of each stage, after ``log_hyperparams``
+        (as Lightning); only ``TensorBoardLogger(log_graph=True)`` records one."""
+        return None
+
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         """``checkpoint_callback`` has just saved (and pruned) checkpoints; e.g. upload them."""
         return None
@@ -90,14 +111,15 @@ class Logger(ABC):
 class VersionedLogger(Logger):
     """A logger writing ``<save_dir>/<name>/version_N/``: the next free N unless a version is given.
 
-    Subclasses set ``_save_dir`` (a Path), ``_name``, ``_version`` (None: not chosen yet) and
-    ``_given_version`` (the ``version`` argument).
+    Subclasses set ``_save_dir`` (a Path), ``_name``, ``_version`` (None: not chosen yet),
+    ``_given_version`` (the ``version`` argument) and ``_hparams`` (an empty dict).
     """
 
     _save_dir: Path
     _name: str
     _version: int | str | None
     _given_version: int | str | None
+    _hparams: dict[str, Any]
 
     @property
     def name(self) -> str:
@@ -110,6 +132,7 @@ class VersionedLogger(Logger):
         return self._version
 
     @property
+    @override
     def save_dir(self) -> str:
         """The ``save_dir`` argument (Lightning's name)."""
         return str(self._save_dir)
@@ -120,8 +143,22 @@ class VersionedLogger(Logger):
         return str(self._save_dir / self._name)
 
     @property
+    @override
     def log_dir(self) -> str:
-        return str(self._save_dir / self._name / _version_folder(self.version))
+        return str(self._log_dir_of(self.version))
+
+    def _log_dir_of(self, version: int | str) -> Path:
+        """The folder of ``version``'s files."""
+        return self._save_dir / self._name / _version_folder(version)
+
+    def _write_hparams(self, params: Any) -> None:
+        """``hparams.json``: ``params`` over those of the earlier calls (as Lightning's ``hparams.yaml``, so a
+        ``log_hyperparams({"config": ...})`` after the Trainer's keeps the module's too)."""
+        self._hparams.update(_params(params))
+        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.log_dir) / "hparams.json").write_text(
+            json.dumps(self._hparams, indent=2, sort_keys=True, default=repr)
+        )
 
     def _continues(self, state: dict[str, Any]) -> bool:
         """Whether to continue the checkpoint's run (``state``: its version and log directory): only when
@@ -130,7 +167,7 @@ class VersionedLogger(Logger):
         given = self._given_version
         if given is not None and _version_folder(given) != _version_folder(version):
             reason = f"this logger was given version={given!r}"
-        elif (self._save_dir / self._name / _version_folder(version)).resolve() != Path(log_dir):
+        elif self._log_dir_of(version).resolve() != Path(log_dir):
             reason = "that is not this logger's directory"
         else:
             return True

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from typing_extensions import override
 
 from ember._validation import check_int, check_path, check_str
-from ember.trainer.loggers.base import VersionedLogger, _check_version, _is_global_zero, _params
+from ember.trainer.loggers.base import VersionedLogger, _check_version, _is_global_zero
 
 __all__ = ["CSVLogger"]
 
@@ -55,6 +54,7 @@ class CSVLogger(VersionedLogger):
         self._rows: list[dict[str, Any]] = []
         self._columns: list[str] = []
         self._rows_written = 0
+        self._hparams: dict[str, Any] = {}
 
     @property
     def metrics_file(self) -> Path:
@@ -64,10 +64,7 @@ class CSVLogger(VersionedLogger):
     def log_hyperparams(self, params: dict[str, Any]) -> None:
         if not _is_global_zero():  # (a user's call from a hook on every rank: rank 0's files only)
             return
-        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.log_dir) / "hparams.json").write_text(
-            json.dumps(_params(params), indent=2, sort_keys=True, default=repr)
-        )
+        self._write_hparams(params)
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

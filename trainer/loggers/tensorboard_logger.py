@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import importlib
-import json
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 from typing_extensions import override
 
-from ember._validation import check_path, check_str, show
+from ember._validation import check_bool, check_path, check_str, show
 from ember.trainer.loggers.base import (
     VersionedLogger,
     _check_version,
     _flatten,
     _is_global_zero,
     _NoExperiment,
-    _params,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["TensorBoardLogger"]
 
@@ -35,7 +38,9 @@ class TensorBoardLogger(VersionedLogger):
     checkpoint whose run logged to this logger's directory, the logger continues that version: the
     values the interrupted run logged after the checkpoint are purged from TensorBoard's view, so
     the charts read as if the run never stopped. ``writer_kwargs`` go to ``SummaryWriter``
-    (``flush_secs``, ``max_queue`` ...).
+    (``flush_secs``, ``max_queue`` ...). As Lightning's: ``sub_dir`` puts the files in a folder of the
+    version's, ``log_graph=True`` adds the module's graph (traced with ``example_input_array``), and
+    ``default_hp_metric=True`` logs ``hp_metric`` = -1 with the hyper-parameters (Lightning's default).
 
     Example::
 
@@ -43,11 +48,16 @@ class TensorBoardLogger(VersionedLogger):
     """
 
     def __init__(self, save_dir: str | os.PathLike[str] = ".", name: str = "tensorboard",
-                 version: int | str | None = None, prefix: str = "", **writer_kwargs: Any) -> None:  # fmt: skip
+                 version: int | str | None = None, prefix: str = "", *,
+                 sub_dir: str | os.PathLike[str] | None = None, log_graph: bool = False,
+                 default_hp_metric: bool = False, **writer_kwargs: Any) -> None:  # fmt: skip
         check_path("save_dir", save_dir, owner="TensorBoardLogger")
         check_str("name", name, owner="TensorBoardLogger")
         _check_version(version, "TensorBoardLogger")
         check_str("prefix", prefix, owner="TensorBoardLogger")
+        check_path("sub_dir", sub_dir, owner="TensorBoardLogger", optional=True)
+        check_bool("log_graph", log_graph, owner="TensorBoardLogger")
+        check_bool("default_hp_metric", default_hp_metric, owner="TensorBoardLogger")
         for key, value in writer_kwargs.items():  # checked now: SummaryWriter is only made at the first write
             if key not in _WRITER_ARGUMENTS:
                 raise TypeError(
@@ -56,12 +66,25 @@ class TensorBoardLogger(VersionedLogger):
                 )
         self._save_dir, self._name, self._version = Path(save_dir), name, version
         self._given_version = version
-        self._prefix, self._writer_kwargs = prefix, writer_kwargs
+        self._sub_dir = None if sub_dir is None else os.fspath(sub_dir)
+        self._prefix, self._writer_kwargs, self._log_graph = prefix, writer_kwargs, log_graph
+        self._default_hp_metric = default_hp_metric
+        self._hparams: dict[str, Any] = {}
         self._experiment: Any = None
         # The values of the newest step: a resumed run purges that step and writes them again.
         self._last_step = -1
         self._last_row: list[tuple[str, float]] = []
         self._purge_step: int | None = None
+
+    @property
+    def sub_dir(self) -> str | None:
+        """The folder in each version's folder that the files go to (``log_dir``), or None: the version's."""
+        return self._sub_dir
+
+    @override
+    def _log_dir_of(self, version: int | str) -> Path:
+        folder = super()._log_dir_of(version)
+        return folder if self._sub_dir is None else folder / self._sub_dir
 
     @property
     def experiment(self) -> Any:
@@ -91,21 +114,43 @@ class TensorBoardLogger(VersionedLogger):
 
     @override
     def log_hyperparams(self, params: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
-        """``metrics`` (Lightning's argument, e.g. ``{"hp/accuracy": 0}``) are logged as scalars at step 0."""
+        """``metrics`` (Lightning's argument, e.g. ``{"hp/accuracy": 0}``) are logged as scalars at step 0;
+        without them, ``default_hp_metric=True`` logs ``{"hp_metric": -1}`` (Lightning's default)."""
         if not _is_global_zero():
             return
-        Path(self.log_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.log_dir) / "hparams.json").write_text(
-            json.dumps(_params(params), indent=2, sort_keys=True, default=repr)
-        )
+        self._write_hparams(params)
         summary = importlib.import_module("torch.utils.tensorboard.summary")
         values = {k: _hparam(v) for k, v in _flatten(params).items() if v is not None}
         # Only the session's start (its hyper-parameters): without an experiment summary, the HParams
         # tab takes every scalar of the run as a metric, so no metric needs naming up front.
         _, session_start, _ = summary.hparams(values, {})
         self.experiment.file_writer.add_summary(session_start)
+        if metrics is None and self._default_hp_metric:
+            metrics = {"hp_metric": -1}
         if metrics:
             self.log_metrics(metrics, 0)
+
+    @override
+    def log_graph(self, model: nn.Module, input_array: Any = None) -> None:
+        """With ``log_graph=True``: ``model``'s graph, traced (``add_graph``) with ``input_array``, else its
+        ``example_input_array`` (a tensor or a tuple of positional arguments), through its batch-transfer hooks."""
+        if not self._log_graph or not _is_global_zero():
+            return
+        example = getattr(model, "example_input_array", None) if input_array is None else input_array
+        if not isinstance(example, (torch.Tensor, tuple)):
+            warnings.warn(
+                f"TensorBoardLogger(log_graph=True) cannot trace the graph of {type(model).__name__}: "
+                f"example_input_array (or input_array) is {type(example).__name__}, not a tensor or a tuple "
+                "of forward's positional arguments",
+                stacklevel=2,
+            )
+            return
+        from ember.trainer.module_tools import ModuleTools, _scripting
+
+        if isinstance(model, ModuleTools):
+            example = model._example_on_device(example, "log_graph")
+        with _scripting():
+            self.experiment.add_graph(model, example)
 
     @override
     def log_metrics(self, metrics: dict[str, float], step: int, **kwargs: Any) -> None:
