@@ -132,7 +132,7 @@ class TrainerCLI:
         datamodule_class: type[DataModule] | Any = None,
         save_config_callback: type[SaveConfigCallback] | None = SaveConfigCallback,
         save_config_kwargs: dict[str, Any] | None = None,
-        trainer_class: type[Trainer] = Trainer,
+        trainer_class: type[Trainer] | Any = Trainer,
         trainer_defaults: dict[str, Any] | None = None,
         seed_everything_default: bool | int = True,
         parser_kwargs: dict[str, Any] | None = None,
@@ -192,14 +192,15 @@ class TrainerCLI:
             self._add_arguments(self.parser)
             return
         subcommands = self.parser.add_subcommands()
+        trainer_class = self._parsing.as_class(self.trainer_class)  # (a function returning a Trainer too)
         for name, skip in names.items():
-            method = getattr(self.trainer_class, name)
+            method = getattr(trainer_class, name)
             kwargs = {**main_kwargs, "description": self._parsing.short_description(method)}
             kwargs.update(self.parser_kwargs.get(name, {}))
             parser = self.init_parser(**kwargs)
             self._add_arguments(parser)
             self._subcommand_arguments[name] = parser.add_method_arguments(
-                self.trainer_class, name, skip=set(skip), fail_untyped=False
+                trainer_class, name, skip=set(skip), fail_untyped=False
             )
             self._subcommand_parsers[name] = parser
             subcommands.add_subcommand(name, parser, help=kwargs["description"])
@@ -214,7 +215,11 @@ class TrainerCLI:
 
     def add_core_arguments_to_parser(self, parser: CLIParser) -> None:
         parser.add_class_arguments(
-            self.trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True
+            self._parsing.as_class(self.trainer_class),
+            "trainer",
+            fail_untyped=False,
+            instantiate=False,
+            sub_configs=True,
         )
         parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
         self._add_module_arguments(parser, self.model_class or TrainModule, "model", self.subclass_mode_model)
@@ -238,7 +243,7 @@ class TrainerCLI:
         self.add_default_arguments_to_parser(parser)
         self.add_core_arguments_to_parser(parser)
         self.add_arguments_to_parser(parser)
-        if self.auto_configure_optimizers and "optimizer" not in parser.groups:  # type: ignore[operator]
+        if self.auto_configure_optimizers:
             self._parsing.add_optimizer_arguments(parser, ReduceLROnPlateau)
 
     def parse_arguments(self, parser: CLIParser, args: list[str] | dict[str, Any] | None) -> None:
@@ -284,10 +289,16 @@ class TrainerCLI:
         """The Trainer, from the config's ``trainer`` group updated with ``kwargs``. A bad value the Trainer
         refuses (before it starts any process) is a command-line error naming the option (exit 2)."""
         config = {**self._get(self.config_init, "trainer", {}), **kwargs}
+        if "callbacks" not in config:  # (a trainer_class function without a callbacks argument)
+            warnings.warn(
+                f"{self.trainer_class.__qualname__} takes no callbacks: the CLI's are left out", stacklevel=2
+            )
+            return self.trainer_class(**config)  # type: ignore[no-any-return]
         callbacks = config.get("callbacks")
         callbacks = (
             [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
         )
+        callbacks += [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         persistent = self.trainer_defaults.get("callbacks", [])
         callbacks += persistent if isinstance(persistent, list) else [persistent]
         if self.save_config_callback is not None and not config.get("fast_dev_run", False):
@@ -317,12 +328,13 @@ class TrainerCLI:
         return [optimizer], [lr_scheduler]
 
     def _add_configure_optimizers_method_to_model(self) -> None:
-        # Only the --optimizer this class added: one added by add_arguments_to_parser is the user's to use.
-        automatic = self._parser(self.subcommand).auto_optimizer
-        optimizer = self._get(self.config_init, "optimizer") if automatic else None
+        # Only an --optimizer of add_optimizer_args: one added with add_class_arguments is the user's to use.
+        parser = self._parser(self.subcommand)
+        config = self.config_init.get(str(self.subcommand), self.config_init)
+        optimizer = self._parsing.automatic_spec(parser, "optimizer", config)
         if not optimizer:
             return
-        scheduler = self._get(self.config_init, "lr_scheduler")
+        scheduler = self._parsing.automatic_spec(parser, "lr_scheduler", config)
         if scheduler and scheduler["class_path"] == "torch.optim.lr_scheduler.ReduceLROnPlateau":
             self._parser(self.subcommand).error(
                 "--lr_scheduler: torch's ReduceLROnPlateau does not say which metric to watch; use "
