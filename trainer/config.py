@@ -78,8 +78,9 @@ def _precision_of_plugins(plugins: Any, precision: Any) -> Any:
     return items[0] if items else precision
 
 
-def parse_duration(value: str | timedelta | dict[str, int]) -> timedelta:
-    """``"DD:HH:MM:SS"``, a :class:`~datetime.timedelta`, or ``timedelta`` keywords as a dict."""
+def parse_duration(value: str | timedelta | dict[str, int], name: str = "max_time") -> timedelta:
+    """``"DD:HH:MM:SS"``, a :class:`~datetime.timedelta`, or ``timedelta`` keywords as a dict;
+    ``name``: the argument an error names."""
     duration = None
     try:
         if isinstance(value, timedelta):
@@ -90,13 +91,33 @@ def parse_duration(value: str | timedelta | dict[str, int]) -> timedelta:
             days, hours, minutes, seconds = (int(p) for p in value.split(":"))
             duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
     except (TypeError, ValueError, OverflowError) as err:  # unknown keys, NaN, past timedelta.max
-        raise ValueError(f"max_time={show(value)}: {err}") from None
+        raise ValueError(f"{name}={show(value)}: {err}") from None
     if duration is not None and duration >= timedelta(0):
         return duration
     raise ValueError(
-        f"max_time={show(value)} must be 'DD:HH:MM:SS', a datetime.timedelta, or a dict such as "
+        f"{name}={show(value)} must be 'DD:HH:MM:SS', a datetime.timedelta, or a dict such as "
         "{'hours': 2}, and not negative"
     )
+
+
+def _check_val_interval(interval: Any) -> timedelta | None:
+    """``val_check_interval`` checked; its duration when it is a time, else None."""
+    cause: ValueError | None = None
+    if isinstance(interval, (str, timedelta, dict)):
+        try:
+            return parse_duration(interval, "val_check_interval")
+        except ValueError as err:  # (its message names only the forms of a time)
+            cause = err
+    elif not isinstance(interval, bool) and (
+        (isinstance(interval, int) and interval >= 1)
+        or (isinstance(interval, float) and 0.0 < interval <= 1.0)
+    ):
+        return None
+    raise ValueError(
+        f"val_check_interval={show(interval)} must be an int >= 1 (every N training batches), a float in "
+        "(0.0, 1.0] (a fraction of the epoch), or a time that is not negative: 'DD:HH:MM:SS', a "
+        "datetime.timedelta, or a dict such as {'minutes': 30}"
+    ) from cause
 
 
 def resolve_limit(limit: int | float, available: int | float) -> int | float:
@@ -123,7 +144,8 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     gradient_clip_algorithm: str | None = None  # None: "norm" (the hook gets None, as in Lightning)
-    val_check_interval: int | float = 1.0
+    # batches (an int), a fraction of the epoch (a float), or wall-clock time: "DD:HH:MM:SS", a timedelta, a dict
+    val_check_interval: int | float | str | timedelta | dict[str, int] = 1.0
     check_val_every_n_epoch: int | None = 1
     limit_train_batches: int | float = 1.0
     limit_val_batches: int | float = 1.0
@@ -160,6 +182,7 @@ class TrainerConfig:
     plugins: Any = None
     barebones: bool = False  # every feature that costs step time off, to measure the loop itself
     duration: timedelta | None = field(default=None, init=False)
+    val_check_time: timedelta | None = field(default=None, init=False)  # a time-based val_check_interval
 
     def __post_init__(self) -> None:
         check_bool("barebones", self.barebones)
@@ -178,21 +201,13 @@ class TrainerConfig:
             raise ValueError(
                 f"gradient_clip_algorithm={self.gradient_clip_algorithm!r}. Valid choices: 'norm', 'value'"
             )
-        interval = self.val_check_interval
-        if isinstance(interval, bool) or not (
-            (isinstance(interval, int) and interval >= 1)
-            or (isinstance(interval, float) and 0.0 < interval <= 1.0)
-        ):
-            raise ValueError(
-                f"val_check_interval={interval!r} must be an int >= 1 (every N training batches) "
-                "or a float in (0.0, 1.0] (a fraction of the epoch)"
-            )
+        self.val_check_time = _check_val_interval(self.val_check_interval)
         if self.check_val_every_n_epoch is not None:
             _int("check_val_every_n_epoch", self.check_val_every_n_epoch, 1)
-        elif not isinstance(interval, int):
+        elif isinstance(self.val_check_interval, float):
             raise ValueError(
                 f"check_val_every_n_epoch=None counts training batches across epochs, so val_check_interval "
-                f"must be an int, not {interval!r}"
+                f"must be an int, not {self.val_check_interval!r}, or a time ('DD:HH:MM:SS', a timedelta, a dict)"
             )
         for name in (
             "limit_train_batches",
@@ -238,7 +253,7 @@ class TrainerConfig:
             self.max_epochs, self.max_steps, self.num_sanity_val_steps = 1, batches, 0
             self.limit_train_batches = self.limit_val_batches = batches
             self.limit_test_batches = self.limit_predict_batches = batches
-            self.val_check_interval = 1.0
+            self.val_check_interval, self.val_check_time = 1.0, None  # (as Lightning: no time check)
         if self.max_epochs is None:  # (the Trainer warns when the 1000 applies, as Lightning)
             self.max_epochs = (
                 -1 if (self.max_steps != -1 or self.duration is not None or self._timed()) else 1000

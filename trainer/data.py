@@ -190,6 +190,8 @@ def find_loaders(
 def val_check_batch(config: TrainerConfig, num_training_batches: int | float, has_val: bool) -> int:
     """Validate every this many training batches (``val_check_interval``: a count, or a fraction of the epoch)."""
     interval = config.val_check_interval
+    if not isinstance(interval, (int, float)):  # a time: the fit's ValClock counts it, not batches
+        return 2**62
     if isinstance(interval, int):
         if has_val and interval > num_training_batches and config.check_val_every_n_epoch is not None:
             raise ValueError(
@@ -202,8 +204,8 @@ def val_check_batch(config: TrainerConfig, num_training_batches: int | float, ha
         if interval != 1.0 and has_val:
             raise ValueError(
                 f"val_check_interval={interval}: a float is a fraction of the epoch, and this training data "
-                "has no length (an iterable dataset); use 1.0 (validate at the end of each epoch) or an int "
-                "(validate every that many training batches)"
+                "has no length (an iterable dataset); use 1.0 (validate at the end of each epoch), an int "
+                "(validate every that many training batches) or a time such as '00:00:30:00'"
             )
         return 2**62
 

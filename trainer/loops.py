@@ -56,6 +56,8 @@ def run_fit(trainer: Trainer) -> None:
         call_hook(trainer, "on_fit_end")
         return
     _warn_sparse_rows(trainer)
+    if trainer._val_clock is not None:  # (as Lightning: after the sanity check, anew on resume)
+        trainer._val_clock.start()
     call_hook(trainer, "on_train_start")
     while not _fit_done(trainer):
         if not state.train_done:
@@ -236,6 +238,8 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
 
 def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
     """Whether validation runs after this batch, in an epoch that validates (``Epoch.validates``)."""
+    if trainer._val_clock is not None:  # time-based: the epoch's last batch asks at the epoch's end
+        return not is_last and trainer._val_clock.due(trainer)
     if trainer.config.check_val_every_n_epoch is None:  # count training batches across epochs
         return trainer.state.total_batch_idx % trainer._val_check_batch == 0
     return not is_last and (batch_idx + 1) % trainer._val_check_batch == 0
@@ -254,7 +258,11 @@ def _validate_at_epoch_end(trainer: Trainer) -> bool:
         # As Lightning: a granted stop request validates after the batch it came in, unless the
         # val_check_interval validation after that batch ran (once per end of an epoch, not per batch).
         return not _validate_mid_epoch(trainer, state.batch_idx - 1, trainer._is_last_batch)
-    if trainer.config.check_val_every_n_epoch is None or _stopped_mid_epoch(trainer):
+    if _stopped_mid_epoch(trainer):
+        return False
+    if trainer._val_clock is not None:  # (as Lightning: no validation at an epoch's end unless due)
+        return trainer._val_clock.due(trainer)
+    if trainer.config.check_val_every_n_epoch is None:
         return False
     interval = trainer.config.val_check_interval
     return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
@@ -367,6 +375,8 @@ def _evaluation_pass(
     call_hook(trainer, f"on_{prefix}_end")
     store.unpark()
     leave_eval(trainer, prefix, modes)  # on_{prefix}_model_train, or each layer's mode as it was
+    if trainer._val_clock is not None and prefix == "validation":  # the next interval starts now
+        trainer._val_clock.restart()
     values = {key: float(value) for key, value in row.items()}
     return [{k: v for k, v in values.items() if _of_loader(store, k, i)} for i in range(len(loaders))]
 

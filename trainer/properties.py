@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -284,8 +285,13 @@ class TrainerProperties(StageFlags, LightningNames):
         return next((c for c in self.callbacks if c.progress_bar), None)
 
     @property
-    def val_check_interval(self) -> int | float:
-        return self.config.val_check_interval
+    def val_check_interval(self) -> int | float | timedelta:
+        """A number of batches (an int), a fraction of the epoch (a float), or a time (a timedelta)."""
+        interval = self.config.val_check_interval
+        if self.config.val_check_time is not None:  # (given as a string, a dict or a timedelta)
+            return self.config.val_check_time
+        assert isinstance(interval, (int, float))
+        return interval
 
     @property
     def check_val_every_n_epoch(self) -> int | None:

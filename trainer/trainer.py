@@ -57,6 +57,7 @@ from ember.trainer.state import LoopState
 from ember.trainer.step import backward
 from ember.trainer.trainable import TrainableRefresh
 from ember.trainer.tuner import LRSearch, SearchFinished
+from ember.trainer.val_clock import ValClock
 
 __all__ = ["Trainer"]
 
@@ -102,7 +103,7 @@ class Trainer(
         accumulate_grad_batches: int = 1,
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
-        val_check_interval: int | float = 1.0,
+        val_check_interval: int | float | str | timedelta | dict[str, int] = 1.0,
         check_val_every_n_epoch: int | None = 1,
         limit_train_batches: int | float = 1.0,
         limit_val_batches: int | float = 1.0,
@@ -200,7 +201,7 @@ class Trainer(
         self._predict_loaders: list[PreparedDataLoader] = []  # the last predict()'s
         self._interrupted = False  # the last stage ended in an exception (Lightning's `interrupted`)
         self._sources: tuple[Any, Any, DataModule | None] = (None, None, None)  # where fit found its data
-        self._val_check_batch = 1
+        self._val_check_batch, self._val_clock = 1, ValClock.of(config.val_check_time)  # (loops.py)
         self._resumed = False
         self._preemption = PreemptionGuard()
         self.num_training_batches: int | float = 0

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -279,6 +280,12 @@ def _duration(v: Any) -> bool:  # Trainer(max_time=)
         return False
 
 
+def _interval_time(v: Any) -> bool:  # Trainer(val_check_interval=) as a time: max_time's forms
+    if isinstance(v, str):
+        return re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", v) is not None
+    return v is not None and _duration(v)
+
+
 def _checkpoint_name(v: Any) -> bool:  # OnExceptionCheckpoint(filename=): a directory's name
     return isinstance(v, str) and v not in ("", ".", "..") and "/" not in v and os.sep not in v
 
@@ -431,7 +438,9 @@ def _cases() -> list[Case]:
         "accumulate_grad_batches": _int(1),
         "gradient_clip_val": _optional(_number(0, finite=False)),
         "gradient_clip_algorithm": _one_of(None, "norm", "value"),
-        "val_check_interval": _optional(lambda v: _int(1)(v) or (isinstance(v, float) and 0 < v <= 1)),
+        "val_check_interval": _optional(
+            lambda v: _int(1)(v) or (isinstance(v, float) and 0 < v <= 1) or _interval_time(v)
+        ),
         "check_val_every_n_epoch": _optional(_int(1)),
         "limit_train_batches": _optional(lambda v: _int(0)(v) or (isinstance(v, float) and 0 <= v <= 1)),
         "num_sanity_val_steps": _optional(_int(-1)),  # None: the default (Lightning's signature)
