@@ -21,6 +21,7 @@ from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
 from ember.callbacks.prediction_writer import BasePredictionWriter
 from ember.callbacks.progress_bar import ProgressBar
 from ember.callbacks.pruning import ModelPruning
+from ember.callbacks.rich_theme import RichProgressBarTheme
 from ember.callbacks.spike_detection import SpikeDetection, TrainingSpikeException
 from ember.callbacks.swa import StochasticWeightAveraging
 from ember.callbacks.throughput import ThroughputMonitor
@@ -80,6 +81,7 @@ __all__ = [
     "ProgressBar",
     "RichModelSummary",
     "RichProgressBar",
+    "RichProgressBarTheme",
     "RunSummary",
     "SpikeDetection",
     "StochasticWeightAveraging",

@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from ember._validation import check_bool, check_int
 from ember.callbacks.progress_bar import ProgressBar
+from ember.callbacks.rich_theme import RichProgressBarTheme, _console_of, _is_console
 from ember.strategies.environment import may_be_terminal, running_in_ci
 
 if TYPE_CHECKING:
@@ -38,15 +39,16 @@ def _speed_column() -> ProgressColumn:
     return SpeedColumn()
 
 
-def format_value(value: float) -> str:
-    """A metric as the progress bars show it: an int as is, a float in 4 decimals or scientific."""
-    if isinstance(value, int) and not isinstance(value, bool):
+def format_value(value: Any) -> str:
+    """A metric as the progress bars show it: an int (``v_num``) or a string as is, a float in 4
+    decimals or scientific."""
+    if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
         return str(value)
     value = float(value)
     return f"{value:.4f}" if value == 0 or 1e-3 <= abs(value) < 1e5 else f"{value:.3e}"
 
 
-def _format_metrics(metrics: dict[str, float]) -> str:
+def _format_metrics(metrics: dict[str, Any]) -> str:
     return "  ".join(f"{name}={format_value(value)}" for name, value in metrics.items())
 
 
@@ -66,7 +68,9 @@ class RichProgressBar(ProgressBar):
 
     The bar is redrawn every ``refresh_rate`` batches (``0`` turns the callback off). The metrics are
     read only when a bar or line is drawn, because reading them converts tensors to Python floats,
-    a device synchronization each time.
+    a device synchronization each time. ``console`` is the ``rich.console.Console`` to draw on, or
+    ``console_kwargs`` its arguments; ``theme`` (a :class:`RichProgressBarTheme`) styles the rich bars
+    as Lightning's do.
 
     Example::
 
@@ -82,6 +86,8 @@ class RichProgressBar(ProgressBar):
         plain_every_n_batches: int = 50,
         *,
         console: Console | None = None,
+        theme: RichProgressBarTheme | None = None,
+        console_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if isinstance(refresh_rate, bool) or not isinstance(refresh_rate, int) or refresh_rate < 0:
             raise ValueError(f"RichProgressBar(refresh_rate={refresh_rate!r}) must be an int >= 0 (0: off)")
@@ -89,6 +95,13 @@ class RichProgressBar(ProgressBar):
         check_bool("leave", leave, owner="RichProgressBar")
         if console is not None and not _is_console(console):
             raise TypeError(f"RichProgressBar(console={console!r}) must be None or a rich.console.Console")
+        if theme is not None and not isinstance(theme, RichProgressBarTheme):
+            raise TypeError(f"RichProgressBar(theme={theme!r}) must be None or a RichProgressBarTheme")
+        if console_kwargs is not None:
+            if console is not None:
+                raise ValueError("RichProgressBar(console=..., console_kwargs=...): pass one of them")
+            console = _console_of(console_kwargs)
+        self._theme = theme
         self._refresh_rate = refresh_rate
         self._shows: bool | None = None  # whether this process shows progress (see _active)
         self._leave = leave
@@ -104,9 +117,20 @@ class RichProgressBar(ProgressBar):
         # Every how many training batches a batch end draws, and the epoch's length (None: not yet
         # known this epoch; period 0: never, this process shows nothing).
         self._train_period: tuple[int, int | None] | None = None
+        self._train_total: int | None = None  # this epoch's total_train_batches (None: unknown)
         # time.monotonic() when the epoch / the evaluation started, for the rate on plain lines.
         self._train_started = 0.0
         self._eval_started = 0.0
+
+    @property
+    def refresh_rate(self) -> int:
+        """Every how many batches the bars are redrawn (``0``: never)."""
+        return self._refresh_rate
+
+    @property
+    @override
+    def is_enabled(self) -> bool:
+        return not self._disabled and self._refresh_rate > 0
 
     def _active(self, trainer: Trainer) -> bool:
         if self._shows is None:  # asked on every batch: the answer holds for the whole stage
@@ -147,18 +171,26 @@ class RichProgressBar(ProgressBar):
                 TimeRemainingColumn,
             )
 
-            self._progress = Progress(
-                TextColumn("[progress.description]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                _speed_column(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                TextColumn("{task.fields[metrics]}", markup=False),
-                console=self._console,
+            columns = (
+                self._theme.columns(_speed_column())
+                if self._theme is not None
+                else [
+                    TextColumn("[progress.description]{task.description}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    _speed_column(),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[metrics]}", markup=False),
+                ]
             )
+            self._progress = Progress(*columns, console=self._console)
             self._progress.start()
         return self._progress
+
+    def _rich_metrics(self, trainer: Trainer) -> str:
+        metrics = self.get_metrics(trainer, trainer.module)
+        return self._theme.format_metrics(metrics) if self._theme is not None else _format_metrics(metrics)
 
     def _stop(self) -> None:
         if self._progress is not None:
@@ -170,13 +202,13 @@ class RichProgressBar(ProgressBar):
         if not self._active(trainer):
             return 0, None
         every = self._refresh_rate if self._use_rich() else self._plain_every
-        return every, _finite(trainer.num_training_batches)
+        return every, self._train_total
 
     def _due(self, done: int, total: int | None) -> bool:
         return done % self._refresh_rate == 0 or done == total
 
     def _plain_line(
-        self, head: str, done: int, total: int | None, started: float, metrics: dict[str, float]
+        self, head: str, done: int, total: int | None, started: float, metrics: dict[str, Any]
     ) -> None:
         elapsed = time.monotonic() - started
         rate = f"{done / elapsed:.1f} it/s" if elapsed > 0 else "? it/s"
@@ -216,10 +248,12 @@ class RichProgressBar(ProgressBar):
         self._train_period = None
         if not self._active(trainer):
             return
+        # (with max_steps and max_epochs=-1: the steps left; read here, before this epoch's steps count)
+        self._train_total = total = _finite(float(self.total_train_batches))
         self._train_done, self._train_started = 0, time.monotonic()
         if not self._use_rich():
             return
-        progress, total = self._live(), _finite(trainer.num_training_batches)
+        progress = self._live()
         description = f"Epoch {trainer.current_epoch}"
         if self._train_task is None or self._leave:  # leave: a new bar per epoch, old ones stay
             self._train_task = progress.add_task(description, total=total, metrics="")
@@ -239,7 +273,7 @@ class RichProgressBar(ProgressBar):
             return
         if self._use_rich():
             if self._train_task is not None and self._due(done, total):
-                metrics = _format_metrics(self.get_metrics(trainer, trainer.module))
+                metrics = self._rich_metrics(trainer)
                 self._live().update(self._train_task, completed=done, metrics=metrics)
         elif done % self._plain_every == 0:
             if done != total:  # the last batch gets the epoch line
@@ -252,14 +286,14 @@ class RichProgressBar(ProgressBar):
     def on_train_epoch_end(self, trainer: Trainer, module: TrainModule) -> None:
         if not self._active(trainer):
             return
-        total = _finite(trainer.num_training_batches)
+        total = self._train_total
         if not self._use_rich():
             head = f"epoch {trainer.current_epoch}"
             self._plain_line(
                 head, self._train_done, total, self._train_started, self.get_metrics(trainer, trainer.module)
             )
         elif self._train_task is not None:  # epoch-end metrics (validation results among them)
-            metrics = _format_metrics(self.get_metrics(trainer, trainer.module))
+            metrics = self._rich_metrics(trainer)
             self._live().update(self._train_task, completed=self._train_done, metrics=metrics)
 
     # -- evaluation: validation, test, prediction share one bar ---------------------------------
@@ -356,9 +390,3 @@ class RichProgressBar(ProgressBar):
     @override
     def on_predict_end(self, trainer: Trainer, module: TrainModule) -> None:
         self._eval_end(trainer, "predict", _finite(float(sum(trainer.num_predict_batches))))
-
-
-def _is_console(value: Any) -> bool:
-    from rich.console import Console  # a Console was made: rich is imported already
-
-    return isinstance(value, Console)

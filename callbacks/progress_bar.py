@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import override
@@ -59,7 +60,7 @@ class ProgressBar(Callback):
 
     @property
     def is_disabled(self) -> bool:
-        return self._disabled
+        return not self.is_enabled
 
     def disable(self) -> None:
         """Draw nothing from the next batch on, until :meth:`enable`."""
@@ -79,9 +80,24 @@ class ProgressBar(Callback):
 
     # -- what to show -----------------------------------------------------------------------------
     def get_metrics(self, trainer: Trainer, module: TrainModule) -> dict[str, Any]:
-        """The values shown beside the bar: by default ``trainer.progress_bar_metrics`` (what
-        ``self.log(..., prog_bar=True)`` logged). Read only when the bar is drawn."""
-        return dict(trainer.progress_bar_metrics)
+        """The values shown beside the bar, as Lightning's: ``v_num``, the logger's version (with a
+        logger), then ``trainer.progress_bar_metrics`` (what ``self.log(..., prog_bar=True)`` logged).
+        Read only when the bar is drawn. Override it to change them::
+
+            def get_metrics(self, trainer, module):
+                return {k: v for k, v in super().get_metrics(trainer, module).items() if k != "v_num"}
+        """
+        standard = _standard_metrics(trainer)
+        logged = trainer.progress_bar_metrics
+        if clash := [name for name in standard if name in logged]:
+            warnings.warn(
+                f"The progress bar shows {clash[0]!r} (the logger's version) already: the value logged with"
+                f" self.log({clash[0]!r}, ..., prog_bar=True) replaces it. Rename the value, or override"
+                f" {type(self).__name__}.get_metrics()",
+                UserWarning,
+                stacklevel=2,
+            )
+        return {**standard, **logged}
 
     @property
     def train_description(self) -> str:
@@ -148,3 +164,18 @@ class ProgressBar(Callback):
 
     def reset_dataloader_idx_tracker(self) -> None:
         self._current_eval_dataloader_idx = None
+
+
+def _standard_metrics(trainer: Trainer) -> dict[str, int | str]:
+    """``{"v_num": version}`` of the Trainer's loggers (Lightning's): one logger's version (a string:
+    its last 4 characters), several loggers' distinct versions joined by ``_``; none: ``{}``."""
+    loggers = trainer.loggers
+    if not loggers:
+        return {}
+    if len(loggers) == 1:
+        version: int | str | None = loggers[0].version
+    else:
+        version = "_".join(dict.fromkeys(str(logger.version) for logger in loggers))
+    if version is None or version == "":
+        return {}
+    return {"v_num": version[-4:] if isinstance(version, str) else version}

@@ -81,6 +81,11 @@ class TQDMProgressBar(ProgressBar):
         self._eval_name = ""
         self._eval_counts: list[int | float] = []
 
+    @property
+    @override
+    def is_enabled(self) -> bool:
+        return not self._disabled and self.refresh_rate > 0
+
     def _enabled(self, trainer: Trainer) -> bool:
         return self.refresh_rate > 0 and trainer.is_global_zero and not self._disabled
 
@@ -165,7 +170,7 @@ class TQDMProgressBar(ProgressBar):
             )
         bar = self._train_bar
         assert bar is not None
-        bar.reset(total=_total(trainer.num_training_batches))
+        bar.reset(total=_total(self.total_train_batches))  # (max_steps may end the epoch early)
         bar.initial = 0
         bar.set_description(f"Epoch {trainer.current_epoch}")
 

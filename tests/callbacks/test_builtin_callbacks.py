@@ -46,7 +46,7 @@ class _Trainer(SimpleNamespace):
             "callback_metrics": {},
             "optimizers": [],
             "lr_scheduler_configs": [],
-            "loggers": [object()],
+            "loggers": [SimpleNamespace(version="")],  # a logger (without a version: no v_num shown)
             "sanity_checking": False,
             "stage": "fit",
             "module": None,
