@@ -23,11 +23,20 @@ class Registry(Generic[T]):
         self._kind = kind
         self._argument = argument
         self._entries: dict[str, _Entry[T]] = {}
+        self._refused: dict[str, str] = {}  # names known from elsewhere (Lightning's), not offered: why
 
     def register(self, name: str, factory: Callable[..., T], description: str = "", **preset: Any) -> None:
         if name in self._entries and self._entries[name].factory is not factory:
             raise ValueError(f"{self._kind} name {name!r} is already registered")
         self._entries[name] = _Entry(factory, description, dict(preset))
+
+    def refuse(self, name: str, reason: str) -> None:
+        """Name one that users of another library may try, which is not offered: ``reason`` says what to use."""
+        self._refused[name] = reason
+
+    def refusal(self, name: str) -> str:
+        """Why ``name`` is refused, ending in ". " (empty for a name not refused), for an error message."""
+        return f"{self._refused[name]}. " if name in self._refused else ""
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -42,7 +51,7 @@ class Registry(Generic[T]):
         """Raise the user-facing error for a name that is not registered."""
         if name not in self._entries:
             raise ValueError(
-                f"{self._argument}={name!r} is not a known {self._kind}. Valid choices: "
+                f"{self._argument}={name!r} is not a known {self._kind}. {self.refusal(name)}Valid choices: "
                 + ", ".join(repr(n) for n in self.names())
             )
 

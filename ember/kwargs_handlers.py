@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -58,13 +58,34 @@ def accelerate_precision(precision: Any, mixed_precision: Any) -> Any:
 
 @dataclass(frozen=True)
 class DistributedDataParallelKwargs:
-    """``DistributedDataParallel``'s options (those :class:`~ember.strategies.DDPConfig` has)."""
+    """``DistributedDataParallel``'s options (those :class:`~ember.strategies.DDPConfig` has).
+
+    ``comm_hook``: ``"no"``, ``"fp16"``, ``"bf16"``, ``"power_sgd"`` or ``"batched_power_sgd"``;
+    ``comm_wrapper``: ``"no"``, ``"fp16"`` or ``"bf16"``, which wraps the hook; ``comm_state_option``:
+    ``PowerSGDState``'s options, for the PowerSGD hooks (``DDPConfig``'s ``comm_*`` fields).
+    """
 
     find_unused_parameters: bool = False
     broadcast_buffers: bool = True
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False
     static_graph: bool = False
+    comm_hook: str = "no"
+    comm_wrapper: str = "no"
+    comm_state_option: dict[str, Any] = field(default_factory=dict)
+
+    def _ddp_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~ember.strategies.DDPConfig` these options are."""
+        hook = getattr(self.comm_hook, "value", self.comm_hook)  # (also Accelerate's enum)
+        wrapper = getattr(self.comm_wrapper, "value", self.comm_wrapper)
+        options = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("comm")
+        }
+        options["comm_hook"] = None if hook in ("no", None) else hook
+        options["comm_wrapper"] = None if wrapper in ("no", None) else wrapper
+        # DDPConfig refuses a state dict for a hook that takes none, and a wrapper without a hook.
+        options["comm_state"] = dict(self.comm_state_option) if self.comm_state_option else None
+        return options
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,7 @@ def ddp_strategy(
     if strategy == "auto" and world_size == 1:
         return strategy  # one process: no DDP to configure, and no process group (as in Accelerate)
     if strategy == "ddp" or strategy == "auto":
-        options: dict[str, Any] = dataclasses.asdict(ddp) if ddp is not None else {}
+        options: dict[str, Any] = ddp._ddp_options() if ddp is not None else {}
         if group is not None:
             options["process_group_backend"] = group.backend
             if group.timeout is not None:

@@ -373,7 +373,7 @@ def resolve_strategy(value: str | Strategy, *, world_size: int, device_type: str
         value = "xla" if device_type == "xla" else "ddp" if world_size > 1 else "single_device"
     if value not in STRATEGY_REGISTRY:
         raise ValueError(
-            f"strategy={value!r} is not a known strategy. Valid choices: "
+            f"strategy={value!r} is not a known strategy. {STRATEGY_REGISTRY.refusal(value)}Valid choices: "
             + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
         )
     return STRATEGY_REGISTRY.create(value)

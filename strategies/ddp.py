@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,6 +24,7 @@ from ember.strategies.capabilities import (
     JoinsUnevenInputs,
     LeavesModulePlacement,
 )
+from ember.strategies.ddp_comm import ExplainedDDP, check_comm_options, register_comm_hook
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["DDPConfig", "DDPStrategy"]
@@ -31,7 +32,16 @@ __all__ = ["DDPConfig", "DDPStrategy"]
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class DDPConfig:
-    """Options of :class:`DDPStrategy`; the rest of ``DistributedDataParallel``'s defaults are kept."""
+    """Options of :class:`DDPStrategy`; the rest of ``DistributedDataParallel``'s defaults are kept.
+
+    ``comm_hook``: a DDP communication hook, ``"fp16"``, ``"bf16"``, ``"power_sgd"``,
+    ``"batched_power_sgd"`` or a callable ``hook(state, bucket) -> Future``; ``comm_state``: the
+    state passed to it (for the PowerSGD names: a ``PowerSGDState`` or a dict of its options, a new
+    state per model); ``comm_wrapper``: ``"fp16"``, ``"bf16"`` or a callable that wraps the hook.
+    Example::
+
+        DDPConfig(comm_hook="power_sgd", comm_state={"matrix_approximation_rank": 2})
+    """
 
     process_group_backend: str | None = None  # None: nccl on CUDA, gloo on CPU
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
@@ -40,6 +50,9 @@ class DDPConfig:
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False
     broadcast_buffers: bool = True
+    comm_hook: str | Callable[..., Any] | None = None
+    comm_state: Any = None
+    comm_wrapper: str | Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         check_process_group(self.process_group_backend, self.timeout, owner="DDPConfig")
@@ -51,6 +64,7 @@ class DDPConfig:
         ):
             check_bool(name, getattr(self, name), owner="DDPConfig")
         check_number("bucket_cap_mb", self.bucket_cap_mb, minimum=0, above=True, owner="DDPConfig")
+        check_comm_options(self.comm_hook, self.comm_state, self.comm_wrapper)
 
 
 class DDPStrategy(
@@ -73,12 +87,24 @@ class DDPStrategy(
     @override
     def register_strategies(cls, registry: Registry[Strategy]) -> None:
         registry.register("ddp", cls, "one process per device, DistributedDataParallel")
-        registry.register(
-            "ddp_find_unused_parameters_true",
-            cls,
-            "ddp with find_unused_parameters=True",
-            config=DDPConfig(find_unused_parameters=True),
+        for unused in (True, False):
+            registry.register(
+                f"ddp_find_unused_parameters_{str(unused).lower()}",
+                cls,
+                f"ddp with find_unused_parameters={unused}",
+                config=DDPConfig(find_unused_parameters=unused),
+            )
+        # Lightning's names for DDP whose ranks are spawned or forked at fit(): ember starts them by
+        # re-running the script, or runs a function on forked processes with notebook_launcher.
+        how = (
+            "ember does not spawn or fork the ranks when fit() starts. Use strategy='ddp': devices=N "
+            "from a plain `python script.py` re-runs the script for the other ranks (or use `ember launch`); "
+            "in a notebook call ember.notebook_launcher(function, num_processes=N) with a function that "
+            "builds the Trainer or Accelerator"
         )
+        for start in ("spawn", "fork", "notebook"):
+            for suffix in ("", "_find_unused_parameters_true", "_find_unused_parameters_false"):
+                registry.refuse(f"ddp_{start}{suffix}", how)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -114,7 +140,8 @@ class DDPStrategy(
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         # Passed only when off: newer torch deprecates the name, and True is the default anyway.
         extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}
-        wrapped = DistributedDataParallel(
+        # (a DistributedDataParallel whose unused-parameters error says which DDPConfig option fixes it)
+        wrapped = ExplainedDDP(
             module,
             device_ids=device_ids,
             find_unused_parameters=self.config.find_unused_parameters,
@@ -123,6 +150,7 @@ class DDPStrategy(
             gradient_as_bucket_view=self.config.gradient_as_bucket_view,
             **extra,
         )
+        register_comm_hook(wrapped, self.config.comm_hook, self.config.comm_state, self.config.comm_wrapper)
         if self.config.broadcast_buffers and next(module.buffers(), None) is not None:
             # DDP's forward broadcasts the buffers, a collective: the watchdog times it. Without
             # buffers the forward communicates nothing, and the hooks would slow every call.
@@ -145,8 +173,25 @@ class DDPStrategy(
             return
         module.require_forward_param_sync = True
         reached = [loss] if module.find_unused_parameters and not module.static_graph else []
+        # The manual backward runs inside DDP's forward (the training_step), so DDP's own rebuild of the
+        # buckets in the next forward would come after the end of this forward has readied the reducer
+        # for a backward, which torch refuses. They are rebuilt here instead, before the first manual
+        # backward, in the parameters' order (a no-op once rebuilt, or without find_unused_parameters).
+        module.reducer._push_all_rebuilt_params()
         module.reducer._rebuild_buckets()
         module.reducer.prepare_for_backward(reached)
+        if module.static_graph and not module._static_graph_delay_allreduce_enqueued:
+            # A static graph's first backward all-reduces nothing in its hooks: DDP queues the
+            # all-reduce of every bucket at the end of that backward from its forward's output, which
+            # a backward inside the forward never reaches. The loss's gradient hook queues it.
+            delay_all_reduce = module.reducer._delay_all_reduce  # type: ignore[attr-defined]  # (untyped in torch)
+
+            def queue_all_reduce(grad: torch.Tensor) -> torch.Tensor:
+                torch.autograd.Variable._execution_engine.queue_callback(delay_all_reduce)
+                return grad
+
+            loss.register_hook(queue_all_reduce)
+            module._static_graph_delay_allreduce_enqueued = True
 
     @override
     @contextmanager
