@@ -193,7 +193,7 @@ class Trackers:
             return _NoExperiment()
         for logger in self.loggers:
             if tracker_name(logger) == name:
-                return getattr(logger, "experiment", logger) if unwrap else logger
+                return logger.tracker if unwrap else logger
         active = [tracker_name(logger) for logger in self.loggers]
         raise ValueError(f"get_tracker({name!r}): no such tracker. Active trackers: {active}")
 

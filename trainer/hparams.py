@@ -195,8 +195,10 @@ def init_arguments(obj: object, frame: types.FrameType) -> list[dict[str, Any]]:
 
 
 def _init_frames(obj: object, frame: types.FrameType | None) -> Iterator[types.FrameType]:
-    # The object's own helper methods between the caller and its __init__ are passed over.
-    while frame is not None and _self_of(frame) is obj and frame.f_code.co_name != "__init__":
+    # Whatever runs between the object's __init__ and the call (its own helper methods, a plain
+    # function it was handed to) is passed over, as Lightning; with no __init__ of the object on the
+    # stack (called after construction), there is no chain.
+    while frame is not None and not (frame.f_code.co_name == "__init__" and _self_of(frame) is obj):
         frame = frame.f_back
     # Then each __init__ of the same object, up to the code that created it.
     while frame is not None and frame.f_code.co_name == "__init__" and _self_of(frame) is obj:

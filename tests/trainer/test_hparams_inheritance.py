@@ -103,6 +103,34 @@ def test_the_chain_stops_at_another_object_and_passes_over_helper_methods() -> N
     assert outer.inner.hparams == {"depth": 6}  # not the outer module's arguments
 
 
+def _save_for(config_version: int, module: TrainModule) -> None:  # a plain function, not a method
+    module.save_hyperparameters()
+
+
+def test_a_parent_saving_through_a_function_records_the_subclass_init_arguments() -> None:
+    class Base(TrainModule):
+        def __init__(self, hidden: int = 3) -> None:
+            super().__init__()
+            _save_for(2, self)  # Lightning walks up to the __init__ chain: not this function's arguments
+
+    class Model2(Base):
+        def __init__(self, depth: int, lr: float) -> None:
+            super().__init__()
+
+    assert Model2(2, 0.1).hparams == {"hidden": 3, "depth": 2, "lr": 0.1}
+
+    class BaseData(DataModule):
+        def __init__(self, batch_size: int = 3) -> None:
+            super().__init__()
+            _save_for(2, self)
+
+    class Data(BaseData):
+        def __init__(self, root: str, batch_size: int = 4) -> None:
+            super().__init__(batch_size)
+
+    assert Data("r").hparams == {"batch_size": 4, "root": "r"}
+
+
 def test_names_and_ignore_across_the_chain() -> None:
     class Backboned(Net):
         def __init__(self, lr: float = 0.1, hidden: int = 4, backbone: Any = None, **kwargs: Any) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,70 @@ def test_tensorboard_default_hp_metric_as_lightning(tmp_path: Path, default_hp_m
         assert [(e.step, e.value) for e in events.Scalars("hp_metric")] == [(0, -1.0)]
     with pytest.raises(TypeError, match=r"TensorBoardLogger\(default_hp_metric=1\)"):
         TensorBoardLogger(tmp_path, default_hp_metric=1)  # type: ignore[arg-type]
+
+
+def test_csv_experiment_is_a_writer_as_lightning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lightning's ``CSVLogger.experiment`` is its writer: ``log_metrics(dict, step=None)``, ``log_hparams``,
+    ``save()``, ``metrics_file_path``, ``log_dir``; its rows land in the logger's ``metrics.csv``."""
+    logger = CSVLogger(tmp_path, prefix="p")
+    writer = logger.experiment
+    assert writer is logger.experiment and logger.tracker is logger  # (Accelerate's unwrap: unchanged)
+    assert writer.log_dir == logger.log_dir and writer.metrics_file_path == str(logger.metrics_file)
+    writer.log_metrics({"a": torch.tensor(1.0)})  # no step: the row's index, as Lightning
+    writer.log_metrics({"a": 2.0})
+    logger.log_metrics({"b": 3.0}, step=7)  # the logger's prefix; the writer adds none, as Lightning
+    writer.log_hparams({"x": 1})
+    logger.log_hyperparams({"y": 2})
+    writer.save()
+    with open(writer.metrics_file_path) as f:
+        assert f.read().splitlines() == ["step,a,p-b", "0,1.0,", "1,2.0,", "7,,3.0"]
+    assert json.loads((Path(logger.log_dir) / "hparams.json").read_text()) == {"x": 1, "y": 2}
+    assert writer.hparams == {"x": 1, "y": 2}
+    # Other ranks than 0: calls on the experiment do nothing, as the logger's own.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other = CSVLogger(tmp_path / "rank1")
+    other.experiment.log_metrics({"a": 1.0}, step=0)
+    other.experiment.log_hparams({"x": 1})
+    other.experiment.save()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_accelerator_unwraps_a_csv_tracker_to_the_logger_itself(tmp_path: Path) -> None:
+    from ember import Accelerator
+
+    accelerator = Accelerator(log_with="csv", project_dir=tmp_path)
+    accelerator.init_trackers("proj")
+    logger = accelerator.get_tracker("csv")
+    assert accelerator.get_tracker("csv", unwrap=True) is logger  # not its experiment (the writer)
+    accelerator.end_training()
+
+
+def test_csv_experiment_rows_join_the_trainers_in_a_fit(tmp_path: Path) -> None:
+    class Module(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def on_fit_start(self) -> None:
+            self.logger.experiment.log_hparams({"extra": 1})
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = F.mse_loss(self.layer(batch[0]), batch[1])
+            self.log("loss", loss)
+            self.logger.experiment.log_metrics({"custom": float(batch_idx)}, step=self.global_step)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = TensorDataset(torch.randn(4, 2), torch.randn(4, 1))
+    logger = CSVLogger(tmp_path)
+    trainer = Trainer(max_epochs=1, logger=logger, log_every_n_steps=1, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(Module(), DataLoader(data, batch_size=2))
+    with open(logger.metrics_file) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["step"], r["custom"]) for r in rows if r["custom"]] == [("0", "0.0"), ("1", "1.0")]
+    assert len([r for r in rows if r["loss"]]) == 2  # the Trainer's rows beside them
+    assert json.loads((Path(logger.log_dir) / "hparams.json").read_text()) == {"extra": 1}

@@ -12,7 +12,7 @@ import torch
 from typing_extensions import override
 
 from ember._validation import check_int, check_path, check_str
-from ember.trainer.loggers.base import VersionedLogger, _check_version, _is_global_zero
+from ember.trainer.loggers.base import VersionedLogger, _check_version, _is_global_zero, _NoExperiment
 
 __all__ = ["CSVLogger"]
 
@@ -55,10 +55,27 @@ class CSVLogger(VersionedLogger):
         self._columns: list[str] = []
         self._rows_written = 0
         self._hparams: dict[str, Any] = {}
+        self._experiment: _CSVWriter | None = None
 
     @property
     def metrics_file(self) -> Path:
         return Path(self.log_dir) / "metrics.csv"
+
+    @property
+    def experiment(self) -> Any:
+        """The writer behind the logger, as Lightning's (``self.logger.experiment.log_metrics(...)``);
+        on other ranks than 0 an object that does nothing."""
+        if not _is_global_zero():
+            return _NoExperiment()
+        if self._experiment is None:
+            self._experiment = _CSVWriter(self)
+        return self._experiment
+
+    @property
+    @override
+    def tracker(self) -> Any:
+        """The logger itself (🤗 Accelerate has no CSV tracker to unwrap to)."""
+        return self
 
     @override
     def log_hyperparams(self, params: dict[str, Any]) -> None:
@@ -72,6 +89,9 @@ class CSVLogger(VersionedLogger):
             return
         if self._prefix:  # (Lightning's "<prefix>-<name>" columns)
             metrics = {f"{self._prefix}-{key}": value for key, value in metrics.items()}
+        self._append(metrics, step)
+
+    def _append(self, metrics: dict[str, Any], step: int) -> None:
         self._rows.append({"step": step, **metrics})
         if len(self._rows) >= self._flush_every:
             self.save()
@@ -153,6 +173,44 @@ class CSVLogger(VersionedLogger):
                 writer.writerows(kept)
             os.replace(tmp, path)
         self._rows_written = len(kept)
+
+
+class _CSVWriter:
+    """``CSVLogger.experiment`` (Lightning's ``ExperimentWriter``): its calls write the logger's rows and
+    ``hparams.json``, without the logger's ``prefix`` (as Lightning's)."""
+
+    def __init__(self, logger: CSVLogger) -> None:
+        self._logger = logger
+
+    @property
+    def log_dir(self) -> str:
+        return self._logger.log_dir
+
+    @property
+    def metrics_file_path(self) -> str:
+        return str(self._logger.metrics_file)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters ``hparams.json`` holds."""
+        return self._logger._hparams
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows not written yet."""
+        return self._logger._rows
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self._logger._write_hparams(params)
+
+    def log_metrics(self, metrics_dict: dict[str, Any], step: int | None = None) -> None:
+        """One row at ``step`` (default: the row's index in the file)."""
+        if step is None:
+            step = self._logger._rows_written + len(self._logger._rows)
+        self._logger._append(dict(metrics_dict), step)
+
+    def save(self) -> None:
+        self._logger.save()
 
 
 def _cell(value: Any) -> Any:
