@@ -156,8 +156,8 @@ def _check_relations(key: str, value: Any, earlier: Mapping[str, Any], label: Ca
 
         if value not in STRATEGY_REGISTRY:
             raise LaunchConfigError(
-                f"{label(key)} {value!r} is not a known strategy. Valid choices: "
-                + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
+                f"{label(key)} {value!r} is not a known strategy. {STRATEGY_REGISTRY.refusal(value)}Valid "
+                "choices: " + ", ".join(repr(n) for n in ["auto", *STRATEGY_REGISTRY.names()])
             )
         nnodes, per_node = earlier["nnodes"], earlier["nproc_per_node"]
         try:
