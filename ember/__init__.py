@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ember._processes import DistributedType
 from ember._rng import seed_everything
 from ember._skip import skip_first_batches
+from ember._utilities import broadcast_object_list, gather_object, send_to_device, wait_for_everyone
 from ember.accelerator import Accelerator
 from ember.data import PreparedDataLoader
 from ember.dataloader_config import DataLoaderConfiguration
@@ -23,7 +24,7 @@ from ember.kwargs_handlers import (
     InitProcessGroupKwargs,
     ProfileKwargs,
 )
-from ember.memory import find_executable_batch_size
+from ember.memory import find_executable_batch_size, release_memory
 from ember.notebook import notebook_launcher
 from ember.plugins import (
     DeepSpeedPlugin,
@@ -107,11 +108,16 @@ __all__ = [
     "Tuner",
     "WandbLogger",
     "__version__",
+    "broadcast_object_list",
     "find_executable_batch_size",
+    "gather_object",
     "init_empty_weights",
     "init_on_device",
     "notebook_launcher",
+    "release_memory",
     "seed_everything",
+    "send_to_device",
     "set_seed",
     "skip_first_batches",
+    "wait_for_everyone",
 ]

@@ -36,6 +36,7 @@ from ember._devices import (
     resolve_accelerator,
     resolve_devices,
 )
+from ember._parallelism import ParallelismMixin, refuse_accelerate_only
 from ember._plugin_args import resolve_plugins
 from ember._prepare_one import PrepareOneMixin
 from ember._processes import ProcessMixin
@@ -46,11 +47,7 @@ from ember._step import StepMixin
 from ember._trackers import TrackerMixin
 from ember._validation import check_bool, check_int, check_path
 from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
-from ember._wrappers import (
-    PreparedOptimizer,
-    PreparedScheduler,
-    patch_forward,
-)
+from ember._wrappers import PreparedOptimizer, PreparedScheduler, patch_forward
 from ember.data import PreparedDataLoader
 from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
 from ember.empty_weights import check_materialized
@@ -79,6 +76,7 @@ class Accelerator(
     DataLoaderSettings,
     AccelerateStateMixin,
     PrepareOneMixin,
+    ParallelismMixin,
 ):
     """Prepare models, optimizers, dataloaders and schedulers for the chosen strategy and precision.
 
@@ -119,7 +117,17 @@ class Accelerator(
         dynamo_backend: str | None = None,
         dynamo_plugin: plugins.TorchDynamoPlugin | None = None,
         rng_types: Sequence[str] | None = None,
+        # 🤗 Accelerate's, for what ember has not: each raises naming ember's way
+        split_batches: bool | None = None,
+        megatron_lm_plugin: Any = None,
+        torch_tp_plugin: Any = None,
+        parallelism_config: Any = None,
+        deepspeed_plugins: Any = None,
     ) -> None:
+        refuse_accelerate_only(
+            split_batches=split_batches, megatron_lm_plugin=megatron_lm_plugin, torch_tp_plugin=torch_tp_plugin,
+            parallelism_config=parallelism_config, deepspeed_plugins=deepspeed_plugins,
+        )  # fmt: skip
         defaults = launch_defaults()
         handlers = kwargs_handlers_module.check_handlers(kwargs_handlers)
         watchdog_timeout = check_collective_timeout(collective_timeout)

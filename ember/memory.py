@@ -36,12 +36,21 @@ def is_out_of_memory(error: BaseException) -> bool:
     return any(text in error.args[0] for text in _OUT_OF_MEMORY)
 
 
-def release_memory() -> None:
+def release_memory(*objects: Any) -> list[None]:
     """Collect garbage and give the CUDA cache's unused blocks back (after an out-of-memory error
-    the failed attempt's tensors are garbage once its frames are gone)."""
+    the failed attempt's tensors are garbage once its frames are gone).
+
+    Returns one ``None`` per object given, to rebind your names with, as 🤗 Accelerate's
+    ``accelerate.utils.release_memory``::
+
+        model, optimizer = release_memory(model, optimizer)
+    """
+    released: list[None] = [None] * len(objects)
+    del objects  # the caller's references are the last ones once it rebinds them
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+    return released
 
 
 def find_executable_batch_size(
