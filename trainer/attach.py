@@ -78,6 +78,11 @@ class StageAttachment:
     def _attach(self, module: TrainModule, stage: str, datamodule: DataModule | None) -> None:
         if not isinstance(module, TrainModule):
             raise TypeError(f"expected an ember.TrainModule, got {type(module).__name__}")
+        if hasattr(module, "configure_sharded_model"):  # (Lightning 2.6 still calls it, deprecated)
+            raise TypeError(
+                f"{type(module).__name__}.configure_sharded_model is Lightning's deprecated name, which ember "
+                "never calls: rename it configure_model"
+            )
         trainer = cast("Trainer", self)
         self.accelerator._forget()  # checkpoints hold what this stage prepares, nothing older
         self._module = module

@@ -21,7 +21,7 @@ from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, read_manif
 from ember.strategies.checkpoint_swap import locate_checkpoint
 from ember.strategies.environment import detect_environment
 from ember.trainer.hooks import call_hook
-from ember.trainer.hparams import init_kwargs
+from ember.trainer.hparams import init_kwargs, read_hparams_file
 
 if TYPE_CHECKING:
     from ember.trainer.module import TrainModule
@@ -119,8 +119,15 @@ def load_module(
     map_location: Any,
     strict: bool | None,
     overrides: dict[str, Any],
+    hparams_file: str | os.PathLike[str] | None = None,
 ) -> TrainModule:
-    """``cls`` built from a Trainer checkpoint's hyper-parameters (and ``overrides``), with its weights."""
+    """``cls`` built from a Trainer checkpoint's hyper-parameters (or ``hparams_file``'s, and
+    ``overrides``), with its weights."""
+    if map_location is not None and not isinstance(map_location, str | torch.device | int):
+        raise ValueError(  # (torch.load's dict or function: ember reads the tensors onto the CPU)
+            f"load_from_checkpoint(map_location={map_location!r}): valid choices are a device "
+            "(a str such as 'cpu' or 'cuda:0', a torch.device or an index) or None, the CPU"
+        )
     path = _checkpoint_dir(checkpoint_path, "checkpoint_path")
     manifest = read_manifest(path)  # every file's digest checked
     if STATE not in manifest.get("extra", []):
@@ -129,6 +136,8 @@ def load_module(
             "yourself and load its weights with Accelerator.load_state"
         )
     checkpoint = read_tree(path, STATE)
+    if hparams_file is not None:  # (as Lightning: the file's in place of the checkpoint's)
+        checkpoint = {**checkpoint, "hyper_parameters": read_hparams_file(hparams_file)}
     module = cls(**init_kwargs(cls, checkpoint, overrides))  # (the hyper-parameters it takes)
     if module._strict_loading is not None and strict is not None and strict != module.strict_loading:
         raise ValueError(

@@ -7,13 +7,15 @@ import argparse
 import copy
 import dataclasses
 import inspect
+import json
+import os
 import types
 import typing
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-__all__ = ["AttributeDict", "HyperparametersMixin", "init_kwargs"]
+__all__ = ["AttributeDict", "HyperparametersMixin", "init_kwargs", "read_hparams_file"]
 
 
 class AttributeDict(dict[str, Any]):
@@ -289,6 +291,30 @@ def init_kwargs(
     elif not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         saved = {key: value for key, value in saved.items() if key in parameters}
     return {**saved, **overrides}
+
+
+def read_hparams_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``load_from_checkpoint(hparams_file=...)``'s hyper-parameters: a ``.yaml``/``.yml`` file (as
+    Lightning's loggers write ``hparams.yaml``) or a ``.json`` one (as ember's write ``hparams.json``)."""
+    suffix = os.fspath(path).rsplit(".", 1)[-1].lower()
+    if suffix not in ("yaml", "yml", "json"):
+        raise ValueError(
+            f"load_from_checkpoint(hparams_file={os.fspath(path)!r}): valid choices are a '.yaml', '.yml' "
+            "or '.json' file"
+        )
+    with open(path, encoding="utf-8") as file:
+        if suffix == "json":
+            loaded = json.load(file)
+        else:
+            import yaml
+
+            loaded = yaml.safe_load(file)
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"load_from_checkpoint(hparams_file={os.fspath(path)!r}): it holds a {type(loaded).__name__}, "
+            "expected a mapping of hyper-parameter names to values"
+        )
+    return loaded
 
 
 def _rebuild(cls: type[Any], name: str, kind: Any, items: dict[str, Any]) -> Any:

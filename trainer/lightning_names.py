@@ -1,11 +1,14 @@
 """More of Lightning's ``Trainer`` names, each a view of what ember already holds (a mixin of
 :class:`~ember.trainer.properties.TrainerProperties`): ``ckpt_path``, ``evaluating``,
 ``enable_validation``, ``early_stopping_callbacks``, ``num_nodes``, ``device_ids``,
-``precision_plugin``, ``scaler``, ``init_module`` and ``print``."""
+``precision_plugin``, ``scaler``, ``init_module``, ``print``, ``overfit_batches``,
+``reload_dataloaders_every_n_epochs``, ``enable_autolog_hparams``, ``val_check_batch`` and
+``distributed_sampler_kwargs``."""
 
 from __future__ import annotations
 
 import builtins
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -17,6 +20,7 @@ if TYPE_CHECKING:
     from ember.callbacks.early_stopping import EarlyStopping
     from ember.data import PreparedDataLoader
     from ember.precision import Precision
+    from ember.trainer.combined import PreparedCombinedLoader
     from ember.trainer.config import TrainerConfig
 
 __all__ = ["LightningNames"]
@@ -34,6 +38,8 @@ class LightningNames:
     _running: str
     # The checkpoint the running (or last) stage loaded; set by fit and by _reattach, reset by _attach.
     _ckpt_path: str | None = None
+    _train_loader: PreparedDataLoader | PreparedCombinedLoader | None
+    _val_check_batch: int
 
     if TYPE_CHECKING:
 
@@ -44,6 +50,12 @@ class LightningNames:
 
         @property
         def local_rank(self) -> int: ...
+
+        @property
+        def global_rank(self) -> int: ...
+
+        @property
+        def world_size(self) -> int: ...
 
     @property
     def ckpt_path(self) -> str | None:
@@ -113,3 +125,32 @@ class LightningNames:
         """``print`` on each node's local rank 0 only, as Lightning's ``trainer.print``."""
         if self.local_rank == 0:
             builtins.print(*args, **kwargs)
+
+    @property
+    def overfit_batches(self) -> int | float:
+        return self.config.overfit_batches
+
+    @property
+    def reload_dataloaders_every_n_epochs(self) -> int:
+        return self.config.reload_dataloaders_every_n_epochs
+
+    @property
+    def enable_autolog_hparams(self) -> bool:
+        return self.config.enable_autolog_hparams
+
+    @property
+    def val_check_batch(self) -> int | float | None:
+        """Training batches between two validations of the running (or last) fit, as Lightning's:
+        ``inf`` for training data without a length (validated at the epoch's end), None before a fit
+        and under a time-based ``val_check_interval``."""
+        if self._train_loader is None or self.config.val_check_time is not None:
+            return None
+        return math.inf if self._val_check_batch == 2**62 else self._val_check_batch
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """``num_replicas`` and ``rank`` for a ``DistributedSampler`` of your own, with several
+        processes; None with one (ember's prepared loaders need no sampler: it shards them itself)."""
+        if self.world_size == 1:
+            return None
+        return {"num_replicas": self.world_size, "rank": self.global_rank}

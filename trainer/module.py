@@ -56,8 +56,10 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
     __jit_unused_properties__: ClassVar[list[str]] = [
         *("trainer", "device", "dtype", "current_epoch", "global_step", "global_rank", "local_rank"),
         *("logger", "loggers", "example_input_array", "automatic_optimization", "hparams", "hparams_initial"),
-        "strict_loading",
+        *("strict_loading", "on_gpu"),
     ]
+    # (Set on an instance, TorchScript would type them from this class's annotations: strings, which fail.)
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["automatic_optimization", "_strict_loading"]
     _strict_loading: bool | None = None  # None: never set (load_from_checkpoint's strict may decide)
 
     def __init__(self) -> None:
@@ -272,18 +274,18 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         self,
         name: str,
         value: Any,
-        *,
+        prog_bar: bool = False,
+        logger: bool | None = None,
         on_step: bool | None = None,
         on_epoch: bool | None = None,
-        prog_bar: bool = False,
-        logger: bool = True,
-        sync_dist: bool = False,
         reduce_fx: str = "mean",
-        batch_size: int | None = None,
-        add_dataloader_idx: bool = True,
-        rank_zero_only: bool = False,
         enable_graph: bool = False,
+        sync_dist: bool = False,
         sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        metric_attribute: str | None = None,
+        rank_zero_only: bool = False,
     ) -> None:
         """Record a metric: a number, a scalar tensor or a torchmetrics ``Metric``.
 
@@ -295,8 +297,11 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         for the other processes (ember never synchronises a value without it). ``sync_dist_group``:
         the ``torch.distributed`` process group ``sync_dist`` reduces within (None: every process;
         ignored without ``sync_dist``). ``enable_graph`` is accepted as in Lightning, where it
-        changes nothing either: the values recorded never hold the autograd graph.
+        changes nothing either: the values recorded never hold the autograd graph. The arguments
+        come in Lightning's order, ``logger=None`` is ``True``, and ``metric_attribute`` is accepted
+        and unused (ember keeps the ``Metric`` object it is given, Lightning looks for its attribute).
         """
+        logger = True if logger is None else logger
         trainer = self._trainer if self._trainer is not None else self.trainer  # (the property raises)
         if trainer.barebones:
             if trainer.is_global_zero:  # (Python shows a warning once per place that logs)
@@ -322,10 +327,27 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         finally:
             store.dataloader_suffix = suffix
 
-    def log_dict(self, dictionary: Mapping[str, Any], **kwargs: Any) -> None:
-        """:meth:`log` each item of ``dictionary`` with the same options."""
+    def log_dict(
+        self,
+        dictionary: Mapping[str, Any],
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: str = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        rank_zero_only: bool = False,
+    ) -> None:
+        """:meth:`log` each item of ``dictionary`` with the same options (in Lightning's order)."""
         for name, value in dictionary.items():
-            self.log(name, value, **kwargs)
+            self.log(
+                name, value, prog_bar, logger, on_step, on_epoch, reduce_fx, enable_graph, sync_dist,
+                sync_dist_group, add_dataloader_idx, batch_size, rank_zero_only=rank_zero_only,
+            )  # fmt: skip
 
     # -- optimizers (manual optimisation) ------------------------------------------------------------
     def optimizers(self, use_pl_optimizer: bool = True) -> Any:
@@ -358,21 +380,18 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         cls: type[_M],
         checkpoint_path: str | os.PathLike[str],
         map_location: str | torch.device | None = None,
+        hparams_file: str | os.PathLike[str] | None = None,
         strict: bool | None = None,
+        weights_only: bool | None = None,
         **kwargs: Any,
     ) -> _M:
         """A new module from a Trainer checkpoint directory: ``cls(**hyper-parameters)``, as
         :meth:`save_hyperparameters` saved them (those of one dict, Namespace or dataclass argument
-        passed back as that argument; ``kwargs`` override or add), then
-        :meth:`on_load_checkpoint` and the checkpoint's weights, whatever the strategy that wrote
-        them (DDP, FSDP's shards, DeepSpeed). Pickle-free; on the CPU unless ``map_location``.
+        passed back as that argument; ``hparams_file``, a ``.yaml`` or ``.json`` file, replaces them;
+        ``kwargs`` override or add), then :meth:`on_load_checkpoint` and the checkpoint's weights,
+        whatever the strategy that wrote them (DDP, FSDP's shards, DeepSpeed). Pickle-free, whatever
+        ``weights_only`` (Lightning's ``torch.load`` option); on the CPU unless ``map_location``.
         ``strict``: None follows :attr:`strict_loading`."""
         from ember.trainer.checkpointing import load_module  # (it imports this module)
 
-        if map_location is not None and not isinstance(map_location, str | torch.device | int):
-            raise ValueError(  # (torch.load's dict or function: ember reads the tensors onto the CPU)
-                f"load_from_checkpoint(map_location={map_location!r}): valid choices are a device "
-                "(a str such as 'cpu' or 'cuda:0', a torch.device or an index) or None, the CPU"
-            )
-
-        return load_module(cls, checkpoint_path, map_location, strict, kwargs)  # type: ignore[return-value]
+        return load_module(cls, checkpoint_path, map_location, strict, kwargs, hparams_file)  # type: ignore[return-value]

@@ -45,7 +45,7 @@ def call_forward(module: torch.nn.Module, example: Any) -> Any:
 
 
 class ModuleTools:
-    """``toggle_optimizer``/``untoggle_optimizer``/``toggled_optimizer``, ``freeze``/``unfreeze``,
+    """``toggle_optimizer``/``untoggle_optimizer``/``toggled_optimizer``, ``on_gpu``, ``freeze``/``unfreeze``,
     ``example_input_array``, ``to_torchscript`` and ``to_onnx``, as Lightning's ``LightningModule``
     has them; :class:`~ember.TrainModule` inherits them."""
 
@@ -134,6 +134,11 @@ class ModuleTools:
             yield
         finally:
             self.untoggle_optimizer(optimizer)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the module is on a CUDA device (:attr:`device`), as Lightning's."""
+        return self.device.type == "cuda"
 
     # -- inference ----------------------------------------------------------------------------------
     def freeze(self: _T) -> _T:

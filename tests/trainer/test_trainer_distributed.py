@@ -112,6 +112,8 @@ def _sync_worker(root: str) -> dict:
             self.log("grad", float(self.layer.weight.grad.sum()))
             self.log("synced", torch.tensor(rank), sync_dist=True)
             self.log("local", torch.tensor(rank))
+            sampler = self.trainer.distributed_sampler_kwargs  # (Lightning's, for a sampler of one's own)
+            self.log("sampler", float(sampler["num_replicas"] * 10 + sampler["rank"]))
             self.log("biggest", torch.tensor(rank), sync_dist=True, reduce_fx="max")
 
     # inference_mode=False: the gradients through all_gather above need autograd in validation_step.
@@ -124,6 +126,7 @@ def test_sync_dist_across_ranks(tmp_path: Path) -> None:
     ranks = run_processes(_sync_worker, str(tmp_path), nprocs=2)
     assert [r["synced"] for r in ranks] == [0.5, 0.5]
     assert [r["local"] for r in ranks] == [0.0, 1.0]
+    assert [r["sampler"] for r in ranks] == [20.0, 21.0]
     assert [r["biggest"] for r in ranks] == [1.0, 1.0]
     assert [r["gathered"] for r in ranks] == [
         21.0,
