@@ -23,7 +23,17 @@ from ember.precision import HalfPrecision, MixedPrecision, Precision
 from ember.strategies.base import Strategy, setup_rebinding_optimizers
 from ember.strategies.capabilities import BackwardSyncControl, MaterializesModules
 from ember.strategies.environment import ProcessEnvironment
-from ember.strategies.fsdp_units import reset_sharded, size_based_units, split_tie, tied_parameters
+from ember.strategies.fsdp_names import check_device_mesh, refuse_foreign_options
+from ember.strategies.fsdp_units import (
+    ModuleSpec,
+    is_selection,
+    reset_sharded,
+    resolve_classes,
+    selected_modules,
+    size_based_units,
+    split_tie,
+    tied_parameters,
+)
 from ember.strategies.optim_state import is_named, parameter_names, to_named
 
 if TYPE_CHECKING:
@@ -36,8 +46,10 @@ from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["FSDPConfig", "FSDPStrategy"]
 
-ModuleSpec = set[type[nn.Module] | str]  # module classes, or their names (resolved against the model)
-WrapPolicy = str | ModuleSpec | Callable[[nn.Module], bool] | None
+# A set of module classes (or their names), a predicate module -> bool, or one of torch's FSDP1 wrapping
+# policies (ModuleWrapPolicy, CustomPolicy, functools.partial(size_based_auto_wrap_policy, ...)).
+Selection = ModuleSpec | Callable[..., Any]
+WrapPolicy = str | Selection | None
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -47,12 +59,15 @@ class FSDPConfig:
     ``wrap``: which submodules become their own shard unit — ``"auto"`` (bottom-up, a module whose
     parameters not yet in a unit reach ``min_params``), a set of module classes (or class names, looked
     up in the model when it is prepared: a name no submodule has is an error), a predicate
-    ``module -> bool``, or ``None`` (only the root). The root is always
+    ``module -> bool``, one of torch's FSDP1 wrapping policies (as Lightning's ``auto_wrap_policy``),
+    or ``None`` (only the root). The root is always
     sharded. ``reshard_after_forward=False`` keeps gathered parameters until backward (ZeRO-2 like).
     ``offload`` keeps parameters, gradients and optimizer state on the CPU. ``activation_checkpointing``
-    recomputes the activations of those block classes (or class names) in backward. ``reduce_dtype`` overrides the
+    recomputes the activations of the modules it selects in backward (the forms of ``wrap``, less
+    ``"auto"`` and ``None``). ``reduce_dtype`` overrides the
     gradient reduction dtype the precision implies. ``hybrid`` shards within each node and
-    replicates across nodes (a 2-D device mesh; ``None``: when the job spans several nodes).
+    replicates across nodes (a 2-D device mesh; ``None``: when the job spans several nodes);
+    ``device_mesh=(replicas, shards)`` gives that mesh's shape (their product is the world size).
     ``state_dict_type``: ``"sharded"`` checkpoints (each rank writes its shards) or ``"full"``
     (rank 0 writes full tensors).
     """
@@ -61,28 +76,35 @@ class FSDPConfig:
     min_params: int = 100_000
     reshard_after_forward: bool = True
     offload: bool = False
-    activation_checkpointing: ModuleSpec = field(default_factory=set)
+    activation_checkpointing: Selection = field(default_factory=set)
     reduce_dtype: torch.dtype | None = None
     hybrid: bool | None = None
+    device_mesh: tuple[int, int] | None = None
     state_dict_type: Literal["sharded", "full"] = "sharded"
     process_group_backend: str | None = None
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
 
+    def __new__(cls, *args: Any, **options: Any) -> FSDPConfig:
+        # Before the generated __init__, whose TypeError would only say "unexpected keyword argument":
+        # Lightning's and FSDP1's option names say what FSDPConfig calls them.
+        refuse_foreign_options("FSDPConfig", options, _FIELDS)
+        return object.__new__(cls)  # (a slots dataclass is a new class: no zero-argument super())
+
     def __post_init__(self) -> None:
-        if not (
-            self.wrap is None or self.wrap == "auto" or callable(self.wrap) or _module_classes(self.wrap)
-        ):
+        if not (self.wrap is None or self.wrap == "auto" or is_selection(self.wrap)):
             raise ValueError(
-                f"wrap={show(self.wrap)}: use 'auto', a set of nn.Module classes or class names, a callable or None"
+                f"wrap={show(self.wrap)}: use 'auto', a set of nn.Module classes or class names, a callable "
+                "(a predicate module -> bool or a torch wrapping policy) or None"
             )
         check_int("min_params", self.min_params, minimum=1, owner="FSDPConfig")
-        if not _module_classes(self.activation_checkpointing):
+        if not is_selection(self.activation_checkpointing):
             raise ValueError(
                 f"activation_checkpointing={show(self.activation_checkpointing)} must be a set of nn.Module classes "
-                "or class names"
+                "or class names, or a callable (a predicate module -> bool or a torch wrapping policy)"
             )
         check_choice("state_dict_type", self.state_dict_type, ("sharded", "full"), owner="FSDPConfig")
         check_bool("hybrid", self.hybrid, optional=True, owner="FSDPConfig")
+        check_device_mesh(self.device_mesh, self.hybrid)
         for name in ("reshard_after_forward", "offload"):
             check_bool(name, getattr(self, name), owner="FSDPConfig")
         if self.reduce_dtype is not None and not (
@@ -94,23 +116,7 @@ class FSDPConfig:
         check_process_group(self.process_group_backend, self.timeout, owner="FSDPConfig")
 
 
-def _module_classes(value: Any) -> bool:
-    return isinstance(value, (set, frozenset)) and all(
-        (isinstance(c, type) and issubclass(c, nn.Module)) or (isinstance(c, str) and c) for c in value
-    )
-
-
-def _resolve(root: nn.Module, spec: ModuleSpec, option: str) -> tuple[type[nn.Module], ...]:
-    """The classes of ``spec``, class names looked up among ``root``'s submodules (as 🤗 Accelerate's
-    ``transformer_cls_names_to_wrap``): a name that matches none is a typo, not an empty policy."""
-    found = {type(m).__name__: type(m) for m in root.modules()}
-    missing = sorted(c for c in spec if isinstance(c, str) and c not in found)
-    if missing:
-        raise ValueError(
-            f"FSDPConfig({option}=...): the model has no submodule of class {', '.join(map(repr, missing))}. "
-            f"Valid choices in this model: {', '.join(sorted(found))}"
-        )
-    return tuple(found[c] if isinstance(c, str) else c for c in spec)
+_FIELDS = tuple(FSDPConfig.__dataclass_fields__)
 
 
 class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
@@ -127,7 +133,10 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     strategy_name = "fsdp"
 
-    def __init__(self, config: FSDPConfig | None = None) -> None:
+    def __init__(self, config: FSDPConfig | None = None, **options: Any) -> None:
+        refuse_foreign_options("FSDPStrategy", options, _FIELDS)  # Lightning's FSDPStrategy(cpu_offload=...)
+        if options:
+            raise TypeError(f"FSDPStrategy() got an unexpected keyword argument {next(iter(options))!r}")
         self.config = config or FSDPConfig()
         super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
         self._device_mesh: DeviceMesh | None = None
@@ -138,6 +147,9 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         registry.register("fsdp", cls, "FSDP2: parameters, gradients and optimizer state sharded")
         registry.register(
             "fsdp_offload", cls, "fsdp with everything offloaded to the CPU", config=FSDPConfig(offload=True)
+        )
+        registry.register(
+            "fsdp_cpu_offload", cls, "fsdp_offload, by Lightning's name", config=FSDPConfig(offload=True)
         )
         registry.register(
             "fsdp_shard_grad_op",
@@ -160,6 +172,12 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
         )
         self._mp_policy()  # contradictory precision settings fail here, before any process starts
+        mesh = self.config.device_mesh
+        if mesh is not None and mesh[0] * mesh[1] != environment.world_size:
+            raise ValueError(
+                f"FSDPConfig(device_mesh={mesh}) has {mesh[0] * mesh[1]} processes, but this job has "
+                f"{environment.world_size}: replicas x shards must be the world size"
+            )
 
     # -- precision: one source of truth ----------------------------------------------------------
     def _mp_policy(self) -> MixedPrecisionPolicy:
@@ -192,7 +210,11 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
                 if self.config.hybrid is not None
                 else env.world_size > env.local_world_size
             )
-            if hybrid:
+            if self.config.device_mesh is not None:  # its size was checked in connect()
+                self._device_mesh = init_device_mesh(
+                    self._device_type, self.config.device_mesh, mesh_dim_names=("replicate", "shard")
+                )
+            elif hybrid:
                 if env.world_size % env.local_world_size:
                     raise ValueError(
                         f"hybrid sharding needs the same number of processes on every node; world size "
@@ -216,13 +238,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
         ties = tied_parameters(root)
         if wrap == "auto":
             return size_based_units(root, self.config.min_params, ties)
-        if isinstance(wrap, (set, frozenset)):
-            classes = _resolve(root, wrap, "wrap")
-            chosen: Callable[[nn.Module], bool] = lambda m: isinstance(m, classes)  # noqa: E731
-        else:
-            assert callable(wrap)
-            chosen = wrap
-        units = [m for m in reversed(list(root.modules())) if m is not root and chosen(m)]
+        units = selected_modules(root, wrap, "wrap")
         for unit in units:
             split = split_tie(unit, ties)
             if split is not None:  # FSDP2 would raise at the first forward, naming an API ember hides
@@ -252,8 +268,13 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
             from torch.distributed._composable import checkpoint  # type: ignore[attr-defined]
 
             # Before sharding (torchtitan's order): recompute each block's activations in backward.
-            blocks = _resolve(module, self.config.activation_checkpointing, "activation_checkpointing")
-            for block in [m for m in module.modules() if isinstance(m, blocks)]:
+            spec = self.config.activation_checkpointing
+            blocks = selected_modules(module, spec, "activation_checkpointing")
+            if isinstance(spec, (set, frozenset)) and isinstance(
+                module, resolve_classes(module, spec, "activation_checkpointing")
+            ):
+                blocks.append(module)  # a set of classes selects the root too (a policy never does)
+            for block in blocks:
                 checkpoint(block)
         offload: OffloadPolicy = (
             CPUOffloadPolicy(pin_memory=self._device_type == "cuda")

@@ -247,6 +247,11 @@ def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
+def _predicate(v: Any) -> bool:
+    """A callable that is not a class (a class is callable, but no predicate)."""
+    return callable(v) and not isinstance(v, type)
+
+
 def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
@@ -498,9 +503,14 @@ def _cases() -> list[Case]:
         Case(DDPConfig, "bucket_cap_mb", _number(0, above=True)),
         Case(FSDPConfig, "process_group_backend", backends, choices=("'gloo'",)),
         Case(FSDPConfig, "timeout", _timeout),
-        Case(FSDPConfig, "wrap", lambda v: v is None or v == "auto" or callable(v) or v == set()),
+        Case(FSDPConfig, "wrap", lambda v: v is None or v == "auto" or _predicate(v) or v == set()),
         Case(FSDPConfig, "min_params", _int(1)),
-        Case(FSDPConfig, "activation_checkpointing", lambda v: v == set()),
+        Case(FSDPConfig, "activation_checkpointing", lambda v: v == set() or _predicate(v)),
+        Case(
+            FSDPConfig,
+            "device_mesh",
+            _optional(lambda v: isinstance(v, tuple) and len(v) == 2 and all(_int(1)(n) for n in v)),
+        ),
         Case(
             FSDPConfig,
             "reduce_dtype",
