@@ -25,9 +25,25 @@ from ember.strategies.capabilities import (
     LeavesModulePlacement,
 )
 from ember.strategies.ddp_comm import ExplainedDDP, check_comm_options, register_comm_hook
+from ember.strategies.options import config_of
 from ember.strategies.parallel import ParallelStrategy
 
 __all__ = ["DDPConfig", "DDPStrategy"]
+
+# Lightning's DDPStrategy keywords that DDPConfig spells otherwise, and those ember takes elsewhere.
+_LIGHTNING_NAMES = {
+    "ddp_comm_hook": "comm_hook",
+    "ddp_comm_state": "comm_state",
+    "ddp_comm_wrapper": "comm_wrapper",
+}
+_ELSEWHERE = "ember takes it from Trainer/Accelerator(...) and the environment: leave it out"
+_REFUSED = {
+    "start_method": "ember does not spawn or fork the ranks: strategy='ddp' re-runs the script for them (or "
+    "`ember launch`; ember.notebook_launcher in a notebook)",
+    "model_averaging_period": "post-localSGD model averaging is not supported: leave it out",
+    **{name: _ELSEWHERE for name in ("accelerator", "parallel_devices", "cluster_environment", "checkpoint_io",
+                                     "precision_plugin", "precision")},
+}  # fmt: skip
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -79,8 +95,9 @@ class DDPStrategy(
 
     strategy_name = "ddp"
 
-    def __init__(self, config: DDPConfig | None = None) -> None:
-        self.config = config or DDPConfig()
+    def __init__(self, config: DDPConfig | None = None, **options: Any) -> None:
+        # Lightning's DDPStrategy(find_unused_parameters=True, ddp_comm_hook=...) as well
+        self.config = config_of("DDPStrategy", DDPConfig, config, options, _LIGHTNING_NAMES, _REFUSED)
         super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
 
     @classmethod

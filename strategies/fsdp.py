@@ -35,6 +35,7 @@ from ember.strategies.fsdp_units import (
     tied_parameters,
 )
 from ember.strategies.optim_state import is_named, parameter_names, to_named
+from ember.strategies.options import config_of
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -135,9 +136,7 @@ class FSDPStrategy(ParallelStrategy, BackwardSyncControl, MaterializesModules):
 
     def __init__(self, config: FSDPConfig | None = None, **options: Any) -> None:
         refuse_foreign_options("FSDPStrategy", options, _FIELDS)  # Lightning's FSDPStrategy(cpu_offload=...)
-        if options:
-            raise TypeError(f"FSDPStrategy() got an unexpected keyword argument {next(iter(options))!r}")
-        self.config = config or FSDPConfig()
+        self.config = config_of("FSDPStrategy", FSDPConfig, config, options)  # FSDPStrategy(offload=True) too
         super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
         self._device_mesh: DeviceMesh | None = None
 

@@ -57,15 +57,11 @@ def _sharding_name(value: Any) -> str:
 
 def refuse_foreign_options(owner: str, options: dict[str, Any], fields: tuple[str, ...]) -> None:
     """Raise a ``TypeError`` for the first of ``options`` that is not one of ``fields``, saying what
-    ember calls it (``owner``: ``"FSDPConfig"`` or ``"FSDPStrategy"``). No error for known fields."""
+    ember calls it (``owner``: ``"FSDPConfig"`` or ``"FSDPStrategy"``, which takes the fields too).
+    No error for known fields."""
     for name, value in options.items():
         if name in fields:
-            if owner == "FSDPConfig":
-                continue
-            raise TypeError(
-                f"FSDPStrategy({name}=...): FSDPStrategy takes its options in an FSDPConfig: "
-                f"FSDPStrategy(FSDPConfig({name}={value!r}))"
-            )
+            continue
         if name == "sharding_strategy":
             kind = _sharding_name(value)
             why = _SHARDING.get(kind)

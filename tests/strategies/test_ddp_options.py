@@ -199,3 +199,16 @@ def test_manual_optimization_with_one_backward_a_step_under_ddp() -> None:
     for kind in ("dynamic", "static"):
         assert ranks[0][kind] == ranks[1][kind], kind
         assert max(abs(a - b) for a, b in zip(ranks[0][kind], expected[kind], strict=True)) < 1e-6, kind
+
+
+def test_ddpstrategy_takes_lightnings_keywords() -> None:
+    # Lightning's DDPStrategy(find_unused_parameters=True, ddp_comm_hook=...): the same DDPConfig.
+    strategy = DDPStrategy(find_unused_parameters=True, static_graph=False, ddp_comm_hook="fp16")
+    assert strategy.config == DDPConfig(find_unused_parameters=True, comm_hook="fp16")
+    assert DDPStrategy().config == DDPConfig()
+    with pytest.raises(TypeError, match=r"not both"):
+        DDPStrategy(DDPConfig(), static_graph=True)
+    with pytest.raises(TypeError, match=r"start_method=\.\.\.\): ember does not spawn or fork"):
+        DDPStrategy(start_method="spawn")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'bogus'\. Valid keywords: .*find_unused"):
+        DDPStrategy(bogus=1)

@@ -102,9 +102,10 @@ def test_lightning_option_names_say_what_ember_calls_them(option: dict, match: s
         FSDPStrategy(**option)  # Lightning's FSDPStrategy(sharding_strategy=...)
 
 
-def test_fsdpstrategy_points_its_own_options_to_fsdpconfig() -> None:
-    with pytest.raises(TypeError, match=r"FSDPStrategy\(FSDPConfig\(offload=True\)\)"):
-        FSDPStrategy(offload=True)  # type: ignore[call-arg]
+def test_fsdpstrategy_takes_fsdpconfig_fields_as_keywords() -> None:
+    assert FSDPStrategy(offload=True, min_params=7).config == FSDPConfig(offload=True, min_params=7)
+    with pytest.raises(TypeError, match=r"give the options in the FSDPConfig or as keywords, not both"):
+        FSDPStrategy(FSDPConfig(), offload=True)
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
         FSDPConfig(bogus=1)  # type: ignore[call-arg]
 
