@@ -26,6 +26,8 @@ _GIVEN_BY_CONFIG: dict[str, tuple[str, Callable[[Any], bool]]] = {
                           lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
     "offload_optimizer_device": ("zero_optimization.offload_optimizer.device", lambda v: v in ("none", "cpu")),
     "offload_param_device": ("zero_optimization.offload_param.device", lambda v: v in ("none", "cpu")),
+    "zero3_save_16bit_model": ("zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                               lambda v: isinstance(v, bool)),
 }  # fmt: skip
 
 
@@ -40,7 +42,9 @@ class DeepSpeedPlugin:
     ``gradient_accumulation_steps`` (or the config's) is the run's: it wins over the Accelerator's,
     with a warning when they differ, as in Accelerate. As in Accelerate, a field left unset takes
     ``hf_ds_config``'s value (``zero_stage``, ``gradient_accumulation_steps``, ``gradient_clipping``,
-    the offload devices), unless that is ``"auto"``.
+    the offload devices, ``zero3_save_16bit_model``), unless that is ``"auto"``.
+    ``zero3_save_16bit_model`` is written as ``zero_optimization.stage3_gather_16bit_weights_on_model_save``
+    (ember's ``save_model`` gathers ZeRO-3 weights either way).
     """
 
     hf_ds_config: Any = None
@@ -86,8 +90,7 @@ class DeepSpeedPlugin:
             only(name, nvme, getattr(self, nvme), (None, "none"), "ember offloads to the CPU only")
         only(name, "zero3_init_flag", self.zero3_init_flag, (None, False),
               "ember does not build models under deepspeed.zero.Init")  # fmt: skip
-        only(name, "zero3_save_16bit_model", self.zero3_save_16bit_model, (None, False),
-              "ember's save_model and get_state_dict gather ZeRO-3 weights themselves")  # fmt: skip
+        only(name, "zero3_save_16bit_model", self.zero3_save_16bit_model, (None, False, True), "not a bool")
         only(name, "transformer_moe_cls_names", self.transformer_moe_cls_names, (None,),
               "ember does not configure DeepSpeed mixture-of-experts layers")  # fmt: skip
         for fp8 in ("enable_msamp", "msamp_opt_level"):
@@ -111,6 +114,9 @@ class DeepSpeedPlugin:
                 )
                 config = typed.user_config()
                 config["gradient_clipping"] = 1.0 if clip is None or clip == "auto" else float(clip)
+                if self.zero3_save_16bit_model is not None:
+                    zero = config["zero_optimization"]
+                    zero["stage3_gather_16bit_weights_on_model_save"] = self.zero3_save_16bit_model
                 fixed = steps if isinstance(steps, int) else None
             else:
                 config = self._merged_config(offload_optimizer, offload_parameters)
@@ -154,6 +160,8 @@ class DeepSpeedPlugin:
                                      None if self.offload_param_device is None else devices[offload_parameters]),
             "gradient_accumulation_steps": ("gradient_accumulation_steps", self.gradient_accumulation_steps),
             "gradient_clipping": ("gradient_clipping", self.gradient_clipping),
+            "zero3_save_16bit_model": ("zero_optimization.stage3_gather_16bit_weights_on_model_save",
+                                       self.zero3_save_16bit_model),
         }  # fmt: skip
         for field_name, (path, value) in fields.items():
             if value is None or value == "auto":

@@ -3,14 +3,19 @@ DeepSpeed configuration (dict or JSON file), checked when the config is made."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from ember._validation import check_bool, check_timeout, show
+import torch
+
+from ember._validation import check_bool, check_int, check_number, check_process_group, show
+from ember.strategies.deepspeed.names import refuse_lightning_options
 
 __all__ = ["DeepSpeedConfig"]
 
@@ -24,7 +29,10 @@ class DeepSpeedConfig:
     ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``,
     ``gradient_clipping``, the ``fp16``/``bf16`` blocks — may be left out or ``"auto"``.
     ``offload_optimizer`` keeps optimizer state (and the update) on the CPU; ``offload_parameters``
-    (stage 3) keeps the parameters there too.
+    (stage 3) keeps the parameters there too. The fp16 loss-scaling options apply under a
+    ``16-mixed`` / ``16-true`` precision only. ``logging_level``, ``process_group_backend``,
+    ``exclude_frozen_parameters`` and ``timeout`` are not DeepSpeed config entries: they apply with
+    ``config`` too.
     """
 
     stage: int = 2
@@ -34,15 +42,48 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 200_000_000
     overlap_comm: bool = False
     contiguous_gradients: bool = True
+    allgather_partitions: bool = True
+    reduce_scatter: bool = True
+    sub_group_size: int = 1_000_000_000
+    pin_memory: bool = False
+    # fp16 loss scaling (DeepSpeed's defaults; loss_scale 0 is dynamic scaling)
+    loss_scale: float = 0.0
+    initial_scale_power: int = 16
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    # DeepSpeed's activation checkpointing (for models that call deepspeed.checkpointing.checkpoint)
+    partition_activations: bool = False
+    cpu_checkpointing: bool = False
+    synchronize_checkpoint_boundary: bool = False
     config: dict[str, Any] | str | os.PathLike[str] | None = None
+    logging_level: int = logging.WARNING
+    process_group_backend: str | None = None
+    exclude_frozen_parameters: bool = False
     timeout: timedelta = field(default_factory=lambda: timedelta(minutes=30))
+
+    def __new__(cls, *args: Any, **options: Any) -> DeepSpeedConfig:
+        # Before the generated __init__, whose TypeError would only say "unexpected keyword argument".
+        refuse_lightning_options("DeepSpeedConfig", options)
+        return object.__new__(cls)  # (a slots dataclass is a new class: no zero-argument super())
 
     def __post_init__(self) -> None:
         if isinstance(self.stage, bool) or not isinstance(self.stage, int) or self.stage not in (0, 1, 2, 3):
             raise ValueError(f"stage={show(self.stage)} is not a ZeRO stage. Valid choices: 0, 1, 2, 3")
-        for name in ("offload_optimizer", "offload_parameters", "overlap_comm", "contiguous_gradients"):
+        for name in (*_BOOLS, "exclude_frozen_parameters"):
             check_bool(name, getattr(self, name), owner="DeepSpeedConfig")
-        check_timeout("timeout", self.timeout, owner="DeepSpeedConfig")
+        for name in (
+            "sub_group_size",
+            "initial_scale_power",
+            "loss_scale_window",
+            "hysteresis",
+            "logging_level",
+        ):
+            check_int(name, getattr(self, name), minimum=0 if name in ("initial_scale_power", "logging_level") else 1,
+                      owner="DeepSpeedConfig")  # fmt: skip
+        for name in ("loss_scale", "min_loss_scale"):
+            check_number(name, getattr(self, name), minimum=0, owner="DeepSpeedConfig")
+        check_process_group(self.process_group_backend, self.timeout, owner="DeepSpeedConfig")
         if self.config is not None and not isinstance(self.config, (dict, str, os.PathLike)):
             raise TypeError(
                 f"DeepSpeedConfig(config={show(self.config)}) must be None, a dict or the path of a JSON file"
@@ -51,6 +92,11 @@ class DeepSpeedConfig:
             raise ValueError(f"offload_parameters=True needs stage=3 (got stage={self.stage})")
         if self.offload_optimizer and self.stage == 0:
             raise ValueError("offload_optimizer=True needs a ZeRO stage of 1, 2 or 3 (got stage=0)")
+        if self.pin_memory and not (self.offload_optimizer or self.offload_parameters):
+            raise ValueError(
+                "pin_memory=True needs offload_optimizer=True or offload_parameters=True (it pins the offloaded "
+                "tensors)"
+            )
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -59,7 +105,7 @@ class DeepSpeedConfig:
             changed = [
                 f.name
                 for f in DeepSpeedConfig.__dataclass_fields__.values()
-                if f.name not in ("config", "timeout") and getattr(self, f.name) != f.default
+                if f.name not in _NOT_IN_THE_CONFIG and getattr(self, f.name) != _default(f)
             ]
             if changed:
                 raise ValueError(
@@ -93,14 +139,56 @@ class DeepSpeedConfig:
             "allgather_bucket_size": self.allgather_bucket_size,
             "overlap_comm": self.overlap_comm,
             "contiguous_gradients": self.contiguous_gradients,
+            "allgather_partitions": self.allgather_partitions,
+            "reduce_scatter": self.reduce_scatter,
+            "sub_group_size": self.sub_group_size,
         }
         if self.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": self.pin_memory}
         if self.offload_parameters:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": self.pin_memory}
         if self.stage == 3:
             del zero["allgather_bucket_size"]  # stage 3 names its bucket sizes differently
-        return {"zero_optimization": zero}
+        config: dict[str, Any] = {"zero_optimization": zero}
+        if self._fp16_options():  # "enabled" comes from the precision, in the strategy
+            config["fp16"] = {name: getattr(self, name) for name in _FP16}
+        checkpointing = {name: True for name in _CHECKPOINTING if getattr(self, name)}
+        if checkpointing:
+            config["activation_checkpointing"] = checkpointing
+        return config
+
+    def _check_precision(self, precision: Any) -> None:
+        """Refuse fp16 loss-scaling options under a precision that does not run DeepSpeed's fp16 mode
+        (the engine would drop them without a word)."""
+        if self._fp16_options() and getattr(precision, "dtype", None) is not torch.float16:
+            raise ValueError(
+                f"DeepSpeedConfig({', '.join(self._fp16_options())}) set DeepSpeed's fp16 loss scaling, but "
+                f"precision={precision.name!r} does not run in fp16 mode; use '16-mixed' or '16-true', or drop them"
+            )
+
+    def _fp16_options(self) -> list[str]:
+        """The fp16 loss-scaling options changed from their defaults, as ``name=value``."""
+        fields = DeepSpeedConfig.__dataclass_fields__
+        return [f"{n}={getattr(self, n)!r}" for n in _FP16 if getattr(self, n) != fields[n].default]
+
+
+_BOOLS = ("offload_optimizer", "offload_parameters", "overlap_comm", "contiguous_gradients", "allgather_partitions",
+          "reduce_scatter", "pin_memory", "partition_activations", "cpu_checkpointing",
+          "synchronize_checkpoint_boundary")  # fmt: skip
+_FP16 = ("loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis", "min_loss_scale")
+_CHECKPOINTING = ("partition_activations", "cpu_checkpointing", "synchronize_checkpoint_boundary")
+# Options of the strategy rather than of the DeepSpeed configuration: they go with config= too.
+_NOT_IN_THE_CONFIG = (
+    "config",
+    "logging_level",
+    "process_group_backend",
+    "exclude_frozen_parameters",
+    "timeout",
+)
+
+
+def _default(f: Any) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _fill_model_autos(config: dict[str, Any], module: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from ember.precision import DoublePrecision, Precision
 from ember.strategies.base import Strategy
 from ember.strategies.capabilities import EngineCheckpoints, OwnsOptimizerStep
 from ember.strategies.deepspeed.config import DeepSpeedConfig, _auto_keys, _fill_model_autos
+from ember.strategies.deepspeed.names import strategy_config
+from ember.strategies.deepspeed.runtime import configure_checkpointing, configure_logging_and_ops
 from ember.strategies.environment import ProcessEnvironment, ensure_local_rank
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.sharded_io import TensorSpec
@@ -41,9 +44,11 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
 
     strategy_name = "deepspeed"
 
-    def __init__(self, config: DeepSpeedConfig | None = None) -> None:
-        self.config = config or DeepSpeedConfig()
-        super().__init__(process_group_backend=None, timeout=self.config.timeout)
+    def __init__(
+        self, config: DeepSpeedConfig | dict[str, Any] | str | os.PathLike[str] | None = None, **options: Any
+    ) -> None:
+        self.config = strategy_config(config, options)  # Lightning's keywords and config=<dict or path> too
+        super().__init__(process_group_backend=self.config.process_group_backend, timeout=self.config.timeout)
         self.micro_batch_size = None
         self.gradient_accumulation_steps = 1
         self._clip: tuple[float | None, str] = (None, "")
@@ -95,15 +100,11 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
                 f"precision={precision.name!r} needs DeepSpeed's fp16 mode, which DeepSpeed does not support on "
                 "the CPU; use 'bf16-mixed' or 'bf16-true' there"
             )
+        self.config._check_precision(precision)
         super().connect(
             device_type=device_type, num_processes=num_processes, precision=precision, environment=environment
         )
         self._fill_config(self.config.user_config(), check_only=True)  # contradictions fail before any launch
-
-    @property
-    @override
-    def process_group_backend(self) -> str:
-        return "nccl" if self._device_type == "cuda" else "gloo"
 
     @override
     def configure_training(self, *, gradient_clip_val: float | None, gradient_clip_algorithm: str) -> None:
@@ -213,8 +214,9 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
             )
         if self.is_global_zero:
             log.info("DeepSpeed configuration: %s", json.dumps(config, sort_keys=True))
-        if self.root_device.type == "cpu":
-            _skip_shm_comm_build()
+        configure_logging_and_ops(
+            logging_level=self.config.logging_level, on_cpu=self.root_device.type == "cpu"
+        )
         module = modules[0].to(self.root_device)
         # DeepSpeed's engine insists on LOCAL_RANK, which a launcher sets; a plain `python train.py` has none.
         ensure_local_rank(self.local_rank)
@@ -225,6 +227,7 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
             config=config,
             dist_init_required=False,
         )
+        configure_checkpointing(config)
         self._engine = engine
         # An optimizer from the config's block stays the engine's (``strategy.engine.optimizer``):
         # the engine steps it in backward, so the loop has nothing to call on it.
@@ -314,12 +317,21 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
     # -- state -------------------------------------------------------------------------------------
     @override
     def save_engine_state(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag="state", save_latest=False)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag="state",
+            save_latest=False,
+            exclude_frozen_parameters=self.config.exclude_frozen_parameters,
+        )
 
     @override
     def load_engine_state(self, directory: Path) -> None:
         self.engine.load_checkpoint(
-            str(directory), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+            str(directory),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.config.exclude_frozen_parameters,  # the frozen ones are not in the files
         )
 
     def _stage(self) -> int:
@@ -368,19 +380,6 @@ class DeepSpeedStrategy(ParallelStrategy, OwnsOptimizerStep, EngineCheckpoints):
         optimizer: Any = getattr(self._engine, "optimizer", None)
         if hasattr(optimizer, "refresh_fp32_params"):  # else the next step starts from the old master weights
             optimizer.refresh_fp32_params()
-
-
-def _skip_shm_comm_build() -> None:
-    """Keep DeepSpeed from JIT-compiling its shared-memory comm op on a CPU run.
-
-    On CPU, DeepSpeed's comm layer builds a C++ op (about a minute of gcc on first use) that only
-    its inference all-reduce uses; training collectives go through the gloo process group either
-    way. DeepSpeed probes op compatibility once into ``deepspeed.ops.__compatible_ops__`` and keeps
-    edits to that dict, so marking the op unavailable there skips the build.
-    """
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def zero_checkpoint_weights(directory: Path) -> dict[str, torch.Tensor]:

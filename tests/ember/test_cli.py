@@ -62,7 +62,10 @@ def test_python_dash_m_ember_passes_strategy_and_precision() -> None:
         (["--nproc-per-node", "0"], "--nproc-per-node 0 must be >= 1"),
         (["--nproc-per-node", "two"], "--nproc-per-node 'two' is not an integer"),
         (["--strategy", "fsdq"], "--strategy 'fsdq' is not a known strategy. Valid choices: 'auto', 'ddp'"),
-        (["--strategy", "ddp_spawn"], "'ddp_spawn' is not a known strategy. ember does not spawn or fork the ranks"),
+        (
+            ["--strategy", "ddp_spawn"],
+            "'ddp_spawn' is not a known strategy. ember does not spawn or fork the ranks",
+        ),
         (["--precision", "fp7"], "--precision 'fp7' is not a known precision. Valid choices: '16-mixed'"),
         (["--nnodes", "2", "--node-rank", "2"], "--node-rank 2 must be in [0, 2)"),
         (["--master-port", "70000"], "--master-port 70000 must be in [1, 65535]"),

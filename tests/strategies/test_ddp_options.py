@@ -210,5 +210,7 @@ def test_ddpstrategy_takes_lightnings_keywords() -> None:
         DDPStrategy(DDPConfig(), static_graph=True)
     with pytest.raises(TypeError, match=r"start_method=\.\.\.\): ember does not spawn or fork"):
         DDPStrategy(start_method="spawn")
-    with pytest.raises(TypeError, match=r"unexpected keyword argument 'bogus'\. Valid keywords: .*find_unused"):
+    with pytest.raises(
+        TypeError, match=r"unexpected keyword argument 'bogus'\. Valid keywords: .*find_unused"
+    ):
         DDPStrategy(bogus=1)
