@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from ember._registry import Registry
 from ember._validation import check_bool, check_number, check_process_group
+from ember.strategies import ddp_comm
 from ember.strategies.base import Strategy
 from ember.strategies.capabilities import (
     BackwardSyncControl,
@@ -24,7 +25,7 @@ from ember.strategies.capabilities import (
     JoinsUnevenInputs,
     LeavesModulePlacement,
 )
-from ember.strategies.ddp_comm import ExplainedDDP, check_comm_options, register_comm_hook
+from ember.strategies.ddp_comm import check_comm_options, register_comm_hook
 from ember.strategies.options import config_of
 from ember.strategies.parallel import ParallelStrategy
 
@@ -158,7 +159,7 @@ class DDPStrategy(
         # Passed only when off: newer torch deprecates the name, and True is the default anyway.
         extra: dict[str, Any] = {} if self.config.broadcast_buffers else {"broadcast_buffers": False}
         # (a DistributedDataParallel whose unused-parameters error says which DDPConfig option fixes it)
-        wrapped = ExplainedDDP(
+        wrapped = ddp_comm.DistributedDataParallel(
             module,
             device_ids=device_ids,
             find_unused_parameters=self.config.find_unused_parameters,

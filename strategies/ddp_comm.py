@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, post_localSGD_hook, powerSGD_hook
-from torch.nn.parallel import DistributedDataParallel
+from torch.nn import parallel
 
 from ember._validation import show
 
@@ -62,7 +62,9 @@ def check_comm_options(hook: Any, state: Any, wrapper: Any) -> None:
         )
 
 
-def register_comm_hook(wrapped: DistributedDataParallel, hook: Any, state: Any, wrapper: Any) -> None:
+def register_comm_hook(
+    wrapped: parallel.DistributedDataParallel, hook: Any, state: Any, wrapper: Any
+) -> None:
     """Register ``DDPConfig``'s hook on a new ``DistributedDataParallel`` (each gets its own PowerSGD state)."""
     if hook is None:
         return
@@ -80,10 +82,10 @@ def register_comm_hook(wrapped: DistributedDataParallel, hook: Any, state: Any, 
         raise
 
 
-class ExplainedDDP(DistributedDataParallel):
-    """``DistributedDataParallel`` whose error for parameters that got no gradient in the previous
-    backward names them and the ``DDPConfig`` options that fix it (torch's message names its own
-    keyword). Caught in ``forward``: an ``except`` costs nothing until it catches, where a forward
+class DistributedDataParallel(parallel.DistributedDataParallel):
+    """torch's ``DistributedDataParallel`` (its name too: a model prints and reads as one), whose
+    error for parameters that got no gradient in the previous backward names them and the
+    ``DDPConfig`` options that fix it (torch's message names its own keyword). Caught in ``forward``: an ``except`` costs nothing until it catches, where a forward
     hook would put every call on ``nn.Module``'s slower path (and the Accelerator's ``call_as_forward``
     on its redirected one)."""
 
@@ -96,7 +98,7 @@ class ExplainedDDP(DistributedDataParallel):
             raise
 
 
-def _explain_unused(error: RuntimeError, wrapped: DistributedDataParallel) -> None:
+def _explain_unused(error: RuntimeError, wrapped: parallel.DistributedDataParallel) -> None:
     ignored = set(getattr(wrapped, "parameters_to_ignore", ()))
     # DDP's parameter indices: the parameters that require grad, in named_parameters() order.
     names = [n for n, p in wrapped.module.named_parameters() if p.requires_grad and n not in ignored]
