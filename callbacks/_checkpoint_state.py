@@ -25,6 +25,10 @@ def state_of(callback: ModelCheckpoint) -> dict[str, Any]:
         "last_model_path": callback.last_model_path,
         "last_step_saved": callback._last_step_saved,
         "dirpath": callback.dirpath,
+        # A checkpoint saved between a batch whose save waits for validation and that validation
+        # (ModelCheckpoint's own, or another callback's): the resumed fit saves it there too.
+        "deferred": callback._deferred,
+        "validated": callback._validated,
     }
 
 
@@ -32,6 +36,8 @@ def load_state(callback: ModelCheckpoint, state_dict: dict[str, Any]) -> None:
     """``callback.load_state_dict(state_dict)``."""
     callback.best_model_path = state_dict["best_model_path"]
     callback._last_step_saved = state_dict["last_step_saved"]
+    callback._deferred = state_dict.get("deferred", False)  # (older checkpoints hold neither)
+    callback._validated = state_dict.get("validated", False)
     saved_in = state_dict.get("dirpath", callback.dirpath)  # (older checkpoints: assume the same)
     if not _names.same_directory(saved_in, callback.dirpath):
         # As Lightning: the kept checkpoints are another directory's: neither ranked against nor removed.

@@ -154,6 +154,8 @@ class ModelCheckpoint(Checkpoint):
         if self.dirpath is None or self.dirpath == self._default_dirpath:  # not the user's: resolve it
             self.dirpath = self._default_dirpath = self.resolved_dirpath(trainer)
         _names.warn_if_not_empty(self, trainer, stage)
+        if stage == "fit":  # (here, not at on_train_start: a resumed fit's checkpoint restores them)
+            self._validated = self._deferred = False
 
     # -- when --------------------------------------------------------------------------------------
     @override
@@ -171,7 +173,6 @@ class ModelCheckpoint(Checkpoint):
     @override
     def on_train_start(self, trainer: Trainer, module: TrainModule) -> None:
         self._last_time = time.monotonic()
-        self._validated = self._deferred = False
 
     @override
     def on_train_batch_end(

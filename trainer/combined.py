@@ -67,12 +67,13 @@ class CombinedLoader:
 
 
 def _combine(
-    mode: str, iterables: list[Any], start: int, total: int | None
+    mode: str, iterables: list[Any], start: int, total: int | None, exhausted: list[bool] | None = None
 ) -> Generator[list[Any], None, None]:
     """The flat combined batches of ``iterables`` from ``start`` (each iterable already there) to
-    ``total`` (None: until the mode's end). A "max_size_cycle" iterable starts again when exhausted."""
+    ``total`` (None: until the mode's end). A "max_size_cycle" iterable starts again when exhausted;
+    ``exhausted``: which ran out already in this epoch (a resumed epoch's)."""
     iterators = [iter(iterable) for iterable in iterables]
-    exhausted = [False] * len(iterables)
+    exhausted = list(exhausted) if exhausted is not None else [False] * len(iterables)
     position = start
     try:
         while total is None or position < total:
@@ -134,6 +135,8 @@ class PreparedCombinedLoader:
         self._in_pass = self._at_end = False
         self._position = 0
         self._remainder: int | None = None  # (for LoopState: no duplicated samples to drop)
+        # When the last pass ended: its epoch, combined position and each loader's (epoch, position)
+        self._ended: tuple[int, int, list[tuple[int, int]]] | None = None
 
     @property
     def iterables(self) -> Any:
@@ -158,10 +161,21 @@ class PreparedCombinedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         total, longest = _length(self), self._longest()
-        start = longest.position if total is None else min(longest.position, total)
+        # Where each loader is: in its epoch's pass, or (max_size_cycle) in a later pass, started
+        # again after it ran out. One loader at least is in its epoch's pass (the epoch ends when the
+        # last one runs out), so the smallest epoch is the combined one; a resumed epoch ends when the
+        # loaders that had not run out do (an unknown length: every loader's run out once).
+        epoch = min(loader.epoch for loader in self.loaders)
+        exhausted = [loader.epoch > epoch for loader in self.loaders]
+        if total is None:  # the position each loader implies (a cycled stream's is in its later pass)
+            start = max(
+                (loader.epoch - epoch) * (_length(loader) or 0) + loader.position for loader in self.loaders
+            )
+        else:
+            start = min(longest.position, total)
         self._in_pass, self._position, self._at_end = True, start, False
         running: list[Any] = self._loop_state.running  # (LoopState reads _at_end and _remainder)
-        flat = _combine(self.mode, list(self.loaders), start, total)
+        flat = _combine(self.mode, list(self.loaders), start, total, exhausted)
         stream: Iterable[Any] = (tree_unflatten(out, self._spec) for out in flat)
         if self._to_device is not None:  # the module's batch-transfer hooks see the combined batch
             stream = self._to_device(stream)
@@ -175,6 +189,11 @@ class PreparedCombinedLoader:
                     running.append(self)
                 yield batch
         finally:
+            self._ended = (
+                epoch,
+                self._position,
+                [(loader.epoch, loader.position) for loader in self.loaders],
+            )
             _close(stream)  # type: ignore[arg-type]
             flat.close()  # (now, not when collected: the loaders' passes end here)
             self._in_pass = self._at_end = False
@@ -187,7 +206,8 @@ class PreparedCombinedLoader:
 
     @property
     def epoch(self) -> int:
-        return self._longest().epoch
+        # (the longest may be a stream started again: its epoch is a later one)
+        return min(loader.epoch for loader in self.loaders)
 
     @property
     def position(self) -> int:
@@ -199,10 +219,18 @@ class PreparedCombinedLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Every loader where combined position ``state["position"]`` of epoch ``state["epoch"]`` puts it."""
         epoch, position = int(state["epoch"]), int(state["position"])
-        for loader in self.loaders:
+        for index, loader in enumerate(self.loaders):
             length = _length(loader)
-            if length is None:  # (an iterable dataset: at the combined position, read again up to it)
-                loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "position": position})
+            if length is None:
+                # An iterable dataset: at the combined position, read again up to it; but one started
+                # again (max_size_cycle) in the pass that ended at or after that position goes back
+                # to where it was in its own later pass (a pass ends so, on an exception mid-epoch).
+                resumed = (epoch, position)
+                ended = self._ended
+                if ended is not None and ended[0] == epoch and ended[2][index][1] >= ended[1] - position >= 0:
+                    ended_epoch, ended_at = ended[2][index]
+                    resumed = (ended_epoch, ended_at - (ended[1] - position))
+                loader.load_state_dict({**loader.state_dict(), "epoch": resumed[0], "position": resumed[1]})
                 continue
             passes, at = (position // length, position % length) if length else (0, 0)
             if self.mode != "max_size_cycle":

@@ -59,6 +59,9 @@ class Epoch:
     accelerator: Accelerator
     gradient_state: Any  # the accelerator's: sync_gradients (a module's optimizer_zero_grad: _zero_grad)
     signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
+    # A backward pass ran in this accumulation window (the window's first batch resets it): a step
+    # boundary without one does not call the optimizer.
+    window_backward: bool = False
 
     @classmethod
     def of(cls, trainer: Trainer, validates: bool) -> Epoch:
@@ -129,7 +132,9 @@ def automatic_step(
         # before its backward pass (also when training_step returned None), so that a step's
         # gradients live on until then: on_train_batch_end, a checkpoint, validation see them.
         _zero_grad(epoch, hooks, batch_idx)
+        epoch.window_backward = False
     if loss is not None:
+        epoch.window_backward = True
         backward(trainer, hooks, loss)
         if should_step:
             _before_step(trainer, epoch, hooks)
@@ -139,16 +144,14 @@ def automatic_step(
         # As Lightning's: training_step returned None, no backward ran, and the step boundary is one
         # all the same: its hooks run (clipping too), the step is counted, the schedulers step. The
         # optimizer steps with the gradients of the window's earlier batches; with none, it is not
-        # called (it would change nothing; an engine's step, DeepSpeed's, would apply its zeroed buffers).
+        # called: zeroed gradients (optimizer_zero_grad with set_to_none=False) would still move
+        # AdamW's weights, and a fit resumed at the last step boundary, which holds no gradients,
+        # would not step there (an engine's step, DeepSpeed's, would apply its zeroed buffers).
         _before_step(trainer, epoch, hooks)
-        if _has_gradients(epoch.optimizer.optimizer):
+        if epoch.window_backward:
             epoch.step()
         _after_step(trainer, epoch)
     return output
-
-
-def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
-    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
 
 def manual_step(

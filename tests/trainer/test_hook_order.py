@@ -50,6 +50,8 @@ class Module(TrainModule):
         self.calls = calls
         self.layer = torch.nn.Linear(2, 1)
         for name in dir(TrainModule):  # (the batch-transfer hooks return the batch: StepHooks has them)
+            if isinstance(getattr(TrainModule, name), property):  # (on_gpu: a property, not a hook)
+                continue
             if (name.startswith("on_") and not name.endswith("_batch_transfer")) or name in (
                 "configure_model",
                 "setup",
