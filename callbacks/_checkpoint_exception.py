@@ -35,7 +35,7 @@ def save_on_exception(callback: ModelCheckpoint, trainer: Trainer, exception: Ba
     """Save ``<dirpath>/<filename filled in>`` (``-vN`` past what exists) and, with ``save_last``,
     ``last``, when every process failed at the same point of ``fit`` (a save is a collective: see
     ``OnExceptionCheckpoint``). Not in a ``fast_dev_run``, nor at a step already saved."""
-    from ember.callbacks.on_exception_checkpoint import OnExceptionCheckpoint
+    from ember.callbacks.on_exception_checkpoint import failed_together
     from ember.trainer.preemption import Preempted  # (the Trainer's modules import the callbacks)
 
     if (
@@ -46,17 +46,7 @@ def save_on_exception(callback: ModelCheckpoint, trainer: Trainer, exception: Ba
         or (isinstance(exception, Preempted) and exception.checkpoint is not None)
     ):
         return
-    state = trainer.state
-    point = (
-        f"ModelCheckpoint.save_on_exception:{callback.state_key}:epoch={state.epoch}:step={state.global_step}:"
-        f"batch={state.total_batch_idx}:{int(state.train_done)}{int(state.val_done)}{int(state.epoch_done)}"
-    )
-    if not trainer.strategy.all_arrive(point, OnExceptionCheckpoint.agree_seconds):
-        warnings.warn(
-            f"ModelCheckpoint(save_on_exception=True): process {trainer.global_rank} failed "
-            f"({type(exception).__name__}) where not every process did, so no checkpoint is saved",
-            stacklevel=2,
-        )
+    if not failed_together(trainer, exception, "ModelCheckpoint(save_on_exception=True)", callback.state_key):
         return
     path, last = "", ""
     if trainer.is_global_zero:  # rank 0 looks at the directory: every process saves there

@@ -74,18 +74,9 @@ class OnExceptionCheckpoint(Checkpoint):
 
         if trainer.stage != "fit" or (isinstance(exception, Preempted) and exception.checkpoint is not None):
             return
-        state = trainer.state
-        point = (
-            f"OnExceptionCheckpoint:{self.filename}:epoch={state.epoch}:step={state.global_step}:"
-            f"batch={state.total_batch_idx}:{int(state.train_done)}{int(state.val_done)}{int(state.epoch_done)}"
-        )
-        if not trainer.strategy.all_arrive(point, self.agree_seconds):
-            warnings.warn(
-                f"OnExceptionCheckpoint: process {trainer.global_rank} failed ({type(exception).__name__}) where "
-                "not every process did, so no checkpoint is saved: saving is a collective, which a process "
-                "cannot run alone while the others wait elsewhere",
-                stacklevel=2,
-            )
+        if not failed_together(
+            trainer, exception, "OnExceptionCheckpoint", self.filename, self.agree_seconds
+        ):
             return
         path = self._free_path() if trainer.is_global_zero else ""
         if trainer.world_size > 1:  # rank 0 looked at the directory: every process saves there
@@ -114,3 +105,28 @@ class OnExceptionCheckpoint(Checkpoint):
 
     def __repr__(self) -> str:
         return f"OnExceptionCheckpoint(dirpath={self.dirpath!r}, filename={self.filename!r})"
+
+
+def failed_together(
+    trainer: Trainer, exception: BaseException, owner: str, key: str, seconds: float | None = None
+) -> bool:
+    """Whether every process failed at the same point of the fit, so that a checkpoint can be saved
+    (a collective: one process cannot save alone while the others wait elsewhere); a warning on a
+    process where not. ``owner`` names the caller in the warning, ``key`` tells its saves apart;
+    ``seconds``: how long to wait for the others (None: ``OnExceptionCheckpoint.agree_seconds``)."""
+    state = trainer.state
+    point = (
+        f"{owner}:{key}:epoch={state.epoch}:step={state.global_step}:batch={state.total_batch_idx}:"
+        f"{int(state.train_done)}{int(state.val_done)}{int(state.epoch_done)}"
+    )
+    if trainer.strategy.all_arrive(
+        point, OnExceptionCheckpoint.agree_seconds if seconds is None else seconds
+    ):
+        return True
+    warnings.warn(
+        f"{owner}: process {trainer.global_rank} failed ({type(exception).__name__}) where not every process "
+        "did, so no checkpoint is saved: saving is a collective, which a process cannot run alone while the "
+        "others wait elsewhere",
+        stacklevel=3,
+    )
+    return False
