@@ -57,7 +57,7 @@ typecheck: $(STAMP)
 
 # Two workers: most tests wait on child processes (2-rank groups, launchers, signals) for part of
 # their time, so a second worker fills the idle core. worksteal hands the slow multi-process tests
-# out as workers free up instead of fixing the split at the start. About 10 minutes here: the rank
+# out as workers free up instead of fixing the split at the start. About 12 minutes here: the rank
 # processes and docs pages fork from a Python with torch, torch._dynamo and ember imported (tests/warm_python.py).
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal --durations=15 -m "not bench"
