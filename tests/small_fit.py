@@ -1,5 +1,6 @@
 """A small regression task and a quiet Trainer, shared by the callback tests that train a few epochs
-(``test_swa.py``, ``test_finetuning.py``) and by their 2-process workers."""
+(``test_swa.py``, ``test_finetuning.py``) and by their 2-process workers; ``random_loader``, the
+random data of the tests that only need a fit to run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def regression_data(n: int = 16) -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, generator=g)
     return TensorDataset(x, x.sum(1, keepdim=True).sin() + 0.1 * torch.randn(n, 1, generator=g))
+
+
+def random_loader(n: int = 16) -> DataLoader:
+    """``n`` samples of 3 random features and a random target, in batches of 4; the same every call."""
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
+    )
 
 
 def regression_loader(batch_size: int = 4) -> DataLoader:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
-from torch.utils.data import DataLoader, TensorDataset
+from small_fit import random_loader as _loader
 
 from ember import CheckpointError, Trainer, TrainModule
 from ember.callbacks import Callback, ModelCheckpoint
@@ -36,13 +36,6 @@ class Net(TrainModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
-
-
-def _loader(n: int = 16) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
-    )
 
 
 def _trainer(root: Path, checkpoint: ModelCheckpoint, **kwargs: Any) -> Trainer:

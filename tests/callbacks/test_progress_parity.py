@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from small_fit import random_loader as _loader
 
 from ember import Trainer, TrainModule
 from ember.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
@@ -29,13 +29,6 @@ class Regressor(TrainModule):
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _loader(n: int = 16) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
-    )
 
 
 def _fit(tmp_path: Path, bar: ProgressBar, logger: Any, **kwargs: Any) -> tuple[Trainer, Regressor]:

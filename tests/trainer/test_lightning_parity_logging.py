@@ -12,17 +12,11 @@ import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
 from logger_fits import RowLogger
+from small_fit import random_loader as _loader
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
 from ember.callbacks import Callback, LearningRateMonitor
-
-
-def _loader(n: int = 16) -> DataLoader[Any]:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
-    )
 
 
 def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:

@@ -9,16 +9,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from small_fit import random_loader as _loader
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer, TrainModule
-
-
-def _loader(n: int = 16) -> DataLoader[Any]:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
-    )
 
 
 class Traced(TrainModule):

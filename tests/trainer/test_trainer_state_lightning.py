@@ -15,17 +15,15 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from small_fit import random_loader
+from torch.utils.data import DataLoader
 
 from ember import DataModule, Trainer, TrainModule
 from ember.callbacks import Callback
 
 
 def _loader(n: int = 8) -> DataLoader[Any]:
-    g = torch.Generator().manual_seed(0)
-    return DataLoader(
-        TensorDataset(torch.randn(n, 3, generator=g), torch.randn(n, 1, generator=g)), batch_size=4
-    )
+    return random_loader(n)
 
 
 class Net(TrainModule):
