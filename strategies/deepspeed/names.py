@@ -54,8 +54,9 @@ def strategy_config(config: Any, options: dict[str, Any]) -> DeepSpeedConfig:
     ``DeepSpeedConfig``'s fields as keywords, or (Lightning's form) of a DeepSpeed config dict or path."""
     from ember.strategies.deepspeed.config import DeepSpeedConfig
 
-    refuse_lightning_options("DeepSpeedStrategy", options)
     if isinstance(config, (dict, str, os.PathLike)):
         config, options = None, {"config": config, **options}
-    made: DeepSpeedConfig = config_of("DeepSpeedStrategy", DeepSpeedConfig, config, options)
+    made: DeepSpeedConfig = config_of(
+        "DeepSpeedStrategy", DeepSpeedConfig, config, options, refused=LIGHTNING_REFUSED
+    )
     return made
