@@ -225,6 +225,12 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
         trainer._flush_row()  # (unless a checkpoint saved in the hook wrote it)
     elif should_step and trainer.should_stop:
         trainer._write_row(store.step_values)
+    # Freed now, where no hook can see it (Epoch.frees): not when the fit may end here, so that the
+    # gradients of a fit's last step stay, as Lightning's.
+    if epoch.frees and should_step and not is_last and state.global_step != epoch.max_steps:
+        if not trainer.should_stop:
+            epoch.zero_grad()
+            epoch.freed = True
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
         if should_step:  # (as Lightning: not in the middle of an accumulation window)
             module_hook(trainer, "on_validation_model_zero_grad")()

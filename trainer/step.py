@@ -59,6 +59,11 @@ class Epoch:
     accelerator: Accelerator
     gradient_state: Any  # the accelerator's: sync_gradients (a module's optimizer_zero_grad: _zero_grad)
     signals: Any  # the pre-emption signal catcher: .received is the signal got, or None
+    # Gradients are freed right after a step boundary's batch (its on_train_batch_end) rather than on
+    # the next window's first batch after training_step (Lightning's order), where nothing can tell
+    # the difference: see ``_frees_early``. ``freed``: they were, the next window zeroes nothing.
+    frees: bool = False
+    freed: bool = False
     # A backward pass ran in this accumulation window (the window's first batch resets it): a step
     # boundary without one does not call the optimizer.
     window_backward: bool = False
@@ -99,8 +104,27 @@ class Epoch:
             gradient_state=accelerator._gradient_state,
             signals=trainer._preemption.catcher,
         )
+        epoch.frees = _frees_early(trainer, epoch)
         profiler = trainer.config.profiler  # chosen here, once an epoch: the batches test nothing
         return epoch if profiler is None else profiled_epoch(profiler, epoch, trainer)
+
+
+def _frees_early(trainer: Trainer, epoch: Epoch) -> bool:
+    """Whether the gradients of a step can be freed right after its batch (``on_train_batch_end``,
+    before validation and the next batch is loaded) instead of on the next window's first batch after
+    ``training_step``, as Lightning's loop does. The memory a step's gradients hold is then free
+    while the next batch loads and runs forward (PyTorch's usual ``step(); zero_grad()``), which the
+    benchmark of a small model measures at 1-2% of a step. Only where no hook sees the difference:
+    nobody (module or callback) overrides ``on_train_batch_start`` or ``on_before_zero_grad``, the
+    module overrides neither ``optimizer_zero_grad``, ``optimizer_step`` nor
+    ``on_validation_model_zero_grad`` (which zeroes them before validation anyway). Left to see it:
+    the next ``training_step``, which finds no gradients (docs/migrate-from-lightning.md)."""
+    if not epoch.automatic or epoch.module_zero_grad is not None or epoch.module_step is not None:
+        return False
+    hooks = trainer._hook_plan.entries(trainer)
+    if hooks["on_train_batch_start"] is not None or hooks["on_before_zero_grad"] is not None:
+        return False
+    return overridden(trainer.module, "on_validation_model_zero_grad") is None
 
 
 def _module_step(module: TrainModule, optimizer: Any) -> Any:
@@ -131,7 +155,11 @@ def automatic_step(
         # As Lightning's: the first batch of a window zeroes the gradients after training_step and
         # before its backward pass (also when training_step returned None), so that a step's
         # gradients live on until then: on_train_batch_end, a checkpoint, validation see them.
-        _zero_grad(epoch, hooks, batch_idx)
+        # Unless the loop freed them already, where nothing could see them (Epoch.frees).
+        if epoch.freed:
+            epoch.freed = False
+        else:
+            _zero_grad(epoch, hooks, batch_idx)
         epoch.window_backward = False
     if loss is not None:
         epoch.window_backward = True
@@ -247,7 +275,8 @@ def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None],
 
 def _after_step(trainer: Trainer, epoch: Epoch) -> None:
     """What follows an optimizer step: the grad scaler's update, the step count, step-interval
-    schedulers. (The gradients stay until the next window's first batch zeroes them, as Lightning's.)"""
+    schedulers. (The gradients stay until the next window's first batch zeroes them, as Lightning's,
+    or the batch's end frees them: Epoch.frees.)"""
     if epoch.unscales:  # (the optimizer of an earlier fit, still prepared, will not step)
         epoch.accelerator.precision.end_iteration()
     epoch.state.global_step += 1

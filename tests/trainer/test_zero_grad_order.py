@@ -253,3 +253,59 @@ def test_a_16_mixed_none_step_closing_a_window_leaves_the_next_window_unscaled_o
     trainer.fit(module, DataLoader(_data(), batch_size=4))
     assert trainer.global_step == 2
     assert (module.layer.weight.detach() - before).abs().max() < 1.0
+
+
+class _Sees(_Plain):
+    """Records, in training_step and after the fit, whether the weight holds gradients."""
+
+    def __init__(self, seen: list[str]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.seen.append(f"step:{batch_idx}:{self.layer.weight.grad is not None}")
+        return super().training_step(batch, batch_idx)
+
+
+class _SeesStart(_Sees):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.seen.append(f"start:{batch_idx}")
+
+
+class _GradsAtEnd(Callback):
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def on_train_batch_end(self, trainer: Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen.append(f"end:{batch_idx}:{module.layer.weight.grad is not None}")
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_a_step_where_no_hook_before_the_next_backward_sees_them(
+    tmp_path: Path, accumulate: int
+) -> None:
+    # Nothing between a step's on_train_batch_end and the next backward can look (no
+    # on_train_batch_start, on_before_zero_grad, optimizer_zero_grad): the gradients are freed after
+    # the batch, as PyTorch's step(); zero_grad(). on_train_batch_end still sees them, and the fit's
+    # last step keeps them, as Lightning's; only the next training_step finds none.
+    seen: list[str] = []
+    module = _Sees(seen)
+    trainer = _trainer(tmp_path, accumulate_grad_batches=accumulate, callbacks=[_GradsAtEnd(seen)])
+    trainer.fit(module, DataLoader(_data(), batch_size=4))
+    if accumulate == 1:
+        assert seen == ["step:0:False", "end:0:True", "step:1:False", "end:1:True",
+                        "step:2:False", "end:2:True", "step:3:False", "end:3:True"]  # fmt: skip
+    else:  # inside a window the first batch's gradients are there, as in any loop
+        assert seen == ["step:0:False", "end:0:True", "step:1:True", "end:1:True",
+                        "step:2:False", "end:2:True", "step:3:True", "end:3:True"]  # fmt: skip
+    assert module.layer.weight.grad is not None  # the last step's, after the fit
+    # With on_train_batch_start overridden, Lightning's order: the next training_step sees them.
+    seen.clear()
+    trainer = _trainer(tmp_path, callbacks=[_GradsAtEnd(seen)])
+    trainer.fit(_SeesStart(seen), DataLoader(_data(), batch_size=4))
+    assert seen[3:6] == ["start:1", "step:1:True", "end:1:True"]
+    # The same weights either way.
+    a, b = _Sees([]), _SeesStart([])
+    _trainer(tmp_path).fit(a, DataLoader(_data(), batch_size=4))
+    _trainer(tmp_path).fit(b, DataLoader(_data(), batch_size=4))
+    torch.testing.assert_close(a.layer.weight.detach(), b.layer.weight.detach())
