@@ -14,6 +14,8 @@ A restarted process learns it from ``TORCHELASTIC_RESTART_COUNT`` (torchrun rest
 ``EMBER_STRATEGY`` / ``EMBER_PRECISION``; :func:`launch_defaults` reads them. :func:`running_in_ci`
 reads ``CI`` for the callbacks that draw to the terminal. :func:`shared_random_seed` reads (and sets)
 ``EMBER_GLOBAL_SEED``, the random seed of a ``TrainerCLI`` run, which the processes it starts inherit.
+:func:`deepspeed_config_path` reads ``PL_DEEPSPEED_CONFIG_PATH``, Lightning's variable naming the
+DeepSpeed configuration file of a ``DeepSpeedStrategy`` given none.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ProcessEnvironment",
+    "deepspeed_config_path",
     "detect_environment",
     "ensure_local_rank",
     "find_free_port",
@@ -39,6 +42,8 @@ __all__ = [
 ]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
+#: Lightning's variable naming a DeepSpeed configuration file (read by :func:`deepspeed_config_path`).
+DEEPSPEED_CONFIG_VARIABLE = "PL_DEEPSPEED_CONFIG_PATH"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +178,13 @@ def shared_random_seed(environ: MutableMapping[str, str] | None = None) -> int:
     seed = random.SystemRandom().randrange(2**32)
     env["EMBER_GLOBAL_SEED"] = str(seed)
     return seed
+
+
+def deepspeed_config_path(environ: Mapping[str, str] | None = None) -> str | None:
+    """The DeepSpeed configuration (JSON) file that ``PL_DEEPSPEED_CONFIG_PATH`` names, or None when it
+    is not set. As in Lightning, a ``DeepSpeedStrategy`` given no ``config`` loads it."""
+    env = os.environ if environ is None else environ
+    return env.get(DEEPSPEED_CONFIG_VARIABLE)
 
 
 def running_in_ci(environ: Mapping[str, str] | None = None) -> bool:

@@ -56,7 +56,7 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
     __jit_unused_properties__: ClassVar[list[str]] = [
         *("trainer", "device", "dtype", "current_epoch", "global_step", "global_rank", "local_rank"),
         *("logger", "loggers", "example_input_array", "automatic_optimization", "hparams", "hparams_initial"),
-        *("strict_loading", "on_gpu"),
+        *("strict_loading", "on_gpu", "fabric", "device_mesh"),
     ]
     # (Set on an instance, TorchScript would type them from this class's annotations: strings, which fail.)
     __jit_ignored_attributes__: ClassVar[list[str]] = ["automatic_optimization", "_strict_loading"]

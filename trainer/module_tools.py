@@ -1,8 +1,11 @@
 """``TrainModule``'s Lightning utilities (a mixin): optimizer toggling for manual optimization with
-several optimizers, ``freeze``/``unfreeze``, ``example_input_array`` and the TorchScript / ONNX exports."""
+several optimizers, ``freeze``/``unfreeze``, ``example_input_array``, Lightning's ``device_mesh`` and
+``fabric`` (None in ember), and the TorchScript / ONNX / TensorRT exports."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -13,6 +16,8 @@ import torch
 
 if TYPE_CHECKING:
     from io import BytesIO
+
+    from torch.distributed.device_mesh import DeviceMesh
 
     from ember.trainer.trainer import Trainer
 
@@ -46,8 +51,8 @@ def call_forward(module: torch.nn.Module, example: Any) -> Any:
 
 class ModuleTools:
     """``toggle_optimizer``/``untoggle_optimizer``/``toggled_optimizer``, ``on_gpu``, ``freeze``/``unfreeze``,
-    ``example_input_array``, ``to_torchscript`` and ``to_onnx``, as Lightning's ``LightningModule``
-    has them; :class:`~ember.TrainModule` inherits them."""
+    ``example_input_array``, ``device_mesh``, ``fabric``, ``to_torchscript``, ``to_onnx`` and
+    ``to_tensorrt``, as Lightning's ``LightningModule`` has them; :class:`~ember.TrainModule` inherits them."""
 
     if TYPE_CHECKING:  # what the mixin uses of TrainModule and nn.Module
 
@@ -65,6 +70,9 @@ class ModuleTools:
         def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any: ...
 
     _example_input_array: Any = None
+    _device_mesh: DeviceMesh | None = (
+        None  # (Lightning's ModelParallelStrategy sets it; no ember strategy does)
+    )
     _jit_is_scripting: ClassVar[bool] = False  # True while to_torchscript compiles (see _scripting)
 
     # -- several optimizers (manual optimization) -----------------------------------------------------
@@ -163,6 +171,29 @@ class ModuleTools:
     def example_input_array(self, example: Any) -> None:
         self._example_input_array = example
 
+    @property
+    def device_mesh(self) -> DeviceMesh | None:
+        """The device mesh of a model-parallel strategy, for :meth:`configure_model` to parallelize the
+        layers over (read-only). None under every ember strategy: as with Lightning's ``FSDPStrategy``,
+        FSDP's ``device_mesh`` option stays the strategy's (only Lightning's ``ModelParallelStrategy``
+        sets this)."""
+        return self._device_mesh
+
+    @property
+    def fabric(self) -> None:
+        """Lightning's ``Fabric`` that set this module up: always None, as ember has no Fabric (a
+        hand-written loop prepares the module with :class:`~ember.Accelerator`). Assigning None is
+        accepted, as in Lightning; anything else raises ``TypeError``."""
+        return None
+
+    @fabric.setter
+    def fabric(self, fabric: Any) -> None:
+        if fabric is not None:
+            raise TypeError(
+                f"{type(self).__name__}.fabric={fabric!r}: ember has no Fabric, so fabric stays None; for a "
+                "hand-written loop, prepare the module with ember.Accelerator"
+            )
+
     def _example_on_device(self, example: Any, what: str) -> Any:
         """``example`` (or ``example_input_array``) through the batch-transfer hooks, onto the module's device."""
         if example is None:
@@ -248,6 +279,68 @@ class ModuleTools:
         with eval_mode(module):
             # (torch declares str | PathLike; a BytesIO works too, as Lightning notes)
             return torch.onnx.export(module, args, file_path, **kwargs)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def to_tensorrt(
+        self,
+        file_path: str | os.PathLike[str] | BytesIO | None = None,
+        input_sample: Any = None,
+        ir: str = "default",
+        output_format: str = "exported_program",
+        retrace: bool = False,
+        default_device: str | torch.device = "cuda",
+        **compile_kwargs: Any,
+    ) -> Any:
+        """Compile with ``torch_tensorrt.compile(module, ir=ir, inputs=...)`` (``compile_kwargs`` go to
+        it), with ``input_sample`` or else :attr:`example_input_array`, in eval mode, on a CUDA device
+        (``default_device`` when the module is elsewhere; it goes back afterwards, as does its mode).
+        Saves with ``torch_tensorrt.save`` (``torch.jit.save`` for ``ir="ts"``, whose ``output_format``
+        must then be ``"torchscript"``) when ``file_path`` is given; returns the compiled module. As
+        Lightning's: needs ``pip install torch-tensorrt`` (else ``ModuleNotFoundError``) and CUDA.
+
+        Example::
+
+            module.to_tensorrt("model.ep", torch.randn(1, 64))
+        """
+        if not _installed("torch_tensorrt"):
+            raise ModuleNotFoundError(
+                f"`{type(self).__name__}.to_tensorrt` requires `torch_tensorrt` to be installed: "
+                "pip install torch-tensorrt"
+            )
+        device = self.device
+        target = device if device.type == "cuda" else torch.device(default_device)
+        if target.type != "cuda" or not torch.cuda.is_available():
+            raise ValueError(
+                f"to_tensorrt(default_device={str(default_device)!r}): TensorRT runs on CUDA devices only and the "
+                f"module is on {device}{'' if torch.cuda.is_available() else ' (no CUDA device here)'}: "
+                "give a CUDA device"
+            )
+        if file_path is not None and ir == "ts" and output_format != "torchscript":
+            raise ValueError(
+                f"to_tensorrt(ir='ts', output_format={output_format!r}): TensorRT's TorchScript IR "
+                "saves as 'torchscript' only"
+            )
+        import torch_tensorrt
+
+        module: Any = self
+        module.to(target)
+        try:
+            example = copy.deepcopy(input_sample if input_sample is not None else self.example_input_array)
+            example = self._example_on_device(example, "to_tensorrt()")
+            inputs = (example,) if isinstance(example, torch.Tensor) else example
+            with eval_mode(module), _scripting() if ir == "ts" else contextlib.nullcontext():
+                compiled = torch_tensorrt.compile(module=module, ir=ir, inputs=inputs, **compile_kwargs)
+        finally:
+            module.to(device)
+        if file_path is not None:
+            if ir == "ts":
+                # (torch_tensorrt.save mishandles a ScriptModule: TensorRT issue #3775, as Lightning notes)
+                torch.jit.save(compiled, file_path)
+            else:
+                torch_tensorrt.save(
+                    compiled, file_path, inputs=inputs, output_format=output_format, retrace=retrace
+                )
+        return compiled
 
 
 def numbers_to_tensors(data: Any, device: torch.device) -> Any:

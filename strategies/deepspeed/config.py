@@ -16,8 +16,11 @@ import torch
 
 from ember._validation import check_bool, check_int, check_number, check_process_group, show
 from ember.strategies.deepspeed.names import refuse_lightning_options
+from ember.strategies.environment import DEEPSPEED_CONFIG_VARIABLE, deepspeed_config_path
 
 __all__ = ["DeepSpeedConfig"]
+
+log = logging.getLogger("ember")
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -113,17 +116,7 @@ class DeepSpeedConfig:
                     "would be ignored; put them in the DeepSpeed config"
                 )
             if not isinstance(self.config, dict):
-                path = Path(self.config)
-                try:
-                    found = path.is_file()
-                except (OSError, ValueError):  # e.g. a NUL byte in the name
-                    found = False
-                if not found:
-                    raise ValueError(f"config={str(self.config)!r} is not a dict or an existing JSON file")
-                try:
-                    json.loads(path.read_text())
-                except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, unreadable
-                    raise ValueError(f"config={str(self.config)!r} is not valid JSON: {err}") from None
+                _check_json_file(self.config, "config", "a dict or an existing JSON file")
 
     def user_config(self) -> dict[str, Any]:
         """The DeepSpeed configuration before ember fills in what it knows."""
@@ -185,6 +178,33 @@ _NOT_IN_THE_CONFIG = (
     "exclude_frozen_parameters",
     "timeout",
 )
+
+
+def _check_json_file(path: str | os.PathLike[str], name: str, expected: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``path`` is a readable JSON file."""
+    try:
+        found = Path(path).is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the name
+        found = False
+    if not found:
+        raise ValueError(f"{name}={str(path)!r} is not {expected}")
+    try:
+        json.loads(Path(path).read_text())
+    except (ValueError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError, unreadable
+        raise ValueError(f"{name}={str(path)!r} is not valid JSON: {err}") from None
+
+
+def _with_config_variable(config: DeepSpeedConfig) -> DeepSpeedConfig:
+    """``config``, or where it has no ``config`` and ``PL_DEEPSPEED_CONFIG_PATH`` is set, that file as
+    its ``config``: as in Lightning, the file then replaces the typed ZeRO options (a registry name's
+    ``stage`` too); the options outside the DeepSpeed configuration (``timeout``, ...) are kept."""
+    path = deepspeed_config_path()
+    if config.config is not None or path is None:
+        return config
+    _check_json_file(path, f"environment variable {DEEPSPEED_CONFIG_VARIABLE}", "an existing JSON file")
+    log.info("DeepSpeed config from the environment variable %s=%r", DEEPSPEED_CONFIG_VARIABLE, path)
+    kept = {name: getattr(config, name) for name in _NOT_IN_THE_CONFIG if name != "config"}
+    return DeepSpeedConfig(config=path, **kept)
 
 
 def _default(f: Any) -> Any:

@@ -51,12 +51,13 @@ def refuse_lightning_options(owner: str, options: dict[str, Any]) -> None:
 
 def strategy_config(config: Any, options: dict[str, Any]) -> DeepSpeedConfig:
     """``DeepSpeedStrategy(config, **options)``'s config: a ``DeepSpeedConfig``, or one made of
-    ``DeepSpeedConfig``'s fields as keywords, or (Lightning's form) of a DeepSpeed config dict or path."""
-    from ember.strategies.deepspeed.config import DeepSpeedConfig
+    ``DeepSpeedConfig``'s fields as keywords, or (Lightning's form) of a DeepSpeed config dict or path;
+    without a DeepSpeed config, the file ``PL_DEEPSPEED_CONFIG_PATH`` names, if set (as Lightning)."""
+    from ember.strategies.deepspeed.config import DeepSpeedConfig, _with_config_variable
 
     if isinstance(config, (dict, str, os.PathLike)):
         config, options = None, {"config": config, **options}
     made: DeepSpeedConfig = config_of(
         "DeepSpeedStrategy", DeepSpeedConfig, config, options, refused=LIGHTNING_REFUSED
     )
-    return made
+    return _with_config_variable(made)  # Lightning's PL_DEEPSPEED_CONFIG_PATH, where no config was given

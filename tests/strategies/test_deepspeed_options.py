@@ -5,6 +5,7 @@ with the Accelerator's settings fails when the Accelerator is built."""
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,38 @@ def test_lightning_options_ember_spells_otherwise_say_what_to_write(
 ) -> None:
     with pytest.raises(TypeError, match=message):
         owner(**{name: True})
+
+
+def test_config_path_from_pl_deepspeed_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning's DeepSpeedStrategy loads this file when it is given no config, its typed ZeRO options
+    # (a registry name's stage=3 too) then ignored; a config given in the code wins over the variable.
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 3}')
+    monkeypatch.setenv("PL_DEEPSPEED_CONFIG_PATH", str(path))
+    from ember.strategies import STRATEGY_REGISTRY
+
+    for strategy in (
+        DeepSpeedStrategy(),
+        DeepSpeedStrategy(stage=3, timeout=timedelta(seconds=7)),
+        STRATEGY_REGISTRY.create("deepspeed_stage_3"),
+    ):
+        assert strategy.config.config == str(path)
+        assert _filled(strategy.config)["zero_optimization"] == {"stage": 1}
+    assert DeepSpeedStrategy(stage=3, timeout=timedelta(seconds=7)).config.timeout == timedelta(seconds=7)
+    given = {"zero_optimization": {"stage": 2}}
+    assert DeepSpeedStrategy(config=given).config.user_config() == given
+    assert DeepSpeedStrategy(DeepSpeedConfig(config=given)).config.user_config() == given
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_bad_pl_deepspeed_config_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None
+) -> None:
+    path = tmp_path / "ds.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("PL_DEEPSPEED_CONFIG_PATH", str(path))
+    problem = "is not valid JSON" if content else "is not an existing JSON file"
+    message = f"environment variable PL_DEEPSPEED_CONFIG_PATH={str(path)!r} {problem}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DeepSpeedStrategy()

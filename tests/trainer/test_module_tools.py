@@ -3,8 +3,10 @@ example_input_array, and the TorchScript / ONNX exports checked by running what 
 
 from __future__ import annotations
 
+import importlib.machinery
 import io
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +255,49 @@ def test_to_onnx_names_what_to_install(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ModuleNotFoundError, match=r"needs onnx: pip install 'ember\[onnx\]'"):
         module.to_onnx("never.onnx", torch.randn(1, 3), dynamo=False)  # the older exporter needs onnx only
     assert list(tmp_path.iterdir()) == []
+
+
+# -- Lightning's device_mesh, fabric and to_tensorrt ----------------------------------------------------------
+class Seen(Net):
+    def on_train_start(self) -> None:
+        self.seen = (self.device_mesh, self.fabric)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_device_mesh_and_fabric_are_none_as_in_lightning(tmp_path: Path) -> None:
+    # Lightning: None unless its ModelParallelStrategy sets the mesh (its FSDPStrategy does not), and
+    # None unless Fabric.setup set it; device_mesh is read-only, fabric=None may be assigned.
+    module = Seen()
+    assert module.device_mesh is None and module.fabric is None
+    _trainer(tmp_path, max_steps=1).fit(module, DataLoader(TensorDataset(torch.randn(4, 3)), batch_size=2))
+    assert module.seen == (None, None)
+    with pytest.raises(AttributeError):
+        module.device_mesh = object()  # type: ignore[misc]
+    module.fabric = None
+    with pytest.raises(TypeError, match=r"Seen\.fabric=<object .*>: ember has no Fabric.*Accelerator"):
+        module.fabric = object()
+    assert module.fabric is None
+    module.to_torchscript()  # (TorchScript skips both properties)
+
+
+def test_to_tensorrt_without_torch_tensorrt_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # importing it fails, as when it is missing
+    module = Net()
+    with pytest.raises(
+        ModuleNotFoundError, match=r"`Net\.to_tensorrt` requires `torch_tensorrt` to be installed"
+    ):
+        module.to_tensorrt(input_sample=torch.randn(1, 3))
+    assert module.training and module.device == torch.device("cpu")
+    if not torch.cuda.is_available():  # installed, it still needs CUDA (Lightning: the same message)
+        stand_in = types.ModuleType("torch_tensorrt")
+        stand_in.__spec__ = importlib.machinery.ModuleSpec("torch_tensorrt", None)
+        monkeypatch.setitem(sys.modules, "torch_tensorrt", stand_in)
+        with pytest.raises(
+            ValueError, match=r"to_tensorrt\(default_device='cuda'\): TensorRT runs on CUDA devices"
+        ):
+            module.to_tensorrt(input_sample=torch.randn(1, 3))
