@@ -25,6 +25,7 @@ from ember.strategies.base import resolve_strategy
 from ember.strategies.capabilities import OwnsOptimizerStep
 from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
+from ember.trainer._arguments import INIT_DOC
 from ember.trainer.attach import StageAttachment
 from ember.trainer.batch_size_finder import BatchSizeSearch
 from ember.trainer.callback_list import default_callbacks
@@ -71,20 +72,15 @@ class Trainer(
     BatchSizeSearch,
     TrainableRefresh,
 ):
-    """Fit, validate, test and predict a :class:`TrainModule` on any strategy and precision.
+    """Fit, validate, test and predict a TrainModule on any strategy and precision.
 
     Example::
 
         trainer = Trainer(max_epochs=10, devices=2, strategy="ddp", precision="bf16-mixed")
         trainer.fit(model, train_loader, val_loader)
 
-    Strategy-specific options belong to the strategy object (``strategy=DDPStrategy(DDPConfig(...))``).
-
-    During ``fit``, SIGTERM or SIGUSR1 saves the ``last`` checkpoint at the next step boundary and
-    ends the process with status 75 (:class:`~ember.trainer.preemption.Preempted`). ``auto_resume``:
-    a ``fit`` without ``ckpt_path`` resumes from the newest valid checkpoint of the ModelCheckpoint's
-    directory; ``None`` (default) does so only in a restarted process (``ember launch
-    --max-restarts``, a requeued SLURM job).
+    During ``fit``, SIGTERM or SIGUSR1 saves the ``last`` checkpoint at the next step boundary and ends
+    the process with status 75 (:class:`~ember.trainer.preemption.Preempted`). Arguments: ``__init__``.
     """
 
     def __init__(
@@ -220,13 +216,15 @@ class Trainer(
             )
         self._deferred_stop_noted = False  # min_epochs/min_steps deferred a stop request: said once
 
+    __init__.__doc__ = INIT_DOC  # (in _arguments.py: one line per argument, too long for this file)
+
     # -- entry points -------------------------------------------------------------------------------
     def fit(self, module: TrainModule | None = None, train_dataloaders: Any = None, val_dataloaders: Any = None,
             datamodule: DataModule | None = None, ckpt_path: str | os.PathLike[str] | None = None, *,
             model: TrainModule | None = None) -> None:  # fmt: skip
         """Train ``module``; ``ckpt_path`` (a checkpoint directory or ``"last"``) resumes exactly.
 
-        Without ``ckpt_path``, ``auto_resume`` may pick the newest valid checkpoint (see the class).
+        Without ``ckpt_path``, ``auto_resume`` may pick the newest valid checkpoint (see ``__init__``).
         Lightning's forms work too: ``model=`` for ``module``, a DataModule in place of the loaders.
         """
         module, train_dataloaders, datamodule = entry_arguments(

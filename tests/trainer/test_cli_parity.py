@@ -1,8 +1,12 @@
 """TrainerCLI against Lightning's LightningCLI: a trainer_class that is a function, add_optimizer_args /
-add_lr_scheduler_args with fixed classes, add_lightning_class_args' callbacks, options before the subcommand."""
+add_lr_scheduler_args with fixed classes, add_lightning_class_args' callbacks, options before the subcommand,
+a description for each Trainer option in ``fit --help``."""
 
 from __future__ import annotations
 
+import inspect
+import pydoc
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +86,35 @@ def test_add_lightning_class_args_adds_a_callback_every_run_has() -> None:
         TrainerCLI(
             CliLinear, CliData, run=False, args=["--trainer.logger=false"]
         ).parser.add_lightning_class_args(torch.nn.Linear, "x")
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """``{option: its help}`` of an argparse help text, each on one line (and without the type and default)."""
+    entries = {}
+    for entry in re.split(r"\n  (?=-)", text):
+        invocation, *help_text = re.split(r"\s{2,}|\n", entry.strip(), maxsplit=1)
+        entries[invocation.split()[0].rstrip(",")] = (
+            " ".join("".join(help_text).split()).split("(type:")[0].strip()
+        )
+    return entries
+
+
+def test_fit_help_describes_every_trainer_argument(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As LightningCLI's: each --trainer.* option with its description, from the Trainer's docstring.
+    monkeypatch.setenv("COLUMNS", "300")
+    with pytest.raises(SystemExit) as exited:
+        TrainerCLI(CliLinear, CliData, args=["fit", "--help"])
+    assert exited.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    assert "None: 1000" in entries["--trainer.max_epochs"]
+    assert "-1: no epoch limit" in entries["--trainer.max_epochs"]
+    assert '"bf16-mixed"' in entries["--trainer.precision"]
+    assert "before each optimizer step" in entries["--trainer.accumulate_grad_batches"]
+    assert "a fraction of the epoch" in entries["--trainer.val_check_interval"]
+    names = [p.name for p in inspect.signature(Trainer).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert len(names) > 40
+    undescribed = [name for name in names if not entries.get(f"--trainer.{name}")]
+    assert not undescribed, f"Trainer arguments without a description in fit --help: {undescribed}"
+    assert "accumulate_grad_batches: Batches" in pydoc.render_doc(Trainer, renderer=pydoc.plaintext)  # help()
