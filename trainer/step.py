@@ -41,7 +41,8 @@ class Epoch:
     validates: bool  # validation may run inside this epoch
     step_schedulers: bool  # schedulers stepped per optimizer step
     several: bool  # several processes: pre-emption needs their agreement at each boundary
-    unscales: bool  # the precision plugin unscales gradients before a step (16-mixed)
+    unscales: bool  # the precision plugin unscales gradients before a step (16-mixed; bf16-mixed: a no-op)
+    scaler: bool  # a grad scaler (16-mixed): a boundary whose training_step returned None does not step
     clip: float | None  # gradient_clip_val
     model: torch.nn.Module  # the prepared model
     training_step: Any  # the module's bound training_step
@@ -88,6 +89,7 @@ class Epoch:
             step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
             several=accelerator.num_processes > 1,
             unscales=accelerator._unscales,
+            scaler=accelerator.precision.scaler is not None,
             clip=config.gradient_clip_val,
             model=trainer.model,
             training_step=step_method(trainer.module, "training_step"),
@@ -175,8 +177,11 @@ def automatic_step(
         # called: zeroed gradients (optimizer_zero_grad with set_to_none=False) would still move
         # AdamW's weights, and a fit resumed at the last step boundary, which holds no gradients,
         # would not step there (an engine's step, DeepSpeed's, would apply its zeroed buffers).
-        _before_step(trainer, epoch, hooks)
-        if epoch.window_backward:
+        # Under the grad scaler (16-mixed) it does not step at all, as Lightning's MixedPrecision: the
+        # gradients are not unscaled, the scale not updated (_before_step's ``unscale``).
+        steps = epoch.window_backward and not epoch.scaler
+        _before_step(trainer, epoch, hooks, steps)
+        if steps:
             epoch.step()
         _after_step(trainer, epoch)
     return output
@@ -206,6 +211,10 @@ def _step_by_module(
     that call runs before or after the step."""
     outputs: list[Any] = []
     zeroes = epoch.in_sync or batch_idx % epoch.accumulate == 0
+    # Whether training_step's None skips the step (a LossClosure): under the grad scaler, as
+    # Lightning's MixedPrecision; else, as automatic_step, where no earlier batch of the window ran a
+    # backward pass (Lightning's bf16-mixed and 32-true step with the window's gradients).
+    skips = epoch.scaler or zeroes or not epoch.window_backward
 
     def closure() -> torch.Tensor | None:
         output = epoch.accelerator.call_as_forward(epoch.model, epoch.training_step, batch, batch_idx)
@@ -215,15 +224,15 @@ def _step_by_module(
             _zero_grad(epoch, hooks, batch_idx)
         if loss is not None:
             backward(trainer, hooks, loss)
-        # As Lightning's, on_before_optimizer_step and the clipping run with no loss too, except
-        # under the grad scaler (16-mixed), which does not step then: the clipping, which unscales,
-        # would leave the optimizer unscaled with no step, and its next window's gradients scaled.
-        _before_step(trainer, epoch, hooks, loss is not None or not epoch.unscales)
+        # As Lightning's, on_before_optimizer_step and the clipping run with no loss too.
+        _before_step(trainer, epoch, hooks, loss is not None or not skips)
         return loss
 
-    # A LossClosure: its None (training_step returned None) skips the update, as Lightning's; the
-    # step is counted all the same.
-    epoch.module_step(epoch.state.epoch, batch_idx, epoch.optimizer, LossClosure(closure))
+    # A LossClosure: its None (training_step returned None) skips the update; the step is counted
+    # all the same.
+    epoch.module_step(
+        epoch.state.epoch, batch_idx, epoch.optimizer, LossClosure(closure) if skips else closure
+    )
     if not outputs:
         raise RuntimeError(
             f"{type(trainer.module).__name__}.optimizer_step() did not run the closure it was given, so "
@@ -253,17 +262,35 @@ def _zero_grad(epoch: Epoch, hooks: dict[str, Entry | None], batch_idx: int) -> 
         state.sync_gradients = syncs
 
 
-def _before_step(trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], clips: bool = True) -> None:
-    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping
-    (``clips`` False: the hook alone)."""
-    if clips and epoch.unscales:
+def _before_step(
+    trainer: Trainer, epoch: Epoch, hooks: dict[str, Entry | None], unscale: bool = True
+) -> None:
+    """What precedes an optimizer step: unscaling (16-mixed), ``on_before_optimizer_step``, clipping.
+
+    ``unscale`` False: no step follows (training_step returned None). Under the grad scaler the hook
+    and the clipping then see the gradients scaled, as Lightning's, and the clipping keeps them so,
+    as on an accumulation micro-step (to the bound times the scale; Lightning's, to the bound): had it
+    unscaled them, the scaler would not unscale the next window's before its step."""
+    if unscale and epoch.unscales:
         epoch.accelerator.unscale_gradients()
     entry = hooks["on_before_optimizer_step"]
     if entry is not None:
         for hook in entry[3]:
             hook(epoch.optimizer.optimizer)
-    if not clips:
+    if unscale or not epoch.scaler:
+        if epoch.module_clip is not None or epoch.clip:  # (no call a step without clipping)
+            _clip(trainer, epoch)
         return
+    state = epoch.gradient_state  # (out of sync, the Accelerator's clipping leaves them scaled)
+    syncs, state.sync_gradients = state.sync_gradients, False
+    try:
+        _clip(trainer, epoch)
+    finally:
+        state.sync_gradients = syncs
+
+
+def _clip(trainer: Trainer, epoch: Epoch) -> None:
+    """The module's ``configure_gradient_clipping`` where it overrides it, else ``gradient_clip_val``'s."""
     if epoch.module_clip is not None:
         config = trainer.config
         epoch.module_clip(epoch.optimizer.optimizer, config.gradient_clip_val, config.gradient_clip_algorithm)

@@ -233,3 +233,78 @@ def test_automatic_a_step_the_scaler_skips_is_hooked_and_counted(tmp_path: Path)
     trainer = _fit(tmp_path, module, "16-mixed")
     assert trainer.global_step == 4  # as Lightning
     assert module.steps == [False, True, False, False, False, True, False, True]  # hook, then stepped?
+
+
+class _Closing(_Plain):
+    """accumulate_grad_batches=2: training_step returns None on the first window's last batch;
+    records the step hooks and whether the scaled gradients were clipped."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.events.append("before_step")
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any, gradient_clip_algorithm: Any
+    ) -> None:
+        self.events.append("clip")
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        pass
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class _ClosingOwnStep(_Closing):
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:
+        optimizer.step(closure=optimizer_closure)
+
+
+@pytest.mark.parametrize("module_cls", [_Closing, _ClosingOwnStep])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_none_closing_an_accumulation_window_steps_as_lightning(
+    tmp_path: Path, module_cls: type, precision: str
+) -> None:
+    # Lightning 2.6.6 (CPU), in both the Trainer's and a module's optimizer_step: on_before_optimizer_step
+    # and clipping run at both boundaries; 32-true and bf16-mixed step with the window's first batch's
+    # gradients; 16-mixed (MixedPrecision.optimizer_step, its closure's None) neither unscales nor steps
+    # nor updates the scaler: the weights are the second window's alone, the scaler updated once.
+    data = _fit_data()
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+    for window in range(2):
+        optimizer.zero_grad()
+        batches = [2 * window] if window == 0 else [2, 3]
+        if window == 0 and precision == "16-mixed":
+            continue
+        for i in batches:
+            x, y = data[4 * i : 4 * i + 4]
+            with torch.autocast("cpu", dtype=dtype, enabled=precision != "32-true"):
+                out = plain(x)
+            (F.mse_loss(out.float(), y) / 2).backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        optimizer.step()
+    module = module_cls(none_at=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=scaler)] if precision == "16-mixed" else None
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                      gradient_clip_val=1.0, plugins=plugins, precision=None if plugins else precision)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 2
+    assert module.events == ["before_step", "clip"] * 2
+    torch.testing.assert_close(module.layer.weight.detach(), plain.weight.detach())
+    if precision == "16-mixed":
+        assert scaler.state_dict()["_growth_tracker"] == 1  # one update: the second window's step
+
+
+def _fit_data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(16, 3, generator=g), torch.randn(16, 1, generator=g))
