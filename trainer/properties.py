@@ -18,6 +18,7 @@ from ember.trainer.lightning_names import LightningNames
 from ember.trainer.loggers import Logger
 from ember.trainer.loggers.base import VersionedLogger
 from ember.trainer.logging import MetricStore
+from ember.trainer.loop_views import LoopViews
 from ember.trainer.preemption import PreemptionGuard
 from ember.trainer.profilers import PassThroughProfiler, Profiler
 from ember.trainer.stage_flags import StageFlags
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["TrainerProperties"]
 
 
-class TrainerProperties(StageFlags, LightningNames):
+class TrainerProperties(StageFlags, LightningNames, LoopViews):
     """Mixed into :class:`~ember.trainer.Trainer`: properties derived from its state, nothing stored here."""
 
     config: TrainerConfig

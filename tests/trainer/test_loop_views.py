@@ -1,0 +1,174 @@
+"""Lightning's loop objects as views of ember's state (``trainer.fit_loop``, its ``epoch_loop`` and
+``val_loop``, ``validate_loop``, ``test_loop``, ``predict_loop``): the counters a callback reads at
+each hook equal Lightning 2.6.6's at the same points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from ember import Trainer, TrainModule
+from ember.callbacks import Callback
+
+
+def _loader(n: int) -> DataLoader[Any]:
+    return DataLoader(TensorDataset(torch.randn(n, 2)), batch_size=1)
+
+
+class Net(TrainModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.layer(batch[0]).sum()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.layer(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _counts(p: Any) -> tuple[int, int, int, int]:
+    return (p.ready, p.started, p.processed, p.completed)
+
+
+class Record(Callback):
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+
+    def _row(self, trainer: Trainer, hook: str, idx: int) -> None:
+        fit, epoch = trainer.fit_loop, trainer.fit_loop.epoch_loop
+        assert fit.epoch_progress.current == fit.epoch_progress.total
+        batches = epoch.batch_progress
+        row = (hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current), _counts(batches.total),
+               epoch._batches_that_stepped, epoch.global_step, fit.total_batch_idx, fit.batch_idx,
+               None if hook == "tbs" else batches.is_last_batch)  # fmt: skip
+        if hook.startswith("ve"):
+            row += (_counts(epoch.val_loop.batch_progress.current),)
+        self.rows.append(row)
+
+    def on_train_batch_start(self, trainer: Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        self._row(trainer, "tbs", batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._row(trainer, "tbe", batch_idx)
+
+    def on_train_epoch_end(self, trainer: Trainer, module: Any) -> None:
+        self._row(trainer, "tee", trainer.current_epoch)
+
+    def on_validation_end(self, trainer: Trainer, module: Any) -> None:
+        self._row(trainer, "veS" if trainer.sanity_checking else "ve", trainer.current_epoch)
+
+
+# Recorded with Lightning 2.6.6 (same fit: 5 training batches, 2 validation batches, a 1-batch sanity
+# check, accumulate_grad_batches=2, 2 epochs): hook, batch index or epoch, fit_loop.epoch_progress
+# .current, epoch_loop.batch_progress.current and .total (ready, started, processed, completed),
+# epoch_loop._batches_that_stepped, global_step, fit_loop.total_batch_idx, fit_loop.batch_idx,
+# is_last_batch (None at on_train_batch_start: Lightning sets it before that hook, ember after), and
+# at on_validation_end val_loop.batch_progress.current.
+LIGHTNING = [
+    ("veS", 0, (0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), 0, 0, -1, -1, False, (1, 1, 1, 1)),
+    ("tbs", 0, (1, 1, 0, 0), (1, 0, 0, 0), (1, 0, 0, 0), 0, 0, 0, 0, None),
+    ("tbe", 0, (1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 1, 0), 0, 0, 0, 0, False),
+    ("tbs", 1, (1, 1, 0, 0), (2, 1, 1, 1), (2, 1, 1, 1), 0, 0, 1, 1, None),
+    ("tbe", 1, (1, 1, 0, 0), (2, 2, 2, 1), (2, 2, 2, 1), 0, 1, 1, 1, False),
+    ("tbs", 2, (1, 1, 0, 0), (3, 2, 2, 2), (3, 2, 2, 2), 1, 1, 2, 2, None),
+    ("tbe", 2, (1, 1, 0, 0), (3, 3, 3, 2), (3, 3, 3, 2), 1, 1, 2, 2, False),
+    ("tbs", 3, (1, 1, 0, 0), (4, 3, 3, 3), (4, 3, 3, 3), 1, 1, 3, 3, None),
+    ("tbe", 3, (1, 1, 0, 0), (4, 4, 4, 3), (4, 4, 4, 3), 1, 2, 3, 3, False),
+    ("tbs", 4, (1, 1, 0, 0), (5, 4, 4, 4), (5, 4, 4, 4), 2, 2, 4, 4, None),
+    ("tbe", 4, (1, 1, 0, 0), (5, 5, 5, 4), (5, 5, 5, 4), 2, 3, 4, 4, True),
+    ("ve", 0, (1, 1, 0, 0), (5, 5, 5, 5), (5, 5, 5, 5), 2, 3, 4, 4, True, (2, 2, 2, 2)),
+    ("tee", 0, (1, 1, 1, 0), (5, 5, 5, 5), (5, 5, 5, 5), 3, 3, 4, 4, True),
+    ("tbs", 0, (2, 2, 1, 1), (1, 0, 0, 0), (6, 5, 5, 5), 3, 3, 5, 0, None),
+    ("tbe", 0, (2, 2, 1, 1), (1, 1, 1, 0), (6, 6, 6, 5), 3, 3, 5, 0, False),
+    ("tbs", 1, (2, 2, 1, 1), (2, 1, 1, 1), (7, 6, 6, 6), 3, 3, 6, 1, None),
+    ("tbe", 1, (2, 2, 1, 1), (2, 2, 2, 1), (7, 7, 7, 6), 3, 4, 6, 1, False),
+    ("tbs", 2, (2, 2, 1, 1), (3, 2, 2, 2), (8, 7, 7, 7), 4, 4, 7, 2, None),
+    ("tbe", 2, (2, 2, 1, 1), (3, 3, 3, 2), (8, 8, 8, 7), 4, 4, 7, 2, False),
+    ("tbs", 3, (2, 2, 1, 1), (4, 3, 3, 3), (9, 8, 8, 8), 4, 4, 8, 3, None),
+    ("tbe", 3, (2, 2, 1, 1), (4, 4, 4, 3), (9, 9, 9, 8), 4, 5, 8, 3, False),
+    ("tbs", 4, (2, 2, 1, 1), (5, 4, 4, 4), (10, 9, 9, 9), 5, 5, 9, 4, None),
+    ("tbe", 4, (2, 2, 1, 1), (5, 5, 5, 4), (10, 10, 10, 9), 5, 6, 9, 4, True),
+    ("ve", 1, (2, 2, 1, 1), (5, 5, 5, 5), (10, 10, 10, 10), 5, 6, 9, 4, True, (2, 2, 2, 2)),
+    ("tee", 1, (2, 2, 2, 1), (5, 5, 5, 5), (10, 10, 10, 10), 6, 6, 9, 4, True),
+]
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> Trainer:
+    settings = dict(max_epochs=2, enable_progress_bar=False, enable_model_summary=False, logger=False,
+                    enable_checkpointing=False, default_root_dir=str(tmp_path))  # fmt: skip
+    return Trainer(**{**settings, **kwargs})
+
+
+def test_fit_loop_counters_match_lightning(tmp_path: Path) -> None:
+    record = Record()
+    trainer = _trainer(tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=1, callbacks=[record])
+    trainer.fit(Net(), _loader(5), _loader(2))
+    assert record.rows == LIGHTNING
+    # After the fit, as Lightning's: the epochs done, the fit's batches (the current epoch's read 0 here)
+    fit = trainer.fit_loop
+    assert _counts(fit.epoch_progress.current) == (2, 2, 2, 2)
+    assert _counts(fit.epoch_loop.batch_progress.total) == (10, 10, 10, 10)
+    assert (fit.epoch_loop._batches_that_stepped, fit.epoch_loop.global_step) == (6, 6)
+    assert (fit.max_epochs, fit.min_epochs, fit.max_steps, fit.epoch_loop.max_steps) == (2, None, -1, -1)
+    assert _counts(fit.epoch_loop.val_loop.batch_progress.total) == (2, 2, 2, 2)
+
+
+def test_evaluation_loops_count_their_pass(tmp_path: Path) -> None:
+    seen: list[Any] = []
+
+    class Read(Callback):
+        def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
+            with pytest.raises(RuntimeError, match="batch_idx argument"):
+                _ = trainer.test_loop.batch_progress
+            seen.append("batch")
+
+        def on_test_end(self, trainer: Trainer, module: Any) -> None:
+            seen.append(_counts(trainer.test_loop.batch_progress.current))
+
+    trainer, module = _trainer(tmp_path, callbacks=[Read()]), Net()
+    assert _counts(trainer.test_loop.batch_progress.current) == (0, 0, 0, 0)  # as Lightning's, before a test
+    trainer.test(module, _loader(3))
+    # recorded with Lightning 2.6.6: 3 batches, in on_test_end and after the test
+    assert seen == ["batch"] * 3 + [(3, 3, 3, 3)]
+    assert _counts(trainer.test_loop.batch_progress.total) == (3, 3, 3, 3)
+    assert trainer.test_loop.dataloaders == trainer.test_dataloaders
+    trainer.validate(module, _loader(3))
+    assert _counts(trainer.validate_loop.batch_progress.current) == (3, 3, 3, 3)
+    trainer.predict(module, _loader(3))
+    assert _counts(trainer.predict_loop.batch_progress.current) == (3, 3, 3, 3)
+
+
+def test_fit_loop_max_epochs_extends_a_resumed_fit(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=1)
+    trainer.fit(Net(), _loader(2))
+    checkpoint = trainer.save_checkpoint(tmp_path / "ckpt")
+    again = _trainer(tmp_path, max_epochs=1)
+    again.fit_loop.max_epochs = 3  # Lightning users' way to train further before resuming
+    assert again.max_epochs == 3
+    again.fit(Net(), _loader(2), ckpt_path=checkpoint)
+    assert (again.current_epoch, again.global_step) == (3, 6)
+    again.fit_loop.epoch_loop.max_steps = 10
+    assert again.max_steps == again.fit_loop.max_steps == 10
+    for bad in (-2, 1.5, True, None):
+        with pytest.raises(ValueError, match=rf"max_epochs={bad!r} must be an int >= -1"):
+            again.fit_loop.max_epochs = bad  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="max_steps=-5 must be an int >= -1"):
+        again.fit_loop.epoch_loop.max_steps = -5
+    with pytest.raises(AttributeError):
+        again.fit_loop.epoch_progress = None  # type: ignore[misc]
