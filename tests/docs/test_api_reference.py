@@ -25,6 +25,7 @@ PUBLIC_MODULES = (
     "ember.callbacks",
     "ember.strategies",
     "ember.precision",
+    "ember.utilities",
 )
 NOT_OBJECTS = {"__version__"}  # a string; the ember page says what it is
 _DIRECTIVE = re.compile(r"^::: *(?P<path>[\w.]+)\s*$", re.MULTILINE)
