@@ -10,31 +10,36 @@ from typing import Any
 import torch
 
 
-def apply_to_tensors(data: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    """Rebuild ``data`` with ``fn`` applied to each tensor; containers keep their type."""
+def apply_to_tensors(
+    data: Any, fn: Callable[[torch.Tensor], Any], other: Callable[[Any], Any] | None = None
+) -> Any:
+    """Rebuild ``data`` with ``fn`` applied to each tensor; containers keep their type. ``other``, if
+    given, is applied to every other leaf (neither a tensor nor a container)."""
     if isinstance(data, torch.Tensor):
         return fn(data)
     kind = type(data)
     if kind is list or kind is tuple:  # the usual batch, checked before the slower ABC lookups below
-        return kind([apply_to_tensors(value, fn) for value in data])
+        return kind([apply_to_tensors(value, fn, other) for value in data])
     if kind is dict:
-        return {key: apply_to_tensors(value, fn) for key, value in data.items()}
+        return {key: apply_to_tensors(value, fn, other) for key, value in data.items()}
     if isinstance(data, Mapping):
-        items = {key: apply_to_tensors(value, fn) for key, value in data.items()}
+        items = {key: apply_to_tensors(value, fn, other) for key, value in data.items()}
         try:
             return type(data)(items)  # type: ignore[call-arg]
         except TypeError:  # mappings whose constructor takes something else (e.g. defaultdict)
             return items
     if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
-        return type(data)(*(apply_to_tensors(value, fn) for value in data))
+        return type(data)(*(apply_to_tensors(value, fn, other) for value in data))
     if isinstance(data, (list, tuple)):
-        return type(data)(apply_to_tensors(value, fn) for value in data)
+        return type(data)(apply_to_tensors(value, fn, other) for value in data)
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         changes = {
-            f.name: apply_to_tensors(getattr(data, f.name), fn) for f in dataclasses.fields(data) if f.init
+            f.name: apply_to_tensors(getattr(data, f.name), fn, other)
+            for f in dataclasses.fields(data)
+            if f.init
         }
         return dataclasses.replace(data, **changes)
-    return data
+    return data if other is None else other(data)
 
 
 def other_leaf(data: Any) -> Any:
@@ -68,7 +73,9 @@ def move_batches(batches: Iterable[Any], device: torch.device) -> Iterator[Any]:
 
 
 def move_to_device(data: Any, device: torch.device) -> Any:
-    """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory)."""
+    """Move every tensor in ``data`` to ``device`` (non-blocking when the source is pinned memory),
+    and, as Lightning's, every other object with a ``to`` method (a graph batch, a custom batch
+    class): ``obj.to(device)``."""
     kind = type(data)
     if device.type == "cpu" and (kind is tuple or kind is list):  # CPU training: the batch is there
         for item in data:
@@ -82,4 +89,8 @@ def move_to_device(data: Any, device: torch.device) -> Any:
             return tensor
         return tensor.to(device, non_blocking=tensor.is_pinned())
 
-    return apply_to_tensors(data, move)
+    def move_other(value: Any) -> Any:
+        to = getattr(value, "to", None)
+        return to(device) if callable(to) and not isinstance(value, type) else value
+
+    return apply_to_tensors(data, move, move_other)

@@ -123,7 +123,8 @@ class BatchTransferHooks:
         return batch
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """Move ``batch`` to ``device`` (every tensor in tuples, lists, dicts and dataclasses)."""
+        """Move ``batch`` to ``device``: every tensor in tuples, lists, dicts and dataclasses, and every
+        other object with a ``to`` method (``obj.to(device)``), as Lightning's."""
         return move_to_device(batch, device)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

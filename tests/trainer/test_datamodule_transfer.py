@@ -99,3 +99,30 @@ def test_a_checkpoint_holds_the_datamodule_s_state(tmp_path: Path) -> None:
     trainer(2).fit(_Model(), datamodule=resumed, ckpt_path=tmp_path / "ckpt")
     assert resumed.loaded == {"made": 3}
     assert DataModule().state_dict() == {}  # the default: nothing saved
+
+
+class _Graph:
+    """A batch class of its own with a ``to`` method (as a graph library's batch): moved by calling it."""
+
+    def __init__(self, x: torch.Tensor, moved_to: list[str] | None = None) -> None:
+        self.x, self.moved_to = x, moved_to or []
+
+    def to(self, device: torch.device) -> _Graph:
+        return _Graph(self.x.to(device), [*self.moved_to, str(device)])
+
+
+def test_objects_with_a_to_method_are_moved_by_it_as_in_lightning(tmp_path: Path) -> None:
+    # Lightning's default transfer_batch_to_device calls .to(device) on any object that has one (in
+    # containers too); the batch that reaches training_step is what .to returned.
+    seen: list[Any] = []
+
+    class Model(_Model):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            seen.append(batch)
+            return self.layer(batch["graph"].x).sum()
+
+    loader = DataLoader([{"graph": _Graph(torch.ones(2, 1))}] * 2, batch_size=None)
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Model(), loader)
+    assert [batch["graph"].moved_to for batch in seen] == [["cpu"], ["cpu"]]
