@@ -137,8 +137,8 @@ def _may_stop(trainer: Trainer) -> bool:
 
 
 def _train_epoch(trainer: Trainer) -> None:
-    state = trainer.state
-    reload = trainer.config.reload_dataloaders_every_n_epochs
+    state, config = trainer.state, trainer.config
+    reload = config.reload_dataloaders_every_n_epochs
     if state.batch_idx == 0 and reload and state.epoch > 0 and state.epoch % reload == 0:
         trainer._reload_loaders()
     loader = trainer._train_loader
@@ -165,7 +165,8 @@ def _train_epoch(trainer: Trainer) -> None:
         for batch in todo:
             if _train_batch(trainer, epoch, batch) or (trainer.should_stop and _may_stop(trainer)):
                 break
-            if epoch.max_steps != -1 and state.global_step >= epoch.max_steps:
+            # (the setting, not a copy: fit_loop.epoch_loop.max_steps may lower it mid-epoch, as Lightning's)
+            if config.max_steps != -1 and state.global_step >= config.max_steps:
                 break
     except BaseException:
         # The epoch ends in an exception: its pass closed, the loader points back at the first batch
@@ -227,8 +228,9 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
         trainer._write_row(store.step_values)
     # Freed now, where no hook can see it (Epoch.frees): not when the fit may end here, so that the
     # gradients of a fit's last step stay, as Lightning's.
-    if epoch.frees and should_step and not is_last and state.global_step != epoch.max_steps:
-        if not trainer.should_stop:
+    if epoch.frees and should_step and not is_last and not trainer.should_stop:
+        max_steps = trainer.config.max_steps  # (the setting: fit_loop.epoch_loop.max_steps may change it)
+        if max_steps == -1 or state.global_step < max_steps:
             epoch.zero_grad()
             epoch.freed = True
     if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):

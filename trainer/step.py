@@ -14,6 +14,7 @@ import torch
 
 from ember._wrappers import LossClosure
 from ember.strategies.capabilities import OwnsOptimizerStep
+from ember.trainer.data import _datamodule_override
 from ember.trainer.hooks import Entry, overridden, step_method
 from ember.trainer.profilers.timed import profiled_epoch
 
@@ -37,7 +38,6 @@ class Epoch:
     accumulate: int
     in_sync: bool  # automatic optimisation without accumulation: every batch a step boundary
     log_every: int  # a logger row every log_every-th batch that steps
-    max_steps: int
     validates: bool  # validation may run inside this epoch
     step_schedulers: bool  # schedulers stepped per optimizer step
     several: bool  # several processes: pre-emption needs their agreement at each boundary
@@ -84,7 +84,6 @@ class Epoch:
             accumulate=config.accumulate_grad_batches,
             in_sync=automatic and config.accumulate_grad_batches == 1,
             log_every=1 if config.fast_dev_run else config.log_every_n_steps,  # (Lightning's: every step)
-            max_steps=config.max_steps,
             validates=validates,
             step_schedulers=automatic and bool(trainer.lr_scheduler_configs),
             several=accelerator.num_processes > 1,
@@ -119,14 +118,22 @@ def _frees_early(trainer: Trainer, epoch: Epoch) -> bool:
     benchmark of a small model measures at 1-2% of a step. Only where no hook sees the difference:
     nobody (module or callback) overrides ``on_train_batch_start`` or ``on_before_zero_grad``, the
     module overrides neither ``optimizer_zero_grad``, ``optimizer_step`` nor
-    ``on_validation_model_zero_grad`` (which zeroes them before validation anyway). Left to see it:
-    the next ``training_step``, which finds no gradients (docs/migrate-from-lightning.md)."""
+    ``on_validation_model_zero_grad`` (which zeroes them before validation anyway), and neither the
+    module nor the DataModule a batch-transfer hook (the next batch's run in between). Left to see it:
+    the next ``training_step``, which finds no gradients (docs/concepts/hooks.md)."""
     if not epoch.automatic or epoch.module_zero_grad is not None or epoch.module_step is not None:
         return False
     hooks = trainer._hook_plan.entries(trainer)
     if hooks["on_train_batch_start"] is not None or hooks["on_before_zero_grad"] is not None:
         return False
-    return overridden(trainer.module, "on_validation_model_zero_grad") is None
+    module, datamodule = trainer.module, trainer._datamodule
+    if any(overridden(module, name) or _datamodule_override(datamodule, name) for name in _TRANSFER_HOOKS):
+        return False
+    return overridden(module, "on_validation_model_zero_grad") is None
+
+
+# Lightning's batch-transfer hooks: they run on the next batch before its window zeroes the gradients.
+_TRANSFER_HOOKS = ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer")
 
 
 def _module_step(module: TrainModule, optimizer: Any) -> Any:

@@ -172,3 +172,22 @@ def test_fit_loop_max_epochs_extends_a_resumed_fit(tmp_path: Path) -> None:
         again.fit_loop.epoch_loop.max_steps = -5
     with pytest.raises(AttributeError):
         again.fit_loop.epoch_progress = None  # type: ignore[misc]
+
+
+class _LowersMaxSteps(Callback):
+    def on_train_batch_end(
+        self, trainer: Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == 2:
+            trainer.fit_loop.epoch_loop.max_steps = 3
+
+
+def test_max_steps_assigned_mid_epoch_stops_the_fit_there(tmp_path: Path) -> None:
+    # Lightning 2.6.6 (CPU): epoch_loop.max_steps = 3 in on_train_batch_end at step 2 of a 10-batch
+    # epoch ends the fit at global_step 3 ("`Trainer.fit` stopped: `max_steps=3` reached.").
+    module = Net()
+    trainer = Trainer(default_root_dir=str(tmp_path), max_epochs=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[_LowersMaxSteps()])  # fmt: skip
+    trainer.fit(module, _loader(10))
+    assert trainer.global_step == 3
+    assert module.layer.weight.grad is not None  # the fit's last step keeps its gradients (Epoch.frees)

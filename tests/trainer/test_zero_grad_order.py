@@ -276,7 +276,9 @@ class _GradsAtEnd(Callback):
     def __init__(self, seen: list[str]) -> None:
         self.seen = seen
 
-    def on_train_batch_end(self, trainer: Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.seen.append(f"end:{batch_idx}:{module.layer.weight.grad is not None}")
 
 
@@ -309,3 +311,22 @@ def test_gradients_are_freed_after_a_step_where_no_hook_before_the_next_backward
     _trainer(tmp_path).fit(a, DataLoader(_data(), batch_size=4))
     _trainer(tmp_path).fit(b, DataLoader(_data(), batch_size=4))
     torch.testing.assert_close(a.layer.weight.detach(), b.layer.weight.detach())
+
+
+class _SeesAtTransfer(_Sees):
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        self.seen.append(f"transfer:{self.layer.weight.grad is not None}")
+        return batch
+
+
+def test_a_batch_transfer_hook_sees_the_last_steps_gradients_as_in_lightning(tmp_path: Path) -> None:
+    # Lightning 2.6.6 (CPU): the next batch's on_after_batch_transfer runs before the next window's
+    # zero_grad, so it sees the step's gradients ([False, True, True] over 3 batches): the gradients
+    # are not freed early when a batch-transfer hook (module's or DataModule's) is overridden.
+    seen: list[str] = []
+    _trainer(tmp_path).fit(_SeesAtTransfer(seen), DataLoader(_data(), batch_size=4))
+    assert [s for s in seen if s.startswith("transfer")][:3] == [
+        "transfer:False",
+        "transfer:True",
+        "transfer:True",
+    ]
