@@ -206,8 +206,6 @@ def ddp_strategy(
     handlers: dict[type, Any], strategy: str | Strategy, world_size: int, device_type: str
 ) -> str | Strategy:
     """``strategy``, or the DDP strategy the DDP and process-group handlers configure."""
-    from ember.strategies import DDPConfig, DDPStrategy
-
     ddp, group = handlers.get(DistributedDataParallelKwargs), handlers.get(InitProcessGroupKwargs)
     if ddp is None and group is None:
         return strategy
@@ -216,6 +214,8 @@ def ddp_strategy(
     if strategy == "auto" and world_size == 1:
         return strategy  # one process: no DDP to configure, and no process group (as in Accelerate)
     if strategy == "ddp" or strategy == "auto":
+        from ember.strategies import DDPConfig, DDPStrategy  # (imported only when DDP is configured)
+
         options: dict[str, Any] = ddp._ddp_options() if ddp is not None else {}
         if group is not None:
             options["process_group_backend"] = group.backend

@@ -1,29 +1,86 @@
 """Strategies: how processes, models, optimizers, data, collectives and checkpoints work.
 
 Names resolve through :data:`STRATEGY_REGISTRY`; each class registers its own names, so a new
-backend is one new module plus one line here.
+backend is one new module plus one entry here.
+
+Only what a single-device run uses is imported with ``ember``: the DDP, FSDP, DeepSpeed and XLA
+modules (and what they import from torch.distributed) load on first use, either of their class
+(``from ember.strategies import FSDPStrategy``) or of one of their registry names (``"fsdp"``).
 """
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ember.strategies.base import STRATEGY_REGISTRY, Strategy
 from ember.strategies.capabilities import BackwardSyncControl
-from ember.strategies.ddp import DDPConfig, DDPStrategy
-from ember.strategies.deepspeed import DeepSpeedConfig, DeepSpeedStrategy
 from ember.strategies.environment import ProcessEnvironment, detect_environment
-from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
 from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
-from ember.strategies.xla import XLAStrategy
-from ember.strategies.xla_spmd import XLASPMDConfig, XLASPMDStrategy
 
-for _strategy in (
-    SingleDeviceStrategy,
-    DDPStrategy,
-    FSDPStrategy,
-    DeepSpeedStrategy,
-    XLAStrategy,
-    XLASPMDStrategy,
-):
-    _strategy.register_strategies(STRATEGY_REGISTRY)
+if TYPE_CHECKING:
+    from ember.strategies.ddp import DDPConfig, DDPStrategy
+    from ember.strategies.deepspeed import DeepSpeedConfig, DeepSpeedStrategy
+    from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
+    from ember.strategies.xla import XLAStrategy
+    from ember.strategies.xla_spmd import XLASPMDConfig, XLASPMDStrategy
+
+SingleDeviceStrategy.register_strategies(STRATEGY_REGISTRY)
+
+# module -> (its strategy class, the registry names its ``register_strategies`` adds, its other public names)
+_BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
+    "ember.strategies.ddp": (
+        "DDPStrategy",
+        ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false"),
+        ("DDPConfig",),
+    ),
+    "ember.strategies.fsdp": (
+        "FSDPStrategy",
+        ("fsdp", "fsdp_offload", "fsdp_cpu_offload", "fsdp_shard_grad_op", "fsdp_hybrid"),
+        ("FSDPConfig",),
+    ),
+    "ember.strategies.deepspeed": (
+        "DeepSpeedStrategy",
+        (
+            "deepspeed",
+            "deepspeed_stage_1",
+            "deepspeed_stage_2",
+            "deepspeed_stage_2_offload",
+            "deepspeed_stage_3",
+            "deepspeed_stage_3_offload",
+        ),
+        ("DeepSpeedConfig",),
+    ),
+    "ember.strategies.xla": ("XLAStrategy", ("xla",), ()),
+    "ember.strategies.xla_spmd": ("XLASPMDStrategy", ("xla_spmd", "xla_fsdp"), ("XLASPMDConfig",)),
+}
+_LAZY = {name: module for module, (cls, _, others) in _BACKENDS.items() for name in (cls, *others)}
+
+
+def _loader(module: str, cls: str) -> Callable[[], None]:
+    def load() -> None:
+        getattr(importlib.import_module(module), cls).register_strategies(STRATEGY_REGISTRY)
+
+    return load
+
+
+for _module, (_cls, _names, _) in _BACKENDS.items():
+    STRATEGY_REGISTRY.defer(_names, _loader(_module, _cls))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "STRATEGY_REGISTRY",

@@ -87,3 +87,50 @@ def test_import_ember_leaves_heavy_optional_modules_unloaded() -> None:
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[]", "False"]
+
+
+def test_a_single_device_run_imports_no_backend_or_callback_it_does_not_use() -> None:
+    # Start-up (benchmarks/startup.py): the DDP/FSDP/DeepSpeed/XLA strategy modules (and torch's DDP
+    # comm hooks) and the built-in callbacks load on first use, by class or by registry name.
+    unused = ["ember.strategies.ddp", "ember.strategies.fsdp", "ember.strategies.deepspeed",
+              "ember.strategies.xla", "ember.strategies.xla_spmd", "torch.distributed.algorithms.ddp_comm_hooks",
+              "ember.callbacks.swa", "ember.callbacks.pruning", "ember.callbacks.weight_averaging",
+              "ember.callbacks.finetuning", "ember.callbacks.early_stopping", "ember.callbacks.lr_monitor",
+              "ember.callbacks.spike_detection", "ember.callbacks.throughput", "ember.callbacks.lr_finder",
+              "ember.callbacks.batch_size_finder", "ember.callbacks.device_stats_monitor"]  # fmt: skip
+    code = (
+        "import sys, ember\n"
+        "ember.Accelerator(cpu=True)\n"
+        f"print(sorted(m for m in {unused[:6]!r} if m in sys.modules))\n"
+        "import ember.callbacks\n"
+        "ember.Trainer(accelerator='cpu', max_epochs=1)\n"
+        f"print(sorted(m for m in {unused!r} if m in sys.modules))\n"
+        "from ember.strategies import STRATEGY_REGISTRY\n"
+        # An unknown name still lists every backend's names and refusals (those load to say why).
+        "try:\n    STRATEGY_REGISTRY.check('ddp_spawn')\nexcept ValueError as error:\n    print(error)\n"
+        "print(type(STRATEGY_REGISTRY.create('fsdp_offload')).__name__)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:2] == ["[]", "[]"]
+    assert "ember does not spawn or fork the ranks" in lines[2] and "'deepspeed_stage_3'" in lines[2]
+    assert lines[3] == "FSDPStrategy"
+
+
+def test_every_public_strategy_and_callback_name_still_imports() -> None:
+    import ember.callbacks
+    import ember.strategies
+    from ember.strategies import STRATEGY_REGISTRY
+
+    for package in (ember.strategies, ember.callbacks):
+        for name in package.__all__:
+            value = getattr(package, name)
+            assert getattr(value, "__name__", name) == name and name in dir(package), (package.__name__, name)
+    names = STRATEGY_REGISTRY.names()
+    for name in names:  # each name's module registers it (a deferred list out of date raises here)
+        assert STRATEGY_REGISTRY.description(name)
+    assert STRATEGY_REGISTRY.names() == names and {"ddp", "fsdp", "deepspeed_stage_3", "xla_fsdp"} <= set(
+        names
+    )
+    assert type(STRATEGY_REGISTRY.create("deepspeed_stage_3")) is ember.strategies.DeepSpeedStrategy
