@@ -214,11 +214,17 @@ def load_state(
     # A save killed while it replaced this checkpoint may have left the complete one beside it.
     directory = locate_checkpoint(Path(input_dir).absolute())
     manifest = read_manifest(directory)  # sizes, digests and format of every file
+    converted = "converted_from" in manifest  # (ember convert-lightning: no loader or RNG state)
     if manifest.get("weights_only"):
+        how = (
+            "converted from a Lightning checkpoint that has none"
+            if converted
+            else "saved with weights_only=True, e.g. by ModelCheckpoint(save_weights_only=True)"
+        )
         raise CheckpointError(
-            f"checkpoint {str(directory)!r} holds model weights only (saved with weights_only=True, e.g. by "
-            "ModelCheckpoint(save_weights_only=True)), so training cannot resume from it; load its weights "
-            "with ckpt_path= in validate/test/predict, TrainModule.load_from_checkpoint or ember consolidate"
+            f"checkpoint {str(directory)!r} holds model weights only ({how}), so training cannot resume from it; "
+            "load its weights with ckpt_path= in validate/test/predict, TrainModule.load_from_checkpoint or "
+            "ember consolidate"
         )
     layout, ours = manifest.get("layout", "full"), checkpoint_layout(strategy)
     portable = layout in PORTABLE
@@ -246,7 +252,7 @@ def load_state(
         )
     saved, current = manifest["counts"], objects.counts()
     for kind, count in current.items():
-        if kind != "models" and saved.get(kind, 0) != count:
+        if kind != "models" and not (converted and kind == "dataloaders") and saved.get(kind, 0) != count:
             raise CheckpointError(_count_mismatch(directory, kind, saved.get(kind, 0), count))
     models = objects.models
     if hooked:  # after the checks above (a refused checkpoint runs no hook), before any model loads
@@ -257,7 +263,7 @@ def load_state(
             _model_mismatch(directory, saved.get("models", 0), len(objects.models), len(models), hooked)
         )
     same_world = manifest["world_size"] == strategy.world_size
-    if not same_world:
+    if not same_world and not converted:
         warnings.warn(
             f"checkpoint was saved with world size {manifest['world_size']}, this run has {strategy.world_size}: "
             "weights and optimizer state are restored, dataloader positions and RNG streams are not",
@@ -273,6 +279,7 @@ def load_state(
     custom = [read_tree(directory, f"custom_checkpoint_{i}") for i in range(len(objects.custom))]
     loaders: list[Any] = []
     rng: dict[str, Any] = {}
+    same_world = same_world and not converted  # the run keeps its loaders and RNG, as a Lightning resume
     if same_world:
         loaders = read_tree(directory, "dataloaders")
         if not (

@@ -1,5 +1,6 @@
 """The ``ember`` command line: ``ember launch`` runs a script on N processes (and N nodes);
 ``ember consolidate`` turns a checkpoint's (sharded) weights into one safetensors file;
+``ember convert-lightning`` turns a Lightning ``.ckpt`` into an ember checkpoint directory;
 ``ember env`` prints the versions and devices a bug report needs; ``ember config`` writes the
 launch options into a YAML file that ``ember launch --config-file`` reads; ``ember plot`` draws the
 metrics of CSV-logged runs into a PNG. Each command's work lives in its own private module.
@@ -82,6 +83,17 @@ def _parser() -> argparse.ArgumentParser:
         "--model", type=int, default=0, help="which prepared model, in preparation order (default 0)"
     )
     consolidate.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    convert = commands.add_parser(
+        "convert-lightning",
+        help="turn a Lightning .ckpt file into an ember checkpoint directory (read without unpickling code)",
+        description="Read the Lightning checkpoint CKPT with torch.load(weights_only=True) and write it as the "
+        "ember Trainer checkpoint OUT_DIR (new or empty): load_from_checkpoint rebuilds the module from it, and "
+        "fit(ckpt_path=OUT_DIR) resumes a fit with one optimizer.",
+    )
+    convert.add_argument("ckpt", metavar="CKPT", help="the Lightning .ckpt file")
+    convert.add_argument(
+        "out_dir", metavar="OUT_DIR", help="the checkpoint directory to write (new or empty)"
+    )
     env = commands.add_parser(
         "env",
         help="print versions, devices and the process environment (for bug reports)",
@@ -269,6 +281,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return launch(args)
     if args.command == "consolidate":
         return _consolidate(parser, args)
+    if args.command == "convert-lightning":
+        from ember.trainer.lightning_ckpt import LightningCheckpointError, convert_lightning
+
+        try:
+            out, why = convert_lightning(args.ckpt, args.out_dir)
+        except (LightningCheckpointError, FileExistsError) as err:
+            parser.error(str(err))
+        print(f"wrote {out}: " + (f"weights only, {why}" if why else "resumable with fit(ckpt_path=...)"))
+        return 0
     if args.command == "env":
         import json
 

@@ -128,14 +128,21 @@ def load_module(
             f"load_from_checkpoint(map_location={map_location!r}): valid choices are a device "
             "(a str such as 'cpu' or 'cuda:0', a torch.device or an index) or None, the CPU"
         )
-    path = _checkpoint_dir(checkpoint_path, "checkpoint_path")
-    manifest = read_manifest(path)  # every file's digest checked
-    if STATE not in manifest.get("extra", []):
-        raise CheckpointError(
-            f"{str(path)!r} was written by Accelerator.save_state, not by a Trainer (no {STATE}): build the module "
-            "yourself and load its weights with Accelerator.load_state"
-        )
-    checkpoint = read_tree(path, STATE)
+    lightning = Path(checkpoint_path).is_file()  # a Lightning .ckpt: read in memory, pickle-free
+    if lightning:
+        from ember.trainer.lightning_ckpt import hparams_entries, read_lightning
+
+        raw = read_lightning(checkpoint_path)
+        checkpoint, weights = hparams_entries(raw, checkpoint_path), raw["state_dict"]
+    else:
+        path = _checkpoint_dir(checkpoint_path, "checkpoint_path")
+        manifest = read_manifest(path)  # every file's digest checked
+        if STATE not in manifest.get("extra", []):
+            raise CheckpointError(
+                f"{str(path)!r} was written by Accelerator.save_state, not by a Trainer (no {STATE}): build the "
+                "module yourself and load its weights with Accelerator.load_state"
+            )
+        checkpoint = read_tree(path, STATE)
     if hparams_file is not None:  # (as Lightning: the file's in place of the checkpoint's)
         checkpoint = {**checkpoint, "hyper_parameters": read_hparams_file(hparams_file)}
     module = cls(**init_kwargs(cls, checkpoint, overrides))  # (the hyper-parameters it takes)
@@ -148,7 +155,7 @@ def load_module(
     module.configure_model()  # (as Lightning: layers it builds are there to load into)
     module.on_load_checkpoint(checkpoint)
     # (A pruned fit's weight_orig and weight_mask load into the plain module's weight.)
-    state = fold_pruned(full_state_dict(path, manifest), module.state_dict())
+    state = fold_pruned(weights if lightning else full_state_dict(path, manifest), module.state_dict())
     keys = module.load_state_dict(state, strict=strict)
     if not strict:
         _warn_unmatched(keys.missing_keys, keys.unexpected_keys)
@@ -283,6 +290,11 @@ def _newest_last(directory: Path, name: str) -> str:
 def _checkpoint_dir(given: str | os.PathLike[str], argument: str) -> Path:
     """The checkpoint directory ``given`` names (or the complete copy a killed save left beside it)."""
     path = locate_checkpoint(Path(given))
+    if path.is_file():  # (TrainModule.load_from_checkpoint reads a Lightning .ckpt itself)
+        raise CheckpointError(
+            f"{argument}={str(given)!r} is a file; ember checkpoints are directories. For a Lightning .ckpt, "
+            f"run `ember convert-lightning {given!s} OUT_DIR` and pass OUT_DIR"
+        )
     if not path.is_dir():
         raise FileNotFoundError(f"{argument}={str(given)!r} does not exist (a checkpoint is a directory)")
     return path

@@ -385,7 +385,8 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
         weights_only: bool | None = None,
         **kwargs: Any,
     ) -> _M:
-        """A new module from a Trainer checkpoint directory: ``cls(**hyper-parameters)``, as
+        """A new module from a Trainer checkpoint directory (or a Lightning ``.ckpt`` file, read with
+        ``torch.load(weights_only=True)``): ``cls(**hyper-parameters)``, as
         :meth:`save_hyperparameters` saved them (those of one dict, Namespace or dataclass argument
         passed back as that argument; ``hparams_file``, a ``.yaml`` or ``.json`` file, replaces them;
         ``kwargs`` override or add), then :meth:`on_load_checkpoint` and the checkpoint's weights,
