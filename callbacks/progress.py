@@ -10,13 +10,13 @@ from typing_extensions import override
 
 from ember._validation import check_bool, check_int
 from ember.callbacks.progress_bar import ProgressBar
-from ember.callbacks.rich_theme import RichProgressBarTheme, _console_of, _is_console
 from ember.strategies.environment import may_be_terminal, running_in_ci
 
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, ProgressColumn, TaskID
 
+    from ember.callbacks.rich_theme import RichProgressBarTheme
     from ember.trainer.module import TrainModule
     from ember.trainer.trainer import Trainer
 
@@ -93,6 +93,9 @@ class RichProgressBar(ProgressBar):
             raise ValueError(f"RichProgressBar(refresh_rate={refresh_rate!r}) must be an int >= 0 (0: off)")
         check_int("plain_every_n_batches", plain_every_n_batches, minimum=1, owner="RichProgressBar")
         check_bool("leave", leave, owner="RichProgressBar")
+        # (rich_theme is imported only for these arguments: the default bar never needs it)
+        if console is not None or theme is not None or console_kwargs is not None:
+            from ember.callbacks.rich_theme import RichProgressBarTheme, _console_of, _is_console
         if console is not None and not _is_console(console):
             raise TypeError(f"RichProgressBar(console={console!r}) must be None or a rich.console.Console")
         if theme is not None and not isinstance(theme, RichProgressBarTheme):

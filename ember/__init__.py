@@ -26,17 +26,13 @@ from ember.kwargs_handlers import (
 )
 from ember.memory import find_executable_batch_size, release_memory
 from ember.notebook import notebook_launcher
-from ember.plugins import (
-    DeepSpeedPlugin,
-    FullyShardedDataParallelPlugin,
-    GradientAccumulationPlugin,
-    TorchDynamoPlugin,
-)
+from ember.plugins import GradientAccumulationPlugin, TorchDynamoPlugin
 from ember.project import ProjectConfiguration
 from ember.state import AcceleratorState, GradientState, PartialState
 from ember.strategies.checkpoint_io import CheckpointError
 
 if TYPE_CHECKING:
+    from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from ember.trainer import CSVLogger, DataModule, Logger, Trainer, TrainerCLI, TrainModule, Tuner
     from ember.trainer.loggers import CometLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
@@ -63,7 +59,16 @@ _TRAINER_NAMES = {
 }
 
 
+_PLUGIN_NAMES = {"DeepSpeedPlugin", "FullyShardedDataParallelPlugin"}  # (their modules load on first use too)
+
+
 def __getattr__(name: str) -> Any:
+    if name in _PLUGIN_NAMES:
+        import ember.plugins
+
+        value = getattr(ember.plugins, name)
+        globals()[name] = value
+        return value
     if name in _TRAINER_NAMES:
         import ember.trainer
 
@@ -74,7 +79,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_TRAINER_NAMES})
+    return sorted({*globals(), *_TRAINER_NAMES, *_PLUGIN_NAMES})
 
 
 __all__ = [

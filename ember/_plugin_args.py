@@ -16,16 +16,12 @@ import torch
 from torch import nn
 
 from ember._wrappers import GradientState
-from ember.plugins import (
-    DeepSpeedPlugin,
-    FullyShardedDataParallelPlugin,
-    GradientAccumulationPlugin,
-    TorchDynamoPlugin,
-)
+from ember.plugins import GradientAccumulationPlugin, TorchDynamoPlugin
 from ember.precision.base import precision_name
 from ember.strategies.capabilities import OwnsOptimizerStep
 
 if TYPE_CHECKING:
+    from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from ember.strategies import Strategy
 
 __all__ = ["PluginChoice", "resolve_plugins", "uncompiled"]
@@ -109,8 +105,11 @@ def resolve_plugins(
     rng_types: Any,
 ) -> PluginChoice:
     """The strategy, precision and accumulation the plugin arguments ask for, conflicts refused."""
-    _check_type("deepspeed_plugin", deepspeed_plugin, DeepSpeedPlugin)
-    _check_type("fsdp_plugin", fsdp_plugin, FullyShardedDataParallelPlugin)
+    if deepspeed_plugin is not None or fsdp_plugin is not None:  # (their modules load on first use)
+        from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+        _check_type("deepspeed_plugin", deepspeed_plugin, DeepSpeedPlugin)
+        _check_type("fsdp_plugin", fsdp_plugin, FullyShardedDataParallelPlugin)
     _check_type("gradient_accumulation_plugin", gradient_accumulation_plugin, GradientAccumulationPlugin)
     _check_type("dynamo_plugin", dynamo_plugin, TorchDynamoPlugin)
     choice = PluginChoice(strategy, precision, gradient_accumulation_steps)

@@ -32,7 +32,7 @@ from ember.kwargs_handlers import (
     GradScalerKwargs,
     InitProcessGroupKwargs,
 )
-from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+from ember.plugins import TorchDynamoPlugin
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ember._plugin_args import PluginChoice
     from ember.accelerator import Accelerator
     from ember.data import PreparedDataLoader
+    from ember.plugins import DeepSpeedPlugin, FullyShardedDataParallelPlugin
     from ember.strategies import Strategy
 
 __all__ = ["AcceleratorState", "GradientState", "PartialState"]
@@ -155,6 +156,8 @@ class AcceleratorState(PartialState):
             return None
         strategy: Any = self._strategy
         given = self._accelerator._plugins.deepspeed_plugin
+        from ember.plugins import DeepSpeedPlugin  # (loaded on first use)
+
         plugin = given if given is not None else DeepSpeedPlugin(hf_ds_config=strategy.config.user_config())
         plugin._in_use = strategy.deepspeed_config or strategy.config.user_config()  # (final after prepare)
         return plugin
@@ -170,6 +173,8 @@ class AcceleratorState(PartialState):
             return given
         strategy: Any = self._strategy
         config = strategy.config  # (an FSDPConfig)
+        from ember.plugins import FullyShardedDataParallelPlugin  # (loaded on first use)
+
         return FullyShardedDataParallelPlugin(
             fsdp_version=2,
             reshard_after_forward=config.reshard_after_forward,

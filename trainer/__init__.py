@@ -1,22 +1,50 @@
 """The Trainer layer: ``TrainModule``, ``DataModule``, ``Trainer`` and loggers, built on the Accelerator."""
 
-from ember.trainer.cli import TrainerCLI  # (jsonargparse loads when a TrainerCLI is built)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ember.trainer.combined import CombinedLoader
-from ember.trainer.loggers import CometLogger, CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
+from ember.trainer.loggers import CSVLogger, Logger
 from ember.trainer.lr_finder import LRFinder
 from ember.trainer.module import DataModule, TrainModule
 from ember.trainer.optim import LRSchedulerConfig
 from ember.trainer.preemption import Preempted
-from ember.trainer.profilers import (
-    AdvancedProfiler,
-    PassThroughProfiler,
-    Profiler,
-    PyTorchProfiler,
-    SimpleProfiler,
-    XLAProfiler,
-)
+from ember.trainer.profilers import PassThroughProfiler, Profiler
 from ember.trainer.trainer import Trainer
 from ember.trainer.tuner import Tuner
+
+if TYPE_CHECKING:
+    from ember.trainer.cli import TrainerCLI
+    from ember.trainer.loggers import CometLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
+    from ember.trainer.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler, XLAProfiler
+
+# What a default fit does not use loads on first use of its name: the CLI, the other loggers, the profilers.
+_LAZY = {
+    "AdvancedProfiler": "ember.trainer.profilers",
+    "CometLogger": "ember.trainer.loggers",
+    "MLFlowLogger": "ember.trainer.loggers",
+    "PyTorchProfiler": "ember.trainer.profilers",
+    "SimpleProfiler": "ember.trainer.profilers",
+    "TensorBoardLogger": "ember.trainer.loggers",
+    "TrainerCLI": "ember.trainer.cli",  # (jsonargparse loads when a TrainerCLI is built)
+    "WandbLogger": "ember.trainer.loggers",
+    "XLAProfiler": "ember.trainer.profilers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "AdvancedProfiler",

@@ -23,9 +23,35 @@ Example::
     accelerator = Accelerator(fsdp_plugin=plugin)  # strategy FSDPStrategy(FSDPConfig(wrap={"Block"}))
 """
 
-from ember.plugins.deepspeed import DeepSpeedPlugin
-from ember.plugins.fsdp import FullyShardedDataParallelPlugin
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ember.plugins.loop import GradientAccumulationPlugin, TorchDynamoPlugin
+
+if TYPE_CHECKING:
+    from ember.plugins.deepspeed import DeepSpeedPlugin
+    from ember.plugins.fsdp import FullyShardedDataParallelPlugin
+
+# The DeepSpeed and FSDP plugins load on first use of their name: a run without them never imports them.
+_LAZY = {
+    "DeepSpeedPlugin": "ember.plugins.deepspeed",
+    "FullyShardedDataParallelPlugin": "ember.plugins.fsdp",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "DeepSpeedPlugin",

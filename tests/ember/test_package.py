@@ -118,15 +118,61 @@ def test_a_single_device_run_imports_no_backend_or_callback_it_does_not_use() ->
     assert lines[3] == "FSDPStrategy"
 
 
+def test_a_default_fit_imports_no_logger_profiler_cli_or_plugin_it_does_not_use(tmp_path: Path) -> None:
+    # Start-up (issue 9): a default single-device fit (CSV logger, progress bar, checkpointing, model
+    # summary, non-finite guard) does not import the CLI, the other loggers, the profilers, the
+    # DeepSpeed/FSDP plugins nor the rich theme; each loads on first use of its name.
+    unused = ["ember.trainer.cli", "jsonargparse", "ember.trainer.loggers.tensorboard_logger",
+              "ember.trainer.loggers.wandb_logger", "ember.trainer.loggers.mlflow_logger",
+              "ember.trainer.loggers.comet_logger", "ember.trainer.loggers.uploads",
+              "ember.trainer.profilers.simple", "ember.trainer.profilers.advanced",
+              "ember.trainer.profilers.pytorch", "ember.trainer.profilers.xla",
+              "ember.plugins.deepspeed", "ember.plugins.fsdp", "ember.callbacks.rich_theme"]  # fmt: skip
+    code = (
+        "import sys, torch\n"
+        "from ember import Trainer, TrainModule\n"
+        "class Tiny(TrainModule):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.layer = torch.nn.Linear(2, 1)\n"
+        "    def training_step(self, batch, batch_idx):\n        return self.layer(batch).sum()\n"
+        "    def configure_optimizers(self):\n        return torch.optim.SGD(self.parameters(), lr=0.1)\n"
+        f"trainer = Trainer(max_steps=1, accelerator='cpu', default_root_dir={str(tmp_path)!r})\n"
+        "trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.ones(4, 2), batch_size=2))\n"
+        "assert trainer.global_step == 1 and trainer.checkpoint_callback.best_model_path\n"
+        f"print(sorted(m for m in {unused!r} if m in sys.modules))\n"
+        # Every name still resolves, and a profiler still resolves by its registry name.
+        "from ember import DeepSpeedPlugin, FullyShardedDataParallelPlugin, TensorBoardLogger, TrainerCLI\n"
+        "from ember.trainer import AdvancedProfiler, CometLogger, SimpleProfiler, XLAProfiler\n"
+        "from ember.trainer.loggers import MLFlowLogger, WandbLogger\n"
+        "from ember.trainer.profilers import PyTorchProfiler\n"
+        "print(type(Trainer(accelerator='cpu', profiler='advanced', logger=False).profiler).__name__)\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-2:] == ["[]", "AdvancedProfiler"], done.stdout
+
+
 def test_every_public_strategy_and_callback_name_still_imports() -> None:
     import ember.callbacks
+    import ember.plugins
     import ember.strategies
+    import ember.trainer
+    import ember.trainer.loggers
+    import ember.trainer.profilers
     from ember.strategies import STRATEGY_REGISTRY
 
-    for package in (ember.strategies, ember.callbacks):
+    packages = (
+        ember.strategies,
+        ember.callbacks,
+        ember.trainer,
+        ember.trainer.loggers,
+        ember.trainer.profilers,
+    )
+    for package in (*packages, ember.plugins):
         for name in package.__all__:
             value = getattr(package, name)
             assert getattr(value, "__name__", name) == name and name in dir(package), (package.__name__, name)
+    assert all(getattr(ember, name) is not None and name in dir(ember) for name in ember.__all__)
     names = STRATEGY_REGISTRY.names()
     for name in names:  # each name's module registers it (a deferred list out of date raises here)
         assert STRATEGY_REGISTRY.description(name)

@@ -3,13 +3,41 @@
 
 Importing them is cheap: ``wandb``, ``tensorboard`` and ``mlflow`` are imported when a run first
 writes, ``comet_ml`` when a ``CometLogger`` is made (it checks its arguments against Comet's).
+Only the default's modules load with the Trainer; the others on first use of their name.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ember.trainer.loggers.base import Logger
-from ember.trainer.loggers.comet_logger import CometLogger
 from ember.trainer.loggers.csv import CSVLogger
-from ember.trainer.loggers.mlflow_logger import MLFlowLogger
-from ember.trainer.loggers.tensorboard_logger import TensorBoardLogger
-from ember.trainer.loggers.wandb_logger import WandbLogger
+
+if TYPE_CHECKING:
+    from ember.trainer.loggers.comet_logger import CometLogger
+    from ember.trainer.loggers.mlflow_logger import MLFlowLogger
+    from ember.trainer.loggers.tensorboard_logger import TensorBoardLogger
+    from ember.trainer.loggers.wandb_logger import WandbLogger
+
+_LAZY = {
+    "CometLogger": "ember.trainer.loggers.comet_logger",
+    "MLFlowLogger": "ember.trainer.loggers.mlflow_logger",
+    "TensorBoardLogger": "ember.trainer.loggers.tensorboard_logger",
+    "WandbLogger": "ember.trainer.loggers.wandb_logger",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # looked up once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = ["CSVLogger", "CometLogger", "Logger", "MLFlowLogger", "TensorBoardLogger", "WandbLogger"]
