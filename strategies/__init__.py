@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ember._lazy import lazy_exports
 from ember.strategies.base import STRATEGY_REGISTRY, Strategy
 from ember.strategies.capabilities import BackwardSyncControl
 from ember.strategies.environment import ProcessEnvironment, detect_environment
@@ -70,16 +71,7 @@ for _module, (_cls, _names, _) in _BACKENDS.items():
     STRATEGY_REGISTRY.defer(_names, _loader(_module, _cls))
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value  # looked up once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [
