@@ -7,8 +7,9 @@
 
 __version__ = "0.1.0"
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ember._lazy import lazy_exports
 from ember._processes import DistributedType
 from ember._rng import seed_everything
 from ember._skip import skip_first_batches
@@ -39,47 +40,16 @@ if TYPE_CHECKING:
 set_seed = seed_everything  # the name 🤗 Accelerate users know
 
 # The Trainer layer loads on first use of one of its names: a script that only uses the Accelerator
-# does not import the Trainer, its callbacks and loggers (about 11 ms of start-up).
-_TRAINER_NAMES = {
-    "CSVLogger",
-    "CometLogger",
-    "DataModule",
-    "DistributedDataParallelKwargs",
-    "DistributedType",
-    "GradScalerKwargs",
-    "InitProcessGroupKwargs",
-    "Logger",
-    "MLFlowLogger",
-    "TensorBoardLogger",
-    "Trainer",
-    "TrainerCLI",
-    "TrainModule",
-    "Tuner",
-    "WandbLogger",
+# does not import the Trainer, its callbacks and loggers (about 11 ms of start-up). So do the
+# DeepSpeed and FSDP plugins' modules.
+_TRAINER_NAMES = ("CSVLogger", "CometLogger", "DataModule", "Logger", "MLFlowLogger", "TensorBoardLogger",
+                  "Trainer", "TrainerCLI", "TrainModule", "Tuner", "WandbLogger")  # fmt: skip
+_LAZY = {
+    **dict.fromkeys(_TRAINER_NAMES, "ember.trainer"),
+    **dict.fromkeys(("DeepSpeedPlugin", "FullyShardedDataParallelPlugin"), "ember.plugins"),
 }
 
-
-_PLUGIN_NAMES = {"DeepSpeedPlugin", "FullyShardedDataParallelPlugin"}  # (their modules load on first use too)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PLUGIN_NAMES:
-        import ember.plugins
-
-        value = getattr(ember.plugins, name)
-        globals()[name] = value
-        return value
-    if name in _TRAINER_NAMES:
-        import ember.trainer
-
-        value = getattr(ember.trainer, name)
-        globals()[name] = value  # looked up once
-        return value
-    raise AttributeError(f"module 'ember' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_TRAINER_NAMES, *_PLUGIN_NAMES})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [

@@ -4,7 +4,7 @@ pays for their modules (``ember.strategies``, ``ember.callbacks``, the Trainer l
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 
@@ -27,3 +27,13 @@ def lazy_exports(
         return sorted({*namespace, *modules})
 
     return __getattr__, __dir__
+
+
+def defer_registration(registry: Any, names: Iterable[str], module: str, cls: str, register: str) -> None:
+    """Let ``registry`` know ``names`` now and import ``module`` on the first use of one of them:
+    its class ``cls`` then registers them (``cls.register(registry)``, e.g. ``register_strategies``)."""
+
+    def load() -> None:
+        getattr(getattr(importlib.import_module(module), cls), register)(registry)
+
+    registry.defer(names, load)

@@ -10,11 +10,9 @@ modules (and what they import from torch.distributed) load on first use, either 
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ember._lazy import lazy_exports
+from ember._lazy import defer_registration, lazy_exports
 from ember.strategies.base import STRATEGY_REGISTRY, Strategy
 from ember.strategies.capabilities import BackwardSyncControl
 from ember.strategies.environment import ProcessEnvironment, detect_environment
@@ -60,15 +58,8 @@ _BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
 _LAZY = {name: module for module, (cls, _, others) in _BACKENDS.items() for name in (cls, *others)}
 
 
-def _loader(module: str, cls: str) -> Callable[[], None]:
-    def load() -> None:
-        getattr(importlib.import_module(module), cls).register_strategies(STRATEGY_REGISTRY)
-
-    return load
-
-
 for _module, (_cls, _names, _) in _BACKENDS.items():
-    STRATEGY_REGISTRY.defer(_names, _loader(_module, _cls))
+    defer_registration(STRATEGY_REGISTRY, _names, _module, _cls, "register_strategies")
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

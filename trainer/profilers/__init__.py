@@ -10,10 +10,9 @@ imports cProfile, pstats or torch.profiler's helpers.
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ember._lazy import defer_registration, lazy_exports
 from ember.trainer.profilers.base import PROFILER_REGISTRY, PassThroughProfiler, Profiler
 
 if TYPE_CHECKING:
@@ -23,40 +22,18 @@ if TYPE_CHECKING:
     from ember.trainer.profilers.xla import XLAProfiler
 
 # class -> (its module, the registry names its ``register_profilers`` adds)
-_LAZY: dict[str, tuple[str, tuple[str, ...]]] = {
+_PROFILERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "SimpleProfiler": ("ember.trainer.profilers.simple", ("simple",)),
     "AdvancedProfiler": ("ember.trainer.profilers.advanced", ("advanced",)),
     "PyTorchProfiler": ("ember.trainer.profilers.pytorch", ("pytorch",)),
     "XLAProfiler": ("ember.trainer.profilers.xla", ("xla",)),
 }
+for _cls, (_module, _names) in _PROFILERS.items():
+    defer_registration(PROFILER_REGISTRY, _names, _module, _cls, "register_profilers")
 
-
-def _class(name: str) -> type[Profiler]:
-    cls: type[Profiler] = getattr(importlib.import_module(_LAZY[name][0]), name)
-    return cls
-
-
-def _loader(name: str) -> Callable[[], None]:
-    def load() -> None:
-        _class(name).register_profilers(PROFILER_REGISTRY)
-
-    return load
-
-
-for _name, (_, _names) in _LAZY.items():
-    PROFILER_REGISTRY.defer(_names, _loader(_name))
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = _class(name)
-        globals()[name] = value  # looked up once
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(
+    __name__, {cls: module for cls, (module, _) in _PROFILERS.items()}, globals()
+)
 
 
 __all__ = [
