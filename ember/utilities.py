@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import pickle
 import warnings
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from typing_extensions import ParamSpec
 
 from ember._tree import move_to_device
 from ember._validation import check_int, show
-from ember.strategies.environment import detect_environment
+from ember.strategies.environment import detect_environment, usable_cpus
 from ember.trainer.combined import CombinedLoader
 from ember.trainer.hparams import AttributeDict
 
@@ -321,5 +320,4 @@ def suggested_max_num_workers(local_world_size: int) -> int:
         DataLoader(dataset, num_workers=suggested_max_num_workers(trainer.num_devices))
     """
     check_int("local_world_size", local_world_size, minimum=1, owner="suggested_max_num_workers")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // local_world_size - 1)
+    return max(1, usable_cpus() // local_world_size - 1)

@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ember.strategies.digests import DIGEST, DIGESTS, file_digest, hash_file, note_synced
+from ember.strategies.environment import usable_cpus
 from ember.strategies.tree_codec import decode_tree, encode_tree
 
 __all__ = [
@@ -219,8 +220,7 @@ def _verify(directory: Path, files: dict[str, Any]) -> None:
             break
         listed.append((path, expected))
     large = {path for path, expected in listed if expected["size"] >= _PARALLEL_HASH_BYTES}
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(_VERIFY_THREADS, cpus, len(large)) if len(large) > 1 else 0
+    workers = min(_VERIFY_THREADS, usable_cpus(), len(large)) if len(large) > 1 else 0
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ember-verify") if workers else None
     later: Exception | None = None
     try:

@@ -39,6 +39,7 @@ __all__ = [
     "running_in_ci",
     "scoped_variables",
     "shared_random_seed",
+    "usable_cpus",
 ]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -185,6 +186,11 @@ def deepspeed_config_path(environ: Mapping[str, str] | None = None) -> str | Non
     is not set. As in Lightning, a ``DeepSpeedStrategy`` given no ``config`` loads it."""
     env = os.environ if environ is None else environ
     return env.get(DEEPSPEED_CONFIG_VARIABLE)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system has one), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def running_in_ci(environ: Mapping[str, str] | None = None) -> bool:
