@@ -23,6 +23,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,27 +181,52 @@ def save_state(
         write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
     strategy.barrier("save_state:written")
     if writer:
-        import ember
-
         write_manifest(
             staging,
-            {
-                "ember_version": ember.__version__,
-                "torch_version": torch.__version__,
-                "strategy": strategy.strategy_name,
-                "world_size": strategy.world_size,
-                "layout": layout,
-                "counts": {**({} if weights_only else objects.counts()), "models": saved_models},
-                "weights_only": weights_only,
-                "extra": sorted(extra),
-                "rank_extra": sorted(rank_extra),
+            manifest_entries(
+                strategy=strategy.strategy_name,
+                world_size=strategy.world_size,
+                layout=layout,
+                counts={**({} if weights_only else objects.counts()), "models": saved_models},
+                weights_only=weights_only,
+                extra=extra,
+                rank_extra=rank_extra,
                 # accumulate()'s count (Accelerate's `step`): a resumed run steps on the same batches
-                "accumulation_step": 0 if gradient_state is None else gradient_state.micro_step,
-            },
+                accumulation_step=0 if gradient_state is None else gradient_state.micro_step,
+            ),
         )
         finalize_staged(staging, directory)
     strategy.barrier("save_state:done")
     return directory
+
+
+def manifest_entries(
+    *,
+    strategy: str,
+    world_size: int,
+    layout: str,
+    counts: dict[str, int],
+    weights_only: bool,
+    extra: Iterable[str],
+    rank_extra: Iterable[str],
+    accumulation_step: int,
+) -> dict[str, Any]:
+    """What ``manifest.json`` says of a checkpoint besides its files (``write_manifest`` adds those):
+    the versions that wrote it, the strategy and layout, the count of each kind of object ..."""
+    import ember
+
+    return {
+        "ember_version": ember.__version__,
+        "torch_version": torch.__version__,
+        "strategy": strategy,
+        "world_size": world_size,
+        "layout": layout,
+        "counts": counts,
+        "weights_only": weights_only,
+        "extra": sorted(extra),
+        "rank_extra": sorted(rank_extra),
+        "accumulation_step": accumulation_step,
+    }
 
 
 def load_state(

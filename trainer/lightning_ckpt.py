@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
+from ember._checkpoint import manifest_entries
 from ember._weights import stream_weights, tensor_stream
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, encode_tree, write_manifest, write_tree
 from ember.strategies.checkpoint_swap import finalize_staged
+from ember.trainer.checkpointing import STATE
 
 __all__ = ["LightningCheckpointError", "convert_lightning", "hparams_entries", "read_lightning"]
 
-STATE = "trainer_state"  # (trainer/checkpointing.py's name for the Trainer's entry)
 _PRECISION_KEYS = ("MixedPrecision", "native_amp_scaling_state")  # Lightning 2.x's, then 1.x's
 
 
@@ -169,26 +170,12 @@ def convert_lightning(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[s
             write_tree(staging, f"custom_checkpoint_{i}", scheduler)
         write_tree(staging, "precision", precision)
     write_tree(staging, STATE, state)
-    import ember
-
-    write_manifest(
-        staging,
-        {
-            "ember_version": ember.__version__,
-            "torch_version": torch.__version__,
-            "strategy": "single_device",
-            "world_size": 1,
-            "layout": "full",
-            "counts": {"models": 1}
-            if why
-            else {"models": 1, "optimizers": 1, "schedulers": 0, "dataloaders": 0, "custom": len(schedulers)},
-            "weights_only": bool(why),
-            "extra": [STATE],
-            "rank_extra": [],
-            "accumulation_step": 0,
-            "converted_from": "lightning " + str(checkpoint.get("pytorch-lightning_version", "unknown")),
-        },
-    )
+    counts = {"models": 1, "optimizers": 1, "schedulers": 0, "dataloaders": 0, "custom": len(schedulers)}
+    entries = manifest_entries(strategy="single_device", world_size=1, layout="full",
+                               counts={"models": 1} if why else counts, weights_only=bool(why), extra=[STATE],
+                               rank_extra=[], accumulation_step=0)  # fmt: skip
+    version = str(checkpoint.get("pytorch-lightning_version", "unknown"))
+    write_manifest(staging, {**entries, "converted_from": f"lightning {version}"})
     if out.is_dir():
         out.rmdir()  # empty, checked above
     finalize_staged(staging, out)
