@@ -64,6 +64,13 @@ def test_wheel_installs_only_the_ember_package(tmp_path: Path) -> None:
     assert sys.prefix != str(fresh)
 
 
+def _python_lines(code: str) -> list[str]:
+    """The lines ``code`` prints, run in a fresh interpreter from the repository (which must succeed)."""
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def test_import_ember_leaves_heavy_optional_modules_unloaded() -> None:
     # `import ember` must cost little more than `import torch` (benchmarks/startup.py measures it):
     # optional dependencies and torch's heavy subpackages load when a feature needs them. The
@@ -84,9 +91,7 @@ def test_import_ember_leaves_heavy_optional_modules_unloaded() -> None:
         "assert callbacks.RichProgressBar.__module__ == 'ember.callbacks.progress'\n"
         "print('rich' in sys.modules)\n"
     )
-    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[:2] == ["[]", "False"]
+    assert _python_lines(code)[:2] == ["[]", "False"]
 
 
 def test_a_single_device_run_imports_no_backend_or_callback_it_does_not_use() -> None:
@@ -110,9 +115,7 @@ def test_a_single_device_run_imports_no_backend_or_callback_it_does_not_use() ->
         "try:\n    STRATEGY_REGISTRY.check('ddp_spawn')\nexcept ValueError as error:\n    print(error)\n"
         "print(type(STRATEGY_REGISTRY.create('fsdp_offload')).__name__)\n"
     )
-    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    lines = _python_lines(code)
     assert lines[:2] == ["[]", "[]"]
     assert "ember does not spawn or fork the ranks" in lines[2] and "'deepspeed_stage_3'" in lines[2]
     assert lines[3] == "FSDPStrategy"
@@ -146,10 +149,8 @@ def test_a_default_fit_imports_no_logger_profiler_cli_or_plugin_it_does_not_use(
         "from ember.trainer.profilers import PyTorchProfiler\n"
         "print(type(Trainer(accelerator='cpu', profiler='advanced', logger=False).profiler).__name__)\n"
     )
-    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
-    assert lines[-2:] == ["[]", "AdvancedProfiler"], done.stdout
+    lines = _python_lines(code)
+    assert lines[-2:] == ["[]", "AdvancedProfiler"], lines
 
 
 def test_every_public_strategy_and_callback_name_still_imports() -> None:
