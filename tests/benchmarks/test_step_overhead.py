@@ -169,3 +169,12 @@ def test_rivals_run_fewer_rounds_than_ember() -> None:
     assert rounds("ember", argparse.Namespace(rounds=10, rival_rounds=5)) == 10
     assert rounds("fabric", argparse.Namespace(rounds=10, rival_rounds=5)) == 5
     assert rounds("lightning", argparse.Namespace(rounds=2, rival_rounds=5)) == 2  # --quick: 2 for everyone
+
+
+def test_a_comparison_with_lightning_inside_the_noise_is_tied_not_lost() -> None:
+    compare = load_benchmark("step_overhead")._compare
+    row = {"ratio": 0.994, "interval": [0.985, 1.013]}
+    assert compare("accelerator", row, "fabric", 1.02).endswith(": below.")
+    assert ": tied (undecided: 0.990 is inside" in compare("accelerator", row, "fabric", 0.990)
+    assert compare("accelerator", row, "fabric", 0.980).endswith(": **NOT below**.")
+    assert compare("accelerator", {**row, "interval": None}, "fabric", 0.990).endswith("**NOT below**.")
