@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ember.strategies.environment import process_rank
+
 
 def seed_everything(
     seed: int, workers: bool = False, *, device_specific: bool = False, deterministic: bool = False
@@ -33,7 +35,7 @@ def seed_everything(
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed={seed} must be in [0, 2**32)")
     if device_specific:
-        seed = (seed + int(os.environ.get("RANK", "0"))) % 2**32
+        seed = (seed + process_rank()) % 2**32
     if deterministic:
         use_deterministic_algorithms()
     random.seed(seed)

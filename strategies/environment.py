@@ -36,15 +36,20 @@ __all__ = [
     "ensure_local_rank",
     "find_free_port",
     "launch_defaults",
+    "preemption_agree_seconds",
+    "process_rank",
     "running_in_ci",
     "scoped_variables",
     "shared_random_seed",
     "usable_cpus",
+    "xla_cpu_devices",
 ]
 
 _DEFAULT_MASTER_ADDR = "127.0.0.1"
 #: Lightning's variable naming a DeepSpeed configuration file (read by :func:`deepspeed_config_path`).
 DEEPSPEED_CONFIG_VARIABLE = "PL_DEEPSPEED_CONFIG_PATH"
+#: Seconds between two pre-emption agreements of several processes (trainer/preemption.py).
+PREEMPTION_AGREE_VARIABLE = "EMBER_PREEMPTION_AGREE_SECONDS"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -186,6 +191,34 @@ def deepspeed_config_path(environ: Mapping[str, str] | None = None) -> str | Non
     is not set. As in Lightning, a ``DeepSpeedStrategy`` given no ``config`` loads it."""
     env = os.environ if environ is None else environ
     return env.get(DEEPSPEED_CONFIG_VARIABLE)
+
+
+def preemption_agree_seconds(default: float, environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between two pre-emption agreements of a fit's processes
+    (``EMBER_PREEMPTION_AGREE_SECONDS``, ``default`` when unset; 0: at every step boundary)."""
+    env = os.environ if environ is None else environ
+    value = env.get(PREEMPTION_AGREE_VARIABLE, "")
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # (NaN too)
+        raise ValueError(
+            f"{PREEMPTION_AGREE_VARIABLE}={value!r} must be a number of seconds >= 0 (0: agree at every step boundary)"
+        )
+    return seconds
+
+
+def process_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's global rank as its launcher set it (``RANK``; 0 outside a launcher)."""
+    env = os.environ if environ is None else environ
+    return int(env.get("RANK", "0"))
+
+
+def xla_cpu_devices(environ: Mapping[str, str] | None = None) -> int:
+    """The virtual devices torch_xla's CPU runtime makes (``CPU_NUM_DEVICES``, 1 when unset)."""
+    env = os.environ if environ is None else environ
+    return int(env.get("CPU_NUM_DEVICES", "1"))
 
 
 def usable_cpus() -> int:

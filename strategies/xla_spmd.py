@@ -20,7 +20,7 @@ from ember._registry import Registry
 from ember._tree import apply_to_tensors
 from ember.precision import Precision
 from ember.strategies.base import Strategy
-from ember.strategies.environment import ProcessEnvironment
+from ember.strategies.environment import ProcessEnvironment, xla_cpu_devices
 from ember.strategies.xla import (
     XLAStep,
     check_precision,
@@ -84,7 +84,7 @@ class XLASPMDStrategy(XLAStep):
 
             return int(xr.global_runtime_device_count())
         if pjrt_device() == "CPU":
-            return int(os.environ.get("CPU_NUM_DEVICES", "1"))
+            return xla_cpu_devices()
         return 0  # every device: counted in setup_environment, once SPMD mode is on
 
     @override

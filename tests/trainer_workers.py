@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Accelerator, Trainer, TrainModule
 from ember.callbacks import Callback, ModelCheckpoint
-from ember.trainer.preemption import AGREE_SECONDS_VARIABLE, Preempted, PreemptionGuard
+from ember.strategies.environment import PREEMPTION_AGREE_VARIABLE
+from ember.trainer.preemption import Preempted, PreemptionGuard
 
 
 def dataset(n: int = 40) -> TensorDataset:
@@ -279,7 +280,7 @@ def fit_preemptible(
 def preemption_agreement(signal_at: int, seconds: str) -> dict[str, int]:
     """A rank of a 2-process group: step boundaries 10 ms apart; rank 1 is signalled at boundary
     ``signal_at``. Where this rank learns of the signal, and its interval between agreements."""
-    os.environ[AGREE_SECONDS_VARIABLE] = seconds
+    os.environ[PREEMPTION_AGREE_VARIABLE] = seconds
     accelerator = Accelerator(strategy="ddp")
     guard = PreemptionGuard()
     with guard.during_fit():

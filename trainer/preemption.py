@@ -22,7 +22,6 @@ ones are put back afterwards.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ember.strategies.environment import preemption_agree_seconds
 from ember.trainer import checkpointing
 
 if TYPE_CHECKING:
@@ -123,22 +123,8 @@ class _SignalCatcher:
             signal.raise_signal(self.received)
 
 
-AGREE_SECONDS_VARIABLE = "EMBER_PREEMPTION_AGREE_SECONDS"
 _AGREE_SECONDS = 0.5  # the default interval between two agreements of several processes
 _MAX_INTERVAL = 10_000  # boundaries between two agreements, at most
-
-
-def _agree_seconds() -> float:
-    value = os.environ.get(AGREE_SECONDS_VARIABLE, "")
-    try:
-        seconds = float(value) if value else _AGREE_SECONDS
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:  # (NaN too)
-        raise ValueError(
-            f"{AGREE_SECONDS_VARIABLE}={value!r} must be a number of seconds >= 0 (0: agree at every step boundary)"
-        )
-    return seconds
 
 
 class PreemptionGuard:
@@ -155,7 +141,7 @@ class PreemptionGuard:
     @contextmanager
     def during_fit(self) -> Iterator[None]:
         self._pending = None
-        self._seconds, self._boundaries, self._interval = _agree_seconds(), 0, 1
+        self._seconds, self._boundaries, self._interval = preemption_agree_seconds(_AGREE_SECONDS), 0, 1
         try:
             with self.catcher:
                 yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import site
 import subprocess
 import sys
@@ -181,3 +182,17 @@ def test_every_public_strategy_and_callback_name_still_imports() -> None:
         names
     )
     assert type(STRATEGY_REGISTRY.create("deepspeed_stage_3")) is ember.strategies.DeepSpeedStrategy
+
+
+def test_environment_variables_are_read_in_one_module_only() -> None:
+    # STYLE.md: the strategy owns the process environment; strategies/environment.py reads it.
+    reads = re.compile(r"os\.environ\.get\(|os\.getenv\(|in os\.environ\b|os\.environ\[[^]]+\](?!\s*=[^=])")
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for folder in ("ember", "trainer", "callbacks", "strategies", "precision")
+        for path in sorted((REPO / folder).rglob("*.py"))
+        if path != REPO / "strategies" / "environment.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if reads.search(line.split("#")[0])
+    ]
+    assert not found, "\n".join(found)

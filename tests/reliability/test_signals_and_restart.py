@@ -24,10 +24,9 @@ from dist_helpers import PYTHON, REPO, TESTS_DIR, base_env, run_command, run_in_
 from trainer_workers import fit, fit_preemptible, preemption_agreement
 
 from ember.strategies.checkpoint_io import read_manifest, read_tree
-from ember.strategies.environment import detect_environment
+from ember.strategies.environment import PREEMPTION_AGREE_VARIABLE, detect_environment
 from ember.trainer.config import TrainerConfig
 from ember.trainer.preemption import (
-    AGREE_SECONDS_VARIABLE,
     PREEMPTED_EXIT_CODE,
     PreemptionGuard,
     _SignalCatcher,
@@ -109,7 +108,7 @@ def test_an_external_sigterm_saves_last_exits_75_and_the_resume_is_exact(
     _same_run(resumed, one_process)
 
 
-_EVERY_BOUNDARY = {AGREE_SECONDS_VARIABLE: "0"}
+_EVERY_BOUNDARY = {PREEMPTION_AGREE_VARIABLE: "0"}
 
 
 def test_processes_agree_about_every_half_second_and_stop_at_the_same_boundary() -> None:
@@ -122,7 +121,7 @@ def test_processes_agree_about_every_half_second_and_stop_at_the_same_boundary()
 
 
 def test_a_bad_agreement_interval_is_refused() -> None:
-    os.environ[AGREE_SECONDS_VARIABLE] = "-1"
+    os.environ[PREEMPTION_AGREE_VARIABLE] = "-1"
     try:
         with pytest.raises(
             ValueError, match=r"EMBER_PREEMPTION_AGREE_SECONDS='-1' must be a number of seconds >= 0"
@@ -130,7 +129,7 @@ def test_a_bad_agreement_interval_is_refused() -> None:
             with PreemptionGuard().during_fit():
                 pass
     finally:
-        del os.environ[AGREE_SECONDS_VARIABLE]
+        del os.environ[PREEMPTION_AGREE_VARIABLE]
 
 
 def test_only_rank_1_gets_sigusr1_and_both_ranks_stop_at_the_same_step(
