@@ -67,16 +67,17 @@ class BatchSizeFinder(Callback):
 
     def scale_batch_size(self, trainer: Trainer, module: TrainModule) -> None:
         """Search now (from the hook that starts the run)."""
-        from ember.trainer.tuner import SearchFinished
+        from ember.trainer.batch_size_finder import apply_batch_size, scale_batch_size
+        from ember.trainer.state import SearchFinished
 
         if trainer._resumed and trainer.stage == "fit":
             if (
                 self._restored is not None
             ):  # the size the interrupted fit found: its loader positions count in it
-                trainer._apply_batch_size(self._settings, self._restored)
+                apply_batch_size(trainer, self._settings, self._restored)
                 self.optimal_batch_size = self._restored
             return
-        found = trainer._scale_batch_size(self._settings)
+        found = scale_batch_size(trainer, self._settings)
         if found is not None:
             self.optimal_batch_size = self._found = found
         if self._ends_run:

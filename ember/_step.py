@@ -13,13 +13,13 @@ from torch import nn
 from ember._plugin_args import uncompiled
 from ember._validation import check_bool
 from ember._wrappers import GradientState, PreparedOptimizer
-from ember.kwargs_handlers import AutocastKwargs
 from ember.strategies import BackwardSyncControl, Strategy
 from ember.strategies.capabilities import ForcesBackwardSync, JoinsUnevenInputs, OwnsOptimizerStep
 
 if TYPE_CHECKING:
     from ember._checkpoint import PreparedObjects
     from ember.dataloader_config import DataLoaderConfiguration
+    from ember.kwargs_handlers import AutocastKwargs
     from ember.precision import Precision
 
 __all__ = ["StepMixin"]
@@ -191,6 +191,8 @@ class StepMixin:
         ``AutocastKwargs(enabled=False)`` runs it in full precision under ``bf16-mixed``."""
         if autocast_handler is None:
             return self.precision.forward_context()
+        from ember.kwargs_handlers import AutocastKwargs  # (loaded when a handler is given)
+
         if not isinstance(autocast_handler, AutocastKwargs):
             raise TypeError(
                 f"autocast(autocast_handler={autocast_handler!r}): expected an ember.AutocastKwargs or None"

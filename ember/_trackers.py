@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
-from ember.kwargs_handlers import ProfileKwargs
-
 if TYPE_CHECKING:
+    from ember.kwargs_handlers import ProfileKwargs
     from ember.strategies import Strategy
     from ember.trainer.loggers import Logger
 
@@ -222,6 +221,8 @@ class TrackerMixin:
         every process waits for the others: every process enters the block), or, under a
         ``schedule_option``, ``profile_<process_index>_step<N>.json`` at the end of each active
         cycle (the profiler clears a cycle's events when it ends), before ``on_trace_ready``."""
+        from ember.kwargs_handlers import ProfileKwargs  # (loaded here: a run that never profiles skips it)
+
         handler = profile_handler if profile_handler is not None else self.profile_handler or ProfileKwargs()
         if not isinstance(handler, ProfileKwargs):
             raise TypeError(

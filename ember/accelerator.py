@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ember import _checkpoint, _forward, _trackers, plugins
-from ember import kwargs_handlers as kwargs_handlers_module
+from ember import _handlers as kwargs_handlers_module  # (ember.kwargs_handlers loads when one is given)
 from ember._devices import (
     check_accelerator,
     check_devices,
@@ -216,7 +216,7 @@ class Accelerator(
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
         self._handlers = handlers  # (by kind: ddp_handler, scaler_handler, autocast_handler, profile())
-        self.profile_handler = handlers.get(kwargs_handlers_module.ProfileKwargs)
+        self.profile_handler = kwargs_handlers_module.profile_handler(handlers)
         set_current(self)  # a PartialState made from now on describes these processes
 
     # -- where am I -----------------------------------------------------------------------------

@@ -26,17 +26,12 @@ import torch
 from ember._processes import DistributedType, ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_int, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
-from ember.kwargs_handlers import (
-    AutocastKwargs,
-    DistributedDataParallelKwargs,
-    GradScalerKwargs,
-    InitProcessGroupKwargs,
-)
 from ember.plugins import TorchDynamoPlugin
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from ember import kwargs_handlers as kw
     from ember._checkpoint import PreparedObjects
     from ember._plugin_args import PluginChoice
     from ember.accelerator import Accelerator
@@ -343,22 +338,26 @@ class AccelerateStateMixin:
         return self._gradient_state.loop.end_of_dataloader
 
     # -- the settings given, read back (Accelerate's attributes) ---------------------------------------
-    @property
-    def ddp_handler(self) -> DistributedDataParallelKwargs | None:
-        return self._handlers.get(DistributedDataParallelKwargs)
+    def _handler(self, kind: str) -> Any | None:
+        """The one of that kind among ``kwargs_handlers`` (by name: their module loads only if one was given)."""
+        return next((handler for handler in self._handlers.values() if type(handler).__name__ == kind), None)
 
     @property
-    def scaler_handler(self) -> GradScalerKwargs | None:
-        return self._handlers.get(GradScalerKwargs)
+    def ddp_handler(self) -> kw.DistributedDataParallelKwargs | None:
+        return self._handler("DistributedDataParallelKwargs")
 
     @property
-    def init_handler(self) -> InitProcessGroupKwargs | None:
-        return self._handlers.get(InitProcessGroupKwargs)
+    def scaler_handler(self) -> kw.GradScalerKwargs | None:
+        return self._handler("GradScalerKwargs")
 
     @property
-    def autocast_handler(self) -> AutocastKwargs | None:
+    def init_handler(self) -> kw.InitProcessGroupKwargs | None:
+        return self._handler("InitProcessGroupKwargs")
+
+    @property
+    def autocast_handler(self) -> kw.AutocastKwargs | None:
         """The ``AutocastKwargs`` among ``kwargs_handlers``: the autocast of every prepared model's forward."""
-        return self._handlers.get(AutocastKwargs)
+        return self._handler("AutocastKwargs")
 
     @property
     def rng_types(self) -> list[str]:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ember.trainer.module import DataModule, TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["BatchSizeSearch", "BatchSizeSettings", "StageData"]
+__all__ = ["BatchSizeSettings", "StageData", "apply_batch_size", "scale_batch_size"]
 
 MODES = ("power", "binsearch")
 METHODS = ("fit", "validate", "test", "predict")
@@ -148,167 +148,161 @@ def search(settings: BatchSizeSettings, fits: Callable[[int], bool], length: int
     return low
 
 
-class BatchSizeSearch:
-    """Mixed into :class:`~ember.trainer.Trainer`: the batch-size search, and what an evaluation
-    stage shows it of its data (``_stage_data``, set by validate/test/predict)."""
-
-    _stage_data: StageData | None = None
-
-    def _scale_batch_size(self, settings: BatchSizeSettings) -> int | None:
-        """Search now (``BatchSizeFinder``'s hooks); the size found is written into the module's (or
-        DataModule's) attribute and the stage's loaders are rebuilt with it. None: no search."""
-        trainer = cast("Trainer", self)
-        stage, module = trainer.stage, trainer.module
-        if trainer.config.fast_dev_run:
-            warnings.warn("fast_dev_run is set: the batch-size finder does not search", stacklevel=3)
-            return None
-        holders = settings.holders(module, trainer.datamodule)
-        self._check_search_data(settings, stage)
-        name = settings.batch_arg_name
-        original = holders[-1][0][name] if holders[-1][1] else getattr(holders[-1][0], name)
-        was_training = module.training
-        try:
-            with preserved(trainer, [], "scale_batch_size"):
-                start = trainer.state.state_dict()
-                found = search(
-                    settings, lambda size: self._trial(settings, start, size), self._dataset_length()
-                )
-                set_attribute(holders, name, found)
-                self._rebuild_loaders()  # the run goes on with the size found (the restore sets their positions)
-        except BaseException:
-            set_attribute(holders, name, original)
-            raise
-        finally:
-            module.train(was_training)
-        if trainer.is_global_zero:
-            print(
-                f"ember: batch size set to {found} ({type(module).__name__}.{name})",
-                file=sys.stderr,
-                flush=True,
+def scale_batch_size(trainer: Trainer, settings: BatchSizeSettings) -> int | None:
+    """Search now (``BatchSizeFinder``'s hooks); the size found is written into the module's (or
+    DataModule's) attribute and the stage's loaders are rebuilt with it. None: no search."""
+    stage, module = trainer.stage, trainer.module
+    if trainer.config.fast_dev_run:
+        warnings.warn("fast_dev_run is set: the batch-size finder does not search", stacklevel=3)
+        return None
+    holders = settings.holders(module, trainer.datamodule)
+    _check_search_data(trainer, settings, stage)
+    name = settings.batch_arg_name
+    original = holders[-1][0][name] if holders[-1][1] else getattr(holders[-1][0], name)
+    was_training = module.training
+    try:
+        with preserved(trainer, [], "scale_batch_size"):
+            start = trainer.state.state_dict()
+            found = search(
+                settings, lambda size: _trial(trainer, settings, start, size), _dataset_length(trainer)
             )
-        return found
+            set_attribute(holders, name, found)
+            # The run goes on with the size found (the restore sets their positions).
+            _rebuild_loaders(trainer)
+    except BaseException:
+        set_attribute(holders, name, original)
+        raise
+    finally:
+        module.train(was_training)
+    if trainer.is_global_zero:
+        print(
+            f"ember: batch size set to {found} ({type(module).__name__}.{name})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return found
 
-    def _apply_batch_size(self, settings: BatchSizeSettings, size: int) -> None:
-        """A resumed fit: the size the interrupted run found, set again; the loaders rebuilt with it
-        keep the positions the checkpoint gave the fit's."""
-        trainer = cast("Trainer", self)
-        set_attribute(settings.holders(trainer.module, trainer.datamodule), settings.batch_arg_name, size)
-        states = [loader.state_dict() for loader in [trainer._train_loader, *trainer._val_loaders] if loader]
+
+def apply_batch_size(trainer: Trainer, settings: BatchSizeSettings, size: int) -> None:
+    """A resumed fit: the size the interrupted run found, set again; the loaders rebuilt with it
+    keep the positions the checkpoint gave the fit's."""
+    set_attribute(settings.holders(trainer.module, trainer.datamodule), settings.batch_arg_name, size)
+    states = [loader.state_dict() for loader in [trainer._train_loader, *trainer._val_loaders] if loader]
+    trainer._reload_loaders()
+    loaders = [trainer._train_loader, *trainer._val_loaders]
+    for loader, state in zip(loaders, states, strict=True):
+        assert loader is not None
+        loader.load_state_dict(state)
+
+
+def _check_search_data(trainer: Trainer, settings: BatchSizeSettings, stage: str) -> None:
+    given = trainer._sources[0] if stage == "fit" else (trainer._stage_data and trainer._stage_data.given)
+    if given is not None:
+        raise ValueError(
+            f"{settings.owner} rebuilds the dataloaders at each batch size it tries, from the module's or the "
+            f"DataModule's *_dataloader(); the dataloaders passed to {stage}() cannot be resized: define them "
+            "in the module or a DataModule"
+        )
+    if stage == "fit" and isinstance(trainer.strategy, OwnsOptimizerStep):
+        raise ValueError(
+            f"{settings.owner}: under strategy={trainer.strategy.strategy_name!r} the engine fixes its micro-batch "
+            "size when the model is prepared: search with DDP or a single device"
+        )
+    if stage != "fit" and (trainer._stage_data is None or len(trainer._stage_data.loaders) != 1):
+        raise ValueError(f"{settings.owner} works with one {stage} dataloader")
+
+
+def _dataset_length(trainer: Trainer) -> int | None:
+    """The number of samples of the stage's dataset (Lightning's cap on growth); None: unsized."""
+    loader = (
+        trainer._train_loader if trainer.stage == "fit" else cast(StageData, trainer._stage_data).loaders[0]
+    )
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
+        return None
+    return len(dataset)
+
+
+def _rebuild_loaders(trainer: Trainer) -> None:
+    """The stage's loaders asked for again (they read the batch size now set), and prepared."""
+    if trainer.stage == "fit":
         trainer._reload_loaders()
-        loaders = [trainer._train_loader, *trainer._val_loaders]
-        for loader, state in zip(loaders, states, strict=True):
-            assert loader is not None
-            loader.load_state_dict(state)
+        return
+    data = cast(StageData, trainer._stage_data)
+    fresh = find_loaders(data.kind, None, data.datamodule, trainer.module)
+    if len(fresh) != 1:
+        raise ValueError(f"the batch-size search needs one {data.kind} dataloader, {data.kind}_dataloader() "
+                         f"returned {len(fresh)}")  # fmt: skip
+    loader = trainer._prepare_loader(
+        fresh[0], evaluation=data.kind in ("val", "test"), predicting=data.kind == "predict"
+    )
+    trainer.accelerator._swap_dataloaders(data.loaders, [loader])
+    limit = getattr(trainer.config, f"limit_{data.kind}_batches")
+    data.loaders[0], data.limits[0] = loader, resolve_limit(limit, loader_length(loader))
 
-    def _check_search_data(self, settings: BatchSizeSettings, stage: str) -> None:
-        trainer = cast("Trainer", self)
-        given = trainer._sources[0] if stage == "fit" else (self._stage_data and self._stage_data.given)
-        if given is not None:
-            raise ValueError(
-                f"{settings.owner} rebuilds the dataloaders at each batch size it tries, from the module's or the "
-                f"DataModule's *_dataloader(); the dataloaders passed to {stage}() cannot be resized: define them "
-                "in the module or a DataModule"
-            )
-        if stage == "fit" and isinstance(trainer.strategy, OwnsOptimizerStep):
-            raise ValueError(
-                f"{settings.owner}: under strategy={trainer.strategy.strategy_name!r} the engine fixes its micro-batch "
-                "size when the model is prepared: search with DDP or a single device"
-            )
-        if stage != "fit" and (self._stage_data is None or len(self._stage_data.loaders) != 1):
-            raise ValueError(f"{settings.owner} works with one {stage} dataloader")
 
-    def _dataset_length(self) -> int | None:
-        """The number of samples of the stage's dataset (Lightning's cap on growth); None: unsized."""
-        trainer = cast("Trainer", self)
-        loader = (
-            trainer._train_loader if trainer.stage == "fit" else cast(StageData, self._stage_data).loaders[0]
-        )
-        dataset = getattr(loader, "dataset", None)
-        if isinstance(dataset, IterableDataset) or not isinstance(dataset, Sized):
-            return None
-        return len(dataset)
+def _trial(trainer: Trainer, settings: BatchSizeSettings, start: dict[str, Any], size: int) -> bool:
+    """One trial at ``size``: True if it ran on every process, False if one ran out of memory."""
+    holders = settings.holders(trainer.module, trainer.datamodule)
+    set_attribute(holders, settings.batch_arg_name, size)
+    _rebuild_loaders(trainer)
+    trainer.state = type(trainer.state)(**start)  # each trial from the search's start (a fresh epoch)
+    trainer._publish_status()  # (its fn, stage and status)
+    trainer._metrics.reset()
+    steps = settings.steps_per_trial
+    if trainer.stage == "fit":
+        ran = _train_trial(trainer, steps)
+    else:
+        ran = not _any_failed(trainer, not _evaluation_trial(trainer, steps))  # (one agreement per trial)
+    if not ran:
+        for optimizer in trainer.optimizers:  # a step cut short leaves gradients the fit must not add to
+            optimizer.zero_grad(set_to_none=True)
+        for parameter in trainer.module.parameters():
+            parameter.grad = None
+        release_memory()
+    return ran
 
-    def _rebuild_loaders(self) -> None:
-        """The stage's loaders asked for again (they read the batch size now set), and prepared."""
-        trainer = cast("Trainer", self)
-        if trainer.stage == "fit":
-            trainer._reload_loaders()
-            return
-        data = cast(StageData, self._stage_data)
-        fresh = find_loaders(data.kind, None, data.datamodule, trainer.module)
-        if len(fresh) != 1:
-            raise ValueError(f"the batch-size search needs one {data.kind} dataloader, {data.kind}_dataloader() "
-                             f"returned {len(fresh)}")  # fmt: skip
-        loader = trainer._prepare_loader(
-            fresh[0], evaluation=data.kind in ("val", "test"), predicting=data.kind == "predict"
-        )
-        trainer.accelerator._swap_dataloaders(data.loaders, [loader])
-        limit = getattr(trainer.config, f"limit_{data.kind}_batches")
-        data.loaders[0], data.limits[0] = loader, resolve_limit(limit, loader_length(loader))
 
-    def _trial(self, settings: BatchSizeSettings, start: dict[str, Any], size: int) -> bool:
-        """One trial at ``size``: True if it ran on every process, False if one ran out of memory."""
-        trainer = cast("Trainer", self)
-        holders = settings.holders(trainer.module, trainer.datamodule)
-        set_attribute(holders, settings.batch_arg_name, size)
-        self._rebuild_loaders()
-        trainer.state = type(trainer.state)(**start)  # each trial from the search's start (a fresh epoch)
-        trainer._publish_status()  # (its fn, stage and status)
-        trainer._metrics.reset()
-        steps = settings.steps_per_trial
-        if trainer.stage == "fit":
-            ran = self._train_trial(steps)
+def _any_failed(trainer: Trainer, failed: bool) -> bool:
+    """Whether some process's trial failed: every process decides together (a collective)."""
+    if trainer.world_size == 1:
+        return failed
+    flag = torch.tensor(float(failed), device=trainer.accelerator.device)
+    return bool(trainer.accelerator.reduce(flag, "max") > 0)
+
+
+def _evaluation_trial(trainer: Trainer, steps: int) -> bool:
+    """``steps`` batches of the stage's loop (its hooks too); False: out of memory."""
+    from ember.trainer.loops import run_evaluation
+    from ember.trainer.predict_loop import run_predict
+
+    data = cast(StageData, trainer._stage_data)
+    try:
+        if data.kind == "predict":
+            run_predict(trainer, data.loaders, [steps], keep=False)
         else:
-            ran = not self._any_failed(not self._evaluation_trial(steps))  # (one agreement per trial)
-        if not ran:
-            for optimizer in trainer.optimizers:  # a step cut short leaves gradients the fit must not add to
-                optimizer.zero_grad(set_to_none=True)
-            for parameter in trainer.module.parameters():
-                parameter.grad = None
-            release_memory()
-        return ran
-
-    def _any_failed(self, failed: bool) -> bool:
-        """Whether some process's trial failed: every process decides together (a collective)."""
-        trainer = cast("Trainer", self)
-        if trainer.world_size == 1:
-            return failed
-        flag = torch.tensor(float(failed), device=trainer.accelerator.device)
-        return bool(trainer.accelerator.reduce(flag, "max") > 0)
-
-    def _evaluation_trial(self, steps: int) -> bool:
-        """``steps`` batches of the stage's loop (its hooks too); False: out of memory."""
-        from ember.trainer.loops import run_evaluation
-        from ember.trainer.predict_loop import run_predict
-
-        trainer = cast("Trainer", self)
-        data = cast(StageData, self._stage_data)
-        try:
-            if data.kind == "predict":
-                run_predict(trainer, data.loaders, [steps], keep=False)
-            else:
-                run_evaluation(trainer, "validation" if data.kind == "val" else "test", data.loaders, [steps])
-        except Exception as exception:  # (not BaseException: an interrupt ends the search)
-            if not is_out_of_memory(exception):
-                raise
-            return False
-        return True
-
-    def _train_trial(self, steps: int) -> bool:
-        """``steps`` optimizer steps of training (the module's hooks, no validation), across epochs if
-        need be. After each batch the processes agree whether one ran out of memory, so that one
-        process's failure (in its optimizer step, say) ends the trial on all of them."""
-        trainer = cast("Trainer", self)
-        target = trainer.state.global_step + steps
-        try:
-            for _ in search_batches(trainer):
-                if self._any_failed(False):
-                    return False  # another process ran out of memory
-                if trainer.state.global_step >= target:
-                    return True
-            return True  # an epoch of no optimizer step (every training_step returned None)
-        except Exception as exception:
-            if not is_out_of_memory(exception):
-                raise
-        self._any_failed(True)
+            run_evaluation(trainer, "validation" if data.kind == "val" else "test", data.loaders, [steps])
+    except Exception as exception:  # (not BaseException: an interrupt ends the search)
+        if not is_out_of_memory(exception):
+            raise
         return False
+    return True
+
+
+def _train_trial(trainer: Trainer, steps: int) -> bool:
+    """``steps`` optimizer steps of training (the module's hooks, no validation), across epochs if
+    need be. After each batch the processes agree whether one ran out of memory, so that one
+    process's failure (in its optimizer step, say) ends the trial on all of them."""
+    target = trainer.state.global_step + steps
+    try:
+        for _ in search_batches(trainer):
+            if _any_failed(trainer, False):
+                return False  # another process ran out of memory
+            if trainer.state.global_step >= target:
+                return True
+        return True  # an epoch of no optimizer step (every training_step returned None)
+    except Exception as exception:
+        if not is_out_of_memory(exception):
+            raise
+    _any_failed(trainer, True)
+    return False

@@ -3,7 +3,8 @@
 ``enable_validation``, ``early_stopping_callbacks``, ``num_nodes``, ``device_ids``,
 ``precision_plugin``, ``scaler``, ``init_module``, ``print``, ``overfit_batches``,
 ``reload_dataloaders_every_n_epochs``, ``enable_autolog_hparams``, ``val_check_batch`` and
-``distributed_sampler_kwargs``."""
+``distributed_sampler_kwargs``; and (:class:`LoopViews`) ``fit_loop``, ``validate_loop``, ``test_loop``,
+``predict_loop``."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
     from ember.precision import Precision
     from ember.trainer.combined import PreparedCombinedLoader
     from ember.trainer.config import TrainerConfig
+    from ember.trainer.loop_views import EvaluationLoopView, FitLoopView
 
-__all__ = ["LightningNames"]
+__all__ = ["LightningNames", "LoopViews"]
 
 
 class LightningNames:
@@ -154,3 +156,34 @@ class LightningNames:
         if self.world_size == 1:
             return None
         return {"num_replicas": self.world_size, "rank": self.global_rank}
+
+
+class LoopViews:
+    """Mixed into the Trainer through ``TrainerProperties``: Lightning's loop attributes. Their
+    classes (:mod:`ember.trainer.loop_views`) load on first use: a fit never reads them."""
+
+    @property
+    def fit_loop(self) -> FitLoopView:
+        """Lightning's ``trainer.fit_loop``: ``max_epochs`` (assignable), ``epoch_progress``,
+        ``epoch_loop.batch_progress``, ``epoch_loop.val_loop`` ... (docs/reference/trainer.md)."""
+        from ember.trainer.loop_views import FitLoopView
+
+        return FitLoopView(self)  # type: ignore[arg-type]
+
+    @property
+    def validate_loop(self) -> EvaluationLoopView:
+        from ember.trainer.loop_views import EvaluationLoopView
+
+        return EvaluationLoopView(self, "validate")  # type: ignore[arg-type]
+
+    @property
+    def test_loop(self) -> EvaluationLoopView:
+        from ember.trainer.loop_views import EvaluationLoopView
+
+        return EvaluationLoopView(self, "test")  # type: ignore[arg-type]
+
+    @property
+    def predict_loop(self) -> EvaluationLoopView:
+        from ember.trainer.loop_views import EvaluationLoopView
+
+        return EvaluationLoopView(self, "predict")  # type: ignore[arg-type]

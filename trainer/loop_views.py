@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ember.trainer.config import _int
+from ember.trainer.lightning_names import LoopViews  # (its home: a fit does not load this module)
 
 if TYPE_CHECKING:
     from ember.trainer.trainer import Trainer
@@ -228,25 +229,3 @@ class EvaluationLoopView:
             raise RuntimeError(f"{kind} loop's batch_progress is unknown: a loader has no length")
         done = Progress(int(batches), int(batches), int(batches), int(batches))
         return BatchProgress(done, done, is_last_batch=batches > 0)
-
-
-class LoopViews:
-    """Mixed into the Trainer through ``TrainerProperties``: Lightning's loop attributes."""
-
-    @property
-    def fit_loop(self) -> FitLoopView:
-        """Lightning's ``trainer.fit_loop``: ``max_epochs`` (assignable), ``epoch_progress``,
-        ``epoch_loop.batch_progress``, ``epoch_loop.val_loop`` ... (docs/reference/trainer.md)."""
-        return FitLoopView(self)  # type: ignore[arg-type]
-
-    @property
-    def validate_loop(self) -> EvaluationLoopView:
-        return EvaluationLoopView(self, "validate")  # type: ignore[arg-type]
-
-    @property
-    def test_loop(self) -> EvaluationLoopView:
-        return EvaluationLoopView(self, "test")  # type: ignore[arg-type]
-
-    @property
-    def predict_loop(self) -> EvaluationLoopView:
-        return EvaluationLoopView(self, "predict")  # type: ignore[arg-type]

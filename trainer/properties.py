@@ -14,11 +14,10 @@ from ember.precision import Precision
 from ember.strategies import Strategy
 from ember.trainer.combined import PreparedCombinedLoader
 from ember.trainer.config import TrainerConfig
-from ember.trainer.lightning_names import LightningNames
+from ember.trainer.lightning_names import LightningNames, LoopViews
 from ember.trainer.loggers import Logger
 from ember.trainer.loggers.base import VersionedLogger
 from ember.trainer.logging import MetricStore
-from ember.trainer.loop_views import LoopViews
 from ember.trainer.preemption import PreemptionGuard
 from ember.trainer.profilers import PassThroughProfiler, Profiler
 from ember.trainer.stage_flags import StageFlags

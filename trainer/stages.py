@@ -7,7 +7,6 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from ember._validation import check_bool
-from ember.trainer.batch_size_finder import StageData
 from ember.trainer.data import batch_limit, entry_arguments
 from ember.trainer.loops import run_evaluation
 from ember.trainer.predict_loop import run_predict
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from ember.data import PreparedDataLoader
+    from ember.trainer.batch_size_finder import StageData
     from ember.trainer.config import TrainerConfig
     from ember.trainer.module import DataModule, TrainModule
 
@@ -26,7 +26,7 @@ class EvaluationStages:
     """``validate``, ``test`` and ``predict``: attach the module, prepare the loaders, run the loop."""
 
     config: TrainerConfig
-    _stage_data: StageData | None
+    _stage_data: StageData | None = None  # (what a BatchSizeFinder searches with)
 
     if TYPE_CHECKING:
 
@@ -85,6 +85,8 @@ class EvaluationStages:
                 "predict() needs data: pass dataloaders, a datamodule, or define predict_dataloader()"
             )
         limits = [batch_limit("limit_predict_batches", self.config.limit_predict_batches, d) for d in loaders]
+        from ember.trainer.batch_size_finder import StageData  # (a fit does not load the batch-size search)
+
         self._stage_data = StageData("predict", dataloaders, datamodule, loaders, limits)  # (BatchSizeFinder)
         self._predict_loaders, self.num_predict_batches = loaders, limits
         result: list[Any] = self._run(lambda trainer: run_predict(trainer, loaders, limits, keep), "predict")
@@ -116,6 +118,8 @@ class EvaluationStages:
             )
         option = "limit_val_batches" if stage == "validate" else "limit_test_batches"
         limits = [batch_limit(option, getattr(self.config, option), d) for d in loaders]
+        from ember.trainer.batch_size_finder import StageData
+
         self._stage_data = StageData(name, dataloaders, datamodule, loaders, limits)  # (a BatchSizeFinder's)
         if stage == "test":  # (validate's loaders are not fit's val_dataloaders)
             self._test_loaders, self.num_test_batches = loaders, limits

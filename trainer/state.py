@@ -6,7 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LoopState"]
+__all__ = ["LoopState", "SearchFinished"]
+
+
+class SearchFinished(Exception):
+    """Raised by the finder callback of a ``Tuner`` once it searched: the run ends there, as a success
+    (here, not in ``tuner.py``: the Trainer catches it, and a fit does not load the Tuner)."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -27,7 +27,6 @@ from ember.strategies.environment import launch_defaults
 from ember.trainer import checkpointing
 from ember.trainer._arguments import INIT_DOC
 from ember.trainer.attach import StageAttachment
-from ember.trainer.batch_size_finder import BatchSizeSearch
 from ember.trainer.callback_list import default_callbacks
 from ember.trainer.combined import PreparedCombinedLoader
 from ember.trainer.config import (
@@ -54,10 +53,9 @@ from ember.trainer.profilers import Profiler
 from ember.trainer.profilers.timed import backward_call, end_stage, module_hook
 from ember.trainer.properties import TrainerProperties
 from ember.trainer.stages import EvaluationStages
-from ember.trainer.state import LoopState
+from ember.trainer.state import LoopState, SearchFinished
 from ember.trainer.step import backward
 from ember.trainer.trainable import TrainableRefresh
-from ember.trainer.tuner import LRSearch, SearchFinished
 from ember.trainer.val_clock import ValClock
 
 __all__ = ["Trainer"]
@@ -68,8 +66,6 @@ class Trainer(
     TrainerData,
     StageAttachment,
     EvaluationStages,
-    LRSearch,
-    BatchSizeSearch,
     TrainableRefresh,
 ):
     """Fit, validate, test and predict a TrainModule on any strategy and precision.

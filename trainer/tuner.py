@@ -1,4 +1,4 @@
-"""``Tuner``: Lightning's learning-rate finder, and the Trainer's methods that run the search.
+"""``Tuner``: Lightning's learning-rate finder, and the functions that run the search on a Trainer.
 
 A search trains ``num_training`` optimizer steps with the learning rate raised at each step, from
 ``min_lr`` to ``max_lr``, records the smoothed loss after each, and then puts the fit back exactly as
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from ember._rng import rng_state, set_rng_state
 from ember.strategies.capabilities import OwnsOptimizerStep
@@ -21,18 +21,14 @@ from ember.trainer.hooks import overridden
 from ember.trainer.lr_finder import LRFinder, SearchRecorder, SearchSettings, lr_holders, set_lr
 from ember.trainer.optim import parse_optimizers
 from ember.trainer.search_state import preserved, search_batches
+from ember.trainer.state import SearchFinished
 
 if TYPE_CHECKING:
     from ember.callbacks.base import Callback
-    from ember.callbacks.lr_finder import LearningRateFinder
     from ember.trainer.module import DataModule, TrainModule
     from ember.trainer.trainer import Trainer
 
-__all__ = ["LRSearch", "SearchFinished", "Tuner", "find_lr"]
-
-
-class SearchFinished(Exception):
-    """Raised by the ``LearningRateFinder`` of ``Tuner.lr_find`` once it searched: the fit ends there."""
+__all__ = ["SearchFinished", "Tuner", "find_lr"]
 
 
 class Tuner:
@@ -92,7 +88,12 @@ class Tuner:
         )
         finder._settings = settings  # (its errors name lr_find)
         finder._ends_fit = True
-        self._trainer._fit_for_lr_find(finder, module, train_dataloaders, val_dataloaders, datamodule, model)
+        trainer = self._trainer
+        _run_with_finder(
+            trainer,
+            finder,
+            lambda: trainer.fit(module, train_dataloaders, val_dataloaders, datamodule, model=model),
+        )
         return finder.optimal_lr
 
     def scale_batch_size(
@@ -150,7 +151,7 @@ class Tuner:
             "predict": lambda: trainer.predict(module, None, datamodule=datamodule, return_predictions=False),
         }
         try:
-            trainer._run_with_finder(finder, runs[method])
+            _run_with_finder(trainer, finder, runs[method])
         finally:
             module.train(was_training)  # (an evaluation stage ended at its start, in eval mode)
         return finder._found
@@ -172,7 +173,7 @@ def find_lr(
         if settings.update_attr
         else ("", [])
     )
-    finder = trainer._lr_range_test(settings)
+    finder = _lr_range_test(trainer, settings)
     if not settings.update_attr:
         return finder
     lr = finder.suggestion()
@@ -180,7 +181,7 @@ def find_lr(
         return finder
     set_lr(holders, name, lr)
     if not ends_fit:
-        trainer._configure_learning_rate(lr)
+        _configure_learning_rate(trainer, lr)
     if trainer.is_global_zero:
         print(
             f"ember: learning rate set to {lr:.4g} ({type(module).__name__}.{name})",
@@ -190,100 +191,90 @@ def find_lr(
     return finder
 
 
-class LRSearch:
-    """Mixed into :class:`~ember.trainer.Trainer`: the learning-rate search, which swaps the
-    Trainer's callbacks, loggers, schedulers, counters and logged values for its own while it runs."""
-
-    def _fit_for_lr_find(self, finder: LearningRateFinder, module: TrainModule | None, train: Any, val: Any,
-                         datamodule: DataModule | None, model: TrainModule | None) -> None:  # fmt: skip
-        """``Tuner.lr_find``: a fit that ``finder`` ends at ``on_fit_start``."""
-        trainer = cast("Trainer", self)
-        self._run_with_finder(finder, lambda: trainer.fit(module, train, val, datamodule, model=model))
-
-    def _run_with_finder(self, finder: Callback, run: Callable[[], Any]) -> None:
-        """A Tuner's run: ``run()`` (a fit, validate, ...) with ``finder`` first among the callbacks,
-        which ends it once it searched; with no logger, and leaving the RNG streams as they were (what
-        the next fit draws is what it would have drawn)."""
-        trainer = cast("Trainer", self)
-        if any(isinstance(c, type(finder)) for c in trainer._callbacks):
-            raise ValueError(
-                f"this Trainer has a {type(finder).__name__} callback already: remove it to use the Tuner"
-            )
-        # (``callbacks``: the last stage's, with its module's; the run sets them with the finder.)
-        given, callbacks, loggers = trainer._callbacks, trainer.callbacks, trainer.loggers
-        # First: it ends the run before the others' hooks (ModelSummary would print).
-        trainer._callbacks, trainer.loggers = [finder, *given], []
-        state = rng_state(xla=trainer.strategy.accelerator == "xla")
-        try:
-            run()
-        finally:
-            trainer._callbacks, trainer.callbacks, trainer.loggers = given, callbacks, loggers
-            set_rng_state(state)
-
-    def _lr_range_test(self, settings: SearchSettings) -> LRFinder:
-        """Train with the search's learning rates, then restore everything the steps changed."""
-        trainer = cast("Trainer", self)
-        module = trainer.module
-        owner = settings.owner
-        if len(trainer.optimizers) != 1:
-            raise ValueError(
-                f"{owner} works with one optimizer, and configure_optimizers() returned {len(trainer.optimizers)}"
-            )
-        if isinstance(trainer.strategy, OwnsOptimizerStep):
-            raise ValueError(
-                f"{owner} sets the learning rate of each step, and under strategy={trainer.strategy.strategy_name!r} "
-                "the engine owns the step and its schedule: search with DDP or a single device"
-            )
-        recorder = SearchRecorder(settings)
-        with preserved(trainer, [recorder], "lr_find"):
-            if module.automatic_optimization:  # (in manual mode the module steps its own: leave them)
-                trainer.lr_scheduler_configs = []
-            self._search_batches(recorder)
-        result = LRFinder(settings.mode, settings.min_lr, settings.max_lr, settings.num_training)
-        result.results = {"lr": list(recorder.lrs), "loss": list(recorder.losses)}
-        return result
-
-    def _search_batches(self, recorder: SearchRecorder) -> None:
-        """Training batches of the search (:func:`~ember.trainer.search_state.search_batches`) until
-        ``recorder.stop``."""
-        for _ in search_batches(cast("Trainer", self)):
-            if recorder.stop:
-                return
-        warnings.warn(  # the batches ended by themselves: an epoch without an optimizer step
-            f"the learning-rate search stopped after {len(recorder.lrs)} of {recorder.settings.num_training} "
-            "steps: an epoch of the training data took no optimizer step",
-            stacklevel=4,
+def _run_with_finder(trainer: Trainer, finder: Callback, run: Callable[[], Any]) -> None:
+    """A Tuner's run: ``run()`` (a fit, validate, ...) with ``finder`` first among the callbacks,
+    which ends it once it searched; with no logger, and leaving the RNG streams as they were (what
+    the next fit draws is what it would have drawn)."""
+    if any(isinstance(c, type(finder)) for c in trainer._callbacks):
+        raise ValueError(
+            f"this Trainer has a {type(finder).__name__} callback already: remove it to use the Tuner"
         )
+    # (``callbacks``: the last stage's, with its module's; the run sets them with the finder.)
+    given, callbacks, loggers = trainer._callbacks, trainer.callbacks, trainer.loggers
+    # First: it ends the run before the others' hooks (ModelSummary would print).
+    trainer._callbacks, trainer.loggers = [finder, *given], []
+    state = rng_state(xla=trainer.strategy.accelerator == "xla")
+    try:
+        run()
+    finally:
+        trainer._callbacks, trainer.callbacks, trainer.loggers = given, callbacks, loggers
+        set_rng_state(state)
 
-    def _configure_learning_rate(self, lr: float) -> None:
-        """The fit goes on after a search that changed the module's learning rate: before its first
-        step, its optimizer and schedulers take the settings ``configure_optimizers()`` gives now
-        (called once more, its parameter groups and schedulers' states copied into the fit's). Later
-        in the fit, or where what it returns has another shape, every parameter group's ``"lr"`` is
-        set to ``lr`` (Lightning's rule)."""
-        trainer = cast("Trainer", self)
-        module, optimizer, configs = trainer.module, trainer.optimizers[0], trainer.lr_scheduler_configs
-        if trainer.global_step > 0:  # a later search (a subclass's): the schedulers keep their place
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            return
-        custom_step = overridden(module, "lr_scheduler_step") is not None
-        fresh, fresh_configs = parse_optimizers(module.configure_optimizers(), custom_step=custom_step)
-        if (
-            len(fresh) == 1
-            and type(fresh[0]) is type(optimizer)
-            and len(fresh[0].param_groups) == len(optimizer.param_groups)
-            and [type(c.scheduler) for c in fresh_configs] == [type(c.scheduler) for c in configs]
-        ):
-            for group, new in zip(optimizer.param_groups, fresh[0].param_groups, strict=True):
-                group.update({key: value for key, value in new.items() if key != "params"})
-            for config, new_config in zip(configs, fresh_configs, strict=True):
-                config.scheduler.load_state_dict(new_config.scheduler.state_dict())
-            return
-        warnings.warn(
-            "configure_optimizers() returned another optimizer or schedulers after the learning-rate search: "
-            f"every parameter group's lr is set to {lr:.4g}, and the schedulers keep their state",
-            stacklevel=4,
+
+def _lr_range_test(trainer: Trainer, settings: SearchSettings) -> LRFinder:
+    """Train with the search's learning rates, then restore everything the steps changed."""
+    module = trainer.module
+    owner = settings.owner
+    if len(trainer.optimizers) != 1:
+        raise ValueError(
+            f"{owner} works with one optimizer, and configure_optimizers() returned {len(trainer.optimizers)}"
         )
+    if isinstance(trainer.strategy, OwnsOptimizerStep):
+        raise ValueError(
+            f"{owner} sets the learning rate of each step, and under strategy={trainer.strategy.strategy_name!r} "
+            "the engine owns the step and its schedule: search with DDP or a single device"
+        )
+    recorder = SearchRecorder(settings)
+    with preserved(trainer, [recorder], "lr_find"):
+        if module.automatic_optimization:  # (in manual mode the module steps its own: leave them)
+            trainer.lr_scheduler_configs = []
+        _search_batches(trainer, recorder)
+    result = LRFinder(settings.mode, settings.min_lr, settings.max_lr, settings.num_training)
+    result.results = {"lr": list(recorder.lrs), "loss": list(recorder.losses)}
+    return result
+
+
+def _search_batches(trainer: Trainer, recorder: SearchRecorder) -> None:
+    """Training batches of the search (:func:`~ember.trainer.search_state.search_batches`) until
+    ``recorder.stop``."""
+    for _ in search_batches(trainer):
+        if recorder.stop:
+            return
+    warnings.warn(  # the batches ended by themselves: an epoch without an optimizer step
+        f"the learning-rate search stopped after {len(recorder.lrs)} of {recorder.settings.num_training} "
+        "steps: an epoch of the training data took no optimizer step",
+        stacklevel=4,
+    )
+
+
+def _configure_learning_rate(trainer: Trainer, lr: float) -> None:
+    """The fit goes on after a search that changed the module's learning rate: before its first
+    step, its optimizer and schedulers take the settings ``configure_optimizers()`` gives now
+    (called once more, its parameter groups and schedulers' states copied into the fit's). Later
+    in the fit, or where what it returns has another shape, every parameter group's ``"lr"`` is
+    set to ``lr`` (Lightning's rule)."""
+    module, optimizer, configs = trainer.module, trainer.optimizers[0], trainer.lr_scheduler_configs
+    if trainer.global_step > 0:  # a later search (a subclass's): the schedulers keep their place
         for group in optimizer.param_groups:
             group["lr"] = lr
+        return
+    custom_step = overridden(module, "lr_scheduler_step") is not None
+    fresh, fresh_configs = parse_optimizers(module.configure_optimizers(), custom_step=custom_step)
+    if (
+        len(fresh) == 1
+        and type(fresh[0]) is type(optimizer)
+        and len(fresh[0].param_groups) == len(optimizer.param_groups)
+        and [type(c.scheduler) for c in fresh_configs] == [type(c.scheduler) for c in configs]
+    ):
+        for group, new in zip(optimizer.param_groups, fresh[0].param_groups, strict=True):
+            group.update({key: value for key, value in new.items() if key != "params"})
+        for config, new_config in zip(configs, fresh_configs, strict=True):
+            config.scheduler.load_state_dict(new_config.scheduler.state_dict())
+        return
+    warnings.warn(
+        "configure_optimizers() returned another optimizer or schedulers after the learning-rate search: "
+        f"every parameter group's lr is set to {lr:.4g}, and the schedulers keep their state",
+        stacklevel=4,
+    )
+    for group in optimizer.param_groups:
+        group["lr"] = lr

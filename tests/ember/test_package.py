@@ -131,7 +131,12 @@ def test_a_default_fit_imports_no_logger_profiler_cli_or_plugin_it_does_not_use(
               "ember.trainer.loggers.comet_logger", "ember.trainer.loggers.uploads",
               "ember.trainer.profilers.simple", "ember.trainer.profilers.advanced",
               "ember.trainer.profilers.pytorch", "ember.trainer.profilers.xla",
-              "ember.plugins.deepspeed", "ember.plugins.fsdp", "ember.callbacks.rich_theme"]  # fmt: skip
+              "ember.plugins.deepspeed", "ember.plugins.fsdp", "ember.callbacks.rich_theme",
+              # the Tuner and the searches it shares with the finder callbacks; Lightning's loop views;
+              # Accelerate's kwargs handlers; the watchdog's stack dump
+              "ember.trainer.tuner", "ember.trainer.lr_finder", "ember.trainer.batch_size_finder",
+              "ember.trainer.search_state", "ember.trainer.loop_views", "ember.kwargs_handlers",
+              "faulthandler"]  # fmt: skip
     code = (
         "import sys, torch\n"
         "from ember import Trainer, TrainModule\n"
@@ -149,6 +154,12 @@ def test_a_default_fit_imports_no_logger_profiler_cli_or_plugin_it_does_not_use(
         "from ember.trainer.loggers import MLFlowLogger, WandbLogger\n"
         "from ember.trainer.profilers import PyTorchProfiler\n"
         "print(type(Trainer(accelerator='cpu', profiler='advanced', logger=False).profiler).__name__)\n"
+        "from ember import AutocastKwargs, Tuner\n"
+        "from ember.trainer import LRFinder\n"
+        "from ember.trainer.loop_views import FitLoopView\n"
+        "assert isinstance(trainer.fit_loop, FitLoopView) and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 1\n"
+        "assert Tuner.__module__ == 'ember.trainer.tuner' and LRFinder.__module__ == 'ember.trainer.lr_finder'\n"
+        "assert AutocastKwargs.__module__ == 'ember.kwargs_handlers'\n"
     )
     lines = _python_lines(code)
     assert lines[-2:] == ["[]", "AdvancedProfiler"], lines
