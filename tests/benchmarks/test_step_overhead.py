@@ -116,37 +116,28 @@ def test_a_paced_run_times_the_contender_without_its_pacer(tmp_path: Path) -> No
 
 
 def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # With a linear cost model (us per step: hand 100; Trainer +10, +2 per logged value, +0.5 per
-    # callback; Accelerator +1) the report shows flat growth and those per-unit costs.
+    # With a linear cost model (us per step: the pacer, i.e. the hand loop, 100; Trainer +10, +2 per
+    # logged value, +0.5 per callback; Accelerator +1) the report shows flat growth and those costs.
     module = load_benchmark("scaling")
 
-    def fake(job: str, args: object) -> float:
-        contender, _, metrics, callbacks = job.split(":")
-        extra = {"hand": 0.0, "accelerator": 1.0, "trainer": 10 + 2 * int(metrics) + 0.5 * int(callbacks)}
-        return 100 + extra[contender]
+    def fake(job: str) -> list[float]:  # [the run's us per step, its pacer's]
+        contender, _, metrics, callbacks = job.split("#")[0].split(":")  # "#2": another run at 1x steps
+        extra = {"accelerator": 1.0, "trainer": 10 + 2 * int(metrics) + 0.5 * int(callbacks)}
+        return [100 + extra[contender], 100.0]
 
-    def measured(dimension: str, args: Any) -> dict[str, list[float]]:  # what the worker process returns
-        return {job: [fake(job, args)] * args.reps for job in module._jobs(dimension, args)}
+    def measured(dimension: str, args: Any) -> dict[str, list[list[float]]]:  # what the worker returns
+        return {job: [fake(job)] * args.reps for job in module._jobs(dimension, args)}
 
     monkeypatch.setattr(module, "_measured", measured)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
-    argv = [
-        "--reps",
-        "2",
-        "--metrics",
-        "5",
-        "--callbacks",
-        "5",
-        "--results",
-        str(results),
-        "--ratios",
-        str(ratios),
-    ]
+    argv = ["--reps", "2", "--metrics", "5", "--callbacks", "5", "--results", str(results),
+            "--ratios", str(ratios)]  # fmt: skip
     _main(module, argv, monkeypatch)
     text = results.read_text()
-    assert "| 50 (1x) | 100.0 | 1.0 | 12.0 |" in text  # steps: hand, Accelerator +1, Trainer +10 +2x1 metric
-    assert "| 50 (10x) | 110.0 | 2.00 |" in text  # 50 values logged: 10 + 2 x 50
-    assert "| 500 (100x) | 262.0 | 0.50 |" in text  # 500 callbacks: 10 + 2 + 0.5 x 500
+    # steps: pacer 100, Accelerator +1, Trainer +10 +2 x 1 metric
+    assert "| 50 (1x) | 100.0 | 101.0 | 1.010 | 112.0 | 1.120 |" in text
+    assert "| 50 (10x) | 210.0 | 100.0 | 2.100 | 2.00 |" in text  # 50 values logged: 10 + 2 x 50
+    assert "| 500 (100x) | 362.0 | 100.0 | 3.620 | 0.50 |" in text  # 500 callbacks: 10 + 2 + 0.5 x 500
     rows = json.loads((ratios / "scaling.json").read_text())
     assert len(rows) == 6 and all(r["ratio"] == pytest.approx(1.0) for r in rows)
 
