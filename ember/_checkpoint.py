@@ -64,6 +64,7 @@ from ember.strategies.checkpoint_swap import (
     prepare_staging,
     staging_path,
 )
+from ember.strategies.digests import deferred_syncs
 from ember.strategies.optim_state import owner_module
 from ember.strategies.sharded_io import (
     load_shards,
@@ -143,42 +144,49 @@ def save_state(
         models = list(run_save_hooks(strategy, hooks, objects.models, layout, staging))
     # As the main process's hooks left them (it writes the manifest); an engine saves every model.
     saved_models = len(models) if portable else len(objects.models)
-    if isinstance(strategy, EngineCheckpoints) and not portable:
-        strategy.save_engine_state(staging / layout)  # the engine writes models and optimizers its own way
-    # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
-    # shards, is a collective under sharded strategies. A model is a module, or the state dict the
-    # save hooks left for it.
-    for i, model in enumerate(models):
-        if layout == "sharded":
-            state = model if isinstance(model, dict) else strategy.module_state_dict(model, full=False)
-            save_shards(staging / f"model{suffix(i)}.shards", state)
-        else:
-            specs, tensors = tensor_stream(model) if isinstance(model, dict) else strategy.full_tensors(model)
-            stream_weights(specs, tensors, [(staging / f"model{suffix(i)}.safetensors", len(specs))], writer)
-    for i, optimizer in enumerate(objects.optimizers if portable and not weights_only else []):
-        module = owner_module(objects.models, optimizer.optimizer)
-        state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=layout == "full")
-        if layout == "sharded":
-            structure, shards = encode_tree(state, copy=False)
-            if writer:
-                write_json(staging / f"optimizer{suffix(i)}.json", structure)
-            save_shards(staging / f"optimizer{suffix(i)}.shards", shards)
-        elif writer:
-            write_tree(staging, f"optimizer{suffix(i)}", state)
-    if writer and not weights_only:
-        for i, scheduler in enumerate(objects.schedulers):
-            write_tree(staging, f"scheduler{suffix(i)}", scheduler.state_dict())
-        write_tree(staging, "precision", strategy.precision.state_dict())
-        write_tree(staging, "dataloaders", [loader.state_dict() for loader in objects.dataloaders])
-        for i, obj in enumerate(objects.custom):
-            write_tree(staging, f"custom_checkpoint_{i}", obj.state_dict())
-    if writer:
-        for name, value in extra.items():
-            write_tree(staging, name, value)
-    if not weights_only:
-        write_tree(staging, f"rng_rank{strategy.global_rank}", rng_state(xla=strategy.accelerator == "xla"))
-    for name, value in rank_extra.items():  # every rank's own state, like its RNG
-        write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
+    with deferred_syncs():  # fsyncs on threads while the next file is written; all done at the block's end
+        if isinstance(strategy, EngineCheckpoints) and not portable:  # models and optimizers its own way
+            strategy.save_engine_state(staging / layout)
+        # Every rank takes part for every model and optimizer: gathering a full tensor, or writing
+        # shards, is a collective under sharded strategies. A model is a module, or the state dict the
+        # save hooks left for it.
+        for i, model in enumerate(models):
+            if layout == "sharded":
+                state = model if isinstance(model, dict) else strategy.module_state_dict(model, full=False)
+                save_shards(staging / f"model{suffix(i)}.shards", state)
+            else:
+                specs, tensors = (
+                    tensor_stream(model) if isinstance(model, dict) else strategy.full_tensors(model)
+                )
+                stream_weights(
+                    specs, tensors, [(staging / f"model{suffix(i)}.safetensors", len(specs))], writer
+                )
+        for i, optimizer in enumerate(objects.optimizers if portable and not weights_only else []):
+            module = owner_module(objects.models, optimizer.optimizer)
+            state = strategy.optimizer_state_dict(optimizer.optimizer, module, full=layout == "full")
+            if layout == "sharded":
+                structure, shards = encode_tree(state, copy=False)
+                if writer:
+                    write_json(staging / f"optimizer{suffix(i)}.json", structure)
+                save_shards(staging / f"optimizer{suffix(i)}.shards", shards)
+            elif writer:
+                write_tree(staging, f"optimizer{suffix(i)}", state)
+        if writer and not weights_only:
+            for i, scheduler in enumerate(objects.schedulers):
+                write_tree(staging, f"scheduler{suffix(i)}", scheduler.state_dict())
+            write_tree(staging, "precision", strategy.precision.state_dict())
+            write_tree(staging, "dataloaders", [loader.state_dict() for loader in objects.dataloaders])
+            for i, obj in enumerate(objects.custom):
+                write_tree(staging, f"custom_checkpoint_{i}", obj.state_dict())
+        if writer:
+            for name, value in extra.items():
+                write_tree(staging, name, value)
+        if not weights_only:
+            write_tree(
+                staging, f"rng_rank{strategy.global_rank}", rng_state(xla=strategy.accelerator == "xla")
+            )
+        for name, value in rank_extra.items():  # every rank's own state, like its RNG
+            write_tree(staging, f"{name}_rank{strategy.global_rank}", value)
     strategy.barrier("save_state:written")
     if writer:
         write_manifest(

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from ember.strategies import Strategy
@@ -57,6 +56,8 @@ def check_weights(
     if layout == "sharded":
         saved = {name: shape for name, (_, shape) in shard_metadata(path).items()}
     else:
+        from safetensors import safe_open  # at the first load: ember's import does not need it
+
         with safe_open(str(path), framework="pt") as f:
             saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     expected = {name: shape for name, _, shape in specs}
@@ -209,6 +210,8 @@ def consolidate_checkpoint(directory: Path, out: Path, manifest: dict[str, Any],
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.copyfile(source, tmp)
     os.replace(tmp, out)
+    from safetensors import safe_open
+
     with safe_open(str(out), framework="pt") as f:
         return list(f.keys())
 

@@ -13,6 +13,9 @@ that does not match. The digests detect corruption and truncation (bit rot, torn
 writes); they are no signature: the manifest travels with the files it lists. The directory is
 written under a temporary name, fsynced, and swapped into place only when complete
 (:mod:`ember.strategies.checkpoint_swap`).
+
+``safetensors`` is imported on the first read or write of a tensor file, not with ember: a run that
+never checkpoints never loads it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from ember.strategies.digests import DIGEST, DIGESTS, file_digest, hash_file, note_synced
+from ember.strategies.digests import DIGEST, DIGESTS, file_digest, hash_file, make_durable, new_digest
 from ember.strategies.environment import usable_cpus
 from ember.strategies.tree_codec import decode_tree, encode_tree
 
@@ -73,6 +74,13 @@ def write_tree(directory: Path, stem: str, obj: Any) -> list[str]:
     return names
 
 
+def save_file(tensors: dict[str, torch.Tensor], filename: str) -> None:
+    """``safetensors.torch.save_file``, imported at the first call."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, filename)
+
+
 def read_tree(directory: Path, stem: str) -> Any:
     """Inverse of :func:`write_tree`; a file that does not hold a tree raises :class:`CheckpointError`."""
     path = directory / f"{stem}.json"
@@ -84,6 +92,9 @@ def read_tree(directory: Path, stem: str) -> Any:
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """``safetensors.torch.load_file``, with a file that is not safetensors named in a :class:`CheckpointError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -111,12 +122,20 @@ def _decode(structure: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any
         ) from None
 
 
-def write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-    note_synced(path)
+def write_json(path: Path, obj: Any, final: Path | None = None) -> None:
+    """Write ``obj`` to ``path`` as JSON, fsynced (see :func:`~ember.strategies.digests.make_durable`:
+    renamed to ``final`` once durable, if given) and noted with its digest."""
+    data = json.dumps(obj, indent=1, allow_nan=True).encode()
+    digest = new_digest()
+    digest.update(data)
+    file = open(path, "wb")
+    try:
+        file.write(data)
+        file.flush()
+    except BaseException:
+        file.close()
+        raise
+    make_durable(file, path, digest.hexdigest(), final)
 
 
 def _fsync(path: Path) -> None:
@@ -146,9 +165,8 @@ def write_manifest(directory: Path, info: dict[str, Any]) -> None:
                 "size": path.stat().st_size,
                 DIGEST: file_digest(path),
             }
-    tmp = directory / f".{MANIFEST}.tmp"
-    write_json(tmp, {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files})
-    os.replace(tmp, directory / MANIFEST)
+    manifest = {"format": "ember-checkpoint", "version": FORMAT_VERSION, **info, "files": files}
+    write_json(directory / f".{MANIFEST}.tmp", manifest, final=directory / MANIFEST)
 
 
 def read_manifest(directory: Path, verify: bool = True) -> dict[str, Any]:
@@ -314,6 +332,8 @@ def _check_unlisted(directory: Path, files: dict[str, Any]) -> None:
 
 def _check_formats(directory: Path, files: dict[str, Any]) -> None:
     """Every ember file parses, and every tensor a JSON file refers to exists (DeepSpeed's are its own)."""
+    from safetensors import SafetensorError, safe_open
+
     keys: dict[str, set[str]] = {}  # a safetensors file, or a .shards folder -> the tensor names in it
     for name in sorted(files):
         path = directory / name

@@ -1,28 +1,48 @@
 """File digests for checkpoint manifests, and the files this process has already fsynced.
 
 A manifest lists every file of a checkpoint with its digest (:data:`DIGEST`, XXH3-128; version-1
-manifests hold SHA-256). A file this process has just written and fsynced is noted with its digest
-(:func:`note_synced`): the manifest takes the digest from the note instead of reading the file
-again, and the sync before a checkpoint is swapped into place skips it.
+manifests hold SHA-256). The writers (``write_json``, ``SafetensorsWriter``) hash the bytes as they
+write them and hand the file to :func:`make_durable`, which notes it with its digest once it is
+fsynced (:func:`note_synced`): the manifest takes the digest from the note instead of reading the
+file again, and the sync before a checkpoint is swapped into place skips it. Inside
+:func:`deferred_syncs` those fsyncs run on a few threads while the caller writes the next files.
+
+``xxhash`` is imported on the first hash, not with ember: a run that never checkpoints never loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-import xxhash
-
-__all__ = ["DIGEST", "DIGESTS", "file_digest", "hash_file", "note_synced", "noted", "sync_and_digest"]
+__all__ = [
+    "DIGEST",
+    "DIGESTS",
+    "deferred_syncs",
+    "file_digest",
+    "hash_file",
+    "make_durable",
+    "new_digest",
+    "note_synced",
+    "noted",
+]
 
 
 class _Hash(Protocol):
-    def update(self, data: memoryview, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None: ...
     def hexdigest(self) -> str: ...
+
+
+def _xxh3_128() -> _Hash:
+    import xxhash  # at the first hash (start-up: see the module's docstring)
+
+    return xxhash.xxh3_128()  # type: ignore[no-any-return]
 
 
 # The digest of every file a manifest lists: the entry's key -> (new hash object, the name errors use).
@@ -30,10 +50,15 @@ class _Hash(Protocol):
 # non-cryptographic 128-bit hash (~10x SHA-256's speed) is enough: the digests detect corruption and
 # truncation, not tampering (whoever can change a file can change the manifest next to it).
 DIGESTS: dict[str, tuple[Callable[[], _Hash], str]] = {
-    "xxh3_128": (xxhash.xxh3_128, "XXH3-128 digest"),
+    "xxh3_128": (_xxh3_128, "XXH3-128 digest"),
     "sha256": (hashlib.sha256, "SHA-256"),  # version-1 manifests
 }
 DIGEST = "xxh3_128"
+
+
+def new_digest() -> _Hash:
+    """A new hash object of :data:`DIGEST`, for a writer to feed the bytes it writes."""
+    return DIGESTS[DIGEST][0]()
 
 
 def hash_file(path: Path, algorithm: str = DIGEST) -> str:
@@ -47,14 +72,79 @@ def hash_file(path: Path, algorithm: str = DIGEST) -> str:
     return digest.hexdigest()
 
 
-def sync_and_digest(path: Path, fd: int) -> str:
-    """fsync ``fd``, the open file ``path``, and return the file's :data:`DIGEST`. The file is read back
-    (from the page cache) and hashed on a second thread while the fsync waits for the disk: a
-    large file's save then costs about the longer of the two, not their sum."""
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(hash_file, path)
-        os.fsync(fd)
-        return digest.result()
+# -- fsyncs, now or on threads ---------------------------------------------------------------------
+_SYNC_THREADS = 8  # fsyncs wait on the disk, not the CPU: concurrent ones share the journal's commits
+
+
+class _Syncs:
+    """The fsyncs handed over inside one :func:`deferred_syncs` block."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="ember-fsync")
+        self.pending: list[tuple[Future[None], BinaryIO, Path, str | None]] = []
+
+    def finish(self) -> None:
+        """Wait for every fsync; note the synced files; raise the first error after all are done."""
+        error: BaseException | None = None
+        for future, file, path, digest in self.pending:
+            try:
+                future.result()
+                note_synced(path, digest)
+            except BaseException as err:
+                error = error or err
+            finally:
+                file.close()
+        self.pool.shutdown(wait=True)
+        if error is not None:
+            raise error
+
+
+_DEFERRED: ContextVar[_Syncs | None] = ContextVar("ember_deferred_syncs", default=None)
+
+
+@contextmanager
+def deferred_syncs() -> Iterator[None]:
+    """Inside the block, :func:`make_durable` returns at once and its fsync runs on a thread, while
+    the caller writes the next file: a save's fsyncs overlap its writing and one another (the
+    journal commits concurrent fsyncs together) instead of queueing one after the other. Leaving
+    the block waits for every fsync and raises the first that failed, so every file written inside
+    is durable (and noted) after it. For files nobody may see before the block ends (a
+    checkpoint's staging folder): a file is renamed to its final name before it is durable."""
+    if _DEFERRED.get() is not None:  # nested: the outer block waits
+        yield
+        return
+    syncs = _Syncs()
+    token = _DEFERRED.set(syncs)
+    try:
+        yield
+    except BaseException:
+        _DEFERRED.reset(token)
+        try:
+            syncs.finish()  # no fsync left running behind the caller's back; the caller's error wins
+        except BaseException:
+            pass
+        raise
+    _DEFERRED.reset(token)
+    syncs.finish()
+
+
+def make_durable(file: BinaryIO, path: Path, digest: str | None, final: Path | None = None) -> None:
+    """fsync and close ``file`` (written and flushed, open at ``path``), rename it to ``final`` if
+    given, and note it (:func:`note_synced`) with its ``digest``. Outside :func:`deferred_syncs` the
+    rename comes after the fsync: the file appears at ``final`` complete and durable."""
+    syncs = _DEFERRED.get()
+    if syncs is None:
+        try:
+            os.fsync(file.fileno())
+        finally:
+            file.close()
+        if final is not None:
+            os.replace(path, final)
+        note_synced(final or path, digest)
+        return
+    if final is not None:
+        os.replace(path, final)
+    syncs.pending.append((syncs.pool.submit(os.fsync, file.fileno()), file, final or path, digest))
 
 
 # Files this process wrote and fsynced (write_json, SafetensorsWriter), by path, with the inode,

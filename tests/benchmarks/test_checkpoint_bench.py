@@ -32,3 +32,10 @@ def test_checkpoint_benchmark_compares_the_same_state(tmp_path: Path) -> None:
     assert {"ember sharded save_state", "ember sharded load_state"} <= rows.keys()  # the 2-rank FSDP part
     assert "| rank-0 torch.save + fsync (baseline) |" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ember-bench-")] == []  # cleaned up
+
+
+@pytest.mark.bench
+def test_checkpoint_benchmark_refuses_a_count_below_one() -> None:
+    cmd = [PYTHON, str(REPO / "benchmarks" / "checkpoint.py"), "--best-of", "0"]
+    done = run_command(cmd, timeout=120)
+    assert done.returncode == 2 and "argument --best-of: must be an int >= 1, got '0'" in done.stderr

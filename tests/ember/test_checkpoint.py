@@ -189,3 +189,72 @@ def test_tree_codec_round_trip() -> None:
     assert back["nested"] == [(1, "a"), [2.5]]
     with pytest.raises(TypeError, match=r"cannot store object at '\.bad\.0'"):
         encode_tree({"bad": [object()]})
+
+
+def _fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Every fsync from now on, in the order they finish: (inode, whether a folder), on any thread."""
+    import os
+    import stat
+
+    done: list[tuple[int, bool]] = []
+    fsync = os.fsync
+
+    def recorded(fd: int) -> None:
+        fsync(fd)
+        info = os.fstat(fd)
+        done.append((info.st_ino, stat.S_ISDIR(info.st_mode)))
+
+    monkeypatch.setattr(os, "fsync", recorded)
+    return done
+
+
+def test_save_state_fsyncs_each_file_once_before_the_manifest_and_reads_none_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Durable when save_state returns, and no slower than it must be: every file is fsynced once
+    # (a second fsync is one more journal commit), all of them before the manifest that names them,
+    # the manifest before the swap; and no file is read back to hash it (the writers hash the
+    # bytes they write).
+    import ember.strategies.digests as digests
+
+    accelerator, model, ckpt = _saved(tmp_path)
+    read_back: list[Path] = []
+    hash_file = digests.hash_file
+    monkeypatch.setattr(digests, "hash_file", lambda path, *a: read_back.append(path) or hash_file(path, *a))
+    synced = _fsyncs(monkeypatch)
+    accelerator.save_state(ckpt)
+    files = {p.stat().st_ino: p.name for p in ckpt.iterdir()}
+    order = [files[ino] for ino, folder in synced if not folder]
+    assert sorted(order) == sorted(files.values()) and len(order) == len(set(order)), order
+    assert order[-1] == "manifest.json"
+    folders = [ino for ino, folder in synced if folder]
+    assert folders[-2:] == [ckpt.stat().st_ino, tmp_path.stat().st_ino]  # its entries, then the swap
+    assert read_back == []
+    model.weight.data.zero_()
+    accelerator.load_state(ckpt)  # and the digests are right
+
+
+def test_a_failed_fsync_fails_the_save_and_keeps_the_old_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsyncs may run on other threads while the save goes on: an error there still fails save_state,
+    # before the new checkpoint replaces the old one.
+    import os
+
+    accelerator, model, ckpt = _saved(tmp_path)
+    before = model.weight.detach().clone()
+    fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith((".optimizer", "optimizer")):
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    with pytest.raises(OSError, match="Input/output error"):
+        accelerator.save_state(ckpt)
+    monkeypatch.setattr(os, "fsync", fsync)
+    accelerator.load_state(ckpt)
+    assert torch.equal(model.weight, before)

@@ -143,3 +143,25 @@ def test_final_sync_skips_only_files_unchanged_since_their_fsync(
     synced.clear()
     checkpoint_swap._sync_tree(tmp_path)  # a note serves once
     assert sorted(synced) == ["changed.json", "foreign.bin", "kept.json", "t.safetensors"]
+
+
+def test_safetensors_and_xxhash_load_at_the_first_save_not_at_import(tmp_path: Path) -> None:
+    # Start-up (benchmarks/startup.py): a run that never saves or loads a checkpoint does not import
+    # the checkpoint file libraries.
+    import subprocess
+
+    from dist_helpers import PYTHON, REPO, base_env
+
+    code = (
+        "import sys, torch\n"
+        "from ember import Accelerator, Trainer, TrainModule\n"
+        "Trainer(max_epochs=1, accelerator='cpu')\n"
+        "accelerator = Accelerator(accelerator='cpu')\n"
+        "model = accelerator.prepare(torch.nn.Linear(2, 2))\n"
+        "print(sorted(m for m in ('safetensors', 'xxhash') if m in sys.modules))\n"
+        f"accelerator.load_state(accelerator.save_state({str(tmp_path / 'ckpt')!r}))\n"
+        "print(sorted(m for m in ('safetensors', 'xxhash') if m in sys.modules))\n"
+    )
+    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=REPO, env=base_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[]", "['safetensors', 'xxhash']"]
