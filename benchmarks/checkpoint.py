@@ -31,8 +31,8 @@ version of this script saw ember's ratio spread from 0.9 to 2.5 over 5 repetitio
   (``torch.save`` without fsync leaves ~100 MB for the next one's fsync to wait behind) and the
   garbage collector runs: every contender starts from a quiet disk;
 - each action's process CPU time (all threads) is taken beside its wall time: the CPU-time ratio
-  (shown, no budget) is what ember's code costs without waiting for the disk (on a VM it still
-  counts the time other processes held the core); the budget stays on the wall time, which
+  (shown, no budget) is what ember's code costs without waiting for the disk (on a VM the
+  hypervisor's steal and other processes' cache pollution still leak in); the budget stays on the wall time, which
   includes waiting for the disk as the baseline's fsync does.
 """
 
@@ -157,7 +157,7 @@ def single(
 
     def best(name: str) -> tuple[float, float]:  # the least disturbed of best_of runs in a row
         runs = [settled(actions[name]) for _ in range(args.best_of)]
-        return min(wall for wall, _ in runs), min(used for _, used in runs)
+        return min(runs)  # the run with the least wall time, with its own CPU time
 
     times = alternate(SAVES, args.reps, best)  # saves, then loads (of the last save)
     times.update(alternate(LOADS, args.reps, best))

@@ -142,16 +142,19 @@ def _case(
 
 
 def _compare(mine: str, row: dict[str, Any], rival: str, theirs: float) -> str:
-    """A line comparing ember's ratio with its Lightning counterpart's: below; tied, where the rival's
-    ratio lies inside the 90% interval of ember's median (this run cannot order them: both are at
-    the hand-written loop's speed within its noise); else NOT below."""
+    """A line comparing ember's ratio with its Lightning counterpart's, by the 90% interval of
+    ember's median: below, where the rival's ratio lies above it; NOT below, where it lies under
+    it; tied otherwise (this run cannot order them, whichever median is lower). Without an interval
+    (too few rounds), the medians decide. (The rival's own noise, over fewer rounds, is not counted.)"""
     ours, interval = row["ratio"], row.get("interval")
-    if ours < theirs:
+    if interval is None:
+        verdict = "below" if ours < theirs else "**NOT below**"
+    elif theirs > interval[1]:
         verdict = "below"
-    elif interval is not None and interval[0] <= theirs:
-        verdict = f"tied (undecided: {theirs:.3f} is inside the 90% interval of ember's median)"
-    else:
+    elif theirs < interval[0]:
         verdict = "**NOT below**"
+    else:
+        verdict = f"tied (undecided: {theirs:.3f} is inside the 90% interval of ember's median)"
     return f"- {LABELS[mine]} {ours:.3f} vs {LABELS[rival]} {theirs:.3f}: {verdict}."
 
 
@@ -178,8 +181,10 @@ def report(args: argparse.Namespace) -> str:
     behind = [line for line in lines if "NOT below" in line]
     verdict = "Every ember ratio is within its budget." if not over else f"Over budget: {', '.join(over)}."
     tied = [line for line in lines if ": tied (" in line]
-    verdict += (" Every ember ratio is below its Lightning counterpart." if not behind and not tied
-                else f" Not below Lightning: {len(behind)} comparison(s).")  # fmt: skip
+    if not behind and not tied:
+        verdict += " Every ember ratio is below its Lightning counterpart."
+    if behind:
+        verdict += f" Not below Lightning: {len(behind)} comparison(s)."
     if tied:
         verdict += f" Tied with Lightning within this run's noise: {len(tied)} comparison(s)."
     packages = sorted({NEEDS[c] for c in running if c in NEEDS})

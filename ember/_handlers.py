@@ -12,7 +12,14 @@ if TYPE_CHECKING:
     from ember.precision import Precision
     from ember.strategies import Strategy
 
-__all__ = ["accelerate_precision", "check_handlers", "ddp_strategy", "handled_precision", "profile_handler"]
+__all__ = [
+    "accelerate_precision",
+    "check_handlers",
+    "ddp_strategy",
+    "handled_precision",
+    "handler",
+    "profile_handler",
+]
 
 
 def check_handlers(handlers: Sequence[Any] | None) -> dict[type, Any]:
@@ -53,11 +60,17 @@ def handled_precision(handlers: dict[type, Any], plugin: Precision, device_type:
     return kwargs_handlers.handled_precision(handlers, plugin, device_type)
 
 
-def profile_handler(handlers: dict[type, Any]) -> ProfileKwargs | None:
-    """The ``ProfileKwargs`` among the handlers, if any."""
+def handler(handlers: dict[type, Any], kind: str) -> Any | None:
+    """The handler of class ``kind`` (a name in :mod:`ember.kwargs_handlers`) among ``handlers``,
+    or None. (``check_handlers`` accepts those exact classes only: one lookup by class.)"""
     if not handlers:
         return None
-    from ember.kwargs_handlers import ProfileKwargs
+    from ember import kwargs_handlers
 
-    found: ProfileKwargs | None = handlers.get(ProfileKwargs)
+    return handlers.get(getattr(kwargs_handlers, kind))
+
+
+def profile_handler(handlers: dict[type, Any]) -> ProfileKwargs | None:
+    """The ``ProfileKwargs`` among the handlers, if any."""
+    found: ProfileKwargs | None = handler(handlers, "ProfileKwargs")
     return found

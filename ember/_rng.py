@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.strategies.environment import process_rank
+from ember.strategies.environment import default_cublas_workspace, process_rank
 
 
 def seed_everything(
@@ -47,7 +46,7 @@ def seed_everything(
 def use_deterministic_algorithms(warn_only: bool = False) -> None:
     """``torch.use_deterministic_algorithms(True)``, with the cuBLAS workspace setting it needs on
     CUDA (``CUBLAS_WORKSPACE_CONFIG=:4096:8``, unless already set; read when cuBLAS starts)."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    default_cublas_workspace()
     torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 

@@ -25,6 +25,7 @@ rank; here the store is read once per listener poll and written only when someth
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import json
 import math
@@ -334,8 +335,6 @@ def _dump_stacks() -> None:
         descriptor = sys.stderr.fileno()
     except (AttributeError, ValueError, OSError):  # sys.stderr replaced by an object without a file
         descriptor = 2
-    import faulthandler  # (here: a run that never hangs does not load it)
-
     faulthandler.dump_traceback(file=descriptor, all_threads=True)
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
+from ember._handlers import handler
 from ember._processes import DistributedType, ProcessMixin
 from ember._validation import PROCESS_GROUP_BACKENDS, check_bool, check_choice, check_int, check_timeout
 from ember._wrappers import GradientState as _Bookkeeping
@@ -339,8 +340,8 @@ class AccelerateStateMixin:
 
     # -- the settings given, read back (Accelerate's attributes) ---------------------------------------
     def _handler(self, kind: str) -> Any | None:
-        """The one of that kind among ``kwargs_handlers`` (by name: their module loads only if one was given)."""
-        return next((handler for handler in self._handlers.values() if type(handler).__name__ == kind), None)
+        """The one of that kind among ``kwargs_handlers`` (their module loads only if one was given)."""
+        return handler(self._handlers, kind)
 
     @property
     def ddp_handler(self) -> kw.DistributedDataParallelKwargs | None:

@@ -81,22 +81,29 @@ class _Syncs:
 
     def __init__(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="ember-fsync")
-        self.pending: list[tuple[Future[None], BinaryIO, Path, str | None]] = []
+        self.pending: list[tuple[Future[None], Path, str | None]] = []
 
     def finish(self) -> None:
         """Wait for every fsync; note the synced files; raise the first error after all are done."""
         error: BaseException | None = None
-        for future, file, path, digest in self.pending:
+        for future, path, digest in self.pending:
             try:
                 future.result()
                 note_synced(path, digest)
             except BaseException as err:
                 error = error or err
-            finally:
-                file.close()
         self.pool.shutdown(wait=True)
         if error is not None:
             raise error
+
+
+def _sync_and_close(file: BinaryIO) -> None:
+    """fsync ``file``, then close it (also when the fsync failed): a worker closes what it synced,
+    so a save of many files holds no more open than the workers are syncing."""
+    try:
+        os.fsync(file.fileno())
+    finally:
+        file.close()
 
 
 _DEFERRED: ContextVar[_Syncs | None] = ContextVar("ember_deferred_syncs", default=None)
@@ -134,17 +141,18 @@ def make_durable(file: BinaryIO, path: Path, digest: str | None, final: Path | N
     rename comes after the fsync: the file appears at ``final`` complete and durable."""
     syncs = _DEFERRED.get()
     if syncs is None:
-        try:
-            os.fsync(file.fileno())
-        finally:
-            file.close()
+        _sync_and_close(file)
         if final is not None:
             os.replace(path, final)
         note_synced(final or path, digest)
         return
     if final is not None:
-        os.replace(path, final)
-    syncs.pending.append((syncs.pool.submit(os.fsync, file.fileno()), file, final or path, digest))
+        try:
+            os.replace(path, final)
+        except BaseException:
+            file.close()
+            raise
+    syncs.pending.append((syncs.pool.submit(_sync_and_close, file), final or path, digest))
 
 
 # Files this process wrote and fsynced (write_json, SafetensorsWriter), by path, with the inode,

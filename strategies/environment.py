@@ -32,6 +32,7 @@ from dataclasses import dataclass
 __all__ = [
     "ProcessEnvironment",
     "deepspeed_config_path",
+    "default_cublas_workspace",
     "detect_environment",
     "ensure_local_rank",
     "find_free_port",
@@ -209,16 +210,21 @@ def preemption_agree_seconds(default: float, environ: Mapping[str, str] | None =
     return seconds
 
 
+def default_cublas_workspace(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless it is set: what deterministic cuBLAS needs
+    (read when cuBLAS starts)."""
+    env = os.environ if environ is None else environ
+    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
 def process_rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's global rank as its launcher set it (``RANK``; 0 outside a launcher)."""
-    env = os.environ if environ is None else environ
-    return int(env.get("RANK", "0"))
+    return _int(os.environ if environ is None else environ, "RANK", 0)
 
 
 def xla_cpu_devices(environ: Mapping[str, str] | None = None) -> int:
     """The virtual devices torch_xla's CPU runtime makes (``CPU_NUM_DEVICES``, 1 when unset)."""
-    env = os.environ if environ is None else environ
-    return int(env.get("CPU_NUM_DEVICES", "1"))
+    return _int(os.environ if environ is None else environ, "CPU_NUM_DEVICES", 1)
 
 
 def usable_cpus() -> int:

@@ -167,5 +167,7 @@ def test_a_comparison_with_lightning_inside_the_noise_is_tied_not_lost() -> None
     row = {"ratio": 0.994, "interval": [0.985, 1.013]}
     assert compare("accelerator", row, "fabric", 1.02).endswith(": below.")
     assert ": tied (undecided: 0.990 is inside" in compare("accelerator", row, "fabric", 0.990)
+    assert ": tied (undecided: 1.000 is inside" in compare("accelerator", row, "fabric", 1.0)  # ember lower
     assert compare("accelerator", row, "fabric", 0.980).endswith(": **NOT below**.")
     assert compare("accelerator", {**row, "interval": None}, "fabric", 0.990).endswith("**NOT below**.")
+    assert compare("accelerator", {**row, "interval": None}, "fabric", 1.0).endswith(": below.")

@@ -1,6 +1,6 @@
 """Checkpoints survive ``kill -9`` at every step of a save, and damaged files are named, never half-loaded.
 
-The kill tests run a fresh interpreter (one thread) that writes a baseline checkpoint, then, for
+The kill tests run a fresh interpreter that writes a baseline checkpoint, then, for
 each kill point ``k``, forks a process that saves a newer version and sends itself ``SIGKILL``
 just before its ``k``-th file-system operation: each file opened for writing, its first write
 (leaving a partly written file), each fsync, rename, link, mkdir, unlink, rmdir, rmtree and
@@ -21,6 +21,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,11 +64,13 @@ class _Switch:
 
     def __init__(self, at: int | None) -> None:
         self.at, self.events = at, []
+        self._lock = threading.Lock()  # a save fsyncs on threads (digests.deferred_syncs)
 
     def tick(self, name: str) -> None:
-        if self.at is not None and len(self.events) == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.events.append(name)
+        with self._lock:
+            if self.at is not None and len(self.events) == self.at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            self.events.append(name)
 
 
 class _Written:
