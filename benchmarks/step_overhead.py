@@ -9,8 +9,9 @@ Every contender trains the same model on the same data with the same optimizer (
 128-256-256-10 (batch 64) and the example GPT (``examples/gpt_fsdp.py``, 2 layers of width 64,
 batch 16 x 32 tokens), one thread per process. Each process (``ember launch`` starts the 2 DDP
 ranks) trains the hand-written loop and its contenders -- ember's Accelerator and Trainer in one
-process, each rival in its own -- for ``--rounds`` alternating rounds (A B C, B C A, ...; a rival's
-process ``--rival-rounds``), every run a fresh model and trainer. A run times ``--steps`` steps
+process, each rival in its own -- in alternating rounds (A B C, B C A, ...): ember's ``--rounds``
+spread over ``--processes`` fresh processes run one after the other, a rival's ``--rival-rounds`` in
+one; every run a fresh model and trainer. A run times ``--steps`` steps
 after ``--warmup`` steps, paced (see ``_contenders.py``): before each of its steps, the hand-written
 loop takes a step on its own copy of the model and data, timed apart, so both see the machine at the
 same speed. A run's speed is its time per step over its pacer's; a contender's ratio is its speed
@@ -85,17 +86,27 @@ def group_times(
     """One process (one per rank) of ``group``: for its contenders and the hand-written loop, round
     by round, (seconds per step, the pacer's seconds per step in the same run); on several ranks
     each the slowest rank's."""
-    rounds = _rounds(group, args)
-    argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(_steps(case, args)),
-            "--warmup", str(args.warmup), "--rounds", str(rounds), "--device", args.device]  # fmt: skip
     clock = _clock(mode, args.device)
     pace = "pace_cpu_s" if clock == "cpu_s" else "pace_s"
-    ranks = spawn(__file__, argv, MODES[mode])
-    return {
-        c: [(max(rank[c][i][clock] for rank in ranks), max(rank[c][i][pace] for rank in ranks))
-            for i in range(rounds)]
-        for c in ["hand", *members]
-    }  # fmt: skip
+    times: dict[str, list[tuple[float, float]]] = {c: [] for c in ["hand", *members]}
+    for rounds in _shares(group, args):  # one process (one per rank) after the other
+        argv = ["--worker", group, "--contenders", *members, "--cases", case, "--steps", str(_steps(case, args)),
+                "--warmup", str(args.warmup), "--rounds", str(rounds), "--device", args.device]  # fmt: skip
+        ranks = spawn(__file__, argv, MODES[mode])
+        for c, runs in times.items():
+            runs += [(max(rank[c][i][clock] for rank in ranks), max(rank[c][i][pace] for rank in ranks))
+                     for i in range(rounds)]  # fmt: skip
+    return times
+
+
+def _shares(group: str, args: argparse.Namespace) -> list[int]:
+    """The rounds of each of the group's processes: ember's ``--rounds`` spread over ``--processes``
+    fresh processes, since two processes running the same code can differ by a few percent for the
+    whole of their life (where the allocator put the model, the interpreter's objects; a median of
+    one process's rounds, however steady, carries its process's offset); a rival's in one."""
+    rounds = _rounds(group, args)
+    processes = max(1, min(args.processes if group == "ember" else 1, rounds))
+    return [rounds // processes + (i < rounds % processes) for i in range(processes)]
 
 
 def _rounds(group: str, args: argparse.Namespace) -> int:
@@ -201,8 +212,10 @@ def report(args: argparse.Namespace) -> str:
         "",
         f"{steps} timed steps after {args.warmup} warm-up steps per run; AdamW. Each process trains the "
         f"hand-written loop and its contenders (ember's Accelerator and Trainer together; each rival in its own "
-        f"process) for {args.rounds} alternating rounds (A B C, B C A, ...; {min(args.rounds, args.rival_rounds)} for "
-        "each rival, whose ratios need only be told apart from ember's), each run a fresh model, optimizer and "
+        f"process) in alternating rounds (A B C, B C A, ...): ember's {args.rounds} rounds spread over "
+        f"{min(args.processes, args.rounds)} fresh processes (a process keeps an offset of its own for its whole life), "
+        f"{min(args.rounds, args.rival_rounds)} for each rival, whose ratios need only be told apart from ember's; "
+        "each run a fresh model, optimizer and "
         "trainer. Every run is paced: before each of its steps the hand-written loop takes a step on its own copy "
         "of the model and data, timed apart, and the run's speed is its time per step over its pacer's (a change "
         "of the machine's speed during the run hits both alike). A ratio is a contender's speed over the "
@@ -234,14 +247,17 @@ def main() -> None:
         "--steps", type=int, default=None, help="timed steps per run (default: per case, STEPS)"
     )
     parser.add_argument("--warmup", type=int, default=20, help="steps before the timing starts")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds in ember's processes")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating rounds of ember's contenders")
+    parser.add_argument(
+        "--processes", type=int, default=3, help="fresh processes ember's rounds are spread over"
+    )
     parser.add_argument(
         "--rival-rounds", type=int, default=3, help="alternating rounds in each rival's process"
     )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="single-process CPU runs at once (each timed by its own CPU time)")  # fmt: skip
     parser.add_argument("--root", default=".", help=argparse.SUPPRESS)  # a worker's log directory
-    run_main(parser, "step_overhead", list(GROUPS), worker, report, quick={"steps": 20, "warmup": 5, "rounds": 2},
+    run_main(parser, "step_overhead", list(GROUPS), worker, report, quick={"steps": 20, "warmup": 5, "rounds": 2, "processes": 1},
              devices=("cpu", "cuda"))  # fmt: skip
 
 

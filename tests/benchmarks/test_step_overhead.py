@@ -160,6 +160,11 @@ def test_rivals_run_fewer_rounds_than_ember() -> None:
     assert rounds("ember", argparse.Namespace(rounds=10, rival_rounds=5)) == 10
     assert rounds("fabric", argparse.Namespace(rounds=10, rival_rounds=5)) == 5
     assert rounds("lightning", argparse.Namespace(rounds=2, rival_rounds=5)) == 2  # --quick: 2 for everyone
+    shares = load_benchmark("step_overhead")._shares
+    assert shares("ember", argparse.Namespace(rounds=6, rival_rounds=3, processes=3)) == [2, 2, 2]
+    assert shares("ember", argparse.Namespace(rounds=7, rival_rounds=3, processes=3)) == [3, 2, 2]
+    assert shares("ember", argparse.Namespace(rounds=2, rival_rounds=3, processes=3)) == [1, 1]
+    assert shares("fabric", argparse.Namespace(rounds=6, rival_rounds=3, processes=3)) == [3]  # one process
 
 
 def test_a_comparison_with_lightning_inside_the_noise_is_tied_not_lost() -> None:
