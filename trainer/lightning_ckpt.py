@@ -12,12 +12,19 @@ The converted directory is an ember Trainer checkpoint (``manifest.json`` says `
 resumes a fit with one optimizer: weights, optimizer and scheduler state, the grad scaler, and the loop
 counters (a checkpoint taken at the end of a training epoch resumes at the next epoch, as in
 Lightning). Lightning saves no RNG or dataloader state, so the run keeps its own (as a Lightning
-resume does); callback states are not carried over (Lightning's keys name Lightning's callbacks).
+resume does). Of the callback states, those that mean the same in ember are carried over under
+ember's keys: ``EarlyStopping{'monitor': ..., 'mode': ...}`` (wait count, best score, stopped epoch,
+reason) for an ``EarlyStopping`` with that monitor and mode, and ``Timer``'s training time (the only
+time a Lightning resume restores). ``ModelCheckpoint``'s is dropped on purpose: it names Lightning's
+``.ckpt`` files, which ember's top-k bookkeeping could later delete, and nothing a user saved is ever
+lost. Any other or malformed callback state is dropped too, without an error.
 Anything else (several optimizers, a weights-only checkpoint) converts as weights only.
 """
 
 from __future__ import annotations
 
+import ast
+import math
 import os
 import pickle
 import re
@@ -29,6 +36,8 @@ import torch
 
 from ember._checkpoint import manifest_entries
 from ember._weights import stream_weights, tensor_stream
+from ember.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
+from ember.callbacks.timer import Timer
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, encode_tree, write_manifest, write_tree
 from ember.strategies.checkpoint_swap import finalize_staged
 from ember.trainer.checkpointing import STATE
@@ -120,6 +129,59 @@ def _loop_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _early_stopping(key: str, state: Any) -> tuple[str, dict[str, Any]] | None:
+    """ember's key and state for Lightning's ``EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}``."""
+    found = re.fullmatch(r"EarlyStopping(\{.*\})", key, re.DOTALL)
+    if found is None or not isinstance(state, dict):
+        return None
+    try:  # (literal_eval builds literals only: the key runs no code)
+        args = ast.literal_eval(found.group(1))
+        stopper = EarlyStopping(monitor=args["monitor"], mode=args["mode"])  # (checks both)
+        best = state["best_score"]  # Lightning's: a 0-d tensor
+        best = float(best.item() if isinstance(best, torch.Tensor) else best)
+        reason = EarlyStoppingReason(state.get("stopping_reason", 0)).value
+    except (ValueError, TypeError, KeyError, SyntaxError, RecursionError, RuntimeError):
+        return None
+    message = state.get("stopping_reason_message")
+    if not (_count(state.get("wait_count")) and _count(state.get("stopped_epoch"))) or not (
+        message is None or isinstance(message, str)
+    ):
+        return None
+    patience = state["patience"] if _count(state.get("patience")) else stopper.patience
+    return stopper.state_key, {"wait_count": state["wait_count"], "stopped_epoch": state["stopped_epoch"],
+        "best_score": best, "patience": patience, "stopping_reason": reason,
+        "stopping_reason_message": message}  # fmt: skip
+
+
+def _timer(key: str, state: Any) -> tuple[str, dict[str, Any]] | None:
+    """ember's ``Timer`` state from Lightning's: the training time alone, which is all that a
+    Lightning resume restores (its other stages restart at 0)."""
+    elapsed = state.get("time_elapsed") if key == "Timer" and isinstance(state, dict) else None
+    train = elapsed.get("train") if isinstance(elapsed, dict) else None
+    if (
+        isinstance(train, bool)
+        or not isinstance(train, (int, float))
+        or not math.isfinite(train)
+        or train < 0
+    ):
+        return None
+    return Timer().state_key, {"time_elapsed": {"train": float(train)}}
+
+
+def _callback_states(saved: Any) -> dict[str, Any]:
+    """The callback states carried over (see the module's docstring), under ember's keys."""
+    states: dict[str, Any] = {}
+    for key, state in saved.items() if isinstance(saved, dict) else ():
+        converted = (_early_stopping(key, state) or _timer(key, state)) if isinstance(key, str) else None
+        if converted is not None:
+            states[converted[0]] = converted[1]
+    return states
+
+
 def resumable(checkpoint: dict[str, Any]) -> str:
     """Why the checkpoint converts as weights only ("" when it can resume a fit)."""
     if "loops" not in checkpoint or "optimizer_states" not in checkpoint:
@@ -149,7 +211,9 @@ def convert_lightning(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[s
     why = resumable(checkpoint)
     schedulers = [] if why else list(checkpoint.get("lr_schedulers", []))
     precision: dict[str, Any] = next((checkpoint[key] for key in _PRECISION_KEYS if key in checkpoint), {})
-    state.update(loop=_loop_state(checkpoint), callbacks={}, loggers=[])
+    state.update(
+        loop=_loop_state(checkpoint), callbacks=_callback_states(checkpoint.get("callbacks")), loggers=[]
+    )
     for what, value in (
         ("lr_schedulers", schedulers),
         ("optimizer_states", checkpoint.get("optimizer_states")),

@@ -18,9 +18,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ember import Trainer
+from ember.callbacks import EarlyStopping, Timer
 from ember.cli import main
-from ember.strategies.checkpoint_io import CheckpointError
+from ember.strategies.checkpoint_io import CheckpointError, read_tree
 from ember.trainer import TrainModule
+from ember.trainer.checkpointing import STATE
 
 
 def _data() -> TensorDataset:
@@ -58,20 +60,26 @@ def _progress(n: int) -> dict[str, int]:
     return {"ready": n, "completed": n, "started": n, "processed": n}
 
 
-def _lightning_ckpt(path: Path, net: Net, opt: torch.optim.Optimizer, sched: Any, **extra: Any) -> Path:
-    """What Lightning's ModelCheckpoint writes at the end of epoch 0 (4 batches, 4 steps)."""
+def _lightning_ckpt(
+    path: Path, net: Net, opt: torch.optim.Optimizer, sched: Any, epochs: int = 1, **extra: Any
+) -> Path:
+    """What Lightning's ModelCheckpoint writes at the end of epoch ``epochs - 1`` (4 batches an epoch)."""
     fit_loop = {
         "state_dict": {},
-        "epoch_loop.state_dict": {"_batches_that_stepped": 4},
-        "epoch_loop.batch_progress": {"total": _progress(4), "current": _progress(4), "is_last_batch": True},
+        "epoch_loop.state_dict": {"_batches_that_stepped": 4 * epochs},
+        "epoch_loop.batch_progress": {
+            "total": _progress(4 * epochs),
+            "current": _progress(4),
+            "is_last_batch": True,
+        },
         "epoch_progress": {
-            "total": {**_progress(1), "completed": 0},
-            "current": {**_progress(1), "completed": 0},
+            "total": {**_progress(epochs), "completed": epochs - 1},
+            "current": {**_progress(epochs), "completed": epochs - 1},
         },
     }
     checkpoint = {
-        "epoch": 0,
-        "global_step": 4,
+        "epoch": epochs - 1,
+        "global_step": 4 * epochs,
         "pytorch-lightning_version": "2.6.6",
         "state_dict": net.state_dict(),
         "loops": {"fit_loop": fit_loop},
@@ -118,6 +126,48 @@ def test_load_from_checkpoint_reads_a_lightning_ckpt_and_its_conversion(tmp_path
         module = Net.load_from_checkpoint(source)
         assert module.hparams == {"width": 5, "lr": 0.1}
         torch.testing.assert_close(module.state_dict(), net.state_dict())
+
+
+class ValNet(Net):
+    """Logs val_loss = 1, 2, 3, ... in epochs 0, 1, 2, ...: it never improves after epoch 0."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", float(self.current_epoch + 1))
+
+
+def test_early_stopping_and_timer_states_carry_over_but_not_model_checkpoint(tmp_path: Path) -> None:
+    # The "callbacks" entry as Lightning 2.6.6 writes it after 2 epochs of ValNet's val_loss with
+    # EarlyStopping("val_loss", patience=3), Timer() and the default ModelCheckpoint (printed from a
+    # real Lightning fit on this task; a Lightning fit in the test would take ~5 s to import).
+    states = {
+        "EarlyStopping{'monitor': 'val_loss', 'mode': 'min'}": {"wait_count": 1, "stopped_epoch": 0,
+            "best_score": torch.tensor(1.0), "patience": 3, "stopping_reason": 0,
+            "stopping_reason_message": None},
+        "Timer": {"time_elapsed": {"train": 30.0, "sanity_check": 0, "validate": 1000.0, "test": 0, "predict": 0}},
+        "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 0, 'every_n_epochs': 1, "
+        "'train_time_interval': None}": {"monitor": None, "best_model_path": str(tmp_path / "epoch=1-step=8.ckpt"),
+                                         "kth_value": torch.tensor(float("inf"))},
+        "EarlyStopping{'monitor': 'acc', 'mode': 'sideways'}": {"wait_count": 1},  # dropped: no such mode
+        "EarlyStopping{'monitor': 'acc', 'mode': 'max'}": {"wait_count": "1"},  # dropped: not a state
+    }  # fmt: skip
+    net = ValNet()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    ckpt = _lightning_ckpt(tmp_path / "model.ckpt", net, opt, sched, epochs=2, callbacks=states)
+    assert main(["convert-lightning", str(ckpt), str(tmp_path / "conv")]) == 0
+    stopper, timer = EarlyStopping(monitor="val_loss", mode="min", patience=3), Timer()
+    # ModelCheckpoint's state names Lightning's files, which ember's top-k could delete: dropped
+    assert read_tree(tmp_path / "conv", STATE)["callbacks"].keys() == {stopper.state_key, timer.state_key}
+    trainer = Trainer(max_epochs=10, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[stopper, timer], num_sanity_val_steps=0, enable_checkpointing=False)  # fmt: skip
+    loader = DataLoader(_data(), batch_size=4)
+    trainer.fit(ValNet(), loader, loader, ckpt_path=tmp_path / "conv")
+    # As the uninterrupted Lightning fit: no improvement after epoch 0, patience 3: stops after epoch 3
+    # (without the state: best 3.0 at epoch 2, stopping after epoch 5).
+    assert (stopper.best_score, stopper.stopped_epoch, trainer.current_epoch) == (1.0, 3, 4)
+    assert type(stopper.best_score) is float and stopper.wait_count == 3
+    # Lightning restores the training time only: the validation time is this run's.
+    assert 30.0 <= timer.time_elapsed("train") < 1000.0 and timer.time_elapsed("validate") < 1000.0
 
 
 @dataclasses.dataclass
