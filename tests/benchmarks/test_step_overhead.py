@@ -126,11 +126,12 @@ def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
         return [100 + extra[contender], 100.0]
 
     def measured(dimension: str, args: Any) -> dict[str, list[list[float]]]:  # what the worker returns
-        return {job: [fake(job)] * args.reps for job in module._jobs(dimension, args)}
+        rounds = args.reps if dimension == "steps" else args.unit_reps  # (as the worker's)
+        return {job: [fake(job)] * rounds for job in module._jobs(dimension, args)}
 
     monkeypatch.setattr(module, "_measured", measured)
     results, ratios = tmp_path / "RESULTS.md", tmp_path / "ratios"
-    argv = ["--reps", "2", "--metrics", "5", "--callbacks", "5", "--results", str(results),
+    argv = ["--reps", "2", "--unit-reps", "3", "--metrics", "5", "--callbacks", "5", "--results", str(results),
             "--ratios", str(ratios)]  # fmt: skip
     _main(module, argv, monkeypatch)
     text = results.read_text()
@@ -140,6 +141,7 @@ def test_scaling_arithmetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert "| 500 (100x) | 362.0 | 100.0 | 3.620 | 0.50 |" in text  # 500 callbacks: 10 + 2 + 0.5 x 500
     rows = json.loads((ratios / "scaling.json").read_text())
     assert len(rows) == 6 and all(r["ratio"] == pytest.approx(1.0) for r in rows)
+    assert "(2 of 50 x 1, 10, 100 steps for the steps" in text and "3 of 350 steps for values" in text
 
 
 def test_scaling_runs(tmp_path: Path) -> None:
