@@ -36,6 +36,7 @@ from ember.trainer.hparams import AttributeDict
 __all__ = [
     "AttributeDict",
     "CombinedLoader",
+    "EmberDeprecationWarning",
     "find_shared_parameters",
     "grad_norm",
     "is_picklable",
@@ -182,14 +183,24 @@ def rank_zero_warn(message: str | Warning, stacklevel: int = 4, **kwargs: Any) -
     _emit_warning(message, stacklevel, **kwargs)
 
 
+class EmberDeprecationWarning(DeprecationWarning):
+    """The category of :func:`rank_zero_deprecation`: a ``DeprecationWarning`` that is shown by
+    default (as Lightning's ``LightningDeprecationWarning``), wherever the call is."""
+
+
+# Python shows a DeprecationWarning only when __main__ raises it; this category always, once per
+# place (a user's own filters, set after this import, still win).
+warnings.simplefilter("default", category=EmberDeprecationWarning)
+
+
 def rank_zero_deprecation(message: str | Warning, stacklevel: int = 5, **kwargs: Any) -> None:
-    """A ``DeprecationWarning`` (unless ``category`` says otherwise) on global rank 0 only.
+    """An :class:`EmberDeprecationWarning` (unless ``category`` says otherwise) on global rank 0 only.
 
     Example::
 
         rank_zero_deprecation("`old_arg` is deprecated; use `new_arg`")
     """
-    kwargs.setdefault("category", DeprecationWarning)
+    kwargs.setdefault("category", EmberDeprecationWarning)
     rank_zero_warn(message, stacklevel=stacklevel, **kwargs)
 
 

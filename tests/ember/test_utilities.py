@@ -6,8 +6,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from ember import Accelerator, state
 from ember.utilities import (
     AttributeDict,
     CombinedLoader,
+    EmberDeprecationWarning,
     find_shared_parameters,
     grad_norm,
     is_picklable,
@@ -106,6 +110,20 @@ def test_rank_zero_only_runs_on_rank_zero_and_returns_default_elsewhere(
     assert record(5) == 5 and calls == [1, 5]
     with pytest.raises(ValueError, match=r"rank_zero_only\(rank=-1\) must be an int >= 0"):
         rank_zero_only.rank = -1
+
+
+def test_rank_zero_deprecation_is_shown_by_default_as_lightnings_is(tmp_path: Path) -> None:
+    # Python hides a DeprecationWarning raised outside __main__; Lightning shows its own
+    # (LightningDeprecationWarning, a subclass it filters to "default"): ember's category is shown too.
+    (tmp_path / "library.py").write_text(
+        "from ember.utilities import rank_zero_deprecation\n"
+        "def old():\n"
+        "    rank_zero_deprecation('`old_arg` is deprecated')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", "import library; library.old()"], cwd=tmp_path,
+                          capture_output=True, text=True, check=True, timeout=120)  # fmt: skip
+    assert "library.py:3: EmberDeprecationWarning: `old_arg` is deprecated" in done.stderr
+    assert issubclass(EmberDeprecationWarning, DeprecationWarning)
 
 
 def test_rank_zero_only_follows_the_accelerator_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
