@@ -4,7 +4,6 @@ They read top to bottom; the hook order they follow is the contract written in d
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import warnings
 from collections.abc import Generator
@@ -17,6 +16,7 @@ from ember._rng import rng_state, set_rng_state
 from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, module_hook, timed, timed_batches
+from ember.trainer.schedule import may_stop, validate_at_epoch_end, validate_mid_epoch, validation_epoch
 from ember.trainer.step import Epoch, detached
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def run_fit(trainer: Trainer) -> None:
             timed(trainer.config.profiler, TRAIN_EPOCH, _train_epoch)(trainer)
             state.train_done = True
         if not state.val_done:
-            if _validate_at_epoch_end(trainer):
+            if validate_at_epoch_end(trainer):
                 module_hook(trainer, "on_validation_model_zero_grad")()  # (an epoch ends on a step)
                 run_evaluation(
                     trainer, "validation", trainer._val_loaders, trainer._val_limits(), at_epoch_end=True
@@ -81,7 +81,7 @@ def run_fit(trainer: Trainer) -> None:
 
 def _fit_done(trainer: Trainer) -> bool:
     config, state = trainer.config, trainer.state
-    if trainer.should_stop and _may_stop(trainer):
+    if trainer.should_stop and may_stop(trainer):
         return True
     if config.max_steps != -1 and state.global_step >= config.max_steps:
         return True
@@ -121,21 +121,6 @@ def _warn_sparse_rows(trainer: Trainer) -> None:
         )
 
 
-def _may_stop(trainer: Trainer) -> bool:
-    """Whether ``should_stop`` may end the fit now, within an epoch or between two: ``min_epochs``
-    finished epochs and ``min_steps`` optimizer steps are done (until then the request waits)."""
-    config, state = trainer.config, trainer.state
-    may = (config.min_epochs is None or state.epoch >= config.min_epochs) and (
-        config.min_steps is None or state.global_step >= config.min_steps
-    )
-    if not may and trainer.should_stop and not trainer._deferred_stop_noted:  # (once, as Lightning)
-        trainer._deferred_stop_noted = True
-        if trainer.is_global_zero:
-            print(f"ember: trainer.should_stop was set, but min_epochs={config.min_epochs} and min_steps="
-                  f"{config.min_steps} are not reached: training continues", file=sys.stderr, flush=True)  # fmt: skip
-    return may
-
-
 def _train_epoch(trainer: Trainer) -> None:
     state, config = trainer.state, trainer.config
     reload = config.reload_dataloaders_every_n_epochs
@@ -147,13 +132,13 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.set_epoch(state.epoch)
         trainer._metrics.reset()
         call_hook(trainer, "on_train_epoch_start")
-        if trainer.should_stop and _may_stop(trainer):  # (as Lightning: asked before each batch)
+        if trainer.should_stop and may_stop(trainer):  # (as Lightning: asked before each batch)
             return
     # After on_train_epoch_start (a finetuning callback unfreezes there) and after a resume: a
     # changed set of trainable parameters gets a new DDP wrapper before Epoch caches the model.
     trainer._refresh_trainable()
     trainer._hook_plan.refresh()  # callbacks' inactive hooks, as their settings are now
-    epoch = Epoch.of(trainer, validates=bool(trainer._val_loaders) and _validation_epoch(trainer))
+    epoch = Epoch.of(trainer, validates=bool(trainer._val_loaders) and validation_epoch(trainer))
     if epoch.in_sync:
         trainer.accelerator.accumulate(epoch.model, sync=True)  # stays so: no batch enters accumulate()
     batches = iter(loader)
@@ -163,7 +148,7 @@ def _train_epoch(trainer: Trainer) -> None:
         source = timed_batches(trainer.config.profiler, fetch_action("train"), batches)  # (chosen once)
         todo = itertools.islice(source, max(0, int(epoch.limit) - state.batch_idx)) if epoch.sized else source
         for batch in todo:
-            if _train_batch(trainer, epoch, batch) or (trainer.should_stop and _may_stop(trainer)):
+            if _train_batch(trainer, epoch, batch) or (trainer.should_stop and may_stop(trainer)):
                 break
             # (the setting, not a copy: fit_loop.epoch_loop.max_steps may lower it mid-epoch, as Lightning's)
             if config.max_steps != -1 and state.global_step >= config.max_steps:
@@ -233,7 +218,7 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
         if max_steps == -1 or state.global_step < max_steps:
             epoch.zero_grad()
             epoch.freed = True
-    if epoch.validates and _validate_mid_epoch(trainer, batch_idx, is_last):
+    if epoch.validates and validate_mid_epoch(trainer, batch_idx, is_last):
         if should_step:  # (as Lightning: not in the middle of an accumulation window)
             module_hook(trainer, "on_validation_model_zero_grad")()
         run_evaluation(trainer, "validation", trainer._val_loaders, trainer._val_limits())
@@ -242,48 +227,6 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     if should_step and (epoch.several or epoch.signals.received is not None):
         trainer._preemption.stop_if_signalled(trainer)
     return False
-
-
-def _validate_mid_epoch(trainer: Trainer, batch_idx: int, is_last: bool) -> bool:
-    """Whether validation runs after this batch, in an epoch that validates (``Epoch.validates``)."""
-    if trainer._val_clock is not None:  # time-based: the epoch's last batch asks at the epoch's end
-        return not is_last and trainer._val_clock.due(trainer)
-    if trainer.config.check_val_every_n_epoch is None:  # count training batches across epochs
-        return trainer.state.total_batch_idx % trainer._val_check_batch == 0
-    return not is_last and (batch_idx + 1) % trainer._val_check_batch == 0
-
-
-def _validation_epoch(trainer: Trainer) -> bool:
-    every = trainer.config.check_val_every_n_epoch or 1
-    return (trainer.state.epoch + 1) % every == 0 and any(limit > 0 for limit in trainer._val_limits())
-
-
-def _validate_at_epoch_end(trainer: Trainer) -> bool:
-    state = trainer.state
-    if not trainer._val_loaders or not _validation_epoch(trainer) or state.batch_idx == 0:
-        return False
-    if trainer.should_stop and _may_stop(trainer):
-        # As Lightning: a granted stop request validates after the batch it came in, unless the
-        # val_check_interval validation after that batch ran (once per end of an epoch, not per batch).
-        return not _validate_mid_epoch(trainer, state.batch_idx - 1, trainer._is_last_batch)
-    if _stopped_mid_epoch(trainer):
-        return False
-    if trainer._val_clock is not None:  # (as Lightning: no validation at an epoch's end unless due)
-        return trainer._val_clock.due(trainer)
-    if trainer.config.check_val_every_n_epoch is None:
-        return False
-    interval = trainer.config.val_check_interval
-    return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
-
-
-def _stopped_mid_epoch(trainer: Trainer) -> bool:
-    """The epoch ended before its last batch (``max_steps`` reached, or ``on_train_batch_start``
-    returned -1): as in Lightning, no epoch-end validation runs then (a mid-epoch
-    ``val_check_interval`` still did). A granted ``should_stop`` validates: ``_validate_at_epoch_end``."""
-    limit, state = trainer.num_training_batches, trainer.state
-    if not math.isinf(limit):
-        return state.batch_idx < limit
-    return trainer.config.max_steps != -1 and state.global_step >= trainer.config.max_steps
 
 
 def _end_epoch(trainer: Trainer) -> None:
