@@ -296,8 +296,10 @@ def load_state(
         raise CheckpointError(
             _model_mismatch(directory, saved.get("models", 0), len(objects.models), len(models), hooked)
         )
-    same_world = manifest["world_size"] == strategy.world_size
-    if not same_world and not converted:
+    # Loader positions and RNG streams: restored on the same world size; a converted Lightning
+    # checkpoint has none (the run keeps its own, as a Lightning resume does).
+    restores = manifest["world_size"] == strategy.world_size and not converted
+    if not restores and not converted:  # another world size
         warnings.warn(
             f"checkpoint was saved with world size {manifest['world_size']}, this run has {strategy.world_size}: "
             "weights and optimizer state are restored, dataloader positions and RNG streams are not",
@@ -313,8 +315,7 @@ def load_state(
     custom = [read_tree(directory, f"custom_checkpoint_{i}") for i in range(len(objects.custom))]
     loaders: list[Any] = []
     rng: dict[str, Any] = {}
-    same_world = same_world and not converted  # the run keeps its loaders and RNG, as a Lightning resume
-    if same_world:
+    if restores:
         loaders = read_tree(directory, "dataloaders")
         if not (
             isinstance(loaders, list)
@@ -332,7 +333,7 @@ def load_state(
             f"checkpoint {str(directory)!r}: manifest.json's accumulation_step must be an int >= 0, got {step!r}"
         )
     loaded = {name: read_tree(directory, name) for name in manifest.get("extra", [])}
-    if same_world:
+    if restores:
         for name in manifest.get("rank_extra", []):
             loaded[name] = read_tree(directory, f"{name}_rank{strategy.global_rank}")
 
@@ -358,7 +359,7 @@ def load_state(
     strategy.precision.load_state_dict(precision)
     for obj, state in zip(objects.custom, custom, strict=True):
         obj.load_state_dict(state)
-    if same_world:
+    if restores:
         for loader, state in zip(objects.dataloaders, loaders, strict=True):
             loader.load_state_dict(state)
         set_rng_state(rng)

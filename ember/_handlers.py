@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ember.kwargs_handlers import ProfileKwargs
     from ember.precision import Precision
     from ember.strategies import Strategy
 
@@ -18,7 +17,6 @@ __all__ = [
     "ddp_strategy",
     "handled_precision",
     "handler",
-    "profile_handler",
 ]
 
 
@@ -68,9 +66,3 @@ def handler(handlers: dict[type, Any], kind: str) -> Any | None:
     from ember import kwargs_handlers
 
     return handlers.get(getattr(kwargs_handlers, kind))
-
-
-def profile_handler(handlers: dict[type, Any]) -> ProfileKwargs | None:
-    """The ``ProfileKwargs`` among the handlers, if any."""
-    found: ProfileKwargs | None = handler(handlers, "ProfileKwargs")
-    return found

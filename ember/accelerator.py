@@ -216,7 +216,7 @@ class Accelerator(
         self._several_nodes = environment.world_size > environment.local_world_size
         self._trackers = _trackers.Trackers(trackers, project.logging_dir)
         self._handlers = handlers  # (by kind: ddp_handler, scaler_handler, autocast_handler, profile())
-        self.profile_handler = kwargs_handlers_module.profile_handler(handlers)
+        self.profile_handler = kwargs_handlers_module.handler(handlers, "ProfileKwargs")
         set_current(self)  # a PartialState made from now on describes these processes
 
     # -- where am I -----------------------------------------------------------------------------

@@ -339,26 +339,22 @@ class AccelerateStateMixin:
         return self._gradient_state.loop.end_of_dataloader
 
     # -- the settings given, read back (Accelerate's attributes) ---------------------------------------
-    def _handler(self, kind: str) -> Any | None:
-        """The one of that kind among ``kwargs_handlers`` (their module loads only if one was given)."""
-        return handler(self._handlers, kind)
-
     @property
     def ddp_handler(self) -> kw.DistributedDataParallelKwargs | None:
-        return self._handler("DistributedDataParallelKwargs")
+        return handler(self._handlers, "DistributedDataParallelKwargs")
 
     @property
     def scaler_handler(self) -> kw.GradScalerKwargs | None:
-        return self._handler("GradScalerKwargs")
+        return handler(self._handlers, "GradScalerKwargs")
 
     @property
     def init_handler(self) -> kw.InitProcessGroupKwargs | None:
-        return self._handler("InitProcessGroupKwargs")
+        return handler(self._handlers, "InitProcessGroupKwargs")
 
     @property
     def autocast_handler(self) -> kw.AutocastKwargs | None:
         """The ``AutocastKwargs`` among ``kwargs_handlers``: the autocast of every prepared model's forward."""
-        return self._handler("AutocastKwargs")
+        return handler(self._handlers, "AutocastKwargs")
 
     @property
     def rng_types(self) -> list[str]:
