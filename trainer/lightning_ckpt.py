@@ -39,7 +39,7 @@ from ember._weights import stream_weights, tensor_stream
 from ember.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 from ember.callbacks.timer import Timer
 from ember.strategies.checkpoint_io import MANIFEST, CheckpointError, encode_tree, write_manifest, write_tree
-from ember.strategies.checkpoint_swap import finalize_staged
+from ember.strategies.checkpoint_swap import finalize_staged, staging_path
 from ember.trainer.checkpointing import STATE
 
 __all__ = ["LightningCheckpointError", "convert_lightning", "hparams_entries", "read_lightning"]
@@ -222,7 +222,7 @@ def convert_lightning(ckpt: str | os.PathLike[str], out_dir: str | os.PathLike[s
             encode_tree(value)
         except TypeError as err:
             raise LightningCheckpointError(f"{str(ckpt)!r}: its {what} cannot be stored: {err}") from None
-    staging = out.with_name(f".{out.name}.partial")
+    staging = staging_path(out)
     if staging.exists():
         shutil.rmtree(staging)  # (a conversion killed earlier: its debris)
     staging.mkdir(parents=True)
