@@ -78,7 +78,7 @@ xla: $(XLA_STAMP)
 
 test: lint typecheck unit docs xla
 
-# The benchmark suite (benchmarks/run.py, about 16 minutes here): RESULTS.md and ratios.png in benchmarks/.
+# The benchmark suite (benchmarks/run.py, about 22 minutes here): RESULTS.md and ratios.png in benchmarks/.
 # It compares ember with Lightning and Accelerate, installed here only (the `bench` extra; torch stays
 # pinned in the same command). Not part of `make test`. GPU section: $(BIN)/python benchmarks/run.py --device cuda
 BENCH_STAMP := $(VENV)/.ember-bench-installed
