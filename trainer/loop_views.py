@@ -1,14 +1,15 @@
 """Lightning's loop objects (``trainer.fit_loop``, ``validate_loop``, ``test_loop``, ``predict_loop``)
-as views over ember's own state: each read computes its answer from ``trainer.state`` and
-``trainer.config``, so nothing is stored twice and nothing runs per batch.
+as views over ember's own state: each read computes its answer from ``trainer.state``,
+``trainer.config`` and what the loops mark per batch (a training batch running, ``_in_batch``; an
+evaluation pass's finished batches, ``_pass_batches``, and whether its running batch is its last,
+``_pass_last``), so nothing is counted twice.
 
-The progress counters answer as Lightning 2.6.6's do in ``on_train_batch_start``,
-``on_train_batch_end``, the validation hooks and the epoch-end hooks. ember advances its counters
-once per batch, so inside ``training_step`` (and the backward / optimizer hooks) they read as in
-the last batch's ``on_train_batch_end``; at ``on_train_epoch_start`` of a later epoch and after the
-fit the ``current`` batch counts read 0 (Lightning's still hold the last epoch's). Evaluation
-loops count a whole pass: their ``batch_progress`` is known at ``on_*_epoch_end``, ``on_*_end``
-and after the stage, and raises inside the pass's batches.
+The progress counters answer as Lightning 2.6.6's do in ``on_train_batch_start``, inside
+``training_step`` and the hooks around its backward and optimizer step, in ``on_train_batch_end``,
+the validation hooks and the epoch-end hooks; evaluation and predict loops count their pass (over
+all its loaders, ``total`` equal to ``current``) in its batch hooks and steps too. At
+``on_train_epoch_start`` of a later epoch and after the fit the ``current`` training batch counts
+read 0 (Lightning's still hold the last epoch's).
 """
 
 from __future__ import annotations
@@ -56,12 +57,19 @@ def _in_fit_training(trainer: Trainer) -> bool:
     return trainer._running == "fit" and not trainer.sanity_checking
 
 
+def _in_batch(trainer: Trainer) -> bool:
+    """``training_step`` or a hook around its backward and optimizer step runs: the batch is
+    started, ember's counters not yet advanced."""
+    return trainer._in_batch and _in_fit_training(trainer) and not trainer._evaluation
+
+
 def _after_batch(trainer: Trainer) -> bool:
     """A training batch's hooks run after ember advanced its counters (``on_train_batch_end``)."""
     state = trainer.state
     return (
         _in_fit_training(trainer)
         and not trainer._evaluation
+        and not trainer._in_batch
         and not state.train_done
         and state.batch_idx > 0
         and trainer._metrics.fx == "training_step"
@@ -90,6 +98,8 @@ class EpochLoopView:
         done = state.batch_idx
         if _in_fit_training(trainer) and trainer._metrics.fx == "on_train_batch_start":
             current = Progress(done + 1, done, done, done)
+        elif _in_batch(trainer):
+            current = Progress(done + 1, done + 1, done, done)
         elif _after_batch(trainer):
             current = Progress(done, done, done, done - 1)
         else:
@@ -196,7 +206,7 @@ _STAGES = {"validation": "validate", "validate": "validate", "test": "test", "pr
 
 class EvaluationLoopView:
     """``val_loop`` / ``validate_loop`` / ``test_loop`` / ``predict_loop``: the loaders of the
-    running (or last) pass and, from its end hooks on, the batches it ran."""
+    running (or last) pass and the batches it ran (so far, inside the pass)."""
 
     def __init__(self, trainer: Trainer, kind: str) -> None:
         self._trainer, self._kind = trainer, kind
@@ -213,11 +223,19 @@ class EvaluationLoopView:
         trainer, kind = self._trainer, self._kind
         prefix = "validation" if kind == "validate" else kind
         running = trainer._evaluation == prefix or trainer._running == _STAGES[kind]
-        if running and trainer._metrics.fx not in (f"on_{prefix}_epoch_end", f"on_{prefix}_end"):
-            raise RuntimeError(
-                f"{kind} loop's batch_progress is known from on_{prefix}_epoch_end on: ember does not count "
-                f"the batches of a running pass; use the batch_idx argument of the on_{prefix}_batch_* hooks"
-            )
+        fx = trainer._metrics.fx
+        if running and fx not in (f"on_{prefix}_epoch_end", f"on_{prefix}_end"):
+            # Inside the pass: its finished batches (over all its loaders) and where in a batch we are
+            ran = trainer._pass_batches
+            if fx == f"on_{prefix}_batch_start":
+                current = Progress(ran + 1, ran, ran, ran)
+            elif fx == f"{prefix}_step":
+                current = Progress(ran + 1, ran + 1, ran, ran)
+            elif fx == f"on_{prefix}_batch_end":
+                current = Progress(ran + 1, ran + 1, ran + 1, ran)
+            else:  # its start hooks, before any batch
+                return BatchProgress(Progress(ran, ran, ran, ran), Progress(ran, ran, ran, ran), False)
+            return BatchProgress(current, current, trainer._pass_last)
         if kind == "test":
             counts = trainer.num_test_batches
         elif kind == "predict":

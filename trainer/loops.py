@@ -160,7 +160,7 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.load_state_dict({**loader.state_dict(), "epoch": state.epoch, "position": state.batch_idx})
         raise
     finally:
-        store.fx = previous
+        store.fx, trainer._in_batch = previous, False  # (also when a batch raised)
         batches.close()  # type: ignore[attr-defined]
 
 
@@ -189,7 +189,9 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     entry = hooks["on_train_batch_start"]
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
-    trainer._is_last_batch = is_last
+    # _in_batch: training_step and the hooks around its backward and step run (the counters advance
+    # after them; Lightning's loop views read this: trainer/loop_views.py)
+    trainer._is_last_batch, trainer._in_batch = is_last, True
     if epoch.in_sync:  # gradients stay in sync (_train_epoch)
         output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, True)
     else:
@@ -197,6 +199,7 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
             output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, should_step)
     state.batch_idx += 1
     state.total_batch_idx += 1
+    trainer._in_batch = False
     if should_step:
         state.stepped_batches += 1
         if row:  # the bar, drawn in on_train_batch_end, shows the values of the row written after it
@@ -287,6 +290,7 @@ def _evaluation_pass(
     store.loader_of.clear()
     store.park()  # keep the training epoch's aggregates aside
     modes = enter_eval(trainer, prefix)  # on_{prefix}_model_eval: the model's eval()
+    trainer._pass_batches = 0  # (the pass's finished batches, for Lightning's loop views)
     call_hook(trainer, f"on_{prefix}_start")
     call_hook(trainer, f"on_{prefix}_epoch_start")
     several = len(loaders) > 1
@@ -301,13 +305,16 @@ def _evaluation_pass(
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             store.dataloader_suffix = f"/dataloader_idx_{loader_idx}" if several else ""
+            last_loader = loader_idx == len(loaders) - 1
             with closing(_limited(loader, limit, profiler, fetch_action(prefix))) as batches:
                 for batch_idx, batch in batches:
                     store.begin_batch(batch)
+                    trainer._pass_last = last_loader and last_batch(trainer, limit, batch_idx)
                     extra = (loader_idx,) if several else ()
                     call_hook(trainer, f"on_{prefix}_batch_start", batch, batch_idx, loader_idx)
                     output = run_step(store, accelerator, model, name, step, batch, batch_idx, *extra)
                     call_hook(trainer, f"on_{prefix}_batch_end", output, batch, batch_idx, loader_idx)
+                    trainer._pass_batches += 1
                     if seen is not None:  # values logged with on_step=True: a row after each batch
                         if store.step_values:
                             trainer._write_row(store.step_values, step=seen[loader_idx])
@@ -339,6 +346,11 @@ def _of_loader(store: MetricStore, key: str, index: int) -> bool:
     if "/dataloader_idx_" in key:
         return key.endswith(suffix)
     return store.loader_of.get(key, suffix) == suffix
+
+
+def last_batch(trainer: Trainer, limit: int | float, batch_idx: int) -> bool:
+    """Whether batch ``batch_idx`` of an evaluation loader is its last (``limit``: its batches)."""
+    return batch_idx + 1 >= limit if limit != float("inf") else trainer.accelerator.end_of_dataloader
 
 
 def _evaluating(trainer: Trainer) -> AbstractContextManager[Any]:

@@ -10,7 +10,7 @@ import torch
 
 from ember._tree import apply_to_tensors, other_leaf
 from ember.trainer.hooks import call_hook, run_step, step_call
-from ember.trainer.loops import _evaluating, _limited
+from ember.trainer.loops import _evaluating, _limited, last_batch
 from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.prediction import start_record
 from ember.trainer.profilers.timed import fetch_action
@@ -31,6 +31,7 @@ def run_predict(
     (``trainer.prediction_record``)."""
     accelerator = trainer.accelerator
     modes = enter_eval(trainer, "predict")  # on_predict_model_eval: the model's eval()
+    trainer._pass_batches = 0  # (the pass's finished batches, for Lightning's loop views)
     call_hook(trainer, "on_predict_start")
     call_hook(trainer, "on_predict_epoch_start")
     record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
@@ -40,10 +41,12 @@ def run_predict(
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []
+            last_loader = loader_idx == len(loaders) - 1
             with closing(
                 _limited(loader, limit, trainer.config.profiler, fetch_action("predict"))
             ) as batches:
                 for batch_idx, batch in batches:
+                    trainer._pass_last = last_loader and last_batch(trainer, limit, batch_idx)
                     call_hook(trainer, "on_predict_batch_start", batch, batch_idx, loader_idx)
                     extra = (loader_idx,) if several else ()
                     output = run_step(
@@ -53,6 +56,7 @@ def run_predict(
                         record.add(loader_idx, loader, output)
                     output = _in_order(accelerator.gather_for_metrics(output), loader._gathered_order)
                     call_hook(trainer, "on_predict_batch_end", output, batch, batch_idx, loader_idx)
+                    trainer._pass_batches += 1
                     if keep:
                         outputs.append(output)
             results.append(outputs)

@@ -54,6 +54,9 @@ class TrainerProperties(StageFlags, LightningNames, LoopViews):
     _prediction_record: PredictionRecord | None
     _is_last_batch: bool
     _stepping: bool  # the running training batch steps the optimizer (trainer/loops.py)
+    _in_batch: bool  # inside a training batch, between on_train_batch_start and its counters' advance
+    _pass_batches: int  # the running evaluation / predict pass's finished batches
+    _pass_last: bool  # its running batch is its last (of its last loader)
     _row_due: bool  # its logger row is due, should_stop aside
     should_stop: bool
 

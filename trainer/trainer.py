@@ -174,6 +174,7 @@ class Trainer(
         self.sanity_checking = False
         self.stage = ""
         self._running, self._evaluation, self._is_last_batch = "", "", False  # (the stage flags' answers)
+        self._in_batch, self._pass_batches, self._pass_last = False, 0, False  # (progress: loop_views)
         # The running training batch steps the optimizer; its logger row is due (logs_this_batch).
         self._stepping, self._row_due, self._row_pending = False, False, False  # (_row_pending: _flush_row)
         self._progress_bar_values: dict[str, float] = {}

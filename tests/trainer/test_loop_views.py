@@ -129,29 +129,209 @@ def test_fit_loop_counters_match_lightning(tmp_path: Path) -> None:
     assert _counts(fit.epoch_loop.val_loop.batch_progress.total) == (2, 2, 2, 2)
 
 
-def test_evaluation_loops_count_their_pass(tmp_path: Path) -> None:
-    seen: list[Any] = []
+class InBatch(Callback):
+    """The counters inside a batch: in ``training_step`` (the module calls ``row``) and the hooks
+    around its backward and optimizer step."""
 
-    class Read(Callback):
-        def on_test_batch_end(self, trainer: Trainer, *args: Any) -> None:
-            with pytest.raises(RuntimeError, match="batch_idx argument"):
-                _ = trainer.test_loop.batch_progress
-            seen.append("batch")
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
 
-        def on_test_end(self, trainer: Trainer, module: Any) -> None:
-            seen.append(_counts(trainer.test_loop.batch_progress.current))
+    def row(self, trainer: Trainer, hook: str, idx: int) -> None:
+        fit, epoch = trainer.fit_loop, trainer.fit_loop.epoch_loop
+        batches = epoch.batch_progress
+        self.rows.append((hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current),
+                          _counts(batches.total), epoch._batches_that_stepped, epoch.global_step,
+                          fit.total_batch_idx, fit.batch_idx, batches.is_last_batch))  # fmt: skip
 
-    trainer, module = _trainer(tmp_path, callbacks=[Read()]), Net()
+    def on_before_backward(self, trainer: Trainer, module: Any, loss: torch.Tensor) -> None:
+        self.row(trainer, "bb", trainer.fit_loop.epoch_loop.batch_idx)
+
+    def on_before_optimizer_step(self, trainer: Trainer, module: Any, optimizer: Any) -> None:
+        self.row(trainer, "bos", trainer.fit_loop.epoch_loop.batch_idx)
+
+
+# Recorded with Lightning 2.6.6 (the fit of LIGHTNING) as there: in training_step ("ts", its
+# batch_idx argument), on_before_backward ("bb") and on_before_optimizer_step ("bos", at the step
+# boundaries of accumulate_grad_batches=2), the batch index being fit_loop.epoch_loop.batch_idx.
+LIGHTNING_IN_BATCH = [
+    ("ts", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("bb", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("ts", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 0, 0, 1, 1, False),
+    ("bb", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 0, 0, 1, 1, False),
+    ("bos", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 0, 0, 1, 1, False),
+    ("ts", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 1, 1, 2, 2, False),
+    ("bb", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 1, 1, 2, 2, False),
+    ("ts", 3, (1, 1, 0, 0), (4, 4, 3, 3), (4, 4, 3, 3), 1, 1, 3, 3, False),
+    ("bb", 3, (1, 1, 0, 0), (4, 4, 3, 3), (4, 4, 3, 3), 1, 1, 3, 3, False),
+    ("bos", 3, (1, 1, 0, 0), (4, 4, 3, 3), (4, 4, 3, 3), 1, 1, 3, 3, False),
+    ("ts", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
+    ("bb", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
+    ("bos", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
+    ("ts", 0, (2, 2, 1, 1), (1, 1, 0, 0), (6, 6, 5, 5), 3, 3, 5, 0, False),
+    ("bb", 0, (2, 2, 1, 1), (1, 1, 0, 0), (6, 6, 5, 5), 3, 3, 5, 0, False),
+    ("ts", 1, (2, 2, 1, 1), (2, 2, 1, 1), (7, 7, 6, 6), 3, 3, 6, 1, False),
+    ("bb", 1, (2, 2, 1, 1), (2, 2, 1, 1), (7, 7, 6, 6), 3, 3, 6, 1, False),
+    ("bos", 1, (2, 2, 1, 1), (2, 2, 1, 1), (7, 7, 6, 6), 3, 3, 6, 1, False),
+    ("ts", 2, (2, 2, 1, 1), (3, 3, 2, 2), (8, 8, 7, 7), 4, 4, 7, 2, False),
+    ("bb", 2, (2, 2, 1, 1), (3, 3, 2, 2), (8, 8, 7, 7), 4, 4, 7, 2, False),
+    ("ts", 3, (2, 2, 1, 1), (4, 4, 3, 3), (9, 9, 8, 8), 4, 4, 8, 3, False),
+    ("bb", 3, (2, 2, 1, 1), (4, 4, 3, 3), (9, 9, 8, 8), 4, 4, 8, 3, False),
+    ("bos", 3, (2, 2, 1, 1), (4, 4, 3, 3), (9, 9, 8, 8), 4, 4, 8, 3, False),
+    ("ts", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
+    ("bb", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
+    ("bos", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
+]
+
+
+def test_fit_loop_counters_inside_a_batch_match_lightning(tmp_path: Path) -> None:
+    record = InBatch()
+
+    class Reading(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            record.row(self.trainer, "ts", batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    trainer = _trainer(tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=1, callbacks=[record])
+    trainer.fit(Reading(), _loader(5), _loader(2))
+    assert record.rows == LIGHTNING_IN_BATCH
+    assert not trainer._in_batch
+
+
+class EvalRecord(Callback):
+    """An evaluation loop's ``batch_progress`` (current, total, is_last_batch) at each of its hooks;
+    the module's steps call ``row`` too."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[Any, ...]] = []
+        self.in_fit = False
+
+    def row(self, trainer: Trainer, kind: str, hook: str, *ids: int) -> None:
+        if kind == "val":
+            loop = trainer.fit_loop.epoch_loop.val_loop if self.in_fit else trainer.validate_loop
+        else:
+            loop = trainer.test_loop if kind == "test" else trainer.predict_loop
+        progress = loop.batch_progress
+        self.rows.append(
+            (kind, hook, *ids, _counts(progress.current), _counts(progress.total), progress.is_last_batch)
+        )
+
+
+def _eval_hooks(prefix: str, kind: str) -> dict[str, Any]:
+    def start(self: EvalRecord, trainer: Trainer, module: Any, batch: Any, i: int, d: int = 0) -> None:
+        self.row(trainer, kind, "bs", i, d)
+
+    def end(
+        self: EvalRecord, trainer: Trainer, module: Any, out: Any, batch: Any, i: int, d: int = 0
+    ) -> None:
+        self.row(trainer, kind, "be", i, d)
+
+    return {
+        f"on_{prefix}_batch_start": start,
+        f"on_{prefix}_batch_end": end,
+        f"on_{prefix}_start": lambda self, trainer, module: self.row(trainer, kind, "st"),
+        f"on_{prefix}_epoch_start": lambda self, trainer, module: self.row(trainer, kind, "es"),
+        f"on_{prefix}_epoch_end": lambda self, trainer, module: self.row(trainer, kind, "ee"),
+        f"on_{prefix}_end": lambda self, trainer, module: self.row(trainer, kind, "end"),
+    }
+
+
+for _prefix, _kind in (("validation", "val"), ("test", "test"), ("predict", "predict")):
+    for _name, _hook in _eval_hooks(_prefix, _kind).items():
+        setattr(EvalRecord, _name, _hook)
+
+
+# Recorded with Lightning 2.6.6: a fit of one epoch (2 training batches) with a 1-batch sanity check
+# and 2 validation batches, then validate, test and predict on two loaders of 2 and 1 batches: kind,
+# hook ("st" start, "es" epoch start, batch start "bs", the step, batch end "be", epoch end "ee",
+# "end"), batch index and loader index, batch_progress.current and .total (ready, started,
+# processed, completed), is_last_batch (Lightning's predict loop has none in its start hooks: False).
+LIGHTNING_EVAL = [
+    ("val", "st", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "es", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "bs", 0, 0, (1, 0, 0, 0), (1, 0, 0, 0), True),
+    ("val", "step", 0, 0, (1, 1, 0, 0), (1, 1, 0, 0), True),
+    ("val", "be", 0, 0, (1, 1, 1, 0), (1, 1, 1, 0), True),
+    ("val", "ee", (1, 1, 1, 1), (1, 1, 1, 1), True),
+    ("val", "end", (1, 1, 1, 1), (1, 1, 1, 1), True),
+    ("val", "st", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "es", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "bs", 0, 0, (1, 0, 0, 0), (1, 0, 0, 0), False),
+    ("val", "step", 0, 0, (1, 1, 0, 0), (1, 1, 0, 0), False),
+    ("val", "be", 0, 0, (1, 1, 1, 0), (1, 1, 1, 0), False),
+    ("val", "bs", 1, 0, (2, 1, 1, 1), (2, 1, 1, 1), True),
+    ("val", "step", 1, 0, (2, 2, 1, 1), (2, 2, 1, 1), True),
+    ("val", "be", 1, 0, (2, 2, 2, 1), (2, 2, 2, 1), True),
+    ("val", "ee", (2, 2, 2, 2), (2, 2, 2, 2), True),
+    ("val", "end", (2, 2, 2, 2), (2, 2, 2, 2), True),
+    ("val", "st", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "es", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("val", "bs", 0, 0, (1, 0, 0, 0), (1, 0, 0, 0), False),
+    ("val", "step", 0, 0, (1, 1, 0, 0), (1, 1, 0, 0), False),
+    ("val", "be", 0, 0, (1, 1, 1, 0), (1, 1, 1, 0), False),
+    ("val", "bs", 1, 0, (2, 1, 1, 1), (2, 1, 1, 1), False),
+    ("val", "step", 1, 0, (2, 2, 1, 1), (2, 2, 1, 1), False),
+    ("val", "be", 1, 0, (2, 2, 2, 1), (2, 2, 2, 1), False),
+    ("val", "bs", 0, 1, (3, 2, 2, 2), (3, 2, 2, 2), True),
+    ("val", "step", 0, 1, (3, 3, 2, 2), (3, 3, 2, 2), True),
+    ("val", "be", 0, 1, (3, 3, 3, 2), (3, 3, 3, 2), True),
+    ("val", "ee", (3, 3, 3, 3), (3, 3, 3, 3), True),
+    ("val", "end", (3, 3, 3, 3), (3, 3, 3, 3), True),
+    ("test", "st", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("test", "es", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("test", "bs", 0, 0, (1, 0, 0, 0), (1, 0, 0, 0), False),
+    ("test", "step", 0, 0, (1, 1, 0, 0), (1, 1, 0, 0), False),
+    ("test", "be", 0, 0, (1, 1, 1, 0), (1, 1, 1, 0), False),
+    ("test", "bs", 1, 0, (2, 1, 1, 1), (2, 1, 1, 1), False),
+    ("test", "step", 1, 0, (2, 2, 1, 1), (2, 2, 1, 1), False),
+    ("test", "be", 1, 0, (2, 2, 2, 1), (2, 2, 2, 1), False),
+    ("test", "bs", 0, 1, (3, 2, 2, 2), (3, 2, 2, 2), True),
+    ("test", "step", 0, 1, (3, 3, 2, 2), (3, 3, 2, 2), True),
+    ("test", "be", 0, 1, (3, 3, 3, 2), (3, 3, 3, 2), True),
+    ("test", "ee", (3, 3, 3, 3), (3, 3, 3, 3), True),
+    ("test", "end", (3, 3, 3, 3), (3, 3, 3, 3), True),
+    ("predict", "st", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("predict", "es", (0, 0, 0, 0), (0, 0, 0, 0), False),
+    ("predict", "bs", 0, 0, (1, 0, 0, 0), (1, 0, 0, 0), False),
+    ("predict", "step", 0, 0, (1, 1, 0, 0), (1, 1, 0, 0), False),
+    ("predict", "be", 0, 0, (1, 1, 1, 0), (1, 1, 1, 0), False),
+    ("predict", "bs", 1, 0, (2, 1, 1, 1), (2, 1, 1, 1), False),
+    ("predict", "step", 1, 0, (2, 2, 1, 1), (2, 2, 1, 1), False),
+    ("predict", "be", 1, 0, (2, 2, 2, 1), (2, 2, 2, 1), False),
+    ("predict", "bs", 0, 1, (3, 2, 2, 2), (3, 2, 2, 2), True),
+    ("predict", "step", 0, 1, (3, 3, 2, 2), (3, 3, 2, 2), True),
+    ("predict", "be", 0, 1, (3, 3, 3, 2), (3, 3, 3, 2), True),
+    ("predict", "ee", (3, 3, 3, 3), (3, 3, 3, 3), True),
+    ("predict", "end", (3, 3, 3, 3), (3, 3, 3, 3), True),
+]
+
+
+def test_evaluation_loops_count_their_pass_as_lightning(tmp_path: Path) -> None:
+    record = EvalRecord()
+
+    class Reading(Net):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            record.row(self.trainer, "val", "step", batch_idx, dataloader_idx)
+
+        def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            record.row(self.trainer, "test", "step", batch_idx, dataloader_idx)
+
+        def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+            record.row(self.trainer, "predict", "step", batch_idx, dataloader_idx)
+            return super().predict_step(batch, batch_idx)
+
+    trainer, module = _trainer(tmp_path, max_epochs=1, num_sanity_val_steps=1, callbacks=[record]), Reading()
     assert _counts(trainer.test_loop.batch_progress.current) == (0, 0, 0, 0)  # as Lightning's, before a test
-    trainer.test(module, _loader(3))
-    # recorded with Lightning 2.6.6: 3 batches, in on_test_end and after the test
-    assert seen == ["batch"] * 3 + [(3, 3, 3, 3)]
-    assert _counts(trainer.test_loop.batch_progress.total) == (3, 3, 3, 3)
+    record.in_fit = True
+    trainer.fit(module, _loader(2), _loader(2))
+    record.in_fit = False
+    trainer.validate(module, [_loader(2), _loader(1)])
+    trainer.test(module, [_loader(2), _loader(1)])
+    trainer.predict(module, [_loader(2), _loader(1)])
+    assert record.rows == LIGHTNING_EVAL
+    # after each stage, its pass
+    for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop):
+        assert _counts(loop.batch_progress.current) == _counts(loop.batch_progress.total) == (3, 3, 3, 3)
     assert trainer.test_loop.dataloaders == trainer.test_dataloaders
-    trainer.validate(module, _loader(3))
-    assert _counts(trainer.validate_loop.batch_progress.current) == (3, 3, 3, 3)
-    trainer.predict(module, _loader(3))
-    assert _counts(trainer.predict_loop.batch_progress.current) == (3, 3, 3, 3)
 
 
 def test_fit_loop_max_epochs_extends_a_resumed_fit(tmp_path: Path) -> None:
