@@ -7,9 +7,9 @@ evaluation pass's finished batches, ``_pass_batches``, and whether its running b
 The progress counters answer as Lightning 2.6.6's do in ``on_train_batch_start``, inside
 ``training_step`` and the hooks around its backward and optimizer step, in ``on_train_batch_end``,
 the validation hooks and the epoch-end hooks; evaluation and predict loops count their pass (over
-all its loaders, ``total`` equal to ``current``) in its batch hooks and steps too. At
-``on_train_epoch_start`` of a later epoch and after the fit the ``current`` training batch counts
-read 0 (Lightning's still hold the last epoch's).
+all its loaders, ``total`` equal to ``current``) in its batch hooks and steps too. Between two
+epochs (the next one's ``on_train_epoch_start``) and after the fit, the training ``current``
+counts are the last epoch's, as Lightning's (``LoopState.last_epoch_batches``).
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def _in_epoch(trainer: Trainer) -> bool:
     state = trainer.state
     if not _in_fit_training(trainer):
         return False
-    fx = trainer._metrics.fx
-    return state.batch_idx > 0 or state.train_done or fx in ("on_train_epoch_start", "on_train_batch_start",
-                                                             "training_step")  # fmt: skip
+    if state.batch_idx > 0 or state.train_done or trainer._in_batch:
+        return True
+    return trainer._metrics.fx in ("on_train_epoch_start", "on_train_batch_start")
 
 
 class EpochLoopView:
@@ -102,6 +102,10 @@ class EpochLoopView:
             current = Progress(done + 1, done + 1, done, done)
         elif _after_batch(trainer):
             current = Progress(done, done, done, done - 1)
+        elif done == 0 and state.last_epoch_batches:  # between two epochs and after the fit: the last one's
+            last, fit = state.last_epoch_batches, state.total_batch_idx
+            counts = Progress(last, last, last, last)
+            return BatchProgress(counts, Progress(fit, fit, fit, fit), trainer._is_last_batch)
         else:
             current = Progress(done, done, done, done)
         before = state.total_batch_idx - done  # the batches of the earlier epochs

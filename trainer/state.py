@@ -41,6 +41,9 @@ class LoopState:
     train_done: bool = False
     val_done: bool = False
     epoch_done: bool = False
+    # The batches of the epoch before (set by next_epoch; not checkpointed): Lightning's loop views
+    # show its counts from its end until the next epoch's first batch, and after the fit.
+    last_epoch_batches: int = field(default=0, init=False, repr=False, compare=False)
     # Lightning's trainer.state, as the Trainer's stage flags say (trainer/stage_flags.py writes them
     # whenever a flag changes); not checkpointed.
     fn: str | None = field(default=None, init=False, repr=False, compare=False)
@@ -58,7 +61,7 @@ class LoopState:
 
     def next_epoch(self) -> None:
         self.epoch += 1
-        self.batch_idx = 0
+        self.last_epoch_batches, self.batch_idx = self.batch_idx, 0
         self.train_done = self.val_done = self.epoch_done = False
 
     def state_dict(self) -> dict[str, Any]:

@@ -120,9 +120,10 @@ def test_fit_loop_counters_match_lightning(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=1, callbacks=[record])
     trainer.fit(Net(), _loader(5), _loader(2))
     assert record.rows == LIGHTNING
-    # After the fit, as Lightning's: the epochs done, the fit's batches (the current epoch's read 0 here)
+    # After the fit, as Lightning's: the epochs done, the last epoch's batches and the fit's
     fit = trainer.fit_loop
     assert _counts(fit.epoch_progress.current) == (2, 2, 2, 2)
+    assert _counts(fit.epoch_loop.batch_progress.current) == (5, 5, 5, 5)
     assert _counts(fit.epoch_loop.batch_progress.total) == (10, 10, 10, 10)
     assert (fit.epoch_loop._batches_that_stepped, fit.epoch_loop.global_step) == (6, 6)
     assert (fit.max_epochs, fit.min_epochs, fit.max_steps, fit.epoch_loop.max_steps) == (2, None, -1, -1)
@@ -131,7 +132,7 @@ def test_fit_loop_counters_match_lightning(tmp_path: Path) -> None:
 
 class InBatch(Callback):
     """The counters inside a batch: in ``training_step`` (the module calls ``row``) and the hooks
-    around its backward and optimizer step."""
+    around its backward and optimizer step; and between epochs, at the end of training, after the fit."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[Any, ...]] = []
@@ -143,6 +144,12 @@ class InBatch(Callback):
                           _counts(batches.total), epoch._batches_that_stepped, epoch.global_step,
                           fit.total_batch_idx, fit.batch_idx, batches.is_last_batch))  # fmt: skip
 
+    def on_train_epoch_start(self, trainer: Trainer, module: Any) -> None:
+        self.row(trainer, "tes", trainer.current_epoch)
+
+    def on_train_end(self, trainer: Trainer, module: Any) -> None:
+        self.row(trainer, "te", trainer.current_epoch)
+
     def on_before_backward(self, trainer: Trainer, module: Any, loss: torch.Tensor) -> None:
         self.row(trainer, "bb", trainer.fit_loop.epoch_loop.batch_idx)
 
@@ -150,10 +157,13 @@ class InBatch(Callback):
         self.row(trainer, "bos", trainer.fit_loop.epoch_loop.batch_idx)
 
 
-# Recorded with Lightning 2.6.6 (the fit of LIGHTNING) as there: in training_step ("ts", its
-# batch_idx argument), on_before_backward ("bb") and on_before_optimizer_step ("bos", at the step
-# boundaries of accumulate_grad_batches=2), the batch index being fit_loop.epoch_loop.batch_idx.
+# Recorded with Lightning 2.6.6 (the fit of LIGHTNING) as there: in on_train_epoch_start ("tes"),
+# training_step ("ts", its batch_idx argument), on_before_backward ("bb"), on_before_optimizer_step
+# ("bos", at the step boundaries of accumulate_grad_batches=2; their index is
+# fit_loop.epoch_loop.batch_idx), on_train_end ("te") and after the fit ("after"); the epoch hooks'
+# index is current_epoch.
 LIGHTNING_IN_BATCH = [
+    ("tes", 0, (1, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), 0, 0, -1, -1, False),
     ("ts", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
     ("bb", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
     ("ts", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 0, 0, 1, 1, False),
@@ -167,6 +177,7 @@ LIGHTNING_IN_BATCH = [
     ("ts", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
     ("bb", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
     ("bos", 4, (1, 1, 0, 0), (5, 5, 4, 4), (5, 5, 4, 4), 2, 2, 4, 4, True),
+    ("tes", 1, (2, 1, 1, 1), (5, 5, 5, 5), (5, 5, 5, 5), 3, 3, 4, 4, True),
     ("ts", 0, (2, 2, 1, 1), (1, 1, 0, 0), (6, 6, 5, 5), 3, 3, 5, 0, False),
     ("bb", 0, (2, 2, 1, 1), (1, 1, 0, 0), (6, 6, 5, 5), 3, 3, 5, 0, False),
     ("ts", 1, (2, 2, 1, 1), (2, 2, 1, 1), (7, 7, 6, 6), 3, 3, 6, 1, False),
@@ -180,10 +191,14 @@ LIGHTNING_IN_BATCH = [
     ("ts", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
     ("bb", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
     ("bos", 4, (2, 2, 1, 1), (5, 5, 4, 4), (10, 10, 9, 9), 5, 5, 9, 4, True),
+    ("te", 2, (2, 2, 2, 2), (5, 5, 5, 5), (10, 10, 10, 10), 6, 6, 9, 4, True),
+    ("after", 2, (2, 2, 2, 2), (5, 5, 5, 5), (10, 10, 10, 10), 6, 6, 9, 4, True),
 ]
 
 
-def test_fit_loop_counters_inside_a_batch_match_lightning(tmp_path: Path) -> None:
+def test_fit_loop_counters_inside_a_batch_between_epochs_and_after_the_fit_match_lightning(
+    tmp_path: Path,
+) -> None:
     record = InBatch()
 
     class Reading(Net):
@@ -193,8 +208,73 @@ def test_fit_loop_counters_inside_a_batch_match_lightning(tmp_path: Path) -> Non
 
     trainer = _trainer(tmp_path, accumulate_grad_batches=2, num_sanity_val_steps=1, callbacks=[record])
     trainer.fit(Reading(), _loader(5), _loader(2))
+    record.row(trainer, "after", trainer.current_epoch)
     assert record.rows == LIGHTNING_IN_BATCH
     assert not trainer._in_batch
+
+
+# Recorded with Lightning 2.6.6 under manual optimisation (3 training batches, 2 epochs, no
+# validation), as LIGHTNING_IN_BATCH; inside training_step also after manual_backward ("tsb") and
+# after the optimizer's step ("tss"), where on_before_optimizer_step ("bos") ran in between.
+LIGHTNING_MANUAL = [
+    ("tes", 0, (1, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), 0, 0, -1, -1, False),
+    ("ts", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("bb", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("tsb", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("bos", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 0, 0, 0, False),
+    ("tss", 0, (1, 1, 0, 0), (1, 1, 0, 0), (1, 1, 0, 0), 0, 1, 0, 0, False),
+    ("ts", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 1, 1, 1, 1, False),
+    ("bb", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 1, 1, 1, 1, False),
+    ("tsb", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 1, 1, 1, 1, False),
+    ("bos", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 1, 1, 1, 1, False),
+    ("tss", 1, (1, 1, 0, 0), (2, 2, 1, 1), (2, 2, 1, 1), 1, 2, 1, 1, False),
+    ("ts", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 2, 2, 2, 2, True),
+    ("bb", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 2, 2, 2, 2, True),
+    ("tsb", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 2, 2, 2, 2, True),
+    ("bos", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 2, 2, 2, 2, True),
+    ("tss", 2, (1, 1, 0, 0), (3, 3, 2, 2), (3, 3, 2, 2), 2, 3, 2, 2, True),
+    ("tes", 1, (2, 1, 1, 1), (3, 3, 3, 3), (3, 3, 3, 3), 3, 3, 2, 2, True),
+    ("ts", 0, (2, 2, 1, 1), (1, 1, 0, 0), (4, 4, 3, 3), 3, 3, 3, 0, False),
+    ("bb", 0, (2, 2, 1, 1), (1, 1, 0, 0), (4, 4, 3, 3), 3, 3, 3, 0, False),
+    ("tsb", 0, (2, 2, 1, 1), (1, 1, 0, 0), (4, 4, 3, 3), 3, 3, 3, 0, False),
+    ("bos", 0, (2, 2, 1, 1), (1, 1, 0, 0), (4, 4, 3, 3), 3, 3, 3, 0, False),
+    ("tss", 0, (2, 2, 1, 1), (1, 1, 0, 0), (4, 4, 3, 3), 3, 4, 3, 0, False),
+    ("ts", 1, (2, 2, 1, 1), (2, 2, 1, 1), (5, 5, 4, 4), 4, 4, 4, 1, False),
+    ("bb", 1, (2, 2, 1, 1), (2, 2, 1, 1), (5, 5, 4, 4), 4, 4, 4, 1, False),
+    ("tsb", 1, (2, 2, 1, 1), (2, 2, 1, 1), (5, 5, 4, 4), 4, 4, 4, 1, False),
+    ("bos", 1, (2, 2, 1, 1), (2, 2, 1, 1), (5, 5, 4, 4), 4, 4, 4, 1, False),
+    ("tss", 1, (2, 2, 1, 1), (2, 2, 1, 1), (5, 5, 4, 4), 4, 5, 4, 1, False),
+    ("ts", 2, (2, 2, 1, 1), (3, 3, 2, 2), (6, 6, 5, 5), 5, 5, 5, 2, True),
+    ("bb", 2, (2, 2, 1, 1), (3, 3, 2, 2), (6, 6, 5, 5), 5, 5, 5, 2, True),
+    ("tsb", 2, (2, 2, 1, 1), (3, 3, 2, 2), (6, 6, 5, 5), 5, 5, 5, 2, True),
+    ("bos", 2, (2, 2, 1, 1), (3, 3, 2, 2), (6, 6, 5, 5), 5, 5, 5, 2, True),
+    ("tss", 2, (2, 2, 1, 1), (3, 3, 2, 2), (6, 6, 5, 5), 5, 6, 5, 2, True),
+    ("te", 2, (2, 2, 2, 2), (3, 3, 3, 3), (6, 6, 6, 6), 6, 6, 5, 2, True),
+    ("after", 2, (2, 2, 2, 2), (3, 3, 3, 3), (6, 6, 6, 6), 6, 6, 5, 2, True),
+]
+
+
+def test_fit_loop_counters_under_manual_optimization_match_lightning(tmp_path: Path) -> None:
+    record = InBatch()
+
+    class Manual(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            record.row(self.trainer, "ts", batch_idx)
+            optimizer = self.optimizers()
+            self.manual_backward(self.layer(batch[0]).sum())
+            record.row(self.trainer, "tsb", batch_idx)
+            optimizer.step()
+            optimizer.zero_grad()
+            record.row(self.trainer, "tss", batch_idx)
+
+    trainer = _trainer(tmp_path, callbacks=[record])
+    trainer.fit(Manual(), _loader(3))
+    record.row(trainer, "after", trainer.current_epoch)
+    assert record.rows == LIGHTNING_MANUAL
 
 
 class EvalRecord(Callback):
