@@ -7,9 +7,11 @@ evaluation pass's finished batches, ``_pass_batches``, and whether its running b
 The progress counters answer as Lightning 2.6.6's do in ``on_train_batch_start``, inside
 ``training_step`` and the hooks around its backward and optimizer step, in ``on_train_batch_end``,
 the validation hooks and the epoch-end hooks; evaluation and predict loops count their pass (over
-all its loaders, ``total`` equal to ``current``) in its batch hooks and steps too. Between two
-epochs (the next one's ``on_train_epoch_start``) and after the fit, the training ``current``
-counts are the last epoch's, as Lightning's (``LoopState.last_epoch_batches``).
+all its loaders) in its batch hooks and steps too. Between two epochs (the next one's
+``on_train_epoch_start``) and after the fit, the training ``current`` counts are the last epoch's,
+as Lightning's (``LoopState.last_epoch_batches``). The differences left are listed in
+docs/reference/trainer.md (several validation passes in one epoch, a resume after an epoch's end,
+skipped batches, loaders without a length).
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ __all__ = ["run_evaluation", "run_fit"]
 # -- fit ---------------------------------------------------------------------------------------------
 def run_fit(trainer: Trainer) -> None:
     state = trainer.state
+    trainer._in_batch = False  # (left set by a batch that raised in an earlier fit)
     call_hook(trainer, "on_fit_start")
     # (as Lightning: no sanity check when it would run no batch, limit_val_batches=0)
     if not trainer._resumed and any(limit > 0 for limit in trainer._sanity_limits()):
@@ -160,7 +161,7 @@ def _train_epoch(trainer: Trainer) -> None:
         loader.load_state_dict({**loader.state_dict(), "epoch": state.epoch, "position": state.batch_idx})
         raise
     finally:
-        store.fx, trainer._in_batch = previous, False  # (also when a batch raised)
+        store.fx = previous
         batches.close()  # type: ignore[attr-defined]
 
 
@@ -185,13 +186,14 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
     should_step = epoch.in_sync or not epoch.automatic or is_last or (batch_idx + 1) % epoch.accumulate == 0
     # As Lightning's: a logger row every log_every-th batch that steps (trainer.logs_this_batch)
     row = should_step and (state.stepped_batches + 1) % epoch.log_every == 0
-    trainer._stepping, trainer._row_due = should_step, row
+    trainer._stepping, trainer._row_due, trainer._is_last_batch = should_step, row, is_last
     entry = hooks["on_train_batch_start"]
     if entry is not None and run_hook(store, "on_train_batch_start", entry, batch, batch_idx) == -1:
         return True
     # _in_batch: training_step and the hooks around its backward and step run (the counters advance
-    # after them; Lightning's loop views read this: trainer/loop_views.py)
-    trainer._is_last_batch, trainer._in_batch = is_last, True
+    # after them; Lightning's loop views read this: trainer/loop_views.py; an exception leaves it set
+    # for on_exception, run_fit clears it)
+    trainer._in_batch = True
     if epoch.in_sync:  # gradients stay in sync (_train_epoch)
         output = epoch.run_batch(trainer, epoch, hooks, batch, batch_idx, True)
     else:

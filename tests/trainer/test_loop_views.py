@@ -54,7 +54,7 @@ class Record(Callback):
         batches = epoch.batch_progress
         row = (hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current), _counts(batches.total),
                epoch._batches_that_stepped, epoch.global_step, fit.total_batch_idx, fit.batch_idx,
-               None if hook == "tbs" else batches.is_last_batch)  # fmt: skip
+               batches.is_last_batch)  # fmt: skip
         if hook.startswith("ve"):
             row += (_counts(epoch.val_loop.batch_progress.current),)
         self.rows.append(row)
@@ -78,31 +78,31 @@ class Record(Callback):
 # check, accumulate_grad_batches=2, 2 epochs): hook, batch index or epoch, fit_loop.epoch_progress
 # .current, epoch_loop.batch_progress.current and .total (ready, started, processed, completed),
 # epoch_loop._batches_that_stepped, global_step, fit_loop.total_batch_idx, fit_loop.batch_idx,
-# is_last_batch (None at on_train_batch_start: Lightning sets it before that hook, ember after), and
+# is_last_batch, and
 # at on_validation_end val_loop.batch_progress.current.
 LIGHTNING = [
     ("veS", 0, (0, 0, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0), 0, 0, -1, -1, False, (1, 1, 1, 1)),
-    ("tbs", 0, (1, 1, 0, 0), (1, 0, 0, 0), (1, 0, 0, 0), 0, 0, 0, 0, None),
+    ("tbs", 0, (1, 1, 0, 0), (1, 0, 0, 0), (1, 0, 0, 0), 0, 0, 0, 0, False),
     ("tbe", 0, (1, 1, 0, 0), (1, 1, 1, 0), (1, 1, 1, 0), 0, 0, 0, 0, False),
-    ("tbs", 1, (1, 1, 0, 0), (2, 1, 1, 1), (2, 1, 1, 1), 0, 0, 1, 1, None),
+    ("tbs", 1, (1, 1, 0, 0), (2, 1, 1, 1), (2, 1, 1, 1), 0, 0, 1, 1, False),
     ("tbe", 1, (1, 1, 0, 0), (2, 2, 2, 1), (2, 2, 2, 1), 0, 1, 1, 1, False),
-    ("tbs", 2, (1, 1, 0, 0), (3, 2, 2, 2), (3, 2, 2, 2), 1, 1, 2, 2, None),
+    ("tbs", 2, (1, 1, 0, 0), (3, 2, 2, 2), (3, 2, 2, 2), 1, 1, 2, 2, False),
     ("tbe", 2, (1, 1, 0, 0), (3, 3, 3, 2), (3, 3, 3, 2), 1, 1, 2, 2, False),
-    ("tbs", 3, (1, 1, 0, 0), (4, 3, 3, 3), (4, 3, 3, 3), 1, 1, 3, 3, None),
+    ("tbs", 3, (1, 1, 0, 0), (4, 3, 3, 3), (4, 3, 3, 3), 1, 1, 3, 3, False),
     ("tbe", 3, (1, 1, 0, 0), (4, 4, 4, 3), (4, 4, 4, 3), 1, 2, 3, 3, False),
-    ("tbs", 4, (1, 1, 0, 0), (5, 4, 4, 4), (5, 4, 4, 4), 2, 2, 4, 4, None),
+    ("tbs", 4, (1, 1, 0, 0), (5, 4, 4, 4), (5, 4, 4, 4), 2, 2, 4, 4, True),
     ("tbe", 4, (1, 1, 0, 0), (5, 5, 5, 4), (5, 5, 5, 4), 2, 3, 4, 4, True),
     ("ve", 0, (1, 1, 0, 0), (5, 5, 5, 5), (5, 5, 5, 5), 2, 3, 4, 4, True, (2, 2, 2, 2)),
     ("tee", 0, (1, 1, 1, 0), (5, 5, 5, 5), (5, 5, 5, 5), 3, 3, 4, 4, True),
-    ("tbs", 0, (2, 2, 1, 1), (1, 0, 0, 0), (6, 5, 5, 5), 3, 3, 5, 0, None),
+    ("tbs", 0, (2, 2, 1, 1), (1, 0, 0, 0), (6, 5, 5, 5), 3, 3, 5, 0, False),
     ("tbe", 0, (2, 2, 1, 1), (1, 1, 1, 0), (6, 6, 6, 5), 3, 3, 5, 0, False),
-    ("tbs", 1, (2, 2, 1, 1), (2, 1, 1, 1), (7, 6, 6, 6), 3, 3, 6, 1, None),
+    ("tbs", 1, (2, 2, 1, 1), (2, 1, 1, 1), (7, 6, 6, 6), 3, 3, 6, 1, False),
     ("tbe", 1, (2, 2, 1, 1), (2, 2, 2, 1), (7, 7, 7, 6), 3, 4, 6, 1, False),
-    ("tbs", 2, (2, 2, 1, 1), (3, 2, 2, 2), (8, 7, 7, 7), 4, 4, 7, 2, None),
+    ("tbs", 2, (2, 2, 1, 1), (3, 2, 2, 2), (8, 7, 7, 7), 4, 4, 7, 2, False),
     ("tbe", 2, (2, 2, 1, 1), (3, 3, 3, 2), (8, 8, 8, 7), 4, 4, 7, 2, False),
-    ("tbs", 3, (2, 2, 1, 1), (4, 3, 3, 3), (9, 8, 8, 8), 4, 4, 8, 3, None),
+    ("tbs", 3, (2, 2, 1, 1), (4, 3, 3, 3), (9, 8, 8, 8), 4, 4, 8, 3, False),
     ("tbe", 3, (2, 2, 1, 1), (4, 4, 4, 3), (9, 9, 9, 8), 4, 5, 8, 3, False),
-    ("tbs", 4, (2, 2, 1, 1), (5, 4, 4, 4), (10, 9, 9, 9), 5, 5, 9, 4, None),
+    ("tbs", 4, (2, 2, 1, 1), (5, 4, 4, 4), (10, 9, 9, 9), 5, 5, 9, 4, True),
     ("tbe", 4, (2, 2, 1, 1), (5, 5, 5, 4), (10, 10, 10, 9), 5, 6, 9, 4, True),
     ("ve", 1, (2, 2, 1, 1), (5, 5, 5, 5), (10, 10, 10, 10), 5, 6, 9, 4, True, (2, 2, 2, 2)),
     ("tee", 1, (2, 2, 2, 1), (5, 5, 5, 5), (10, 10, 10, 10), 6, 6, 9, 4, True),
