@@ -44,19 +44,26 @@ def _counts(p: Any) -> tuple[int, int, int, int]:
     return (p.ready, p.started, p.processed, p.completed)
 
 
+def _fit_row(trainer: Trainer, hook: str, idx: int) -> tuple[Any, ...]:
+    """hook, index, fit_loop.epoch_progress.current, epoch_loop.batch_progress .current and .total,
+    _batches_that_stepped, global_step, fit_loop.total_batch_idx, fit_loop.batch_idx, is_last_batch."""
+    fit, epoch = trainer.fit_loop, trainer.fit_loop.epoch_loop
+    batches = epoch.batch_progress
+    return (hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current), _counts(batches.total),
+            epoch._batches_that_stepped, epoch.global_step, fit.total_batch_idx, fit.batch_idx,
+            batches.is_last_batch)  # fmt: skip
+
+
 class Record(Callback):
     def __init__(self) -> None:
         self.rows: list[tuple[Any, ...]] = []
 
     def _row(self, trainer: Trainer, hook: str, idx: int) -> None:
-        fit, epoch = trainer.fit_loop, trainer.fit_loop.epoch_loop
+        fit = trainer.fit_loop
         assert fit.epoch_progress.current == fit.epoch_progress.total
-        batches = epoch.batch_progress
-        row = (hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current), _counts(batches.total),
-               epoch._batches_that_stepped, epoch.global_step, fit.total_batch_idx, fit.batch_idx,
-               batches.is_last_batch)  # fmt: skip
+        row = _fit_row(trainer, hook, idx)
         if hook.startswith("ve"):
-            row += (_counts(epoch.val_loop.batch_progress.current),)
+            row += (_counts(fit.epoch_loop.val_loop.batch_progress.current),)
         self.rows.append(row)
 
     def on_train_batch_start(self, trainer: Trainer, module: Any, batch: Any, batch_idx: int) -> None:
@@ -138,11 +145,7 @@ class InBatch(Callback):
         self.rows: list[tuple[Any, ...]] = []
 
     def row(self, trainer: Trainer, hook: str, idx: int) -> None:
-        fit, epoch = trainer.fit_loop, trainer.fit_loop.epoch_loop
-        batches = epoch.batch_progress
-        self.rows.append((hook, idx, _counts(fit.epoch_progress.current), _counts(batches.current),
-                          _counts(batches.total), epoch._batches_that_stepped, epoch.global_step,
-                          fit.total_batch_idx, fit.batch_idx, batches.is_last_batch))  # fmt: skip
+        self.rows.append(_fit_row(trainer, hook, idx))
 
     def on_train_epoch_start(self, trainer: Trainer, module: Any) -> None:
         self.row(trainer, "tes", trainer.current_epoch)
