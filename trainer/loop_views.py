@@ -240,7 +240,8 @@ class EvaluationLoopView:
             elif fx == f"on_{prefix}_batch_end":
                 current = Progress(ran + 1, ran + 1, ran + 1, ran)
             else:  # its start hooks, before any batch
-                return BatchProgress(Progress(ran, ran, ran, ran), Progress(ran, ran, ran, ran), False)
+                current = Progress(ran, ran, ran, ran)
+                return BatchProgress(current, current, False)
             return BatchProgress(current, current, trainer._pass_last)
         if kind == "test":
             counts = trainer.num_test_batches
