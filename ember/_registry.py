@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry(Generic[T]):
-    factory: Callable[..., T]
+class _Entry(NamedTuple):
+    # (a NamedTuple: a frozen dataclass costs ~2 ms of code generation at import, paid by every run)
+    factory: Callable[..., Any]
     description: str
-    preset: dict[str, Any] = field(default_factory=dict)
+    preset: dict[str, Any]
 
 
 class Registry(Generic[T]):
@@ -22,7 +21,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, argument: str) -> None:
         self._kind = kind
         self._argument = argument
-        self._entries: dict[str, _Entry[T]] = {}
+        self._entries: dict[str, _Entry] = {}
         self._refused: dict[str, str] = {}  # names known from elsewhere (Lightning's), not offered: why
         # Names whose class lives in a module not imported yet: the loader imports it, which registers
         # them (a single-device run never pays for the DDP/FSDP/DeepSpeed/XLA modules).
@@ -90,4 +89,5 @@ class Registry(Generic[T]):
         self.check(name)
         self._load(name)
         entry = self._entries[name]
-        return entry.factory(**{**entry.preset, **kwargs})
+        made: T = entry.factory(**{**entry.preset, **kwargs})
+        return made
