@@ -114,6 +114,23 @@ def check_timeout(name: str, value: Any, *, owner: str | None = None) -> None:
         raise ValueError(f"{_where(name, value, owner)} must be a positive datetime.timedelta")
 
 
+#: Seconds a rank may wait in one collective before the watchdog (``ember/_watchdog.py``) ends the run.
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
+
+
+def check_collective_timeout(value: Any) -> float | None:
+    """``collective_timeout`` in seconds (``None``: no watchdog); raises ``ValueError`` otherwise."""
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+        raise ValueError(
+            f"collective_timeout={value!r} must be a number of seconds > 0, a datetime.timedelta, "
+            "or None (no watchdog)"
+        )
+    return float(seconds)
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any], *, owner: str | None = None) -> None:
     """``value`` is one of ``choices`` (compared by type and value: ``1`` is not ``True``)."""
     options = list(choices)

@@ -28,13 +28,11 @@ from __future__ import annotations
 import faulthandler
 import itertools
 import json
-import math
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import torch.distributed as dist
@@ -43,26 +41,11 @@ from torch._C._distributed_c10d import Store
 from ember._watchdog_report import EXIT_CODE as _EXIT_CODE
 from ember._watchdog_report import hang_report
 
-__all__ = ["DEFAULT_COLLECTIVE_TIMEOUT", "CollectiveWatchdog", "check_collective_timeout", "default_store"]
+__all__ = ["CollectiveWatchdog", "default_store"]
 
-#: Seconds a rank may wait in one collective before the watchdog ends the run.
-DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 _generations = itertools.count()  # every rank creates its watchdogs in the same order: same keys
 # Stores of failed runs, kept so a lingering failed rank 0 (which hosts the TCPStore) still serves them.
 _kept_stores: list[Store] = []
-
-
-def check_collective_timeout(value: Any) -> float | None:
-    """``collective_timeout`` in seconds (``None``: no watchdog); raises ``ValueError`` otherwise."""
-    if value is None:
-        return None
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-        raise ValueError(
-            f"collective_timeout={value!r} must be a number of seconds > 0, a datetime.timedelta, "
-            "or None (no watchdog)"
-        )
-    return float(seconds)
 
 
 def default_store() -> Store | None:

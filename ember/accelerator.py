@@ -45,8 +45,13 @@ from ember._skip import skip_first_batches
 from ember._state import StateMixin
 from ember._step import StepMixin
 from ember._trackers import TrackerMixin
-from ember._validation import check_bool, check_int, check_path
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
+from ember._validation import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    check_bool,
+    check_collective_timeout,
+    check_int,
+    check_path,
+)
 from ember._wrappers import PreparedOptimizer, PreparedScheduler, patch_forward
 from ember.data import PreparedDataLoader
 from ember.dataloader_config import DataLoaderConfiguration, DataLoaderSettings, check_dataloader_config
@@ -58,7 +63,6 @@ from ember.strategies import Strategy
 from ember.strategies.base import resolve_strategy
 from ember.strategies.capabilities import LeavesModulePlacement, MaterializesModules, OwnsOptimizerStep
 from ember.strategies.environment import detect_environment, launch_defaults
-from ember.strategies.parallel import ParallelStrategy
 
 if TYPE_CHECKING:
     from ember._trackers import LogWith
@@ -187,8 +191,9 @@ class Accelerator(
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
         self._strategy.device_ids = device_ids
-        if isinstance(self._strategy, ParallelStrategy):  # armed in setup_environment
-            self._strategy.collective_timeout = watchdog_timeout
+        self._strategy.collective_timeout = (
+            watchdog_timeout  # (armed in setup_environment, on several processes)
+        )
         self._strategy.connect(
             device_type=device_type,
             num_processes=num_processes,

@@ -4,7 +4,8 @@ Names resolve through :data:`STRATEGY_REGISTRY`; each class registers its own na
 backend is one new module plus one entry here.
 
 Only what a single-device run uses is imported with ``ember``: the DDP, FSDP, DeepSpeed and XLA
-modules (and what they import from torch.distributed) load on first use, either of their class
+modules, their base class `ParallelStrategy` with the collective watchdog (and what they import
+from torch.distributed) load on first use, either of their class
 (``from ember.strategies import FSDPStrategy``) or of one of their registry names (``"fsdp"``).
 """
 
@@ -16,13 +17,13 @@ from ember._lazy import defer_registration, lazy_exports
 from ember.strategies.base import STRATEGY_REGISTRY, Strategy
 from ember.strategies.capabilities import BackwardSyncControl
 from ember.strategies.environment import ProcessEnvironment, detect_environment
-from ember.strategies.parallel import ParallelStrategy
 from ember.strategies.single_device import SingleDeviceStrategy
 
 if TYPE_CHECKING:
     from ember.strategies.ddp import DDPConfig, DDPStrategy
     from ember.strategies.deepspeed import DeepSpeedConfig, DeepSpeedStrategy
     from ember.strategies.fsdp import FSDPConfig, FSDPStrategy
+    from ember.strategies.parallel import ParallelStrategy
     from ember.strategies.xla import XLAStrategy
     from ember.strategies.xla_spmd import XLASPMDConfig, XLASPMDStrategy
 
@@ -56,6 +57,8 @@ _BACKENDS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "ember.strategies.xla_spmd": ("XLASPMDStrategy", ("xla_spmd", "xla_fsdp"), ("XLASPMDConfig",)),
 }
 _LAZY = {name: module for module, (cls, _, others) in _BACKENDS.items() for name in (cls, *others)}
+# The base of the strategies of several processes (and the collective watchdog it imports) too.
+_LAZY["ParallelStrategy"] = "ember.strategies.parallel"
 
 
 for _module, (_cls, _names, _) in _BACKENDS.items():

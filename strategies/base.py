@@ -81,6 +81,10 @@ class Strategy:
         #: The GPU of each local process (``devices=[1, 3]``), set before :meth:`connect`; None: the
         #: local rank's.
         self.device_ids: tuple[int, ...] | None = None
+        #: Seconds a rank may wait in one collective before the collective watchdog ends the run
+        #: (None: no watchdog), set before :meth:`connect`. Only strategies of several processes
+        #: (``ParallelStrategy``) arm a watchdog; the others have no collectives to time.
+        self.collective_timeout: float | None = None
 
     @classmethod
     def register_strategies(cls, registry: Registry[Strategy]) -> None:

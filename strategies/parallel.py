@@ -17,7 +17,8 @@ from torch._C._distributed_c10d import PrefixStore, Store
 from torch.distributed.rendezvous import rendezvous
 from typing_extensions import override
 
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, CollectiveWatchdog, bounded, default_store
+from ember._validation import DEFAULT_COLLECTIVE_TIMEOUT
+from ember._watchdog import CollectiveWatchdog, bounded, default_store
 from ember.precision import Precision
 from ember.strategies.base import ReduceOp, Strategy, check_reduce_op
 from ember.strategies.environment import ProcessEnvironment, find_free_port

@@ -13,8 +13,15 @@ from typing import Any
 
 import torch
 
-from ember._validation import check_bool, check_choice, check_number, check_path, show
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT, check_collective_timeout
+from ember._validation import (
+    DEFAULT_COLLECTIVE_TIMEOUT,
+    check_bool,
+    check_choice,
+    check_collective_timeout,
+    check_number,
+    check_path,
+    show,
+)
 from ember.precision import Precision
 from ember.strategies.environment import detect_environment, launch_defaults
 from ember.trainer.loggers import CSVLogger, Logger

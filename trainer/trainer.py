@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ember._rng import use_deterministic_algorithms
-from ember._validation import check_bool
-from ember._watchdog import DEFAULT_COLLECTIVE_TIMEOUT
+from ember._validation import DEFAULT_COLLECTIVE_TIMEOUT, check_bool
 from ember.accelerator import Accelerator
 from ember.callbacks.base import Callback
 from ember.data import PreparedDataLoader
