@@ -117,34 +117,42 @@ class EarlyStopping(Callback):
         if acts_at_train_epoch_end(trainer, self.check_on_train_epoch_end):
             self._check(trainer)
 
-    def _improved(self, current: float) -> bool:
+    def _improved(self, value: torch.Tensor) -> bool:
+        # Lightning's arithmetic, in the value's dtype (a float32 value minus min_delta is rounded
+        # to float32, and so is a threshold compared with it): the same decisions at a tie.
         if self.mode == "min":
-            return current < self.best_score - self.min_delta
-        return current > self.best_score + self.min_delta
+            return bool(value + self.min_delta < self.best_score)
+        return bool(value - self.min_delta > self.best_score)
 
-    def _decide(self, current: float) -> str:
+    def _decide(self, current: float | torch.Tensor) -> str:
         """The message of the reason to stop now, or "" to go on (see :meth:`_evaluate`)."""
         reason, message = self._evaluate(current)
         return message if reason is not EarlyStoppingReason.NOT_STOPPED else ""
 
-    def _evaluate(self, current: float) -> tuple[EarlyStoppingReason, str]:
+    def _evaluate(self, current: float | torch.Tensor) -> tuple[EarlyStoppingReason, str]:
         """Why to stop now (``NOT_STOPPED`` to go on) and the message (``""``: nothing to say);
-        updates the best value and the patience counter."""
-        better = (lambda a, b: a < b) if self.mode == "min" else (lambda a, b: a > b)
+        updates the best value and the patience counter. Compared in the logged value's dtype, as
+        Lightning compares (a Python number: float64 here, logged_values.as_scalar)."""
+        value = torch.as_tensor(current, dtype=None if isinstance(current, torch.Tensor) else torch.float64)
+        value = value.detach().cpu()
+        if value.dtype not in (torch.float32, torch.float64):  # (half, bfloat16, integers: as Lightning's)
+            value = value.float()
+        better = (lambda a, b: bool(a < b)) if self.mode == "min" else (lambda a, b: bool(a > b))
         reason = EarlyStoppingReason
+        current = float(value)
         if self.check_finite and not math.isfinite(current):
             return reason.NON_FINITE_METRIC, (
                 f"{self.monitor} = {current} is not finite (best so far {self.best_score:.3f}): stopping"
             )
-        if self.stopping_threshold is not None and better(current, self.stopping_threshold):  # (strictly)
+        if self.stopping_threshold is not None and better(value, self.stopping_threshold):  # (strictly)
             return reason.STOPPING_THRESHOLD, (
                 f"{self.monitor} = {current} reached stopping_threshold={self.stopping_threshold}: stopping"
             )
-        if self.divergence_threshold is not None and better(self.divergence_threshold, current):
+        if self.divergence_threshold is not None and better(-value, -self.divergence_threshold):
             return reason.DIVERGENCE_THRESHOLD, (
                 f"{self.monitor} = {current} is past divergence_threshold={self.divergence_threshold}: stopping"
             )
-        if self._improved(current):
+        if self._improved(value):
             was = self.best_score
             self.best_score, self.wait_count = current, 0
             by = (
@@ -173,7 +181,7 @@ class EarlyStopping(Callback):
             if self.verbose and trainer.is_global_zero:  # as Lightning: strict=False skips, verbose says so
                 warnings.warn(f"{message} strict=False: this check is skipped", RuntimeWarning, stacklevel=3)
             return
-        reason, message = self._evaluate(float(trainer.callback_metrics[self.monitor]))
+        reason, message = self._evaluate(trainer.callback_metrics[self.monitor])
         # Every process must stop together: stop if any process wants to. The reduced value is the
         # reason, so that every process knows one (the largest code among those that asked).
         # On the accelerator's device: NCCL communicates no host tensor.

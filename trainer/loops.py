@@ -239,7 +239,9 @@ def _end_epoch(trainer: Trainer) -> None:
     store.finish_epoch()
     call_hook(trainer, "on_train_epoch_end", part="first")
     trainer._write_row(store.take_epoch_row())
-    trainer._step_schedulers("epoch")
+    # The epoch's schedulers that take a metric (ReduceLROnPlateau), on what the epoch logged; the
+    # others stepped after its last batch (trainer/step.py, _after_step), as Lightning's.
+    trainer._step_schedulers("epoch", metric=True)
     trainer.state.epoch_done = True  # a checkpoint from here on resumes at the next epoch
     call_hook(trainer, "on_train_epoch_end", part="monitoring")
     store.reset_spent()  # the epoch's torchmetrics metrics, after its end hooks (as Lightning's)

@@ -129,11 +129,15 @@ def step_schedulers(
     count: int,
     metrics: dict[str, Any],
     step: Callable[[Any, Any], Any] | None = None,
+    metric: bool | None = None,
 ) -> None:
     """Step the schedulers of ``interval`` whose ``frequency`` divides ``count`` (steps or epochs done);
-    ``step``: the module's ``lr_scheduler_step(scheduler, metric)`` when it overrides it."""
+    ``step``: the module's ``lr_scheduler_step(scheduler, metric)`` when it overrides it; ``metric``:
+    only those that take a metric (True) or only the others (False)."""
     for config in configs:
         if config.interval != interval or count % config.frequency:
+            continue
+        if metric is not None and config.takes_metric is not metric:
             continue
         metric = None
         if config.takes_metric:

@@ -309,13 +309,17 @@ def _clip(trainer: Trainer, epoch: Epoch) -> None:
 
 def _after_step(trainer: Trainer, epoch: Epoch) -> None:
     """What follows an optimizer step: the grad scaler's update, the step count, step-interval
-    schedulers. (The gradients stay until the next window's first batch zeroes them, as Lightning's,
-    or the batch's end frees them: Epoch.frees.)"""
+    schedulers and, after the epoch's last batch, the epoch-interval ones that take no metric (as
+    Lightning's: before on_train_batch_end and the epoch's validation, so both see the new rate).
+    (The gradients stay until the next window's first batch zeroes them, as Lightning's, or the
+    batch's end frees them: Epoch.frees.)"""
     if epoch.unscales:  # (the optimizer of an earlier fit, still prepared, will not step)
         epoch.accelerator.precision.end_iteration()
     epoch.state.global_step += 1
     if epoch.step_schedulers:
         trainer._step_schedulers("step")
+        if trainer._is_last_batch:
+            trainer._step_schedulers("epoch", metric=False)
 
 
 def backward(

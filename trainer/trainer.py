@@ -365,12 +365,14 @@ class Trainer(
         self.strategy.prepare_for_manual_backward(self.model, loss)
         backward(self, self._hook_plan.entries(self), loss, *args, **kwargs)
 
-    def _step_schedulers(self, interval: str) -> None:
+    def _step_schedulers(self, interval: str, metric: bool | None = None) -> None:
+        """``metric``: only the schedulers that take a metric (``ReduceLROnPlateau``), or only the
+        others; None: both."""
         if not self.lr_scheduler_configs or not self.module.automatic_optimization:
             return  # manual optimisation steps its schedulers itself (self.lr_schedulers())
         count = self.state.global_step if interval == "step" else self.state.epoch + 1
         step = overridden(self.module, "lr_scheduler_step")
-        step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics, step)
+        step_schedulers(self.lr_scheduler_configs, interval, count, self.callback_metrics, step, metric)
 
     def _write_row(self, values: dict[str, torch.Tensor], step: int | None = None) -> None:
         """Send logged values to the loggers (here, and only here, tensors become Python floats).

@@ -83,6 +83,24 @@ def test_thresholds_and_non_finite_values_name_their_reason(
     assert (stopper.stopping_reason, stopper.stopped_epoch) == (reason, epoch)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "values", "stopped_epoch", "best"),
+    [  # Lightning 2.6.6 compares the float32 values in float32: 0.35 reaches a threshold of 0.35
+        ({"stopping_threshold": 0.35}, [0.5, 0.4, 0.35, 0.3], 3, 0.35),
+        ({"min_delta": 0.05, "patience": 1}, [0.5, 0.45, 0.45], 1, 0.5),
+        ({"mode": "max", "stopping_threshold": 0.3}, [0.1, 0.2, 0.3, 0.4], 3, 0.3),
+    ],
+    ids=["stopping_threshold", "min_delta", "max"],
+)
+def test_float32_values_are_compared_as_lightning_compares_them(
+    tmp_path: Path, kwargs: dict[str, Any], values: list[float], stopped_epoch: int, best: float
+) -> None:
+    stopper = EarlyStopping(monitor="val_loss", **kwargs)
+    _fit(tmp_path, stopper, values)  # (Scripted logs each value as a float32 tensor)
+    assert stopper.stopped_epoch == stopped_epoch
+    assert stopper.best_score == float(torch.tensor(best))
+
+
 def test_a_fit_that_never_stops_has_no_reason(tmp_path: Path) -> None:
     stopper = EarlyStopping(monitor="val_loss", patience=5)
     _fit(tmp_path, stopper, [3.0, 2.0, 1.0], max_epochs=3)
