@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,15 @@ class StateMixin:
                 )
             output_dir = config.next_checkpoint()
         assert output_dir is not None
+        gradients = self._gradient_state
+        if not weights_only and gradients.accumulation_steps > 1 and not gradients.sync_gradients:
+            warnings.warn(
+                "save_state() in the middle of a gradient accumulation window: the gradients its micro-steps "
+                "accumulated are not saved, so a run resumed from this checkpoint takes its next optimizer step "
+                "on the batches after the resume alone. For an exact resume, save after an optimizer step "
+                "(when accelerator.sync_gradients is True)",
+                stacklevel=2,
+            )
         path = _checkpoint.save_state(
             self._strategy,
             self._objects,

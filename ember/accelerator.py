@@ -315,7 +315,8 @@ class Accelerator(
                     obj,
                     self._objects.optimizers,
                     self._gradient_state,
-                    steps_per_call=self.num_processes,
+                    # (split_batches: the global batch does not grow with the processes, as Accelerate's)
+                    steps_per_call=1 if self._dataloader_config.split_batches else self.num_processes,
                     with_optimizer=self._step_scheduler_with_optimizer,
                 )
                 self._objects.schedulers.append(prepared_scheduler)

@@ -207,11 +207,14 @@ class PreparedDataLoader:
 
     @property
     def total_batch_size(self) -> int | None:
-        """Samples per step over all processes (🤗 Accelerate's): the loader's ``batch_size``, times the
-        processes unless batches are split among them; None for a loader without ``batch_size``."""
+        """Samples per step over all processes (🤗 Accelerate's): the loader's ``batch_size`` (or its
+        batch sampler's, where it has one), times the processes unless batches are split among them;
+        None when neither has one."""
         size = self.base_dataloader.batch_size
         if size is None:
-            return None
+            size = getattr(self.base_dataloader.batch_sampler, "batch_size", None)
+            if not isinstance(size, int) or isinstance(size, bool):
+                return None
         return size if self.split_batches else size * self.world_size
 
     def __len__(self) -> int:

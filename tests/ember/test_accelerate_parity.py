@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from dist_helpers import run_processes
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from ember import Accelerator, AcceleratorState, AutocastKwargs, GradientState
 
@@ -69,6 +69,12 @@ def test_gradient_state_follows_accumulation_and_the_loader() -> None:
     assert (state.sync_gradients, state.remainder, state.active_dataloader) == (True, -1, None)
     accelerator.gradient_accumulation_steps = 3
     assert state.num_steps == 3 and "num_steps=3" in repr(state)
+    # A batch sampler's batch size counts, as Accelerate reads it: 11 samples in batches of 3.
+    sampled = accelerator.prepare(
+        DataLoader(torch.arange(11), batch_sampler=BatchSampler(range(11), 3, False))
+    )
+    assert sampled.total_batch_size == 3
+    assert [state.remainder for _ in sampled] == [2, 2, 2, 2]
 
 
 # -- trackers: Accelerate's attribute names -------------------------------------------------------

@@ -144,14 +144,16 @@ def _worker(root: str) -> dict:
         strategy="ddp", dataloader_config=DataLoaderConfiguration(split_batches=True), seed=3
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    model, optimizer, loader = accelerator.prepare(
-        model, optimizer, DataLoader(data, batch_size=8, shuffle=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)  # (a constant rate)
+    model, optimizer, loader, schedule = accelerator.prepare(
+        model, optimizer, DataLoader(data, batch_size=8, shuffle=True), schedule
     )
     seen = []
     for _, xb, yb in loader:  # 6 steps: the last global batch has 4 real samples
         loss = torch.nn.functional.mse_loss(model(xb), yb)
         accelerator.backward(loss)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
     # The same global batches on one process (the last one filled as the prepared loader fills it).
     plain = torch.optim.SGD(reference.parameters(), lr=0.1)
@@ -171,13 +173,17 @@ def _worker(root: str) -> dict:
         (a - b).abs().max().item()
         for a, b in zip(unwrapped.parameters(), reference.parameters(), strict=True)
     )
-    return {"gap": gap, "seen": seen, "evaluated": evaluated, "len": len(loader)}
+    return {"gap": gap, "seen": seen, "evaluated": evaluated, "len": len(loader),
+            "scheduled": schedule.scheduler.last_epoch}  # fmt: skip
 
 
 def test_two_processes_take_the_steps_of_one_on_the_global_batches(tmp_path: Path) -> None:
     results = run_processes(_worker, str(tmp_path), nprocs=2)
     for result in results:
         assert result["len"] == 6 and result["gap"] < 1e-6
+        # One schedule step per step, as Accelerate's: the processes share the global batches (without
+        # split_batches each process loads its own, and the schedule advances num_processes times).
+        assert result["scheduled"] == 6
         assert result["evaluated"] == list(range(44))  # every sample once, in order; the fill dropped
     seen = results[0]["seen"]
     assert sorted(i for rows in seen[:5] for i in rows) == sorted(set(i for rows in seen[:5] for i in rows))

@@ -34,7 +34,10 @@ class Net(TrainModule):
         sgd = torch.optim.SGD(self.layer.parameters(), lr=0.1)
         if self.plateau:
             scheduler: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(sgd, patience=0, factor=0.5)
-            return {"optimizer": sgd, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val"}}
+            return {
+                "optimizer": sgd,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch", "monitor": "val"},
+            }
         scheduler = torch.optim.lr_scheduler.StepLR(sgd, 1, gamma=0.5)
         return {"optimizer": sgd, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
