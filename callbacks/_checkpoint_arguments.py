@@ -54,11 +54,11 @@ def check_arguments(
     ):
         check_bool(name, flag, owner="ModelCheckpoint")
     if train_time_interval is not None and (
-        not isinstance(train_time_interval, timedelta) or train_time_interval <= timedelta(0)
-    ):
+        not isinstance(train_time_interval, timedelta) or train_time_interval < timedelta(0)
+    ):  # (0, as in Lightning: a checkpoint after every training batch)
         raise ValueError(
-            f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be None or a positive "
-            "datetime.timedelta"
+            f"ModelCheckpoint(train_time_interval={train_time_interval!r}) must be None or a "
+            "datetime.timedelta >= 0"
         )
     given = {
         "every_n_train_steps": every_n_train_steps,

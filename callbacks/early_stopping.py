@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from typing_extensions import override
@@ -52,6 +53,13 @@ class EarlyStopping(Callback):
 
     monitoring = True
 
+    #: Lightning's comparisons and their signs, by ``mode``.
+    mode_dict: ClassVar[dict[str, Callable[[torch.Tensor, Any], torch.Tensor]]] = {
+        "min": torch.lt,
+        "max": torch.gt,
+    }
+    order_dict: ClassVar[dict[str, str]] = {"min": "<", "max": ">"}
+
     def __init__(
         self,
         monitor: str,
@@ -96,6 +104,11 @@ class EarlyStopping(Callback):
         self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
         self.stopping_reason_message: str | None = None
         self.check_on_train_epoch_end = check_on_train_epoch_end
+
+    @property
+    def monitor_op(self) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+        """``torch.lt`` (``mode="min"``) or ``torch.gt``: is the first value better (Lightning's)."""
+        return self.mode_dict[self.mode]
 
     @property
     def stop_reason(self) -> str:

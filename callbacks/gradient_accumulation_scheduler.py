@@ -43,6 +43,7 @@ class GradientAccumulationScheduler(Callback):
                 )
         # As Lightning's: the epochs before the first key accumulate 1 batch, written out.
         self.scheduling = dict(sorted({0: 1, **scheduling}.items()))
+        self.epochs = list(self.scheduling)  # the epochs where the accumulation changes (Lightning's)
         self._applied: tuple[int, int] | None = None  # (id of the Trainer, the batches it was set to)
 
     def going_to_accumulate_grad_batches(self) -> bool:

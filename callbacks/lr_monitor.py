@@ -103,6 +103,9 @@ class LearningRateMonitor(Callback):
         self._log_weight_decay = log_weight_decay
         #: every learning rate logged, by metric name (as Lightning's ``lrs``)
         self.lrs: dict[str, list[float]] = {}
+        #: the last momentum and weight decay logged, by metric name (``None``: not logged yet), as Lightning's
+        self.last_momentum_values: dict[str, float | None] = {}
+        self.last_weight_decay_values: dict[str, float | None] = {}
         self._pending: dict[str, float] = {}  # sampled before a batch, written after it
 
     @property
@@ -134,6 +137,8 @@ class LearningRateMonitor(Callback):
                     stacklevel=2,
                 )
         self.lrs = {name: [] for _, _, names in named for name in names}
+        self.last_momentum_values = {f"{name}-momentum": None for name in self.lrs}
+        self.last_weight_decay_values = {f"{name}-weight_decay": None for name in self.lrs}
 
     @override
     def inactive_hooks(self, trainer: Trainer) -> frozenset[str]:
@@ -192,9 +197,10 @@ class LearningRateMonitor(Callback):
             metrics[name] = float(group["lr"])
             self.lrs.setdefault(name, []).append(metrics[name])
             if self._log_momentum:
-                metrics[f"{name}-momentum"] = float(
-                    group["betas"][0] if betas else group.get("momentum", 0.0)
-                )
+                key = f"{name}-momentum"
+                metrics[key] = float(group["betas"][0] if betas else group.get("momentum", 0.0))
+                self.last_momentum_values[key] = metrics[key]
             if self._log_weight_decay:
-                metrics[f"{name}-weight_decay"] = float(group.get("weight_decay", 0.0))
+                key = f"{name}-weight_decay"
+                metrics[key] = self.last_weight_decay_values[key] = float(group.get("weight_decay", 0.0))
         return metrics

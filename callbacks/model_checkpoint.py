@@ -19,6 +19,7 @@ from ember.callbacks import _checkpoint_names as _names
 from ember.callbacks import _checkpoint_state as _state
 from ember.callbacks import _checkpoint_triggers as _triggers
 from ember.callbacks._checkpoint_arguments import check_arguments
+from ember.callbacks._checkpoint_lightning import LightningCheckpointHelpers
 from ember.callbacks.base import Checkpoint, acts_after_validation, acts_at_train_epoch_end
 from ember.strategies.checkpoint_swap import copy_checkpoint
 
@@ -31,7 +32,7 @@ __all__ = ["ModelCheckpoint"]
 as_score = _names.as_score  # (its earlier home)
 
 
-class ModelCheckpoint(Checkpoint):
+class ModelCheckpoint(LightningCheckpointHelpers, Checkpoint):
     """Save the fit's state as checkpoint directories named from a template.
 
     By default a checkpoint is saved at the end of each training epoch (after its validation; with

@@ -166,35 +166,39 @@ def call_hook(trainer: Trainer, name: str, *args: Any, part: str = "all", module
     return run_hook(trainer._metrics, name, (first, own, monitoring, every), *args)
 
 
-def step_call(trainer: Trainer, name: str) -> Callable[..., Any]:
+def step_call(trainer: Trainer, name: str, loaders: int = 1) -> Callable[..., Any]:
     """:func:`step_method` of the trainer's module, timed as ``[Strategy]{class}.{name}`` under a
     profiler: a loop asks once, before its batches."""
-    return timed(trainer.config.profiler, strategy_action(trainer, name), step_method(trainer.module, name))
+    method = step_method(trainer.module, name, loaders)
+    return timed(trainer.config.profiler, strategy_action(trainer, name), method)
 
 
-def step_method(module: TrainModule, name: str) -> Callable[..., Any]:
+def step_method(module: TrainModule, name: str, loaders: int = 1) -> Callable[..., Any]:
     """The module's bound ``name`` (a ``*_step``), taking the loop's ``(batch, batch_idx[,
     dataloader_idx])``; Lightning also allows ``training_step(self, batch)``: such a method gets
-    the batch alone."""
+    the batch alone. With several ``loaders`` it must take ``dataloader_idx`` (a RuntimeError
+    before the first batch, as Lightning's)."""
     method: Callable[..., Any] = getattr(module, name)
     function = getattr(method, "__func__", method)
-    if function not in _takes_batch_only:
-        _takes_batch_only[function] = _positional_count(method) == 1
-    if not _takes_batch_only[function]:
+    if function not in _positional_counts:
+        _positional_counts[function] = _positional_count(method)
+    count = _positional_counts[function]
+    if loaders > 1 and 0 <= count < 3:
+        kind = name.removesuffix("_step").replace("validation", "val")
+        raise RuntimeError(
+            f"there are {loaders} {kind} dataloaders, but {type(module).__name__}.{name}() takes no "
+            f"dataloader_idx argument: add it, {name}(self, batch, batch_idx, dataloader_idx=0)"
+        )
+    if count != 1:
         return method
 
-    def batch_only(batch: Any, batch_idx: int, *rest: Any) -> Any:
-        if rest:
-            raise TypeError(
-                f"{name}(self, batch) takes no dataloader_idx, and there are several dataloaders: add the "
-                f"parameters, {name}(self, batch, batch_idx, dataloader_idx=0)"
-            )
+    def batch_only(batch: Any, batch_idx: int) -> Any:
         return method(batch)
 
     return batch_only
 
 
-_takes_batch_only: dict[Any, bool] = {}  # a step function -> whether it takes the batch alone
+_positional_counts: dict[Any, int] = {}  # a step function -> how many positional arguments it takes
 
 
 def _positional_count(method: Callable[..., Any]) -> int:

@@ -304,7 +304,9 @@ def _evaluation_pass(
         trainer.accelerator,
         trainer.model,
     )
-    step = step_call(trainer, name)  # the module's step, resolved (and timed under a profiler) once
+    step = step_call(
+        trainer, name, len(loaders)
+    )  # the module's step, resolved (and timed under a profiler) once
     seen = store.eval_steps(prefix, loaders) if not trainer.sanity_checking else None  # (row steps)
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):

@@ -73,14 +73,16 @@ class TrainModule(nn.Module, StepHooks, BatchTransferHooks, ModeHooks, ModuleToo
             f"{type(self).__name__} must define training_step(self, batch, batch_idx) to be fitted"
         )
 
-    def validation_step(self, batch: Any, batch_idx: int) -> Any:
+    # (Lightning's signatures: the loop's (batch, batch_idx[, dataloader_idx]), whatever the loaders)
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         return None
 
-    def test_step(self, batch: Any, batch_idx: int) -> Any:
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
         return None
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        return self(batch)
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward of the batch (the first argument)."""
+        return self(kwargs["batch"] if "batch" in kwargs else args[0])
 
     def configure_optimizers(self) -> Any:
         """An optimizer; ``(optimizers, schedulers)``; or ``{"optimizer": ..., "lr_scheduler": ...}``."""

@@ -37,7 +37,11 @@ def run_predict(
     record = trainer._prediction_record = start_record(trainer, len(loaders))  # None: no writer
     results: list[list[Any]] = []
     several = len(loaders) > 1
-    store, model, step = trainer._metrics, trainer.model, step_call(trainer, "predict_step")  # (once)
+    store, model, step = (
+        trainer._metrics,
+        trainer.model,
+        step_call(trainer, "predict_step", len(loaders)),
+    )  # (once)
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
             outputs: list[Any] = []

@@ -140,9 +140,14 @@ def test_train_time_interval_and_verbose(tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(ValueError, match=r"every_n_train_steps=2, train_time_interval=.* are exclusive"):
         ModelCheckpoint(every_n_train_steps=2, train_time_interval=timedelta(minutes=1))
     with pytest.raises(
-        ValueError, match=r"train_time_interval=60\) must be None or a positive datetime.timedelta"
+        ValueError, match=r"train_time_interval=60\) must be None or a datetime.timedelta >= 0"
     ):
         ModelCheckpoint(train_time_interval=60)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"must be None or a datetime.timedelta >= 0"):
+        ModelCheckpoint(train_time_interval=timedelta(seconds=-1))
+    every = ModelCheckpoint(dirpath=tmp_path / "d", train_time_interval=timedelta(0), save_top_k=-1)
+    _trainer(tmp_path, every, max_epochs=1).fit(Net(), _loader())  # 0, as Lightning: after every batch
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [f"epoch=0-step={i}" for i in range(1, 5)]
 
 
 def _time_worker(root: str, due_on: int) -> list[str]:

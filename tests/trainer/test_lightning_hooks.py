@@ -385,9 +385,20 @@ def test_steps_may_take_the_batch_alone(tmp_path: Path) -> None:
     trainer = _fit(tmp_path, BatchOnly(), _loader())
     assert trainer.validate(module, _loader(8)) and module.calls.count("validation_step") == 2
     with pytest.raises(
-        TypeError, match=r"validation_step\(self, batch\) takes no dataloader_idx, and there are several"
+        RuntimeError, match=r"2 val dataloaders, but BatchOnly.validation_step\(\) takes no dataloader_idx"
     ):
         trainer.validate(module, [_loader(8), _loader(8)])
+
+    class BatchAndIndex(BatchOnly):  # as Lightning: a clear error, not a TypeError from the call
+        def validation_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+            self.calls.append("validation_step")
+
+    with pytest.raises(
+        RuntimeError, match=r"add it, validation_step\(self, batch, batch_idx, dataloader_idx=0\)"
+    ):
+        trainer.validate(BatchAndIndex(), [_loader(8), _loader(8)])
+    # The default steps take any arguments, as Lightning's: several predict loaders need no override.
+    assert len(trainer.predict(BatchOnly(), [_loader(8), _loader(8)])) == 2
 
 
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
