@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
+from pathlib import Path
 
 from ember._launch_config import LaunchConfigError
 from ember._launch_flags import SHARDING as _SHARDING
@@ -45,6 +46,22 @@ _FSDP_MAPPED = ("fsdp_sharding_strategy", "fsdp_reshard_after_forward", "fsdp_of
 
 def is_accelerate_config(data: Mapping[object, object]) -> bool:
     return "distributed_type" in data or "compute_environment" in data
+
+
+def processes_in_all(path: str) -> int | None:
+    """An Accelerate config file's ``num_processes`` (over all its machines, a count >= 1), else None:
+    ``ember launch`` splits it over the node count it ends up with (``--num_machines`` may override
+    the file's), as ``accelerate launch`` does."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # (read_config has reported it)
+    if not isinstance(data, dict) or not is_accelerate_config(data):
+        return None
+    total = data.get("num_processes")
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 1 else None
 
 
 def from_accelerate(data: Mapping[object, object], path: str) -> dict[str, object]:

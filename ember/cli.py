@@ -208,15 +208,20 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f"--multi_gpu runs on GPUs, but --accelerator {args.accelerator} was given")
         args.accelerator = "cuda"
     check_runner_options(args, parser.error)
+    source = "--num_processes"
+    if total is None and args.nproc_per_node is None and args.config_file is not None:
+        from ember._accelerate_config import processes_in_all
+
+        total, source = processes_in_all(args.config_file), "the config file's num_processes"
     try:
         options = resolve_options({key: getattr(args, key) for key in defaults()}, args.config_file)
         for key, value in options.items():
             setattr(args, key, value)
     except LaunchConfigError as err:
         parser.error(str(err))
-    if total is not None:  # 🤗 Accelerate counts processes over all machines
+    if total is not None:  # 🤗 Accelerate counts processes over all machines, however many they end up
         if total % args.nnodes:
-            parser.error(f"--num_processes {total} does not divide evenly over --nnodes {args.nnodes}")
+            parser.error(f"{source} {total} does not divide evenly over --nnodes {args.nnodes}")
         args.nproc_per_node = total // args.nnodes
     if args.standalone and args.nnodes != 1:
         parser.error(
@@ -261,7 +266,8 @@ def launch(args: argparse.Namespace) -> int:
     os.environ.update(runner_env(args))  # torchrun passes its environment on to the processes
     try:
         torchrun_main(torchrun_args(args))
-    except ChildFailedError as failed:  # torchrun already printed which rank failed, with its traceback
+    except ChildFailedError as failed:  # (the rank's traceback is printed; its summary, as torchrun's, here)
+        print(failed.format_msg(), file=sys.stderr, flush=True)
         _, first = failed.get_first_failure()
         return exit_status(first.exitcode)
     except SignalException as stopped:  # SIGTERM/SIGINT/...: torchrun has already stopped every rank

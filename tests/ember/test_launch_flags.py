@@ -152,6 +152,10 @@ def test_an_accelerate_config_file_is_read(tmp_path: Path) -> None:
                                         "nproc_per_node": 2}  # fmt: skip
     args = _args(["--config_file", str(config), EXAMPLE])
     assert (args.nproc_per_node, args.nnodes, args.node_rank, args.precision) == (2, 2, 1, "bf16")
+    # num_processes counts over all machines: split over the command line's --num_machines, as Accelerate does
+    args = _args(["--config_file", str(config), "--num_machines", "1", "--machine_rank", "0", EXAMPLE])
+    assert (args.nproc_per_node, args.nnodes) == (4, 1)
+    assert _args(["--config_file", str(config), "--nproc-per-node", "3", EXAMPLE]).nproc_per_node == 3
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\nnum_processes: 2\nmixed_precision: 'no'\nfsdp_config:\n"
                     "  fsdp_sharding_strategy: SHARD_GRAD_OP\n  fsdp_version: 2\n")  # fmt: skip
