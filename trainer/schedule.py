@@ -57,8 +57,11 @@ def validate_at_epoch_end(trainer: Trainer) -> bool:
         return trainer._val_clock.due(trainer)
     if trainer.config.check_val_every_n_epoch is None:
         return False
-    interval = trainer.config.val_check_interval
-    return isinstance(interval, float) or trainer.state.batch_idx % trainer._val_check_batch == 0
+    if isinstance(trainer.config.val_check_interval, float) and math.isinf(trainer.num_training_batches):
+        return True  # (1.0 on data without a length: the end of the epoch is its only check)
+    # As Lightning, a fraction too: every int(batches x fraction) batches, so at the epoch's end only
+    # when that count divides the epoch's batches (0.3 of 10: after batches 3, 6 and 9, not 10).
+    return trainer.state.batch_idx % trainer._val_check_batch == 0
 
 
 def stopped_mid_epoch(trainer: Trainer) -> bool:
