@@ -17,7 +17,7 @@ from ember.trainer.hooks import call_hook, run_hook, run_step, step_call
 from ember.trainer.module_mode import enter_eval, leave_eval
 from ember.trainer.profilers.timed import TRAIN_EPOCH, fetch_action, module_hook, timed, timed_batches
 from ember.trainer.schedule import may_stop, validate_at_epoch_end, validate_mid_epoch, validation_epoch
-from ember.trainer.step import Epoch, detached
+from ember.trainer.step import Epoch, batch_outputs
 
 if TYPE_CHECKING:
     from ember.data import PreparedDataLoader
@@ -208,7 +208,7 @@ def _train_batch(trainer: Trainer, epoch: Epoch, batch: Any) -> bool:
             trainer._progress_bar_stale = trainer._row_pending = True
     entry = hooks["on_train_batch_end"]
     if entry is not None:  # (its parts in order: HookPlan's Entry)
-        outputs = store.detached(output) if type(output) is torch.Tensor else detached(output)
+        outputs = batch_outputs(store, output, epoch.accumulate if epoch.automatic else 1)
         for hook in entry[3]:
             hook(outputs, batch, batch_idx)
     # After on_train_batch_end, as Lightning's: what it logs is in the row.

@@ -370,6 +370,21 @@ def loss_of(output: Any) -> torch.Tensor | None:
     return loss
 
 
+def batch_outputs(store: MetricStore, output: Any, normalize: int) -> Any:
+    """What ``on_train_batch_end`` gets, as Lightning's: a dict of the step's detached ``"loss"``
+    (divided by ``normalize``, the accumulation in automatic optimisation, as Lightning's) and the
+    rest of a dict ``training_step`` returned; ``{}`` for ``None``."""
+    if type(output) is torch.Tensor:
+        loss = store.detached(output)  # (detached once per batch: self.log and the guard share it)
+        return {"loss": loss / normalize if normalize > 1 else loss}
+    if output is None:
+        return {}
+    outputs = detached(output)
+    if isinstance(outputs, dict) and normalize > 1 and isinstance(outputs.get("loss"), torch.Tensor):
+        outputs["loss"] = outputs["loss"] / normalize
+    return outputs
+
+
 def detached(output: Any) -> Any:
     if isinstance(output, torch.Tensor):
         return output.detach()

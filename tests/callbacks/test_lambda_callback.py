@@ -38,7 +38,7 @@ def test_each_function_runs_as_its_hook(tmp_path: Path) -> None:
         setup=lambda trainer, m, stage: calls.append(("setup", m is module, stage)),
         on_fit_start=lambda trainer, m: calls.append(("on_fit_start", trainer.global_step)),
         on_train_batch_end=lambda trainer, m, outputs, batch, batch_idx: calls.append(
-            ("on_train_batch_end", batch_idx, float(outputs) > 0, len(batch))
+            ("on_train_batch_end", batch_idx, float(outputs["loss"]) > 0, len(batch))
         ),
         on_train_epoch_end=lambda trainer, m: calls.append(("on_train_epoch_end", trainer.current_epoch)),
         on_validation_start=None,  # None: not defined

@@ -411,3 +411,38 @@ def test_optimizer_step_with_a_skipped_batch(tmp_path: Path, precision: str) -> 
     # Batches 1 and 3 returned None: no backward, and a step that changes nothing, counted as
     # Lightning 2.6.6 counts it.
     assert trainer.global_step == 4
+
+
+@pytest.mark.parametrize(
+    ("returns_dict", "accumulate"), [(False, 1), (False, 3), (True, 3)], ids=["tensor", "accumulated", "dict"]
+)
+def test_on_train_batch_end_gets_lightnings_outputs(
+    tmp_path: Path, returns_dict: bool, accumulate: int
+) -> None:
+    # Lightning 2.6.6: always a dict; its "loss" divided by accumulate_grad_batches; the rest as returned.
+    seen: list[Any] = []
+
+    class Outputs(TrainModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 1)
+            self.losses: list[float] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = F.mse_loss(self.layer(batch[0]), batch[1])
+            self.losses.append(loss.item())
+            return {"loss": loss, "extra": 7.0} if returns_dict else loss
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            seen.append(outputs)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Outputs()
+    _fit(tmp_path, module, _loader(), accumulate_grad_batches=accumulate)
+    assert all(type(outputs) is dict and not outputs["loss"].requires_grad for outputs in seen)
+    assert [outputs["loss"].item() for outputs in seen] == pytest.approx(
+        [x / accumulate for x in module.losses]
+    )
+    assert all(outputs.get("extra") == (7.0 if returns_dict else None) for outputs in seen)

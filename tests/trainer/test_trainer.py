@@ -291,7 +291,7 @@ def test_repeated_step_values_publish_each_step_and_keep_their_options(tmp_path:
 
         def on_train_batch_end(self, trainer: Trainer, module: Any, outputs: Any, *args: Any) -> None:
             metrics = trainer.callback_metrics
-            self.seen.append((outputs.item(), metrics["loss"].item(), metrics["twice"].item()))
+            self.seen.append((outputs["loss"].item(), metrics["loss"].item(), metrics["twice"].item()))
 
     reader = Reader()
     trainer = _trainer(tmp_path, max_epochs=2, log_every_n_steps=1, callbacks=[reader], val_check_interval=2)

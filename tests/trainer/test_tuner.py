@@ -122,8 +122,9 @@ def test_the_learning_rates_follow_the_formula_across_epochs(
     assert len(finder.results["loss"]) == steps
     assert len(module.step_losses) == steps * accumulate
     # Lightning's smoothing (beta 0.98) with the bias correction of step i (from 0): 1 - beta^(i + 1),
-    # of the loss of the batch that completed each accumulation window.
-    window_ends = module.step_losses[accumulate - 1 :: accumulate]
+    # of the loss of the batch that completed each accumulation window, as on_train_batch_end's outputs
+    # give it: divided by the accumulation (Lightning's finder reads outputs["loss"] too).
+    window_ends = [loss / accumulate for loss in module.step_losses[accumulate - 1 :: accumulate]]
     average, smoothed = 0.0, []
     for i, loss in enumerate(window_ends):
         average = 0.98 * average + 0.02 * loss
