@@ -304,9 +304,9 @@ def _evaluation_pass(
         trainer.accelerator,
         trainer.model,
     )
-    step = step_call(
-        trainer, name, len(loaders)
-    )  # the module's step, resolved (and timed under a profiler) once
+    # The module's step, resolved (and timed under a profiler) once; with several loaders it must
+    # take dataloader_idx (step_method raises before the first batch).
+    step = step_call(trainer, name, len(loaders))
     seen = store.eval_steps(prefix, loaders) if not trainer.sanity_checking else None  # (row steps)
     with _evaluating(trainer):
         for loader_idx, (loader, limit) in enumerate(zip(loaders, limits, strict=True)):
