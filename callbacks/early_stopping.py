@@ -150,7 +150,7 @@ class EarlyStopping(Callback):
         value = value.detach().cpu()
         if value.dtype not in (torch.float32, torch.float64):  # (half, bfloat16, integers: as Lightning's)
             value = value.float()
-        better = (lambda a, b: bool(a < b)) if self.mode == "min" else (lambda a, b: bool(a > b))
+        better = self.monitor_op  # (a 0-dim bool tensor)
         reason = EarlyStoppingReason
         current = float(value)
         if self.check_finite and not math.isfinite(current):

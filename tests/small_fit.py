@@ -1,6 +1,7 @@
 """A small regression task and a quiet Trainer, shared by the callback tests that train a few epochs
 (``test_swa.py``, ``test_finetuning.py``) and by their 2-process workers; ``random_loader``, the
-random data of the tests that only need a fit to run."""
+random data of the tests that only need a fit to run; ``LinearRegression``, the module those tests
+subclass for the hooks they watch."""
 
 from __future__ import annotations
 
@@ -8,10 +9,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer
+from ember import Trainer, TrainModule
 from ember.callbacks import Callback
+
+
+class LinearRegression(TrainModule):
+    """``Linear(3, 1)`` fitted to the batch's target with the mean squared error and SGD (lr 0.1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return F.mse_loss(self.layer(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def regression_data(n: int = 16) -> TensorDataset:

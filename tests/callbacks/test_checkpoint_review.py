@@ -10,25 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dist_helpers import run_processes
+from small_fit import LinearRegression
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer, TrainModule
+from ember import Trainer
 from ember.callbacks import LambdaCallback, ModelCheckpoint, OnExceptionCheckpoint
 
 
-class Net(TrainModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.mse_loss(self.layer(batch[0]), batch[1])
-
+class Net(LinearRegression):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", F.mse_loss(self.layer(batch[0]), batch[1]))
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _loader() -> DataLoader:

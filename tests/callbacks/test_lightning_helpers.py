@@ -8,23 +8,15 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from logger_fits import RowLogger
-from small_fit import random_loader
+from small_fit import LinearRegression, quiet_trainer, random_loader
 
-from ember import Trainer, TrainModule
+from ember import Trainer
 from ember.callbacks import EarlyStopping, GradientAccumulationScheduler, LearningRateMonitor, ModelCheckpoint
 
 
-class Net(TrainModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.mse_loss(self.layer(batch[0]), batch[1])
-
+class Net(LinearRegression):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", 1.0 / (self.current_epoch + 1))  # improves every epoch: 1, 0.5, 0.33
 
@@ -36,8 +28,7 @@ def test_model_checkpoint_helpers(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=2)
     with pytest.raises(ValueError, match="pass filepath"):
         ModelCheckpoint().to_yaml()
-    trainer = Trainer(max_epochs=3, enable_progress_bar=False, enable_model_summary=False, logger=False,
-                      callbacks=[checkpoint], default_root_dir=str(tmp_path))  # fmt: skip
+    trainer = quiet_trainer(tmp_path, [checkpoint], max_epochs=3, enable_checkpointing=True)
     trainer.fit(Net(), random_loader(), random_loader(8))
     # Kept: epochs 1 (0.5) and 2 (0.33); the k-th best is 0.5. Strictly better enters, as Lightning's.
     assert checkpoint.check_monitor_top_k(trainer, torch.tensor(0.4))

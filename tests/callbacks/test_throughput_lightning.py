@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from logger_fits import RowLogger
+from small_fit import LinearRegression
 from torch.utils.data import DataLoader, TensorDataset
 
-from ember import Trainer, TrainModule
+from ember import Trainer
 from ember.callbacks import ThroughputMonitor
 
 _COUNTS = ("batches", "samples", "lengths", "epoch")
@@ -31,22 +31,12 @@ class Rows(RowLogger):
         return row if any(k != "epoch" for k in row) else {}
 
 
-class Net(TrainModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3, 1)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return F.mse_loss(self.layer(batch[0]), batch[1])
-
+class Net(LinearRegression):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         pass
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         pass
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _loader() -> DataLoader[Any]:
