@@ -191,9 +191,8 @@ class Accelerator(
         if isinstance(self._strategy, OwnsOptimizerStep):  # its engine is configured with our accumulation
             self._strategy.gradient_accumulation_steps = gradient_accumulation_steps
         self._strategy.device_ids = device_ids
-        self._strategy.collective_timeout = (
-            watchdog_timeout  # (armed in setup_environment, on several processes)
-        )
+        # Armed in setup_environment by the strategies of several processes; the others ignore it.
+        self._strategy.collective_timeout = watchdog_timeout
         self._strategy.connect(
             device_type=device_type,
             num_processes=num_processes,
